@@ -1,0 +1,58 @@
+//! Input embedding: `[sos, wte[x_0], ..., wte[x_{n-2}]] + wpe` (REFERENCE.md §3).
+
+use super::norm::column_block_reduce;
+use rayon::prelude::*;
+
+/// `out[b, t] = (t == 0 ? sos : wte[tokens[b, t-1]]) + wpe[t]` for `tokens: [batch, t_len]`.
+pub fn embed_forward(out: &mut [f32], tokens: &[u16], wte: &[f32], wpe: &[f32], sos: &[f32], t_len: usize, d: usize) {
+    let n_vocab = wte.len() / d;
+    assert_eq!(out.len(), tokens.len() * d);
+    out.par_chunks_mut(t_len * d).zip(tokens.par_chunks(t_len)).for_each(|(o, toks)| {
+        for (t, row) in o.chunks_mut(d).enumerate() {
+            let content = if t == 0 {
+                sos
+            } else {
+                let id = toks[t - 1] as usize;
+                assert!(id < n_vocab, "token id {id} is outside the palette of {n_vocab} colours");
+                &wte[id * d..(id + 1) * d]
+            };
+            let pos = &wpe[t * d..(t + 1) * d];
+            for ((r, &c), &p) in row.iter_mut().zip(content).zip(pos) {
+                *r = c + p;
+            }
+        }
+    });
+}
+
+/// Backward of [`embed_forward`]: adds into `dwte`, `dwpe` and `dsos`.
+pub fn embed_backward(
+    dwte: &mut [f32],
+    dwpe: &mut [f32],
+    dsos: &mut [f32],
+    dout: &[f32],
+    tokens: &[u16],
+    t_len: usize,
+    d: usize,
+) {
+    let batch = tokens.len() / t_len;
+    // Positions: each wpe row sums over the batch; rows are disjoint, so parallel over t.
+    dwpe[..t_len * d].par_chunks_mut(d).enumerate().for_each(|(t, row)| {
+        for b in 0..batch {
+            let src = &dout[(b * t_len + t) * d..(b * t_len + t + 1) * d];
+            for (r, &s) in row.iter_mut().zip(src) {
+                *r += s;
+            }
+        }
+    });
+    column_block_reduce(dsos, d, batch, |b, j| dout[b * t_len * d + j]);
+    // Token rows scatter; a serial pass keeps the sum order fixed and costs little.
+    for b in 0..batch {
+        for t in 1..t_len {
+            let id = tokens[b * t_len + t - 1] as usize;
+            let src = &dout[(b * t_len + t) * d..(b * t_len + t + 1) * d];
+            for (r, &s) in dwte[id * d..(id + 1) * d].iter_mut().zip(src) {
+                *r += s;
+            }
+        }
+    }
+}

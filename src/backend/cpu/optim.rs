@@ -1,0 +1,45 @@
+//! AdamW update and gradient-norm reduction over flat buffers.
+
+use rayon::prelude::*;
+
+const CHUNK: usize = 64 * 1024;
+
+/// Hyper-parameters of one AdamW step. `step` counts from 1.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub step: u64,
+    /// Multiplies the gradient first (gradient clipping and accumulation averaging).
+    pub grad_scale: f32,
+}
+
+/// One AdamW step on a contiguous tensor; `decay` turns decoupled weight decay on for it.
+pub fn adamw(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h: AdamStep, decay: bool) {
+    let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+    let bc2 = 1.0 - h.beta2.powi(h.step as i32);
+    let wd = if decay { h.weight_decay } else { 0.0 };
+    params
+        .par_chunks_mut(CHUNK)
+        .zip(grads.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| {
+            for i in 0..p.len() {
+                let g = g[i] * h.grad_scale;
+                m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * g;
+                v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * g * g;
+                let mhat = m[i] / bc1;
+                let vhat = v[i] / bc2;
+                p[i] -= h.lr * (mhat / (vhat.sqrt() + h.eps) + wd * p[i]);
+            }
+        });
+}
+
+/// Sum of squares in f64, summed serially so the result never depends on the thread count.
+pub fn sum_squares(x: &[f32]) -> f64 {
+    x.iter().map(|&v| (v as f64) * (v as f64)).sum()
+}

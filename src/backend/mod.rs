@@ -1,0 +1,94 @@
+//! The kernel interface the model is written against.
+//!
+//! The engine plans every buffer once and refers to tensors as [`View`]s: an arena plus an
+//! offset and a length. A backend owns the arenas (host memory for the CPU, device memory for
+//! a GPU backend) and runs each kernel on the views it is given, so the model code never
+//! touches memory directly and a new backend needs no change to it.
+
+pub mod cpu;
+
+pub use cpu::attention::AttnShape;
+pub use cpu::matmul::Op;
+pub use cpu::optim::AdamStep;
+
+/// The separately allocated regions a backend holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arena {
+    Params,
+    Grads,
+    AdamM,
+    AdamV,
+    Acts,
+}
+
+/// A contiguous run of `len` floats at `offset` in one arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub arena: Arena,
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl View {
+    pub fn new(arena: Arena, offset: usize, len: usize) -> Self {
+        Self { arena, offset, len }
+    }
+    /// The part `[start, start + len)` of this view.
+    pub fn sub(self, start: usize, len: usize) -> Self {
+        assert!(start + len <= self.len, "sub-view {start}+{len} outside a view of {}", self.len);
+        Self { arena: self.arena, offset: self.offset + start, len }
+    }
+    pub fn overlaps(&self, other: &View) -> bool {
+        self.arena == other.arena && self.offset < other.offset + other.len && other.offset < self.offset + self.len
+    }
+}
+
+/// Sizes of every arena, fixed when the engine is planned.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ArenaSizes {
+    pub params: usize,
+    /// Gradients and both Adam moments (zero when the engine only runs inference).
+    pub grads: usize,
+    pub acts: usize,
+    /// Token slots: the batch's inputs and targets.
+    pub tokens: usize,
+}
+
+/// The kernels of one model family. Every method reads and writes only the views it is given;
+/// outputs never alias inputs unless the method says so (`*_inplace`).
+pub trait Backend {
+    fn name(&self) -> &'static str;
+    /// Allocates every arena once (zero-filled). Called before any kernel.
+    fn allocate(&mut self, sizes: ArenaSizes);
+    /// Bytes held in arenas.
+    fn bytes(&self) -> usize;
+    fn upload(&mut self, dst: View, src: &[f32]);
+    fn download(&self, src: View, dst: &mut [f32]);
+    fn fill(&mut self, dst: View, value: f32);
+    fn copy(&mut self, dst: View, src: View);
+    /// Stores the batch's token ids `[batch, t]` (inputs and the targets, which are the same).
+    fn set_tokens(&mut self, tokens: &[u16]);
+
+    fn embed_forward(&mut self, out: View, wte: View, wpe: View, sos: View, t: usize, d: usize);
+    fn embed_backward(&mut self, dwte: View, dwpe: View, dsos: View, dout: View, t: usize, d: usize);
+    fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize);
+    /// Adds the input gradient into `dx` and the gain gradient into `dg`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(&mut self, dx: View, dg: View, dout: View, x: View, rstd: View, g: View, d: usize);
+    /// `out[m, n] (+)= a @ b` with optional transposes (see [`Op`]).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(&mut self, out: View, a: View, ta: Op, b: View, tb: Op, m: usize, k: usize, n: usize, accumulate: bool);
+    fn attention_forward(&mut self, out: View, lse: View, qkv: View, scratch: View, shape: AttnShape);
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(&mut self, dqkv: View, dout: View, out: View, lse: View, qkv: View, scratch: View, shape: AttnShape);
+    fn gelu_forward(&mut self, out: View, x: View);
+    /// Turns the activation gradient `dout` into the pre-activation gradient, in place.
+    fn gelu_backward_inplace(&mut self, dout: View, x: View);
+    /// Per-position losses against the stored tokens; with `grad_scale`, `logits` becomes
+    /// `grad_scale * dloss/dlogits`.
+    fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>);
+    fn sum_squares(&self, x: View) -> f64;
+    /// AdamW on a parameter view; its gradient and moments sit at the same offsets of
+    /// [`Arena::Grads`], [`Arena::AdamM`] and [`Arena::AdamV`].
+    fn adamw(&mut self, params: View, step: AdamStep, decay: bool);
+}

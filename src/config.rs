@@ -1,0 +1,78 @@
+//! Model shape: the handful of numbers that define an Image GPT.
+
+use serde::{Deserialize, Serialize};
+
+/// Shape of an Image GPT (REFERENCE.md §3). `n_ctx` is the number of pixels per image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    /// Palette size: the number of colours the head predicts.
+    pub n_vocab: usize,
+    /// Image side in pixels; the context is `side * side` tokens.
+    pub side: usize,
+    /// Colour channels of the palette (1 grayscale, 3 RGB).
+    pub channels: usize,
+}
+
+/// Named model sizes. `tiny` is ours; `s`, `m`, `l` are OpenAI's released shapes.
+pub const PRESETS: &[(&str, usize, usize, usize)] = &[
+    ("tiny", 8, 256, 8),
+    ("s", 24, 512, 8),
+    ("m", 36, 1024, 8),
+    ("l", 48, 1536, 16),
+];
+
+impl ModelConfig {
+    /// A preset by name (`tiny`, `s`, `m`, `l`) for the given palette and image side.
+    pub fn preset(name: &str, n_vocab: usize, side: usize, channels: usize) -> anyhow::Result<Self> {
+        let (_, n_layer, n_embd, n_head) = PRESETS
+            .iter()
+            .find(|p| p.0 == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = PRESETS.iter().map(|p| p.0).collect();
+                anyhow::anyhow!("unknown model preset '{name}': choose one of {names:?} or give --layers/--embd/--heads")
+            })?;
+        let cfg = Self { n_layer: *n_layer, n_embd: *n_embd, n_head: *n_head, n_vocab, side, channels };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.side * self.side
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// Checks that the shape is one the engine can run, with a message that says how to fix it.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.n_layer >= 1, "the model needs at least one layer (got n_layer = 0)");
+        anyhow::ensure!(self.n_head >= 1 && self.n_embd >= 1, "n_embd and n_head must be positive");
+        anyhow::ensure!(
+            self.n_embd % self.n_head == 0,
+            "n_embd ({}) must be a multiple of n_head ({})",
+            self.n_embd,
+            self.n_head
+        );
+        anyhow::ensure!(
+            (2..=65536).contains(&self.n_vocab),
+            "palette size must be between 2 and 65536 colours (got {})",
+            self.n_vocab
+        );
+        anyhow::ensure!(self.side >= 1, "image side must be at least 1 pixel");
+        anyhow::ensure!(
+            self.channels == 1 || self.channels == 3,
+            "images must have 1 or 3 channels (got {})",
+            self.channels
+        );
+        Ok(())
+    }
+
+    /// Number of trainable parameters (no biases: REFERENCE.md §3).
+    pub fn n_params(&self) -> usize {
+        crate::model::ParamLayout::new(self).total
+    }
+}

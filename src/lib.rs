@@ -1,0 +1,10 @@
+//! igpt: Image GPT (Chen et al., 2020) with its own small engine.
+//!
+//! Tour: [`config`] (model shape), [`model`] (parameters and the forward/backward engine),
+//! [`backend`] (kernels; [`backend::cpu`] today), [`train`] (optimizer, schedule, loop),
+//! [`palette`] (colour palettes), [`data`] (readers, token cache), [`checkpoint`] (run
+//! directories), [`eval`] (held-out likelihood), [`plot`] (charts).
+
+pub mod backend;
+pub mod config;
+pub mod model;

@@ -1,0 +1,354 @@
+//! Forward and backward passes of the whole model over planned buffers.
+//!
+//! Every activation has a fixed place in one arena, decided by [`ActPlan`] from the config and
+//! the batch size. A training step therefore allocates nothing: it only runs kernels.
+
+use super::ParamLayout;
+use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Op, View};
+use crate::config::ModelConfig;
+
+/// Activations one block keeps for its backward pass.
+#[derive(Debug, Clone, Copy)]
+struct BlockActs {
+    ln1: usize,
+    rstd1: usize,
+    qkv: usize,
+    att: usize,
+    lse: usize,
+    mid: usize,
+    ln2: usize,
+    rstd2: usize,
+    fc: usize,
+}
+
+/// Offsets (in [`Arena::Acts`]) of every activation for a given config and batch.
+#[derive(Debug, Clone)]
+pub struct ActPlan {
+    /// Residual stream entering block l (l = n_layer: entering the final norm).
+    resid: Vec<usize>,
+    blocks: Vec<BlockActs>,
+    lnf: usize,
+    rstdf: usize,
+    logits: usize,
+    losses: usize,
+    // Scratch shared by all layers.
+    fc_act: usize,
+    d_resid: usize,
+    d_ln: usize,
+    d_att: usize,
+    d_qkv: usize,
+    d_fc: usize,
+    attn_scratch: usize,
+    attn_scratch_len: usize,
+    pub total: usize,
+}
+
+impl ActPlan {
+    /// With `training`, every block keeps its activations; without, blocks share one set and
+    /// the residual stream ping-pongs between two buffers.
+    pub fn new(cfg: &ModelConfig, batch: usize, training: bool, threads: usize) -> Self {
+        let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
+        let rows = batch * t;
+        let mut off = 0;
+        let mut take = |n: usize| {
+            let at = off;
+            // Keep every buffer 64-byte aligned relative to the arena start.
+            off += n.next_multiple_of(16);
+            at
+        };
+        let n_resid = if training { cfg.n_layer + 1 } else { 2 };
+        let resid_bufs: Vec<usize> = (0..n_resid).map(|_| take(rows * d)).collect();
+        let resid = (0..=cfg.n_layer).map(|l| resid_bufs[l % n_resid]).collect();
+        let n_block = if training { cfg.n_layer } else { 1 };
+        let block_bufs: Vec<BlockActs> = (0..n_block)
+            .map(|_| BlockActs {
+                ln1: take(rows * d),
+                rstd1: take(rows),
+                qkv: take(rows * 3 * d),
+                att: take(rows * d),
+                lse: take(batch * cfg.n_head * t),
+                mid: take(rows * d),
+                ln2: take(rows * d),
+                rstd2: take(rows),
+                fc: take(rows * 4 * d),
+            })
+            .collect();
+        let blocks = (0..cfg.n_layer).map(|l| block_bufs[l % n_block]).collect();
+        let lnf = take(rows * d);
+        let rstdf = take(rows);
+        let logits = take(rows * v);
+        let losses = take(rows);
+        let fc_act = take(rows * 4 * d);
+        let (d_resid, d_ln, d_att, d_qkv, d_fc) = if training {
+            (take(rows * d), take(rows * d), take(rows * d), take(rows * 3 * d), take(rows * 4 * d))
+        } else {
+            (0, 0, 0, 0, 0)
+        };
+        let shape = AttnShape { batch, t, n_head: cfg.n_head, head_dim: cfg.head_dim(), causal: true };
+        let attn_scratch_len = shape.scratch_len(threads);
+        let attn_scratch = take(attn_scratch_len);
+        Self {
+            resid,
+            blocks,
+            lnf,
+            rstdf,
+            logits,
+            losses,
+            fc_act,
+            d_resid,
+            d_ln,
+            d_att,
+            d_qkv,
+            d_fc,
+            attn_scratch,
+            attn_scratch_len,
+            total: off,
+        }
+    }
+}
+
+/// A model bound to a backend with buffers planned for `batch` sequences.
+pub struct Engine<B: Backend> {
+    pub cfg: ModelConfig,
+    pub layout: ParamLayout,
+    pub batch: usize,
+    pub training: bool,
+    plan: ActPlan,
+    backend: B,
+    /// Host copy of per-position losses, allocated once.
+    host_losses: Vec<f32>,
+    /// Sequences in the last forward pass.
+    n_seq: usize,
+}
+
+fn act(offset: usize, len: usize) -> View {
+    View::new(Arena::Acts, offset, len)
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(cfg: &ModelConfig, batch: usize, training: bool, mut backend: B) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        anyhow::ensure!(batch >= 1, "batch size must be at least 1");
+        let layout = ParamLayout::new(cfg);
+        let threads = rayon::current_num_threads();
+        let plan = ActPlan::new(cfg, batch, training, threads);
+        backend.allocate(ArenaSizes {
+            params: layout.total,
+            grads: if training { layout.total } else { 0 },
+            acts: plan.total,
+            tokens: batch * cfg.n_ctx(),
+        });
+        Ok(Self {
+            cfg: cfg.clone(),
+            layout,
+            batch,
+            training,
+            plan,
+            backend,
+            host_losses: vec![0.0; batch * cfg.n_ctx()],
+            n_seq: 0,
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    fn p(&self, offset: usize, len: usize) -> View {
+        View::new(Arena::Params, offset, len)
+    }
+
+    fn g(&self, offset: usize, len: usize) -> View {
+        View::new(Arena::Grads, offset, len)
+    }
+
+    pub fn set_params(&mut self, params: &[f32]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            params.len() == self.layout.total,
+            "parameter buffer holds {} floats, the model needs {}",
+            params.len(),
+            self.layout.total
+        );
+        let v = self.p(0, self.layout.total);
+        self.backend.upload(v, params);
+        Ok(())
+    }
+
+    pub fn params(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.layout.total];
+        self.backend.download(View::new(Arena::Params, 0, self.layout.total), &mut out);
+        out
+    }
+
+    /// Copies an arena of the same layout as the parameters (gradients, Adam moments) to host.
+    pub fn read_arena(&self, arena: Arena, out: &mut [f32]) {
+        self.backend.download(View::new(arena, 0, self.layout.total), out);
+    }
+
+    pub fn write_arena(&mut self, arena: Arena, src: &[f32]) {
+        self.backend.upload(View::new(arena, 0, self.layout.total), src);
+    }
+
+    pub fn zero_grads(&mut self) {
+        assert!(self.training, "gradients exist only in a training engine");
+        let v = self.g(0, self.layout.total);
+        self.backend.fill(v, 0.0);
+    }
+
+    fn check_tokens(&self, tokens: &[u16]) -> anyhow::Result<usize> {
+        let t = self.cfg.n_ctx();
+        anyhow::ensure!(
+            !tokens.is_empty() && tokens.len() % t == 0,
+            "a batch must hold whole images of {t} tokens (got {} tokens)",
+            tokens.len()
+        );
+        let n_seq = tokens.len() / t;
+        anyhow::ensure!(n_seq <= self.batch, "batch of {n_seq} images exceeds the planned {}", self.batch);
+        if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= self.cfg.n_vocab) {
+            anyhow::bail!("token id {bad} is outside the palette of {} colours", self.cfg.n_vocab);
+        }
+        Ok(n_seq)
+    }
+
+    /// Forward pass; returns the summed loss (nats) over all positions of `tokens`
+    /// (`[n_seq, n_ctx]`, `n_seq <= batch`).
+    pub fn forward(&mut self, tokens: &[u16]) -> anyhow::Result<f64> {
+        self.run_forward(tokens, None)
+    }
+
+    /// Forward and backward pass; gradients of `loss_scale * summed loss` are added to the
+    /// gradient arena (call [`Engine::zero_grads`] first for a fresh step). Returns the summed loss.
+    pub fn forward_backward(&mut self, tokens: &[u16], loss_scale: f32) -> anyhow::Result<f64> {
+        anyhow::ensure!(self.training, "this engine was planned for inference only");
+        let sum = self.run_forward(tokens, Some(loss_scale))?;
+        self.backward();
+        Ok(sum)
+    }
+
+    /// Per-position losses of the last forward pass, `[n_seq * n_ctx]`.
+    pub fn position_losses(&self) -> &[f32] {
+        &self.host_losses[..self.n_seq * self.cfg.n_ctx()]
+    }
+
+    /// Logits of the last forward pass (`[n_seq, n_ctx, n_vocab]`); only valid after
+    /// [`Engine::forward`] (a training pass overwrites them with their gradient).
+    pub fn logits(&self, out: &mut Vec<f32>) {
+        let rows = self.n_seq * self.cfg.n_ctx();
+        out.resize(rows * self.cfg.n_vocab, 0.0);
+        self.backend.download(act(self.plan.logits, rows * self.cfg.n_vocab), out);
+    }
+
+    /// The normalised input of block `layer` (`norm_1` output), `[n_seq * n_ctx, d]`, from
+    /// the last forward pass. In an inference engine only the last block's survives.
+    pub fn block_input_norm(&self, layer: usize, out: &mut Vec<f32>) {
+        let rows = self.n_seq * self.cfg.n_ctx();
+        out.resize(rows * self.cfg.n_embd, 0.0);
+        self.backend.download(act(self.plan.blocks[layer].ln1, rows * self.cfg.n_embd), out);
+    }
+
+    fn run_forward(&mut self, tokens: &[u16], grad_scale: Option<f32>) -> anyhow::Result<f64> {
+        let n_seq = self.check_tokens(tokens)?;
+        self.n_seq = n_seq;
+        let cfg = self.cfg.clone();
+        let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
+        let rows = n_seq * t;
+        let shape = AttnShape { batch: n_seq, t, n_head: cfg.n_head, head_dim: cfg.head_dim(), causal: true };
+        let plan = &self.plan;
+        let lay = &self.layout;
+        let b = &mut self.backend;
+        let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
+        let scratch = act(plan.attn_scratch, plan.attn_scratch_len);
+
+        b.set_tokens(tokens);
+        b.embed_forward(act(plan.resid[0], rows * d), pv(lay.wte, v * d), pv(lay.wpe, t * d), pv(lay.sos, d), t, d);
+        for (l, (ba, po)) in plan.blocks.iter().zip(&lay.blocks).enumerate() {
+            let x = act(plan.resid[l], rows * d);
+            let ln1 = act(ba.ln1, rows * d);
+            let qkv = act(ba.qkv, rows * 3 * d);
+            let att = act(ba.att, rows * d);
+            let mid = act(ba.mid, rows * d);
+            let ln2 = act(ba.ln2, rows * d);
+            let fc = act(ba.fc, rows * 4 * d);
+            let fc_act = act(plan.fc_act, rows * 4 * d);
+            let out = act(plan.resid[l + 1], rows * d);
+            b.rmsnorm_forward(ln1, act(ba.rstd1, rows), x, pv(po.ln_1, d), d);
+            b.matmul(qkv, ln1, Op::N, pv(po.c_attn, d * 3 * d), Op::N, rows, d, 3 * d, false);
+            b.attention_forward(att, act(ba.lse, n_seq * cfg.n_head * t), qkv, scratch, shape);
+            b.copy(mid, x);
+            b.matmul(mid, att, Op::N, pv(po.attn_proj, d * d), Op::N, rows, d, d, true);
+            b.rmsnorm_forward(ln2, act(ba.rstd2, rows), mid, pv(po.ln_2, d), d);
+            b.matmul(fc, ln2, Op::N, pv(po.c_fc, d * 4 * d), Op::N, rows, d, 4 * d, false);
+            b.gelu_forward(fc_act, fc);
+            b.copy(out, mid);
+            b.matmul(out, fc_act, Op::N, pv(po.mlp_proj, 4 * d * d), Op::N, rows, 4 * d, d, true);
+        }
+        let last = act(plan.resid[cfg.n_layer], rows * d);
+        let lnf = act(plan.lnf, rows * d);
+        b.rmsnorm_forward(lnf, act(plan.rstdf, rows), last, pv(lay.ln_f, d), d);
+        let logits = act(plan.logits, rows * v);
+        b.matmul(logits, lnf, Op::N, pv(lay.wtet, v * d), Op::T, rows, d, v, false);
+        let losses = act(plan.losses, rows);
+        b.cross_entropy(logits, losses, v, grad_scale);
+        b.download(losses, &mut self.host_losses[..rows]);
+        Ok(self.host_losses[..rows].iter().map(|&x| x as f64).sum())
+    }
+
+    fn backward(&mut self) {
+        let cfg = self.cfg.clone();
+        let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
+        let n_seq = self.n_seq;
+        let rows = n_seq * t;
+        let shape = AttnShape { batch: n_seq, t, n_head: cfg.n_head, head_dim: cfg.head_dim(), causal: true };
+        let plan = &self.plan;
+        let lay = &self.layout;
+        let b = &mut self.backend;
+        let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
+        let gv = |o: usize, n: usize| View::new(Arena::Grads, o, n);
+        let scratch = act(plan.attn_scratch, plan.attn_scratch_len);
+        let dlogits = act(plan.logits, rows * v);
+        let d_resid = act(plan.d_resid, rows * d);
+        let d_ln = act(plan.d_ln, rows * d);
+        let d_att = act(plan.d_att, rows * d);
+        let d_qkv = act(plan.d_qkv, rows * 3 * d);
+        let d_fc = act(plan.d_fc, rows * 4 * d);
+        let fc_act = act(plan.fc_act, rows * 4 * d);
+
+        // Head and final norm.
+        b.matmul(d_ln, dlogits, Op::N, pv(lay.wtet, v * d), Op::N, rows, v, d, false);
+        b.matmul(gv(lay.wtet, v * d), dlogits, Op::T, act(plan.lnf, rows * d), Op::N, v, rows, d, true);
+        b.fill(d_resid, 0.0);
+        let last = act(plan.resid[cfg.n_layer], rows * d);
+        b.rmsnorm_backward(d_resid, gv(lay.ln_f, d), d_ln, last, act(plan.rstdf, rows), pv(lay.ln_f, d), d);
+
+        for l in (0..cfg.n_layer).rev() {
+            let (ba, po) = (&plan.blocks[l], &lay.blocks[l]);
+            let fc = act(ba.fc, rows * 4 * d);
+            // MLP branch: the activation output is recomputed rather than stored per layer.
+            b.gelu_forward(fc_act, fc);
+            b.matmul(gv(po.mlp_proj, 4 * d * d), fc_act, Op::T, d_resid, Op::N, 4 * d, rows, d, true);
+            b.matmul(d_fc, d_resid, Op::N, pv(po.mlp_proj, 4 * d * d), Op::T, rows, d, 4 * d, false);
+            b.gelu_backward_inplace(d_fc, fc);
+            let ln2 = act(ba.ln2, rows * d);
+            b.matmul(gv(po.c_fc, d * 4 * d), ln2, Op::T, d_fc, Op::N, d, rows, 4 * d, true);
+            b.matmul(d_ln, d_fc, Op::N, pv(po.c_fc, d * 4 * d), Op::T, rows, 4 * d, d, false);
+            let mid = act(ba.mid, rows * d);
+            b.rmsnorm_backward(d_resid, gv(po.ln_2, d), d_ln, mid, act(ba.rstd2, rows), pv(po.ln_2, d), d);
+            // Attention branch.
+            let att = act(ba.att, rows * d);
+            b.matmul(gv(po.attn_proj, d * d), att, Op::T, d_resid, Op::N, d, rows, d, true);
+            b.matmul(d_att, d_resid, Op::N, pv(po.attn_proj, d * d), Op::T, rows, d, d, false);
+            let qkv = act(ba.qkv, rows * 3 * d);
+            b.attention_backward(d_qkv, d_att, att, act(ba.lse, n_seq * cfg.n_head * t), qkv, scratch, shape);
+            let ln1 = act(ba.ln1, rows * d);
+            b.matmul(gv(po.c_attn, d * 3 * d), ln1, Op::T, d_qkv, Op::N, d, rows, 3 * d, true);
+            b.matmul(d_ln, d_qkv, Op::N, pv(po.c_attn, d * 3 * d), Op::T, rows, 3 * d, d, false);
+            let x = act(plan.resid[l], rows * d);
+            b.rmsnorm_backward(d_resid, gv(po.ln_1, d), d_ln, x, act(ba.rstd1, rows), pv(po.ln_1, d), d);
+        }
+        b.embed_backward(gv(lay.wte, v * d), gv(lay.wpe, t * d), gv(lay.sos, d), d_resid, t, d);
+    }
+}

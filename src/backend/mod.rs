@@ -52,6 +52,9 @@ pub struct ArenaSizes {
     pub acts: usize,
     /// Token slots: the batch's inputs and targets.
     pub tokens: usize,
+    /// Largest row count and row width any row-wise kernel will see.
+    pub max_rows: usize,
+    pub max_width: usize,
 }
 
 /// The kernels of one model family. Every method reads and writes only the views it is given;

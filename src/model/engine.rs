@@ -137,6 +137,8 @@ impl<B: Backend> Engine<B> {
             grads: if training { layout.total } else { 0 },
             acts: plan.total,
             tokens: batch * cfg.n_ctx(),
+            max_rows: batch * cfg.n_ctx(),
+            max_width: cfg.n_embd,
         });
         Ok(Self {
             cfg: cfg.clone(),

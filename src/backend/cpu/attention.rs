@@ -5,10 +5,11 @@
 //! what keeps training memory linear in the context length.
 
 use super::matmul::{SendPtr, Strided, gemm_serial};
+use super::simd;
 use rayon::prelude::*;
 
 /// Query rows per tile.
-pub const QUERY_BLOCK: usize = 64;
+pub const QUERY_BLOCK: usize = 128;
 
 /// Shape of an attention call. `qkv` is `[batch * t, 3d]` with columns Q, K, V, each split into
 /// `n_head` contiguous groups of `head_dim`; the output is `[batch * t, d]`.
@@ -45,29 +46,19 @@ fn workers(scratch: &[f32], s: &AttnShape) -> usize {
     scratch.len() / per
 }
 
-/// Turns the score tile of query rows `i0..` into probabilities in place and returns nothing;
-/// `lse_out` receives each row's log-sum-exp when given, otherwise `lse_in` is used.
+/// Turns the score tile of query rows `i0..` into probabilities in place. Without
+/// `from_saved`, each row's log-sum-exp is written to `lse`; with it, `lse` is read instead.
 fn softmax_tile(tile: &mut [f32], nk: usize, i0: usize, s: &AttnShape, lse: &mut [f32], from_saved: bool) {
     for (r, row) in tile.chunks_mut(nk).enumerate() {
         let i = i0 + r;
         let visible = if s.causal { i + 1 } else { nk };
         let (live, masked) = row.split_at_mut(visible);
         if from_saved {
-            let l = lse[r];
-            for z in live.iter_mut() {
-                *z = (*z - l).exp();
-            }
+            simd::exp_shifted(live, lse[r]);
         } else {
-            let max = live.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for z in live.iter_mut() {
-                *z = (*z - max).exp();
-                sum += *z;
-            }
-            let inv = 1.0 / sum;
-            for z in live.iter_mut() {
-                *z *= inv;
-            }
+            let max = simd::max(live);
+            let sum = simd::exp_shifted(live, max);
+            simd::scale(live, 1.0 / sum);
             lse[r] = max + sum.ln();
         }
         masked.fill(0.0);
@@ -192,10 +183,8 @@ pub fn attention_backward(
                 }
                 for r in 0..mq {
                     let row = (b * t + i0 + r) * d + h * hd;
-                    let di: f32 = (0..hd).map(|c| dout[row + c] * out[row + c]).sum();
-                    for j in 0..nk {
-                        dp[r * nk + j] = p[r * nk + j] * (dp[r * nk + j] - di);
-                    }
+                    let di = simd::dot(&dout[row..row + hd], &out[row..row + hd]);
+                    simd::softmax_grad(&mut dp[r * nk..(r + 1) * nk], &p[r * nk..(r + 1) * nk], di);
                 }
                 unsafe {
                     // dQ rows i0..i1 = scale * dS K

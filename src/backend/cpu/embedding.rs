@@ -1,6 +1,6 @@
 //! Input embedding: `[sos, wte[x_0], ..., wte[x_{n-2}]] + wpe` (REFERENCE.md §3).
 
-use super::norm::column_block_reduce;
+use super::simd;
 use rayon::prelude::*;
 
 /// `out[b, t] = (t == 0 ? sos : wte[tokens[b, t-1]]) + wpe[t]` for `tokens: [batch, t_len]`.
@@ -17,9 +17,7 @@ pub fn embed_forward(out: &mut [f32], tokens: &[u16], wte: &[f32], wpe: &[f32], 
                 &wte[id * d..(id + 1) * d]
             };
             let pos = &wpe[t * d..(t + 1) * d];
-            for ((r, &c), &p) in row.iter_mut().zip(content).zip(pos) {
-                *r = c + p;
-            }
+            simd::add(row, content, pos);
         }
     });
 }
@@ -39,20 +37,18 @@ pub fn embed_backward(
     dwpe[..t_len * d].par_chunks_mut(d).enumerate().for_each(|(t, row)| {
         for b in 0..batch {
             let src = &dout[(b * t_len + t) * d..(b * t_len + t + 1) * d];
-            for (r, &s) in row.iter_mut().zip(src) {
-                *r += s;
-            }
+            simd::add_assign(row, src);
         }
     });
-    column_block_reduce(dsos, d, batch, |b, j| dout[b * t_len * d + j]);
+    for b in 0..batch {
+        simd::add_assign(dsos, &dout[b * t_len * d..b * t_len * d + d]);
+    }
     // Token rows scatter; a serial pass keeps the sum order fixed and costs little.
     for b in 0..batch {
         for t in 1..t_len {
             let id = tokens[b * t_len + t - 1] as usize;
             let src = &dout[(b * t_len + t) * d..(b * t_len + t + 1) * d];
-            for (r, &s) in dwte[id * d..(id + 1) * d].iter_mut().zip(src) {
-                *r += s;
-            }
+            simd::add_assign(&mut dwte[id * d..(id + 1) * d], src);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Softmax cross-entropy over the palette, fused with its gradient.
 
+use super::simd;
 use rayon::prelude::*;
 
 /// Per-row loss `-log softmax(logits)[target]` into `losses`. When `grad_scale` is given,
@@ -10,15 +11,19 @@ pub fn cross_entropy(logits: &mut [f32], losses: &mut [f32], targets: &[u16], v:
     logits.par_chunks_mut(v).zip(losses.par_iter_mut()).zip(targets.par_iter()).for_each(|((row, loss), &tgt)| {
         let tgt = tgt as usize;
         assert!(tgt < v, "target token {tgt} is outside the palette of {v} colours");
-        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = row.iter().map(|&z| (z - max).exp()).sum();
-        let log_z = max + sum.ln();
-        *loss = log_z - row[tgt];
-        if let Some(scale) = grad_scale {
-            for z in row.iter_mut() {
-                *z = (*z - log_z).exp() * scale;
+        let max = simd::max(row);
+        let z_tgt = row[tgt];
+        match grad_scale {
+            Some(scale) => {
+                let sum = simd::exp_shifted(row, max);
+                *loss = max + sum.ln() - z_tgt;
+                simd::scale(row, scale / sum);
+                row[tgt] -= scale;
             }
-            row[tgt] -= scale;
+            None => {
+                let sum = simd::sum_exp_shifted(row, max);
+                *loss = max + sum.ln() - z_tgt;
+            }
         }
     });
 }

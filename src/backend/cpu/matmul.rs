@@ -126,9 +126,25 @@ pub fn matmul(
         Op::N => (n as isize, 1),
         Op::T => (1, k as isize),
     };
-    let rows = rows_per_task(m);
     let a_ptr = SendPtr(a.as_ptr() as *mut f32);
     let b_ptr = SendPtr(b.as_ptr() as *mut f32);
+    if m < n {
+        // Few output rows (weight gradients): split the columns instead, so each task packs
+        // only its own slice of the right operand rather than all of it.
+        let cols = rows_per_task(n);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|t| {
+            let c0 = t * cols;
+            let nc = cols.min(n - c0);
+            let lhs = Strided { ptr: a_ptr.get(), rs: a_rs, cs: a_cs };
+            let rhs = Strided { ptr: b_ptr.get().wrapping_offset(c0 as isize * b_cs), rs: b_rs, cs: b_cs };
+            // SAFETY: columns c0..c0+nc of `out` belong to this task alone; operands are in
+            // bounds by the size checks above and do not alias `out`.
+            unsafe { gemm_serial(m, nc, k, out_ptr.get().add(c0), n as isize, lhs, rhs, accumulate, 1.0) };
+        });
+        return;
+    }
+    let rows = rows_per_task(m);
     out.par_chunks_mut(rows * n).enumerate().for_each(|(t, chunk)| {
         let r0 = t * rows;
         let mr = chunk.len() / n;

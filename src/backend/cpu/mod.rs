@@ -7,6 +7,7 @@ pub mod loss;
 pub mod matmul;
 pub mod norm;
 pub mod optim;
+pub mod simd;
 
 use super::{Arena, ArenaSizes, AttnShape, Backend, Op, View};
 use crate::backend::AdamStep;
@@ -21,6 +22,8 @@ pub struct CpuBackend {
     acts: Vec<f32>,
     tokens: Vec<u16>,
     n_tokens: usize,
+    /// Per-block partial sums of the norm-gain gradient.
+    norm_scratch: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -103,6 +106,7 @@ impl Backend for CpuBackend {
         self.adam_v = vec![0.0; s.grads];
         self.acts = vec![0.0; s.acts];
         self.tokens = vec![0; s.tokens];
+        self.norm_scratch = vec![0.0; norm::rmsnorm_backward_scratch(s.max_rows, s.max_width)];
         self.n_tokens = 0;
     }
 
@@ -168,8 +172,10 @@ impl Backend for CpuBackend {
     }
 
     fn rmsnorm_backward(&mut self, dx: View, dg: View, dout: View, x: View, rstd: View, g: View, d: usize) {
+        let mut scratch = std::mem::take(&mut self.norm_scratch);
         let (dx, dg, [dout, x, rstd, g]) = self.io2(dx, dg, [dout, x, rstd, g]);
-        norm::rmsnorm_backward(dx, dg, dout, x, rstd, g, d);
+        norm::rmsnorm_backward(dx, dg, dout, x, rstd, g, d, &mut scratch);
+        self.norm_scratch = scratch;
     }
 
     fn matmul(&mut self, out: View, a: View, ta: Op, b: View, tb: Op, m: usize, k: usize, n: usize, accumulate: bool) {

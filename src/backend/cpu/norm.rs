@@ -1,5 +1,6 @@
 //! The Image GPT norm: RMS scaling with a gain, no centring, no bias (REFERENCE.md §3).
 
+use super::simd;
 use rayon::prelude::*;
 
 /// Rows handed to one rayon task in row-wise kernels.
@@ -16,12 +17,10 @@ pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], g: &[f32], 
         .zip(x.par_chunks(ROW_BLOCK * d))
         .for_each(|((o, r), xs)| {
             for ((orow, rs), xrow) in o.chunks_mut(d).zip(r.iter_mut()).zip(xs.chunks(d)) {
-                let ms = xrow.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let ms = simd::dot(xrow, xrow) / d as f32;
                 let s = 1.0 / (ms + eps).sqrt();
                 *rs = s;
-                for ((o, &v), &gv) in orow.iter_mut().zip(xrow).zip(g) {
-                    *o = v * s * gv;
-                }
+                simd::scale_mul(orow, xrow, s, g);
             }
         });
 }
@@ -30,7 +29,17 @@ pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], g: &[f32], 
 ///
 /// With `xhat = x * rstd`: `dg += sum_rows(dout * xhat)`,
 /// `dx += rstd * (dout*g - xhat * mean(dout*g*xhat))`.
-pub fn rmsnorm_backward(dx: &mut [f32], dg: &mut [f32], dout: &[f32], x: &[f32], rstd: &[f32], g: &[f32], d: usize) {
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    dx: &mut [f32],
+    dg: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    rstd: &[f32],
+    g: &[f32],
+    d: usize,
+    dg_scratch: &mut [f32],
+) {
     let rows = x.len() / d;
     assert_eq!(dx.len(), rows * d);
     assert_eq!(dout.len(), rows * d);
@@ -41,35 +50,26 @@ pub fn rmsnorm_backward(dx: &mut [f32], dg: &mut [f32], dout: &[f32], x: &[f32],
         .zip(rstd.par_chunks(ROW_BLOCK))
         .for_each(|(((dxs, dos), xs), rs)| {
             for (((dxr, dor), xr), &s) in dxs.chunks_mut(d).zip(dos.chunks(d)).zip(xs.chunks(d)).zip(rs) {
-                let mut dot = 0.0f32;
-                for j in 0..d {
-                    dot += dor[j] * g[j] * xr[j] * s;
-                }
-                let mean = dot / d as f32;
-                for j in 0..d {
-                    let xhat = xr[j] * s;
-                    dxr[j] += s * (dor[j] * g[j] - xhat * mean);
-                }
+                let mean = simd::dot3(dor, g, xr) * s / d as f32;
+                simd::rmsnorm_dx(dxr, dor, xr, g, s, mean);
             }
         });
-    // Gain gradient: reduce over rows one column block at a time, so the sum order is fixed.
-    column_block_reduce(dg, d, rows, |r, j| dout[r * d + j] * x[r * d + j] * rstd[r]);
-}
-
-/// `acc[j] += sum_r f(r, j)` for j in 0..d, parallel over blocks of 16 columns, summing rows
-/// in order (deterministic whatever the thread count).
-pub(crate) fn column_block_reduce(acc: &mut [f32], d: usize, rows: usize, f: impl Fn(usize, usize) -> f32 + Sync) {
-    assert_eq!(acc.len(), d);
-    acc.par_chunks_mut(16).enumerate().for_each(|(b, cols)| {
-        let j0 = b * 16;
-        let mut sums = [0.0f32; 16];
-        for r in 0..rows {
-            for (c, s) in sums.iter_mut().enumerate().take(cols.len()) {
-                *s += f(r, j0 + c);
-            }
-        }
-        for (c, a) in cols.iter_mut().enumerate() {
-            *a += sums[c];
+    // Gain gradient: each task sums a fixed block of rows, then the blocks are added in
+    // order, so the result does not depend on the thread count.
+    let blocks = rows.div_ceil(ROW_BLOCK * 4);
+    let partial = &mut dg_scratch[..blocks * d];
+    partial.par_chunks_mut(d).enumerate().for_each(|(blk, acc)| {
+        acc.fill(0.0);
+        for r in blk * ROW_BLOCK * 4..((blk + 1) * ROW_BLOCK * 4).min(rows) {
+            simd::add_product(acc, &dout[r * d..(r + 1) * d], &x[r * d..(r + 1) * d], rstd[r]);
         }
     });
+    for acc in partial.chunks(d) {
+        simd::add_assign(dg, acc);
+    }
+}
+
+/// Scratch floats [`rmsnorm_backward`] needs for `rows` rows of width `d`.
+pub fn rmsnorm_backward_scratch(rows: usize, d: usize) -> usize {
+    rows.div_ceil(ROW_BLOCK * 4) * d
 }

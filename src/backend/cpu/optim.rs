@@ -1,5 +1,6 @@
 //! AdamW update and gradient-norm reduction over flat buffers.
 
+use super::simd;
 use rayon::prelude::*;
 
 const CHUNK: usize = 64 * 1024;
@@ -22,21 +23,13 @@ pub fn adamw(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h:
     let bc1 = 1.0 - h.beta1.powi(h.step as i32);
     let bc2 = 1.0 - h.beta2.powi(h.step as i32);
     let wd = if decay { h.weight_decay } else { 0.0 };
+    let k = [h.lr, h.beta1, h.beta2, h.eps, wd, h.grad_scale, bc1, bc2];
     params
         .par_chunks_mut(CHUNK)
         .zip(grads.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
-        .for_each(|(((p, g), m), v)| {
-            for i in 0..p.len() {
-                let g = g[i] * h.grad_scale;
-                m[i] = h.beta1 * m[i] + (1.0 - h.beta1) * g;
-                v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * g * g;
-                let mhat = m[i] / bc1;
-                let vhat = v[i] / bc2;
-                p[i] -= h.lr * (mhat / (vhat.sqrt() + h.eps) + wd * p[i]);
-            }
-        });
+        .for_each(|(((p, g), m), v)| simd::adamw_chunk(p, g, m, v, &k));
 }
 
 /// Sum of squares in f64, summed serially so the result never depends on the thread count.

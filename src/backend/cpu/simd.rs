@@ -1,0 +1,289 @@
+//! Vectorisable inner loops, compiled for AVX-512 and AVX2 as well as the baseline and chosen
+//! at run time (the release binary targets plain x86-64, so it runs on any machine).
+//!
+//! Each loop is written over fixed 16-lane chunks so the compiler turns it into SIMD code; the
+//! exponential is a polynomial rather than a libm call, which would not vectorise.
+
+/// Generates `pub fn $name` that calls the best compiled copy of `$body` for this CPU.
+macro_rules! dispatch {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident : $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn v4($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                fn v3($($arg: $ty),*) $(-> $ret)? { imp($($arg),*) }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports every feature `v4` was compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports every feature `v3` was compiled for.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+const LANES: usize = 16;
+
+/// `e^x` to about 2 ulp for x in [-87, 88]; below that it returns 0 (as exp underflows).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest via the 1.5 * 2^23 trick (vectorises, unlike f32::round).
+    let shifted = x * LOG2E + 12_582_912.0;
+    let n = shifted - 12_582_912.0;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_66;
+    let p = p * r + 0.5;
+    let p = p * r * r + r + 1.0;
+    // The low mantissa bits of `shifted` hold n itself; reading them avoids a float-to-int
+    // cast, which Rust saturates and the compiler then cannot vectorise.
+    let bits = shifted.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23;
+    p * f32::from_bits(bits)
+}
+
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+dispatch! {
+    /// Largest element (−∞ for an empty slice).
+    pub fn max(x: &[f32]) -> f32 {
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                lanes[i] = if c[i] > lanes[i] { c[i] } else { lanes[i] };
+            }
+        }
+        let mut m = f32::NEG_INFINITY;
+        for &v in lanes.iter().chain(tail) {
+            if v > m {
+                m = v;
+            }
+        }
+        m
+    }
+}
+
+dispatch! {
+    /// `x[i] = e^(x[i] - shift)`; returns the sum of the results.
+    pub fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
+        let mut lanes = [0.0f32; LANES];
+        let mut chunks = x.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                c[i] = exp(c[i] - shift);
+                lanes[i] += c[i];
+            }
+        }
+        let mut sum: f32 = lanes.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = exp(*v - shift);
+            sum += *v;
+        }
+        sum
+    }
+}
+
+dispatch! {
+    /// Sum of `e^(x[i] - shift)`, leaving `x` as it is.
+    pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
+        let mut lanes = [0.0f32; LANES];
+        let chunks = x.chunks_exact(LANES);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..LANES {
+                lanes[i] += exp(c[i] - shift);
+            }
+        }
+        lanes.iter().sum::<f32>() + tail.iter().map(|&v| exp(v - shift)).sum::<f32>()
+    }
+}
+
+dispatch! {
+    /// `x[i] *= s`.
+    pub fn scale(x: &mut [f32], s: f32) {
+        for v in x.iter_mut() {
+            *v *= s;
+        }
+    }
+}
+
+dispatch! {
+    /// Sum of `a[i] * b[i]`.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let mut lanes = [0.0f32; LANES];
+        let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+        let (ta, tb) = (ca.remainder(), cb.remainder());
+        for (x, y) in ca.zip(cb) {
+            for i in 0..LANES {
+                lanes[i] += x[i] * y[i];
+            }
+        }
+        lanes.iter().sum::<f32>() + ta.iter().zip(tb).map(|(x, y)| x * y).sum::<f32>()
+    }
+}
+
+dispatch! {
+    /// `ds[i] = p[i] * (ds[i] - c)`: the softmax backward for one row.
+    pub fn softmax_grad(ds: &mut [f32], p: &[f32], c: f32) {
+        assert_eq!(ds.len(), p.len());
+        for (d, &p) in ds.iter_mut().zip(p) {
+            *d = p * (*d - c);
+        }
+    }
+}
+
+dispatch! {
+    /// `acc[i] += x[i]`.
+    pub fn add_assign(acc: &mut [f32], x: &[f32]) {
+        assert_eq!(acc.len(), x.len());
+        for (a, &v) in acc.iter_mut().zip(x) {
+            *a += v;
+        }
+    }
+}
+
+dispatch! {
+    /// `acc[i] += x[i] * y[i] * s`.
+    pub fn add_product(acc: &mut [f32], x: &[f32], y: &[f32], s: f32) {
+        assert!(acc.len() == x.len() && x.len() == y.len());
+        for ((a, &u), &v) in acc.iter_mut().zip(x).zip(y) {
+            *a += u * v * s;
+        }
+    }
+}
+
+dispatch! {
+    /// `out[i] = a[i] + b[i]`.
+    pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
+        assert!(out.len() == a.len() && a.len() == b.len());
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *o = x + y;
+        }
+    }
+}
+
+dispatch! {
+    /// `out[i] = x[i] * s * g[i]`.
+    pub fn scale_mul(out: &mut [f32], x: &[f32], s: f32, g: &[f32]) {
+        assert!(out.len() == x.len() && x.len() == g.len());
+        for ((o, &v), &gv) in out.iter_mut().zip(x).zip(g) {
+            *o = v * s * gv;
+        }
+    }
+}
+
+dispatch! {
+    /// RMS-norm input gradient for one row: `dx += s * (dy*g - x*s*mean)`.
+    pub fn rmsnorm_dx(dx: &mut [f32], dy: &[f32], x: &[f32], g: &[f32], s: f32, mean: f32) {
+        let n = dx.len();
+        assert!(dy.len() == n && x.len() == n && g.len() == n);
+        for i in 0..n {
+            dx[i] += s * (dy[i] * g[i] - x[i] * s * mean);
+        }
+    }
+}
+
+dispatch! {
+    /// Sum of `a[i] * b[i] * c[i]`.
+    pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+        let n = a.len();
+        assert!(b.len() == n && c.len() == n);
+        let mut lanes = [0.0f32; LANES];
+        let full = n / LANES * LANES;
+        for k in (0..full).step_by(LANES) {
+            for i in 0..LANES {
+                lanes[i] += a[k + i] * b[k + i] * c[k + i];
+            }
+        }
+        lanes.iter().sum::<f32>() + (full..n).map(|i| a[i] * b[i] * c[i]).sum::<f32>()
+    }
+}
+
+dispatch! {
+    /// Quick GELU: `out = x * sigmoid(1.702 x)`.
+    pub fn quick_gelu(out: &mut [f32], x: &[f32]) {
+        assert_eq!(out.len(), x.len());
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * sigmoid(1.702 * v);
+        }
+    }
+}
+
+dispatch! {
+    /// Quick GELU backward: `d *= s + 1.702 x s (1 - s)` with `s = sigmoid(1.702 x)`.
+    pub fn quick_gelu_grad(d: &mut [f32], x: &[f32]) {
+        assert_eq!(d.len(), x.len());
+        for (d, &v) in d.iter_mut().zip(x) {
+            let s = sigmoid(1.702 * v);
+            *d *= s + 1.702 * v * s * (1.0 - s);
+        }
+    }
+}
+
+dispatch! {
+    /// AdamW on one chunk (see `optim::adamw` for the meaning of the constants).
+    pub fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &[f32; 8]) {
+        let [lr, b1, b2, eps, wd, gs, bc1, bc2] = *k;
+        let n = p.len();
+        assert!(g.len() == n && m.len() == n && v.len() == n);
+        for i in 0..n {
+            let gi = g[i] * gs;
+            m[i] = b1 * m[i] + (1.0 - b1) * gi;
+            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+            let mhat = m[i] / bc1;
+            let vhat = v[i] / bc2;
+            p[i] -= lr * (mhat / (vhat.sqrt() + eps) + wd * p[i]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exp_matches_libm() {
+        let mut worst = 0.0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let rel = ((super::exp(x) - x.exp()) / x.exp()).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(super::exp(-200.0), super::exp(-87.0));
+        assert!(super::exp(-200.0) < 1e-37);
+    }
+
+    #[test]
+    fn reductions_match_naive() {
+        let x: Vec<f32> = (0..37).map(|i| ((i * 7919) % 101) as f32 / 10.0 - 5.0).collect();
+        let y: Vec<f32> = (0..37).map(|i| ((i * 31) % 17) as f32 / 3.0 - 2.0).collect();
+        assert_eq!(super::max(&x), x.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
+        let naive: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        assert!((super::dot(&x, &y) - naive).abs() < 1e-4);
+        let mut e = x.clone();
+        let s = super::exp_shifted(&mut e, 1.0);
+        let naive: f32 = x.iter().map(|v| (v - 1.0).exp()).sum();
+        assert!((s - naive).abs() / naive < 1e-5);
+    }
+}

@@ -14,7 +14,7 @@ import torch
 torch.manual_seed(1234)
 DT = torch.float64
 
-CFG = dict(n_layer=2, n_embd=32, n_head=4, n_vocab=16, side=9, channels=1)
+CFG = dict(n_layer=2, n_embd=32, n_head=4, n_vocab=16, side=12, channels=1)
 BATCH = 2
 
 

@@ -8,3 +8,10 @@
 pub mod backend;
 pub mod config;
 pub mod model;
+pub mod data;
+pub mod fsutil;
+pub mod npy;
+pub mod palette;
+pub mod checkpoint;
+pub mod plot;
+pub mod train;

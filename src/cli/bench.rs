@@ -1,0 +1,104 @@
+//! `igpt bench`: igpt against the PyTorch baseline (scripts/torch_baseline.py), same model,
+//! same threads, same machine, in one invocation.
+
+use anyhow::{Context, Result, ensure};
+use clap::{Args, Subcommand};
+use igpt::backend::cpu::CpuBackend;
+use igpt::config::ModelConfig;
+use igpt::data::TokenSet;
+use igpt::train::{TrainConfig, Trainer};
+use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Training throughput and peak memory: igpt, then PyTorch eager (SDPA), and the ratio.
+    Train(TrainBench),
+}
+
+#[derive(Args)]
+pub struct TrainBench {
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    #[arg(long, default_value_t = 256)]
+    embd: usize,
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    #[arg(long, default_value_t = 512)]
+    vocab: usize,
+    /// Image side (context = side^2).
+    #[arg(long, default_value_t = 32)]
+    side: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Timed steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Python interpreter with torch installed.
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Only measure igpt.
+    #[arg(long)]
+    no_torch: bool,
+}
+
+/// Peak resident memory of this process so far, in MB (Linux).
+fn peak_rss_mb() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    let BenchCmd::Train(b) = cmd;
+    let threads = rayon::current_num_threads();
+    let model = ModelConfig { n_layer: b.layers, n_embd: b.embd, n_head: b.heads, n_vocab: b.vocab, side: b.side, channels: 3 };
+    model.validate()?;
+    let t = model.n_ctx();
+    println!(
+        "model: {} layers, d={}, {} heads, vocab {}, context {}, batch {}, fp32, {} threads",
+        b.layers, b.embd, b.heads, b.vocab, t, b.batch, threads
+    );
+    let cfg = TrainConfig { steps: 1000, batch: b.batch, micro_batch: b.batch, warmup: 10, ..TrainConfig::default() };
+    let params = igpt::model::init_params(&model, 0);
+    let mut trainer = Trainer::new(&model, cfg, &params, CpuBackend::new())?;
+    let tokens: Vec<u16> = (0..b.batch * t).map(|i| ((i as u64 * 2654435761) % b.vocab as u64) as u16).collect();
+    let data = TokenSet::from_tokens(tokens, t, b.vocab, None)?;
+    trainer.step(&data)?;
+    let t0 = Instant::now();
+    for _ in 0..b.steps {
+        trainer.step(&data)?;
+    }
+    let ours = t0.elapsed().as_secs_f64() / b.steps as f64;
+    let ours_tps = (b.batch * t) as f64 / ours;
+    let ours_rss = peak_rss_mb().unwrap_or(f64::NAN);
+    println!("igpt:    {ours:.3} s/step  {ours_tps:>8.0} tokens/s  peak RSS {ours_rss:.0} MB");
+    if b.no_torch {
+        return Ok(());
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_baseline.py");
+    let out = std::process::Command::new(&b.python)
+        .arg(&script)
+        .args(["--layers", &b.layers.to_string(), "--embd", &b.embd.to_string(), "--heads", &b.heads.to_string()])
+        .args(["--vocab", &b.vocab.to_string(), "--ctx", &t.to_string(), "--batch", &b.batch.to_string()])
+        .args(["--threads", &threads.to_string(), "--steps", &b.steps.to_string(), "--warmup", "1"])
+        .output()
+        .with_context(|| format!("cannot run {} {}", b.python, script.display()))?;
+    ensure!(
+        out.status.success(),
+        "the PyTorch baseline failed (is torch installed? pip install torch):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
+        .with_context(|| format!("unexpected output from the baseline: {line}"))?;
+    let torch_s = v["step_s"].as_f64().context("baseline gave no step_s")?;
+    let torch_rss = v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "pytorch: {torch_s:.3} s/step  {:>8.0} tokens/s  peak RSS {torch_rss:.0} MB  (torch {}, eager, scaled_dot_product_attention)",
+        (b.batch * t) as f64 / torch_s,
+        v["torch"].as_str().unwrap_or("?")
+    );
+    println!("ratio:   igpt is {:.2}x the PyTorch throughput with {:.2}x its peak memory", torch_s / ours, ours_rss / torch_rss);
+    Ok(())
+}

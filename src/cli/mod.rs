@@ -1,0 +1,437 @@
+//! Argument parsing and the command implementations.
+
+mod bench;
+mod progress;
+
+use anyhow::{Context, Result, ensure};
+use clap::{Args, Parser, Subcommand};
+use igpt::backend::cpu::CpuBackend;
+use igpt::checkpoint::RunDir;
+use igpt::config::ModelConfig;
+use igpt::data::{self, Format, TokenSet};
+use igpt::model::Engine;
+use igpt::palette::{FitOptions, Palette};
+use igpt::train::TrainConfig;
+use igpt::train::run::{self, DataSpec, PaletteSpec, Progress};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "igpt", version, about = "Image GPT: train, evaluate and run autoregressive pixel models", long_about = None)]
+struct Cli {
+    /// Worker threads (default: every core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The main job: fit a palette on the shipped Fashion-MNIST split, train a small Image GPT
+    /// on 9,000 images, evaluate on the other 1,000, write the run directory and loss curve.
+    Demo(DemoArgs),
+    /// Train a model on a data set (or continue one with --resume).
+    Train(TrainArgs),
+    /// Mean negative log-likelihood of a data set under a model, in nats and bits per token.
+    Eval(EvalArgs),
+    /// Fit a palette by k-means, or quantise an image with one to preview it.
+    #[command(subcommand)]
+    Palette(PaletteCmd),
+    /// Print a run's model shape, size and training state.
+    Info {
+        /// Run directory.
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Benchmarks against the PyTorch baseline in scripts/.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Run directory to write.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// Optimizer steps (the default finishes in about ten minutes on two cores).
+    #[arg(long, default_value_t = 400)]
+    steps: u64,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Model size preset: tiny (8 layers, d=256), s, m or l. Overridden by the flags below.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Transformer blocks.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Embedding width d.
+    #[arg(long)]
+    embd: Option<usize>,
+    /// Attention heads (must divide d).
+    #[arg(long)]
+    heads: Option<usize>,
+}
+
+impl ModelArgs {
+    fn build(&self, n_vocab: usize, side: usize, channels: usize) -> Result<ModelConfig> {
+        let mut cfg = ModelConfig::preset(&self.preset, n_vocab, side, channels)?;
+        cfg.n_layer = self.layers.unwrap_or(cfg.n_layer);
+        cfg.n_embd = self.embd.unwrap_or(cfg.n_embd);
+        cfg.n_head = self.heads.unwrap_or(cfg.n_head);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Training data: a path (IDX, CIFAR .bin, image folder, .npy) or `fashion-mnist`.
+    #[arg(long, default_value = data::BUILTIN_FASHION)]
+    data: String,
+    /// Data format (default: decided from the path).
+    #[arg(long, value_enum, default_value_t = Format::Auto)]
+    format: Format,
+    /// Separate validation data (default: hold out --val-fraction of --data).
+    #[arg(long)]
+    val_data: Option<String>,
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Use only the first N images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Run directory to create.
+    #[arg(long, default_value = "runs/train")]
+    out: PathBuf,
+    /// Continue the run in this directory from its last checkpoint (other data and model
+    /// flags are ignored; --steps may extend the run).
+    #[arg(long, conflicts_with = "out")]
+    resume: Option<PathBuf>,
+    /// Stop after this many steps in this invocation (the run can be resumed).
+    #[arg(long)]
+    stop_after: Option<u64>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Image side the model sees (images are resized); default: the data's own.
+    #[arg(long)]
+    side: Option<usize>,
+    /// Colour channels (1 or 3); default: the palette's, else the data's.
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Palette file (.npy or .json); default: fit one on the training split.
+    #[arg(long)]
+    palette: Option<PathBuf>,
+    /// Colours in a fitted palette.
+    #[arg(long, default_value_t = 16)]
+    palette_size: usize,
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Images per optimizer step.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Images per forward pass (gradient accumulation when smaller than --batch).
+    #[arg(long)]
+    micro_batch: Option<usize>,
+    #[arg(long, default_value_t = 3e-3)]
+    lr: f32,
+    #[arg(long, default_value_t = 100)]
+    warmup: u64,
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f32,
+    #[arg(long, default_value_t = 0.95)]
+    beta2: f32,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Gradient-norm clipping threshold (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f32,
+    /// Validate every N steps.
+    #[arg(long, default_value_t = 100)]
+    eval_every: u64,
+    /// Validation images per evaluation (0: all).
+    #[arg(long, default_value_t = 0)]
+    eval_images: usize,
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: u64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Run directory of the model.
+    #[arg(long)]
+    model: PathBuf,
+    /// Data to score: a path, `fashion-mnist`, or an igpt `.tokens` file.
+    #[arg(long)]
+    data: String,
+    #[arg(long, value_enum, default_value_t = Format::Auto)]
+    format: Format,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Score only the first N images.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum PaletteCmd {
+    /// Fit a palette by k-means (k-means++ seeding) over pixels in [-1, 1] space.
+    Fit {
+        #[arg(long, default_value = data::BUILTIN_FASHION)]
+        data: String,
+        #[arg(long, value_enum, default_value_t = Format::Auto)]
+        format: Format,
+        /// Number of colours.
+        #[arg(long, default_value_t = 512)]
+        k: usize,
+        /// Channels of the palette (default: the data's).
+        #[arg(long)]
+        channels: Option<usize>,
+        #[arg(long, default_value_t = 30)]
+        iterations: usize,
+        /// Pixels sampled before clustering (0: all).
+        #[arg(long, default_value_t = 1_000_000)]
+        sample: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output: .json (list of colours) or .npy (float32 [k, c], like kmeans_centers.npy).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Quantise an image with a palette and write the result, to see what a model sees.
+    Apply {
+        #[arg(long)]
+        palette: PathBuf,
+        #[arg(long)]
+        image: PathBuf,
+        /// Resize to this side first.
+        #[arg(long)]
+        side: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        ensure!(n >= 1, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
+    }
+    match cli.command.unwrap_or(Command::Demo(DemoArgs { out: "runs/demo".into(), steps: 400 })) {
+        Command::Demo(a) => demo(a),
+        Command::Train(a) => train(a),
+        Command::Eval(a) => eval(a),
+        Command::Palette(p) => palette(p),
+        Command::Info { model } => info(model),
+        Command::Bench(b) => bench::run(b),
+    }
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    println!("igpt demo: an Image GPT trained from scratch on Fashion-MNIST (the 10k test split shipped in data/).");
+    println!("threads: {}   run directory: {}", rayon::current_num_threads(), a.out.display());
+    let run_dir = RunDir::create(&a.out)?;
+    let mut bar = progress::Bar::new();
+    let spec = DataSpec {
+        data: data::BUILTIN_FASHION.into(),
+        format: Format::Auto,
+        side: Some(28),
+        channels: Some(1),
+        val_data: None,
+        val_fraction: 0.1,
+        limit: None,
+        seed: 0,
+    };
+    let fit = FitOptions { k: 16, iterations: 30, sample: 0, seed: 0 };
+    let prepared = run::prepare(&run_dir, &spec, &PaletteSpec::Fit(fit), &mut bar)?;
+    let model = ModelConfig { n_layer: 4, n_embd: 128, n_head: 2, n_vocab: 16, side: prepared.side, channels: 1 };
+    let cfg = TrainConfig {
+        steps: a.steps,
+        batch: 16,
+        micro_batch: 16,
+        lr: 2e-3,
+        warmup: 50,
+        eval_every: 100,
+        eval_images: 250,
+        checkpoint_every: 100,
+        ..TrainConfig::default()
+    };
+    println!(
+        "model: {} layers, d={}, {} heads, {} tokens per image, {} colours: {:.2} M parameters",
+        model.n_layer,
+        model.n_embd,
+        model.n_head,
+        model.n_ctx(),
+        model.n_vocab,
+        model.n_params() as f64 / 1e6
+    );
+    println!("training: {} steps of {} images (lr {}, warm-up {}, cosine decay)", cfg.steps, cfg.batch, cfg.lr, cfg.warmup);
+    let s = run::start(&run_dir, &model, &cfg, &prepared, "fashion-mnist (shipped t10k split)", None, &mut bar)?;
+    let val = s.val_loss.unwrap_or(f64::NAN);
+    println!();
+    println!("done in {:.0} s ({:.0} tokens/s)", s.seconds, s.tokens_per_s);
+    println!(
+        "held-out loss on {} images: {:.4} nats/token ({:.4} bits/token); last training loss {:.4}",
+        prepared.val.len(),
+        val,
+        val / std::f64::consts::LN_2,
+        s.final_train_loss
+    );
+    println!("files:");
+    for f in ["config.json", "palette.json", "model.safetensors", "trainer.safetensors", "metrics.jsonl", "loss.png"] {
+        println!("  {}", run_dir.file(f).display());
+    }
+    println!("next: igpt eval --model {} --data fashion-mnist", a.out.display());
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let mut bar = progress::Bar::new();
+    if let Some(dir) = &a.resume {
+        let run_dir = RunDir::open(dir)?;
+        let s = run::resume(&run_dir, a.steps, a.stop_after, &mut bar)?;
+        return report(&run_dir, &s);
+    }
+    let micro = a.micro_batch.unwrap_or(a.batch);
+    let cfg = TrainConfig {
+        steps: a.steps.unwrap_or(1000),
+        batch: a.batch,
+        micro_batch: micro,
+        lr: a.lr,
+        warmup: a.warmup,
+        beta1: a.beta1,
+        beta2: a.beta2,
+        eps: 1e-8,
+        weight_decay: a.weight_decay,
+        clip: a.clip,
+        eval_every: a.eval_every,
+        eval_images: a.eval_images,
+        checkpoint_every: a.checkpoint_every,
+        seed: a.seed,
+    };
+    cfg.validate()?;
+    ensure!(
+        !a.out.join("trainer.safetensors").exists(),
+        "{} already holds a run: continue it with --resume {}, or choose another --out",
+        a.out.display(),
+        a.out.display()
+    );
+    let run_dir = RunDir::create(&a.out)?;
+    let spec = DataSpec {
+        data: a.data.clone(),
+        format: a.format,
+        side: a.side,
+        channels: a.channels,
+        val_data: a.val_data.clone(),
+        val_fraction: a.val_fraction,
+        limit: a.limit,
+        seed: a.seed,
+    };
+    let pal = match &a.palette {
+        Some(p) => PaletteSpec::File(p.clone()),
+        None => PaletteSpec::Fit(FitOptions { k: a.palette_size, seed: a.seed, ..FitOptions::default() }),
+    };
+    let prepared = run::prepare(&run_dir, &spec, &pal, &mut bar)?;
+    let model = a.model.build(prepared.palette.len(), prepared.side, prepared.channels)?;
+    bar.message(&format!(
+        "model: {} layers, d={}, {} heads, context {}, {} colours: {:.2} M parameters",
+        model.n_layer,
+        model.n_embd,
+        model.n_head,
+        model.n_ctx(),
+        model.n_vocab,
+        model.n_params() as f64 / 1e6
+    ));
+    let s = run::start(&run_dir, &model, &cfg, &prepared, &a.data, a.stop_after, &mut bar)?;
+    report(&run_dir, &s)
+}
+
+fn report(run_dir: &RunDir, s: &run::Summary) -> Result<()> {
+    println!("step {}: last training loss {:.4} nats/token, {:.0} tokens/s", s.steps, s.final_train_loss, s.tokens_per_s);
+    if let Some(v) = s.val_loss {
+        println!("validation: {:.4} nats/token ({:.4} bits/token)", v, v / std::f64::consts::LN_2);
+    }
+    println!("run directory: {} (model.safetensors, metrics.jsonl, loss.png)", run_dir.path.display());
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let run_dir = RunDir::open(&a.model)?;
+    let cfg = run_dir.load_config()?;
+    let params = run_dir.load_model(&cfg.model)?;
+    let tokens = if a.data.ends_with(".tokens") {
+        TokenSet::open(std::path::Path::new(&a.data))?
+    } else {
+        let palette = run_dir.load_palette()?;
+        let mut set = data::load(&a.data, a.format)?;
+        if let Some(l) = a.limit {
+            set = set.select(&(0..l.min(set.len())).collect::<Vec<_>>());
+        }
+        let set = set.with_channels(cfg.model.channels)?.resized(cfg.model.side);
+        TokenSet::quantise(&set, &palette, &a.data)?
+    };
+    let mut engine = Engine::new(&cfg.model, a.batch.max(1), false, CpuBackend::new())?;
+    engine.set_params(&params)?;
+    let t0 = std::time::Instant::now();
+    let nats = igpt::train::evaluate(&mut engine, &tokens, a.limit.unwrap_or(0), &mut Vec::new())?;
+    println!(
+        "{} images, {} tokens each: {:.4} nats/token, {:.4} bits/token ({:.1} s)",
+        a.limit.map_or(tokens.len(), |l| l.min(tokens.len())),
+        cfg.model.n_ctx(),
+        nats,
+        nats / std::f64::consts::LN_2,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn palette(cmd: PaletteCmd) -> Result<()> {
+    match cmd {
+        PaletteCmd::Fit { data: d, format, k, channels, iterations, sample, seed, out } => {
+            let set = data::load(&d, format)?;
+            let c = channels.unwrap_or(set.channels);
+            let set = set.with_channels(c)?;
+            let t0 = std::time::Instant::now();
+            let p = Palette::fit(&set.pixels, c, &FitOptions { k, iterations, sample, seed })?;
+            p.save(&out)?;
+            println!("fitted {} colours x {} channel(s) on {} images in {:.1} s: {}", p.len(), c, set.len(), t0.elapsed().as_secs_f64(), out.display());
+            Ok(())
+        }
+        PaletteCmd::Apply { palette, image, side, out } => {
+            let p = Palette::load(&palette)?;
+            let (h, w, px) = data::folder::decode_rgb(&image)?;
+            let one = data::ImageSet { height: h, width: w, channels: 3, pixels: px, labels: None, class_names: vec![] };
+            let one = one.with_channels(p.channels)?;
+            let one = match side {
+                Some(s) => one.resized(s),
+                None => one,
+            };
+            let rgb = p.decode(&p.encode(&one.pixels))?;
+            let (w, h) = (one.width as u32, one.height as u32);
+            let res = if p.channels == 1 {
+                image::GrayImage::from_raw(w, h, rgb).context("image size")?.save(&out)
+            } else {
+                image::RgbImage::from_raw(w, h, rgb).context("image size")?.save(&out)
+            };
+            res.with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {} ({}x{}, {} colours)", out.display(), w, h, p.len());
+            Ok(())
+        }
+    }
+}
+
+fn info(model: PathBuf) -> Result<()> {
+    let run_dir = RunDir::open(&model)?;
+    let cfg = run_dir.load_config()?;
+    let m = &cfg.model;
+    println!("{}: {} layers, d={}, {} heads, {}x{} images ({} tokens), {} colours x {} channel(s)", model.display(), m.n_layer, m.n_embd, m.n_head, m.side, m.side, m.n_ctx(), m.n_vocab, m.channels);
+    println!("parameters: {} ({:.2} M)", m.n_params(), m.n_params() as f64 / 1e6);
+    println!("training: {} steps planned, batch {}, lr {}, data {}", cfg.train.steps, cfg.train.batch, cfg.train.lr, cfg.data);
+    if let Ok((state, ..)) = run_dir.load_trainer(igpt::model::ParamLayout::new(m).total) {
+        println!("checkpoint: {}", state.describe());
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! Charts drawn with `plotters` into PNG files.
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// Registers a system sans-serif font once; charts have no text where none is found.
+fn have_font() -> bool {
+    static FONT: OnceLock<bool> = OnceLock::new();
+    *FONT.get_or_init(|| {
+        let candidates = [
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/TTF/DejaVuSans.ttf",
+            "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+            "/System/Library/Fonts/Supplemental/Arial.ttf",
+            "C:\\Windows\\Fonts\\arial.ttf",
+        ];
+        for c in candidates {
+            if let Ok(bytes) = std::fs::read(c) {
+                // The font must live as long as the process: plotters keeps a 'static reference.
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// Training loss (per step, lightly smoothed) and validation loss against steps.
+pub fn loss_curve(path: &Path, train: &[(u64, f64)], val: &[(u64, f64)]) -> Result<()> {
+    let text = have_font();
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_step = train.iter().chain(val).map(|p| p.0).max().unwrap_or(1).max(1);
+    let ys = train.iter().chain(val).map(|p| p.1).filter(|v| v.is_finite());
+    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let (lo, hi) = if lo.is_finite() { (lo * 0.95, hi * 1.05 + 1e-9) } else { (0.0, 1.0) };
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20).x_label_area_size(if text { 45 } else { 5 }).y_label_area_size(if text { 60 } else { 5 });
+    if text {
+        builder.caption("igpt training: loss (nats/token)", ("sans-serif", 22));
+    }
+    let mut chart = builder.build_cartesian_2d(0u64..max_step, lo..hi)?;
+    if text {
+        chart.configure_mesh().x_desc("step").y_desc("nats / token").draw()?;
+    } else {
+        chart.configure_mesh().disable_x_mesh().disable_y_mesh().draw()?;
+    }
+    // Exponential moving average keeps the curve readable with small batches.
+    let mut ema = None;
+    let smooth: Vec<(u64, f64)> = train
+        .iter()
+        .map(|&(s, l)| {
+            let e = ema.map_or(l, |e: f64| 0.9 * e + 0.1 * l);
+            ema = Some(e);
+            (s, e)
+        })
+        .collect();
+    let train_series = chart.draw_series(LineSeries::new(smooth, BLUE.stroke_width(2)))?;
+    if text {
+        train_series.label("train (smoothed)").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    }
+    let val_series = chart.draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)).point_size(4))?;
+    if text {
+        val_series.label("validation").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    }
+    root.present().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Draws the loss curve from a run's `metrics.jsonl`.
+pub fn loss_curve_from_metrics(metrics: &Path, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(metrics).with_context(|| format!("cannot read {}", metrics.display()))?;
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Some(step) = v["step"].as_u64() else { continue };
+        if let Some(l) = v["loss"].as_f64() {
+            train.push((step, l));
+        }
+        if let Some(l) = v["val_loss"].as_f64() {
+            val.push((step, l));
+        }
+    }
+    // Write to a temporary name and rename, so a reader never sees half a PNG.
+    let tmp = out.with_extension("png.tmp.png");
+    loss_curve(&tmp, &train, &val)?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(())
+}

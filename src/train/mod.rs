@@ -1,0 +1,260 @@
+//! Training: AdamW with warm-up and cosine decay, clipping, accumulation, and exact resume.
+
+pub mod run;
+
+use crate::backend::{AdamStep, Arena, Backend, View};
+use crate::config::ModelConfig;
+use crate::data::TokenSet;
+use crate::model::Engine;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+/// Training settings (saved in `config.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps in the whole run (the schedule spans them).
+    pub steps: u64,
+    /// Images per optimizer step.
+    pub batch: usize,
+    /// Images per forward pass; `batch / micro_batch` passes are accumulated per step.
+    pub micro_batch: usize,
+    pub lr: f32,
+    pub warmup: u64,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Largest global gradient norm (0 turns clipping off).
+    pub clip: f32,
+    /// Validate every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Validation images per evaluation (0: all).
+    pub eval_images: usize,
+    pub checkpoint_every: u64,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch: 8,
+            micro_batch: 8,
+            lr: 3e-3,
+            warmup: 100,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            clip: 1.0,
+            eval_every: 100,
+            eval_images: 0,
+            checkpoint_every: 100,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.steps >= 1, "--steps must be at least 1");
+        anyhow::ensure!(self.batch >= 1 && self.micro_batch >= 1, "batch sizes must be at least 1");
+        anyhow::ensure!(
+            self.batch % self.micro_batch == 0,
+            "--batch ({}) must be a multiple of --micro-batch ({})",
+            self.batch,
+            self.micro_batch
+        );
+        anyhow::ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be positive");
+        anyhow::ensure!((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2), "Adam betas must be in [0, 1)");
+        Ok(())
+    }
+
+    /// Learning rate for optimizer step `step` (1-based): linear warm-up, then cosine to 0.
+    pub fn lr_at(&self, step: u64) -> f32 {
+        if self.warmup > 0 && step <= self.warmup {
+            return self.lr * step as f32 / self.warmup as f32;
+        }
+        let span = self.steps.saturating_sub(self.warmup).max(1);
+        let progress = ((step - self.warmup.min(step)) as f64 / span as f64).min(1.0);
+        (self.lr as f64 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
+    }
+}
+
+/// Where training stands: enough to continue exactly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Epoch of the data order and position in it.
+    pub epoch: u64,
+    pub cursor: usize,
+    pub tokens_seen: u64,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StepStats {
+    pub step: u64,
+    /// Mean training loss of the step, nats per token.
+    pub loss: f64,
+    pub lr: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub tokens: u64,
+}
+
+/// A model, its optimizer state and its place in the data.
+pub struct Trainer<B: Backend> {
+    pub engine: Engine<B>,
+    pub cfg: TrainConfig,
+    pub state: TrainState,
+    order: Vec<usize>,
+    order_epoch: Option<u64>,
+    batch_tokens: Vec<u16>,
+}
+
+impl<B: Backend> Trainer<B> {
+    pub fn new(model: &ModelConfig, cfg: TrainConfig, params: &[f32], backend: B) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let mut engine = Engine::new(model, cfg.micro_batch, true, backend)?;
+        engine.set_params(params)?;
+        Ok(Self {
+            batch_tokens: vec![0; cfg.micro_batch * model.n_ctx()],
+            engine,
+            cfg,
+            state: TrainState::default(),
+            order: Vec::new(),
+            order_epoch: None,
+        })
+    }
+
+    /// Restores optimizer moments and the data position (parameters via `new`).
+    pub fn restore(&mut self, state: TrainState, adam_m: &[f32], adam_v: &[f32]) {
+        self.engine.write_arena(Arena::AdamM, adam_m);
+        self.engine.write_arena(Arena::AdamV, adam_v);
+        self.state = state;
+    }
+
+    /// Parameters and both Adam moments, for a checkpoint.
+    pub fn snapshot(&self) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let n = self.engine.layout.total;
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        self.engine.read_arena(Arena::AdamM, &mut m);
+        self.engine.read_arena(Arena::AdamV, &mut v);
+        (self.engine.params(), m, v)
+    }
+
+    /// The data order of an epoch: a fixed shuffle by (seed, epoch). Refilled in place.
+    fn ensure_order(&mut self, n: usize) {
+        if self.order_epoch != Some(self.state.epoch) || self.order.len() != n {
+            self.order.clear();
+            self.order.extend(0..n);
+            let seed = self.cfg.seed ^ (self.state.epoch.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            self.order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+            self.order_epoch = Some(self.state.epoch);
+        }
+    }
+
+    /// Fills the batch buffer with the next `micro_batch` images of the data order.
+    fn next_micro_batch(&mut self, data: &TokenSet) {
+        let t = self.engine.cfg.n_ctx();
+        for slot in 0..self.cfg.micro_batch {
+            self.ensure_order(data.len());
+            let idx = self.order[self.state.cursor];
+            data.copy_image(idx, &mut self.batch_tokens[slot * t..(slot + 1) * t]);
+            self.state.cursor += 1;
+            if self.state.cursor == data.len() {
+                self.state.cursor = 0;
+                self.state.epoch += 1;
+            }
+        }
+    }
+
+    /// One optimizer step over `batch` images. Allocates nothing once the epoch order exists.
+    pub fn step(&mut self, data: &TokenSet) -> anyhow::Result<StepStats> {
+        anyhow::ensure!(!data.is_empty(), "the training set is empty");
+        anyhow::ensure!(
+            data.header.t == self.engine.cfg.n_ctx() && data.header.n_vocab == self.engine.cfg.n_vocab,
+            "the data ({} tokens per image, {} colours) does not fit the model ({} tokens, {} colours)",
+            data.header.t,
+            data.header.n_vocab,
+            self.engine.cfg.n_ctx(),
+            self.engine.cfg.n_vocab
+        );
+        let t = self.engine.cfg.n_ctx();
+        let micro_steps = self.cfg.batch / self.cfg.micro_batch;
+        let tokens = (self.cfg.batch * t) as u64;
+        let scale = 1.0 / tokens as f32;
+        self.engine.zero_grads();
+        let mut loss_sum = 0.0;
+        for _ in 0..micro_steps {
+            self.next_micro_batch(data);
+            let toks = std::mem::take(&mut self.batch_tokens);
+            let r = self.engine.forward_backward(&toks, scale);
+            self.batch_tokens = toks;
+            loss_sum += r?;
+        }
+        let n = self.engine.layout.total;
+        let grad_norm = self.engine.backend().sum_squares(View::new(Arena::Grads, 0, n)).sqrt();
+        let clip_scale = if self.cfg.clip > 0.0 && grad_norm > self.cfg.clip as f64 {
+            (self.cfg.clip as f64 / grad_norm) as f32
+        } else {
+            1.0
+        };
+        let step = self.state.step + 1;
+        let lr = self.cfg.lr_at(step);
+        let h = AdamStep {
+            lr,
+            beta1: self.cfg.beta1,
+            beta2: self.cfg.beta2,
+            eps: self.cfg.eps,
+            weight_decay: self.cfg.weight_decay,
+            step,
+            grad_scale: clip_scale,
+        };
+        for i in 0..self.engine.layout.tensors.len() {
+            let (off, len, decay) = {
+                let t = &self.engine.layout.tensors[i];
+                (t.offset, t.len, t.decay)
+            };
+            self.engine.backend_mut().adamw(View::new(Arena::Params, off, len), h, decay);
+        }
+        self.state.step = step;
+        self.state.tokens_seen += tokens;
+        Ok(StepStats { step, loss: loss_sum / tokens as f64, lr, grad_norm, tokens })
+    }
+
+    /// Mean loss in nats per token over (the first `max_images` of) `data`.
+    pub fn evaluate(&mut self, data: &TokenSet, max_images: usize) -> anyhow::Result<f64> {
+        evaluate(&mut self.engine, data, max_images, &mut self.batch_tokens)
+    }
+}
+
+/// Mean loss in nats per token of `engine`'s model over (the first `max_images`, 0 = all,
+/// of) `data`, with the start token as in training. `buf` is reused batch storage.
+pub fn evaluate<B: Backend>(engine: &mut Engine<B>, data: &TokenSet, max_images: usize, buf: &mut Vec<u16>) -> anyhow::Result<f64> {
+    let t = engine.cfg.n_ctx();
+    anyhow::ensure!(
+        data.header.t == t && data.header.n_vocab == engine.cfg.n_vocab,
+        "the data ({} tokens per image, {} colours) does not fit the model ({t} tokens, {} colours)",
+        data.header.t,
+        data.header.n_vocab,
+        engine.cfg.n_vocab
+    );
+    let n = if max_images == 0 { data.len() } else { max_images.min(data.len()) };
+    anyhow::ensure!(n > 0, "no images to evaluate on");
+    buf.resize(engine.batch * t, 0);
+    let mut sum = 0.0;
+    let mut start = 0;
+    while start < n {
+        let b = engine.batch.min(n - start);
+        for i in 0..b {
+            data.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
+        }
+        sum += engine.forward(&buf[..b * t])?;
+        start += b;
+    }
+    Ok(sum / (n * t) as f64)
+}

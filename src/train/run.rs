@@ -1,0 +1,281 @@
+//! A training run from data on disk to a run directory: data preparation, the loop,
+//! validation, metrics, checkpoints and the loss chart.
+
+use super::{StepStats, TrainConfig, TrainState, Trainer};
+use crate::backend::cpu::CpuBackend;
+use crate::checkpoint::{RunConfig, RunDir};
+use crate::config::ModelConfig;
+use crate::data::{self, Format, TokenSet};
+use crate::palette::{FitOptions, Palette};
+use anyhow::{Context, Result, ensure};
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Which images to train on and how to shape them.
+#[derive(Debug, Clone)]
+pub struct DataSpec {
+    /// A path, or `fashion-mnist` for the shipped split.
+    pub data: String,
+    pub format: Format,
+    /// Image side for the model (default: the data's own, which must then be square).
+    pub side: Option<usize>,
+    /// Channels for the model (default: the palette's, else the data's).
+    pub channels: Option<usize>,
+    /// A separate validation set; otherwise `val_fraction` of the data is held out.
+    pub val_data: Option<String>,
+    pub val_fraction: f64,
+    /// Use at most this many images (before splitting).
+    pub limit: Option<usize>,
+    pub seed: u64,
+}
+
+/// Where the palette comes from.
+#[derive(Debug, Clone)]
+pub enum PaletteSpec {
+    File(PathBuf),
+    Fit(FitOptions),
+}
+
+/// Quantised data and its palette.
+pub struct Prepared {
+    pub palette: Palette,
+    pub train: TokenSet,
+    pub val: TokenSet,
+    pub side: usize,
+    pub channels: usize,
+}
+
+/// Receives what a run does, for a progress bar or a log.
+pub trait Progress {
+    fn message(&mut self, _msg: &str) {}
+    fn start(&mut self, _total_steps: u64, _done: u64) {}
+    fn step(&mut self, _s: &StepStats, _tokens_per_s: f64) {}
+    fn validated(&mut self, _step: u64, _nats: f64) {}
+    fn finish(&mut self) {}
+}
+
+/// A [`Progress`] that ignores everything.
+pub struct Quiet;
+impl Progress for Quiet {}
+
+/// Loads, shapes, splits and quantises the data; fits the palette if asked; writes the token
+/// sets into `run/data/` and maps them back.
+pub fn prepare(run: &RunDir, spec: &DataSpec, palette: &PaletteSpec, progress: &mut dyn Progress) -> Result<Prepared> {
+    let given = match palette {
+        PaletteSpec::File(p) => Some(Palette::load(p)?),
+        PaletteSpec::Fit(_) => None,
+    };
+    let mut set = data::load(&spec.data, spec.format)?;
+    if let Some(limit) = spec.limit {
+        let n = limit.min(set.len());
+        set = set.select(&(0..n).collect::<Vec<_>>());
+    }
+    let channels = spec.channels.or(given.as_ref().map(|p| p.channels)).unwrap_or(set.channels);
+    if let Some(p) = &given {
+        ensure!(
+            p.channels == channels,
+            "the palette has {} channel(s) but --channels asks for {channels}",
+            p.channels
+        );
+    }
+    let side = match spec.side {
+        Some(s) => s,
+        None => {
+            ensure!(
+                set.height == set.width,
+                "the images are {}x{}, not square: pass --side to choose the model's image size",
+                set.height,
+                set.width
+            );
+            set.height
+        }
+    };
+    progress.message(&format!("data: {} images of {}x{}x{} from {}", set.len(), set.height, set.width, set.channels, spec.data));
+    let set = set.with_channels(channels)?.resized(side);
+    let (train, val) = match &spec.val_data {
+        Some(v) => (set, data::load(v, spec.format)?.with_channels(channels)?.resized(side)),
+        None => set.split(spec.val_fraction, spec.seed),
+    };
+    ensure!(!train.is_empty(), "no training images left after the validation split");
+    ensure!(!val.is_empty(), "no validation images: raise --val-fraction or pass --val-data");
+    let palette = match (given, palette) {
+        (Some(p), _) => p,
+        (None, PaletteSpec::Fit(opts)) => {
+            progress.message(&format!("palette: fitting {} colours by k-means on the training split", opts.k));
+            Palette::fit(&train.pixels, channels, opts)?
+        }
+        (None, PaletteSpec::File(_)) => unreachable!("loaded above"),
+    };
+    let train_path = run.file("data/train.tokens");
+    let val_path = run.file("data/val.tokens");
+    TokenSet::quantise(&train, &palette, &spec.data)?.save(&train_path)?;
+    TokenSet::quantise(&val, &palette, spec.val_data.as_deref().unwrap_or(&spec.data))?.save(&val_path)?;
+    progress.message(&format!(
+        "tokens: {} training and {} validation images of {} tokens, cached in {}",
+        train.len(),
+        val.len(),
+        side * side,
+        run.file("data").display()
+    ));
+    Ok(Prepared { palette, train: TokenSet::open(&train_path)?, val: TokenSet::open(&val_path)?, side, channels })
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: u64,
+    pub final_train_loss: f64,
+    pub val_loss: Option<f64>,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    /// Training losses of the steps run in this invocation.
+    pub losses: Vec<f64>,
+}
+
+/// Starts a new run in `run` with freshly initialised parameters.
+pub fn start(
+    run: &RunDir,
+    model: &ModelConfig,
+    train_cfg: &TrainConfig,
+    prepared: &Prepared,
+    data_desc: &str,
+    stop_after: Option<u64>,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    ensure!(
+        model.n_vocab == prepared.palette.len() && model.channels == prepared.palette.channels,
+        "the model expects a palette of {} colours x {} channel(s) but the palette has {} x {}",
+        model.n_vocab,
+        model.channels,
+        prepared.palette.len(),
+        prepared.palette.channels
+    );
+    ensure!(model.side == prepared.side, "the model's side {} differs from the data's {}", model.side, prepared.side);
+    let cfg = RunConfig {
+        model: model.clone(),
+        train: train_cfg.clone(),
+        data: data_desc.to_string(),
+        igpt_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    run.save_config(&cfg)?;
+    run.save_palette(&prepared.palette)?;
+    let _ = std::fs::remove_file(run.file("metrics.jsonl"));
+    let params = crate::model::init_params(model, train_cfg.seed);
+    let mut trainer = Trainer::new(model, train_cfg.clone(), &params, CpuBackend::new())?;
+    train_loop(run, &mut trainer, &prepared.train, &prepared.val, stop_after, progress)
+}
+
+/// Continues the run in `run` exactly where its last checkpoint left it. `steps` may raise the
+/// run's total; any other change of settings is refused.
+pub fn resume(run: &RunDir, steps: Option<u64>, stop_after: Option<u64>, progress: &mut dyn Progress) -> Result<Summary> {
+    let mut cfg = run.load_config()?;
+    if let Some(s) = steps {
+        cfg.train.steps = s;
+        run.save_config(&cfg)?;
+    }
+    let palette = run.load_palette()?;
+    ensure!(palette.len() == cfg.model.n_vocab, "palette.json has {} colours but the model was built for {}", palette.len(), cfg.model.n_vocab);
+    let (state, params, m, v) = run.load_trainer(crate::model::ParamLayout::new(&cfg.model).total)?;
+    let train = TokenSet::open(&run.file("data/train.tokens"))?;
+    let val = TokenSet::open(&run.file("data/val.tokens"))?;
+    let mut trainer = Trainer::new(&cfg.model, cfg.train.clone(), &params, CpuBackend::new())?;
+    trainer.restore(state, &m, &v);
+    truncate_metrics(run, trainer.state.step)?;
+    progress.message(&format!("resuming {} at step {} of {}", run.path.display(), trainer.state.step, cfg.train.steps));
+    train_loop(run, &mut trainer, &train, &val, stop_after, progress)
+}
+
+/// Drops metric lines logged after `step` (a run killed after its last checkpoint).
+fn truncate_metrics(run: &RunDir, step: u64) -> Result<()> {
+    let p = run.file("metrics.jsonl");
+    let Ok(text) = std::fs::read_to_string(&p) else { return Ok(()) };
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::fsutil::write_atomic(&p, kept.as_bytes())
+}
+
+fn checkpoint(run: &RunDir, trainer: &Trainer<CpuBackend>) -> Result<()> {
+    let (params, m, v) = trainer.snapshot();
+    run.save_trainer(&trainer.state, &params, &m, &v)?;
+    run.save_model(&trainer.engine.cfg, &params)?;
+    if let Err(e) = crate::plot::loss_curve_from_metrics(&run.file("metrics.jsonl"), &run.file("loss.png")) {
+        eprintln!("warning: could not draw the loss curve: {e:#}");
+    }
+    Ok(())
+}
+
+fn train_loop(
+    run: &RunDir,
+    trainer: &mut Trainer<CpuBackend>,
+    train: &TokenSet,
+    val: &TokenSet,
+    stop_after: Option<u64>,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    let total = trainer.cfg.steps;
+    let first = trainer.state.step;
+    let last = stop_after.map_or(total, |s| (first + s).min(total));
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.file("metrics.jsonl"))
+        .with_context(|| format!("cannot write metrics to {}", run.path.display()))?;
+    progress.start(total, first);
+    let t0 = Instant::now();
+    let mut losses = Vec::new();
+    let mut val_loss = None;
+    let mut tokens = 0u64;
+    while trainer.state.step < last {
+        let ts = Instant::now();
+        let s = trainer.step(train)?;
+        let tps = s.tokens as f64 / ts.elapsed().as_secs_f64();
+        tokens += s.tokens;
+        ensure!(s.loss.is_finite(), "training diverged at step {} (loss {}): lower --lr or raise --warmup", s.step, s.loss);
+        losses.push(s.loss);
+        progress.step(&s, tps);
+        writeln!(
+            log,
+            "{}",
+            json!({"step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "tokens_per_s": tps, "elapsed_s": t0.elapsed().as_secs_f64()})
+        )
+        .context("cannot append to metrics.jsonl (is the disk full?)")?;
+        let at_end = s.step == total;
+        let cfg = trainer.cfg.clone();
+        if at_end || (cfg.eval_every > 0 && s.step % cfg.eval_every == 0) {
+            // The final evaluation always covers the whole validation set.
+            let v = trainer.evaluate(val, if at_end { 0 } else { cfg.eval_images })?;
+            val_loss = Some(v);
+            progress.validated(s.step, v);
+            writeln!(log, "{}", json!({"step": s.step, "val_loss": v}))?;
+        }
+        log.flush()?;
+        if at_end || s.step == last || (cfg.checkpoint_every > 0 && s.step % cfg.checkpoint_every == 0) {
+            checkpoint(run, trainer)?;
+        }
+    }
+    if trainer.state.step == first {
+        // Nothing to do (the run was already complete): still leave a chart.
+        let _ = crate::plot::loss_curve_from_metrics(&run.file("metrics.jsonl"), &run.file("loss.png"));
+    }
+    progress.finish();
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(Summary {
+        steps: trainer.state.step,
+        final_train_loss: losses.last().copied().unwrap_or(f64::NAN),
+        val_loss,
+        seconds: secs,
+        tokens_per_s: tokens as f64 / secs.max(1e-9),
+        losses,
+    })
+}
+
+impl TrainState {
+    pub fn describe(&self) -> String {
+        format!("step {}, epoch {}, {} tokens seen", self.step, self.epoch, self.tokens_seen)
+    }
+}

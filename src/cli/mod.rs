@@ -60,9 +60,10 @@ struct DemoArgs {
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Model size preset: tiny (8 layers, d=256), s, m or l. Overridden by the flags below.
-    #[arg(long, default_value = "tiny")]
-    preset: String,
+    /// Model size preset: tiny (8 layers, d=256, 8 heads; the default), s, m or l.
+    /// Overridden by the flags below.
+    #[arg(long)]
+    preset: Option<String>,
     /// Transformer blocks.
     #[arg(long)]
     layers: Option<usize>,
@@ -76,7 +77,7 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn build(&self, n_vocab: usize, side: usize, channels: usize) -> Result<ModelConfig> {
-        let mut cfg = ModelConfig::preset(&self.preset, n_vocab, side, channels)?;
+        let mut cfg = ModelConfig::preset(self.preset.as_deref().unwrap_or("tiny"), n_vocab, side, channels)?;
         cfg.n_layer = self.layers.unwrap_or(cfg.n_layer);
         cfg.n_embd = self.embd.unwrap_or(cfg.n_embd);
         cfg.n_head = self.heads.unwrap_or(cfg.n_head);
@@ -292,7 +293,22 @@ fn train(a: TrainArgs) -> Result<()> {
     let mut bar = progress::Bar::new();
     if let Some(dir) = &a.resume {
         let run_dir = RunDir::open(dir)?;
-        let s = run::resume(&run_dir, a.steps, a.stop_after, &mut bar)?;
+        // Model flags given with --resume must agree with the run; say so rather than ignore them.
+        let saved = run_dir.load_config()?.model;
+        let mut want = saved.clone();
+        if let Some(p) = &a.model.preset {
+            let pc = ModelConfig::preset(p, saved.n_vocab, saved.side, saved.channels)?;
+            (want.n_layer, want.n_embd, want.n_head) = (pc.n_layer, pc.n_embd, pc.n_head);
+        }
+        want.n_layer = a.model.layers.unwrap_or(want.n_layer);
+        want.n_embd = a.model.embd.unwrap_or(want.n_embd);
+        want.n_head = a.model.heads.unwrap_or(want.n_head);
+        want.side = a.side.unwrap_or(want.side);
+        want.channels = a.channels.unwrap_or(want.channels);
+        if let Some(p) = &a.palette {
+            want.n_vocab = Palette::load(p)?.len();
+        }
+        let s = run::resume(&run_dir, a.steps, a.stop_after, Some(&want), &mut bar)?;
         return report(&run_dir, &s);
     }
     let micro = a.micro_batch.unwrap_or(a.batch);

@@ -18,8 +18,8 @@ impl Bar {
 impl Progress for Bar {
     fn message(&mut self, msg: &str) {
         match &self.bar {
-            Some(b) => b.println(msg),
-            None => println!("{msg}"),
+            Some(b) if !b.is_hidden() => b.println(msg),
+            _ => println!("{msg}"),
         }
     }
 
@@ -36,6 +36,11 @@ impl Progress for Bar {
 
     fn step(&mut self, s: &StepStats, tokens_per_s: f64) {
         if let Some(b) = &self.bar {
+            // Without a terminal the bar is hidden: log a line every tenth of the run instead.
+            let every = (b.length().unwrap_or(10) / 10).max(1);
+            if b.is_hidden() && s.step % every == 0 {
+                println!("step {}/{}: loss {:.4}, {:.0} tokens/s", s.step, b.length().unwrap_or(0), s.loss, tokens_per_s);
+            }
             let val = self.last_val.map(|v| format!(" val {v:.4}")).unwrap_or_default();
             b.set_message(format!("loss {:.4}{val} | {:.0} tok/s", s.loss, tokens_per_s));
             b.set_position(s.step);
@@ -44,9 +49,7 @@ impl Progress for Bar {
 
     fn validated(&mut self, step: u64, nats: f64) {
         self.last_val = Some(nats);
-        if let Some(b) = &self.bar {
-            b.println(format!("step {step}: validation loss {nats:.4} nats/token"));
-        }
+        self.message(&format!("step {step}: validation loss {nats:.4} nats/token"));
     }
 
     fn finish(&mut self) {

@@ -48,7 +48,7 @@ pub struct Prepared {
 }
 
 /// Receives what a run does, for a progress bar or a log.
-pub trait Progress {
+pub trait Progress: Send {
     fn message(&mut self, _msg: &str) {}
     fn start(&mut self, _total_steps: u64, _done: u64) {}
     fn step(&mut self, _s: &StepStats, _tokens_per_s: f64) {}
@@ -168,10 +168,34 @@ pub fn start(
 }
 
 /// Continues the run in `run` exactly where its last checkpoint left it. `steps` may raise the
-/// run's total; any other change of settings is refused.
-pub fn resume(run: &RunDir, steps: Option<u64>, stop_after: Option<u64>, progress: &mut dyn Progress) -> Result<Summary> {
+/// run's total; `expected`, when given, must equal the saved model (a resume never changes it).
+pub fn resume(
+    run: &RunDir,
+    steps: Option<u64>,
+    stop_after: Option<u64>,
+    expected: Option<&ModelConfig>,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
     let mut cfg = run.load_config()?;
+    if let Some(want) = expected {
+        let saved = serde_json::to_value(&cfg.model)?;
+        let asked = serde_json::to_value(want)?;
+        let diffs: Vec<String> = saved
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| asked.get(k.as_str()) != Some(v))
+            .map(|(k, v)| format!("{k} = {v} (asked {})", asked[k.as_str()]))
+            .collect();
+        ensure!(
+            diffs.is_empty(),
+            "cannot resume {} with a different model: the run has {}; drop those flags or start a new run",
+            run.path.display(),
+            diffs.join(", ")
+        );
+    }
     if let Some(s) = steps {
+        ensure!(s >= 1, "--steps must be at least 1");
         cfg.train.steps = s;
         run.save_config(&cfg)?;
     }
@@ -209,7 +233,20 @@ fn checkpoint(run: &RunDir, trainer: &Trainer<CpuBackend>) -> Result<()> {
     Ok(())
 }
 
+/// Runs the loop on the thread pool: from a pool thread, each parallel kernel goes to the local
+/// work queue instead of the global one, whose blocks would be allocated as it grows.
 fn train_loop(
+    run: &RunDir,
+    trainer: &mut Trainer<CpuBackend>,
+    train: &TokenSet,
+    val: &TokenSet,
+    stop_after: Option<u64>,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    rayon::scope(|_| train_loop_on_pool(run, trainer, train, val, stop_after, progress))
+}
+
+fn train_loop_on_pool(
     run: &RunDir,
     trainer: &mut Trainer<CpuBackend>,
     train: &TokenSet,

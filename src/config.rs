@@ -76,3 +76,27 @@ impl ModelConfig {
         crate::model::ParamLayout::new(self).total
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_sizes_have_the_published_parameter_counts() {
+        // REFERENCE.md §3: 76.57 M, 455.16 M and 1362.25 M for 32x32 images and 512 colours.
+        for (name, millions) in [("s", 76.57), ("m", 455.16), ("l", 1362.25)] {
+            let cfg = ModelConfig::preset(name, 512, 32, 3).unwrap();
+            let m = cfg.n_params() as f64 / 1e6;
+            assert!((m - millions).abs() < 0.005, "{name}: {m} M");
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_explained() {
+        let mut cfg = ModelConfig::preset("tiny", 16, 8, 1).unwrap();
+        cfg.n_head = 3;
+        assert!(cfg.validate().unwrap_err().to_string().contains("multiple of n_head"));
+        assert!(ModelConfig::preset("xxl", 16, 8, 1).unwrap_err().to_string().contains("unknown model preset"));
+        assert!(ModelConfig::preset("tiny", 16, 8, 2).is_err());
+    }
+}

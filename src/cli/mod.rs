@@ -335,6 +335,16 @@ fn train(a: TrainArgs) -> Result<()> {
         a.out.display(),
         a.out.display()
     );
+    // A new run that fails before its first checkpoint leaves nothing behind.
+    let existed = a.out.exists();
+    let result = new_run(&a, &cfg, &mut bar);
+    if result.is_err() && !existed && !a.out.join("trainer.safetensors").exists() {
+        let _ = std::fs::remove_dir_all(&a.out);
+    }
+    result
+}
+
+fn new_run(a: &TrainArgs, cfg: &TrainConfig, bar: &mut progress::Bar) -> Result<()> {
     let run_dir = RunDir::create(&a.out)?;
     let spec = DataSpec {
         data: a.data.clone(),
@@ -350,7 +360,7 @@ fn train(a: TrainArgs) -> Result<()> {
         Some(p) => PaletteSpec::File(p.clone()),
         None => PaletteSpec::Fit(FitOptions { k: a.palette_size, seed: a.seed, ..FitOptions::default() }),
     };
-    let prepared = run::prepare(&run_dir, &spec, &pal, &mut bar)?;
+    let prepared = run::prepare(&run_dir, &spec, &pal, bar)?;
     let model = a.model.build(prepared.palette.len(), prepared.side, prepared.channels)?;
     bar.message(&format!(
         "model: {} layers, d={}, {} heads, context {}, {} colours: {:.2} M parameters",
@@ -361,7 +371,7 @@ fn train(a: TrainArgs) -> Result<()> {
         model.n_vocab,
         model.n_params() as f64 / 1e6
     ));
-    let s = run::start(&run_dir, &model, &cfg, &prepared, &a.data, a.stop_after, &mut bar)?;
+    let s = run::start(&run_dir, &model, cfg, &prepared, &a.data, a.stop_after, bar)?;
     report(&run_dir, &s)
 }
 
@@ -378,10 +388,19 @@ fn eval(a: EvalArgs) -> Result<()> {
     let run_dir = RunDir::open(&a.model)?;
     let cfg = run_dir.load_config()?;
     let params = run_dir.load_model(&cfg.model)?;
+    let palette = run_dir.load_palette()?;
+    ensure!(
+        palette.len() == cfg.model.n_vocab && palette.channels == cfg.model.channels,
+        "{}: the palette has {} colours x {} channel(s) but the model expects {} x {}",
+        a.model.display(),
+        palette.len(),
+        palette.channels,
+        cfg.model.n_vocab,
+        cfg.model.channels
+    );
     let tokens = if a.data.ends_with(".tokens") {
         TokenSet::open(std::path::Path::new(&a.data))?
     } else {
-        let palette = run_dir.load_palette()?;
         let mut set = data::load(&a.data, a.format)?;
         if let Some(l) = a.limit {
             set = set.select(&(0..l.min(set.len())).collect::<Vec<_>>());

@@ -47,6 +47,12 @@ pub fn palette_fingerprint(p: &Palette) -> String {
     format!("{}x{}:{h:016x}", p.len(), p.channels)
 }
 
+impl std::fmt::Debug for TokenSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSet").field("header", &self.header).finish_non_exhaustive()
+    }
+}
+
 impl TokenSet {
     /// Quantises `images` (already at the model's side and channel count) with `palette`.
     pub fn quantise(images: &ImageSet, palette: &Palette, source: &str) -> Result<Self> {

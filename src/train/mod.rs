@@ -258,3 +258,22 @@ pub fn evaluate<B: Backend>(engine: &mut Engine<B>, data: &TokenSet, max_images:
     }
     Ok(sum / (n * t) as f64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::TrainConfig;
+
+    #[test]
+    fn schedule_warms_up_linearly_then_decays_to_zero() {
+        let c = TrainConfig { steps: 110, warmup: 10, lr: 1.0, ..TrainConfig::default() };
+        assert!((c.lr_at(1) - 0.1).abs() < 1e-6);
+        assert!((c.lr_at(10) - 1.0).abs() < 1e-6);
+        assert!((c.lr_at(60) - 0.5).abs() < 1e-6);
+        assert!(c.lr_at(110).abs() < 1e-6);
+        let mut prev = f32::INFINITY;
+        for s in 10..=110 {
+            assert!(c.lr_at(s) <= prev);
+            prev = c.lr_at(s);
+        }
+    }
+}

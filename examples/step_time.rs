@@ -9,7 +9,9 @@ fn main() {
     let mut e = Engine::new(&cfg, batch, true, CpuBackend::new()).unwrap();
     let mut p = init_params(&cfg, 0);
     // non-zero head so gradients flow everywhere
-    for x in p[e.layout.wtet..e.layout.wtet + 512 * 256].iter_mut() { *x = 0.01; }
+    for x in p[e.layout.wtet..e.layout.wtet + 512 * 256].iter_mut() {
+        *x = 0.01;
+    }
     e.set_params(&p).unwrap();
     let tokens: Vec<u16> = (0..batch * 1024).map(|i| (i * 7 % 512) as u16).collect();
     for it in 0..4 {
@@ -19,6 +21,12 @@ fn main() {
         let t1 = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         e.forward(&tokens).unwrap();
-        println!("step {it}: fwd+bwd {:.3}s, fwd {:.3}s loss {:.4} arena {:.0} MB", t1, t0.elapsed().as_secs_f64(), l / 8192.0, e.backend().bytes() as f64 / 1e6);
+        println!(
+            "step {it}: fwd+bwd {:.3}s, fwd {:.3}s loss {:.4} arena {:.0} MB",
+            t1,
+            t0.elapsed().as_secs_f64(),
+            l / 8192.0,
+            e.backend().bytes() as f64 / 1e6
+        );
     }
 }

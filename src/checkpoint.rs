@@ -32,6 +32,9 @@ pub struct RunConfig {
     pub igpt_version: String,
 }
 
+/// A training checkpoint: state, parameters and both Adam moments.
+pub type TrainerCheckpoint = (TrainState, Vec<f32>, Vec<f32>, Vec<f32>);
+
 pub struct RunDir {
     pub path: PathBuf,
 }
@@ -41,11 +44,17 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 fn bytes_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 /// Serialises named f32 tensors with metadata.
-fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)], meta: HashMap<String, String>) -> Result<()> {
+fn write_tensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    meta: HashMap<String, String>,
+) -> Result<()> {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
@@ -57,11 +66,15 @@ fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)], meta: H
 impl RunDir {
     /// Creates the directory (and `data/`), checking that it is writable.
     pub fn create(path: &Path) -> Result<Self> {
-        std::fs::create_dir_all(path.join("data")).with_context(|| format!("cannot create run directory {}", path.display()))?;
+        std::fs::create_dir_all(path.join("data"))
+            .with_context(|| format!("cannot create run directory {}", path.display()))?;
         let probe = path.join(".write-test");
-        std::fs::write(&probe, b"ok").with_context(|| format!("run directory {} is not writable", path.display()))?;
+        std::fs::write(&probe, b"ok")
+            .with_context(|| format!("run directory {} is not writable", path.display()))?;
         let _ = std::fs::remove_file(probe);
-        Ok(Self { path: path.to_path_buf() })
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn open(path: &Path) -> Result<Self> {
@@ -70,7 +83,9 @@ impl RunDir {
             "{} is not an igpt run directory (no config.json)",
             path.display()
         );
-        Ok(Self { path: path.to_path_buf() })
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -83,8 +98,10 @@ impl RunDir {
 
     pub fn load_config(&self) -> Result<RunConfig> {
         let p = self.file("config.json");
-        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} is not a valid igpt config", p.display()))
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid igpt config", p.display()))
     }
 
     pub fn save_palette(&self, p: &Palette) -> Result<()> {
@@ -93,16 +110,32 @@ impl RunDir {
 
     pub fn load_palette(&self) -> Result<Palette> {
         let p = self.file("palette.json");
-        ensure!(p.exists(), "{} has no palette.json: the model cannot turn pixels into tokens without it", self.path.display());
+        ensure!(
+            p.exists(),
+            "{} has no palette.json: the model cannot turn pixels into tokens without it",
+            self.path.display()
+        );
         Palette::load(&p)
     }
 
     /// Writes `model.safetensors`: one tensor per parameter, named as in [`ParamLayout`].
     pub fn save_model(&self, cfg: &ModelConfig, params: &[f32]) -> Result<()> {
         let layout = ParamLayout::new(cfg);
-        let tensors: Vec<_> =
-            layout.tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), f32_bytes(&params[t.range()]))).collect();
-        let meta = HashMap::from([("config".to_string(), serde_json::to_string(cfg)?), ("format".into(), "igpt".into())]);
+        let tensors: Vec<_> = layout
+            .tensors
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.shape.clone(),
+                    f32_bytes(&params[t.range()]),
+                )
+            })
+            .collect();
+        let meta = HashMap::from([
+            ("config".to_string(), serde_json::to_string(cfg)?),
+            ("format".into(), "igpt".into()),
+        ]);
         write_tensors(&self.file("model.safetensors"), &tensors, meta)
     }
 
@@ -112,7 +145,13 @@ impl RunDir {
     }
 
     /// Writes the full training state.
-    pub fn save_trainer(&self, state: &TrainState, params: &[f32], m: &[f32], v: &[f32]) -> Result<()> {
+    pub fn save_trainer(
+        &self,
+        state: &TrainState,
+        params: &[f32],
+        m: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
         let n = params.len();
         let tensors = vec![
             ("params".to_string(), vec![n], f32_bytes(params)),
@@ -124,16 +163,30 @@ impl RunDir {
     }
 
     /// Reads the training state: (state, params, adam_m, adam_v).
-    pub fn load_trainer(&self, n_params: usize) -> Result<(TrainState, Vec<f32>, Vec<f32>, Vec<f32>)> {
+    pub fn load_trainer(&self, n_params: usize) -> Result<TrainerCheckpoint> {
         let p = self.file("trainer.safetensors");
-        let bytes = std::fs::read(&p).with_context(|| format!("cannot read {} (no checkpoint to resume from)", p.display()))?;
-        let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{} is corrupt", p.display()))?;
+        let bytes = std::fs::read(&p).with_context(|| {
+            format!("cannot read {} (no checkpoint to resume from)", p.display())
+        })?;
+        let st = SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{} is corrupt", p.display()))?;
         let (_, meta) = SafeTensors::read_metadata(&bytes)?;
-        let state_json = meta.metadata().as_ref().and_then(|m| m.get("state")).with_context(|| format!("{} lacks its training state", p.display()))?;
+        let state_json = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("state"))
+            .with_context(|| format!("{} lacks its training state", p.display()))?;
         let state: TrainState = serde_json::from_str(state_json)?;
         let get = |name: &str| -> Result<Vec<f32>> {
-            let t = st.tensor(name).with_context(|| format!("{} lacks tensor {name}", p.display()))?;
-            ensure!(t.dtype() == Dtype::F32 && t.shape() == [n_params], "{}: tensor {name} has shape {:?}, the model needs [{n_params}]", p.display(), t.shape());
+            let t = st
+                .tensor(name)
+                .with_context(|| format!("{} lacks tensor {name}", p.display()))?;
+            ensure!(
+                t.dtype() == Dtype::F32 && t.shape() == [n_params],
+                "{}: tensor {name} has shape {:?}, the model needs [{n_params}]",
+                p.display(),
+                t.shape()
+            );
             Ok(bytes_f32(t.data()))
         };
         Ok((state, get("params")?, get("adam_m")?, get("adam_v")?))
@@ -143,13 +196,21 @@ impl RunDir {
 /// Reads an igpt `model.safetensors`, checking names, dtypes and shapes against `cfg`.
 pub fn load_model_file(path: &Path, cfg: &ModelConfig) -> Result<Vec<f32>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     let layout = ParamLayout::new(cfg);
     let mut params = vec![0.0f32; layout.total];
     for t in &layout.tensors {
-        let v = st.tensor(&t.name).with_context(|| format!("{}: missing tensor {}", path.display(), t.name))?;
+        let v = st
+            .tensor(&t.name)
+            .with_context(|| format!("{}: missing tensor {}", path.display(), t.name))?;
         if v.dtype() != Dtype::F32 {
-            bail!("{}: tensor {} is {:?}, expected F32", path.display(), t.name, v.dtype());
+            bail!(
+                "{}: tensor {} is {:?}, expected F32",
+                path.display(),
+                t.name,
+                v.dtype()
+            );
         }
         ensure!(
             v.shape() == t.shape.as_slice(),

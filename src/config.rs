@@ -26,7 +26,12 @@ pub const PRESETS: &[(&str, usize, usize, usize)] = &[
 
 impl ModelConfig {
     /// A preset by name (`tiny`, `s`, `m`, `l`) for the given palette and image side.
-    pub fn preset(name: &str, n_vocab: usize, side: usize, channels: usize) -> anyhow::Result<Self> {
+    pub fn preset(
+        name: &str,
+        n_vocab: usize,
+        side: usize,
+        channels: usize,
+    ) -> anyhow::Result<Self> {
         let (_, n_layer, n_embd, n_head) = PRESETS
             .iter()
             .find(|p| p.0 == name)
@@ -34,7 +39,14 @@ impl ModelConfig {
                 let names: Vec<_> = PRESETS.iter().map(|p| p.0).collect();
                 anyhow::anyhow!("unknown model preset '{name}': choose one of {names:?} or give --layers/--embd/--heads")
             })?;
-        let cfg = Self { n_layer: *n_layer, n_embd: *n_embd, n_head: *n_head, n_vocab, side, channels };
+        let cfg = Self {
+            n_layer: *n_layer,
+            n_embd: *n_embd,
+            n_head: *n_head,
+            n_vocab,
+            side,
+            channels,
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -49,10 +61,16 @@ impl ModelConfig {
 
     /// Checks that the shape is one the engine can run, with a message that says how to fix it.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.n_layer >= 1, "the model needs at least one layer (got n_layer = 0)");
-        anyhow::ensure!(self.n_head >= 1 && self.n_embd >= 1, "n_embd and n_head must be positive");
         anyhow::ensure!(
-            self.n_embd % self.n_head == 0,
+            self.n_layer >= 1,
+            "the model needs at least one layer (got n_layer = 0)"
+        );
+        anyhow::ensure!(
+            self.n_head >= 1 && self.n_embd >= 1,
+            "n_embd and n_head must be positive"
+        );
+        anyhow::ensure!(
+            self.n_embd.is_multiple_of(self.n_head),
             "n_embd ({}) must be a multiple of n_head ({})",
             self.n_embd,
             self.n_head
@@ -95,8 +113,18 @@ mod tests {
     fn bad_shapes_are_explained() {
         let mut cfg = ModelConfig::preset("tiny", 16, 8, 1).unwrap();
         cfg.n_head = 3;
-        assert!(cfg.validate().unwrap_err().to_string().contains("multiple of n_head"));
-        assert!(ModelConfig::preset("xxl", 16, 8, 1).unwrap_err().to_string().contains("unknown model preset"));
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("multiple of n_head")
+        );
+        assert!(
+            ModelConfig::preset("xxl", 16, 8, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown model preset")
+        );
         assert!(ModelConfig::preset("tiny", 16, 8, 2).is_err());
     }
 }

@@ -6,12 +6,12 @@
 //! directories), [`eval`] (held-out likelihood), [`plot`] (charts).
 
 pub mod backend;
+pub mod checkpoint;
 pub mod config;
-pub mod model;
 pub mod data;
 pub mod fsutil;
+pub mod model;
 pub mod npy;
 pub mod palette;
-pub mod checkpoint;
 pub mod plot;
 pub mod train;

@@ -89,41 +89,75 @@ impl Array {
 
 /// Parses a `.npy` file held in memory.
 pub fn parse(bytes: &[u8]) -> Result<Array> {
-    ensure!(bytes.len() >= 10 && &bytes[..6] == b"\x93NUMPY", "not a NumPy .npy file (bad magic)");
+    ensure!(
+        bytes.len() >= 10 && &bytes[..6] == b"\x93NUMPY",
+        "not a NumPy .npy file (bad magic)"
+    );
     let major = bytes[6];
     let (header_len, start) = match major {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
         2 | 3 => {
             ensure!(bytes.len() >= 12, "truncated .npy header");
-            (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12)
+            (
+                u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
+                12,
+            )
         }
         v => bail!("unsupported .npy format version {v}"),
     };
     ensure!(bytes.len() >= start + header_len, "truncated .npy header");
-    let header = std::str::from_utf8(&bytes[start..start + header_len]).context(".npy header is not text")?;
+    let header = std::str::from_utf8(&bytes[start..start + header_len])
+        .context(".npy header is not text")?;
     let field = |key: &str| -> Result<&str> {
-        let at = header.find(&format!("'{key}'")).with_context(|| format!(".npy header lacks '{key}'"))?;
-        Ok(header[at + key.len() + 2..].trim_start().trim_start_matches(':').trim_start())
+        let at = header
+            .find(&format!("'{key}'"))
+            .with_context(|| format!(".npy header lacks '{key}'"))?;
+        Ok(header[at + key.len() + 2..]
+            .trim_start()
+            .trim_start_matches(':')
+            .trim_start())
     };
     let descr_s = field("descr")?;
-    let descr = descr_s.trim_start_matches('\'').split('\'').next().unwrap_or("");
+    let descr = descr_s
+        .trim_start_matches('\'')
+        .split('\'')
+        .next()
+        .unwrap_or("");
     let dtype = DType::from_descr(descr).with_context(|| {
         format!("unsupported .npy dtype '{descr}': igpt reads uint8, uint16, int32, int64, float32 and float64 (little-endian)")
     })?;
-    ensure!(field("fortran_order")?.starts_with("False"), "Fortran-ordered .npy arrays are not supported; save with C order");
+    ensure!(
+        field("fortran_order")?.starts_with("False"),
+        "Fortran-ordered .npy arrays are not supported; save with C order"
+    );
     let shape_s = field("shape")?;
-    let inner = shape_s.trim_start_matches('(').split(')').next().unwrap_or("");
+    let inner = shape_s
+        .trim_start_matches('(')
+        .split(')')
+        .next()
+        .unwrap_or("");
     let shape: Vec<usize> = inner
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().with_context(|| format!("bad .npy shape entry '{s}'")))
+        .map(|s| {
+            s.parse::<usize>()
+                .with_context(|| format!("bad .npy shape entry '{s}'"))
+        })
         .collect::<Result<_>>()?;
     let n: usize = shape.iter().product();
     let data = &bytes[start + header_len..];
     let need = n * dtype.size();
-    ensure!(data.len() >= need, "truncated .npy data: shape {shape:?} needs {need} bytes, file holds {}", data.len());
-    Ok(Array { shape, dtype, data: data[..need].to_vec() })
+    ensure!(
+        data.len() >= need,
+        "truncated .npy data: shape {shape:?} needs {need} bytes, file holds {}",
+        data.len()
+    );
+    Ok(Array {
+        shape,
+        dtype,
+        data: data[..need].to_vec(),
+    })
 }
 
 pub fn read(path: &Path) -> Result<Array> {
@@ -136,9 +170,19 @@ pub fn encode(shape: &[usize], dtype: DType, data: &[u8]) -> Vec<u8> {
     assert_eq!(shape.iter().product::<usize>() * dtype.size(), data.len());
     let shape_s = match shape.len() {
         1 => format!("({},)", shape[0]),
-        _ => format!("({})", shape.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
-    let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {shape_s}, }}", dtype.descr());
+    let mut header = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': {shape_s}, }}",
+        dtype.descr()
+    );
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');

@@ -32,7 +32,12 @@ pub struct FitOptions {
 
 impl Default for FitOptions {
     fn default() -> Self {
-        Self { k: 512, iterations: 30, sample: 1_000_000, seed: 0 }
+        Self {
+            k: 512,
+            iterations: 30,
+            sample: 1_000_000,
+            seed: 0,
+        }
     }
 }
 
@@ -42,9 +47,18 @@ fn to_unit(v: u8) -> f32 {
 
 impl Palette {
     pub fn new(channels: usize, centers: Vec<f32>) -> Result<Self> {
-        ensure!(channels == 1 || channels == 3, "a palette has 1 or 3 channels (got {channels})");
-        ensure!(!centers.is_empty() && centers.len() % channels == 0, "palette data is not a whole number of colours");
-        ensure!(centers.len() / channels <= 65536, "palettes are limited to 65536 colours");
+        ensure!(
+            channels == 1 || channels == 3,
+            "a palette has 1 or 3 channels (got {channels})"
+        );
+        ensure!(
+            !centers.is_empty() && centers.len().is_multiple_of(channels),
+            "palette data is not a whole number of colours"
+        );
+        ensure!(
+            centers.len() / channels <= 65536,
+            "palettes are limited to 65536 colours"
+        );
         if let Some(bad) = centers.iter().find(|c| !c.is_finite()) {
             bail!("palette holds a non-finite value ({bad})");
         }
@@ -66,7 +80,9 @@ impl Palette {
     /// Evenly spaced gray levels (a simple 1-channel palette).
     pub fn uniform_gray(levels: usize) -> Result<Self> {
         ensure!(levels >= 2, "a palette needs at least two levels");
-        let centers = (0..levels).map(|i| -1.0 + 2.0 * i as f32 / (levels - 1) as f32).collect();
+        let centers = (0..levels)
+            .map(|i| -1.0 + 2.0 * i as f32 / (levels - 1) as f32)
+            .collect();
         Self::new(1, centers)
     }
 
@@ -74,7 +90,11 @@ impl Palette {
     pub fn encode_pixel(&self, px: &[u8]) -> u16 {
         let mut best = (f32::INFINITY, 0usize);
         for (i, c) in self.centers.chunks_exact(self.channels).enumerate() {
-            let d: f32 = c.iter().zip(px).map(|(&c, &p)| (to_unit(p) - c).powi(2)).sum();
+            let d: f32 = c
+                .iter()
+                .zip(px)
+                .map(|(&c, &p)| (to_unit(p) - c).powi(2))
+                .sum();
             if d < best.0 {
                 best = (d, i);
             }
@@ -90,14 +110,24 @@ impl Palette {
             let table: Vec<u16> = (0..=255u8).map(|v| self.encode_pixel(&[v])).collect();
             return pixels.par_iter().map(|&p| table[p as usize]).collect();
         }
-        pixels.par_chunks(self.channels * 1024).flat_map_iter(|c| c.chunks_exact(self.channels).map(|px| self.encode_pixel(px))).collect()
+        pixels
+            .par_chunks(self.channels * 1024)
+            .flat_map_iter(|c| {
+                c.chunks_exact(self.channels)
+                    .map(|px| self.encode_pixel(px))
+            })
+            .collect()
     }
 
     /// Pixels for tokens; ids outside the palette are an error.
     pub fn decode(&self, tokens: &[u16]) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(tokens.len() * self.channels);
         for &t in tokens {
-            ensure!((t as usize) < self.len(), "token id {t} is outside the palette of {} colours", self.len());
+            ensure!(
+                (t as usize) < self.len(),
+                "token id {t} is outside the palette of {} colours",
+                self.len()
+            );
             for &c in self.center(t as usize) {
                 out.push((127.5 * (c + 1.0)).round_ties_even().clamp(0.0, 255.0) as u8);
             }
@@ -109,15 +139,29 @@ impl Palette {
     /// space. Identical colours are merged with weights first, so the work scales with the
     /// number of distinct colours. Deterministic for a given seed.
     pub fn fit(pixels: &[u8], channels: usize, opts: &FitOptions) -> Result<Self> {
-        ensure!(channels == 1 || channels == 3, "a palette has 1 or 3 channels (got {channels})");
-        ensure!(pixels.len() % channels == 0 && !pixels.is_empty(), "no pixels to fit a palette on");
+        ensure!(
+            channels == 1 || channels == 3,
+            "a palette has 1 or 3 channels (got {channels})"
+        );
+        ensure!(
+            pixels.len().is_multiple_of(channels) && !pixels.is_empty(),
+            "no pixels to fit a palette on"
+        );
         let n_px = pixels.len() / channels;
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
         // Sample pixels, then count distinct colours (sorted, so the order is deterministic).
         let mut counts: HashMap<[u8; 3], u32> = HashMap::new();
-        let take = if opts.sample == 0 || opts.sample >= n_px { n_px } else { opts.sample };
+        let take = if opts.sample == 0 || opts.sample >= n_px {
+            n_px
+        } else {
+            opts.sample
+        };
         for s in 0..take {
-            let i = if take == n_px { s } else { rng.random_range(0..n_px) };
+            let i = if take == n_px {
+                s
+            } else {
+                rng.random_range(0..n_px)
+            };
             let mut key = [0u8; 3];
             key[..channels].copy_from_slice(&pixels[i * channels..(i + 1) * channels]);
             *counts.entry(key).or_default() += 1;
@@ -130,9 +174,19 @@ impl Palette {
             colours.len(),
             opts.k
         );
-        let points: Vec<f32> = colours.iter().flat_map(|(c, _)| c[..channels].iter().map(|&v| to_unit(v))).collect();
+        let points: Vec<f32> = colours
+            .iter()
+            .flat_map(|(c, _)| c[..channels].iter().map(|&v| to_unit(v)))
+            .collect();
         let weights: Vec<f64> = colours.iter().map(|&(_, w)| w as f64).collect();
-        let centers = kmeans(&points, &weights, channels, opts.k, opts.iterations, &mut rng);
+        let centers = kmeans(
+            &points,
+            &weights,
+            channels,
+            opts.k,
+            opts.iterations,
+            &mut rng,
+        );
         Self::new(channels, centers)
     }
 
@@ -155,17 +209,32 @@ impl Palette {
                     path.display(),
                     a.dtype
                 );
-                Self::new(a.shape[1], a.to_f64().into_iter().map(|v| v as f32).collect())
+                Self::new(
+                    a.shape[1],
+                    a.to_f64().into_iter().map(|v| v as f32).collect(),
+                )
             }
             "json" => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                let rows: Vec<Vec<f32>> = serde_json::from_str(&text)
-                    .with_context(|| format!("{}: expected a JSON list of colours like [[-1.0, 0.5, 0.2], ...]", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let rows: Vec<Vec<f32>> = serde_json::from_str(&text).with_context(|| {
+                    format!(
+                        "{}: expected a JSON list of colours like [[-1.0, 0.5, 0.2], ...]",
+                        path.display()
+                    )
+                })?;
                 let channels = rows.first().map_or(0, |r| r.len());
-                ensure!(rows.iter().all(|r| r.len() == channels), "{}: colours have different lengths", path.display());
+                ensure!(
+                    rows.iter().all(|r| r.len() == channels),
+                    "{}: colours have different lengths",
+                    path.display()
+                );
                 Self::new(channels, rows.into_iter().flatten().collect())
             }
-            _ => bail!("{}: palettes are read from .npy or .json files", path.display()),
+            _ => bail!(
+                "{}: palettes are read from .npy or .json files",
+                path.display()
+            ),
         };
         p.with_context(|| format!("invalid palette in {}", path.display()))
     }
@@ -198,23 +267,37 @@ fn nearest(p: &[f32], centers: &[f32], c: usize) -> (usize, f32) {
 }
 
 /// Weighted k-means; returns `[k, c]` centres.
-fn kmeans(points: &[f32], weights: &[f64], c: usize, k: usize, iterations: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+fn kmeans(
+    points: &[f32],
+    weights: &[f64],
+    c: usize,
+    k: usize,
+    iterations: usize,
+    rng: &mut ChaCha8Rng,
+) -> Vec<f32> {
     let n = weights.len();
     // k-means++ seeding: each next centre drawn with probability proportional to w * D^2.
     let first = pick_weighted(weights, rng.random::<f64>());
     let mut centers: Vec<f32> = points[first * c..(first + 1) * c].to_vec();
-    let mut d2: Vec<f64> = (0..n).map(|i| dist2(&points[i * c..(i + 1) * c], &centers[..c])).collect();
+    let mut d2: Vec<f64> = (0..n)
+        .map(|i| dist2(&points[i * c..(i + 1) * c], &centers[..c]))
+        .collect();
     while centers.len() < k * c {
         let w: Vec<f64> = d2.iter().zip(weights).map(|(d, w)| d * w).collect();
         let next = pick_weighted(&w, rng.random::<f64>());
         let ctr = points[next * c..(next + 1) * c].to_vec();
-        d2.par_iter_mut().enumerate().for_each(|(i, d)| *d = d.min(dist2(&points[i * c..(i + 1) * c], &ctr)));
+        d2.par_iter_mut()
+            .enumerate()
+            .for_each(|(i, d)| *d = d.min(dist2(&points[i * c..(i + 1) * c], &ctr)));
         centers.extend_from_slice(&ctr);
     }
     // Lloyd iterations; sums are accumulated per fixed chunk and added in order.
     const CHUNK: usize = 4096;
     for _ in 0..iterations {
-        let assign: Vec<(usize, f32)> = (0..n).into_par_iter().map(|i| nearest(&points[i * c..(i + 1) * c], &centers, c)).collect();
+        let assign: Vec<(usize, f32)> = (0..n)
+            .into_par_iter()
+            .map(|i| nearest(&points[i * c..(i + 1) * c], &centers, c))
+            .collect();
         let partial: Vec<Vec<f64>> = (0..n.div_ceil(CHUNK))
             .into_par_iter()
             .map(|ch| {
@@ -249,7 +332,11 @@ fn kmeans(points: &[f32], weights: &[f64], c: usize, k: usize, iterations: usize
                 // Empty cluster: re-seed it at the point that is worst served now.
                 let far = (0..n)
                     .filter(|&i| !taken[i])
-                    .max_by(|&a, &b| (assign[a].1 as f64 * weights[a]).total_cmp(&(assign[b].1 as f64 * weights[b])).then(b.cmp(&a)))
+                    .max_by(|&a, &b| {
+                        (assign[a].1 as f64 * weights[a])
+                            .total_cmp(&(assign[b].1 as f64 * weights[b]))
+                            .then(b.cmp(&a))
+                    })
                     .unwrap_or(0);
                 taken[far] = true;
                 centers[j * c..(j + 1) * c].copy_from_slice(&points[far * c..(far + 1) * c]);
@@ -264,7 +351,10 @@ fn kmeans(points: &[f32], weights: &[f64], c: usize, k: usize, iterations: usize
 }
 
 fn dist2(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| ((x - y) * (x - y)) as f64).sum()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) * (x - y)) as f64)
+        .sum()
 }
 
 fn pick_weighted(w: &[f64], u: f64) -> usize {

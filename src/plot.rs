@@ -34,20 +34,47 @@ pub fn loss_curve(path: &Path, train: &[(u64, f64)], val: &[(u64, f64)]) -> Resu
     let text = have_font();
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
-    let max_step = train.iter().chain(val).map(|p| p.0).max().unwrap_or(1).max(1);
-    let ys = train.iter().chain(val).map(|p| p.1).filter(|v| v.is_finite());
-    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
-    let (lo, hi) = if lo.is_finite() { (lo * 0.95, hi * 1.05 + 1e-9) } else { (0.0, 1.0) };
+    let max_step = train
+        .iter()
+        .chain(val)
+        .map(|p| p.0)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let ys = train
+        .iter()
+        .chain(val)
+        .map(|p| p.1)
+        .filter(|v| v.is_finite());
+    let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
+    let (lo, hi) = if lo.is_finite() {
+        (lo * 0.95, hi * 1.05 + 1e-9)
+    } else {
+        (0.0, 1.0)
+    };
     let mut builder = ChartBuilder::on(&root);
-    builder.margin(20).x_label_area_size(if text { 45 } else { 5 }).y_label_area_size(if text { 60 } else { 5 });
+    builder
+        .margin(20)
+        .x_label_area_size(if text { 45 } else { 5 })
+        .y_label_area_size(if text { 60 } else { 5 });
     if text {
         builder.caption("igpt training: loss (nats/token)", ("sans-serif", 22));
     }
     let mut chart = builder.build_cartesian_2d(0u64..max_step, lo..hi)?;
     if text {
-        chart.configure_mesh().x_desc("step").y_desc("nats / token").draw()?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("nats / token")
+            .draw()?;
     } else {
-        chart.configure_mesh().disable_x_mesh().disable_y_mesh().draw()?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .disable_y_mesh()
+            .draw()?;
     }
     // Exponential moving average keeps the curve readable with small batches.
     let mut ema = None;
@@ -61,24 +88,39 @@ pub fn loss_curve(path: &Path, train: &[(u64, f64)], val: &[(u64, f64)]) -> Resu
         .collect();
     let train_series = chart.draw_series(LineSeries::new(smooth, BLUE.stroke_width(2)))?;
     if text {
-        train_series.label("train (smoothed)").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        train_series
+            .label("train (smoothed)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
     }
-    let val_series = chart.draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)).point_size(4))?;
+    let val_series = chart
+        .draw_series(LineSeries::new(val.iter().copied(), RED.stroke_width(2)).point_size(4))?;
     if text {
-        val_series.label("validation").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        val_series
+            .label("validation")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
     }
-    root.present().with_context(|| format!("cannot write {}", path.display()))?;
+    root.present()
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
 /// Draws the loss curve from a run's `metrics.jsonl`.
 pub fn loss_curve_from_metrics(metrics: &Path, out: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(metrics).with_context(|| format!("cannot read {}", metrics.display()))?;
+    let text = std::fs::read_to_string(metrics)
+        .with_context(|| format!("cannot read {}", metrics.display()))?;
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-        let Some(step) = v["step"].as_u64() else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(step) = v["step"].as_u64() else {
+            continue;
+        };
         if let Some(l) = v["loss"].as_f64() {
             train.push((step, l));
         }

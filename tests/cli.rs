@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn igpt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_igpt")).args(["--threads", "2"]).args(args).output().expect("run igpt")
+    Command::new(env!("CARGO_BIN_EXE_igpt"))
+        .args(["--threads", "2"])
+        .args(args)
+        .output()
+        .expect("run igpt")
 }
 
 fn stderr(o: &Output) -> String {
@@ -26,16 +30,45 @@ fn s(p: &Path) -> &str {
 /// 40 small grayscale images as .npy, with labels.
 fn small_npy(dir: &Path) -> PathBuf {
     let (n, side) = (40, 6);
-    let px: Vec<u8> = (0..n * side * side).map(|i| ((i * 37 + i / 36 * 11) % 256) as u8).collect();
+    let px: Vec<u8> = (0..n * side * side)
+        .map(|i| ((i * 37 + i / 36 * 11) % 256) as u8)
+        .collect();
     let p = dir.join("imgs.npy");
-    std::fs::write(&p, igpt::npy::encode(&[n, side, side], igpt::npy::DType::U8, &px)).unwrap();
+    std::fs::write(
+        &p,
+        igpt::npy::encode(&[n, side, side], igpt::npy::DType::U8, &px),
+    )
+    .unwrap();
     p
 }
 
-const SMALL: &[&str] = &["--layers", "1", "--embd", "16", "--heads", "2", "--palette-size", "8", "--batch", "4", "--warmup", "2"];
+const SMALL: &[&str] = &[
+    "--layers",
+    "1",
+    "--embd",
+    "16",
+    "--heads",
+    "2",
+    "--palette-size",
+    "8",
+    "--batch",
+    "4",
+    "--warmup",
+    "2",
+];
 
 fn train_small(dir: &Path, data: &Path, out: &Path, steps: &str) -> Output {
-    let mut args = vec!["train", "--data", s(data), "--out", s(out), "--steps", steps, "--eval-every", "3"];
+    let mut args = vec![
+        "train",
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+        "--steps",
+        steps,
+        "--eval-every",
+        "3",
+    ];
     args.extend_from_slice(SMALL);
     let o = igpt(&args);
     let _ = dir;
@@ -49,7 +82,16 @@ fn train_eval_info_and_palette_commands_work() {
     let run = dir.join("run");
     let o = train_small(&dir, &data, &run, "6");
     assert!(o.status.success(), "{}", stderr(&o));
-    for f in ["config.json", "palette.json", "model.safetensors", "trainer.safetensors", "metrics.jsonl", "loss.png", "data/train.tokens", "data/val.tokens"] {
+    for f in [
+        "config.json",
+        "palette.json",
+        "model.safetensors",
+        "trainer.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+        "data/train.tokens",
+        "data/val.tokens",
+    ] {
         assert!(run.join(f).exists(), "missing {f}");
     }
     let png = image::open(run.join("loss.png")).expect("loss.png decodes");
@@ -57,27 +99,68 @@ fn train_eval_info_and_palette_commands_work() {
     let o = igpt(&["eval", "--model", s(&run), "--data", s(&data)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("nats/token") && out.contains("bits/token"), "{out}");
+    assert!(
+        out.contains("nats/token") && out.contains("bits/token"),
+        "{out}"
+    );
     // The value printed is a real loss: close to ln(8) for a barely trained 8-colour model.
-    let nats: f64 = out.split("tokens each: ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let nats: f64 = out
+        .split("tokens each: ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(nats > 0.5 && nats < 3.0, "{out}");
     let o = igpt(&["info", "--model", s(&run)]);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("step 6"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("step 6"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     // Extending a finished run continues it.
     let o = igpt(&["train", "--resume", s(&run), "--steps", "8"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("step 8"));
 
     let pal = dir.join("pal.npy");
-    let o = igpt(&["palette", "fit", "--data", s(&data), "--k", "5", "--out", s(&pal)]);
+    let o = igpt(&[
+        "palette",
+        "fit",
+        "--data",
+        s(&data),
+        "--k",
+        "5",
+        "--out",
+        s(&pal),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let img = dir.join("in.png");
-    image::RgbImage::from_fn(10, 7, |x, y| image::Rgb([(x * 25) as u8, (y * 30) as u8, 90])).save(&img).unwrap();
-    let o = igpt(&["palette", "apply", "--palette", s(&pal), "--image", s(&img), "--out", s(&dir.join("q.png"))]);
+    image::RgbImage::from_fn(10, 7, |x, y| {
+        image::Rgb([(x * 25) as u8, (y * 30) as u8, 90])
+    })
+    .save(&img)
+    .unwrap();
+    let o = igpt(&[
+        "palette",
+        "apply",
+        "--palette",
+        s(&pal),
+        "--image",
+        s(&img),
+        "--out",
+        s(&dir.join("q.png")),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let q = image::open(dir.join("q.png")).unwrap().to_luma8();
     let distinct: std::collections::BTreeSet<u8> = q.pixels().map(|p| p.0[0]).collect();
-    assert!(distinct.len() <= 5, "quantised to at most 5 levels, found {}", distinct.len());
+    assert!(
+        distinct.len() <= 5,
+        "quantised to at most 5 levels, found {}",
+        distinct.len()
+    );
 }
 
 /// Runs a failing `igpt train` and checks the message and that `out` was not left behind.
@@ -85,7 +168,10 @@ fn refused(args: &[&str], out: &Path, expect: &str) {
     let o = igpt(args);
     assert!(!o.status.success(), "igpt {args:?} should have failed");
     let e = stderr(&o);
-    assert!(e.contains(expect), "igpt {args:?}: expected '{expect}' in: {e}");
+    assert!(
+        e.contains(expect),
+        "igpt {args:?}: expected '{expect}' in: {e}"
+    );
     assert!(!e.contains("panicked"), "igpt {args:?} panicked: {e}");
     assert!(!out.exists(), "a failed run left {} behind", out.display());
 }
@@ -103,7 +189,11 @@ fn bad_data_files_are_refused_and_leave_nothing() {
     idx.extend_from_slice(&[0u8; 500]);
     let p = dir.join("t-images-idx3-ubyte");
     std::fs::write(&p, &idx).unwrap();
-    refused(&["train", "--data", s(&p), "--out", o], &out, "truncated IDX data");
+    refused(
+        &["train", "--data", s(&p), "--out", o],
+        &out,
+        "truncated IDX data",
+    );
     // Wrong magic.
     let p = dir.join("m-images-idx3-ubyte");
     std::fs::write(&p, b"\x1f\x00\x08\x03garbage").unwrap();
@@ -116,7 +206,11 @@ fn bad_data_files_are_refused_and_leave_nothing() {
     let f = dir.join("imgs");
     std::fs::create_dir_all(&f).unwrap();
     std::fs::write(f.join("a.png"), b"\x89PNG\r\n\x1a\nnope").unwrap();
-    refused(&["train", "--data", s(&f), "--out", o], &out, "cannot decode image");
+    refused(
+        &["train", "--data", s(&f), "--out", o],
+        &out,
+        "cannot decode image",
+    );
     // NPY of the wrong dtype.
     let p = dir.join("f.npy");
     std::fs::write(&p, igpt::npy::encode_f32(&[2, 4, 4], &[0.5; 32])).unwrap();
@@ -125,12 +219,28 @@ fn bad_data_files_are_refused_and_leave_nothing() {
     let data = small_npy(&dir);
     let pal = dir.join("p.json");
     std::fs::write(&pal, "[[0.1, 0.2], [0.3]]").unwrap();
-    refused(&["train", "--data", s(&data), "--palette", s(&pal), "--out", o], &out, "different lengths");
+    refused(
+        &[
+            "train",
+            "--data",
+            s(&data),
+            "--palette",
+            s(&pal),
+            "--out",
+            o,
+        ],
+        &out,
+        "different lengths",
+    );
     // An unwritable run directory (its parent is a file).
     let blocker = dir.join("file");
     std::fs::write(&blocker, b"x").unwrap();
     let inside = blocker.join("run");
-    refused(&["train", "--data", s(&data), "--out", s(&inside)], &inside, "cannot create run directory");
+    refused(
+        &["train", "--data", s(&data), "--out", s(&inside)],
+        &inside,
+        "cannot create run directory",
+    );
 }
 
 #[test]
@@ -145,7 +255,12 @@ fn mismatched_palettes_tokens_and_configs_are_refused() {
             .unwrap()
             .filter_map(|e| e.ok())
             .filter(|e| e.path().is_file())
-            .map(|e| (e.file_name().to_string_lossy().to_string(), std::fs::read(e.path()).unwrap()))
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().to_string(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
             .collect();
         v.sort();
         v
@@ -154,20 +269,39 @@ fn mismatched_palettes_tokens_and_configs_are_refused() {
 
     // Resume with a different model.
     let o = igpt(&["train", "--resume", s(&run), "--layers", "3"]);
-    assert!(!o.status.success() && stderr(&o).contains("cannot resume"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("cannot resume"),
+        "{}",
+        stderr(&o)
+    );
     // Resume with a palette of another size.
     let pal = dir.join("p12.json");
-    igpt::palette::Palette::uniform_gray(12).unwrap().save(&pal).unwrap();
+    igpt::palette::Palette::uniform_gray(12)
+        .unwrap()
+        .save(&pal)
+        .unwrap();
     let o = igpt(&["train", "--resume", s(&run), "--palette", s(&pal)]);
-    assert!(!o.status.success() && stderr(&o).contains("n_vocab"), "{}", stderr(&o));
-    assert_eq!(before, snapshot(&run), "a refused resume changed the run directory");
+    assert!(
+        !o.status.success() && stderr(&o).contains("n_vocab"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        before,
+        snapshot(&run),
+        "a refused resume changed the run directory"
+    );
 
     // Token ids beyond the model's palette.
     let toks = igpt::data::TokenSet::from_tokens(vec![11; 2 * 36], 36, 12, None).unwrap();
     let tp = dir.join("big.tokens");
     toks.save(&tp).unwrap();
     let o = igpt(&["eval", "--model", s(&run), "--data", s(&tp)]);
-    assert!(!o.status.success() && stderr(&o).contains("does not fit the model"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("does not fit the model"),
+        "{}",
+        stderr(&o)
+    );
 
     // A palette file swapped for one of another size.
     let other = dir.join("copy");
@@ -175,17 +309,36 @@ fn mismatched_palettes_tokens_and_configs_are_refused() {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(run.join(f), other.join(f)).unwrap();
     }
-    igpt::palette::Palette::uniform_gray(12).unwrap().save(&other.join("palette.json")).unwrap();
+    igpt::palette::Palette::uniform_gray(12)
+        .unwrap()
+        .save(&other.join("palette.json"))
+        .unwrap();
     let o = igpt(&["eval", "--model", s(&other), "--data", s(&data)]);
-    assert!(!o.status.success() && stderr(&o).contains("the palette has 12 colours"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("the palette has 12 colours"),
+        "{}",
+        stderr(&o)
+    );
 
     // A corrupt model file.
-    std::fs::write(other.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":1}").unwrap();
+    std::fs::write(
+        other.join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":1}",
+    )
+    .unwrap();
     let o = igpt(&["eval", "--model", s(&other), "--data", s(&data)]);
-    assert!(!o.status.success() && stderr(&o).contains("not a valid safetensors"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("not a valid safetensors"),
+        "{}",
+        stderr(&o)
+    );
 
     // Starting a new run over an existing one is refused (it would overwrite it).
     let o = train_small(&dir, &data, &run, "4");
-    assert!(!o.status.success() && stderr(&o).contains("--resume"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("--resume"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(before, snapshot(&run));
 }

@@ -48,19 +48,37 @@ static ALLOC: Counting = Counting;
 
 #[test]
 fn training_steps_do_not_allocate() {
-    rayon::ThreadPoolBuilder::new().num_threads(2).build_global().ok();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build_global()
+        .ok();
     // Training runs on the pool (as `igpt train` does): a call from outside the pool would
     // hand each parallel kernel to rayon's global queue, whose blocks are allocated as it grows.
     rayon::scope(|_| run_steps());
 }
 
 fn run_steps() {
-    let model = ModelConfig { n_layer: 2, n_embd: 64, n_head: 4, n_vocab: 32, side: 12, channels: 1 };
+    let model = ModelConfig {
+        n_layer: 2,
+        n_embd: 64,
+        n_head: 4,
+        n_vocab: 32,
+        side: 12,
+        channels: 1,
+    };
     let t = model.n_ctx();
-    let tokens: Vec<u16> = (0..20 * t).map(|i| ((i * 31 + i / 7) % 32) as u16).collect();
+    let tokens: Vec<u16> = (0..20 * t)
+        .map(|i| ((i * 31 + i / 7) % 32) as u16)
+        .collect();
     let data = TokenSet::from_tokens(tokens, t, 32, None).unwrap();
     // Two micro-batches per step, so accumulation is covered too.
-    let cfg = TrainConfig { batch: 4, micro_batch: 2, warmup: 2, steps: 100, ..TrainConfig::default() };
+    let cfg = TrainConfig {
+        batch: 4,
+        micro_batch: 2,
+        warmup: 2,
+        steps: 100,
+        ..TrainConfig::default()
+    };
     let params = igpt::model::init_params(&model, 1);
     let mut trainer = Trainer::new(&model, cfg, &params, CpuBackend::new()).unwrap();
     // Warm-up: thread pool, thread-locals and the epoch order come into being here.
@@ -76,8 +94,13 @@ fn run_steps() {
     let engine = ENGINE_ALLOCS.load(Ordering::SeqCst);
     let gemm = GEMM_ALLOCS.load(Ordering::SeqCst);
     let gemm_max = GEMM_MAX_BYTES.load(Ordering::SeqCst);
-    eprintln!("allocations in 8 steps: engine {engine}, inside gemm {gemm} (largest {gemm_max} bytes)");
+    eprintln!(
+        "allocations in 8 steps: engine {engine}, inside gemm {gemm} (largest {gemm_max} bytes)"
+    );
     assert_eq!(engine, 0, "the engine allocated during training steps");
     // gemm's packing scratch is bounded by cache-sized blocks, never by the tensor sizes.
-    assert!(gemm_max <= 4 << 20, "gemm allocated {gemm_max} bytes at once");
+    assert!(
+        gemm_max <= 4 << 20,
+        "gemm allocated {gemm_max} bytes at once"
+    );
 }

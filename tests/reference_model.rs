@@ -1,22 +1,31 @@
 //! The whole model against fixtures from an independent PyTorch implementation
 //! (scripts/make_fixtures.py): logits, loss and every parameter gradient.
 
-use igpt::backend::cpu::CpuBackend;
 use igpt::backend::Arena;
+use igpt::backend::cpu::CpuBackend;
 use igpt::config::ModelConfig;
 use igpt::model::Engine;
 use safetensors::SafeTensors;
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-    let t = st.tensor(name).unwrap_or_else(|e| panic!("fixture lacks {name}: {e}"));
-    t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("fixture lacks {name}: {e}"));
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
 }
 
 /// max |a - b| / max |b|: relative to the tensor's scale, so tiny entries do not dominate.
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-12);
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+        / scale
 }
 
 #[test]
@@ -35,8 +44,11 @@ fn logits_loss_and_gradients_match_pytorch() {
         channels: get("channels"),
     };
     let tok_t = st.tensor("tokens").unwrap();
-    let tokens: Vec<u16> =
-        tok_t.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u16).collect();
+    let tokens: Vec<u16> = tok_t
+        .data()
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u16)
+        .collect();
     let batch = tok_t.shape()[0];
     // The fixture's context (81) is longer than one attention query block, so the blocked
     // attention path is exercised across tiles.
@@ -59,7 +71,11 @@ fn logits_loss_and_gradients_match_pytorch() {
     assert!(e < 1e-5, "logits differ: relative error {e}");
     let n = tokens.len() as f64;
     let loss_ref = f32s(&st, "loss")[0] as f64;
-    assert!(((sum / n) - loss_ref).abs() / loss_ref < 1e-5, "loss {} vs {loss_ref}", sum / n);
+    assert!(
+        ((sum / n) - loss_ref).abs() / loss_ref < 1e-5,
+        "loss {} vs {loss_ref}",
+        sum / n
+    );
 
     // Gradients of the mean loss.
     engine.zero_grads();
@@ -68,6 +84,10 @@ fn logits_loss_and_gradients_match_pytorch() {
     engine.read_arena(Arena::Grads, &mut grads);
     for t in &engine.layout.tensors {
         let e = rel_err(&grads[t.range()], &f32s(&st, &format!("grad.{}", t.name)));
-        assert!(e < 1e-4, "gradient of {} differs: relative error {e}", t.name);
+        assert!(
+            e < 1e-4,
+            "gradient of {} differs: relative error {e}",
+            t.name
+        );
     }
 }

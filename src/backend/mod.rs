@@ -35,11 +35,21 @@ impl View {
     }
     /// The part `[start, start + len)` of this view.
     pub fn sub(self, start: usize, len: usize) -> Self {
-        assert!(start + len <= self.len, "sub-view {start}+{len} outside a view of {}", self.len);
-        Self { arena: self.arena, offset: self.offset + start, len }
+        assert!(
+            start + len <= self.len,
+            "sub-view {start}+{len} outside a view of {}",
+            self.len
+        );
+        Self {
+            arena: self.arena,
+            offset: self.offset + start,
+            len,
+        }
     }
     pub fn overlaps(&self, other: &View) -> bool {
-        self.arena == other.arena && self.offset < other.offset + other.len && other.offset < self.offset + self.len
+        self.arena == other.arena
+            && self.offset < other.offset + other.len
+            && other.offset < self.offset + self.len
     }
 }
 
@@ -73,17 +83,61 @@ pub trait Backend {
     fn set_tokens(&mut self, tokens: &[u16]);
 
     fn embed_forward(&mut self, out: View, wte: View, wpe: View, sos: View, t: usize, d: usize);
-    fn embed_backward(&mut self, dwte: View, dwpe: View, dsos: View, dout: View, t: usize, d: usize);
+    fn embed_backward(
+        &mut self,
+        dwte: View,
+        dwpe: View,
+        dsos: View,
+        dout: View,
+        t: usize,
+        d: usize,
+    );
     fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize);
     /// Adds the input gradient into `dx` and the gain gradient into `dg`.
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_backward(&mut self, dx: View, dg: View, dout: View, x: View, rstd: View, g: View, d: usize);
+    fn rmsnorm_backward(
+        &mut self,
+        dx: View,
+        dg: View,
+        dout: View,
+        x: View,
+        rstd: View,
+        g: View,
+        d: usize,
+    );
     /// `out[m, n] (+)= a @ b` with optional transposes (see [`Op`]).
     #[allow(clippy::too_many_arguments)]
-    fn matmul(&mut self, out: View, a: View, ta: Op, b: View, tb: Op, m: usize, k: usize, n: usize, accumulate: bool);
-    fn attention_forward(&mut self, out: View, lse: View, qkv: View, scratch: View, shape: AttnShape);
+    fn matmul(
+        &mut self,
+        out: View,
+        a: View,
+        ta: Op,
+        b: View,
+        tb: Op,
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    );
+    fn attention_forward(
+        &mut self,
+        out: View,
+        lse: View,
+        qkv: View,
+        scratch: View,
+        shape: AttnShape,
+    );
     #[allow(clippy::too_many_arguments)]
-    fn attention_backward(&mut self, dqkv: View, dout: View, out: View, lse: View, qkv: View, scratch: View, shape: AttnShape);
+    fn attention_backward(
+        &mut self,
+        dqkv: View,
+        dout: View,
+        out: View,
+        lse: View,
+        qkv: View,
+        scratch: View,
+        shape: AttnShape,
+    );
     fn gelu_forward(&mut self, out: View, x: View);
     /// Turns the activation gradient `dout` into the pre-activation gradient, in place.
     fn gelu_backward_inplace(&mut self, dout: View, x: View);

@@ -52,17 +52,32 @@ fn peak_rss_mb() -> Option<f64> {
 pub fn run(cmd: BenchCmd) -> Result<()> {
     let BenchCmd::Train(b) = cmd;
     let threads = rayon::current_num_threads();
-    let model = ModelConfig { n_layer: b.layers, n_embd: b.embd, n_head: b.heads, n_vocab: b.vocab, side: b.side, channels: 3 };
+    let model = ModelConfig {
+        n_layer: b.layers,
+        n_embd: b.embd,
+        n_head: b.heads,
+        n_vocab: b.vocab,
+        side: b.side,
+        channels: 3,
+    };
     model.validate()?;
     let t = model.n_ctx();
     println!(
         "model: {} layers, d={}, {} heads, vocab {}, context {}, batch {}, fp32, {} threads",
         b.layers, b.embd, b.heads, b.vocab, t, b.batch, threads
     );
-    let cfg = TrainConfig { steps: 1000, batch: b.batch, micro_batch: b.batch, warmup: 10, ..TrainConfig::default() };
+    let cfg = TrainConfig {
+        steps: 1000,
+        batch: b.batch,
+        micro_batch: b.batch,
+        warmup: 10,
+        ..TrainConfig::default()
+    };
     let params = igpt::model::init_params(&model, 0);
     let mut trainer = Trainer::new(&model, cfg, &params, CpuBackend::new())?;
-    let tokens: Vec<u16> = (0..b.batch * t).map(|i| ((i as u64 * 2654435761) % b.vocab as u64) as u16).collect();
+    let tokens: Vec<u16> = (0..b.batch * t)
+        .map(|i| ((i as u64 * 2654435761) % b.vocab as u64) as u16)
+        .collect();
     let data = TokenSet::from_tokens(tokens, t, b.vocab, None)?;
     trainer.step(&data)?;
     let t0 = Instant::now();
@@ -79,9 +94,30 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_baseline.py");
     let out = std::process::Command::new(&b.python)
         .arg(&script)
-        .args(["--layers", &b.layers.to_string(), "--embd", &b.embd.to_string(), "--heads", &b.heads.to_string()])
-        .args(["--vocab", &b.vocab.to_string(), "--ctx", &t.to_string(), "--batch", &b.batch.to_string()])
-        .args(["--threads", &threads.to_string(), "--steps", &b.steps.to_string(), "--warmup", "1"])
+        .args([
+            "--layers",
+            &b.layers.to_string(),
+            "--embd",
+            &b.embd.to_string(),
+            "--heads",
+            &b.heads.to_string(),
+        ])
+        .args([
+            "--vocab",
+            &b.vocab.to_string(),
+            "--ctx",
+            &t.to_string(),
+            "--batch",
+            &b.batch.to_string(),
+        ])
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "--steps",
+            &b.steps.to_string(),
+            "--warmup",
+            "1",
+        ])
         .output()
         .with_context(|| format!("cannot run {} {}", b.python, script.display()))?;
     ensure!(
@@ -99,6 +135,10 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         (b.batch * t) as f64 / torch_s,
         v["torch"].as_str().unwrap_or("?")
     );
-    println!("ratio:   igpt is {:.2}x the PyTorch throughput with {:.2}x its peak memory", torch_s / ours, ours_rss / torch_rss);
+    println!(
+        "ratio:   igpt is {:.2}x the PyTorch throughput with {:.2}x its peak memory",
+        torch_s / ours,
+        ours_rss / torch_rss
+    );
     Ok(())
 }

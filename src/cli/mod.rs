@@ -31,7 +31,7 @@ enum Command {
     /// on 9,000 images, evaluate on the other 1,000, write the run directory and loss curve.
     Demo(DemoArgs),
     /// Train a model on a data set (or continue one with --resume).
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Mean negative log-likelihood of a data set under a model, in nats and bits per token.
     Eval(EvalArgs),
     /// Fit a palette by k-means, or quantise an image with one to preview it.
@@ -77,7 +77,12 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn build(&self, n_vocab: usize, side: usize, channels: usize) -> Result<ModelConfig> {
-        let mut cfg = ModelConfig::preset(self.preset.as_deref().unwrap_or("tiny"), n_vocab, side, channels)?;
+        let mut cfg = ModelConfig::preset(
+            self.preset.as_deref().unwrap_or("tiny"),
+            n_vocab,
+            side,
+            channels,
+        )?;
         cfg.n_layer = self.layers.unwrap_or(cfg.n_layer);
         cfg.n_embd = self.embd.unwrap_or(cfg.n_embd);
         cfg.n_head = self.heads.unwrap_or(cfg.n_head);
@@ -219,11 +224,17 @@ pub fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         ensure!(n >= 1, "--threads must be at least 1");
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("cannot start the thread pool")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot start the thread pool")?;
     }
-    match cli.command.unwrap_or(Command::Demo(DemoArgs { out: "runs/demo".into(), steps: 400 })) {
+    match cli.command.unwrap_or(Command::Demo(DemoArgs {
+        out: "runs/demo".into(),
+        steps: 400,
+    })) {
         Command::Demo(a) => demo(a),
-        Command::Train(a) => train(a),
+        Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),
         Command::Palette(p) => palette(p),
         Command::Info { model } => info(model),
@@ -232,8 +243,14 @@ pub fn main() -> Result<()> {
 }
 
 fn demo(a: DemoArgs) -> Result<()> {
-    println!("igpt demo: an Image GPT trained from scratch on Fashion-MNIST (the 10k test split shipped in data/).");
-    println!("threads: {}   run directory: {}", rayon::current_num_threads(), a.out.display());
+    println!(
+        "igpt demo: an Image GPT trained from scratch on Fashion-MNIST (the 10k test split shipped in data/)."
+    );
+    println!(
+        "threads: {}   run directory: {}",
+        rayon::current_num_threads(),
+        a.out.display()
+    );
     let run_dir = RunDir::create(&a.out)?;
     let mut bar = progress::Bar::new();
     let spec = DataSpec {
@@ -246,9 +263,21 @@ fn demo(a: DemoArgs) -> Result<()> {
         limit: None,
         seed: 0,
     };
-    let fit = FitOptions { k: 16, iterations: 30, sample: 0, seed: 0 };
+    let fit = FitOptions {
+        k: 16,
+        iterations: 30,
+        sample: 0,
+        seed: 0,
+    };
     let prepared = run::prepare(&run_dir, &spec, &PaletteSpec::Fit(fit), &mut bar)?;
-    let model = ModelConfig { n_layer: 4, n_embd: 128, n_head: 2, n_vocab: 16, side: prepared.side, channels: 1 };
+    let model = ModelConfig {
+        n_layer: 4,
+        n_embd: 128,
+        n_head: 2,
+        n_vocab: 16,
+        side: prepared.side,
+        channels: 1,
+    };
     let cfg = TrainConfig {
         steps: a.steps,
         batch: 16,
@@ -269,11 +298,25 @@ fn demo(a: DemoArgs) -> Result<()> {
         model.n_vocab,
         model.n_params() as f64 / 1e6
     );
-    println!("training: {} steps of {} images (lr {}, warm-up {}, cosine decay)", cfg.steps, cfg.batch, cfg.lr, cfg.warmup);
-    let s = run::start(&run_dir, &model, &cfg, &prepared, "fashion-mnist (shipped t10k split)", None, &mut bar)?;
+    println!(
+        "training: {} steps of {} images (lr {}, warm-up {}, cosine decay)",
+        cfg.steps, cfg.batch, cfg.lr, cfg.warmup
+    );
+    let s = run::start(
+        &run_dir,
+        &model,
+        &cfg,
+        &prepared,
+        "fashion-mnist (shipped t10k split)",
+        None,
+        &mut bar,
+    )?;
     let val = s.val_loss.unwrap_or(f64::NAN);
     println!();
-    println!("done in {:.0} s ({:.0} tokens/s)", s.seconds, s.tokens_per_s);
+    println!(
+        "done in {:.0} s ({:.0} tokens/s)",
+        s.seconds, s.tokens_per_s
+    );
     println!(
         "held-out loss on {} images: {:.4} nats/token ({:.4} bits/token); last training loss {:.4}",
         prepared.val.len(),
@@ -282,10 +325,20 @@ fn demo(a: DemoArgs) -> Result<()> {
         s.final_train_loss
     );
     println!("files:");
-    for f in ["config.json", "palette.json", "model.safetensors", "trainer.safetensors", "metrics.jsonl", "loss.png"] {
+    for f in [
+        "config.json",
+        "palette.json",
+        "model.safetensors",
+        "trainer.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+    ] {
         println!("  {}", run_dir.file(f).display());
     }
-    println!("next: igpt eval --model {} --data fashion-mnist", a.out.display());
+    println!(
+        "next: igpt eval --model {} --data fashion-mnist",
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -358,10 +411,16 @@ fn new_run(a: &TrainArgs, cfg: &TrainConfig, bar: &mut progress::Bar) -> Result<
     };
     let pal = match &a.palette {
         Some(p) => PaletteSpec::File(p.clone()),
-        None => PaletteSpec::Fit(FitOptions { k: a.palette_size, seed: a.seed, ..FitOptions::default() }),
+        None => PaletteSpec::Fit(FitOptions {
+            k: a.palette_size,
+            seed: a.seed,
+            ..FitOptions::default()
+        }),
     };
     let prepared = run::prepare(&run_dir, &spec, &pal, bar)?;
-    let model = a.model.build(prepared.palette.len(), prepared.side, prepared.channels)?;
+    let model = a
+        .model
+        .build(prepared.palette.len(), prepared.side, prepared.channels)?;
     bar.message(&format!(
         "model: {} layers, d={}, {} heads, context {}, {} colours: {:.2} M parameters",
         model.n_layer,
@@ -376,11 +435,21 @@ fn new_run(a: &TrainArgs, cfg: &TrainConfig, bar: &mut progress::Bar) -> Result<
 }
 
 fn report(run_dir: &RunDir, s: &run::Summary) -> Result<()> {
-    println!("step {}: last training loss {:.4} nats/token, {:.0} tokens/s", s.steps, s.final_train_loss, s.tokens_per_s);
+    println!(
+        "step {}: last training loss {:.4} nats/token, {:.0} tokens/s",
+        s.steps, s.final_train_loss, s.tokens_per_s
+    );
     if let Some(v) = s.val_loss {
-        println!("validation: {:.4} nats/token ({:.4} bits/token)", v, v / std::f64::consts::LN_2);
+        println!(
+            "validation: {:.4} nats/token ({:.4} bits/token)",
+            v,
+            v / std::f64::consts::LN_2
+        );
     }
-    println!("run directory: {} (model.safetensors, metrics.jsonl, loss.png)", run_dir.path.display());
+    println!(
+        "run directory: {} (model.safetensors, metrics.jsonl, loss.png)",
+        run_dir.path.display()
+    );
     Ok(())
 }
 
@@ -405,7 +474,9 @@ fn eval(a: EvalArgs) -> Result<()> {
         if let Some(l) = a.limit {
             set = set.select(&(0..l.min(set.len())).collect::<Vec<_>>());
         }
-        let set = set.with_channels(cfg.model.channels)?.resized(cfg.model.side);
+        let set = set
+            .with_channels(cfg.model.channels)?
+            .resized(cfg.model.side);
         TokenSet::quantise(&set, &palette, &a.data)?
     };
     let mut engine = Engine::new(&cfg.model, a.batch.max(1), false, CpuBackend::new())?;
@@ -425,20 +496,57 @@ fn eval(a: EvalArgs) -> Result<()> {
 
 fn palette(cmd: PaletteCmd) -> Result<()> {
     match cmd {
-        PaletteCmd::Fit { data: d, format, k, channels, iterations, sample, seed, out } => {
+        PaletteCmd::Fit {
+            data: d,
+            format,
+            k,
+            channels,
+            iterations,
+            sample,
+            seed,
+            out,
+        } => {
             let set = data::load(&d, format)?;
             let c = channels.unwrap_or(set.channels);
             let set = set.with_channels(c)?;
             let t0 = std::time::Instant::now();
-            let p = Palette::fit(&set.pixels, c, &FitOptions { k, iterations, sample, seed })?;
+            let p = Palette::fit(
+                &set.pixels,
+                c,
+                &FitOptions {
+                    k,
+                    iterations,
+                    sample,
+                    seed,
+                },
+            )?;
             p.save(&out)?;
-            println!("fitted {} colours x {} channel(s) on {} images in {:.1} s: {}", p.len(), c, set.len(), t0.elapsed().as_secs_f64(), out.display());
+            println!(
+                "fitted {} colours x {} channel(s) on {} images in {:.1} s: {}",
+                p.len(),
+                c,
+                set.len(),
+                t0.elapsed().as_secs_f64(),
+                out.display()
+            );
             Ok(())
         }
-        PaletteCmd::Apply { palette, image, side, out } => {
+        PaletteCmd::Apply {
+            palette,
+            image,
+            side,
+            out,
+        } => {
             let p = Palette::load(&palette)?;
             let (h, w, px) = data::folder::decode_rgb(&image)?;
-            let one = data::ImageSet { height: h, width: w, channels: 3, pixels: px, labels: None, class_names: vec![] };
+            let one = data::ImageSet {
+                height: h,
+                width: w,
+                channels: 3,
+                pixels: px,
+                labels: None,
+                class_names: vec![],
+            };
             let one = one.with_channels(p.channels)?;
             let one = match side {
                 Some(s) => one.resized(s),
@@ -447,9 +555,13 @@ fn palette(cmd: PaletteCmd) -> Result<()> {
             let rgb = p.decode(&p.encode(&one.pixels))?;
             let (w, h) = (one.width as u32, one.height as u32);
             let res = if p.channels == 1 {
-                image::GrayImage::from_raw(w, h, rgb).context("image size")?.save(&out)
+                image::GrayImage::from_raw(w, h, rgb)
+                    .context("image size")?
+                    .save(&out)
             } else {
-                image::RgbImage::from_raw(w, h, rgb).context("image size")?.save(&out)
+                image::RgbImage::from_raw(w, h, rgb)
+                    .context("image size")?
+                    .save(&out)
             };
             res.with_context(|| format!("cannot write {}", out.display()))?;
             println!("wrote {} ({}x{}, {} colours)", out.display(), w, h, p.len());
@@ -462,9 +574,27 @@ fn info(model: PathBuf) -> Result<()> {
     let run_dir = RunDir::open(&model)?;
     let cfg = run_dir.load_config()?;
     let m = &cfg.model;
-    println!("{}: {} layers, d={}, {} heads, {}x{} images ({} tokens), {} colours x {} channel(s)", model.display(), m.n_layer, m.n_embd, m.n_head, m.side, m.side, m.n_ctx(), m.n_vocab, m.channels);
-    println!("parameters: {} ({:.2} M)", m.n_params(), m.n_params() as f64 / 1e6);
-    println!("training: {} steps planned, batch {}, lr {}, data {}", cfg.train.steps, cfg.train.batch, cfg.train.lr, cfg.data);
+    println!(
+        "{}: {} layers, d={}, {} heads, {}x{} images ({} tokens), {} colours x {} channel(s)",
+        model.display(),
+        m.n_layer,
+        m.n_embd,
+        m.n_head,
+        m.side,
+        m.side,
+        m.n_ctx(),
+        m.n_vocab,
+        m.channels
+    );
+    println!(
+        "parameters: {} ({:.2} M)",
+        m.n_params(),
+        m.n_params() as f64 / 1e6
+    );
+    println!(
+        "training: {} steps planned, batch {}, lr {}, data {}",
+        cfg.train.steps, cfg.train.batch, cfg.train.lr, cfg.data
+    );
     if let Ok((state, ..)) = run_dir.load_trainer(igpt::model::ParamLayout::new(m).total) {
         println!("checkpoint: {}", state.describe());
     }

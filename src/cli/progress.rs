@@ -11,7 +11,10 @@ pub struct Bar {
 
 impl Bar {
     pub fn new() -> Self {
-        Self { bar: None, last_val: None }
+        Self {
+            bar: None,
+            last_val: None,
+        }
     }
 }
 
@@ -26,9 +29,11 @@ impl Progress for Bar {
     fn start(&mut self, total: u64, done: u64) {
         let b = ProgressBar::new(total);
         b.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         b.set_position(done);
         self.bar = Some(b);
@@ -38,18 +43,32 @@ impl Progress for Bar {
         if let Some(b) = &self.bar {
             // Without a terminal the bar is hidden: log a line every tenth of the run instead.
             let every = (b.length().unwrap_or(10) / 10).max(1);
-            if b.is_hidden() && s.step % every == 0 {
-                println!("step {}/{}: loss {:.4}, {:.0} tokens/s", s.step, b.length().unwrap_or(0), s.loss, tokens_per_s);
+            if b.is_hidden() && s.step.is_multiple_of(every) {
+                println!(
+                    "step {}/{}: loss {:.4}, {:.0} tokens/s",
+                    s.step,
+                    b.length().unwrap_or(0),
+                    s.loss,
+                    tokens_per_s
+                );
             }
-            let val = self.last_val.map(|v| format!(" val {v:.4}")).unwrap_or_default();
-            b.set_message(format!("loss {:.4}{val} | {:.0} tok/s", s.loss, tokens_per_s));
+            let val = self
+                .last_val
+                .map(|v| format!(" val {v:.4}"))
+                .unwrap_or_default();
+            b.set_message(format!(
+                "loss {:.4}{val} | {:.0} tok/s",
+                s.loss, tokens_per_s
+            ));
             b.set_position(s.step);
         }
     }
 
     fn validated(&mut self, step: u64, nats: f64) {
         self.last_val = Some(nats);
-        self.message(&format!("step {step}: validation loss {nats:.4} nats/token"));
+        self.message(&format!(
+            "step {step}: validation loss {nats:.4} nats/token"
+        ));
     }
 
     fn finish(&mut self) {

@@ -26,8 +26,15 @@ pub struct TokenHeader {
 }
 
 enum Storage {
-    Memory { tokens: Vec<u16>, labels: Vec<u32> },
-    Mapped { map: Mmap, tokens_at: usize, labels_at: usize },
+    Memory {
+        tokens: Vec<u16>,
+        labels: Vec<u32>,
+    },
+    Mapped {
+        map: Mmap,
+        tokens_at: usize,
+        labels_at: usize,
+    },
 }
 
 /// A quantised data set.
@@ -49,7 +56,9 @@ pub fn palette_fingerprint(p: &Palette) -> String {
 
 impl std::fmt::Debug for TokenSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenSet").field("header", &self.header).finish_non_exhaustive()
+        f.debug_struct("TokenSet")
+            .field("header", &self.header)
+            .finish_non_exhaustive()
     }
 }
 
@@ -68,14 +77,33 @@ impl TokenSet {
             t: images.height * images.width,
             n_vocab: palette.len(),
             labelled: images.labels.is_some(),
-            fingerprint: format!("{source}|{}x{}|{}", images.height, images.width, palette_fingerprint(palette)),
+            fingerprint: format!(
+                "{source}|{}x{}|{}",
+                images.height,
+                images.width,
+                palette_fingerprint(palette)
+            ),
         };
-        Ok(Self { header, storage: Storage::Memory { tokens, labels: images.labels.clone().unwrap_or_default() } })
+        Ok(Self {
+            header,
+            storage: Storage::Memory {
+                tokens,
+                labels: images.labels.clone().unwrap_or_default(),
+            },
+        })
     }
 
     /// A set from tokens already made (`[n, t]`).
-    pub fn from_tokens(tokens: Vec<u16>, t: usize, n_vocab: usize, labels: Option<Vec<u32>>) -> Result<Self> {
-        ensure!(t > 0 && tokens.len() % t == 0, "token array is not a whole number of {t}-token images");
+    pub fn from_tokens(
+        tokens: Vec<u16>,
+        t: usize,
+        n_vocab: usize,
+        labels: Option<Vec<u32>>,
+    ) -> Result<Self> {
+        ensure!(
+            t > 0 && tokens.len().is_multiple_of(t),
+            "token array is not a whole number of {t}-token images"
+        );
         if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= n_vocab) {
             anyhow::bail!("token id {bad} is outside the palette of {n_vocab} colours");
         }
@@ -83,8 +111,20 @@ impl TokenSet {
         if let Some(l) = &labels {
             ensure!(l.len() == n, "{} labels for {n} images", l.len());
         }
-        let header = TokenHeader { n, t, n_vocab, labelled: labels.is_some(), fingerprint: "tokens".into() };
-        Ok(Self { header, storage: Storage::Memory { tokens, labels: labels.unwrap_or_default() } })
+        let header = TokenHeader {
+            n,
+            t,
+            n_vocab,
+            labelled: labels.is_some(),
+            fingerprint: "tokens".into(),
+        };
+        Ok(Self {
+            header,
+            storage: Storage::Memory {
+                tokens,
+                labels: labels.unwrap_or_default(),
+            },
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -116,7 +156,11 @@ impl TokenSet {
         }
         Some(match &self.storage {
             Storage::Memory { labels, .. } => labels[i],
-            Storage::Mapped { map, labels_at, .. } => u32::from_le_bytes(map[labels_at + 4 * i..labels_at + 4 * i + 4].try_into().unwrap()),
+            Storage::Mapped { map, labels_at, .. } => u32::from_le_bytes(
+                map[labels_at + 4 * i..labels_at + 4 * i + 4]
+                    .try_into()
+                    .unwrap(),
+            ),
         })
     }
 
@@ -152,11 +196,14 @@ impl TokenSet {
 
     /// Memory-maps a token file, checking its header and size.
     pub fn open(path: &Path) -> Result<Self> {
-        let f = std::fs::File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
+        let f = std::fs::File::open(path)
+            .with_context(|| format!("cannot open token file {}", path.display()))?;
         // SAFETY: the map is read-only; igpt replaces token files only by atomic rename, so the
         // mapped inode is never modified in place while mapped.
-        let map = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
-        let bad = |why: &str| anyhow::anyhow!("{} is not a valid igpt token file: {why}", path.display());
+        let map =
+            unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let bad =
+            |why: &str| anyhow::anyhow!("{} is not a valid igpt token file: {why}", path.display());
         if map.len() < 16 || &map[..8] != MAGIC {
             return Err(bad("wrong magic"));
         }
@@ -164,19 +211,33 @@ impl TokenSet {
         if map.len() < 16 + hl {
             return Err(bad("truncated header"));
         }
-        let header: TokenHeader = serde_json::from_slice(&map[16..16 + hl]).map_err(|e| bad(&format!("bad header: {e}")))?;
+        let header: TokenHeader = serde_json::from_slice(&map[16..16 + hl])
+            .map_err(|e| bad(&format!("bad header: {e}")))?;
         let (tokens_at, labels_at, _) = Self::layout(hl, header.n, header.t);
         let need = labels_at + if header.labelled { 4 * header.n } else { 0 };
         if map.len() < need {
-            return Err(bad(&format!("truncated: {} bytes, expected {need}", map.len())));
+            return Err(bad(&format!(
+                "truncated: {} bytes, expected {need}",
+                map.len()
+            )));
         }
         if let Some(id) = map[tokens_at..tokens_at + header.n * header.t * 2]
             .chunks_exact(2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))
             .find(|&v| v as usize >= header.n_vocab)
         {
-            return Err(bad(&format!("token id {id} is outside the palette of {} colours", header.n_vocab)));
+            return Err(bad(&format!(
+                "token id {id} is outside the palette of {} colours",
+                header.n_vocab
+            )));
         }
-        Ok(Self { header, storage: Storage::Mapped { map, tokens_at, labels_at } })
+        Ok(Self {
+            header,
+            storage: Storage::Mapped {
+                map,
+                tokens_at,
+                labels_at,
+            },
+        })
     }
 }

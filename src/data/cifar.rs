@@ -8,11 +8,19 @@ use std::path::Path;
 const PLANE: usize = 32 * 32;
 
 pub fn guess_variant(path: &Path) -> Result<Format> {
-    let len = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len() as usize;
-    match (len % (3 * PLANE + 1) == 0, len % (3 * PLANE + 2) == 0) {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len() as usize;
+    match (
+        len.is_multiple_of(3 * PLANE + 1),
+        len.is_multiple_of(3 * PLANE + 2),
+    ) {
         (true, false) => Ok(Format::Cifar10),
         (false, true) => Ok(Format::Cifar100),
-        (true, true) => bail!("{}: size fits both CIFAR-10 and CIFAR-100 records; pass --format", path.display()),
+        (true, true) => bail!(
+            "{}: size fits both CIFAR-10 and CIFAR-100 records; pass --format",
+            path.display()
+        ),
         (false, false) => bail!(
             "{}: size {len} is not a whole number of CIFAR records (3073 or 3074 bytes); the file is truncated or not CIFAR",
             path.display()
@@ -41,5 +49,12 @@ pub fn load(path: &Path, cifar100: bool) -> Result<ImageSet> {
             pixels.extend_from_slice(&[img[p], img[PLANE + p], img[2 * PLANE + p]]);
         }
     }
-    Ok(ImageSet { height: 32, width: 32, channels: 3, pixels, labels: Some(labels), class_names: vec![] })
+    Ok(ImageSet {
+        height: 32,
+        width: 32,
+        channels: 3,
+        pixels,
+        labels: Some(labels),
+        class_names: vec![],
+    })
 }

@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 
 fn is_image(p: &Path) -> bool {
     matches!(
-        p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref(),
         Some("png" | "jpg" | "jpeg")
     )
 }
@@ -24,7 +27,8 @@ fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Decodes one image file to RGB8, naming the file in any error.
 pub fn decode_rgb(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
-    let img = image::open(path).with_context(|| format!("cannot decode image {}", path.display()))?;
+    let img =
+        image::open(path).with_context(|| format!("cannot decode image {}", path.display()))?;
     let rgb = img.to_rgb8();
     Ok((rgb.height() as usize, rgb.width() as usize, rgb.into_raw()))
 }
@@ -45,16 +49,41 @@ pub fn load_resized(dir: &Path, side: usize) -> Result<ImageSet> {
             files.extend(images_in(cdir)?.into_iter().map(|p| (p, Some(c as u32))));
         }
     }
-    ensure!(!files.is_empty(), "{} holds no .png or .jpg images", dir.display());
+    ensure!(
+        !files.is_empty(),
+        "{} holds no .png or .jpg images",
+        dir.display()
+    );
     let mut pixels = Vec::with_capacity(files.len() * side * side * 3);
     for (p, _) in &files {
         let (h, w, px) = decode_rgb(p)?;
-        let one = ImageSet { height: h, width: w, channels: 3, pixels: px, labels: None, class_names: vec![] };
+        let one = ImageSet {
+            height: h,
+            width: w,
+            channels: 3,
+            pixels: px,
+            labels: None,
+            class_names: vec![],
+        };
         pixels.extend_from_slice(&one.resized(side).pixels);
     }
-    let labels = if classes.is_empty() { None } else { Some(files.iter().map(|(_, l)| l.unwrap()).collect()) };
-    let class_names = classes.iter().map(|c| c.file_name().unwrap().to_string_lossy().to_string()).collect();
-    Ok(ImageSet { height: side, width: side, channels: 3, pixels, labels, class_names })
+    let labels = if classes.is_empty() {
+        None
+    } else {
+        Some(files.iter().map(|(_, l)| l.unwrap()).collect())
+    };
+    let class_names = classes
+        .iter()
+        .map(|c| c.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    Ok(ImageSet {
+        height: side,
+        width: side,
+        channels: 3,
+        pixels,
+        labels,
+        class_names,
+    })
 }
 
 /// Loads the folder at the size of its first image (the caller resizes later); images of
@@ -63,7 +92,10 @@ pub fn load(dir: &Path) -> Result<ImageSet> {
     let first = {
         let mut any = images_in(dir)?;
         if any.is_empty() {
-            let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+            let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect();
             subs.sort();
             for s in subs {
                 any = images_in(&s)?;
@@ -72,7 +104,9 @@ pub fn load(dir: &Path) -> Result<ImageSet> {
                 }
             }
         }
-        any.into_iter().next().with_context(|| format!("{} holds no .png or .jpg images", dir.display()))?
+        any.into_iter()
+            .next()
+            .with_context(|| format!("{} holds no .png or .jpg images", dir.display()))?
     };
     let (h, w, _) = decode_rgb(&first)?;
     let set = load_resized(dir, h.max(w))?;

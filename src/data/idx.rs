@@ -12,7 +12,12 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .with_context(|| format!("{} is not a valid gzip file (truncated or corrupt)", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "{} is not a valid gzip file (truncated or corrupt)",
+                    path.display()
+                )
+            })?;
         Ok(out)
     } else {
         Ok(raw)
@@ -22,22 +27,40 @@ fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
 /// Parses an IDX array of u8: returns its dimensions and data.
 pub fn parse(bytes: &[u8], what: &str) -> Result<(Vec<usize>, Vec<u8>)> {
     ensure!(bytes.len() >= 4, "{what}: too short to be an IDX file");
-    ensure!(bytes[0] == 0 && bytes[1] == 0, "{what}: wrong magic number (not an IDX file)");
-    ensure!(bytes[2] == 0x08, "{what}: IDX element type 0x{:02x} is not unsigned bytes", bytes[2]);
+    ensure!(
+        bytes[0] == 0 && bytes[1] == 0,
+        "{what}: wrong magic number (not an IDX file)"
+    );
+    ensure!(
+        bytes[2] == 0x08,
+        "{what}: IDX element type 0x{:02x} is not unsigned bytes",
+        bytes[2]
+    );
     let ndim = bytes[3] as usize;
-    ensure!((1..=4).contains(&ndim), "{what}: IDX with {ndim} dimensions is not supported");
+    ensure!(
+        (1..=4).contains(&ndim),
+        "{what}: IDX with {ndim} dimensions is not supported"
+    );
     ensure!(bytes.len() >= 4 + 4 * ndim, "{what}: truncated IDX header");
-    let dims: Vec<usize> =
-        (0..ndim).map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize).collect();
+    let dims: Vec<usize> = (0..ndim)
+        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
+        .collect();
     let n: usize = dims.iter().product();
     let body = &bytes[4 + 4 * ndim..];
-    ensure!(body.len() >= n, "{what}: truncated IDX data: dimensions {dims:?} need {n} bytes, found {}", body.len());
+    ensure!(
+        body.len() >= n,
+        "{what}: truncated IDX data: dimensions {dims:?} need {n} bytes, found {}",
+        body.len()
+    );
     Ok((dims, body[..n].to_vec()))
 }
 
 /// The labels file that goes with an images file, by the usual naming.
 fn labels_path(images: &Path) -> Option<PathBuf> {
-    let name = images.file_name()?.to_string_lossy().replace("images-idx3", "labels-idx1");
+    let name = images
+        .file_name()?
+        .to_string_lossy()
+        .replace("images-idx3", "labels-idx1");
     let p = images.with_file_name(name);
     (p != images && p.exists()).then_some(p)
 }
@@ -53,10 +76,22 @@ pub fn load(path: &Path) -> Result<ImageSet> {
         Some(lp) => {
             let lw = lp.display().to_string();
             let (ldims, l) = parse(&read_maybe_gz(&lp)?, &lw)?;
-            ensure!(ldims.len() == 1 && ldims[0] == dims[0], "{lw}: {} labels for {} images", ldims[0], dims[0]);
+            ensure!(
+                ldims.len() == 1 && ldims[0] == dims[0],
+                "{lw}: {} labels for {} images",
+                ldims[0],
+                dims[0]
+            );
             Some(l.into_iter().map(u32::from).collect())
         }
         None => None,
     };
-    Ok(ImageSet { height: dims[1], width: dims[2], channels: 1, pixels, labels, class_names: vec![] })
+    Ok(ImageSet {
+        height: dims[1],
+        width: dims[2],
+        channels: 1,
+        pixels,
+        labels,
+        class_names: vec![],
+    })
 }

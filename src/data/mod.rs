@@ -48,7 +48,10 @@ impl ImageSet {
         }
         ImageSet {
             pixels,
-            labels: self.labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect()),
+            labels: self
+                .labels
+                .as_ref()
+                .map(|l| indices.iter().map(|&i| l[i]).collect()),
             class_names: self.class_names.clone(),
             ..*self
         }
@@ -56,7 +59,10 @@ impl ImageSet {
 
     /// Converts to `channels` (RGB to gray by luma, gray to RGB by copying).
     pub fn with_channels(self, channels: usize) -> Result<ImageSet> {
-        ensure!(channels == 1 || channels == 3, "images must have 1 or 3 channels (got {channels})");
+        ensure!(
+            channels == 1 || channels == 3,
+            "images must have 1 or 3 channels (got {channels})"
+        );
         if channels == self.channels {
             return Ok(self);
         }
@@ -65,11 +71,17 @@ impl ImageSet {
             (3, 1) => self
                 .pixels
                 .chunks_exact(3)
-                .map(|p| ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500) / 1000) as u8)
+                .map(|p| {
+                    ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500) / 1000) as u8
+                })
                 .collect(),
             (a, b) => bail!("cannot convert {a}-channel images to {b} channels"),
         };
-        Ok(ImageSet { pixels, channels, ..self })
+        Ok(ImageSet {
+            pixels,
+            channels,
+            ..self
+        })
     }
 
     /// Resizes every image to `side x side` (whole image, aspect ratio not kept), with an
@@ -85,13 +97,22 @@ impl ImageSet {
             let src = self.image(i).to_vec();
             if c == 1 {
                 let img = image::GrayImage::from_raw(w as u32, h as u32, src).expect("image size");
-                pixels.extend_from_slice(resize(&img, side as u32, side as u32, FilterType::Triangle).as_raw());
+                pixels.extend_from_slice(
+                    resize(&img, side as u32, side as u32, FilterType::Triangle).as_raw(),
+                );
             } else {
                 let img = image::RgbImage::from_raw(w as u32, h as u32, src).expect("image size");
-                pixels.extend_from_slice(resize(&img, side as u32, side as u32, FilterType::Triangle).as_raw());
+                pixels.extend_from_slice(
+                    resize(&img, side as u32, side as u32, FilterType::Triangle).as_raw(),
+                );
             }
         }
-        ImageSet { height: side, width: side, pixels, ..self }
+        ImageSet {
+            height: side,
+            width: side,
+            pixels,
+            ..self
+        }
     }
 
     /// Splits off a validation part: a fixed shuffle by `seed`, the last `fraction` held out.
@@ -130,7 +151,10 @@ pub const BUILTIN_FASHION: &str = "fashion-mnist";
 /// the working directory.
 pub fn builtin_fashion_path() -> Result<PathBuf> {
     let rel = Path::new("data/fashion-mnist/t10k-images-idx3-ubyte.gz");
-    let candidates = [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel), rel.to_path_buf()];
+    let candidates = [
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel),
+        rel.to_path_buf(),
+    ];
     candidates.iter().find(|p| p.exists()).cloned().with_context(|| {
         format!("the shipped Fashion-MNIST split was not found at {}; run igpt from the repository or pass --data PATH", candidates[0].display())
     })
@@ -138,9 +162,16 @@ pub fn builtin_fashion_path() -> Result<PathBuf> {
 
 /// Reads a data set from `spec`: a path, or `fashion-mnist` for the shipped split.
 pub fn load(spec: &str, format: Format) -> Result<ImageSet> {
-    let path = if spec == BUILTIN_FASHION { builtin_fashion_path()? } else { PathBuf::from(spec) };
+    let path = if spec == BUILTIN_FASHION {
+        builtin_fashion_path()?
+    } else {
+        PathBuf::from(spec)
+    };
     ensure!(path.exists(), "data set {} does not exist", path.display());
-    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let format = match format {
         Format::Auto if path.is_dir() => Format::Folder,
         Format::Auto if name.ends_with(".npy") => Format::Npy,
@@ -161,6 +192,10 @@ pub fn load(spec: &str, format: Format) -> Result<ImageSet> {
         Format::Auto => unreachable!("resolved above"),
     }
     .with_context(|| format!("cannot load data set {}", path.display()))?;
-    ensure!(!set.is_empty(), "data set {} holds no images", path.display());
+    ensure!(
+        !set.is_empty(),
+        "data set {} holds no images",
+        path.display()
+    );
     Ok(set)
 }

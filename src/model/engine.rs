@@ -80,11 +80,23 @@ impl ActPlan {
         let losses = take(rows);
         let fc_act = take(rows * 4 * d);
         let (d_resid, d_ln, d_att, d_qkv, d_fc) = if training {
-            (take(rows * d), take(rows * d), take(rows * d), take(rows * 3 * d), take(rows * 4 * d))
+            (
+                take(rows * d),
+                take(rows * d),
+                take(rows * d),
+                take(rows * 3 * d),
+                take(rows * 4 * d),
+            )
         } else {
             (0, 0, 0, 0, 0)
         };
-        let shape = AttnShape { batch, t, n_head: cfg.n_head, head_dim: cfg.head_dim(), causal: true };
+        let shape = AttnShape {
+            batch,
+            t,
+            n_head: cfg.n_head,
+            head_dim: cfg.head_dim(),
+            causal: true,
+        };
         let attn_scratch_len = shape.scratch_len(threads);
         let attn_scratch = take(attn_scratch_len);
         Self {
@@ -126,7 +138,12 @@ fn act(offset: usize, len: usize) -> View {
 }
 
 impl<B: Backend> Engine<B> {
-    pub fn new(cfg: &ModelConfig, batch: usize, training: bool, mut backend: B) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        batch: usize,
+        training: bool,
+        mut backend: B,
+    ) -> anyhow::Result<Self> {
         cfg.validate()?;
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
         let layout = ParamLayout::new(cfg);
@@ -182,17 +199,20 @@ impl<B: Backend> Engine<B> {
 
     pub fn params(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.layout.total];
-        self.backend.download(View::new(Arena::Params, 0, self.layout.total), &mut out);
+        self.backend
+            .download(View::new(Arena::Params, 0, self.layout.total), &mut out);
         out
     }
 
     /// Copies an arena of the same layout as the parameters (gradients, Adam moments) to host.
     pub fn read_arena(&self, arena: Arena, out: &mut [f32]) {
-        self.backend.download(View::new(arena, 0, self.layout.total), out);
+        self.backend
+            .download(View::new(arena, 0, self.layout.total), out);
     }
 
     pub fn write_arena(&mut self, arena: Arena, src: &[f32]) {
-        self.backend.upload(View::new(arena, 0, self.layout.total), src);
+        self.backend
+            .upload(View::new(arena, 0, self.layout.total), src);
     }
 
     pub fn zero_grads(&mut self) {
@@ -204,14 +224,21 @@ impl<B: Backend> Engine<B> {
     fn check_tokens(&self, tokens: &[u16]) -> anyhow::Result<usize> {
         let t = self.cfg.n_ctx();
         anyhow::ensure!(
-            !tokens.is_empty() && tokens.len() % t == 0,
+            !tokens.is_empty() && tokens.len().is_multiple_of(t),
             "a batch must hold whole images of {t} tokens (got {} tokens)",
             tokens.len()
         );
         let n_seq = tokens.len() / t;
-        anyhow::ensure!(n_seq <= self.batch, "batch of {n_seq} images exceeds the planned {}", self.batch);
+        anyhow::ensure!(
+            n_seq <= self.batch,
+            "batch of {n_seq} images exceeds the planned {}",
+            self.batch
+        );
         if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= self.cfg.n_vocab) {
-            anyhow::bail!("token id {bad} is outside the palette of {} colours", self.cfg.n_vocab);
+            anyhow::bail!(
+                "token id {bad} is outside the palette of {} colours",
+                self.cfg.n_vocab
+            );
         }
         Ok(n_seq)
     }
@@ -241,7 +268,8 @@ impl<B: Backend> Engine<B> {
     pub fn logits(&self, out: &mut Vec<f32>) {
         let rows = self.n_seq * self.cfg.n_ctx();
         out.resize(rows * self.cfg.n_vocab, 0.0);
-        self.backend.download(act(self.plan.logits, rows * self.cfg.n_vocab), out);
+        self.backend
+            .download(act(self.plan.logits, rows * self.cfg.n_vocab), out);
     }
 
     /// The normalised input of block `layer` (`norm_1` output), `[n_seq * n_ctx, d]`, from
@@ -249,7 +277,10 @@ impl<B: Backend> Engine<B> {
     pub fn block_input_norm(&self, layer: usize, out: &mut Vec<f32>) {
         let rows = self.n_seq * self.cfg.n_ctx();
         out.resize(rows * self.cfg.n_embd, 0.0);
-        self.backend.download(act(self.plan.blocks[layer].ln1, rows * self.cfg.n_embd), out);
+        self.backend.download(
+            act(self.plan.blocks[layer].ln1, rows * self.cfg.n_embd),
+            out,
+        );
     }
 
     fn run_forward(&mut self, tokens: &[u16], grad_scale: Option<f32>) -> anyhow::Result<f64> {
@@ -258,7 +289,13 @@ impl<B: Backend> Engine<B> {
         let cfg = self.cfg.clone();
         let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
         let rows = n_seq * t;
-        let shape = AttnShape { batch: n_seq, t, n_head: cfg.n_head, head_dim: cfg.head_dim(), causal: true };
+        let shape = AttnShape {
+            batch: n_seq,
+            t,
+            n_head: cfg.n_head,
+            head_dim: cfg.head_dim(),
+            causal: true,
+        };
         let plan = &self.plan;
         let lay = &self.layout;
         let b = &mut self.backend;
@@ -266,7 +303,14 @@ impl<B: Backend> Engine<B> {
         let scratch = act(plan.attn_scratch, plan.attn_scratch_len);
 
         b.set_tokens(tokens);
-        b.embed_forward(act(plan.resid[0], rows * d), pv(lay.wte, v * d), pv(lay.wpe, t * d), pv(lay.sos, d), t, d);
+        b.embed_forward(
+            act(plan.resid[0], rows * d),
+            pv(lay.wte, v * d),
+            pv(lay.wpe, t * d),
+            pv(lay.sos, d),
+            t,
+            d,
+        );
         for (l, (ba, po)) in plan.blocks.iter().zip(&lay.blocks).enumerate() {
             let x = act(plan.resid[l], rows * d);
             let ln1 = act(ba.ln1, rows * d);
@@ -278,21 +322,77 @@ impl<B: Backend> Engine<B> {
             let fc_act = act(plan.fc_act, rows * 4 * d);
             let out = act(plan.resid[l + 1], rows * d);
             b.rmsnorm_forward(ln1, act(ba.rstd1, rows), x, pv(po.ln_1, d), d);
-            b.matmul(qkv, ln1, Op::N, pv(po.c_attn, d * 3 * d), Op::N, rows, d, 3 * d, false);
-            b.attention_forward(att, act(ba.lse, n_seq * cfg.n_head * t), qkv, scratch, shape);
+            b.matmul(
+                qkv,
+                ln1,
+                Op::N,
+                pv(po.c_attn, d * 3 * d),
+                Op::N,
+                rows,
+                d,
+                3 * d,
+                false,
+            );
+            b.attention_forward(
+                att,
+                act(ba.lse, n_seq * cfg.n_head * t),
+                qkv,
+                scratch,
+                shape,
+            );
             b.copy(mid, x);
-            b.matmul(mid, att, Op::N, pv(po.attn_proj, d * d), Op::N, rows, d, d, true);
+            b.matmul(
+                mid,
+                att,
+                Op::N,
+                pv(po.attn_proj, d * d),
+                Op::N,
+                rows,
+                d,
+                d,
+                true,
+            );
             b.rmsnorm_forward(ln2, act(ba.rstd2, rows), mid, pv(po.ln_2, d), d);
-            b.matmul(fc, ln2, Op::N, pv(po.c_fc, d * 4 * d), Op::N, rows, d, 4 * d, false);
+            b.matmul(
+                fc,
+                ln2,
+                Op::N,
+                pv(po.c_fc, d * 4 * d),
+                Op::N,
+                rows,
+                d,
+                4 * d,
+                false,
+            );
             b.gelu_forward(fc_act, fc);
             b.copy(out, mid);
-            b.matmul(out, fc_act, Op::N, pv(po.mlp_proj, 4 * d * d), Op::N, rows, 4 * d, d, true);
+            b.matmul(
+                out,
+                fc_act,
+                Op::N,
+                pv(po.mlp_proj, 4 * d * d),
+                Op::N,
+                rows,
+                4 * d,
+                d,
+                true,
+            );
         }
         let last = act(plan.resid[cfg.n_layer], rows * d);
         let lnf = act(plan.lnf, rows * d);
         b.rmsnorm_forward(lnf, act(plan.rstdf, rows), last, pv(lay.ln_f, d), d);
         let logits = act(plan.logits, rows * v);
-        b.matmul(logits, lnf, Op::N, pv(lay.wtet, v * d), Op::T, rows, d, v, false);
+        b.matmul(
+            logits,
+            lnf,
+            Op::N,
+            pv(lay.wtet, v * d),
+            Op::T,
+            rows,
+            d,
+            v,
+            false,
+        );
         let losses = act(plan.losses, rows);
         b.cross_entropy(logits, losses, v, grad_scale);
         b.download(losses, &mut self.host_losses[..rows]);
@@ -304,7 +404,13 @@ impl<B: Backend> Engine<B> {
         let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
         let n_seq = self.n_seq;
         let rows = n_seq * t;
-        let shape = AttnShape { batch: n_seq, t, n_head: cfg.n_head, head_dim: cfg.head_dim(), causal: true };
+        let shape = AttnShape {
+            batch: n_seq,
+            t,
+            n_head: cfg.n_head,
+            head_dim: cfg.head_dim(),
+            causal: true,
+        };
         let plan = &self.plan;
         let lay = &self.layout;
         let b = &mut self.backend;
@@ -320,37 +426,176 @@ impl<B: Backend> Engine<B> {
         let fc_act = act(plan.fc_act, rows * 4 * d);
 
         // Head and final norm.
-        b.matmul(d_ln, dlogits, Op::N, pv(lay.wtet, v * d), Op::N, rows, v, d, false);
-        b.matmul(gv(lay.wtet, v * d), dlogits, Op::T, act(plan.lnf, rows * d), Op::N, v, rows, d, true);
+        b.matmul(
+            d_ln,
+            dlogits,
+            Op::N,
+            pv(lay.wtet, v * d),
+            Op::N,
+            rows,
+            v,
+            d,
+            false,
+        );
+        b.matmul(
+            gv(lay.wtet, v * d),
+            dlogits,
+            Op::T,
+            act(plan.lnf, rows * d),
+            Op::N,
+            v,
+            rows,
+            d,
+            true,
+        );
         b.fill(d_resid, 0.0);
         let last = act(plan.resid[cfg.n_layer], rows * d);
-        b.rmsnorm_backward(d_resid, gv(lay.ln_f, d), d_ln, last, act(plan.rstdf, rows), pv(lay.ln_f, d), d);
+        b.rmsnorm_backward(
+            d_resid,
+            gv(lay.ln_f, d),
+            d_ln,
+            last,
+            act(plan.rstdf, rows),
+            pv(lay.ln_f, d),
+            d,
+        );
 
         for l in (0..cfg.n_layer).rev() {
             let (ba, po) = (&plan.blocks[l], &lay.blocks[l]);
             let fc = act(ba.fc, rows * 4 * d);
             // MLP branch: the activation output is recomputed rather than stored per layer.
             b.gelu_forward(fc_act, fc);
-            b.matmul(gv(po.mlp_proj, 4 * d * d), fc_act, Op::T, d_resid, Op::N, 4 * d, rows, d, true);
-            b.matmul(d_fc, d_resid, Op::N, pv(po.mlp_proj, 4 * d * d), Op::T, rows, d, 4 * d, false);
+            b.matmul(
+                gv(po.mlp_proj, 4 * d * d),
+                fc_act,
+                Op::T,
+                d_resid,
+                Op::N,
+                4 * d,
+                rows,
+                d,
+                true,
+            );
+            b.matmul(
+                d_fc,
+                d_resid,
+                Op::N,
+                pv(po.mlp_proj, 4 * d * d),
+                Op::T,
+                rows,
+                d,
+                4 * d,
+                false,
+            );
             b.gelu_backward_inplace(d_fc, fc);
             let ln2 = act(ba.ln2, rows * d);
-            b.matmul(gv(po.c_fc, d * 4 * d), ln2, Op::T, d_fc, Op::N, d, rows, 4 * d, true);
-            b.matmul(d_ln, d_fc, Op::N, pv(po.c_fc, d * 4 * d), Op::T, rows, 4 * d, d, false);
+            b.matmul(
+                gv(po.c_fc, d * 4 * d),
+                ln2,
+                Op::T,
+                d_fc,
+                Op::N,
+                d,
+                rows,
+                4 * d,
+                true,
+            );
+            b.matmul(
+                d_ln,
+                d_fc,
+                Op::N,
+                pv(po.c_fc, d * 4 * d),
+                Op::T,
+                rows,
+                4 * d,
+                d,
+                false,
+            );
             let mid = act(ba.mid, rows * d);
-            b.rmsnorm_backward(d_resid, gv(po.ln_2, d), d_ln, mid, act(ba.rstd2, rows), pv(po.ln_2, d), d);
+            b.rmsnorm_backward(
+                d_resid,
+                gv(po.ln_2, d),
+                d_ln,
+                mid,
+                act(ba.rstd2, rows),
+                pv(po.ln_2, d),
+                d,
+            );
             // Attention branch.
             let att = act(ba.att, rows * d);
-            b.matmul(gv(po.attn_proj, d * d), att, Op::T, d_resid, Op::N, d, rows, d, true);
-            b.matmul(d_att, d_resid, Op::N, pv(po.attn_proj, d * d), Op::T, rows, d, d, false);
+            b.matmul(
+                gv(po.attn_proj, d * d),
+                att,
+                Op::T,
+                d_resid,
+                Op::N,
+                d,
+                rows,
+                d,
+                true,
+            );
+            b.matmul(
+                d_att,
+                d_resid,
+                Op::N,
+                pv(po.attn_proj, d * d),
+                Op::T,
+                rows,
+                d,
+                d,
+                false,
+            );
             let qkv = act(ba.qkv, rows * 3 * d);
-            b.attention_backward(d_qkv, d_att, att, act(ba.lse, n_seq * cfg.n_head * t), qkv, scratch, shape);
+            b.attention_backward(
+                d_qkv,
+                d_att,
+                att,
+                act(ba.lse, n_seq * cfg.n_head * t),
+                qkv,
+                scratch,
+                shape,
+            );
             let ln1 = act(ba.ln1, rows * d);
-            b.matmul(gv(po.c_attn, d * 3 * d), ln1, Op::T, d_qkv, Op::N, d, rows, 3 * d, true);
-            b.matmul(d_ln, d_qkv, Op::N, pv(po.c_attn, d * 3 * d), Op::T, rows, 3 * d, d, false);
+            b.matmul(
+                gv(po.c_attn, d * 3 * d),
+                ln1,
+                Op::T,
+                d_qkv,
+                Op::N,
+                d,
+                rows,
+                3 * d,
+                true,
+            );
+            b.matmul(
+                d_ln,
+                d_qkv,
+                Op::N,
+                pv(po.c_attn, d * 3 * d),
+                Op::T,
+                rows,
+                3 * d,
+                d,
+                false,
+            );
             let x = act(plan.resid[l], rows * d);
-            b.rmsnorm_backward(d_resid, gv(po.ln_1, d), d_ln, x, act(ba.rstd1, rows), pv(po.ln_1, d), d);
+            b.rmsnorm_backward(
+                d_resid,
+                gv(po.ln_1, d),
+                d_ln,
+                x,
+                act(ba.rstd1, rows),
+                pv(po.ln_1, d),
+                d,
+            );
         }
-        b.embed_backward(gv(lay.wte, v * d), gv(lay.wpe, t * d), gv(lay.sos, d), d_resid, t, d);
+        b.embed_backward(
+            gv(lay.wte, v * d),
+            gv(lay.wpe, t * d),
+            gv(lay.sos, d),
+            d_resid,
+            t,
+            d,
+        );
     }
 }

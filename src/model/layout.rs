@@ -73,21 +73,38 @@ impl ParamLayout {
         let mut push = |name: String, shape: Vec<usize>, init: Init, decay: bool| -> usize {
             let len = shape.iter().product();
             let at = offset;
-            tensors.push(TensorSpec { name, shape, offset: at, len, init, decay });
+            tensors.push(TensorSpec {
+                name,
+                shape,
+                offset: at,
+                len,
+                init,
+                decay,
+            });
             offset += len;
             at
         };
         let qkv_std = 1.0 / (d as f32).sqrt();
         let proj_std = 1.0 / ((d * cfg.n_layer) as f32).sqrt();
         let wte = push("wte".into(), vec![v, d], Init::Normal(0.02), false);
-        let wpe = push("wpe".into(), vec![cfg.n_ctx(), d], Init::Normal(0.01), false);
+        let wpe = push(
+            "wpe".into(),
+            vec![cfg.n_ctx(), d],
+            Init::Normal(0.01),
+            false,
+        );
         let sos = push("sos".into(), vec![d], Init::Normal(0.02), false);
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("h.{i}.{s}");
             blocks.push(BlockOffsets {
                 ln_1: push(p("ln_1.g"), vec![d], Init::Ones, false),
-                c_attn: push(p("attn.c_attn.w"), vec![d, 3 * d], Init::Normal(qkv_std), true),
+                c_attn: push(
+                    p("attn.c_attn.w"),
+                    vec![d, 3 * d],
+                    Init::Normal(qkv_std),
+                    true,
+                ),
                 attn_proj: push(p("attn.c_proj.w"), vec![d, d], Init::Normal(proj_std), true),
                 ln_2: push(p("ln_2.g"), vec![d], Init::Ones, false),
                 c_fc: push(p("mlp.c_fc.w"), vec![d, 4 * d], Init::Normal(0.02), true),
@@ -96,7 +113,16 @@ impl ParamLayout {
         }
         let ln_f = push("ln_f.g".into(), vec![d], Init::Ones, false);
         let wtet = push("wtet".into(), vec![v, d], Init::Zeros, true);
-        Self { tensors, wte, wpe, sos, blocks, ln_f, wtet, total: offset }
+        Self {
+            tensors,
+            wte,
+            wpe,
+            sos,
+            blocks,
+            ln_f,
+            wtet,
+            total: offset,
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorSpec> {

@@ -59,15 +59,24 @@ impl Default for TrainConfig {
 impl TrainConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.steps >= 1, "--steps must be at least 1");
-        anyhow::ensure!(self.batch >= 1 && self.micro_batch >= 1, "batch sizes must be at least 1");
         anyhow::ensure!(
-            self.batch % self.micro_batch == 0,
+            self.batch >= 1 && self.micro_batch >= 1,
+            "batch sizes must be at least 1"
+        );
+        anyhow::ensure!(
+            self.batch.is_multiple_of(self.micro_batch),
             "--batch ({}) must be a multiple of --micro-batch ({})",
             self.batch,
             self.micro_batch
         );
-        anyhow::ensure!(self.lr > 0.0 && self.lr.is_finite(), "--lr must be positive");
-        anyhow::ensure!((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2), "Adam betas must be in [0, 1)");
+        anyhow::ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "--lr must be positive"
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2),
+            "Adam betas must be in [0, 1)"
+        );
         Ok(())
     }
 
@@ -116,7 +125,12 @@ pub struct Trainer<B: Backend> {
 }
 
 impl<B: Backend> Trainer<B> {
-    pub fn new(model: &ModelConfig, cfg: TrainConfig, params: &[f32], backend: B) -> anyhow::Result<Self> {
+    pub fn new(
+        model: &ModelConfig,
+        cfg: TrainConfig,
+        params: &[f32],
+        backend: B,
+    ) -> anyhow::Result<Self> {
         cfg.validate()?;
         let mut engine = Engine::new(model, cfg.micro_batch, true, backend)?;
         engine.set_params(params)?;
@@ -151,8 +165,10 @@ impl<B: Backend> Trainer<B> {
         if self.order_epoch != Some(self.state.epoch) || self.order.len() != n {
             self.order.clear();
             self.order.extend(0..n);
-            let seed = self.cfg.seed ^ (self.state.epoch.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            self.order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+            let seed = self.cfg.seed
+                ^ (self.state.epoch.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            self.order
+                .shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
             self.order_epoch = Some(self.state.epoch);
         }
     }
@@ -176,7 +192,8 @@ impl<B: Backend> Trainer<B> {
     pub fn step(&mut self, data: &TokenSet) -> anyhow::Result<StepStats> {
         anyhow::ensure!(!data.is_empty(), "the training set is empty");
         anyhow::ensure!(
-            data.header.t == self.engine.cfg.n_ctx() && data.header.n_vocab == self.engine.cfg.n_vocab,
+            data.header.t == self.engine.cfg.n_ctx()
+                && data.header.n_vocab == self.engine.cfg.n_vocab,
             "the data ({} tokens per image, {} colours) does not fit the model ({} tokens, {} colours)",
             data.header.t,
             data.header.n_vocab,
@@ -197,7 +214,11 @@ impl<B: Backend> Trainer<B> {
             loss_sum += r?;
         }
         let n = self.engine.layout.total;
-        let grad_norm = self.engine.backend().sum_squares(View::new(Arena::Grads, 0, n)).sqrt();
+        let grad_norm = self
+            .engine
+            .backend()
+            .sum_squares(View::new(Arena::Grads, 0, n))
+            .sqrt();
         let clip_scale = if self.cfg.clip > 0.0 && grad_norm > self.cfg.clip as f64 {
             (self.cfg.clip as f64 / grad_norm) as f32
         } else {
@@ -219,11 +240,19 @@ impl<B: Backend> Trainer<B> {
                 let t = &self.engine.layout.tensors[i];
                 (t.offset, t.len, t.decay)
             };
-            self.engine.backend_mut().adamw(View::new(Arena::Params, off, len), h, decay);
+            self.engine
+                .backend_mut()
+                .adamw(View::new(Arena::Params, off, len), h, decay);
         }
         self.state.step = step;
         self.state.tokens_seen += tokens;
-        Ok(StepStats { step, loss: loss_sum / tokens as f64, lr, grad_norm, tokens })
+        Ok(StepStats {
+            step,
+            loss: loss_sum / tokens as f64,
+            lr,
+            grad_norm,
+            tokens,
+        })
     }
 
     /// Mean loss in nats per token over (the first `max_images` of) `data`.
@@ -234,7 +263,12 @@ impl<B: Backend> Trainer<B> {
 
 /// Mean loss in nats per token of `engine`'s model over (the first `max_images`, 0 = all,
 /// of) `data`, with the start token as in training. `buf` is reused batch storage.
-pub fn evaluate<B: Backend>(engine: &mut Engine<B>, data: &TokenSet, max_images: usize, buf: &mut Vec<u16>) -> anyhow::Result<f64> {
+pub fn evaluate<B: Backend>(
+    engine: &mut Engine<B>,
+    data: &TokenSet,
+    max_images: usize,
+    buf: &mut Vec<u16>,
+) -> anyhow::Result<f64> {
     let t = engine.cfg.n_ctx();
     anyhow::ensure!(
         data.header.t == t && data.header.n_vocab == engine.cfg.n_vocab,
@@ -243,7 +277,11 @@ pub fn evaluate<B: Backend>(engine: &mut Engine<B>, data: &TokenSet, max_images:
         data.header.n_vocab,
         engine.cfg.n_vocab
     );
-    let n = if max_images == 0 { data.len() } else { max_images.min(data.len()) };
+    let n = if max_images == 0 {
+        data.len()
+    } else {
+        max_images.min(data.len())
+    };
     anyhow::ensure!(n > 0, "no images to evaluate on");
     buf.resize(engine.batch * t, 0);
     let mut sum = 0.0;
@@ -265,7 +303,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_linearly_then_decays_to_zero() {
-        let c = TrainConfig { steps: 110, warmup: 10, lr: 1.0, ..TrainConfig::default() };
+        let c = TrainConfig {
+            steps: 110,
+            warmup: 10,
+            lr: 1.0,
+            ..TrainConfig::default()
+        };
         assert!((c.lr_at(1) - 0.1).abs() < 1e-6);
         assert!((c.lr_at(10) - 1.0).abs() < 1e-6);
         assert!((c.lr_at(60) - 0.5).abs() < 1e-6);

@@ -62,7 +62,12 @@ impl Progress for Quiet {}
 
 /// Loads, shapes, splits and quantises the data; fits the palette if asked; writes the token
 /// sets into `run/data/` and maps them back.
-pub fn prepare(run: &RunDir, spec: &DataSpec, palette: &PaletteSpec, progress: &mut dyn Progress) -> Result<Prepared> {
+pub fn prepare(
+    run: &RunDir,
+    spec: &DataSpec,
+    palette: &PaletteSpec,
+    progress: &mut dyn Progress,
+) -> Result<Prepared> {
     let given = match palette {
         PaletteSpec::File(p) => Some(Palette::load(p)?),
         PaletteSpec::Fit(_) => None,
@@ -72,7 +77,10 @@ pub fn prepare(run: &RunDir, spec: &DataSpec, palette: &PaletteSpec, progress: &
         let n = limit.min(set.len());
         set = set.select(&(0..n).collect::<Vec<_>>());
     }
-    let channels = spec.channels.or(given.as_ref().map(|p| p.channels)).unwrap_or(set.channels);
+    let channels = spec
+        .channels
+        .or(given.as_ref().map(|p| p.channels))
+        .unwrap_or(set.channels);
     if let Some(p) = &given {
         ensure!(
             p.channels == channels,
@@ -92,18 +100,39 @@ pub fn prepare(run: &RunDir, spec: &DataSpec, palette: &PaletteSpec, progress: &
             set.height
         }
     };
-    progress.message(&format!("data: {} images of {}x{}x{} from {}", set.len(), set.height, set.width, set.channels, spec.data));
+    progress.message(&format!(
+        "data: {} images of {}x{}x{} from {}",
+        set.len(),
+        set.height,
+        set.width,
+        set.channels,
+        spec.data
+    ));
     let set = set.with_channels(channels)?.resized(side);
     let (train, val) = match &spec.val_data {
-        Some(v) => (set, data::load(v, spec.format)?.with_channels(channels)?.resized(side)),
+        Some(v) => (
+            set,
+            data::load(v, spec.format)?
+                .with_channels(channels)?
+                .resized(side),
+        ),
         None => set.split(spec.val_fraction, spec.seed),
     };
-    ensure!(!train.is_empty(), "no training images left after the validation split");
-    ensure!(!val.is_empty(), "no validation images: raise --val-fraction or pass --val-data");
+    ensure!(
+        !train.is_empty(),
+        "no training images left after the validation split"
+    );
+    ensure!(
+        !val.is_empty(),
+        "no validation images: raise --val-fraction or pass --val-data"
+    );
     let palette = match (given, palette) {
         (Some(p), _) => p,
         (None, PaletteSpec::Fit(opts)) => {
-            progress.message(&format!("palette: fitting {} colours by k-means on the training split", opts.k));
+            progress.message(&format!(
+                "palette: fitting {} colours by k-means on the training split",
+                opts.k
+            ));
             Palette::fit(&train.pixels, channels, opts)?
         }
         (None, PaletteSpec::File(_)) => unreachable!("loaded above"),
@@ -111,7 +140,12 @@ pub fn prepare(run: &RunDir, spec: &DataSpec, palette: &PaletteSpec, progress: &
     let train_path = run.file("data/train.tokens");
     let val_path = run.file("data/val.tokens");
     TokenSet::quantise(&train, &palette, &spec.data)?.save(&train_path)?;
-    TokenSet::quantise(&val, &palette, spec.val_data.as_deref().unwrap_or(&spec.data))?.save(&val_path)?;
+    TokenSet::quantise(
+        &val,
+        &palette,
+        spec.val_data.as_deref().unwrap_or(&spec.data),
+    )?
+    .save(&val_path)?;
     progress.message(&format!(
         "tokens: {} training and {} validation images of {} tokens, cached in {}",
         train.len(),
@@ -119,7 +153,13 @@ pub fn prepare(run: &RunDir, spec: &DataSpec, palette: &PaletteSpec, progress: &
         side * side,
         run.file("data").display()
     ));
-    Ok(Prepared { palette, train: TokenSet::open(&train_path)?, val: TokenSet::open(&val_path)?, side, channels })
+    Ok(Prepared {
+        palette,
+        train: TokenSet::open(&train_path)?,
+        val: TokenSet::open(&val_path)?,
+        side,
+        channels,
+    })
 }
 
 /// What a finished (or stopped) run reports.
@@ -152,7 +192,12 @@ pub fn start(
         prepared.palette.len(),
         prepared.palette.channels
     );
-    ensure!(model.side == prepared.side, "the model's side {} differs from the data's {}", model.side, prepared.side);
+    ensure!(
+        model.side == prepared.side,
+        "the model's side {} differs from the data's {}",
+        model.side,
+        prepared.side
+    );
     let cfg = RunConfig {
         model: model.clone(),
         train: train_cfg.clone(),
@@ -164,7 +209,14 @@ pub fn start(
     let _ = std::fs::remove_file(run.file("metrics.jsonl"));
     let params = crate::model::init_params(model, train_cfg.seed);
     let mut trainer = Trainer::new(model, train_cfg.clone(), &params, CpuBackend::new())?;
-    train_loop(run, &mut trainer, &prepared.train, &prepared.val, stop_after, progress)
+    train_loop(
+        run,
+        &mut trainer,
+        &prepared.train,
+        &prepared.val,
+        stop_after,
+        progress,
+    )
 }
 
 /// Continues the run in `run` exactly where its last checkpoint left it. `steps` may raise the
@@ -200,24 +252,42 @@ pub fn resume(
         run.save_config(&cfg)?;
     }
     let palette = run.load_palette()?;
-    ensure!(palette.len() == cfg.model.n_vocab, "palette.json has {} colours but the model was built for {}", palette.len(), cfg.model.n_vocab);
-    let (state, params, m, v) = run.load_trainer(crate::model::ParamLayout::new(&cfg.model).total)?;
+    ensure!(
+        palette.len() == cfg.model.n_vocab,
+        "palette.json has {} colours but the model was built for {}",
+        palette.len(),
+        cfg.model.n_vocab
+    );
+    let (state, params, m, v) =
+        run.load_trainer(crate::model::ParamLayout::new(&cfg.model).total)?;
     let train = TokenSet::open(&run.file("data/train.tokens"))?;
     let val = TokenSet::open(&run.file("data/val.tokens"))?;
     let mut trainer = Trainer::new(&cfg.model, cfg.train.clone(), &params, CpuBackend::new())?;
     trainer.restore(state, &m, &v);
     truncate_metrics(run, trainer.state.step)?;
-    progress.message(&format!("resuming {} at step {} of {}", run.path.display(), trainer.state.step, cfg.train.steps));
+    progress.message(&format!(
+        "resuming {} at step {} of {}",
+        run.path.display(),
+        trainer.state.step,
+        cfg.train.steps
+    ));
     train_loop(run, &mut trainer, &train, &val, stop_after, progress)
 }
 
 /// Drops metric lines logged after `step` (a run killed after its last checkpoint).
 fn truncate_metrics(run: &RunDir, step: u64) -> Result<()> {
     let p = run.file("metrics.jsonl");
-    let Ok(text) = std::fs::read_to_string(&p) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(&p) else {
+        return Ok(());
+    };
     let kept: String = text
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     crate::fsutil::write_atomic(&p, kept.as_bytes())
@@ -227,7 +297,9 @@ fn checkpoint(run: &RunDir, trainer: &Trainer<CpuBackend>) -> Result<()> {
     let (params, m, v) = trainer.snapshot();
     run.save_trainer(&trainer.state, &params, &m, &v)?;
     run.save_model(&trainer.engine.cfg, &params)?;
-    if let Err(e) = crate::plot::loss_curve_from_metrics(&run.file("metrics.jsonl"), &run.file("loss.png")) {
+    if let Err(e) =
+        crate::plot::loss_curve_from_metrics(&run.file("metrics.jsonl"), &run.file("loss.png"))
+    {
         eprintln!("warning: could not draw the loss curve: {e:#}");
     }
     Ok(())
@@ -272,7 +344,12 @@ fn train_loop_on_pool(
         let s = trainer.step(train)?;
         let tps = s.tokens as f64 / ts.elapsed().as_secs_f64();
         tokens += s.tokens;
-        ensure!(s.loss.is_finite(), "training diverged at step {} (loss {}): lower --lr or raise --warmup", s.step, s.loss);
+        ensure!(
+            s.loss.is_finite(),
+            "training diverged at step {} (loss {}): lower --lr or raise --warmup",
+            s.step,
+            s.loss
+        );
         losses.push(s.loss);
         progress.step(&s, tps);
         writeln!(
@@ -291,13 +368,17 @@ fn train_loop_on_pool(
             writeln!(log, "{}", json!({"step": s.step, "val_loss": v}))?;
         }
         log.flush()?;
-        if at_end || s.step == last || (cfg.checkpoint_every > 0 && s.step % cfg.checkpoint_every == 0) {
+        if at_end
+            || s.step == last
+            || (cfg.checkpoint_every > 0 && s.step % cfg.checkpoint_every == 0)
+        {
             checkpoint(run, trainer)?;
         }
     }
     if trainer.state.step == first {
         // Nothing to do (the run was already complete): still leave a chart.
-        let _ = crate::plot::loss_curve_from_metrics(&run.file("metrics.jsonl"), &run.file("loss.png"));
+        let _ =
+            crate::plot::loss_curve_from_metrics(&run.file("metrics.jsonl"), &run.file("loss.png"));
     }
     progress.finish();
     let secs = t0.elapsed().as_secs_f64();
@@ -313,6 +394,9 @@ fn train_loop_on_pool(
 
 impl TrainState {
     pub fn describe(&self) -> String {
-        format!("step {}, epoch {}, {} tokens seen", self.step, self.epoch, self.tokens_seen)
+        format!(
+            "step {}, epoch {}, {} tokens seen",
+            self.step, self.epoch, self.tokens_seen
+        )
     }
 }

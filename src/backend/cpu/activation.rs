@@ -8,18 +8,25 @@ const CHUNK: usize = 16 * 1024;
 
 pub fn quick_gelu_forward(out: &mut [f32], x: &[f32]) {
     assert_eq!(out.len(), x.len());
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| simd::quick_gelu(o, x));
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(o, x)| simd::quick_gelu(o, x));
 }
 
 /// `dx = dout * d/dx[x * sigmoid(k x)]`, written over `dout` in place (the caller's buffer
 /// for the activation gradient becomes the pre-activation gradient).
 pub fn quick_gelu_backward_inplace(dout: &mut [f32], x: &[f32]) {
     assert_eq!(dout.len(), x.len());
-    dout.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(d, x)| simd::quick_gelu_grad(d, x));
+    dout.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(d, x)| simd::quick_gelu_grad(d, x));
 }
 
 /// `out = a + b`.
 pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
     assert!(out.len() == a.len() && a.len() == b.len());
-    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((o, a), b)| simd::add(o, a, b));
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK))
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|((o, a), b)| simd::add(o, a, b));
 }

@@ -4,22 +4,35 @@ use super::simd;
 use rayon::prelude::*;
 
 /// `out[b, t] = (t == 0 ? sos : wte[tokens[b, t-1]]) + wpe[t]` for `tokens: [batch, t_len]`.
-pub fn embed_forward(out: &mut [f32], tokens: &[u16], wte: &[f32], wpe: &[f32], sos: &[f32], t_len: usize, d: usize) {
+pub fn embed_forward(
+    out: &mut [f32],
+    tokens: &[u16],
+    wte: &[f32],
+    wpe: &[f32],
+    sos: &[f32],
+    t_len: usize,
+    d: usize,
+) {
     let n_vocab = wte.len() / d;
     assert_eq!(out.len(), tokens.len() * d);
-    out.par_chunks_mut(t_len * d).zip(tokens.par_chunks(t_len)).for_each(|(o, toks)| {
-        for (t, row) in o.chunks_mut(d).enumerate() {
-            let content = if t == 0 {
-                sos
-            } else {
-                let id = toks[t - 1] as usize;
-                assert!(id < n_vocab, "token id {id} is outside the palette of {n_vocab} colours");
-                &wte[id * d..(id + 1) * d]
-            };
-            let pos = &wpe[t * d..(t + 1) * d];
-            simd::add(row, content, pos);
-        }
-    });
+    out.par_chunks_mut(t_len * d)
+        .zip(tokens.par_chunks(t_len))
+        .for_each(|(o, toks)| {
+            for (t, row) in o.chunks_mut(d).enumerate() {
+                let content = if t == 0 {
+                    sos
+                } else {
+                    let id = toks[t - 1] as usize;
+                    assert!(
+                        id < n_vocab,
+                        "token id {id} is outside the palette of {n_vocab} colours"
+                    );
+                    &wte[id * d..(id + 1) * d]
+                };
+                let pos = &wpe[t * d..(t + 1) * d];
+                simd::add(row, content, pos);
+            }
+        });
 }
 
 /// Backward of [`embed_forward`]: adds into `dwte`, `dwpe` and `dsos`.
@@ -34,12 +47,15 @@ pub fn embed_backward(
 ) {
     let batch = tokens.len() / t_len;
     // Positions: each wpe row sums over the batch; rows are disjoint, so parallel over t.
-    dwpe[..t_len * d].par_chunks_mut(d).enumerate().for_each(|(t, row)| {
-        for b in 0..batch {
-            let src = &dout[(b * t_len + t) * d..(b * t_len + t + 1) * d];
-            simd::add_assign(row, src);
-        }
-    });
+    dwpe[..t_len * d]
+        .par_chunks_mut(d)
+        .enumerate()
+        .for_each(|(t, row)| {
+            for b in 0..batch {
+                let src = &dout[(b * t_len + t) * d..(b * t_len + t + 1) * d];
+                simd::add_assign(row, src);
+            }
+        });
     for b in 0..batch {
         simd::add_assign(dsos, &dout[b * t_len * d..b * t_len * d + d]);
     }

@@ -136,24 +136,66 @@ pub fn matmul(
         (0..n.div_ceil(cols)).into_par_iter().for_each(|t| {
             let c0 = t * cols;
             let nc = cols.min(n - c0);
-            let lhs = Strided { ptr: a_ptr.get(), rs: a_rs, cs: a_cs };
-            let rhs = Strided { ptr: b_ptr.get().wrapping_offset(c0 as isize * b_cs), rs: b_rs, cs: b_cs };
+            let lhs = Strided {
+                ptr: a_ptr.get(),
+                rs: a_rs,
+                cs: a_cs,
+            };
+            let rhs = Strided {
+                ptr: b_ptr.get().wrapping_offset(c0 as isize * b_cs),
+                rs: b_rs,
+                cs: b_cs,
+            };
             // SAFETY: columns c0..c0+nc of `out` belong to this task alone; operands are in
             // bounds by the size checks above and do not alias `out`.
-            unsafe { gemm_serial(m, nc, k, out_ptr.get().add(c0), n as isize, lhs, rhs, accumulate, 1.0) };
+            unsafe {
+                gemm_serial(
+                    m,
+                    nc,
+                    k,
+                    out_ptr.get().add(c0),
+                    n as isize,
+                    lhs,
+                    rhs,
+                    accumulate,
+                    1.0,
+                )
+            };
         });
         return;
     }
     let rows = rows_per_task(m);
-    out.par_chunks_mut(rows * n).enumerate().for_each(|(t, chunk)| {
-        let r0 = t * rows;
-        let mr = chunk.len() / n;
-        let lhs = Strided { ptr: a_ptr.get().wrapping_offset(r0 as isize * a_rs), rs: a_rs, cs: a_cs };
-        let rhs = Strided { ptr: b_ptr.get(), rs: b_rs, cs: b_cs };
-        // SAFETY: rows r0..r0+mr of `a` and all of `b` are in bounds (sizes asserted above);
-        // `chunk` is this task's own part of `out`, which aliases neither input.
-        unsafe { gemm_serial(mr, n, k, chunk.as_mut_ptr(), n as isize, lhs, rhs, accumulate, 1.0) };
-    });
+    out.par_chunks_mut(rows * n)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let r0 = t * rows;
+            let mr = chunk.len() / n;
+            let lhs = Strided {
+                ptr: a_ptr.get().wrapping_offset(r0 as isize * a_rs),
+                rs: a_rs,
+                cs: a_cs,
+            };
+            let rhs = Strided {
+                ptr: b_ptr.get(),
+                rs: b_rs,
+                cs: b_cs,
+            };
+            // SAFETY: rows r0..r0+mr of `a` and all of `b` are in bounds (sizes asserted above);
+            // `chunk` is this task's own part of `out`, which aliases neither input.
+            unsafe {
+                gemm_serial(
+                    mr,
+                    n,
+                    k,
+                    chunk.as_mut_ptr(),
+                    n as isize,
+                    lhs,
+                    rhs,
+                    accumulate,
+                    1.0,
+                )
+            };
+        });
 }
 
 /// A raw pointer that may cross threads; each user states why its accesses are disjoint.

@@ -58,10 +58,16 @@ impl CpuBackend {
     fn io<const N: usize>(&mut self, out: View, inputs: [View; N]) -> (&mut [f32], [&[f32]; N]) {
         for v in inputs.iter().chain(std::iter::once(&out)) {
             let len = self.arena(v.arena).len();
-            assert!(v.offset + v.len <= len, "view {v:?} is outside its arena of {len} floats");
+            assert!(
+                v.offset + v.len <= len,
+                "view {v:?} is outside its arena of {len} floats"
+            );
         }
         for v in &inputs {
-            assert!(!out.overlaps(v), "kernel output {out:?} overlaps input {v:?}");
+            assert!(
+                !out.overlaps(v),
+                "kernel output {out:?} overlaps input {v:?}"
+            );
         }
         let ptrs = inputs.map(|v| self.base(v.arena).wrapping_add(v.offset) as *const f32);
         let out_ptr = self.base(out.arena).wrapping_add(out.offset);
@@ -75,13 +81,24 @@ impl CpuBackend {
     }
 
     /// Two disjoint outputs and several inputs.
-    fn io2<const N: usize>(&mut self, o1: View, o2: View, inputs: [View; N]) -> (&mut [f32], &mut [f32], [&[f32]; N]) {
-        assert!(!o1.overlaps(&o2), "kernel outputs {o1:?} and {o2:?} overlap");
+    fn io2<const N: usize>(
+        &mut self,
+        o1: View,
+        o2: View,
+        inputs: [View; N],
+    ) -> (&mut [f32], &mut [f32], [&[f32]; N]) {
+        assert!(
+            !o1.overlaps(&o2),
+            "kernel outputs {o1:?} and {o2:?} overlap"
+        );
         for v in &inputs {
             assert!(!o2.overlaps(v), "kernel output {o2:?} overlaps input {v:?}");
         }
         let len2 = self.arena(o2.arena).len();
-        assert!(o2.offset + o2.len <= len2, "view {o2:?} is outside its arena of {len2} floats");
+        assert!(
+            o2.offset + o2.len <= len2,
+            "view {o2:?} is outside its arena of {len2} floats"
+        );
         let p2 = self.base(o2.arena).wrapping_add(o2.offset);
         let (a, ins) = self.io(o1, inputs);
         // SAFETY: o2 is in bounds, disjoint from o1 and from every input (checked above).
@@ -111,7 +128,11 @@ impl Backend for CpuBackend {
     }
 
     fn bytes(&self) -> usize {
-        4 * (self.params.len() + self.grads.len() + self.adam_m.len() + self.adam_v.len() + self.acts.len())
+        4 * (self.params.len()
+            + self.grads.len()
+            + self.adam_m.len()
+            + self.adam_v.len()
+            + self.acts.len())
             + 2 * self.tokens.len()
     }
 
@@ -137,7 +158,12 @@ impl Backend for CpuBackend {
     }
 
     fn set_tokens(&mut self, tokens: &[u16]) {
-        assert!(tokens.len() <= self.tokens.len(), "batch of {} tokens exceeds the planned {}", tokens.len(), self.tokens.len());
+        assert!(
+            tokens.len() <= self.tokens.len(),
+            "batch of {} tokens exceeds the planned {}",
+            tokens.len(),
+            self.tokens.len()
+        );
         self.tokens[..tokens.len()].copy_from_slice(tokens);
         self.n_tokens = tokens.len();
     }
@@ -150,7 +176,15 @@ impl Backend for CpuBackend {
         self.tokens = toks;
     }
 
-    fn embed_backward(&mut self, dwte: View, dwpe: View, dsos: View, dout: View, t: usize, d: usize) {
+    fn embed_backward(
+        &mut self,
+        dwte: View,
+        dwpe: View,
+        dsos: View,
+        dout: View,
+        t: usize,
+        d: usize,
+    ) {
         let toks = std::mem::take(&mut self.tokens);
         let n = self.n_tokens;
         assert!(!dwte.overlaps(&dsos) && !dwpe.overlaps(&dsos));
@@ -171,19 +205,46 @@ impl Backend for CpuBackend {
         norm::rmsnorm_forward(o, r, x, g, d, 1e-5);
     }
 
-    fn rmsnorm_backward(&mut self, dx: View, dg: View, dout: View, x: View, rstd: View, g: View, d: usize) {
+    fn rmsnorm_backward(
+        &mut self,
+        dx: View,
+        dg: View,
+        dout: View,
+        x: View,
+        rstd: View,
+        g: View,
+        d: usize,
+    ) {
         let mut scratch = std::mem::take(&mut self.norm_scratch);
         let (dx, dg, [dout, x, rstd, g]) = self.io2(dx, dg, [dout, x, rstd, g]);
         norm::rmsnorm_backward(dx, dg, dout, x, rstd, g, d, &mut scratch);
         self.norm_scratch = scratch;
     }
 
-    fn matmul(&mut self, out: View, a: View, ta: Op, b: View, tb: Op, m: usize, k: usize, n: usize, accumulate: bool) {
+    fn matmul(
+        &mut self,
+        out: View,
+        a: View,
+        ta: Op,
+        b: View,
+        tb: Op,
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    ) {
         let (o, [a, b]) = self.io(out, [a, b]);
         matmul::matmul(o, a, ta, b, tb, m, k, n, accumulate);
     }
 
-    fn attention_forward(&mut self, out: View, lse: View, qkv: View, scratch: View, shape: AttnShape) {
+    fn attention_forward(
+        &mut self,
+        out: View,
+        lse: View,
+        qkv: View,
+        scratch: View,
+        shape: AttnShape,
+    ) {
         assert!(!scratch.overlaps(&out) && !scratch.overlaps(&lse) && !scratch.overlaps(&qkv));
         let ps = self.base(scratch.arena).wrapping_add(scratch.offset);
         assert!(scratch.offset + scratch.len <= self.arena(scratch.arena).len());
@@ -193,7 +254,16 @@ impl Backend for CpuBackend {
         attention::attention_forward(o, l, q, sc, shape);
     }
 
-    fn attention_backward(&mut self, dqkv: View, dout: View, out: View, lse: View, qkv: View, scratch: View, shape: AttnShape) {
+    fn attention_backward(
+        &mut self,
+        dqkv: View,
+        dout: View,
+        out: View,
+        lse: View,
+        qkv: View,
+        scratch: View,
+        shape: AttnShape,
+    ) {
         for v in [&dqkv, &dout, &out, &lse, &qkv] {
             assert!(!scratch.overlaps(v), "attention scratch overlaps {v:?}");
         }
@@ -230,6 +300,13 @@ impl Backend for CpuBackend {
     fn adamw(&mut self, params: View, step: AdamStep, decay: bool) {
         assert_eq!(params.arena, Arena::Params);
         let r = params.offset..params.offset + params.len;
-        optim::adamw(&mut self.params[r.clone()], &self.grads[r.clone()], &mut self.adam_m[r.clone()], &mut self.adam_v[r], step, decay);
+        optim::adamw(
+            &mut self.params[r.clone()],
+            &self.grads[r.clone()],
+            &mut self.adam_m[r.clone()],
+            &mut self.adam_v[r],
+            step,
+            decay,
+        );
     }
 }

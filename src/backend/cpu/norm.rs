@@ -7,7 +7,14 @@ use rayon::prelude::*;
 pub(crate) const ROW_BLOCK: usize = 64;
 
 /// `out = x * rsqrt(mean(x^2) + eps) * g` per row; keeps `rstd` per row for the backward pass.
-pub fn rmsnorm_forward(out: &mut [f32], rstd: &mut [f32], x: &[f32], g: &[f32], d: usize, eps: f32) {
+pub fn rmsnorm_forward(
+    out: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    g: &[f32],
+    d: usize,
+    eps: f32,
+) {
     let rows = x.len() / d;
     assert_eq!(out.len(), rows * d);
     assert_eq!(rstd.len(), rows);
@@ -49,7 +56,12 @@ pub fn rmsnorm_backward(
         .zip(x.par_chunks(ROW_BLOCK * d))
         .zip(rstd.par_chunks(ROW_BLOCK))
         .for_each(|(((dxs, dos), xs), rs)| {
-            for (((dxr, dor), xr), &s) in dxs.chunks_mut(d).zip(dos.chunks(d)).zip(xs.chunks(d)).zip(rs) {
+            for (((dxr, dor), xr), &s) in dxs
+                .chunks_mut(d)
+                .zip(dos.chunks(d))
+                .zip(xs.chunks(d))
+                .zip(rs)
+            {
                 let mean = simd::dot3(dor, g, xr) * s / d as f32;
                 simd::rmsnorm_dx(dxr, dor, xr, g, s, mean);
             }
@@ -58,12 +70,20 @@ pub fn rmsnorm_backward(
     // order, so the result does not depend on the thread count.
     let blocks = rows.div_ceil(ROW_BLOCK * 4);
     let partial = &mut dg_scratch[..blocks * d];
-    partial.par_chunks_mut(d).enumerate().for_each(|(blk, acc)| {
-        acc.fill(0.0);
-        for r in blk * ROW_BLOCK * 4..((blk + 1) * ROW_BLOCK * 4).min(rows) {
-            simd::add_product(acc, &dout[r * d..(r + 1) * d], &x[r * d..(r + 1) * d], rstd[r]);
-        }
-    });
+    partial
+        .par_chunks_mut(d)
+        .enumerate()
+        .for_each(|(blk, acc)| {
+            acc.fill(0.0);
+            for r in blk * ROW_BLOCK * 4..((blk + 1) * ROW_BLOCK * 4).min(rows) {
+                simd::add_product(
+                    acc,
+                    &dout[r * d..(r + 1) * d],
+                    &x[r * d..(r + 1) * d],
+                    rstd[r],
+                );
+            }
+        });
     for acc in partial.chunks(d) {
         simd::add_assign(dg, acc);
     }

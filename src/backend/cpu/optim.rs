@@ -19,7 +19,14 @@ pub struct AdamStep {
 }
 
 /// One AdamW step on a contiguous tensor; `decay` turns decoupled weight decay on for it.
-pub fn adamw(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], h: AdamStep, decay: bool) {
+pub fn adamw(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    h: AdamStep,
+    decay: bool,
+) {
     let bc1 = 1.0 - h.beta1.powi(h.step as i32);
     let bc2 = 1.0 - h.beta2.powi(h.step as i32);
     let wd = if decay { h.weight_decay } else { 0.0 };

@@ -53,7 +53,11 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r * r + r + 1.0;
     // The low mantissa bits of `shifted` hold n itself; reading them avoids a float-to-int
     // cast, which Rust saturates and the compiler then cannot vectorise.
-    let bits = shifted.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23;
+    let bits = shifted
+        .to_bits()
+        .wrapping_sub(0x4B40_0000)
+        .wrapping_add(127)
+        << 23;
     p * f32::from_bits(bits)
 }
 
@@ -276,9 +280,16 @@ mod tests {
 
     #[test]
     fn reductions_match_naive() {
-        let x: Vec<f32> = (0..37).map(|i| ((i * 7919) % 101) as f32 / 10.0 - 5.0).collect();
-        let y: Vec<f32> = (0..37).map(|i| ((i * 31) % 17) as f32 / 3.0 - 2.0).collect();
-        assert_eq!(super::max(&x), x.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
+        let x: Vec<f32> = (0..37)
+            .map(|i| ((i * 7919) % 101) as f32 / 10.0 - 5.0)
+            .collect();
+        let y: Vec<f32> = (0..37)
+            .map(|i| ((i * 31) % 17) as f32 / 3.0 - 2.0)
+            .collect();
+        assert_eq!(
+            super::max(&x),
+            x.iter().cloned().fold(f32::NEG_INFINITY, f32::max)
+        );
         let naive: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
         assert!((super::dot(&x, &y) - naive).abs() < 1e-4);
         let mut e = x.clone();

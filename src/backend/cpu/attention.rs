@@ -3,6 +3,10 @@
 //! Only one `[QUERY_BLOCK, T]` tile of scores per thread ever exists; the forward pass keeps the
 //! log-sum-exp of each row, and the backward pass recomputes the probabilities from it. This is
 //! what keeps training memory linear in the context length.
+//!
+//! Each worker first copies its head's Q, K and V out of the interleaved `qkv` rows into
+//! contiguous `[T, head_dim]` blocks: the small products below then read unit-stride rows,
+//! and the backward pass accumulates dK and dV there before writing them back once.
 
 use super::matmul::{SendPtr, Strided, gemm_serial};
 use super::simd;
@@ -27,9 +31,19 @@ impl AttnShape {
     fn d(&self) -> usize {
         self.n_head * self.head_dim
     }
+    fn tile_len(&self) -> usize {
+        QUERY_BLOCK.min(self.t) * self.t
+    }
+    fn block_len(&self) -> usize {
+        self.t * self.head_dim
+    }
+    /// Floats of scratch one worker uses: two score tiles and six `[t, head_dim]` blocks.
+    fn per_worker(&self) -> usize {
+        2 * self.tile_len() + 6 * self.block_len()
+    }
     /// Scratch floats the kernels need for `threads` parallel workers.
     pub fn scratch_len(&self, threads: usize) -> usize {
-        threads.max(1) * 2 * QUERY_BLOCK.min(self.t) * self.t
+        threads.max(1) * self.per_worker()
     }
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
@@ -41,13 +55,50 @@ impl AttnShape {
 }
 
 fn workers(scratch: &[f32], s: &AttnShape) -> usize {
-    let per = s.scratch_len(1);
+    let per = s.per_worker();
     assert!(
         scratch.len() >= per,
         "attention scratch too small: {} < {per}",
         scratch.len()
     );
     scratch.len() / per
+}
+
+/// A contiguous row-major `[rows, cols]` matrix starting at `ptr` (offset by `row0` rows).
+fn rows(ptr: *const f32, row0: usize, cols: usize) -> Strided {
+    Strided {
+        ptr: ptr.wrapping_add(row0 * cols),
+        rs: cols as isize,
+        cs: 1,
+    }
+}
+
+/// The transpose of a contiguous `[rows, cols]` matrix.
+fn transposed(ptr: *const f32, cols: usize) -> Strided {
+    Strided {
+        ptr,
+        rs: 1,
+        cs: cols as isize,
+    }
+}
+
+/// Copies head `h` of sequence `b` out of `qkv` into contiguous `[t, head_dim]` Q, K, V blocks.
+fn pack_head(
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &mut [f32],
+    qkv: &[f32],
+    b: usize,
+    h: usize,
+    s: &AttnShape,
+) {
+    let (t, d, hd) = (s.t, s.d(), s.head_dim);
+    for j in 0..t {
+        let row = &qkv[(b * t + j) * 3 * d..(b * t + j + 1) * 3 * d];
+        q[j * hd..(j + 1) * hd].copy_from_slice(&row[h * hd..(h + 1) * hd]);
+        k[j * hd..(j + 1) * hd].copy_from_slice(&row[d + h * hd..d + (h + 1) * hd]);
+        v[j * hd..(j + 1) * hd].copy_from_slice(&row[2 * d + h * hd..2 * d + (h + 1) * hd]);
+    }
 }
 
 /// Turns the score tile of query rows `i0..` into probabilities in place. Without
@@ -90,29 +141,30 @@ pub fn attention_forward(
     assert_eq!(lse.len(), s.batch * s.n_head * t);
     let g = workers(scratch, &s);
     let tasks = s.batch * s.n_head;
-    let per = s.scratch_len(1);
-    let (out_p, lse_p, qkv_p) = (
-        SendPtr(out.as_mut_ptr()),
-        SendPtr(lse.as_mut_ptr()),
-        SendPtr(qkv.as_ptr() as *mut f32),
-    );
+    let per = s.per_worker();
     let qb = QUERY_BLOCK.min(t);
+    let (out_p, lse_p) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     scratch[..g * per]
         .par_chunks_mut(per)
         .enumerate()
-        .for_each(|(w, tile)| {
+        .for_each(|(w, mine)| {
+            let (tile, rest) = mine.split_at_mut(s.tile_len());
+            let (_, rest) = rest.split_at_mut(s.tile_len());
+            let (qc, rest) = rest.split_at_mut(s.block_len());
+            let (kc, rest) = rest.split_at_mut(s.block_len());
+            let (vc, oc) = rest.split_at_mut(s.block_len());
+            let oc = &mut oc[..s.block_len()];
             for task in (w..tasks).step_by(g) {
                 let (b, h) = (task / s.n_head, task % s.n_head);
-                let base = qkv_p.get().wrapping_add(b * t * 3 * d);
-                let q = base.wrapping_add(h * hd);
-                let k = base.wrapping_add(d + h * hd);
-                let v = base.wrapping_add(2 * d + h * hd);
+                pack_head(qc, kc, vc, qkv, b, h, &s);
+                // SAFETY: the lse rows of task (b, h) belong to this task alone.
+                let lse_task =
+                    unsafe { std::slice::from_raw_parts_mut(lse_p.get().add(task * t), t) };
                 for i0 in (0..t).step_by(qb) {
                     let i1 = (i0 + qb).min(t);
                     let (mq, nk) = (i1 - i0, s.keys(i1));
                     let tile = &mut tile[..mq * nk];
-                    // SAFETY: Q rows i0..i1 and K rows 0..nk of this (b, h) lie inside `qkv`
-                    // (length asserted); `tile` is this worker's own scratch.
+                    // SAFETY: all operands are this worker's own packed blocks and tiles, sized above.
                     unsafe {
                         gemm_serial(
                             mq,
@@ -120,47 +172,37 @@ pub fn attention_forward(
                             hd,
                             tile.as_mut_ptr(),
                             nk as isize,
-                            Strided {
-                                ptr: q.wrapping_add(i0 * 3 * d),
-                                rs: 3 * d as isize,
-                                cs: 1,
-                            },
-                            Strided {
-                                ptr: k,
-                                rs: 1,
-                                cs: 3 * d as isize,
-                            },
+                            rows(qc.as_ptr(), i0, hd),
+                            transposed(kc.as_ptr(), hd),
                             false,
                             s.scale(),
-                        )
-                    };
-                    // SAFETY: the lse rows of task (b, h) belong to this task alone.
-                    let lse_rows = unsafe {
-                        std::slice::from_raw_parts_mut(lse_p.get().add(task * t + i0), mq)
-                    };
-                    softmax_tile(tile, nk, i0, &s, lse_rows, false);
-                    // SAFETY: output rows i0..i1, columns of head h, are written by this task only.
+                        );
+                    }
+                    softmax_tile(tile, nk, i0, &s, &mut lse_task[i0..i1], false);
+                    // SAFETY: as above; `oc` rows i0..i1 are inside the packed output block.
                     unsafe {
                         gemm_serial(
                             mq,
                             hd,
                             nk,
-                            out_p.get().add((b * t + i0) * d + h * hd),
-                            d as isize,
-                            Strided {
-                                ptr: tile.as_ptr(),
-                                rs: nk as isize,
-                                cs: 1,
-                            },
-                            Strided {
-                                ptr: v,
-                                rs: 3 * d as isize,
-                                cs: 1,
-                            },
+                            oc.as_mut_ptr().add(i0 * hd),
+                            hd as isize,
+                            rows(tile.as_ptr(), 0, nk),
+                            rows(vc.as_ptr(), 0, hd),
                             false,
                             1.0,
+                        );
+                    }
+                }
+                for j in 0..t {
+                    // SAFETY: output rows of head h in sequence b are written by this task only.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out_p.get().add((b * t + j) * d + h * hd),
+                            hd,
                         )
                     };
+                    dst.copy_from_slice(&oc[j * hd..(j + 1) * hd]);
                 }
             }
         });
@@ -185,48 +227,41 @@ pub fn attention_backward(
     assert_eq!(lse.len(), s.batch * s.n_head * t);
     let g = workers(scratch, &s);
     let tasks = s.batch * s.n_head;
-    let per = s.scratch_len(1);
+    let per = s.per_worker();
     let qb = QUERY_BLOCK.min(t);
     let dqkv_p = SendPtr(dqkv.as_mut_ptr());
-    let qkv_p = SendPtr(qkv.as_ptr() as *mut f32);
     scratch[..g * per]
         .par_chunks_mut(per)
         .enumerate()
-        .for_each(|(w, tile)| {
-            let (p_tile, dp_tile) = tile.split_at_mut(per / 2);
+        .for_each(|(w, mine)| {
+            let (p_tile, rest) = mine.split_at_mut(s.tile_len());
+            let (dp_tile, rest) = rest.split_at_mut(s.tile_len());
+            let (qc, rest) = rest.split_at_mut(s.block_len());
+            let (kc, rest) = rest.split_at_mut(s.block_len());
+            let (vc, rest) = rest.split_at_mut(s.block_len());
+            let (dqc, rest) = rest.split_at_mut(s.block_len());
+            let (dkc, dvc) = rest.split_at_mut(s.block_len());
+            let dvc = &mut dvc[..s.block_len()];
             for task in (w..tasks).step_by(g) {
                 let (b, h) = (task / s.n_head, task % s.n_head);
-                let base = qkv_p.get().wrapping_add(b * t * 3 * d);
-                let (q, k, v) = (
-                    base.wrapping_add(h * hd),
-                    base.wrapping_add(d + h * hd),
-                    base.wrapping_add(2 * d + h * hd),
-                );
-                let dbase = dqkv_p.get().wrapping_add(b * t * 3 * d);
-                let (dq, dk, dv) = (
-                    dbase.wrapping_add(h * hd),
-                    dbase.wrapping_add(d + h * hd),
-                    dbase.wrapping_add(2 * d + h * hd),
-                );
-                for j in 0..t {
-                    for c in 0..hd {
-                        // SAFETY: the K and V gradient columns of (b, h) belong to this task alone.
-                        unsafe {
-                            *dk.add(j * 3 * d + c) = 0.0;
-                            *dv.add(j * 3 * d + c) = 0.0;
-                        }
-                    }
-                }
+                pack_head(qc, kc, vc, qkv, b, h, &s);
+                dkc.fill(0.0);
+                dvc.fill(0.0);
+                let lse_task = &lse[task * t..(task + 1) * t];
                 let mut lse_rows = [0.0f32; QUERY_BLOCK];
                 for i0 in (0..t).step_by(qb) {
                     let i1 = (i0 + qb).min(t);
                     let (mq, nk) = (i1 - i0, s.keys(i1));
                     let p = &mut p_tile[..mq * nk];
                     let dp = &mut dp_tile[..mq * nk];
-                    let do_ptr = dout.as_ptr().wrapping_add((b * t + i0) * d + h * hd);
-                    // SAFETY (all products below): every strided operand addresses rows of this
-                    // (b, h) inside buffers whose lengths were asserted; the destinations are this
-                    // worker's tiles or the gradient columns of (b, h), which no other task touches.
+                    let do_rows = Strided {
+                        ptr: dout.as_ptr().wrapping_add((b * t + i0) * d + h * hd),
+                        rs: d as isize,
+                        cs: 1,
+                    };
+                    // SAFETY (all products here): operands are this worker's packed blocks and tiles
+                    // or rows i0..i1 of head h in `dout` (length asserted); destinations are this
+                    // worker's own tiles and blocks.
                     unsafe {
                         gemm_serial(
                             mq,
@@ -234,21 +269,13 @@ pub fn attention_backward(
                             hd,
                             p.as_mut_ptr(),
                             nk as isize,
-                            Strided {
-                                ptr: q.wrapping_add(i0 * 3 * d),
-                                rs: 3 * d as isize,
-                                cs: 1,
-                            },
-                            Strided {
-                                ptr: k,
-                                rs: 1,
-                                cs: 3 * d as isize,
-                            },
+                            rows(qc.as_ptr(), i0, hd),
+                            transposed(kc.as_ptr(), hd),
                             false,
                             s.scale(),
                         );
                     }
-                    lse_rows[..mq].copy_from_slice(&lse[task * t + i0..task * t + i1]);
+                    lse_rows[..mq].copy_from_slice(&lse_task[i0..i1]);
                     softmax_tile(p, nk, i0, &s, &mut lse_rows[..mq], true);
                     unsafe {
                         // dV[0..nk] += P^T dO
@@ -256,18 +283,10 @@ pub fn attention_backward(
                             nk,
                             hd,
                             mq,
-                            dv,
-                            3 * d as isize,
-                            Strided {
-                                ptr: p.as_ptr(),
-                                rs: 1,
-                                cs: nk as isize,
-                            },
-                            Strided {
-                                ptr: do_ptr,
-                                rs: d as isize,
-                                cs: 1,
-                            },
+                            dvc.as_mut_ptr(),
+                            hd as isize,
+                            transposed(p.as_ptr(), nk),
+                            do_rows,
                             true,
                             1.0,
                         );
@@ -278,16 +297,8 @@ pub fn attention_backward(
                             hd,
                             dp.as_mut_ptr(),
                             nk as isize,
-                            Strided {
-                                ptr: do_ptr,
-                                rs: d as isize,
-                                cs: 1,
-                            },
-                            Strided {
-                                ptr: v,
-                                rs: 1,
-                                cs: 3 * d as isize,
-                            },
+                            do_rows,
+                            transposed(vc.as_ptr(), hd),
                             false,
                             1.0,
                         );
@@ -307,18 +318,10 @@ pub fn attention_backward(
                             mq,
                             hd,
                             nk,
-                            dq.wrapping_add(i0 * 3 * d),
-                            3 * d as isize,
-                            Strided {
-                                ptr: dp.as_ptr(),
-                                rs: nk as isize,
-                                cs: 1,
-                            },
-                            Strided {
-                                ptr: k,
-                                rs: 3 * d as isize,
-                                cs: 1,
-                            },
+                            dqc.as_mut_ptr().add(i0 * hd),
+                            hd as isize,
+                            rows(dp.as_ptr(), 0, nk),
+                            rows(kc.as_ptr(), 0, hd),
                             false,
                             s.scale(),
                         );
@@ -327,21 +330,26 @@ pub fn attention_backward(
                             nk,
                             hd,
                             mq,
-                            dk,
-                            3 * d as isize,
-                            Strided {
-                                ptr: dp.as_ptr(),
-                                rs: 1,
-                                cs: nk as isize,
-                            },
-                            Strided {
-                                ptr: q.wrapping_add(i0 * 3 * d),
-                                rs: 3 * d as isize,
-                                cs: 1,
-                            },
+                            dkc.as_mut_ptr(),
+                            hd as isize,
+                            transposed(dp.as_ptr(), nk),
+                            rows(qc.as_ptr(), i0, hd),
                             true,
                             s.scale(),
                         );
+                    }
+                }
+                for j in 0..t {
+                    for (part, src) in [(0, &*dqc), (d, &*dkc), (2 * d, &*dvc)] {
+                        // SAFETY: these head_dim columns of head h in sequence b belong to this task
+                        // alone; no other task forms a slice over them.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                dqkv_p.get().add((b * t + j) * 3 * d + part + h * hd),
+                                hd,
+                            )
+                        };
+                        dst.copy_from_slice(&src[j * hd..(j + 1) * hd]);
                     }
                 }
             }

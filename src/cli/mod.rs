@@ -128,9 +128,9 @@ struct TrainArgs {
     /// Palette file (.npy or .json); default: fit one on the training split.
     #[arg(long)]
     palette: Option<PathBuf>,
-    /// Colours in a fitted palette.
-    #[arg(long, default_value_t = 16)]
-    palette_size: usize,
+    /// Colours in a fitted palette (default: 16 for grayscale, 512 for colour, as the paper).
+    #[arg(long)]
+    palette_size: Option<usize>,
     #[arg(long)]
     steps: Option<u64>,
     /// Images per optimizer step.
@@ -412,7 +412,7 @@ fn new_run(a: &TrainArgs, cfg: &TrainConfig, bar: &mut progress::Bar) -> Result<
     let pal = match &a.palette {
         Some(p) => PaletteSpec::File(p.clone()),
         None => PaletteSpec::Fit(FitOptions {
-            k: a.palette_size,
+            k: a.palette_size.unwrap_or(0),
             seed: a.seed,
             ..FitOptions::default()
         }),

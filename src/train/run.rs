@@ -35,6 +35,7 @@ pub struct DataSpec {
 #[derive(Debug, Clone)]
 pub enum PaletteSpec {
     File(PathBuf),
+    /// Fit on the training split; `k = 0` picks 16 colours for grayscale, 512 for colour.
     Fit(FitOptions),
 }
 
@@ -129,6 +130,11 @@ pub fn prepare(
     let palette = match (given, palette) {
         (Some(p), _) => p,
         (None, PaletteSpec::Fit(opts)) => {
+            let mut opts = opts.clone();
+            if opts.k == 0 {
+                opts.k = if channels == 1 { 16 } else { 512 };
+            }
+            let opts = &opts;
             progress.message(&format!(
                 "palette: fitting {} colours by k-means on the training split",
                 opts.k

@@ -103,18 +103,15 @@ fn pack_head(
 
 /// Turns the score tile of query rows `i0..` into probabilities in place. Without
 /// `from_saved`, each row's log-sum-exp is written to `lse`; with it, `lse` is read instead.
-fn softmax_tile(
-    tile: &mut [f32],
-    nk: usize,
-    i0: usize,
-    s: &AttnShape,
-    lse: &mut [f32],
-    from_saved: bool,
-) {
+fn softmax_tile(tile: &mut [f32], nk: usize, i0: usize, s: &AttnShape, lse: &mut [f32], from_saved: bool) {
     for (r, row) in tile.chunks_mut(nk).enumerate() {
         let i = i0 + r;
         let visible = if s.causal { i + 1 } else { nk };
-        let (live, masked) = row.split_at_mut(visible);
+        // Exponentiate whole 16-lane chunks: masked scores are set to -inf first (their
+        // exponential is then ~1e-38, and they are zeroed after), which avoids a scalar tail.
+        let padded = visible.next_multiple_of(16).min(nk);
+        row[visible..padded].fill(f32::NEG_INFINITY);
+        let live = &mut row[..padded];
         if from_saved {
             simd::exp_shifted(live, lse[r]);
         } else {
@@ -123,7 +120,7 @@ fn softmax_tile(
             simd::scale(live, 1.0 / sum);
             lse[r] = max + sum.ln();
         }
-        masked.fill(0.0);
+        row[visible..].fill(0.0);
     }
 }
 

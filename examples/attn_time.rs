@@ -4,10 +4,18 @@ fn main() {
     let (b, t, h, hd) = (8, 1024, 8, 32);
     let d = h * hd;
     let rows = b * t;
-    let qkv: Vec<f32> = (0..rows * 3 * d).map(|i| ((i % 97) as f32 - 48.0) / 100.0).collect();
+    let qkv: Vec<f32> = (0..rows * 3 * d)
+        .map(|i| ((i % 97) as f32 - 48.0) / 100.0)
+        .collect();
     let mut out = vec![0.0; rows * d];
     let mut lse = vec![0.0; b * h * t];
-    let s = AttnShape { batch: b, t, n_head: h, head_dim: hd, causal: true };
+    let s = AttnShape {
+        batch: b,
+        t,
+        n_head: h,
+        head_dim: hd,
+        causal: true,
+    };
     let mut scratch = vec![0.0; s.scratch_len(rayon::current_num_threads())];
     let mut dqkv = vec![0.0; rows * 3 * d];
     let dout = qkv[..rows * d].to_vec();

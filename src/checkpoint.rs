@@ -132,10 +132,9 @@ impl RunDir {
                 )
             })
             .collect();
-        let meta = HashMap::from([
-            ("config".to_string(), serde_json::to_string(cfg)?),
-            ("format".into(), "igpt".into()),
-        ]);
+        // One metadata entry: a map of several would be written in a random order, and the
+        // same model should always give the same bytes.
+        let meta = HashMap::from([("config".to_string(), serde_json::to_string(cfg)?)]);
         write_tensors(&self.file("model.safetensors"), &tensors, meta)
     }
 

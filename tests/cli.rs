@@ -348,10 +348,24 @@ fn a_killed_run_keeps_a_readable_checkpoint_and_resumes() {
     let dir = tempdir("kill");
     let data = small_npy(&dir);
     let run = dir.join("run");
-    let mut args: Vec<&str> = vec!["--threads", "2", "train", "--data", s(&data), "--out", s(&run), "--steps", "100000"];
+    let mut args: Vec<&str> = vec![
+        "--threads",
+        "2",
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--steps",
+        "100000",
+    ];
     args.extend_from_slice(&["--checkpoint-every", "1", "--eval-every", "0"]);
     args.extend_from_slice(SMALL);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_igpt")).args(&args).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_igpt"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     // Wait for the first checkpoint, then kill the run at several moments.
     let t0 = std::time::Instant::now();
     while !run.join("trainer.safetensors").exists() {
@@ -364,10 +378,18 @@ fn a_killed_run_keeps_a_readable_checkpoint_and_resumes() {
         child.wait().unwrap();
         // Whatever moment it died at, the checkpoint loads and the run continues.
         let o = igpt(&["info", "--model", s(&run)]);
-        assert!(String::from_utf8_lossy(&o.stdout).contains("checkpoint: step"), "{}", stderr(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("checkpoint: step"),
+            "{}",
+            stderr(&o)
+        );
         let mut resume: Vec<&str> = vec!["--threads", "2", "train", "--resume", s(&run)];
         resume.extend_from_slice(&["--stop-after", "1000000"]);
-        child = Command::new(env!("CARGO_BIN_EXE_igpt")).args(&resume).stdout(std::process::Stdio::null()).spawn().unwrap();
+        child = Command::new(env!("CARGO_BIN_EXE_igpt"))
+            .args(&resume)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     child.kill().unwrap();

@@ -184,9 +184,15 @@ fn ten_steps_then_resume_equals_twenty_uninterrupted() {
         "losses after resume differ from an uninterrupted run"
     );
     assert_eq!(losses_of(&split), losses_of(&whole), "metrics logs differ");
-    let p1 = std::fs::read(whole.file("model.safetensors")).unwrap();
-    let p2 = std::fs::read(split.file("model.safetensors")).unwrap();
+    let p1 = whole.load_model(&model).unwrap();
+    let p2 = split.load_model(&model).unwrap();
     assert_eq!(p1, p2, "final parameters differ");
+    let bytes = |r: &RunDir| std::fs::read(r.file("model.safetensors")).unwrap();
+    assert_eq!(
+        bytes(&whole),
+        bytes(&split),
+        "the same model should give the same file"
+    );
 }
 
 #[test]

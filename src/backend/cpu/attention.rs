@@ -103,7 +103,14 @@ fn pack_head(
 
 /// Turns the score tile of query rows `i0..` into probabilities in place. Without
 /// `from_saved`, each row's log-sum-exp is written to `lse`; with it, `lse` is read instead.
-fn softmax_tile(tile: &mut [f32], nk: usize, i0: usize, s: &AttnShape, lse: &mut [f32], from_saved: bool) {
+fn softmax_tile(
+    tile: &mut [f32],
+    nk: usize,
+    i0: usize,
+    s: &AttnShape,
+    lse: &mut [f32],
+    from_saved: bool,
+) {
     for (r, row) in tile.chunks_mut(nk).enumerate() {
         let i = i0 + r;
         let visible = if s.causal { i + 1 } else { nk };

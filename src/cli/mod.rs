@@ -102,6 +102,7 @@ struct TrainArgs {
     /// Separate validation data (default: hold out --val-fraction of --data).
     #[arg(long)]
     val_data: Option<String>,
+    /// Fraction of --data held out for validation (a fixed shuffle by --seed).
     #[arg(long, default_value_t = 0.1)]
     val_fraction: f64,
     /// Use only the first N images.
@@ -110,8 +111,8 @@ struct TrainArgs {
     /// Run directory to create.
     #[arg(long, default_value = "runs/train")]
     out: PathBuf,
-    /// Continue the run in this directory from its last checkpoint (other data and model
-    /// flags are ignored; --steps may extend the run).
+    /// Continue the run in this directory from its last checkpoint. Data and optimizer flags
+    /// are taken from the run; model flags, if given, must match it; --steps may extend it.
     #[arg(long, conflicts_with = "out")]
     resume: Option<PathBuf>,
     /// Stop after this many steps in this invocation (the run can be resumed).
@@ -131,6 +132,7 @@ struct TrainArgs {
     /// Colours in a fitted palette (default: 16 for grayscale, 512 for colour, as the paper).
     #[arg(long)]
     palette_size: Option<usize>,
+    /// Optimizer steps in the run (default 1000); the schedule spans them.
     #[arg(long)]
     steps: Option<u64>,
     /// Images per optimizer step.
@@ -139,14 +141,19 @@ struct TrainArgs {
     /// Images per forward pass (gradient accumulation when smaller than --batch).
     #[arg(long)]
     micro_batch: Option<usize>,
+    /// Peak learning rate (reached after --warmup steps, then cosine decay to 0).
     #[arg(long, default_value_t = 3e-3)]
     lr: f32,
+    /// Linear warm-up steps.
     #[arg(long, default_value_t = 100)]
     warmup: u64,
+    /// Adam beta1.
     #[arg(long, default_value_t = 0.9)]
     beta1: f32,
+    /// Adam beta2 (0.95 as the paper).
     #[arg(long, default_value_t = 0.95)]
     beta2: f32,
+    /// Decoupled weight decay, applied to weight matrices only.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f32,
     /// Gradient-norm clipping threshold (0: off).
@@ -158,8 +165,10 @@ struct TrainArgs {
     /// Validation images per evaluation (0: all).
     #[arg(long, default_value_t = 0)]
     eval_images: usize,
+    /// Write a checkpoint every N steps (and always at the end).
     #[arg(long, default_value_t = 100)]
     checkpoint_every: u64,
+    /// Seed for initialisation, the data order and the validation split.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -172,8 +181,10 @@ struct EvalArgs {
     /// Data to score: a path, `fashion-mnist`, or an igpt `.tokens` file.
     #[arg(long)]
     data: String,
+    /// Data format (default: decided from the path).
     #[arg(long, value_enum, default_value_t = Format::Auto)]
     format: Format,
+    /// Images per forward pass.
     #[arg(long, default_value_t = 16)]
     batch: usize,
     /// Score only the first N images.

@@ -138,6 +138,22 @@ pub trait Backend {
         scratch: View,
         shape: AttnShape,
     );
+    /// The input embedding of position `pos` for each sequence; the stored tokens are each
+    /// sequence's token at `pos - 1` (ignored at position 0, where `sos` is the input).
+    fn embed_step(&mut self, out: View, wte: View, wpe: View, sos: View, pos: usize, d: usize);
+    /// One decoding step: appends this position's K, V (from `qkv: [batch, 3d]`) to the
+    /// caches `[batch, n_head, n_ctx, head_dim]` and attends over positions `0..=pos`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_step(
+        &mut self,
+        out: View,
+        k_cache: View,
+        v_cache: View,
+        qkv: View,
+        scores: View,
+        shape: AttnShape,
+        pos: usize,
+    );
     fn gelu_forward(&mut self, out: View, x: View);
     /// Turns the activation gradient `dout` into the pre-activation gradient, in place.
     fn gelu_backward_inplace(&mut self, dout: View, x: View);

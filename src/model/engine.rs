@@ -4,6 +4,7 @@
 //! the batch size. A training step therefore allocates nothing: it only runs kernels.
 
 use super::ParamLayout;
+use super::block::{BlockIo, block_forward};
 use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Op, View};
 use crate::config::ModelConfig;
 
@@ -312,71 +313,23 @@ impl<B: Backend> Engine<B> {
             d,
         );
         for (l, (ba, po)) in plan.blocks.iter().zip(&lay.blocks).enumerate() {
-            let x = act(plan.resid[l], rows * d);
-            let ln1 = act(ba.ln1, rows * d);
-            let qkv = act(ba.qkv, rows * 3 * d);
-            let att = act(ba.att, rows * d);
-            let mid = act(ba.mid, rows * d);
-            let ln2 = act(ba.ln2, rows * d);
-            let fc = act(ba.fc, rows * 4 * d);
-            let fc_act = act(plan.fc_act, rows * 4 * d);
-            let out = act(plan.resid[l + 1], rows * d);
-            b.rmsnorm_forward(ln1, act(ba.rstd1, rows), x, pv(po.ln_1, d), d);
-            b.matmul(
-                qkv,
-                ln1,
-                Op::N,
-                pv(po.c_attn, d * 3 * d),
-                Op::N,
-                rows,
-                d,
-                3 * d,
-                false,
-            );
-            b.attention_forward(
-                att,
-                act(ba.lse, n_seq * cfg.n_head * t),
-                qkv,
-                scratch,
-                shape,
-            );
-            b.copy(mid, x);
-            b.matmul(
-                mid,
-                att,
-                Op::N,
-                pv(po.attn_proj, d * d),
-                Op::N,
-                rows,
-                d,
-                d,
-                true,
-            );
-            b.rmsnorm_forward(ln2, act(ba.rstd2, rows), mid, pv(po.ln_2, d), d);
-            b.matmul(
-                fc,
-                ln2,
-                Op::N,
-                pv(po.c_fc, d * 4 * d),
-                Op::N,
-                rows,
-                d,
-                4 * d,
-                false,
-            );
-            b.gelu_forward(fc_act, fc);
-            b.copy(out, mid);
-            b.matmul(
-                out,
-                fc_act,
-                Op::N,
-                pv(po.mlp_proj, 4 * d * d),
-                Op::N,
-                rows,
-                4 * d,
-                d,
-                true,
-            );
+            let io = BlockIo {
+                x: act(plan.resid[l], rows * d),
+                ln1: act(ba.ln1, rows * d),
+                rstd1: act(ba.rstd1, rows),
+                qkv: act(ba.qkv, rows * 3 * d),
+                att: act(ba.att, rows * d),
+                mid: act(ba.mid, rows * d),
+                ln2: act(ba.ln2, rows * d),
+                rstd2: act(ba.rstd2, rows),
+                fc: act(ba.fc, rows * 4 * d),
+                fc_act: act(plan.fc_act, rows * 4 * d),
+                out: act(plan.resid[l + 1], rows * d),
+            };
+            let lse = act(ba.lse, n_seq * cfg.n_head * t);
+            block_forward(b, po, &io, rows, d, |b, qkv, att| {
+                b.attention_forward(att, lse, qkv, scratch, shape)
+            });
         }
         let last = act(plan.resid[cfg.n_layer], rows * d);
         let lnf = act(plan.lnf, rows * d);

@@ -1,8 +1,11 @@
 //! The Image GPT model: parameter layout, initialisation and the engine that runs it.
 
+mod block;
+mod decoder;
 mod engine;
 mod layout;
 
+pub use decoder::Decoder;
 pub use engine::{ActPlan, Engine};
 pub use layout::{BlockOffsets, Init, ParamLayout, TensorSpec};
 

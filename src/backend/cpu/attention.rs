@@ -359,3 +359,60 @@ pub fn attention_backward(
             }
         });
 }
+
+/// One decoding step for every sequence at position `pos`: stores this position's K and V
+/// (from `qkv: [batch, 3d]`) in the caches (`[batch, n_head, n_ctx, head_dim]`) and writes the
+/// attention of this position over positions `0..=pos` to `out: [batch, d]`. `scores` holds
+/// `batch * n_head * n_ctx` floats of scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_step(
+    out: &mut [f32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    qkv: &[f32],
+    scores: &mut [f32],
+    batch: usize,
+    n_head: usize,
+    head_dim: usize,
+    n_ctx: usize,
+    pos: usize,
+) {
+    let (hd, d) = (head_dim, n_head * head_dim);
+    assert!(
+        pos < n_ctx,
+        "position {pos} is outside the context of {n_ctx}"
+    );
+    assert_eq!(qkv.len(), batch * 3 * d);
+    assert_eq!(out.len(), batch * d);
+    assert_eq!(k_cache.len(), batch * n_head * n_ctx * hd);
+    assert_eq!(v_cache.len(), k_cache.len());
+    assert!(scores.len() >= batch * n_head * n_ctx);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let per = n_ctx * hd;
+    let out_p = SendPtr(out.as_mut_ptr());
+    k_cache
+        .par_chunks_mut(per)
+        .zip(v_cache.par_chunks_mut(per))
+        .zip(scores.par_chunks_mut(n_ctx))
+        .enumerate()
+        .for_each(|(task, ((kc, vc), sc))| {
+            let (b, h) = (task / n_head, task % n_head);
+            let row = &qkv[b * 3 * d..(b + 1) * 3 * d];
+            let q = &row[h * hd..(h + 1) * hd];
+            kc[pos * hd..(pos + 1) * hd].copy_from_slice(&row[d + h * hd..d + (h + 1) * hd]);
+            vc[pos * hd..(pos + 1) * hd]
+                .copy_from_slice(&row[2 * d + h * hd..2 * d + (h + 1) * hd]);
+            let s = &mut sc[..pos + 1];
+            for (j, sj) in s.iter_mut().enumerate() {
+                *sj = simd::dot(q, &kc[j * hd..(j + 1) * hd]) * scale;
+            }
+            let max = simd::max(s);
+            let sum = simd::exp_shifted(s, max);
+            // SAFETY: the head_dim outputs of head h in sequence b belong to this task alone.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_p.get().add(b * d + h * hd), hd) };
+            o.fill(0.0);
+            for (j, &p) in s.iter().enumerate() {
+                simd::axpy(o, &vc[j * hd..(j + 1) * hd], p / sum);
+            }
+        });
+}

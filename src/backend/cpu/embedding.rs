@@ -68,3 +68,30 @@ pub fn embed_backward(
         }
     }
 }
+
+/// The input of one position for each sequence: `out[b] = (pos == 0 ? sos : wte[prev[b]]) + wpe[pos]`.
+pub fn embed_step(
+    out: &mut [f32],
+    prev: &[u16],
+    wte: &[f32],
+    wpe: &[f32],
+    sos: &[f32],
+    pos: usize,
+    d: usize,
+) {
+    let n_vocab = wte.len() / d;
+    assert_eq!(out.len(), prev.len() * d);
+    for (row, &id) in out.chunks_mut(d).zip(prev) {
+        let content = if pos == 0 {
+            sos
+        } else {
+            let id = id as usize;
+            assert!(
+                id < n_vocab,
+                "token id {id} is outside the palette of {n_vocab} colours"
+            );
+            &wte[id * d..(id + 1) * d]
+        };
+        simd::add(row, content, &wpe[pos * d..(pos + 1) * d]);
+    }
+}

@@ -275,6 +275,57 @@ impl Backend for CpuBackend {
         attention::attention_backward(dq, dout, out, lse, qkv, sc, shape);
     }
 
+    fn embed_step(&mut self, out: View, wte: View, wpe: View, sos: View, pos: usize, d: usize) {
+        let toks = std::mem::take(&mut self.tokens);
+        let n = self.n_tokens;
+        let (o, [wte, wpe, sos]) = self.io(out, [wte, wpe, sos]);
+        embedding::embed_step(o, &toks[..n], wte, wpe, sos, pos, d);
+        self.tokens = toks;
+    }
+
+    fn attention_step(
+        &mut self,
+        out: View,
+        k_cache: View,
+        v_cache: View,
+        qkv: View,
+        scores: View,
+        shape: AttnShape,
+        pos: usize,
+    ) {
+        let views = [out, k_cache, v_cache, qkv, scores];
+        for (i, a) in views.iter().enumerate() {
+            let len = self.arena(a.arena).len();
+            assert!(
+                a.offset + a.len <= len,
+                "view {a:?} is outside its arena of {len} floats"
+            );
+            for b in &views[i + 1..] {
+                assert!(
+                    !a.overlaps(b),
+                    "attention step views {a:?} and {b:?} overlap"
+                );
+            }
+        }
+        let p = views.map(|v| self.base(v.arena).wrapping_add(v.offset));
+        // SAFETY: every view is in bounds and no two overlap (checked above); the arenas are
+        // not resized while these slices live.
+        let [o, k, v, q, s] =
+            unsafe { [0, 1, 2, 3, 4].map(|i| std::slice::from_raw_parts_mut(p[i], views[i].len)) };
+        attention::attention_step(
+            o,
+            k,
+            v,
+            q,
+            s,
+            shape.batch,
+            shape.n_head,
+            shape.head_dim,
+            shape.t,
+            pos,
+        );
+    }
+
     fn gelu_forward(&mut self, out: View, x: View) {
         let (o, [x]) = self.io(out, [x]);
         activation::quick_gelu_forward(o, x);

@@ -223,3 +223,40 @@ pub fn load_model_file(path: &Path, cfg: &ModelConfig) -> Result<Vec<f32>> {
     }
     Ok(params)
 }
+
+/// Everything needed to run a trained model: its shape, palette and parameters.
+pub struct LoadedModel {
+    pub config: RunConfig,
+    pub palette: Palette,
+    pub params: Vec<f32>,
+}
+
+impl LoadedModel {
+    /// Loads a run directory's model, checking that its palette fits it.
+    pub fn open(path: &Path) -> Result<Self> {
+        let run = RunDir::open(path)?;
+        let config = run.load_config()?;
+        let palette = run.load_palette()?;
+        let m = &config.model;
+        ensure!(
+            palette.len() == m.n_vocab && palette.channels == m.channels,
+            "{}: the palette has {} colours x {} channel(s) but the model expects {} x {}",
+            path.display(),
+            palette.len(),
+            palette.channels,
+            m.n_vocab,
+            m.channels
+        );
+        ensure!(
+            run.file("model.safetensors").exists(),
+            "{} has no model.safetensors yet (training has not written a checkpoint)",
+            path.display()
+        );
+        let params = run.load_model(m)?;
+        Ok(Self { config, palette, params })
+    }
+
+    pub fn model(&self) -> &ModelConfig {
+        &self.config.model
+    }
+}

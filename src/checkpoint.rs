@@ -253,7 +253,11 @@ impl LoadedModel {
             path.display()
         );
         let params = run.load_model(m)?;
-        Ok(Self { config, palette, params })
+        Ok(Self {
+            config,
+            palette,
+            params,
+        })
     }
 
     pub fn model(&self) -> &ModelConfig {

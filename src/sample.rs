@@ -20,20 +20,36 @@ pub struct SampleOptions {
 
 impl Default for SampleOptions {
     fn default() -> Self {
-        Self { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 }
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
 impl SampleOptions {
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.temperature >= 0.0 && self.temperature.is_finite(), "--temperature must be 0 or more");
-        anyhow::ensure!(self.top_p > 0.0 && self.top_p <= 1.0, "--top-p must be in (0, 1]");
+        anyhow::ensure!(
+            self.temperature >= 0.0 && self.temperature.is_finite(),
+            "--temperature must be 0 or more"
+        );
+        anyhow::ensure!(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            "--top-p must be in (0, 1]"
+        );
         Ok(())
     }
 }
 
 /// Draws one token from `logits` with reusable scratch (`probs` grows to the palette size once).
-pub fn sample_token(logits: &[f32], opts: &SampleOptions, rng: &mut impl Rng, probs: &mut Vec<(f32, u16)>) -> u16 {
+pub fn sample_token(
+    logits: &[f32],
+    opts: &SampleOptions,
+    rng: &mut impl Rng,
+    probs: &mut Vec<(f32, u16)>,
+) -> u16 {
     let argmax = || {
         let mut best = 0;
         for (i, &z) in logits.iter().enumerate() {
@@ -49,7 +65,12 @@ pub fn sample_token(logits: &[f32], opts: &SampleOptions, rng: &mut impl Rng, pr
     let inv_t = 1.0 / opts.temperature;
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     probs.clear();
-    probs.extend(logits.iter().enumerate().map(|(i, &z)| (((z - max) * inv_t).exp(), i as u16)));
+    probs.extend(
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &z)| (((z - max) * inv_t).exp(), i as u16)),
+    );
     let restricted = opts.top_k > 0 && opts.top_k < probs.len() || opts.top_p < 1.0;
     if restricted {
         // Most likely first; ties broken by colour index so the order is fixed.
@@ -82,7 +103,11 @@ pub fn sample_token(logits: &[f32], opts: &SampleOptions, rng: &mut impl Rng, pr
         }
         u -= p;
     }
-    probs.iter().rev().find(|p| p.0 > 0.0).map_or_else(argmax, |p| p.1)
+    probs
+        .iter()
+        .rev()
+        .find(|p| p.0 > 0.0)
+        .map_or_else(argmax, |p| p.1)
 }
 
 /// The random stream of image `index`: one per image, so an image does not depend on which
@@ -106,11 +131,21 @@ pub fn generate<B: Backend>(
 ) -> anyhow::Result<Vec<u16>> {
     opts.validate()?;
     let (batch, t, side) = (decoder.batch, decoder.cfg.n_ctx(), decoder.cfg.side);
-    anyhow::ensure!(prefix.len() == batch, "{} prefixes for a batch of {batch}", prefix.len());
+    anyhow::ensure!(
+        prefix.len() == batch,
+        "{} prefixes for a batch of {batch}",
+        prefix.len()
+    );
     for p in prefix {
-        anyhow::ensure!(p.len() <= t, "a prefix of {} pixels is longer than the image ({t} pixels)", p.len());
+        anyhow::ensure!(
+            p.len() <= t,
+            "a prefix of {} pixels is longer than the image ({t} pixels)",
+            p.len()
+        );
     }
-    let mut rngs: Vec<ChaCha8Rng> = (0..batch as u64).map(|b| image_rng(opts.seed, first_index + b)).collect();
+    let mut rngs: Vec<ChaCha8Rng> = (0..batch as u64)
+        .map(|b| image_rng(opts.seed, first_index + b))
+        .collect();
     let mut tokens = vec![0u16; batch * t];
     let mut prev = vec![0u16; batch];
     let mut probs = Vec::with_capacity(decoder.cfg.n_vocab);

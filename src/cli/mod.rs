@@ -1,6 +1,7 @@
 //! Argument parsing and the command implementations.
 
 mod bench;
+mod generate;
 mod progress;
 
 use anyhow::{Context, Result, ensure};
@@ -37,6 +38,12 @@ enum Command {
     /// Fit a palette by k-means, or quantise an image with one to preview it.
     #[command(subcommand)]
     Palette(PaletteCmd),
+    /// Generate images from a model (written as a PNG grid).
+    Sample(generate::SampleArgs),
+    /// Complete images from their top rows: originals, kept parts and completions in a grid.
+    Complete(generate::CompleteArgs),
+    /// Per-image likelihood (nats/token), most likely first: rank images or spot outliers.
+    Score(generate::ScoreArgs),
     /// Print a run's model shape, size and training state.
     Info {
         /// Run directory.
@@ -248,6 +255,9 @@ pub fn main() -> Result<()> {
         Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),
         Command::Palette(p) => palette(p),
+        Command::Sample(a) => generate::sample(a),
+        Command::Complete(a) => generate::complete(a),
+        Command::Score(a) => generate::score(a),
         Command::Info { model } => info(model),
         Command::Bench(b) => bench::run(b),
     }
@@ -335,6 +345,11 @@ fn demo(a: DemoArgs) -> Result<()> {
         val / std::f64::consts::LN_2,
         s.final_train_loss
     );
+    println!();
+    println!(
+        "drawing 16 samples, and 4 completions each of 6 held-out images from their top halves..."
+    );
+    generate::demo_pictures(&a.out, &prepared.val)?;
     println!("files:");
     for f in [
         "config.json",
@@ -343,6 +358,8 @@ fn demo(a: DemoArgs) -> Result<()> {
         "trainer.safetensors",
         "metrics.jsonl",
         "loss.png",
+        "samples.png",
+        "completions.png",
     ] {
         println!("  {}", run_dir.file(f).display());
     }

@@ -1,0 +1,471 @@
+//! `igpt sample`, `igpt complete` and `igpt score`.
+
+use anyhow::{Context, Result, ensure};
+use clap::Args;
+use igpt::backend::cpu::CpuBackend;
+use igpt::checkpoint::LoadedModel;
+use igpt::data::{self, Format, ImageSet, TokenSet};
+use igpt::grid;
+use igpt::model::{Decoder, Engine};
+use igpt::sample::{self, SampleOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Softmax temperature (1: the model's own distribution; 0: greedy).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Sample only among the k most likely colours (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample only among the most likely colours that together reach this probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// The same seed gives the same images.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images generated together (one pass over the model per pixel serves the whole batch).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+}
+
+impl SamplingArgs {
+    fn options(&self) -> SampleOptions {
+        SampleOptions {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// Run directory of the model.
+    #[arg(long)]
+    model: PathBuf,
+    /// Number of images.
+    #[arg(long, default_value_t = 16)]
+    n: usize,
+    /// Grid of all samples (PNG).
+    #[arg(long, default_value = "samples.png")]
+    out: PathBuf,
+    /// Images per grid row (default: about square).
+    #[arg(long)]
+    cols: Option<usize>,
+    /// Also write the token ids as .npy (uint16 [n, side, side]).
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Also write each image as its own PNG into this folder.
+    #[arg(long)]
+    png_dir: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub struct CompleteArgs {
+    /// Run directory of the model.
+    #[arg(long)]
+    model: PathBuf,
+    /// Image files, or folders of them, to complete.
+    #[arg(long, num_args = 1..)]
+    images: Vec<PathBuf>,
+    /// Or take images from a data set (a path or `fashion-mnist`).
+    #[arg(long, conflicts_with = "images")]
+    data: Option<String>,
+    /// Images to take from --data.
+    #[arg(long, default_value_t = 4)]
+    n: usize,
+    /// First image taken from --data.
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
+    /// Keep this many top rows of each image (default: half the image).
+    #[arg(long)]
+    rows: Option<usize>,
+    /// Keep this many pixels (raster order) instead of whole rows.
+    #[arg(long, conflicts_with = "rows")]
+    prefix_pixels: Option<usize>,
+    /// Completions per image.
+    #[arg(long, default_value_t = 4)]
+    k: usize,
+    /// Grid: per input, the original, the kept part, and the completions (PNG).
+    #[arg(long, default_value = "completions.png")]
+    out: PathBuf,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// Run directory of the model.
+    #[arg(long)]
+    model: PathBuf,
+    /// Image files or folders to score.
+    #[arg(long, num_args = 1..)]
+    images: Vec<PathBuf>,
+    /// Or a data set (a path or `fashion-mnist`).
+    #[arg(long, conflicts_with = "images")]
+    data: Option<String>,
+    /// Score only the first N images of --data.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Write `index,name,nats_per_token,bits_per_token` rows here.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+}
+
+fn pixel_bar(total: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(total);
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {what} {{per_sec}} ETA {{eta}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    b
+}
+
+/// Image files named directly or inside the given folders, sorted within each folder.
+fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot list {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| {
+                    f.is_file()
+                        && matches!(
+                            f.extension()
+                                .and_then(|e| e.to_str())
+                                .map(|e| e.to_ascii_lowercase())
+                                .as_deref(),
+                            Some("png" | "jpg" | "jpeg")
+                        )
+                })
+                .collect();
+            v.sort();
+            ensure!(
+                !v.is_empty(),
+                "{} holds no .png or .jpg images",
+                p.display()
+            );
+            out.extend(v);
+        } else {
+            ensure!(p.exists(), "image {} does not exist", p.display());
+            out.push(p.clone());
+        }
+    }
+    ensure!(
+        !out.is_empty(),
+        "no images given: pass --images FILES or --data"
+    );
+    Ok(out)
+}
+
+/// Reads image files as the model sees them, saying what was converted.
+fn load_images(files: &[PathBuf], m: &LoadedModel) -> Result<(ImageSet, Vec<String>)> {
+    let (side, channels) = (m.model().side, m.model().channels);
+    let mut pixels = Vec::new();
+    for f in files {
+        let img = image::open(f).with_context(|| format!("cannot decode image {}", f.display()))?;
+        if img.color().has_alpha() {
+            eprintln!("note: {} has an alpha channel; it was dropped", f.display());
+        }
+        if (img.width() as usize, img.height() as usize) != (side, side) {
+            eprintln!(
+                "note: {} is {}x{}; resized to {side}x{side}",
+                f.display(),
+                img.width(),
+                img.height()
+            );
+        }
+        let rgb = img.to_rgb8();
+        let one = ImageSet {
+            height: rgb.height() as usize,
+            width: rgb.width() as usize,
+            channels: 3,
+            pixels: rgb.into_raw(),
+            labels: None,
+            class_names: vec![],
+        };
+        pixels.extend(one.with_channels(channels)?.resized(side).pixels);
+    }
+    let names = files.iter().map(|f| f.display().to_string()).collect();
+    Ok((
+        ImageSet {
+            height: side,
+            width: side,
+            channels,
+            pixels,
+            labels: None,
+            class_names: vec![],
+        },
+        names,
+    ))
+}
+
+/// Images from a data set, shaped for the model.
+fn dataset_images(
+    spec: &str,
+    m: &LoadedModel,
+    offset: usize,
+    n: Option<usize>,
+) -> Result<(ImageSet, Vec<String>)> {
+    let set = data::load(spec, Format::Auto)?;
+    ensure!(
+        offset < set.len(),
+        "--offset {offset} is past the {} images of {spec}",
+        set.len()
+    );
+    let end = n.map_or(set.len(), |n| (offset + n).min(set.len()));
+    let set = set.select(&(offset..end).collect::<Vec<_>>());
+    let set = set
+        .with_channels(m.model().channels)?
+        .resized(m.model().side);
+    let names = (offset..end).map(|i| format!("{spec}#{i}")).collect();
+    Ok((set, names))
+}
+
+/// Generates `n` images (with optional per-image prefixes) in batches, with a progress bar.
+fn generate_all(m: &LoadedModel, prefixes: &[Vec<u16>], s: &SamplingArgs) -> Result<Vec<u16>> {
+    let cfg = m.model();
+    let n = prefixes.len();
+    let batch = s.batch.clamp(1, n.max(1));
+    let mut dec = Decoder::new(cfg, batch, CpuBackend::new())?;
+    dec.set_params(&m.params)?;
+    let opts = s.options();
+    let t = cfg.n_ctx();
+    let bar = pixel_bar((n * t) as u64, "pixels");
+    let mut out = Vec::with_capacity(n * t);
+    // Runs on the thread pool, as training does, so kernels use its local queues.
+    rayon::scope(|_| -> Result<()> {
+        for start in (0..n).step_by(batch) {
+            let count = batch.min(n - start);
+            // A short last batch is padded with copies of its first prefix; the extras are dropped.
+            let refs: Vec<&[u16]> = (0..batch)
+                .map(|i| prefixes[start + i.min(count - 1)].as_slice())
+                .collect();
+            let done = (start * t) as u64;
+            let toks = sample::generate(&mut dec, &refs, &opts, start as u64, |row, _| {
+                bar.set_position(done + (((row + 1) * cfg.side) * count) as u64);
+            })?;
+            out.extend_from_slice(&toks[..count * t]);
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+pub fn sample(a: SampleArgs) -> Result<()> {
+    ensure!(a.n >= 1, "--n must be at least 1");
+    let m = LoadedModel::open(&a.model)?;
+    let (side, t) = (m.model().side, m.model().n_ctx());
+    let t0 = std::time::Instant::now();
+    let tokens = generate_all(&m, &vec![Vec::new(); a.n], &a.sampling)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let tiles: Vec<_> = tokens
+        .chunks(t)
+        .map(|tk| grid::tokens_to_image(&m.palette, tk, side))
+        .collect::<Result<_>>()?;
+    let cols = a
+        .cols
+        .unwrap_or_else(|| (a.n as f64).sqrt().ceil() as usize);
+    grid::save_grid(&a.out, &tiles, cols, grid::auto_scale(side), 2)?;
+    println!(
+        "{} samples in {secs:.1} s ({:.0} tokens/s): {}",
+        a.n,
+        (a.n * t) as f64 / secs,
+        a.out.display()
+    );
+    if let Some(p) = &a.tokens {
+        let bytes: Vec<u8> = tokens.iter().flat_map(|v| v.to_le_bytes()).collect();
+        igpt::fsutil::write_atomic(
+            p,
+            &igpt::npy::encode(&[a.n, side, side], igpt::npy::DType::U16, &bytes),
+        )?;
+        println!("tokens: {}", p.display());
+    }
+    if let Some(dir) = &a.png_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for (i, tile) in tiles.iter().enumerate() {
+            let p = dir.join(format!("sample_{i:04}.png"));
+            tile.save(&p)
+                .with_context(|| format!("cannot write {}", p.display()))?;
+        }
+        println!("images: {}", dir.display());
+    }
+    Ok(())
+}
+
+pub fn complete(a: CompleteArgs) -> Result<()> {
+    ensure!(a.k >= 1, "--k must be at least 1");
+    let m = LoadedModel::open(&a.model)?;
+    let (side, t) = (m.model().side, m.model().n_ctx());
+    let (set, _names) = match &a.data {
+        Some(spec) => dataset_images(spec, &m, a.offset, Some(a.n))?,
+        None => load_images(&image_files(&a.images)?, &m)?,
+    };
+    let keep = match (a.prefix_pixels, a.rows) {
+        (Some(p), _) => p,
+        (None, Some(r)) => r.checked_mul(side).context("--rows too large")?,
+        (None, None) => side / 2 * side,
+    };
+    ensure!(
+        keep <= t,
+        "the prefix ({keep} pixels) is longer than the image ({t} pixels = {side} rows)"
+    );
+    let originals = m.palette.encode(&set.pixels);
+    complete_tokens(&m, &originals, keep, a.k, &a.sampling, &a.out)
+}
+
+/// Completes each image of `originals` (`[n, n_ctx]` tokens) from its first `keep` pixels,
+/// `k` times, and draws the grid.
+fn complete_tokens(
+    m: &LoadedModel,
+    originals: &[u16],
+    keep: usize,
+    k: usize,
+    s: &SamplingArgs,
+    out: &Path,
+) -> Result<()> {
+    let (side, t) = (m.model().side, m.model().n_ctx());
+    let mut prefixes = Vec::new();
+    for img in originals.chunks(t) {
+        for _ in 0..k {
+            prefixes.push(img[..keep].to_vec());
+        }
+    }
+    let tokens = generate_all(m, &prefixes, s)?;
+    let mut tiles = Vec::new();
+    for (i, img) in originals.chunks(t).enumerate() {
+        tiles.push(grid::tokens_to_image(&m.palette, img, side)?);
+        tiles.push(grid::occluded(&m.palette, img, side, keep)?);
+        for j in 0..k {
+            let c = &tokens[(i * k + j) * t..(i * k + j + 1) * t];
+            ensure!(
+                c[..keep] == img[..keep],
+                "internal error: a completion changed its prefix"
+            );
+            tiles.push(grid::tokens_to_image(&m.palette, c, side)?);
+        }
+    }
+    grid::save_grid(out, &tiles, k + 2, grid::auto_scale(side), 2)?;
+    println!(
+        "{} image(s), {k} completion(s) each from the first {keep} pixels: {} (columns: original, kept part, completions)",
+        originals.len() / t,
+        out.display()
+    );
+    Ok(())
+}
+
+pub fn score(a: ScoreArgs) -> Result<()> {
+    let m = LoadedModel::open(&a.model)?;
+    let (set, names) = match &a.data {
+        Some(spec) => dataset_images(spec, &m, 0, a.limit)?,
+        None => load_images(&image_files(&a.images)?, &m)?,
+    };
+    let t = m.model().n_ctx();
+    let tokens = TokenSet::quantise(&set, &m.palette, "score")?;
+    let batch = a.batch.clamp(1, tokens.len());
+    let mut engine = Engine::new(m.model(), batch, false, CpuBackend::new())?;
+    engine.set_params(&m.params)?;
+    let mut buf = vec![0u16; batch * t];
+    let mut scores = Vec::with_capacity(tokens.len());
+    let bar = pixel_bar(tokens.len() as u64, "images");
+    rayon::scope(|_| -> Result<()> {
+        for start in (0..tokens.len()).step_by(batch) {
+            let b = batch.min(tokens.len() - start);
+            for i in 0..b {
+                tokens.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
+            }
+            engine.forward(&buf[..b * t])?;
+            for per_image in engine.position_losses().chunks(t) {
+                scores.push(per_image.iter().map(|&x| x as f64).sum::<f64>() / t as f64);
+            }
+            bar.inc(b as u64);
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&i, &j| scores[i].total_cmp(&scores[j]));
+    println!(
+        "{:>6}  {:>12}  {:>11}  image (most likely first)",
+        "index", "nats/token", "bits/token"
+    );
+    let show = if order.len() > 20 {
+        [&order[..10], &order[order.len() - 10..]].concat()
+    } else {
+        order.clone()
+    };
+    for (k, &i) in show.iter().enumerate() {
+        if order.len() > 20 && k == 10 {
+            println!("   ...");
+        }
+        println!(
+            "{i:>6}  {:>12.4}  {:>11.4}  {}",
+            scores[i],
+            scores[i] / std::f64::consts::LN_2,
+            names[i]
+        );
+    }
+    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+    println!("{} images, mean {mean:.4} nats/token", scores.len());
+    if let Some(p) = &a.csv {
+        let mut text = String::from("index,name,nats_per_token,bits_per_token\n");
+        for (i, s) in scores.iter().enumerate() {
+            text.push_str(&format!(
+                "{i},\"{}\",{s:.6},{:.6}\n",
+                names[i].replace('"', "'"),
+                s / std::f64::consts::LN_2
+            ));
+        }
+        igpt::fsutil::write_atomic(p, text.as_bytes())?;
+        println!("scores: {}", p.display());
+    }
+    Ok(())
+}
+
+/// Samples and completions for the demo's model (`val`: its held-out images).
+pub fn demo_pictures(run: &Path, val: &TokenSet) -> Result<()> {
+    let s = SamplingArgs {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        batch: 16,
+    };
+    let samples = SampleArgs {
+        model: run.to_path_buf(),
+        n: 16,
+        out: run.join("samples.png"),
+        cols: Some(8),
+        tokens: None,
+        png_dir: None,
+        sampling: s.clone(),
+    };
+    sample(samples)?;
+    let m = LoadedModel::open(run)?;
+    let t = m.model().n_ctx();
+    let n = 6.min(val.len());
+    let mut originals = vec![0u16; n * t];
+    for i in 0..n {
+        val.copy_image(i, &mut originals[i * t..(i + 1) * t]);
+    }
+    complete_tokens(
+        &m,
+        &originals,
+        m.model().side / 2 * m.model().side,
+        4,
+        &s,
+        &run.join("completions.png"),
+    )
+}

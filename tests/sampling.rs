@@ -1,0 +1,398 @@
+//! Sampling controls, reproducibility, completions, and the sample/complete/score commands.
+
+use igpt::backend::cpu::CpuBackend;
+use igpt::config::ModelConfig;
+use igpt::model::{Decoder, Engine};
+use igpt::sample::{self, SampleOptions};
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn model_and_params() -> (ModelConfig, Vec<f32>) {
+    let cfg = ModelConfig {
+        n_layer: 2,
+        n_embd: 32,
+        n_head: 4,
+        n_vocab: 9,
+        side: 5,
+        channels: 1,
+    };
+    let mut params = igpt::model::init_params(&cfg, 2);
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+    for p in params.iter_mut() {
+        *p += (r.random::<f32>() - 0.5) * 0.5;
+    }
+    (cfg, params)
+}
+
+fn decoder(batch: usize) -> Decoder<CpuBackend> {
+    let (cfg, params) = model_and_params();
+    let mut d = Decoder::new(&cfg, batch, CpuBackend::new()).unwrap();
+    d.set_params(&params).unwrap();
+    d
+}
+
+#[test]
+fn top_k_and_top_p_never_leave_the_allowed_set() {
+    // Probabilities 0.4, 0.3, 0.15, 0.1, 0.05 on colours 3, 0, 4, 1, 2.
+    let probs = [0.3f32, 0.1, 0.05, 0.4, 0.15];
+    let logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    let mut scratch = Vec::new();
+    let draw =
+        |opts: SampleOptions, rng: &mut rand_chacha::ChaCha8Rng, scratch: &mut Vec<(f32, u16)>| {
+            let mut seen = [0usize; 5];
+            for _ in 0..4000 {
+                seen[sample::sample_token(&logits, &opts, rng, scratch) as usize] += 1;
+            }
+            seen
+        };
+    let k2 = draw(
+        SampleOptions {
+            top_k: 2,
+            ..Default::default()
+        },
+        &mut rng,
+        &mut scratch,
+    );
+    assert_eq!((k2[1], k2[2], k2[4]), (0, 0, 0), "top-2 drew {k2:?}");
+    assert!(
+        k2[3] > k2[0] && k2[0] > 1000,
+        "top-2 keeps the two most likely in proportion: {k2:?}"
+    );
+    // top-p 0.75: 0.4 + 0.3 = 0.7 < 0.75, so the third colour (4) is needed too.
+    let p = draw(
+        SampleOptions {
+            top_p: 0.75,
+            ..Default::default()
+        },
+        &mut rng,
+        &mut scratch,
+    );
+    assert_eq!((p[1], p[2]), (0, 0), "top-p drew {p:?}");
+    assert!(p[4] > 0);
+    let both = draw(
+        SampleOptions {
+            top_k: 3,
+            top_p: 0.5,
+            ..Default::default()
+        },
+        &mut rng,
+        &mut scratch,
+    );
+    assert_eq!((both[1], both[2], both[4]), (0, 0, 0), "{both:?}");
+    // Untouched, every colour appears about as often as its probability.
+    let all = draw(SampleOptions::default(), &mut rng, &mut scratch);
+    for (c, &p) in probs.iter().enumerate() {
+        let f = all[c] as f32 / 4000.0;
+        assert!((f - p).abs() < 0.03, "colour {c}: {f} vs {p}");
+    }
+    // Near-zero temperature is greedy.
+    let cold = draw(
+        SampleOptions {
+            temperature: 1e-4,
+            ..Default::default()
+        },
+        &mut rng,
+        &mut scratch,
+    );
+    assert_eq!(cold[3], 4000);
+}
+
+#[test]
+fn greedy_generation_follows_the_full_forward_argmax() {
+    let mut dec = decoder(2);
+    let opts = SampleOptions {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let toks = sample::generate(&mut dec, &[&[], &[3, 1, 4]], &opts, 0, |_, _| {}).unwrap();
+    let (cfg, params) = model_and_params();
+    let t = cfg.n_ctx();
+    let mut engine = Engine::new(&cfg, 2, false, CpuBackend::new()).unwrap();
+    engine.set_params(&params).unwrap();
+    engine.forward(&toks).unwrap();
+    let mut logits = Vec::new();
+    engine.logits(&mut logits);
+    let v = cfg.n_vocab;
+    for b in 0..2 {
+        for pos in 0..t {
+            if b == 1 && pos < 3 {
+                assert_eq!(toks[b * t + pos], [3, 1, 4][pos], "prefix kept");
+                continue;
+            }
+            let row = &logits[(b * t + pos) * v..(b * t + pos + 1) * v];
+            let best = (0..v).max_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap();
+            assert_eq!(toks[b * t + pos] as usize, best, "image {b} position {pos}");
+        }
+    }
+    // A near-zero temperature samples the same images.
+    let near = SampleOptions {
+        temperature: 1e-5,
+        seed: 9,
+        ..Default::default()
+    };
+    let toks2 = sample::generate(&mut dec, &[&[], &[3, 1, 4]], &near, 0, |_, _| {}).unwrap();
+    assert_eq!(toks, toks2);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_images_whatever_the_batch() {
+    let opts = SampleOptions {
+        seed: 42,
+        ..Default::default()
+    };
+    let mut four = decoder(4);
+    let a = sample::generate(&mut four, &[&[] as &[u16]; 4], &opts, 0, |_, _| {}).unwrap();
+    let b = sample::generate(&mut four, &[&[] as &[u16]; 4], &opts, 0, |_, _| {}).unwrap();
+    assert_eq!(a, b);
+    let t = 25;
+    // Image 2 of the batch equals image 2 generated alone.
+    let mut one = decoder(1);
+    let c = sample::generate(&mut one, &[&[]], &opts, 2, |_, _| {}).unwrap();
+    assert_eq!(&a[2 * t..3 * t], &c[..]);
+    let other = sample::generate(
+        &mut four,
+        &[&[] as &[u16]; 4],
+        &SampleOptions { seed: 43, ..opts },
+        0,
+        |_, _| {},
+    )
+    .unwrap();
+    assert_ne!(a, other);
+}
+
+#[test]
+fn completions_keep_their_prefix_and_rows_stream_in_order() {
+    let mut dec = decoder(3);
+    let prefix: Vec<u16> = (0..12).map(|i| (i % 9) as u16).collect();
+    let mut rows = Vec::new();
+    let toks = sample::generate(
+        &mut dec,
+        &[&prefix, &prefix[..5], &[]],
+        &SampleOptions::default(),
+        0,
+        |r, so_far| {
+            // Every row reported is complete for every image.
+            rows.push((r, so_far[..(r + 1) * 5].to_vec()));
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
+    assert_eq!(&toks[..12], &prefix[..]);
+    assert_eq!(&toks[25..30], &prefix[..5]);
+    assert_eq!(rows[4].1, toks[..25].to_vec());
+    let err = sample::generate(
+        &mut dec,
+        &[&[0; 26], &[], &[]],
+        &SampleOptions::default(),
+        0,
+        |_, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("longer than the image"), "{err}");
+}
+
+// ---- the commands ----
+
+fn igpt(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_igpt"))
+        .args(["--threads", "2"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("igpt-sampling-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A tiny trained run on 6x6 images.
+fn small_run(dir: &Path) -> PathBuf {
+    let (n, side) = (30, 6);
+    let px: Vec<u8> = (0..n * side * side)
+        .map(|i| ((i * 37 + i / 36 * 11) % 256) as u8)
+        .collect();
+    let data = dir.join("imgs.npy");
+    std::fs::write(
+        &data,
+        igpt::npy::encode(&[n, side, side], igpt::npy::DType::U8, &px),
+    )
+    .unwrap();
+    let run = dir.join("run");
+    let o = igpt(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--steps",
+        "3",
+        "--layers",
+        "1",
+        "--embd",
+        "16",
+        "--heads",
+        "2",
+        "--palette-size",
+        "8",
+        "--batch",
+        "4",
+        "--eval-every",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run
+}
+
+#[test]
+fn sample_complete_and_score_commands() {
+    let dir = tempdir("cmds");
+    let run = small_run(&dir);
+    let out = dir.join("s.png");
+    let npy = dir.join("s.npy");
+    let o = igpt(&[
+        "sample",
+        "--model",
+        s(&run),
+        "--n",
+        "5",
+        "--batch",
+        "2",
+        "--out",
+        s(&out),
+        "--tokens",
+        s(&npy),
+        "--seed",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(image::open(&out).is_ok());
+    let a = igpt::npy::read(&npy).unwrap();
+    assert_eq!(a.shape, vec![5, 6, 6]);
+    // Same seed, other batch size: the same tokens.
+    let npy2 = dir.join("s2.npy");
+    let o = igpt(&[
+        "sample",
+        "--model",
+        s(&run),
+        "--n",
+        "5",
+        "--batch",
+        "5",
+        "--out",
+        s(&out),
+        "--tokens",
+        s(&npy2),
+        "--seed",
+        "3",
+    ]);
+    assert!(o.status.success());
+    assert_eq!(a.data, igpt::npy::read(&npy2).unwrap().data);
+
+    // Completions of real image files: an RGBA one of another size gets notices.
+    let img = dir.join("rgba.png");
+    image::RgbaImage::from_fn(9, 7, |x, y| {
+        image::Rgba([(x * 20) as u8, (y * 30) as u8, 50, 200])
+    })
+    .save(&img)
+    .unwrap();
+    let c = dir.join("c.png");
+    let o = igpt(&[
+        "complete",
+        "--model",
+        s(&run),
+        "--images",
+        s(&img),
+        "--k",
+        "3",
+        "--rows",
+        "2",
+        "--out",
+        s(&c),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("alpha channel") && err.contains("resized"),
+        "{err}"
+    );
+    let grid = image::open(&c).unwrap();
+    assert!(grid.width() > 5 * grid.height() / 2, "one row of 5 tiles");
+
+    // Bad inputs.
+    let o = igpt(&[
+        "complete",
+        "--model",
+        s(&run),
+        "--images",
+        s(&img),
+        "--prefix-pixels",
+        "37",
+        "--out",
+        s(&c),
+    ]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("longer than the image")
+    );
+    let broken = dir.join("broken.jpg");
+    std::fs::write(&broken, b"\xff\xd8\xff junk").unwrap();
+    let o = igpt(&[
+        "complete",
+        "--model",
+        s(&run),
+        "--images",
+        s(&broken),
+        "--out",
+        s(&c),
+    ]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot decode image")
+    );
+    let no_palette = dir.join("nopal");
+    std::fs::create_dir_all(&no_palette).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(run.join(f), no_palette.join(f)).unwrap();
+    }
+    let o = igpt(&["sample", "--model", s(&no_palette), "--out", s(&out)]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no palette.json"));
+
+    // Scores: one per image, equal to the evaluation of that image alone.
+    let csv = dir.join("scores.csv");
+    let o = igpt(&[
+        "score",
+        "--model",
+        s(&run),
+        "--data",
+        s(&dir.join("imgs.npy")),
+        "--limit",
+        "4",
+        "--csv",
+        s(&csv),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let scores: Vec<f64> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(2).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(scores.len(), 4);
+    let m = igpt::checkpoint::LoadedModel::open(&run).unwrap();
+    let set = igpt::data::load(s(&dir.join("imgs.npy")), igpt::data::Format::Auto).unwrap();
+    let tokens = m.palette.encode(set.image(2));
+    let mut e = Engine::new(m.model(), 1, false, CpuBackend::new()).unwrap();
+    e.set_params(&m.params).unwrap();
+    let nll = e.forward(&tokens).unwrap() / 36.0;
+    assert!((nll - scores[2]).abs() < 1e-5, "{nll} vs {}", scores[2]);
+}

@@ -13,6 +13,32 @@ use std::time::Instant;
 pub enum BenchCmd {
     /// Training throughput and peak memory: igpt, then PyTorch eager (SDPA), and the ratio.
     Train(TrainBench),
+    /// Generation speed (tokens/s) at batch 1 and 8: igpt, a PyTorch loop with its own KV cache,
+    /// and Hugging Face `generate()`, with the ratios.
+    Generate(GenerateBench),
+}
+
+#[derive(Args)]
+pub struct GenerateBench {
+    #[arg(long, default_value_t = 8)]
+    layers: usize,
+    #[arg(long, default_value_t = 256)]
+    embd: usize,
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    #[arg(long, default_value_t = 512)]
+    vocab: usize,
+    /// Image side: side^2 tokens are generated per image.
+    #[arg(long, default_value_t = 32)]
+    side: usize,
+    /// Batch sizes to measure.
+    #[arg(long, num_args = 1.., default_values_t = vec![1, 8])]
+    batches: Vec<usize>,
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Only measure igpt.
+    #[arg(long)]
+    no_python: bool,
 }
 
 #[derive(Args)]
@@ -50,7 +76,113 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
-    let BenchCmd::Train(b) = cmd;
+    match cmd {
+        BenchCmd::Train(b) => train(b),
+        BenchCmd::Generate(b) => generate(b),
+    }
+}
+
+fn generate(b: GenerateBench) -> Result<()> {
+    use igpt::model::Decoder;
+    use igpt::sample::{self, SampleOptions};
+    let threads = rayon::current_num_threads();
+    let model = ModelConfig {
+        n_layer: b.layers,
+        n_embd: b.embd,
+        n_head: b.heads,
+        n_vocab: b.vocab,
+        side: b.side,
+        channels: 3,
+    };
+    model.validate()?;
+    let t = model.n_ctx();
+    println!(
+        "model: {} layers, d={}, {} heads, vocab {}, {} tokens per image, fp32, {} threads",
+        b.layers, b.embd, b.heads, b.vocab, t, threads
+    );
+    // A random model with a non-zero head, so sampling is not uniform.
+    let mut params = igpt::model::init_params(&model, 0);
+    let layout = igpt::model::ParamLayout::new(&model);
+    for (i, p) in params[layout.wtet..layout.wtet + b.vocab * b.embd]
+        .iter_mut()
+        .enumerate()
+    {
+        *p = ((i * 2654435761) % 1000) as f32 / 1000.0 * 0.04 - 0.02;
+    }
+    let mut ours = Vec::new();
+    for &batch in &b.batches {
+        let mut dec = Decoder::new(&model, batch, CpuBackend::new())?;
+        dec.set_params(&params)?;
+        let prefixes = vec![&[][..]; batch];
+        let opts = SampleOptions::default();
+        let secs = rayon::scope(|_| -> Result<f64> {
+            let t0 = Instant::now();
+            sample::generate(&mut dec, &prefixes, &opts, 0, |_, _| {})?;
+            Ok(t0.elapsed().as_secs_f64())
+        })?;
+        let tps = (batch * t) as f64 / secs;
+        println!(
+            "igpt           batch {batch:>2}: {tps:>8.0} tokens/s ({secs:.2} s for {batch} x {t} tokens)"
+        );
+        ours.push((batch, tps));
+    }
+    if b.no_python {
+        return Ok(());
+    }
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_generate_baseline.py");
+    let batches: Vec<String> = b.batches.iter().map(|x| x.to_string()).collect();
+    let out = std::process::Command::new(&b.python)
+        .arg(&script)
+        .args([
+            "--layers",
+            &b.layers.to_string(),
+            "--embd",
+            &b.embd.to_string(),
+            "--heads",
+            &b.heads.to_string(),
+        ])
+        .args([
+            "--vocab",
+            &b.vocab.to_string(),
+            "--ctx",
+            &t.to_string(),
+            "--threads",
+            &threads.to_string(),
+        ])
+        .arg("--batches")
+        .args(&batches)
+        .output()
+        .with_context(|| format!("cannot run {} {}", b.python, script.display()))?;
+    ensure!(
+        out.status.success(),
+        "the PyTorch baseline failed (pip install torch transformers):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let (Some(name), Some(batch), Some(tps)) = (
+            v["impl"].as_str(),
+            v["batch"].as_u64(),
+            v["tokens_per_s"].as_f64(),
+        ) else {
+            continue;
+        };
+        let mine = ours
+            .iter()
+            .find(|o| o.0 == batch as usize)
+            .map_or(f64::NAN, |o| o.1);
+        println!(
+            "{name:<14} batch {batch:>2}: {tps:>8.0} tokens/s   igpt is {:.1}x",
+            mine / tps
+        );
+    }
+    Ok(())
+}
+
+fn train(b: TrainBench) -> Result<()> {
     let threads = rayon::current_num_threads();
     let model = ModelConfig {
         n_layer: b.layers,

@@ -30,7 +30,9 @@ struct StepPlan {
 
 impl StepPlan {
     fn new(cfg: &ModelConfig, batch: usize) -> Self {
-        let (d, t) = (cfg.n_embd, cfg.n_ctx());
+        let d = cfg.n_embd;
+        // Caches and scores hold whole blocks of 16 positions.
+        let t = crate::backend::cpu::attention::decode_cache_len(cfg.n_ctx());
         let mut off = 0;
         let mut take = |n: usize| {
             let at = off;
@@ -198,8 +200,9 @@ impl<B: Backend> Decoder<B> {
                 out: act(plan.resid[(l + 1) % 2], rows * d),
             };
             let (kc, vc) = plan.caches[l];
-            let (kc, vc) = (act(kc, rows * t * d), act(vc, rows * t * d));
-            let scores = act(plan.scores, rows * cfg.n_head * t);
+            let tc = crate::backend::cpu::attention::decode_cache_len(t);
+            let (kc, vc) = (act(kc, rows * tc * d), act(vc, rows * tc * d));
+            let scores = act(plan.scores, rows * cfg.n_head * tc);
             block_forward(b, po, &io, rows, d, |b, qkv, att| {
                 b.attention_step(att, kc, vc, qkv, scores, shape, pos)
             });

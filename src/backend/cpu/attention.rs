@@ -361,9 +361,11 @@ pub fn attention_backward(
 }
 
 /// One decoding step for every sequence at position `pos`: stores this position's K and V
-/// (from `qkv: [batch, 3d]`) in the caches (`[batch, n_head, n_ctx, head_dim]`) and writes the
-/// attention of this position over positions `0..=pos` to `out: [batch, d]`. `scores` holds
-/// `batch * n_head * n_ctx` floats of scratch.
+/// (from `qkv: [batch, 3d]`) in the caches and writes the attention of this position over
+/// positions `0..=pos` to `out: [batch, d]`. Per (sequence, head), the K cache is kept in
+/// blocks of 16 positions, each transposed (`[n_ctx / 16][head_dim][16]`, so the scores of 16
+/// keys read one contiguous block), and the V cache as `[n_ctx, head_dim]`. `n_ctx` must be a
+/// multiple of 16 (see [`decode_cache_len`]); `scores` holds `batch * n_head * n_ctx` floats.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_step(
     out: &mut [f32],
@@ -387,6 +389,11 @@ pub fn attention_step(
     assert_eq!(k_cache.len(), batch * n_head * n_ctx * hd);
     assert_eq!(v_cache.len(), k_cache.len());
     assert!(scores.len() >= batch * n_head * n_ctx);
+    assert_eq!(
+        n_ctx % 16,
+        0,
+        "the decoding cache length must be a multiple of 16"
+    );
     let scale = 1.0 / (hd as f32).sqrt();
     let per = n_ctx * hd;
     let out_p = SendPtr(out.as_mut_ptr());
@@ -399,20 +406,19 @@ pub fn attention_step(
             let (b, h) = (task / n_head, task % n_head);
             let row = &qkv[b * 3 * d..(b + 1) * 3 * d];
             let q = &row[h * hd..(h + 1) * hd];
-            kc[pos * hd..(pos + 1) * hd].copy_from_slice(&row[d + h * hd..d + (h + 1) * hd]);
+            let block = (pos / 16) * hd * 16;
+            for (c, &k) in row[d + h * hd..d + (h + 1) * hd].iter().enumerate() {
+                kc[block + c * 16 + pos % 16] = k;
+            }
             vc[pos * hd..(pos + 1) * hd]
                 .copy_from_slice(&row[2 * d + h * hd..2 * d + (h + 1) * hd]);
-            let s = &mut sc[..pos + 1];
-            for (j, sj) in s.iter_mut().enumerate() {
-                *sj = simd::dot(q, &kc[j * hd..(j + 1) * hd]) * scale;
-            }
-            let max = simd::max(s);
-            let sum = simd::exp_shifted(s, max);
             // SAFETY: the head_dim outputs of head h in sequence b belong to this task alone.
             let o = unsafe { std::slice::from_raw_parts_mut(out_p.get().add(b * d + h * hd), hd) };
-            o.fill(0.0);
-            for (j, &p) in s.iter().enumerate() {
-                simd::axpy(o, &vc[j * hd..(j + 1) * hd], p / sum);
-            }
+            simd::attend(o, q, kc, &vc[..(pos + 1) * hd], sc, pos + 1, scale);
         });
+}
+
+/// Positions the decoding caches hold for a context of `n_ctx`: rounded up to whole blocks of 16.
+pub fn decode_cache_len(n_ctx: usize) -> usize {
+    n_ctx.next_multiple_of(16)
 }

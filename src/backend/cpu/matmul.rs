@@ -1,5 +1,6 @@
 //! Matrix products through the `gemm` crate, split over rows across the rayon pool.
 
+use super::simd;
 use rayon::prelude::*;
 use std::cell::Cell;
 
@@ -126,6 +127,10 @@ pub fn matmul(
         Op::N => (n as isize, 1),
         Op::T => (1, k as isize),
     };
+    if m <= SMALL_M && matches!(ta, Op::N) {
+        small_m(out, a, b, tb, m, k, n, accumulate);
+        return;
+    }
     let a_ptr = SendPtr(a.as_ptr() as *mut f32);
     let b_ptr = SendPtr(b.as_ptr() as *mut f32);
     if m < n {
@@ -196,6 +201,57 @@ pub fn matmul(
                 )
             };
         });
+}
+
+/// Products with at most this many rows (one decoding step) bypass `gemm`, which would pack
+/// the whole weight matrix for every call.
+const SMALL_M: usize = 16;
+
+/// Output columns per parallel task in [`small_m`].
+const SMALL_COLS: usize = 256;
+
+/// `out[m, n] (+)= a[m, k] @ b` for a few rows: streams each row of `b` once for all `m`
+/// rows (`b` as written), or takes dot products with its rows (`b` transposed).
+#[allow(clippy::too_many_arguments)]
+fn small_m(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    tb: Op,
+    m: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    let out_p = SendPtr(out.as_mut_ptr());
+    let tasks = n.div_ceil(SMALL_COLS);
+    (0..tasks).into_par_iter().for_each(|task| {
+        let c0 = task * SMALL_COLS;
+        let nc = SMALL_COLS.min(n - c0);
+        // SAFETY: columns c0..c0+nc of every output row belong to this task alone; the slice
+        // spans from the first of them to the last, and only those columns are touched.
+        let rows = unsafe { std::slice::from_raw_parts_mut(out_p.get().add(c0), (m - 1) * n + nc) };
+        match tb {
+            Op::N => {
+                if !accumulate {
+                    for i in 0..m {
+                        rows[i * n..i * n + nc].fill(0.0);
+                    }
+                }
+                simd::rows_times_mat(rows, n, m, nc, a, k, &b[c0..], n);
+            }
+            Op::T => {
+                for i in 0..m {
+                    let x = &a[i * k..(i + 1) * k];
+                    for j in 0..nc {
+                        let d = simd::dot(x, &b[(c0 + j) * k..(c0 + j + 1) * k]);
+                        let o = &mut rows[i * n + j];
+                        *o = if accumulate { *o + d } else { d };
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// A raw pointer that may cross threads; each user states why its accesses are disjoint.

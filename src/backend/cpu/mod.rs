@@ -321,7 +321,7 @@ impl Backend for CpuBackend {
             shape.batch,
             shape.n_head,
             shape.head_dim,
-            shape.t,
+            attention::decode_cache_len(shape.t),
             pos,
         );
     }

@@ -168,6 +168,90 @@ dispatch! {
 }
 
 dispatch! {
+    /// For each of `rows` output rows i (`out[i * out_stride..][..width]`):
+    /// `out_i += sum_r x[i * k + r] * w[r * w_stride..][..width]`, r < k. Each row of `w` is
+    /// read once, front to back, for all output rows (which stay in the L1 cache).
+    pub fn rows_times_mat(out: &mut [f32], out_stride: usize, rows: usize, width: usize, x: &[f32], k: usize, w: &[f32], w_stride: usize) {
+        for r in 0..k {
+            let wr = &w[r * w_stride..r * w_stride + width];
+            for i in 0..rows {
+                let xv = x[i * k + r];
+                let o = &mut out[i * out_stride..i * out_stride + width];
+                for (o, &v) in o.iter_mut().zip(wr) {
+                    *o += xv * v;
+                }
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// Attention of one query: `scores[j] = q . key_j` for `j < len`, `p = softmax(scale *
+    /// scores)`, `out = sum_j p_j values[j]`. Keys are stored in blocks of 16 positions,
+    /// `[ceil(len / 16)][head_dim][16]`; values as `[len, head_dim]`.
+    pub fn attend(out: &mut [f32], q: &[f32], keys_t: &[f32], values: &[f32], scores: &mut [f32], len: usize, scale: f32) {
+        let hd = q.len();
+        let s = &mut scores[..len];
+        // Scores, 16 keys at a time with the sums in one register; the keys are stored in
+        // blocks of 16 positions (`[len / 16][head_dim][16]`), so this reads them in order.
+        let mut j0 = 0;
+        while j0 < len {
+            let block: &[f32] = &keys_t[j0 * hd..(j0 + LANES) * hd];
+            let mut acc = [0.0f32; LANES];
+            for (c, &qc) in q.iter().enumerate() {
+                let kc: &[f32; LANES] = block[c * LANES..(c + 1) * LANES].try_into().unwrap();
+                for l in 0..LANES {
+                    acc[l] += qc * kc[l];
+                }
+            }
+            let n = LANES.min(len - j0);
+            s[j0..j0 + n].copy_from_slice(&acc[..n]);
+            j0 += LANES;
+        }
+        let mut max = f32::NEG_INFINITY;
+        for &v in s.iter() {
+            max = if v > max { v } else { max };
+        }
+        let mut sum = 0.0f32;
+        for v in s.iter_mut() {
+            *v = exp((*v - max) * scale);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        // Weighted values, 16 columns of the head at a time, four keys per round so four
+        // independent sums are in flight.
+        let mut c0 = 0;
+        while c0 < hd {
+            let w = LANES.min(hd - c0);
+            let mut acc = [[0.0f32; LANES]; 4];
+            let mut j = 0;
+            while j + 4 <= len {
+                for (u, a) in acc.iter_mut().enumerate() {
+                    let p = s[j + u];
+                    let v = &values[(j + u) * hd + c0..(j + u) * hd + c0 + w];
+                    for (al, &vl) in a.iter_mut().zip(v) {
+                        *al += p * vl;
+                    }
+                }
+                j += 4;
+            }
+            while j < len {
+                let p = s[j];
+                let v = &values[j * hd + c0..j * hd + c0 + w];
+                for (al, &vl) in acc[0].iter_mut().zip(v) {
+                    *al += p * vl;
+                }
+                j += 1;
+            }
+            for l in 0..w {
+                out[c0 + l] = (acc[0][l] + acc[1][l] + acc[2][l] + acc[3][l]) * inv;
+            }
+            c0 += LANES;
+        }
+    }
+}
+
+dispatch! {
     /// `acc[i] += x[i] * s`.
     pub fn axpy(acc: &mut [f32], x: &[f32], s: f32) {
         assert_eq!(acc.len(), x.len());

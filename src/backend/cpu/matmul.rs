@@ -205,7 +205,7 @@ pub fn matmul(
 
 /// Products with at most this many rows (one decoding step) bypass `gemm`, which would pack
 /// the whole weight matrix for every call.
-const SMALL_M: usize = 16;
+const SMALL_M: usize = 2;
 
 /// Output columns per parallel task in [`small_m`].
 const SMALL_COLS: usize = 256;

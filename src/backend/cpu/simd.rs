@@ -223,34 +223,39 @@ dispatch! {
         }
         let inv = 1.0 / sum;
         // Weighted values, 16 columns of the head at a time, four keys per round so four
-        // independent sums are in flight.
-        let mut c0 = 0;
-        while c0 < hd {
-            let w = LANES.min(hd - c0);
-            let mut acc = [[0.0f32; LANES]; 4];
+        // independent sums are in flight (a last partial group of columns goes one by one).
+        let full = hd / LANES * LANES;
+        for c0 in (0..full).step_by(LANES) {
+            let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
             let mut j = 0;
             while j + 4 <= len {
-                for (u, a) in acc.iter_mut().enumerate() {
-                    let p = s[j + u];
-                    let v = &values[(j + u) * hd + c0..(j + u) * hd + c0 + w];
-                    for (al, &vl) in a.iter_mut().zip(v) {
-                        *al += p * vl;
-                    }
+                let v0: &[f32; LANES] = values[j * hd + c0..j * hd + c0 + LANES].try_into().unwrap();
+                let v1: &[f32; LANES] = values[(j + 1) * hd + c0..(j + 1) * hd + c0 + LANES].try_into().unwrap();
+                let v2: &[f32; LANES] = values[(j + 2) * hd + c0..(j + 2) * hd + c0 + LANES].try_into().unwrap();
+                let v3: &[f32; LANES] = values[(j + 3) * hd + c0..(j + 3) * hd + c0 + LANES].try_into().unwrap();
+                let (p0, p1, p2, p3) = (s[j], s[j + 1], s[j + 2], s[j + 3]);
+                for l in 0..LANES {
+                    a0[l] += p0 * v0[l];
+                    a1[l] += p1 * v1[l];
+                    a2[l] += p2 * v2[l];
+                    a3[l] += p3 * v3[l];
                 }
                 j += 4;
             }
             while j < len {
-                let p = s[j];
-                let v = &values[j * hd + c0..j * hd + c0 + w];
-                for (al, &vl) in acc[0].iter_mut().zip(v) {
-                    *al += p * vl;
+                let v0: &[f32; LANES] = values[j * hd + c0..j * hd + c0 + LANES].try_into().unwrap();
+                let p0 = s[j];
+                for l in 0..LANES {
+                    a0[l] += p0 * v0[l];
                 }
                 j += 1;
             }
-            for l in 0..w {
-                out[c0 + l] = (acc[0][l] + acc[1][l] + acc[2][l] + acc[3][l]) * inv;
+            for l in 0..LANES {
+                out[c0 + l] = (a0[l] + a1[l] + a2[l] + a3[l]) * inv;
             }
-            c0 += LANES;
+        }
+        for c in full..hd {
+            out[c] = s.iter().enumerate().map(|(j, &p)| p * values[j * hd + c]).sum::<f32>() * inv;
         }
     }
 }

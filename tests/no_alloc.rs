@@ -1,4 +1,4 @@
-//! A training step in the steady state allocates nothing on the heap: every activation,
+//! A training step or a decoding step in the steady state allocates nothing on the heap: every activation,
 //! gradient and optimizer buffer was planned when the engine was built.
 //!
 //! The `gemm` crate allocates small packing buffers inside each product call; those are
@@ -47,7 +47,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 #[test]
-fn training_steps_do_not_allocate() {
+fn training_and_decoding_steps_do_not_allocate() {
     rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build_global()

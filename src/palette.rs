@@ -4,6 +4,7 @@
 //! by squared Euclidean distance; decoding maps a centre `c` back to `rint(127.5 * (c + 1))`
 //! (REFERENCE.md §2).
 
+use crate::backend::cpu::simd;
 use crate::npy;
 use anyhow::{Context, Result, bail, ensure};
 use rand::{Rng, SeedableRng};
@@ -88,33 +89,26 @@ impl Palette {
 
     /// Nearest centre to one pixel (`channels` bytes).
     pub fn encode_pixel(&self, px: &[u8]) -> u16 {
-        let mut best = (f32::INFINITY, 0usize);
-        for (i, c) in self.centers.chunks_exact(self.channels).enumerate() {
-            let d: f32 = c
-                .iter()
-                .zip(px)
-                .map(|(&c, &p)| (to_unit(p) - c).powi(2))
-                .sum();
-            if d < best.0 {
-                best = (d, i);
-            }
-        }
-        best.1 as u16
+        let idx = CenterIndex::new(&self.centers, self.channels);
+        idx.nearest_pixel(px) as u16
     }
 
-    /// Tokens for interleaved pixels (`channels` bytes each). Every one of the 256^c possible
-    /// colours maps the same way each time, so a lookup table serves grayscale data.
+    /// Tokens for interleaved pixels (`channels` bytes each). Grayscale goes through a
+    /// 256-entry table; colour through a vectorised nearest-centre search.
     pub fn encode(&self, pixels: &[u8]) -> Vec<u16> {
         assert_eq!(pixels.len() % self.channels, 0);
+        let idx = CenterIndex::new(&self.centers, self.channels);
         if self.channels == 1 {
-            let table: Vec<u16> = (0..=255u8).map(|v| self.encode_pixel(&[v])).collect();
+            let table: Vec<u16> = (0..=255u8)
+                .map(|v| idx.nearest_pixel(&[v]) as u16)
+                .collect();
             return pixels.par_iter().map(|&p| table[p as usize]).collect();
         }
         pixels
             .par_chunks(self.channels * 1024)
             .flat_map_iter(|c| {
                 c.chunks_exact(self.channels)
-                    .map(|px| self.encode_pixel(px))
+                    .map(|px| idx.nearest_pixel(px) as u16)
             })
             .collect()
     }
@@ -254,16 +248,37 @@ impl Palette {
     }
 }
 
-/// Index and squared distance of the nearest centre.
-fn nearest(p: &[f32], centers: &[f32], c: usize) -> (usize, f32) {
-    let mut best = (0, f32::INFINITY);
-    for (i, ctr) in centers.chunks_exact(c).enumerate() {
-        let d: f32 = p.iter().zip(ctr).map(|(a, b)| (a - b) * (a - b)).sum();
-        if d < best.1 {
-            best = (i, d);
+/// Centres laid out channel-major and padded to whole SIMD blocks, for nearest-centre search.
+struct CenterIndex {
+    soa: Vec<f32>,
+    stride: usize,
+}
+
+impl CenterIndex {
+    fn new(centers: &[f32], c: usize) -> Self {
+        let k = centers.len() / c;
+        let stride = k.next_multiple_of(16);
+        // Padding centres sit far outside [-1, 1], so they are never nearest.
+        let mut soa = vec![1e6f32; c * stride];
+        for (i, ctr) in centers.chunks_exact(c).enumerate() {
+            for ch in 0..c {
+                soa[ch * stride + i] = ctr[ch];
+            }
         }
+        Self { soa, stride }
     }
-    best
+
+    fn nearest(&self, p: &[f32]) -> (usize, f32) {
+        simd::nearest_center(&self.soa, self.stride, p)
+    }
+
+    fn nearest_pixel(&self, px: &[u8]) -> usize {
+        let mut p = [0.0f32; 3];
+        for (d, &v) in p.iter_mut().zip(px) {
+            *d = to_unit(v);
+        }
+        self.nearest(&p[..px.len()]).0
+    }
 }
 
 /// Weighted k-means; returns `[k, c]` centres.
@@ -294,9 +309,10 @@ fn kmeans(
     // Lloyd iterations; sums are accumulated per fixed chunk and added in order.
     const CHUNK: usize = 4096;
     for _ in 0..iterations {
+        let index = CenterIndex::new(&centers, c);
         let assign: Vec<(usize, f32)> = (0..n)
             .into_par_iter()
-            .map(|i| nearest(&points[i * c..(i + 1) * c], &centers, c))
+            .map(|i| index.nearest(&points[i * c..(i + 1) * c]))
             .collect();
         let partial: Vec<Vec<f64>> = (0..n.div_ceil(CHUNK))
             .into_par_iter()

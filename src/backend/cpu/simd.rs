@@ -261,6 +261,39 @@ dispatch! {
 }
 
 dispatch! {
+    /// Index and squared distance of the centre nearest to `p` (`channels` values), with the
+    /// centres stored channel-major (`soa[ch * stride + k]`, `stride` a multiple of 16; padding
+    /// centres must be far away). Ties go to the lowest index.
+    pub fn nearest_center(soa: &[f32], stride: usize, p: &[f32]) -> (usize, f32) {
+        let mut best_d = [f32::INFINITY; LANES];
+        let mut best_i = [0usize; LANES];
+        for k0 in (0..stride).step_by(LANES) {
+            let mut d = [0.0f32; LANES];
+            for (ch, &pv) in p.iter().enumerate() {
+                let row: &[f32; LANES] = soa[ch * stride + k0..ch * stride + k0 + LANES].try_into().unwrap();
+                for l in 0..LANES {
+                    let t = row[l] - pv;
+                    d[l] += t * t;
+                }
+            }
+            for l in 0..LANES {
+                if d[l] < best_d[l] {
+                    best_d[l] = d[l];
+                    best_i[l] = k0 + l;
+                }
+            }
+        }
+        let mut best = (best_i[0], best_d[0]);
+        for l in 1..LANES {
+            if best_d[l] < best.1 || (best_d[l] == best.1 && best_i[l] < best.0) {
+                best = (best_i[l], best_d[l]);
+            }
+        }
+        best
+    }
+}
+
+dispatch! {
     /// `acc[i] += x[i] * s`.
     pub fn axpy(acc: &mut [f32], x: &[f32], s: f32) {
         assert_eq!(acc.len(), x.len());

@@ -268,3 +268,20 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&p).unwrap();
     p
 }
+
+#[test]
+fn a_model_too_large_for_memory_is_refused_with_advice() {
+    let cfg = ModelConfig {
+        n_layer: 48,
+        n_embd: 1536,
+        n_head: 16,
+        n_vocab: 512,
+        side: 256,
+        channels: 3,
+    };
+    let err = igpt::model::Engine::new(&cfg, 64, true, CpuBackend::new())
+        .err()
+        .expect("petabytes cannot be allocated");
+    let msg = err.to_string();
+    assert!(msg.contains("GB") && msg.contains("--micro-batch"), "{msg}");
+}

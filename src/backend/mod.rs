@@ -71,8 +71,9 @@ pub struct ArenaSizes {
 /// outputs never alias inputs unless the method says so (`*_inplace`).
 pub trait Backend {
     fn name(&self) -> &'static str;
-    /// Allocates every arena once (zero-filled). Called before any kernel.
-    fn allocate(&mut self, sizes: ArenaSizes);
+    /// Allocates every arena once (zero-filled). Called before any kernel. Fails, rather
+    /// than aborting, when the memory is not there.
+    fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()>;
     /// Bytes held in arenas.
     fn bytes(&self) -> usize;
     fn upload(&mut self, dst: View, src: &[f32]);

@@ -106,7 +106,7 @@ impl<B: Backend> Decoder<B> {
             tokens: batch,
             max_rows: batch,
             max_width: cfg.n_embd,
-        });
+        })?;
         Ok(Self {
             cfg: cfg.clone(),
             layout,

@@ -157,7 +157,7 @@ impl<B: Backend> Engine<B> {
             tokens: batch * cfg.n_ctx(),
             max_rows: batch * cfg.n_ctx(),
             max_width: cfg.n_embd,
-        });
+        })?;
         Ok(Self {
             cfg: cfg.clone(),
             layout,

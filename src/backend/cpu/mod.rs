@@ -12,6 +12,14 @@ pub mod simd;
 use super::{Arena, ArenaSizes, AttnShape, Backend, Op, View};
 use crate::backend::AdamStep;
 
+/// Bytes of memory available to this process (Linux: `MemAvailable`), if known.
+fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Host memory for every arena.
 #[derive(Default)]
 pub struct CpuBackend {
@@ -116,15 +124,46 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
-    fn allocate(&mut self, s: ArenaSizes) {
-        self.params = vec![0.0; s.params];
-        self.grads = vec![0.0; s.grads];
-        self.adam_m = vec![0.0; s.grads];
-        self.adam_v = vec![0.0; s.grads];
-        self.acts = vec![0.0; s.acts];
+    fn allocate(&mut self, s: ArenaSizes) -> anyhow::Result<()> {
+        let total = 4 * (s.params + 3 * s.grads + s.acts) + 2 * s.tokens;
+        let zeros = |n: usize, what: &str| -> anyhow::Result<Vec<f32>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| {
+                anyhow::anyhow!(
+                    "cannot allocate {:.2} GB for {what} ({:.2} GB planned in all): use a smaller batch \
+                     (--micro-batch) or model",
+                    n as f64 * 4e-9,
+                    total as f64 * 1e-9
+                )
+            })?;
+            v.resize(n, 0.0);
+            Ok(v)
+        };
+        // Release the old arenas first, so re-planning does not need both at once.
+        *self = Self::default();
+        // With memory overcommit a too-large allocation "succeeds" and the process is killed
+        // later; check against what the system says is available instead.
+        if let Some(avail) = available_memory() {
+            anyhow::ensure!(
+                total <= avail,
+                "this model and batch need {:.2} GB but only {:.2} GB of memory is available: use a smaller \
+                 batch (--micro-batch) or model",
+                total as f64 * 1e-9,
+                avail as f64 * 1e-9
+            );
+        }
+        self.params = zeros(s.params, "parameters")?;
+        self.grads = zeros(s.grads, "gradients")?;
+        self.adam_m = zeros(s.grads, "optimizer moments")?;
+        self.adam_v = zeros(s.grads, "optimizer moments")?;
+        self.acts = zeros(s.acts, "activations")?;
         self.tokens = vec![0; s.tokens];
-        self.norm_scratch = vec![0.0; norm::rmsnorm_backward_scratch(s.max_rows, s.max_width)];
+        self.norm_scratch = zeros(
+            norm::rmsnorm_backward_scratch(s.max_rows, s.max_width),
+            "scratch",
+        )?;
         self.n_tokens = 0;
+        Ok(())
     }
 
     fn bytes(&self) -> usize {

@@ -87,3 +87,31 @@ pub(crate) fn block_forward<B: Backend>(
         true,
     );
 }
+
+/// The final norm and the output head: `logits = norm_f(x) @ wtet^T` over `rows` rows.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn head_forward<B: Backend>(
+    b: &mut B,
+    layout: &super::ParamLayout,
+    x: View,
+    lnf: View,
+    rstdf: View,
+    logits: View,
+    rows: usize,
+    d: usize,
+    v: usize,
+) {
+    let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
+    b.rmsnorm_forward(lnf, rstdf, x, pv(layout.ln_f, d), d);
+    b.matmul(
+        logits,
+        lnf,
+        Op::N,
+        pv(layout.wtet, v * d),
+        Op::T,
+        rows,
+        d,
+        v,
+        false,
+    );
+}

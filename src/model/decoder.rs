@@ -3,8 +3,8 @@
 //! (model, batch); a step allocates nothing.
 
 use super::ParamLayout;
-use super::block::{BlockIo, block_forward};
-use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Op, View};
+use super::block::{BlockIo, block_forward, head_forward};
+use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, View};
 use crate::config::ModelConfig;
 
 /// Offsets in [`Arena::Acts`] of one step's buffers and of the caches.
@@ -208,19 +208,17 @@ impl<B: Backend> Decoder<B> {
             });
         }
         let last = act(plan.resid[cfg.n_layer % 2], rows * d);
-        let lnf = act(plan.lnf, rows * d);
-        b.rmsnorm_forward(lnf, act(plan.rstdf, rows), last, pv(lay.ln_f, d), d);
         let logits = act(plan.logits, rows * v);
-        b.matmul(
+        head_forward(
+            b,
+            lay,
+            last,
+            act(plan.lnf, rows * d),
+            act(plan.rstdf, rows),
             logits,
-            lnf,
-            Op::N,
-            pv(lay.wtet, v * d),
-            Op::T,
             rows,
             d,
             v,
-            false,
         );
         b.download(logits, &mut self.host_logits);
         self.pos += 1;

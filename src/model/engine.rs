@@ -4,7 +4,7 @@
 //! the batch size. A training step therefore allocates nothing: it only runs kernels.
 
 use super::ParamLayout;
-use super::block::{BlockIo, block_forward};
+use super::block::{BlockIo, block_forward, head_forward};
 use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Op, View};
 use crate::config::ModelConfig;
 
@@ -332,19 +332,17 @@ impl<B: Backend> Engine<B> {
             });
         }
         let last = act(plan.resid[cfg.n_layer], rows * d);
-        let lnf = act(plan.lnf, rows * d);
-        b.rmsnorm_forward(lnf, act(plan.rstdf, rows), last, pv(lay.ln_f, d), d);
         let logits = act(plan.logits, rows * v);
-        b.matmul(
+        head_forward(
+            b,
+            lay,
+            last,
+            act(plan.lnf, rows * d),
+            act(plan.rstdf, rows),
             logits,
-            lnf,
-            Op::N,
-            pv(lay.wtet, v * d),
-            Op::T,
             rows,
             d,
             v,
-            false,
         );
         let losses = act(plan.losses, rows);
         b.cross_entropy(logits, losses, v, grad_scale);

@@ -57,7 +57,7 @@ const SMALL: &[&str] = &[
     "2",
 ];
 
-fn train_small(dir: &Path, data: &Path, out: &Path, steps: &str) -> Output {
+fn train_small(data: &Path, out: &Path, steps: &str) -> Output {
     let mut args = vec![
         "train",
         "--data",
@@ -70,9 +70,7 @@ fn train_small(dir: &Path, data: &Path, out: &Path, steps: &str) -> Output {
         "3",
     ];
     args.extend_from_slice(SMALL);
-    let o = igpt(&args);
-    let _ = dir;
-    o
+    igpt(&args)
 }
 
 #[test]
@@ -80,7 +78,7 @@ fn train_eval_info_and_palette_commands_work() {
     let dir = tempdir("ok");
     let data = small_npy(&dir);
     let run = dir.join("run");
-    let o = train_small(&dir, &data, &run, "6");
+    let o = train_small(&data, &run, "6");
     assert!(o.status.success(), "{}", stderr(&o));
     for f in [
         "config.json",
@@ -248,7 +246,7 @@ fn mismatched_palettes_tokens_and_configs_are_refused() {
     let dir = tempdir("mismatch");
     let data = small_npy(&dir);
     let run = dir.join("run");
-    let o = train_small(&dir, &data, &run, "4");
+    let o = train_small(&data, &run, "4");
     assert!(o.status.success(), "{}", stderr(&o));
     let snapshot = |p: &Path| -> Vec<(String, Vec<u8>)> {
         let mut v: Vec<_> = std::fs::read_dir(p)
@@ -334,7 +332,7 @@ fn mismatched_palettes_tokens_and_configs_are_refused() {
     );
 
     // Starting a new run over an existing one is refused (it would overwrite it).
-    let o = train_small(&dir, &data, &run, "4");
+    let o = train_small(&data, &run, "4");
     assert!(
         !o.status.success() && stderr(&o).contains("--resume"),
         "{}",

@@ -43,7 +43,6 @@ pub fn load(path: &Path) -> Result<ImageSet> {
     } else {
         None
     };
-    let _ = n;
     Ok(ImageSet {
         height: h,
         width: w,

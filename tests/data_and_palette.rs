@@ -208,6 +208,7 @@ fn the_shipped_fashion_mnist_split_loads() {
         (set.len(), set.height, set.width, set.channels),
         (10_000, 28, 28, 1)
     );
+    assert_eq!(set.class_names.len(), 10);
     let labels = set.labels.unwrap();
     for c in 0..10 {
         assert_eq!(

@@ -8,16 +8,16 @@ use std::path::{Path, PathBuf};
 /// File contents, gunzipped when they start with the gzip magic.
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    gunzip_if_needed(raw, &path.display().to_string())
+}
+
+/// `raw` itself, or its gunzipped contents when it starts with the gzip magic.
+fn gunzip_if_needed(raw: Vec<u8>, what: &str) -> Result<Vec<u8>> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .with_context(|| {
-                format!(
-                    "{} is not a valid gzip file (truncated or corrupt)",
-                    path.display()
-                )
-            })?;
+            .with_context(|| format!("{what} is not a valid gzip file (truncated or corrupt)"))?;
         Ok(out)
     } else {
         Ok(raw)
@@ -67,15 +67,36 @@ fn labels_path(images: &Path) -> Option<PathBuf> {
 
 /// Reads an IDX image file (`[n, h, w]`) and, when present beside it, its labels.
 pub fn load(path: &Path) -> Result<ImageSet> {
-    let what = path.display().to_string();
-    let (dims, pixels) = parse(&read_maybe_gz(path)?, &what)?;
+    let images = read_maybe_gz(path)?;
+    let labels = match labels_path(path) {
+        Some(lp) => Some((read_maybe_gz(&lp)?, lp.display().to_string())),
+        None => None,
+    };
+    from_bytes(
+        &images,
+        &path.display().to_string(),
+        labels.as_ref().map(|(b, w)| (&b[..], w.as_str())),
+    )
+}
+
+/// Builds a set from IDX images and optional labels already in memory (raw or gzip).
+pub fn load_bytes(images: &[u8], what: &str, labels: Option<&[u8]>) -> Result<ImageSet> {
+    let images = gunzip_if_needed(images.to_vec(), what)?;
+    let labels = labels
+        .map(|l| gunzip_if_needed(l.to_vec(), &format!("{what} labels")))
+        .transpose()?;
+    let lw = format!("{what} labels");
+    from_bytes(&images, what, labels.as_deref().map(|l| (l, lw.as_str())))
+}
+
+fn from_bytes(images: &[u8], what: &str, labels: Option<(&[u8], &str)>) -> Result<ImageSet> {
+    let (dims, pixels) = parse(images, what)?;
     if dims.len() != 3 {
         bail!("{what}: expected images of shape [n, height, width], found {dims:?}");
     }
-    let labels = match labels_path(path) {
-        Some(lp) => {
-            let lw = lp.display().to_string();
-            let (ldims, l) = parse(&read_maybe_gz(&lp)?, &lw)?;
+    let labels = match labels {
+        Some((bytes, lw)) => {
+            let (ldims, l) = parse(bytes, lw)?;
             ensure!(
                 ldims.len() == 1 && ldims[0] == dims[0],
                 "{lw}: {} labels for {} images",

@@ -9,7 +9,7 @@ pub mod npyimages;
 pub use cache::TokenSet;
 
 use anyhow::{Context, Result, bail, ensure};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Decoded images, all the same size: `pixels` is `[n, height, width, channels]` u8.
 #[derive(Debug, Clone)]
@@ -147,26 +147,41 @@ pub enum Format {
 /// The Fashion-MNIST test split shipped in the repository (REFERENCE.md §9).
 pub const BUILTIN_FASHION: &str = "fashion-mnist";
 
-/// Path of the shipped Fashion-MNIST images, found beside the executable's source tree or
-/// the working directory.
-pub fn builtin_fashion_path() -> Result<PathBuf> {
-    let rel = Path::new("data/fashion-mnist/t10k-images-idx3-ubyte.gz");
-    let candidates = [
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel),
-        rel.to_path_buf(),
-    ];
-    candidates.iter().find(|p| p.exists()).cloned().with_context(|| {
-        format!("the shipped Fashion-MNIST split was not found at {}; run igpt from the repository or pass --data PATH", candidates[0].display())
-    })
+/// The shipped split, compiled into the binary so `igpt demo` works from any directory.
+const FASHION_IMAGES: &[u8] = include_bytes!("../../data/fashion-mnist/t10k-images-idx3-ubyte.gz");
+const FASHION_LABELS: &[u8] = include_bytes!("../../data/fashion-mnist/t10k-labels-idx1-ubyte.gz");
+
+/// The shipped Fashion-MNIST test split: 10,000 28x28 grayscale images with labels.
+pub fn builtin_fashion() -> Result<ImageSet> {
+    let mut set = idx::load_bytes(
+        FASHION_IMAGES,
+        "the built-in Fashion-MNIST split",
+        Some(FASHION_LABELS),
+    )?;
+    set.class_names = [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Ok(set)
 }
 
 /// Reads a data set from `spec`: a path, or `fashion-mnist` for the shipped split.
 pub fn load(spec: &str, format: Format) -> Result<ImageSet> {
-    let path = if spec == BUILTIN_FASHION {
-        builtin_fashion_path()?
-    } else {
-        PathBuf::from(spec)
-    };
+    if spec == BUILTIN_FASHION {
+        return builtin_fashion();
+    }
+    let path = PathBuf::from(spec);
     ensure!(path.exists(), "data set {} does not exist", path.display());
     let name = path
         .file_name()

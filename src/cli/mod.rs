@@ -363,10 +363,10 @@ fn demo(a: DemoArgs) -> Result<()> {
     ] {
         println!("  {}", run_dir.file(f).display());
     }
-    println!(
-        "next: igpt eval --model {} --data fashion-mnist",
-        a.out.display()
-    );
+    let m = a.out.display();
+    println!("next: igpt sample --model {m} --n 64 --out more-samples.png");
+    println!("      igpt complete --model {m} --images YOUR.png --out yours.png");
+    println!("      igpt train --resume {m} --steps 2000   (train on for a better model)");
     Ok(())
 }
 

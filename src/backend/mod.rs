@@ -33,19 +33,6 @@ impl View {
     pub fn new(arena: Arena, offset: usize, len: usize) -> Self {
         Self { arena, offset, len }
     }
-    /// The part `[start, start + len)` of this view.
-    pub fn sub(self, start: usize, len: usize) -> Self {
-        assert!(
-            start + len <= self.len,
-            "sub-view {start}+{len} outside a view of {}",
-            self.len
-        );
-        Self {
-            arena: self.arena,
-            offset: self.offset + start,
-            len,
-        }
-    }
     pub fn overlaps(&self, other: &View) -> bool {
         self.arena == other.arena
             && self.offset < other.offset + other.len
@@ -74,8 +61,6 @@ pub trait Backend {
     /// Allocates every arena once (zero-filled). Called before any kernel. Fails, rather
     /// than aborting, when the memory is not there.
     fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()>;
-    /// Bytes held in arenas.
-    fn bytes(&self) -> usize;
     fn upload(&mut self, dst: View, src: &[f32]);
     fn download(&self, src: View, dst: &mut [f32]);
     fn fill(&mut self, dst: View, value: f32);

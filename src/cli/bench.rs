@@ -18,8 +18,9 @@ pub enum BenchCmd {
     Generate(GenerateBench),
 }
 
+/// The model both benchmarks use (iGPT-tiny by default, 512 RGB colours).
 #[derive(Args)]
-pub struct GenerateBench {
+pub struct BenchModel {
     #[arg(long, default_value_t = 8)]
     layers: usize,
     #[arg(long, default_value_t = 256)]
@@ -28,9 +29,45 @@ pub struct GenerateBench {
     heads: usize,
     #[arg(long, default_value_t = 512)]
     vocab: usize,
-    /// Image side: side^2 tokens are generated per image.
+    /// Image side (context = side^2 tokens).
     #[arg(long, default_value_t = 32)]
     side: usize,
+}
+
+impl BenchModel {
+    fn config(&self) -> Result<ModelConfig> {
+        let cfg = ModelConfig {
+            n_layer: self.layers,
+            n_embd: self.embd,
+            n_head: self.heads,
+            n_vocab: self.vocab,
+            side: self.side,
+            channels: 3,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The same shape as arguments of the Python baselines.
+    fn python_args(&self) -> Vec<String> {
+        let pairs = [
+            ("--layers", self.layers),
+            ("--embd", self.embd),
+            ("--heads", self.heads),
+            ("--vocab", self.vocab),
+            ("--ctx", self.side * self.side),
+        ];
+        pairs
+            .iter()
+            .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+            .collect()
+    }
+}
+
+#[derive(Args)]
+pub struct GenerateBench {
+    #[command(flatten)]
+    model: BenchModel,
     /// Batch sizes to measure.
     #[arg(long, num_args = 1.., default_values_t = vec![1, 8])]
     batches: Vec<usize>,
@@ -43,17 +80,8 @@ pub struct GenerateBench {
 
 #[derive(Args)]
 pub struct TrainBench {
-    #[arg(long, default_value_t = 8)]
-    layers: usize,
-    #[arg(long, default_value_t = 256)]
-    embd: usize,
-    #[arg(long, default_value_t = 8)]
-    heads: usize,
-    #[arg(long, default_value_t = 512)]
-    vocab: usize,
-    /// Image side (context = side^2).
-    #[arg(long, default_value_t = 32)]
-    side: usize,
+    #[command(flatten)]
+    model: BenchModel,
     #[arg(long, default_value_t = 8)]
     batch: usize,
     /// Timed steps (after one untimed warm-up step).
@@ -86,24 +114,16 @@ fn generate(b: GenerateBench) -> Result<()> {
     use igpt::model::Decoder;
     use igpt::sample::{self, SampleOptions};
     let threads = rayon::current_num_threads();
-    let model = ModelConfig {
-        n_layer: b.layers,
-        n_embd: b.embd,
-        n_head: b.heads,
-        n_vocab: b.vocab,
-        side: b.side,
-        channels: 3,
-    };
-    model.validate()?;
+    let model = b.model.config()?;
     let t = model.n_ctx();
     println!(
         "model: {} layers, d={}, {} heads, vocab {}, {} tokens per image, fp32, {} threads",
-        b.layers, b.embd, b.heads, b.vocab, t, threads
+        b.model.layers, b.model.embd, b.model.heads, b.model.vocab, t, threads
     );
     // A random model with a non-zero head, so sampling is not uniform.
     let mut params = igpt::model::init_params(&model, 0);
     let layout = igpt::model::ParamLayout::new(&model);
-    for (i, p) in params[layout.wtet..layout.wtet + b.vocab * b.embd]
+    for (i, p) in params[layout.wtet..layout.wtet + b.model.vocab * b.model.embd]
         .iter_mut()
         .enumerate()
     {
@@ -134,22 +154,8 @@ fn generate(b: GenerateBench) -> Result<()> {
     let batches: Vec<String> = b.batches.iter().map(|x| x.to_string()).collect();
     let out = std::process::Command::new(&b.python)
         .arg(&script)
-        .args([
-            "--layers",
-            &b.layers.to_string(),
-            "--embd",
-            &b.embd.to_string(),
-            "--heads",
-            &b.heads.to_string(),
-        ])
-        .args([
-            "--vocab",
-            &b.vocab.to_string(),
-            "--ctx",
-            &t.to_string(),
-            "--threads",
-            &threads.to_string(),
-        ])
+        .args(b.model.python_args())
+        .args(["--threads", &threads.to_string()])
         .arg("--batches")
         .args(&batches)
         .output()
@@ -184,19 +190,11 @@ fn generate(b: GenerateBench) -> Result<()> {
 
 fn train(b: TrainBench) -> Result<()> {
     let threads = rayon::current_num_threads();
-    let model = ModelConfig {
-        n_layer: b.layers,
-        n_embd: b.embd,
-        n_head: b.heads,
-        n_vocab: b.vocab,
-        side: b.side,
-        channels: 3,
-    };
-    model.validate()?;
+    let model = b.model.config()?;
     let t = model.n_ctx();
     println!(
         "model: {} layers, d={}, {} heads, vocab {}, context {}, batch {}, fp32, {} threads",
-        b.layers, b.embd, b.heads, b.vocab, t, b.batch, threads
+        b.model.layers, b.model.embd, b.model.heads, b.model.vocab, t, b.batch, threads
     );
     let cfg = TrainConfig {
         steps: 1000,
@@ -208,9 +206,9 @@ fn train(b: TrainBench) -> Result<()> {
     let params = igpt::model::init_params(&model, 0);
     let mut trainer = Trainer::new(&model, cfg, &params, CpuBackend::new())?;
     let tokens: Vec<u16> = (0..b.batch * t)
-        .map(|i| ((i as u64 * 2654435761) % b.vocab as u64) as u16)
+        .map(|i| ((i as u64 * 2654435761) % b.model.vocab as u64) as u16)
         .collect();
-    let data = TokenSet::from_tokens(tokens, t, b.vocab, None)?;
+    let data = TokenSet::from_tokens(tokens, t, b.model.vocab, None)?;
     trainer.step(&data)?;
     let t0 = Instant::now();
     for _ in 0..b.steps {
@@ -226,22 +224,8 @@ fn train(b: TrainBench) -> Result<()> {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_baseline.py");
     let out = std::process::Command::new(&b.python)
         .arg(&script)
-        .args([
-            "--layers",
-            &b.layers.to_string(),
-            "--embd",
-            &b.embd.to_string(),
-            "--heads",
-            &b.heads.to_string(),
-        ])
-        .args([
-            "--vocab",
-            &b.vocab.to_string(),
-            "--ctx",
-            &t.to_string(),
-            "--batch",
-            &b.batch.to_string(),
-        ])
+        .args(b.model.python_args())
+        .args(["--batch", &b.batch.to_string()])
         .args([
             "--threads",
             &threads.to_string(),

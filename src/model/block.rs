@@ -115,3 +115,41 @@ pub(crate) fn head_forward<B: Backend>(
         false,
     );
 }
+
+/// Backward of `y = x @ W` for the weight at `w` (`[n_in, n_out]`): adds `x^T dy` to its
+/// gradient and writes `dx = dy W^T`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_backward<B: Backend>(
+    b: &mut B,
+    dx: View,
+    w: usize,
+    x: View,
+    dy: View,
+    rows: usize,
+    n_in: usize,
+    n_out: usize,
+) {
+    let n = n_in * n_out;
+    b.matmul(
+        View::new(Arena::Grads, w, n),
+        x,
+        Op::T,
+        dy,
+        Op::N,
+        n_in,
+        rows,
+        n_out,
+        true,
+    );
+    b.matmul(
+        dx,
+        dy,
+        Op::N,
+        View::new(Arena::Params, w, n),
+        Op::T,
+        rows,
+        n_out,
+        n_in,
+        false,
+    );
+}

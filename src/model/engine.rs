@@ -4,7 +4,7 @@
 //! the batch size. A training step therefore allocates nothing: it only runs kernels.
 
 use super::ParamLayout;
-use super::block::{BlockIo, block_forward, head_forward};
+use super::block::{BlockIo, block_forward, head_forward, linear_backward};
 use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Op, View};
 use crate::config::ModelConfig;
 
@@ -273,17 +273,6 @@ impl<B: Backend> Engine<B> {
             .download(act(self.plan.logits, rows * self.cfg.n_vocab), out);
     }
 
-    /// The normalised input of block `layer` (`norm_1` output), `[n_seq * n_ctx, d]`, from
-    /// the last forward pass. In an inference engine only the last block's survives.
-    pub fn block_input_norm(&self, layer: usize, out: &mut Vec<f32>) {
-        let rows = self.n_seq * self.cfg.n_ctx();
-        out.resize(rows * self.cfg.n_embd, 0.0);
-        self.backend.download(
-            act(self.plan.blocks[layer].ln1, rows * self.cfg.n_embd),
-            out,
-        );
-    }
-
     fn run_forward(&mut self, tokens: &[u16], grad_scale: Option<f32>) -> anyhow::Result<f64> {
         let n_seq = self.check_tokens(tokens)?;
         self.n_seq = n_seq;
@@ -416,129 +405,40 @@ impl<B: Backend> Engine<B> {
             let fc = act(ba.fc, rows * 4 * d);
             // MLP branch: the activation output is recomputed rather than stored per layer.
             b.gelu_forward(fc_act, fc);
-            b.matmul(
-                gv(po.mlp_proj, 4 * d * d),
-                fc_act,
-                Op::T,
-                d_resid,
-                Op::N,
-                4 * d,
-                rows,
-                d,
-                true,
-            );
-            b.matmul(
-                d_fc,
-                d_resid,
-                Op::N,
-                pv(po.mlp_proj, 4 * d * d),
-                Op::T,
-                rows,
-                d,
-                4 * d,
-                false,
-            );
+            linear_backward(b, d_fc, po.mlp_proj, fc_act, d_resid, rows, 4 * d, d);
             b.gelu_backward_inplace(d_fc, fc);
-            let ln2 = act(ba.ln2, rows * d);
-            b.matmul(
-                gv(po.c_fc, d * 4 * d),
-                ln2,
-                Op::T,
-                d_fc,
-                Op::N,
-                d,
-                rows,
-                4 * d,
-                true,
-            );
-            b.matmul(
+            linear_backward(
+                b,
                 d_ln,
+                po.c_fc,
+                act(ba.ln2, rows * d),
                 d_fc,
-                Op::N,
-                pv(po.c_fc, d * 4 * d),
-                Op::T,
                 rows,
+                d,
                 4 * d,
-                d,
-                false,
             );
-            let mid = act(ba.mid, rows * d);
-            b.rmsnorm_backward(
-                d_resid,
-                gv(po.ln_2, d),
-                d_ln,
-                mid,
-                act(ba.rstd2, rows),
-                pv(po.ln_2, d),
-                d,
-            );
+            let (mid, rstd2) = (act(ba.mid, rows * d), act(ba.rstd2, rows));
+            b.rmsnorm_backward(d_resid, gv(po.ln_2, d), d_ln, mid, rstd2, pv(po.ln_2, d), d);
             // Attention branch.
             let att = act(ba.att, rows * d);
-            b.matmul(
-                gv(po.attn_proj, d * d),
-                att,
-                Op::T,
-                d_resid,
-                Op::N,
-                d,
-                rows,
-                d,
-                true,
-            );
-            b.matmul(
-                d_att,
-                d_resid,
-                Op::N,
-                pv(po.attn_proj, d * d),
-                Op::T,
-                rows,
-                d,
-                d,
-                false,
-            );
-            let qkv = act(ba.qkv, rows * 3 * d);
-            b.attention_backward(
-                d_qkv,
-                d_att,
-                att,
+            linear_backward(b, d_att, po.attn_proj, att, d_resid, rows, d, d);
+            let (lse, qkv) = (
                 act(ba.lse, n_seq * cfg.n_head * t),
-                qkv,
-                scratch,
-                shape,
+                act(ba.qkv, rows * 3 * d),
             );
-            let ln1 = act(ba.ln1, rows * d);
-            b.matmul(
-                gv(po.c_attn, d * 3 * d),
-                ln1,
-                Op::T,
-                d_qkv,
-                Op::N,
-                d,
-                rows,
-                3 * d,
-                true,
-            );
-            b.matmul(
+            b.attention_backward(d_qkv, d_att, att, lse, qkv, scratch, shape);
+            linear_backward(
+                b,
                 d_ln,
+                po.c_attn,
+                act(ba.ln1, rows * d),
                 d_qkv,
-                Op::N,
-                pv(po.c_attn, d * 3 * d),
-                Op::T,
                 rows,
+                d,
                 3 * d,
-                d,
-                false,
             );
-            let x = act(plan.resid[l], rows * d);
-            b.rmsnorm_backward(
-                d_resid,
-                gv(po.ln_1, d),
-                d_ln,
-                x,
-                act(ba.rstd1, rows),
-                pv(po.ln_1, d),
-                d,
-            );
+            let (x, rstd1) = (act(plan.resid[l], rows * d), act(ba.rstd1, rows));
+            b.rmsnorm_backward(d_resid, gv(po.ln_1, d), d_ln, x, rstd1, pv(po.ln_1, d), d);
         }
         b.embed_backward(
             gv(lay.wte, v * d),

@@ -21,12 +21,3 @@ pub fn quick_gelu_backward_inplace(dout: &mut [f32], x: &[f32]) {
         .zip(x.par_chunks(CHUNK))
         .for_each(|(d, x)| simd::quick_gelu_grad(d, x));
 }
-
-/// `out = a + b`.
-pub fn add(out: &mut [f32], a: &[f32], b: &[f32]) {
-    assert!(out.len() == a.len() && a.len() == b.len());
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK))
-        .zip(b.par_chunks(CHUNK))
-        .for_each(|((o, a), b)| simd::add(o, a, b));
-}

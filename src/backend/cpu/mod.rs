@@ -59,59 +59,45 @@ impl CpuBackend {
         }
     }
 
-    /// Resolves one output view and several input views to slices.
+    /// Resolves output views (written) and input views (read) to slices.
     ///
-    /// Panics (always, not only in debug builds) if a view is out of bounds or the output
-    /// overlaps an input: that would be a planning bug, and silently aliasing memory is worse.
-    fn io<const N: usize>(&mut self, out: View, inputs: [View; N]) -> (&mut [f32], [&[f32]; N]) {
-        for v in inputs.iter().chain(std::iter::once(&out)) {
+    /// Panics (always, not only in debug builds) if a view is out of bounds, two outputs
+    /// overlap, or an output overlaps an input: that would be a planning bug, and silently
+    /// aliasing memory is worse.
+    fn views<const O: usize, const I: usize>(
+        &mut self,
+        outs: [View; O],
+        ins: [View; I],
+    ) -> ([&mut [f32]; O], [&[f32]; I]) {
+        for v in outs.iter().chain(&ins) {
             let len = self.arena(v.arena).len();
             assert!(
                 v.offset + v.len <= len,
                 "view {v:?} is outside its arena of {len} floats"
             );
         }
-        for v in &inputs {
-            assert!(
-                !out.overlaps(v),
-                "kernel output {out:?} overlaps input {v:?}"
-            );
+        for (k, o) in outs.iter().enumerate() {
+            for other in outs[k + 1..].iter().chain(&ins) {
+                assert!(!o.overlaps(other), "kernel output {o:?} overlaps {other:?}");
+            }
         }
-        let ptrs = inputs.map(|v| self.base(v.arena).wrapping_add(v.offset) as *const f32);
-        let out_ptr = self.base(out.arena).wrapping_add(out.offset);
-        // SAFETY: each view was checked to lie inside its arena; the output overlaps no input,
-        // so the one mutable slice aliases none of the shared ones; the arenas are not resized
-        // while these borrows (tied to `&mut self`) live.
+        let out_ptrs = outs.map(|v| self.base(v.arena).wrapping_add(v.offset));
+        let in_ptrs = ins.map(|v| self.base(v.arena).wrapping_add(v.offset) as *const f32);
+        // SAFETY: every view lies inside its arena; no output overlaps another output or any
+        // input, so the mutable slices alias nothing; the arenas are not resized while these
+        // borrows (tied to `&mut self`) live.
         unsafe {
-            let ins = std::array::from_fn(|i| std::slice::from_raw_parts(ptrs[i], inputs[i].len));
-            (std::slice::from_raw_parts_mut(out_ptr, out.len), ins)
+            (
+                std::array::from_fn(|k| std::slice::from_raw_parts_mut(out_ptrs[k], outs[k].len)),
+                std::array::from_fn(|k| std::slice::from_raw_parts(in_ptrs[k], ins[k].len)),
+            )
         }
     }
 
-    /// Two disjoint outputs and several inputs.
-    fn io2<const N: usize>(
-        &mut self,
-        o1: View,
-        o2: View,
-        inputs: [View; N],
-    ) -> (&mut [f32], &mut [f32], [&[f32]; N]) {
-        assert!(
-            !o1.overlaps(&o2),
-            "kernel outputs {o1:?} and {o2:?} overlap"
-        );
-        for v in &inputs {
-            assert!(!o2.overlaps(v), "kernel output {o2:?} overlaps input {v:?}");
-        }
-        let len2 = self.arena(o2.arena).len();
-        assert!(
-            o2.offset + o2.len <= len2,
-            "view {o2:?} is outside its arena of {len2} floats"
-        );
-        let p2 = self.base(o2.arena).wrapping_add(o2.offset);
-        let (a, ins) = self.io(o1, inputs);
-        // SAFETY: o2 is in bounds, disjoint from o1 and from every input (checked above).
-        let b = unsafe { std::slice::from_raw_parts_mut(p2, o2.len) };
-        (a, b, ins)
+    /// One output and several inputs.
+    fn io<const N: usize>(&mut self, out: View, inputs: [View; N]) -> (&mut [f32], [&[f32]; N]) {
+        let ([o], ins) = self.views([out], inputs);
+        (o, ins)
     }
 
     pub fn tokens(&self) -> &[u16] {
@@ -166,15 +152,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn bytes(&self) -> usize {
-        4 * (self.params.len()
-            + self.grads.len()
-            + self.adam_m.len()
-            + self.adam_v.len()
-            + self.acts.len())
-            + 2 * self.tokens.len()
-    }
-
     fn upload(&mut self, dst: View, src: &[f32]) {
         assert_eq!(dst.len, src.len(), "upload: size mismatch");
         let (d, []) = self.io(dst, []);
@@ -226,21 +203,13 @@ impl Backend for CpuBackend {
     ) {
         let toks = std::mem::take(&mut self.tokens);
         let n = self.n_tokens;
-        assert!(!dwte.overlaps(&dsos) && !dwpe.overlaps(&dsos));
-        let len = self.grads.len();
-        assert!(dsos.offset + dsos.len <= len);
-        let ps = self.base(dsos.arena).wrapping_add(dsos.offset);
-        let (a, b, [g]) = self.io2(dwte, dwpe, [dout]);
-        // SAFETY: dsos is in bounds and disjoint from dwte, dwpe (asserted) and from dout
-        // (a different arena or checked by io2's caller contract below).
-        assert!(!dsos.overlaps(&dout));
-        let c = unsafe { std::slice::from_raw_parts_mut(ps, dsos.len) };
+        let ([a, b, c], [g]) = self.views([dwte, dwpe, dsos], [dout]);
         embedding::embed_backward(a, b, c, g, &toks[..n], t, d);
         self.tokens = toks;
     }
 
     fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize) {
-        let (o, r, [x, g]) = self.io2(out, rstd, [x, g]);
+        let ([o, r], [x, g]) = self.views([out, rstd], [x, g]);
         norm::rmsnorm_forward(o, r, x, g, d, 1e-5);
     }
 
@@ -255,7 +224,7 @@ impl Backend for CpuBackend {
         d: usize,
     ) {
         let mut scratch = std::mem::take(&mut self.norm_scratch);
-        let (dx, dg, [dout, x, rstd, g]) = self.io2(dx, dg, [dout, x, rstd, g]);
+        let ([dx, dg], [dout, x, rstd, g]) = self.views([dx, dg], [dout, x, rstd, g]);
         norm::rmsnorm_backward(dx, dg, dout, x, rstd, g, d, &mut scratch);
         self.norm_scratch = scratch;
     }
@@ -284,12 +253,7 @@ impl Backend for CpuBackend {
         scratch: View,
         shape: AttnShape,
     ) {
-        assert!(!scratch.overlaps(&out) && !scratch.overlaps(&lse) && !scratch.overlaps(&qkv));
-        let ps = self.base(scratch.arena).wrapping_add(scratch.offset);
-        assert!(scratch.offset + scratch.len <= self.arena(scratch.arena).len());
-        let (o, l, [q]) = self.io2(out, lse, [qkv]);
-        // SAFETY: scratch is in bounds and disjoint from every other view (asserted above).
-        let sc = unsafe { std::slice::from_raw_parts_mut(ps, scratch.len) };
+        let ([o, l, sc], [q]) = self.views([out, lse, scratch], [qkv]);
         attention::attention_forward(o, l, q, sc, shape);
     }
 
@@ -303,14 +267,7 @@ impl Backend for CpuBackend {
         scratch: View,
         shape: AttnShape,
     ) {
-        for v in [&dqkv, &dout, &out, &lse, &qkv] {
-            assert!(!scratch.overlaps(v), "attention scratch overlaps {v:?}");
-        }
-        let ps = self.base(scratch.arena).wrapping_add(scratch.offset);
-        assert!(scratch.offset + scratch.len <= self.arena(scratch.arena).len());
-        let (dq, [dout, out, lse, qkv]) = self.io(dqkv, [dout, out, lse, qkv]);
-        // SAFETY: scratch is in bounds and disjoint from every other view (asserted above).
-        let sc = unsafe { std::slice::from_raw_parts_mut(ps, scratch.len) };
+        let ([dq, sc], [dout, out, lse, qkv]) = self.views([dqkv, scratch], [dout, out, lse, qkv]);
         attention::attention_backward(dq, dout, out, lse, qkv, sc, shape);
     }
 
@@ -332,25 +289,7 @@ impl Backend for CpuBackend {
         shape: AttnShape,
         pos: usize,
     ) {
-        let views = [out, k_cache, v_cache, qkv, scores];
-        for (i, a) in views.iter().enumerate() {
-            let len = self.arena(a.arena).len();
-            assert!(
-                a.offset + a.len <= len,
-                "view {a:?} is outside its arena of {len} floats"
-            );
-            for b in &views[i + 1..] {
-                assert!(
-                    !a.overlaps(b),
-                    "attention step views {a:?} and {b:?} overlap"
-                );
-            }
-        }
-        let p = views.map(|v| self.base(v.arena).wrapping_add(v.offset));
-        // SAFETY: every view is in bounds and no two overlap (checked above); the arenas are
-        // not resized while these slices live.
-        let [o, k, v, q, s] =
-            unsafe { [0, 1, 2, 3, 4].map(|i| std::slice::from_raw_parts_mut(p[i], views[i].len)) };
+        let ([o, k, v, s], [q]) = self.views([out, k_cache, v_cache, scores], [qkv]);
         attention::attention_step(
             o,
             k,
@@ -378,7 +317,7 @@ impl Backend for CpuBackend {
     fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>) {
         let toks = std::mem::take(&mut self.tokens);
         let n = self.n_tokens;
-        let (z, l, []) = self.io2(logits, losses, []);
+        let ([z, l], []) = self.views([logits, losses], []);
         loss::cross_entropy(z, l, &toks[..n], v, grad_scale);
         self.tokens = toks;
     }

@@ -294,16 +294,6 @@ dispatch! {
 }
 
 dispatch! {
-    /// `acc[i] += x[i] * s`.
-    pub fn axpy(acc: &mut [f32], x: &[f32], s: f32) {
-        assert_eq!(acc.len(), x.len());
-        for (a, &v) in acc.iter_mut().zip(x) {
-            *a += v * s;
-        }
-    }
-}
-
-dispatch! {
     /// `acc[i] += x[i] * y[i] * s`.
     pub fn add_product(acc: &mut [f32], x: &[f32], y: &[f32], s: f32) {
         assert!(acc.len() == x.len() && x.len() == y.len());

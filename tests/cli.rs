@@ -1,31 +1,11 @@
 //! The `igpt` binary end to end: a small run, evaluation, and bad inputs that must fail with a
 //! clear message and leave nothing changed on disk.
 
+mod common;
+use common::{igpt, s, stderr, tempdir};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn igpt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_igpt"))
-        .args(["--threads", "2"])
-        .args(args)
-        .output()
-        .expect("run igpt")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("igpt-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// 40 small grayscale images as .npy, with labels.
 fn small_npy(dir: &Path) -> PathBuf {

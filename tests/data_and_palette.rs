@@ -1,17 +1,12 @@
 //! Palettes, data readers and the token cache, on data made in the test.
 
+mod common;
+use common::tempdir;
+
 use igpt::data::{self, Format, ImageSet, TokenSet};
 use igpt::npy::{self, DType};
 use igpt::palette::{FitOptions, Palette};
 use std::io::Write;
-use std::path::PathBuf;
-
-fn tempdir(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("igpt-data-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
 
 fn idx_bytes(dims: &[u32], body: &[u8], elem: u8) -> Vec<u8> {
     let mut v = vec![0, 0, elem, dims.len() as u8];

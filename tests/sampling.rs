@@ -1,12 +1,14 @@
 //! Sampling controls, reproducibility, completions, and the sample/complete/score commands.
 
+mod common;
+use common::{igpt, s, tempdir};
+
 use igpt::backend::cpu::CpuBackend;
 use igpt::config::ModelConfig;
 use igpt::model::{Decoder, Engine};
 use igpt::sample::{self, SampleOptions};
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn model_and_params() -> (ModelConfig, Vec<f32>) {
     let cfg = ModelConfig {
@@ -197,25 +199,6 @@ fn completions_keep_their_prefix_and_rows_stream_in_order() {
 }
 
 // ---- the commands ----
-
-fn igpt(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_igpt"))
-        .args(["--threads", "2"])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("igpt-sampling-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A tiny trained run on 6x6 images.
 fn small_run(dir: &Path) -> PathBuf {

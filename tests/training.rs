@@ -1,5 +1,8 @@
 //! Training behaviour: it learns, it is reproducible, and it resumes exactly.
 
+mod common;
+use common::tempdir;
+
 use igpt::backend::cpu::CpuBackend;
 use igpt::checkpoint::RunDir;
 use igpt::config::ModelConfig;
@@ -260,13 +263,6 @@ fn resume_refuses_a_different_model() {
         std::fs::read(dir.file("trainer.safetensors")).unwrap(),
         "a refused resume changed the checkpoint"
     );
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let p = std::env::temp_dir().join(format!("igpt-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
 }
 
 #[test]

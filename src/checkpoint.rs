@@ -228,6 +228,9 @@ pub fn load_model_file(path: &Path, cfg: &ModelConfig) -> Result<Vec<f32>> {
 pub struct LoadedModel {
     pub config: RunConfig,
     pub palette: Palette,
+    /// The palette's centres as the source stores them (f64 in Hugging Face configs): the
+    /// Hugging Face-compatible encoder needs them unrounded to pick the same colours.
+    pub exact_centers: Vec<f64>,
     pub params: Vec<f32>,
 }
 
@@ -255,6 +258,7 @@ impl LoadedModel {
         let params = run.load_model(m)?;
         Ok(Self {
             config,
+            exact_centers: palette.centers.iter().map(|&x| x as f64).collect(),
             palette,
             params,
         })

@@ -2,6 +2,18 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Training objective, which also fixes how the model reads its input (REFERENCE.md §3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Next-pixel prediction: causal attention, a start token in front.
+    #[default]
+    Autoregressive,
+    /// Masked-pixel prediction: bidirectional attention, masked positions get a zero content
+    /// embedding, no start token.
+    Bert,
+}
+
 /// Shape of an Image GPT (REFERENCE.md §3). `n_ctx` is the number of pixels per image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -14,6 +26,9 @@ pub struct ModelConfig {
     pub side: usize,
     /// Colour channels of the palette (1 grayscale, 3 RGB).
     pub channels: usize,
+    /// Absent in configs written before BERT models existed: those are autoregressive.
+    #[serde(default)]
+    pub objective: Objective,
 }
 
 /// Named model sizes. `tiny` is ours; `s`, `m`, `l` are OpenAI's released shapes.
@@ -46,6 +61,7 @@ impl ModelConfig {
             n_vocab,
             side,
             channels,
+            objective: Objective::Autoregressive,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -53,6 +69,11 @@ impl ModelConfig {
 
     pub fn n_ctx(&self) -> usize {
         self.side * self.side
+    }
+
+    /// Whether attention is causal (autoregressive models) or sees the whole image (BERT).
+    pub fn causal(&self) -> bool {
+        self.objective == Objective::Autoregressive
     }
 
     pub fn head_dim(&self) -> usize {

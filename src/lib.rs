@@ -3,14 +3,16 @@
 //! Tour: [`config`] (model shape), [`model`] (parameters and the forward/backward engine),
 //! [`backend`] (kernels; [`backend::cpu`] today), [`train`] (optimizer, schedule, loop),
 //! [`palette`] (colour palettes), [`data`] (readers, token cache), [`checkpoint`] (run
-//! directories), [`eval`] (held-out likelihood), [`plot`] (charts).
+//! directories), [`formats`] (Hugging Face and TensorFlow checkpoints), [`eval`] (held-out likelihood), [`plot`] (charts).
 
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod formats;
 pub mod fsutil;
 pub mod grid;
+pub mod inference;
 pub mod model;
 pub mod npy;
 pub mod palette;

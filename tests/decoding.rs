@@ -13,6 +13,7 @@ fn model_and_params() -> (ModelConfig, Vec<f32>) {
         n_vocab: 11,
         side: 12,
         channels: 1,
+        objective: Default::default(),
     };
     let mut params = igpt::model::init_params(&cfg, 9);
     // A non-zero head and larger weights, so the logits carry real information.

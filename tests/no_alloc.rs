@@ -65,6 +65,7 @@ fn run_steps() {
         n_vocab: 32,
         side: 12,
         channels: 1,
+        objective: Default::default(),
     };
     let t = model.n_ctx();
     let tokens: Vec<u16> = (0..20 * t)

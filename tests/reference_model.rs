@@ -42,6 +42,7 @@ fn logits_loss_and_gradients_match_pytorch() {
         n_vocab: get("n_vocab"),
         side: get("side"),
         channels: get("channels"),
+        objective: Default::default(),
     };
     let tok_t = st.tensor("tokens").unwrap();
     let tokens: Vec<u16> = tok_t

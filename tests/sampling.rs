@@ -18,6 +18,7 @@ fn model_and_params() -> (ModelConfig, Vec<f32>) {
         n_vocab: 9,
         side: 5,
         channels: 1,
+        objective: Default::default(),
     };
     let mut params = igpt::model::init_params(&cfg, 2);
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(8);

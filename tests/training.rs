@@ -19,6 +19,7 @@ fn tiny_model() -> ModelConfig {
         n_vocab: 8,
         side: 6,
         channels: 1,
+        objective: Default::default(),
     }
 }
 
@@ -274,6 +275,7 @@ fn a_model_too_large_for_memory_is_refused_with_advice() {
         n_vocab: 512,
         side: 256,
         channels: 3,
+        objective: Default::default(),
     };
     let err = igpt::model::Engine::new(&cfg, 64, true, CpuBackend::new())
         .err()

@@ -69,6 +69,9 @@ pub trait Backend {
     fn set_tokens(&mut self, tokens: &[u16]);
 
     fn embed_forward(&mut self, out: View, wte: View, wpe: View, sos: View, t: usize, d: usize);
+    /// The stored ids as inputs, unshifted: id `n_vocab` is the start token, `n_vocab + 1` a
+    /// masked position (zero content embedding).
+    fn embed_direct(&mut self, out: View, wte: View, wpe: View, sos: View, t: usize, d: usize);
     fn embed_backward(
         &mut self,
         dwte: View,

@@ -43,6 +43,7 @@ impl BenchModel {
             n_vocab: self.vocab,
             side: self.side,
             channels: 3,
+            objective: Default::default(),
         };
         cfg.validate()?;
         Ok(cfg)

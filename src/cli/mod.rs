@@ -298,6 +298,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         n_vocab: 16,
         side: prepared.side,
         channels: 1,
+        objective: Default::default(),
     };
     let cfg = TrainConfig {
         steps: a.steps,

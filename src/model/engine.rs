@@ -96,7 +96,7 @@ impl ActPlan {
             t,
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
-            causal: true,
+            causal: cfg.causal(),
         };
         let attn_scratch_len = shape.scratch_len(threads);
         let attn_scratch = take(attn_scratch_len);
@@ -118,6 +118,15 @@ impl ActPlan {
             total: off,
         }
     }
+}
+
+/// What [`Engine::infer`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Logits,
+    /// Hidden state `l`, numbered as Hugging Face does: 0 is the embedding output, `l` the
+    /// residual stream after block `l - 1`, and `n_layer` the output of the final norm.
+    Hidden(usize),
 }
 
 /// A model bound to a backend with buffers planned for `batch` sequences.
@@ -273,35 +282,104 @@ impl<B: Backend> Engine<B> {
             .download(act(self.plan.logits, rows * self.cfg.n_vocab), out);
     }
 
-    fn run_forward(&mut self, tokens: &[u16], grad_scale: Option<f32>) -> anyhow::Result<f64> {
-        let n_seq = self.check_tokens(tokens)?;
+    /// An inference pass over input ids fed as they are (no shift; see
+    /// [`crate::backend::Backend::embed_direct`] for the start and mask ids), `[n_seq, n_ctx]`.
+    /// Runs only as deep as `output` needs and copies it to `out`: logits
+    /// `[n_seq, n_ctx, n_vocab]` or a hidden state `[n_seq, n_ctx, n_embd]`.
+    pub fn infer(&mut self, ids: &[u16], output: Output, out: &mut Vec<f32>) -> anyhow::Result<()> {
+        let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
+        anyhow::ensure!(
+            !ids.is_empty() && ids.len().is_multiple_of(t),
+            "inputs must be whole sequences of {t} ids (got {})",
+            ids.len()
+        );
+        let n_seq = ids.len() / t;
+        anyhow::ensure!(
+            n_seq <= self.batch,
+            "batch of {n_seq} sequences exceeds the planned {}",
+            self.batch
+        );
+        let max_id = if self.cfg.causal() { v } else { v + 1 };
+        if let Some(&bad) = ids.iter().find(|&&x| x as usize > max_id) {
+            anyhow::bail!("input id {bad} is beyond the largest valid id {max_id}");
+        }
+        let depth = match output {
+            Output::Logits => self.cfg.n_layer,
+            Output::Hidden(l) => {
+                anyhow::ensure!(
+                    l <= self.cfg.n_layer,
+                    "hidden state {l} does not exist: the model has {} layers (0..={})",
+                    self.cfg.n_layer,
+                    self.cfg.n_layer
+                );
+                l
+            }
+        };
         self.n_seq = n_seq;
-        let cfg = self.cfg.clone();
-        let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
+        let rows = n_seq * t;
+        self.backend.set_tokens(ids);
+        let (plan, lay) = (&self.plan, &self.layout);
+        self.backend.embed_direct(
+            act(plan.resid[0], rows * d),
+            View::new(Arena::Params, lay.wte, v * d),
+            View::new(Arena::Params, lay.wpe, t * d),
+            View::new(Arena::Params, lay.sos, d),
+            t,
+            d,
+        );
+        self.run_blocks(n_seq, depth);
+        let (plan, lay) = (&self.plan, &self.layout);
+        let last = act(plan.resid[depth], rows * d);
+        let src = match output {
+            Output::Hidden(l) if l < self.cfg.n_layer => last,
+            _ => {
+                let lnf = act(plan.lnf, rows * d);
+                let logits = act(plan.logits, rows * v);
+                head_forward(
+                    &mut self.backend,
+                    lay,
+                    last,
+                    lnf,
+                    act(plan.rstdf, rows),
+                    logits,
+                    rows,
+                    d,
+                    v,
+                );
+                if output == Output::Logits {
+                    logits
+                } else {
+                    lnf
+                }
+            }
+        };
+        out.resize(src.len, 0.0);
+        self.backend.download(src, out);
+        Ok(())
+    }
+
+    /// Runs blocks `0..depth` on the residual stream already in `resid[0]`.
+    fn run_blocks(&mut self, n_seq: usize, depth: usize) {
+        let cfg = &self.cfg;
+        let (d, t) = (cfg.n_embd, cfg.n_ctx());
         let rows = n_seq * t;
         let shape = AttnShape {
             batch: n_seq,
             t,
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
-            causal: true,
+            causal: cfg.causal(),
         };
         let plan = &self.plan;
-        let lay = &self.layout;
         let b = &mut self.backend;
-        let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
         let scratch = act(plan.attn_scratch, plan.attn_scratch_len);
-
-        b.set_tokens(tokens);
-        b.embed_forward(
-            act(plan.resid[0], rows * d),
-            pv(lay.wte, v * d),
-            pv(lay.wpe, t * d),
-            pv(lay.sos, d),
-            t,
-            d,
-        );
-        for (l, (ba, po)) in plan.blocks.iter().zip(&lay.blocks).enumerate() {
+        for (l, (ba, po)) in plan
+            .blocks
+            .iter()
+            .zip(&self.layout.blocks)
+            .enumerate()
+            .take(depth)
+        {
             let io = BlockIo {
                 x: act(plan.resid[l], rows * d),
                 ln1: act(ba.ln1, rows * d),
@@ -320,6 +398,34 @@ impl<B: Backend> Engine<B> {
                 b.attention_forward(att, lse, qkv, scratch, shape)
             });
         }
+    }
+
+    fn run_forward(&mut self, tokens: &[u16], grad_scale: Option<f32>) -> anyhow::Result<f64> {
+        anyhow::ensure!(
+            self.cfg.causal(),
+            "likelihood and training passes here are for autoregressive models; this one is BERT"
+        );
+        let n_seq = self.check_tokens(tokens)?;
+        self.n_seq = n_seq;
+        let cfg = self.cfg.clone();
+        let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
+        let rows = n_seq * t;
+        let plan = &self.plan;
+        let lay = &self.layout;
+        let b = &mut self.backend;
+        let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
+
+        b.set_tokens(tokens);
+        b.embed_forward(
+            act(plan.resid[0], rows * d),
+            pv(lay.wte, v * d),
+            pv(lay.wpe, t * d),
+            pv(lay.sos, d),
+            t,
+            d,
+        );
+        self.run_blocks(n_seq, cfg.n_layer);
+        let (plan, lay, b) = (&self.plan, &self.layout, &mut self.backend);
         let last = act(plan.resid[cfg.n_layer], rows * d);
         let logits = act(plan.logits, rows * v);
         head_forward(
@@ -349,7 +455,7 @@ impl<B: Backend> Engine<B> {
             t,
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
-            causal: true,
+            causal: cfg.causal(),
         };
         let plan = &self.plan;
         let lay = &self.layout;

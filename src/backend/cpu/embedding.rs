@@ -95,3 +95,35 @@ pub fn embed_step(
         simd::add(row, content, &wpe[pos * d..(pos + 1) * d]);
     }
 }
+
+/// Ids fed as they are, without the shift of [`embed_forward`]: `out[b, t] = content(ids[b, t]) +
+/// wpe[t]`, where content is `wte[id]` for a colour, `sos` for id `n_vocab` (the start token,
+/// as Hugging Face numbers it) and zero for id `n_vocab + 1` (a masked position of a BERT model).
+pub fn embed_direct(
+    out: &mut [f32],
+    ids: &[u16],
+    wte: &[f32],
+    wpe: &[f32],
+    sos: &[f32],
+    t_len: usize,
+    d: usize,
+) {
+    let n_vocab = wte.len() / d;
+    assert_eq!(out.len(), ids.len() * d);
+    out.par_chunks_mut(t_len * d)
+        .zip(ids.par_chunks(t_len))
+        .for_each(|(o, ids)| {
+            for (t, (row, &id)) in o.chunks_mut(d).zip(ids).enumerate() {
+                let id = id as usize;
+                let pos = &wpe[t * d..(t + 1) * d];
+                if id < n_vocab {
+                    simd::add(row, &wte[id * d..(id + 1) * d], pos);
+                } else if id == n_vocab {
+                    simd::add(row, sos, pos);
+                } else {
+                    assert!(id == n_vocab + 1, "input id {id} is beyond the mask id");
+                    row.copy_from_slice(pos);
+                }
+            }
+        });
+}

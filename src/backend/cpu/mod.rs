@@ -192,6 +192,14 @@ impl Backend for CpuBackend {
         self.tokens = toks;
     }
 
+    fn embed_direct(&mut self, out: View, wte: View, wpe: View, sos: View, t: usize, d: usize) {
+        let toks = std::mem::take(&mut self.tokens);
+        let n = self.n_tokens;
+        let (o, [wte, wpe, sos]) = self.io(out, [wte, wpe, sos]);
+        embedding::embed_direct(o, &toks[..n], wte, wpe, sos, t, d);
+        self.tokens = toks;
+    }
+
     fn embed_backward(
         &mut self,
         dwte: View,

@@ -17,5 +17,6 @@ pub mod model;
 pub mod npy;
 pub mod palette;
 pub mod plot;
+pub mod preprocess;
 pub mod sample;
 pub mod train;

@@ -86,10 +86,7 @@ fn bert_checkpoint_runs_bidirectionally_with_masked_inputs() {
     let m = formats::load_model(fixture("igpt-tiny-bert").to_str().unwrap()).unwrap();
     assert_eq!(m.model().objective, Objective::Bert);
     let (n, t, pixels, mask, want) = expected("igpt-tiny-bert");
-    assert!(
-        mask.iter().any(|&x| x == 1),
-        "the fixture masks some pixels"
-    );
+    assert!(mask.contains(&1), "the fixture masks some pixels");
     let ids: Vec<i64> = pixels
         .iter()
         .zip(&mask)

@@ -43,9 +43,10 @@ impl SamplingArgs {
 
 #[derive(Args)]
 pub struct SampleArgs {
-    /// Run directory of the model.
+    /// The model: an igpt run directory, a Hugging Face ImageGPT directory, an OpenAI
+    /// TensorFlow checkpoint, or a hub name (openai/imagegpt-small, openai-tf/igpt-s-bert).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Number of images.
     #[arg(long, default_value_t = 16)]
     n: usize,
@@ -67,9 +68,10 @@ pub struct SampleArgs {
 
 #[derive(Args)]
 pub struct CompleteArgs {
-    /// Run directory of the model.
+    /// The model: an igpt run directory, a Hugging Face ImageGPT directory, an OpenAI
+    /// TensorFlow checkpoint, or a hub name (openai/imagegpt-small, openai-tf/igpt-s-bert).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Image files, or folders of them, to complete.
     #[arg(long, num_args = 1..)]
     images: Vec<PathBuf>,
@@ -100,9 +102,10 @@ pub struct CompleteArgs {
 
 #[derive(Args)]
 pub struct ScoreArgs {
-    /// Run directory of the model.
+    /// The model: an igpt run directory, a Hugging Face ImageGPT directory, an OpenAI
+    /// TensorFlow checkpoint, or a hub name (openai/imagegpt-small, openai-tf/igpt-s-bert).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Image files or folders to score.
     #[arg(long, num_args = 1..)]
     images: Vec<PathBuf>,
@@ -119,7 +122,7 @@ pub struct ScoreArgs {
     csv: Option<PathBuf>,
 }
 
-fn pixel_bar(total: u64, what: &str) -> ProgressBar {
+pub(super) fn pixel_bar(total: u64, what: &str) -> ProgressBar {
     let b = ProgressBar::new(total);
     b.set_style(
         ProgressStyle::with_template(&format!(
@@ -132,7 +135,7 @@ fn pixel_bar(total: u64, what: &str) -> ProgressBar {
 }
 
 /// Image files named directly or inside the given folders, sorted within each folder.
-fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+pub(super) fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -236,6 +239,11 @@ fn dataset_images(
 /// Generates `n` images (with optional per-image prefixes) in batches, with a progress bar.
 fn generate_all(m: &LoadedModel, prefixes: &[Vec<u16>], s: &SamplingArgs) -> Result<Vec<u16>> {
     let cfg = m.model();
+    ensure!(
+        cfg.causal(),
+        "this is a BERT (masked-objective) model: it fills in masked pixels but does not \
+         generate images pixel by pixel; use an autoregressive model"
+    );
     let n = prefixes.len();
     let batch = s.batch.clamp(1, n.max(1));
     let mut dec = Decoder::new(cfg, batch, CpuBackend::new())?;
@@ -266,7 +274,7 @@ fn generate_all(m: &LoadedModel, prefixes: &[Vec<u16>], s: &SamplingArgs) -> Res
 
 pub fn sample(a: SampleArgs) -> Result<()> {
     ensure!(a.n >= 1, "--n must be at least 1");
-    let m = LoadedModel::open(&a.model)?;
+    let m = igpt::formats::load_model(&a.model)?;
     let (side, t) = (m.model().side, m.model().n_ctx());
     let t0 = std::time::Instant::now();
     let tokens = generate_all(&m, &vec![Vec::new(); a.n], &a.sampling)?;
@@ -307,7 +315,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
 
 pub fn complete(a: CompleteArgs) -> Result<()> {
     ensure!(a.k >= 1, "--k must be at least 1");
-    let m = LoadedModel::open(&a.model)?;
+    let m = igpt::formats::load_model(&a.model)?;
     let (side, t) = (m.model().side, m.model().n_ctx());
     let (set, _names) = match &a.data {
         Some(spec) => dataset_images(spec, &m, a.offset, Some(a.n))?,
@@ -367,7 +375,7 @@ fn complete_tokens(
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
-    let m = LoadedModel::open(&a.model)?;
+    let m = igpt::formats::load_model(&a.model)?;
     let (set, names) = match &a.data {
         Some(spec) => dataset_images(spec, &m, 0, a.limit)?,
         None => load_images(&image_files(&a.images)?, &m)?,
@@ -444,7 +452,7 @@ pub fn demo_pictures(run: &Path, val: &TokenSet) -> Result<()> {
         batch: 16,
     };
     let samples = SampleArgs {
-        model: run.to_path_buf(),
+        model: run.display().to_string(),
         n: 16,
         out: run.join("samples.png"),
         cols: Some(8),

@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod interop;
 mod progress;
 
 use anyhow::{Context, Result, ensure};
@@ -44,11 +45,18 @@ enum Command {
     Complete(generate::CompleteArgs),
     /// Per-image likelihood (nats/token), most likely first: rank images or spot outliers.
     Score(generate::ScoreArgs),
-    /// Print a run's model shape, size and training state.
+    /// Raw outputs for token ids: logits over the palette, or a hidden state (.npy).
+    Logits(interop::LogitsArgs),
+    /// Images to token ids exactly as Hugging Face's ImageGPTImageProcessor makes them.
+    Encode(interop::EncodeArgs),
+    /// Write a model in another format: a Hugging Face directory or an igpt run directory.
+    Convert(interop::ConvertArgs),
+    /// Print a model's shape and size (and a run's training state).
     Info {
-        /// Run directory.
+        /// The model: an igpt run directory, a Hugging Face ImageGPT directory, an OpenAI
+        /// TensorFlow checkpoint, or a hub name (openai/imagegpt-small, openai-tf/igpt-s-bert).
         #[arg(long)]
-        model: PathBuf,
+        model: String,
     },
     /// Benchmarks against the PyTorch baseline in scripts/.
     #[command(subcommand)]
@@ -182,9 +190,10 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct EvalArgs {
-    /// Run directory of the model.
+    /// The model: an igpt run directory, a Hugging Face ImageGPT directory, an OpenAI
+    /// TensorFlow checkpoint, or a hub name (openai/imagegpt-small, openai-tf/igpt-s-bert).
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// Data to score: a path, `fashion-mnist`, or an igpt `.tokens` file.
     #[arg(long)]
     data: String,
@@ -259,6 +268,9 @@ pub fn main() -> Result<()> {
         Command::Complete(a) => generate::complete(a),
         Command::Score(a) => generate::score(a),
         Command::Info { model } => info(model),
+        Command::Logits(a) => interop::logits(a),
+        Command::Encode(a) => interop::encode(a),
+        Command::Convert(a) => interop::convert(a),
         Command::Bench(b) => bench::run(b),
     }
 }
@@ -483,19 +495,8 @@ fn report(run_dir: &RunDir, s: &run::Summary) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let run_dir = RunDir::open(&a.model)?;
-    let cfg = run_dir.load_config()?;
-    let params = run_dir.load_model(&cfg.model)?;
-    let palette = run_dir.load_palette()?;
-    ensure!(
-        palette.len() == cfg.model.n_vocab && palette.channels == cfg.model.channels,
-        "{}: the palette has {} colours x {} channel(s) but the model expects {} x {}",
-        a.model.display(),
-        palette.len(),
-        palette.channels,
-        cfg.model.n_vocab,
-        cfg.model.channels
-    );
+    let m = igpt::formats::load_model(&a.model)?;
+    let (cfg, params, palette) = (&m.config, &m.params, &m.palette);
     let tokens = if a.data.ends_with(".tokens") {
         TokenSet::open(std::path::Path::new(&a.data))?
     } else {
@@ -506,10 +507,10 @@ fn eval(a: EvalArgs) -> Result<()> {
         let set = set
             .with_channels(cfg.model.channels)?
             .resized(cfg.model.side);
-        TokenSet::quantise(&set, &palette, &a.data)?
+        TokenSet::quantise(&set, palette, &a.data)?
     };
     let mut engine = Engine::new(&cfg.model, a.batch.max(1), false, CpuBackend::new())?;
-    engine.set_params(&params)?;
+    engine.set_params(params)?;
     let t0 = std::time::Instant::now();
     let nats = igpt::train::evaluate(&mut engine, &tokens, a.limit.unwrap_or(0), &mut Vec::new())?;
     println!(
@@ -599,13 +600,13 @@ fn palette(cmd: PaletteCmd) -> Result<()> {
     }
 }
 
-fn info(model: PathBuf) -> Result<()> {
-    let run_dir = RunDir::open(&model)?;
-    let cfg = run_dir.load_config()?;
+fn info(model: String) -> Result<()> {
+    let loaded = igpt::formats::load_model(&model)?;
+    let cfg = &loaded.config;
     let m = &cfg.model;
     println!(
-        "{}: {} layers, d={}, {} heads, {}x{} images ({} tokens), {} colours x {} channel(s)",
-        model.display(),
+        "{}: {} layers, d={}, {} heads, {}x{} images ({} tokens), {} colours x {} channel(s), {:?}",
+        model,
         m.n_layer,
         m.n_embd,
         m.n_head,
@@ -613,17 +614,25 @@ fn info(model: PathBuf) -> Result<()> {
         m.side,
         m.n_ctx(),
         m.n_vocab,
-        m.channels
+        m.channels,
+        m.objective
     );
     println!(
         "parameters: {} ({:.2} M)",
         m.n_params(),
         m.n_params() as f64 / 1e6
     );
+    let Ok(igpt::formats::ModelSource::Run(dir)) =
+        igpt::formats::detect(std::path::Path::new(&model))
+    else {
+        println!("source: {}", cfg.data);
+        return Ok(());
+    };
     println!(
         "training: {} steps planned, batch {}, lr {}, data {}",
         cfg.train.steps, cfg.train.batch, cfg.train.lr, cfg.data
     );
+    let run_dir = RunDir::open(&dir)?;
     if let Ok((state, ..)) = run_dir.load_trainer(igpt::model::ParamLayout::new(m).total) {
         println!("checkpoint: {}", state.describe());
     }

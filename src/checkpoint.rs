@@ -239,8 +239,14 @@ impl LoadedModel {
     pub fn open(path: &Path) -> Result<Self> {
         let run = RunDir::open(path)?;
         let config = run.load_config()?;
-        let palette = run.load_palette()?;
         let m = &config.model;
+        ensure!(
+            run.file("model.safetensors").exists(),
+            "{} has no model.safetensors yet (training has not written a checkpoint)",
+            path.display()
+        );
+        let params = run.load_model(m)?;
+        let palette = run.load_palette()?;
         ensure!(
             palette.len() == m.n_vocab && palette.channels == m.channels,
             "{}: the palette has {} colours x {} channel(s) but the model expects {} x {}",
@@ -250,12 +256,6 @@ impl LoadedModel {
             m.n_vocab,
             m.channels
         );
-        ensure!(
-            run.file("model.safetensors").exists(),
-            "{} has no model.safetensors yet (training has not written a checkpoint)",
-            path.display()
-        );
-        let params = run.load_model(m)?;
         Ok(Self {
             config,
             exact_centers: palette.centers.iter().map(|&x| x as f64).collect(),

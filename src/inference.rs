@@ -2,6 +2,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::checkpoint::LoadedModel;
+use crate::config::ModelConfig;
 use crate::model::{Engine, Output};
 use anyhow::{Result, bail, ensure};
 
@@ -17,6 +18,43 @@ pub enum Convention {
     Raw,
 }
 
+/// An inference engine for one model, reused across calls.
+pub struct Runner {
+    cfg: ModelConfig,
+    engine: Engine<CpuBackend>,
+}
+
+impl Runner {
+    /// Takes the model's parameters (held once, not copied).
+    pub fn new(m: LoadedModel, batch: usize) -> Result<Self> {
+        let cfg = m.config.model;
+        let engine = Engine::with_params(&cfg, batch.max(1), CpuBackend::new(), m.params)?;
+        Ok(Self { cfg, engine })
+    }
+
+    /// See [`run`].
+    pub fn run(
+        &mut self,
+        ids: &[i64],
+        n: usize,
+        t: usize,
+        convention: Convention,
+        output: Output,
+        on_batch: impl FnMut(usize) + Send,
+    ) -> Result<Vec<f32>> {
+        run_engine(
+            &mut self.engine,
+            &self.cfg,
+            ids,
+            n,
+            t,
+            convention,
+            output,
+            on_batch,
+        )
+    }
+}
+
 /// Outputs `[n, t, width]` for `ids: [n, t]` (width `n_vocab` for logits, `n_embd` for a
 /// hidden state). `t` may be shorter than the model's context for autoregressive models: the
 /// causal mask makes the missing tail irrelevant. `on_batch` sees the count done so far.
@@ -29,9 +67,38 @@ pub fn run(
     convention: Convention,
     output: Output,
     batch: usize,
+    on_batch: impl FnMut(usize) + Send,
+) -> Result<Vec<f32>> {
+    let mut engine = Engine::new(
+        m.model(),
+        batch.clamp(1, n.max(1)),
+        false,
+        CpuBackend::new(),
+    )?;
+    engine.set_params(&m.params)?;
+    run_engine(
+        &mut engine,
+        m.model(),
+        ids,
+        n,
+        t,
+        convention,
+        output,
+        on_batch,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_engine(
+    engine: &mut Engine<CpuBackend>,
+    cfg: &ModelConfig,
+    ids: &[i64],
+    n: usize,
+    t: usize,
+    convention: Convention,
+    output: Output,
     mut on_batch: impl FnMut(usize) + Send,
 ) -> Result<Vec<f32>> {
-    let cfg = m.model();
     let (ctx, v) = (cfg.n_ctx(), cfg.n_vocab);
     ensure!(
         ids.len() == n * t,
@@ -72,9 +139,7 @@ pub fn run(
         Output::Logits => v,
         Output::Hidden(_) => cfg.n_embd,
     };
-    let batch = batch.clamp(1, n);
-    let mut engine = Engine::new(cfg, batch, false, CpuBackend::new())?;
-    engine.set_params(&m.params)?;
+    let batch = engine.batch;
     let mut input = vec![0u16; batch * ctx];
     let mut out = vec![0.0f32; n * t * width];
     let mut host = Vec::new();

@@ -119,7 +119,11 @@ fn broken_pickles_and_zips_are_errors_not_panics() {
     // Not a zip at all, and a legacy (pre-zip) pickle.
     let err = load_err(&hf_dir_with("text", "pytorch_model.bin", b"hello world"));
     assert!(err.contains("not a readable PyTorch checkpoint"), "{err}");
-    let err = load_err(&hf_dir_with("legacy", "pytorch_model.bin", &[0x80, 2, b'.']));
+    let err = load_err(&hf_dir_with(
+        "legacy",
+        "pytorch_model.bin",
+        &[0x80, 2, b'.'],
+    ));
     assert!(err.contains("legacy"), "{err}");
 
     // Mutations of a real data.pkl never panic (a small fuzz run inside the suite).

@@ -62,6 +62,11 @@ pub trait Backend {
     /// than aborting, when the memory is not there.
     fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()>;
     fn upload(&mut self, dst: View, src: &[f32]);
+    /// Makes `params` the parameter arena. A backend that keeps parameters in host memory
+    /// takes the buffer as it is (no second copy of a large model); others upload it.
+    fn adopt_params(&mut self, params: Vec<f32>) {
+        self.upload(View::new(Arena::Params, 0, params.len()), &params);
+    }
     fn download(&self, src: View, dst: &mut [f32]);
     fn fill(&mut self, dst: View, value: f32);
     fn copy(&mut self, dst: View, src: View);

@@ -198,7 +198,16 @@ fn load_images(files: &[PathBuf], m: &LoadedModel) -> Result<(ImageSet, Vec<Stri
             labels: None,
             class_names: vec![],
         };
-        pixels.extend(one.with_channels(channels)?.resized(side).pixels);
+        // Pillow's bilinear resize, as Hugging Face's processor does (`igpt encode`).
+        let one = one.with_channels(channels)?;
+        pixels.extend(igpt::preprocess::resize_bilinear(
+            &one.pixels,
+            one.width,
+            one.height,
+            channels,
+            side,
+            side,
+        ));
     }
     let names = files.iter().map(|f| f.display().to_string()).collect();
     Ok((

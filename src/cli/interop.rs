@@ -61,8 +61,10 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
     } else {
         Convention::Pixels
     };
+    // The engine takes the parameters over: a large model is held in memory once.
+    let mut runner = inference::Runner::new(m, a.batch.clamp(1, n.max(1)))?;
     let pb = bar(n as u64, "sequences");
-    let out = inference::run(&m, &ids, n, t, convention, output, a.batch, |done| {
+    let out = runner.run(&ids, n, t, convention, output, |done| {
         pb.set_position(done as u64)
     })?;
     pb.finish_and_clear();

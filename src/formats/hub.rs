@@ -165,7 +165,7 @@ pub fn fetch_tf(name: &str) -> Result<PathBuf> {
         &dir.join(format!("{stem}.index")),
     )?;
     let index = std::fs::read(dir.join(format!("{stem}.index")))?;
-    let n_shards = super::tf::shard_count(&index)
+    let (n_shards, _) = super::tf::parse_index(&index)
         .with_context(|| format!("{remote}/{stem}.index is not a checkpoint index"))?;
     for s in 0..n_shards {
         let file = format!("{stem}.data-{s:05}-of-{n_shards:05}");

@@ -63,6 +63,35 @@ impl DType {
     }
 }
 
+/// File contents: memory-mapped from disk, or owned (tests and fuzzing).
+pub enum Bytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+impl Bytes {
+    /// Maps a file read-only.
+    pub fn map(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: the file is opened read-only and only read through the map. If another
+        // process changes it while we read, we read wrong numbers (caught by the checksums
+        // where the format has them), never memory outside the map.
+        let map = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        Ok(Bytes::Mapped(map))
+    }
+}
+
 /// Named tensors in some file format, read one at a time into f32.
 pub trait TensorSource {
     /// The file(s), for messages.
@@ -95,17 +124,18 @@ pub trait TensorSource {
 /// A memory-mapped `.safetensors` file (the header is validated by the safetensors crate).
 pub struct SafetensorsFile {
     path: PathBuf,
-    map: Mmap,
+    map: Bytes,
     meta: Metadata,
     data_start: usize,
 }
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: read-only map of a file we only read; see `pickle::TorchZip::open`.
-        let map = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot map {}", path.display()))?;
+        Self::from_bytes(path, Bytes::map(path)?)
+    }
+
+    /// Parses contents already in memory; `path` names them in messages.
+    pub fn from_bytes(path: &Path, map: Bytes) -> Result<Self> {
         SafeTensors::deserialize(&map)
             .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
         let (n, meta) = SafeTensors::read_metadata(&map)?;

@@ -6,11 +6,9 @@
 //! anything; every other global is refused by name as soon as it appears. Storages stay in the
 //! memory-mapped file until a tensor is copied out, so loading needs the model's size once.
 
-use super::{DType, TensorSource};
+use super::{Bytes, DType, TensorSource};
 use anyhow::{Context, Result, bail, ensure};
-use memmap2::Mmap;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -526,7 +524,7 @@ pub fn read_state_dict(pickle: &[u8]) -> Result<Vec<(String, TensorRef)>> {
 /// A PyTorch zip checkpoint, memory-mapped.
 pub struct TorchZip {
     path: PathBuf,
-    map: Mmap,
+    map: Bytes,
     tensors: Vec<(String, TensorRef)>,
     /// Storage key -> byte range in the file.
     storages: HashMap<String, std::ops::Range<usize>>,
@@ -534,12 +532,11 @@ pub struct TorchZip {
 
 impl TorchZip {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        // SAFETY: the file is opened read-only and only read through the map; a checkpoint
-        // changed by another process while we read it gives wrong numbers, not unsafety in
-        // our code (the same contract as every memory-mapped model loader).
-        let map = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot map {}", path.display()))?;
+        Self::from_bytes(path, Bytes::map(path)?)
+    }
+
+    /// Parses contents already in memory; `path` names them in messages.
+    pub fn from_bytes(path: &Path, map: Bytes) -> Result<Self> {
         let ctx = || format!("{} is not a readable PyTorch checkpoint", path.display());
         if map.len() >= 2 && map[0] == 0x80 {
             bail!(

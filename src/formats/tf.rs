@@ -5,6 +5,7 @@
 //! shard, offset, size, CRC-32C of the bytes). The bytes sit in `PREFIX.data-SSSSS-of-NNNNN`.
 //! Every block and every tensor is checked against its CRC-32C.
 
+use super::Bytes;
 use super::{DType, TensorSource};
 use crate::checkpoint::{LoadedModel, RunConfig};
 use crate::config::{ModelConfig, Objective};
@@ -12,9 +13,7 @@ use crate::model::ParamLayout;
 use crate::palette::Palette;
 use crate::train::TrainConfig;
 use anyhow::{Context, Result, bail, ensure};
-use memmap2::Mmap;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 const TABLE_MAGIC: u64 = 0xdb47_7524_8b80_fb57;
@@ -132,21 +131,6 @@ pub fn read_table(file: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(out)
 }
 
-/// The number of data shards an index names (its header's `num_shards`).
-pub fn shard_count(index: &[u8]) -> Result<usize> {
-    for (k, v) in read_table(index)? {
-        if k.is_empty() {
-            for (n, f) in proto_fields(&v)? {
-                if let (1, Field::Varint(s)) = (n, f) {
-                    return Ok(usize::try_from(s)?);
-                }
-            }
-            return Ok(1);
-        }
-    }
-    bail!("the index has no header entry")
-}
-
 enum Field<'a> {
     Varint(u64),
     Fixed32(u32),
@@ -243,46 +227,15 @@ fn tf_dtype(code: u64) -> Option<DType> {
 pub struct Bundle {
     prefix: PathBuf,
     entries: BTreeMap<String, Entry>,
-    shards: Vec<Mmap>,
-}
-
-fn map_file(path: &Path) -> Result<Mmap> {
-    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: read-only map of a file we only read; see `pickle::TorchZip::open`.
-    unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))
+    shards: Vec<Bytes>,
 }
 
 impl Bundle {
     pub fn open(prefix: &Path) -> Result<Self> {
         let index_path = PathBuf::from(format!("{}.index", prefix.display()));
-        let index = map_file(&index_path)?;
-        let table = read_table(&index).with_context(|| index_path.display().to_string())?;
-        let mut n_shards = 1usize;
-        let mut entries = BTreeMap::new();
-        for (k, v) in table {
-            if k.is_empty() {
-                for (n, f) in proto_fields(&v)? {
-                    match (n, f) {
-                        (1, Field::Varint(s)) => n_shards = usize::try_from(s)?,
-                        (2, Field::Varint(1)) => bail!(
-                            "{}: a big-endian checkpoint; igpt reads little-endian ones",
-                            index_path.display()
-                        ),
-                        _ => {}
-                    }
-                }
-                continue;
-            }
-            let name = String::from_utf8(k).context("variable name is not UTF-8")?;
-            let e = parse_entry(&v)
-                .with_context(|| format!("{}: entry of {name}", index_path.display()))?;
-            entries.insert(name, e);
-        }
-        ensure!(
-            (1..=100_000).contains(&n_shards),
-            "{}: implausible shard count {n_shards}",
-            index_path.display()
-        );
+        let index = Bytes::map(&index_path)?;
+        let (n_shards, entries) =
+            parse_index(&index).with_context(|| index_path.display().to_string())?;
         let mut shards = Vec::with_capacity(n_shards);
         for s in 0..n_shards {
             let p = PathBuf::from(format!("{}.data-{s:05}-of-{n_shards:05}", prefix.display()));
@@ -291,17 +244,53 @@ impl Bundle {
                 "{} is missing: a checkpoint needs all {n_shards} data shards next to its index",
                 p.display()
             );
-            shards.push(map_file(&p)?);
+            shards.push(Bytes::map(&p)?);
         }
-        Ok(Self {
+        Ok(Self::from_parts(prefix, entries, shards))
+    }
+
+    /// A bundle from a parsed index and its shards' contents.
+    pub fn from_parts(prefix: &Path, entries: BTreeMap<String, Entry>, shards: Vec<Bytes>) -> Self {
+        Self {
             prefix: prefix.to_path_buf(),
             entries,
             shards,
-        })
+        }
     }
 
     pub fn entry(&self, name: &str) -> Option<&Entry> {
         self.entries.get(name)
+    }
+}
+
+/// The shard count and the entries of an index file.
+pub fn parse_index(index: &[u8]) -> Result<(usize, BTreeMap<String, Entry>)> {
+    {
+        let table = read_table(index)?;
+        let mut n_shards = 1usize;
+        let mut entries = BTreeMap::new();
+        for (k, v) in table {
+            if k.is_empty() {
+                for (n, f) in proto_fields(&v)? {
+                    match (n, f) {
+                        (1, Field::Varint(s)) => n_shards = usize::try_from(s)?,
+                        (2, Field::Varint(1)) => {
+                            bail!("a big-endian checkpoint; igpt reads little-endian ones")
+                        }
+                        _ => {}
+                    }
+                }
+                continue;
+            }
+            let name = String::from_utf8(k).context("variable name is not UTF-8")?;
+            let e = parse_entry(&v).with_context(|| format!("entry of {name}"))?;
+            entries.insert(name, e);
+        }
+        ensure!(
+            (1..=100_000).contains(&n_shards),
+            "implausible shard count {n_shards}"
+        );
+        Ok((n_shards, entries))
     }
 }
 

@@ -179,6 +179,45 @@ impl<B: Backend> Engine<B> {
         })
     }
 
+    /// An inference engine that takes ownership of `params` rather than copying them, so a
+    /// large model is held in memory once.
+    pub fn with_params(
+        cfg: &ModelConfig,
+        batch: usize,
+        mut backend: B,
+        params: Vec<f32>,
+    ) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        anyhow::ensure!(batch >= 1, "batch size must be at least 1");
+        let layout = ParamLayout::new(cfg);
+        anyhow::ensure!(
+            params.len() == layout.total,
+            "parameter buffer holds {} floats, the model needs {}",
+            params.len(),
+            layout.total
+        );
+        let plan = ActPlan::new(cfg, batch, false, rayon::current_num_threads());
+        backend.allocate(ArenaSizes {
+            params: 0,
+            grads: 0,
+            acts: plan.total,
+            tokens: batch * cfg.n_ctx(),
+            max_rows: batch * cfg.n_ctx(),
+            max_width: cfg.n_embd,
+        })?;
+        backend.adopt_params(params);
+        Ok(Self {
+            cfg: cfg.clone(),
+            layout,
+            batch,
+            training: false,
+            plan,
+            backend,
+            host_losses: vec![0.0; batch * cfg.n_ctx()],
+            n_seq: 0,
+        })
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }

@@ -110,6 +110,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn adopt_params(&mut self, params: Vec<f32>) {
+        self.params = params;
+    }
+
     fn allocate(&mut self, s: ArenaSizes) -> anyhow::Result<()> {
         let total = 4 * (s.params + 3 * s.grads + s.acts) + 2 * s.tokens;
         let zeros = |n: usize, what: &str| -> anyhow::Result<Vec<f32>> {

@@ -246,8 +246,10 @@ fn dataset_images(
 }
 
 /// Generates `n` images (with optional per-image prefixes) in batches, with a progress bar.
-fn generate_all(m: &LoadedModel, prefixes: &[Vec<u16>], s: &SamplingArgs) -> Result<Vec<u16>> {
-    let cfg = m.model();
+/// Takes the model's parameters over (the decoder holds them; a large model stays in memory once).
+fn generate_all(m: &mut LoadedModel, prefixes: &[Vec<u16>], s: &SamplingArgs) -> Result<Vec<u16>> {
+    let cfg = m.config.model.clone();
+    let cfg = &cfg;
     ensure!(
         cfg.causal(),
         "this is a BERT (masked-objective) model: it fills in masked pixels but does not \
@@ -255,8 +257,8 @@ fn generate_all(m: &LoadedModel, prefixes: &[Vec<u16>], s: &SamplingArgs) -> Res
     );
     let n = prefixes.len();
     let batch = s.batch.clamp(1, n.max(1));
-    let mut dec = Decoder::new(cfg, batch, CpuBackend::new())?;
-    dec.set_params(&m.params)?;
+    let mut dec =
+        Decoder::with_params(cfg, batch, CpuBackend::new(), std::mem::take(&mut m.params))?;
     let opts = s.options();
     let t = cfg.n_ctx();
     let bar = pixel_bar((n * t) as u64, "pixels");
@@ -283,10 +285,10 @@ fn generate_all(m: &LoadedModel, prefixes: &[Vec<u16>], s: &SamplingArgs) -> Res
 
 pub fn sample(a: SampleArgs) -> Result<()> {
     ensure!(a.n >= 1, "--n must be at least 1");
-    let m = igpt::formats::load_model(&a.model)?;
+    let mut m = igpt::formats::load_model(&a.model)?;
     let (side, t) = (m.model().side, m.model().n_ctx());
     let t0 = std::time::Instant::now();
-    let tokens = generate_all(&m, &vec![Vec::new(); a.n], &a.sampling)?;
+    let tokens = generate_all(&mut m, &vec![Vec::new(); a.n], &a.sampling)?;
     let secs = t0.elapsed().as_secs_f64();
     let tiles: Vec<_> = tokens
         .chunks(t)
@@ -324,7 +326,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
 
 pub fn complete(a: CompleteArgs) -> Result<()> {
     ensure!(a.k >= 1, "--k must be at least 1");
-    let m = igpt::formats::load_model(&a.model)?;
+    let mut m = igpt::formats::load_model(&a.model)?;
     let (side, t) = (m.model().side, m.model().n_ctx());
     let (set, _names) = match &a.data {
         Some(spec) => dataset_images(spec, &m, a.offset, Some(a.n))?,
@@ -340,13 +342,13 @@ pub fn complete(a: CompleteArgs) -> Result<()> {
         "the prefix ({keep} pixels) is longer than the image ({t} pixels = {side} rows)"
     );
     let originals = m.palette.encode(&set.pixels);
-    complete_tokens(&m, &originals, keep, a.k, &a.sampling, &a.out)
+    complete_tokens(&mut m, &originals, keep, a.k, &a.sampling, &a.out)
 }
 
 /// Completes each image of `originals` (`[n, n_ctx]` tokens) from its first `keep` pixels,
 /// `k` times, and draws the grid.
 fn complete_tokens(
-    m: &LoadedModel,
+    m: &mut LoadedModel,
     originals: &[u16],
     keep: usize,
     k: usize,
@@ -361,6 +363,7 @@ fn complete_tokens(
         }
     }
     let tokens = generate_all(m, &prefixes, s)?;
+    let m = &*m;
     let mut tiles = Vec::new();
     for (i, img) in originals.chunks(t).enumerate() {
         tiles.push(grid::tokens_to_image(&m.palette, img, side)?);
@@ -384,7 +387,7 @@ fn complete_tokens(
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
-    let m = igpt::formats::load_model(&a.model)?;
+    let mut m = igpt::formats::load_model(&a.model)?;
     let (set, names) = match &a.data {
         Some(spec) => dataset_images(spec, &m, 0, a.limit)?,
         None => load_images(&image_files(&a.images)?, &m)?,
@@ -392,8 +395,13 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     let t = m.model().n_ctx();
     let tokens = TokenSet::quantise(&set, &m.palette, "score")?;
     let batch = a.batch.clamp(1, tokens.len());
-    let mut engine = Engine::new(m.model(), batch, false, CpuBackend::new())?;
-    engine.set_params(&m.params)?;
+    let model = m.model().clone();
+    let mut engine = Engine::with_params(
+        &model,
+        batch,
+        CpuBackend::new(),
+        std::mem::take(&mut m.params),
+    )?;
     let mut buf = vec![0u16; batch * t];
     let mut scores = Vec::with_capacity(tokens.len());
     let bar = pixel_bar(tokens.len() as u64, "images");
@@ -470,17 +478,18 @@ pub fn demo_pictures(run: &Path, val: &TokenSet) -> Result<()> {
         sampling: s.clone(),
     };
     sample(samples)?;
-    let m = LoadedModel::open(run)?;
+    let mut m = LoadedModel::open(run)?;
     let t = m.model().n_ctx();
     let n = 6.min(val.len());
     let mut originals = vec![0u16; n * t];
     for i in 0..n {
         val.copy_image(i, &mut originals[i * t..(i + 1) * t]);
     }
+    let keep = m.model().side / 2 * m.model().side;
     complete_tokens(
-        &m,
+        &mut m,
         &originals,
-        m.model().side / 2 * m.model().side,
+        keep,
         4,
         &s,
         &run.join("completions.png"),

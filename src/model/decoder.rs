@@ -118,6 +118,43 @@ impl<B: Backend> Decoder<B> {
         })
     }
 
+    /// A decoder that takes ownership of `params` (a large model is held once).
+    pub fn with_params(
+        cfg: &ModelConfig,
+        batch: usize,
+        mut backend: B,
+        params: Vec<f32>,
+    ) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        anyhow::ensure!(batch >= 1, "batch size must be at least 1");
+        let layout = ParamLayout::new(cfg);
+        anyhow::ensure!(
+            params.len() == layout.total,
+            "parameter buffer holds {} floats, the model needs {}",
+            params.len(),
+            layout.total
+        );
+        let plan = StepPlan::new(cfg, batch);
+        backend.allocate(ArenaSizes {
+            params: 0,
+            grads: 0,
+            acts: plan.total,
+            tokens: batch,
+            max_rows: batch,
+            max_width: cfg.n_embd,
+        })?;
+        backend.adopt_params(params);
+        Ok(Self {
+            cfg: cfg.clone(),
+            layout,
+            batch,
+            plan,
+            backend,
+            pos: 0,
+            host_logits: vec![0.0; batch * cfg.n_vocab],
+        })
+    }
+
     pub fn set_params(&mut self, params: &[f32]) -> anyhow::Result<()> {
         anyhow::ensure!(
             params.len() == self.layout.total,

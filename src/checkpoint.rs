@@ -225,6 +225,7 @@ pub fn load_model_file(path: &Path, cfg: &ModelConfig) -> Result<Vec<f32>> {
 }
 
 /// Everything needed to run a trained model: its shape, palette and parameters.
+#[derive(Clone)]
 pub struct LoadedModel {
     pub config: RunConfig,
     pub palette: Palette,

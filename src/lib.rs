@@ -18,5 +18,6 @@ pub mod npy;
 pub mod palette;
 pub mod plot;
 pub mod preprocess;
+pub mod probe;
 pub mod sample;
 pub mod train;

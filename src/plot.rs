@@ -134,3 +134,97 @@ pub fn loss_curve_from_metrics(metrics: &Path, out: &Path) -> Result<()> {
     std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(())
 }
+
+/// One named line (points joined in x order) of an [`xy_chart`].
+pub struct Series<'a> {
+    pub label: &'a str,
+    pub points: Vec<(f64, f64)>,
+    pub color: RGBColor,
+}
+
+/// A line chart with optional horizontal reference line and a highlighted point.
+pub fn xy_chart(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+    reference: Option<(&str, f64)>,
+    highlight: Option<(f64, f64)>,
+) -> Result<()> {
+    let text = have_font();
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let pts = || series.iter().flat_map(|s| s.points.iter().copied());
+    let (x0, x1) = pts().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+        (a.min(p.0), b.max(p.0))
+    });
+    let (mut y0, mut y1) = pts().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+        (a.min(p.1), b.max(p.1))
+    });
+    if let Some((_, y)) = reference {
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    anyhow::ensure!(x0.is_finite() && y0.is_finite(), "nothing to plot");
+    let (xpad, ypad) = (((x1 - x0) * 0.05).max(0.5), ((y1 - y0) * 0.1).max(0.005));
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .margin(20)
+        .x_label_area_size(if text { 45 } else { 5 })
+        .y_label_area_size(if text { 60 } else { 5 });
+    if text {
+        builder.caption(title, ("sans-serif", 22));
+    }
+    let mut chart =
+        builder.build_cartesian_2d((x0 - xpad)..(x1 + xpad), (y0 - ypad)..(y1 + ypad))?;
+    if text {
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .draw()?;
+    } else {
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .disable_y_mesh()
+            .draw()?;
+    }
+    for s in series {
+        let mut p = s.points.clone();
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let color = s.color;
+        let drawn = chart.draw_series(LineSeries::new(p, color.stroke_width(2)).point_size(4))?;
+        if text {
+            drawn
+                .label(s.label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+    }
+    if let Some((label, y)) = reference {
+        let drawn = chart.draw_series(LineSeries::new(
+            vec![(x0 - xpad, y), (x1 + xpad, y)],
+            BLACK.stroke_width(1),
+        ))?;
+        if text {
+            drawn
+                .label(label)
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        }
+    }
+    if let Some(p) = highlight {
+        chart.draw_series(std::iter::once(Circle::new(p, 9, RED.stroke_width(3))))?;
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()?;
+    }
+    root.present()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod generate;
 mod interop;
+mod probe;
 mod progress;
 
 use anyhow::{Context, Result, ensure};
@@ -51,6 +52,10 @@ enum Command {
     Encode(interop::EncodeArgs),
     /// Write a model in another format: a Hugging Face directory or an igpt run directory.
     Convert(interop::ConvertArgs),
+    /// Linear-probe features of chosen layers for a labelled data set (safetensors).
+    Features(probe::FeaturesArgs),
+    /// Linear probes: logistic regression on each layer's features, against raw pixels.
+    Probe(probe::ProbeArgs),
     /// Print a model's shape and size (and a run's training state).
     Info {
         /// The model: an igpt run directory, a Hugging Face ImageGPT directory, an OpenAI
@@ -269,6 +274,8 @@ pub fn main() -> Result<()> {
         Command::Score(a) => generate::score(a),
         Command::Info { model } => info(model),
         Command::Logits(a) => interop::logits(a),
+        Command::Features(a) => probe::features(a),
+        Command::Probe(a) => probe::probe(a),
         Command::Encode(a) => interop::encode(a),
         Command::Convert(a) => interop::convert(a),
         Command::Bench(b) => bench::run(b),

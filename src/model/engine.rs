@@ -397,8 +397,97 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// Linear-probe features (REFERENCE.md §6): for each layer `l` of `layers`, the mean over
+    /// positions of block `l`'s normalised input (`norm_1` of the residual stream entering it);
+    /// `l = n_layer` means the final norm's output. Runs only as deep as the deepest layer asked
+    /// for. `tokens`: `[n_seq, n_ctx]` pixels, fed as in training. `out`: `[n_seq, layers, d]`.
+    pub fn probe_features(
+        &mut self,
+        tokens: &[u16],
+        layers: &[usize],
+        out: &mut Vec<f32>,
+    ) -> anyhow::Result<()> {
+        let n_seq = self.check_tokens(tokens)?;
+        let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
+        let n_layer = self.cfg.n_layer;
+        if let Some(&bad) = layers.iter().find(|&&l| l > n_layer) {
+            anyhow::bail!("layer {bad} does not exist: the model has layers 0..={n_layer}");
+        }
+        anyhow::ensure!(!layers.is_empty(), "no layers asked for");
+        let rows = n_seq * t;
+        self.n_seq = n_seq;
+        out.clear();
+        out.resize(n_seq * layers.len() * d, 0.0);
+        let mut host = vec![0.0f32; rows * d];
+        self.backend.set_tokens(tokens);
+        if self.cfg.causal() {
+            let (plan, lay) = (&self.plan, &self.layout);
+            self.backend.embed_forward(
+                act(plan.resid[0], rows * d),
+                View::new(Arena::Params, lay.wte, v * d),
+                View::new(Arena::Params, lay.wpe, t * d),
+                View::new(Arena::Params, lay.sos, d),
+                t,
+                d,
+            );
+        } else {
+            let (plan, lay) = (&self.plan, &self.layout);
+            self.backend.embed_direct(
+                act(plan.resid[0], rows * d),
+                View::new(Arena::Params, lay.wte, v * d),
+                View::new(Arena::Params, lay.wpe, t * d),
+                View::new(Arena::Params, lay.sos, d),
+                t,
+                d,
+            );
+        }
+        let deepest = *layers.iter().max().unwrap();
+        for l in 0..=deepest {
+            if layers.contains(&l) {
+                let (plan, lay) = (&self.plan, &self.layout);
+                let (gain, norm, rstd) = if l < n_layer {
+                    let ba = &plan.blocks[l];
+                    (lay.blocks[l].ln_1, ba.ln1, ba.rstd1)
+                } else {
+                    (lay.ln_f, plan.lnf, plan.rstdf)
+                };
+                self.backend.rmsnorm_forward(
+                    act(norm, rows * d),
+                    act(rstd, rows),
+                    act(plan.resid[l], rows * d),
+                    View::new(Arena::Params, gain, d),
+                    d,
+                );
+                self.backend.download(act(norm, rows * d), &mut host);
+                for (j, &want) in layers.iter().enumerate() {
+                    if want != l {
+                        continue;
+                    }
+                    for s in 0..n_seq {
+                        let dst = &mut out[(s * layers.len() + j) * d..][..d];
+                        for row in host[s * t * d..(s + 1) * t * d].chunks_exact(d) {
+                            for (o, x) in dst.iter_mut().zip(row) {
+                                *o += x;
+                            }
+                        }
+                        dst.iter_mut().for_each(|o| *o /= t as f32);
+                    }
+                }
+            }
+            if l < deepest && l < n_layer {
+                self.run_blocks_range(n_seq, l, l + 1);
+            }
+        }
+        Ok(())
+    }
+
     /// Runs blocks `0..depth` on the residual stream already in `resid[0]`.
     fn run_blocks(&mut self, n_seq: usize, depth: usize) {
+        self.run_blocks_range(n_seq, 0, depth)
+    }
+
+    /// Runs blocks `from..to`, block l reading `resid[l]` and writing `resid[l + 1]`.
+    fn run_blocks_range(&mut self, n_seq: usize, from: usize, to: usize) {
         let cfg = &self.cfg;
         let (d, t) = (cfg.n_embd, cfg.n_ctx());
         let rows = n_seq * t;
@@ -417,7 +506,8 @@ impl<B: Backend> Engine<B> {
             .iter()
             .zip(&self.layout.blocks)
             .enumerate()
-            .take(depth)
+            .take(to)
+            .skip(from)
         {
             let io = BlockIo {
                 x: act(plan.resid[l], rows * d),

@@ -1,0 +1,378 @@
+//! `igpt features` and `igpt probe`: the paper's linear-probe protocol on the user's data.
+
+use super::generate::pixel_bar;
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use igpt::backend::cpu::CpuBackend;
+use igpt::checkpoint::LoadedModel;
+use igpt::data::{self, Format, ImageSet, TokenSet};
+use igpt::model::Engine;
+use igpt::plot::{Series, xy_chart};
+use igpt::probe::{self, ProbeResult};
+use plotters::style::RGBColor;
+use safetensors::{Dtype, tensor::TensorView};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct FeaturesArgs {
+    /// The model (any format `--model` takes elsewhere).
+    #[arg(long)]
+    model: String,
+    /// Labelled images (a path, or `fashion-mnist`).
+    #[arg(long)]
+    data: String,
+    /// Use only the first N images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Layers: `all`, or a list like `0,3,6`. Layer l is the normalised input of block l; the
+    /// last, n_layer, is the final norm's output.
+    #[arg(long, default_value = "all")]
+    layers: String,
+    /// Where to write the features: safetensors with `layer_L` `[N, d]` float32 tensors (and
+    /// `features`, all of them concatenated) and `labels` `[N]` int64 when the data has them.
+    #[arg(long)]
+    out: PathBuf,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+}
+
+#[derive(Args)]
+pub struct ProbeArgs {
+    /// The model; give several (checkpoints of one run) to chart probe accuracy against
+    /// held-out likelihood.
+    #[arg(long, required = true)]
+    model: Vec<String>,
+    /// Labelled training images (a path, or `fashion-mnist`); the L2 strength is chosen on a
+    /// validation split carved from them.
+    #[arg(long)]
+    data: String,
+    /// Labelled test images, used only for the final accuracy.
+    #[arg(long)]
+    test_data: String,
+    /// Use only the first N training images.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Use only the first N test images.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// Layers to probe: `all` or a list like `2,3,4`.
+    #[arg(long, default_value = "all")]
+    layers: String,
+    /// Also probe all the listed layers concatenated.
+    #[arg(long)]
+    concat: bool,
+    /// Fraction of the training images held out to choose the L2 strength.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Chart of accuracy against depth.
+    #[arg(long, default_value = "probe.png")]
+    chart: PathBuf,
+    /// With several models: chart of best probe accuracy against held-out NLL.
+    #[arg(long, default_value = "probe-vs-nll.png")]
+    nll_chart: PathBuf,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn parse_layers(spec: &str, n_layer: usize) -> Result<Vec<usize>> {
+    if spec == "all" {
+        return Ok((0..=n_layer).collect());
+    }
+    let mut v = Vec::new();
+    for part in spec.split(',') {
+        let l: usize = part
+            .trim()
+            .parse()
+            .with_context(|| format!("--layers: {part:?} is not a layer number"))?;
+        ensure!(
+            l <= n_layer,
+            "layer {l} does not exist: this model has layers 0..={n_layer} (0..{n_layer} are the \
+             blocks' normalised inputs, {n_layer} the final norm's output)"
+        );
+        v.push(l);
+    }
+    Ok(v)
+}
+
+/// A labelled data set shaped for the model, and its labels.
+fn labelled(spec: &str, limit: Option<usize>, m: &LoadedModel) -> Result<(ImageSet, Vec<u32>)> {
+    let mut set = data::load(spec, Format::Auto)?;
+    if let Some(l) = limit {
+        set = set.select(&(0..l.min(set.len())).collect::<Vec<_>>());
+    }
+    let labels = set.labels.clone().with_context(|| {
+        format!(
+            "{spec} has no labels: a probe needs them (IDX images with their labels file, \
+             CIFAR binaries, or a folder with one sub-folder per class)"
+        )
+    })?;
+    let shaped = set
+        .with_channels(m.model().channels)?
+        .resized(m.model().side);
+    Ok((shaped, labels))
+}
+
+fn engine_for(m: &LoadedModel, batch: usize) -> Result<Engine<CpuBackend>> {
+    let mut e = Engine::new(m.model(), batch.max(1), false, CpuBackend::new())?;
+    e.set_params(&m.params)?;
+    Ok(e)
+}
+
+fn features_of(
+    engine: &mut Engine<CpuBackend>,
+    set: &ImageSet,
+    m: &LoadedModel,
+    layers: &[usize],
+    what: &str,
+) -> Result<Vec<f32>> {
+    let tokens = TokenSet::quantise(set, &m.palette, what)?;
+    let bar = pixel_bar(tokens.len() as u64, &format!("{what} images"));
+    let f = probe::extract_features(engine, &tokens, layers, |done| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    Ok(f)
+}
+
+pub fn features(a: FeaturesArgs) -> Result<()> {
+    let m = igpt::formats::load_model(&a.model)?;
+    let layers = parse_layers(&a.layers, m.model().n_layer)?;
+    let mut set = data::load(&a.data, Format::Auto)?;
+    if let Some(l) = a.limit {
+        set = set.select(&(0..l.min(set.len())).collect::<Vec<_>>());
+    }
+    let labels = set.labels.clone();
+    let set = set
+        .with_channels(m.model().channels)?
+        .resized(m.model().side);
+    let mut engine = engine_for(&m, a.batch)?;
+    let f = features_of(&mut engine, &set, &m, &layers, "feature")?;
+    let (n, d) = (set.len(), m.model().n_embd);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    for (j, &l) in layers.iter().enumerate() {
+        let one = probe::select_groups(&f, layers.len(), d, &[j]);
+        tensors.push((format!("layer_{l}"), vec![n, d], bytes(&one)));
+    }
+    tensors.push(("features".into(), vec![n, layers.len() * d], bytes(&f)));
+    if let Some(l) = &labels {
+        let b: Vec<u8> = l.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect();
+        tensors.push(("labels".into(), vec![n], b));
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(name, s, b)| {
+            let dt = if name == "labels" {
+                Dtype::I64
+            } else {
+                Dtype::F32
+            };
+            Ok((name.clone(), TensorView::new(dt, s.clone(), b)?))
+        })
+        .collect::<Result<_>>()?;
+    let meta = HashMap::from([("layers".to_string(), serde_json::to_string(&layers)?)]);
+    igpt::fsutil::write_atomic(&a.out, &safetensors::serialize(views, Some(meta))?)?;
+    println!(
+        "{}: {n} images x {} layer(s) x {d} features{}",
+        a.out.display(),
+        layers.len(),
+        if labels.is_some() {
+            ", with labels"
+        } else {
+            ", no labels in the data"
+        }
+    );
+    Ok(())
+}
+
+fn row(name: &str, r: &ProbeResult) {
+    println!(
+        "{name:>10}  {:>8.2}%  {:>8.2}%  {:>8.2}%  {:>8.0e}  {}",
+        100.0 * r.test_accuracy,
+        100.0 * r.val_accuracy,
+        100.0 * r.train_accuracy,
+        r.l2,
+        if r.report.converged {
+            format!("converged ({} it.)", r.report.iterations)
+        } else {
+            format!("NOT converged after {} it.", r.report.iterations)
+        }
+    );
+}
+
+fn header() {
+    println!(
+        "{:>10}  {:>9}  {:>9}  {:>9}  {:>8}  L-BFGS",
+        "features", "test", "val", "train", "L2"
+    );
+}
+
+pub fn probe(a: ProbeArgs) -> Result<()> {
+    ensure!(
+        (0.0..1.0).contains(&a.val_fraction) && a.val_fraction > 0.0,
+        "--val-fraction must be between 0 and 1"
+    );
+    let first = igpt::formats::load_model(&a.model[0])?;
+    let (train_set, train_y) = labelled(&a.data, a.limit, &first)?;
+    let (test_set, test_y) = labelled(&a.test_data, a.test_limit, &first)?;
+    let classes = train_y
+        .iter()
+        .chain(&test_y)
+        .max()
+        .map_or(0, |&c| c as usize + 1);
+    ensure!(classes >= 2, "the labels name fewer than two classes");
+
+    // The raw-pixel baseline: the same protocol on the pixels at the data's own resolution.
+    let raw = |spec: &str, limit: Option<usize>| -> Result<(Vec<f32>, usize)> {
+        let mut set = data::load(spec, Format::Auto)?;
+        if let Some(l) = limit {
+            set = set.select(&(0..l.min(set.len())).collect::<Vec<_>>());
+        }
+        Ok((
+            set.pixels.iter().map(|&p| p as f32 / 255.0).collect(),
+            set.image_bytes(),
+        ))
+    };
+    let (raw_train, f_raw) = raw(&a.data, a.limit)?;
+    let (raw_test, f_raw_test) = raw(&a.test_data, a.test_limit)?;
+    ensure!(
+        f_raw == f_raw_test,
+        "training and test images differ in size ({f_raw} vs {f_raw_test} values)"
+    );
+    println!(
+        "{} training images ({:.0}% held out to choose L2), {} test images, {classes} classes",
+        train_y.len(),
+        100.0 * a.val_fraction,
+        test_y.len()
+    );
+    header();
+    let baseline = probe::probe(
+        &raw_train,
+        &train_y,
+        &raw_test,
+        &test_y,
+        f_raw,
+        classes,
+        a.val_fraction,
+        a.seed,
+    )?;
+    row("pixels", &baseline);
+
+    let mut best_per_model = Vec::new();
+    for (mi, spec) in a.model.iter().enumerate() {
+        let m = if mi == 0 {
+            first.clone()
+        } else {
+            igpt::formats::load_model(spec)?
+        };
+        ensure!(
+            m.model() == first.model() || (m.model().side == first.model().side),
+            "{spec}: all models of one probe must read images of the same size"
+        );
+        let layers = parse_layers(&a.layers, m.model().n_layer)?;
+        let d = m.model().n_embd;
+        let mut engine = engine_for(&m, a.batch)?;
+        let ftrain = features_of(&mut engine, &train_set, &m, &layers, "training")?;
+        let ftest = features_of(&mut engine, &test_set, &m, &layers, "test")?;
+        if a.model.len() > 1 {
+            println!("model {spec}:");
+        }
+        let mut per_layer = Vec::new();
+        for (j, &l) in layers.iter().enumerate() {
+            let tr = probe::select_groups(&ftrain, layers.len(), d, &[j]);
+            let te = probe::select_groups(&ftest, layers.len(), d, &[j]);
+            let r = probe::probe(
+                &tr,
+                &train_y,
+                &te,
+                &test_y,
+                d,
+                classes,
+                a.val_fraction,
+                a.seed,
+            )?;
+            row(&format!("layer {l}"), &r);
+            per_layer.push((l, r));
+        }
+        if a.concat && layers.len() > 1 {
+            let all: Vec<usize> = (0..layers.len()).collect();
+            let tr = probe::select_groups(&ftrain, layers.len(), d, &all);
+            let te = probe::select_groups(&ftest, layers.len(), d, &all);
+            let r = probe::probe(
+                &tr,
+                &train_y,
+                &te,
+                &test_y,
+                d * layers.len(),
+                classes,
+                a.val_fraction,
+                a.seed,
+            )?;
+            row("concat", &r);
+        }
+        // The best layer is chosen by validation accuracy, never by test accuracy.
+        let (best_l, best) = per_layer
+            .iter()
+            .max_by(|x, y| x.1.val_accuracy.total_cmp(&y.1.val_accuracy))
+            .map(|(l, r)| (*l, r.clone()))
+            .context("no layers probed")?;
+        println!(
+            "best layer by validation: {best_l} ({:.2}% test; raw pixels {:.2}%, {:+.2} points)",
+            100.0 * best.test_accuracy,
+            100.0 * baseline.test_accuracy,
+            100.0 * (best.test_accuracy - baseline.test_accuracy)
+        );
+        if mi == 0 && per_layer.len() > 1 {
+            let points: Vec<(f64, f64)> = per_layer
+                .iter()
+                .map(|(l, r)| (*l as f64, 100.0 * r.test_accuracy))
+                .collect();
+            xy_chart(
+                &a.chart,
+                "linear probe: test accuracy by layer",
+                "layer (normalised input of block l; last = final norm)",
+                "test accuracy (%)",
+                &[Series {
+                    label: "linear probe",
+                    points,
+                    color: RGBColor(30, 90, 200),
+                }],
+                Some(("raw pixels", 100.0 * baseline.test_accuracy)),
+                Some((best_l as f64, 100.0 * best.test_accuracy)),
+            )?;
+            println!("chart: {}", a.chart.display());
+        }
+        if a.model.len() > 1 {
+            let tokens = TokenSet::quantise(&test_set, &m.palette, "test")?;
+            let nll = if m.model().causal() {
+                igpt::train::evaluate(&mut engine, &tokens, 0, &mut Vec::new())?
+            } else {
+                bail!("{spec}: held-out likelihood of BERT models is not supported yet");
+            };
+            println!("held-out NLL: {nll:.4} nats/token");
+            best_per_model.push((nll, 100.0 * best.test_accuracy));
+        }
+    }
+    if best_per_model.len() > 1 {
+        xy_chart(
+            &a.nll_chart,
+            "best-layer linear probe against held-out NLL",
+            "held-out NLL (nats/token)",
+            "test accuracy (%)",
+            &[Series {
+                label: "checkpoints",
+                points: best_per_model,
+                color: RGBColor(30, 90, 200),
+            }],
+            Some(("raw pixels", 100.0 * baseline.test_accuracy)),
+            None,
+        )?;
+        println!("chart: {}", a.nll_chart.display());
+    }
+    Ok(())
+}

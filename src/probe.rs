@@ -1,0 +1,466 @@
+//! Linear probes: multinomial logistic regression with an L2 penalty, fitted by L-BFGS on
+//! standardised features, the penalty chosen on a validation split of the training set only.
+
+use anyhow::{Result, ensure};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::collections::VecDeque;
+
+/// Per-feature mean and scale learned on training features.
+#[derive(Debug, Clone)]
+pub struct Standardiser {
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+}
+
+impl Standardiser {
+    pub fn fit(x: &[f32], f: usize) -> Self {
+        let n = (x.len() / f).max(1) as f64;
+        let mut mean = vec![0.0; f];
+        let mut sq = vec![0.0; f];
+        for row in x.chunks_exact(f) {
+            for (j, &v) in row.iter().enumerate() {
+                mean[j] += v as f64;
+                sq[j] += v as f64 * v as f64;
+            }
+        }
+        let inv_std = mean
+            .iter_mut()
+            .zip(&sq)
+            .map(|(m, s)| {
+                *m /= n;
+                let var = (s / n - *m * *m).max(0.0);
+                // Constant features carry nothing; leave them at zero rather than blow up.
+                if var > 1e-12 { 1.0 / var.sqrt() } else { 0.0 }
+            })
+            .collect();
+        Self { mean, inv_std }
+    }
+
+    pub fn apply(&self, x: &[f32]) -> Vec<f64> {
+        let f = self.mean.len();
+        x.chunks_exact(f)
+            .flat_map(|row| {
+                row.iter()
+                    .enumerate()
+                    .map(|(j, &v)| (v as f64 - self.mean[j]) * self.inv_std[j])
+            })
+            .collect()
+    }
+}
+
+/// A fitted classifier on standardised features: `w` is `[f + 1, classes]`, the last row the bias.
+#[derive(Debug, Clone)]
+pub struct Logistic {
+    pub features: usize,
+    pub classes: usize,
+    pub w: Vec<f64>,
+}
+
+/// How a fit ended.
+#[derive(Debug, Clone, Copy)]
+pub struct FitReport {
+    pub iterations: usize,
+    pub converged: bool,
+    pub loss: f64,
+}
+
+impl Logistic {
+    pub fn predict(&self, x: &[f64]) -> Vec<u32> {
+        let (f, c) = (self.features, self.classes);
+        x.par_chunks_exact(f)
+            .map(|row| {
+                let mut best = (f64::NEG_INFINITY, 0u32);
+                for k in 0..c {
+                    let mut z = self.w[f * c + k];
+                    for (j, &v) in row.iter().enumerate() {
+                        z += v * self.w[j * c + k];
+                    }
+                    if z > best.0 {
+                        best = (z, k as u32);
+                    }
+                }
+                best.1
+            })
+            .collect()
+    }
+}
+
+/// Fraction of `pred` equal to `truth`.
+pub fn accuracy(pred: &[u32], truth: &[u32]) -> f64 {
+    let hits = pred.iter().zip(truth).filter(|(a, b)| a == b).count();
+    hits as f64 / truth.len().max(1) as f64
+}
+
+/// Mean cross-entropy plus `l2 / 2 * |W|^2` (bias not penalised), and its gradient.
+fn objective(
+    x: &[f64],
+    y: &[u32],
+    f: usize,
+    c: usize,
+    l2: f64,
+    w: &[f64],
+    grad: &mut [f64],
+) -> f64 {
+    let n = y.len();
+    const CHUNK: usize = 256;
+    let (loss, g) = x
+        .par_chunks(CHUNK * f)
+        .zip(y.par_chunks(CHUNK))
+        .map(|(xs, ys)| {
+            let mut g = vec![0.0; (f + 1) * c];
+            let mut loss = 0.0;
+            let mut z = vec![0.0; c];
+            for (row, &label) in xs.chunks_exact(f).zip(ys) {
+                z.copy_from_slice(&w[f * c..]);
+                for (j, &v) in row.iter().enumerate() {
+                    if v != 0.0 {
+                        for (zk, wk) in z.iter_mut().zip(&w[j * c..(j + 1) * c]) {
+                            *zk += v * wk;
+                        }
+                    }
+                }
+                let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+                loss += max + sum.ln() - z[label as usize];
+                for (k, zk) in z.iter_mut().enumerate() {
+                    *zk = (*zk - max).exp() / sum - if k == label as usize { 1.0 } else { 0.0 };
+                }
+                for (j, &v) in row.iter().enumerate() {
+                    if v != 0.0 {
+                        for (gk, zk) in g[j * c..(j + 1) * c].iter_mut().zip(&z) {
+                            *gk += v * zk;
+                        }
+                    }
+                }
+                for (gk, zk) in g[f * c..].iter_mut().zip(&z) {
+                    *gk += zk;
+                }
+            }
+            (loss, g)
+        })
+        .reduce(
+            || (0.0, vec![0.0; (f + 1) * c]),
+            |(la, mut ga), (lb, gb)| {
+                ga.iter_mut().zip(&gb).for_each(|(a, b)| *a += b);
+                (la + lb, ga)
+            },
+        );
+    let inv_n = 1.0 / n as f64;
+    let mut penalty = 0.0;
+    for (i, (gi, gv)) in grad.iter_mut().zip(&g).enumerate() {
+        *gi = gv * inv_n;
+        if i < f * c {
+            *gi += l2 * w[i];
+            penalty += w[i] * w[i];
+        }
+    }
+    loss * inv_n + 0.5 * l2 * penalty
+}
+
+/// Limits of an L-BFGS run.
+#[derive(Debug, Clone, Copy)]
+pub struct LbfgsOptions {
+    pub max_iterations: usize,
+    /// Converged when the gradient's largest entry falls below this.
+    pub gradient_tolerance: f64,
+    pub memory: usize,
+}
+
+impl Default for LbfgsOptions {
+    fn default() -> Self {
+        Self {
+            max_iterations: 300,
+            gradient_tolerance: 1e-4,
+            memory: 10,
+        }
+    }
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Minimises a smooth function with L-BFGS (two-loop recursion, backtracking Armijo search).
+pub fn lbfgs(
+    mut fun: impl FnMut(&[f64], &mut [f64]) -> f64,
+    x0: Vec<f64>,
+    opts: LbfgsOptions,
+) -> (Vec<f64>, FitReport) {
+    let n = x0.len();
+    let mut x = x0;
+    let mut g = vec![0.0; n];
+    let mut fx = fun(&x, &mut g);
+    let mut history: VecDeque<(Vec<f64>, Vec<f64>, f64)> = VecDeque::new();
+    let mut xn = vec![0.0; n];
+    let mut gn = vec![0.0; n];
+    let mut alpha = vec![0.0; opts.memory];
+    for it in 0..opts.max_iterations {
+        let gmax = g.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        if gmax <= opts.gradient_tolerance {
+            return (
+                x,
+                FitReport {
+                    iterations: it,
+                    converged: true,
+                    loss: fx,
+                },
+            );
+        }
+        // Search direction: -H g.
+        let mut d = g.clone();
+        for (i, (s, y, rho)) in history.iter().enumerate().rev() {
+            alpha[i] = rho * dot(s, &d);
+            d.iter_mut().zip(y).for_each(|(q, yv)| *q -= alpha[i] * yv);
+        }
+        let gamma = match history.back() {
+            Some((s, y, _)) => dot(s, y) / dot(y, y),
+            None => 1.0 / gmax.max(1e-12),
+        };
+        d.iter_mut().for_each(|v| *v *= gamma);
+        for (i, (s, y, rho)) in history.iter().enumerate() {
+            let beta = rho * dot(y, &d);
+            d.iter_mut()
+                .zip(s)
+                .for_each(|(r, sv)| *r += sv * (alpha[i] - beta));
+        }
+        d.iter_mut().for_each(|v| *v = -*v);
+        let mut slope = dot(&g, &d);
+        if slope >= 0.0 {
+            // Not a descent direction (numerical trouble): restart from steepest descent.
+            history.clear();
+            d.iter_mut().zip(&g).for_each(|(dv, gv)| *dv = -gv / gmax);
+            slope = dot(&g, &d);
+        }
+        let mut step = 1.0;
+        let mut accepted = false;
+        for _ in 0..50 {
+            xn.iter_mut()
+                .zip(&x)
+                .zip(&d)
+                .for_each(|((o, xv), dv)| *o = xv + step * dv);
+            let f_new = fun(&xn, &mut gn);
+            if f_new.is_finite() && f_new <= fx + 1e-4 * step * slope {
+                let s: Vec<f64> = xn.iter().zip(&x).map(|(a, b)| a - b).collect();
+                let y: Vec<f64> = gn.iter().zip(&g).map(|(a, b)| a - b).collect();
+                let sy = dot(&s, &y);
+                if sy > 1e-12 {
+                    if history.len() == opts.memory {
+                        history.pop_front();
+                    }
+                    history.push_back((s, y, 1.0 / sy));
+                }
+                let decrease = fx - f_new;
+                std::mem::swap(&mut x, &mut xn);
+                std::mem::swap(&mut g, &mut gn);
+                fx = f_new;
+                accepted = true;
+                // scipy's criterion (its default factr): the relative decrease is negligible.
+                if decrease <= 2.2e-9 * fx.abs().max(1.0) {
+                    return (
+                        x,
+                        FitReport {
+                            iterations: it + 1,
+                            converged: true,
+                            loss: fx,
+                        },
+                    );
+                }
+                break;
+            }
+            step *= 0.5;
+        }
+        if !accepted {
+            // No step decreases the function: as close to the minimum as f64 resolves.
+            return (
+                x,
+                FitReport {
+                    iterations: it + 1,
+                    converged: true,
+                    loss: fx,
+                },
+            );
+        }
+    }
+    (
+        x,
+        FitReport {
+            iterations: opts.max_iterations,
+            converged: false,
+            loss: fx,
+        },
+    )
+}
+
+/// Fits a classifier on standardised features `x: [n, f]` with labels `y < classes`,
+/// starting from `start` when given.
+pub fn fit(
+    x: &[f64],
+    y: &[u32],
+    f: usize,
+    classes: usize,
+    l2: f64,
+    start: Option<&Logistic>,
+    opts: LbfgsOptions,
+) -> (Logistic, FitReport) {
+    let w0 = start
+        .map(|s| s.w.clone())
+        .unwrap_or_else(|| vec![0.0; (f + 1) * classes]);
+    let (w, report) = lbfgs(|w, g| objective(x, y, f, classes, l2, w, g), w0, opts);
+    (
+        Logistic {
+            features: f,
+            classes,
+            w,
+        },
+        report,
+    )
+}
+
+/// The penalties tried, strongest last.
+pub const L2_GRID: [f64; 6] = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
+
+/// The L2 strength with the best validation accuracy, using only the training set: a fixed
+/// shuffle by `seed` holds out `val_fraction` of it. Returns it and every (l2, accuracy) tried.
+pub fn select_l2(
+    x: &[f32],
+    y: &[u32],
+    f: usize,
+    classes: usize,
+    val_fraction: f64,
+    seed: u64,
+    opts: LbfgsOptions,
+) -> Result<(f64, Vec<(f64, f64)>)> {
+    let n = y.len();
+    let n_val = ((n as f64 * val_fraction).round() as usize).clamp(1, n.saturating_sub(1));
+    ensure!(
+        n >= 4 && n_val < n,
+        "too few training examples ({n}) to hold out a validation split"
+    );
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let (val_idx, fit_idx) = order.split_at(n_val);
+    let gather = |idx: &[usize]| -> (Vec<f32>, Vec<u32>) {
+        let mut xs = Vec::with_capacity(idx.len() * f);
+        for &i in idx {
+            xs.extend_from_slice(&x[i * f..(i + 1) * f]);
+        }
+        (xs, idx.iter().map(|&i| y[i]).collect())
+    };
+    let (fx, fy) = gather(fit_idx);
+    let (vx, vy) = gather(val_idx);
+    let st = Standardiser::fit(&fx, f);
+    let (fx, vx) = (st.apply(&fx), st.apply(&vx));
+    let mut sweep = Vec::new();
+    let mut prev: Option<Logistic> = None;
+    // From strong to weak penalty: each fit starts from the previous, smoother solution.
+    for &l2 in L2_GRID.iter().rev() {
+        let (m, _) = fit(&fx, &fy, f, classes, l2, prev.as_ref(), opts);
+        sweep.push((l2, accuracy(&m.predict(&vx), &vy)));
+        prev = Some(m);
+    }
+    sweep.reverse();
+    // Best accuracy; among ties the stronger penalty.
+    let best = sweep.iter().fold(
+        (f64::NAN, -1.0),
+        |b, &(l2, acc)| if acc >= b.1 { (l2, acc) } else { b },
+    );
+    Ok((best.0, sweep))
+}
+
+/// A whole probe: penalty chosen on the training set's validation split, then a fit on the
+/// whole training set and its test accuracy.
+#[derive(Debug, Clone)]
+pub struct ProbeResult {
+    pub l2: f64,
+    pub val_accuracy: f64,
+    pub train_accuracy: f64,
+    pub test_accuracy: f64,
+    pub report: FitReport,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn probe(
+    train_x: &[f32],
+    train_y: &[u32],
+    test_x: &[f32],
+    test_y: &[u32],
+    f: usize,
+    classes: usize,
+    val_fraction: f64,
+    seed: u64,
+) -> Result<ProbeResult> {
+    ensure!(f > 0, "no features");
+    ensure!(
+        train_x.len() == train_y.len() * f && test_x.len() == test_y.len() * f,
+        "features and labels disagree in count"
+    );
+    if let Some(&bad) = train_y
+        .iter()
+        .chain(test_y)
+        .find(|&&l| l as usize >= classes)
+    {
+        anyhow::bail!("label {bad} is outside the {classes} classes");
+    }
+    let opts = LbfgsOptions::default();
+    let (l2, sweep) = select_l2(train_x, train_y, f, classes, val_fraction, seed, opts)?;
+    let val_accuracy = sweep.iter().find(|s| s.0 == l2).map_or(0.0, |s| s.1);
+    let st = Standardiser::fit(train_x, f);
+    let tx = st.apply(train_x);
+    let (m, report) = fit(&tx, train_y, f, classes, l2, None, opts);
+    let train_accuracy = accuracy(&m.predict(&tx), train_y);
+    let test_accuracy = accuracy(&m.predict(&st.apply(test_x)), test_y);
+    Ok(ProbeResult {
+        l2,
+        val_accuracy,
+        train_accuracy,
+        test_accuracy,
+        report,
+    })
+}
+
+/// Probe features of every image of `tokens` for `layers` (see
+/// [`crate::model::Engine::probe_features`]): `[n, layers.len(), d]`, batch by batch.
+pub fn extract_features<B: crate::backend::Backend + Send>(
+    engine: &mut crate::model::Engine<B>,
+    tokens: &crate::data::TokenSet,
+    layers: &[usize],
+    mut on_batch: impl FnMut(usize) + Send,
+) -> Result<Vec<f32>> {
+    let (t, d, batch) = (engine.cfg.n_ctx(), engine.cfg.n_embd, engine.batch);
+    ensure!(
+        tokens.header.t == t,
+        "the images have {} tokens but the model reads {t}",
+        tokens.header.t
+    );
+    let n = tokens.len();
+    let mut out = Vec::with_capacity(n * layers.len() * d);
+    let mut buf = vec![0u16; batch * t];
+    let mut part = Vec::new();
+    rayon::scope(|_| -> Result<()> {
+        for start in (0..n).step_by(batch) {
+            let b = batch.min(n - start);
+            for i in 0..b {
+                tokens.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
+            }
+            engine.probe_features(&buf[..b * t], layers, &mut part)?;
+            out.extend_from_slice(&part);
+            on_batch(start + b);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Columns `j` of `[n, groups, d]` features as `[n, d]` (one layer), or several concatenated.
+pub fn select_groups(x: &[f32], groups: usize, d: usize, pick: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() / groups * pick.len());
+    for row in x.chunks_exact(groups * d) {
+        for &j in pick {
+            out.extend_from_slice(&row[j * d..(j + 1) * d]);
+        }
+    }
+    out
+}

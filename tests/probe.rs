@@ -1,0 +1,306 @@
+//! Linear probes: features against a direct computation, logistic regression against an
+//! independent solver, the validation-only choice of L2, and bad inputs.
+
+mod common;
+
+use common::{igpt, s, stderr, tempdir};
+use igpt::backend::cpu::CpuBackend;
+use igpt::config::ModelConfig;
+use igpt::model::{Engine, Output, init_params};
+use igpt::probe::{self, LbfgsOptions};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn tiny() -> ModelConfig {
+    ModelConfig {
+        n_layer: 3,
+        n_embd: 16,
+        n_head: 2,
+        n_vocab: 7,
+        side: 4,
+        channels: 1,
+        objective: Default::default(),
+    }
+}
+
+#[test]
+fn features_are_the_mean_normalised_block_input() {
+    let cfg = tiny();
+    let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
+    let mut params = init_params(&cfg, 3);
+    // Non-trivial gains and a non-zero head, so every term matters.
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for p in params.iter_mut() {
+        *p += 0.05 * (rng.random::<f32>() - 0.5);
+    }
+    let layout = igpt::model::ParamLayout::new(&cfg);
+    let tokens: Vec<u16> = (0..2 * t).map(|i| ((i * 5 + 3) % v) as u16).collect();
+    let mut engine = Engine::new(&cfg, 2, false, CpuBackend::new()).unwrap();
+    engine.set_params(&params).unwrap();
+    let layers = [0, cfg.n_layer - 1, cfg.n_layer];
+    let mut feats = Vec::new();
+    engine.probe_features(&tokens, &layers, &mut feats).unwrap();
+    assert_eq!(feats.len(), 2 * layers.len() * d);
+
+    // Direct: the residual stream entering block l is hidden state l of a raw pass over
+    // [start, x_0, ..., x_{n-2}]; normalise it with that block's gain and average positions.
+    let mut raw = Vec::new();
+    for img in tokens.chunks(t) {
+        raw.push(v as u16);
+        raw.extend_from_slice(&img[..t - 1]);
+    }
+    for (j, &l) in layers.iter().enumerate() {
+        let mut h = Vec::new();
+        if l < cfg.n_layer {
+            engine.infer(&raw, Output::Hidden(l), &mut h).unwrap();
+            let g = &params[layout.blocks[l].ln_1..layout.blocks[l].ln_1 + d];
+            for row in h.chunks_mut(d) {
+                let ms = row.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / d as f64;
+                let r = 1.0 / (ms + 1e-5).sqrt();
+                for (x, gi) in row.iter_mut().zip(g) {
+                    *x = (*x as f64 * r) as f32 * gi;
+                }
+            }
+        } else {
+            // The last "layer" is the final norm's output, which is hidden state n_layer.
+            engine.infer(&raw, Output::Hidden(l), &mut h).unwrap();
+        }
+        for sq in 0..2 {
+            for k in 0..d {
+                let mean: f32 = (0..t).map(|p| h[(sq * t + p) * d + k]).sum::<f32>() / t as f32;
+                let got = feats[(sq * layers.len() + j) * d + k];
+                assert!(
+                    (got - mean).abs() < 1e-5,
+                    "layer {l}, sequence {sq}, feature {k}: {got} vs {mean}"
+                );
+            }
+        }
+    }
+    // Layers beyond the model are refused.
+    let err = engine
+        .probe_features(&tokens, &[cfg.n_layer + 1], &mut feats)
+        .unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+/// Gaussian blobs: `per` points per class around well-separated centres.
+fn blobs(classes: usize, per: usize, f: usize, spread: f32, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut x = Vec::new();
+    let mut y = Vec::new();
+    for i in 0..classes * per {
+        let c = i % classes;
+        for j in 0..f {
+            let centre = if j == c % f { 4.0 } else { 0.0 } + if j == 0 { c as f32 } else { 0.0 };
+            x.push(centre + spread * igpt::model::standard_normal(&mut rng));
+        }
+        y.push(c as u32);
+    }
+    (x, y)
+}
+
+#[test]
+fn separable_problems_are_recovered() {
+    let (x, y) = blobs(3, 100, 4, 0.3, 1);
+    let (tx, ty) = blobs(3, 50, 4, 0.3, 2);
+    let r = probe::probe(&x, &y, &tx, &ty, 4, 3, 0.1, 0).unwrap();
+    assert_eq!(r.test_accuracy, 1.0, "{r:?}");
+    assert!(r.report.converged, "{r:?}");
+}
+
+/// The objective the probe minimises, written independently: mean cross-entropy plus
+/// l2/2 |W|^2 on standardised inputs, with an unpenalised bias.
+fn reference_objective(x: &[f64], y: &[u32], f: usize, c: usize, l2: f64, w: &[f64]) -> f64 {
+    let n = y.len();
+    let mut total = 0.0;
+    for (row, &label) in x.chunks(f).zip(y) {
+        let z: Vec<f64> = (0..c)
+            .map(|k| w[f * c + k] + (0..f).map(|j| row[j] * w[j * c + k]).sum::<f64>())
+            .collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        total += lse - z[label as usize];
+    }
+    total / n as f64 + 0.5 * l2 * w[..f * c].iter().map(|v| v * v).sum::<f64>()
+}
+
+#[test]
+fn lbfgs_solution_matches_plain_gradient_descent() {
+    let (x, y) = blobs(3, 20, 2, 1.5, 5);
+    let (f, c, l2) = (2, 3, 0.05);
+    let st = probe::Standardiser::fit(&x, f);
+    let xs = st.apply(&x);
+    let (m, report) = probe::fit(
+        &xs,
+        &y,
+        f,
+        c,
+        l2,
+        None,
+        LbfgsOptions {
+            max_iterations: 1000,
+            gradient_tolerance: 1e-9,
+            memory: 10,
+        },
+    );
+    assert!(report.converged);
+    // Reference: gradient descent with numerical gradients of the independent objective.
+    let mut w = vec![0.0f64; (f + 1) * c];
+    for _ in 0..20000 {
+        let base = reference_objective(&xs, &y, f, c, l2, &w);
+        let mut g = vec![0.0; w.len()];
+        for i in 0..w.len() {
+            let mut wp = w.clone();
+            wp[i] += 1e-6;
+            g[i] = (reference_objective(&xs, &y, f, c, l2, &wp) - base) / 1e-6;
+        }
+        for (wi, gi) in w.iter_mut().zip(&g) {
+            *wi -= 0.5 * gi;
+        }
+    }
+    // Softmax weights are defined up to a per-feature constant across classes: compare
+    // class differences.
+    for j in 0..=f {
+        for k in 1..c {
+            let ours = m.w[j * c + k] - m.w[j * c];
+            let theirs = w[j * c + k] - w[j * c];
+            assert!(
+                (ours - theirs).abs() < 2e-3,
+                "w[{j}][{k}]: {ours} vs {theirs}"
+            );
+        }
+    }
+    let ours = reference_objective(&xs, &y, f, c, l2, &m.w);
+    let theirs = reference_objective(&xs, &y, f, c, l2, &w);
+    assert!(ours <= theirs + 1e-7, "{ours} vs {theirs}");
+}
+
+#[test]
+fn the_test_split_never_influences_the_choice_of_l2() {
+    let (x, y) = blobs(4, 60, 6, 2.0, 7);
+    let (tx, ty) = blobs(4, 30, 6, 2.0, 8);
+    let clean = probe::probe(&x, &y, &tx, &ty, 6, 4, 0.2, 3).unwrap();
+    // The same training data with poisoned test features: same penalty, same validation score.
+    let poisoned: Vec<f32> = tx.iter().map(|v| v * -50.0 + 7.0).collect();
+    let other = probe::probe(&x, &y, &poisoned, &ty, 6, 4, 0.2, 3).unwrap();
+    assert_eq!(clean.l2, other.l2);
+    assert_eq!(clean.val_accuracy, other.val_accuracy);
+    assert_ne!(clean.test_accuracy, other.test_accuracy);
+    // And the choice is what the training-only selection gives.
+    let (l2, sweep) = probe::select_l2(&x, &y, 6, 4, 0.2, 3, LbfgsOptions::default()).unwrap();
+    assert_eq!(l2, clean.l2);
+    assert_eq!(sweep.len(), probe::L2_GRID.len());
+    // Mismatched widths and labels out of range are refused.
+    assert!(probe::probe(&x, &y, &tx[..tx.len() - 1], &ty, 6, 4, 0.2, 3).is_err());
+    let err = probe::probe(&x, &y, &tx, &ty, 6, 3, 0.2, 3).unwrap_err();
+    assert!(err.to_string().contains("outside the 3 classes"), "{err}");
+}
+
+#[test]
+fn probe_command_reports_layers_baseline_and_bad_inputs() {
+    let dir = tempdir("probe-cli");
+    let run = dir.join("run");
+    let o = igpt(&[
+        "train",
+        "--limit",
+        "300",
+        "--side",
+        "8",
+        "--layers",
+        "2",
+        "--embd",
+        "16",
+        "--heads",
+        "2",
+        "--steps",
+        "3",
+        "--batch",
+        "4",
+        "--palette-size",
+        "8",
+        "--out",
+        s(&run),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let chart = dir.join("probe.png");
+    let o = igpt(&[
+        "probe",
+        "--model",
+        s(&run),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "200",
+        "--test-data",
+        "fashion-mnist",
+        "--test-limit",
+        "60",
+        "--chart",
+        s(&chart),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for want in ["pixels", "layer 0", "layer 2", "best layer by validation"] {
+        assert!(out.contains(want), "{want}: {out}");
+    }
+    assert!(chart.exists());
+
+    let feats = dir.join("f.safetensors");
+    let o = igpt(&[
+        "features",
+        "--model",
+        s(&run),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "10",
+        "--layers",
+        "0,2",
+        "--out",
+        s(&feats),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&feats).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("layer_2").unwrap().shape(), &[10, 16]);
+    assert_eq!(st.tensor("features").unwrap().shape(), &[10, 32]);
+    assert_eq!(st.tensor("labels").unwrap().shape(), &[10]);
+
+    // A layer that does not exist, and data without labels.
+    let o = igpt(&[
+        "features",
+        "--model",
+        s(&run),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "10",
+        "--layers",
+        "5",
+        "--out",
+        s(&feats),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("layer 5 does not exist"),
+        "{}",
+        stderr(&o)
+    );
+    let npy = dir.join("unlabelled.npy");
+    std::fs::write(
+        &npy,
+        igpt::npy::encode(&[4, 8, 8], igpt::npy::DType::U8, &[7u8; 256]),
+    )
+    .unwrap();
+    let o = igpt(&[
+        "probe",
+        "--model",
+        s(&run),
+        "--data",
+        s(&npy),
+        "--test-data",
+        "fashion-mnist",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("has no labels"), "{}", stderr(&o));
+}

@@ -370,6 +370,13 @@ fn demo(a: DemoArgs) -> Result<()> {
         "drawing 16 samples, and 4 completions each of 6 held-out images from their top halves..."
     );
     generate::demo_pictures(&a.out, &prepared.val)?;
+    println!();
+    println!(
+        "linear probe (REFERENCE.md §6): features of every layer of 1,500 training images, \
+         logistic regression, accuracy on the {} held-out images...",
+        prepared.val.len()
+    );
+    probe::demo_probe(&a.out, &prepared.train, &prepared.val, 1500)?;
     println!("files:");
     for f in [
         "config.json",
@@ -380,6 +387,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         "loss.png",
         "samples.png",
         "completions.png",
+        "probe.png",
     ] {
         println!("  {}", run_dir.file(f).display());
     }
@@ -387,6 +395,9 @@ fn demo(a: DemoArgs) -> Result<()> {
     println!("next: igpt sample --model {m} --n 64 --out more-samples.png");
     println!("      igpt complete --model {m} --images YOUR.png --out yours.png");
     println!("      igpt train --resume {m} --steps 2000   (train on for a better model)");
+    println!(
+        "      igpt probe --model {m} --data fashion-mnist --limit 5000 --test-data TEST   (probe more)"
+    );
     Ok(())
 }
 

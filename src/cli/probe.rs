@@ -376,3 +376,102 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// The demo's last step: a linear probe of its model on its own images, `n_train` training
+/// images against the held-out ones, beside a probe of the (palette-quantised) pixels.
+pub fn demo_probe(
+    run: &std::path::Path,
+    train: &TokenSet,
+    val: &TokenSet,
+    n_train: usize,
+) -> Result<()> {
+    let m = igpt::formats::load_model(&run.display().to_string())?;
+    let t = m.model().n_ctx();
+    let subset = |set: &TokenSet, n: usize| -> Result<(TokenSet, Vec<u32>)> {
+        let n = n.min(set.len());
+        let mut tokens = vec![0u16; n * t];
+        let mut labels = Vec::with_capacity(n);
+        for i in 0..n {
+            set.copy_image(i, &mut tokens[i * t..(i + 1) * t]);
+            labels.push(set.label(i).context("the demo's images have no labels")?);
+        }
+        Ok((
+            TokenSet::from_tokens(tokens, t, m.model().n_vocab, Some(labels.clone()))?,
+            labels,
+        ))
+    };
+    let (tr, tr_y) = subset(train, n_train)?;
+    let (te, te_y) = subset(val, val.len())?;
+    let classes = tr_y
+        .iter()
+        .chain(&te_y)
+        .max()
+        .map_or(0, |&c| c as usize + 1);
+    let layers: Vec<usize> = (0..=m.model().n_layer).collect();
+    let d = m.model().n_embd;
+    let mut engine = engine_for(&m, 16)?;
+    let bar = pixel_bar((tr.len() + te.len()) as u64, "images");
+    let ftr = probe::extract_features(&mut engine, &tr, &layers, |k| bar.set_position(k as u64))?;
+    let fte = probe::extract_features(&mut engine, &te, &layers, |k| {
+        bar.set_position((tr.len() + k) as u64)
+    })?;
+    bar.finish_and_clear();
+    let pixels = |set: &TokenSet| -> Result<Vec<f32>> {
+        let mut tok = vec![0u16; t];
+        let mut out = Vec::with_capacity(set.len() * t);
+        for i in 0..set.len() {
+            set.copy_image(i, &mut tok);
+            out.extend(m.palette.decode(&tok)?.iter().map(|&p| p as f32 / 255.0));
+        }
+        Ok(out)
+    };
+    let f_pix = t * m.model().channels;
+    let base = probe::probe(
+        &pixels(&tr)?,
+        &tr_y,
+        &pixels(&te)?,
+        &te_y,
+        f_pix,
+        classes,
+        0.1,
+        0,
+    )?;
+    header();
+    row("pixels", &base);
+    let mut results = Vec::new();
+    for (j, &l) in layers.iter().enumerate() {
+        let a = probe::select_groups(&ftr, layers.len(), d, &[j]);
+        let b = probe::select_groups(&fte, layers.len(), d, &[j]);
+        let r = probe::probe(&a, &tr_y, &b, &te_y, d, classes, 0.1, 0)?;
+        row(&format!("layer {l}"), &r);
+        results.push((l, r));
+    }
+    let (best_l, best) = results
+        .iter()
+        .max_by(|x, y| x.1.val_accuracy.total_cmp(&y.1.val_accuracy))
+        .context("no layers")?;
+    println!(
+        "best layer (by validation): {best_l}, {:.1}% on the {} held-out images; \
+         palette pixels {:.1}%",
+        100.0 * best.test_accuracy,
+        te_y.len(),
+        100.0 * base.test_accuracy
+    );
+    let points = results
+        .iter()
+        .map(|(l, r)| (*l as f64, 100.0 * r.test_accuracy))
+        .collect();
+    xy_chart(
+        &run.join("probe.png"),
+        "demo: linear probe accuracy by layer",
+        "layer (normalised input of block l; last = final norm)",
+        "held-out accuracy (%)",
+        &[Series {
+            label: "linear probe",
+            points,
+            color: RGBColor(30, 90, 200),
+        }],
+        Some(("palette pixels", 100.0 * base.test_accuracy)),
+        Some((*best_l as f64, 100.0 * best.test_accuracy)),
+    )
+}

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Training objective, which also fixes how the model reads its input (REFERENCE.md §3).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Objective {
     /// Next-pixel prediction: causal attention, a start token in front.

@@ -77,6 +77,19 @@ pub trait Backend {
     /// The stored ids as inputs, unshifted: id `n_vocab` is the start token, `n_vocab + 1` a
     /// masked position (zero content embedding).
     fn embed_direct(&mut self, out: View, wte: View, wpe: View, sos: View, t: usize, d: usize);
+    /// Backward of [`Backend::embed_direct`].
+    fn embed_direct_backward(
+        &mut self,
+        dwte: View,
+        dwpe: View,
+        dsos: View,
+        dout: View,
+        t: usize,
+        d: usize,
+    );
+    /// Targets and per-position loss weights for the next [`Backend::cross_entropy`], which
+    /// otherwise scores the stored tokens with weight 1. [`Backend::set_tokens`] clears them.
+    fn set_targets(&mut self, targets: &[u16], weights: &[f32]);
     fn embed_backward(
         &mut self,
         dwte: View,

@@ -93,6 +93,10 @@ struct ModelArgs {
     /// Attention heads (must divide d).
     #[arg(long)]
     heads: Option<usize>,
+    /// Training objective: next pixel (autoregressive, the default) or masked pixels (bert:
+    /// 15% of each image hidden, bidirectional attention, loss over the hidden pixels).
+    #[arg(long, value_enum)]
+    objective: Option<igpt::config::Objective>,
 }
 
 impl ModelArgs {
@@ -106,6 +110,7 @@ impl ModelArgs {
         cfg.n_layer = self.layers.unwrap_or(cfg.n_layer);
         cfg.n_embd = self.embd.unwrap_or(cfg.n_embd);
         cfg.n_head = self.heads.unwrap_or(cfg.n_head);
+        cfg.objective = self.objective.unwrap_or_default();
         cfg.validate()?;
         Ok(cfg)
     }

@@ -141,6 +141,9 @@ pub struct Engine<B: Backend> {
     host_losses: Vec<f32>,
     /// Sequences in the last forward pass.
     n_seq: usize,
+    /// Masked-objective inputs and loss weights, allocated once.
+    masked_inputs: Vec<u16>,
+    mask_weights: Vec<f32>,
 }
 
 fn act(offset: usize, len: usize) -> View {
@@ -176,6 +179,8 @@ impl<B: Backend> Engine<B> {
             backend,
             host_losses: vec![0.0; batch * cfg.n_ctx()],
             n_seq: 0,
+            masked_inputs: vec![0; batch * cfg.n_ctx()],
+            mask_weights: vec![0.0; batch * cfg.n_ctx()],
         })
     }
 
@@ -215,6 +220,8 @@ impl<B: Backend> Engine<B> {
             backend,
             host_losses: vec![0.0; batch * cfg.n_ctx()],
             n_seq: 0,
+            masked_inputs: vec![0; batch * cfg.n_ctx()],
+            mask_weights: vec![0.0; batch * cfg.n_ctx()],
         })
     }
 
@@ -304,6 +311,68 @@ impl<B: Backend> Engine<B> {
         anyhow::ensure!(self.training, "this engine was planned for inference only");
         let sum = self.run_forward(tokens, Some(loss_scale))?;
         self.backward();
+        Ok(sum)
+    }
+
+    /// The masked (BERT) objective: `masked[i]` hides position i (zero content embedding) and
+    /// makes it a target; only hidden positions count. Returns the summed loss over them. With
+    /// `loss_scale`, gradients of `loss_scale * sum` are added (training engines only).
+    pub fn forward_masked(
+        &mut self,
+        tokens: &[u16],
+        masked: &[bool],
+        loss_scale: Option<f32>,
+    ) -> anyhow::Result<f64> {
+        anyhow::ensure!(
+            !self.cfg.causal(),
+            "the masked objective is for BERT models; this one is autoregressive"
+        );
+        anyhow::ensure!(
+            loss_scale.is_none() || self.training,
+            "this engine was planned for inference only"
+        );
+        let n_seq = self.check_tokens(tokens)?;
+        anyhow::ensure!(masked.len() == tokens.len(), "one mask flag per token");
+        self.n_seq = n_seq;
+        let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
+        let rows = n_seq * t;
+        for i in 0..rows {
+            self.masked_inputs[i] = if masked[i] { v as u16 + 1 } else { tokens[i] };
+            self.mask_weights[i] = if masked[i] { 1.0 } else { 0.0 };
+        }
+        let (plan, lay) = (&self.plan, &self.layout);
+        let b = &mut self.backend;
+        b.set_tokens(&self.masked_inputs[..rows]);
+        b.set_targets(tokens, &self.mask_weights[..rows]);
+        b.embed_direct(
+            act(plan.resid[0], rows * d),
+            View::new(Arena::Params, lay.wte, v * d),
+            View::new(Arena::Params, lay.wpe, t * d),
+            View::new(Arena::Params, lay.sos, d),
+            t,
+            d,
+        );
+        self.run_blocks(n_seq, self.cfg.n_layer);
+        let (plan, lay, b) = (&self.plan, &self.layout, &mut self.backend);
+        let logits = act(plan.logits, rows * v);
+        head_forward(
+            b,
+            lay,
+            act(plan.resid[self.cfg.n_layer], rows * d),
+            act(plan.lnf, rows * d),
+            act(plan.rstdf, rows),
+            logits,
+            rows,
+            d,
+            v,
+        );
+        let losses = act(plan.losses, rows);
+        b.cross_entropy(logits, losses, v, loss_scale);
+        b.download(losses, &mut self.host_losses[..rows]);
+        let sum = self.host_losses[..rows].iter().map(|&x| x as f64).sum();
+        if loss_scale.is_some() {
+            self.backward();
+        }
         Ok(sum)
     }
 
@@ -675,13 +744,24 @@ impl<B: Backend> Engine<B> {
             let (x, rstd1) = (act(plan.resid[l], rows * d), act(ba.rstd1, rows));
             b.rmsnorm_backward(d_resid, gv(po.ln_1, d), d_ln, x, rstd1, pv(po.ln_1, d), d);
         }
-        b.embed_backward(
-            gv(lay.wte, v * d),
-            gv(lay.wpe, t * d),
-            gv(lay.sos, d),
-            d_resid,
-            t,
-            d,
-        );
+        if cfg.causal() {
+            b.embed_backward(
+                gv(lay.wte, v * d),
+                gv(lay.wpe, t * d),
+                gv(lay.sos, d),
+                d_resid,
+                t,
+                d,
+            );
+        } else {
+            b.embed_direct_backward(
+                gv(lay.wte, v * d),
+                gv(lay.wpe, t * d),
+                gv(lay.sos, d),
+                d_resid,
+                t,
+                d,
+            );
+        }
     }
 }

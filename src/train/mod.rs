@@ -102,6 +102,32 @@ pub struct TrainState {
     pub tokens_seen: u64,
 }
 
+/// Fraction of each image's pixels the masked (BERT) objective hides.
+pub const MASK_RATE: f64 = 0.15;
+
+/// Pixels hidden per image of `t` pixels: 15%, at least one.
+pub fn mask_count(t: usize) -> usize {
+    ((t as f64 * MASK_RATE).round() as usize).clamp(1, t)
+}
+
+/// Marks `mask_count(t)` positions of `out` (`t` flags), chosen uniformly without replacement
+/// by a generator seeded from `(seed, key)`; `perm` is reused scratch.
+pub fn bert_mask(seed: u64, key: u64, perm: &mut Vec<usize>, out: &mut [bool]) {
+    use rand::Rng;
+    let t = out.len();
+    perm.clear();
+    perm.extend(0..t);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed ^ key.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+    );
+    out.fill(false);
+    for i in 0..mask_count(t) {
+        let j = rng.random_range(i..t);
+        perm.swap(i, j);
+        out[perm[i]] = true;
+    }
+}
+
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct StepStats {
@@ -122,6 +148,9 @@ pub struct Trainer<B: Backend> {
     order: Vec<usize>,
     order_epoch: Option<u64>,
     batch_tokens: Vec<u16>,
+    /// Masked-objective flags and scratch, allocated once.
+    mask: Vec<bool>,
+    perm: Vec<usize>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -134,6 +163,7 @@ impl<B: Backend> Trainer<B> {
         cfg.validate()?;
         let mut engine = Engine::new(model, cfg.micro_batch, true, backend)?;
         engine.set_params(params)?;
+        let mask = vec![false; cfg.micro_batch * model.n_ctx()];
         Ok(Self {
             batch_tokens: vec![0; cfg.micro_batch * model.n_ctx()],
             engine,
@@ -141,6 +171,8 @@ impl<B: Backend> Trainer<B> {
             state: TrainState::default(),
             order: Vec::new(),
             order_epoch: None,
+            mask,
+            perm: Vec::with_capacity(model.n_ctx()),
         })
     }
 
@@ -203,13 +235,31 @@ impl<B: Backend> Trainer<B> {
         let t = self.engine.cfg.n_ctx();
         let micro_steps = self.cfg.batch / self.cfg.micro_batch;
         let tokens = (self.cfg.batch * t) as u64;
-        let scale = 1.0 / tokens as f32;
+        let bert = !self.engine.cfg.causal();
+        // The loss is a mean over the predicted pixels: all of them, or the hidden ones.
+        let scored = if bert {
+            (self.cfg.batch * mask_count(t)) as u64
+        } else {
+            tokens
+        };
+        let scale = 1.0 / scored as f32;
         self.engine.zero_grads();
         let mut loss_sum = 0.0;
-        for _ in 0..micro_steps {
+        for micro in 0..micro_steps {
             self.next_micro_batch(data);
             let toks = std::mem::take(&mut self.batch_tokens);
-            let r = self.engine.forward_backward(&toks, scale);
+            let r = if bert {
+                let step = self.state.step;
+                for (slot, m) in self.mask.chunks_mut(t).enumerate() {
+                    let key = (step * micro_steps as u64 + micro as u64)
+                        * self.cfg.micro_batch as u64
+                        + slot as u64;
+                    bert_mask(self.cfg.seed, key, &mut self.perm, m);
+                }
+                self.engine.forward_masked(&toks, &self.mask, Some(scale))
+            } else {
+                self.engine.forward_backward(&toks, scale)
+            };
             self.batch_tokens = toks;
             loss_sum += r?;
         }
@@ -248,7 +298,7 @@ impl<B: Backend> Trainer<B> {
         self.state.tokens_seen += tokens;
         Ok(StepStats {
             step,
-            loss: loss_sum / tokens as f64,
+            loss: loss_sum / scored as f64,
             lr,
             grad_norm,
             tokens,
@@ -284,6 +334,14 @@ pub fn evaluate<B: Backend>(
     };
     anyhow::ensure!(n > 0, "no images to evaluate on");
     buf.resize(engine.batch * t, 0);
+    let bert = !engine.cfg.causal();
+    // BERT models: one fixed mask per image (by its index), the same at every evaluation.
+    let mut mask = if bert {
+        vec![false; engine.batch * t]
+    } else {
+        Vec::new()
+    };
+    let mut perm = Vec::new();
     let mut sum = 0.0;
     let mut start = 0;
     while start < n {
@@ -291,10 +349,18 @@ pub fn evaluate<B: Backend>(
         for i in 0..b {
             data.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
         }
-        sum += engine.forward(&buf[..b * t])?;
+        sum += if bert {
+            for (i, m) in mask.chunks_mut(t).take(b).enumerate() {
+                bert_mask(0x5eed, (start + i) as u64, &mut perm, m);
+            }
+            engine.forward_masked(&buf[..b * t], &mask[..b * t], None)?
+        } else {
+            engine.forward(&buf[..b * t])?
+        };
         start += b;
     }
-    Ok(sum / (n * t) as f64)
+    let per_image = if bert { mask_count(t) } else { t };
+    Ok(sum / (n * per_image) as f64)
 }
 
 #[cfg(test)]

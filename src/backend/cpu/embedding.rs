@@ -127,3 +127,35 @@ pub fn embed_direct(
             }
         });
 }
+
+/// Backward of [`embed_direct`]: adds into `dwte` (colour ids), `dsos` (start ids) and `dwpe`;
+/// masked positions feed no content embedding and get no content gradient.
+pub fn embed_direct_backward(
+    dwte: &mut [f32],
+    dwpe: &mut [f32],
+    dsos: &mut [f32],
+    dout: &[f32],
+    ids: &[u16],
+    t_len: usize,
+    d: usize,
+) {
+    let n_vocab = dwte.len() / d;
+    let batch = ids.len() / t_len;
+    dwpe[..t_len * d]
+        .par_chunks_mut(d)
+        .enumerate()
+        .for_each(|(t, row)| {
+            for b in 0..batch {
+                simd::add_assign(row, &dout[(b * t_len + t) * d..(b * t_len + t + 1) * d]);
+            }
+        });
+    for (i, &id) in ids.iter().enumerate() {
+        let id = id as usize;
+        let src = &dout[i * d..(i + 1) * d];
+        if id < n_vocab {
+            simd::add_assign(&mut dwte[id * d..(id + 1) * d], src);
+        } else if id == n_vocab {
+            simd::add_assign(dsos, src);
+        }
+    }
+}

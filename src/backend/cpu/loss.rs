@@ -40,3 +40,29 @@ pub fn cross_entropy(
             }
         });
 }
+
+/// [`cross_entropy`] against separate targets, each position's loss and gradient multiplied
+/// by its weight (BERT: 1 at masked positions, 0 elsewhere).
+pub fn cross_entropy_weighted(
+    logits: &mut [f32],
+    losses: &mut [f32],
+    targets: &[u16],
+    weights: &[f32],
+    v: usize,
+    grad_scale: Option<f32>,
+) {
+    assert_eq!(weights.len(), targets.len());
+    cross_entropy(logits, losses, targets, v, grad_scale);
+    logits
+        .par_chunks_mut(v)
+        .zip(losses.par_iter_mut())
+        .zip(weights.par_iter())
+        .for_each(|((row, loss), &w)| {
+            if w != 1.0 {
+                *loss *= w;
+                if grad_scale.is_some() {
+                    simd::scale(row, w);
+                }
+            }
+        });
+}

@@ -30,6 +30,10 @@ pub struct CpuBackend {
     acts: Vec<f32>,
     tokens: Vec<u16>,
     n_tokens: usize,
+    /// Separate targets and loss weights (masked-objective training), when set.
+    targets: Vec<u16>,
+    weights: Vec<f32>,
+    weighted: bool,
     /// Per-block partial sums of the norm-gain gradient.
     norm_scratch: Vec<f32>,
 }
@@ -148,6 +152,8 @@ impl Backend for CpuBackend {
         self.adam_v = zeros(s.grads, "optimizer moments")?;
         self.acts = zeros(s.acts, "activations")?;
         self.tokens = vec![0; s.tokens];
+        self.targets = vec![0; s.tokens];
+        self.weights = zeros(s.tokens, "loss weights")?;
         self.norm_scratch = zeros(
             norm::rmsnorm_backward_scratch(s.max_rows, s.max_width),
             "scratch",
@@ -186,6 +192,7 @@ impl Backend for CpuBackend {
         );
         self.tokens[..tokens.len()].copy_from_slice(tokens);
         self.n_tokens = tokens.len();
+        self.weighted = false;
     }
 
     fn embed_forward(&mut self, out: View, wte: View, wpe: View, sos: View, t: usize, d: usize) {
@@ -202,6 +209,29 @@ impl Backend for CpuBackend {
         let (o, [wte, wpe, sos]) = self.io(out, [wte, wpe, sos]);
         embedding::embed_direct(o, &toks[..n], wte, wpe, sos, t, d);
         self.tokens = toks;
+    }
+
+    fn embed_direct_backward(
+        &mut self,
+        dwte: View,
+        dwpe: View,
+        dsos: View,
+        dout: View,
+        t: usize,
+        d: usize,
+    ) {
+        let toks = std::mem::take(&mut self.tokens);
+        let n = self.n_tokens;
+        let ([a, b, c], [g]) = self.views([dwte, dwpe, dsos], [dout]);
+        embedding::embed_direct_backward(a, b, c, g, &toks[..n], t, d);
+        self.tokens = toks;
+    }
+
+    fn set_targets(&mut self, targets: &[u16], weights: &[f32]) {
+        assert!(targets.len() == self.n_tokens && weights.len() == self.n_tokens);
+        self.targets[..targets.len()].copy_from_slice(targets);
+        self.weights[..weights.len()].copy_from_slice(weights);
+        self.weighted = true;
     }
 
     fn embed_backward(
@@ -327,8 +357,19 @@ impl Backend for CpuBackend {
     }
 
     fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>) {
-        let toks = std::mem::take(&mut self.tokens);
         let n = self.n_tokens;
+        if self.weighted {
+            let (targets, weights) = (
+                std::mem::take(&mut self.targets),
+                std::mem::take(&mut self.weights),
+            );
+            let ([z, l], []) = self.views([logits, losses], []);
+            loss::cross_entropy_weighted(z, l, &targets[..n], &weights[..n], v, grad_scale);
+            self.targets = targets;
+            self.weights = weights;
+            return;
+        }
+        let toks = std::mem::take(&mut self.tokens);
         let ([z, l], []) = self.views([logits, losses], []);
         loss::cross_entropy(z, l, &toks[..n], v, grad_scale);
         self.tokens = toks;

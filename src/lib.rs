@@ -9,6 +9,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod finetune;
 pub mod formats;
 pub mod fsutil;
 pub mod grid;

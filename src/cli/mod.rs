@@ -1,6 +1,7 @@
 //! Argument parsing and the command implementations.
 
 mod bench;
+mod finetune;
 mod generate;
 mod interop;
 mod probe;
@@ -56,6 +57,10 @@ enum Command {
     Features(probe::FeaturesArgs),
     /// Linear probes: logistic regression on each layer's features, against raw pixels.
     Probe(probe::ProbeArgs),
+    /// Fine-tune a model with a linear classification head (L_GEN + L_CLF, early stopping).
+    Finetune(Box<finetune::FinetuneArgs>),
+    /// Classify images with a fine-tuned model.
+    Classify(finetune::ClassifyArgs),
     /// Print a model's shape and size (and a run's training state).
     Info {
         /// The model: an igpt run directory, a Hugging Face ImageGPT directory, an OpenAI
@@ -280,6 +285,8 @@ pub fn main() -> Result<()> {
         Command::Info { model } => info(model),
         Command::Logits(a) => interop::logits(a),
         Command::Features(a) => probe::features(a),
+        Command::Finetune(a) => finetune::finetune(*a),
+        Command::Classify(a) => finetune::classify(a),
         Command::Probe(a) => probe::probe(a),
         Command::Encode(a) => interop::encode(a),
         Command::Convert(a) => interop::convert(a),

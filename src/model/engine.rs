@@ -144,6 +144,8 @@ pub struct Engine<B: Backend> {
     /// Masked-objective inputs and loss weights, allocated once.
     masked_inputs: Vec<u16>,
     mask_weights: Vec<f32>,
+    /// Host copy of the final norm's output for a classification head.
+    host_lnf: Vec<f32>,
 }
 
 fn act(offset: usize, len: usize) -> View {
@@ -181,6 +183,7 @@ impl<B: Backend> Engine<B> {
             n_seq: 0,
             masked_inputs: vec![0; batch * cfg.n_ctx()],
             mask_weights: vec![0.0; batch * cfg.n_ctx()],
+            host_lnf: Vec::new(),
         })
     }
 
@@ -222,6 +225,7 @@ impl<B: Backend> Engine<B> {
             n_seq: 0,
             masked_inputs: vec![0; batch * cfg.n_ctx()],
             mask_weights: vec![0.0; batch * cfg.n_ctx()],
+            host_lnf: Vec::new(),
         })
     }
 
@@ -644,6 +648,42 @@ impl<B: Backend> Engine<B> {
     }
 
     fn backward(&mut self) {
+        self.backward_with(None)
+    }
+
+    /// The final norm's output `[n_seq, n_ctx, d]` of the last forward pass (what a
+    /// classification head reads).
+    pub fn final_norm_output(&self, out: &mut Vec<f32>) {
+        let rows = self.n_seq * self.cfg.n_ctx();
+        out.resize(rows * self.cfg.n_embd, 0.0);
+        self.backend
+            .download(act(self.plan.lnf, rows * self.cfg.n_embd), out);
+    }
+
+    /// Forward and backward of the generative loss (scaled by `gen_scale`; 0 leaves only the
+    /// extra term) plus an extra gradient `d_lnf` `[n_seq, n_ctx, d]` on the final norm's
+    /// output, from a head the caller runs on [`Engine::final_norm_output`]. `head` is called
+    /// between the two passes with that output and fills `d_lnf`. Returns the generative loss.
+    pub fn forward_backward_with_head(
+        &mut self,
+        tokens: &[u16],
+        gen_scale: f32,
+        d_lnf: &mut Vec<f32>,
+        head: impl FnOnce(&[f32], &mut [f32]),
+    ) -> anyhow::Result<f64> {
+        anyhow::ensure!(self.training, "this engine was planned for inference only");
+        let sum = self.run_forward(tokens, Some(gen_scale))?;
+        let mut lnf = std::mem::take(&mut self.host_lnf);
+        self.final_norm_output(&mut lnf);
+        d_lnf.clear();
+        d_lnf.resize(lnf.len(), 0.0);
+        head(&lnf, d_lnf);
+        self.host_lnf = lnf;
+        self.backward_with(Some(d_lnf));
+        Ok(sum)
+    }
+
+    fn backward_with(&mut self, extra_dlnf: Option<&[f32]>) {
         let cfg = self.cfg.clone();
         let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
         let n_seq = self.n_seq;
@@ -669,7 +709,10 @@ impl<B: Backend> Engine<B> {
         let d_fc = act(plan.d_fc, rows * 4 * d);
         let fc_act = act(plan.fc_act, rows * 4 * d);
 
-        // Head and final norm.
+        // Head and final norm; a classification head's gradient, when given, is the start.
+        if let Some(extra) = extra_dlnf {
+            b.upload(d_ln, extra);
+        }
         b.matmul(
             d_ln,
             dlogits,
@@ -679,7 +722,7 @@ impl<B: Backend> Engine<B> {
             rows,
             v,
             d,
-            false,
+            extra_dlnf.is_some(),
         );
         b.matmul(
             gv(lay.wtet, v * d),

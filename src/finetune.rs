@@ -1,0 +1,356 @@
+//! Fine-tuning (REFERENCE.md §6): a linear classifier on the mean over positions of the final
+//! norm's output, trained together with the model on `L_GEN + L_CLF` (or `L_CLF` alone).
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AdamStep, Arena, Backend, View};
+use crate::model::Engine;
+use anyhow::{Context, Result, ensure};
+use rand::Rng;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The classification head: `logits = mean_t(ln_f(x)) @ w + b`, `w: [d, classes]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Head {
+    pub d: usize,
+    pub classes: usize,
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+    pub class_names: Vec<String>,
+}
+
+impl Head {
+    /// A zero head (the first steps then train it from the features, as a probe would).
+    pub fn new(d: usize, classes: usize, class_names: Vec<String>) -> Self {
+        Self {
+            d,
+            classes,
+            w: vec![0.0; d * classes],
+            b: vec![0.0; classes],
+            class_names,
+        }
+    }
+
+    /// Mean over positions: `lnf: [n, t, d]` -> `[n, d]`.
+    pub fn pool(lnf: &[f32], t: usize, d: usize) -> Vec<f32> {
+        lnf.chunks_exact(t * d)
+            .flat_map(|seq| {
+                let mut m = vec![0.0f32; d];
+                for row in seq.chunks_exact(d) {
+                    m.iter_mut().zip(row).for_each(|(a, x)| *a += x);
+                }
+                m.iter_mut().for_each(|a| *a /= t as f32);
+                m
+            })
+            .collect()
+    }
+
+    pub fn logits(&self, pooled: &[f32]) -> Vec<f32> {
+        let (d, c) = (self.d, self.classes);
+        pooled
+            .chunks_exact(d)
+            .flat_map(|p| {
+                (0..c).map(move |k| {
+                    self.b[k]
+                        + p.iter()
+                            .enumerate()
+                            .map(|(j, x)| x * self.w[j * c + k])
+                            .sum::<f32>()
+                })
+            })
+            .collect()
+    }
+
+    pub fn predict(&self, pooled: &[f32]) -> Vec<u32> {
+        self.logits(pooled)
+            .chunks_exact(self.classes)
+            .map(|z| {
+                z.iter()
+                    .enumerate()
+                    .fold(
+                        (0, f32::NEG_INFINITY),
+                        |b, (k, &v)| if v > b.1 { (k, v) } else { b },
+                    )
+                    .0 as u32
+            })
+            .collect()
+    }
+
+    /// Summed cross-entropy of `labels` given the final norm's output `lnf: [n, t, d]`;
+    /// adds `scale *` its gradient into `gw`, `gb` and `d_lnf` (same shape as `lnf`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_and_grads(
+        &self,
+        lnf: &[f32],
+        labels: &[u32],
+        t: usize,
+        scale: f32,
+        gw: &mut [f32],
+        gb: &mut [f32],
+        d_lnf: &mut [f32],
+    ) -> f64 {
+        let (d, c) = (self.d, self.classes);
+        let pooled = Self::pool(lnf, t, d);
+        let logits = self.logits(&pooled);
+        let mut loss = 0.0f64;
+        for (s, (z, &y)) in logits.chunks_exact(c).zip(labels).enumerate() {
+            let max = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = z.iter().map(|v| (v - max).exp()).sum();
+            loss += (max + sum.ln() - z[y as usize]) as f64;
+            let p = &pooled[s * d..(s + 1) * d];
+            let dz: Vec<f32> = (0..c)
+                .map(|k| {
+                    scale * ((z[k] - max).exp() / sum - if k == y as usize { 1.0 } else { 0.0 })
+                })
+                .collect();
+            for k in 0..c {
+                gb[k] += dz[k];
+                for j in 0..d {
+                    gw[j * c + k] += p[j] * dz[k];
+                }
+            }
+            // d pooled = w dz, spread evenly over the positions that were averaged.
+            let dp: Vec<f32> = (0..d)
+                .map(|j| (0..c).map(|k| self.w[j * c + k] * dz[k]).sum::<f32>() / t as f32)
+                .collect();
+            for row in d_lnf[s * t * d..(s + 1) * t * d].chunks_exact_mut(d) {
+                row.iter_mut().zip(&dp).for_each(|(a, g)| *a += g);
+            }
+        }
+        loss
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let (wb, bb) = (bytes(&self.w), bytes(&self.b));
+        let views = vec![
+            (
+                "w",
+                TensorView::new(Dtype::F32, vec![self.d, self.classes], &wb)?,
+            ),
+            ("b", TensorView::new(Dtype::F32, vec![self.classes], &bb)?),
+        ];
+        let meta = HashMap::from([(
+            "class_names".to_string(),
+            serde_json::to_string(&self.class_names)?,
+        )]);
+        crate::fsutil::write_atomic(path, &safetensors::serialize(views, Some(meta))?)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| {
+            format!(
+                "cannot read {} (is this a fine-tuned model?)",
+                path.display()
+            )
+        })?;
+        let st = SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes)?;
+        let names: Vec<String> = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("class_names"))
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default();
+        let w = st
+            .tensor("w")
+            .with_context(|| format!("{}: no w", path.display()))?;
+        let b = st
+            .tensor("b")
+            .with_context(|| format!("{}: no b", path.display()))?;
+        ensure!(
+            w.shape().len() == 2 && b.shape() == [w.shape()[1]] && w.dtype() == Dtype::F32,
+            "{}: head tensors have shapes {:?} and {:?}",
+            path.display(),
+            w.shape(),
+            b.shape()
+        );
+        let f = |d: &[u8]| -> Vec<f32> {
+            d.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        Ok(Self {
+            d: w.shape()[0],
+            classes: w.shape()[1],
+            w: f(w.data()),
+            b: f(b.data()),
+            class_names: names,
+        })
+    }
+}
+
+/// Reflection-pads a token image by `pad` on every side, crops a random `side x side` window,
+/// and mirrors it left-right when `flip` (CIFAR's augmentation; off where mirroring changes the
+/// class). `scratch` holds the padded image.
+pub fn augment(
+    img: &mut [u16],
+    side: usize,
+    pad: usize,
+    flip: bool,
+    rng: &mut impl Rng,
+    scratch: &mut Vec<u16>,
+) {
+    let p = side + 2 * pad;
+    let reflect = |i: isize| -> usize {
+        let s = side as isize;
+        let mut i = i;
+        if i < 0 {
+            i = -i;
+        }
+        if i >= s {
+            i = 2 * (s - 1) - i;
+        }
+        i.clamp(0, s - 1) as usize
+    };
+    scratch.clear();
+    for y in 0..p {
+        for x in 0..p {
+            let (sy, sx) = (
+                reflect(y as isize - pad as isize),
+                reflect(x as isize - pad as isize),
+            );
+            scratch.push(img[sy * side + sx]);
+        }
+    }
+    let (oy, ox) = (rng.random_range(0..=2 * pad), rng.random_range(0..=2 * pad));
+    let mirror = flip && rng.random::<bool>();
+    for y in 0..side {
+        for x in 0..side {
+            let sx = if mirror { side - 1 - x } else { x };
+            img[y * side + x] = scratch[(y + oy) * p + sx + ox];
+        }
+    }
+}
+
+/// A model and its head, trained together.
+pub struct Finetuner {
+    pub engine: Engine<CpuBackend>,
+    pub head: Head,
+    head_m: Vec<f32>,
+    head_v: Vec<f32>,
+    step: u64,
+    d_lnf: Vec<f32>,
+}
+
+/// One fine-tuning step's losses (means per image / per token) and batch accuracy.
+#[derive(Debug, Clone, Copy)]
+pub struct FinetuneStats {
+    pub gen_loss: f64,
+    pub clf_loss: f64,
+    pub accuracy: f64,
+}
+
+impl Finetuner {
+    pub fn new(engine: Engine<CpuBackend>, head: Head) -> Self {
+        let n = head.w.len() + head.b.len();
+        Self {
+            engine,
+            head,
+            head_m: vec![0.0; n],
+            head_v: vec![0.0; n],
+            step: 0,
+            d_lnf: Vec::new(),
+        }
+    }
+
+    /// One Adam step on `L_CLF` (+ `L_GEN` when `with_gen`) for a batch of images.
+    pub fn step(
+        &mut self,
+        tokens: &[u16],
+        labels: &[u32],
+        lr: f32,
+        with_gen: bool,
+    ) -> Result<FinetuneStats> {
+        let t = self.engine.cfg.n_ctx();
+        let n = labels.len();
+        ensure!(tokens.len() == n * t, "one label per image");
+        self.engine.zero_grads();
+        let mut gw = vec![0.0; self.head.w.len()];
+        let mut gb = vec![0.0; self.head.b.len()];
+        let mut clf = 0.0;
+        let head = self.head.clone();
+        let mut d_lnf = std::mem::take(&mut self.d_lnf);
+        let gen_scale = if with_gen { 1.0 / (n * t) as f32 } else { 0.0 };
+        let gen_sum =
+            self.engine
+                .forward_backward_with_head(tokens, gen_scale, &mut d_lnf, |lnf, d| {
+                    clf = head.loss_and_grads(lnf, labels, t, 1.0 / n as f32, &mut gw, &mut gb, d);
+                })?;
+        let mut pooled = Vec::new();
+        self.engine.final_norm_output(&mut pooled);
+        let pred = self.head.predict(&Head::pool(&pooled, t, self.head.d));
+        self.d_lnf = d_lnf;
+        self.step += 1;
+        let h = AdamStep {
+            lr,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: self.step,
+            grad_scale: 1.0,
+        };
+        for i in 0..self.engine.layout.tensors.len() {
+            let (off, len) = {
+                let s = &self.engine.layout.tensors[i];
+                (s.offset, s.len)
+            };
+            self.engine
+                .backend_mut()
+                .adamw(View::new(Arena::Params, off, len), h, false);
+        }
+        // The head's Adam on the host.
+        let (b1, b2) = (0.9f32, 0.95f32);
+        let (c1, c2) = (
+            1.0 - b1.powi(self.step as i32),
+            1.0 - b2.powi(self.step as i32),
+        );
+        let nw = self.head.w.len();
+        for (i, g) in gw.iter().chain(&gb).enumerate() {
+            self.head_m[i] = b1 * self.head_m[i] + (1.0 - b1) * g;
+            self.head_v[i] = b2 * self.head_v[i] + (1.0 - b2) * g * g;
+            let upd = lr * (self.head_m[i] / c1) / ((self.head_v[i] / c2).sqrt() + 1e-8);
+            if i < nw {
+                self.head.w[i] -= upd;
+            } else {
+                self.head.b[i - nw] -= upd;
+            }
+        }
+        Ok(FinetuneStats {
+            gen_loss: gen_sum / (n * t) as f64,
+            clf_loss: clf / n as f64,
+            accuracy: crate::probe::accuracy(&pred, labels),
+        })
+    }
+}
+
+/// Predicted classes of `tokens` (`[n, t]`) by an engine and head.
+pub fn classify(
+    engine: &mut Engine<CpuBackend>,
+    head: &Head,
+    tokens: &crate::data::TokenSet,
+) -> Result<Vec<u32>> {
+    let (t, batch) = (engine.cfg.n_ctx(), engine.batch);
+    ensure!(
+        head.d == engine.cfg.n_embd,
+        "the head reads {} features but the model has d = {}",
+        head.d,
+        engine.cfg.n_embd
+    );
+    let mut buf = vec![0u16; batch * t];
+    let mut lnf = Vec::new();
+    let mut out = Vec::with_capacity(tokens.len());
+    for start in (0..tokens.len()).step_by(batch) {
+        let b = batch.min(tokens.len() - start);
+        for i in 0..b {
+            tokens.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
+        }
+        engine.forward(&buf[..b * t])?;
+        engine.final_norm_output(&mut lnf);
+        out.extend(head.predict(&Head::pool(&lnf, t, head.d)));
+    }
+    Ok(out)
+}

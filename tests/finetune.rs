@@ -1,0 +1,256 @@
+//! Fine-tuning: the head's gradients against finite differences, L_GEN + L_CLF gradients equal
+//! the sum of the two, augmentation, and the commands.
+
+mod common;
+
+use common::{igpt, s, stderr, tempdir};
+use igpt::backend::Arena;
+use igpt::backend::cpu::CpuBackend;
+use igpt::config::ModelConfig;
+use igpt::finetune::{Head, augment};
+use igpt::model::{Engine, init_params};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| scale * (r.random::<f32>() - 0.5)).collect()
+}
+
+#[test]
+fn head_gradients_match_finite_differences() {
+    let (n, t, d, c) = (3, 5, 4, 3);
+    let mut head = Head::new(d, c, vec![]);
+    head.w = rand_vec(d * c, 1, 2.0);
+    head.b = rand_vec(c, 2, 1.0);
+    let lnf = rand_vec(n * t * d, 3, 2.0);
+    let labels = [0u32, 2, 1];
+    let (mut gw, mut gb, mut dl) = (vec![0.0; d * c], vec![0.0; c], vec![0.0; n * t * d]);
+    head.loss_and_grads(&lnf, &labels, t, 1.0, &mut gw, &mut gb, &mut dl);
+    let loss = |h: &Head, x: &[f32]| -> f64 {
+        let (mut a, mut b, mut e) = (vec![0.0; d * c], vec![0.0; c], vec![0.0; n * t * d]);
+        h.loss_and_grads(x, &labels, t, 1.0, &mut a, &mut b, &mut e)
+    };
+    let eps = 1e-2f32;
+    let check = |fd: f64, g: f32, what: &str| {
+        assert!(
+            (fd - g as f64).abs() < 1e-2 * fd.abs().max(0.05),
+            "{what}: finite difference {fd}, analytic {g}"
+        );
+    };
+    for i in [0, 5, d * c - 1] {
+        let (mut up, mut down) = (head.clone(), head.clone());
+        up.w[i] += eps;
+        down.w[i] -= eps;
+        check(
+            (loss(&up, &lnf) - loss(&down, &lnf)) / (2.0 * eps as f64),
+            gw[i],
+            "w",
+        );
+    }
+    for k in 0..c {
+        let (mut up, mut down) = (head.clone(), head.clone());
+        up.b[k] += eps;
+        down.b[k] -= eps;
+        check(
+            (loss(&up, &lnf) - loss(&down, &lnf)) / (2.0 * eps as f64),
+            gb[k],
+            "b",
+        );
+    }
+    for i in [0, 7, n * t * d - 1] {
+        let (mut up, mut down) = (lnf.clone(), lnf.clone());
+        up[i] += eps;
+        down[i] -= eps;
+        check(
+            (loss(&head, &up) - loss(&head, &down)) / (2.0 * eps as f64),
+            dl[i],
+            "lnf",
+        );
+    }
+}
+
+#[test]
+fn joint_gradients_are_the_sum_of_generative_and_classification() {
+    let cfg = ModelConfig {
+        n_layer: 2,
+        n_embd: 16,
+        n_head: 2,
+        n_vocab: 5,
+        side: 3,
+        channels: 1,
+        objective: Default::default(),
+    };
+    let t = cfg.n_ctx();
+    let mut p = init_params(&cfg, 4);
+    let noise = rand_vec(p.len(), 5, 0.2);
+    p.iter_mut().zip(noise).for_each(|(a, b)| *a += b);
+    let tokens: Vec<u16> = (0..2 * t).map(|i| (i * 3 % 5) as u16).collect();
+    let labels = [1u32, 0];
+    let mut head = Head::new(16, 2, vec![]);
+    head.w = rand_vec(32, 6, 2.0);
+    let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+    e.set_params(&p).unwrap();
+    let n = e.layout.total;
+    let grads = |e: &mut Engine<CpuBackend>, gen_scale: f32, clf: bool| -> Vec<f32> {
+        e.zero_grads();
+        let mut d = Vec::new();
+        e.forward_backward_with_head(&tokens, gen_scale, &mut d, |lnf, dl| {
+            if clf {
+                let (mut gw, mut gb) = (vec![0.0; 32], vec![0.0; 2]);
+                head.loss_and_grads(lnf, &labels, t, 0.5, &mut gw, &mut gb, dl);
+            }
+        })
+        .unwrap();
+        let mut g = vec![0.0; n];
+        e.read_arena(Arena::Grads, &mut g);
+        g
+    };
+    let both = grads(&mut e, 0.1, true);
+    let gen_only = grads(&mut e, 0.1, false);
+    let clf_only = grads(&mut e, 0.0, true);
+    // The plain generative pass gives the same gradient as the head path without a head.
+    e.zero_grads();
+    e.forward_backward(&tokens, 0.1).unwrap();
+    let mut plain = vec![0.0; n];
+    e.read_arena(Arena::Grads, &mut plain);
+    let mut worst = 0.0f32;
+    for i in 0..n {
+        worst = worst.max((both[i] - gen_only[i] - clf_only[i]).abs());
+        assert!((gen_only[i] - plain[i]).abs() <= 1e-6 * plain[i].abs().max(1.0));
+    }
+    let scale = both.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    assert!(worst <= 1e-5 * scale.max(1.0), "{worst} vs {scale}");
+    assert!(clf_only.iter().any(|&x| x != 0.0));
+}
+
+#[test]
+fn augmentation_crops_a_window_of_the_reflected_image() {
+    let side = 5;
+    let img: Vec<u16> = (0..25).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut scratch = Vec::new();
+    let mut saw_original = false;
+    let mut saw_mirror = false;
+    for _ in 0..200 {
+        let mut a = img.clone();
+        augment(&mut a, side, 2, true, &mut rng, &mut scratch);
+        // A crop of the padded image: consecutive pixels of a row differ by one column.
+        saw_original |= a == img;
+        let mirrored: Vec<u16> = img
+            .chunks(side)
+            .flat_map(|r| r.iter().rev().copied())
+            .collect();
+        saw_mirror |= a == mirrored;
+        for v in &a {
+            assert!(*v < 25);
+        }
+    }
+    assert!(saw_original && saw_mirror);
+    // Without padding or flipping, nothing changes.
+    let mut a = img.clone();
+    augment(&mut a, side, 0, false, &mut rng, &mut scratch);
+    assert_eq!(a, img);
+}
+
+#[test]
+fn finetune_and_classify_commands() {
+    let dir = tempdir("finetune");
+    let run = dir.join("run");
+    let o = igpt(&[
+        "train",
+        "--limit",
+        "300",
+        "--side",
+        "8",
+        "--layers",
+        "2",
+        "--embd",
+        "16",
+        "--heads",
+        "2",
+        "--steps",
+        "5",
+        "--batch",
+        "4",
+        "--palette-size",
+        "8",
+        "--out",
+        s(&run),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.join("ft");
+    let o = igpt(&[
+        "finetune",
+        "--model",
+        s(&run),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "300",
+        "--test-data",
+        "fashion-mnist",
+        "--test-limit",
+        "100",
+        "--steps",
+        "30",
+        "--batch",
+        "8",
+        "--eval-every",
+        "10",
+        "--lr",
+        "0.003",
+        "--pad-crop",
+        "1",
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("validation accuracy"), "{text}");
+    assert!(
+        text.contains("test accuracy of the best checkpoint"),
+        "{text}"
+    );
+    assert!(out.join("head.safetensors").exists());
+    let o = igpt(&[
+        "classify",
+        "--model",
+        s(&out),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "50",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy"));
+
+    // A head for fewer classes than the data has is refused, in both commands.
+    Head::new(16, 3, vec![])
+        .save(&out.join("head.safetensors"))
+        .unwrap();
+    let o = igpt(&[
+        "classify",
+        "--model",
+        s(&out),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "50",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("head has 3 classes"), "{}", stderr(&o));
+    let o = igpt(&[
+        "finetune",
+        "--model",
+        s(&out),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "50",
+        "--out",
+        s(&dir.join("again")),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("head has 3 classes"), "{}", stderr(&o));
+}

@@ -48,13 +48,13 @@ fn head_gradients_match_finite_differences() {
             "w",
         );
     }
-    for k in 0..c {
+    for (k, &g) in gb.iter().enumerate() {
         let (mut up, mut down) = (head.clone(), head.clone());
         up.b[k] += eps;
         down.b[k] -= eps;
         check(
             (loss(&up, &lnf) - loss(&down, &lnf)) / (2.0 * eps as f64),
-            gb[k],
+            g,
             "b",
         );
     }

@@ -1,6 +1,7 @@
 //! Linear probes: multinomial logistic regression with an L2 penalty, fitted by L-BFGS on
 //! standardised features, the penalty chosen on a validation split of the training set only.
 
+use crate::backend::cpu::matmul::{Op, matmul};
 use anyhow::{Result, ensure};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -39,13 +40,13 @@ impl Standardiser {
         Self { mean, inv_std }
     }
 
-    pub fn apply(&self, x: &[f32]) -> Vec<f64> {
+    pub fn apply(&self, x: &[f32]) -> Vec<f32> {
         let f = self.mean.len();
         x.chunks_exact(f)
             .flat_map(|row| {
                 row.iter()
                     .enumerate()
-                    .map(|(j, &v)| (v as f64 - self.mean[j]) * self.inv_std[j])
+                    .map(|(j, &v)| ((v as f64 - self.mean[j]) * self.inv_std[j]) as f32)
             })
             .collect()
     }
@@ -68,21 +69,31 @@ pub struct FitReport {
 }
 
 impl Logistic {
-    pub fn predict(&self, x: &[f64]) -> Vec<u32> {
+    /// Scores `[n, classes]` of standardised features `x: [n, f]`.
+    pub fn scores(&self, x: &[f32]) -> Vec<f32> {
         let (f, c) = (self.features, self.classes);
-        x.par_chunks_exact(f)
-            .map(|row| {
-                let mut best = (f64::NEG_INFINITY, 0u32);
-                for k in 0..c {
-                    let mut z = self.w[f * c + k];
-                    for (j, &v) in row.iter().enumerate() {
-                        z += v * self.w[j * c + k];
-                    }
-                    if z > best.0 {
-                        best = (z, k as u32);
-                    }
-                }
-                best.1
+        let n = x.len() / f;
+        let w: Vec<f32> = self.w[..f * c].iter().map(|&v| v as f32).collect();
+        let mut z = vec![0.0f32; n * c];
+        matmul(&mut z, x, Op::N, &w, Op::N, n, f, c, false);
+        for row in z.chunks_exact_mut(c) {
+            for (zk, bk) in row.iter_mut().zip(&self.w[f * c..]) {
+                *zk += *bk as f32;
+            }
+        }
+        z
+    }
+
+    pub fn predict(&self, x: &[f32]) -> Vec<u32> {
+        self.scores(x)
+            .chunks_exact(self.classes)
+            .map(|z| {
+                z.iter()
+                    .enumerate()
+                    .fold((0u32, f32::NEG_INFINITY), |b, (k, &v)| {
+                        if v > b.1 { (k as u32, v) } else { b }
+                    })
+                    .0
             })
             .collect()
     }
@@ -94,9 +105,10 @@ pub fn accuracy(pred: &[u32], truth: &[u32]) -> f64 {
     hits as f64 / truth.len().max(1) as f64
 }
 
-/// Mean cross-entropy plus `l2 / 2 * |W|^2` (bias not penalised), and its gradient.
+/// Mean cross-entropy plus `l2 / 2 * |W|^2` (bias not penalised), and its gradient. The
+/// products with the data run in f32 through the engine's matrix kernel; sums are in f64.
 fn objective(
-    x: &[f64],
+    x: &[f32],
     y: &[u32],
     f: usize,
     c: usize,
@@ -105,57 +117,37 @@ fn objective(
     grad: &mut [f64],
 ) -> f64 {
     let n = y.len();
-    const CHUNK: usize = 256;
-    let (loss, g) = x
-        .par_chunks(CHUNK * f)
-        .zip(y.par_chunks(CHUNK))
-        .map(|(xs, ys)| {
-            let mut g = vec![0.0; (f + 1) * c];
-            let mut loss = 0.0;
-            let mut z = vec![0.0; c];
-            for (row, &label) in xs.chunks_exact(f).zip(ys) {
-                z.copy_from_slice(&w[f * c..]);
-                for (j, &v) in row.iter().enumerate() {
-                    if v != 0.0 {
-                        for (zk, wk) in z.iter_mut().zip(&w[j * c..(j + 1) * c]) {
-                            *zk += v * wk;
-                        }
-                    }
-                }
-                let max = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
-                loss += max + sum.ln() - z[label as usize];
-                for (k, zk) in z.iter_mut().enumerate() {
-                    *zk = (*zk - max).exp() / sum - if k == label as usize { 1.0 } else { 0.0 };
-                }
-                for (j, &v) in row.iter().enumerate() {
-                    if v != 0.0 {
-                        for (gk, zk) in g[j * c..(j + 1) * c].iter_mut().zip(&z) {
-                            *gk += v * zk;
-                        }
-                    }
-                }
-                for (gk, zk) in g[f * c..].iter_mut().zip(&z) {
-                    *gk += zk;
-                }
+    let model = Logistic {
+        features: f,
+        classes: c,
+        w: w.to_vec(),
+    };
+    let mut z = model.scores(x);
+    let loss: f64 = z
+        .par_chunks_mut(c)
+        .zip(y.par_iter())
+        .map(|(row, &label)| {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            let loss = max + sum.ln() - row[label as usize] as f64;
+            // The row becomes d loss / d scores: softmax minus the one-hot label.
+            for (k, v) in row.iter_mut().enumerate() {
+                let p = (*v as f64 - max).exp() / sum;
+                *v = (p - if k == label as usize { 1.0 } else { 0.0 }) as f32;
             }
-            (loss, g)
+            loss
         })
-        .reduce(
-            || (0.0, vec![0.0; (f + 1) * c]),
-            |(la, mut ga), (lb, gb)| {
-                ga.iter_mut().zip(&gb).for_each(|(a, b)| *a += b);
-                (la + lb, ga)
-            },
-        );
+        .sum();
+    let mut gw = vec![0.0f32; f * c];
+    matmul(&mut gw, x, Op::T, &z, Op::N, f, n, c, false);
     let inv_n = 1.0 / n as f64;
     let mut penalty = 0.0;
-    for (i, (gi, gv)) in grad.iter_mut().zip(&g).enumerate() {
-        *gi = gv * inv_n;
-        if i < f * c {
-            *gi += l2 * w[i];
-            penalty += w[i] * w[i];
-        }
+    for i in 0..f * c {
+        grad[i] = gw[i] as f64 * inv_n + l2 * w[i];
+        penalty += w[i] * w[i];
+    }
+    for k in 0..c {
+        grad[f * c + k] = z.iter().skip(k).step_by(c).map(|&v| v as f64).sum::<f64>() * inv_n;
     }
     loss * inv_n + 0.5 * l2 * penalty
 }
@@ -297,7 +289,7 @@ pub fn lbfgs(
 /// Fits a classifier on standardised features `x: [n, f]` with labels `y < classes`,
 /// starting from `start` when given.
 pub fn fit(
-    x: &[f64],
+    x: &[f32],
     y: &[u32],
     f: usize,
     classes: usize,

@@ -129,9 +129,10 @@ fn lbfgs_solution_matches_plain_gradient_descent() {
     let (x, y) = blobs(3, 20, 2, 1.5, 5);
     let (f, c, l2) = (2, 3, 0.05);
     let st = probe::Standardiser::fit(&x, f);
-    let xs = st.apply(&x);
+    let xs32 = st.apply(&x);
+    let xs: Vec<f64> = xs32.iter().map(|&v| v as f64).collect();
     let (m, report) = probe::fit(
-        &xs,
+        &xs32,
         &y,
         f,
         c,

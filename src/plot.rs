@@ -167,7 +167,8 @@ pub fn xy_chart(
         y1 = y1.max(y);
     }
     anyhow::ensure!(x0.is_finite() && y0.is_finite(), "nothing to plot");
-    let (xpad, ypad) = (((x1 - x0) * 0.05).max(0.5), ((y1 - y0) * 0.1).max(0.005));
+    let xpad = if x1 > x0 { (x1 - x0) * 0.08 } else { 0.5 };
+    let ypad = ((y1 - y0) * 0.1).max(0.005);
     let mut builder = ChartBuilder::on(&root);
     builder
         .margin(20)

@@ -39,7 +39,8 @@ pub struct RunDir {
     pub path: PathBuf,
 }
 
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
+/// Little-endian bytes of f32 values.
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
@@ -49,8 +50,8 @@ fn bytes_f32(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// Serialises named f32 tensors with metadata.
-fn write_tensors(
+/// Serialises named f32 tensors with metadata, atomically.
+pub fn write_tensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, Vec<u8>)],
     meta: HashMap<String, String>,

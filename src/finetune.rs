@@ -232,7 +232,10 @@ pub struct Finetuner {
     head_m: Vec<f32>,
     head_v: Vec<f32>,
     step: u64,
+    /// Gradient buffers kept across steps.
     d_lnf: Vec<f32>,
+    grad_w: Vec<f32>,
+    grad_b: Vec<f32>,
 }
 
 /// One fine-tuning step's losses (means per image / per token) and batch accuracy.
@@ -253,6 +256,8 @@ impl Finetuner {
             head_v: vec![0.0; n],
             step: 0,
             d_lnf: Vec::new(),
+            grad_w: Vec::new(),
+            grad_b: Vec::new(),
         }
     }
 
@@ -268,21 +273,24 @@ impl Finetuner {
         let n = labels.len();
         ensure!(tokens.len() == n * t, "one label per image");
         self.engine.zero_grads();
-        let mut gw = vec![0.0; self.head.w.len()];
-        let mut gb = vec![0.0; self.head.b.len()];
+        let (gw, gb) = (&mut self.grad_w, &mut self.grad_b);
+        gw.clear();
+        gw.resize(self.head.w.len(), 0.0);
+        gb.clear();
+        gb.resize(self.head.b.len(), 0.0);
         let mut clf = 0.0;
-        let head = self.head.clone();
-        let mut d_lnf = std::mem::take(&mut self.d_lnf);
+        let mut pred = Vec::new();
+        let head = &self.head;
         let gen_scale = if with_gen { 1.0 / (n * t) as f32 } else { 0.0 };
-        let gen_sum =
-            self.engine
-                .forward_backward_with_head(tokens, gen_scale, &mut d_lnf, |lnf, d| {
-                    clf = head.loss_and_grads(lnf, labels, t, 1.0 / n as f32, &mut gw, &mut gb, d);
-                })?;
-        let mut pooled = Vec::new();
-        self.engine.final_norm_output(&mut pooled);
-        let pred = self.head.predict(&Head::pool(&pooled, t, self.head.d));
-        self.d_lnf = d_lnf;
+        let gen_sum = self.engine.forward_backward_with_head(
+            tokens,
+            gen_scale,
+            &mut self.d_lnf,
+            |lnf, d| {
+                clf = head.loss_and_grads(lnf, labels, t, 1.0 / n as f32, gw, gb, d);
+                pred = head.predict(&Head::pool(lnf, t, head.d));
+            },
+        )?;
         self.step += 1;
         let h = AdamStep {
             lr,
@@ -309,7 +317,7 @@ impl Finetuner {
             1.0 - b2.powi(self.step as i32),
         );
         let nw = self.head.w.len();
-        for (i, g) in gw.iter().chain(&gb).enumerate() {
+        for (i, g) in self.grad_w.iter().chain(&self.grad_b).enumerate() {
             self.head_m[i] = b1 * self.head_m[i] + (1.0 - b1) * g;
             self.head_v[i] = b2 * self.head_v[i] + (1.0 - b2) * g * g;
             let upd = lr * (self.head_m[i] / c1) / ((self.head_v[i] / c2).sqrt() + 1e-8);

@@ -6,14 +6,13 @@
 
 use super::pickle::TorchZip;
 use super::{SafetensorsFile, TensorSource};
-use crate::checkpoint::{LoadedModel, RunConfig};
+use crate::checkpoint::{LoadedModel, RunConfig, f32_bytes, write_tensors};
 use crate::config::{ModelConfig, Objective};
 use crate::fsutil::write_atomic;
 use crate::model::ParamLayout;
 use crate::palette::Palette;
 use crate::train::TrainConfig;
 use anyhow::{Context, Result, bail, ensure};
-use safetensors::{Dtype, tensor::TensorView};
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
@@ -341,19 +340,12 @@ pub fn export(m: &LoadedModel, out: &Path) -> Result<()> {
         vec![v, d],
         p[layout.wtet..layout.wtet + v * d].to_vec(),
     ));
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
-        .map(|(n, s, x)| (n, s, x.iter().flat_map(|f| f.to_le_bytes()).collect()))
+        .map(|(n, s, x)| (n, s, f32_bytes(&x)))
         .collect();
-    let views: Vec<(String, TensorView)> = bytes
-        .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_atomic(
-        &out.join("model.safetensors"),
-        &safetensors::serialize(views, Some(meta))?,
-    )?;
+    write_tensors(&out.join("model.safetensors"), &tensors, meta)?;
 
     let config = json!({
         "architectures": ["ImageGPTForCausalImageModeling"],

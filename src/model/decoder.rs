@@ -94,56 +94,49 @@ pub struct Decoder<B: Backend> {
 }
 
 impl<B: Backend> Decoder<B> {
-    pub fn new(cfg: &ModelConfig, batch: usize, mut backend: B) -> anyhow::Result<Self> {
-        cfg.validate()?;
-        anyhow::ensure!(batch >= 1, "batch size must be at least 1");
-        let layout = ParamLayout::new(cfg);
-        let plan = StepPlan::new(cfg, batch);
-        backend.allocate(ArenaSizes {
-            params: layout.total,
-            grads: 0,
-            acts: plan.total,
-            tokens: batch,
-            max_rows: batch,
-            max_width: cfg.n_embd,
-        })?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            layout,
-            batch,
-            plan,
-            backend,
-            pos: 0,
-            host_logits: vec![0.0; batch * cfg.n_vocab],
-        })
+    pub fn new(cfg: &ModelConfig, batch: usize, backend: B) -> anyhow::Result<Self> {
+        Self::build(cfg, batch, backend, None)
     }
 
     /// A decoder that takes ownership of `params` (a large model is held once).
     pub fn with_params(
         cfg: &ModelConfig,
         batch: usize,
-        mut backend: B,
+        backend: B,
         params: Vec<f32>,
+    ) -> anyhow::Result<Self> {
+        Self::build(cfg, batch, backend, Some(params))
+    }
+
+    fn build(
+        cfg: &ModelConfig,
+        batch: usize,
+        mut backend: B,
+        params: Option<Vec<f32>>,
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
         let layout = ParamLayout::new(cfg);
-        anyhow::ensure!(
-            params.len() == layout.total,
-            "parameter buffer holds {} floats, the model needs {}",
-            params.len(),
-            layout.total
-        );
+        if let Some(p) = &params {
+            anyhow::ensure!(
+                p.len() == layout.total,
+                "parameter buffer holds {} floats, the model needs {}",
+                p.len(),
+                layout.total
+            );
+        }
         let plan = StepPlan::new(cfg, batch);
         backend.allocate(ArenaSizes {
-            params: 0,
+            params: if params.is_some() { 0 } else { layout.total },
             grads: 0,
             acts: plan.total,
             tokens: batch,
             max_rows: batch,
             max_width: cfg.n_embd,
         })?;
-        backend.adopt_params(params);
+        if let Some(p) = params {
+            backend.adopt_params(p);
+        }
         Ok(Self {
             cfg: cfg.clone(),
             layout,

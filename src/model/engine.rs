@@ -157,34 +157,9 @@ impl<B: Backend> Engine<B> {
         cfg: &ModelConfig,
         batch: usize,
         training: bool,
-        mut backend: B,
+        backend: B,
     ) -> anyhow::Result<Self> {
-        cfg.validate()?;
-        anyhow::ensure!(batch >= 1, "batch size must be at least 1");
-        let layout = ParamLayout::new(cfg);
-        let threads = rayon::current_num_threads();
-        let plan = ActPlan::new(cfg, batch, training, threads);
-        backend.allocate(ArenaSizes {
-            params: layout.total,
-            grads: if training { layout.total } else { 0 },
-            acts: plan.total,
-            tokens: batch * cfg.n_ctx(),
-            max_rows: batch * cfg.n_ctx(),
-            max_width: cfg.n_embd,
-        })?;
-        Ok(Self {
-            cfg: cfg.clone(),
-            layout,
-            batch,
-            training,
-            plan,
-            backend,
-            host_losses: vec![0.0; batch * cfg.n_ctx()],
-            n_seq: 0,
-            masked_inputs: vec![0; batch * cfg.n_ctx()],
-            mask_weights: vec![0.0; batch * cfg.n_ctx()],
-            host_lnf: Vec::new(),
-        })
+        Self::build(cfg, batch, training, backend, None)
     }
 
     /// An inference engine that takes ownership of `params` rather than copying them, so a
@@ -192,39 +167,55 @@ impl<B: Backend> Engine<B> {
     pub fn with_params(
         cfg: &ModelConfig,
         batch: usize,
-        mut backend: B,
+        backend: B,
         params: Vec<f32>,
+    ) -> anyhow::Result<Self> {
+        Self::build(cfg, batch, false, backend, Some(params))
+    }
+
+    fn build(
+        cfg: &ModelConfig,
+        batch: usize,
+        training: bool,
+        mut backend: B,
+        params: Option<Vec<f32>>,
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
         let layout = ParamLayout::new(cfg);
-        anyhow::ensure!(
-            params.len() == layout.total,
-            "parameter buffer holds {} floats, the model needs {}",
-            params.len(),
-            layout.total
-        );
-        let plan = ActPlan::new(cfg, batch, false, rayon::current_num_threads());
+        if let Some(p) = &params {
+            anyhow::ensure!(
+                p.len() == layout.total,
+                "parameter buffer holds {} floats, the model needs {}",
+                p.len(),
+                layout.total
+            );
+        }
+        let plan = ActPlan::new(cfg, batch, training, rayon::current_num_threads());
         backend.allocate(ArenaSizes {
-            params: 0,
-            grads: 0,
+            // Adopted parameters replace the arena, so it is not allocated as well.
+            params: if params.is_some() { 0 } else { layout.total },
+            grads: if training { layout.total } else { 0 },
             acts: plan.total,
             tokens: batch * cfg.n_ctx(),
             max_rows: batch * cfg.n_ctx(),
             max_width: cfg.n_embd,
         })?;
-        backend.adopt_params(params);
+        if let Some(p) = params {
+            backend.adopt_params(p);
+        }
+        let rows = batch * cfg.n_ctx();
         Ok(Self {
             cfg: cfg.clone(),
             layout,
             batch,
-            training: false,
+            training,
             plan,
             backend,
-            host_losses: vec![0.0; batch * cfg.n_ctx()],
+            host_losses: vec![0.0; rows],
             n_seq: 0,
-            masked_inputs: vec![0; batch * cfg.n_ctx()],
-            mask_weights: vec![0.0; batch * cfg.n_ctx()],
+            masked_inputs: vec![0; rows],
+            mask_weights: vec![0.0; rows],
             host_lnf: Vec::new(),
         })
     }
@@ -344,18 +335,9 @@ impl<B: Backend> Engine<B> {
             self.masked_inputs[i] = if masked[i] { v as u16 + 1 } else { tokens[i] };
             self.mask_weights[i] = if masked[i] { 1.0 } else { 0.0 };
         }
-        let (plan, lay) = (&self.plan, &self.layout);
-        let b = &mut self.backend;
-        b.set_tokens(&self.masked_inputs[..rows]);
-        b.set_targets(tokens, &self.mask_weights[..rows]);
-        b.embed_direct(
-            act(plan.resid[0], rows * d),
-            View::new(Arena::Params, lay.wte, v * d),
-            View::new(Arena::Params, lay.wpe, t * d),
-            View::new(Arena::Params, lay.sos, d),
-            t,
-            d,
-        );
+        self.backend.set_tokens(&self.masked_inputs[..rows]);
+        self.backend.set_targets(tokens, &self.mask_weights[..rows]);
+        self.embed(rows, true);
         self.run_blocks(n_seq, self.cfg.n_layer);
         let (plan, lay, b) = (&self.plan, &self.layout, &mut self.backend);
         let logits = act(plan.logits, rows * v);
@@ -430,15 +412,7 @@ impl<B: Backend> Engine<B> {
         self.n_seq = n_seq;
         let rows = n_seq * t;
         self.backend.set_tokens(ids);
-        let (plan, lay) = (&self.plan, &self.layout);
-        self.backend.embed_direct(
-            act(plan.resid[0], rows * d),
-            View::new(Arena::Params, lay.wte, v * d),
-            View::new(Arena::Params, lay.wpe, t * d),
-            View::new(Arena::Params, lay.sos, d),
-            t,
-            d,
-        );
+        self.embed(rows, true);
         self.run_blocks(n_seq, depth);
         let (plan, lay) = (&self.plan, &self.layout);
         let last = act(plan.resid[depth], rows * d);
@@ -481,7 +455,7 @@ impl<B: Backend> Engine<B> {
         out: &mut Vec<f32>,
     ) -> anyhow::Result<()> {
         let n_seq = self.check_tokens(tokens)?;
-        let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
+        let (d, t) = (self.cfg.n_embd, self.cfg.n_ctx());
         let n_layer = self.cfg.n_layer;
         if let Some(&bad) = layers.iter().find(|&&l| l > n_layer) {
             anyhow::bail!("layer {bad} does not exist: the model has layers 0..={n_layer}");
@@ -493,27 +467,7 @@ impl<B: Backend> Engine<B> {
         out.resize(n_seq * layers.len() * d, 0.0);
         let mut host = vec![0.0f32; rows * d];
         self.backend.set_tokens(tokens);
-        if self.cfg.causal() {
-            let (plan, lay) = (&self.plan, &self.layout);
-            self.backend.embed_forward(
-                act(plan.resid[0], rows * d),
-                View::new(Arena::Params, lay.wte, v * d),
-                View::new(Arena::Params, lay.wpe, t * d),
-                View::new(Arena::Params, lay.sos, d),
-                t,
-                d,
-            );
-        } else {
-            let (plan, lay) = (&self.plan, &self.layout);
-            self.backend.embed_direct(
-                act(plan.resid[0], rows * d),
-                View::new(Arena::Params, lay.wte, v * d),
-                View::new(Arena::Params, lay.wpe, t * d),
-                View::new(Arena::Params, lay.sos, d),
-                t,
-                d,
-            );
-        }
+        self.embed(rows, !self.cfg.causal());
         let deepest = *layers.iter().max().unwrap();
         for l in 0..=deepest {
             if layers.contains(&l) {
@@ -552,6 +506,23 @@ impl<B: Backend> Engine<B> {
             }
         }
         Ok(())
+    }
+
+    /// Writes the input embedding of the stored tokens into `resid[0]`: shifted behind the start
+    /// token (autoregressive training and scoring), or `direct` (ids as given; see
+    /// [`Backend::embed_direct`]).
+    fn embed(&mut self, rows: usize, direct: bool) {
+        let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
+        let (plan, lay) = (&self.plan, &self.layout);
+        let out = act(plan.resid[0], rows * d);
+        let wte = View::new(Arena::Params, lay.wte, v * d);
+        let wpe = View::new(Arena::Params, lay.wpe, t * d);
+        let sos = View::new(Arena::Params, lay.sos, d);
+        if direct {
+            self.backend.embed_direct(out, wte, wpe, sos, t, d);
+        } else {
+            self.backend.embed_forward(out, wte, wpe, sos, t, d);
+        }
     }
 
     /// Runs blocks `0..depth` on the residual stream already in `resid[0]`.
@@ -612,20 +583,8 @@ impl<B: Backend> Engine<B> {
         let cfg = self.cfg.clone();
         let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
         let rows = n_seq * t;
-        let plan = &self.plan;
-        let lay = &self.layout;
-        let b = &mut self.backend;
-        let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
-
-        b.set_tokens(tokens);
-        b.embed_forward(
-            act(plan.resid[0], rows * d),
-            pv(lay.wte, v * d),
-            pv(lay.wpe, t * d),
-            pv(lay.sos, d),
-            t,
-            d,
-        );
+        self.backend.set_tokens(tokens);
+        self.embed(rows, false);
         self.run_blocks(n_seq, cfg.n_layer);
         let (plan, lay, b) = (&self.plan, &self.layout, &mut self.backend);
         let last = act(plan.resid[cfg.n_layer], rows * d);

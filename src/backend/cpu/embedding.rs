@@ -46,16 +46,7 @@ pub fn embed_backward(
     d: usize,
 ) {
     let batch = tokens.len() / t_len;
-    // Positions: each wpe row sums over the batch; rows are disjoint, so parallel over t.
-    dwpe[..t_len * d]
-        .par_chunks_mut(d)
-        .enumerate()
-        .for_each(|(t, row)| {
-            for b in 0..batch {
-                let src = &dout[(b * t_len + t) * d..(b * t_len + t + 1) * d];
-                simd::add_assign(row, src);
-            }
-        });
+    position_grads(dwpe, dout, batch, t_len, d);
     for b in 0..batch {
         simd::add_assign(dsos, &dout[b * t_len * d..b * t_len * d + d]);
     }
@@ -140,15 +131,7 @@ pub fn embed_direct_backward(
     d: usize,
 ) {
     let n_vocab = dwte.len() / d;
-    let batch = ids.len() / t_len;
-    dwpe[..t_len * d]
-        .par_chunks_mut(d)
-        .enumerate()
-        .for_each(|(t, row)| {
-            for b in 0..batch {
-                simd::add_assign(row, &dout[(b * t_len + t) * d..(b * t_len + t + 1) * d]);
-            }
-        });
+    position_grads(dwpe, dout, ids.len() / t_len, t_len, d);
     for (i, &id) in ids.iter().enumerate() {
         let id = id as usize;
         let src = &dout[i * d..(i + 1) * d];
@@ -158,4 +141,17 @@ pub fn embed_direct_backward(
             simd::add_assign(dsos, src);
         }
     }
+}
+
+/// Adds each position's gradient, summed over the batch, into `dwpe`. Rows are disjoint, so
+/// positions run in parallel.
+fn position_grads(dwpe: &mut [f32], dout: &[f32], batch: usize, t_len: usize, d: usize) {
+    dwpe[..t_len * d]
+        .par_chunks_mut(d)
+        .enumerate()
+        .for_each(|(t, row)| {
+            for b in 0..batch {
+                simd::add_assign(row, &dout[(b * t_len + t) * d..(b * t_len + t + 1) * d]);
+            }
+        });
 }

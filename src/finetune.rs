@@ -236,6 +236,10 @@ pub struct Finetuner {
     d_lnf: Vec<f32>,
     grad_w: Vec<f32>,
     grad_b: Vec<f32>,
+    /// A BERT model's training masks (fresh ones every step, as in pre-training).
+    mask: Vec<bool>,
+    perm: Vec<usize>,
+    mask_seed: u64,
 }
 
 /// One fine-tuning step's losses (means per image / per token) and batch accuracy.
@@ -247,9 +251,13 @@ pub struct FinetuneStats {
 }
 
 impl Finetuner {
-    pub fn new(engine: Engine<CpuBackend>, head: Head) -> Self {
+    /// `mask_seed` seeds a BERT model's training masks (unused for autoregressive models).
+    pub fn new(engine: Engine<CpuBackend>, head: Head, mask_seed: u64) -> Self {
         let n = head.w.len() + head.b.len();
         Self {
+            mask: Vec::new(),
+            perm: Vec::new(),
+            mask_seed,
             engine,
             head,
             head_m: vec![0.0; n],
@@ -261,7 +269,9 @@ impl Finetuner {
         }
     }
 
-    /// One Adam step on `L_CLF` (+ `L_GEN` when `with_gen`) for a batch of images.
+    /// One Adam step on `L_CLF` (+ `L_GEN` when `with_gen`) for a batch of images. A BERT
+    /// model sees each image with 15% of its pixels hidden (a fresh mask every step) and its
+    /// `L_GEN` is the masked objective over them.
     pub fn step(
         &mut self,
         tokens: &[u16],
@@ -281,9 +291,24 @@ impl Finetuner {
         let mut clf = 0.0;
         let mut pred = Vec::new();
         let head = &self.head;
-        let gen_scale = if with_gen { 1.0 / (n * t) as f32 } else { 0.0 };
+        let bert = !self.engine.cfg.causal();
+        // Tokens the generative loss is averaged over.
+        let scored = if bert {
+            n * crate::train::mask_count(t)
+        } else {
+            n * t
+        };
+        if bert {
+            self.mask.resize(n * t, false);
+            for (i, m) in self.mask.chunks_exact_mut(t).enumerate() {
+                let key = self.step * n as u64 + i as u64;
+                crate::train::bert_mask(self.mask_seed, key, &mut self.perm, m);
+            }
+        }
+        let gen_scale = if with_gen { 1.0 / scored as f32 } else { 0.0 };
         let gen_sum = self.engine.forward_backward_with_head(
             tokens,
+            bert.then_some(&self.mask[..]),
             gen_scale,
             &mut self.d_lnf,
             |lnf, d| {
@@ -328,37 +353,74 @@ impl Finetuner {
             }
         }
         Ok(FinetuneStats {
-            gen_loss: gen_sum / (n * t) as f64,
+            gen_loss: gen_sum / scored as f64,
             clf_loss: clf / n as f64,
             accuracy: crate::probe::accuracy(&pred, labels),
         })
     }
 }
 
-/// Predicted classes of `tokens` (`[n, t]`) by an engine and head.
+/// Predicted classes of `tokens` (`[n, t]`) by an engine and head. A BERT model reads each
+/// image whole (`masks = 0`) or with `masks` fixed random masks, averaging the class
+/// probabilities over them; autoregressive models need `masks = 0`.
 pub fn classify(
     engine: &mut Engine<CpuBackend>,
     head: &Head,
     tokens: &crate::data::TokenSet,
+    masks: usize,
 ) -> Result<Vec<u32>> {
-    let (t, batch) = (engine.cfg.n_ctx(), engine.batch);
+    let (t, batch, c) = (engine.cfg.n_ctx(), engine.batch, head.classes);
     ensure!(
         head.d == engine.cfg.n_embd,
         "the head reads {} features but the model has d = {}",
         head.d,
         engine.cfg.n_embd
     );
+    let bert = !engine.cfg.causal();
+    ensure!(
+        masks == 0 || bert,
+        "masks are for BERT models; this one is autoregressive (leave --masks at 0)"
+    );
     let mut buf = vec![0u16; batch * t];
-    let mut lnf = Vec::new();
+    let mut mask = vec![false; batch * t];
+    let mut perm = Vec::new();
+    let (mut lnf, mut probs) = (Vec::new(), Vec::new());
     let mut out = Vec::with_capacity(tokens.len());
     for start in (0..tokens.len()).step_by(batch) {
         let b = batch.min(tokens.len() - start);
         for i in 0..b {
             tokens.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
         }
-        engine.forward(&buf[..b * t])?;
-        engine.final_norm_output(&mut lnf);
-        out.extend(head.predict(&Head::pool(&lnf, t, head.d)));
+        probs.clear();
+        probs.resize(b * c, 0.0f32);
+        for k in 0..masks.max(1) {
+            if !bert {
+                engine.forward(&buf[..b * t])?;
+            } else {
+                if masks > 0 {
+                    crate::probe::eval_masks(start, b, t, masks, k, &mut perm, &mut mask);
+                }
+                engine.forward_masked(&buf[..b * t], &mask[..b * t], None)?;
+            }
+            engine.final_norm_output(&mut lnf);
+            let z = head.logits(&Head::pool(&lnf, t, head.d));
+            for (p, z) in probs.chunks_exact_mut(c).zip(z.chunks_exact(c)) {
+                let max = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = z.iter().map(|v| (v - max).exp()).sum();
+                p.iter_mut()
+                    .zip(z)
+                    .for_each(|(p, v)| *p += (v - max).exp() / sum);
+            }
+        }
+        out.extend(probs.chunks_exact(c).map(|p| {
+            p.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (k, &v)| if v > b.1 { (k, v) } else { b },
+                )
+                .0 as u32
+        }));
     }
     Ok(out)
 }

@@ -413,14 +413,37 @@ pub fn probe(
     })
 }
 
+/// Masks a BERT model's features and predictions are averaged over unless told otherwise.
+pub const BERT_EVAL_MASKS: usize = 5;
+
+/// The number of evaluation masks for `model`: `asked`, else [`BERT_EVAL_MASKS`] for BERT models
+/// and 0 for autoregressive ones (which have no masks).
+pub fn masks_for(model: &crate::config::ModelConfig, asked: Option<usize>) -> Result<usize> {
+    match asked {
+        Some(k) if k > 0 && model.causal() => {
+            anyhow::bail!("--masks is for BERT models; this one is autoregressive (leave it out)")
+        }
+        Some(k) => Ok(k),
+        None if model.causal() => Ok(0),
+        None => Ok(BERT_EVAL_MASKS),
+    }
+}
+
 /// Probe features of every image of `tokens` for `layers` (see
-/// [`crate::model::Engine::probe_features`]): `[n, layers.len(), d]`, batch by batch.
+/// [`crate::model::Engine::probe_features`]): `[n, layers.len(), d]`, batch by batch. For a
+/// BERT model, `masks > 0` averages the features over that many fixed random masks per image
+/// (each hiding 15% of the pixels, as in training); `masks = 0` reads the whole image.
 pub fn extract_features<B: crate::backend::Backend + Send>(
     engine: &mut crate::model::Engine<B>,
     tokens: &crate::data::TokenSet,
     layers: &[usize],
+    masks: usize,
     mut on_batch: impl FnMut(usize) + Send,
 ) -> Result<Vec<f32>> {
+    ensure!(
+        masks == 0 || !engine.cfg.causal(),
+        "masks are for BERT models; this one is autoregressive (leave --masks at 0)"
+    );
     let (t, d, batch) = (engine.cfg.n_ctx(), engine.cfg.n_embd, engine.batch);
     ensure!(
         tokens.header.t == t,
@@ -431,19 +454,60 @@ pub fn extract_features<B: crate::backend::Backend + Send>(
     let mut out = Vec::with_capacity(n * layers.len() * d);
     let mut buf = vec![0u16; batch * t];
     let mut part = Vec::new();
+    let mut mask = vec![false; batch * t];
+    let mut perm = Vec::new();
     rayon::scope(|_| -> Result<()> {
         for start in (0..n).step_by(batch) {
             let b = batch.min(n - start);
             for i in 0..b {
                 tokens.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
             }
-            engine.probe_features(&buf[..b * t], layers, &mut part)?;
-            out.extend_from_slice(&part);
+            if masks == 0 {
+                engine.probe_features(&buf[..b * t], None, layers, &mut part)?;
+                out.extend_from_slice(&part);
+            } else {
+                let at = out.len();
+                out.resize(at + b * layers.len() * d, 0.0);
+                for k in 0..masks {
+                    eval_masks(start, b, t, masks, k, &mut perm, &mut mask);
+                    engine.probe_features(
+                        &buf[..b * t],
+                        Some(&mask[..b * t]),
+                        layers,
+                        &mut part,
+                    )?;
+                    for (o, x) in out[at..].iter_mut().zip(&part) {
+                        *o += x / masks as f32;
+                    }
+                }
+            }
             on_batch(start + b);
         }
         Ok(())
     })?;
     Ok(out)
+}
+
+/// Mask `k` of `masks` for images `start..start + b` (of `t` pixels each) into `mask`: fixed by
+/// the image's index, so features and predictions repeat from run to run.
+pub fn eval_masks(
+    start: usize,
+    b: usize,
+    t: usize,
+    masks: usize,
+    k: usize,
+    perm: &mut Vec<usize>,
+    mask: &mut [bool],
+) {
+    for i in 0..b {
+        let key = ((start + i) * masks + k) as u64;
+        crate::train::bert_mask(
+            crate::train::EVAL_MASK_SEED,
+            key,
+            perm,
+            &mut mask[i * t..(i + 1) * t],
+        );
+    }
 }
 
 /// Columns `j` of `[n, groups, d]` features as `[n, d]` (one layer), or several concatenated.

@@ -247,4 +247,89 @@ fn bert_models_train_from_the_command_line() {
     let o = igpt(&["sample", "--model", s(&run), "--out", s(&dir.join("x.png"))]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("BERT"), "{}", stderr(&o));
+
+    // Probes average features over masks, and fine-tuning trains on masked images.
+    let o = igpt(&[
+        "probe",
+        "--model",
+        s(&run),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "80",
+        "--test-data",
+        "fashion-mnist",
+        "--test-limit",
+        "40",
+        "--layers",
+        "1",
+        "--masks",
+        "2",
+        "--chart",
+        s(&dir.join("probe.png")),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("averaged over 2 masks"), "{text}");
+    assert!(text.contains("layer 1"), "{text}");
+    let ft = dir.join("ft");
+    let o = igpt(&[
+        "finetune",
+        "--model",
+        s(&run),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "100",
+        "--test-data",
+        "fashion-mnist",
+        "--test-limit",
+        "30",
+        "--steps",
+        "6",
+        "--batch",
+        "4",
+        "--eval-every",
+        "3",
+        "--masks",
+        "2",
+        "--out",
+        s(&ft),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("L_GEN"), "{text}");
+    assert!(
+        text.contains("test accuracy of the best checkpoint"),
+        "{text}"
+    );
+    for masks in ["0", "3"] {
+        let o = igpt(&[
+            "classify",
+            "--model",
+            s(&ft),
+            "--data",
+            "fashion-mnist",
+            "--limit",
+            "20",
+            "--masks",
+            masks,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy"));
+    }
+}
+
+#[test]
+fn masks_are_refused_for_autoregressive_models() {
+    let mut ar = bert_cfg();
+    ar.objective = Objective::Autoregressive;
+    assert!(igpt::probe::masks_for(&ar, Some(2)).is_err());
+    assert_eq!(igpt::probe::masks_for(&ar, None).unwrap(), 0);
+    assert_eq!(igpt::probe::masks_for(&ar, Some(0)).unwrap(), 0);
+    assert_eq!(
+        igpt::probe::masks_for(&bert_cfg(), None).unwrap(),
+        igpt::probe::BERT_EVAL_MASKS
+    );
+    assert_eq!(igpt::probe::masks_for(&bert_cfg(), Some(0)).unwrap(), 0);
 }

@@ -6,7 +6,7 @@ mod common;
 use common::{igpt, s, stderr, tempdir};
 use igpt::backend::Arena;
 use igpt::backend::cpu::CpuBackend;
-use igpt::config::ModelConfig;
+use igpt::config::{ModelConfig, Objective};
 use igpt::finetune::{Head, augment};
 use igpt::model::{Engine, init_params};
 use rand::{Rng, SeedableRng};
@@ -72,6 +72,15 @@ fn head_gradients_match_finite_differences() {
 
 #[test]
 fn joint_gradients_are_the_sum_of_generative_and_classification() {
+    joint_gradients_for(Objective::Autoregressive);
+}
+
+#[test]
+fn bert_joint_gradients_are_the_sum_of_masked_and_classification() {
+    joint_gradients_for(Objective::Bert);
+}
+
+fn joint_gradients_for(objective: Objective) {
     let cfg = ModelConfig {
         n_layer: 2,
         n_embd: 16,
@@ -79,8 +88,9 @@ fn joint_gradients_are_the_sum_of_generative_and_classification() {
         n_vocab: 5,
         side: 3,
         channels: 1,
-        objective: Default::default(),
+        objective,
     };
+    let bert = objective == Objective::Bert;
     let t = cfg.n_ctx();
     let mut p = init_params(&cfg, 4);
     let noise = rand_vec(p.len(), 5, 0.2);
@@ -89,13 +99,16 @@ fn joint_gradients_are_the_sum_of_generative_and_classification() {
     let labels = [1u32, 0];
     let mut head = Head::new(16, 2, vec![]);
     head.w = rand_vec(32, 6, 2.0);
+    // Two hidden pixels in each image.
+    let masked: Vec<bool> = (0..2 * t).map(|i| i % t == 1 || i % t == 6).collect();
+    let mask = bert.then_some(&masked[..]);
     let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
     e.set_params(&p).unwrap();
     let n = e.layout.total;
     let grads = |e: &mut Engine<CpuBackend>, gen_scale: f32, clf: bool| -> Vec<f32> {
         e.zero_grads();
         let mut d = Vec::new();
-        e.forward_backward_with_head(&tokens, gen_scale, &mut d, |lnf, dl| {
+        e.forward_backward_with_head(&tokens, mask, gen_scale, &mut d, |lnf, dl| {
             if clf {
                 let (mut gw, mut gb) = (vec![0.0; 32], vec![0.0; 2]);
                 head.loss_and_grads(lnf, &labels, t, 0.5, &mut gw, &mut gb, dl);
@@ -111,7 +124,17 @@ fn joint_gradients_are_the_sum_of_generative_and_classification() {
     let clf_only = grads(&mut e, 0.0, true);
     // The plain generative pass gives the same gradient as the head path without a head.
     e.zero_grads();
-    e.forward_backward(&tokens, 0.1).unwrap();
+    if bert {
+        e.forward_masked(&tokens, &masked, Some(0.1)).unwrap();
+    } else {
+        e.forward_backward(&tokens, 0.1).unwrap();
+    }
+    // The wrong kind of input for the model is refused.
+    let wrong = if bert { None } else { Some(&masked[..]) };
+    assert!(
+        e.forward_backward_with_head(&tokens, wrong, 0.1, &mut Vec::new(), |_, _| {})
+            .is_err()
+    );
     let mut plain = vec![0.0; n];
     e.read_arena(Arena::Grads, &mut plain);
     let mut worst = 0.0f32;

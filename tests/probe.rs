@@ -39,7 +39,9 @@ fn features_are_the_mean_normalised_block_input() {
     engine.set_params(&params).unwrap();
     let layers = [0, cfg.n_layer - 1, cfg.n_layer];
     let mut feats = Vec::new();
-    engine.probe_features(&tokens, &layers, &mut feats).unwrap();
+    engine
+        .probe_features(&tokens, None, &layers, &mut feats)
+        .unwrap();
     assert_eq!(feats.len(), 2 * layers.len() * d);
 
     // Direct: the residual stream entering block l is hidden state l of a raw pass over
@@ -78,9 +80,94 @@ fn features_are_the_mean_normalised_block_input() {
     }
     // Layers beyond the model are refused.
     let err = engine
-        .probe_features(&tokens, &[cfg.n_layer + 1], &mut feats)
+        .probe_features(&tokens, None, &[cfg.n_layer + 1], &mut feats)
         .unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+#[test]
+fn bert_features_average_the_masked_views() {
+    let cfg = ModelConfig {
+        objective: igpt::config::Objective::Bert,
+        ..tiny()
+    };
+    let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
+    let mut params = init_params(&cfg, 5);
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    for p in params.iter_mut() {
+        *p += 0.05 * (rng.random::<f32>() - 0.5);
+    }
+    let layout = igpt::model::ParamLayout::new(&cfg);
+    let n = 5;
+    let ids: Vec<u16> = (0..n * t).map(|i| ((i * 3 + 1) % v) as u16).collect();
+    let tokens = igpt::data::TokenSet::from_tokens(ids.clone(), t, v, None).unwrap();
+    // Batches of 2 over 5 images: masks must follow the image, not its place in a batch.
+    let mut engine = Engine::new(&cfg, 2, false, CpuBackend::new()).unwrap();
+    engine.set_params(&params).unwrap();
+    let layers = [0, 2, cfg.n_layer];
+    let whole = probe::extract_features(&mut engine, &tokens, &layers, 0, |_| {}).unwrap();
+    let masked = probe::extract_features(&mut engine, &tokens, &layers, 3, |_| {}).unwrap();
+    let again = probe::extract_features(&mut engine, &tokens, &layers, 3, |_| {}).unwrap();
+    assert_eq!(masked, again, "evaluation masks are fixed");
+    assert!(
+        whole.iter().zip(&masked).any(|(a, b)| (a - b).abs() > 1e-4),
+        "hiding pixels changes the features"
+    );
+
+    // Direct: for each image and mask, hide the pixels (mask id v + 1), run the model on the
+    // ids as given, normalise hidden state l with block l's gain, average positions, then
+    // average over the masks.
+    let mut one = Engine::new(&cfg, 1, false, CpuBackend::new()).unwrap();
+    one.set_params(&params).unwrap();
+    let (mut perm, mut flags) = (Vec::new(), vec![false; t]);
+    let mut hidden_total = 0;
+    for img in 0..n {
+        for (j, &l) in layers.iter().enumerate() {
+            let mut want = vec![0.0f32; d];
+            for k in 0..3 {
+                probe::eval_masks(img, 1, t, 3, k, &mut perm, &mut flags);
+                hidden_total += flags.iter().filter(|&&f| f).count();
+                let raw: Vec<u16> = ids[img * t..(img + 1) * t]
+                    .iter()
+                    .zip(&flags)
+                    .map(|(&x, &m)| if m { v as u16 + 1 } else { x })
+                    .collect();
+                let mut h = Vec::new();
+                one.infer(&raw, Output::Hidden(l), &mut h).unwrap();
+                if l < cfg.n_layer {
+                    let g = &params[layout.blocks[l].ln_1..layout.blocks[l].ln_1 + d];
+                    for row in h.chunks_mut(d) {
+                        let ms = row.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / d as f64;
+                        let r = 1.0 / (ms + 1e-5).sqrt();
+                        for (x, gi) in row.iter_mut().zip(g) {
+                            *x = (*x as f64 * r) as f32 * gi;
+                        }
+                    }
+                }
+                for row in h.chunks(d) {
+                    for (w, x) in want.iter_mut().zip(row) {
+                        *w += x / (t * 3) as f32;
+                    }
+                }
+            }
+            let got = &masked[(img * layers.len() + j) * d..][..d];
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "image {img}, layer {l}: {a} vs {b}");
+            }
+        }
+    }
+    // Each view hides 15% of the pixels (16 -> 2).
+    assert_eq!(hidden_total, n * layers.len() * 3 * 2);
+
+    // Autoregressive models have no masks.
+    let mut ar = Engine::new(&tiny(), 2, false, CpuBackend::new()).unwrap();
+    ar.set_params(&init_params(&tiny(), 5)).unwrap();
+    let err = probe::extract_features(&mut ar, &tokens, &layers, 2, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("autoregressive"), "{err}");
+    let err = ar
+        .probe_features(&ids[..t], Some(&flags), &layers, &mut Vec::new())
+        .unwrap_err();
+    assert!(err.to_string().contains("autoregressive"), "{err}");
 }
 
 /// Gaussian blobs: `per` points per class around well-separated centres.

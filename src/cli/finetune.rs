@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct FinetuneArgs {
-    /// The pre-trained (autoregressive) model, or a fine-tuned one to continue.
+    /// The pre-trained model (autoregressive or BERT), or a fine-tuned one to continue.
     #[arg(long)]
     model: String,
     /// Labelled training images; --val-fraction of them choose when to stop.
@@ -54,6 +54,10 @@ pub struct FinetuneArgs {
     /// Stop after this many evaluations without a better validation accuracy.
     #[arg(long, default_value_t = 5)]
     patience: usize,
+    /// BERT models: evaluate with class probabilities averaged over this many random masks per
+    /// image; 0 reads whole images. Default: `igpt::probe::BERT_EVAL_MASKS` for BERT models.
+    #[arg(long)]
+    masks: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -96,10 +100,7 @@ fn check_classes(head: &Head, labels: &[u32], what: &str) -> Result<()> {
 
 pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
-    ensure!(
-        m.model().causal(),
-        "fine-tuning BERT models is not supported yet; fine-tune an autoregressive model"
-    );
+    let masks = igpt::probe::masks_for(m.model(), a.masks)?;
     let (tokens, labels, names) = labelled_tokens(&a.data, a.limit, &m)?;
     let classes = labels
         .iter()
@@ -149,7 +150,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let batch = a.batch.max(1);
     let mut engine = Engine::new(m.model(), batch, true, CpuBackend::new())?;
     engine.set_params(&m.params)?;
-    let mut ft = Finetuner::new(engine, head);
+    let mut ft = Finetuner::new(engine, head, a.seed ^ 0xb327);
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed ^ 0xf17e);
     let mut buf = vec![0u16; batch * t];
     let mut ys = vec![0u32; batch];
@@ -181,7 +182,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         }
         let st = ft.step(&buf, &ys, a.lr, !a.clf_only)?;
         if step % a.eval_every == 0 || step == a.steps {
-            let pred = finetune::classify(&mut ft.engine, &ft.head, &val)?;
+            let pred = finetune::classify(&mut ft.engine, &ft.head, &val, masks)?;
             let acc = igpt::probe::accuracy(&pred, &val_y);
             let mark = if acc > best { " (best: saved)" } else { "" };
             println!(
@@ -226,7 +227,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         check_classes(&head, &ty, test)?;
         let mut e = Engine::new(best_model.model(), 32, false, CpuBackend::new())?;
         e.set_params(&best_model.params)?;
-        let pred = finetune::classify(&mut e, &head, &tt)?;
+        let pred = finetune::classify(&mut e, &head, &tt, masks)?;
         println!(
             "test accuracy of the best checkpoint: {:.2}% on {} images",
             100.0 * igpt::probe::accuracy(&pred, &ty),
@@ -248,11 +249,16 @@ pub struct ClassifyArgs {
     data: Option<String>,
     #[arg(long)]
     limit: Option<usize>,
+    /// BERT models: average class probabilities over this many random masks per image; 0 reads
+    /// whole images. Default: `igpt::probe::BERT_EVAL_MASKS` for BERT models.
+    #[arg(long)]
+    masks: Option<usize>,
 }
 
 pub fn classify(a: ClassifyArgs) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
     let head = Head::load(&PathBuf::from(&a.model).join("head.safetensors"))?;
+    let masks = igpt::probe::masks_for(m.model(), a.masks)?;
     let mut e = Engine::new(m.model(), 32, false, CpuBackend::new())?;
     e.set_params(&m.params)?;
     let name = |c: u32| -> String {
@@ -264,7 +270,7 @@ pub fn classify(a: ClassifyArgs) -> Result<()> {
     if let Some(spec) = &a.data {
         let (tokens, labels, _) = labelled_tokens(spec, a.limit, &m)?;
         check_classes(&head, &labels, spec)?;
-        let pred = finetune::classify(&mut e, &head, &tokens)?;
+        let pred = finetune::classify(&mut e, &head, &tokens, masks)?;
         println!(
             "{} images: accuracy {:.2}%",
             labels.len(),
@@ -275,7 +281,7 @@ pub fn classify(a: ClassifyArgs) -> Result<()> {
     let files = super::generate::image_files(&a.images)?;
     let ids = super::interop::encode_files(&m, &files)?;
     let tokens = TokenSet::from_tokens(ids, m.model().n_ctx(), m.model().n_vocab, None)?;
-    let pred = finetune::classify(&mut e, &head, &tokens)?;
+    let pred = finetune::classify(&mut e, &head, &tokens, masks)?;
     for (f, p) in files.iter().zip(pred) {
         println!("{}\t{}", f.display(), name(p));
     }

@@ -1,7 +1,7 @@
 //! `igpt features` and `igpt probe`: the paper's linear-probe protocol on the user's data.
 
 use super::generate::pixel_bar;
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::Args;
 use igpt::backend::cpu::CpuBackend;
 use igpt::checkpoint::LoadedModel;
@@ -36,6 +36,11 @@ pub struct FeaturesArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// BERT models: average the features over this many random masks per image (each hiding
+    /// 15% of the pixels, as in training); 0 reads whole images. Default: `igpt::probe::BERT_EVAL_MASKS` for BERT
+    /// models, 0 (the only choice) for autoregressive ones.
+    #[arg(long)]
+    masks: Option<usize>,
 }
 
 #[derive(Args)]
@@ -75,6 +80,11 @@ pub struct ProbeArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// BERT models: average the features over this many random masks per image (each hiding
+    /// 15% of the pixels, as in training); 0 reads whole images. Default: `igpt::probe::BERT_EVAL_MASKS` for BERT
+    /// models, 0 (the only choice) for autoregressive ones.
+    #[arg(long)]
+    masks: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -128,11 +138,12 @@ fn features_of(
     set: &ImageSet,
     m: &LoadedModel,
     layers: &[usize],
+    masks: usize,
     what: &str,
 ) -> Result<Vec<f32>> {
     let tokens = TokenSet::quantise(set, &m.palette, what)?;
     let bar = pixel_bar(tokens.len() as u64, &format!("{what} images"));
-    let f = probe::extract_features(engine, &tokens, layers, |done| {
+    let f = probe::extract_features(engine, &tokens, layers, masks, |done| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
@@ -151,7 +162,8 @@ pub fn features(a: FeaturesArgs) -> Result<()> {
         .with_channels(m.model().channels)?
         .resized(m.model().side);
     let mut engine = engine_for(&m, a.batch)?;
-    let f = features_of(&mut engine, &set, &m, &layers, "feature")?;
+    let masks = probe::masks_for(m.model(), a.masks)?;
+    let f = features_of(&mut engine, &set, &m, &layers, masks, "feature")?;
     let (n, d) = (set.len(), m.model().n_embd);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
@@ -277,8 +289,12 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         let layers = parse_layers(&a.layers, m.model().n_layer)?;
         let d = m.model().n_embd;
         let mut engine = engine_for(&m, a.batch)?;
-        let ftrain = features_of(&mut engine, &train_set, &m, &layers, "training")?;
-        let ftest = features_of(&mut engine, &test_set, &m, &layers, "test")?;
+        let masks = probe::masks_for(m.model(), a.masks)?;
+        if masks > 0 {
+            println!("{spec}: BERT features averaged over {masks} masks per image");
+        }
+        let ftrain = features_of(&mut engine, &train_set, &m, &layers, masks, "training")?;
+        let ftest = features_of(&mut engine, &test_set, &m, &layers, masks, "test")?;
         if a.model.len() > 1 {
             println!("model {spec}:");
         }
@@ -349,11 +365,8 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         }
         if a.model.len() > 1 {
             let tokens = TokenSet::quantise(&test_set, &m.palette, "test")?;
-            let nll = if m.model().causal() {
-                igpt::train::evaluate(&mut engine, &tokens, 0, &mut Vec::new())?
-            } else {
-                bail!("{spec}: held-out likelihood of BERT models is not supported yet");
-            };
+            // BERT models: nats per hidden pixel, under fixed masks.
+            let nll = igpt::train::evaluate(&mut engine, &tokens, 0, &mut Vec::new())?;
             println!("held-out NLL: {nll:.4} nats/token");
             best_per_model.push((nll, 100.0 * best.test_accuracy));
         }
@@ -411,8 +424,9 @@ pub fn demo_probe(
     let d = m.model().n_embd;
     let mut engine = engine_for(&m, 16)?;
     let bar = pixel_bar((tr.len() + te.len()) as u64, "images");
-    let ftr = probe::extract_features(&mut engine, &tr, &layers, |k| bar.set_position(k as u64))?;
-    let fte = probe::extract_features(&mut engine, &te, &layers, |k| {
+    let ftr =
+        probe::extract_features(&mut engine, &tr, &layers, 0, |k| bar.set_position(k as u64))?;
+    let fte = probe::extract_features(&mut engine, &te, &layers, 0, |k| {
         bar.set_position((tr.len() + k) as u64)
     })?;
     bar.finish_and_clear();

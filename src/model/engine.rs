@@ -326,16 +326,28 @@ impl<B: Backend> Engine<B> {
             loss_scale.is_none() || self.training,
             "this engine was planned for inference only"
         );
+        let sum = self.run_forward_masked(tokens, masked, loss_scale)?;
+        if loss_scale.is_some() {
+            self.backward();
+        }
+        Ok(sum)
+    }
+
+    /// The forward half of [`Engine::forward_masked`].
+    fn run_forward_masked(
+        &mut self,
+        tokens: &[u16],
+        masked: &[bool],
+        loss_scale: Option<f32>,
+    ) -> anyhow::Result<f64> {
         let n_seq = self.check_tokens(tokens)?;
-        anyhow::ensure!(masked.len() == tokens.len(), "one mask flag per token");
         self.n_seq = n_seq;
         let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
         let rows = n_seq * t;
+        self.set_masked_inputs(tokens, Some(masked))?;
         for i in 0..rows {
-            self.masked_inputs[i] = if masked[i] { v as u16 + 1 } else { tokens[i] };
             self.mask_weights[i] = if masked[i] { 1.0 } else { 0.0 };
         }
-        self.backend.set_tokens(&self.masked_inputs[..rows]);
         self.backend.set_targets(tokens, &self.mask_weights[..rows]);
         self.embed(rows, true);
         self.run_blocks(n_seq, self.cfg.n_layer);
@@ -355,11 +367,27 @@ impl<B: Backend> Engine<B> {
         let losses = act(plan.losses, rows);
         b.cross_entropy(logits, losses, v, loss_scale);
         b.download(losses, &mut self.host_losses[..rows]);
-        let sum = self.host_losses[..rows].iter().map(|&x| x as f64).sum();
-        if loss_scale.is_some() {
-            self.backward();
+        Ok(self.host_losses[..rows].iter().map(|&x| x as f64).sum())
+    }
+
+    /// Hands the backend the input ids of checked `tokens`, with the mask id (a zero content
+    /// embedding) where `masked` is set (BERT models only).
+    fn set_masked_inputs(&mut self, tokens: &[u16], masked: Option<&[bool]>) -> anyhow::Result<()> {
+        let Some(masked) = masked else {
+            self.backend.set_tokens(tokens);
+            return Ok(());
+        };
+        anyhow::ensure!(
+            !self.cfg.causal(),
+            "masks are for BERT models; this one is autoregressive"
+        );
+        anyhow::ensure!(masked.len() == tokens.len(), "one mask flag per token");
+        let mask_id = self.cfg.n_vocab as u16 + 1;
+        for ((dst, &x), &m) in self.masked_inputs.iter_mut().zip(tokens).zip(masked) {
+            *dst = if m { mask_id } else { x };
         }
-        Ok(sum)
+        self.backend.set_tokens(&self.masked_inputs[..tokens.len()]);
+        Ok(())
     }
 
     /// Per-position losses of the last forward pass, `[n_seq * n_ctx]`.
@@ -447,10 +475,12 @@ impl<B: Backend> Engine<B> {
     /// Linear-probe features (REFERENCE.md §6): for each layer `l` of `layers`, the mean over
     /// positions of block `l`'s normalised input (`norm_1` of the residual stream entering it);
     /// `l = n_layer` means the final norm's output. Runs only as deep as the deepest layer asked
-    /// for. `tokens`: `[n_seq, n_ctx]` pixels, fed as in training. `out`: `[n_seq, layers, d]`.
+    /// for. `tokens`: `[n_seq, n_ctx]` pixels, fed as in training; a BERT model may be given
+    /// `masked` flags (one per token) to hide those pixels. `out`: `[n_seq, layers, d]`.
     pub fn probe_features(
         &mut self,
         tokens: &[u16],
+        masked: Option<&[bool]>,
         layers: &[usize],
         out: &mut Vec<f32>,
     ) -> anyhow::Result<()> {
@@ -466,7 +496,7 @@ impl<B: Backend> Engine<B> {
         out.clear();
         out.resize(n_seq * layers.len() * d, 0.0);
         let mut host = vec![0.0f32; rows * d];
-        self.backend.set_tokens(tokens);
+        self.set_masked_inputs(tokens, masked)?;
         self.embed(rows, !self.cfg.causal());
         let deepest = *layers.iter().max().unwrap();
         for l in 0..=deepest {
@@ -623,15 +653,21 @@ impl<B: Backend> Engine<B> {
     /// extra term) plus an extra gradient `d_lnf` `[n_seq, n_ctx, d]` on the final norm's
     /// output, from a head the caller runs on [`Engine::final_norm_output`]. `head` is called
     /// between the two passes with that output and fills `d_lnf`. Returns the generative loss.
+    /// BERT models need `masked` (the generative loss is then the masked objective's); for
+    /// autoregressive ones it must be `None`.
     pub fn forward_backward_with_head(
         &mut self,
         tokens: &[u16],
+        masked: Option<&[bool]>,
         gen_scale: f32,
         d_lnf: &mut Vec<f32>,
         head: impl FnOnce(&[f32], &mut [f32]),
     ) -> anyhow::Result<f64> {
         anyhow::ensure!(self.training, "this engine was planned for inference only");
-        let sum = self.run_forward(tokens, Some(gen_scale))?;
+        let sum = match masked {
+            Some(m) => self.run_forward_masked(tokens, m, Some(gen_scale))?,
+            None => self.run_forward(tokens, Some(gen_scale))?,
+        };
         let mut lnf = std::mem::take(&mut self.host_lnf);
         self.final_norm_output(&mut lnf);
         d_lnf.clear();

@@ -105,6 +105,10 @@ pub struct TrainState {
 /// Fraction of each image's pixels the masked (BERT) objective hides.
 pub const MASK_RATE: f64 = 0.15;
 
+/// Seed of the fixed masks a BERT model is evaluated with (held-out loss, features,
+/// classification), so that numbers repeat from run to run.
+pub const EVAL_MASK_SEED: u64 = 0x5eed;
+
 /// Pixels hidden per image of `t` pixels: 15%, at least one.
 pub fn mask_count(t: usize) -> usize {
     ((t as f64 * MASK_RATE).round() as usize).clamp(1, t)
@@ -351,7 +355,7 @@ pub fn evaluate<B: Backend>(
         }
         sum += if bert {
             for (i, m) in mask.chunks_mut(t).take(b).enumerate() {
-                bert_mask(0x5eed, (start + i) as u64, &mut perm, m);
+                bert_mask(EVAL_MASK_SEED, (start + i) as u64, &mut perm, m);
             }
             engine.forward_masked(&buf[..b * t], &mask[..b * t], None)?
         } else {

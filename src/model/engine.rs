@@ -345,8 +345,8 @@ impl<B: Backend> Engine<B> {
         let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
         let rows = n_seq * t;
         self.set_masked_inputs(tokens, Some(masked))?;
-        for i in 0..rows {
-            self.mask_weights[i] = if masked[i] { 1.0 } else { 0.0 };
+        for (w, &m) in self.mask_weights.iter_mut().zip(masked) {
+            *w = if m { 1.0 } else { 0.0 };
         }
         self.backend.set_targets(tokens, &self.mask_weights[..rows]);
         self.embed(rows, true);

@@ -32,6 +32,37 @@ impl Head {
         }
     }
 
+    /// A head fitted as a linear probe on `pooled` (`[n, d]` means of the final norm's output,
+    /// what the head reads) with labels `y`: the L2 strength chosen on a validation split of
+    /// them, then a fit on all of them, folded back to unstandardised features. Fine-tuning that
+    /// starts here starts at the probe's accuracy rather than at chance. Returns the head and
+    /// the probe's validation accuracy.
+    pub fn from_probe(
+        pooled: &[f32],
+        y: &[u32],
+        d: usize,
+        classes: usize,
+        class_names: Vec<String>,
+    ) -> Result<(Self, f64)> {
+        use crate::probe::{LbfgsOptions, Standardiser, fit, select_l2};
+        let opts = LbfgsOptions::default();
+        let (l2, sweep) = select_l2(pooled, y, d, classes, 0.1, 0, opts)?;
+        let val = sweep.iter().find(|s| s.0 == l2).map_or(0.0, |s| s.1);
+        let st = Standardiser::fit(pooled, d);
+        let (m, _) = fit(&st.apply(pooled), y, d, classes, l2, None, opts);
+        let (w, b) = m.unstandardised(&st);
+        Ok((
+            Self {
+                d,
+                classes,
+                w,
+                b,
+                class_names,
+            },
+            val,
+        ))
+    }
+
     /// Mean over positions: `lnf: [n, t, d]` -> `[n, d]`.
     pub fn pool(lnf: &[f32], t: usize, d: usize) -> Vec<f32> {
         lnf.chunks_exact(t * d)

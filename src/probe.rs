@@ -84,6 +84,22 @@ impl Logistic {
         z
     }
 
+    /// The same classifier on raw (unstandardised) features: `(w [f, classes], b [classes])`
+    /// with `w^T x + b` equal to this model's scores of `st.apply(x)`.
+    pub fn unstandardised(&self, st: &Standardiser) -> (Vec<f32>, Vec<f32>) {
+        let (f, c) = (self.features, self.classes);
+        let mut w = vec![0.0f32; f * c];
+        let mut b: Vec<f64> = self.w[f * c..].to_vec();
+        for j in 0..f {
+            for k in 0..c {
+                let wj = self.w[j * c + k] * st.inv_std[j];
+                w[j * c + k] = wj as f32;
+                b[k] -= wj * st.mean[j];
+            }
+        }
+        (w, b.into_iter().map(|v| v as f32).collect())
+    }
+
     pub fn predict(&self, x: &[f32]) -> Vec<u32> {
         self.scores(x)
             .chunks_exact(self.classes)

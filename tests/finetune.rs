@@ -148,6 +148,40 @@ fn joint_gradients_for(objective: Objective) {
 }
 
 #[test]
+fn a_head_from_a_probe_scores_raw_features_as_the_probe_scores_standardised_ones() {
+    use igpt::probe::{LbfgsOptions, Standardiser, fit, select_l2};
+    let (n, d, c) = (300, 6, 3);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    // Features on very different scales and offsets, so the folding of the standardisation
+    // into the head matters.
+    let (scale, offset) = (
+        [0.01f32, 1.0, 50.0, 3.0, 0.5, 7.0],
+        [5.0f32, -2.0, 100.0, 0.0, 1.0, -30.0],
+    );
+    let y: Vec<u32> = (0..n).map(|i| (i % c) as u32).collect();
+    let x: Vec<f32> = (0..n * d)
+        .map(|k| {
+            let (i, j) = (k / d, k % d);
+            let signal = if j % c == y[i] as usize { 1.5 } else { 0.0 };
+            offset[j] + scale[j] * (signal + rng.random::<f32>() - 0.5)
+        })
+        .collect();
+    let (head, val) = Head::from_probe(&x, &y, d, c, vec!["a".into(); 3]).unwrap();
+    assert!(val > 0.9, "validation accuracy {val}");
+    let opts = LbfgsOptions::default();
+    let (l2, _) = select_l2(&x, &y, d, c, 0.1, 0, opts).unwrap();
+    let st = Standardiser::fit(&x, d);
+    let (m, _) = fit(&st.apply(&x), &y, d, c, l2, None, opts);
+    let want = m.scores(&st.apply(&x));
+    let got = head.logits(&x);
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-3 * b.abs().max(1.0), "{a} vs {b}");
+    }
+    let acc = igpt::probe::accuracy(&head.predict(&x), &y);
+    assert!(acc > 0.9, "training accuracy {acc}");
+}
+
+#[test]
 fn augmentation_crops_a_window_of_the_reflected_image() {
     let side = 5;
     let img: Vec<u16> = (0..25).collect();
@@ -231,6 +265,10 @@ fn finetune_and_classify_commands() {
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("validation accuracy"), "{text}");
+    assert!(
+        text.contains("head initialised by a linear probe"),
+        "{text}"
+    );
     assert!(
         text.contains("test accuracy of the best checkpoint"),
         "{text}"

@@ -43,6 +43,12 @@ pub struct FinetuneArgs {
     /// Train on the classification loss alone (default: generative + classification).
     #[arg(long)]
     clf_only: bool,
+    /// Start the head at zero instead of at a linear probe of the pre-trained features.
+    #[arg(long)]
+    zero_head: bool,
+    /// Training images the initial linear probe is fitted on.
+    #[arg(long, default_value_t = 10_000)]
+    probe_images: usize,
     /// Reflection-pad by this many pixels and crop at random (0: off).
     #[arg(long, default_value_t = 0)]
     pad_crop: usize,
@@ -116,14 +122,14 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             h.classes,
             a.data
         );
-        h
+        Some(h)
     } else {
-        Head::new(m.model().n_embd, classes, names)
+        None
     };
     ensure!(
-        head.d == m.model().n_embd,
+        head.as_ref().is_none_or(|h| h.d == m.model().n_embd),
         "the head reads {} features but the model has d = {}",
-        head.d,
+        head.as_ref().map_or(0, |h| h.d),
         m.model().n_embd
     );
     let t = m.model().n_ctx();
@@ -150,6 +156,31 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let batch = a.batch.max(1);
     let mut engine = Engine::new(m.model(), batch, true, CpuBackend::new())?;
     engine.set_params(&m.params)?;
+    let head = match head {
+        Some(h) => h,
+        None if a.zero_head => Head::new(m.model().n_embd, classes, names),
+        None => {
+            // A linear probe on the features the head reads: the final norm's output.
+            let n_probe = a.probe_images.min(train_idx.len());
+            let probe_set = subset(&train_idx[..n_probe])?;
+            let y: Vec<u32> = train_idx[..n_probe].iter().map(|&i| labels[i]).collect();
+            let bar = super::generate::pixel_bar(n_probe as u64, "probe images");
+            let pooled = igpt::probe::extract_features(
+                &mut engine,
+                &probe_set,
+                &[m.model().n_layer],
+                masks,
+                |k| bar.set_position(k as u64),
+            )?;
+            bar.finish_and_clear();
+            let (h, acc) = Head::from_probe(&pooled, &y, m.model().n_embd, classes, names.clone())?;
+            println!(
+                "head initialised by a linear probe on {n_probe} training images                  ({:.2}% on its validation split)",
+                100.0 * acc
+            );
+            h
+        }
+    };
     let mut ft = Finetuner::new(engine, head, a.seed ^ 0xb327);
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed ^ 0xf17e);
     let mut buf = vec![0u16; batch * t];

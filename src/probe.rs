@@ -180,7 +180,7 @@ pub struct LbfgsOptions {
 impl Default for LbfgsOptions {
     fn default() -> Self {
         Self {
-            max_iterations: 300,
+            max_iterations: 1000,
             gradient_tolerance: 1e-4,
             memory: 10,
         }

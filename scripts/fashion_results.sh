@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The README's Fashion-MNIST representation results, from the runs of fashion_probe_run.sh.
 #   scripts/fashion_results.sh ar|nll|bert|finetune
+# Probes use all 60,000 training images (10% of them choose the L2 strength) and the 10,000
+# test images; LIMIT uses only the first LIMIT training images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IGPT=${IGPT:-target/release/igpt}
 T=/usr/share/datasets/fashion-mnist
 TRAIN=$T/train-images-idx3-ubyte.gz
 TEST=$T/t10k-images-idx3-ubyte.gz
-LIMIT=${LIMIT:-20000}
+LIMIT=(${LIMIT:+--limit "$LIMIT"})
 case "$1" in
-  ar)   $IGPT probe --model runs/fashion-ar --data $TRAIN --limit $LIMIT --test-data $TEST \
+  ar)   $IGPT probe --model runs/fashion-ar --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
           --layers all --concat --chart docs/fashion-probe-ar.png ;;
-  bert) $IGPT probe --model runs/fashion-bert --data $TRAIN --limit $LIMIT --test-data $TEST \
-          --layers all --concat --chart docs/fashion-probe-bert.png ;;
-  nll)  $IGPT probe --model runs/fashion-ar/history/step-400 --model runs/fashion-ar/history/step-1200 \
-          --model runs/fashion-ar/history/step-2000 --data $TRAIN --limit 5000 --test-data $TEST \
-          --test-limit 2000 --chart /tmp/fashion-nll-layers.png --nll-chart docs/fashion-probe-vs-nll.png ;;
-  finetune) $IGPT finetune --model runs/fashion-ar --data $TRAIN --limit $LIMIT --test-data $TEST \
-          --steps "${STEPS:-300}" --batch 16 --eval-every 100 --lr 3e-4 --out runs/fashion-ft ;;
+  bert) $IGPT probe --model runs/fashion-bert --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
+          --layers all --concat --masks "${MASKS:-5}" --chart docs/fashion-probe-bert.png ;;
+  nll)  H=runs/fashion-ar/history
+        $IGPT probe --model $H/step-400 --model $H/step-1200 --model $H/step-2000 \
+          --model $H/step-2800 --model $H/step-3600 --model $H/step-4000 --data $TRAIN --limit 5000 \
+          --test-data $TEST --test-limit 2000 --chart /tmp/fashion-nll-layers.png \
+          --nll-chart docs/fashion-probe-vs-nll.png ;;
+  finetune) $IGPT finetune --model runs/fashion-ar --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
+          --steps "${STEPS:-3000}" --batch 16 --eval-every 500 --lr 3e-4 --flip --out runs/fashion-ft ;;
   *) echo "usage: $0 ar|nll|bert|finetune" >&2; exit 2 ;;
 esac

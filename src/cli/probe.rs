@@ -291,7 +291,12 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         let mut engine = engine_for(&m, a.batch)?;
         let masks = probe::masks_for(m.model(), a.masks)?;
         if masks > 0 {
-            println!("{spec}: BERT features averaged over {masks} masks per image");
+            let views = if masks == 1 {
+                "one mask".to_string()
+            } else {
+                format!("{masks} masks")
+            };
+            println!("{spec}: BERT features averaged over {views} per image");
         }
         let ftrain = features_of(&mut engine, &train_set, &m, &layers, masks, "training")?;
         let ftest = features_of(&mut engine, &test_set, &m, &layers, masks, "test")?;

@@ -96,15 +96,7 @@ impl Head {
     pub fn predict(&self, pooled: &[f32]) -> Vec<u32> {
         self.logits(pooled)
             .chunks_exact(self.classes)
-            .map(|z| {
-                z.iter()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |b, (k, &v)| if v > b.1 { (k, v) } else { b },
-                    )
-                    .0 as u32
-            })
+            .map(crate::probe::argmax)
             .collect()
     }
 
@@ -443,15 +435,7 @@ pub fn classify(
                     .for_each(|(p, v)| *p += (v - max).exp() / sum);
             }
         }
-        out.extend(probs.chunks_exact(c).map(|p| {
-            p.iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |b, (k, &v)| if v > b.1 { (k, v) } else { b },
-                )
-                .0 as u32
-        }));
+        out.extend(probs.chunks_exact(c).map(crate::probe::argmax));
     }
     Ok(out)
 }

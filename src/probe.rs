@@ -103,16 +103,20 @@ impl Logistic {
     pub fn predict(&self, x: &[f32]) -> Vec<u32> {
         self.scores(x)
             .chunks_exact(self.classes)
-            .map(|z| {
-                z.iter()
-                    .enumerate()
-                    .fold((0u32, f32::NEG_INFINITY), |b, (k, &v)| {
-                        if v > b.1 { (k as u32, v) } else { b }
-                    })
-                    .0
-            })
+            .map(argmax)
             .collect()
     }
+}
+
+/// Index of the largest score (the first among ties).
+pub fn argmax(scores: &[f32]) -> u32 {
+    scores
+        .iter()
+        .enumerate()
+        .fold((0u32, f32::NEG_INFINITY), |b, (k, &v)| {
+            if v > b.1 { (k as u32, v) } else { b }
+        })
+        .0
 }
 
 /// Fraction of `pred` equal to `truth`.

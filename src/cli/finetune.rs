@@ -175,7 +175,8 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             bar.finish_and_clear();
             let (h, acc) = Head::from_probe(&pooled, &y, m.model().n_embd, classes, names.clone())?;
             println!(
-                "head initialised by a linear probe on {n_probe} training images                  ({:.2}% on its validation split)",
+                "head initialised by a linear probe on {n_probe} training images \
+                 ({:.2}% on its validation split)",
                 100.0 * acc
             );
             h

@@ -21,6 +21,6 @@ case "$1" in
           --test-data $TEST --test-limit 2000 --chart /tmp/fashion-nll-layers.png \
           --nll-chart docs/fashion-probe-vs-nll.png ;;
   finetune) $IGPT finetune --model runs/fashion-ar --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
-          --steps "${STEPS:-3000}" --batch 16 --eval-every 500 --lr 3e-4 --flip --out runs/fashion-ft ;;
+          --steps "${STEPS:-1500}" --batch 16 --eval-every 300 --lr 1e-4 --out runs/fashion-ft ;;
   *) echo "usage: $0 ar|nll|bert|finetune" >&2; exit 2 ;;
 esac

@@ -188,12 +188,30 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let mut ys = vec![0u32; batch];
     let mut scratch = Vec::new();
     let out = RunDir::create(&a.out)?;
-    let (mut best, mut since_best) = (-1.0f64, 0usize);
+    let mut since_best = 0usize;
+    let mut best;
     println!(
         "fine-tuning on {} images ({} for validation), {classes} classes, loss {}",
         train_idx.len(),
         val_idx.len(),
         if a.clf_only { "L_CLF" } else { "L_GEN + L_CLF" }
+    );
+    let keep = |ft: &Finetuner| -> Result<()> {
+        out.save_config(&RunConfig {
+            data: format!("fine-tuned on {}", a.data),
+            ..m.config.clone()
+        })?;
+        out.save_palette(&m.palette)?;
+        out.save_model(m.model(), &ft.engine.params())?;
+        ft.head.save(&out.file("head.safetensors"))
+    };
+    // The starting point is a candidate too: fine-tuning only keeps what beats it.
+    let pred = finetune::classify(&mut ft.engine, &ft.head, &val, masks)?;
+    best = igpt::probe::accuracy(&pred, &val_y);
+    keep(&ft)?;
+    println!(
+        "step 0: validation accuracy {:.2}% (the starting point: saved)",
+        100.0 * best
     );
     for step in 1..=a.steps {
         for s in 0..batch {
@@ -228,13 +246,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             if acc > best {
                 best = acc;
                 since_best = 0;
-                out.save_config(&RunConfig {
-                    data: format!("fine-tuned on {}", a.data),
-                    ..m.config.clone()
-                })?;
-                out.save_palette(&m.palette)?;
-                out.save_model(m.model(), &ft.engine.params())?;
-                ft.head.save(&out.file("head.safetensors"))?;
+                keep(&ft)?;
             } else {
                 since_best += 1;
                 if since_best >= a.patience {

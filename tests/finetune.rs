@@ -269,6 +269,7 @@ fn finetune_and_classify_commands() {
         text.contains("head initialised by a linear probe"),
         "{text}"
     );
+    assert!(text.contains("step 0: validation accuracy"), "{text}");
     assert!(
         text.contains("test accuracy of the best checkpoint"),
         "{text}"

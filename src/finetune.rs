@@ -35,15 +35,14 @@ impl Head {
     /// A head fitted as a linear probe on `pooled` (`[n, d]` means of the final norm's output,
     /// what the head reads) with labels `y`: the L2 strength chosen on a validation split of
     /// them, then a fit on all of them, folded back to unstandardised features. Fine-tuning that
-    /// starts here starts at the probe's accuracy rather than at chance. Returns the head and
-    /// the probe's validation accuracy.
+    /// starts here starts at the probe's accuracy rather than at chance.
     pub fn from_probe(
         pooled: &[f32],
         y: &[u32],
         d: usize,
         classes: usize,
         class_names: Vec<String>,
-    ) -> Result<(Self, f64)> {
+    ) -> Result<ProbeHead> {
         use crate::probe::{LbfgsOptions, Standardiser, fit, select_l2};
         let opts = LbfgsOptions::default();
         let (l2, sweep) = select_l2(pooled, y, d, classes, 0.1, 0, opts)?;
@@ -51,16 +50,17 @@ impl Head {
         let st = Standardiser::fit(pooled, d);
         let (m, _) = fit(&st.apply(pooled), y, d, classes, l2, None, opts);
         let (w, b) = m.unstandardised(&st);
-        Ok((
-            Self {
+        Ok(ProbeHead {
+            head: Self {
                 d,
                 classes,
                 w,
                 b,
                 class_names,
             },
-            val,
-        ))
+            val_accuracy: val,
+            feature_scale: st.inv_std().iter().map(|&v| v as f32).collect(),
+        })
     }
 
     /// Mean over positions: `lnf: [n, t, d]` -> `[n, d]`.
@@ -205,6 +205,16 @@ impl Head {
     }
 }
 
+/// A head fitted as a linear probe ([`Head::from_probe`]).
+pub struct ProbeHead {
+    pub head: Head,
+    /// The probe's accuracy on its own validation split.
+    pub val_accuracy: f64,
+    /// One over each pooled feature's standard deviation: the head's step scale
+    /// ([`Finetuner::set_head_step_scale`]).
+    pub feature_scale: Vec<f32>,
+}
+
 /// Reflection-pads a token image by `pad` on every side, crops a random `side x side` window,
 /// and mirrors it left-right when `flip` (CIFAR's augmentation; off where mirroring changes the
 /// class). `scratch` holds the padded image.
@@ -259,6 +269,8 @@ pub struct Finetuner {
     d_lnf: Vec<f32>,
     grad_w: Vec<f32>,
     grad_b: Vec<f32>,
+    /// Per input feature, a factor on the head's Adam steps (1 by default).
+    head_step_scale: Vec<f32>,
     /// A BERT model's training masks (fresh ones every step, as in pre-training).
     mask: Vec<bool>,
     perm: Vec<usize>,
@@ -278,6 +290,7 @@ impl Finetuner {
     pub fn new(engine: Engine<CpuBackend>, head: Head, mask_seed: u64) -> Self {
         let n = head.w.len() + head.b.len();
         Self {
+            head_step_scale: vec![1.0; head.d],
             mask: Vec::new(),
             perm: Vec::new(),
             mask_seed,
@@ -290,6 +303,21 @@ impl Finetuner {
             grad_w: Vec::new(),
             grad_b: Vec::new(),
         }
+    }
+
+    /// Scales the head's Adam steps per input feature. A head folded from a probe on
+    /// standardised features has weights of size 1/std; stepping them by `scale = 1/std` is
+    /// Adam on the standardised weights, so the head keeps pace with the features as they move
+    /// (with plain steps it would barely move where features vary little).
+    pub fn set_head_step_scale(&mut self, scale: Vec<f32>) -> Result<()> {
+        ensure!(
+            scale.len() == self.head.d,
+            "{} step scales for a head of {} features",
+            scale.len(),
+            self.head.d
+        );
+        self.head_step_scale = scale;
+        Ok(())
     }
 
     /// One Adam step on `L_CLF` (+ `L_GEN` when `with_gen`) for a batch of images. A BERT
@@ -370,7 +398,7 @@ impl Finetuner {
             self.head_v[i] = b2 * self.head_v[i] + (1.0 - b2) * g * g;
             let upd = lr * (self.head_m[i] / c1) / ((self.head_v[i] / c2).sqrt() + 1e-8);
             if i < nw {
-                self.head.w[i] -= upd;
+                self.head.w[i] -= upd * self.head_step_scale[i / self.head.classes];
             } else {
                 self.head.b[i - nw] -= upd;
             }

@@ -40,6 +40,11 @@ impl Standardiser {
         Self { mean, inv_std }
     }
 
+    /// One over each feature's standard deviation (0 for constant features).
+    pub fn inv_std(&self) -> &[f64] {
+        &self.inv_std
+    }
+
     pub fn apply(&self, x: &[f32]) -> Vec<f32> {
         let f = self.mean.len();
         x.chunks_exact(f)

@@ -166,7 +166,13 @@ fn a_head_from_a_probe_scores_raw_features_as_the_probe_scores_standardised_ones
             offset[j] + scale[j] * (signal + rng.random::<f32>() - 0.5)
         })
         .collect();
-    let (head, val) = Head::from_probe(&x, &y, d, c, vec!["a".into(); 3]).unwrap();
+    let p = Head::from_probe(&x, &y, d, c, vec!["a".into(); 3]).unwrap();
+    let (head, val) = (p.head, p.val_accuracy);
+    // The step scale is one over each feature's spread.
+    for (j, &sc) in p.feature_scale.iter().enumerate() {
+        let ratio = sc * scale[j];
+        assert!(ratio > 1.0 && ratio < 6.0, "feature {j}: scale {sc}");
+    }
     assert!(val > 0.9, "validation accuracy {val}");
     let opts = LbfgsOptions::default();
     let (l2, _) = select_l2(&x, &y, d, c, 0.1, 0, opts).unwrap();
@@ -179,6 +185,50 @@ fn a_head_from_a_probe_scores_raw_features_as_the_probe_scores_standardised_ones
     }
     let acc = igpt::probe::accuracy(&head.predict(&x), &y);
     assert!(acc > 0.9, "training accuracy {acc}");
+}
+
+#[test]
+fn head_steps_scale_per_input_feature() {
+    let cfg = ModelConfig {
+        n_layer: 1,
+        n_embd: 8,
+        n_head: 2,
+        n_vocab: 5,
+        side: 3,
+        channels: 1,
+        objective: Objective::Autoregressive,
+    };
+    let t = cfg.n_ctx();
+    let params = init_params(&cfg, 1);
+    let tokens: Vec<u16> = (0..2 * t).map(|i| (i * 2 % 5) as u16).collect();
+    let labels = [1u32, 0];
+    let mut start = Head::new(8, 2, vec![]);
+    start.w = rand_vec(16, 3, 1.0);
+    let scale: Vec<f32> = (0..8).map(|j| 0.5 + j as f32).collect();
+    let step_with = |scale: Option<Vec<f32>>| -> Head {
+        let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+        e.set_params(&params).unwrap();
+        let mut ft = igpt::finetune::Finetuner::new(e, start.clone(), 0);
+        if let Some(s) = scale {
+            ft.set_head_step_scale(s).unwrap();
+        }
+        ft.step(&tokens, &labels, 1e-3, true).unwrap();
+        ft.head
+    };
+    let (plain, scaled) = (step_with(None), step_with(Some(scale.clone())));
+    for i in 0..16 {
+        let (dp, ds) = (plain.w[i] - start.w[i], scaled.w[i] - start.w[i]);
+        assert!(dp.abs() > 1e-5, "weight {i} did not move");
+        assert!(
+            (ds - scale[i / 2] * dp).abs() < 1e-6,
+            "weight {i}: {ds} vs {dp}"
+        );
+    }
+    assert_eq!(plain.b, scaled.b, "biases step as before");
+    let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+    e.set_params(&params).unwrap();
+    let mut ft = igpt::finetune::Finetuner::new(e, start.clone(), 0);
+    assert!(ft.set_head_step_scale(vec![1.0; 3]).is_err());
 }
 
 #[test]

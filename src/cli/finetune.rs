@@ -156,6 +156,7 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let batch = a.batch.max(1);
     let mut engine = Engine::new(m.model(), batch, true, CpuBackend::new())?;
     engine.set_params(&m.params)?;
+    let mut step_scale = None;
     let head = match head {
         Some(h) => h,
         None if a.zero_head => Head::new(m.model().n_embd, classes, names),
@@ -173,7 +174,9 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
                 |k| bar.set_position(k as u64),
             )?;
             bar.finish_and_clear();
-            let (h, acc) = Head::from_probe(&pooled, &y, m.model().n_embd, classes, names.clone())?;
+            let p = Head::from_probe(&pooled, &y, m.model().n_embd, classes, names.clone())?;
+            let (h, acc) = (p.head, p.val_accuracy);
+            step_scale = Some(p.feature_scale);
             println!(
                 "head initialised by a linear probe on {n_probe} training images \
                  ({:.2}% on its validation split)",
@@ -183,6 +186,9 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         }
     };
     let mut ft = Finetuner::new(engine, head, a.seed ^ 0xb327);
+    if let Some(scale) = step_scale {
+        ft.set_head_step_scale(scale)?;
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed ^ 0xf17e);
     let mut buf = vec![0u16; batch * t];
     let mut ys = vec![0u32; batch];

@@ -73,23 +73,23 @@ pub trait Backend {
     /// Stores the batch's token ids `[batch, t]` (inputs and the targets, which are the same).
     fn set_tokens(&mut self, tokens: &[u16]);
 
-    fn embed_forward(&mut self, out: View, wte: View, wpe: View, sos: View, t: usize, d: usize);
-    /// The stored ids as inputs, unshifted: id `n_vocab` is the start token, `n_vocab + 1` a
-    /// masked position (zero content embedding).
-    fn embed_direct(&mut self, out: View, wte: View, wpe: View, sos: View, t: usize, d: usize);
-    /// Backward of [`Backend::embed_direct`].
-    fn embed_direct_backward(
+    /// Input embedding of the stored ids into `out`. Shifted (`direct = false`, autoregressive
+    /// models): position 0 gets the start token, position i the content of id i-1. Direct: the ids
+    /// as given, id `n_vocab` being the start token and `n_vocab + 1` a masked position (zero
+    /// content embedding).
+    #[allow(clippy::too_many_arguments)]
+    fn embed_forward(
         &mut self,
-        dwte: View,
-        dwpe: View,
-        dsos: View,
-        dout: View,
+        out: View,
+        wte: View,
+        wpe: View,
+        sos: View,
         t: usize,
         d: usize,
+        direct: bool,
     );
-    /// Targets and per-position loss weights for the next [`Backend::cross_entropy`], which
-    /// otherwise scores the stored tokens with weight 1. [`Backend::set_tokens`] clears them.
-    fn set_targets(&mut self, targets: &[u16], weights: &[f32]);
+    /// Backward of [`Backend::embed_forward`] in the same mode.
+    #[allow(clippy::too_many_arguments)]
     fn embed_backward(
         &mut self,
         dwte: View,
@@ -98,7 +98,11 @@ pub trait Backend {
         dout: View,
         t: usize,
         d: usize,
+        direct: bool,
     );
+    /// Targets and per-position loss weights for the next [`Backend::cross_entropy`], which
+    /// otherwise scores the stored tokens with weight 1. [`Backend::set_tokens`] clears them.
+    fn set_targets(&mut self, targets: &[u16], weights: &[f32]);
     fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize);
     /// Adds the input gradient into `dx` and the gain gradient into `dg`.
     #[allow(clippy::too_many_arguments)]

@@ -405,7 +405,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// An inference pass over input ids fed as they are (no shift; see
-    /// [`crate::backend::Backend::embed_direct`] for the start and mask ids), `[n_seq, n_ctx]`.
+    /// [`crate::backend::Backend::embed_forward`] for the start and mask ids), `[n_seq, n_ctx]`.
     /// Runs only as deep as `output` needs and copies it to `out`: logits
     /// `[n_seq, n_ctx, n_vocab]` or a hidden state `[n_seq, n_ctx, n_embd]`.
     pub fn infer(&mut self, ids: &[u16], output: Output, out: &mut Vec<f32>) -> anyhow::Result<()> {
@@ -540,7 +540,7 @@ impl<B: Backend> Engine<B> {
 
     /// Writes the input embedding of the stored tokens into `resid[0]`: shifted behind the start
     /// token (autoregressive training and scoring), or `direct` (ids as given; see
-    /// [`Backend::embed_direct`]).
+    /// [`Backend::embed_forward`]).
     fn embed(&mut self, rows: usize, direct: bool) {
         let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
         let (plan, lay) = (&self.plan, &self.layout);
@@ -548,11 +548,7 @@ impl<B: Backend> Engine<B> {
         let wte = View::new(Arena::Params, lay.wte, v * d);
         let wpe = View::new(Arena::Params, lay.wpe, t * d);
         let sos = View::new(Arena::Params, lay.sos, d);
-        if direct {
-            self.backend.embed_direct(out, wte, wpe, sos, t, d);
-        } else {
-            self.backend.embed_forward(out, wte, wpe, sos, t, d);
-        }
+        self.backend.embed_forward(out, wte, wpe, sos, t, d, direct);
     }
 
     /// Runs blocks `0..depth` on the residual stream already in `resid[0]`.
@@ -782,24 +778,15 @@ impl<B: Backend> Engine<B> {
             let (x, rstd1) = (act(plan.resid[l], rows * d), act(ba.rstd1, rows));
             b.rmsnorm_backward(d_resid, gv(po.ln_1, d), d_ln, x, rstd1, pv(po.ln_1, d), d);
         }
-        if cfg.causal() {
-            b.embed_backward(
-                gv(lay.wte, v * d),
-                gv(lay.wpe, t * d),
-                gv(lay.sos, d),
-                d_resid,
-                t,
-                d,
-            );
-        } else {
-            b.embed_direct_backward(
-                gv(lay.wte, v * d),
-                gv(lay.wpe, t * d),
-                gv(lay.sos, d),
-                d_resid,
-                t,
-                d,
-            );
-        }
+        // Training passes embed shifted exactly when the model is autoregressive.
+        b.embed_backward(
+            gv(lay.wte, v * d),
+            gv(lay.wpe, t * d),
+            gv(lay.sos, d),
+            d_resid,
+            t,
+            d,
+            !cfg.causal(),
+        );
     }
 }

@@ -195,43 +195,26 @@ impl Backend for CpuBackend {
         self.weighted = false;
     }
 
-    fn embed_forward(&mut self, out: View, wte: View, wpe: View, sos: View, t: usize, d: usize) {
-        let toks = std::mem::take(&mut self.tokens);
-        let n = self.n_tokens;
-        let (o, [wte, wpe, sos]) = self.io(out, [wte, wpe, sos]);
-        embedding::embed_forward(o, &toks[..n], wte, wpe, sos, t, d);
-        self.tokens = toks;
-    }
-
-    fn embed_direct(&mut self, out: View, wte: View, wpe: View, sos: View, t: usize, d: usize) {
-        let toks = std::mem::take(&mut self.tokens);
-        let n = self.n_tokens;
-        let (o, [wte, wpe, sos]) = self.io(out, [wte, wpe, sos]);
-        embedding::embed_direct(o, &toks[..n], wte, wpe, sos, t, d);
-        self.tokens = toks;
-    }
-
-    fn embed_direct_backward(
+    fn embed_forward(
         &mut self,
-        dwte: View,
-        dwpe: View,
-        dsos: View,
-        dout: View,
+        out: View,
+        wte: View,
+        wpe: View,
+        sos: View,
         t: usize,
         d: usize,
+        direct: bool,
     ) {
+        // The ids move out for the call, since the views borrow the backend mutably.
         let toks = std::mem::take(&mut self.tokens);
-        let n = self.n_tokens;
-        let ([a, b, c], [g]) = self.views([dwte, dwpe, dsos], [dout]);
-        embedding::embed_direct_backward(a, b, c, g, &toks[..n], t, d);
+        let ids = &toks[..self.n_tokens];
+        let (o, [wte, wpe, sos]) = self.io(out, [wte, wpe, sos]);
+        if direct {
+            embedding::embed_direct(o, ids, wte, wpe, sos, t, d);
+        } else {
+            embedding::embed_forward(o, ids, wte, wpe, sos, t, d);
+        }
         self.tokens = toks;
-    }
-
-    fn set_targets(&mut self, targets: &[u16], weights: &[f32]) {
-        assert!(targets.len() == self.n_tokens && weights.len() == self.n_tokens);
-        self.targets[..targets.len()].copy_from_slice(targets);
-        self.weights[..weights.len()].copy_from_slice(weights);
-        self.weighted = true;
     }
 
     fn embed_backward(
@@ -242,12 +225,24 @@ impl Backend for CpuBackend {
         dout: View,
         t: usize,
         d: usize,
+        direct: bool,
     ) {
         let toks = std::mem::take(&mut self.tokens);
-        let n = self.n_tokens;
+        let ids = &toks[..self.n_tokens];
         let ([a, b, c], [g]) = self.views([dwte, dwpe, dsos], [dout]);
-        embedding::embed_backward(a, b, c, g, &toks[..n], t, d);
+        if direct {
+            embedding::embed_direct_backward(a, b, c, g, ids, t, d);
+        } else {
+            embedding::embed_backward(a, b, c, g, ids, t, d);
+        }
         self.tokens = toks;
+    }
+
+    fn set_targets(&mut self, targets: &[u16], weights: &[f32]) {
+        assert!(targets.len() == self.n_tokens && weights.len() == self.n_tokens);
+        self.targets[..targets.len()].copy_from_slice(targets);
+        self.weights[..weights.len()].copy_from_slice(weights);
+        self.weighted = true;
     }
 
     fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize) {

@@ -353,6 +353,35 @@ fn probe_command_reports_layers_baseline_and_bad_inputs() {
     assert_eq!(st.tensor("layer_2").unwrap().shape(), &[10, 16]);
     assert_eq!(st.tensor("features").unwrap().shape(), &[10, 32]);
     assert_eq!(st.tensor("labels").unwrap().shape(), &[10]);
+    // The same as .npy: the concatenated features, equal to the safetensors ones, and the labels.
+    let as_npy = dir.join("f.npy");
+    let o = igpt(&[
+        "features",
+        "--model",
+        s(&run),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "10",
+        "--layers",
+        "0,2",
+        "--out",
+        s(&as_npy),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let arr = igpt::npy::read(&as_npy).unwrap();
+    assert_eq!(arr.shape, vec![10, 32]);
+    let want: Vec<f64> = st
+        .tensor("features")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect();
+    assert_eq!(arr.to_f64(), want);
+    let labels = igpt::npy::read(&dir.join("f.labels.npy")).unwrap();
+    assert_eq!(labels.shape, vec![10]);
+    assert_eq!(labels.to_i64().unwrap().len(), 10);
 
     // A layer that does not exist, and data without labels.
     let o = igpt(&[

@@ -30,7 +30,8 @@ pub struct FeaturesArgs {
     #[arg(long, default_value = "all")]
     layers: String,
     /// Where to write the features: safetensors with `layer_L` `[N, d]` float32 tensors (and
-    /// `features`, all of them concatenated) and `labels` `[N]` int64 when the data has them.
+    /// `features`, all of them concatenated) and `labels` `[N]` int64 when the data has them;
+    /// or, for a `.npy` path, the concatenated features there and the labels in `NAME.labels.npy`.
     #[arg(long)]
     out: PathBuf,
     /// Images per forward pass.
@@ -165,6 +166,9 @@ pub fn features(a: FeaturesArgs) -> Result<()> {
     let masks = probe::masks_for(m.model(), a.masks)?;
     let f = features_of(&mut engine, &set, &m, &layers, masks, "feature")?;
     let (n, d) = (set.len(), m.model().n_embd);
+    if a.out.extension().is_some_and(|e| e == "npy") {
+        return write_npy_features(&a.out, &f, n, layers.len() * d, labels.as_deref());
+    }
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     for (j, &l) in layers.iter().enumerate() {
@@ -199,6 +203,28 @@ pub fn features(a: FeaturesArgs) -> Result<()> {
             ", no labels in the data"
         }
     );
+    Ok(())
+}
+
+/// `.npy` output: the features `[n, width]` (the layers side by side) at `out`, and the labels
+/// (int64) beside it as `NAME.labels.npy`.
+fn write_npy_features(
+    out: &std::path::Path,
+    f: &[f32],
+    n: usize,
+    width: usize,
+    labels: Option<&[u32]>,
+) -> Result<()> {
+    igpt::fsutil::write_atomic(out, &igpt::npy::encode_f32(&[n, width], f))?;
+    print!("{}: {n} images x {width} features", out.display());
+    if let Some(l) = labels {
+        let path = out.with_extension("labels.npy");
+        let b: Vec<u8> = l.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect();
+        igpt::fsutil::write_atomic(&path, &igpt::npy::encode(&[n], igpt::npy::DType::I64, &b))?;
+        println!(", labels in {}", path.display());
+    } else {
+        println!(", no labels in the data");
+    }
     Ok(())
 }
 

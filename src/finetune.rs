@@ -18,6 +18,10 @@ pub struct Head {
     pub w: Vec<f32>,
     pub b: Vec<f32>,
     pub class_names: Vec<String>,
+    /// Per input feature, a factor on the head's Adam steps during fine-tuning (ones unless the
+    /// head came from a probe; see [`Finetuner::set_head_step_scale`]). Saved with the head so
+    /// that continuing a fine-tuned model steps it the same way.
+    pub step_scale: Vec<f32>,
 }
 
 impl Head {
@@ -29,6 +33,7 @@ impl Head {
             w: vec![0.0; d * classes],
             b: vec![0.0; classes],
             class_names,
+            step_scale: vec![1.0; d],
         }
     }
 
@@ -57,9 +62,9 @@ impl Head {
                 w,
                 b,
                 class_names,
+                step_scale: st.inv_std().iter().map(|&v| v as f32).collect(),
             },
             val_accuracy: val,
-            feature_scale: st.inv_std().iter().map(|&v| v as f32).collect(),
         })
     }
 
@@ -146,14 +151,20 @@ impl Head {
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
-        let (wb, bb) = (bytes(&self.w), bytes(&self.b));
-        let views = vec![
+        let (wb, bb, sb) = (bytes(&self.w), bytes(&self.b), bytes(&self.step_scale));
+        let mut views = vec![
             (
                 "w",
                 TensorView::new(Dtype::F32, vec![self.d, self.classes], &wb)?,
             ),
             ("b", TensorView::new(Dtype::F32, vec![self.classes], &bb)?),
         ];
+        if self.step_scale.iter().any(|&v| v != 1.0) {
+            views.push((
+                "step_scale",
+                TensorView::new(Dtype::F32, vec![self.d], &sb)?,
+            ));
+        }
         let meta = HashMap::from([(
             "class_names".to_string(),
             serde_json::to_string(&self.class_names)?,
@@ -195,12 +206,27 @@ impl Head {
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                 .collect()
         };
+        let d = w.shape()[0];
+        // Heads saved before step scales existed (or never scaled) step plainly.
+        let step_scale = match st.tensor("step_scale") {
+            Ok(s) => {
+                ensure!(
+                    s.shape() == [d] && s.dtype() == Dtype::F32,
+                    "{}: step_scale has shape {:?}, expected [{d}]",
+                    path.display(),
+                    s.shape()
+                );
+                f(s.data())
+            }
+            Err(_) => vec![1.0; d],
+        };
         Ok(Self {
-            d: w.shape()[0],
+            d,
             classes: w.shape()[1],
             w: f(w.data()),
             b: f(b.data()),
             class_names: names,
+            step_scale,
         })
     }
 }
@@ -208,11 +234,9 @@ impl Head {
 /// A head fitted as a linear probe ([`Head::from_probe`]).
 pub struct ProbeHead {
     pub head: Head,
-    /// The probe's accuracy on its own validation split.
+    /// The probe's accuracy on its own validation split. The head's `step_scale` is one over
+    /// each pooled feature's standard deviation ([`Finetuner::set_head_step_scale`]).
     pub val_accuracy: f64,
-    /// One over each pooled feature's standard deviation: the head's step scale
-    /// ([`Finetuner::set_head_step_scale`]).
-    pub feature_scale: Vec<f32>,
 }
 
 /// Reflection-pads a token image by `pad` on every side, crops a random `side x side` window,
@@ -258,6 +282,16 @@ pub fn augment(
     }
 }
 
+/// The learning rate of fine-tuning step `step` (from 1): ramped linearly up to `lr` over the
+/// first `warmup` steps, then constant (fine-tuning has no decay).
+pub fn warmup_lr(lr: f32, step: u64, warmup: u64) -> f32 {
+    if step < warmup {
+        lr * step as f32 / warmup as f32
+    } else {
+        lr
+    }
+}
+
 /// A model and its head, trained together.
 pub struct Finetuner {
     pub engine: Engine<CpuBackend>,
@@ -269,8 +303,6 @@ pub struct Finetuner {
     d_lnf: Vec<f32>,
     grad_w: Vec<f32>,
     grad_b: Vec<f32>,
-    /// Per input feature, a factor on the head's Adam steps (1 by default).
-    head_step_scale: Vec<f32>,
     /// A BERT model's training masks (fresh ones every step, as in pre-training).
     mask: Vec<bool>,
     perm: Vec<usize>,
@@ -290,7 +322,6 @@ impl Finetuner {
     pub fn new(engine: Engine<CpuBackend>, head: Head, mask_seed: u64) -> Self {
         let n = head.w.len() + head.b.len();
         Self {
-            head_step_scale: vec![1.0; head.d],
             mask: Vec::new(),
             perm: Vec::new(),
             mask_seed,
@@ -316,7 +347,7 @@ impl Finetuner {
             scale.len(),
             self.head.d
         );
-        self.head_step_scale = scale;
+        self.head.step_scale = scale;
         Ok(())
     }
 
@@ -398,7 +429,7 @@ impl Finetuner {
             self.head_v[i] = b2 * self.head_v[i] + (1.0 - b2) * g * g;
             let upd = lr * (self.head_m[i] / c1) / ((self.head_v[i] / c2).sqrt() + 1e-8);
             if i < nw {
-                self.head.w[i] -= upd * self.head_step_scale[i / self.head.classes];
+                self.head.w[i] -= upd * self.head.step_scale[i / self.head.classes];
             } else {
                 self.head.b[i - nw] -= upd;
             }

@@ -189,7 +189,7 @@ pub struct LbfgsOptions {
 impl Default for LbfgsOptions {
     fn default() -> Self {
         Self {
-            max_iterations: 1000,
+            max_iterations: 3000,
             gradient_tolerance: 1e-4,
             memory: 10,
         }
@@ -337,7 +337,7 @@ pub fn fit(
 }
 
 /// The penalties tried, strongest last.
-pub const L2_GRID: [f64; 6] = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
+pub const L2_GRID: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
 
 /// The L2 strength with the best validation accuracy, using only the training set: a fixed
 /// shuffle by `seed` holds out `val_fraction` of it. Returns it and every (l2, accuracy) tried.

@@ -169,7 +169,7 @@ fn a_head_from_a_probe_scores_raw_features_as_the_probe_scores_standardised_ones
     let p = Head::from_probe(&x, &y, d, c, vec!["a".into(); 3]).unwrap();
     let (head, val) = (p.head, p.val_accuracy);
     // The step scale is one over each feature's spread.
-    for (j, &sc) in p.feature_scale.iter().enumerate() {
+    for (j, &sc) in head.step_scale.iter().enumerate() {
         let ratio = sc * scale[j];
         assert!(ratio > 1.0 && ratio < 6.0, "feature {j}: scale {sc}");
     }
@@ -229,6 +229,43 @@ fn head_steps_scale_per_input_feature() {
     e.set_params(&params).unwrap();
     let mut ft = igpt::finetune::Finetuner::new(e, start.clone(), 0);
     assert!(ft.set_head_step_scale(vec![1.0; 3]).is_err());
+
+    // The scale travels with the saved head, so continuing a fine-tuned model steps it the
+    // same way; a head that was never scaled loads with ones.
+    let path = tempdir("head-step-scale").join("head.safetensors");
+    let mut saved = start.clone();
+    saved.step_scale = scale.clone();
+    saved.save(&path).unwrap();
+    assert_eq!(Head::load(&path).unwrap(), saved);
+    start.save(&path).unwrap();
+    assert_eq!(Head::load(&path).unwrap().step_scale, vec![1.0; 8]);
+    let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+    e.set_params(&params).unwrap();
+    let mut ft = igpt::finetune::Finetuner::new(e, saved, 0);
+    ft.step(&tokens, &labels, 1e-3, true).unwrap();
+    let scaled = step_with(Some(scale));
+    assert_eq!(
+        ft.head.w, scaled.w,
+        "a loaded scaled head steps as a freshly scaled one"
+    );
+}
+
+#[test]
+fn warmup_ramps_the_learning_rate_then_holds_it() {
+    use igpt::finetune::warmup_lr;
+    assert_eq!(
+        warmup_lr(1e-3, 1, 0),
+        1e-3,
+        "no warm-up: full rate from the first step"
+    );
+    assert!((warmup_lr(1e-3, 1, 4) - 0.25e-3).abs() < 1e-9);
+    assert!((warmup_lr(1e-3, 3, 4) - 0.75e-3).abs() < 1e-9);
+    assert_eq!(warmup_lr(1e-3, 4, 4), 1e-3);
+    assert_eq!(
+        warmup_lr(1e-3, 500, 4),
+        1e-3,
+        "constant after the ramp, no decay"
+    );
 }
 
 #[test]
@@ -307,6 +344,8 @@ fn finetune_and_classify_commands() {
         "10",
         "--lr",
         "0.003",
+        "--warmup",
+        "5",
         "--pad-crop",
         "1",
         "--out",
@@ -324,7 +363,11 @@ fn finetune_and_classify_commands() {
         text.contains("test accuracy of the best checkpoint"),
         "{text}"
     );
-    assert!(out.join("head.safetensors").exists());
+    let saved = Head::load(&out.join("head.safetensors")).unwrap();
+    assert!(
+        saved.step_scale.iter().any(|&v| v != 1.0),
+        "the probe head's step scale is saved with it"
+    );
     let o = igpt(&[
         "classify",
         "--model",

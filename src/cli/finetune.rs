@@ -40,6 +40,11 @@ pub struct FinetuneArgs {
     /// Constant learning rate (no cosine schedule; about 10x below pre-training works well).
     #[arg(long, default_value_t = 3e-4)]
     lr: f32,
+    /// Ramp the learning rate up linearly over this many first steps (0: full rate at once).
+    /// A probe-initialised head sends large gradients into the model at the start; a ramp
+    /// keeps them from knocking the pre-trained features about before the head has adapted.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
     /// Train on the classification loss alone (default: generative + classification).
     #[arg(long)]
     clf_only: bool,
@@ -156,7 +161,6 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let batch = a.batch.max(1);
     let mut engine = Engine::new(m.model(), batch, true, CpuBackend::new())?;
     engine.set_params(&m.params)?;
-    let mut step_scale = None;
     let head = match head {
         Some(h) => h,
         None if a.zero_head => Head::new(m.model().n_embd, classes, names),
@@ -176,7 +180,6 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             bar.finish_and_clear();
             let p = Head::from_probe(&pooled, &y, m.model().n_embd, classes, names.clone())?;
             let (h, acc) = (p.head, p.val_accuracy);
-            step_scale = Some(p.feature_scale);
             println!(
                 "head initialised by a linear probe on {n_probe} training images \
                  ({:.2}% on its validation split)",
@@ -186,9 +189,6 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         }
     };
     let mut ft = Finetuner::new(engine, head, a.seed ^ 0xb327);
-    if let Some(scale) = step_scale {
-        ft.set_head_step_scale(scale)?;
-    }
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed ^ 0xf17e);
     let mut buf = vec![0u16; batch * t];
     let mut ys = vec![0u32; batch];
@@ -236,7 +236,8 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             }
             ys[s] = labels[i];
         }
-        let st = ft.step(&buf, &ys, a.lr, !a.clf_only)?;
+        let lr = finetune::warmup_lr(a.lr, step, a.warmup);
+        let st = ft.step(&buf, &ys, lr, !a.clf_only)?;
         if step % a.eval_every == 0 || step == a.steps {
             let pred = finetune::classify(&mut ft.engine, &ft.head, &val, masks)?;
             let acc = igpt::probe::accuracy(&pred, &val_y);

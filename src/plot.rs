@@ -135,6 +135,36 @@ pub fn loss_curve_from_metrics(metrics: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The chart corner whose box (40% of the width, 30% of the height) holds the fewest points,
+/// so the legend hides as little data as it can (lower right among ties).
+pub fn legend_corner(
+    points: &[(f64, f64)],
+    (x0, x1): (f64, f64),
+    (y0, y1): (f64, f64),
+) -> SeriesLabelPosition {
+    let (w, h) = ((x1 - x0) * 0.4, (y1 - y0) * 0.3);
+    let count = |right: bool, top: bool| {
+        points
+            .iter()
+            .filter(|(x, y)| {
+                let in_x = if right { *x >= x1 - w } else { *x <= x0 + w };
+                let in_y = if top { *y >= y1 - h } else { *y <= y0 + h };
+                in_x && in_y
+            })
+            .count()
+    };
+    [
+        (SeriesLabelPosition::LowerRight, count(true, false)),
+        (SeriesLabelPosition::UpperRight, count(true, true)),
+        (SeriesLabelPosition::LowerLeft, count(false, false)),
+        (SeriesLabelPosition::UpperLeft, count(false, true)),
+    ]
+    .into_iter()
+    .min_by_key(|c| c.1)
+    .map(|c| c.0)
+    .unwrap_or(SeriesLabelPosition::LowerRight)
+}
+
 /// One named line (points joined in x order) of an [`xy_chart`].
 pub struct Series<'a> {
     pub label: &'a str,
@@ -218,14 +248,48 @@ pub fn xy_chart(
         chart.draw_series(std::iter::once(Circle::new(p, 9, RED.stroke_width(3))))?;
     }
     if text {
+        let x_range = (x0 - xpad, x1 + xpad);
+        let y_range = (y0 - ypad, y1 + ypad);
+        let mut all: Vec<(f64, f64)> = pts().collect();
+        if let Some((_, y)) = reference {
+            all.extend([x0, (x0 + x1) / 2.0, x1].map(|x| (x, y)));
+        }
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
+            .position(legend_corner(&all, x_range, y_range))
             .draw()?;
     }
     root.present()
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_legend_goes_to_the_emptiest_corner() {
+        let (xr, yr) = ((0.0, 1.0), (0.0, 1.0));
+        // Accuracy falling as loss rises: the lower right holds a point, the upper right none.
+        let falling = [(0.05, 0.95), (0.5, 0.5), (0.95, 0.05)];
+        assert!(matches!(
+            legend_corner(&falling, xr, yr),
+            SeriesLabelPosition::UpperRight
+        ));
+        // Rising: lower right is free and wins the tie with the upper left.
+        let rising = [(0.05, 0.05), (0.5, 0.5), (0.95, 0.95)];
+        assert!(matches!(
+            legend_corner(&rising, xr, yr),
+            SeriesLabelPosition::LowerRight
+        ));
+        // Points in three corners leave the fourth.
+        let three = [(0.05, 0.05), (0.95, 0.05), (0.95, 0.95)];
+        assert!(matches!(
+            legend_corner(&three, xr, yr),
+            SeriesLabelPosition::UpperLeft
+        ));
+    }
 }

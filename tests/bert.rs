@@ -101,6 +101,40 @@ fn loss_counts_only_masked_positions() {
 }
 
 #[test]
+fn held_out_loss_averages_over_fixed_masks() {
+    use igpt::train::{evaluate, evaluate_masks};
+    let cfg = bert_cfg();
+    let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
+    let p = params(&cfg, 4);
+    // Batches of 2 over 5 images, so masks are keyed across batch boundaries.
+    let mut e = Engine::new(&cfg, 2, false, CpuBackend::new()).unwrap();
+    e.set_params(&p).unwrap();
+    let ids: Vec<u16> = (0..5 * t).map(|i| ((i * 5 + i / 7) % v) as u16).collect();
+    let data = igpt::data::TokenSet::from_tokens(ids.clone(), t, v, None).unwrap();
+    let mut buf = Vec::new();
+    let three = evaluate_masks(&mut e, &data, 0, 3, &mut buf).unwrap();
+    // Directly: every image under each of its three masks, one image at a time.
+    let mut one = Engine::new(&cfg, 1, false, CpuBackend::new()).unwrap();
+    one.set_params(&p).unwrap();
+    let (mut perm, mut mask) = (Vec::new(), vec![false; t]);
+    let mut sum = 0.0;
+    for img in 0..5 {
+        for k in 0..3 {
+            igpt::probe::eval_masks(img, 1, t, 3, k, &mut perm, &mut mask);
+            sum += one
+                .forward_masked(&ids[img * t..(img + 1) * t], &mask, None)
+                .unwrap();
+        }
+    }
+    let want = sum / (5 * 3 * mask_count(t)) as f64;
+    assert!((three - want).abs() < 1e-5, "{three} vs {want}");
+    // One mask is the training evaluation's; different masks give a different number.
+    let single = evaluate_masks(&mut e, &data, 0, 1, &mut buf).unwrap();
+    assert_eq!(single, evaluate(&mut e, &data, 0, &mut buf).unwrap());
+    assert!((single - three).abs() > 1e-6);
+}
+
+#[test]
 fn attention_is_bidirectional() {
     let cfg = bert_cfg();
     let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
@@ -244,6 +278,43 @@ fn bert_models_train_from_the_command_line() {
         "20",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    let nats = |o: &std::process::Output| -> String {
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        text.split(" nats/token")
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let one_mask = nats(&o);
+    let o = igpt(&[
+        "eval",
+        "--model",
+        s(&run),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "20",
+        "--masks",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(nats(&o), one_mask, "four masks score other hidden pixels");
+    let o = igpt(&[
+        "eval",
+        "--model",
+        s(&run),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "20",
+        "--masks",
+        "0",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("at least 1"), "{}", stderr(&o));
     let o = igpt(&["sample", "--model", s(&run), "--out", s(&dir.join("x.png"))]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("BERT"), "{}", stderr(&o));

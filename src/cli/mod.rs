@@ -221,6 +221,10 @@ struct EvalArgs {
     /// Score only the first N images.
     #[arg(long)]
     limit: Option<usize>,
+    /// BERT models: average the loss per hidden pixel over this many fixed masks per image
+    /// (1, the default, is the mask the training validation uses).
+    #[arg(long)]
+    masks: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -542,7 +546,18 @@ fn eval(a: EvalArgs) -> Result<()> {
     let mut engine = Engine::new(&cfg.model, a.batch.max(1), false, CpuBackend::new())?;
     engine.set_params(params)?;
     let t0 = std::time::Instant::now();
-    let nats = igpt::train::evaluate(&mut engine, &tokens, a.limit.unwrap_or(0), &mut Vec::new())?;
+    let masks = match a.masks {
+        Some(k) if cfg.model.causal() && k > 0 => {
+            anyhow::bail!("--masks is for BERT models; this one is autoregressive (leave it out)")
+        }
+        Some(0) => {
+            anyhow::bail!("--masks must be at least 1: a BERT model is scored on hidden pixels")
+        }
+        Some(k) => k,
+        None => 1,
+    };
+    let limit = a.limit.unwrap_or(0);
+    let nats = igpt::train::evaluate_masks(&mut engine, &tokens, limit, masks, &mut Vec::new())?;
     println!(
         "{} images, {} tokens each: {:.4} nats/token, {:.4} bits/token ({:.1} s)",
         a.limit.map_or(tokens.len(), |l| l.min(tokens.len())),

@@ -396,8 +396,15 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         }
         if a.model.len() > 1 {
             let tokens = TokenSet::quantise(&test_set, &m.palette, "test")?;
-            // BERT models: nats per hidden pixel, under fixed masks.
-            let nll = igpt::train::evaluate(&mut engine, &tokens, 0, &mut Vec::new())?;
+            // BERT models: nats per hidden pixel, averaged over fixed masks (as many as the
+            // features use, or the default when those read whole images).
+            let nll_masks = if masks > 0 {
+                masks
+            } else {
+                probe::BERT_EVAL_MASKS
+            };
+            let nll =
+                igpt::train::evaluate_masks(&mut engine, &tokens, 0, nll_masks, &mut Vec::new())?;
             println!("held-out NLL: {nll:.4} nats/token");
             best_per_model.push((nll, 100.0 * best.test_accuracy));
         }

@@ -316,11 +316,26 @@ impl<B: Backend> Trainer<B> {
 }
 
 /// Mean loss in nats per token of `engine`'s model over (the first `max_images`, 0 = all,
-/// of) `data`, with the start token as in training. `buf` is reused batch storage.
+/// of) `data`, with the start token as in training; a BERT model's loss is per hidden pixel
+/// under one fixed mask per image (the same at every evaluation, so runs compare). `buf` is
+/// reused batch storage.
 pub fn evaluate<B: Backend>(
     engine: &mut Engine<B>,
     data: &TokenSet,
     max_images: usize,
+    buf: &mut Vec<u16>,
+) -> anyhow::Result<f64> {
+    evaluate_masks(engine, data, max_images, 1, buf)
+}
+
+/// [`evaluate`], with a BERT model's loss averaged over `masks` fixed masks per image (those
+/// of [`crate::probe::eval_masks`]; one mask gives [`evaluate`]'s). Autoregressive models
+/// ignore `masks`.
+pub fn evaluate_masks<B: Backend>(
+    engine: &mut Engine<B>,
+    data: &TokenSet,
+    max_images: usize,
+    masks: usize,
     buf: &mut Vec<u16>,
 ) -> anyhow::Result<f64> {
     let t = engine.cfg.n_ctx();
@@ -339,7 +354,7 @@ pub fn evaluate<B: Backend>(
     anyhow::ensure!(n > 0, "no images to evaluate on");
     buf.resize(engine.batch * t, 0);
     let bert = !engine.cfg.causal();
-    // BERT models: one fixed mask per image (by its index), the same at every evaluation.
+    let masks = if bert { masks.max(1) } else { 1 };
     let mut mask = if bert {
         vec![false; engine.batch * t]
     } else {
@@ -353,18 +368,18 @@ pub fn evaluate<B: Backend>(
         for i in 0..b {
             data.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
         }
-        sum += if bert {
-            for (i, m) in mask.chunks_mut(t).take(b).enumerate() {
-                bert_mask(EVAL_MASK_SEED, (start + i) as u64, &mut perm, m);
+        if bert {
+            for k in 0..masks {
+                crate::probe::eval_masks(start, b, t, masks, k, &mut perm, &mut mask);
+                sum += engine.forward_masked(&buf[..b * t], &mask[..b * t], None)?;
             }
-            engine.forward_masked(&buf[..b * t], &mask[..b * t], None)?
         } else {
-            engine.forward(&buf[..b * t])?
-        };
+            sum += engine.forward(&buf[..b * t])?;
+        }
         start += b;
     }
     let per_image = if bert { mask_count(t) } else { t };
-    Ok(sum / (n * per_image) as f64)
+    Ok(sum / (n * per_image * masks) as f64)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 # The README's Fashion-MNIST representation results, from the runs of fashion_probe_run.sh.
 #   scripts/fashion_results.sh ar|nll|bert|finetune
 # Probes use all 60,000 training images (10% of them choose the L2 strength) and the 10,000
-# test images; LIMIT uses only the first LIMIT training images.
+# test images; LIMIT uses only the first LIMIT training images. THREADS limits the worker threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IGPT=${IGPT:-target/release/igpt}
@@ -10,17 +10,20 @@ T=/usr/share/datasets/fashion-mnist
 TRAIN=$T/train-images-idx3-ubyte.gz
 TEST=$T/t10k-images-idx3-ubyte.gz
 LIMIT=(${LIMIT:+--limit "$LIMIT"})
+THREADS=(${THREADS:+--threads "$THREADS"})
 case "$1" in
-  ar)   $IGPT probe --model runs/fashion-ar --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
+  ar)   $IGPT probe "${THREADS[@]}" --model runs/fashion-ar --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
           --layers all --concat --chart docs/fashion-probe-ar.png ;;
-  bert) $IGPT probe --model runs/fashion-bert --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
+  bert) $IGPT probe "${THREADS[@]}" --model runs/fashion-bert --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
           --layers all --concat --masks "${MASKS:-5}" --chart docs/fashion-probe-bert.png ;;
   nll)  H=runs/fashion-ar/history
-        $IGPT probe --model $H/step-400 --model $H/step-1200 --model $H/step-2000 \
-          --model $H/step-2800 --model $H/step-3600 --model $H/step-4000 --data $TRAIN --limit 5000 \
+        $IGPT probe "${THREADS[@]}" --model $H/step-400 --model $H/step-1200 --model $H/step-2000 \
+          --model $H/step-2800 --model $H/step-4000 --model $H/step-4800 --model $H/step-6000 \
+          --data $TRAIN --limit 5000 \
           --test-data $TEST --test-limit 2000 --chart /tmp/fashion-nll-layers.png \
           --nll-chart docs/fashion-probe-vs-nll.png ;;
-  finetune) $IGPT finetune --model runs/fashion-ar --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
-          --steps "${STEPS:-1500}" --batch 16 --eval-every 300 --lr 1e-4 --out runs/fashion-ft ;;
+  finetune) $IGPT finetune "${THREADS[@]}" --model runs/fashion-ar --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
+          --steps "${STEPS:-3000}" --batch 16 --eval-every 300 --lr "${LR:-3e-5}" \
+          --warmup "${WARMUP:-300}" --out runs/fashion-ft ;;
   *) echo "usage: $0 ar|nll|bert|finetune" >&2; exit 2 ;;
 esac

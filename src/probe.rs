@@ -350,6 +350,20 @@ pub fn select_l2(
     seed: u64,
     opts: LbfgsOptions,
 ) -> Result<(f64, Vec<(f64, f64)>)> {
+    select_l2_and_fit(x, y, f, classes, val_fraction, seed, opts).map(|(l2, sweep, _)| (l2, sweep))
+}
+
+/// [`select_l2`], also returning the classifier fitted (on the split's other part) at the
+/// chosen strength: a close starting point for the fit on the whole training set.
+fn select_l2_and_fit(
+    x: &[f32],
+    y: &[u32],
+    f: usize,
+    classes: usize,
+    val_fraction: f64,
+    seed: u64,
+    opts: LbfgsOptions,
+) -> Result<(f64, Vec<(f64, f64)>, Logistic)> {
     let n = y.len();
     let n_val = ((n as f64 * val_fraction).round() as usize).clamp(1, n.saturating_sub(1));
     ensure!(
@@ -371,20 +385,24 @@ pub fn select_l2(
     let st = Standardiser::fit(&fx, f);
     let (fx, vx) = (st.apply(&fx), st.apply(&vx));
     let mut sweep = Vec::new();
-    let mut prev: Option<Logistic> = None;
+    let mut fitted: Vec<Logistic> = Vec::new();
     // From strong to weak penalty: each fit starts from the previous, smoother solution.
     for &l2 in L2_GRID.iter().rev() {
-        let (m, _) = fit(&fx, &fy, f, classes, l2, prev.as_ref(), opts);
+        let (m, _) = fit(&fx, &fy, f, classes, l2, fitted.last(), opts);
         sweep.push((l2, accuracy(&m.predict(&vx), &vy)));
-        prev = Some(m);
+        fitted.push(m);
     }
+    // Best accuracy; among ties the stronger penalty (the earlier fit).
+    let mut best = 0;
+    for (i, s) in sweep.iter().enumerate() {
+        if s.1 > sweep[best].1 {
+            best = i;
+        }
+    }
+    let l2 = sweep[best].0;
+    let model = fitted.swap_remove(best);
     sweep.reverse();
-    // Best accuracy; among ties the stronger penalty.
-    let best = sweep.iter().fold(
-        (f64::NAN, -1.0),
-        |b, &(l2, acc)| if acc >= b.1 { (l2, acc) } else { b },
-    );
-    Ok((best.0, sweep))
+    Ok((l2, sweep, model))
 }
 
 /// A whole probe: penalty chosen on the training set's validation split, then a fit on the
@@ -422,11 +440,13 @@ pub fn probe(
         anyhow::bail!("label {bad} is outside the {classes} classes");
     }
     let opts = LbfgsOptions::default();
-    let (l2, sweep) = select_l2(train_x, train_y, f, classes, val_fraction, seed, opts)?;
+    let (l2, sweep, start) =
+        select_l2_and_fit(train_x, train_y, f, classes, val_fraction, seed, opts)?;
     let val_accuracy = sweep.iter().find(|s| s.0 == l2).map_or(0.0, |s| s.1);
     let st = Standardiser::fit(train_x, f);
     let tx = st.apply(train_x);
-    let (m, report) = fit(&tx, train_y, f, classes, l2, None, opts);
+    // The problem is convex, so the start changes only how soon the fit gets there.
+    let (m, report) = fit(&tx, train_y, f, classes, l2, Some(&start), opts);
     let train_accuracy = accuracy(&m.predict(&tx), train_y);
     let test_accuracy = accuracy(&m.predict(&st.apply(test_x)), test_y);
     Ok(ProbeResult {

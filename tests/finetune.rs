@@ -70,6 +70,87 @@ fn head_gradients_match_finite_differences() {
     }
 }
 
+/// The classification loss's gradient reaches every kind of model parameter correctly: for a
+/// few entries of each tensor, the gradient through the final norm and the blocks equals a
+/// finite difference of the head's loss on the model's output.
+#[test]
+fn classification_gradients_of_the_model_match_finite_differences() {
+    for objective in [Objective::Autoregressive, Objective::Bert] {
+        let cfg = ModelConfig {
+            n_layer: 2,
+            n_embd: 8,
+            n_head: 2,
+            n_vocab: 5,
+            side: 3,
+            channels: 1,
+            objective,
+        };
+        let t = cfg.n_ctx();
+        let mut p = init_params(&cfg, 7);
+        let noise = rand_vec(p.len(), 8, 0.3);
+        p.iter_mut().zip(noise).for_each(|(a, b)| *a += b);
+        let tokens: Vec<u16> = (0..2 * t).map(|i| ((i * 3 + i / 4) % 5) as u16).collect();
+        let masked: Vec<bool> = (0..2 * t).map(|i| i % t == 2 || i % t == 7).collect();
+        let bert = objective == Objective::Bert;
+        let labels = [1u32, 2];
+        let mut head = Head::new(8, 3, vec![]);
+        head.w = rand_vec(24, 9, 4.0);
+        let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+        e.set_params(&p).unwrap();
+        e.zero_grads();
+        let mut d = Vec::new();
+        e.forward_backward_with_head(
+            &tokens,
+            bert.then_some(&masked[..]),
+            0.0,
+            &mut d,
+            |lnf, dl| {
+                let (mut gw, mut gb) = (vec![0.0; 24], vec![0.0; 3]);
+                head.loss_and_grads(lnf, &labels, t, 1.0, &mut gw, &mut gb, dl);
+            },
+        )
+        .unwrap();
+        let mut grads = vec![0.0; e.layout.total];
+        e.read_arena(Arena::Grads, &mut grads);
+        let mut probe = Engine::new(&cfg, 2, false, CpuBackend::new()).unwrap();
+        let mut clf_loss = |params: &[f32]| -> f64 {
+            probe.set_params(params).unwrap();
+            if bert {
+                probe.forward_masked(&tokens, &masked, None).unwrap();
+            } else {
+                probe.forward(&tokens).unwrap();
+            }
+            let mut lnf = Vec::new();
+            probe.final_norm_output(&mut lnf);
+            let (mut gw, mut gb, mut dl) = (vec![0.0; 24], vec![0.0; 3], vec![0.0; lnf.len()]);
+            head.loss_and_grads(&lnf, &labels, t, 1.0, &mut gw, &mut gb, &mut dl)
+        };
+        let eps = 1e-2f32;
+        let mut checked = 0;
+        for spec in e.layout.tensors.clone() {
+            for i in [
+                spec.offset,
+                spec.offset + spec.len / 2,
+                spec.offset + spec.len - 1,
+            ] {
+                let (mut up, mut down) = (p.clone(), p.clone());
+                up[i] += eps;
+                down[i] -= eps;
+                let fd = (clf_loss(&up) - clf_loss(&down)) / (2.0 * eps as f64);
+                let g = grads[i] as f64;
+                assert!(
+                    (fd - g).abs() < 3e-2 * fd.abs().max(0.05),
+                    "{objective:?} {} [{}]: finite difference {fd}, analytic {g}",
+                    spec.name,
+                    i - spec.offset
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 12);
+    }
+}
+
 #[test]
 fn joint_gradients_are_the_sum_of_generative_and_classification() {
     joint_gradients_for(Objective::Autoregressive);

@@ -349,9 +349,12 @@ pub fn select_l2(
     val_fraction: f64,
     seed: u64,
     opts: LbfgsOptions,
-) -> Result<(f64, Vec<(f64, f64)>)> {
+) -> Result<(f64, L2Sweep)> {
     select_l2_and_fit(x, y, f, classes, val_fraction, seed, opts).map(|(l2, sweep, _)| (l2, sweep))
 }
+
+/// Each L2 strength tried and the validation accuracy it gave.
+type L2Sweep = Vec<(f64, f64)>;
 
 /// [`select_l2`], also returning the classifier fitted (on the split's other part) at the
 /// chosen strength: a close starting point for the fit on the whole training set.
@@ -363,7 +366,7 @@ fn select_l2_and_fit(
     val_fraction: f64,
     seed: u64,
     opts: LbfgsOptions,
-) -> Result<(f64, Vec<(f64, f64)>, Logistic)> {
+) -> Result<(f64, L2Sweep, Logistic)> {
     let n = y.len();
     let n_val = ((n as f64 * val_fraction).round() as usize).clamp(1, n.saturating_sub(1));
     ensure!(

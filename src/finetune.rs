@@ -48,13 +48,9 @@ impl Head {
         classes: usize,
         class_names: Vec<String>,
     ) -> Result<ProbeHead> {
-        use crate::probe::{LbfgsOptions, Standardiser, fit, select_l2};
-        let opts = LbfgsOptions::default();
-        let (l2, sweep) = select_l2(pooled, y, d, classes, 0.1, 0, opts)?;
-        let val = sweep.iter().find(|s| s.0 == l2).map_or(0.0, |s| s.1);
-        let st = Standardiser::fit(pooled, d);
-        let (m, _) = fit(&st.apply(pooled), y, d, classes, l2, None, opts);
-        let (w, b) = m.unstandardised(&st);
+        let fitted = crate::probe::fit_chosen_l2(pooled, y, d, classes, 0.1, 0)?;
+        let st = &fitted.standardiser;
+        let (w, b) = fitted.model.unstandardised(st);
         Ok(ProbeHead {
             head: Self {
                 d,
@@ -64,7 +60,7 @@ impl Head {
                 class_names,
                 step_scale: st.inv_std().iter().map(|&v| v as f32).collect(),
             },
-            val_accuracy: val,
+            val_accuracy: fitted.val_accuracy,
         })
     }
 

@@ -408,6 +408,49 @@ fn select_l2_and_fit(
     Ok((l2, sweep, model))
 }
 
+/// A classifier fitted on a whole training set at the L2 strength its validation split chose.
+pub struct ChosenFit {
+    pub standardiser: Standardiser,
+    /// Reads features standardised by `standardiser`.
+    pub model: Logistic,
+    pub l2: f64,
+    pub val_accuracy: f64,
+    pub report: FitReport,
+}
+
+/// Chooses the L2 strength on a `val_fraction` split of `(x, y)` ([`select_l2`]), then fits on
+/// all of it, starting from the split's fit at that strength (the problem is convex, so the
+/// start changes only how soon the fit gets there).
+pub fn fit_chosen_l2(
+    x: &[f32],
+    y: &[u32],
+    f: usize,
+    classes: usize,
+    val_fraction: f64,
+    seed: u64,
+) -> Result<ChosenFit> {
+    let opts = LbfgsOptions::default();
+    let (l2, sweep, start) = select_l2_and_fit(x, y, f, classes, val_fraction, seed, opts)?;
+    let val_accuracy = sweep.iter().find(|s| s.0 == l2).map_or(0.0, |s| s.1);
+    let standardiser = Standardiser::fit(x, f);
+    let (model, report) = fit(
+        &standardiser.apply(x),
+        y,
+        f,
+        classes,
+        l2,
+        Some(&start),
+        opts,
+    );
+    Ok(ChosenFit {
+        standardiser,
+        model,
+        l2,
+        val_accuracy,
+        report,
+    })
+}
+
 /// A whole probe: penalty chosen on the training set's validation split, then a fit on the
 /// whole training set and its test accuracy.
 #[derive(Debug, Clone)]
@@ -442,22 +485,17 @@ pub fn probe(
     {
         anyhow::bail!("label {bad} is outside the {classes} classes");
     }
-    let opts = LbfgsOptions::default();
-    let (l2, sweep, start) =
-        select_l2_and_fit(train_x, train_y, f, classes, val_fraction, seed, opts)?;
-    let val_accuracy = sweep.iter().find(|s| s.0 == l2).map_or(0.0, |s| s.1);
-    let st = Standardiser::fit(train_x, f);
+    let fitted = fit_chosen_l2(train_x, train_y, f, classes, val_fraction, seed)?;
+    let (st, m) = (&fitted.standardiser, &fitted.model);
     let tx = st.apply(train_x);
-    // The problem is convex, so the start changes only how soon the fit gets there.
-    let (m, report) = fit(&tx, train_y, f, classes, l2, Some(&start), opts);
     let train_accuracy = accuracy(&m.predict(&tx), train_y);
     let test_accuracy = accuracy(&m.predict(&st.apply(test_x)), test_y);
     Ok(ProbeResult {
-        l2,
-        val_accuracy,
+        l2: fitted.l2,
+        val_accuracy: fitted.val_accuracy,
         train_accuracy,
         test_accuracy,
-        report,
+        report: fitted.report,
     })
 }
 

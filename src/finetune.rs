@@ -347,14 +347,16 @@ impl Finetuner {
         Ok(())
     }
 
-    /// One Adam step on `L_CLF` (+ `L_GEN` when `with_gen`) for a batch of images. A BERT
-    /// model sees each image with 15% of its pixels hidden (a fresh mask every step) and its
-    /// `L_GEN` is the masked objective over them.
+    /// One Adam step on `L_CLF` (+ `L_GEN` when `with_gen`) for a batch of images, at rate
+    /// `lr` for the model and `head_lr` for the head. A BERT model sees each image with 15% of
+    /// its pixels hidden (a fresh mask every step) and its `L_GEN` is the masked objective over
+    /// them.
     pub fn step(
         &mut self,
         tokens: &[u16],
         labels: &[u32],
         lr: f32,
+        head_lr: f32,
         with_gen: bool,
     ) -> Result<FinetuneStats> {
         let t = self.engine.cfg.n_ctx();
@@ -423,7 +425,7 @@ impl Finetuner {
         for (i, g) in self.grad_w.iter().chain(&self.grad_b).enumerate() {
             self.head_m[i] = b1 * self.head_m[i] + (1.0 - b1) * g;
             self.head_v[i] = b2 * self.head_v[i] + (1.0 - b2) * g * g;
-            let upd = lr * (self.head_m[i] / c1) / ((self.head_v[i] / c2).sqrt() + 1e-8);
+            let upd = head_lr * (self.head_m[i] / c1) / ((self.head_v[i] / c2).sqrt() + 1e-8);
             if i < nw {
                 self.head.w[i] -= upd * self.head.step_scale[i / self.head.classes];
             } else {

@@ -293,7 +293,7 @@ fn head_steps_scale_per_input_feature() {
         if let Some(s) = scale {
             ft.set_head_step_scale(s).unwrap();
         }
-        ft.step(&tokens, &labels, 1e-3, true).unwrap();
+        ft.step(&tokens, &labels, 1e-3, 1e-3, true).unwrap();
         ft.head
     };
     let (plain, scaled) = (step_with(None), step_with(Some(scale.clone())));
@@ -323,7 +323,7 @@ fn head_steps_scale_per_input_feature() {
     let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
     e.set_params(&params).unwrap();
     let mut ft = igpt::finetune::Finetuner::new(e, saved, 0);
-    ft.step(&tokens, &labels, 1e-3, true).unwrap();
+    ft.step(&tokens, &labels, 1e-3, 1e-3, true).unwrap();
     let scaled = step_with(Some(scale));
     assert_eq!(
         ft.head.w, scaled.w,
@@ -489,4 +489,52 @@ fn finetune_and_classify_commands() {
     ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("head has 3 classes"), "{}", stderr(&o));
+}
+
+#[test]
+fn model_and_head_step_at_their_own_rates() {
+    let cfg = ModelConfig {
+        n_layer: 1,
+        n_embd: 8,
+        n_head: 2,
+        n_vocab: 5,
+        side: 3,
+        channels: 1,
+        objective: Objective::Autoregressive,
+    };
+    let t = cfg.n_ctx();
+    let params = init_params(&cfg, 4);
+    let tokens: Vec<u16> = (0..2 * t).map(|i| (i * 3 % 5) as u16).collect();
+    let labels = [0u32, 1];
+    let mut start = Head::new(8, 2, vec![]);
+    start.w = rand_vec(16, 5, 1.0);
+    let step = |lr: f32, head_lr: f32| -> (Vec<f32>, Head) {
+        let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+        e.set_params(&params).unwrap();
+        let mut ft = igpt::finetune::Finetuner::new(e, start.clone(), 0);
+        ft.step(&tokens, &labels, lr, head_lr, true).unwrap();
+        (ft.engine.params(), ft.head)
+    };
+    let (body_only_params, body_only_head) = step(1e-3, 0.0);
+    assert_eq!(body_only_head, start, "a zero head rate leaves the head");
+    assert_ne!(body_only_params, params, "the model still moves");
+    let (head_only_params, head_only_head) = step(0.0, 1e-3);
+    assert_eq!(
+        head_only_params, params,
+        "a zero model rate leaves the model"
+    );
+    let (_, fast_head) = step(0.0, 4e-3);
+    // Adam's first step is the rate times the gradient's sign (up to eps), so it scales with
+    // the rate alone.
+    for i in 0..16 {
+        let (slow, fast) = (
+            head_only_head.w[i] - start.w[i],
+            fast_head.w[i] - start.w[i],
+        );
+        assert!(slow.abs() > 1e-5, "weight {i} did not move");
+        assert!(
+            (fast - 4.0 * slow).abs() < 1e-5,
+            "weight {i}: {fast} vs {slow}"
+        );
+    }
 }

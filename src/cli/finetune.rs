@@ -45,6 +45,11 @@ pub struct FinetuneArgs {
     /// keeps them from knocking the pre-trained features about before the head has adapted.
     #[arg(long, default_value_t = 0)]
     warmup: u64,
+    /// The head's learning rate, constant from the first step (default: --lr, ramped with it).
+    /// The head's steps are in units of standardised features, so a rate well above the
+    /// model's lets it follow the features as fine-tuning moves them.
+    #[arg(long)]
+    head_lr: Option<f32>,
     /// Train on the classification loss alone (default: generative + classification).
     #[arg(long)]
     clf_only: bool,
@@ -237,7 +242,8 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
             ys[s] = labels[i];
         }
         let lr = finetune::warmup_lr(a.lr, step, a.warmup);
-        let st = ft.step(&buf, &ys, lr, !a.clf_only)?;
+        let head_lr = a.head_lr.unwrap_or(lr);
+        let st = ft.step(&buf, &ys, lr, head_lr, !a.clf_only)?;
         if step % a.eval_every == 0 || step == a.steps {
             let pred = finetune::classify(&mut ft.engine, &ft.head, &val, masks)?;
             let acc = igpt::probe::accuracy(&pred, &val_y);

@@ -66,32 +66,41 @@ impl Head {
 
     /// Mean over positions: `lnf: [n, t, d]` -> `[n, d]`.
     pub fn pool(lnf: &[f32], t: usize, d: usize) -> Vec<f32> {
-        lnf.chunks_exact(t * d)
-            .flat_map(|seq| {
-                let mut m = vec![0.0f32; d];
-                for row in seq.chunks_exact(d) {
-                    m.iter_mut().zip(row).for_each(|(a, x)| *a += x);
-                }
-                m.iter_mut().for_each(|a| *a /= t as f32);
-                m
-            })
-            .collect()
+        let mut out = Vec::new();
+        Self::pool_into(lnf, t, d, &mut out);
+        out
+    }
+
+    fn pool_into(lnf: &[f32], t: usize, d: usize, out: &mut Vec<f32>) {
+        out.clear();
+        out.resize(lnf.len() / t, 0.0);
+        for (m, seq) in out.chunks_exact_mut(d).zip(lnf.chunks_exact(t * d)) {
+            for row in seq.chunks_exact(d) {
+                m.iter_mut().zip(row).for_each(|(a, x)| *a += x);
+            }
+            m.iter_mut().for_each(|a| *a /= t as f32);
+        }
     }
 
     pub fn logits(&self, pooled: &[f32]) -> Vec<f32> {
-        let (d, c) = (self.d, self.classes);
-        pooled
-            .chunks_exact(d)
-            .flat_map(|p| {
-                (0..c).map(move |k| {
-                    self.b[k]
-                        + p.iter()
-                            .enumerate()
-                            .map(|(j, x)| x * self.w[j * c + k])
-                            .sum::<f32>()
-                })
-            })
-            .collect()
+        let mut out = Vec::new();
+        self.logits_into(pooled, &mut out);
+        out
+    }
+
+    fn logits_into(&self, pooled: &[f32], out: &mut Vec<f32>) {
+        let c = self.classes;
+        out.clear();
+        out.resize(pooled.len() / self.d * c, 0.0);
+        for (z, p) in out.chunks_exact_mut(c).zip(pooled.chunks_exact(self.d)) {
+            for (k, zk) in z.iter_mut().enumerate() {
+                *zk = self.b[k]
+                    + p.iter()
+                        .enumerate()
+                        .map(|(j, x)| x * self.w[j * c + k])
+                        .sum::<f32>();
+            }
+        }
     }
 
     pub fn predict(&self, pooled: &[f32]) -> Vec<u32> {
@@ -114,20 +123,49 @@ impl Head {
         gb: &mut [f32],
         d_lnf: &mut [f32],
     ) -> f64 {
+        let mut scratch = HeadScratch::default();
+        self.loss_grads_predict(lnf, labels, t, scale, gw, gb, d_lnf, &mut scratch)
+    }
+
+    /// [`Head::loss_and_grads`] with its working buffers kept by the caller (so that a
+    /// fine-tuning step allocates nothing once they have grown); leaves each image's predicted
+    /// class in `scratch.predicted`.
+    #[allow(clippy::too_many_arguments)]
+    fn loss_grads_predict(
+        &self,
+        lnf: &[f32],
+        labels: &[u32],
+        t: usize,
+        scale: f32,
+        gw: &mut [f32],
+        gb: &mut [f32],
+        d_lnf: &mut [f32],
+        scratch: &mut HeadScratch,
+    ) -> f64 {
         let (d, c) = (self.d, self.classes);
-        let pooled = Self::pool(lnf, t, d);
-        let logits = self.logits(&pooled);
+        let HeadScratch {
+            pooled,
+            logits,
+            dz,
+            dp,
+            predicted,
+        } = scratch;
+        Self::pool_into(lnf, t, d, pooled);
+        self.logits_into(pooled, logits);
+        dz.resize(c, 0.0);
+        dp.resize(d, 0.0);
+        predicted.clear();
         let mut loss = 0.0f64;
         for (s, (z, &y)) in logits.chunks_exact(c).zip(labels).enumerate() {
+            predicted.push(crate::probe::argmax(z));
             let max = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let sum: f32 = z.iter().map(|v| (v - max).exp()).sum();
             loss += (max + sum.ln() - z[y as usize]) as f64;
             let p = &pooled[s * d..(s + 1) * d];
-            let dz: Vec<f32> = (0..c)
-                .map(|k| {
-                    scale * ((z[k] - max).exp() / sum - if k == y as usize { 1.0 } else { 0.0 })
-                })
-                .collect();
+            for (k, g) in dz.iter_mut().enumerate() {
+                let target = if k == y as usize { 1.0 } else { 0.0 };
+                *g = scale * ((z[k] - max).exp() / sum - target);
+            }
             for k in 0..c {
                 gb[k] += dz[k];
                 for j in 0..d {
@@ -135,11 +173,11 @@ impl Head {
                 }
             }
             // d pooled = w dz, spread evenly over the positions that were averaged.
-            let dp: Vec<f32> = (0..d)
-                .map(|j| (0..c).map(|k| self.w[j * c + k] * dz[k]).sum::<f32>() / t as f32)
-                .collect();
+            for (j, g) in dp.iter_mut().enumerate() {
+                *g = (0..c).map(|k| self.w[j * c + k] * dz[k]).sum::<f32>() / t as f32;
+            }
             for row in d_lnf[s * t * d..(s + 1) * t * d].chunks_exact_mut(d) {
-                row.iter_mut().zip(&dp).for_each(|(a, g)| *a += g);
+                row.iter_mut().zip(dp.iter()).for_each(|(a, g)| *a += g);
             }
         }
         loss
@@ -288,6 +326,16 @@ pub fn warmup_lr(lr: f32, step: u64, warmup: u64) -> f32 {
     }
 }
 
+/// The head's working buffers during a step.
+#[derive(Debug, Default)]
+struct HeadScratch {
+    pooled: Vec<f32>,
+    logits: Vec<f32>,
+    dz: Vec<f32>,
+    dp: Vec<f32>,
+    predicted: Vec<u32>,
+}
+
 /// A model and its head, trained together.
 pub struct Finetuner {
     pub engine: Engine<CpuBackend>,
@@ -303,6 +351,7 @@ pub struct Finetuner {
     mask: Vec<bool>,
     perm: Vec<usize>,
     mask_seed: u64,
+    scratch: HeadScratch,
 }
 
 /// One fine-tuning step's losses (means per image / per token) and batch accuracy.
@@ -321,6 +370,7 @@ impl Finetuner {
             mask: Vec::new(),
             perm: Vec::new(),
             mask_seed,
+            scratch: HeadScratch::default(),
             engine,
             head,
             head_m: vec![0.0; n],
@@ -369,8 +419,8 @@ impl Finetuner {
         gb.clear();
         gb.resize(self.head.b.len(), 0.0);
         let mut clf = 0.0;
-        let mut pred = Vec::new();
         let head = &self.head;
+        let scratch = &mut self.scratch;
         let bert = !self.engine.cfg.causal();
         // Tokens the generative loss is averaged over.
         let scored = if bert {
@@ -392,8 +442,7 @@ impl Finetuner {
             gen_scale,
             &mut self.d_lnf,
             |lnf, d| {
-                clf = head.loss_and_grads(lnf, labels, t, 1.0 / n as f32, gw, gb, d);
-                pred = head.predict(&Head::pool(lnf, t, head.d));
+                clf = head.loss_grads_predict(lnf, labels, t, 1.0 / n as f32, gw, gb, d, scratch);
             },
         )?;
         self.step += 1;
@@ -435,7 +484,7 @@ impl Finetuner {
         Ok(FinetuneStats {
             gen_loss: gen_sum / scored as f64,
             clf_loss: clf / n as f64,
-            accuracy: crate::probe::accuracy(&pred, labels),
+            accuracy: crate::probe::accuracy(&self.scratch.predicted, labels),
         })
     }
 }

@@ -1,4 +1,4 @@
-//! A training step or a decoding step in the steady state allocates nothing on the heap: every activation,
+//! A training step or a fine-tuning step in the steady state allocates nothing on the heap: every activation,
 //! gradient and optimizer buffer was planned when the engine was built.
 //!
 //! The `gemm` crate allocates small packing buffers inside each product call; those are
@@ -47,7 +47,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 #[test]
-fn training_and_decoding_steps_do_not_allocate() {
+fn training_and_finetuning_steps_do_not_allocate() {
     rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build_global()
@@ -99,6 +99,28 @@ fn run_steps() {
         "allocations in 8 steps: engine {engine}, inside gemm {gemm} (largest {gemm_max} bytes)"
     );
     assert_eq!(engine, 0, "the engine allocated during training steps");
+
+    // Fine-tuning steps (model and classification head together) allocate nothing either.
+    let mut engine = igpt::model::Engine::new(&model, 4, true, CpuBackend::new()).unwrap();
+    engine.set_params(&params).unwrap();
+    let head = igpt::finetune::Head::new(model.n_embd, 3, vec![]);
+    let mut ft = igpt::finetune::Finetuner::new(engine, head, 0);
+    let mut batch = vec![0u16; 4 * t];
+    for (i, img) in batch.chunks_exact_mut(t).enumerate() {
+        data.copy_image(i, img);
+    }
+    let labels = [0u32, 2, 1, 2];
+    for _ in 0..2 {
+        ft.step(&batch, &labels, 1e-3, 1e-2, true).unwrap();
+    }
+    ENGINE_ALLOCS.store(0, Ordering::SeqCst);
+    ARMED.store(true, Ordering::SeqCst);
+    for _ in 0..4 {
+        ft.step(&batch, &labels, 1e-3, 1e-2, true).unwrap();
+    }
+    ARMED.store(false, Ordering::SeqCst);
+    let finetune = ENGINE_ALLOCS.load(Ordering::SeqCst);
+    assert_eq!(finetune, 0, "fine-tuning steps allocated {finetune} times");
     // gemm's packing scratch is bounded by cache-sized blocks, never by the tensor sizes.
     assert!(
         gemm_max <= 4 << 20,

@@ -538,3 +538,70 @@ fn model_and_head_step_at_their_own_rates() {
         );
     }
 }
+
+#[test]
+fn validation_during_fine_tuning_sees_the_stepped_model() {
+    // `classify` on the fine-tuning engine must score exactly what a fresh engine holding the
+    // stepped parameters scores: no stale copy of the weights on the evaluation path.
+    let cfg = ModelConfig {
+        n_layer: 2,
+        n_embd: 16,
+        n_head: 2,
+        n_vocab: 6,
+        side: 4,
+        channels: 1,
+        objective: Objective::Autoregressive,
+    };
+    let t = cfg.n_ctx();
+    let params = init_params(&cfg, 9);
+    let n = 12;
+    let tokens: Vec<u16> = (0..n * t).map(|i| ((i * 7 + i / 5) % 6) as u16).collect();
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
+    let set =
+        igpt::data::TokenSet::from_tokens(tokens.clone(), t, 6, Some(labels.clone())).unwrap();
+    let mut e = Engine::new(&cfg, 4, true, CpuBackend::new()).unwrap();
+    e.set_params(&params).unwrap();
+    let mut head = Head::new(16, 3, vec![]);
+    head.w = rand_vec(48, 2, 1.0);
+    let mut ft = igpt::finetune::Finetuner::new(e, head, 0);
+    for k in 0..20 {
+        let b = k % 3 * 4;
+        ft.step(
+            &tokens[b * t..(b + 4) * t],
+            &labels[b..b + 4],
+            3e-2,
+            3e-2,
+            true,
+        )
+        .unwrap();
+    }
+    let stepped = ft.engine.params();
+    assert_ne!(stepped, params, "the model moved");
+    let mut fresh = Engine::new(&cfg, 4, false, CpuBackend::new()).unwrap();
+    fresh.set_params(&stepped).unwrap();
+    let mut lnf_a = Vec::new();
+    let mut lnf_b = Vec::new();
+    ft.engine.forward(&tokens[..4 * t]).unwrap();
+    ft.engine.final_norm_output(&mut lnf_a);
+    fresh.forward(&tokens[..4 * t]).unwrap();
+    fresh.final_norm_output(&mut lnf_b);
+    assert_eq!(
+        lnf_a, lnf_b,
+        "the fine-tuning engine's forward pass is stale"
+    );
+    let a = igpt::finetune::classify(&mut ft.engine, &ft.head, &set, 0).unwrap();
+    let b = igpt::finetune::classify(&mut fresh, &ft.head, &set, 0).unwrap();
+    assert_eq!(a, b);
+    // And the head trains on the same features it is evaluated on.
+    let mut seen = Vec::new();
+    let mut d_lnf = Vec::new();
+    ft.engine
+        .forward_backward_with_head(&tokens[..4 * t], None, 1.0, &mut d_lnf, |lnf, _| {
+            seen = lnf.to_vec()
+        })
+        .unwrap();
+    assert_eq!(
+        seen, lnf_b,
+        "training and evaluation read different features"
+    );
+}

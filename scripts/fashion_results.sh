@@ -23,7 +23,7 @@ case "$1" in
           --test-data $TEST --test-limit 2000 --chart /tmp/fashion-nll-layers.png \
           --nll-chart docs/fashion-probe-vs-nll.png ;;
   finetune) $IGPT finetune "${THREADS[@]}" --model runs/fashion-ar --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
-          --steps "${STEPS:-3000}" --batch 16 --eval-every "${EVAL_EVERY:-500}" --lr "${LR:-3e-5}" \
-          --warmup "${WARMUP:-300}" --out runs/fashion-ft ;;
+          --steps "${STEPS:-750}" --batch "${BATCH:-64}" --eval-every "${EVAL_EVERY:-125}" --lr "${LR:-1e-5}" \
+          --warmup "${WARMUP:-75}" --patience 3 --out runs/fashion-ft ;;
   *) echo "usage: $0 ar|nll|bert|finetune" >&2; exit 2 ;;
 esac

@@ -268,9 +268,9 @@ fn a_head_from_a_probe_scores_raw_features_as_the_probe_scores_standardised_ones
     assert!(acc > 0.9, "training accuracy {acc}");
 }
 
-#[test]
-fn head_steps_scale_per_input_feature() {
-    let cfg = ModelConfig {
+/// One block, d = 8, on 3x3 images of 5 tokens: small enough to step in a blink.
+fn one_block_model() -> ModelConfig {
+    ModelConfig {
         n_layer: 1,
         n_embd: 8,
         n_head: 2,
@@ -278,7 +278,12 @@ fn head_steps_scale_per_input_feature() {
         side: 3,
         channels: 1,
         objective: Objective::Autoregressive,
-    };
+    }
+}
+
+#[test]
+fn head_steps_scale_per_input_feature() {
+    let cfg = one_block_model();
     let t = cfg.n_ctx();
     let params = init_params(&cfg, 1);
     let tokens: Vec<u16> = (0..2 * t).map(|i| (i * 2 % 5) as u16).collect();
@@ -493,15 +498,7 @@ fn finetune_and_classify_commands() {
 
 #[test]
 fn model_and_head_step_at_their_own_rates() {
-    let cfg = ModelConfig {
-        n_layer: 1,
-        n_embd: 8,
-        n_head: 2,
-        n_vocab: 5,
-        side: 3,
-        channels: 1,
-        objective: Objective::Autoregressive,
-    };
+    let cfg = one_block_model();
     let t = cfg.n_ctx();
     let params = init_params(&cfg, 4);
     let tokens: Vec<u16> = (0..2 * t).map(|i| (i * 3 % 5) as u16).collect();

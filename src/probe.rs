@@ -336,8 +336,50 @@ pub fn fit(
     )
 }
 
-/// The penalties tried, strongest last.
+/// The penalties tried first, strongest last. When the best lies at either end, the sweep goes on
+/// past that end (see [`sweep_l2`]).
 pub const L2_GRID: [f64; 7] = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0];
+
+/// Most extra decades the sweep tries past either end of [`L2_GRID`].
+pub const L2_EXTRA_DECADES: usize = 3;
+
+/// Scores every strength in [`L2_GRID`], strongest first, then, while the best score sits at an
+/// end of what was tried, one decade further past that end (at most [`L2_EXTRA_DECADES`]),
+/// stopping at the first that does not score strictly higher: a best strength at the grid's edge
+/// means the grid did not bracket the optimum. Returns the chosen strength (among ties the
+/// stronger) and every (strength, score) tried, weakest first.
+pub fn sweep_l2(mut score: impl FnMut(f64) -> f64) -> (f64, L2Sweep) {
+    let mut sweep: L2Sweep = L2_GRID.iter().rev().map(|&l2| (l2, score(l2))).collect();
+    let best_of = |sweep: &L2Sweep| {
+        let mut best = 0;
+        for (i, s) in sweep.iter().enumerate() {
+            let stronger = s.0 > sweep[best].0;
+            if s.1 > sweep[best].1 || (s.1 == sweep[best].1 && stronger) {
+                best = i;
+            }
+        }
+        sweep[best]
+    };
+    for _ in 0..L2_EXTRA_DECADES {
+        let (l2, acc) = best_of(&sweep);
+        let weakest = sweep.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
+        let strongest = sweep.iter().map(|s| s.0).fold(0.0, f64::max);
+        let next = if l2 == weakest {
+            l2 / 10.0
+        } else if l2 == strongest {
+            l2 * 10.0
+        } else {
+            break;
+        };
+        let s = score(next);
+        sweep.push((next, s));
+        if s <= acc {
+            break;
+        }
+    }
+    sweep.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (best_of(&sweep).0, sweep)
+}
 
 /// The L2 strength with the best validation accuracy, using only the training set: a fixed
 /// shuffle by `seed` holds out `val_fraction` of it. Returns it and every (l2, accuracy) tried.
@@ -353,7 +395,7 @@ pub fn select_l2(
     select_l2_and_fit(x, y, f, classes, val_fraction, seed, opts).map(|(l2, sweep, _)| (l2, sweep))
 }
 
-/// Each L2 strength tried and the validation accuracy it gave.
+/// Each L2 strength tried and the validation accuracy it gave, weakest first.
 type L2Sweep = Vec<(f64, f64)>;
 
 /// [`select_l2`], also returning the classifier fitted (on the split's other part) at the
@@ -387,24 +429,24 @@ fn select_l2_and_fit(
     let (vx, vy) = gather(val_idx);
     let st = Standardiser::fit(&fx, f);
     let (fx, vx) = (st.apply(&fx), st.apply(&vx));
-    let mut sweep = Vec::new();
-    let mut fitted: Vec<Logistic> = Vec::new();
-    // From strong to weak penalty: each fit starts from the previous, smoother solution.
-    for &l2 in L2_GRID.iter().rev() {
-        let (m, _) = fit(&fx, &fy, f, classes, l2, fitted.last(), opts);
-        sweep.push((l2, accuracy(&m.predict(&vx), &vy)));
-        fitted.push(m);
-    }
-    // Best accuracy; among ties the stronger penalty (the earlier fit).
-    let mut best = 0;
-    for (i, s) in sweep.iter().enumerate() {
-        if s.1 > sweep[best].1 {
-            best = i;
-        }
-    }
-    let l2 = sweep[best].0;
-    let model = fitted.swap_remove(best);
-    sweep.reverse();
+    let mut fitted: Vec<(f64, Logistic)> = Vec::new();
+    let (l2, sweep) = sweep_l2(|l2| {
+        // Each fit starts from the nearest strength's solution: the grid runs from strong to
+        // weak, so that is the previous, smoother one.
+        let start = fitted
+            .iter()
+            .min_by(|a, b| (a.0 / l2).ln().abs().total_cmp(&(b.0 / l2).ln().abs()))
+            .map(|(_, m)| m);
+        let (m, _) = fit(&fx, &fy, f, classes, l2, start, opts);
+        let acc = accuracy(&m.predict(&vx), &vy);
+        fitted.push((l2, m));
+        acc
+    });
+    let model = fitted
+        .into_iter()
+        .find(|(s, _)| *s == l2)
+        .map(|(_, m)| m)
+        .expect("the chosen strength was fitted");
     Ok((l2, sweep, model))
 }
 

@@ -263,6 +263,36 @@ fn lbfgs_solution_matches_plain_gradient_descent() {
     assert!(ours <= theirs + 1e-7, "{ours} vs {theirs}");
 }
 
+/// Strengths a sweep tried, weakest first, rounded to whole decades.
+fn decades(sweep: &[(f64, f64)]) -> Vec<i32> {
+    sweep.iter().map(|s| s.0.log10().round() as i32).collect()
+}
+
+#[test]
+fn the_l2_sweep_goes_past_an_edge_that_wins_and_stops_inside() {
+    // A score that peaks inside the grid: exactly the grid, its peak chosen.
+    let (l2, sweep) = probe::sweep_l2(|l2| -(l2.log10() + 3.0).abs());
+    assert_eq!(decades(&sweep), (-6..=0).collect::<Vec<_>>());
+    assert!((l2.log10() + 3.0).abs() < 1e-9, "{l2}");
+    // Peak two decades below the grid: the sweep goes one past the peak and stops there.
+    let (l2, sweep) = probe::sweep_l2(|l2| -(l2.log10() + 8.0).abs());
+    assert_eq!(decades(&sweep), (-9..=0).collect::<Vec<_>>());
+    assert!((l2.log10() + 8.0).abs() < 1e-9, "{l2}");
+    // Ever better with weaker penalties: at most L2_EXTRA_DECADES past the edge.
+    let (l2, sweep) = probe::sweep_l2(|l2| -l2);
+    let weakest = -6 - probe::L2_EXTRA_DECADES as i32;
+    assert_eq!(decades(&sweep)[0], weakest);
+    assert!((l2.log10() - weakest as f64).abs() < 1e-9, "{l2}");
+    // Peak above the grid: the sweep climbs past 1.
+    let (l2, sweep) = probe::sweep_l2(|l2| -(l2.log10() - 1.0).abs());
+    assert_eq!(decades(&sweep), (-6..=2).collect::<Vec<_>>());
+    assert!((l2.log10() - 1.0).abs() < 1e-9, "{l2}");
+    // Ties go to the stronger penalty (here inside the grid, so nothing is extended).
+    let (l2, sweep) = probe::sweep_l2(|l2| if l2 <= 1e-4 { 1.0 } else { 0.5 });
+    assert_eq!(sweep.len(), probe::L2_GRID.len());
+    assert!((l2.log10() + 4.0).abs() < 1e-9, "{l2}");
+}
+
 #[test]
 fn the_test_split_never_influences_the_choice_of_l2() {
     let (x, y) = blobs(4, 60, 6, 2.0, 7);
@@ -277,7 +307,12 @@ fn the_test_split_never_influences_the_choice_of_l2() {
     // And the choice is what the training-only selection gives.
     let (l2, sweep) = probe::select_l2(&x, &y, 6, 4, 0.2, 3, LbfgsOptions::default()).unwrap();
     assert_eq!(l2, clean.l2);
-    assert_eq!(sweep.len(), probe::L2_GRID.len());
+    for l2 in probe::L2_GRID {
+        assert!(
+            sweep.iter().any(|s| s.0 == l2),
+            "{l2} missing from {sweep:?}"
+        );
+    }
     // Mismatched widths and labels out of range are refused.
     assert!(probe::probe(&x, &y, &tx[..tx.len() - 1], &ty, 6, 4, 0.2, 3).is_err());
     let err = probe::probe(&x, &y, &tx, &ty, 6, 3, 0.2, 3).unwrap_err();

@@ -364,10 +364,11 @@ pub fn sweep_l2(mut score: impl FnMut(f64) -> f64) -> (f64, L2Sweep) {
         let (l2, acc) = best_of(&sweep);
         let weakest = sweep.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
         let strongest = sweep.iter().map(|s| s.0).fold(0.0, f64::max);
+        let decade = l2.log10().round() as i32;
         let next = if l2 == weakest {
-            l2 / 10.0
+            power_of_ten(decade - 1)
         } else if l2 == strongest {
-            l2 * 10.0
+            power_of_ten(decade + 1)
         } else {
             break;
         };
@@ -379,6 +380,16 @@ pub fn sweep_l2(mut score: impl FnMut(f64) -> f64) -> (f64, L2Sweep) {
     }
     sweep.sort_by(|a, b| a.0.total_cmp(&b.0));
     (best_of(&sweep).0, sweep)
+}
+
+/// `10^e` as the nearest double, the value the literal `1e{e}` has (so that tables print `1e-7`,
+/// not `9.999999999999999e-8`).
+fn power_of_ten(e: i32) -> f64 {
+    if e < 0 {
+        1.0 / 10f64.powi(-e)
+    } else {
+        10f64.powi(e)
+    }
 }
 
 /// The L2 strength with the best validation accuracy, using only the training set: a fixed

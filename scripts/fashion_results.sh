@@ -3,6 +3,8 @@
 #   scripts/fashion_results.sh ar|nll|bert|finetune
 # Probes use all 60,000 training images (10% of them choose the L2 strength) and the 10,000
 # test images; LIMIT uses only the first LIMIT training images. THREADS limits the worker threads.
+# RUN names another autoregressive run for `ar` and `finetune` (chart docs/fashion-probe-<name>.png;
+# fine-tuned model runs/fashion-ft<suffix>, runs/fashion-ar12k giving runs/fashion-ft12k).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IGPT=${IGPT:-target/release/igpt}
@@ -11,9 +13,10 @@ TRAIN=$T/train-images-idx3-ubyte.gz
 TEST=$T/t10k-images-idx3-ubyte.gz
 LIMIT=(${LIMIT:+--limit "$LIMIT"})
 THREADS=(${THREADS:+--threads "$THREADS"})
+RUN=${RUN:-runs/fashion-ar}
 case "$1" in
-  ar)   $IGPT probe "${THREADS[@]}" --model runs/fashion-ar --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
-          --layers all --concat --chart docs/fashion-probe-ar.png ;;
+  ar)   $IGPT probe "${THREADS[@]}" --model "$RUN" --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
+          --layers all --concat --chart "docs/fashion-probe-${RUN##*/fashion-}.png" ;;
   bert) $IGPT probe "${THREADS[@]}" --model runs/fashion-bert --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
           --layers all --concat --masks "${MASKS:-5}" --chart docs/fashion-probe-bert.png ;;
   nll)  H=runs/fashion-ar/history
@@ -22,8 +25,8 @@ case "$1" in
           --data $TRAIN --limit 5000 \
           --test-data $TEST --test-limit 2000 --chart /tmp/fashion-nll-layers.png \
           --nll-chart docs/fashion-probe-vs-nll.png ;;
-  finetune) $IGPT finetune "${THREADS[@]}" --model runs/fashion-ar --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
+  finetune) $IGPT finetune "${THREADS[@]}" --model "$RUN" --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
           --steps "${STEPS:-750}" --batch "${BATCH:-64}" --eval-every "${EVAL_EVERY:-125}" --lr "${LR:-1e-5}" \
-          --warmup "${WARMUP:-75}" --patience 3 --out runs/fashion-ft ;;
+          --warmup "${WARMUP:-75}" --patience 3 --out "runs/fashion-ft${RUN##*/fashion-ar}" ;;
   *) echo "usage: $0 ar|nll|bert|finetune" >&2; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's Fashion-MNIST representation results, from the runs of fashion_probe_run.sh.
-#   scripts/fashion_results.sh ar|nll|bert|finetune
+#   scripts/fashion_results.sh ar|nll|bert|finetune [more igpt flags, e.g. --flip --pad-crop 1]
 # Probes use all 60,000 training images (10% of them choose the L2 strength) and the 10,000
 # test images; LIMIT uses only the first LIMIT training images. THREADS limits the worker threads.
 # RUN names another autoregressive run for `ar` and `finetune` (chart docs/fashion-probe-<name>.png;
@@ -14,19 +14,21 @@ TEST=$T/t10k-images-idx3-ubyte.gz
 LIMIT=(${LIMIT:+--limit "$LIMIT"})
 THREADS=(${THREADS:+--threads "$THREADS"})
 RUN=${RUN:-runs/fashion-ar}
-case "$1" in
+what=${1:-}
+shift || true
+case "$what" in
   ar)   $IGPT probe "${THREADS[@]}" --model "$RUN" --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
-          --layers all --concat --chart "docs/fashion-probe-${RUN##*/fashion-}.png" ;;
+          --layers all --concat --chart "docs/fashion-probe-${RUN##*/fashion-}.png" "$@" ;;
   bert) $IGPT probe "${THREADS[@]}" --model runs/fashion-bert --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
-          --layers all --concat --masks "${MASKS:-5}" --chart docs/fashion-probe-bert.png ;;
+          --layers all --concat --masks "${MASKS:-5}" --chart docs/fashion-probe-bert.png "$@" ;;
   nll)  H=runs/fashion-ar/history
         $IGPT probe "${THREADS[@]}" --model $H/step-400 --model $H/step-1200 --model $H/step-2000 \
           --model $H/step-2800 --model $H/step-4000 --model $H/step-4800 --model $H/step-6000 \
           --data $TRAIN --limit 5000 \
           --test-data $TEST --test-limit 2000 --chart /tmp/fashion-nll-layers.png \
-          --nll-chart docs/fashion-probe-vs-nll.png ;;
+          --nll-chart docs/fashion-probe-vs-nll.png "$@" ;;
   finetune) $IGPT finetune "${THREADS[@]}" --model "$RUN" --data $TRAIN "${LIMIT[@]}" --test-data $TEST \
           --steps "${STEPS:-750}" --batch "${BATCH:-64}" --eval-every "${EVAL_EVERY:-125}" --lr "${LR:-1e-5}" \
-          --warmup "${WARMUP:-75}" --patience 3 --out "runs/fashion-ft${RUN##*/fashion-ar}" ;;
+          --warmup "${WARMUP:-75}" --patience 3 --out "runs/fashion-ft${RUN##*/fashion-ar}" "$@" ;;
   *) echo "usage: $0 ar|nll|bert|finetune" >&2; exit 2 ;;
 esac

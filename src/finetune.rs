@@ -398,8 +398,10 @@ impl Finetuner {
     }
 
     /// One Adam step on `L_CLF` (+ `L_GEN` when `with_gen`) for a batch of images, at rate
-    /// `lr` for the model and `head_lr` for the head. A BERT model sees each image with 15% of
-    /// its pixels hidden (a fresh mask every step) and its `L_GEN` is the masked objective over
+    /// `lr` for the model and `head_lr` for the head. The batch may be any multiple of the
+    /// engine's batch: it goes through in passes of that many images whose gradients add up, so
+    /// a large batch needs only one pass's memory. A BERT model sees each image with 15% of its
+    /// pixels hidden (a fresh mask every step) and its `L_GEN` is the masked objective over
     /// them.
     pub fn step(
         &mut self,
@@ -411,7 +413,13 @@ impl Finetuner {
     ) -> Result<FinetuneStats> {
         let t = self.engine.cfg.n_ctx();
         let n = labels.len();
+        let pass = self.engine.batch;
         ensure!(tokens.len() == n * t, "one label per image");
+        ensure!(
+            n > 0 && n.is_multiple_of(pass),
+            "a batch of {n} images does not split into passes of {pass} (make the batch a \
+             multiple of the micro-batch)"
+        );
         self.engine.zero_grads();
         let (gw, gb) = (&mut self.grad_w, &mut self.grad_b);
         gw.clear();
@@ -436,15 +444,23 @@ impl Finetuner {
             }
         }
         let gen_scale = if with_gen { 1.0 / scored as f32 } else { 0.0 };
-        let gen_sum = self.engine.forward_backward_with_head(
-            tokens,
-            bert.then_some(&self.mask[..]),
-            gen_scale,
-            &mut self.d_lnf,
-            |lnf, d| {
-                clf = head.loss_grads_predict(lnf, labels, t, 1.0 / n as f32, gw, gb, d, scratch);
-            },
-        )?;
+        let (mut gen_sum, mut right) = (0.0, 0.0);
+        for p in 0..n / pass {
+            let images = p * pass..(p + 1) * pass;
+            let pixels = images.start * t..images.end * t;
+            let labels = &labels[images];
+            gen_sum += self.engine.forward_backward_with_head(
+                &tokens[pixels.clone()],
+                bert.then(|| &self.mask[pixels]),
+                gen_scale,
+                &mut self.d_lnf,
+                |lnf, d| {
+                    clf +=
+                        head.loss_grads_predict(lnf, labels, t, 1.0 / n as f32, gw, gb, d, scratch);
+                },
+            )?;
+            right += crate::probe::accuracy(&scratch.predicted, labels) * pass as f64;
+        }
         self.step += 1;
         let h = AdamStep {
             lr,
@@ -484,7 +500,7 @@ impl Finetuner {
         Ok(FinetuneStats {
             gen_loss: gen_sum / scored as f64,
             clf_loss: clf / n as f64,
-            accuracy: crate::probe::accuracy(&self.scratch.predicted, labels),
+            accuracy: right / n as f64,
         })
     }
 }

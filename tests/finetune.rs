@@ -337,6 +337,67 @@ fn head_steps_scale_per_input_feature() {
 }
 
 #[test]
+fn micro_batched_steps_equal_one_pass_steps() {
+    for objective in [Objective::Autoregressive, Objective::Bert] {
+        let cfg = ModelConfig {
+            objective,
+            ..one_block_model()
+        };
+        let t = cfg.n_ctx();
+        let params = init_params(&cfg, 4);
+        let n = 8;
+        let tokens: Vec<u16> = (0..n * t).map(|i| ((i * 7 + i / 5) % 5) as u16).collect();
+        let labels: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
+        let mut start = Head::new(8, 3, vec![]);
+        start.w = rand_vec(24, 5, 1.0);
+        // Two steps, so that the second reads parameters the first moved.
+        let run = |pass: usize| {
+            let mut e = Engine::new(&cfg, pass, true, CpuBackend::new()).unwrap();
+            e.set_params(&params).unwrap();
+            let mut ft = igpt::finetune::Finetuner::new(e, start.clone(), 9);
+            let stats: Vec<_> = (0..2)
+                .map(|_| ft.step(&tokens, &labels, 1e-2, 1e-2, true).unwrap())
+                .collect();
+            (ft.engine.params(), ft.head, stats)
+        };
+        let (whole, whole_head, whole_stats) = run(n);
+        for pass in [1, 2, 4] {
+            let (p, head, stats) = run(pass);
+            let moved = whole.iter().zip(&params).any(|(a, b)| (a - b).abs() > 1e-4);
+            assert!(moved, "{objective:?}: the steps moved the model");
+            for (i, (a, b)) in p.iter().zip(&whole).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "{objective:?} pass {pass}: param {i}: {a} vs {b}"
+                );
+            }
+            for (a, b) in head
+                .w
+                .iter()
+                .zip(&whole_head.w)
+                .chain(head.b.iter().zip(&whole_head.b))
+            {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "{objective:?} pass {pass}: head {a} vs {b}"
+                );
+            }
+            for (s, w) in stats.iter().zip(&whole_stats) {
+                assert!((s.gen_loss - w.gen_loss).abs() < 1e-5, "{s:?} vs {w:?}");
+                assert!((s.clf_loss - w.clf_loss).abs() < 1e-5, "{s:?} vs {w:?}");
+                assert_eq!(s.accuracy, w.accuracy);
+            }
+        }
+        // A batch that does not split into whole passes is refused.
+        let mut e = Engine::new(&cfg, 3, true, CpuBackend::new()).unwrap();
+        e.set_params(&params).unwrap();
+        let mut ft = igpt::finetune::Finetuner::new(e, start.clone(), 9);
+        let err = ft.step(&tokens, &labels, 1e-2, 1e-2, true).unwrap_err();
+        assert!(err.to_string().contains("micro-batch"), "{err}");
+    }
+}
+
+#[test]
 fn warmup_ramps_the_learning_rate_then_holds_it() {
     use igpt::finetune::warmup_lr;
     assert_eq!(
@@ -426,6 +487,8 @@ fn finetune_and_classify_commands() {
         "30",
         "--batch",
         "8",
+        "--micro-batch",
+        "4",
         "--eval-every",
         "10",
         "--lr",
@@ -445,6 +508,31 @@ fn finetune_and_classify_commands() {
         "{text}"
     );
     assert!(text.contains("step 0: validation accuracy"), "{text}");
+    let o = igpt(&[
+        "finetune",
+        "--model",
+        s(&run),
+        "--data",
+        "fashion-mnist",
+        "--limit",
+        "300",
+        "--batch",
+        "6",
+        "--micro-batch",
+        "4",
+        "--out",
+        s(&dir.join("ft-bad")),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("--batch (6) must be a multiple of --micro-batch (4)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !dir.join("ft-bad").exists(),
+        "nothing written for a refused run"
+    );
     assert!(
         text.contains("test accuracy of the best checkpoint"),
         "{text}"

@@ -100,8 +100,9 @@ fn run_steps() {
     );
     assert_eq!(engine, 0, "the engine allocated during training steps");
 
-    // Fine-tuning steps (model and classification head together) allocate nothing either.
-    let mut engine = igpt::model::Engine::new(&model, 4, true, CpuBackend::new()).unwrap();
+    // Fine-tuning steps (model and classification head together) allocate nothing either,
+    // here a batch of four in two passes of two.
+    let mut engine = igpt::model::Engine::new(&model, 2, true, CpuBackend::new()).unwrap();
     engine.set_params(&params).unwrap();
     let head = igpt::finetune::Head::new(model.n_embd, 3, vec![]);
     let mut ft = igpt::finetune::Finetuner::new(engine, head, 0);

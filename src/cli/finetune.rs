@@ -37,6 +37,10 @@ pub struct FinetuneArgs {
     steps: u64,
     #[arg(long, default_value_t = 16)]
     batch: usize,
+    /// Images per forward pass (default: the whole batch). A batch that is a multiple of it goes
+    /// through in passes whose gradients add up: the same step in one pass's memory.
+    #[arg(long)]
+    micro_batch: Option<usize>,
     /// Constant learning rate (no cosine schedule; about 10x below pre-training works well).
     #[arg(long, default_value_t = 3e-4)]
     lr: f32,
@@ -115,6 +119,13 @@ fn check_classes(head: &Head, labels: &[u32], what: &str) -> Result<()> {
 }
 
 pub fn finetune(a: FinetuneArgs) -> Result<()> {
+    ensure!(a.batch >= 1, "--batch must be at least 1");
+    let micro_batch = a.micro_batch.unwrap_or(a.batch);
+    ensure!(
+        micro_batch >= 1 && a.batch.is_multiple_of(micro_batch),
+        "--batch ({}) must be a multiple of --micro-batch ({micro_batch})",
+        a.batch
+    );
     let m = igpt::formats::load_model(&a.model)?;
     let masks = igpt::probe::masks_for(m.model(), a.masks)?;
     let (tokens, labels, names) = labelled_tokens(&a.data, a.limit, &m)?;
@@ -163,8 +174,8 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
     let val = subset(val_idx)?;
     let val_y: Vec<u32> = val_idx.iter().map(|&i| labels[i]).collect();
 
-    let batch = a.batch.max(1);
-    let mut engine = Engine::new(m.model(), batch, true, CpuBackend::new())?;
+    let batch = a.batch;
+    let mut engine = Engine::new(m.model(), micro_batch, true, CpuBackend::new())?;
     engine.set_params(&m.params)?;
     let head = match head {
         Some(h) => h,

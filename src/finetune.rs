@@ -444,7 +444,7 @@ impl Finetuner {
             }
         }
         let gen_scale = if with_gen { 1.0 / scored as f32 } else { 0.0 };
-        let (mut gen_sum, mut right) = (0.0, 0.0);
+        let (mut gen_sum, mut right) = (0.0, 0usize);
         for p in 0..n / pass {
             let images = p * pass..(p + 1) * pass;
             let pixels = images.start * t..images.end * t;
@@ -459,7 +459,12 @@ impl Finetuner {
                         head.loss_grads_predict(lnf, labels, t, 1.0 / n as f32, gw, gb, d, scratch);
                 },
             )?;
-            right += crate::probe::accuracy(&scratch.predicted, labels) * pass as f64;
+            right += scratch
+                .predicted
+                .iter()
+                .zip(labels)
+                .filter(|(p, y)| p == y)
+                .count();
         }
         self.step += 1;
         let h = AdamStep {
@@ -500,7 +505,7 @@ impl Finetuner {
         Ok(FinetuneStats {
             gen_loss: gen_sum / scored as f64,
             clf_loss: clf / n as f64,
-            accuracy: right / n as f64,
+            accuracy: right as f64 / n as f64,
         })
     }
 }

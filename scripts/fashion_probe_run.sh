@@ -27,8 +27,11 @@ else
   done_steps=$CHUNK
   snapshot "$done_steps"
 fi
+# A run killed mid-chunk resumes from its last checkpoint, which trims metrics.jsonl back to
+# that step, so the step a snapshot is named after is re-read from the metrics after each chunk.
+last_step() { grep -o '"step":[0-9]*' "$RUN/metrics.jsonl" | tail -1 | cut -d: -f2; }
 while [ "$done_steps" -lt "$STEPS" ]; do
   $IGPT train "${THREADS[@]}" --resume "$RUN" --steps "$STEPS" --stop-after "$CHUNK"
-  done_steps=$((done_steps + CHUNK))
+  done_steps=$(last_step)
   snapshot "$done_steps"
 done

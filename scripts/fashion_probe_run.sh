@@ -18,8 +18,11 @@ snapshot() {
   mkdir -p "$RUN/history/step-$1"
   cp "$RUN/config.json" "$RUN/palette.json" "$RUN/model.safetensors" "$RUN/history/step-$1/"
 }
+# A run killed mid-chunk resumes from its last checkpoint, which trims metrics.jsonl back to
+# that step, so the step a snapshot is named after is re-read from the metrics after each chunk.
+last_step() { grep -o '"step":[0-9]*' "$RUN/metrics.jsonl" | tail -1 | cut -d: -f2; }
 if [ -f "$RUN/trainer.safetensors" ]; then
-  done_steps=$(grep -o '"step":[0-9]*' "$RUN/metrics.jsonl" | tail -1 | cut -d: -f2)
+  done_steps=$(last_step)
 else
   $IGPT train "${THREADS[@]}" --data "$DATA" --objective "${OBJECTIVE:-autoregressive}" --side 14 \
     --layers 6 --embd 128 --heads 4 --batch 32 --steps "$STEPS" --warmup 200 --lr 0.002 \
@@ -27,9 +30,6 @@ else
   done_steps=$CHUNK
   snapshot "$done_steps"
 fi
-# A run killed mid-chunk resumes from its last checkpoint, which trims metrics.jsonl back to
-# that step, so the step a snapshot is named after is re-read from the metrics after each chunk.
-last_step() { grep -o '"step":[0-9]*' "$RUN/metrics.jsonl" | tail -1 | cut -d: -f2; }
 while [ "$done_steps" -lt "$STEPS" ]; do
   $IGPT train "${THREADS[@]}" --resume "$RUN" --steps "$STEPS" --stop-after "$CHUNK"
   done_steps=$(last_step)

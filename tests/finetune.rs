@@ -508,6 +508,10 @@ fn finetune_and_classify_commands() {
         "{text}"
     );
     assert!(text.contains("step 0: validation accuracy"), "{text}");
+    assert!(
+        text.contains("test accuracy of the best checkpoint"),
+        "{text}"
+    );
     let o = igpt(&[
         "finetune",
         "--model",
@@ -532,10 +536,6 @@ fn finetune_and_classify_commands() {
     assert!(
         !dir.join("ft-bad").exists(),
         "nothing written for a refused run"
-    );
-    assert!(
-        text.contains("test accuracy of the best checkpoint"),
-        "{text}"
     );
     let saved = Head::load(&out.join("head.safetensors")).unwrap();
     assert!(

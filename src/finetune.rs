@@ -1,11 +1,16 @@
 //! Fine-tuning (REFERENCE.md §6): a linear classifier on the mean over positions of the final
 //! norm's output, trained together with the model on `L_GEN + L_CLF` (or `L_CLF` alone).
 
-use crate::backend::cpu::CpuBackend;
-use crate::backend::{AdamStep, Arena, Backend, View};
+use crate::backend::Device;
+use crate::bert;
+use crate::checkpoint::{LoadedModel, RunConfig, RunDir};
+use crate::data::TokenSet;
 use crate::model::Engine;
+use crate::train::optim::{AdamW, HostMoments, finish_step};
 use anyhow::{Context, Result, ensure};
-use rand::Rng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::HashMap;
 use std::path::Path;
@@ -338,12 +343,15 @@ struct HeadScratch {
 
 /// A model and its head, trained together.
 pub struct Finetuner {
-    pub engine: Engine<CpuBackend>,
+    pub engine: Engine,
     pub head: Head,
-    head_m: Vec<f32>,
-    head_v: Vec<f32>,
+    /// The optimizer of both the model and the head.
+    pub adamw: AdamW,
+    head_w_moments: HostMoments,
+    head_b_moments: HostMoments,
     step: u64,
-    /// Gradient buffers kept across steps.
+    /// Buffers kept across steps.
+    lnf: Vec<f32>,
     d_lnf: Vec<f32>,
     grad_w: Vec<f32>,
     grad_b: Vec<f32>,
@@ -360,22 +368,25 @@ pub struct FinetuneStats {
     pub gen_loss: f64,
     pub clf_loss: f64,
     pub accuracy: f64,
+    /// The model's gradient norm (fine-tuning does not clip).
+    pub grad_norm: f64,
 }
 
 impl Finetuner {
     /// `mask_seed` seeds a BERT model's training masks (unused for autoregressive models).
-    pub fn new(engine: Engine<CpuBackend>, head: Head, mask_seed: u64) -> Self {
-        let n = head.w.len() + head.b.len();
+    pub fn new(engine: Engine, head: Head, mask_seed: u64) -> Self {
         Self {
             mask: Vec::new(),
             perm: Vec::new(),
             mask_seed,
             scratch: HeadScratch::default(),
             engine,
+            adamw: AdamW::default(),
+            head_w_moments: HostMoments::zeros(head.w.len()),
+            head_b_moments: HostMoments::zeros(head.b.len()),
             head,
-            head_m: vec![0.0; n],
-            head_v: vec![0.0; n],
             step: 0,
+            lnf: Vec::new(),
             d_lnf: Vec::new(),
             grad_w: Vec::new(),
             grad_b: Vec::new(),
@@ -397,12 +408,13 @@ impl Finetuner {
         Ok(())
     }
 
-    /// One Adam step on `L_CLF` (+ `L_GEN` when `with_gen`) for a batch of images, at rate
+    /// One AdamW step on `L_CLF` (+ `L_GEN` when `with_gen`) for a batch of images, at rate
     /// `lr` for the model and `head_lr` for the head. The batch may be any multiple of the
     /// engine's batch: it goes through in passes of that many images whose gradients add up, so
     /// a large batch needs only one pass's memory. A BERT model sees each image with 15% of its
     /// pixels hidden (a fresh mask every step) and its `L_GEN` is the masked objective over
-    /// them.
+    /// them. The step is pre-training's: forward and backward per pass, then
+    /// [`finish_step`].
     pub fn step(
         &mut self,
         tokens: &[u16],
@@ -426,40 +438,40 @@ impl Finetuner {
         gw.resize(self.head.w.len(), 0.0);
         gb.clear();
         gb.resize(self.head.b.len(), 0.0);
-        let mut clf = 0.0;
-        let head = &self.head;
-        let scratch = &mut self.scratch;
         let bert = !self.engine.cfg.causal();
         // Tokens the generative loss is averaged over.
-        let scored = if bert {
-            n * crate::train::mask_count(t)
-        } else {
-            n * t
-        };
+        let scored = if bert { n * bert::mask_count(t) } else { n * t };
         if bert {
             self.mask.resize(n * t, false);
-            for (i, m) in self.mask.chunks_exact_mut(t).enumerate() {
-                let key = self.step * n as u64 + i as u64;
-                crate::train::bert_mask(self.mask_seed, key, &mut self.perm, m);
-            }
+            let key = self.step * n as u64;
+            bert::training_masks(self.mask_seed, key, t, &mut self.perm, &mut self.mask);
         }
         let gen_scale = if with_gen { 1.0 / scored as f32 } else { 0.0 };
-        let (mut gen_sum, mut right) = (0.0, 0usize);
+        let (mut gen_sum, mut clf, mut right) = (0.0, 0.0, 0usize);
         for p in 0..n / pass {
             let images = p * pass..(p + 1) * pass;
             let pixels = images.start * t..images.end * t;
             let labels = &labels[images];
-            gen_sum += self.engine.forward_backward_with_head(
-                &tokens[pixels.clone()],
-                bert.then(|| &self.mask[pixels]),
-                gen_scale,
+            let mask = bert.then(|| &self.mask[pixels.clone()]);
+            gen_sum += self
+                .engine
+                .forward_train(&tokens[pixels], mask, gen_scale)?;
+            self.engine.final_norm_output(&mut self.lnf);
+            self.d_lnf.clear();
+            self.d_lnf.resize(self.lnf.len(), 0.0);
+            clf += self.head.loss_grads_predict(
+                &self.lnf,
+                labels,
+                t,
+                1.0 / n as f32,
+                gw,
+                gb,
                 &mut self.d_lnf,
-                |lnf, d| {
-                    clf +=
-                        head.loss_grads_predict(lnf, labels, t, 1.0 / n as f32, gw, gb, d, scratch);
-                },
-            )?;
-            right += scratch
+                &mut self.scratch,
+            );
+            self.engine.backward(Some(&self.d_lnf))?;
+            right += self
+                .scratch
                 .predicted
                 .iter()
                 .zip(labels)
@@ -467,45 +479,32 @@ impl Finetuner {
                 .count();
         }
         self.step += 1;
-        let h = AdamStep {
+        let done = finish_step(
+            &mut self.engine,
+            &mut [&mut gw[..], &mut gb[..]],
+            gen_sum,
+            &self.adamw,
             lr,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            step: self.step,
-            grad_scale: 1.0,
-        };
-        for i in 0..self.engine.layout.tensors.len() {
-            let (off, len) = {
-                let s = &self.engine.layout.tensors[i];
-                (s.offset, s.len)
-            };
-            self.engine
-                .backend_mut()
-                .adamw(View::new(Arena::Params, off, len), h, false);
-        }
-        // The head's Adam on the host.
-        let (b1, b2) = (0.9f32, 0.95f32);
-        let (c1, c2) = (
-            1.0 - b1.powi(self.step as i32),
-            1.0 - b2.powi(self.step as i32),
+            self.step,
+            0.0,
         );
-        let nw = self.head.w.len();
-        for (i, g) in self.grad_w.iter().chain(&self.grad_b).enumerate() {
-            self.head_m[i] = b1 * self.head_m[i] + (1.0 - b1) * g;
-            self.head_v[i] = b2 * self.head_v[i] + (1.0 - b2) * g * g;
-            let upd = head_lr * (self.head_m[i] / c1) / ((self.head_v[i] / c2).sqrt() + 1e-8);
-            if i < nw {
-                self.head.w[i] -= upd * self.head.step_scale[i / self.head.classes];
-            } else {
-                self.head.b[i - nw] -= upd;
-            }
-        }
+        let c = self.head.classes;
+        let (head, adamw) = (&mut self.head, &self.adamw);
+        adamw.update_host(
+            &mut head.w,
+            gw,
+            &mut self.head_w_moments,
+            head_lr,
+            self.step,
+            c,
+            &head.step_scale,
+        );
+        adamw.update_host(&mut head.b, gb, &mut self.head_b_moments, head_lr, self.step, c, &[]);
         Ok(FinetuneStats {
-            gen_loss: gen_sum / scored as f64,
+            gen_loss: done.loss_sum / scored as f64,
             clf_loss: clf / n as f64,
             accuracy: right as f64 / n as f64,
+            grad_norm: done.grad_norm,
         })
     }
 }
@@ -514,7 +513,7 @@ impl Finetuner {
 /// image whole (`masks = 0`) or with `masks` fixed random masks, averaging the class
 /// probabilities over them; autoregressive models need `masks = 0`.
 pub fn classify(
-    engine: &mut Engine<CpuBackend>,
+    engine: &mut Engine,
     head: &Head,
     tokens: &crate::data::TokenSet,
     masks: usize,
@@ -529,7 +528,7 @@ pub fn classify(
     let bert = !engine.cfg.causal();
     ensure!(
         masks == 0 || bert,
-        "masks are for BERT models; this one is autoregressive (leave --masks at 0)"
+        "evaluation masks are for BERT models; this one is autoregressive"
     );
     let mut buf = vec![0u16; batch * t];
     let mut mask = vec![false; batch * t];
@@ -548,9 +547,9 @@ pub fn classify(
                 engine.forward(&buf[..b * t])?;
             } else {
                 if masks > 0 {
-                    crate::probe::eval_masks(start, b, t, masks, k, &mut perm, &mut mask);
+                    bert::eval_masks(start, b, t, masks, k, &mut perm, &mut mask);
                 }
-                engine.forward_masked(&buf[..b * t], &mask[..b * t], None)?;
+                engine.forward_masked(&buf[..b * t], &mask[..b * t])?;
             }
             engine.final_norm_output(&mut lnf);
             let z = head.logits(&Head::pool(&lnf, t, head.d));
@@ -565,4 +564,292 @@ pub fn classify(
         out.extend(probs.chunks_exact(c).map(crate::probe::argmax));
     }
     Ok(out)
+}
+
+/// How a fine-tuning run starts its head.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeadStart {
+    /// At zero: the first steps train it from the features.
+    Zero,
+    /// A linear probe of the final norm's output on this many training images (the default):
+    /// fine-tuning starts at the probe's accuracy rather than at chance.
+    Probe(usize),
+    /// A head saved by an earlier fine-tuning run (continuing it).
+    Saved(Head),
+}
+
+/// Settings of a fine-tuning run ([`run`]).
+#[derive(Debug, Clone)]
+pub struct FinetuneConfig {
+    /// Most optimizer steps (training stops earlier when validation accuracy stalls).
+    pub steps: u64,
+    /// Images per step, and per forward pass (`batch` must be a multiple of it).
+    pub batch: usize,
+    pub micro_batch: usize,
+    /// The model's rate: constant after a linear ramp over `warmup` steps.
+    pub lr: f32,
+    pub warmup: u64,
+    /// The head's constant rate (`None`: the model's, ramped with it).
+    pub head_lr: Option<f32>,
+    /// `L_GEN + L_CLF` (true) or `L_CLF` alone.
+    pub with_gen: bool,
+    pub head_start: HeadStart,
+    /// Augmentation: reflection padding for random crops (0: none), and random mirroring.
+    pub pad_crop: usize,
+    pub flip: bool,
+    /// Validate every this many steps; stop after `patience` validations without a better one.
+    pub eval_every: u64,
+    pub patience: usize,
+    /// BERT models: evaluation masks per image (see [`bert::masks_for`]); 0 otherwise.
+    pub masks: usize,
+    /// Fraction of the labelled images held out to choose when to stop.
+    pub val_fraction: f64,
+    pub seed: u64,
+    pub adamw: AdamW,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            steps: 2000,
+            batch: 16,
+            micro_batch: 16,
+            lr: 3e-4,
+            warmup: 0,
+            head_lr: None,
+            with_gen: true,
+            head_start: HeadStart::Probe(10_000),
+            pad_crop: 0,
+            flip: false,
+            eval_every: 100,
+            patience: 5,
+            masks: 0,
+            val_fraction: 0.1,
+            seed: 0,
+            adamw: AdamW::default(),
+        }
+    }
+}
+
+/// What a fine-tuning run tells as it goes.
+pub trait FinetuneProgress: Send {
+    fn message(&mut self, _msg: &str) {}
+    /// Images of the initial probe whose features are done, of `total`.
+    fn probing(&mut self, _done: usize, _total: usize) {}
+    /// A validation after `step` (0: the starting point), and whether it was kept as the best.
+    fn validated(&mut self, _step: u64, _stats: Option<&FinetuneStats>, _accuracy: f64, _best: bool) {}
+}
+
+/// A [`FinetuneProgress`] that ignores everything.
+pub struct QuietFinetune;
+impl FinetuneProgress for QuietFinetune {}
+
+/// What a finished fine-tuning run reports.
+#[derive(Debug, Clone)]
+pub struct FinetuneSummary {
+    pub best_val_accuracy: f64,
+    /// The step whose model was kept (0: the starting point).
+    pub best_step: u64,
+    pub steps_run: u64,
+    pub early_stop: bool,
+    pub train_images: usize,
+    pub val_images: usize,
+}
+
+/// Fine-tunes `model` with a linear head on the labelled `data` (REFERENCE.md §6): a fixed
+/// split by `seed` holds out `val_fraction` of it; batches are drawn at random (augmented if
+/// asked); every `eval_every` steps the validation accuracy decides whether the model and head
+/// are kept in `out` (the starting point is a candidate too); `patience` validations without a
+/// better one stop the run. `out` ends up holding the best model, its palette and
+/// `head.safetensors`; its config names the data as `data_desc`.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    model: &LoadedModel,
+    data: &TokenSet,
+    data_desc: &str,
+    class_names: Vec<String>,
+    cfg: &FinetuneConfig,
+    out: &RunDir,
+    device: &Device,
+    progress: &mut dyn FinetuneProgress,
+) -> Result<FinetuneSummary> {
+    let mc = model.model();
+    let t = mc.n_ctx();
+    ensure!(cfg.batch >= 1, "the batch must hold at least one image");
+    ensure!(
+        cfg.micro_batch >= 1 && cfg.batch.is_multiple_of(cfg.micro_batch),
+        "a batch of {} images does not split into passes of {}",
+        cfg.batch,
+        cfg.micro_batch
+    );
+    ensure!(
+        cfg.eval_every >= 1,
+        "validation must happen at least every so many steps (got every 0)"
+    );
+    ensure!(
+        data.header.t == t && data.header.n_vocab == mc.n_vocab,
+        "the images ({} tokens, {} colours) do not fit the model ({t} tokens, {} colours)",
+        data.header.t,
+        data.header.n_vocab,
+        mc.n_vocab
+    );
+    let labels = data
+        .labels()
+        .context("the images have no labels: fine-tuning needs them")?;
+    let n = labels.len();
+    ensure!(
+        n >= 2,
+        "fine-tuning needs at least 2 labelled images (one to train on, one to validate)"
+    );
+    let classes = labels
+        .iter()
+        .max()
+        .map_or(0, |&c| c as usize + 1)
+        .max(class_names.len());
+    if let HeadStart::Saved(h) = &cfg.head_start {
+        ensure!(
+            h.classes == classes,
+            "the model's head has {} classes but the data has {classes}",
+            h.classes
+        );
+        ensure!(
+            h.d == mc.n_embd,
+            "the head reads {} features but the model has d = {}",
+            h.d,
+            mc.n_embd
+        );
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(cfg.seed));
+    let n_val = ((n as f64 * cfg.val_fraction).round() as usize).clamp(1, n - 1);
+    let (val_idx, train_idx) = order.split_at(n_val);
+    let val = data.select(val_idx)?;
+    let val_y: Vec<u32> = val_idx.iter().map(|&i| labels[i]).collect();
+
+    let mut engine = Engine::new(mc, cfg.micro_batch, true, device)?;
+    engine.set_params(&model.params)?;
+    let head = match &cfg.head_start {
+        HeadStart::Saved(h) => h.clone(),
+        HeadStart::Zero => Head::new(mc.n_embd, classes, class_names),
+        HeadStart::Probe(images) => {
+            // A linear probe on the features the head reads: the final norm's output.
+            let n_probe = (*images).min(train_idx.len());
+            let probe_set = data.select(&train_idx[..n_probe])?;
+            let y: Vec<u32> = train_idx[..n_probe].iter().map(|&i| labels[i]).collect();
+            let pooled = crate::probe::extract_features(
+                &mut engine,
+                &probe_set,
+                &[mc.n_layer],
+                cfg.masks,
+                |k| progress.probing(k, n_probe),
+            )?;
+            let p = Head::from_probe(&pooled, &y, mc.n_embd, classes, class_names)?;
+            progress.message(&format!(
+                "head initialised by a linear probe on {n_probe} training images \
+                 ({:.2}% on its validation split)",
+                100.0 * p.val_accuracy
+            ));
+            p.head
+        }
+    };
+    let mut ft = Finetuner::new(engine, head, cfg.seed ^ 0xb327);
+    ft.adamw = cfg.adamw;
+    progress.message(&format!(
+        "fine-tuning on {} images ({} for validation), {classes} classes, loss {}",
+        train_idx.len(),
+        val_idx.len(),
+        if cfg.with_gen { "L_GEN + L_CLF" } else { "L_CLF" }
+    ));
+    let keep = |ft: &Finetuner| -> Result<()> {
+        out.save_config(&RunConfig {
+            data: format!("fine-tuned on {data_desc}"),
+            ..model.config.clone()
+        })?;
+        out.save_palette(&model.palette)?;
+        out.save_model(mc, &ft.engine.params())?;
+        ft.head.save(&out.file("head.safetensors"))
+    };
+    // The starting point is a candidate too: fine-tuning only keeps what beats it.
+    let pred = classify(&mut ft.engine, &ft.head, &val, cfg.masks)?;
+    let mut best = crate::probe::accuracy(&pred, &val_y);
+    let mut best_step = 0;
+    keep(&ft)?;
+    progress.validated(0, None, best, true);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xf17e);
+    let mut buf = vec![0u16; cfg.batch * t];
+    let mut ys = vec![0u32; cfg.batch];
+    let mut scratch = Vec::new();
+    let (mut since_best, mut steps_run, mut early_stop) = (0usize, 0, false);
+    for step in 1..=cfg.steps {
+        for s in 0..cfg.batch {
+            let i = train_idx[rng.random_range(0..train_idx.len())];
+            let img = &mut buf[s * t..(s + 1) * t];
+            data.copy_image(i, img);
+            if cfg.pad_crop > 0 || cfg.flip {
+                augment(img, mc.side, cfg.pad_crop, cfg.flip, &mut rng, &mut scratch);
+            }
+            ys[s] = labels[i];
+        }
+        let lr = warmup_lr(cfg.lr, step, cfg.warmup);
+        let head_lr = cfg.head_lr.unwrap_or(lr);
+        let st = ft.step(&buf, &ys, lr, head_lr, cfg.with_gen)?;
+        steps_run = step;
+        ensure!(
+            st.gen_loss.is_finite() && st.clf_loss.is_finite(),
+            "fine-tuning diverged at step {step} (L_GEN {}, L_CLF {}): lower the learning rate",
+            st.gen_loss,
+            st.clf_loss
+        );
+        if step % cfg.eval_every == 0 || step == cfg.steps {
+            let pred = classify(&mut ft.engine, &ft.head, &val, cfg.masks)?;
+            let acc = crate::probe::accuracy(&pred, &val_y);
+            let better = acc > best;
+            progress.validated(step, Some(&st), acc, better);
+            if better {
+                (best, best_step, since_best) = (acc, step, 0);
+                keep(&ft)?;
+            } else {
+                since_best += 1;
+                if since_best >= cfg.patience {
+                    early_stop = true;
+                    break;
+                }
+            }
+        }
+    }
+    Ok(FinetuneSummary {
+        best_val_accuracy: best,
+        best_step,
+        steps_run,
+        early_stop,
+        train_images: train_idx.len(),
+        val_images: val_idx.len(),
+    })
+}
+
+/// Accuracy of a fine-tuned model (a directory with `head.safetensors`) on labelled images.
+pub fn test_accuracy(
+    model: &LoadedModel,
+    head: &Head,
+    data: &TokenSet,
+    masks: usize,
+    device: &Device,
+) -> Result<f64> {
+    let labels = data.labels().context("the test images have no labels")?;
+    check_classes(head, &labels)?;
+    let mut e = Engine::new(model.model(), 32, false, device)?;
+    e.set_params(&model.params)?;
+    let pred = classify(&mut e, head, data, masks)?;
+    Ok(crate::probe::accuracy(&pred, &labels))
+}
+
+/// Refuses labels the head has no class for.
+pub fn check_classes(head: &Head, labels: &[u32]) -> Result<()> {
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= head.classes) {
+        anyhow::bail!(
+            "the images have class {bad}, but the model's head has {} classes",
+            head.classes
+        );
+    }
+    Ok(())
 }

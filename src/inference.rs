@@ -1,6 +1,6 @@
 //! Raw model outputs for arrays of token ids: logits or hidden states, batched.
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::Device;
 use crate::checkpoint::LoadedModel;
 use crate::config::ModelConfig;
 use crate::model::{Engine, Output};
@@ -21,14 +21,14 @@ pub enum Convention {
 /// An inference engine for one model, reused across calls.
 pub struct Runner {
     cfg: ModelConfig,
-    engine: Engine<CpuBackend>,
+    engine: Engine,
 }
 
 impl Runner {
     /// Takes the model's parameters (held once, not copied).
-    pub fn new(m: LoadedModel, batch: usize) -> Result<Self> {
+    pub fn new(m: LoadedModel, batch: usize, device: &Device) -> Result<Self> {
         let cfg = m.config.model;
-        let engine = Engine::with_params(&cfg, batch.max(1), CpuBackend::new(), m.params)?;
+        let engine = Engine::with_params(&cfg, batch.max(1), device, m.params)?;
         Ok(Self { cfg, engine })
     }
 
@@ -67,14 +67,10 @@ pub fn run(
     convention: Convention,
     output: Output,
     batch: usize,
+    device: &Device,
     on_batch: impl FnMut(usize) + Send,
 ) -> Result<Vec<f32>> {
-    let mut engine = Engine::new(
-        m.model(),
-        batch.clamp(1, n.max(1)),
-        false,
-        CpuBackend::new(),
-    )?;
+    let mut engine = Engine::new(m.model(), batch.clamp(1, n.max(1)), false, device)?;
     engine.set_params(&m.params)?;
     run_engine(
         &mut engine,
@@ -90,7 +86,7 @@ pub fn run(
 
 #[allow(clippy::too_many_arguments)]
 fn run_engine(
-    engine: &mut Engine<CpuBackend>,
+    engine: &mut Engine,
     cfg: &ModelConfig,
     ids: &[i64],
     n: usize,

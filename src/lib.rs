@@ -6,9 +6,11 @@
 //! directories), [`formats`] (Hugging Face and TensorFlow checkpoints), [`eval`] (held-out likelihood), [`plot`] (charts).
 
 pub mod backend;
+pub mod bert;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod finetune;
 pub mod formats;
 pub mod fsutil;

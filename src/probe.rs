@@ -1,7 +1,8 @@
 //! Linear probes: multinomial logistic regression with an L2 penalty, fitted by L-BFGS on
 //! standardised features, the penalty chosen on a validation split of the training set only.
 
-use crate::backend::cpu::matmul::{Op, matmul};
+use crate::backend::Op;
+use crate::backend::cpu::matmul::matmul;
 use anyhow::{Result, ensure};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -552,28 +553,12 @@ pub fn probe(
     })
 }
 
-/// Masks a BERT model's features and predictions are averaged over unless told otherwise.
-pub const BERT_EVAL_MASKS: usize = 5;
-
-/// The number of evaluation masks for `model`: `asked`, else [`BERT_EVAL_MASKS`] for BERT models
-/// and 0 for autoregressive ones (which have no masks).
-pub fn masks_for(model: &crate::config::ModelConfig, asked: Option<usize>) -> Result<usize> {
-    match asked {
-        Some(k) if k > 0 && model.causal() => {
-            anyhow::bail!("--masks is for BERT models; this one is autoregressive (leave it out)")
-        }
-        Some(k) => Ok(k),
-        None if model.causal() => Ok(0),
-        None => Ok(BERT_EVAL_MASKS),
-    }
-}
-
 /// Probe features of every image of `tokens` for `layers` (see
 /// [`crate::model::Engine::probe_features`]): `[n, layers.len(), d]`, batch by batch. For a
 /// BERT model, `masks > 0` averages the features over that many fixed random masks per image
 /// (each hiding 15% of the pixels, as in training); `masks = 0` reads the whole image.
-pub fn extract_features<B: crate::backend::Backend + Send>(
-    engine: &mut crate::model::Engine<B>,
+pub fn extract_features(
+    engine: &mut crate::model::Engine,
     tokens: &crate::data::TokenSet,
     layers: &[usize],
     masks: usize,
@@ -581,7 +566,7 @@ pub fn extract_features<B: crate::backend::Backend + Send>(
 ) -> Result<Vec<f32>> {
     ensure!(
         masks == 0 || !engine.cfg.causal(),
-        "masks are for BERT models; this one is autoregressive (leave --masks at 0)"
+        "evaluation masks are for BERT models; this one is autoregressive"
     );
     let (t, d, batch) = (engine.cfg.n_ctx(), engine.cfg.n_embd, engine.batch);
     ensure!(
@@ -608,7 +593,7 @@ pub fn extract_features<B: crate::backend::Backend + Send>(
                 let at = out.len();
                 out.resize(at + b * layers.len() * d, 0.0);
                 for k in 0..masks {
-                    eval_masks(start, b, t, masks, k, &mut perm, &mut mask);
+                    crate::bert::eval_masks(start, b, t, masks, k, &mut perm, &mut mask);
                     engine.probe_features(
                         &buf[..b * t],
                         Some(&mask[..b * t]),
@@ -627,28 +612,6 @@ pub fn extract_features<B: crate::backend::Backend + Send>(
     Ok(out)
 }
 
-/// Mask `k` of `masks` for images `start..start + b` (of `t` pixels each) into `mask`: fixed by
-/// the image's index, so features and predictions repeat from run to run.
-pub fn eval_masks(
-    start: usize,
-    b: usize,
-    t: usize,
-    masks: usize,
-    k: usize,
-    perm: &mut Vec<usize>,
-    mask: &mut [bool],
-) {
-    for i in 0..b {
-        let key = ((start + i) * masks + k) as u64;
-        crate::train::bert_mask(
-            crate::train::EVAL_MASK_SEED,
-            key,
-            perm,
-            &mut mask[i * t..(i + 1) * t],
-        );
-    }
-}
-
 /// Columns `j` of `[n, groups, d]` features as `[n, d]` (one layer), or several concatenated.
 pub fn select_groups(x: &[f32], groups: usize, d: usize, pick: &[usize]) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len() / groups * pick.len());
@@ -658,4 +621,73 @@ pub fn select_groups(x: &[f32], groups: usize, d: usize, pick: &[usize]) -> Vec<
         }
     }
     out
+}
+
+/// Probes of each layer's features (and of all of them concatenated, when asked), with the best
+/// layer chosen by validation accuracy, never by test accuracy.
+#[derive(Debug, Clone)]
+pub struct LayerProbes {
+    /// Each probed layer and its result, in the order given.
+    pub layers: Vec<(usize, ProbeResult)>,
+    pub concat: Option<ProbeResult>,
+    /// Index into `layers` of the best layer by validation accuracy.
+    pub best: usize,
+}
+
+impl LayerProbes {
+    pub fn best(&self) -> (usize, &ProbeResult) {
+        let (l, r) = &self.layers[self.best];
+        (*l, r)
+    }
+}
+
+/// The paper's protocol on features `[n, layers.len(), d]` of training and test images (as
+/// [`extract_features`] gives them): [`probe`] on each layer, then on their concatenation when
+/// `concat` (and there are several). `on_result(name, result)` sees each as it is done
+/// (`"layer L"` or `"concat"`).
+#[allow(clippy::too_many_arguments)]
+pub fn probe_layers(
+    train_f: &[f32],
+    train_y: &[u32],
+    test_f: &[f32],
+    test_y: &[u32],
+    layers: &[usize],
+    d: usize,
+    classes: usize,
+    concat: bool,
+    val_fraction: f64,
+    seed: u64,
+    mut on_result: impl FnMut(&str, &ProbeResult),
+) -> Result<LayerProbes> {
+    ensure!(!layers.is_empty(), "no layers to probe");
+    let g = layers.len();
+    let mut per_layer = Vec::with_capacity(g);
+    for (j, &l) in layers.iter().enumerate() {
+        let tr = select_groups(train_f, g, d, &[j]);
+        let te = select_groups(test_f, g, d, &[j]);
+        let r = probe(&tr, train_y, &te, test_y, d, classes, val_fraction, seed)?;
+        on_result(&format!("layer {l}"), &r);
+        per_layer.push((l, r));
+    }
+    let concat = if concat && g > 1 {
+        let all: Vec<usize> = (0..g).collect();
+        let tr = select_groups(train_f, g, d, &all);
+        let te = select_groups(test_f, g, d, &all);
+        let r = probe(&tr, train_y, &te, test_y, d * g, classes, val_fraction, seed)?;
+        on_result("concat", &r);
+        Some(r)
+    } else {
+        None
+    };
+    // Of equally good layers, the deepest listed wins.
+    let best = per_layer
+        .iter()
+        .enumerate()
+        .max_by(|x, y| x.1.1.val_accuracy.total_cmp(&y.1.1.val_accuracy))
+        .map_or(0, |(i, _)| i);
+    Ok(LayerProbes {
+        layers: per_layer,
+        concat,
+        best,
+    })
 }

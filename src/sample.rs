@@ -1,7 +1,6 @@
 //! Sampling: temperature, top-k and top-p over the palette, unconditional generation and
 //! completion of given prefixes, streamed row by row.
 
-use crate::backend::Backend;
 use crate::model::Decoder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -122,8 +121,8 @@ pub fn image_rng(seed: u64, index: u64) -> ChaCha8Rng {
 /// (empty for unconditional samples); they are fed as they are and only the rest is sampled.
 /// `first_index` numbers the images for their random streams. `on_row(row, tokens)` is called
 /// each time a row of pixels is complete, with every image's tokens so far (`[batch, n_ctx]`).
-pub fn generate<B: Backend>(
-    decoder: &mut Decoder<B>,
+pub fn generate(
+    decoder: &mut Decoder,
     prefix: &[&[u16]],
     opts: &SampleOptions,
     first_index: u64,

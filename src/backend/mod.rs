@@ -1,15 +1,77 @@
 //! The kernel interface the model is written against.
 //!
 //! The engine plans every buffer once and refers to tensors as [`View`]s: an arena plus an
-//! offset and a length. A backend owns the arenas (host memory for the CPU, device memory for
-//! a GPU backend) and runs each kernel on the views it is given, so the model code never
-//! touches memory directly and a new backend needs no change to it.
+//! offset, a length and an element type. A backend owns the arenas (host memory for the CPU,
+//! device memory for a GPU backend) and runs each kernel on the views it is given, so the model
+//! code never touches memory directly and a new backend needs no change to it. The model never
+//! names a backend: it is handed one by [`Device::open`].
 
 pub mod cpu;
+mod device;
 
-pub use cpu::attention::AttnShape;
-pub use cpu::matmul::Op;
-pub use cpu::optim::AdamStep;
+pub use device::Device;
+
+/// Layout of a matrix operand: `N` as stored (`[rows, cols]` row-major), `T` stored transposed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    N,
+    T,
+}
+
+/// Shape of an attention call. `qkv` is `[batch * t, 3d]` with columns Q, K, V, each split into
+/// `n_head` contiguous groups of `head_dim`; the output is `[batch * t, d]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub t: usize,
+    pub n_head: usize,
+    pub head_dim: usize,
+    /// Autoregressive (causal) or bidirectional attention.
+    pub causal: bool,
+}
+
+/// Hyper-parameters of one AdamW step. `step` counts from 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub step: u64,
+    /// Multiplies the gradient first (gradient clipping).
+    pub grad_scale: f32,
+}
+
+/// One AdamW step on parameters held in host memory (a classification head, which stays on the
+/// host whatever the device): the same update the backends apply to the model.
+pub fn adamw_host(
+    params: &mut [f32],
+    grads: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    step: AdamStep,
+    decay: bool,
+) {
+    cpu::optim::adamw(params, grads, m, v, step, decay)
+}
+
+/// Element type of a view. Arenas are f32 today; a backend with 16-bit arenas adds its type here
+/// and refuses views it does not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DType {
+    #[default]
+    F32,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+        }
+    }
+}
 
 /// The separately allocated regions a backend holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,17 +83,24 @@ pub enum Arena {
     Acts,
 }
 
-/// A contiguous run of `len` floats at `offset` in one arena.
+/// A contiguous run of `len` elements of type `dtype` at `offset` (in elements) in one arena.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct View {
     pub arena: Arena,
     pub offset: usize,
     pub len: usize,
+    pub dtype: DType,
 }
 
 impl View {
+    /// An f32 view.
     pub fn new(arena: Arena, offset: usize, len: usize) -> Self {
-        Self { arena, offset, len }
+        Self {
+            arena,
+            offset,
+            len,
+            dtype: DType::F32,
+        }
     }
     pub fn overlaps(&self, other: &View) -> bool {
         self.arena == other.arena
@@ -56,8 +125,15 @@ pub struct ArenaSizes {
 
 /// The kernels of one model family. Every method reads and writes only the views it is given;
 /// outputs never alias inputs unless the method says so (`*_inplace`).
-pub trait Backend {
+pub trait Backend: Send {
     fn name(&self) -> &'static str;
+    /// Elements of scratch [`Backend::attention_forward`] and [`Backend::attention_backward`]
+    /// need for `shape` (asked once, when the engine plans its buffers).
+    fn attention_scratch_len(&self, shape: AttnShape) -> usize;
+    /// Positions each decoding cache holds for a context of `n_ctx` (at least `n_ctx`; a
+    /// backend may round up to its tile size). Each cache holds `batch * n_head * len * head_dim`
+    /// elements, laid out as the backend chooses.
+    fn decode_cache_len(&self, n_ctx: usize) -> usize;
     /// Allocates every arena once (zero-filled). Called before any kernel. Fails, rather
     /// than aborting, when the memory is not there.
     fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()>;
@@ -153,7 +229,7 @@ pub trait Backend {
     /// sequence's token at `pos - 1` (ignored at position 0, where `sos` is the input).
     fn embed_step(&mut self, out: View, wte: View, wpe: View, sos: View, pos: usize, d: usize);
     /// One decoding step: appends this position's K, V (from `qkv: [batch, 3d]`) to the
-    /// caches `[batch, n_head, n_ctx, head_dim]` and attends over positions `0..=pos`.
+    /// caches (sized by [`Backend::decode_cache_len`]) and attends over positions `0..=pos`.
     #[allow(clippy::too_many_arguments)]
     fn attention_step(
         &mut self,

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, ensure};
 use clap::{Args, Subcommand};
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
 use igpt::config::ModelConfig;
 use igpt::data::TokenSet;
 use igpt::train::{TrainConfig, Trainer};
@@ -104,14 +104,14 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-pub fn run(cmd: BenchCmd) -> Result<()> {
+pub fn run(cmd: BenchCmd, dev: &Device) -> Result<()> {
     match cmd {
-        BenchCmd::Train(b) => train(b),
-        BenchCmd::Generate(b) => generate(b),
+        BenchCmd::Train(b) => train(b, dev),
+        BenchCmd::Generate(b) => generate(b, dev),
     }
 }
 
-fn generate(b: GenerateBench) -> Result<()> {
+fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
     use igpt::model::Decoder;
     use igpt::sample::{self, SampleOptions};
     let threads = rayon::current_num_threads();
@@ -132,7 +132,7 @@ fn generate(b: GenerateBench) -> Result<()> {
     }
     let mut ours = Vec::new();
     for &batch in &b.batches {
-        let mut dec = Decoder::new(&model, batch, CpuBackend::new())?;
+        let mut dec = Decoder::new(&model, batch, dev)?;
         dec.set_params(&params)?;
         let prefixes = vec![&[][..]; batch];
         let opts = SampleOptions::default();
@@ -189,7 +189,7 @@ fn generate(b: GenerateBench) -> Result<()> {
     Ok(())
 }
 
-fn train(b: TrainBench) -> Result<()> {
+fn train(b: TrainBench, dev: &Device) -> Result<()> {
     let threads = rayon::current_num_threads();
     let model = b.model.config()?;
     let t = model.n_ctx();
@@ -205,7 +205,7 @@ fn train(b: TrainBench) -> Result<()> {
         ..TrainConfig::default()
     };
     let params = igpt::model::init_params(&model, 0);
-    let mut trainer = Trainer::new(&model, cfg, &params, CpuBackend::new())?;
+    let mut trainer = Trainer::new(&model, cfg, &params, dev)?;
     let tokens: Vec<u16> = (0..b.batch * t)
         .map(|i| ((i as u64 * 2654435761) % b.model.vocab as u64) as u16)
         .collect();

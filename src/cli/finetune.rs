@@ -2,14 +2,12 @@
 
 use anyhow::{Context, Result, ensure};
 use clap::Args;
-use igpt::backend::cpu::CpuBackend;
-use igpt::checkpoint::{LoadedModel, RunConfig, RunDir};
+use igpt::backend::Device;
+use igpt::checkpoint::{LoadedModel, RunDir};
 use igpt::data::{self, Format, TokenSet};
-use igpt::finetune::{self, Finetuner, Head};
+use igpt::finetune::{self, FinetuneConfig, FinetuneProgress, FinetuneStats, Head, HeadStart};
 use igpt::model::Engine;
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
+use indicatif::ProgressBar;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -75,7 +73,7 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 5)]
     patience: usize,
     /// BERT models: evaluate with class probabilities averaged over this many random masks per
-    /// image; 0 reads whole images. Default: `igpt::probe::BERT_EVAL_MASKS` for BERT models.
+    /// image; 0 reads whole images. Default: `igpt::bert::EVAL_MASKS` for BERT models.
     #[arg(long)]
     masks: Option<usize>,
     #[arg(long, default_value_t = 0)]
@@ -108,17 +106,47 @@ fn labelled_tokens(
     Ok((tokens, labels, names))
 }
 
-fn check_classes(head: &Head, labels: &[u32], what: &str) -> Result<()> {
-    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= head.classes) {
-        anyhow::bail!(
-            "{what} has class {bad}, but the model's head has {} classes",
-            head.classes
-        );
-    }
-    Ok(())
+/// Prints a fine-tuning run as it goes.
+struct Printer {
+    bar: Option<ProgressBar>,
 }
 
-pub fn finetune(a: FinetuneArgs) -> Result<()> {
+impl FinetuneProgress for Printer {
+    fn message(&mut self, msg: &str) {
+        println!("{msg}");
+    }
+
+    fn probing(&mut self, done: usize, total: usize) {
+        let bar = self
+            .bar
+            .get_or_insert_with(|| super::generate::pixel_bar(total as u64, "probe images"));
+        bar.set_position(done as u64);
+        if done >= total {
+            bar.finish_and_clear();
+        }
+    }
+
+    fn validated(&mut self, step: u64, stats: Option<&FinetuneStats>, accuracy: f64, best: bool) {
+        let Some(st) = stats else {
+            println!(
+                "step {step}: validation accuracy {:.2}% (the starting point: saved)",
+                100.0 * accuracy
+            );
+            return;
+        };
+        let mark = if best { " (best: saved)" } else { "" };
+        println!(
+            "step {step}: L_GEN {:.4} nats/token, L_CLF {:.4}, batch accuracy {:.1}%, \
+             validation accuracy {:.2}%{mark}",
+            st.gen_loss,
+            st.clf_loss,
+            100.0 * st.accuracy,
+            100.0 * accuracy
+        );
+    }
+}
+
+pub fn finetune(a: FinetuneArgs, dev: &Device) -> Result<()> {
     ensure!(a.batch >= 1, "--batch must be at least 1");
     let micro_batch = a.micro_batch.unwrap_or(a.batch);
     ensure!(
@@ -126,179 +154,66 @@ pub fn finetune(a: FinetuneArgs) -> Result<()> {
         "--batch ({}) must be a multiple of --micro-batch ({micro_batch})",
         a.batch
     );
+    ensure!(a.eval_every >= 1, "--eval-every must be at least 1");
     let m = igpt::formats::load_model(&a.model)?;
-    let masks = igpt::probe::masks_for(m.model(), a.masks)?;
+    let masks = super::probe::masks_flag(m.model(), a.masks)?;
     let (tokens, labels, names) = labelled_tokens(&a.data, a.limit, &m)?;
-    let classes = labels
-        .iter()
-        .max()
-        .map_or(0, |&c| c as usize + 1)
-        .max(names.len());
-    let existing = PathBuf::from(&a.model).join("head.safetensors");
-    let head = if existing.exists() {
-        let h = Head::load(&existing)?;
-        ensure!(
-            h.classes == classes,
-            "the model's head has {} classes but {} has {classes}",
-            h.classes,
-            a.data
-        );
-        Some(h)
-    } else {
-        None
-    };
     ensure!(
-        head.as_ref().is_none_or(|h| h.d == m.model().n_embd),
-        "the head reads {} features but the model has d = {}",
-        head.as_ref().map_or(0, |h| h.d),
-        m.model().n_embd
+        labels.len() >= 2,
+        "{} has {} labelled image(s): fine-tuning needs at least 2 (one to train on, one to validate)",
+        a.data,
+        labels.len()
     );
-    let t = m.model().n_ctx();
-    let n = labels.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(a.seed));
-    let n_val = ((n as f64 * a.val_fraction).round() as usize).clamp(1, n - 1);
-    let (val_idx, train_idx) = order.split_at(n_val);
-    let subset = |idx: &[usize]| -> Result<TokenSet> {
-        let mut v = vec![0u16; idx.len() * t];
-        for (k, &i) in idx.iter().enumerate() {
-            tokens.copy_image(i, &mut v[k * t..(k + 1) * t]);
-        }
-        TokenSet::from_tokens(
-            v,
-            t,
-            m.model().n_vocab,
-            Some(idx.iter().map(|&i| labels[i]).collect()),
-        )
+    let existing = PathBuf::from(&a.model).join("head.safetensors");
+    let head_start = if existing.exists() {
+        HeadStart::Saved(Head::load(&existing)?)
+    } else if a.zero_head {
+        HeadStart::Zero
+    } else {
+        HeadStart::Probe(a.probe_images)
     };
-    let val = subset(val_idx)?;
-    let val_y: Vec<u32> = val_idx.iter().map(|&i| labels[i]).collect();
-
-    let batch = a.batch;
-    let mut engine = Engine::new(m.model(), micro_batch, true, CpuBackend::new())?;
-    engine.set_params(&m.params)?;
-    let head = match head {
-        Some(h) => h,
-        None if a.zero_head => Head::new(m.model().n_embd, classes, names),
-        None => {
-            // A linear probe on the features the head reads: the final norm's output.
-            let n_probe = a.probe_images.min(train_idx.len());
-            let probe_set = subset(&train_idx[..n_probe])?;
-            let y: Vec<u32> = train_idx[..n_probe].iter().map(|&i| labels[i]).collect();
-            let bar = super::generate::pixel_bar(n_probe as u64, "probe images");
-            let pooled = igpt::probe::extract_features(
-                &mut engine,
-                &probe_set,
-                &[m.model().n_layer],
-                masks,
-                |k| bar.set_position(k as u64),
-            )?;
-            bar.finish_and_clear();
-            let p = Head::from_probe(&pooled, &y, m.model().n_embd, classes, names.clone())?;
-            let (h, acc) = (p.head, p.val_accuracy);
-            println!(
-                "head initialised by a linear probe on {n_probe} training images \
-                 ({:.2}% on its validation split)",
-                100.0 * acc
-            );
-            h
-        }
+    let cfg = FinetuneConfig {
+        steps: a.steps,
+        batch: a.batch,
+        micro_batch,
+        lr: a.lr,
+        warmup: a.warmup,
+        head_lr: a.head_lr,
+        with_gen: !a.clf_only,
+        head_start,
+        pad_crop: a.pad_crop,
+        flip: a.flip,
+        eval_every: a.eval_every,
+        patience: a.patience,
+        masks,
+        val_fraction: a.val_fraction,
+        seed: a.seed,
+        ..FinetuneConfig::default()
     };
-    let mut ft = Finetuner::new(engine, head, a.seed ^ 0xb327);
-    let mut rng = ChaCha8Rng::seed_from_u64(a.seed ^ 0xf17e);
-    let mut buf = vec![0u16; batch * t];
-    let mut ys = vec![0u32; batch];
-    let mut scratch = Vec::new();
     let out = RunDir::create(&a.out)?;
-    let mut since_best = 0usize;
-    let mut best;
-    println!(
-        "fine-tuning on {} images ({} for validation), {classes} classes, loss {}",
-        train_idx.len(),
-        val_idx.len(),
-        if a.clf_only { "L_CLF" } else { "L_GEN + L_CLF" }
-    );
-    let keep = |ft: &Finetuner| -> Result<()> {
-        out.save_config(&RunConfig {
-            data: format!("fine-tuned on {}", a.data),
-            ..m.config.clone()
-        })?;
-        out.save_palette(&m.palette)?;
-        out.save_model(m.model(), &ft.engine.params())?;
-        ft.head.save(&out.file("head.safetensors"))
-    };
-    // The starting point is a candidate too: fine-tuning only keeps what beats it.
-    let pred = finetune::classify(&mut ft.engine, &ft.head, &val, masks)?;
-    best = igpt::probe::accuracy(&pred, &val_y);
-    keep(&ft)?;
-    println!(
-        "step 0: validation accuracy {:.2}% (the starting point: saved)",
-        100.0 * best
-    );
-    for step in 1..=a.steps {
-        for s in 0..batch {
-            let i = train_idx[rand::Rng::random_range(&mut rng, 0..train_idx.len())];
-            let img = &mut buf[s * t..(s + 1) * t];
-            tokens.copy_image(i, img);
-            if a.pad_crop > 0 || a.flip {
-                finetune::augment(
-                    img,
-                    m.model().side,
-                    a.pad_crop,
-                    a.flip,
-                    &mut rng,
-                    &mut scratch,
-                );
-            }
-            ys[s] = labels[i];
-        }
-        let lr = finetune::warmup_lr(a.lr, step, a.warmup);
-        let head_lr = a.head_lr.unwrap_or(lr);
-        let st = ft.step(&buf, &ys, lr, head_lr, !a.clf_only)?;
-        if step % a.eval_every == 0 || step == a.steps {
-            let pred = finetune::classify(&mut ft.engine, &ft.head, &val, masks)?;
-            let acc = igpt::probe::accuracy(&pred, &val_y);
-            let mark = if acc > best { " (best: saved)" } else { "" };
-            println!(
-                "step {step}: L_GEN {:.4} nats/token, L_CLF {:.4}, batch accuracy {:.1}%, \
-                 validation accuracy {:.2}%{mark}",
-                st.gen_loss,
-                st.clf_loss,
-                100.0 * st.accuracy,
-                100.0 * acc
-            );
-            if acc > best {
-                best = acc;
-                since_best = 0;
-                keep(&ft)?;
-            } else {
-                since_best += 1;
-                if since_best >= a.patience {
-                    println!(
-                        "early stop: no better validation accuracy in {} evaluations",
-                        a.patience
-                    );
-                    break;
-                }
-            }
-        }
+    let mut printer = Printer { bar: None };
+    let summary = finetune::run(&m, &tokens, &a.data, names, &cfg, &out, dev, &mut printer)
+        .with_context(|| format!("fine-tuning {} on {}", a.model, a.data))?;
+    if summary.early_stop {
+        println!(
+            "early stop: no better validation accuracy in {} evaluations",
+            a.patience
+        );
     }
     println!(
         "best validation accuracy {:.2}%: {}",
-        100.0 * best,
+        100.0 * summary.best_val_accuracy,
         a.out.display()
     );
     if let Some(test) = &a.test_data {
         let best_model = LoadedModel::open(&a.out)?;
         let head = Head::load(&out.file("head.safetensors"))?;
         let (tt, ty, _) = labelled_tokens(test, a.test_limit, &best_model)?;
-        check_classes(&head, &ty, test)?;
-        let mut e = Engine::new(best_model.model(), 32, false, CpuBackend::new())?;
-        e.set_params(&best_model.params)?;
-        let pred = finetune::classify(&mut e, &head, &tt, masks)?;
+        finetune::check_classes(&head, &ty).with_context(|| test.clone())?;
+        let acc = finetune::test_accuracy(&best_model, &head, &tt, masks, dev)?;
         println!(
             "test accuracy of the best checkpoint: {:.2}% on {} images",
-            100.0 * igpt::probe::accuracy(&pred, &ty),
+            100.0 * acc,
             ty.len()
         );
     }
@@ -318,16 +233,16 @@ pub struct ClassifyArgs {
     #[arg(long)]
     limit: Option<usize>,
     /// BERT models: average class probabilities over this many random masks per image; 0 reads
-    /// whole images. Default: `igpt::probe::BERT_EVAL_MASKS` for BERT models.
+    /// whole images. Default: `igpt::bert::EVAL_MASKS` for BERT models.
     #[arg(long)]
     masks: Option<usize>,
 }
 
-pub fn classify(a: ClassifyArgs) -> Result<()> {
+pub fn classify(a: ClassifyArgs, dev: &Device) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
     let head = Head::load(&PathBuf::from(&a.model).join("head.safetensors"))?;
-    let masks = igpt::probe::masks_for(m.model(), a.masks)?;
-    let mut e = Engine::new(m.model(), 32, false, CpuBackend::new())?;
+    let masks = super::probe::masks_flag(m.model(), a.masks)?;
+    let mut e = Engine::new(m.model(), 32, false, dev)?;
     e.set_params(&m.params)?;
     let name = |c: u32| -> String {
         head.class_names
@@ -337,7 +252,7 @@ pub fn classify(a: ClassifyArgs) -> Result<()> {
     };
     if let Some(spec) = &a.data {
         let (tokens, labels, _) = labelled_tokens(spec, a.limit, &m)?;
-        check_classes(&head, &labels, spec)?;
+        finetune::check_classes(&head, &labels).with_context(|| spec.clone())?;
         let pred = finetune::classify(&mut e, &head, &tokens, masks)?;
         println!(
             "{} images: accuracy {:.2}%",

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, ensure};
 use clap::Args;
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
 use igpt::checkpoint::LoadedModel;
 use igpt::data::{self, Format, ImageSet, TokenSet};
 use igpt::grid;
@@ -247,7 +247,12 @@ fn dataset_images(
 
 /// Generates `n` images (with optional per-image prefixes) in batches, with a progress bar.
 /// Takes the model's parameters over (the decoder holds them; a large model stays in memory once).
-fn generate_all(m: &mut LoadedModel, prefixes: &[Vec<u16>], s: &SamplingArgs) -> Result<Vec<u16>> {
+fn generate_all(
+    m: &mut LoadedModel,
+    prefixes: &[Vec<u16>],
+    s: &SamplingArgs,
+    dev: &Device,
+) -> Result<Vec<u16>> {
     let cfg = m.config.model.clone();
     let cfg = &cfg;
     ensure!(
@@ -257,8 +262,7 @@ fn generate_all(m: &mut LoadedModel, prefixes: &[Vec<u16>], s: &SamplingArgs) ->
     );
     let n = prefixes.len();
     let batch = s.batch.clamp(1, n.max(1));
-    let mut dec =
-        Decoder::with_params(cfg, batch, CpuBackend::new(), std::mem::take(&mut m.params))?;
+    let mut dec = Decoder::with_params(cfg, batch, dev, std::mem::take(&mut m.params))?;
     let opts = s.options();
     let t = cfg.n_ctx();
     let bar = pixel_bar((n * t) as u64, "pixels");
@@ -283,12 +287,12 @@ fn generate_all(m: &mut LoadedModel, prefixes: &[Vec<u16>], s: &SamplingArgs) ->
     Ok(out)
 }
 
-pub fn sample(a: SampleArgs) -> Result<()> {
+pub fn sample(a: SampleArgs, dev: &Device) -> Result<()> {
     ensure!(a.n >= 1, "--n must be at least 1");
     let mut m = igpt::formats::load_model(&a.model)?;
     let (side, t) = (m.model().side, m.model().n_ctx());
     let t0 = std::time::Instant::now();
-    let tokens = generate_all(&mut m, &vec![Vec::new(); a.n], &a.sampling)?;
+    let tokens = generate_all(&mut m, &vec![Vec::new(); a.n], &a.sampling, dev)?;
     let secs = t0.elapsed().as_secs_f64();
     let tiles: Vec<_> = tokens
         .chunks(t)
@@ -324,7 +328,7 @@ pub fn sample(a: SampleArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn complete(a: CompleteArgs) -> Result<()> {
+pub fn complete(a: CompleteArgs, dev: &Device) -> Result<()> {
     ensure!(a.k >= 1, "--k must be at least 1");
     let mut m = igpt::formats::load_model(&a.model)?;
     let (side, t) = (m.model().side, m.model().n_ctx());
@@ -342,7 +346,7 @@ pub fn complete(a: CompleteArgs) -> Result<()> {
         "the prefix ({keep} pixels) is longer than the image ({t} pixels = {side} rows)"
     );
     let originals = m.palette.encode(&set.pixels);
-    complete_tokens(&mut m, &originals, keep, a.k, &a.sampling, &a.out)
+    complete_tokens(&mut m, &originals, keep, a.k, &a.sampling, &a.out, dev)
 }
 
 /// Completes each image of `originals` (`[n, n_ctx]` tokens) from its first `keep` pixels,
@@ -354,6 +358,7 @@ fn complete_tokens(
     k: usize,
     s: &SamplingArgs,
     out: &Path,
+    dev: &Device,
 ) -> Result<()> {
     let (side, t) = (m.model().side, m.model().n_ctx());
     let mut prefixes = Vec::new();
@@ -362,7 +367,7 @@ fn complete_tokens(
             prefixes.push(img[..keep].to_vec());
         }
     }
-    let tokens = generate_all(m, &prefixes, s)?;
+    let tokens = generate_all(m, &prefixes, s, dev)?;
     let m = &*m;
     let mut tiles = Vec::new();
     for (i, img) in originals.chunks(t).enumerate() {
@@ -386,38 +391,19 @@ fn complete_tokens(
     Ok(())
 }
 
-pub fn score(a: ScoreArgs) -> Result<()> {
+pub fn score(a: ScoreArgs, dev: &Device) -> Result<()> {
     let mut m = igpt::formats::load_model(&a.model)?;
     let (set, names) = match &a.data {
         Some(spec) => dataset_images(spec, &m, 0, a.limit)?,
         None => load_images(&image_files(&a.images)?, &m)?,
     };
-    let t = m.model().n_ctx();
     let tokens = TokenSet::quantise(&set, &m.palette, "score")?;
     let batch = a.batch.clamp(1, tokens.len());
     let model = m.model().clone();
-    let mut engine = Engine::with_params(
-        &model,
-        batch,
-        CpuBackend::new(),
-        std::mem::take(&mut m.params),
-    )?;
-    let mut buf = vec![0u16; batch * t];
-    let mut scores = Vec::with_capacity(tokens.len());
+    let mut engine = Engine::with_params(&model, batch, dev, std::mem::take(&mut m.params))?;
     let bar = pixel_bar(tokens.len() as u64, "images");
-    rayon::scope(|_| -> Result<()> {
-        for start in (0..tokens.len()).step_by(batch) {
-            let b = batch.min(tokens.len() - start);
-            for i in 0..b {
-                tokens.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
-            }
-            engine.forward(&buf[..b * t])?;
-            for per_image in engine.position_losses().chunks(t) {
-                scores.push(per_image.iter().map(|&x| x as f64).sum::<f64>() / t as f64);
-            }
-            bar.inc(b as u64);
-        }
-        Ok(())
+    let scores = igpt::eval::score_images(&mut engine, &tokens, |done| {
+        bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
     let mut order: Vec<usize> = (0..scores.len()).collect();
@@ -460,7 +446,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
 }
 
 /// Samples and completions for the demo's model (`val`: its held-out images).
-pub fn demo_pictures(run: &Path, val: &TokenSet) -> Result<()> {
+pub fn demo_pictures(run: &Path, val: &TokenSet, dev: &Device) -> Result<()> {
     let s = SamplingArgs {
         temperature: 1.0,
         top_k: 0,
@@ -477,7 +463,7 @@ pub fn demo_pictures(run: &Path, val: &TokenSet) -> Result<()> {
         png_dir: None,
         sampling: s.clone(),
     };
-    sample(samples)?;
+    sample(samples, dev)?;
     let mut m = LoadedModel::open(run)?;
     let t = m.model().n_ctx();
     let n = 6.min(val.len());
@@ -493,5 +479,6 @@ pub fn demo_pictures(run: &Path, val: &TokenSet) -> Result<()> {
         4,
         &s,
         &run.join("completions.png"),
+        dev,
     )
 }

@@ -38,7 +38,7 @@ pub struct LogitsArgs {
     batch: usize,
 }
 
-pub fn logits(a: LogitsArgs) -> Result<()> {
+pub fn logits(a: LogitsArgs, dev: &igpt::backend::Device) -> Result<()> {
     let m = formats::load_model(&a.model)?;
     let arr = npy::read(&a.tokens)?;
     let (n, t) = match arr.shape.as_slice() {
@@ -62,7 +62,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
         Convention::Pixels
     };
     // The engine takes the parameters over: a large model is held in memory once.
-    let mut runner = inference::Runner::new(m, a.batch.clamp(1, n.max(1)))?;
+    let mut runner = inference::Runner::new(m, a.batch.clamp(1, n.max(1)), dev)?;
     let pb = bar(n as u64, "sequences");
     let out = runner.run(&ids, n, t, convention, output, |done| {
         pb.set_position(done as u64)

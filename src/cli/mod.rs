@@ -9,7 +9,7 @@ mod progress;
 
 use anyhow::{Context, Result, ensure};
 use clap::{Args, Parser, Subcommand};
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
 use igpt::checkpoint::RunDir;
 use igpt::config::ModelConfig;
 use igpt::data::{self, Format, TokenSet};
@@ -25,6 +25,9 @@ struct Cli {
     /// Worker threads (default: every core).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Where the model computes: cpu (the only device of this build).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -275,30 +278,36 @@ pub fn main() -> Result<()> {
             .build_global()
             .context("cannot start the thread pool")?;
     }
+    // The device is chosen here, once; every command computes on it.
+    let device: Device = cli
+        .device
+        .parse()
+        .with_context(|| format!("--device {}", cli.device))?;
+    let dev = &device;
     match cli.command.unwrap_or(Command::Demo(DemoArgs {
         out: "runs/demo".into(),
         steps: 400,
     })) {
-        Command::Demo(a) => demo(a),
-        Command::Train(a) => train(*a),
-        Command::Eval(a) => eval(a),
+        Command::Demo(a) => demo(a, dev),
+        Command::Train(a) => train(*a, dev),
+        Command::Eval(a) => eval(a, dev),
         Command::Palette(p) => palette(p),
-        Command::Sample(a) => generate::sample(a),
-        Command::Complete(a) => generate::complete(a),
-        Command::Score(a) => generate::score(a),
+        Command::Sample(a) => generate::sample(a, dev),
+        Command::Complete(a) => generate::complete(a, dev),
+        Command::Score(a) => generate::score(a, dev),
         Command::Info { model } => info(model),
-        Command::Logits(a) => interop::logits(a),
-        Command::Features(a) => probe::features(a),
-        Command::Finetune(a) => finetune::finetune(*a),
-        Command::Classify(a) => finetune::classify(a),
-        Command::Probe(a) => probe::probe(a),
+        Command::Logits(a) => interop::logits(a, dev),
+        Command::Features(a) => probe::features(a, dev),
+        Command::Finetune(a) => finetune::finetune(*a, dev),
+        Command::Classify(a) => finetune::classify(a, dev),
+        Command::Probe(a) => probe::probe(a, dev),
         Command::Encode(a) => interop::encode(a),
         Command::Convert(a) => interop::convert(a),
-        Command::Bench(b) => bench::run(b),
+        Command::Bench(b) => bench::run(b, dev),
     }
 }
 
-fn demo(a: DemoArgs) -> Result<()> {
+fn demo(a: DemoArgs, dev: &Device) -> Result<()> {
     println!(
         "igpt demo: an Image GPT trained from scratch on Fashion-MNIST (the 10k test split shipped in data/)."
     );
@@ -366,6 +375,7 @@ fn demo(a: DemoArgs) -> Result<()> {
         &prepared,
         "fashion-mnist (shipped t10k split)",
         None,
+        dev,
         &mut bar,
     )?;
     let val = s.val_loss.unwrap_or(f64::NAN);
@@ -385,14 +395,14 @@ fn demo(a: DemoArgs) -> Result<()> {
     println!(
         "drawing 16 samples, and 4 completions each of 6 held-out images from their top halves..."
     );
-    generate::demo_pictures(&a.out, &prepared.val)?;
+    generate::demo_pictures(&a.out, &prepared.val, dev)?;
     println!();
     println!(
         "linear probe (REFERENCE.md §6): features of every layer of 1,500 training images, \
          logistic regression, accuracy on the {} held-out images...",
         prepared.val.len()
     );
-    probe::demo_probe(&a.out, &prepared.train, &prepared.val, 1500)?;
+    probe::demo_probe(&a.out, &prepared.train, &prepared.val, 1500, dev)?;
     println!("files:");
     for f in [
         "config.json",
@@ -417,7 +427,7 @@ fn demo(a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-fn train(a: TrainArgs) -> Result<()> {
+fn train(a: TrainArgs, dev: &Device) -> Result<()> {
     let mut bar = progress::Bar::new();
     if let Some(dir) = &a.resume {
         let run_dir = RunDir::open(dir)?;
@@ -436,7 +446,7 @@ fn train(a: TrainArgs) -> Result<()> {
         if let Some(p) = &a.palette {
             want.n_vocab = Palette::load(p)?.len();
         }
-        let s = run::resume(&run_dir, a.steps, a.stop_after, Some(&want), &mut bar)?;
+        let s = run::resume(&run_dir, a.steps, a.stop_after, Some(&want), dev, &mut bar)?;
         return report(&run_dir, &s);
     }
     let micro = a.micro_batch.unwrap_or(a.batch);
@@ -465,14 +475,14 @@ fn train(a: TrainArgs) -> Result<()> {
     );
     // A new run that fails before its first checkpoint leaves nothing behind.
     let existed = a.out.exists();
-    let result = new_run(&a, &cfg, &mut bar);
+    let result = new_run(&a, &cfg, dev, &mut bar);
     if result.is_err() && !existed && !a.out.join("trainer.safetensors").exists() {
         let _ = std::fs::remove_dir_all(&a.out);
     }
     result
 }
 
-fn new_run(a: &TrainArgs, cfg: &TrainConfig, bar: &mut progress::Bar) -> Result<()> {
+fn new_run(a: &TrainArgs, cfg: &TrainConfig, dev: &Device, bar: &mut progress::Bar) -> Result<()> {
     let run_dir = RunDir::create(&a.out)?;
     let spec = DataSpec {
         data: a.data.clone(),
@@ -505,7 +515,7 @@ fn new_run(a: &TrainArgs, cfg: &TrainConfig, bar: &mut progress::Bar) -> Result<
         model.n_vocab,
         model.n_params() as f64 / 1e6
     ));
-    let s = run::start(&run_dir, &model, cfg, &prepared, &a.data, a.stop_after, bar)?;
+    let s = run::start(&run_dir, &model, cfg, &prepared, &a.data, a.stop_after, dev, bar)?;
     report(&run_dir, &s)
 }
 
@@ -528,7 +538,7 @@ fn report(run_dir: &RunDir, s: &run::Summary) -> Result<()> {
     Ok(())
 }
 
-fn eval(a: EvalArgs) -> Result<()> {
+fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
     let (cfg, params, palette) = (&m.config, &m.params, &m.palette);
     let tokens = if a.data.ends_with(".tokens") {
@@ -543,7 +553,7 @@ fn eval(a: EvalArgs) -> Result<()> {
             .resized(cfg.model.side);
         TokenSet::quantise(&set, palette, &a.data)?
     };
-    let mut engine = Engine::new(&cfg.model, a.batch.max(1), false, CpuBackend::new())?;
+    let mut engine = Engine::new(&cfg.model, a.batch.max(1), false, dev)?;
     engine.set_params(params)?;
     let t0 = std::time::Instant::now();
     let masks = match a.masks {

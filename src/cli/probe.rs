@@ -3,7 +3,7 @@
 use super::generate::pixel_bar;
 use anyhow::{Context, Result, ensure};
 use clap::Args;
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
 use igpt::checkpoint::LoadedModel;
 use igpt::data::{self, Format, ImageSet, TokenSet};
 use igpt::model::Engine;
@@ -38,7 +38,7 @@ pub struct FeaturesArgs {
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// BERT models: average the features over this many random masks per image (each hiding
-    /// 15% of the pixels, as in training); 0 reads whole images. Default: `igpt::probe::BERT_EVAL_MASKS` for BERT
+    /// 15% of the pixels, as in training); 0 reads whole images. Default: `igpt::bert::EVAL_MASKS` for BERT
     /// models, 0 (the only choice) for autoregressive ones.
     #[arg(long)]
     masks: Option<usize>,
@@ -82,7 +82,7 @@ pub struct ProbeArgs {
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// BERT models: average the features over this many random masks per image (each hiding
-    /// 15% of the pixels, as in training); 0 reads whole images. Default: `igpt::probe::BERT_EVAL_MASKS` for BERT
+    /// 15% of the pixels, as in training); 0 reads whole images. Default: `igpt::bert::EVAL_MASKS` for BERT
     /// models, 0 (the only choice) for autoregressive ones.
     #[arg(long)]
     masks: Option<usize>,
@@ -128,14 +128,14 @@ fn labelled(spec: &str, limit: Option<usize>, m: &LoadedModel) -> Result<(ImageS
     Ok((shaped, labels))
 }
 
-fn engine_for(m: &LoadedModel, batch: usize) -> Result<Engine<CpuBackend>> {
-    let mut e = Engine::new(m.model(), batch.max(1), false, CpuBackend::new())?;
+fn engine_for(m: &LoadedModel, batch: usize, dev: &Device) -> Result<Engine> {
+    let mut e = Engine::new(m.model(), batch.max(1), false, dev)?;
     e.set_params(&m.params)?;
     Ok(e)
 }
 
 fn features_of(
-    engine: &mut Engine<CpuBackend>,
+    engine: &mut Engine,
     set: &ImageSet,
     m: &LoadedModel,
     layers: &[usize],
@@ -151,7 +151,7 @@ fn features_of(
     Ok(f)
 }
 
-pub fn features(a: FeaturesArgs) -> Result<()> {
+pub fn features(a: FeaturesArgs, dev: &Device) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
     let layers = parse_layers(&a.layers, m.model().n_layer)?;
     let mut set = data::load(&a.data, Format::Auto)?;
@@ -162,8 +162,8 @@ pub fn features(a: FeaturesArgs) -> Result<()> {
     let set = set
         .with_channels(m.model().channels)?
         .resized(m.model().side);
-    let mut engine = engine_for(&m, a.batch)?;
-    let masks = probe::masks_for(m.model(), a.masks)?;
+    let mut engine = engine_for(&m, a.batch, dev)?;
+    let masks = masks_flag(m.model(), a.masks)?;
     let f = features_of(&mut engine, &set, &m, &layers, masks, "feature")?;
     let (n, d) = (set.len(), m.model().n_embd);
     if a.out.extension().is_some_and(|e| e == "npy") {
@@ -250,7 +250,7 @@ fn header() {
     );
 }
 
-pub fn probe(a: ProbeArgs) -> Result<()> {
+pub fn probe(a: ProbeArgs, dev: &Device) -> Result<()> {
     ensure!(
         (0.0..1.0).contains(&a.val_fraction) && a.val_fraction > 0.0,
         "--val-fraction must be between 0 and 1"
@@ -314,8 +314,8 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         );
         let layers = parse_layers(&a.layers, m.model().n_layer)?;
         let d = m.model().n_embd;
-        let mut engine = engine_for(&m, a.batch)?;
-        let masks = probe::masks_for(m.model(), a.masks)?;
+        let mut engine = engine_for(&m, a.batch, dev)?;
+        let masks = masks_flag(m.model(), a.masks)?;
         if masks > 0 {
             let views = if masks == 1 {
                 "one mask".to_string()
@@ -329,51 +329,27 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
         if a.model.len() > 1 {
             println!("model {spec}:");
         }
-        let mut per_layer = Vec::new();
-        for (j, &l) in layers.iter().enumerate() {
-            let tr = probe::select_groups(&ftrain, layers.len(), d, &[j]);
-            let te = probe::select_groups(&ftest, layers.len(), d, &[j]);
-            let r = probe::probe(
-                &tr,
-                &train_y,
-                &te,
-                &test_y,
-                d,
-                classes,
-                a.val_fraction,
-                a.seed,
-            )?;
-            row(&format!("layer {l}"), &r);
-            per_layer.push((l, r));
-        }
-        if a.concat && layers.len() > 1 {
-            let all: Vec<usize> = (0..layers.len()).collect();
-            let tr = probe::select_groups(&ftrain, layers.len(), d, &all);
-            let te = probe::select_groups(&ftest, layers.len(), d, &all);
-            let r = probe::probe(
-                &tr,
-                &train_y,
-                &te,
-                &test_y,
-                d * layers.len(),
-                classes,
-                a.val_fraction,
-                a.seed,
-            )?;
-            row("concat", &r);
-        }
-        // The best layer is chosen by validation accuracy, never by test accuracy.
-        let (best_l, best) = per_layer
-            .iter()
-            .max_by(|x, y| x.1.val_accuracy.total_cmp(&y.1.val_accuracy))
-            .map(|(l, r)| (*l, r.clone()))
-            .context("no layers probed")?;
+        let probes = probe::probe_layers(
+            &ftrain,
+            &train_y,
+            &ftest,
+            &test_y,
+            &layers,
+            d,
+            classes,
+            a.concat,
+            a.val_fraction,
+            a.seed,
+            row,
+        )?;
+        let (best_l, best) = probes.best();
         println!(
             "best layer by validation: {best_l} ({:.2}% test; raw pixels {:.2}%, {:+.2} points)",
             100.0 * best.test_accuracy,
             100.0 * baseline.test_accuracy,
             100.0 * (best.test_accuracy - baseline.test_accuracy)
         );
+        let per_layer = &probes.layers;
         if mi == 0 && per_layer.len() > 1 {
             let points: Vec<(f64, f64)> = per_layer
                 .iter()
@@ -401,10 +377,10 @@ pub fn probe(a: ProbeArgs) -> Result<()> {
             let nll_masks = if masks > 0 {
                 masks
             } else {
-                probe::BERT_EVAL_MASKS
+                igpt::bert::EVAL_MASKS
             };
             let nll =
-                igpt::train::evaluate_masks(&mut engine, &tokens, 0, nll_masks, &mut Vec::new())?;
+                igpt::eval::evaluate_masks(&mut engine, &tokens, 0, nll_masks, &mut Vec::new())?;
             println!("held-out NLL: {nll:.4} nats/token");
             best_per_model.push((nll, 100.0 * best.test_accuracy));
         }
@@ -435,6 +411,7 @@ pub fn demo_probe(
     train: &TokenSet,
     val: &TokenSet,
     n_train: usize,
+    dev: &Device,
 ) -> Result<()> {
     let m = igpt::formats::load_model(&run.display().to_string())?;
     let t = m.model().n_ctx();
@@ -460,7 +437,7 @@ pub fn demo_probe(
         .map_or(0, |&c| c as usize + 1);
     let layers: Vec<usize> = (0..=m.model().n_layer).collect();
     let d = m.model().n_embd;
-    let mut engine = engine_for(&m, 16)?;
+    let mut engine = engine_for(&m, 16, dev)?;
     let bar = pixel_bar((tr.len() + te.len()) as u64, "images");
     let ftr =
         probe::extract_features(&mut engine, &tr, &layers, 0, |k| bar.set_position(k as u64))?;
@@ -490,18 +467,9 @@ pub fn demo_probe(
     )?;
     header();
     row("pixels", &base);
-    let mut results = Vec::new();
-    for (j, &l) in layers.iter().enumerate() {
-        let a = probe::select_groups(&ftr, layers.len(), d, &[j]);
-        let b = probe::select_groups(&fte, layers.len(), d, &[j]);
-        let r = probe::probe(&a, &tr_y, &b, &te_y, d, classes, 0.1, 0)?;
-        row(&format!("layer {l}"), &r);
-        results.push((l, r));
-    }
-    let (best_l, best) = results
-        .iter()
-        .max_by(|x, y| x.1.val_accuracy.total_cmp(&y.1.val_accuracy))
-        .context("no layers")?;
+    let probes =
+        probe::probe_layers(&ftr, &tr_y, &fte, &te_y, &layers, d, classes, false, 0.1, 0, row)?;
+    let (best_l, best) = probes.best();
     println!(
         "best layer (by validation): {best_l}, {:.1}% on the {} held-out images; \
          palette pixels {:.1}%",
@@ -509,7 +477,8 @@ pub fn demo_probe(
         te_y.len(),
         100.0 * base.test_accuracy
     );
-    let points = results
+    let points = probes
+        .layers
         .iter()
         .map(|(l, r)| (*l as f64, 100.0 * r.test_accuracy))
         .collect();
@@ -524,6 +493,11 @@ pub fn demo_probe(
             color: RGBColor(30, 90, 200),
         }],
         Some(("palette pixels", 100.0 * base.test_accuracy)),
-        Some((*best_l as f64, 100.0 * best.test_accuracy)),
+        Some((best_l as f64, 100.0 * best.test_accuracy)),
     )
+}
+
+/// `--masks` for `model`: the number of evaluation masks (see [`igpt::bert::masks_for`]).
+pub(super) fn masks_flag(model: &igpt::config::ModelConfig, asked: Option<usize>) -> Result<usize> {
+    igpt::bert::masks_for(model, asked).map_err(|e| anyhow::anyhow!("--masks: {e} (leave it out)"))
 }

@@ -241,3 +241,29 @@ impl TokenSet {
         })
     }
 }
+
+impl TokenSet {
+    /// Every image's label, when the set has them.
+    pub fn labels(&self) -> Option<Vec<u32>> {
+        self.header
+            .labelled
+            .then(|| (0..self.len()).filter_map(|i| self.label(i)).collect())
+    }
+
+    /// The images at `indices` (in that order), with their labels, in memory.
+    pub fn select(&self, indices: &[usize]) -> Result<TokenSet> {
+        let t = self.header.t;
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.len()) {
+            anyhow::bail!("image {bad} does not exist: the set has {}", self.len());
+        }
+        let mut tokens = vec![0u16; indices.len() * t];
+        for (dst, &i) in tokens.chunks_exact_mut(t).zip(indices) {
+            self.copy_image(i, dst);
+        }
+        let labels = self
+            .header
+            .labelled
+            .then(|| indices.iter().filter_map(|&i| self.label(i)).collect());
+        TokenSet::from_tokens(tokens, t, self.header.n_vocab, labels)
+    }
+}

@@ -27,13 +27,13 @@ pub(crate) struct BlockIo {
 
 /// `a = x + attn(norm_1(x))`, `out = a + mlp(norm_2(a))`; `attend(backend, qkv, att)` fills
 /// the attention output from the projected Q, K, V.
-pub(crate) fn block_forward<B: Backend>(
-    b: &mut B,
+pub(crate) fn block_forward(
+    b: &mut dyn Backend,
     po: &BlockOffsets,
     io: &BlockIo,
     rows: usize,
     d: usize,
-    attend: impl FnOnce(&mut B, View, View),
+    attend: impl FnOnce(&mut dyn Backend, View, View),
 ) {
     let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
     b.rmsnorm_forward(io.ln1, io.rstd1, io.x, pv(po.ln_1, d), d);
@@ -90,8 +90,8 @@ pub(crate) fn block_forward<B: Backend>(
 
 /// The final norm and the output head: `logits = norm_f(x) @ wtet^T` over `rows` rows.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn head_forward<B: Backend>(
-    b: &mut B,
+pub(crate) fn head_forward(
+    b: &mut dyn Backend,
     layout: &super::ParamLayout,
     x: View,
     lnf: View,
@@ -119,8 +119,8 @@ pub(crate) fn head_forward<B: Backend>(
 /// Backward of `y = x @ W` for the weight at `w` (`[n_in, n_out]`): adds `x^T dy` to its
 /// gradient and writes `dx = dy W^T`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn linear_backward<B: Backend>(
-    b: &mut B,
+pub(crate) fn linear_backward(
+    b: &mut dyn Backend,
     dx: View,
     w: usize,
     x: View,

@@ -4,7 +4,7 @@
 
 use super::ParamLayout;
 use super::block::{BlockIo, block_forward, head_forward};
-use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, View};
+use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, View};
 use crate::config::ModelConfig;
 
 /// Offsets in [`Arena::Acts`] of one step's buffers and of the caches.
@@ -23,16 +23,17 @@ struct StepPlan {
     rstdf: usize,
     logits: usize,
     scores: usize,
-    /// Per layer: K and V caches, `[batch, n_head, n_ctx, head_dim]` each.
+    /// Positions each cache holds (the backend's [`Backend::decode_cache_len`]).
+    cache_len: usize,
+    /// Per layer: K and V caches of `batch * cache_len * d` elements each.
     caches: Vec<(usize, usize)>,
     total: usize,
 }
 
 impl StepPlan {
-    fn new(cfg: &ModelConfig, batch: usize) -> Self {
+    fn new(cfg: &ModelConfig, batch: usize, backend: &dyn Backend) -> Self {
         let d = cfg.n_embd;
-        // Caches and scores hold whole blocks of 16 positions.
-        let t = crate::backend::cpu::attention::decode_cache_len(cfg.n_ctx());
+        let t = backend.decode_cache_len(cfg.n_ctx());
         let mut off = 0;
         let mut take = |n: usize| {
             let at = off;
@@ -71,6 +72,7 @@ impl StepPlan {
             rstdf,
             logits,
             scores,
+            cache_len: t,
             caches,
             total: off,
         }
@@ -82,38 +84,40 @@ fn act(offset: usize, len: usize) -> View {
 }
 
 /// A model that generates `batch` images one position at a time.
-pub struct Decoder<B: Backend> {
+pub struct Decoder {
     pub cfg: ModelConfig,
     pub layout: ParamLayout,
     pub batch: usize,
     plan: StepPlan,
-    backend: B,
+    backend: Box<dyn Backend>,
     /// Next position to feed.
     pos: usize,
     host_logits: Vec<f32>,
 }
 
-impl<B: Backend> Decoder<B> {
-    pub fn new(cfg: &ModelConfig, batch: usize, backend: B) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, backend, None)
+impl Decoder {
+    /// A decoder on `device` with zero parameters (set them with [`Decoder::set_params`]).
+    pub fn new(cfg: &ModelConfig, batch: usize, device: &Device) -> anyhow::Result<Self> {
+        Self::build(cfg, batch, device, None)
     }
 
     /// A decoder that takes ownership of `params` (a large model is held once).
     pub fn with_params(
         cfg: &ModelConfig,
         batch: usize,
-        backend: B,
+        device: &Device,
         params: Vec<f32>,
     ) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, backend, Some(params))
+        Self::build(cfg, batch, device, Some(params))
     }
 
     fn build(
         cfg: &ModelConfig,
         batch: usize,
-        mut backend: B,
+        device: &Device,
         params: Option<Vec<f32>>,
     ) -> anyhow::Result<Self> {
+        let mut backend = device.open()?;
         cfg.validate()?;
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
         let layout = ParamLayout::new(cfg);
@@ -125,7 +129,7 @@ impl<B: Backend> Decoder<B> {
                 layout.total
             );
         }
-        let plan = StepPlan::new(cfg, batch);
+        let plan = StepPlan::new(cfg, batch, backend.as_ref());
         backend.allocate(ArenaSizes {
             params: if params.is_some() { 0 } else { layout.total },
             grads: 0,
@@ -194,7 +198,7 @@ impl<B: Backend> Decoder<B> {
         let (plan, lay, b, rows, pos) = (
             &self.plan,
             &self.layout,
-            &mut self.backend,
+            self.backend.as_mut(),
             self.batch,
             self.pos,
         );
@@ -230,7 +234,7 @@ impl<B: Backend> Decoder<B> {
                 out: act(plan.resid[(l + 1) % 2], rows * d),
             };
             let (kc, vc) = plan.caches[l];
-            let tc = crate::backend::cpu::attention::decode_cache_len(t);
+            let tc = plan.cache_len;
             let (kc, vc) = (act(kc, rows * tc * d), act(vc, rows * tc * d));
             let scores = act(plan.scores, rows * cfg.n_head * tc);
             block_forward(b, po, &io, rows, d, |b, qkv, att| {

@@ -5,7 +5,7 @@
 
 use super::ParamLayout;
 use super::block::{BlockIo, block_forward, head_forward, linear_backward};
-use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Op, View};
+use crate::backend::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, Device, Op, View};
 use crate::config::ModelConfig;
 
 /// Activations one block keeps for its backward pass.
@@ -47,7 +47,7 @@ pub struct ActPlan {
 impl ActPlan {
     /// With `training`, every block keeps its activations; without, blocks share one set and
     /// the residual stream ping-pongs between two buffers.
-    pub fn new(cfg: &ModelConfig, batch: usize, training: bool, threads: usize) -> Self {
+    pub fn new(cfg: &ModelConfig, batch: usize, training: bool, backend: &dyn Backend) -> Self {
         let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
         let rows = batch * t;
         let mut off = 0;
@@ -98,7 +98,7 @@ impl ActPlan {
             head_dim: cfg.head_dim(),
             causal: cfg.causal(),
         };
-        let attn_scratch_len = shape.scratch_len(threads);
+        let attn_scratch_len = backend.attention_scratch_len(shape);
         let attn_scratch = take(attn_scratch_len);
         Self {
             resid,
@@ -129,14 +129,14 @@ pub enum Output {
     Hidden(usize),
 }
 
-/// A model bound to a backend with buffers planned for `batch` sequences.
-pub struct Engine<B: Backend> {
+/// A model bound to a device with buffers planned for `batch` sequences.
+pub struct Engine {
     pub cfg: ModelConfig,
     pub layout: ParamLayout,
     pub batch: usize,
     pub training: bool,
     plan: ActPlan,
-    backend: B,
+    backend: Box<dyn Backend>,
     /// Host copy of per-position losses, allocated once.
     host_losses: Vec<f32>,
     /// Sequences in the last forward pass.
@@ -144,22 +144,24 @@ pub struct Engine<B: Backend> {
     /// Masked-objective inputs and loss weights, allocated once.
     masked_inputs: Vec<u16>,
     mask_weights: Vec<f32>,
-    /// Host copy of the final norm's output for a classification head.
-    host_lnf: Vec<f32>,
+    /// Whether the last pass was a training forward pass whose gradient is still unused.
+    backward_ready: bool,
 }
 
 fn act(offset: usize, len: usize) -> View {
     View::new(Arena::Acts, offset, len)
 }
 
-impl<B: Backend> Engine<B> {
+impl Engine {
+    /// An engine on `device` with zero parameters (set them with [`Engine::set_params`]);
+    /// `training` plans gradients, optimizer moments and every layer's activations.
     pub fn new(
         cfg: &ModelConfig,
         batch: usize,
         training: bool,
-        backend: B,
+        device: &Device,
     ) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, training, backend, None)
+        Self::build(cfg, batch, training, device, None)
     }
 
     /// An inference engine that takes ownership of `params` rather than copying them, so a
@@ -167,19 +169,20 @@ impl<B: Backend> Engine<B> {
     pub fn with_params(
         cfg: &ModelConfig,
         batch: usize,
-        backend: B,
+        device: &Device,
         params: Vec<f32>,
     ) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, false, backend, Some(params))
+        Self::build(cfg, batch, false, device, Some(params))
     }
 
     fn build(
         cfg: &ModelConfig,
         batch: usize,
         training: bool,
-        mut backend: B,
+        device: &Device,
         params: Option<Vec<f32>>,
     ) -> anyhow::Result<Self> {
+        let mut backend = device.open()?;
         cfg.validate()?;
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
         let layout = ParamLayout::new(cfg);
@@ -191,7 +194,7 @@ impl<B: Backend> Engine<B> {
                 layout.total
             );
         }
-        let plan = ActPlan::new(cfg, batch, training, rayon::current_num_threads());
+        let plan = ActPlan::new(cfg, batch, training, backend.as_ref());
         backend.allocate(ArenaSizes {
             // Adopted parameters replace the arena, so it is not allocated as well.
             params: if params.is_some() { 0 } else { layout.total },
@@ -216,16 +219,13 @@ impl<B: Backend> Engine<B> {
             n_seq: 0,
             masked_inputs: vec![0; rows],
             mask_weights: vec![0.0; rows],
-            host_lnf: Vec::new(),
+            backward_ready: false,
         })
     }
 
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
-
-    pub fn backend_mut(&mut self) -> &mut B {
-        &mut self.backend
+    /// The backend's name (which device this engine computes on).
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
     }
 
     fn p(&self, offset: usize, len: usize) -> View {
@@ -300,37 +300,77 @@ impl<B: Backend> Engine<B> {
         self.run_forward(tokens, None)
     }
 
-    /// Forward and backward pass; gradients of `loss_scale * summed loss` are added to the
-    /// gradient arena (call [`Engine::zero_grads`] first for a fresh step). Returns the summed loss.
-    pub fn forward_backward(&mut self, tokens: &[u16], loss_scale: f32) -> anyhow::Result<f64> {
-        anyhow::ensure!(self.training, "this engine was planned for inference only");
-        let sum = self.run_forward(tokens, Some(loss_scale))?;
-        self.backward();
-        Ok(sum)
-    }
-
-    /// The masked (BERT) objective: `masked[i]` hides position i (zero content embedding) and
-    /// makes it a target; only hidden positions count. Returns the summed loss over them. With
-    /// `loss_scale`, gradients of `loss_scale * sum` are added (training engines only).
-    pub fn forward_masked(
-        &mut self,
-        tokens: &[u16],
-        masked: &[bool],
-        loss_scale: Option<f32>,
-    ) -> anyhow::Result<f64> {
+    /// The masked (BERT) objective's loss: `masked[i]` hides position i (zero content
+    /// embedding) and makes it a target; only hidden positions count. Returns the summed loss
+    /// over them.
+    pub fn forward_masked(&mut self, tokens: &[u16], masked: &[bool]) -> anyhow::Result<f64> {
         anyhow::ensure!(
             !self.cfg.causal(),
             "the masked objective is for BERT models; this one is autoregressive"
         );
-        anyhow::ensure!(
-            loss_scale.is_none() || self.training,
-            "this engine was planned for inference only"
-        );
-        let sum = self.run_forward_masked(tokens, masked, loss_scale)?;
-        if loss_scale.is_some() {
-            self.backward();
-        }
+        self.run_forward_masked(tokens, masked, None)
+    }
+
+    /// The forward pass of a training step over `tokens` (`[n_seq, n_ctx]`, `n_seq <= batch`):
+    /// keeps every activation and leaves the gradient of `loss_scale * summed loss` for
+    /// [`Engine::backward`]. BERT models need `masked` (the loss is then the masked
+    /// objective's); autoregressive ones take `None`. Returns the summed loss.
+    pub fn forward_train(
+        &mut self,
+        tokens: &[u16],
+        masked: Option<&[bool]>,
+        loss_scale: f32,
+    ) -> anyhow::Result<f64> {
+        anyhow::ensure!(self.training, "this engine was planned for inference only");
+        self.backward_ready = false;
+        let sum = match (masked, self.cfg.causal()) {
+            (None, true) => self.run_forward(tokens, Some(loss_scale))?,
+            (Some(m), false) => self.run_forward_masked(tokens, m, Some(loss_scale))?,
+            (Some(_), true) => anyhow::bail!("masks are for BERT models; this one is autoregressive"),
+            (None, false) => anyhow::bail!("a BERT model trains on masked images: give the mask"),
+        };
+        self.backward_ready = true;
         Ok(sum)
+    }
+
+    /// Adds the gradients of the last [`Engine::forward_train`] to the gradient arena (call
+    /// [`Engine::zero_grads`] at the start of a step). `d_lnf`, when given, is an extra
+    /// gradient `[n_seq, n_ctx, d]` on the final norm's output, from a head the caller ran on
+    /// [`Engine::final_norm_output`].
+    pub fn backward(&mut self, d_lnf: Option<&[f32]>) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.backward_ready,
+            "backward needs a training forward pass first (forward_train)"
+        );
+        if let Some(g) = d_lnf {
+            let want = self.n_seq * self.cfg.n_ctx() * self.cfg.n_embd;
+            anyhow::ensure!(
+                g.len() == want,
+                "the head's gradient holds {} values, the final norm's output {want}",
+                g.len()
+            );
+        }
+        self.backward_ready = false;
+        self.backward_with(d_lnf);
+        Ok(())
+    }
+
+    /// The global norm of the gradient arena (sum of squares in f64, in a fixed order).
+    pub fn grad_norm(&self) -> f64 {
+        assert!(self.training, "gradients exist only in a training engine");
+        self.backend
+            .sum_squares(View::new(Arena::Grads, 0, self.layout.total))
+            .sqrt()
+    }
+
+    /// One AdamW update of every parameter tensor from the gradient arena; weight decay applies
+    /// to the tensors whose [`crate::model::TensorSpec::decay`] says so.
+    pub fn update(&mut self, step: AdamStep) {
+        assert!(self.training, "optimizer state exists only in a training engine");
+        for t in &self.layout.tensors {
+            self.backend
+                .adamw(View::new(Arena::Params, t.offset, t.len), step, t.decay);
+        }
     }
 
     /// The forward half of [`Engine::forward_masked`].
@@ -340,6 +380,7 @@ impl<B: Backend> Engine<B> {
         masked: &[bool],
         loss_scale: Option<f32>,
     ) -> anyhow::Result<f64> {
+        self.backward_ready = false;
         let n_seq = self.check_tokens(tokens)?;
         self.n_seq = n_seq;
         let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
@@ -351,7 +392,7 @@ impl<B: Backend> Engine<B> {
         self.backend.set_targets(tokens, &self.mask_weights[..rows]);
         self.embed(rows, true);
         self.run_blocks(n_seq, self.cfg.n_layer);
-        let (plan, lay, b) = (&self.plan, &self.layout, &mut self.backend);
+        let (plan, lay, b) = (&self.plan, &self.layout, self.backend.as_mut());
         let logits = act(plan.logits, rows * v);
         head_forward(
             b,
@@ -409,6 +450,7 @@ impl<B: Backend> Engine<B> {
     /// Runs only as deep as `output` needs and copies it to `out`: logits
     /// `[n_seq, n_ctx, n_vocab]` or a hidden state `[n_seq, n_ctx, n_embd]`.
     pub fn infer(&mut self, ids: &[u16], output: Output, out: &mut Vec<f32>) -> anyhow::Result<()> {
+        self.backward_ready = false;
         let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
         anyhow::ensure!(
             !ids.is_empty() && ids.len().is_multiple_of(t),
@@ -450,7 +492,7 @@ impl<B: Backend> Engine<B> {
                 let lnf = act(plan.lnf, rows * d);
                 let logits = act(plan.logits, rows * v);
                 head_forward(
-                    &mut self.backend,
+                    self.backend.as_mut(),
                     lay,
                     last,
                     lnf,
@@ -484,6 +526,7 @@ impl<B: Backend> Engine<B> {
         layers: &[usize],
         out: &mut Vec<f32>,
     ) -> anyhow::Result<()> {
+        self.backward_ready = false;
         let n_seq = self.check_tokens(tokens)?;
         let (d, t) = (self.cfg.n_embd, self.cfg.n_ctx());
         let n_layer = self.cfg.n_layer;
@@ -569,7 +612,7 @@ impl<B: Backend> Engine<B> {
             causal: cfg.causal(),
         };
         let plan = &self.plan;
-        let b = &mut self.backend;
+        let b = self.backend.as_mut();
         let scratch = act(plan.attn_scratch, plan.attn_scratch_len);
         for (l, (ba, po)) in plan
             .blocks
@@ -600,6 +643,7 @@ impl<B: Backend> Engine<B> {
     }
 
     fn run_forward(&mut self, tokens: &[u16], grad_scale: Option<f32>) -> anyhow::Result<f64> {
+        self.backward_ready = false;
         anyhow::ensure!(
             self.cfg.causal(),
             "likelihood and training passes here are for autoregressive models; this one is BERT"
@@ -612,7 +656,7 @@ impl<B: Backend> Engine<B> {
         self.backend.set_tokens(tokens);
         self.embed(rows, false);
         self.run_blocks(n_seq, cfg.n_layer);
-        let (plan, lay, b) = (&self.plan, &self.layout, &mut self.backend);
+        let (plan, lay, b) = (&self.plan, &self.layout, self.backend.as_mut());
         let last = act(plan.resid[cfg.n_layer], rows * d);
         let logits = act(plan.logits, rows * v);
         head_forward(
@@ -632,10 +676,6 @@ impl<B: Backend> Engine<B> {
         Ok(self.host_losses[..rows].iter().map(|&x| x as f64).sum())
     }
 
-    fn backward(&mut self) {
-        self.backward_with(None)
-    }
-
     /// The final norm's output `[n_seq, n_ctx, d]` of the last forward pass (what a
     /// classification head reads).
     pub fn final_norm_output(&self, out: &mut Vec<f32>) {
@@ -643,35 +683,6 @@ impl<B: Backend> Engine<B> {
         out.resize(rows * self.cfg.n_embd, 0.0);
         self.backend
             .download(act(self.plan.lnf, rows * self.cfg.n_embd), out);
-    }
-
-    /// Forward and backward of the generative loss (scaled by `gen_scale`; 0 leaves only the
-    /// extra term) plus an extra gradient `d_lnf` `[n_seq, n_ctx, d]` on the final norm's
-    /// output, from a head the caller runs on [`Engine::final_norm_output`]. `head` is called
-    /// between the two passes with that output and fills `d_lnf`. Returns the generative loss.
-    /// BERT models need `masked` (the generative loss is then the masked objective's); for
-    /// autoregressive ones it must be `None`.
-    pub fn forward_backward_with_head(
-        &mut self,
-        tokens: &[u16],
-        masked: Option<&[bool]>,
-        gen_scale: f32,
-        d_lnf: &mut Vec<f32>,
-        head: impl FnOnce(&[f32], &mut [f32]),
-    ) -> anyhow::Result<f64> {
-        anyhow::ensure!(self.training, "this engine was planned for inference only");
-        let sum = match masked {
-            Some(m) => self.run_forward_masked(tokens, m, Some(gen_scale))?,
-            None => self.run_forward(tokens, Some(gen_scale))?,
-        };
-        let mut lnf = std::mem::take(&mut self.host_lnf);
-        self.final_norm_output(&mut lnf);
-        d_lnf.clear();
-        d_lnf.resize(lnf.len(), 0.0);
-        head(&lnf, d_lnf);
-        self.host_lnf = lnf;
-        self.backward_with(Some(d_lnf));
-        Ok(sum)
     }
 
     fn backward_with(&mut self, extra_dlnf: Option<&[f32]>) {
@@ -688,7 +699,7 @@ impl<B: Backend> Engine<B> {
         };
         let plan = &self.plan;
         let lay = &self.layout;
-        let b = &mut self.backend;
+        let b = self.backend.as_mut();
         let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
         let gv = |o: usize, n: usize| View::new(Arena::Grads, o, n);
         let scratch = act(plan.attn_scratch, plan.attn_scratch_len);

@@ -1,13 +1,20 @@
 //! Training: AdamW with warm-up and cosine decay, clipping, accumulation, and exact resume.
+//!
+//! A step is named calls on the engine: for each pass, [`Engine::forward_train`] and
+//! [`Engine::backward`]; then [`optim::finish_step`] (reduce, clip, update). Fine-tuning
+//! ([`crate::finetune`]) takes the same steps.
 
+pub mod loader;
+pub mod optim;
 pub mod run;
 
-use crate::backend::{AdamStep, Arena, Backend, View};
+use crate::backend::{Arena, Device};
+use crate::bert;
 use crate::config::ModelConfig;
 use crate::data::TokenSet;
 use crate::model::Engine;
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
+use loader::{Loader, Position, Shard};
+use optim::AdamW;
 use serde::{Deserialize, Serialize};
 
 /// Training settings (saved in `config.json`).
@@ -80,6 +87,16 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The optimizer these settings describe.
+    pub fn adamw(&self) -> AdamW {
+        AdamW {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+
     /// Learning rate for optimizer step `step` (1-based): linear warm-up, then cosine to 0.
     pub fn lr_at(&self, step: u64) -> f32 {
         if self.warmup > 0 && step <= self.warmup {
@@ -102,36 +119,6 @@ pub struct TrainState {
     pub tokens_seen: u64,
 }
 
-/// Fraction of each image's pixels the masked (BERT) objective hides.
-pub const MASK_RATE: f64 = 0.15;
-
-/// Seed of the fixed masks a BERT model is evaluated with (held-out loss, features,
-/// classification), so that numbers repeat from run to run.
-pub const EVAL_MASK_SEED: u64 = 0x5eed;
-
-/// Pixels hidden per image of `t` pixels: 15%, at least one.
-pub fn mask_count(t: usize) -> usize {
-    ((t as f64 * MASK_RATE).round() as usize).clamp(1, t)
-}
-
-/// Marks `mask_count(t)` positions of `out` (`t` flags), chosen uniformly without replacement
-/// by a generator seeded from `(seed, key)`; `perm` is reused scratch.
-pub fn bert_mask(seed: u64, key: u64, perm: &mut Vec<usize>, out: &mut [bool]) {
-    use rand::Rng;
-    let t = out.len();
-    perm.clear();
-    perm.extend(0..t);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-        seed ^ key.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03),
-    );
-    out.fill(false);
-    for i in 0..mask_count(t) {
-        let j = rng.random_range(i..t);
-        perm.swap(i, j);
-        out[perm[i]] = true;
-    }
-}
-
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct StepStats {
@@ -145,39 +132,53 @@ pub struct StepStats {
 }
 
 /// A model, its optimizer state and its place in the data.
-pub struct Trainer<B: Backend> {
-    pub engine: Engine<B>,
+pub struct Trainer {
+    pub engine: Engine,
     pub cfg: TrainConfig,
     pub state: TrainState,
-    order: Vec<usize>,
-    order_epoch: Option<u64>,
+    /// This process's share of every batch.
+    shard: Shard,
+    loader: Loader,
     batch_tokens: Vec<u16>,
     /// Masked-objective flags and scratch, allocated once.
     mask: Vec<bool>,
     perm: Vec<usize>,
 }
 
-impl<B: Backend> Trainer<B> {
+impl Trainer {
     pub fn new(
         model: &ModelConfig,
         cfg: TrainConfig,
         params: &[f32],
-        backend: B,
+        device: &Device,
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let mut engine = Engine::new(model, cfg.micro_batch, true, backend)?;
+        let mut engine = Engine::new(model, cfg.micro_batch, true, device)?;
         engine.set_params(params)?;
         let mask = vec![false; cfg.micro_batch * model.n_ctx()];
         Ok(Self {
             batch_tokens: vec![0; cfg.micro_batch * model.n_ctx()],
             engine,
+            loader: Loader::new(cfg.seed),
             cfg,
             state: TrainState::default(),
-            order: Vec::new(),
-            order_epoch: None,
+            shard: Shard::WHOLE,
             mask,
             perm: Vec::with_capacity(model.n_ctx()),
         })
+    }
+
+    /// Trains on `shard`'s part of every batch (the whole batch unless set). Each process of a
+    /// data-parallel run takes its own; together they see the images one process would.
+    pub fn set_shard(&mut self, shard: Shard) -> anyhow::Result<()> {
+        let (per, _) = shard.share(self.cfg.batch)?;
+        anyhow::ensure!(
+            per.is_multiple_of(self.cfg.micro_batch),
+            "each process's {per} images of a batch do not split into passes of {}",
+            self.cfg.micro_batch
+        );
+        self.shard = shard;
+        Ok(())
     }
 
     /// Restores optimizer moments and the data position (parameters via `new`).
@@ -196,35 +197,9 @@ impl<B: Backend> Trainer<B> {
         (self.engine.params(), m, v)
     }
 
-    /// The data order of an epoch: a fixed shuffle by (seed, epoch). Refilled in place.
-    fn ensure_order(&mut self, n: usize) {
-        if self.order_epoch != Some(self.state.epoch) || self.order.len() != n {
-            self.order.clear();
-            self.order.extend(0..n);
-            let seed = self.cfg.seed
-                ^ (self.state.epoch.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            self.order
-                .shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-            self.order_epoch = Some(self.state.epoch);
-        }
-    }
-
-    /// Fills the batch buffer with the next `micro_batch` images of the data order.
-    fn next_micro_batch(&mut self, data: &TokenSet) {
-        let t = self.engine.cfg.n_ctx();
-        for slot in 0..self.cfg.micro_batch {
-            self.ensure_order(data.len());
-            let idx = self.order[self.state.cursor];
-            data.copy_image(idx, &mut self.batch_tokens[slot * t..(slot + 1) * t]);
-            self.state.cursor += 1;
-            if self.state.cursor == data.len() {
-                self.state.cursor = 0;
-                self.state.epoch += 1;
-            }
-        }
-    }
-
-    /// One optimizer step over `batch` images. Allocates nothing once the epoch order exists.
+    /// One optimizer step over `batch` images (this process's share of them): forward and
+    /// backward pass by pass, then [`optim::finish_step`]. Allocates nothing once the epoch
+    /// order exists.
     pub fn step(&mut self, data: &TokenSet) -> anyhow::Result<StepStats> {
         anyhow::ensure!(!data.is_empty(), "the training set is empty");
         anyhow::ensure!(
@@ -236,75 +211,65 @@ impl<B: Backend> Trainer<B> {
             self.engine.cfg.n_ctx(),
             self.engine.cfg.n_vocab
         );
+        anyhow::ensure!(
+            self.state.cursor < data.len(),
+            "the trainer's place in the data (image {} of the epoch) is beyond the {} training images",
+            self.state.cursor,
+            data.len()
+        );
         let t = self.engine.cfg.n_ctx();
-        let micro_steps = self.cfg.batch / self.cfg.micro_batch;
+        let mb = self.cfg.micro_batch;
+        let (per_shard, shard_start) = self.shard.share(self.cfg.batch)?;
         let tokens = (self.cfg.batch * t) as u64;
         let bert = !self.engine.cfg.causal();
-        // The loss is a mean over the predicted pixels: all of them, or the hidden ones.
+        // The loss is a mean over the predicted pixels of the whole batch: all of them, or the
+        // hidden ones.
         let scored = if bert {
-            (self.cfg.batch * mask_count(t)) as u64
+            (self.cfg.batch * bert::mask_count(t)) as u64
         } else {
             tokens
         };
         let scale = 1.0 / scored as f32;
+        let start = Position {
+            epoch: self.state.epoch,
+            cursor: self.state.cursor,
+        };
         self.engine.zero_grads();
         let mut loss_sum = 0.0;
-        for micro in 0..micro_steps {
-            self.next_micro_batch(data);
-            let toks = std::mem::take(&mut self.batch_tokens);
-            let r = if bert {
-                let step = self.state.step;
-                for (slot, m) in self.mask.chunks_mut(t).enumerate() {
-                    let key = (step * micro_steps as u64 + micro as u64)
-                        * self.cfg.micro_batch as u64
-                        + slot as u64;
-                    bert_mask(self.cfg.seed, key, &mut self.perm, m);
-                }
-                self.engine.forward_masked(&toks, &self.mask, Some(scale))
+        for first in (shard_start..shard_start + per_shard).step_by(mb) {
+            self.loader
+                .fill(data, start.advanced(first, data.len()), &mut self.batch_tokens);
+            let mask = if bert {
+                let key = self.state.step * self.cfg.batch as u64 + first as u64;
+                bert::training_masks(self.cfg.seed, key, t, &mut self.perm, &mut self.mask);
+                Some(&self.mask[..])
             } else {
-                self.engine.forward_backward(&toks, scale)
+                None
             };
-            self.batch_tokens = toks;
-            loss_sum += r?;
+            loss_sum += self.engine.forward_train(&self.batch_tokens, mask, scale)?;
+            self.engine.backward(None)?;
         }
-        let n = self.engine.layout.total;
-        let grad_norm = self
-            .engine
-            .backend()
-            .sum_squares(View::new(Arena::Grads, 0, n))
-            .sqrt();
-        let clip_scale = if self.cfg.clip > 0.0 && grad_norm > self.cfg.clip as f64 {
-            (self.cfg.clip as f64 / grad_norm) as f32
-        } else {
-            1.0
-        };
         let step = self.state.step + 1;
         let lr = self.cfg.lr_at(step);
-        let h = AdamStep {
+        let done = optim::finish_step(
+            &mut self.engine,
+            &mut [],
+            loss_sum,
+            &self.cfg.adamw(),
             lr,
-            beta1: self.cfg.beta1,
-            beta2: self.cfg.beta2,
-            eps: self.cfg.eps,
-            weight_decay: self.cfg.weight_decay,
             step,
-            grad_scale: clip_scale,
-        };
-        for i in 0..self.engine.layout.tensors.len() {
-            let (off, len, decay) = {
-                let t = &self.engine.layout.tensors[i];
-                (t.offset, t.len, t.decay)
-            };
-            self.engine
-                .backend_mut()
-                .adamw(View::new(Arena::Params, off, len), h, decay);
-        }
+            self.cfg.clip,
+        );
+        let next = start.advanced(self.cfg.batch, data.len());
+        self.state.epoch = next.epoch;
+        self.state.cursor = next.cursor;
         self.state.step = step;
         self.state.tokens_seen += tokens;
         Ok(StepStats {
             step,
-            loss: loss_sum / scored as f64,
+            loss: done.loss_sum / scored as f64,
             lr,
-            grad_norm,
+            grad_norm: done.grad_norm,
             tokens,
         })
     }
@@ -319,8 +284,8 @@ impl<B: Backend> Trainer<B> {
 /// of) `data`, with the start token as in training; a BERT model's loss is per hidden pixel
 /// under one fixed mask per image (the same at every evaluation, so runs compare). `buf` is
 /// reused batch storage.
-pub fn evaluate<B: Backend>(
-    engine: &mut Engine<B>,
+pub fn evaluate(
+    engine: &mut Engine,
     data: &TokenSet,
     max_images: usize,
     buf: &mut Vec<u16>,
@@ -329,10 +294,10 @@ pub fn evaluate<B: Backend>(
 }
 
 /// [`evaluate`], with a BERT model's loss averaged over `masks` fixed masks per image (those
-/// of [`crate::probe::eval_masks`]; one mask gives [`evaluate`]'s). Autoregressive models
-/// ignore `masks`.
-pub fn evaluate_masks<B: Backend>(
-    engine: &mut Engine<B>,
+/// of [`bert::eval_masks`]; one mask gives [`evaluate`]'s). Autoregressive models ignore
+/// `masks`.
+pub fn evaluate_masks(
+    engine: &mut Engine,
     data: &TokenSet,
     max_images: usize,
     masks: usize,
@@ -370,15 +335,15 @@ pub fn evaluate_masks<B: Backend>(
         }
         if bert {
             for k in 0..masks {
-                crate::probe::eval_masks(start, b, t, masks, k, &mut perm, &mut mask);
-                sum += engine.forward_masked(&buf[..b * t], &mask[..b * t], None)?;
+                bert::eval_masks(start, b, t, masks, k, &mut perm, &mut mask);
+                sum += engine.forward_masked(&buf[..b * t], &mask[..b * t])?;
             }
         } else {
             sum += engine.forward(&buf[..b * t])?;
         }
         start += b;
     }
-    let per_image = if bert { mask_count(t) } else { t };
+    let per_image = if bert { bert::mask_count(t) } else { t };
     Ok(sum / (n * per_image * masks) as f64)
 }
 

@@ -2,7 +2,7 @@
 //! validation, metrics, checkpoints and the loss chart.
 
 use super::{StepStats, TrainConfig, TrainState, Trainer};
-use crate::backend::cpu::CpuBackend;
+use crate::backend::Device;
 use crate::checkpoint::{RunConfig, RunDir};
 use crate::config::ModelConfig;
 use crate::data::{self, Format, TokenSet};
@@ -188,6 +188,7 @@ pub fn start(
     prepared: &Prepared,
     data_desc: &str,
     stop_after: Option<u64>,
+    device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     ensure!(
@@ -214,7 +215,7 @@ pub fn start(
     run.save_palette(&prepared.palette)?;
     let _ = std::fs::remove_file(run.file("metrics.jsonl"));
     let params = crate::model::init_params(model, train_cfg.seed);
-    let mut trainer = Trainer::new(model, train_cfg.clone(), &params, CpuBackend::new())?;
+    let mut trainer = Trainer::new(model, train_cfg.clone(), &params, device)?;
     train_loop(
         run,
         &mut trainer,
@@ -232,6 +233,7 @@ pub fn resume(
     steps: Option<u64>,
     stop_after: Option<u64>,
     expected: Option<&ModelConfig>,
+    device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     let mut cfg = run.load_config()?;
@@ -268,7 +270,7 @@ pub fn resume(
         run.load_trainer(crate::model::ParamLayout::new(&cfg.model).total)?;
     let train = TokenSet::open(&run.file("data/train.tokens"))?;
     let val = TokenSet::open(&run.file("data/val.tokens"))?;
-    let mut trainer = Trainer::new(&cfg.model, cfg.train.clone(), &params, CpuBackend::new())?;
+    let mut trainer = Trainer::new(&cfg.model, cfg.train.clone(), &params, device)?;
     trainer.restore(state, &m, &v);
     truncate_metrics(run, trainer.state.step)?;
     progress.message(&format!(
@@ -299,7 +301,7 @@ fn truncate_metrics(run: &RunDir, step: u64) -> Result<()> {
     crate::fsutil::write_atomic(&p, kept.as_bytes())
 }
 
-fn checkpoint(run: &RunDir, trainer: &Trainer<CpuBackend>) -> Result<()> {
+fn checkpoint(run: &RunDir, trainer: &Trainer) -> Result<()> {
     let (params, m, v) = trainer.snapshot();
     run.save_trainer(&trainer.state, &params, &m, &v)?;
     run.save_model(&trainer.engine.cfg, &params)?;
@@ -315,7 +317,7 @@ fn checkpoint(run: &RunDir, trainer: &Trainer<CpuBackend>) -> Result<()> {
 /// work queue instead of the global one, whose blocks would be allocated as it grows.
 fn train_loop(
     run: &RunDir,
-    trainer: &mut Trainer<CpuBackend>,
+    trainer: &mut Trainer,
     train: &TokenSet,
     val: &TokenSet,
     stop_after: Option<u64>,
@@ -326,7 +328,7 @@ fn train_loop(
 
 fn train_loop_on_pool(
     run: &RunDir,
-    trainer: &mut Trainer<CpuBackend>,
+    trainer: &mut Trainer,
     train: &TokenSet,
     val: &TokenSet,
     stop_after: Option<u64>,

@@ -9,23 +9,12 @@
 //! and the backward pass accumulates dK and dV there before writing them back once.
 
 use super::matmul::{SendPtr, Strided, gemm_serial};
+use crate::backend::AttnShape;
 use super::simd;
 use rayon::prelude::*;
 
 /// Query rows per tile.
 pub const QUERY_BLOCK: usize = 128;
-
-/// Shape of an attention call. `qkv` is `[batch * t, 3d]` with columns Q, K, V, each split into
-/// `n_head` contiguous groups of `head_dim`; the output is `[batch * t, d]`.
-#[derive(Debug, Clone, Copy)]
-pub struct AttnShape {
-    pub batch: usize,
-    pub t: usize,
-    pub n_head: usize,
-    pub head_dim: usize,
-    /// Autoregressive (causal) or bidirectional attention.
-    pub causal: bool,
-}
 
 impl AttnShape {
     fn d(&self) -> usize {
@@ -42,7 +31,7 @@ impl AttnShape {
         2 * self.tile_len() + 6 * self.block_len()
     }
     /// Scratch floats the kernels need for `threads` parallel workers.
-    pub fn scratch_len(&self, threads: usize) -> usize {
+    pub(crate) fn scratch_len(&self, threads: usize) -> usize {
         threads.max(1) * self.per_worker()
     }
     fn scale(&self) -> f32 {

@@ -1,6 +1,7 @@
 //! Matrix products through the `gemm` crate, split over rows across the rayon pool.
 
 use super::simd;
+use crate::backend::Op;
 use rayon::prelude::*;
 use std::cell::Cell;
 
@@ -89,14 +90,6 @@ fn rows_per_task(m: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let tasks = if threads == 1 { 1 } else { threads * 2 };
     m.div_ceil(tasks).next_multiple_of(16).max(16)
-}
-
-/// Layout of an operand: `false` means stored as written (`[rows, cols]` row-major),
-/// `true` means stored transposed.
-#[derive(Clone, Copy, Debug)]
-pub enum Op {
-    N,
-    T,
 }
 
 /// `out[m, n] (+)= a @ b` where `a` is `[m, k]` (or `[k, m]` with `Op::T`) and `b` is

@@ -9,8 +9,7 @@ pub mod norm;
 pub mod optim;
 pub mod simd;
 
-use super::{Arena, ArenaSizes, AttnShape, Backend, Op, View};
-use crate::backend::AdamStep;
+use super::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Op, View};
 
 /// Bytes of memory available to this process (Linux: `MemAvailable`), if known.
 fn available_memory() -> Option<usize> {
@@ -63,6 +62,12 @@ impl CpuBackend {
         }
     }
 
+    /// A view read in place; panics on a planning bug, as [`CpuBackend::views`] does.
+    fn slice(&self, v: View) -> &[f32] {
+        assert_eq!(v.dtype, DType::F32, "the CPU arenas hold f32, not {v:?}");
+        &self.arena(v.arena)[v.offset..v.offset + v.len]
+    }
+
     /// Resolves output views (written) and input views (read) to slices.
     ///
     /// Panics (always, not only in debug builds) if a view is out of bounds, two outputs
@@ -74,6 +79,7 @@ impl CpuBackend {
         ins: [View; I],
     ) -> ([&mut [f32]; O], [&[f32]; I]) {
         for v in outs.iter().chain(&ins) {
+            assert_eq!(v.dtype, DType::F32, "the CPU arenas hold f32, not {v:?}");
             let len = self.arena(v.arena).len();
             assert!(
                 v.offset + v.len <= len,
@@ -103,15 +109,20 @@ impl CpuBackend {
         let ([o], ins) = self.views([out], inputs);
         (o, ins)
     }
-
-    pub fn tokens(&self) -> &[u16] {
-        &self.tokens[..self.n_tokens]
-    }
 }
 
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn attention_scratch_len(&self, shape: AttnShape) -> usize {
+        // One set of tiles per worker thread of the pool the kernels will run on.
+        shape.scratch_len(rayon::current_num_threads())
+    }
+
+    fn decode_cache_len(&self, n_ctx: usize) -> usize {
+        attention::decode_cache_len(n_ctx)
     }
 
     fn adopt_params(&mut self, params: Vec<f32>) {
@@ -170,7 +181,7 @@ impl Backend for CpuBackend {
 
     fn download(&self, src: View, dst: &mut [f32]) {
         assert_eq!(src.len, dst.len(), "download: size mismatch");
-        dst.copy_from_slice(&self.arena(src.arena)[src.offset..src.offset + src.len]);
+        dst.copy_from_slice(self.slice(src));
     }
 
     fn fill(&mut self, dst: View, value: f32) {
@@ -371,11 +382,12 @@ impl Backend for CpuBackend {
     }
 
     fn sum_squares(&self, x: View) -> f64 {
-        optim::sum_squares(&self.arena(x.arena)[x.offset..x.offset + x.len])
+        optim::sum_squares(self.slice(x))
     }
 
     fn adamw(&mut self, params: View, step: AdamStep, decay: bool) {
         assert_eq!(params.arena, Arena::Params);
+        self.slice(params);
         let r = params.offset..params.offset + params.len;
         optim::adamw(
             &mut self.params[r.clone()],

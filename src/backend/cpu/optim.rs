@@ -1,22 +1,10 @@
 //! AdamW update and gradient-norm reduction over flat buffers.
 
 use super::simd;
+use crate::backend::AdamStep;
 use rayon::prelude::*;
 
 const CHUNK: usize = 64 * 1024;
-
-/// Hyper-parameters of one AdamW step. `step` counts from 1.
-#[derive(Debug, Clone, Copy)]
-pub struct AdamStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    pub step: u64,
-    /// Multiplies the gradient first (gradient clipping and accumulation averaging).
-    pub grad_scale: f32,
-}
 
 /// One AdamW step on a contiguous tensor; `decay` turns decoupled weight decay on for it.
 pub fn adamw(

@@ -1,0 +1,131 @@
+//! The optimizer step shared by pre-training and fine-tuning: after every pass of a step has
+//! added its gradients, [`finish_step`] combines them across processes, clips and updates.
+
+use crate::backend::{AdamStep, adamw_host};
+use crate::model::Engine;
+use serde::{Deserialize, Serialize};
+
+/// AdamW's settings (Loshchilov and Hutter; the paper's betas are 0.9 and 0.95).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamW {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay, applied to weight matrices only.
+    pub weight_decay: f32,
+}
+
+impl Default for AdamW {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl AdamW {
+    /// The step `step` (from 1) at rate `lr`, its gradient multiplied by `grad_scale` first.
+    pub fn at(&self, lr: f32, step: u64, grad_scale: f32) -> AdamStep {
+        AdamStep {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step,
+            grad_scale,
+        }
+    }
+
+    /// Steps parameters held in host memory (a classification head) by the same update the
+    /// model gets. Rows of `row_len` elements may each have their own factor on the rate
+    /// (`row_lr`, one per row; empty for none).
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_host(
+        &self,
+        params: &mut [f32],
+        grads: &[f32],
+        moments: &mut HostMoments,
+        lr: f32,
+        step: u64,
+        row_len: usize,
+        row_lr: &[f32],
+    ) {
+        let n = params.len();
+        assert!(grads.len() == n && moments.m.len() == n && moments.v.len() == n);
+        if row_lr.is_empty() {
+            let h = self.at(lr, step, 1.0);
+            adamw_host(params, grads, &mut moments.m, &mut moments.v, h, false);
+            return;
+        }
+        assert_eq!(row_lr.len() * row_len, n, "one rate factor per row");
+        let rows = params
+            .chunks_exact_mut(row_len)
+            .zip(grads.chunks_exact(row_len))
+            .zip(moments.m.chunks_exact_mut(row_len))
+            .zip(moments.v.chunks_exact_mut(row_len))
+            .zip(row_lr);
+        for ((((p, g), m), v), &f) in rows {
+            adamw_host(p, g, m, v, self.at(lr * f, step, 1.0), false);
+        }
+    }
+}
+
+/// Adam's two moments for host-held parameters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostMoments {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl HostMoments {
+    pub fn zeros(n: usize) -> Self {
+        Self {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        }
+    }
+}
+
+/// What [`finish_step`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Finished {
+    /// The step's summed loss over every process.
+    pub loss_sum: f64,
+    /// Global gradient norm of the model before clipping.
+    pub grad_norm: f64,
+}
+
+/// The end of every optimizer step, once each pass has added its gradients to `engine` (and
+/// the caller's host-held parameters theirs to `host_grads`): the loss and the gradients are
+/// summed across processes, the model's global gradient norm is clipped to `clip` (0: no
+/// clipping), and the model takes one AdamW step at `lr`. Host-held parameters are then the
+/// caller's to update with [`AdamW::update_host`].
+#[allow(clippy::too_many_arguments)]
+pub fn finish_step(
+    engine: &mut Engine,
+    host_grads: &mut [&mut [f32]],
+    loss_sum: f64,
+    adamw: &AdamW,
+    lr: f32,
+    step: u64,
+    clip: f32,
+) -> Finished {
+    // Data-parallel training sums the engine's gradient arena, `host_grads` and `loss_sum`
+    // across processes here, before anything reads them. One process has nothing to add.
+    let _ = host_grads;
+    let grad_norm = engine.grad_norm();
+    let clip_scale = if clip > 0.0 && grad_norm > clip as f64 {
+        (clip as f64 / grad_norm) as f32
+    } else {
+        1.0
+    };
+    engine.update(adamw.at(lr, step, clip_scale));
+    Finished {
+        loss_sum,
+        grad_norm,
+    }
+}

@@ -43,7 +43,13 @@ pub fn mask(seed: u64, key: u64, perm: &mut Vec<usize>, out: &mut [bool]) {
 /// Training masks for consecutive images (`out`: `t` flags per image), the first keyed by
 /// `first_key` and each next one by the next key: a step's images have keys
 /// `step * batch + slot`, whichever pass or process computes them.
-pub fn training_masks(seed: u64, first_key: u64, t: usize, perm: &mut Vec<usize>, out: &mut [bool]) {
+pub fn training_masks(
+    seed: u64,
+    first_key: u64,
+    t: usize,
+    perm: &mut Vec<usize>,
+    out: &mut [bool],
+) {
     for (i, m) in out.chunks_exact_mut(t).enumerate() {
         mask(seed, first_key + i as u64, perm, m);
     }
@@ -73,7 +79,10 @@ pub struct MasksOnAutoregressive(pub usize);
 
 /// The number of evaluation masks for `model`: `asked`, else [`EVAL_MASKS`] for BERT models and
 /// 0 for autoregressive ones (which have no masks).
-pub fn masks_for(model: &ModelConfig, asked: Option<usize>) -> Result<usize, MasksOnAutoregressive> {
+pub fn masks_for(
+    model: &ModelConfig,
+    asked: Option<usize>,
+) -> Result<usize, MasksOnAutoregressive> {
     match asked {
         Some(k) if k > 0 && model.causal() => Err(MasksOnAutoregressive(k)),
         Some(k) => Ok(k),

@@ -499,7 +499,15 @@ impl Finetuner {
             c,
             &head.step_scale,
         );
-        adamw.update_host(&mut head.b, gb, &mut self.head_b_moments, head_lr, self.step, c, &[]);
+        adamw.update_host(
+            &mut head.b,
+            gb,
+            &mut self.head_b_moments,
+            head_lr,
+            self.step,
+            c,
+            &[],
+        );
         Ok(FinetuneStats {
             gen_loss: done.loss_sum / scored as f64,
             clf_loss: clf / n as f64,
@@ -637,7 +645,14 @@ pub trait FinetuneProgress: Send {
     /// Images of the initial probe whose features are done, of `total`.
     fn probing(&mut self, _done: usize, _total: usize) {}
     /// A validation after `step` (0: the starting point), and whether it was kept as the best.
-    fn validated(&mut self, _step: u64, _stats: Option<&FinetuneStats>, _accuracy: f64, _best: bool) {}
+    fn validated(
+        &mut self,
+        _step: u64,
+        _stats: Option<&FinetuneStats>,
+        _accuracy: f64,
+        _best: bool,
+    ) {
+    }
 }
 
 /// A [`FinetuneProgress`] that ignores everything.
@@ -758,7 +773,11 @@ pub fn run(
         "fine-tuning on {} images ({} for validation), {classes} classes, loss {}",
         train_idx.len(),
         val_idx.len(),
-        if cfg.with_gen { "L_GEN + L_CLF" } else { "L_CLF" }
+        if cfg.with_gen {
+            "L_GEN + L_CLF"
+        } else {
+            "L_CLF"
+        }
     ));
     let keep = |ft: &Finetuner| -> Result<()> {
         out.save_config(&RunConfig {

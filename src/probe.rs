@@ -673,7 +673,16 @@ pub fn probe_layers(
         let all: Vec<usize> = (0..g).collect();
         let tr = select_groups(train_f, g, d, &all);
         let te = select_groups(test_f, g, d, &all);
-        let r = probe(&tr, train_y, &te, test_y, d * g, classes, val_fraction, seed)?;
+        let r = probe(
+            &tr,
+            train_y,
+            &te,
+            test_y,
+            d * g,
+            classes,
+            val_fraction,
+            seed,
+        )?;
         on_result("concat", &r);
         Some(r)
     } else {

@@ -5,10 +5,10 @@ mod common;
 
 use common::{igpt, s, stderr, tempdir};
 use igpt::backend::Arena;
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
+use igpt::bert::{mask as bert_mask, mask_count};
 use igpt::config::{ModelConfig, Objective};
 use igpt::model::{Engine, Output, ParamLayout, init_params};
-use igpt::train::{bert_mask, mask_count};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -66,14 +66,14 @@ fn loss_counts_only_masked_positions() {
     let cfg = bert_cfg();
     let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
     let p = params(&cfg, 1);
-    let mut e = Engine::new(&cfg, 2, false, CpuBackend::new()).unwrap();
+    let mut e = Engine::new(&cfg, 2, false, &Device::Cpu).unwrap();
     e.set_params(&p).unwrap();
     let tokens: Vec<u16> = (0..2 * t).map(|i| ((i * 7 + 1) % v) as u16).collect();
     let mut masked = vec![false; 2 * t];
     for i in [1, 5, 6, t + 2, t + 9] {
         masked[i] = true;
     }
-    let loss = e.forward_masked(&tokens, &masked, None).unwrap();
+    let loss = e.forward_masked(&tokens, &masked).unwrap();
     // The same inputs through a plain inference pass (mask id = palette size + 1).
     let inputs: Vec<u16> = tokens
         .iter()
@@ -96,7 +96,7 @@ fn loss_counts_only_masked_positions() {
     // A visible pixel's value enters only as input; the hidden ones are what is scored.
     let mut other = tokens.clone();
     other[5] = (other[5] + 1) % v as u16; // masked: its target changes, its input does not
-    let changed = e.forward_masked(&other, &masked, None).unwrap();
+    let changed = e.forward_masked(&other, &masked).unwrap();
     assert!((changed - loss).abs() > 1e-4);
 }
 
@@ -107,22 +107,22 @@ fn held_out_loss_averages_over_fixed_masks() {
     let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
     let p = params(&cfg, 4);
     // Batches of 2 over 5 images, so masks are keyed across batch boundaries.
-    let mut e = Engine::new(&cfg, 2, false, CpuBackend::new()).unwrap();
+    let mut e = Engine::new(&cfg, 2, false, &Device::Cpu).unwrap();
     e.set_params(&p).unwrap();
     let ids: Vec<u16> = (0..5 * t).map(|i| ((i * 5 + i / 7) % v) as u16).collect();
     let data = igpt::data::TokenSet::from_tokens(ids.clone(), t, v, None).unwrap();
     let mut buf = Vec::new();
     let three = evaluate_masks(&mut e, &data, 0, 3, &mut buf).unwrap();
     // Directly: every image under each of its three masks, one image at a time.
-    let mut one = Engine::new(&cfg, 1, false, CpuBackend::new()).unwrap();
+    let mut one = Engine::new(&cfg, 1, false, &Device::Cpu).unwrap();
     one.set_params(&p).unwrap();
     let (mut perm, mut mask) = (Vec::new(), vec![false; t]);
     let mut sum = 0.0;
     for img in 0..5 {
         for k in 0..3 {
-            igpt::probe::eval_masks(img, 1, t, 3, k, &mut perm, &mut mask);
+            igpt::bert::eval_masks(img, 1, t, 3, k, &mut perm, &mut mask);
             sum += one
-                .forward_masked(&ids[img * t..(img + 1) * t], &mask, None)
+                .forward_masked(&ids[img * t..(img + 1) * t], &mask)
                 .unwrap();
         }
     }
@@ -142,7 +142,7 @@ fn attention_is_bidirectional() {
     let mut ar = cfg.clone();
     ar.objective = Objective::Autoregressive;
     for (model, expect_change) in [(&cfg, true), (&ar, false)] {
-        let mut e = Engine::new(model, 1, false, CpuBackend::new()).unwrap();
+        let mut e = Engine::new(model, 1, false, &Device::Cpu).unwrap();
         e.set_params(&p).unwrap();
         let a: Vec<u16> = (0..t).map(|i| (i % v) as u16).collect();
         let mut b = a.clone();
@@ -167,10 +167,11 @@ fn masked_gradients_match_finite_differences() {
     for i in [0, 3, 7, 12] {
         masked[i] = true;
     }
-    let mut e = Engine::new(&cfg, 1, true, CpuBackend::new()).unwrap();
+    let mut e = Engine::new(&cfg, 1, true, &Device::Cpu).unwrap();
     e.set_params(&p).unwrap();
     e.zero_grads();
-    e.forward_masked(&tokens, &masked, Some(1.0)).unwrap();
+    e.forward_train(&tokens, Some(&masked), 1.0).unwrap();
+    e.backward(None).unwrap();
     let mut grads = vec![0.0; layout.total];
     e.read_arena(Arena::Grads, &mut grads);
     // Entries of the token embedding (hidden and visible ids), positions, attention and head.
@@ -183,16 +184,16 @@ fn masked_gradients_match_finite_differences() {
         c_attn + cfg.n_embd * 3 * 4 + 20,
         layout.wtet + 9,
     ];
-    let mut inf = Engine::new(&cfg, 1, false, CpuBackend::new()).unwrap();
+    let mut inf = Engine::new(&cfg, 1, false, &Device::Cpu).unwrap();
     for &i in &probes {
         let eps = 1e-2f32;
         let mut q = p.clone();
         q[i] += eps;
         inf.set_params(&q).unwrap();
-        let up = inf.forward_masked(&tokens, &masked, None).unwrap();
+        let up = inf.forward_masked(&tokens, &masked).unwrap();
         q[i] -= 2.0 * eps;
         inf.set_params(&q).unwrap();
-        let down = inf.forward_masked(&tokens, &masked, None).unwrap();
+        let down = inf.forward_masked(&tokens, &masked).unwrap();
         let fd = (up - down) / (2.0 * eps as f64);
         let g = grads[i] as f64;
         assert!(
@@ -395,12 +396,12 @@ fn bert_models_train_from_the_command_line() {
 fn masks_are_refused_for_autoregressive_models() {
     let mut ar = bert_cfg();
     ar.objective = Objective::Autoregressive;
-    assert!(igpt::probe::masks_for(&ar, Some(2)).is_err());
-    assert_eq!(igpt::probe::masks_for(&ar, None).unwrap(), 0);
-    assert_eq!(igpt::probe::masks_for(&ar, Some(0)).unwrap(), 0);
+    assert!(igpt::bert::masks_for(&ar, Some(2)).is_err());
+    assert_eq!(igpt::bert::masks_for(&ar, None).unwrap(), 0);
+    assert_eq!(igpt::bert::masks_for(&ar, Some(0)).unwrap(), 0);
     assert_eq!(
-        igpt::probe::masks_for(&bert_cfg(), None).unwrap(),
-        igpt::probe::BERT_EVAL_MASKS
+        igpt::bert::masks_for(&bert_cfg(), None).unwrap(),
+        igpt::bert::EVAL_MASKS
     );
-    assert_eq!(igpt::probe::masks_for(&bert_cfg(), Some(0)).unwrap(), 0);
+    assert_eq!(igpt::bert::masks_for(&bert_cfg(), Some(0)).unwrap(), 0);
 }

@@ -1,6 +1,6 @@
 //! Incremental decoding with the key/value cache gives the full forward pass's logits.
 
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
 use igpt::config::ModelConfig;
 use igpt::model::{Decoder, Engine};
 use rand::{Rng, SeedableRng};
@@ -30,13 +30,13 @@ fn check_batch(batch: usize) {
     let tokens: Vec<u16> = (0..batch * t)
         .map(|i| ((i * 7 + i / 5) % v) as u16)
         .collect();
-    let mut engine = Engine::new(&cfg, batch, false, CpuBackend::new()).unwrap();
+    let mut engine = Engine::new(&cfg, batch, false, &Device::Cpu).unwrap();
     engine.set_params(&params).unwrap();
     engine.forward(&tokens).unwrap();
     let mut full = Vec::new();
     engine.logits(&mut full);
 
-    let mut dec = Decoder::new(&cfg, batch, CpuBackend::new()).unwrap();
+    let mut dec = Decoder::new(&cfg, batch, &Device::Cpu).unwrap();
     dec.set_params(&params).unwrap();
     let mut worst = 0.0f32;
     for pos in 0..t {

@@ -5,7 +5,7 @@ mod common;
 
 use common::{igpt, s, stderr, tempdir};
 use igpt::backend::Arena;
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
 use igpt::config::{ModelConfig, Objective};
 use igpt::finetune::{Head, augment};
 use igpt::model::{Engine, init_params};
@@ -15,6 +15,24 @@ use rand_chacha::ChaCha8Rng;
 fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut r = ChaCha8Rng::seed_from_u64(seed);
     (0..n).map(|_| scale * (r.random::<f32>() - 0.5)).collect()
+}
+
+/// A training pass with a classification head, as a fine-tuning step takes it: forward, the
+/// head's gradient on the final norm's output, backward. Returns the generative loss.
+fn with_head(
+    e: &mut Engine,
+    tokens: &[u16],
+    mask: Option<&[bool]>,
+    gen_scale: f32,
+    head: impl FnOnce(&[f32], &mut [f32]),
+) -> anyhow::Result<f64> {
+    let loss = e.forward_train(tokens, mask, gen_scale)?;
+    let mut lnf = Vec::new();
+    e.final_norm_output(&mut lnf);
+    let mut d = vec![0.0; lnf.len()];
+    head(&lnf, &mut d);
+    e.backward(Some(&d))?;
+    Ok(loss)
 }
 
 #[test]
@@ -95,15 +113,14 @@ fn classification_gradients_of_the_model_match_finite_differences() {
         let labels = [1u32, 2];
         let mut head = Head::new(8, 3, vec![]);
         head.w = rand_vec(24, 9, 4.0);
-        let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+        let mut e = Engine::new(&cfg, 2, true, &Device::Cpu).unwrap();
         e.set_params(&p).unwrap();
         e.zero_grads();
-        let mut d = Vec::new();
-        e.forward_backward_with_head(
+        with_head(
+            &mut e,
             &tokens,
             bert.then_some(&masked[..]),
             0.0,
-            &mut d,
             |lnf, dl| {
                 let (mut gw, mut gb) = (vec![0.0; 24], vec![0.0; 3]);
                 head.loss_and_grads(lnf, &labels, t, 1.0, &mut gw, &mut gb, dl);
@@ -112,11 +129,11 @@ fn classification_gradients_of_the_model_match_finite_differences() {
         .unwrap();
         let mut grads = vec![0.0; e.layout.total];
         e.read_arena(Arena::Grads, &mut grads);
-        let mut probe = Engine::new(&cfg, 2, false, CpuBackend::new()).unwrap();
+        let mut probe = Engine::new(&cfg, 2, false, &Device::Cpu).unwrap();
         let mut clf_loss = |params: &[f32]| -> f64 {
             probe.set_params(params).unwrap();
             if bert {
-                probe.forward_masked(&tokens, &masked, None).unwrap();
+                probe.forward_masked(&tokens, &masked).unwrap();
             } else {
                 probe.forward(&tokens).unwrap();
             }
@@ -183,13 +200,12 @@ fn joint_gradients_for(objective: Objective) {
     // Two hidden pixels in each image.
     let masked: Vec<bool> = (0..2 * t).map(|i| i % t == 1 || i % t == 6).collect();
     let mask = bert.then_some(&masked[..]);
-    let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+    let mut e = Engine::new(&cfg, 2, true, &Device::Cpu).unwrap();
     e.set_params(&p).unwrap();
     let n = e.layout.total;
-    let grads = |e: &mut Engine<CpuBackend>, gen_scale: f32, clf: bool| -> Vec<f32> {
+    let grads = |e: &mut Engine, gen_scale: f32, clf: bool| -> Vec<f32> {
         e.zero_grads();
-        let mut d = Vec::new();
-        e.forward_backward_with_head(&tokens, mask, gen_scale, &mut d, |lnf, dl| {
+        with_head(e, &tokens, mask, gen_scale, |lnf, dl| {
             if clf {
                 let (mut gw, mut gb) = (vec![0.0; 32], vec![0.0; 2]);
                 head.loss_and_grads(lnf, &labels, t, 0.5, &mut gw, &mut gb, dl);
@@ -206,16 +222,14 @@ fn joint_gradients_for(objective: Objective) {
     // The plain generative pass gives the same gradient as the head path without a head.
     e.zero_grads();
     if bert {
-        e.forward_masked(&tokens, &masked, Some(0.1)).unwrap();
+        e.forward_train(&tokens, Some(&masked), 0.1).unwrap();
     } else {
-        e.forward_backward(&tokens, 0.1).unwrap();
+        e.forward_train(&tokens, None, 0.1).unwrap();
     }
+    e.backward(None).unwrap();
     // The wrong kind of input for the model is refused.
     let wrong = if bert { None } else { Some(&masked[..]) };
-    assert!(
-        e.forward_backward_with_head(&tokens, wrong, 0.1, &mut Vec::new(), |_, _| {})
-            .is_err()
-    );
+    assert!(with_head(&mut e, &tokens, wrong, 0.1, |_, _| {}).is_err());
     let mut plain = vec![0.0; n];
     e.read_arena(Arena::Grads, &mut plain);
     let mut worst = 0.0f32;
@@ -292,7 +306,7 @@ fn head_steps_scale_per_input_feature() {
     start.w = rand_vec(16, 3, 1.0);
     let scale: Vec<f32> = (0..8).map(|j| 0.5 + j as f32).collect();
     let step_with = |scale: Option<Vec<f32>>| -> Head {
-        let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+        let mut e = Engine::new(&cfg, 2, true, &Device::Cpu).unwrap();
         e.set_params(&params).unwrap();
         let mut ft = igpt::finetune::Finetuner::new(e, start.clone(), 0);
         if let Some(s) = scale {
@@ -311,7 +325,7 @@ fn head_steps_scale_per_input_feature() {
         );
     }
     assert_eq!(plain.b, scaled.b, "biases step as before");
-    let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+    let mut e = Engine::new(&cfg, 2, true, &Device::Cpu).unwrap();
     e.set_params(&params).unwrap();
     let mut ft = igpt::finetune::Finetuner::new(e, start.clone(), 0);
     assert!(ft.set_head_step_scale(vec![1.0; 3]).is_err());
@@ -325,7 +339,7 @@ fn head_steps_scale_per_input_feature() {
     assert_eq!(Head::load(&path).unwrap(), saved);
     start.save(&path).unwrap();
     assert_eq!(Head::load(&path).unwrap().step_scale, vec![1.0; 8]);
-    let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+    let mut e = Engine::new(&cfg, 2, true, &Device::Cpu).unwrap();
     e.set_params(&params).unwrap();
     let mut ft = igpt::finetune::Finetuner::new(e, saved, 0);
     ft.step(&tokens, &labels, 1e-3, 1e-3, true).unwrap();
@@ -352,7 +366,7 @@ fn micro_batched_steps_equal_one_pass_steps() {
         start.w = rand_vec(24, 5, 1.0);
         // Two steps, so that the second reads parameters the first moved.
         let run = |pass: usize| {
-            let mut e = Engine::new(&cfg, pass, true, CpuBackend::new()).unwrap();
+            let mut e = Engine::new(&cfg, pass, true, &Device::Cpu).unwrap();
             e.set_params(&params).unwrap();
             let mut ft = igpt::finetune::Finetuner::new(e, start.clone(), 9);
             let stats: Vec<_> = (0..2)
@@ -389,7 +403,7 @@ fn micro_batched_steps_equal_one_pass_steps() {
             }
         }
         // A batch that does not split into whole passes is refused.
-        let mut e = Engine::new(&cfg, 3, true, CpuBackend::new()).unwrap();
+        let mut e = Engine::new(&cfg, 3, true, &Device::Cpu).unwrap();
         e.set_params(&params).unwrap();
         let mut ft = igpt::finetune::Finetuner::new(e, start.clone(), 9);
         let err = ft.step(&tokens, &labels, 1e-2, 1e-2, true).unwrap_err();
@@ -594,7 +608,7 @@ fn model_and_head_step_at_their_own_rates() {
     let mut start = Head::new(8, 2, vec![]);
     start.w = rand_vec(16, 5, 1.0);
     let step = |lr: f32, head_lr: f32| -> (Vec<f32>, Head) {
-        let mut e = Engine::new(&cfg, 2, true, CpuBackend::new()).unwrap();
+        let mut e = Engine::new(&cfg, 2, true, &Device::Cpu).unwrap();
         e.set_params(&params).unwrap();
         let mut ft = igpt::finetune::Finetuner::new(e, start.clone(), 0);
         ft.step(&tokens, &labels, lr, head_lr, true).unwrap();
@@ -644,7 +658,7 @@ fn validation_during_fine_tuning_sees_the_stepped_model() {
     let labels: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
     let set =
         igpt::data::TokenSet::from_tokens(tokens.clone(), t, 6, Some(labels.clone())).unwrap();
-    let mut e = Engine::new(&cfg, 4, true, CpuBackend::new()).unwrap();
+    let mut e = Engine::new(&cfg, 4, true, &Device::Cpu).unwrap();
     e.set_params(&params).unwrap();
     let mut head = Head::new(16, 3, vec![]);
     head.w = rand_vec(48, 2, 1.0);
@@ -662,7 +676,7 @@ fn validation_during_fine_tuning_sees_the_stepped_model() {
     }
     let stepped = ft.engine.params();
     assert_ne!(stepped, params, "the model moved");
-    let mut fresh = Engine::new(&cfg, 4, false, CpuBackend::new()).unwrap();
+    let mut fresh = Engine::new(&cfg, 4, false, &Device::Cpu).unwrap();
     fresh.set_params(&stepped).unwrap();
     let mut lnf_a = Vec::new();
     let mut lnf_b = Vec::new();
@@ -679,12 +693,10 @@ fn validation_during_fine_tuning_sees_the_stepped_model() {
     assert_eq!(a, b);
     // And the head trains on the same features it is evaluated on.
     let mut seen = Vec::new();
-    let mut d_lnf = Vec::new();
-    ft.engine
-        .forward_backward_with_head(&tokens[..4 * t], None, 1.0, &mut d_lnf, |lnf, _| {
-            seen = lnf.to_vec()
-        })
-        .unwrap();
+    with_head(&mut ft.engine, &tokens[..4 * t], None, 1.0, |lnf, _| {
+        seen = lnf.to_vec()
+    })
+    .unwrap();
     assert_eq!(
         seen, lnf_b,
         "training and evaluation read different features"

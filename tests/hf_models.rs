@@ -4,6 +4,7 @@
 mod common;
 
 use common::tempdir;
+use igpt::backend::Device;
 use igpt::formats::{self, TensorSource};
 use igpt::inference::{self, Convention};
 use igpt::model::Output;
@@ -78,8 +79,18 @@ fn check_model(dir: &Path, name: &str) {
     let n_layer = m.model().n_layer;
 
     let (n, t, raw) = exp.ids("raw_ids");
-    let logits =
-        inference::run(&m, &raw, n, t, Convention::Raw, Output::Logits, 2, |_| {}).unwrap();
+    let logits = inference::run(
+        &m,
+        &raw,
+        n,
+        t,
+        Convention::Raw,
+        Output::Logits,
+        2,
+        &Device::Cpu,
+        |_| {},
+    )
+    .unwrap();
     assert_close(&logits, &exp.floats("raw_logits"), 1e-4, "raw logits");
     for layer in [0, 1, n_layer] {
         let h = inference::run(
@@ -90,6 +101,7 @@ fn check_model(dir: &Path, name: &str) {
             Convention::Raw,
             Output::Hidden(layer),
             3,
+            &Device::Cpu,
             |_| {},
         )
         .unwrap();
@@ -109,6 +121,7 @@ fn check_model(dir: &Path, name: &str) {
         Convention::Pixels,
         Output::Logits,
         2,
+        &Device::Cpu,
         |_| {},
     )
     .unwrap();

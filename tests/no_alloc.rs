@@ -4,7 +4,7 @@
 //! The `gemm` crate allocates small packing buffers inside each product call; those are
 //! counted separately (they are freed before the call returns) and only their size is bounded.
 
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
 use igpt::backend::cpu::matmul::inside_gemm;
 use igpt::config::ModelConfig;
 use igpt::data::TokenSet;
@@ -81,7 +81,7 @@ fn run_steps() {
         ..TrainConfig::default()
     };
     let params = igpt::model::init_params(&model, 1);
-    let mut trainer = Trainer::new(&model, cfg, &params, CpuBackend::new()).unwrap();
+    let mut trainer = Trainer::new(&model, cfg, &params, &Device::Cpu).unwrap();
     // Warm-up: thread pool, thread-locals and the epoch order come into being here.
     for _ in 0..2 {
         trainer.step(&data).unwrap();
@@ -102,7 +102,7 @@ fn run_steps() {
 
     // Fine-tuning steps (model and classification head together) allocate nothing either,
     // here a batch of four in two passes of two.
-    let mut engine = igpt::model::Engine::new(&model, 2, true, CpuBackend::new()).unwrap();
+    let mut engine = igpt::model::Engine::new(&model, 2, true, &Device::Cpu).unwrap();
     engine.set_params(&params).unwrap();
     let head = igpt::finetune::Head::new(model.n_embd, 3, vec![]);
     let mut ft = igpt::finetune::Finetuner::new(engine, head, 0);

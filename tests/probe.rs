@@ -4,7 +4,7 @@
 mod common;
 
 use common::{igpt, s, stderr, tempdir};
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
 use igpt::config::ModelConfig;
 use igpt::model::{Engine, Output, init_params};
 use igpt::probe::{self, LbfgsOptions};
@@ -35,7 +35,7 @@ fn features_are_the_mean_normalised_block_input() {
     }
     let layout = igpt::model::ParamLayout::new(&cfg);
     let tokens: Vec<u16> = (0..2 * t).map(|i| ((i * 5 + 3) % v) as u16).collect();
-    let mut engine = Engine::new(&cfg, 2, false, CpuBackend::new()).unwrap();
+    let mut engine = Engine::new(&cfg, 2, false, &Device::Cpu).unwrap();
     engine.set_params(&params).unwrap();
     let layers = [0, cfg.n_layer - 1, cfg.n_layer];
     let mut feats = Vec::new();
@@ -102,7 +102,7 @@ fn bert_features_average_the_masked_views() {
     let ids: Vec<u16> = (0..n * t).map(|i| ((i * 3 + 1) % v) as u16).collect();
     let tokens = igpt::data::TokenSet::from_tokens(ids.clone(), t, v, None).unwrap();
     // Batches of 2 over 5 images: masks must follow the image, not its place in a batch.
-    let mut engine = Engine::new(&cfg, 2, false, CpuBackend::new()).unwrap();
+    let mut engine = Engine::new(&cfg, 2, false, &Device::Cpu).unwrap();
     engine.set_params(&params).unwrap();
     let layers = [0, 2, cfg.n_layer];
     let whole = probe::extract_features(&mut engine, &tokens, &layers, 0, |_| {}).unwrap();
@@ -117,7 +117,7 @@ fn bert_features_average_the_masked_views() {
     // Direct: for each image and mask, hide the pixels (mask id v + 1), run the model on the
     // ids as given, normalise hidden state l with block l's gain, average positions, then
     // average over the masks.
-    let mut one = Engine::new(&cfg, 1, false, CpuBackend::new()).unwrap();
+    let mut one = Engine::new(&cfg, 1, false, &Device::Cpu).unwrap();
     one.set_params(&params).unwrap();
     let (mut perm, mut flags) = (Vec::new(), vec![false; t]);
     let mut hidden_total = 0;
@@ -125,7 +125,7 @@ fn bert_features_average_the_masked_views() {
         for (j, &l) in layers.iter().enumerate() {
             let mut want = vec![0.0f32; d];
             for k in 0..3 {
-                probe::eval_masks(img, 1, t, 3, k, &mut perm, &mut flags);
+                igpt::bert::eval_masks(img, 1, t, 3, k, &mut perm, &mut flags);
                 hidden_total += flags.iter().filter(|&&f| f).count();
                 let raw: Vec<u16> = ids[img * t..(img + 1) * t]
                     .iter()
@@ -160,7 +160,7 @@ fn bert_features_average_the_masked_views() {
     assert_eq!(hidden_total, n * layers.len() * 3 * 2);
 
     // Autoregressive models have no masks.
-    let mut ar = Engine::new(&tiny(), 2, false, CpuBackend::new()).unwrap();
+    let mut ar = Engine::new(&tiny(), 2, false, &Device::Cpu).unwrap();
     ar.set_params(&init_params(&tiny(), 5)).unwrap();
     let err = probe::extract_features(&mut ar, &tokens, &layers, 2, |_| {}).unwrap_err();
     assert!(err.to_string().contains("autoregressive"), "{err}");

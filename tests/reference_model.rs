@@ -2,7 +2,7 @@
 //! (scripts/make_fixtures.py): logits, loss and every parameter gradient.
 
 use igpt::backend::Arena;
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
 use igpt::config::ModelConfig;
 use igpt::model::Engine;
 use safetensors::SafeTensors;
@@ -55,7 +55,7 @@ fn logits_loss_and_gradients_match_pytorch() {
     // attention path is exercised across tiles.
     assert!(cfg.n_ctx() > igpt::backend::cpu::attention::QUERY_BLOCK);
 
-    let mut engine = Engine::new(&cfg, batch, true, CpuBackend::new()).unwrap();
+    let mut engine = Engine::new(&cfg, batch, true, &Device::Cpu).unwrap();
     let mut params = vec![0.0f32; engine.layout.total];
     for t in &engine.layout.tensors {
         let src = f32s(&st, &t.name);
@@ -80,7 +80,8 @@ fn logits_loss_and_gradients_match_pytorch() {
 
     // Gradients of the mean loss.
     engine.zero_grads();
-    engine.forward_backward(&tokens, 1.0 / n as f32).unwrap();
+    engine.forward_train(&tokens, None, 1.0 / n as f32).unwrap();
+    engine.backward(None).unwrap();
     let mut grads = vec![0.0f32; engine.layout.total];
     engine.read_arena(Arena::Grads, &mut grads);
     for t in &engine.layout.tensors {

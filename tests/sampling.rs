@@ -3,7 +3,7 @@
 mod common;
 use common::{igpt, s, tempdir};
 
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
 use igpt::config::ModelConfig;
 use igpt::model::{Decoder, Engine};
 use igpt::sample::{self, SampleOptions};
@@ -28,9 +28,9 @@ fn model_and_params() -> (ModelConfig, Vec<f32>) {
     (cfg, params)
 }
 
-fn decoder(batch: usize) -> Decoder<CpuBackend> {
+fn decoder(batch: usize) -> Decoder {
     let (cfg, params) = model_and_params();
-    let mut d = Decoder::new(&cfg, batch, CpuBackend::new()).unwrap();
+    let mut d = Decoder::new(&cfg, batch, &Device::Cpu).unwrap();
     d.set_params(&params).unwrap();
     d
 }
@@ -112,7 +112,7 @@ fn greedy_generation_follows_the_full_forward_argmax() {
     let toks = sample::generate(&mut dec, &[&[], &[3, 1, 4]], &opts, 0, |_, _| {}).unwrap();
     let (cfg, params) = model_and_params();
     let t = cfg.n_ctx();
-    let mut engine = Engine::new(&cfg, 2, false, CpuBackend::new()).unwrap();
+    let mut engine = Engine::new(&cfg, 2, false, &Device::Cpu).unwrap();
     engine.set_params(&params).unwrap();
     engine.forward(&toks).unwrap();
     let mut logits = Vec::new();
@@ -375,7 +375,7 @@ fn sample_complete_and_score_commands() {
     let m = igpt::checkpoint::LoadedModel::open(&run).unwrap();
     let set = igpt::data::load(s(&dir.join("imgs.npy")), igpt::data::Format::Auto).unwrap();
     let tokens = m.palette.encode(set.image(2));
-    let mut e = Engine::new(m.model(), 1, false, CpuBackend::new()).unwrap();
+    let mut e = Engine::new(m.model(), 1, false, &Device::Cpu).unwrap();
     e.set_params(&m.params).unwrap();
     let nll = e.forward(&tokens).unwrap() / 36.0;
     assert!((nll - scores[2]).abs() < 1e-5, "{nll} vs {}", scores[2]);

@@ -5,6 +5,7 @@
 mod common;
 
 use common::tempdir;
+use igpt::backend::Device;
 use igpt::config::Objective;
 use igpt::formats::{self, TensorSource, tf};
 use igpt::inference::{self, Convention};
@@ -73,6 +74,7 @@ fn autoregressive_checkpoint_matches_the_reference() {
             Convention::Pixels,
             Output::Logits,
             2,
+            &Device::Cpu,
             |_| {},
         )
         .unwrap();
@@ -100,6 +102,7 @@ fn bert_checkpoint_runs_bidirectionally_with_masked_inputs() {
         Convention::Pixels,
         Output::Logits,
         3,
+        &Device::Cpu,
         |_| {},
     )
     .unwrap();
@@ -114,6 +117,7 @@ fn bert_checkpoint_runs_bidirectionally_with_masked_inputs() {
         Convention::Pixels,
         Output::Logits,
         3,
+        &Device::Cpu,
         |_| {},
     )
     .unwrap();
@@ -127,6 +131,7 @@ fn bert_checkpoint_runs_bidirectionally_with_masked_inputs() {
         Convention::Pixels,
         Output::Logits,
         1,
+        &Device::Cpu,
         |_| {},
     )
     .unwrap_err();

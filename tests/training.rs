@@ -3,7 +3,7 @@
 mod common;
 use common::tempdir;
 
-use igpt::backend::cpu::CpuBackend;
+use igpt::backend::Device;
 use igpt::checkpoint::RunDir;
 use igpt::config::ModelConfig;
 use igpt::data::{Format, ImageSet, TokenSet};
@@ -40,7 +40,7 @@ fn loss_falls_close_to_zero_on_a_few_images() {
         ..TrainConfig::default()
     };
     let params = igpt::model::init_params(&model, 0);
-    let mut trainer = Trainer::new(&model, cfg, &params, CpuBackend::new()).unwrap();
+    let mut trainer = Trainer::new(&model, cfg, &params, &Device::Cpu).unwrap();
     let first = trainer.step(&data).unwrap().loss;
     assert!(
         (first - (8f64).ln()).abs() < 0.05,
@@ -68,7 +68,7 @@ fn accumulation_equals_one_large_batch() {
             seed: 5,
             ..TrainConfig::default()
         };
-        let mut tr = Trainer::new(&model, cfg, &params, CpuBackend::new()).unwrap();
+        let mut tr = Trainer::new(&model, cfg, &params, &Device::Cpu).unwrap();
         (0..4)
             .map(|_| tr.step(&data).unwrap().loss)
             .collect::<Vec<_>>()
@@ -165,18 +165,39 @@ fn ten_steps_then_resume_equals_twenty_uninterrupted() {
 
     let whole = RunDir::create(&tmp.join("whole")).unwrap();
     let prep = run::prepare(&whole, &spec(npy.clone()), &pal, &mut Quiet).unwrap();
-    let s = run::start(&whole, &model, &cfg, &prep, "test", None, &mut Quiet).unwrap();
+    let s = run::start(
+        &whole,
+        &model,
+        &cfg,
+        &prep,
+        "test",
+        None,
+        &Device::Cpu,
+        &mut Quiet,
+    )
+    .unwrap();
     assert_eq!(s.losses.len(), 20);
 
     let split = RunDir::create(&tmp.join("split")).unwrap();
     let prep = run::prepare(&split, &spec(npy), &pal, &mut Quiet).unwrap();
-    let a = run::start(&split, &model, &cfg, &prep, "test", Some(10), &mut Quiet).unwrap();
+    let a = run::start(
+        &split,
+        &model,
+        &cfg,
+        &prep,
+        "test",
+        Some(10),
+        &Device::Cpu,
+        &mut Quiet,
+    )
+    .unwrap();
     assert_eq!(a.steps, 10);
     let b = run::resume(
         &RunDir::open(&split.path).unwrap(),
         None,
         None,
         None,
+        &Device::Cpu,
         &mut Quiet,
     )
     .unwrap();
@@ -214,7 +235,7 @@ fn same_seed_same_losses_and_a_different_seed_differs() {
             ..TrainConfig::default()
         };
         let params = igpt::model::init_params(&model, seed);
-        let mut tr = Trainer::new(&model, cfg, &params, CpuBackend::new()).unwrap();
+        let mut tr = Trainer::new(&model, cfg, &params, &Device::Cpu).unwrap();
         (0..6)
             .map(|_| tr.step(&data).unwrap().loss)
             .collect::<Vec<_>>()
@@ -249,13 +270,23 @@ fn resume_refuses_a_different_model() {
         &mut Quiet,
     )
     .unwrap();
-    run::start(&dir, &model, &cfg, &prep, "test", Some(2), &mut Quiet).unwrap();
+    run::start(
+        &dir,
+        &model,
+        &cfg,
+        &prep,
+        "test",
+        Some(2),
+        &Device::Cpu,
+        &mut Quiet,
+    )
+    .unwrap();
     let before = std::fs::read(dir.file("trainer.safetensors")).unwrap();
     let other = ModelConfig {
         n_layer: 3,
         ..model.clone()
     };
-    let err = run::resume(&dir, None, None, Some(&other), &mut Quiet)
+    let err = run::resume(&dir, None, None, Some(&other), &Device::Cpu, &mut Quiet)
         .unwrap_err()
         .to_string();
     assert!(err.contains("n_layer") && err.contains("resume"), "{err}");
@@ -277,7 +308,7 @@ fn a_model_too_large_for_memory_is_refused_with_advice() {
         channels: 3,
         objective: Default::default(),
     };
-    let err = igpt::model::Engine::new(&cfg, 64, true, CpuBackend::new())
+    let err = igpt::model::Engine::new(&cfg, 64, true, &Device::Cpu)
         .err()
         .expect("petabytes cannot be allocated");
     let msg = err.to_string();

@@ -402,9 +402,8 @@ pub fn score(a: ScoreArgs, dev: &Device) -> Result<()> {
     let model = m.model().clone();
     let mut engine = Engine::with_params(&model, batch, dev, std::mem::take(&mut m.params))?;
     let bar = pixel_bar(tokens.len() as u64, "images");
-    let scores = igpt::eval::score_images(&mut engine, &tokens, |done| {
-        bar.set_position(done as u64)
-    })?;
+    let scores =
+        igpt::eval::score_images(&mut engine, &tokens, |done| bar.set_position(done as u64))?;
     bar.finish_and_clear();
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&i, &j| scores[i].total_cmp(&scores[j]));

@@ -515,7 +515,16 @@ fn new_run(a: &TrainArgs, cfg: &TrainConfig, dev: &Device, bar: &mut progress::B
         model.n_vocab,
         model.n_params() as f64 / 1e6
     ));
-    let s = run::start(&run_dir, &model, cfg, &prepared, &a.data, a.stop_after, dev, bar)?;
+    let s = run::start(
+        &run_dir,
+        &model,
+        cfg,
+        &prepared,
+        &a.data,
+        a.stop_after,
+        dev,
+        bar,
+    )?;
     report(&run_dir, &s)
 }
 

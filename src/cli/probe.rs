@@ -467,8 +467,9 @@ pub fn demo_probe(
     )?;
     header();
     row("pixels", &base);
-    let probes =
-        probe::probe_layers(&ftr, &tr_y, &fte, &te_y, &layers, d, classes, false, 0.1, 0, row)?;
+    let probes = probe::probe_layers(
+        &ftr, &tr_y, &fte, &te_y, &layers, d, classes, false, 0.1, 0, row,
+    )?;
     let (best_l, best) = probes.best();
     println!(
         "best layer (by validation): {best_l}, {:.1}% on the {} held-out images; \

@@ -326,7 +326,9 @@ impl Engine {
         let sum = match (masked, self.cfg.causal()) {
             (None, true) => self.run_forward(tokens, Some(loss_scale))?,
             (Some(m), false) => self.run_forward_masked(tokens, m, Some(loss_scale))?,
-            (Some(_), true) => anyhow::bail!("masks are for BERT models; this one is autoregressive"),
+            (Some(_), true) => {
+                anyhow::bail!("masks are for BERT models; this one is autoregressive")
+            }
             (None, false) => anyhow::bail!("a BERT model trains on masked images: give the mask"),
         };
         self.backward_ready = true;
@@ -366,7 +368,10 @@ impl Engine {
     /// One AdamW update of every parameter tensor from the gradient arena; weight decay applies
     /// to the tensors whose [`crate::model::TensorSpec::decay`] says so.
     pub fn update(&mut self, step: AdamStep) {
-        assert!(self.training, "optimizer state exists only in a training engine");
+        assert!(
+            self.training,
+            "optimizer state exists only in a training engine"
+        );
         for t in &self.layout.tensors {
             self.backend
                 .adamw(View::new(Arena::Params, t.offset, t.len), step, t.decay);

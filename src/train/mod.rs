@@ -237,8 +237,11 @@ impl Trainer {
         self.engine.zero_grads();
         let mut loss_sum = 0.0;
         for first in (shard_start..shard_start + per_shard).step_by(mb) {
-            self.loader
-                .fill(data, start.advanced(first, data.len()), &mut self.batch_tokens);
+            self.loader.fill(
+                data,
+                start.advanced(first, data.len()),
+                &mut self.batch_tokens,
+            );
             let mask = if bert {
                 let key = self.state.step * self.cfg.batch as u64 + first as u64;
                 bert::training_masks(self.cfg.seed, key, t, &mut self.perm, &mut self.mask);

@@ -9,8 +9,8 @@
 //! and the backward pass accumulates dK and dV there before writing them back once.
 
 use super::matmul::{SendPtr, Strided, gemm_serial};
-use crate::backend::AttnShape;
 use super::simd;
+use crate::backend::AttnShape;
 use rayon::prelude::*;
 
 /// Query rows per tile.
@@ -31,7 +31,7 @@ impl AttnShape {
         2 * self.tile_len() + 6 * self.block_len()
     }
     /// Scratch floats the kernels need for `threads` parallel workers.
-    pub(crate) fn scratch_len(&self, threads: usize) -> usize {
+    pub fn scratch_len(&self, threads: usize) -> usize {
         threads.max(1) * self.per_worker()
     }
     fn scale(&self) -> f32 {

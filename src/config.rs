@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Training objective, which also fixes how the model reads its input (REFERENCE.md §3).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Objective {
     /// Next-pixel prediction: causal attention, a start token in front.
@@ -12,6 +12,26 @@ pub enum Objective {
     /// Masked-pixel prediction: bidirectional attention, masked positions get a zero content
     /// embedding, no start token.
     Bert,
+}
+
+impl std::fmt::Display for Objective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Objective::Autoregressive => "autoregressive",
+            Objective::Bert => "bert",
+        })
+    }
+}
+
+impl std::str::FromStr for Objective {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "autoregressive" | "ar" => Ok(Objective::Autoregressive),
+            "bert" => Ok(Objective::Bert),
+            _ => anyhow::bail!("unknown objective '{s}': autoregressive or bert"),
+        }
+    }
 }
 
 /// Shape of an Image GPT (REFERENCE.md §3). `n_ctx` is the number of pixels per image.
@@ -52,7 +72,7 @@ impl ModelConfig {
             .find(|p| p.0 == name)
             .ok_or_else(|| {
                 let names: Vec<_> = PRESETS.iter().map(|p| p.0).collect();
-                anyhow::anyhow!("unknown model preset '{name}': choose one of {names:?} or give --layers/--embd/--heads")
+                anyhow::anyhow!("unknown model preset '{name}': choose one of {names:?}, or give the shape itself")
             })?;
         let cfg = Self {
             n_layer: *n_layer,

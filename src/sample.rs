@@ -32,11 +32,13 @@ impl SampleOptions {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.temperature >= 0.0 && self.temperature.is_finite(),
-            "--temperature must be 0 or more"
+            "the sampling temperature must be 0 or more (got {})",
+            self.temperature
         );
         anyhow::ensure!(
             self.top_p > 0.0 && self.top_p <= 1.0,
-            "--top-p must be in (0, 1]"
+            "the top-p probability mass must be in (0, 1] (got {})",
+            self.top_p
         );
         Ok(())
     }

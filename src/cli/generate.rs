@@ -31,13 +31,23 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn options(&self) -> SampleOptions {
-        SampleOptions {
+    fn options(&self) -> Result<SampleOptions> {
+        ensure!(
+            self.temperature >= 0.0 && self.temperature.is_finite(),
+            "--temperature must be 0 or more (got {})",
+            self.temperature
+        );
+        ensure!(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            "--top-p must be in (0, 1] (got {})",
+            self.top_p
+        );
+        Ok(SampleOptions {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
             seed: self.seed,
-        }
+        })
     }
 }
 
@@ -263,7 +273,7 @@ fn generate_all(
     let n = prefixes.len();
     let batch = s.batch.clamp(1, n.max(1));
     let mut dec = Decoder::with_params(cfg, batch, dev, std::mem::take(&mut m.params))?;
-    let opts = s.options();
+    let opts = s.options()?;
     let t = cfg.n_ctx();
     let bar = pixel_bar((n * t) as u64, "pixels");
     let mut out = Vec::with_capacity(n * t);

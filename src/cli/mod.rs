@@ -103,7 +103,7 @@ struct ModelArgs {
     heads: Option<usize>,
     /// Training objective: next pixel (autoregressive, the default) or masked pixels (bert:
     /// 15% of each image hidden, bidirectional attention, loss over the hidden pixels).
-    #[arg(long, value_enum)]
+    #[arg(long)]
     objective: Option<igpt::config::Objective>,
 }
 
@@ -466,7 +466,7 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
         checkpoint_every: a.checkpoint_every,
         seed: a.seed,
     };
-    cfg.validate()?;
+    cfg.validate().map_err(train_flags)?;
     ensure!(
         !a.out.join("trainer.safetensors").exists(),
         "{} already holds a run: continue it with --resume {}, or choose another --out",
@@ -480,6 +480,22 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
         let _ = std::fs::remove_dir_all(&a.out);
     }
     result
+}
+
+/// A training setting's complaint, in terms of the flags that set it.
+fn train_flags(e: igpt::train::TrainConfigError) -> anyhow::Error {
+    use igpt::train::TrainConfigError as E;
+    match e {
+        E::NoSteps => anyhow::anyhow!("--steps must be at least 1"),
+        E::EmptyBatch => anyhow::anyhow!("--batch and --micro-batch must be at least 1"),
+        E::BatchSplit { batch, micro_batch } => {
+            anyhow::anyhow!("--batch ({batch}) must be a multiple of --micro-batch ({micro_batch})")
+        }
+        E::LearningRate(lr) => anyhow::anyhow!("--lr must be positive (got {lr})"),
+        E::Betas(b1, b2) => {
+            anyhow::anyhow!("--beta1 and --beta2 must be in [0, 1) (got {b1} and {b2})")
+        }
+    }
 }
 
 fn new_run(a: &TrainArgs, cfg: &TrainConfig, dev: &Device, bar: &mut progress::Bar) -> Result<()> {
@@ -502,7 +518,8 @@ fn new_run(a: &TrainArgs, cfg: &TrainConfig, dev: &Device, bar: &mut progress::B
             ..FitOptions::default()
         }),
     };
-    let prepared = run::prepare(&run_dir, &spec, &pal, bar)?;
+    let prepared = run::prepare(&run_dir, &spec, &pal, bar)
+        .context("preparing the data (--data, --side, --channels, --val-fraction, --val-data)")?;
     let model = a
         .model
         .build(prepared.palette.len(), prepared.side, prepared.channels)?;

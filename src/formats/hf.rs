@@ -292,7 +292,7 @@ pub fn export(m: &LoadedModel, out: &Path) -> Result<()> {
     ensure!(
         cfg.objective == Objective::Autoregressive,
         "Hugging Face's ImageGPT is autoregressive; a BERT model cannot be exported to it \
-         (convert it --to igpt instead)"
+         (write it as an igpt run directory instead)"
     );
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let (d, v, t) = (cfg.n_embd, cfg.n_vocab, cfg.n_ctx());

@@ -64,26 +64,26 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.steps >= 1, "--steps must be at least 1");
-        anyhow::ensure!(
-            self.batch >= 1 && self.micro_batch >= 1,
-            "batch sizes must be at least 1"
-        );
-        anyhow::ensure!(
-            self.batch.is_multiple_of(self.micro_batch),
-            "--batch ({}) must be a multiple of --micro-batch ({})",
-            self.batch,
-            self.micro_batch
-        );
-        anyhow::ensure!(
-            self.lr > 0.0 && self.lr.is_finite(),
-            "--lr must be positive"
-        );
-        anyhow::ensure!(
-            (0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2),
-            "Adam betas must be in [0, 1)"
-        );
+    pub fn validate(&self) -> Result<(), TrainConfigError> {
+        use TrainConfigError as E;
+        if self.steps < 1 {
+            return Err(E::NoSteps);
+        }
+        if self.batch < 1 || self.micro_batch < 1 {
+            return Err(E::EmptyBatch);
+        }
+        if !self.batch.is_multiple_of(self.micro_batch) {
+            return Err(E::BatchSplit {
+                batch: self.batch,
+                micro_batch: self.micro_batch,
+            });
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(E::LearningRate(self.lr));
+        }
+        if !((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2)) {
+            return Err(E::Betas(self.beta1, self.beta2));
+        }
         Ok(())
     }
 
@@ -106,6 +106,22 @@ impl TrainConfig {
         let progress = ((step - self.warmup.min(step)) as f64 / span as f64).min(1.0);
         (self.lr as f64 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
     }
+}
+
+/// A training setting that cannot work. The messages describe values; a front end names its
+/// own flags for them.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TrainConfigError {
+    #[error("a run needs at least 1 step")]
+    NoSteps,
+    #[error("a batch must hold at least 1 image")]
+    EmptyBatch,
+    #[error("a batch of {batch} images does not split into passes of {micro_batch}")]
+    BatchSplit { batch: usize, micro_batch: usize },
+    #[error("the learning rate must be positive (got {0})")]
+    LearningRate(f32),
+    #[error("Adam's betas must be in [0, 1) (got {0} and {1})")]
+    Betas(f32, f32),
 }
 
 /// Where training stands: enough to continue exactly.

@@ -85,7 +85,7 @@ pub fn prepare(
     if let Some(p) = &given {
         ensure!(
             p.channels == channels,
-            "the palette has {} channel(s) but --channels asks for {channels}",
+            "the palette has {} channel(s) but the model is asked for {channels}",
             p.channels
         );
     }
@@ -94,7 +94,7 @@ pub fn prepare(
         None => {
             ensure!(
                 set.height == set.width,
-                "the images are {}x{}, not square: pass --side to choose the model's image size",
+                "the images are {}x{}, not square: choose the model's image side",
                 set.height,
                 set.width
             );
@@ -125,7 +125,7 @@ pub fn prepare(
     );
     ensure!(
         !val.is_empty(),
-        "no validation images: raise --val-fraction or pass --val-data"
+        "no validation images: hold out a larger fraction or give separate validation data"
     );
     let palette = match (given, palette) {
         (Some(p), _) => p,
@@ -255,7 +255,7 @@ pub fn resume(
         );
     }
     if let Some(s) = steps {
-        ensure!(s >= 1, "--steps must be at least 1");
+        ensure!(s >= 1, "a run needs at least 1 step (asked for {s})");
         cfg.train.steps = s;
         run.save_config(&cfg)?;
     }
@@ -354,7 +354,7 @@ fn train_loop_on_pool(
         tokens += s.tokens;
         ensure!(
             s.loss.is_finite(),
-            "training diverged at step {} (loss {}): lower --lr or raise --warmup",
+            "training diverged at step {} (loss {}): lower the learning rate or warm up longer",
             s.step,
             s.loss
         );

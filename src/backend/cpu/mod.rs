@@ -136,7 +136,7 @@ impl Backend for CpuBackend {
             v.try_reserve_exact(n).map_err(|_| {
                 anyhow::anyhow!(
                     "cannot allocate {:.2} GB for {what} ({:.2} GB planned in all): use a smaller batch \
-                     (--micro-batch) or model",
+                     per pass (micro-batch) or model",
                     n as f64 * 4e-9,
                     total as f64 * 1e-9
                 )
@@ -152,7 +152,7 @@ impl Backend for CpuBackend {
             anyhow::ensure!(
                 total <= avail,
                 "this model and batch need {:.2} GB but only {:.2} GB of memory is available: use a smaller \
-                 batch (--micro-batch) or model",
+                 batch per pass (micro-batch) or model",
                 total as f64 * 1e-9,
                 avail as f64 * 1e-9
             );

@@ -314,3 +314,62 @@ fn a_model_too_large_for_memory_is_refused_with_advice() {
     let msg = err.to_string();
     assert!(msg.contains("GB") && msg.contains("micro-batch"), "{msg}");
 }
+
+#[test]
+fn shards_of_a_batch_partition_it_exactly() {
+    // Each process of a data-parallel run takes its share of every batch; before any reduction,
+    // their losses add up to the whole batch's (the same images, and for BERT the same masks).
+    use igpt::config::Objective;
+    use igpt::train::loader::Shard;
+    for objective in [Objective::Autoregressive, Objective::Bert] {
+        let model = ModelConfig {
+            objective,
+            ..tiny_model()
+        };
+        let t = model.n_ctx();
+        // Three images and a batch of four: the first batch already crosses into epoch 1.
+        let tokens: Vec<u16> = (0..3 * t).map(|i| ((i * i / 5 + i / t) % 8) as u16).collect();
+        let data = TokenSet::from_tokens(tokens, t, 8, None).unwrap();
+        // A non-zero head, so that different images have different losses.
+        let mut params = igpt::model::init_params(&model, 4);
+        for (i, p) in params.iter_mut().enumerate() {
+            *p += ((i * 37 % 101) as f32 - 50.0) * 2e-3;
+        }
+        let cfg = TrainConfig {
+            steps: 10,
+            batch: 4,
+            micro_batch: 2,
+            seed: 9,
+            ..TrainConfig::default()
+        };
+        let first_step = |shard: Shard| {
+            let mut tr = Trainer::new(&model, cfg.clone(), &params, &Device::Cpu).unwrap();
+            tr.set_shard(shard).unwrap();
+            let s = tr.step(&data).unwrap();
+            (s.loss, tr.state.clone())
+        };
+        let (whole, whole_state) = first_step(Shard::WHOLE);
+        let (a, a_state) = first_step(Shard { rank: 0, world: 2 });
+        let (b, b_state) = first_step(Shard { rank: 1, world: 2 });
+        assert!(
+            (whole - (a + b)).abs() <= 1e-12 * whole.abs(),
+            "{objective}: whole batch {whole}, shards {a} + {b}"
+        );
+        assert!(a != b, "{objective}: the shards saw the same images");
+        assert_eq!(whole_state, a_state);
+        assert_eq!(whole_state, b_state);
+        assert_eq!((whole_state.epoch, whole_state.cursor), (1, 1));
+    }
+    // A share that does not split into passes, or a rank that does not exist, is refused.
+    let model = tiny_model();
+    let params = igpt::model::init_params(&model, 4);
+    let cfg = TrainConfig {
+        batch: 4,
+        micro_batch: 4,
+        ..TrainConfig::default()
+    };
+    let mut tr = Trainer::new(&model, cfg, &params, &Device::Cpu).unwrap();
+    assert!(tr.set_shard(Shard { rank: 0, world: 2 }).is_err());
+    assert!(tr.set_shard(Shard { rank: 2, world: 2 }).is_err());
+    assert!(tr.set_shard(Shard { rank: 0, world: 3 }).is_err());
+}

@@ -700,3 +700,81 @@ pub fn probe_layers(
         best,
     })
 }
+
+/// What [`quick_probe`] found.
+#[derive(Debug, Clone)]
+pub struct QuickProbe {
+    /// The probe of the palette-quantised pixels (the baseline).
+    pub pixels: ProbeResult,
+    pub layers: LayerProbes,
+}
+
+/// A small linear probe of an autoregressive model on labelled token sets (the demo's last
+/// step): every layer's features of the first `n_train` images of `train` against all of
+/// `test`, beside a probe of the same images' palette-quantised pixels; a tenth of the training
+/// images chooses L2. `on_images(done)` counts images whose features are done; `on_result`
+/// sees each probe (`"pixels"`, then `"layer L"`).
+pub fn quick_probe(
+    model: &crate::checkpoint::LoadedModel,
+    train: &crate::data::TokenSet,
+    test: &crate::data::TokenSet,
+    n_train: usize,
+    device: &crate::backend::Device,
+    mut on_images: impl FnMut(usize) + Send,
+    mut on_result: impl FnMut(&str, &ProbeResult),
+) -> Result<QuickProbe> {
+    let mc = model.model();
+    let (t, d) = (mc.n_ctx(), mc.n_embd);
+    let first: Vec<usize> = (0..n_train.min(train.len())).collect();
+    let tr = train.select(&first)?;
+    let labels = |set: &crate::data::TokenSet| {
+        set.labels()
+            .ok_or_else(|| anyhow::anyhow!("a probe needs labelled images"))
+    };
+    let (tr_y, te_y) = (labels(&tr)?, labels(test)?);
+    let classes = tr_y
+        .iter()
+        .chain(&te_y)
+        .max()
+        .map_or(0, |&c| c as usize + 1);
+    let layers: Vec<usize> = (0..=mc.n_layer).collect();
+    let mut engine = crate::model::Engine::new(mc, 16, false, device)?;
+    engine.set_params(&model.params)?;
+    let ftr = extract_features(&mut engine, &tr, &layers, 0, &mut on_images)?;
+    let n_tr = tr.len();
+    let fte = extract_features(&mut engine, test, &layers, 0, |k| on_images(n_tr + k))?;
+    let pixels = |set: &crate::data::TokenSet| -> Result<Vec<f32>> {
+        let mut tok = vec![0u16; t];
+        let mut out = Vec::with_capacity(set.len() * t);
+        for i in 0..set.len() {
+            set.copy_image(i, &mut tok);
+            out.extend(
+                model
+                    .palette
+                    .decode(&tok)?
+                    .iter()
+                    .map(|&p| p as f32 / 255.0),
+            );
+        }
+        Ok(out)
+    };
+    let f_pix = t * mc.channels;
+    let base = probe(
+        &pixels(&tr)?,
+        &tr_y,
+        &pixels(test)?,
+        &te_y,
+        f_pix,
+        classes,
+        0.1,
+        0,
+    )?;
+    on_result("pixels", &base);
+    let layers = probe_layers(
+        &ftr, &tr_y, &fte, &te_y, &layers, d, classes, false, 0.1, 0, on_result,
+    )?;
+    Ok(QuickProbe {
+        pixels: base,
+        layers,
+    })
+}

@@ -168,3 +168,48 @@ pub fn generate(
     }
     Ok(tokens)
 }
+
+/// Generates one image per entry of `prefixes` (each the known first tokens; empty for an
+/// unconditional sample), `decoder.batch` at a time; image i draws from stream i, so the result
+/// does not depend on the batch size. `on_pixels(done)` sees how many pixels of all images are
+/// done. Returns `[prefixes.len(), n_ctx]` tokens.
+pub fn generate_all(
+    decoder: &mut Decoder,
+    prefixes: &[Vec<u16>],
+    opts: &SampleOptions,
+    mut on_pixels: impl FnMut(u64) + Send,
+) -> anyhow::Result<Vec<u16>> {
+    let (n, batch, t, side) = (
+        prefixes.len(),
+        decoder.batch,
+        decoder.cfg.n_ctx(),
+        decoder.cfg.side,
+    );
+    let mut out = Vec::with_capacity(n * t);
+    // Runs on the thread pool, as training does, so kernels use its local queues.
+    rayon::scope(|_| -> anyhow::Result<()> {
+        for start in (0..n).step_by(batch) {
+            let count = batch.min(n - start);
+            // A short last batch is padded with copies of its first prefix; the extras are dropped.
+            let refs: Vec<&[u16]> = (0..batch)
+                .map(|i| prefixes[start + i.min(count - 1)].as_slice())
+                .collect();
+            let done = (start * t) as u64;
+            let toks = generate(decoder, &refs, opts, start as u64, |row, _| {
+                on_pixels(done + (((row + 1) * side) * count) as u64)
+            })?;
+            out.extend_from_slice(&toks[..count * t]);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The prefixes that complete each image of `originals` (`[n, t]` tokens) from its first `keep`
+/// pixels, `k` times each (image-major), for [`generate_all`].
+pub fn completion_prefixes(originals: &[u16], t: usize, keep: usize, k: usize) -> Vec<Vec<u16>> {
+    originals
+        .chunks(t)
+        .flat_map(|img| std::iter::repeat_n(img[..keep.min(img.len())].to_vec(), k))
+        .collect()
+}

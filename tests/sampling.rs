@@ -166,6 +166,30 @@ fn the_same_seed_gives_the_same_images_whatever_the_batch() {
 }
 
 #[test]
+fn batched_generation_and_completion_prefixes_do_not_depend_on_the_batch() {
+    let opts = SampleOptions {
+        seed: 7,
+        ..Default::default()
+    };
+    let t = 25;
+    let originals: Vec<u16> = (0..2 * t).map(|i| (i % 5) as u16).collect();
+    let prefixes = sample::completion_prefixes(&originals, t, 10, 3);
+    assert_eq!(prefixes.len(), 6);
+    assert_eq!(prefixes[4], originals[t..t + 10].to_vec());
+    let mut seen = Vec::new();
+    // Batches of four: the second is a short one (two of its four images are padding).
+    let four = sample::generate_all(&mut decoder(4), &prefixes, &opts, |d| seen.push(d)).unwrap();
+    let one = sample::generate_all(&mut decoder(1), &prefixes, &opts, |_| {}).unwrap();
+    assert_eq!(four, one);
+    assert_eq!(four.len(), 6 * t);
+    for (img, p) in four.chunks(t).zip(&prefixes) {
+        assert_eq!(&img[..10], &p[..]);
+    }
+    assert_eq!(seen.last(), Some(&(6 * t as u64)));
+    assert!(seen.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[test]
 fn completions_keep_their_prefix_and_rows_stream_in_order() {
     let mut dec = decoder(3);
     let prefix: Vec<u16> = (0..12).map(|i| (i % 9) as u16).collect();

@@ -328,7 +328,9 @@ fn shards_of_a_batch_partition_it_exactly() {
         };
         let t = model.n_ctx();
         // Three images and a batch of four: the first batch already crosses into epoch 1.
-        let tokens: Vec<u16> = (0..3 * t).map(|i| ((i * i / 5 + i / t) % 8) as u16).collect();
+        let tokens: Vec<u16> = (0..3 * t)
+            .map(|i| ((i * i / 5 + i / t) % 8) as u16)
+            .collect();
         let data = TokenSet::from_tokens(tokens, t, 8, None).unwrap();
         // A non-zero head, so that different images have different losses.
         let mut params = igpt::model::init_params(&model, 4);

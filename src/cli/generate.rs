@@ -274,25 +274,8 @@ fn generate_all(
     let batch = s.batch.clamp(1, n.max(1));
     let mut dec = Decoder::with_params(cfg, batch, dev, std::mem::take(&mut m.params))?;
     let opts = s.options()?;
-    let t = cfg.n_ctx();
-    let bar = pixel_bar((n * t) as u64, "pixels");
-    let mut out = Vec::with_capacity(n * t);
-    // Runs on the thread pool, as training does, so kernels use its local queues.
-    rayon::scope(|_| -> Result<()> {
-        for start in (0..n).step_by(batch) {
-            let count = batch.min(n - start);
-            // A short last batch is padded with copies of its first prefix; the extras are dropped.
-            let refs: Vec<&[u16]> = (0..batch)
-                .map(|i| prefixes[start + i.min(count - 1)].as_slice())
-                .collect();
-            let done = (start * t) as u64;
-            let toks = sample::generate(&mut dec, &refs, &opts, start as u64, |row, _| {
-                bar.set_position(done + (((row + 1) * cfg.side) * count) as u64);
-            })?;
-            out.extend_from_slice(&toks[..count * t]);
-        }
-        Ok(())
-    })?;
+    let bar = pixel_bar((n * cfg.n_ctx()) as u64, "pixels");
+    let out = sample::generate_all(&mut dec, prefixes, &opts, |done| bar.set_position(done))?;
     bar.finish_and_clear();
     Ok(out)
 }
@@ -371,12 +354,7 @@ fn complete_tokens(
     dev: &Device,
 ) -> Result<()> {
     let (side, t) = (m.model().side, m.model().n_ctx());
-    let mut prefixes = Vec::new();
-    for img in originals.chunks(t) {
-        for _ in 0..k {
-            prefixes.push(img[..keep].to_vec());
-        }
-    }
+    let prefixes = sample::completion_prefixes(originals, t, keep, k);
     let tokens = generate_all(m, &prefixes, s, dev)?;
     let m = &*m;
     let mut tiles = Vec::new();

@@ -414,68 +414,32 @@ pub fn demo_probe(
     dev: &Device,
 ) -> Result<()> {
     let m = igpt::formats::load_model(&run.display().to_string())?;
-    let t = m.model().n_ctx();
-    let subset = |set: &TokenSet, n: usize| -> Result<(TokenSet, Vec<u32>)> {
-        let n = n.min(set.len());
-        let mut tokens = vec![0u16; n * t];
-        let mut labels = Vec::with_capacity(n);
-        for i in 0..n {
-            set.copy_image(i, &mut tokens[i * t..(i + 1) * t]);
-            labels.push(set.label(i).context("the demo's images have no labels")?);
-        }
-        Ok((
-            TokenSet::from_tokens(tokens, t, m.model().n_vocab, Some(labels.clone()))?,
-            labels,
-        ))
-    };
-    let (tr, tr_y) = subset(train, n_train)?;
-    let (te, te_y) = subset(val, val.len())?;
-    let classes = tr_y
-        .iter()
-        .chain(&te_y)
-        .max()
-        .map_or(0, |&c| c as usize + 1);
-    let layers: Vec<usize> = (0..=m.model().n_layer).collect();
-    let d = m.model().n_embd;
-    let mut engine = engine_for(&m, 16, dev)?;
-    let bar = pixel_bar((tr.len() + te.len()) as u64, "images");
-    let ftr =
-        probe::extract_features(&mut engine, &tr, &layers, 0, |k| bar.set_position(k as u64))?;
-    let fte = probe::extract_features(&mut engine, &te, &layers, 0, |k| {
-        bar.set_position((tr.len() + k) as u64)
-    })?;
-    bar.finish_and_clear();
-    let pixels = |set: &TokenSet| -> Result<Vec<f32>> {
-        let mut tok = vec![0u16; t];
-        let mut out = Vec::with_capacity(set.len() * t);
-        for i in 0..set.len() {
-            set.copy_image(i, &mut tok);
-            out.extend(m.palette.decode(&tok)?.iter().map(|&p| p as f32 / 255.0));
-        }
-        Ok(out)
-    };
-    let f_pix = t * m.model().channels;
-    let base = probe::probe(
-        &pixels(&tr)?,
-        &tr_y,
-        &pixels(&te)?,
-        &te_y,
-        f_pix,
-        classes,
-        0.1,
-        0,
+    let bar = pixel_bar((n_train.min(train.len()) + val.len()) as u64, "images");
+    let mut printed_header = false;
+    let q = probe::quick_probe(
+        &m,
+        train,
+        val,
+        n_train,
+        dev,
+        |k| bar.set_position(k as u64),
+        |name, r| {
+            if !printed_header {
+                bar.finish_and_clear();
+                header();
+                printed_header = true;
+            }
+            row(name, r)
+        },
     )?;
-    header();
-    row("pixels", &base);
-    let probes = probe::probe_layers(
-        &ftr, &tr_y, &fte, &te_y, &layers, d, classes, false, 0.1, 0, row,
-    )?;
+    let (base, probes) = (&q.pixels, &q.layers);
+    let te_y = val.len();
     let (best_l, best) = probes.best();
     println!(
         "best layer (by validation): {best_l}, {:.1}% on the {} held-out images; \
          palette pixels {:.1}%",
         100.0 * best.test_accuracy,
-        te_y.len(),
+        te_y,
         100.0 * base.test_accuracy
     );
     let points = probes

@@ -199,8 +199,7 @@ fn dataset_images(
         Some(offset..end),
         Some(m.model().side),
         Some(m.model().channels),
-    )
-    .with_context(|| format!("--offset {offset}"))?;
+    )?;
     let names = (offset..offset + set.len())
         .map(|i| format!("{spec}#{i}"))
         .collect();

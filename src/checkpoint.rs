@@ -229,10 +229,8 @@ pub fn load_model_file(path: &Path, cfg: &ModelConfig) -> Result<Vec<f32>> {
 #[derive(Clone)]
 pub struct LoadedModel {
     pub config: RunConfig,
+    /// The palette, with its centres as the source stores them (f64 in Hugging Face configs).
     pub palette: Palette,
-    /// The palette's centres as the source stores them (f64 in Hugging Face configs): the
-    /// Hugging Face-compatible encoder needs them unrounded to pick the same colours.
-    pub exact_centers: Vec<f64>,
     pub params: Vec<f32>,
 }
 
@@ -260,7 +258,6 @@ impl LoadedModel {
         );
         Ok(Self {
             config,
-            exact_centers: palette.centers.iter().map(|&x| x as f64).collect(),
             palette,
             params,
         })

@@ -3,6 +3,10 @@
 //! Encoding maps a pixel `p` (u8 per channel) to `p / 127.5 - 1` and takes the nearest centre
 //! by squared Euclidean distance; decoding maps a centre `c` back to `rint(127.5 * (c + 1))`
 //! (REFERENCE.md §2).
+//!
+//! [`Palette::encode`] is the only quantiser: it computes distances with the arithmetic of
+//! Hugging Face's `ImageGPTImageProcessor` (see [`Quantiser`]), so its ids, ties included, are
+//! the processor's for the same pixels and centres.
 
 use crate::backend::cpu::simd;
 use crate::npy;
@@ -17,8 +21,11 @@ use std::path::Path;
 pub struct Palette {
     /// Values per colour: 1 (grayscale) or 3 (RGB).
     pub channels: usize,
-    /// `[len, channels]` centres in [-1, 1].
+    /// `[len, channels]` centres in [-1, 1] (what the model and decoding use).
     pub centers: Vec<f32>,
+    /// The centres as their source stores them (float64 in Hugging Face configs and OpenAI's
+    /// `kmeans_centers.npy`): encoding needs them unrounded to pick the processor's colours.
+    exact: Vec<f64>,
 }
 
 /// Options for [`Palette::fit`].
@@ -42,12 +49,26 @@ impl Default for FitOptions {
     }
 }
 
-fn to_unit(v: u8) -> f32 {
-    v as f32 / 127.5 - 1.0
+/// A pixel level as Hugging Face's processor normalises it: `float32(level * (1/255))`, then
+/// `(x - 0.5) / 0.5` in float32 (the same values as the older `level / 127.5 - 1`).
+pub fn normalise(level: u8) -> f32 {
+    let x = (level as f64 * (1.0 / 255.0)) as f32;
+    (x - 0.5) / 0.5
 }
 
 impl Palette {
     pub fn new(channels: usize, centers: Vec<f32>) -> Result<Self> {
+        let exact = centers.iter().map(|&c| c as f64).collect();
+        Self::with_exact(channels, centers, exact)
+    }
+
+    /// A palette from float64 centres, kept exactly for encoding (rounded to f32 for the rest).
+    pub fn from_exact(channels: usize, exact: Vec<f64>) -> Result<Self> {
+        let centers = exact.iter().map(|&c| c as f32).collect();
+        Self::with_exact(channels, centers, exact)
+    }
+
+    fn with_exact(channels: usize, centers: Vec<f32>, exact: Vec<f64>) -> Result<Self> {
         ensure!(
             channels == 1 || channels == 3,
             "a palette has 1 or 3 channels (got {channels})"
@@ -60,10 +81,20 @@ impl Palette {
             centers.len() / channels <= 65536,
             "palettes are limited to 65536 colours"
         );
+        // Checked on the f32 copy: a float64 too large for f32 is refused too.
         if let Some(bad) = centers.iter().find(|c| !c.is_finite()) {
             bail!("palette holds a non-finite value ({bad})");
         }
-        Ok(Self { channels, centers })
+        Ok(Self {
+            channels,
+            centers,
+            exact,
+        })
+    }
+
+    /// The centres as the source stored them, `[len, channels]`.
+    pub fn exact_centers(&self) -> &[f64] {
+        &self.exact
     }
 
     pub fn len(&self) -> usize {
@@ -87,30 +118,26 @@ impl Palette {
         Self::new(1, centers)
     }
 
-    /// Nearest centre to one pixel (`channels` bytes).
+    /// Nearest centre to one pixel (`channels` bytes); the same id as [`Palette::encode`].
     pub fn encode_pixel(&self, px: &[u8]) -> u16 {
-        let idx = CenterIndex::new(&self.centers, self.channels);
-        idx.nearest_pixel(px) as u16
+        assert_eq!(px.len(), self.channels);
+        Quantiser::new(self).nearest(px) as u16
     }
 
     /// Tokens for interleaved pixels (`channels` bytes each). Grayscale goes through a
-    /// 256-entry table; colour through a vectorised nearest-centre search.
+    /// 256-entry table of the same search; colour through the vectorised search.
     pub fn encode(&self, pixels: &[u8]) -> Vec<u16> {
         assert_eq!(pixels.len() % self.channels, 0);
-        let idx = CenterIndex::new(&self.centers, self.channels);
+        let q = Quantiser::new(self);
         if self.channels == 1 {
-            let table: Vec<u16> = (0..=255u8)
-                .map(|v| idx.nearest_pixel(&[v]) as u16)
-                .collect();
+            let table: Vec<u16> = (0..=255u8).map(|v| q.nearest(&[v]) as u16).collect();
             return pixels.par_iter().map(|&p| table[p as usize]).collect();
         }
-        pixels
-            .par_chunks(self.channels * 1024)
-            .flat_map_iter(|c| {
-                c.chunks_exact(self.channels)
-                    .map(|px| idx.nearest_pixel(px) as u16)
-            })
-            .collect()
+        let mut out = vec![0u16; pixels.len() / 3];
+        out.par_chunks_mut(1024)
+            .zip(pixels.par_chunks(3 * 1024))
+            .for_each(|(ids, px)| q.encode_rgb(px, ids));
+        out
     }
 
     /// Pixels for tokens; ids outside the palette are an error.
@@ -170,7 +197,7 @@ impl Palette {
         );
         let points: Vec<f32> = colours
             .iter()
-            .flat_map(|(c, _)| c[..channels].iter().map(|&v| to_unit(v)))
+            .flat_map(|(c, _)| c[..channels].iter().map(|&v| normalise(v)))
             .collect();
         let weights: Vec<f64> = colours.iter().map(|&(_, w)| w as f64).collect();
         let centers = kmeans(
@@ -203,15 +230,12 @@ impl Palette {
                     path.display(),
                     a.dtype
                 );
-                Self::new(
-                    a.shape[1],
-                    a.to_f64().into_iter().map(|v| v as f32).collect(),
-                )
+                Self::from_exact(a.shape[1], a.to_f64())
             }
             "json" => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read {}", path.display()))?;
-                let rows: Vec<Vec<f32>> = serde_json::from_str(&text).with_context(|| {
+                let rows: Vec<Vec<f64>> = serde_json::from_str(&text).with_context(|| {
                     format!(
                         "{}: expected a JSON list of colours like [[-1.0, 0.5, 0.2], ...]",
                         path.display()
@@ -223,7 +247,7 @@ impl Palette {
                     "{}: colours have different lengths",
                     path.display()
                 );
-                Self::new(channels, rows.into_iter().flatten().collect())
+                Self::from_exact(channels, rows.into_iter().flatten().collect())
             }
             _ => bail!(
                 "{}: palettes are read from .npy or .json files",
@@ -233,13 +257,27 @@ impl Palette {
         p.with_context(|| format!("invalid palette in {}", path.display()))
     }
 
-    /// Saves as `.npy` (float32 `[k, c]`) or `.json`, by extension, atomically.
+    /// Saves as `.npy` (float32 `[k, c]`, float64 when the exact centres need it) or `.json`,
+    /// by extension, atomically; loading gives the same exact centres back.
     pub fn save(&self, path: &Path) -> Result<()> {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let shape = [self.len(), self.channels];
         let bytes = match ext {
-            "npy" => npy::encode_f32(&[self.len(), self.channels], &self.centers),
+            "npy"
+                if self
+                    .exact
+                    .iter()
+                    .zip(&self.centers)
+                    .all(|(&e, &c)| e == c as f64) =>
+            {
+                npy::encode_f32(&shape, &self.centers)
+            }
+            "npy" => {
+                let raw: Vec<u8> = self.exact.iter().flat_map(|v| v.to_le_bytes()).collect();
+                npy::encode(&shape, npy::DType::F64, &raw)
+            }
             "json" => {
-                let rows: Vec<&[f32]> = self.centers.chunks(self.channels).collect();
+                let rows: Vec<&[f64]> = self.exact.chunks(self.channels).collect();
                 serde_json::to_vec(&rows)?
             }
             _ => bail!("{}: palettes are written as .npy or .json", path.display()),
@@ -271,13 +309,215 @@ impl CenterIndex {
     fn nearest(&self, p: &[f32]) -> (usize, f32) {
         simd::nearest_center(&self.soa, self.stride, p)
     }
+}
 
-    fn nearest_pixel(&self, px: &[u8]) -> usize {
-        let mut p = [0.0f32; 3];
-        for (d, &v) in p.iter_mut().zip(px) {
-            *d = to_unit(v);
+/// Centres of one block of the quantiser's exact search.
+const LANES: usize = 8;
+/// Centres of one block of the quantiser's float32 screen.
+const SCREEN_LANES: usize = 16;
+
+/// Nearest centres with the arithmetic of Hugging Face's `ImageGPTImageProcessor`
+/// (`color_quantize`): for a pixel `a` (normalised in float32) and a centre `b` (float64),
+/// `d = |a|^2 - 2 a.b + |b|^2` with `|a|^2` summed in float32 and the rest in float64, each sum
+/// left to right, and the first index among equal distances (`np.argmin`).
+///
+/// A grayscale palette is searched as gray triples against the pixel copied to R, G and B:
+/// that is what the processor computes for the model `igpt convert --to hf` writes, so gray
+/// ids agree with it too, ties included (and a 256-entry table makes it free).
+///
+/// Colour pixels are first screened in float32 (16 centres per step): when the nearest centre
+/// beats the second by far more than float32 rounding can move a distance, it is the
+/// processor's choice too; otherwise (ties, near-ties) the exact float64 search decides.
+struct Quantiser {
+    /// Centres by channel, each padded to whole blocks of [`LANES`] (`[3, stride]`).
+    soa: Vec<f64>,
+    /// `|b|^2` per centre; +inf for padding, which is therefore never nearest.
+    norms: Vec<f64>,
+    stride: usize,
+    /// The float32 centres by channel, padded to whole [`SCREEN_LANES`] blocks far away.
+    screen: Vec<f32>,
+    screen_stride: usize,
+    /// How far float32 rounding may move a screened distance: `(d + scale) * 2^-18` bounds it
+    /// with a wide margin (a few float32 ulps of the terms summed, `scale` = the largest
+    /// `sum_c (|a_c| + |b_c|)^2`; pixels are within [-1, 1]).
+    scale: f32,
+    channels: usize,
+}
+
+/// Relative float32 error allowed in a screened distance (32 times the few ulps it can have).
+const SCREEN_TOLERANCE: f32 = 1.0 / (1u32 << 18) as f32;
+
+impl Quantiser {
+    fn new(p: &Palette) -> Self {
+        let k = p.len();
+        let stride = k.next_multiple_of(LANES);
+        let mut soa = vec![0.0f64; 3 * stride];
+        let mut norms = vec![f64::INFINITY; stride];
+        let screen_stride = k.next_multiple_of(SCREEN_LANES);
+        // Padding sits far outside [-1, 1]: never nearest, and never close to the nearest.
+        let mut screen = vec![1e6f32; 3 * screen_stride];
+        let mut scale = 0.0f32;
+        for (i, c) in p.exact.chunks_exact(p.channels).enumerate() {
+            let b = if p.channels == 1 {
+                [c[0]; 3]
+            } else {
+                [c[0], c[1], c[2]]
+            };
+            for (ch, &v) in b.iter().enumerate() {
+                soa[ch * stride + i] = v;
+                screen[ch * screen_stride + i] = v as f32;
+            }
+            norms[i] = b[0] * b[0] + b[1] * b[1] + b[2] * b[2];
+            scale = scale.max(b.iter().map(|&v| (1.0 + v.abs() as f32).powi(2)).sum());
         }
-        self.nearest(&p[..px.len()]).0
+        Self {
+            soa,
+            norms,
+            stride,
+            screen,
+            screen_stride,
+            scale,
+            channels: p.channels,
+        }
+    }
+
+    /// Nearest centre to one pixel (`channels` bytes), by the exact search.
+    fn nearest(&self, px: &[u8]) -> usize {
+        let rgb = if self.channels == 1 {
+            [px[0]; 3]
+        } else {
+            [px[0], px[1], px[2]]
+        };
+        self.nearest_exact(rgb)
+    }
+
+    /// Ids of RGB pixels into `ids`, compiled for AVX-512 and AVX2 as well as the baseline and
+    /// chosen at run time (the release binary targets plain x86-64). None of them fuses
+    /// multiply-adds (Rust never contracts `a * b + c`), so all give the same ids.
+    fn encode_rgb(&self, pixels: &[u8], ids: &mut [u16]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F, the feature `encode_rgb_avx512` enables.
+                return unsafe { self.encode_rgb_avx512(pixels, ids) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, the feature `encode_rgb_avx2` enables.
+                return unsafe { self.encode_rgb_avx2(pixels, ids) };
+            }
+        }
+        self.encode_rgb_portable(pixels, ids)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn encode_rgb_avx512(&self, pixels: &[u8], ids: &mut [u16]) {
+        self.encode_rgb_portable(pixels, ids)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn encode_rgb_avx2(&self, pixels: &[u8], ids: &mut [u16]) {
+        self.encode_rgb_portable(pixels, ids)
+    }
+
+    #[inline(always)]
+    fn encode_rgb_portable(&self, pixels: &[u8], ids: &mut [u16]) {
+        for (id, px) in ids.iter_mut().zip(pixels.chunks_exact(3)) {
+            let rgb = [px[0], px[1], px[2]];
+            *id = match self.screened(rgb) {
+                Some(i) => i,
+                None => self.nearest_exact(rgb),
+            } as u16;
+        }
+    }
+
+    /// The nearest centre by float32 distances when the second nearest is clearly farther
+    /// (so the exact search would pick it too); `None` when rounding might decide.
+    #[inline(always)]
+    fn screened(&self, rgb: [u8; 3]) -> Option<usize> {
+        let a = rgb.map(normalise);
+        let s = self.screen_stride;
+        let mut best_d = [f32::INFINITY; SCREEN_LANES];
+        let mut second_d = [f32::INFINITY; SCREEN_LANES];
+        let mut best_i = [0u32; SCREEN_LANES];
+        for k0 in (0..s).step_by(SCREEN_LANES) {
+            let mut d = [0.0f32; SCREEN_LANES];
+            for (ch, &av) in a.iter().enumerate() {
+                let row: &[f32; SCREEN_LANES] = self.screen
+                    [ch * s + k0..ch * s + k0 + SCREEN_LANES]
+                    .try_into()
+                    .expect("whole block");
+                for l in 0..SCREEN_LANES {
+                    let t = row[l] - av;
+                    d[l] += t * t;
+                }
+            }
+            for l in 0..SCREEN_LANES {
+                let nearer = d[l] < best_d[l];
+                second_d[l] = if nearer {
+                    best_d[l]
+                } else if d[l] < second_d[l] {
+                    d[l]
+                } else {
+                    second_d[l]
+                };
+                best_i[l] = if nearer { (k0 + l) as u32 } else { best_i[l] };
+                best_d[l] = if nearer { d[l] } else { best_d[l] };
+            }
+        }
+        let mut lane = 0;
+        for l in 1..SCREEN_LANES {
+            if best_d[l] < best_d[lane] {
+                lane = l;
+            }
+        }
+        let best = best_d[lane];
+        let mut second = f32::INFINITY;
+        for l in 0..SCREEN_LANES {
+            second = second.min(second_d[l]);
+            if l != lane {
+                second = second.min(best_d[l]);
+            }
+        }
+        // NaN or infinite distances fail the test and go to the exact search.
+        let margin = (best + second + 2.0 * self.scale) * SCREEN_TOLERANCE;
+        (second - best > margin).then_some(best_i[lane] as usize)
+    }
+
+    /// Each lane keeps its first minimum (strict `<`, indices rising); the lowest index among
+    /// the lanes' equal minima is then the first overall, as `np.argmin` gives.
+    fn nearest_exact(&self, rgb: [u8; 3]) -> usize {
+        let a = rgb.map(normalise);
+        let a_norm = (a[0] * a[0] + a[1] * a[1] + a[2] * a[2]) as f64;
+        let a = a.map(|x| x as f64);
+        let s = self.stride;
+        let mut best_d = [f64::INFINITY; LANES];
+        let mut best_i = [0usize; LANES];
+        for k0 in (0..s).step_by(LANES) {
+            let lanes = |ch: usize| -> &[f64; LANES] {
+                self.soa[ch * s + k0..ch * s + k0 + LANES]
+                    .try_into()
+                    .expect("whole block")
+            };
+            let (b0, b1, b2) = (lanes(0), lanes(1), lanes(2));
+            let norms: &[f64; LANES] = self.norms[k0..k0 + LANES].try_into().expect("whole block");
+            for l in 0..LANES {
+                let ab = a[0] * b0[l] + a[1] * b1[l] + a[2] * b2[l];
+                let d = a_norm - 2.0 * ab + norms[l];
+                if d < best_d[l] {
+                    best_d[l] = d;
+                    best_i[l] = k0 + l;
+                }
+            }
+        }
+        let mut best = (best_d[0], best_i[0]);
+        for l in 1..LANES {
+            if best_d[l] < best.0 || (best_d[l] == best.0 && best_i[l] < best.1) {
+                best = (best_d[l], best_i[l]);
+            }
+        }
+        best.1
     }
 }
 

@@ -1,10 +1,18 @@
-//! Images to token ids exactly as Hugging Face's `ImageGPTImageProcessor` makes them:
-//! Pillow's BILINEAR resize, `x / 255` then `(x - 0.5) / 0.5` in float32 (the same values as
-//! the older `x / 127.5 - 1`), then the nearest cluster by the processor's own distance formula.
+//! The one path from an image to a model's tokens, taken by every command (training data,
+//! `complete`, `score`, `encode`, `classify`, `features`, `probe`, `finetune`): channels
+//! converted ([`convert_channels`]), Pillow's BILINEAR resize to the model's side
+//! ([`resize_bilinear`]), then the palette's quantiser ([`Palette::encode`], Hugging Face's
+//! arithmetic). [`shape`] does the first two, [`image_tokens`] all three; data sets go through
+//! [`crate::data::ImageSet::shaped`] and [`crate::data::load_shaped`], which call [`shape`].
+//! For RGB models the ids are exactly those of Hugging Face's `ImageGPTImageProcessor`.
 //!
 //! Pillow's resize is reproduced bit for bit: separable passes (horizontal first, each rounded
 //! to 8 bits), a triangle filter whose support widens with the scale factor when shrinking
 //! (antialiasing), and coefficients in fixed point with 22 fractional bits.
+
+use crate::palette::Palette;
+use anyhow::{Context, Result, bail, ensure};
+use std::path::Path;
 
 /// Fractional bits of Pillow's 8-bit resampling coefficients.
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -122,65 +130,122 @@ pub fn resize_bilinear(
     out
 }
 
-/// The processor's value for an 8-bit level: `float32(level * (1/255))`, then
-/// `(x - 0.5) / 0.5` in float32.
-pub fn normalise(level: u8) -> f32 {
-    let x = (level as f64 * (1.0 / 255.0)) as f32;
-    (x - 0.5) / 0.5
-}
-
-/// Nearest cluster for RGB pixels by the processor's formula `|a|^2 - 2 a.b + |b|^2`, with `|a|^2`
-/// summed in float32 and the rest in float64, first index on ties (`np.argmin`).
-pub struct HfQuantiser {
-    clusters: Vec<[f64; 3]>,
-    norms: Vec<f64>,
-}
-
-impl HfQuantiser {
-    /// `centers`: `[k][3]` as the preprocessor config stores them.
-    pub fn new(centers: &[f64]) -> Self {
-        let clusters: Vec<[f64; 3]> = centers
-            .chunks_exact(3)
-            .map(|c| [c[0], c[1], c[2]])
-            .collect();
-        let norms = clusters
-            .iter()
-            .map(|c| c[0] * c[0] + c[1] * c[1] + c[2] * c[2])
-            .collect();
-        Self { clusters, norms }
-    }
-
-    pub fn nearest(&self, rgb: [u8; 3]) -> u16 {
-        let a = rgb.map(normalise);
-        let a2 = (a[0] * a[0] + a[1] * a[1] + a[2] * a[2]) as f64;
-        let a = a.map(|x| x as f64);
-        let mut best = (f64::INFINITY, 0usize);
-        for (i, (c, &b2)) in self.clusters.iter().zip(&self.norms).enumerate() {
-            let ab = a[0] * c[0] + a[1] * c[1] + a[2] * c[2];
-            let d = a2 - 2.0 * ab + b2;
-            if d < best.0 {
-                best = (d, i);
-            }
-        }
-        best.1 as u16
-    }
-
-    /// Token ids of an RGB image already at the model's size.
-    pub fn encode(&self, rgb: &[u8]) -> Vec<u16> {
-        rgb.chunks_exact(3)
-            .map(|p| self.nearest([p[0], p[1], p[2]]))
-            .collect()
-    }
-}
-
-/// What was done to an image to make it RGB, for telling the user.
-pub fn rgb_conversion_note(color: image::ColorType) -> Option<&'static str> {
+/// What is done to an image of colour type `color` to give it `channels`, for telling the user.
+pub fn conversion_note(color: image::ColorType, channels: usize) -> Option<&'static str> {
     use image::ColorType as C;
-    match color {
-        C::Rgb8 => None,
-        C::Rgba8 => Some("RGBA: alpha dropped"),
-        C::L8 => Some("grayscale: copied to R, G and B"),
-        C::La8 => Some("grayscale with alpha: alpha dropped, gray copied to R, G and B"),
-        _ => Some("converted to 8-bit RGB"),
+    match (color, channels) {
+        (C::Rgb8, 3) | (C::L8, 1) => None,
+        (C::Rgba8, 3) => Some("RGBA: alpha dropped (the alpha channel is not used)"),
+        (C::L8, _) => Some("grayscale: copied to R, G and B"),
+        (C::La8, 3) => Some("grayscale with alpha: alpha dropped, gray copied to R, G and B"),
+        (C::La8, _) => Some("grayscale with alpha: alpha dropped"),
+        (C::Rgb8, _) => Some("colour: converted to gray (Pillow's luma)"),
+        (C::Rgba8, _) => Some(
+            "RGBA: alpha dropped (the alpha channel is not used), colour converted to gray (Pillow's luma)",
+        ),
+        (_, 3) => Some("converted to 8-bit RGB"),
+        _ => Some("converted to 8-bit gray"),
     }
+}
+
+/// Pillow's `convert("L")` of one RGB pixel (ITU-R 601-2 luma in 16-bit fixed point, rounded).
+pub fn luma(rgb: [u8; 3]) -> u8 {
+    ((rgb[0] as u32 * 19595 + rgb[1] as u32 * 38470 + rgb[2] as u32 * 7471 + 0x8000) >> 16) as u8
+}
+
+/// Interleaved pixels with `from` channels as `to` channels: RGB to gray by [`luma`], gray to
+/// RGB by copying (1 and 3 channels only).
+pub fn convert_channels(pixels: &[u8], from: usize, to: usize) -> Result<Vec<u8>> {
+    ensure!(
+        matches!(from, 1 | 3) && matches!(to, 1 | 3),
+        "images must have 1 or 3 channels (got {from} -> {to})"
+    );
+    Ok(match (from, to) {
+        (1, 3) => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+        (3, 1) => pixels
+            .chunks_exact(3)
+            .map(|p| luma([p[0], p[1], p[2]]))
+            .collect(),
+        _ => pixels.to_vec(),
+    })
+}
+
+/// An 8-bit image: `height x width x channels` interleaved bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageRef<'a> {
+    pub pixels: &'a [u8],
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+}
+
+/// An image as a model sees it: converted to `channels`, then resized (whole image, aspect
+/// ratio not kept) to `side x side` by [`resize_bilinear`].
+pub fn shape(img: ImageRef, side: usize, channels: usize) -> Result<Vec<u8>> {
+    ensure!(
+        img.width > 0 && img.height > 0 && side > 0,
+        "cannot resize a {}x{} image to {side}x{side}",
+        img.width,
+        img.height
+    );
+    ensure!(
+        img.pixels.len() == img.width * img.height * img.channels,
+        "{} bytes do not make a {}x{}x{} image",
+        img.pixels.len(),
+        img.width,
+        img.height,
+        img.channels
+    );
+    let converted = convert_channels(img.pixels, img.channels, channels)?;
+    Ok(resize_bilinear(
+        &converted, img.width, img.height, channels, side, side,
+    ))
+}
+
+/// Token ids of one image for a model of side `side` with `palette` (its channel count).
+pub fn image_tokens(img: ImageRef, side: usize, palette: &Palette) -> Result<Vec<u16>> {
+    Ok(palette.encode(&shape(img, side, palette.channels)?))
+}
+
+/// A decoded image file: 8-bit RGB (gray files copied to R, G and B, alpha dropped; gray
+/// comes back unchanged from [`luma`]).
+pub struct Decoded {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+    /// The file's own colour type ([`conversion_note`]).
+    pub color: image::ColorType,
+}
+
+impl Decoded {
+    pub fn image(&self) -> ImageRef<'_> {
+        ImageRef {
+            pixels: &self.rgb,
+            width: self.width,
+            height: self.height,
+            channels: 3,
+        }
+    }
+}
+
+/// Decodes a PNG or JPEG file (by its content), naming the file in any error.
+pub fn decode_file(path: &Path) -> Result<Decoded> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .decode()
+        .with_context(|| format!("cannot decode image {}", path.display()))?;
+    let color = img.color();
+    let rgb = img.to_rgb8();
+    let (width, height) = (rgb.width() as usize, rgb.height() as usize);
+    if width == 0 || height == 0 {
+        bail!("{} is an empty image", path.display());
+    }
+    Ok(Decoded {
+        width,
+        height,
+        rgb: rgb.into_raw(),
+        color,
+    })
 }

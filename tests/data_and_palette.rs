@@ -1,7 +1,7 @@
 //! Palettes, data readers and the token cache, on data made in the test.
 
 mod common;
-use common::tempdir;
+use common::{s, tempdir};
 
 use igpt::data::{self, Format, ImageSet, TokenSet};
 use igpt::npy::{self, DType};
@@ -259,7 +259,7 @@ fn image_folders_with_classes_and_resizing() {
             img.save(dir.join(c).join(format!("{k}.png"))).unwrap();
         }
     }
-    let set = data::folder::load_resized(&dir, 8).unwrap();
+    let set = data::load_shaped(s(&dir), Format::Auto, None, Some(8), Some(3)).unwrap();
     assert_eq!(
         (set.len(), set.height, set.width, set.channels),
         (4, 8, 8, 3)
@@ -269,7 +269,10 @@ fn image_folders_with_classes_and_resizing() {
     assert_eq!(&set.image(3)[..3], &[10, 10, 200]);
     // A broken file is named in the error.
     std::fs::write(dir.join("dog").join("broken.png"), b"not a png").unwrap();
-    let err = format!("{:#}", data::folder::load_resized(&dir, 8).unwrap_err());
+    let err = format!(
+        "{:#}",
+        data::load_shaped(s(&dir), Format::Auto, None, Some(8), Some(3)).unwrap_err()
+    );
     assert!(err.contains("broken.png"), "{err}");
 }
 

@@ -5,7 +5,8 @@
 mod common;
 
 use common::{igpt, s, stderr, tempdir};
-use igpt::preprocess::{self, HfQuantiser};
+use igpt::palette;
+use igpt::preprocess;
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
 
@@ -61,13 +62,12 @@ fn token_ids_match_the_hugging_face_processor() {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     for fixture in ["small-a", "small-b"] {
         let m = igpt::formats::load_model(s(&root().join("hf").join(fixture))).unwrap();
-        let q = HfQuantiser::new(&m.exact_centers);
         let side = m.model().side;
         for (name, path) in images() {
-            let img = image::open(&path).unwrap();
-            let (w, h) = (img.width() as usize, img.height() as usize);
-            let small = preprocess::resize_bilinear(&img.to_rgb8().into_raw(), w, h, 3, side, side);
-            let ours: Vec<i64> = q.encode(&small).iter().map(|&x| x as i64).collect();
+            // The one image-to-tokens path every command takes.
+            let img = preprocess::decode_file(&path).unwrap();
+            let ids = preprocess::image_tokens(img.image(), side, &m.palette).unwrap();
+            let ours: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
             let theirs: Vec<i64> = st
                 .tensor(&format!("{name}_ids_{fixture}"))
                 .unwrap()
@@ -85,10 +85,10 @@ fn normalisation_is_the_processors_for_every_level() {
     // (x / 255 - 0.5) / 0.5 in float32 equals x / 127.5 - 1 (older processors) at every level.
     for level in 0..=255u8 {
         let old = (level as f64 * (1.0 / 127.5)) as f32 - 1.0;
-        assert_eq!(preprocess::normalise(level), old, "level {level}");
+        assert_eq!(palette::normalise(level), old, "level {level}");
     }
-    assert_eq!(preprocess::normalise(0), -1.0);
-    assert_eq!(preprocess::normalise(255), 1.0);
+    assert_eq!(palette::normalise(0), -1.0);
+    assert_eq!(palette::normalise(255), 1.0);
 }
 
 #[test]

@@ -164,7 +164,7 @@ fn both_weight_files_hold_the_same_parameters() {
         .unwrap();
         assert_eq!(a.params, b.params);
         assert_eq!(a.model(), b.model());
-        assert_eq!(a.exact_centers, b.exact_centers);
+        assert_eq!(a.palette.exact_centers(), b.palette.exact_centers());
     }
 }
 
@@ -189,6 +189,6 @@ fn export_writes_what_transformers_wrote() {
         }
         let back = formats::load_model(out.to_str().unwrap()).unwrap();
         assert_eq!(back.params, m.params);
-        assert_eq!(back.exact_centers, m.exact_centers);
+        assert_eq!(back.palette.exact_centers(), m.palette.exact_centers());
     }
 }

@@ -86,19 +86,19 @@ fn labelled_tokens(
     limit: Option<usize>,
     m: &LoadedModel,
 ) -> Result<(TokenSet, Vec<u32>, Vec<String>)> {
-    let mut set = data::load(spec, Format::Auto)?;
-    if let Some(l) = limit {
-        set = set.select(&(0..l.min(set.len())).collect::<Vec<_>>());
-    }
+    let set = data::load_shaped(
+        spec,
+        Format::Auto,
+        limit.map(|l| 0..l),
+        Some(m.model().side),
+        Some(m.model().channels),
+    )?;
     let labels = set.labels.clone().with_context(|| {
         format!("{spec} has no labels: fine-tuning and classification accuracy need them")
     })?;
     let names = set.class_names.clone();
-    let shaped = set
-        .with_channels(m.model().channels)?
-        .resized(m.model().side);
     let tokens = TokenSet::from_tokens(
-        m.palette.encode(&shaped.pixels),
+        m.palette.encode(&set.pixels),
         m.model().n_ctx(),
         m.model().n_vocab,
         Some(labels.clone()),

@@ -130,6 +130,9 @@ pub struct ScoreArgs {
     /// Write `index,name,nats_per_token,bits_per_token` rows here.
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// Also write the token ids the images were scored on as .npy (uint16 [n, side, side]).
+    #[arg(long)]
+    tokens: Option<PathBuf>,
 }
 
 pub(super) fn pixel_bar(total: u64, what: &str) -> ProgressBar {
@@ -182,76 +185,34 @@ pub(super) fn image_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Reads image files as the model sees them, saying what was converted.
-fn load_images(files: &[PathBuf], m: &LoadedModel) -> Result<(ImageSet, Vec<String>)> {
-    let (side, channels) = (m.model().side, m.model().channels);
-    let mut pixels = Vec::new();
-    for f in files {
-        let img = image::open(f).with_context(|| format!("cannot decode image {}", f.display()))?;
-        if img.color().has_alpha() {
-            eprintln!("note: {} has an alpha channel; it was dropped", f.display());
-        }
-        if (img.width() as usize, img.height() as usize) != (side, side) {
-            eprintln!(
-                "note: {} is {}x{}; resized to {side}x{side}",
-                f.display(),
-                img.width(),
-                img.height()
-            );
-        }
-        let rgb = img.to_rgb8();
-        let one = ImageSet {
-            height: rgb.height() as usize,
-            width: rgb.width() as usize,
-            channels: 3,
-            pixels: rgb.into_raw(),
-            labels: None,
-            class_names: vec![],
-        };
-        // Pillow's bilinear resize, as Hugging Face's processor does (`igpt encode`).
-        let one = one.with_channels(channels)?;
-        pixels.extend(igpt::preprocess::resize_bilinear(
-            &one.pixels,
-            one.width,
-            one.height,
-            channels,
-            side,
-            side,
-        ));
-    }
+/// Reads image files as the model sees them (`igpt::data::read_files`), saying what was
+/// converted.
+pub(super) fn load_images(files: &[PathBuf], m: &LoadedModel) -> Result<(ImageSet, Vec<String>)> {
+    let set = data::read_files(files, m.model().side, m.model().channels, |f, note| {
+        eprintln!("note: {}: {note}", f.display())
+    })?;
     let names = files.iter().map(|f| f.display().to_string()).collect();
-    Ok((
-        ImageSet {
-            height: side,
-            width: side,
-            channels,
-            pixels,
-            labels: None,
-            class_names: vec![],
-        },
-        names,
-    ))
+    Ok((set, names))
 }
 
-/// Images from a data set, shaped for the model.
+/// Images `offset..offset + n` of a data set, shaped for the model.
 fn dataset_images(
     spec: &str,
     m: &LoadedModel,
     offset: usize,
     n: Option<usize>,
 ) -> Result<(ImageSet, Vec<String>)> {
-    let set = data::load(spec, Format::Auto)?;
-    ensure!(
-        offset < set.len(),
-        "--offset {offset} is past the {} images of {spec}",
-        set.len()
-    );
-    let end = n.map_or(set.len(), |n| (offset + n).min(set.len()));
-    let set = set.select(&(offset..end).collect::<Vec<_>>());
-    let set = set
-        .with_channels(m.model().channels)?
-        .resized(m.model().side);
-    let names = (offset..end).map(|i| format!("{spec}#{i}")).collect();
+    let end = n.map_or(usize::MAX, |n| offset.saturating_add(n));
+    let set = data::load_shaped(
+        spec,
+        Format::Auto,
+        Some(offset..end),
+        Some(m.model().side),
+        Some(m.model().channels),
+    )?;
+    let names = (offset..offset + set.len())
+        .map(|i| format!("{spec}#{i}"))
+        .collect();
     Ok((set, names))
 }
 
@@ -385,7 +346,11 @@ pub fn score(a: ScoreArgs, dev: &Device) -> Result<()> {
         Some(spec) => dataset_images(spec, &m, 0, a.limit)?,
         None => load_images(&image_files(&a.images)?, &m)?,
     };
+    let side = m.model().side;
     let tokens = TokenSet::quantise(&set, &m.palette, "score")?;
+    if let Some(p) = &a.tokens {
+        write_tokens(p, &tokens, side)?;
+    }
     let batch = a.batch.clamp(1, tokens.len());
     let model = m.model().clone();
     let mut engine = Engine::with_params(&model, batch, dev, std::mem::take(&mut m.params))?;
@@ -429,6 +394,22 @@ pub fn score(a: ScoreArgs, dev: &Device) -> Result<()> {
         igpt::fsutil::write_atomic(p, text.as_bytes())?;
         println!("scores: {}", p.display());
     }
+    Ok(())
+}
+
+/// Token ids as .npy, uint16 `[n, side, side]` (the layout `sample --tokens` writes).
+fn write_tokens(path: &Path, tokens: &TokenSet, side: usize) -> Result<()> {
+    let t = side * side;
+    let mut ids = vec![0u16; tokens.len() * t];
+    for (i, img) in ids.chunks_mut(t).enumerate() {
+        tokens.copy_image(i, img);
+    }
+    let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+    igpt::fsutil::write_atomic(
+        path,
+        &igpt::npy::encode(&[tokens.len(), side, side], igpt::npy::DType::U16, &bytes),
+    )?;
+    println!("tokens: {}", path.display());
     Ok(())
 }
 

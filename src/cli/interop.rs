@@ -8,7 +8,6 @@ use igpt::formats;
 use igpt::inference::{self, Convention};
 use igpt::model::Output;
 use igpt::npy;
-use igpt::preprocess::{self, HfQuantiser};
 use std::path::PathBuf;
 
 const MODEL_HELP: &str = "The model: an igpt run directory, a Hugging Face ImageGPT directory, \
@@ -113,36 +112,12 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Token ids of image files, `[n, side * side]`: Pillow-exact bilinear resize to the model's
-/// side, then the Hugging Face quantiser (RGB palettes) or the model's own (grayscale).
+/// Token ids of image files, `[n, side * side]`, as every command makes them (the same
+/// reading as `complete` and `score`, then the palette's quantiser): for RGB models, the ids of
+/// Hugging Face's `ImageGPTImageProcessor`.
 pub fn encode_files(m: &LoadedModel, files: &[PathBuf]) -> Result<Vec<u16>> {
-    let cfg = m.model();
-    let side = cfg.side;
-    let quantiser = (cfg.channels == 3).then(|| HfQuantiser::new(&m.exact_centers));
-    let mut out = Vec::with_capacity(files.len() * cfg.n_ctx());
-    for f in files {
-        let img = image::ImageReader::open(f)
-            .with_context(|| format!("cannot open {}", f.display()))?
-            .with_guessed_format()?
-            .decode()
-            .with_context(|| format!("cannot decode image {}", f.display()))?;
-        if let Some(note) = preprocess::rgb_conversion_note(img.color()) {
-            eprintln!("note: {}: {note}", f.display());
-        }
-        let (w, h) = (img.width() as usize, img.height() as usize);
-        match &quantiser {
-            Some(q) => {
-                let rgb = img.to_rgb8().into_raw();
-                out.extend(q.encode(&preprocess::resize_bilinear(&rgb, w, h, 3, side, side)));
-            }
-            None => {
-                let gray = img.to_luma8().into_raw();
-                let small = preprocess::resize_bilinear(&gray, w, h, 1, side, side);
-                out.extend(m.palette.encode(&small));
-            }
-        }
-    }
-    Ok(out)
+    let (set, _) = super::generate::load_images(files, m)?;
+    Ok(m.palette.encode(&set.pixels))
 }
 
 #[derive(Clone, Copy, ValueEnum)]

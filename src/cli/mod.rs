@@ -124,14 +124,38 @@ impl ModelArgs {
     }
 }
 
+/// Data formats on the command line (`igpt::data::Format`).
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Auto,
+    Idx,
+    Cifar10,
+    Cifar100,
+    Folder,
+    Npy,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Auto => Format::Auto,
+            FormatArg::Idx => Format::Idx,
+            FormatArg::Cifar10 => Format::Cifar10,
+            FormatArg::Cifar100 => Format::Cifar100,
+            FormatArg::Folder => Format::Folder,
+            FormatArg::Npy => Format::Npy,
+        }
+    }
+}
+
 #[derive(Args)]
 struct TrainArgs {
     /// Training data: a path (IDX, CIFAR .bin, image folder, .npy) or `fashion-mnist`.
     #[arg(long, default_value = data::BUILTIN_FASHION)]
     data: String,
     /// Data format (default: decided from the path).
-    #[arg(long, value_enum, default_value_t = Format::Auto)]
-    format: Format,
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    format: FormatArg,
     /// Separate validation data (default: hold out --val-fraction of --data).
     #[arg(long)]
     val_data: Option<String>,
@@ -216,8 +240,8 @@ struct EvalArgs {
     #[arg(long)]
     data: String,
     /// Data format (default: decided from the path).
-    #[arg(long, value_enum, default_value_t = Format::Auto)]
-    format: Format,
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    format: FormatArg,
     /// Images per forward pass.
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -236,8 +260,8 @@ enum PaletteCmd {
     Fit {
         #[arg(long, default_value = data::BUILTIN_FASHION)]
         data: String,
-        #[arg(long, value_enum, default_value_t = Format::Auto)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+        format: FormatArg,
         /// Number of colours.
         #[arg(long, default_value_t = 512)]
         k: usize,
@@ -267,6 +291,22 @@ enum PaletteCmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// The flag that fixes what a library error describes: the library speaks of values, and this
+/// is the one place that names flags for them.
+pub fn flag_hint(e: &anyhow::Error) -> Option<&'static str> {
+    e.chain().find_map(|cause| {
+        if cause.is::<data::UnknownFormat>() {
+            Some("name the format with --format")
+        } else if cause.is::<data::NotSquare>() {
+            Some("choose the model's image side with --side")
+        } else if cause.is::<igpt::bert::MasksOnAutoregressive>() {
+            Some("leave out --masks for autoregressive models")
+        } else {
+            None
+        }
+    })
 }
 
 pub fn main() -> Result<()> {
@@ -502,7 +542,7 @@ fn new_run(a: &TrainArgs, cfg: &TrainConfig, dev: &Device, bar: &mut progress::B
     let run_dir = RunDir::create(&a.out)?;
     let spec = DataSpec {
         data: a.data.clone(),
-        format: a.format,
+        format: a.format.into(),
         side: a.side,
         channels: a.channels,
         val_data: a.val_data.clone(),
@@ -570,13 +610,13 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
     let tokens = if a.data.ends_with(".tokens") {
         TokenSet::open(std::path::Path::new(&a.data))?
     } else {
-        let mut set = data::load(&a.data, a.format)?;
-        if let Some(l) = a.limit {
-            set = set.select(&(0..l.min(set.len())).collect::<Vec<_>>());
-        }
-        let set = set
-            .with_channels(cfg.model.channels)?
-            .resized(cfg.model.side);
+        let set = data::load_shaped(
+            &a.data,
+            a.format.into(),
+            a.limit.map(|l| 0..l),
+            Some(cfg.model.side),
+            Some(cfg.model.channels),
+        )?;
         TokenSet::quantise(&set, palette, &a.data)?
     };
     let mut engine = Engine::new(&cfg.model, a.batch.max(1), false, dev)?;
@@ -617,7 +657,7 @@ fn palette(cmd: PaletteCmd) -> Result<()> {
             seed,
             out,
         } => {
-            let set = data::load(&d, format)?;
+            let set = data::load(&d, format.into())?;
             let c = channels.unwrap_or(set.channels);
             let set = set.with_channels(c)?;
             let t0 = std::time::Instant::now();
@@ -649,19 +689,18 @@ fn palette(cmd: PaletteCmd) -> Result<()> {
             out,
         } => {
             let p = Palette::load(&palette)?;
-            let (h, w, px) = data::folder::decode_rgb(&image)?;
+            let img = igpt::preprocess::decode_file(&image)?;
             let one = data::ImageSet {
-                height: h,
-                width: w,
+                height: img.height,
+                width: img.width,
                 channels: 3,
-                pixels: px,
+                pixels: img.rgb,
                 labels: None,
                 class_names: vec![],
             };
-            let one = one.with_channels(p.channels)?;
             let one = match side {
-                Some(s) => one.resized(s),
-                None => one,
+                Some(s) => one.shaped(s, p.channels)?,
+                None => one.with_channels(p.channels)?,
             };
             let rgb = p.decode(&p.encode(&one.pixels))?;
             let (w, h) = (one.width as u32, one.height as u32);

@@ -112,20 +112,25 @@ fn parse_layers(spec: &str, n_layer: usize) -> Result<Vec<usize>> {
 
 /// A labelled data set shaped for the model, and its labels.
 fn labelled(spec: &str, limit: Option<usize>, m: &LoadedModel) -> Result<(ImageSet, Vec<u32>)> {
-    let mut set = data::load(spec, Format::Auto)?;
-    if let Some(l) = limit {
-        set = set.select(&(0..l.min(set.len())).collect::<Vec<_>>());
-    }
+    let set = shaped(spec, limit, m)?;
     let labels = set.labels.clone().with_context(|| {
         format!(
             "{spec} has no labels: a probe needs them (IDX images with their labels file, \
              CIFAR binaries, or a folder with one sub-folder per class)"
         )
     })?;
-    let shaped = set
-        .with_channels(m.model().channels)?
-        .resized(m.model().side);
-    Ok((shaped, labels))
+    Ok((set, labels))
+}
+
+/// The first `limit` images of a data set, shaped for the model.
+fn shaped(spec: &str, limit: Option<usize>, m: &LoadedModel) -> Result<ImageSet> {
+    data::load_shaped(
+        spec,
+        Format::Auto,
+        limit.map(|l| 0..l),
+        Some(m.model().side),
+        Some(m.model().channels),
+    )
 }
 
 fn engine_for(m: &LoadedModel, batch: usize, dev: &Device) -> Result<Engine> {
@@ -154,14 +159,8 @@ fn features_of(
 pub fn features(a: FeaturesArgs, dev: &Device) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
     let layers = parse_layers(&a.layers, m.model().n_layer)?;
-    let mut set = data::load(&a.data, Format::Auto)?;
-    if let Some(l) = a.limit {
-        set = set.select(&(0..l.min(set.len())).collect::<Vec<_>>());
-    }
+    let set = shaped(&a.data, a.limit, &m)?;
     let labels = set.labels.clone();
-    let set = set
-        .with_channels(m.model().channels)?
-        .resized(m.model().side);
     let mut engine = engine_for(&m, a.batch, dev)?;
     let masks = masks_flag(m.model(), a.masks)?;
     let f = features_of(&mut engine, &set, &m, &layers, masks, "feature")?;
@@ -464,5 +463,5 @@ pub fn demo_probe(
 
 /// `--masks` for `model`: the number of evaluation masks (see [`igpt::bert::masks_for`]).
 pub(super) fn masks_flag(model: &igpt::config::ModelConfig, asked: Option<usize>) -> Result<usize> {
-    igpt::bert::masks_for(model, asked).map_err(|e| anyhow::anyhow!("--masks: {e} (leave it out)"))
+    Ok(igpt::bert::masks_for(model, asked)?)
 }

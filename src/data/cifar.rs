@@ -17,10 +17,12 @@ pub fn guess_variant(path: &Path) -> Result<Format> {
     ) {
         (true, false) => Ok(Format::Cifar10),
         (false, true) => Ok(Format::Cifar100),
-        (true, true) => bail!(
-            "{}: size fits both CIFAR-10 and CIFAR-100 records; pass --format",
-            path.display()
-        ),
+        (true, true) => Err(super::UnknownFormat(path.to_path_buf())).with_context(|| {
+            format!(
+                "{}: its size fits both CIFAR-10 and CIFAR-100 records",
+                path.display()
+            )
+        }),
         (false, false) => bail!(
             "{}: size {len} is not a whole number of CIFAR records (3073 or 3074 bytes); the file is truncated or not CIFAR",
             path.display()
@@ -35,7 +37,7 @@ pub fn load(path: &Path, cifar100: bool) -> Result<ImageSet> {
     let rec = label_bytes + 3 * PLANE;
     ensure!(
         !bytes.is_empty() && bytes.len() % rec == 0,
-        "{}: {} bytes is not a whole number of {rec}-byte CIFAR records (truncated file or wrong --format)",
+        "{}: {} bytes is not a whole number of {rec}-byte CIFAR records (a truncated file, or not this CIFAR variant)",
         path.display(),
         bytes.len()
     );

@@ -2,7 +2,10 @@
 //! the folder, with no sub-folders, form an unlabelled set.
 
 use super::ImageSet;
+use crate::preprocess;
 use anyhow::{Context, Result, ensure};
+use rayon::prelude::*;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 fn is_image(p: &Path) -> bool {
@@ -15,7 +18,8 @@ fn is_image(p: &Path) -> bool {
     )
 }
 
-fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The image files directly in `dir`, sorted by path.
+pub fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -25,90 +29,93 @@ fn images_in(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// Decodes one image file to RGB8, naming the file in any error.
-pub fn decode_rgb(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
-    let img =
-        image::open(path).with_context(|| format!("cannot decode image {}", path.display()))?;
-    let rgb = img.to_rgb8();
-    Ok((rgb.height() as usize, rgb.width() as usize, rgb.into_raw()))
+/// A folder's image files in order, with their labels when it has class sub-folders.
+struct Listing {
+    files: Vec<PathBuf>,
+    labels: Option<Vec<u32>>,
+    class_names: Vec<String>,
 }
 
-/// Loads every image, resized to `side` (images in a folder may differ in size).
-pub fn load_resized(dir: &Path, side: usize) -> Result<ImageSet> {
+fn list(dir: &Path) -> Result<Listing> {
     let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .collect();
     classes.sort();
-    let mut files: Vec<(PathBuf, Option<u32>)> = Vec::new();
+    let mut listing = Listing {
+        files: Vec::new(),
+        labels: None,
+        class_names: Vec::new(),
+    };
     if classes.is_empty() {
-        files.extend(images_in(dir)?.into_iter().map(|p| (p, None)));
+        listing.files = images_in(dir)?;
     } else {
+        let mut labels = Vec::new();
         for (c, cdir) in classes.iter().enumerate() {
-            files.extend(images_in(cdir)?.into_iter().map(|p| (p, Some(c as u32))));
+            let files = images_in(cdir)?;
+            labels.extend(std::iter::repeat_n(c as u32, files.len()));
+            listing.files.extend(files);
+            let name = cdir.file_name().unwrap_or_default().to_string_lossy();
+            listing.class_names.push(name.to_string());
         }
+        listing.labels = Some(labels);
     }
     ensure!(
-        !files.is_empty(),
+        !listing.files.is_empty(),
         "{} holds no .png or .jpg images",
         dir.display()
     );
-    let mut pixels = Vec::with_capacity(files.len() * side * side * 3);
-    for (p, _) in &files {
-        let (h, w, px) = decode_rgb(p)?;
-        let one = ImageSet {
-            height: h,
-            width: w,
-            channels: 3,
-            pixels: px,
-            labels: None,
-            class_names: vec![],
-        };
-        pixels.extend_from_slice(&one.resized(side).pixels);
-    }
-    let labels = if classes.is_empty() {
-        None
-    } else {
-        Some(files.iter().map(|(_, l)| l.unwrap()).collect())
+    Ok(listing)
+}
+
+/// Loads the images `range` (all when `None`), each shaped from its own size by
+/// [`preprocess::shape`] to `side` (default: the first image's larger side) and `channels`.
+pub fn load_shaped(
+    dir: &Path,
+    range: Option<Range<usize>>,
+    side: Option<usize>,
+    channels: usize,
+) -> Result<ImageSet> {
+    let mut listing = list(dir)?;
+    let n = listing.files.len();
+    let range = range.unwrap_or(0..n);
+    ensure!(
+        range.start < n,
+        "image {} is past the {n} images of {}",
+        range.start,
+        dir.display()
+    );
+    let range = range.start..range.end.min(n);
+    let files = &listing.files[range.clone()];
+    let side = match side {
+        Some(s) => s,
+        None => {
+            let first = preprocess::decode_file(&files[0])?;
+            first.width.max(first.height)
+        }
     };
-    let class_names = classes
-        .iter()
-        .map(|c| c.file_name().unwrap().to_string_lossy().to_string())
-        .collect();
+    let images: Vec<Vec<u8>> = files
+        .par_iter()
+        .map(|f| {
+            let img = preprocess::decode_file(f)?;
+            preprocess::shape(img.image(), side, channels)
+                .with_context(|| format!("cannot shape {}", f.display()))
+        })
+        .collect::<Result<_>>()?;
+    let labels = listing.labels.take().map(|l| l[range].to_vec());
     Ok(ImageSet {
         height: side,
         width: side,
-        channels: 3,
-        pixels,
+        channels,
+        pixels: images.concat(),
         labels,
-        class_names,
+        class_names: listing.class_names,
     })
 }
 
-/// Loads the folder at the size of its first image (the caller resizes later); images of
-/// other sizes are resized to that first size.
+/// Loads the folder as RGB at the size of its first image (its larger side, square); images of
+/// other sizes are resized to it.
 pub fn load(dir: &Path) -> Result<ImageSet> {
-    let first = {
-        let mut any = images_in(dir)?;
-        if any.is_empty() {
-            let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_dir())
-                .collect();
-            subs.sort();
-            for s in subs {
-                any = images_in(&s)?;
-                if !any.is_empty() {
-                    break;
-                }
-            }
-        }
-        any.into_iter()
-            .next()
-            .with_context(|| format!("{} holds no .png or .jpg images", dir.display()))?
-    };
-    let (h, w, _) = decode_rgb(&first)?;
-    let set = load_resized(dir, h.max(w))?;
-    Ok(set)
+    load_shaped(dir, None, None, 3)
 }

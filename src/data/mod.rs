@@ -8,8 +8,11 @@ pub mod npyimages;
 
 pub use cache::TokenSet;
 
-use anyhow::{Context, Result, bail, ensure};
-use std::path::PathBuf;
+use crate::preprocess;
+use anyhow::{Context, Result, ensure};
+use rayon::prelude::*;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 /// Decoded images, all the same size: `pixels` is `[n, height, width, channels]` u8.
 #[derive(Debug, Clone)]
@@ -57,26 +60,13 @@ impl ImageSet {
         }
     }
 
-    /// Converts to `channels` (RGB to gray by luma, gray to RGB by copying).
+    /// Converts to `channels` ([`preprocess::convert_channels`]: RGB to gray by Pillow's
+    /// luma, gray to RGB by copying), at the images' own size.
     pub fn with_channels(self, channels: usize) -> Result<ImageSet> {
-        ensure!(
-            channels == 1 || channels == 3,
-            "images must have 1 or 3 channels (got {channels})"
-        );
         if channels == self.channels {
             return Ok(self);
         }
-        let pixels: Vec<u8> = match (self.channels, channels) {
-            (1, 3) => self.pixels.iter().flat_map(|&v| [v, v, v]).collect(),
-            (3, 1) => self
-                .pixels
-                .chunks_exact(3)
-                .map(|p| {
-                    ((p[0] as u32 * 299 + p[1] as u32 * 587 + p[2] as u32 * 114 + 500) / 1000) as u8
-                })
-                .collect(),
-            (a, b) => bail!("cannot convert {a}-channel images to {b} channels"),
-        };
+        let pixels = preprocess::convert_channels(&self.pixels, self.channels, channels)?;
         Ok(ImageSet {
             pixels,
             channels,
@@ -84,35 +74,46 @@ impl ImageSet {
         })
     }
 
-    /// Resizes every image to `side x side` (whole image, aspect ratio not kept), with an
-    /// antialiased bilinear filter when shrinking.
-    pub fn resized(self, side: usize) -> ImageSet {
-        if self.height == side && self.width == side {
-            return self;
+    /// Every image as a model of side `side` with `channels` sees it: [`preprocess::shape`],
+    /// the same path as image files take.
+    pub fn shaped(self, side: usize, channels: usize) -> Result<ImageSet> {
+        if (self.height, self.width, self.channels) == (side, side, channels) {
+            return Ok(self);
         }
-        use image::imageops::{FilterType, resize};
-        let (h, w, c) = (self.height, self.width, self.channels);
-        let mut pixels = Vec::with_capacity(self.len() * side * side * c);
-        for i in 0..self.len() {
-            let src = self.image(i).to_vec();
-            if c == 1 {
-                let img = image::GrayImage::from_raw(w as u32, h as u32, src).expect("image size");
-                pixels.extend_from_slice(
-                    resize(&img, side as u32, side as u32, FilterType::Triangle).as_raw(),
-                );
-            } else {
-                let img = image::RgbImage::from_raw(w as u32, h as u32, src).expect("image size");
-                pixels.extend_from_slice(
-                    resize(&img, side as u32, side as u32, FilterType::Triangle).as_raw(),
-                );
-            }
-        }
-        ImageSet {
+        let images: Vec<Vec<u8>> = (0..self.len())
+            .into_par_iter()
+            .map(|i| {
+                let img = preprocess::ImageRef {
+                    pixels: self.image(i),
+                    width: self.width,
+                    height: self.height,
+                    channels: self.channels,
+                };
+                preprocess::shape(img, side, channels)
+            })
+            .collect::<Result<_>>()?;
+        Ok(ImageSet {
             height: side,
             width: side,
-            pixels,
+            channels,
+            pixels: images.concat(),
             ..self
+        })
+    }
+
+    /// The images in `range` (its end clamped to the set), refusing a start past the end.
+    pub fn take(self, range: Range<usize>) -> Result<ImageSet> {
+        ensure!(
+            range.start < self.len(),
+            "image {} is past the {} images of the data set",
+            range.start,
+            self.len()
+        );
+        if range == (0..self.len()) {
+            return Ok(self);
         }
+        let end = range.end.min(self.len());
+        Ok(self.select(&(range.start..end).collect::<Vec<_>>()))
     }
 
     /// Splits off a validation part: a fixed shuffle by `seed`, the last `fraction` held out.
@@ -133,8 +134,22 @@ pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     v
 }
 
+/// A data path whose format its name does not tell.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot tell the format of {}: name it (idx, cifar10, cifar100, folder or npy)", .0.display())]
+pub struct UnknownFormat(pub PathBuf);
+
+/// Images that are not square, given to a model without a chosen side.
+#[derive(Debug, thiserror::Error)]
+#[error("the images of {data} are {height}x{width}, not square: choose the model's image side")]
+pub struct NotSquare {
+    pub data: String,
+    pub height: usize,
+    pub width: usize,
+}
+
 /// Formats igpt reads. `Auto` decides by the path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Auto,
     Idx,
@@ -176,11 +191,8 @@ pub fn builtin_fashion() -> Result<ImageSet> {
     Ok(set)
 }
 
-/// Reads a data set from `spec`: a path, or `fashion-mnist` for the shipped split.
-pub fn load(spec: &str, format: Format) -> Result<ImageSet> {
-    if spec == BUILTIN_FASHION {
-        return builtin_fashion();
-    }
+/// The path behind `spec` and its format, decided by the path when `Auto`.
+fn resolve(spec: &str, format: Format) -> Result<(PathBuf, Format)> {
     let path = PathBuf::from(spec);
     ensure!(path.exists(), "data set {} does not exist", path.display());
     let name = path
@@ -192,12 +204,29 @@ pub fn load(spec: &str, format: Format) -> Result<ImageSet> {
         Format::Auto if name.ends_with(".npy") => Format::Npy,
         Format::Auto if name.contains("idx3") || name.contains("-ubyte") => Format::Idx,
         Format::Auto if name.ends_with(".bin") => cifar::guess_variant(&path)?,
-        Format::Auto => bail!(
-            "cannot tell the format of {}: pass --format (idx, cifar10, cifar100, folder or npy)",
-            path.display()
-        ),
+        Format::Auto => return Err(UnknownFormat(path).into()),
         f => f,
     };
+    Ok((path, format))
+}
+
+fn ensure_some(set: ImageSet, path: &Path) -> Result<ImageSet> {
+    ensure!(
+        !set.is_empty(),
+        "data set {} holds no images",
+        path.display()
+    );
+    Ok(set)
+}
+
+/// Reads a data set from `spec`: a path, or `fashion-mnist` for the shipped split. A folder
+/// of images of several sizes comes at its first image's size (square); [`load_shaped`] reads
+/// each image from its own size instead.
+pub fn load(spec: &str, format: Format) -> Result<ImageSet> {
+    if spec == BUILTIN_FASHION {
+        return builtin_fashion();
+    }
+    let (path, format) = resolve(spec, format)?;
     let set = match format {
         Format::Idx => idx::load(&path),
         Format::Cifar10 => cifar::load(&path, false),
@@ -207,10 +236,81 @@ pub fn load(spec: &str, format: Format) -> Result<ImageSet> {
         Format::Auto => unreachable!("resolved above"),
     }
     .with_context(|| format!("cannot load data set {}", path.display()))?;
-    ensure!(
-        !set.is_empty(),
-        "data set {} holds no images",
-        path.display()
-    );
-    Ok(set)
+    ensure_some(set, &path)
+}
+
+/// Reads image files shaped for a model of side `side` with `channels`, in order, by the same
+/// path as [`load_shaped`]; `note` hears what was converted or resized in each file.
+pub fn read_files(
+    files: &[PathBuf],
+    side: usize,
+    channels: usize,
+    mut note: impl FnMut(&Path, &str),
+) -> Result<ImageSet> {
+    let mut pixels = Vec::with_capacity(files.len() * side * side * channels);
+    for f in files {
+        let img = preprocess::decode_file(f)?;
+        if let Some(n) = preprocess::conversion_note(img.color, channels) {
+            note(f, n);
+        }
+        if (img.width, img.height) != (side, side) {
+            note(
+                f,
+                &format!("{}x{}; resized to {side}x{side}", img.width, img.height),
+            );
+        }
+        pixels.extend(
+            preprocess::shape(img.image(), side, channels)
+                .with_context(|| format!("cannot shape {}", f.display()))?,
+        );
+    }
+    Ok(ImageSet {
+        height: side,
+        width: side,
+        channels,
+        pixels,
+        labels: None,
+        class_names: vec![],
+    })
+}
+
+/// Reads the images `range` of a data set (all when `None`) shaped for a model: `side` (default:
+/// the images' own, which must be square; a folder's first image's larger side) and `channels`
+/// (default: the data's). Each image goes through [`preprocess::shape`] once from its decoded
+/// pixels, so a folder gives the same pixels as its files given one by one.
+pub fn load_shaped(
+    spec: &str,
+    format: Format,
+    range: Option<Range<usize>>,
+    side: Option<usize>,
+    channels: Option<usize>,
+) -> Result<ImageSet> {
+    if spec != BUILTIN_FASHION {
+        let (path, format) = resolve(spec, format)?;
+        if format == Format::Folder {
+            let set = folder::load_shaped(&path, range, side, channels.unwrap_or(3))
+                .with_context(|| format!("cannot load data set {}", path.display()))?;
+            return ensure_some(set, &path);
+        }
+    }
+    let mut set = load(spec, format)?;
+    if let Some(r) = range {
+        set = set.take(r).with_context(|| format!("data set {spec}"))?;
+    }
+    let side = match side {
+        Some(s) => s,
+        None => {
+            if set.height != set.width {
+                return Err(NotSquare {
+                    data: spec.to_string(),
+                    height: set.height,
+                    width: set.width,
+                }
+                .into());
+            }
+            set.height
+        }
+    };
+    let channels = channels.unwrap_or(set.channels);
+    set.shaped(side, channels)
 }

@@ -127,8 +127,8 @@ pub fn open_weights(dir: &Path) -> Result<Box<dyn TensorSource>> {
     )
 }
 
-/// Reads the palette of `preprocessor_config.json`: exact (f64) centres and the f32 palette.
-pub fn load_clusters(dir: &Path, n_vocab: usize) -> Result<(Palette, Vec<f64>)> {
+/// Reads the palette of `preprocessor_config.json`, its f64 centres kept exactly.
+pub fn load_clusters(dir: &Path, n_vocab: usize) -> Result<Palette> {
     let path = dir.join("preprocessor_config.json");
     ensure!(
         path.exists(),
@@ -150,9 +150,7 @@ pub fn load_clusters(dir: &Path, n_vocab: usize) -> Result<(Palette, Vec<f64>)> 
         path.display()
     );
     let exact: Vec<f64> = pre.clusters.into_iter().flatten().collect();
-    let palette = Palette::new(3, exact.iter().map(|&x| x as f32).collect())
-        .with_context(|| path.display().to_string())?;
-    Ok((palette, exact))
+    Palette::from_exact(3, exact).with_context(|| path.display().to_string())
 }
 
 /// Copies a Hugging Face state dict into our flat parameter buffer.
@@ -266,7 +264,7 @@ pub fn map_weights(src: &dyn TensorSource, cfg: &ModelConfig) -> Result<Vec<f32>
 pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
     let hf: HfConfig = read_json(&dir.join("config.json"))?;
     let model = hf.to_model(&dir.join("config.json"))?;
-    let (palette, exact) = load_clusters(dir, model.n_vocab)?;
+    let palette = load_clusters(dir, model.n_vocab)?;
     let src = open_weights(dir)?;
     let params = map_weights(src.as_ref(), &model)?;
     Ok(LoadedModel {
@@ -277,7 +275,6 @@ pub fn load_dir(dir: &Path) -> Result<LoadedModel> {
             igpt_version: env!("CARGO_PKG_VERSION").to_string(),
         },
         palette,
-        exact_centers: exact,
         params,
     })
 }
@@ -374,7 +371,7 @@ pub fn export(m: &LoadedModel, out: &Path) -> Result<()> {
     )?;
     let clusters: Vec<Vec<f64>> = (0..v)
         .map(|i| {
-            let c = &m.exact_centers[i * cfg.channels..(i + 1) * cfg.channels];
+            let c = &m.palette.exact_centers()[i * cfg.channels..(i + 1) * cfg.channels];
             if cfg.channels == 1 {
                 vec![c[0]; 3]
             } else {

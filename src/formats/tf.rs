@@ -436,8 +436,7 @@ pub fn load_checkpoint(prefix: &Path, centers: Option<&Path>) -> Result<LoadedMo
         centers_path.display(),
         arr.shape
     );
-    let exact = arr.to_f64();
-    let palette = Palette::new(arr.shape[1], exact.iter().map(|&x| x as f32).collect())
+    let palette = Palette::from_exact(arr.shape[1], arr.to_f64())
         .with_context(|| centers_path.display().to_string())?;
 
     let model = ModelConfig {
@@ -463,7 +462,6 @@ pub fn load_checkpoint(prefix: &Path, centers: Option<&Path>) -> Result<LoadedMo
             igpt_version: env!("CARGO_PKG_VERSION").to_string(),
         },
         palette,
-        exact_centers: exact,
         params,
     })
 }

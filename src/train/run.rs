@@ -73,49 +73,32 @@ pub fn prepare(
         PaletteSpec::File(p) => Some(Palette::load(p)?),
         PaletteSpec::Fit(_) => None,
     };
-    let mut set = data::load(&spec.data, spec.format)?;
-    if let Some(limit) = spec.limit {
-        let n = limit.min(set.len());
-        set = set.select(&(0..n).collect::<Vec<_>>());
-    }
-    let channels = spec
-        .channels
-        .or(given.as_ref().map(|p| p.channels))
-        .unwrap_or(set.channels);
-    if let Some(p) = &given {
+    let channels = spec.channels.or(given.as_ref().map(|p| p.channels));
+    if let (Some(p), Some(c)) = (&given, channels) {
         ensure!(
-            p.channels == channels,
-            "the palette has {} channel(s) but the model is asked for {channels}",
+            p.channels == c,
+            "the palette has {} channel(s) but the model is asked for {c}",
             p.channels
         );
     }
-    let side = match spec.side {
-        Some(s) => s,
-        None => {
-            ensure!(
-                set.height == set.width,
-                "the images are {}x{}, not square: choose the model's image side",
-                set.height,
-                set.width
-            );
-            set.height
-        }
-    };
+    // The one image-to-pixels path (`preprocess::shape`), as `complete` and `encode` take it.
+    let set = data::load_shaped(
+        &spec.data,
+        spec.format,
+        spec.limit.map(|l| 0..l),
+        spec.side,
+        channels,
+    )?;
+    let (side, channels) = (set.height, set.channels);
     progress.message(&format!(
-        "data: {} images of {}x{}x{} from {}",
+        "data: {} images from {}, shaped to {side}x{side}x{channels}",
         set.len(),
-        set.height,
-        set.width,
-        set.channels,
         spec.data
     ));
-    let set = set.with_channels(channels)?.resized(side);
     let (train, val) = match &spec.val_data {
         Some(v) => (
             set,
-            data::load(v, spec.format)?
-                .with_channels(channels)?
-                .resized(side),
+            data::load_shaped(v, spec.format, None, Some(side), Some(channels))?,
         ),
         None => set.split(spec.val_fraction, spec.seed),
     };

@@ -1,7 +1,9 @@
-//! Every CPU kernel: forward against a naive reference, backward against finite differences.
+//! Every kernel of the [`Backend`] trait, on every device this build can open: forward passes
+//! against naive references, backward passes against finite differences of the backend's own
+//! forward pass, decoding steps against the full forward pass. The checks go through the trait
+//! only, so a new backend runs the same ones as the CPU.
 
-use igpt::backend::cpu::{activation, attention, embedding, loss, matmul, norm, optim};
-use igpt::backend::{AdamStep, AttnShape, Op};
+use igpt::backend::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, Device, Op, View};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -13,12 +15,17 @@ fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 }
 
 fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-6);
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
         / scale
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
 }
 
 /// Central finite difference of `f` with respect to `x[i]`, in f64.
@@ -35,6 +42,7 @@ fn fd(x: &mut [f32], i: usize, h: f32, f: &mut dyn FnMut(&[f32]) -> f64) -> f64 
 /// Checks an analytic gradient against finite differences at a spread of coordinates.
 fn check_grad(name: &str, x: &mut [f32], analytic: &[f32], f: &mut dyn FnMut(&[f32]) -> f64) {
     let n = x.len();
+    assert_eq!(analytic.len(), n, "{name}: gradient length");
     let step = (n / 23).max(1);
     let scale = analytic.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
     for i in (0..n).step_by(step) {
@@ -45,6 +53,82 @@ fn check_grad(name: &str, x: &mut [f32], analytic: &[f32], f: &mut dyn FnMut(&[f
             "{name}[{i}]: analytic {} vs numeric {num}",
             analytic[i]
         );
+    }
+}
+
+/// A backend opened on one device, handing out consecutive views of its activation arena.
+struct Rig {
+    b: Box<dyn Backend>,
+    acts: usize,
+    next: usize,
+}
+
+impl Rig {
+    /// `acts` floats of activations, `tokens` token slots, row-wise kernels up to
+    /// `rows x width`.
+    fn new(device: Device, acts: usize, tokens: usize, rows: usize, width: usize) -> Self {
+        Self::with_params(device, 0, acts, tokens, rows, width)
+    }
+
+    /// As [`Rig::new`], with `params` floats of parameters (and as many of gradients and of
+    /// each Adam moment).
+    fn with_params(
+        device: Device,
+        params: usize,
+        acts: usize,
+        tokens: usize,
+        rows: usize,
+        width: usize,
+    ) -> Self {
+        let mut b = device
+            .open()
+            .unwrap_or_else(|e| panic!("{device}: open: {e}"));
+        b.allocate(ArenaSizes {
+            params,
+            grads: params,
+            acts,
+            tokens,
+            max_rows: rows,
+            max_width: width,
+        })
+        .unwrap_or_else(|e| panic!("{device}: allocate: {e}"));
+        Self { b, acts, next: 0 }
+    }
+
+    /// The next `n` floats of the activation arena (offsets aligned to 16 floats, as the
+    /// engine plans them).
+    fn view(&mut self, n: usize) -> View {
+        let v = View::new(Arena::Acts, self.next, n);
+        self.next += n.next_multiple_of(16);
+        assert!(
+            self.next <= self.acts,
+            "test rig: {} floats of activations planned, {} used",
+            self.acts,
+            self.next
+        );
+        v
+    }
+
+    /// A fresh view holding `data`.
+    fn put(&mut self, data: &[f32]) -> View {
+        let v = self.view(data.len());
+        self.b.upload(v, data);
+        v
+    }
+
+    fn set(&mut self, v: View, data: &[f32]) {
+        self.b.upload(v, data);
+    }
+
+    fn get(&self, v: View) -> Vec<f32> {
+        let mut out = vec![0.0; v.len];
+        self.b.download(v, &mut out);
+        out
+    }
+
+    /// Hands the whole activation arena out again.
+    fn reset(&mut self) {
+        self.next = 0;
     }
 }
 
@@ -72,20 +156,38 @@ fn naive_matmul(a: &[f32], ta: Op, b: &[f32], tb: Op, m: usize, k: usize, n: usi
 
 #[test]
 fn matmul_matches_naive_for_every_layout() {
-    for &(m, k, n) in &[(1, 1, 1), (37, 19, 23), (130, 64, 48), (16, 300, 200)] {
-        for ta in [Op::N, Op::T] {
-            for tb in [Op::N, Op::T] {
-                let a = rand_vec(m * k, 1, 1.0);
-                let b = rand_vec(k * n, 2, 1.0);
-                let want = naive_matmul(&a, ta, &b, tb, m, k, n);
-                let mut out = vec![7.0; m * n];
-                matmul::matmul(&mut out, &a, ta, &b, tb, m, k, n, false);
-                assert!(max_rel(&out, &want) < 1e-5, "{m}x{k}x{n} {ta:?}{tb:?}");
-                // Accumulating adds onto what is there.
-                let mut acc = vec![1.0; m * n];
-                matmul::matmul(&mut acc, &a, ta, &b, tb, m, k, n, true);
-                let want1: Vec<f32> = want.iter().map(|v| v + 1.0).collect();
-                assert!(max_rel(&acc, &want1) < 1e-5);
+    let cases: [(usize, usize, usize); 4] =
+        [(1, 1, 1), (37, 19, 23), (130, 64, 48), (16, 300, 200)];
+    let cap = cases
+        .iter()
+        .map(|&(m, k, n)| (m * k + k * n + m * n).next_multiple_of(16) + 32)
+        .max()
+        .unwrap();
+    for device in Device::available() {
+        let mut r = Rig::new(device, cap, 0, 1, 1);
+        for &(m, k, n) in &cases {
+            for ta in [Op::N, Op::T] {
+                for tb in [Op::N, Op::T] {
+                    r.reset();
+                    let a = rand_vec(m * k, 1, 1.0);
+                    let b = rand_vec(k * n, 2, 1.0);
+                    let want = naive_matmul(&a, ta, &b, tb, m, k, n);
+                    let (av, bv) = (r.put(&a), r.put(&b));
+                    // Without accumulate, what was in the output is overwritten.
+                    let out = r.put(&vec![7.0; m * n]);
+                    r.b.matmul(out, av, ta, bv, tb, m, k, n, false);
+                    let e = max_rel(&r.get(out), &want);
+                    assert!(e < 1e-5, "{device} matmul {m}x{k}x{n} {ta:?}{tb:?}: {e}");
+                    // Accumulating adds onto what is there.
+                    r.set(out, &vec![1.0; m * n]);
+                    r.b.matmul(out, av, ta, bv, tb, m, k, n, true);
+                    let want1: Vec<f32> = want.iter().map(|v| v + 1.0).collect();
+                    let e = max_rel(&r.get(out), &want1);
+                    assert!(
+                        e < 1e-5,
+                        "{device} matmul {m}x{k}x{n} {ta:?}{tb:?} accumulate: {e}"
+                    );
+                }
             }
         }
     }
@@ -107,28 +209,46 @@ fn rmsnorm_naive(x: &[f32], g: &[f32], d: usize) -> Vec<f32> {
 #[test]
 fn rmsnorm_forward_and_backward() {
     let (rows, d) = (300, 40);
-    let mut x = rand_vec(rows * d, 3, 2.0);
-    let mut g = rand_vec(d, 4, 1.0);
-    let w = rand_vec(rows * d, 5, 1.0); // loss = sum(out * w)
-    let mut out = vec![0.0; rows * d];
-    let mut rstd = vec![0.0; rows];
-    norm::rmsnorm_forward(&mut out, &mut rstd, &x, &g, d, 1e-5);
-    assert!(max_rel(&out, &rmsnorm_naive(&x, &g, d)) < 1e-5);
-    let mut dx = vec![0.0; rows * d];
-    let mut dg = vec![0.0; d];
-    let mut scratch = vec![0.0; norm::rmsnorm_backward_scratch(rows, d)];
-    norm::rmsnorm_backward(&mut dx, &mut dg, &w, &x, &rstd, &g, d, &mut scratch);
-    let loss = |x: &[f32], g: &[f32]| -> f64 {
-        rmsnorm_naive(x, g, d)
-            .iter()
-            .zip(&w)
-            .map(|(a, b)| (a * b) as f64)
-            .sum()
-    };
-    let g0 = g.clone();
-    check_grad("rmsnorm dx", &mut x.clone(), &dx, &mut |xx| loss(xx, &g0));
-    check_grad("rmsnorm dg", &mut g, &dg, &mut |gg| loss(&x, gg));
-    x[0] += 0.0;
+    for device in Device::available() {
+        let mut r = Rig::new(device, 4 * rows * d + 2 * rows + 4 * d + 128, 0, rows, d);
+        let x = rand_vec(rows * d, 3, 2.0);
+        let mut g = rand_vec(d, 4, 1.0);
+        let w = rand_vec(rows * d, 5, 1.0); // loss = sum(out * w)
+        let (xv, gv, wv) = (r.put(&x), r.put(&g), r.put(&w));
+        let (out, rstd) = (r.view(rows * d), r.view(rows));
+        r.b.rmsnorm_forward(out, rstd, xv, gv, d);
+        let e = max_rel(&r.get(out), &rmsnorm_naive(&x, &g, d));
+        assert!(e < 1e-5, "{device} rmsnorm_forward: {e}");
+
+        // The backward pass adds into dx and dg: start them from something other than zero.
+        let (dx0, dg0) = (rand_vec(rows * d, 19, 1.0), rand_vec(d, 20, 1.0));
+        let (dxv, dgv) = (r.put(&dx0), r.put(&dg0));
+        r.b.rmsnorm_backward(dxv, dgv, wv, xv, rstd, gv, d);
+        let sub =
+            |a: Vec<f32>, b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
+        let dx = sub(r.get(dxv), &dx0);
+        let dg = sub(r.get(dgv), &dg0);
+
+        let loss = |r: &mut Rig, xx: &[f32], gg: &[f32]| -> f64 {
+            r.set(xv, xx);
+            r.set(gv, gg);
+            r.b.rmsnorm_forward(out, rstd, xv, gv, d);
+            dot(&r.get(out), &w)
+        };
+        let g0 = g.clone();
+        check_grad(
+            &format!("{device} rmsnorm_backward dx (added)"),
+            &mut x.clone(),
+            &dx,
+            &mut |xx| loss(&mut r, xx, &g0),
+        );
+        check_grad(
+            &format!("{device} rmsnorm_backward dg (added)"),
+            &mut g,
+            &dg,
+            &mut |gg| loss(&mut r, &x, gg),
+        );
+    }
 }
 
 fn attention_naive(qkv: &[f32], s: AttnShape) -> Vec<f32> {
@@ -165,157 +285,420 @@ fn attention_naive(qkv: &[f32], s: AttnShape) -> Vec<f32> {
     out
 }
 
+/// Longer than one query tile of the CPU kernel (128 rows) and not a multiple of it, and not a
+/// multiple of the decoding cache's blocks of 16 either.
+const T_TILES: usize = 128 + 37;
+
+/// Views for one attention call: qkv, out, lse, scratch.
+fn attention_views(r: &mut Rig, s: AttnShape) -> (View, View, View, View) {
+    let d = s.n_head * s.head_dim;
+    let rows = s.batch * s.t;
+    let scratch = r.b.attention_scratch_len(s);
+    (
+        r.view(rows * 3 * d),
+        r.view(rows * d),
+        r.view(s.batch * s.n_head * s.t),
+        r.view(scratch),
+    )
+}
+
+/// Activation floats [`attention_views`] and a gradient of the same shapes need, with room.
+fn attention_capacity(device: Device, s: AttnShape) -> usize {
+    let d = s.n_head * s.head_dim;
+    let rows = s.batch * s.t;
+    let scratch = device.open().unwrap().attention_scratch_len(s);
+    2 * (rows * 3 * d + 2 * rows * d + s.batch * s.n_head * s.t) + scratch + 256
+}
+
 #[test]
 fn attention_forward_matches_naive_across_tiles() {
-    // t larger than one query tile, and not a multiple of it.
-    for causal in [true, false] {
-        let s = AttnShape {
-            batch: 2,
-            t: attention::QUERY_BLOCK + 37,
-            n_head: 3,
-            head_dim: 8,
-            causal,
-        };
-        let d = 24;
-        let qkv = rand_vec(s.batch * s.t * 3 * d, 6, 1.5);
-        let mut out = vec![0.0; s.batch * s.t * d];
-        let mut lse = vec![0.0; s.batch * s.n_head * s.t];
-        let mut scratch = vec![0.0; s.scratch_len(rayon::current_num_threads())];
-        attention::attention_forward(&mut out, &mut lse, &qkv, &mut scratch, s);
-        assert!(
-            max_rel(&out, &attention_naive(&qkv, s)) < 1e-5,
-            "causal={causal}"
-        );
+    for device in Device::available() {
+        for causal in [true, false] {
+            let s = AttnShape {
+                batch: 2,
+                t: T_TILES,
+                n_head: 3,
+                head_dim: 8,
+                causal,
+            };
+            let d = 24;
+            let rows = s.batch * s.t;
+            let mut r = Rig::new(device, attention_capacity(device, s), rows, rows, 3 * d);
+            let qkv = rand_vec(rows * 3 * d, 6, 1.5);
+            let (qv, out, lse, scratch) = attention_views(&mut r, s);
+            r.set(qv, &qkv);
+            r.b.attention_forward(out, lse, qv, scratch, s);
+            let e = max_rel(&r.get(out), &attention_naive(&qkv, s));
+            assert!(e < 1e-5, "{device} attention_forward causal={causal}: {e}");
+        }
     }
 }
 
 #[test]
 fn attention_backward_matches_finite_differences() {
-    for causal in [true, false] {
-        let s = AttnShape {
-            batch: 1,
-            t: attention::QUERY_BLOCK + 5,
-            n_head: 2,
-            head_dim: 4,
-            causal,
-        };
-        let d = 8;
-        let mut qkv = rand_vec(s.t * 3 * d, 7, 1.0);
-        let w = rand_vec(s.t * d, 8, 1.0);
-        let mut out = vec![0.0; s.t * d];
-        let mut lse = vec![0.0; s.n_head * s.t];
-        let mut scratch = vec![0.0; s.scratch_len(2)];
-        attention::attention_forward(&mut out, &mut lse, &qkv, &mut scratch, s);
-        let mut dqkv = vec![0.0; qkv.len()];
-        attention::attention_backward(&mut dqkv, &w, &out, &lse, &qkv, &mut scratch, s);
-        check_grad("attention dqkv", &mut qkv, &dqkv, &mut |x| {
-            attention_naive(x, s)
-                .iter()
-                .zip(&w)
-                .map(|(a, b)| (a * b) as f64)
-                .sum()
-        });
+    for device in Device::available() {
+        for causal in [true, false] {
+            let s = AttnShape {
+                batch: 1,
+                t: 128 + 5,
+                n_head: 2,
+                head_dim: 4,
+                causal,
+            };
+            let d = 8;
+            let rows = s.t;
+            let mut r = Rig::new(device, attention_capacity(device, s), rows, rows, 3 * d);
+            let mut qkv = rand_vec(rows * 3 * d, 7, 1.0);
+            let w = rand_vec(rows * d, 8, 1.0);
+            let (qv, out, lse, scratch) = attention_views(&mut r, s);
+            let wv = r.put(&w);
+            r.set(qv, &qkv);
+            r.b.attention_forward(out, lse, qv, scratch, s);
+            let e = max_rel(&r.get(out), &attention_naive(&qkv, s));
+            assert!(e < 1e-5, "{device} attention_forward causal={causal}: {e}");
+            // The gradient overwrites whatever its buffer held.
+            let dqkv = r.put(&vec![7.0; qkv.len()]);
+            r.b.attention_backward(dqkv, wv, out, lse, qv, scratch, s);
+            let analytic = r.get(dqkv);
+            check_grad(
+                &format!("{device} attention_backward causal={causal} dqkv"),
+                &mut qkv,
+                &analytic,
+                &mut |x| {
+                    r.set(qv, x);
+                    r.b.attention_forward(out, lse, qv, scratch, s);
+                    dot(&r.get(out), &w)
+                },
+            );
+        }
     }
 }
 
 #[test]
 fn quick_gelu_forward_and_backward() {
-    let mut x = rand_vec(5000, 9, 6.0);
-    let mut out = vec![0.0; x.len()];
-    activation::quick_gelu_forward(&mut out, &x);
-    let naive: Vec<f32> = x.iter().map(|&v| v / (1.0 + (-1.702 * v).exp())).collect();
-    assert!(max_rel(&out, &naive) < 1e-5);
-    let mut d = vec![1.0; x.len()];
-    activation::quick_gelu_backward_inplace(&mut d, &x);
-    check_grad("gelu", &mut x, &d, &mut |x| {
-        x.iter()
-            .map(|&v| (v as f64) / (1.0 + (-1.702 * v as f64).exp()))
-            .sum()
-    });
+    for device in Device::available() {
+        let n = 5000;
+        let mut r = Rig::new(device, 3 * n + 64, 0, 1, 1);
+        let mut x = rand_vec(n, 9, 6.0);
+        let w = rand_vec(n, 21, 1.0); // loss = sum(gelu(x) * w)
+        let (xv, out) = (r.put(&x), r.view(n));
+        r.b.gelu_forward(out, xv);
+        let naive: Vec<f32> = x.iter().map(|&v| v / (1.0 + (-1.702 * v).exp())).collect();
+        let e = max_rel(&r.get(out), &naive);
+        assert!(e < 1e-5, "{device} gelu_forward: {e}");
+        let dv = r.put(&w);
+        r.b.gelu_backward_inplace(dv, xv);
+        let analytic = r.get(dv);
+        check_grad(
+            &format!("{device} gelu_backward_inplace"),
+            &mut x,
+            &analytic,
+            &mut |xx| {
+                r.set(xv, xx);
+                r.b.gelu_forward(out, xv);
+                dot(&r.get(out), &w)
+            },
+        );
+    }
+}
+
+/// The embedding the backend should compute: shifted (position 0 the start token, position
+/// p the content of id p-1) or direct (id `v` the start token, id `v + 1` no content).
+#[allow(clippy::too_many_arguments)]
+fn embed_naive(
+    ids: &[u16],
+    wte: &[f32],
+    wpe: &[f32],
+    sos: &[f32],
+    t: usize,
+    d: usize,
+    direct: bool,
+) -> Vec<f32> {
+    let v = wte.len() / d;
+    let mut o = vec![0.0; ids.len() * d];
+    for (row, out) in o.chunks_mut(d).enumerate() {
+        let (b, p) = (row / t, row % t);
+        let id = if direct {
+            Some(ids[row] as usize)
+        } else if p == 0 {
+            None
+        } else {
+            Some(ids[b * t + p - 1] as usize)
+        };
+        for c in 0..d {
+            let content = match id {
+                None => sos[c],
+                Some(i) if i < v => wte[i * d + c],
+                Some(i) if i == v => sos[c],
+                Some(i) => {
+                    assert_eq!(i, v + 1);
+                    0.0
+                }
+            };
+            out[c] = content + wpe[p * d + c];
+        }
+    }
+    o
 }
 
 #[test]
 fn embedding_forward_and_backward() {
     let (v, t, d, batch) = (11, 9, 6, 3);
-    let tokens: Vec<u16> = (0..batch * t).map(|i| ((i * 7 + 3) % v) as u16).collect();
-    let wte = rand_vec(v * d, 10, 1.0);
-    let wpe = rand_vec(t * d, 11, 1.0);
-    let sos = rand_vec(d, 12, 1.0);
-    let naive = |wte: &[f32], wpe: &[f32], sos: &[f32]| -> Vec<f32> {
-        let mut o = vec![0.0; batch * t * d];
-        for b in 0..batch {
-            for p in 0..t {
-                for c in 0..d {
-                    let content = if p == 0 {
-                        sos[c]
-                    } else {
-                        wte[tokens[b * t + p - 1] as usize * d + c]
-                    };
-                    o[(b * t + p) * d + c] = content + wpe[p * d + c];
-                }
+    for device in Device::available() {
+        for direct in [false, true] {
+            // Direct ids cover the start token (v) and the masked position (v + 1) too.
+            let n_ids = if direct { v + 2 } else { v };
+            let tokens: Vec<u16> = (0..batch * t)
+                .map(|i| ((i * 7 + 3) % n_ids) as u16)
+                .collect();
+            if direct {
+                assert!(tokens.contains(&(v as u16)) && tokens.contains(&(v as u16 + 1)));
+            }
+            let mode = if direct { "direct" } else { "shifted" };
+            let mut r = Rig::new(
+                device,
+                4 * (v + t + 1 + batch * t) * d + 256,
+                batch * t,
+                1,
+                1,
+            );
+            let wte = rand_vec(v * d, 10, 1.0);
+            let wpe = rand_vec(t * d, 11, 1.0);
+            let sos = rand_vec(d, 12, 1.0);
+            let (wtev, wpev, sosv) = (r.put(&wte), r.put(&wpe), r.put(&sos));
+            let out = r.view(batch * t * d);
+            r.b.set_tokens(&tokens);
+            r.b.embed_forward(out, wtev, wpev, sosv, t, d, direct);
+            assert_eq!(
+                r.get(out),
+                embed_naive(&tokens, &wte, &wpe, &sos, t, d, direct),
+                "{device} embed_forward {mode}"
+            );
+
+            // The backward pass adds into the gradients: start them from something else than
+            // zero.
+            let w = rand_vec(batch * t * d, 13, 1.0);
+            let base = [
+                rand_vec(v * d, 22, 1.0),
+                rand_vec(t * d, 23, 1.0),
+                rand_vec(d, 24, 1.0),
+            ];
+            let wv = r.put(&w);
+            let grads = [r.put(&base[0]), r.put(&base[1]), r.put(&base[2])];
+            r.b.embed_backward(grads[0], grads[1], grads[2], wv, t, d, direct);
+            let [dwte, dwpe, dsos]: [Vec<f32>; 3] = std::array::from_fn(|k| {
+                let got = r.get(grads[k]);
+                got.iter().zip(&base[k]).map(|(a, b)| a - b).collect()
+            });
+            let loss = |r: &mut Rig, view: View, x: &[f32]| -> f64 {
+                r.set(view, x);
+                r.b.embed_forward(out, wtev, wpev, sosv, t, d, direct);
+                dot(&r.get(out), &w)
+            };
+            for (name, view, x, analytic) in [
+                ("dwte", wtev, &wte, &dwte),
+                ("dwpe", wpev, &wpe, &dwpe),
+                ("dsos", sosv, &sos, &dsos),
+            ] {
+                let mut xx = x.clone();
+                check_grad(
+                    &format!("{device} embed_backward {mode} {name} (added)"),
+                    &mut xx,
+                    analytic,
+                    &mut |p| loss(&mut r, view, p),
+                );
+                r.set(view, x);
             }
         }
-        o
+    }
+}
+
+#[test]
+fn decoding_steps_match_the_full_forward_pass() {
+    let (v, d, n_head, head_dim, batch, t) = (11, 24, 3, 8, 2, T_TILES);
+    let s = AttnShape {
+        batch,
+        t,
+        n_head,
+        head_dim,
+        causal: true,
     };
-    let mut out = vec![0.0; batch * t * d];
-    embedding::embed_forward(&mut out, &tokens, &wte, &wpe, &sos, t, d);
-    assert_eq!(out, naive(&wte, &wpe, &sos));
-    let w = rand_vec(batch * t * d, 13, 1.0);
-    let (mut dwte, mut dwpe, mut dsos) = (vec![0.0; v * d], vec![0.0; t * d], vec![0.0; d]);
-    embedding::embed_backward(&mut dwte, &mut dwpe, &mut dsos, &w, &tokens, t, d);
-    let dot = |o: Vec<f32>| o.iter().zip(&w).map(|(a, b)| (a * b) as f64).sum::<f64>();
-    check_grad("dwte", &mut wte.clone(), &dwte, &mut |x| {
-        dot(naive(x, &wpe, &sos))
-    });
-    check_grad("dwpe", &mut wpe.clone(), &dwpe, &mut |x| {
-        dot(naive(&wte, x, &sos))
-    });
-    check_grad("dsos", &mut sos.clone(), &dsos, &mut |x| {
-        dot(naive(&wte, &wpe, x))
-    });
+    for device in Device::available() {
+        let probe = device.open().unwrap();
+        let cache_len = probe.decode_cache_len(t);
+        assert!(
+            cache_len >= t,
+            "{device} decode_cache_len({t}) = {cache_len}"
+        );
+        let cache = batch * n_head * cache_len * head_dim;
+        let cap = attention_capacity(device, s)
+            + (v + t + 1 + batch * t) * d
+            + 3 * cache
+            + batch * n_head * cache_len
+            + 8 * batch * d
+            + 512;
+        let mut r = Rig::new(device, cap, batch * t, batch * t, 3 * d);
+
+        // The full passes: shifted embedding and causal attention.
+        let tokens: Vec<u16> = (0..batch * t).map(|i| ((i * 5 + 1) % v) as u16).collect();
+        let wte = rand_vec(v * d, 25, 1.0);
+        let wpe = rand_vec(t * d, 26, 1.0);
+        let sos = rand_vec(d, 27, 1.0);
+        let (wtev, wpev, sosv) = (r.put(&wte), r.put(&wpe), r.put(&sos));
+        let emb = r.view(batch * t * d);
+        r.b.set_tokens(&tokens);
+        r.b.embed_forward(emb, wtev, wpev, sosv, t, d, false);
+        let emb_full = r.get(emb);
+        let qkv = rand_vec(batch * t * 3 * d, 28, 1.5);
+        let (qv, out, lse, scratch) = attention_views(&mut r, s);
+        r.set(qv, &qkv);
+        r.b.attention_forward(out, lse, qv, scratch, s);
+        let att_full = r.get(out);
+
+        // One position at a time. The caches start with stale values (a decoder reuses them
+        // for the next image), which no step may read beyond its position.
+        let (kc, vc) = (r.view(cache), r.view(cache));
+        r.b.fill(kc, 50.0);
+        r.b.fill(vc, 50.0);
+        let scores = r.view(batch * n_head * cache_len);
+        let (emb_step, qkv_step, att_step) =
+            (r.view(batch * d), r.view(batch * 3 * d), r.view(batch * d));
+        for pos in 0..t {
+            let rows = |x: &[f32], w: usize| -> Vec<f32> {
+                (0..batch)
+                    .flat_map(|b| x[(b * t + pos) * w..(b * t + pos + 1) * w].to_vec())
+                    .collect()
+            };
+            // Each sequence's previous token; at position 0 it is ignored, whatever it is.
+            let prev: Vec<u16> = (0..batch)
+                .map(|b| {
+                    if pos == 0 {
+                        u16::MAX
+                    } else {
+                        tokens[b * t + pos - 1]
+                    }
+                })
+                .collect();
+            r.b.set_tokens(&prev);
+            r.b.embed_step(emb_step, wtev, wpev, sosv, pos, d);
+            assert_eq!(
+                r.get(emb_step),
+                rows(&emb_full, d),
+                "{device} embed_step at position {pos}"
+            );
+            r.set(qkv_step, &rows(&qkv, 3 * d));
+            r.b.attention_step(att_step, kc, vc, qkv_step, scores, s, pos);
+            let e = max_rel(&r.get(att_step), &rows(&att_full, d));
+            assert!(e < 1e-5, "{device} attention_step at position {pos}: {e}");
+        }
+    }
+}
+
+fn cross_entropy_naive(z: &[f32], targets: &[u16], v: usize) -> Vec<f64> {
+    z.chunks(v)
+        .zip(targets)
+        .map(|(r, &t)| {
+            let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lz = m + r.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            lz - r[t as usize] as f64
+        })
+        .collect()
 }
 
 #[test]
 fn cross_entropy_loss_and_gradient() {
     let (rows, v) = (20, 13);
-    let mut logits = rand_vec(rows * v, 14, 4.0);
-    let targets: Vec<u16> = (0..rows).map(|i| (i * 5 % v) as u16).collect();
-    let naive = |z: &[f32]| -> Vec<f64> {
-        z.chunks(v)
-            .zip(&targets)
-            .map(|(r, &t)| {
-                let m = r.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let lz = m + r.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-                lz - r[t as usize] as f64
-            })
-            .collect()
-    };
-    let mut losses = vec![0.0; rows];
-    let mut z = logits.clone();
-    loss::cross_entropy(&mut z, &mut losses, &targets, v, None);
-    assert_eq!(z, logits, "a pass without gradient leaves the logits alone");
-    for (a, b) in losses.iter().zip(naive(&logits)) {
-        assert!((*a as f64 - b).abs() < 1e-5);
+    for device in Device::available() {
+        let mut r = Rig::new(device, 2 * rows * v + 2 * rows + 64, rows, rows, v);
+        let logits = rand_vec(rows * v, 14, 4.0);
+        let tokens: Vec<u16> = (0..rows).map(|i| (i * 5 % v) as u16).collect();
+        // Weighted mode: separate targets, weights 1, 0 and 0.5; the stored tokens (a masked
+        // input id here, outside the palette) are then not what is scored.
+        let targets: Vec<u16> = (0..rows).map(|i| ((i * 3 + 2) % v) as u16).collect();
+        let weights: Vec<f32> = (0..rows).map(|i| [1.0, 0.0, 0.5][i % 3]).collect();
+        let inputs = vec![v as u16 + 1; rows];
+        let (zv, lv) = (r.view(rows * v), r.view(rows));
+        for weighted in [false, true] {
+            let mode = if weighted { "weighted" } else { "tokens" };
+            let set = |r: &mut Rig| {
+                if weighted {
+                    r.b.set_tokens(&inputs);
+                    r.b.set_targets(&targets, &weights);
+                } else {
+                    r.b.set_tokens(&tokens);
+                }
+            };
+            let naive = |z: &[f32]| -> Vec<f64> {
+                if weighted {
+                    cross_entropy_naive(z, &targets, v)
+                        .iter()
+                        .zip(&weights)
+                        .map(|(l, &w)| l * w as f64)
+                        .collect()
+                } else {
+                    cross_entropy_naive(z, &tokens, v)
+                }
+            };
+            set(&mut r);
+            r.set(zv, &logits);
+            r.b.cross_entropy(zv, lv, v, None);
+            assert_eq!(
+                r.get(zv),
+                logits,
+                "{device} cross_entropy {mode}: a pass without gradient leaves the logits alone"
+            );
+            for (i, (a, b)) in r.get(lv).iter().zip(naive(&logits)).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-5,
+                    "{device} cross_entropy {mode}: loss {i} is {a}, not {b}"
+                );
+            }
+            r.b.cross_entropy(zv, lv, v, Some(0.5));
+            let g = r.get(zv);
+            for (i, (a, b)) in r.get(lv).iter().zip(naive(&logits)).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-5,
+                    "{device} cross_entropy {mode} with gradient: loss {i} is {a}, not {b}"
+                );
+            }
+            check_grad(
+                &format!("{device} cross_entropy {mode} gradient"),
+                &mut logits.clone(),
+                &g,
+                &mut |z| {
+                    r.set(zv, z);
+                    r.b.cross_entropy(zv, lv, v, None);
+                    0.5 * r.get(lv).iter().map(|&l| l as f64).sum::<f64>()
+                },
+            );
+        }
+        // set_tokens clears the targets: the stored tokens are scored again.
+        r.b.set_tokens(&tokens);
+        r.set(zv, &logits);
+        r.b.cross_entropy(zv, lv, v, None);
+        for (i, (a, b)) in r
+            .get(lv)
+            .iter()
+            .zip(cross_entropy_naive(&logits, &tokens, v))
+            .enumerate()
+        {
+            assert!(
+                (*a as f64 - b).abs() < 1e-5,
+                "{device} cross_entropy after set_tokens: loss {i} is {a}, not {b}"
+            );
+        }
     }
-    let mut g = logits.clone();
-    loss::cross_entropy(&mut g, &mut losses, &targets, v, Some(0.5));
-    check_grad("cross-entropy", &mut logits, &g, &mut |z| {
-        0.5 * naive(z).iter().sum::<f64>()
-    });
 }
 
 #[test]
 fn adamw_matches_the_formula() {
     let n = 100_000;
-    let mut p = rand_vec(n, 15, 1.0);
+    // The tensor sits inside the arenas, with neighbours the update must leave alone.
+    let (at, total) = (48, n + 96);
+    let p0 = rand_vec(n, 15, 1.0);
     let g = rand_vec(n, 16, 1.0);
-    let (mut m, mut v) = (
-        rand_vec(n, 17, 0.1),
-        rand_vec(n, 18, 0.1)
-            .iter()
-            .map(|x| x.abs())
-            .collect::<Vec<_>>(),
-    );
+    let m0 = rand_vec(n, 17, 0.1);
+    let v0: Vec<f32> = rand_vec(n, 18, 0.1).iter().map(|x| x.abs()).collect();
     let h = AdamStep {
         lr: 0.01,
         beta1: 0.9,
@@ -325,30 +708,85 @@ fn adamw_matches_the_formula() {
         step: 3,
         grad_scale: 0.5,
     };
-    let (p0, m0, v0) = (p.clone(), m.clone(), v.clone());
-    optim::adamw(&mut p, &g, &mut m, &mut v, h, true);
-    for i in (0..n).step_by(997) {
-        let gi = g[i] as f64 * 0.5;
-        let mi = 0.9 * m0[i] as f64 + 0.1 * gi;
-        let vi = 0.95 * v0[i] as f64 + 0.05 * gi * gi;
-        let mh = mi / (1.0 - 0.9f64.powi(3));
-        let vh = vi / (1.0 - 0.95f64.powi(3));
-        let pi = p0[i] as f64 - 0.01 * (mh / (vh.sqrt() + 1e-8) + 0.1 * p0[i] as f64);
-        assert!(
-            (p[i] as f64 - pi).abs() < 1e-5,
-            "param {i}: {} vs {pi}",
-            p[i]
-        );
-        assert!((m[i] as f64 - mi).abs() < 1e-6 && (v[i] as f64 - vi).abs() < 1e-6);
+    for device in Device::available() {
+        let mut r = Rig::with_params(device, total, 16, 0, 1, 1);
+        let whole = |a: Arena| View::new(a, 0, total);
+        let part = |a: Arena| View::new(a, at, n);
+        for decay in [true, false] {
+            // Neighbours: parameters 3, gradients 1, moments 0.5.
+            for (a, fill) in [
+                (Arena::Params, 3.0),
+                (Arena::Grads, 1.0),
+                (Arena::AdamM, 0.5),
+                (Arena::AdamV, 0.5),
+            ] {
+                r.b.fill(whole(a), fill);
+            }
+            r.b.upload(part(Arena::Params), &p0);
+            r.b.upload(part(Arena::Grads), &g);
+            r.b.upload(part(Arena::AdamM), &m0);
+            r.b.upload(part(Arena::AdamV), &v0);
+            r.b.adamw(part(Arena::Params), h, decay);
+            let [p, gg, m, v] =
+                [Arena::Params, Arena::Grads, Arena::AdamM, Arena::AdamV].map(|a| {
+                    let mut out = vec![0.0; total];
+                    r.b.download(whole(a), &mut out);
+                    out
+                });
+            let wd = if decay { 0.1 } else { 0.0 };
+            for i in (0..n).step_by(997).chain([n - 1]) {
+                let gi = g[i] as f64 * 0.5;
+                let mi = 0.9 * m0[i] as f64 + 0.1 * gi;
+                let vi = 0.95 * v0[i] as f64 + 0.05 * gi * gi;
+                let mh = mi / (1.0 - 0.9f64.powi(3));
+                let vh = vi / (1.0 - 0.95f64.powi(3));
+                let pi = p0[i] as f64 - 0.01 * (mh / (vh.sqrt() + 1e-8) + wd * p0[i] as f64);
+                let j = at + i;
+                assert!(
+                    (p[j] as f64 - pi).abs() < 1e-5,
+                    "{device} adamw decay={decay}: param {i}: {} vs {pi}",
+                    p[j]
+                );
+                assert!(
+                    (m[j] as f64 - mi).abs() < 1e-6 && (v[j] as f64 - vi).abs() < 1e-6,
+                    "{device} adamw decay={decay}: moments {i}: ({}, {}) vs ({mi}, {vi})",
+                    m[j],
+                    v[j]
+                );
+            }
+            assert_eq!(
+                &gg[at..at + n],
+                &g[..],
+                "{device} adamw decay={decay}: the gradient is left as it is"
+            );
+            for j in (0..at).chain(at + n..total) {
+                assert!(
+                    p[j] == 3.0 && gg[j] == 1.0 && m[j] == 0.5 && v[j] == 0.5,
+                    "{device} adamw decay={decay}: element {j} outside the view changed"
+                );
+            }
+        }
     }
-    let mut q = p0.clone();
-    let (mut m2, mut v2) = (m0.clone(), v0.clone());
-    optim::adamw(&mut q, &g, &mut m2, &mut v2, h, false);
-    let i = 5;
-    let mh = (0.9 * m0[i] as f64 + 0.1 * g[i] as f64 * 0.5) / (1.0 - 0.9f64.powi(3));
-    let vh = (0.95 * v0[i] as f64 + 0.05 * (g[i] as f64 * 0.5).powi(2)) / (1.0 - 0.95f64.powi(3));
-    assert!(
-        (q[i] as f64 - (p0[i] as f64 - 0.01 * mh / (vh.sqrt() + 1e-8))).abs() < 1e-5,
-        "no decay when off"
-    );
+}
+
+#[test]
+fn sum_squares_matches_f64() {
+    let n = 100_003;
+    let x = rand_vec(n, 29, 2.0);
+    let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+    for device in Device::available() {
+        let mut r = Rig::with_params(device, n + 64, n + 64, 0, 1, 1);
+        // Neighbours that must not count.
+        r.b.fill(View::new(Arena::Acts, 0, n + 64), 100.0);
+        r.b.fill(View::new(Arena::Grads, 0, n + 64), 100.0);
+        for arena in [Arena::Acts, Arena::Grads] {
+            let v = View::new(arena, 32, n);
+            r.b.upload(v, &x);
+            let got = r.b.sum_squares(v);
+            assert!(
+                (got - want).abs() <= 1e-5 * want,
+                "{device} sum_squares on {arena:?}: {got} vs {want}"
+            );
+        }
+    }
 }

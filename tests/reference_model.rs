@@ -1,8 +1,7 @@
 //! The whole model against fixtures from an independent PyTorch implementation
 //! (scripts/make_fixtures.py): logits, loss and every parameter gradient.
 
-use igpt::backend::Arena;
-use igpt::backend::Device;
+use igpt::backend::{AdamStep, Arena, Device, adamw_host};
 use igpt::config::ModelConfig;
 use igpt::model::Engine;
 use safetensors::SafeTensors;
@@ -51,45 +50,94 @@ fn logits_loss_and_gradients_match_pytorch() {
         .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as u16)
         .collect();
     let batch = tok_t.shape()[0];
-    // The fixture's context (81) is longer than one attention query block, so the blocked
-    // attention path is exercised across tiles.
+    // The fixture's context is longer than one attention query block of the CPU kernel, so
+    // the blocked attention path is exercised across tiles.
     assert!(cfg.n_ctx() > igpt::backend::cpu::attention::QUERY_BLOCK);
 
-    let mut engine = Engine::new(&cfg, batch, true, &Device::Cpu).unwrap();
-    let mut params = vec![0.0f32; engine.layout.total];
-    for t in &engine.layout.tensors {
-        let src = f32s(&st, &t.name);
-        assert_eq!(src.len(), t.len, "{}", t.name);
-        params[t.range()].copy_from_slice(&src);
-    }
-    engine.set_params(&params).unwrap();
+    for device in Device::available() {
+        let mut engine = Engine::new(&cfg, batch, true, &device).unwrap();
+        let mut params = vec![0.0f32; engine.layout.total];
+        for t in &engine.layout.tensors {
+            let src = f32s(&st, &t.name);
+            assert_eq!(src.len(), t.len, "{}", t.name);
+            params[t.range()].copy_from_slice(&src);
+        }
+        engine.set_params(&params).unwrap();
 
-    // Logits from an inference pass.
-    let sum = engine.forward(&tokens).unwrap();
-    let mut logits = Vec::new();
-    engine.logits(&mut logits);
-    let e = rel_err(&logits, &f32s(&st, "logits"));
-    assert!(e < 1e-5, "logits differ: relative error {e}");
-    let n = tokens.len() as f64;
-    let loss_ref = f32s(&st, "loss")[0] as f64;
-    assert!(
-        ((sum / n) - loss_ref).abs() / loss_ref < 1e-5,
-        "loss {} vs {loss_ref}",
-        sum / n
-    );
-
-    // Gradients of the mean loss.
-    engine.zero_grads();
-    engine.forward_train(&tokens, None, 1.0 / n as f32).unwrap();
-    engine.backward(None).unwrap();
-    let mut grads = vec![0.0f32; engine.layout.total];
-    engine.read_arena(Arena::Grads, &mut grads);
-    for t in &engine.layout.tensors {
-        let e = rel_err(&grads[t.range()], &f32s(&st, &format!("grad.{}", t.name)));
+        // Logits from an inference pass.
+        let sum = engine.forward(&tokens).unwrap();
+        let mut logits = Vec::new();
+        engine.logits(&mut logits);
+        let e = rel_err(&logits, &f32s(&st, "logits"));
+        assert!(e < 1e-5, "{device}: logits differ: relative error {e}");
+        let n = tokens.len() as f64;
+        let loss_ref = f32s(&st, "loss")[0] as f64;
         assert!(
-            e < 1e-4,
-            "gradient of {} differs: relative error {e}",
-            t.name
+            ((sum / n) - loss_ref).abs() / loss_ref < 1e-5,
+            "{device}: loss {} vs {loss_ref}",
+            sum / n
         );
+
+        // Gradients of the mean loss.
+        engine.zero_grads();
+        let train_sum = engine.forward_train(&tokens, None, 1.0 / n as f32).unwrap();
+        assert!(
+            (train_sum - sum).abs() / sum < 1e-6,
+            "{device}: training pass loss {train_sum} vs inference pass {sum}"
+        );
+        engine.backward(None).unwrap();
+        let mut grads = vec![0.0f32; engine.layout.total];
+        engine.read_arena(Arena::Grads, &mut grads);
+        for t in &engine.layout.tensors {
+            let e = rel_err(&grads[t.range()], &f32s(&st, &format!("grad.{}", t.name)));
+            assert!(
+                e < 1e-4,
+                "{device}: gradient of {} differs: relative error {e}",
+                t.name
+            );
+        }
+        let norm = grads
+            .iter()
+            .map(|&g| g as f64 * g as f64)
+            .sum::<f64>()
+            .sqrt();
+        let e = (engine.grad_norm() - norm).abs() / norm;
+        assert!(e < 1e-6, "{device}: grad_norm is off by {e} (relative)");
+
+        // One AdamW step from zero moments: the host update of the same parameters and
+        // gradients, tensor by tensor with its own weight decay.
+        let step = AdamStep {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 1,
+            grad_scale: 0.5,
+        };
+        engine.update(step);
+        let mut want = params.clone();
+        let (mut m, mut v) = (vec![0.0f32; want.len()], vec![0.0f32; want.len()]);
+        for t in &engine.layout.tensors {
+            let r = t.range();
+            adamw_host(
+                &mut want[r.clone()],
+                &grads[r.clone()],
+                &mut m[r.clone()],
+                &mut v[r],
+                step,
+                t.decay,
+            );
+        }
+        let got = engine.params();
+        for t in &engine.layout.tensors {
+            let e = rel_err(&got[t.range()], &want[t.range()]);
+            assert!(
+                e < 1e-5,
+                "{device}: AdamW update of {} differs: relative error {e}",
+                t.name
+            );
+        }
+        assert_ne!(got, params, "{device}: the update changed nothing");
     }
 }

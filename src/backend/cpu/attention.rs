@@ -31,7 +31,7 @@ impl AttnShape {
         2 * self.tile_len() + 6 * self.block_len()
     }
     /// Scratch floats the kernels need for `threads` parallel workers.
-    pub fn scratch_len(&self, threads: usize) -> usize {
+    pub(crate) fn scratch_len(&self, threads: usize) -> usize {
         threads.max(1) * self.per_worker()
     }
     fn scale(&self) -> f32 {

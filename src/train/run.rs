@@ -164,6 +164,7 @@ pub struct Summary {
 }
 
 /// Starts a new run in `run` with freshly initialised parameters.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     run: &RunDir,
     model: &ModelConfig,

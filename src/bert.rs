@@ -90,3 +90,24 @@ pub fn masks_for(
         None => Ok(EVAL_MASKS),
     }
 }
+
+/// A request for a number of evaluation masks that cannot score a model's likelihood.
+#[derive(Debug, thiserror::Error)]
+pub enum LossMasksError {
+    #[error("evaluation masks ({0} asked for) are for BERT models; this one is autoregressive")]
+    Autoregressive(usize),
+    #[error("a BERT model is scored on hidden pixels: it needs at least 1 mask per image")]
+    NoMasks,
+}
+
+/// The number of fixed masks a model's held-out loss is averaged over: `asked`, else 1 (the mask
+/// training's validation uses) for BERT models; autoregressive models take none (0 is returned
+/// and ignored).
+pub fn loss_masks(model: &ModelConfig, asked: Option<usize>) -> Result<usize, LossMasksError> {
+    match asked {
+        Some(k) if k > 0 && model.causal() => Err(LossMasksError::Autoregressive(k)),
+        Some(0) if !model.causal() => Err(LossMasksError::NoMasks),
+        Some(k) => Ok(k),
+        None => Ok(1),
+    }
+}

@@ -1,9 +1,12 @@
 //! igpt: Image GPT (Chen et al., 2020) with its own small engine.
 //!
 //! Tour: [`config`] (model shape), [`model`] (parameters and the forward/backward engine),
-//! [`backend`] (kernels; [`backend::cpu`] today), [`train`] (optimizer, schedule, loop),
-//! [`palette`] (colour palettes), [`data`] (readers, token cache), [`checkpoint`] (run
-//! directories), [`formats`] (Hugging Face and TensorFlow checkpoints), [`eval`] (held-out likelihood), [`plot`] (charts).
+//! [`backend`] (the kernel interface and [`backend::Device`]; [`backend::cpu`] today),
+//! [`train`] (the step, AdamW, schedule, loop), [`bert`] (the masked objective), [`finetune`]
+//! (classification head and loop), [`probe`] (linear probes), [`sample`] (generation),
+//! [`eval`] (likelihoods), [`preprocess`] (images to pixels), [`palette`] (colour palettes),
+//! [`data`] (readers, token cache), [`checkpoint`] (run directories), [`formats`] (Hugging Face
+//! and TensorFlow checkpoints), [`plot`] (charts).
 
 pub mod backend;
 pub mod bert;

@@ -404,4 +404,11 @@ fn masks_are_refused_for_autoregressive_models() {
         igpt::bert::EVAL_MASKS
     );
     assert_eq!(igpt::bert::masks_for(&bert_cfg(), Some(0)).unwrap(), 0);
+    // Held-out loss: one mask unless asked; a BERT model needs at least one.
+    use igpt::bert::loss_masks;
+    assert!(loss_masks(&ar, Some(3)).is_err());
+    assert!(loss_masks(&ar, Some(0)).is_ok() && loss_masks(&ar, None).is_ok());
+    assert_eq!(loss_masks(&bert_cfg(), None).unwrap(), 1);
+    assert_eq!(loss_masks(&bert_cfg(), Some(4)).unwrap(), 4);
+    assert!(loss_masks(&bert_cfg(), Some(0)).is_err());
 }

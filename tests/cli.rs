@@ -375,3 +375,55 @@ fn a_killed_run_keeps_a_readable_checkpoint_and_resumes() {
     let o = igpt(&["train", "--resume", s(&run), "--stop-after", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn library_errors_describe_values_and_the_command_names_the_flag() {
+    let dir = tempdir("hints");
+    // A data path whose name tells no format.
+    let odd = dir.join("images.xyz");
+    std::fs::write(&odd, b"not images").unwrap();
+    let o = igpt(&[
+        "palette",
+        "fit",
+        "--data",
+        s(&odd),
+        "--k",
+        "4",
+        "--out",
+        s(&dir.join("p.json")),
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("cannot tell the format of"), "{err}");
+    assert!(err.contains("hint: name the format with --format"), "{err}");
+    // A training setting that cannot work is reported with the flags that set it.
+    let data = small_npy(&dir);
+    let o = igpt(&[
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&dir.join("run")),
+        "--batch",
+        "6",
+        "--micro-batch",
+        "4",
+    ]);
+    assert!(
+        !o.status.success()
+            && stderr(&o).contains("--batch (6) must be a multiple of --micro-batch (4)"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !dir.join("run").exists(),
+        "a refused run leaves nothing behind"
+    );
+    // An unknown device is refused by name.
+    let o = igpt(&["--device", "tpu", "info", "--model", s(&dir)]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("unknown device 'tpu'"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -303,6 +303,8 @@ pub fn flag_hint(e: &anyhow::Error) -> Option<&'static str> {
             Some("choose the model's image side with --side")
         } else if cause.is::<igpt::bert::MasksOnAutoregressive>() {
             Some("leave out --masks for autoregressive models")
+        } else if cause.is::<igpt::bert::LossMasksError>() {
+            Some("--masks: leave it out for autoregressive models, at least 1 for BERT ones")
         } else {
             None
         }
@@ -622,16 +624,7 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
     let mut engine = Engine::new(&cfg.model, a.batch.max(1), false, dev)?;
     engine.set_params(params)?;
     let t0 = std::time::Instant::now();
-    let masks = match a.masks {
-        Some(k) if cfg.model.causal() && k > 0 => {
-            anyhow::bail!("--masks is for BERT models; this one is autoregressive (leave it out)")
-        }
-        Some(0) => {
-            anyhow::bail!("--masks must be at least 1: a BERT model is scored on hidden pixels")
-        }
-        Some(k) => k,
-        None => 1,
-    };
+    let masks = igpt::bert::loss_masks(&cfg.model, a.masks)?;
     let limit = a.limit.unwrap_or(0);
     let nats = igpt::train::evaluate_masks(&mut engine, &tokens, limit, masks, &mut Vec::new())?;
     println!(

@@ -287,8 +287,10 @@ fn truncate_metrics(run: &RunDir, step: u64) -> Result<()> {
 
 fn checkpoint(run: &RunDir, trainer: &Trainer) -> Result<()> {
     let (params, m, v) = trainer.snapshot();
-    run.save_trainer(&trainer.state, &params, &m, &v)?;
+    // The model first: once a trainer state exists, so does a model file (a run killed between
+    // the two writes resumes from the trainer state, which is never older than the model).
     run.save_model(&trainer.engine.cfg, &params)?;
+    run.save_trainer(&trainer.state, &params, &m, &v)?;
     if let Err(e) =
         crate::plot::loss_curve_from_metrics(&run.file("metrics.jsonl"), &run.file("loss.png"))
     {

@@ -72,42 +72,36 @@ pub fn eval_masks(
     }
 }
 
-/// A request for evaluation masks on a model without them.
-#[derive(Debug, thiserror::Error)]
-#[error("evaluation masks ({0} asked for) are for BERT models; this one is autoregressive")]
-pub struct MasksOnAutoregressive(pub usize);
+/// A number of evaluation masks a model cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MasksError {
+    #[error("evaluation masks ({0} asked for) are for BERT models; this one is autoregressive")]
+    Autoregressive(usize),
+    #[error(
+        "a BERT model's likelihood is scored on hidden pixels: it needs at least 1 mask per image"
+    )]
+    NoMasks,
+}
 
-/// The number of evaluation masks for `model`: `asked`, else [`EVAL_MASKS`] for BERT models and
-/// 0 for autoregressive ones (which have no masks).
-pub fn masks_for(
-    model: &ModelConfig,
-    asked: Option<usize>,
-) -> Result<usize, MasksOnAutoregressive> {
+/// The number of evaluation masks for a model's features and predictions: `asked`, else
+/// [`EVAL_MASKS`] for BERT models and 0 for autoregressive ones (which have no masks). 0 reads
+/// a BERT model's images whole.
+pub fn masks_for(model: &ModelConfig, asked: Option<usize>) -> Result<usize, MasksError> {
     match asked {
-        Some(k) if k > 0 && model.causal() => Err(MasksOnAutoregressive(k)),
+        Some(k) if k > 0 && model.causal() => Err(MasksError::Autoregressive(k)),
         Some(k) => Ok(k),
         None if model.causal() => Ok(0),
         None => Ok(EVAL_MASKS),
     }
 }
 
-/// A request for a number of evaluation masks that cannot score a model's likelihood.
-#[derive(Debug, thiserror::Error)]
-pub enum LossMasksError {
-    #[error("evaluation masks ({0} asked for) are for BERT models; this one is autoregressive")]
-    Autoregressive(usize),
-    #[error("a BERT model is scored on hidden pixels: it needs at least 1 mask per image")]
-    NoMasks,
-}
-
 /// The number of fixed masks a model's held-out loss is averaged over: `asked`, else 1 (the mask
-/// training's validation uses) for BERT models; autoregressive models take none (0 is returned
-/// and ignored).
-pub fn loss_masks(model: &ModelConfig, asked: Option<usize>) -> Result<usize, LossMasksError> {
+/// training's validation uses) for BERT models; autoregressive models take none (the count is
+/// then ignored).
+pub fn loss_masks(model: &ModelConfig, asked: Option<usize>) -> Result<usize, MasksError> {
     match asked {
-        Some(k) if k > 0 && model.causal() => Err(LossMasksError::Autoregressive(k)),
-        Some(0) if !model.causal() => Err(LossMasksError::NoMasks),
-        Some(k) => Ok(k),
+        Some(0) if !model.causal() => Err(MasksError::NoMasks),
+        Some(_) => masks_for(model, asked),
         None => Ok(1),
     }
 }

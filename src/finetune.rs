@@ -6,7 +6,7 @@ use crate::bert;
 use crate::checkpoint::{LoadedModel, RunConfig, RunDir};
 use crate::data::TokenSet;
 use crate::model::Engine;
-use crate::train::optim::{AdamW, HostMoments, finish_step};
+use crate::train::optim::{AdamW, HostMoments, HostRows, finish_step};
 use anyhow::{Context, Result, ensure};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -429,8 +429,7 @@ impl Finetuner {
         ensure!(tokens.len() == n * t, "one label per image");
         ensure!(
             n > 0 && n.is_multiple_of(pass),
-            "a batch of {n} images does not split into passes of {pass} (make the batch a \
-             multiple of the micro-batch)"
+            "a batch of {n} images does not split into passes of {pass}"
         );
         self.engine.zero_grads();
         let (gw, gb) = (&mut self.grad_w, &mut self.grad_b);
@@ -490,24 +489,20 @@ impl Finetuner {
         );
         let c = self.head.classes;
         let (head, adamw) = (&mut self.head, &self.adamw);
-        adamw.update_host(
-            &mut head.w,
-            gw,
-            &mut self.head_w_moments,
-            head_lr,
-            self.step,
-            c,
-            &head.step_scale,
-        );
-        adamw.update_host(
-            &mut head.b,
-            gb,
-            &mut self.head_b_moments,
-            head_lr,
-            self.step,
-            c,
-            &[],
-        );
+        // The weights are a matrix (decayed when weight decay is on); the biases are not.
+        let w_rows = HostRows {
+            len: c,
+            lr_scale: &head.step_scale,
+            decay: true,
+        };
+        let (w, b) = (&mut head.w, &mut head.b);
+        adamw.update_host(w, gw, &mut self.head_w_moments, head_lr, self.step, w_rows);
+        let b_rows = HostRows {
+            len: c,
+            lr_scale: &[],
+            decay: false,
+        };
+        adamw.update_host(b, gb, &mut self.head_b_moments, head_lr, self.step, b_rows);
         Ok(FinetuneStats {
             gen_loss: done.loss_sum / scored as f64,
             clf_loss: clf / n as f64,
@@ -616,6 +611,29 @@ pub struct FinetuneConfig {
     pub adamw: AdamW,
 }
 
+impl FinetuneConfig {
+    /// Refuses settings that cannot work (before any model or data is loaded).
+    pub fn validate(&self) -> Result<(), crate::train::TrainConfigError> {
+        use crate::train::TrainConfigError as E;
+        if self.batch < 1 || self.micro_batch < 1 {
+            return Err(E::EmptyBatch);
+        }
+        if !self.batch.is_multiple_of(self.micro_batch) {
+            return Err(E::BatchSplit {
+                batch: self.batch,
+                micro_batch: self.micro_batch,
+            });
+        }
+        if self.eval_every < 1 {
+            return Err(E::NoValidation);
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(E::LearningRate(self.lr));
+        }
+        Ok(())
+    }
+}
+
 impl Default for FinetuneConfig {
     fn default() -> Self {
         Self {
@@ -675,8 +693,9 @@ pub struct FinetuneSummary {
 /// split by `seed` holds out `val_fraction` of it; batches are drawn at random (augmented if
 /// asked); every `eval_every` steps the validation accuracy decides whether the model and head
 /// are kept in `out` (the starting point is a candidate too); `patience` validations without a
-/// better one stop the run. `out` ends up holding the best model, its palette and
-/// `head.safetensors`; its config names the data as `data_desc`.
+/// better one stop the run. `out` (created when the starting point is saved, so a run that fails
+/// before leaves nothing) ends up holding the best model, its palette and `head.safetensors`; its
+/// config names the data as `data_desc`.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &LoadedModel,
@@ -684,23 +703,13 @@ pub fn run(
     data_desc: &str,
     class_names: Vec<String>,
     cfg: &FinetuneConfig,
-    out: &RunDir,
+    out: &Path,
     device: &Device,
     progress: &mut dyn FinetuneProgress,
 ) -> Result<FinetuneSummary> {
     let mc = model.model();
     let t = mc.n_ctx();
-    ensure!(cfg.batch >= 1, "the batch must hold at least one image");
-    ensure!(
-        cfg.micro_batch >= 1 && cfg.batch.is_multiple_of(cfg.micro_batch),
-        "a batch of {} images does not split into passes of {}",
-        cfg.batch,
-        cfg.micro_batch
-    );
-    ensure!(
-        cfg.eval_every >= 1,
-        "validation must happen at least every so many steps (got every 0)"
-    );
+    cfg.validate()?;
     ensure!(
         data.header.t == t && data.header.n_vocab == mc.n_vocab,
         "the images ({} tokens, {} colours) do not fit the model ({t} tokens, {} colours)",
@@ -779,6 +788,7 @@ pub fn run(
             "L_CLF"
         }
     ));
+    let out = RunDir::create(out)?;
     let keep = |ft: &Finetuner| -> Result<()> {
         out.save_config(&RunConfig {
             data: format!("fine-tuned on {data_desc}"),
@@ -846,7 +856,7 @@ pub fn run(
     })
 }
 
-/// Accuracy of a fine-tuned model (a directory with `head.safetensors`) on labelled images.
+/// Accuracy of a model and its classification head on labelled images.
 pub fn test_accuracy(
     model: &LoadedModel,
     head: &Head,

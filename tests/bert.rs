@@ -102,7 +102,7 @@ fn loss_counts_only_masked_positions() {
 
 #[test]
 fn held_out_loss_averages_over_fixed_masks() {
-    use igpt::train::{evaluate, evaluate_masks};
+    use igpt::eval::{evaluate, evaluate_masks};
     let cfg = bert_cfg();
     let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
     let p = params(&cfg, 4);

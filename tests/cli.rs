@@ -419,6 +419,56 @@ fn library_errors_describe_values_and_the_command_names_the_flag() {
         !dir.join("run").exists(),
         "a refused run leaves nothing behind"
     );
+    // Images that are not square, with no side chosen.
+    let wide = dir.join("wide.npy");
+    let px = vec![7u8; 10 * 4 * 6];
+    std::fs::write(
+        &wide,
+        igpt::npy::encode(&[10, 4, 6], igpt::npy::DType::U8, &px),
+    )
+    .unwrap();
+    let o = igpt(&["train", "--data", s(&wide), "--out", s(&dir.join("w"))]);
+    let err = stderr(&o);
+    assert!(err.contains("4x6, not square"), "{err}");
+    assert!(
+        err.contains("hint: choose the model's image side with --side"),
+        "{err}"
+    );
+    // No images at all (a panic before), from a file and from a folder.
+    let folder = dir.join("folder");
+    std::fs::create_dir_all(&folder).unwrap();
+    image::GrayImage::from_pixel(5, 3, image::Luma([9u8]))
+        .save(folder.join("a.png"))
+        .unwrap();
+    for src in [&data, &folder] {
+        let o = igpt(&[
+            "train",
+            "--data",
+            s(src),
+            "--limit",
+            "0",
+            "--out",
+            s(&dir.join("z")),
+        ]);
+        let err = stderr(&o);
+        assert!(!o.status.success() && !err.contains("panicked"), "{err}");
+        assert!(err.contains("hint: --limit must be at least 1"), "{err}");
+    }
+    // Evaluation masks on an autoregressive model.
+    let run = dir.join("ar");
+    assert!(train_small(&data, &run, "2").status.success());
+    let o = igpt(&[
+        "eval",
+        "--model",
+        s(&run),
+        "--data",
+        s(&data),
+        "--masks",
+        "2",
+    ]);
+    let err = stderr(&o);
+    assert!(err.contains("autoregressive"), "{err}");
+    assert!(err.contains("hint: leave out --masks"), "{err}");
     // An unknown device is refused by name.
     let o = igpt(&["--device", "tpu", "info", "--model", s(&dir)]);
     assert!(

@@ -117,7 +117,7 @@ fn train_score_sample_probe_and_finetune_without_the_cli() {
     );
 
     // Fine-tuning keeps its best model and head in the output directory.
-    let out = RunDir::create(&dir.join("ft")).unwrap();
+    let out = dir.join("ft");
     let ft_cfg = FinetuneConfig {
         steps: 4,
         batch: 8,
@@ -140,23 +140,25 @@ fn train_score_sample_probe_and_finetune_without_the_cli() {
     .unwrap();
     assert_eq!(s.steps_run, 4);
     assert_eq!(s.train_images + s.val_images, 90);
-    let best_model = LoadedModel::open(&out.path).unwrap();
-    let head = finetune::Head::load(&out.file("head.safetensors")).unwrap();
+    let best_model = LoadedModel::open(&out).unwrap();
+    let head = finetune::Head::load(&out.join("head.safetensors")).unwrap();
     assert_eq!((head.d, head.classes), (16, 10));
     let acc = finetune::test_accuracy(&best_model, &head, &prepared.val, 0, &device).unwrap();
     assert!((0.0..=1.0).contains(&acc));
-    // A data set without labels is refused with a message, not a panic.
+    // A data set without labels is refused with a message, not a panic, and nothing is written.
     let unlabelled = igpt::data::TokenSet::from_tokens(vec![0; 4 * t], t, 8, None).unwrap();
+    let nowhere = dir.join("not-written");
     let err = finetune::run(
         &m,
         &unlabelled,
         "unlabelled",
         vec![],
         &ft_cfg,
-        &out,
+        &nowhere,
         &device,
         &mut QuietFinetune,
     )
     .unwrap_err();
     assert!(err.to_string().contains("no labels"), "{err}");
+    assert!(!nowhere.exists());
 }

@@ -312,7 +312,10 @@ fn a_model_too_large_for_memory_is_refused_with_advice() {
         .err()
         .expect("petabytes cannot be allocated");
     let msg = err.to_string();
-    assert!(msg.contains("GB") && msg.contains("micro-batch"), "{msg}");
+    assert!(
+        msg.contains("GB") && msg.contains("fewer images per forward pass"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -65,14 +65,6 @@ pub enum DType {
     F32,
 }
 
-impl DType {
-    pub fn size_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-        }
-    }
-}
-
 /// The separately allocated regions a backend holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arena {

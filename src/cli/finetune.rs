@@ -1,9 +1,9 @@
 //! `igpt finetune` and `igpt classify`.
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use clap::Args;
 use igpt::backend::Device;
-use igpt::checkpoint::{LoadedModel, RunDir};
+use igpt::checkpoint::LoadedModel;
 use igpt::data::{self, Format, TokenSet};
 use igpt::finetune::{self, FinetuneConfig, FinetuneProgress, FinetuneStats, Head, HeadStart};
 use igpt::model::Engine;
@@ -147,52 +147,39 @@ impl FinetuneProgress for Printer {
 }
 
 pub fn finetune(a: FinetuneArgs, dev: &Device) -> Result<()> {
-    ensure!(a.batch >= 1, "--batch must be at least 1");
-    let micro_batch = a.micro_batch.unwrap_or(a.batch);
-    ensure!(
-        micro_batch >= 1 && a.batch.is_multiple_of(micro_batch),
-        "--batch ({}) must be a multiple of --micro-batch ({micro_batch})",
-        a.batch
-    );
-    ensure!(a.eval_every >= 1, "--eval-every must be at least 1");
+    let mut cfg = FinetuneConfig {
+        steps: a.steps,
+        batch: a.batch,
+        micro_batch: a.micro_batch.unwrap_or(a.batch),
+        lr: a.lr,
+        warmup: a.warmup,
+        head_lr: a.head_lr,
+        with_gen: !a.clf_only,
+        head_start: HeadStart::Zero,
+        pad_crop: a.pad_crop,
+        flip: a.flip,
+        eval_every: a.eval_every,
+        patience: a.patience,
+        val_fraction: a.val_fraction,
+        seed: a.seed,
+        ..FinetuneConfig::default()
+    };
+    // Settings that cannot work are refused before anything is loaded.
+    cfg.validate()?;
     let m = igpt::formats::load_model(&a.model)?;
-    let masks = super::probe::masks_flag(m.model(), a.masks)?;
-    let (tokens, labels, names) = labelled_tokens(&a.data, a.limit, &m)?;
-    ensure!(
-        labels.len() >= 2,
-        "{} has {} labelled image(s): fine-tuning needs at least 2 (one to train on, one to validate)",
-        a.data,
-        labels.len()
-    );
+    cfg.masks = igpt::bert::masks_for(m.model(), a.masks)?;
+    let masks = cfg.masks;
+    let (tokens, _, names) = labelled_tokens(&a.data, a.limit, &m)?;
     let existing = PathBuf::from(&a.model).join("head.safetensors");
-    let head_start = if existing.exists() {
+    cfg.head_start = if existing.exists() {
         HeadStart::Saved(Head::load(&existing)?)
     } else if a.zero_head {
         HeadStart::Zero
     } else {
         HeadStart::Probe(a.probe_images)
     };
-    let cfg = FinetuneConfig {
-        steps: a.steps,
-        batch: a.batch,
-        micro_batch,
-        lr: a.lr,
-        warmup: a.warmup,
-        head_lr: a.head_lr,
-        with_gen: !a.clf_only,
-        head_start,
-        pad_crop: a.pad_crop,
-        flip: a.flip,
-        eval_every: a.eval_every,
-        patience: a.patience,
-        masks,
-        val_fraction: a.val_fraction,
-        seed: a.seed,
-        ..FinetuneConfig::default()
-    };
-    let out = RunDir::create(&a.out)?;
     let mut printer = Printer { bar: None };
-    let summary = finetune::run(&m, &tokens, &a.data, names, &cfg, &out, dev, &mut printer)
+    let summary = finetune::run(&m, &tokens, &a.data, names, &cfg, &a.out, dev, &mut printer)
         .with_context(|| format!("fine-tuning {} on {}", a.model, a.data))?;
     if summary.early_stop {
         println!(
@@ -207,10 +194,10 @@ pub fn finetune(a: FinetuneArgs, dev: &Device) -> Result<()> {
     );
     if let Some(test) = &a.test_data {
         let best_model = LoadedModel::open(&a.out)?;
-        let head = Head::load(&out.file("head.safetensors"))?;
+        let head = Head::load(&a.out.join("head.safetensors"))?;
         let (tt, ty, _) = labelled_tokens(test, a.test_limit, &best_model)?;
-        finetune::check_classes(&head, &ty).with_context(|| test.clone())?;
-        let acc = finetune::test_accuracy(&best_model, &head, &tt, masks, dev)?;
+        let acc = finetune::test_accuracy(&best_model, &head, &tt, masks, dev)
+            .with_context(|| test.clone())?;
         println!(
             "test accuracy of the best checkpoint: {:.2}% on {} images",
             100.0 * acc,
@@ -241,7 +228,7 @@ pub struct ClassifyArgs {
 pub fn classify(a: ClassifyArgs, dev: &Device) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
     let head = Head::load(&PathBuf::from(&a.model).join("head.safetensors"))?;
-    let masks = super::probe::masks_flag(m.model(), a.masks)?;
+    let masks = igpt::bert::masks_for(m.model(), a.masks)?;
     let mut e = Engine::new(m.model(), 32, false, dev)?;
     e.set_params(&m.params)?;
     let name = |c: u32| -> String {

@@ -293,21 +293,45 @@ enum PaletteCmd {
     },
 }
 
-/// The flag that fixes what a library error describes: the library speaks of values, and this
-/// is the one place that names flags for them.
-pub fn flag_hint(e: &anyhow::Error) -> Option<&'static str> {
+/// What the user should change, in terms of flags, for a library error: the library speaks of
+/// values, and this is the one place that names flags for them.
+pub fn flag_hint(e: &anyhow::Error) -> Option<String> {
+    use igpt::bert::MasksError;
+    use igpt::train::TrainConfigError as Train;
     e.chain().find_map(|cause| {
-        if cause.is::<data::UnknownFormat>() {
-            Some("name the format with --format")
-        } else if cause.is::<data::NotSquare>() {
-            Some("choose the model's image side with --side")
-        } else if cause.is::<igpt::bert::MasksOnAutoregressive>() {
-            Some("leave out --masks for autoregressive models")
-        } else if cause.is::<igpt::bert::LossMasksError>() {
-            Some("--masks: leave it out for autoregressive models, at least 1 for BERT ones")
-        } else {
-            None
+        if let Some(t) = cause.downcast_ref::<Train>() {
+            return Some(match t {
+                Train::NoSteps => "--steps must be at least 1".to_string(),
+                Train::EmptyBatch => "--batch and --micro-batch must be at least 1".to_string(),
+                Train::BatchSplit { batch, micro_batch } => {
+                    format!("--batch ({batch}) must be a multiple of --micro-batch ({micro_batch})")
+                }
+                Train::LearningRate(_) => "--lr must be positive".to_string(),
+                Train::Betas(..) => "--beta1 and --beta2 must be in [0, 1)".to_string(),
+                Train::NoValidation => "--eval-every must be at least 1".to_string(),
+            });
         }
+        if let Some(m) = cause.downcast_ref::<MasksError>() {
+            return Some(
+                match m {
+                    MasksError::Autoregressive(_) => "leave out --masks for autoregressive models",
+                    MasksError::NoMasks => {
+                        "--masks must be at least 1 for a BERT model's likelihood"
+                    }
+                }
+                .to_string(),
+            );
+        }
+        let hint = if cause.is::<data::UnknownFormat>() {
+            "name the format with --format"
+        } else if cause.is::<data::NotSquare>() {
+            "choose the model's image side with --side"
+        } else if cause.is::<data::EmptySelection>() {
+            "--limit must be at least 1"
+        } else {
+            return None;
+        };
+        Some(hint.to_string())
     })
 }
 
@@ -508,7 +532,7 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
         checkpoint_every: a.checkpoint_every,
         seed: a.seed,
     };
-    cfg.validate().map_err(train_flags)?;
+    cfg.validate()?;
     ensure!(
         !a.out.join("trainer.safetensors").exists(),
         "{} already holds a run: continue it with --resume {}, or choose another --out",
@@ -522,22 +546,6 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
         let _ = std::fs::remove_dir_all(&a.out);
     }
     result
-}
-
-/// A training setting's complaint, in terms of the flags that set it.
-fn train_flags(e: igpt::train::TrainConfigError) -> anyhow::Error {
-    use igpt::train::TrainConfigError as E;
-    match e {
-        E::NoSteps => anyhow::anyhow!("--steps must be at least 1"),
-        E::EmptyBatch => anyhow::anyhow!("--batch and --micro-batch must be at least 1"),
-        E::BatchSplit { batch, micro_batch } => {
-            anyhow::anyhow!("--batch ({batch}) must be a multiple of --micro-batch ({micro_batch})")
-        }
-        E::LearningRate(lr) => anyhow::anyhow!("--lr must be positive (got {lr})"),
-        E::Betas(b1, b2) => {
-            anyhow::anyhow!("--beta1 and --beta2 must be in [0, 1) (got {b1} and {b2})")
-        }
-    }
 }
 
 fn new_run(a: &TrainArgs, cfg: &TrainConfig, dev: &Device, bar: &mut progress::Bar) -> Result<()> {
@@ -626,7 +634,7 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
     let t0 = std::time::Instant::now();
     let masks = igpt::bert::loss_masks(&cfg.model, a.masks)?;
     let limit = a.limit.unwrap_or(0);
-    let nats = igpt::train::evaluate_masks(&mut engine, &tokens, limit, masks, &mut Vec::new())?;
+    let nats = igpt::eval::evaluate_masks(&mut engine, &tokens, limit, masks, &mut Vec::new())?;
     println!(
         "{} images, {} tokens each: {:.4} nats/token, {:.4} bits/token ({:.1} s)",
         a.limit.map_or(tokens.len(), |l| l.min(tokens.len())),

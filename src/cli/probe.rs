@@ -162,7 +162,7 @@ pub fn features(a: FeaturesArgs, dev: &Device) -> Result<()> {
     let set = shaped(&a.data, a.limit, &m)?;
     let labels = set.labels.clone();
     let mut engine = engine_for(&m, a.batch, dev)?;
-    let masks = masks_flag(m.model(), a.masks)?;
+    let masks = igpt::bert::masks_for(m.model(), a.masks)?;
     let f = features_of(&mut engine, &set, &m, &layers, masks, "feature")?;
     let (n, d) = (set.len(), m.model().n_embd);
     if a.out.extension().is_some_and(|e| e == "npy") {
@@ -314,7 +314,7 @@ pub fn probe(a: ProbeArgs, dev: &Device) -> Result<()> {
         let layers = parse_layers(&a.layers, m.model().n_layer)?;
         let d = m.model().n_embd;
         let mut engine = engine_for(&m, a.batch, dev)?;
-        let masks = masks_flag(m.model(), a.masks)?;
+        let masks = igpt::bert::masks_for(m.model(), a.masks)?;
         if masks > 0 {
             let views = if masks == 1 {
                 "one mask".to_string()
@@ -459,9 +459,4 @@ pub fn demo_probe(
         Some(("palette pixels", 100.0 * base.test_accuracy)),
         Some((best_l as f64, 100.0 * best.test_accuracy)),
     )
-}
-
-/// `--masks` for `model`: the number of evaluation masks (see [`igpt::bert::masks_for`]).
-pub(super) fn masks_flag(model: &igpt::config::ModelConfig, asked: Option<usize>) -> Result<usize> {
-    Ok(igpt::bert::masks_for(model, asked)?)
 }

@@ -81,9 +81,10 @@ pub fn load_shaped(
     let n = listing.files.len();
     let range = range.unwrap_or(0..n);
     ensure!(
-        range.start < n,
-        "image {} is past the {n} images of {}",
+        range.start < n && range.start < range.end,
+        "images {}..{} are not among the {n} images of {}",
         range.start,
+        range.end,
         dir.display()
     );
     let range = range.start..range.end.min(n);

@@ -104,6 +104,12 @@ impl ImageSet {
     /// The images in `range` (its end clamped to the set), refusing a start past the end.
     pub fn take(self, range: Range<usize>) -> Result<ImageSet> {
         ensure!(
+            range.start < range.end,
+            "images {}..{} is an empty selection",
+            range.start,
+            range.end
+        );
+        ensure!(
             range.start < self.len(),
             "image {} is past the {} images of the data set",
             range.start,
@@ -138,6 +144,14 @@ pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot tell the format of {}: name it (idx, cifar10, cifar100, folder or npy)", .0.display())]
 pub struct UnknownFormat(pub PathBuf);
+
+/// A selection of no images from a data set.
+#[derive(Debug, thiserror::Error)]
+#[error("images {}..{} of {data} select nothing: ask for at least one image", .range.start, .range.end)]
+pub struct EmptySelection {
+    pub data: String,
+    pub range: Range<usize>,
+}
 
 /// Images that are not square, given to a model without a chosen side.
 #[derive(Debug, thiserror::Error)]
@@ -285,6 +299,15 @@ pub fn load_shaped(
     side: Option<usize>,
     channels: Option<usize>,
 ) -> Result<ImageSet> {
+    if let Some(r) = &range
+        && r.start >= r.end
+    {
+        return Err(EmptySelection {
+            data: spec.to_string(),
+            range: r.clone(),
+        }
+        .into());
+    }
     if spec != BUILTIN_FASHION {
         let (path, format) = resolve(spec, format)?;
         if format == Format::Folder {

@@ -122,6 +122,8 @@ pub enum TrainConfigError {
     LearningRate(f32),
     #[error("Adam's betas must be in [0, 1) (got {0} and {1})")]
     Betas(f32, f32),
+    #[error("validation must come every so many steps, at least every 1")]
+    NoValidation,
 }
 
 /// Where training stands: enough to continue exactly.
@@ -295,75 +297,8 @@ impl Trainer {
 
     /// Mean loss in nats per token over (the first `max_images` of) `data`.
     pub fn evaluate(&mut self, data: &TokenSet, max_images: usize) -> anyhow::Result<f64> {
-        evaluate(&mut self.engine, data, max_images, &mut self.batch_tokens)
+        crate::eval::evaluate(&mut self.engine, data, max_images, &mut self.batch_tokens)
     }
-}
-
-/// Mean loss in nats per token of `engine`'s model over (the first `max_images`, 0 = all,
-/// of) `data`, with the start token as in training; a BERT model's loss is per hidden pixel
-/// under one fixed mask per image (the same at every evaluation, so runs compare). `buf` is
-/// reused batch storage.
-pub fn evaluate(
-    engine: &mut Engine,
-    data: &TokenSet,
-    max_images: usize,
-    buf: &mut Vec<u16>,
-) -> anyhow::Result<f64> {
-    evaluate_masks(engine, data, max_images, 1, buf)
-}
-
-/// [`evaluate`], with a BERT model's loss averaged over `masks` fixed masks per image (those
-/// of [`bert::eval_masks`]; one mask gives [`evaluate`]'s). Autoregressive models ignore
-/// `masks`.
-pub fn evaluate_masks(
-    engine: &mut Engine,
-    data: &TokenSet,
-    max_images: usize,
-    masks: usize,
-    buf: &mut Vec<u16>,
-) -> anyhow::Result<f64> {
-    let t = engine.cfg.n_ctx();
-    anyhow::ensure!(
-        data.header.t == t && data.header.n_vocab == engine.cfg.n_vocab,
-        "the data ({} tokens per image, {} colours) does not fit the model ({t} tokens, {} colours)",
-        data.header.t,
-        data.header.n_vocab,
-        engine.cfg.n_vocab
-    );
-    let n = if max_images == 0 {
-        data.len()
-    } else {
-        max_images.min(data.len())
-    };
-    anyhow::ensure!(n > 0, "no images to evaluate on");
-    buf.resize(engine.batch * t, 0);
-    let bert = !engine.cfg.causal();
-    let masks = if bert { masks.max(1) } else { 1 };
-    let mut mask = if bert {
-        vec![false; engine.batch * t]
-    } else {
-        Vec::new()
-    };
-    let mut perm = Vec::new();
-    let mut sum = 0.0;
-    let mut start = 0;
-    while start < n {
-        let b = engine.batch.min(n - start);
-        for i in 0..b {
-            data.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
-        }
-        if bert {
-            for k in 0..masks {
-                bert::eval_masks(start, b, t, masks, k, &mut perm, &mut mask);
-                sum += engine.forward_masked(&buf[..b * t], &mask[..b * t])?;
-            }
-        } else {
-            sum += engine.forward(&buf[..b * t])?;
-        }
-        start += b;
-    }
-    let per_image = if bert { bert::mask_count(t) } else { t };
-    Ok(sum / (n * per_image * masks) as f64)
 }
 
 #[cfg(test)]

@@ -41,9 +41,7 @@ impl AdamW {
     }
 
     /// Steps parameters held in host memory (a classification head) by the same update the
-    /// model gets. Rows of `row_len` elements may each have their own factor on the rate
-    /// (`row_lr`, one per row; empty for none).
-    #[allow(clippy::too_many_arguments)]
+    /// model gets; `rows` says how they are laid out.
     pub fn update_host(
         &self,
         params: &mut [f32],
@@ -51,27 +49,37 @@ impl AdamW {
         moments: &mut HostMoments,
         lr: f32,
         step: u64,
-        row_len: usize,
-        row_lr: &[f32],
+        rows: HostRows,
     ) {
         let n = params.len();
         assert!(grads.len() == n && moments.m.len() == n && moments.v.len() == n);
-        if row_lr.is_empty() {
+        if rows.lr_scale.is_empty() {
             let h = self.at(lr, step, 1.0);
-            adamw_host(params, grads, &mut moments.m, &mut moments.v, h, false);
+            adamw_host(params, grads, &mut moments.m, &mut moments.v, h, rows.decay);
             return;
         }
-        assert_eq!(row_lr.len() * row_len, n, "one rate factor per row");
-        let rows = params
-            .chunks_exact_mut(row_len)
-            .zip(grads.chunks_exact(row_len))
-            .zip(moments.m.chunks_exact_mut(row_len))
-            .zip(moments.v.chunks_exact_mut(row_len))
-            .zip(row_lr);
-        for ((((p, g), m), v), &f) in rows {
-            adamw_host(p, g, m, v, self.at(lr * f, step, 1.0), false);
+        assert_eq!(rows.lr_scale.len() * rows.len, n, "one rate factor per row");
+        let each = params
+            .chunks_exact_mut(rows.len)
+            .zip(grads.chunks_exact(rows.len))
+            .zip(moments.m.chunks_exact_mut(rows.len))
+            .zip(moments.v.chunks_exact_mut(rows.len))
+            .zip(rows.lr_scale);
+        for ((((p, g), m), v), &f) in each {
+            adamw_host(p, g, m, v, self.at(lr * f, step, 1.0), rows.decay);
         }
     }
+}
+
+/// The layout of host-held parameters for [`AdamW::update_host`].
+#[derive(Debug, Clone, Copy)]
+pub struct HostRows<'a> {
+    /// Elements per row.
+    pub len: usize,
+    /// A factor on the rate for each row (empty: 1 for all).
+    pub lr_scale: &'a [f32],
+    /// Whether weight decay applies (matrices, not biases or gains).
+    pub decay: bool,
 }
 
 /// Adam's two moments for host-held parameters.
@@ -114,8 +122,9 @@ pub fn finish_step(
     step: u64,
     clip: f32,
 ) -> Finished {
-    // Data-parallel training sums the engine's gradient arena, `host_grads` and `loss_sum`
-    // across processes here, before anything reads them. One process has nothing to add.
+    // The one place between backward and update where data-parallel training will sum the
+    // engine's gradient arena, `host_grads` and `loss_sum` across processes, before anything
+    // reads them. A single process has nothing to add, so they pass through unchanged.
     let _ = host_grads;
     let grad_norm = engine.grad_norm();
     let clip_scale = if clip > 0.0 && grad_norm > clip as f64 {

@@ -233,7 +233,7 @@ pub fn resume(
             .collect();
         ensure!(
             diffs.is_empty(),
-            "cannot resume {} with a different model: the run has {}; drop those flags or start a new run",
+            "cannot resume {} with a different model: the run has {}; resume it as it is or start a new run",
             run.path.display(),
             diffs.join(", ")
         );

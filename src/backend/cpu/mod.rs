@@ -135,8 +135,8 @@ impl Backend for CpuBackend {
             let mut v = Vec::new();
             v.try_reserve_exact(n).map_err(|_| {
                 anyhow::anyhow!(
-                    "cannot allocate {:.2} GB for {what} ({:.2} GB planned in all): use a smaller batch \
-                     per pass (micro-batch) or model",
+                    "cannot allocate {:.2} GB for {what} ({:.2} GB planned in all): use fewer \
+                     images per forward pass or a smaller model",
                     n as f64 * 4e-9,
                     total as f64 * 1e-9
                 )
@@ -151,8 +151,8 @@ impl Backend for CpuBackend {
         if let Some(avail) = available_memory() {
             anyhow::ensure!(
                 total <= avail,
-                "this model and batch need {:.2} GB but only {:.2} GB of memory is available: use a smaller \
-                 batch per pass (micro-batch) or model",
+                "this model and batch need {:.2} GB but only {:.2} GB of memory is available: use \
+                 fewer images per forward pass or a smaller model",
                 total as f64 * 1e-9,
                 avail as f64 * 1e-9
             );

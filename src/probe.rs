@@ -732,11 +732,7 @@ pub fn quick_probe(
             .ok_or_else(|| anyhow::anyhow!("a probe needs labelled images"))
     };
     let (tr_y, te_y) = (labels(&tr)?, labels(test)?);
-    let classes = tr_y
-        .iter()
-        .chain(&te_y)
-        .max()
-        .map_or(0, |&c| c as usize + 1);
+    let classes = classes_of(&tr_y, &te_y)?;
     let layers: Vec<usize> = (0..=mc.n_layer).collect();
     let mut engine = crate::model::Engine::new(mc, 16, false, device)?;
     engine.set_params(&model.params)?;
@@ -777,4 +773,99 @@ pub fn quick_probe(
         pixels: base,
         layers,
     })
+}
+
+/// Which features one model's probe reads, and how it chooses its penalty.
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    /// Layers as [`crate::model::Engine::probe_features`] numbers them.
+    pub layers: Vec<usize>,
+    /// Also probe all of them concatenated.
+    pub concat: bool,
+    /// BERT models: evaluation masks the features average over ([`crate::bert::masks_for`]).
+    pub masks: usize,
+    /// Fraction of the training images held out to choose the L2 strength.
+    pub val_fraction: f64,
+    pub seed: u64,
+}
+
+/// The number of classes labels name (the largest label plus one), refusing fewer than two.
+pub fn classes_of(train_y: &[u32], test_y: &[u32]) -> Result<usize> {
+    let classes = train_y
+        .iter()
+        .chain(test_y)
+        .max()
+        .map_or(0, |&c| c as usize + 1);
+    ensure!(classes >= 2, "the labels name fewer than two classes");
+    Ok(classes)
+}
+
+/// The raw-pixel baseline of the probe protocol: [`probe`] on labelled images' pixels (each value
+/// scaled to [0, 1]), at whatever size they come.
+pub fn pixel_probe(
+    train: &crate::data::ImageSet,
+    test: &crate::data::ImageSet,
+    val_fraction: f64,
+    seed: u64,
+) -> Result<ProbeResult> {
+    let labels = |set: &crate::data::ImageSet| {
+        set.labels
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("a probe needs labelled images"))
+    };
+    let (train_y, test_y) = (labels(train)?, labels(test)?);
+    let f = train.image_bytes();
+    ensure!(
+        f == test.image_bytes(),
+        "training and test images differ in size ({f} vs {} values)",
+        test.image_bytes()
+    );
+    let scaled = |set: &crate::data::ImageSet| -> Vec<f32> {
+        set.pixels.iter().map(|&p| p as f32 / 255.0).collect()
+    };
+    let classes = classes_of(&train_y, &test_y)?;
+    probe(
+        &scaled(train),
+        &train_y,
+        &scaled(test),
+        &test_y,
+        f,
+        classes,
+        val_fraction,
+        seed,
+    )
+}
+
+/// One model's probe: features of `opts.layers` for labelled training and test token sets, then
+/// [`probe_layers`]. `on_images(is_test, done)` counts images whose features are done.
+pub fn probe_model(
+    engine: &mut crate::model::Engine,
+    train: &crate::data::TokenSet,
+    test: &crate::data::TokenSet,
+    opts: &ProbeOptions,
+    mut on_images: impl FnMut(bool, usize) + Send,
+    on_result: impl FnMut(&str, &ProbeResult),
+) -> Result<LayerProbes> {
+    let labels = |set: &crate::data::TokenSet| {
+        set.labels()
+            .ok_or_else(|| anyhow::anyhow!("a probe needs labelled images"))
+    };
+    let (train_y, test_y) = (labels(train)?, labels(test)?);
+    let classes = classes_of(&train_y, &test_y)?;
+    let (layers, masks) = (&opts.layers, opts.masks);
+    let ftrain = extract_features(engine, train, layers, masks, |k| on_images(false, k))?;
+    let ftest = extract_features(engine, test, layers, masks, |k| on_images(true, k))?;
+    probe_layers(
+        &ftrain,
+        &train_y,
+        &ftest,
+        &test_y,
+        layers,
+        engine.cfg.n_embd,
+        classes,
+        opts.concat,
+        opts.val_fraction,
+        opts.seed,
+        on_result,
+    )
 }

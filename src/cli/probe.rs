@@ -257,30 +257,17 @@ pub fn probe(a: ProbeArgs, dev: &Device) -> Result<()> {
     let first = igpt::formats::load_model(&a.model[0])?;
     let (train_set, train_y) = labelled(&a.data, a.limit, &first)?;
     let (test_set, test_y) = labelled(&a.test_data, a.test_limit, &first)?;
-    let classes = train_y
-        .iter()
-        .chain(&test_y)
-        .max()
-        .map_or(0, |&c| c as usize + 1);
-    ensure!(classes >= 2, "the labels name fewer than two classes");
+    let classes = probe::classes_of(&train_y, &test_y)?;
 
     // The raw-pixel baseline: the same protocol on the pixels at the data's own resolution.
-    let raw = |spec: &str, limit: Option<usize>| -> Result<(Vec<f32>, usize)> {
-        let mut set = data::load(spec, Format::Auto)?;
-        if let Some(l) = limit {
-            set = set.select(&(0..l.min(set.len())).collect::<Vec<_>>());
+    let raw = |spec: &str, limit: Option<usize>| -> Result<ImageSet> {
+        let set = data::load(spec, Format::Auto)?;
+        match limit {
+            Some(l) => set.take(0..l),
+            None => Ok(set),
         }
-        Ok((
-            set.pixels.iter().map(|&p| p as f32 / 255.0).collect(),
-            set.image_bytes(),
-        ))
     };
-    let (raw_train, f_raw) = raw(&a.data, a.limit)?;
-    let (raw_test, f_raw_test) = raw(&a.test_data, a.test_limit)?;
-    ensure!(
-        f_raw == f_raw_test,
-        "training and test images differ in size ({f_raw} vs {f_raw_test} values)"
-    );
+    let (raw_train, raw_test) = (raw(&a.data, a.limit)?, raw(&a.test_data, a.test_limit)?);
     println!(
         "{} training images ({:.0}% held out to choose L2), {} test images, {classes} classes",
         train_y.len(),
@@ -288,16 +275,7 @@ pub fn probe(a: ProbeArgs, dev: &Device) -> Result<()> {
         test_y.len()
     );
     header();
-    let baseline = probe::probe(
-        &raw_train,
-        &train_y,
-        &raw_test,
-        &test_y,
-        f_raw,
-        classes,
-        a.val_fraction,
-        a.seed,
-    )?;
+    let baseline = probe::pixel_probe(&raw_train, &raw_test, a.val_fraction, a.seed)?;
     row("pixels", &baseline);
 
     let mut best_per_model = Vec::new();
@@ -311,10 +289,15 @@ pub fn probe(a: ProbeArgs, dev: &Device) -> Result<()> {
             m.model() == first.model() || (m.model().side == first.model().side),
             "{spec}: all models of one probe must read images of the same size"
         );
-        let layers = parse_layers(&a.layers, m.model().n_layer)?;
-        let d = m.model().n_embd;
+        let opts = probe::ProbeOptions {
+            layers: parse_layers(&a.layers, m.model().n_layer)?,
+            concat: a.concat,
+            masks: igpt::bert::masks_for(m.model(), a.masks)?,
+            val_fraction: a.val_fraction,
+            seed: a.seed,
+        };
+        let masks = opts.masks;
         let mut engine = engine_for(&m, a.batch, dev)?;
-        let masks = igpt::bert::masks_for(m.model(), a.masks)?;
         if masks > 0 {
             let views = if masks == 1 {
                 "one mask".to_string()
@@ -323,23 +306,28 @@ pub fn probe(a: ProbeArgs, dev: &Device) -> Result<()> {
             };
             println!("{spec}: BERT features averaged over {views} per image");
         }
-        let ftrain = features_of(&mut engine, &train_set, &m, &layers, masks, "training")?;
-        let ftest = features_of(&mut engine, &test_set, &m, &layers, masks, "test")?;
-        if a.model.len() > 1 {
-            println!("model {spec}:");
-        }
-        let probes = probe::probe_layers(
-            &ftrain,
-            &train_y,
-            &ftest,
-            &test_y,
-            &layers,
-            d,
-            classes,
-            a.concat,
-            a.val_fraction,
-            a.seed,
-            row,
+        let train_tokens = TokenSet::quantise(&train_set, &m.palette, "training")?;
+        let test_tokens = TokenSet::quantise(&test_set, &m.palette, "test")?;
+        let bar = pixel_bar((train_y.len() + test_y.len()) as u64, "images");
+        let mut printed = a.model.len() == 1;
+        let probes = probe::probe_model(
+            &mut engine,
+            &train_tokens,
+            &test_tokens,
+            &opts,
+            |is_test, k| {
+                let before = if is_test { train_y.len() } else { 0 };
+                bar.set_position((before + k) as u64)
+            },
+            |name, r| {
+                if !printed {
+                    bar.finish_and_clear();
+                    println!("model {spec}:");
+                    printed = true;
+                }
+                bar.finish_and_clear();
+                row(name, r)
+            },
         )?;
         let (best_l, best) = probes.best();
         println!(
@@ -370,7 +358,7 @@ pub fn probe(a: ProbeArgs, dev: &Device) -> Result<()> {
             println!("chart: {}", a.chart.display());
         }
         if a.model.len() > 1 {
-            let tokens = TokenSet::quantise(&test_set, &m.palette, "test")?;
+            let tokens = test_tokens;
             // BERT models: nats per hidden pixel, averaged over fixed masks (as many as the
             // features use, or the default when those read whole images).
             let nll_masks = if masks > 0 {

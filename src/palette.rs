@@ -4,9 +4,11 @@
 //! by squared Euclidean distance; decoding maps a centre `c` back to `rint(127.5 * (c + 1))`
 //! (REFERENCE.md §2).
 //!
-//! [`Palette::encode`] is the only quantiser: it computes distances with the arithmetic of
-//! Hugging Face's `ImageGPTImageProcessor` (see [`Quantiser`]), so its ids, ties included, are
-//! the processor's for the same pixels and centres.
+//! [`Palette::encode`] is the only quantiser: it computes distances with the arithmetic the
+//! Python source of Hugging Face's `ImageGPTImageProcessor` writes (see [`Quantiser`]) and takes
+//! the first centre on a tie, as the processor's `argmin` does. Its ids equal the processor's on
+//! the fixture photos (`tests/encode.rs`); on exact ties it is tested against that arithmetic
+//! evaluated term by term, not against numpy itself, whose BLAS may fuse operations.
 
 use crate::backend::cpu::simd;
 use crate::npy;
@@ -354,8 +356,9 @@ impl Quantiser {
         let mut soa = vec![0.0f64; 3 * stride];
         let mut norms = vec![f64::INFINITY; stride];
         let screen_stride = k.next_multiple_of(SCREEN_LANES);
-        // Padding sits far outside [-1, 1]: never nearest, and never close to the nearest.
-        let mut screen = vec![1e6f32; 3 * screen_stride];
+        // Padding lanes are infinitely far: never nearest (the comparisons are strict), whatever
+        // the real centres are.
+        let mut screen = vec![f32::INFINITY; 3 * screen_stride];
         let mut scale = 0.0f32;
         for (i, c) in p.exact.chunks_exact(p.channels).enumerate() {
             let b = if p.channels == 1 {

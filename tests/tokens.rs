@@ -131,6 +131,13 @@ fn rgb_quantiser_agrees_with_hugging_face_on_ties_and_a_sample_of_colours() {
         .map(|_| ((rng.next() % 256) as f64 * (1.0 / 127.5) - 1.0) as f32)
         .collect();
     palettes.push(Palette::new(3, lattice).unwrap());
+    // Centres far outside [-1, 1] (a hand-written palette file may hold any finite values): the
+    // nearest is still one of them, never the quantiser's padding.
+    // Fifteen of them: the screen's block of sixteen then holds one padding lane.
+    let far: Vec<f32> = (0..3 * 15)
+        .map(|i| (2e6 + 1e5 * i as f64) as f32 * if i % 2 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    palettes.push(Palette::new(3, far).unwrap());
     for p in &palettes {
         let clusters = clusters_of(p);
         let ours = p.encode(&colours);

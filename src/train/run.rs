@@ -239,8 +239,8 @@ pub fn resume(
         );
     }
     if let Some(s) = steps {
-        ensure!(s >= 1, "a run needs at least 1 step (asked for {s})");
         cfg.train.steps = s;
+        cfg.train.validate()?;
         run.save_config(&cfg)?;
     }
     let palette = run.load_palette()?;

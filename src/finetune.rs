@@ -614,21 +614,9 @@ pub struct FinetuneConfig {
 impl FinetuneConfig {
     /// Refuses settings that cannot work (before any model or data is loaded).
     pub fn validate(&self) -> Result<(), crate::train::TrainConfigError> {
-        use crate::train::TrainConfigError as E;
-        if self.batch < 1 || self.micro_batch < 1 {
-            return Err(E::EmptyBatch);
-        }
-        if !self.batch.is_multiple_of(self.micro_batch) {
-            return Err(E::BatchSplit {
-                batch: self.batch,
-                micro_batch: self.micro_batch,
-            });
-        }
+        crate::train::check_step(self.batch, self.micro_batch, self.lr)?;
         if self.eval_every < 1 {
-            return Err(E::NoValidation);
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(E::LearningRate(self.lr));
+            return Err(crate::train::TrainConfigError::NoValidation);
         }
         Ok(())
     }

@@ -69,18 +69,7 @@ impl TrainConfig {
         if self.steps < 1 {
             return Err(E::NoSteps);
         }
-        if self.batch < 1 || self.micro_batch < 1 {
-            return Err(E::EmptyBatch);
-        }
-        if !self.batch.is_multiple_of(self.micro_batch) {
-            return Err(E::BatchSplit {
-                batch: self.batch,
-                micro_batch: self.micro_batch,
-            });
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(E::LearningRate(self.lr));
-        }
+        check_step(self.batch, self.micro_batch, self.lr)?;
         if !((0.0..1.0).contains(&self.beta1) && (0.0..1.0).contains(&self.beta2)) {
             return Err(E::Betas(self.beta1, self.beta2));
         }
@@ -124,6 +113,22 @@ pub enum TrainConfigError {
     Betas(f32, f32),
     #[error("validation must come every so many steps, at least every 1")]
     NoValidation,
+}
+
+/// The settings every optimizer step shares, pre-training's and fine-tuning's: a batch of
+/// `batch` images in passes of `micro_batch`, at a positive rate `lr`.
+pub fn check_step(batch: usize, micro_batch: usize, lr: f32) -> Result<(), TrainConfigError> {
+    use TrainConfigError as E;
+    if batch < 1 || micro_batch < 1 {
+        return Err(E::EmptyBatch);
+    }
+    if !batch.is_multiple_of(micro_batch) {
+        return Err(E::BatchSplit { batch, micro_batch });
+    }
+    if !(lr > 0.0 && lr.is_finite()) {
+        return Err(E::LearningRate(lr));
+    }
+    Ok(())
 }
 
 /// Where training stands: enough to continue exactly.

@@ -1,4 +1,5 @@
-//! Incremental decoding with the key/value cache gives the full forward pass's logits.
+//! Incremental decoding with the key/value cache gives the full forward pass's logits, on every
+//! device this build can open.
 
 use igpt::backend::Device;
 use igpt::config::ModelConfig;
@@ -25,18 +26,24 @@ fn model_and_params() -> (ModelConfig, Vec<f32>) {
 }
 
 fn check_batch(batch: usize) {
+    for device in Device::available() {
+        check_batch_on(batch, &device);
+    }
+}
+
+fn check_batch_on(batch: usize, device: &Device) {
     let (cfg, params) = model_and_params();
     let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
     let tokens: Vec<u16> = (0..batch * t)
         .map(|i| ((i * 7 + i / 5) % v) as u16)
         .collect();
-    let mut engine = Engine::new(&cfg, batch, false, &Device::Cpu).unwrap();
+    let mut engine = Engine::new(&cfg, batch, false, device).unwrap();
     engine.set_params(&params).unwrap();
     engine.forward(&tokens).unwrap();
     let mut full = Vec::new();
     engine.logits(&mut full);
 
-    let mut dec = Decoder::new(&cfg, batch, &Device::Cpu).unwrap();
+    let mut dec = Decoder::new(&cfg, batch, device).unwrap();
     dec.set_params(&params).unwrap();
     let mut worst = 0.0f32;
     for pos in 0..t {
@@ -55,7 +62,7 @@ fn check_batch(batch: usize) {
     }
     assert!(
         worst < 1e-4,
-        "batch {batch}: incremental logits differ by {worst} (relative)"
+        "{device}, batch {batch}: incremental logits differ by {worst} (relative)"
     );
     // Past the context, the decoder refuses.
     assert!(dec.step(&vec![0; batch]).is_err());

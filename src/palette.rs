@@ -5,10 +5,11 @@
 //! (REFERENCE.md §2).
 //!
 //! [`Palette::encode`] is the only quantiser: it computes distances with the arithmetic the
-//! Python source of Hugging Face's `ImageGPTImageProcessor` writes (the private `Quantiser`) and takes
-//! the first centre on a tie, as the processor's `argmin` does. Its ids equal the processor's on
-//! the fixture photos (`tests/encode.rs`); on exact ties it is tested against that arithmetic
-//! evaluated term by term, not against numpy itself, whose BLAS may fuse operations.
+//! Python source of Hugging Face's `ImageGPTImageProcessor` writes (the private `Quantiser`)
+//! and takes the first centre on a tie, as the processor's `argmin` does. Its ids equal the
+//! processor's on the fixture photos (`tests/encode.rs`); on exact ties it is tested against
+//! that arithmetic evaluated term by term, not against numpy itself, whose BLAS may fuse
+//! operations.
 
 use crate::backend::cpu::simd;
 use crate::npy;

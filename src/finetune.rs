@@ -861,7 +861,7 @@ pub fn test_accuracy(
 }
 
 /// Refuses labels the head has no class for.
-pub fn check_classes(head: &Head, labels: &[u32]) -> Result<()> {
+fn check_classes(head: &Head, labels: &[u32]) -> Result<()> {
     if let Some(&bad) = labels.iter().find(|&&l| l as usize >= head.classes) {
         anyhow::bail!(
             "the images have class {bad}, but the model's head has {} classes",

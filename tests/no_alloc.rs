@@ -1,5 +1,6 @@
-//! A training step or a fine-tuning step in the steady state allocates nothing on the heap: every activation,
-//! gradient and optimizer buffer was planned when the engine was built.
+//! A training, fine-tuning or decoding step in the steady state allocates nothing on the heap:
+//! every activation, gradient, cache and optimizer buffer was planned when the engine or
+//! decoder was built.
 //!
 //! The `gemm` crate allocates small packing buffers inside each product call; those are
 //! counted separately (they are freed before the call returns) and only their size is bounded.
@@ -47,7 +48,7 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 #[test]
-fn training_and_finetuning_steps_do_not_allocate() {
+fn training_finetuning_and_decoding_steps_do_not_allocate() {
     rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build_global()
@@ -122,6 +123,19 @@ fn run_steps() {
     ARMED.store(false, Ordering::SeqCst);
     let finetune = ENGINE_ALLOCS.load(Ordering::SeqCst);
     assert_eq!(finetune, 0, "fine-tuning steps allocated {finetune} times");
+    // Decoding steps (the KV-cache decoder, batch 3) allocate nothing either.
+    let mut dec = igpt::model::Decoder::new(&model, 3, &Device::Cpu).unwrap();
+    dec.set_params(&params).unwrap();
+    let prev = [1u16, 5, 9];
+    dec.step(&prev).unwrap();
+    ENGINE_ALLOCS.store(0, Ordering::SeqCst);
+    ARMED.store(true, Ordering::SeqCst);
+    for _ in 1..t {
+        dec.step(&prev).unwrap();
+    }
+    ARMED.store(false, Ordering::SeqCst);
+    let decoding = ENGINE_ALLOCS.load(Ordering::SeqCst);
+    assert_eq!(decoding, 0, "decoding steps allocated {decoding} times");
     // gemm's packing scratch is bounded by cache-sized blocks, never by the tensor sizes.
     assert!(
         gemm_max <= 4 << 20,

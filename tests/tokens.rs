@@ -269,11 +269,11 @@ fn cached_tokens(path: &Path) -> Vec<i64> {
     out.into_iter().map(|x| x as i64).collect()
 }
 
-/// A model trained on a folder sees the tokens `encode` gives for its files, and `score`
-/// gives the same tokens and scores whether it reads the folder as `--data` or the files as
-/// `--images`; for an RGB and a grayscale model.
+/// A model trained on a folder sees the tokens `encode` and `complete` give for its files, and
+/// `score` gives the same tokens and scores whether it reads the folder as `--data` or the files
+/// as `--images`; for an RGB and a grayscale model.
 #[test]
-fn train_score_and_encode_see_the_same_tokens() {
+fn train_score_encode_and_complete_see_the_same_tokens() {
     let dir = tempdir("tokens-cli");
     let files = image_folder(&dir);
     let folder = dir.join("imgs");
@@ -363,5 +363,54 @@ fn train_score_and_encode_see_the_same_tokens() {
         let (a, b) = (scores(&csv_a), scores(&csv_b));
         assert_eq!(a.len(), 5);
         assert_eq!(a, b, "{channels} channel(s): per-image scores");
+
+        // Completing from every row keeps each whole image: the completions are the originals
+        // `complete` read from the files.
+        let done = dir.join(format!("done{channels}.npy"));
+        let mut args = vec![
+            "complete",
+            "--model",
+            s(&run),
+            "--rows",
+            "6",
+            "--k",
+            "1",
+            "--out",
+        ];
+        let grid = dir.join("grid.png");
+        args.push(s(&grid));
+        args.extend(["--tokens", s(&done), "--images"]);
+        args.extend(files.iter().map(|f| s(f)));
+        let o = igpt(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(read_ids(&done), cache, "{channels} channel(s): complete");
     }
+}
+
+#[test]
+fn colour_to_gray_is_pillows_convert_l() {
+    // Fixture by scripts/make_luma_fixture.py: 4,096 colours and Pillow's own `convert("L")`.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/luma");
+    let want = image::open(dir.join("l.png"))
+        .unwrap()
+        .to_luma8()
+        .into_raw();
+    // The path every command takes: the file decoded, then shaped for a gray model.
+    let img = igpt::preprocess::decode_file(&dir.join("rgb.png")).unwrap();
+    assert_eq!((img.width, img.height), (64, 64));
+    let gray = igpt::preprocess::shape(img.image(), 64, 1).unwrap();
+    assert_eq!(gray.len(), want.len());
+    let wrong = gray.iter().zip(&want).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        wrong,
+        0,
+        "{wrong} of {} pixels differ from Pillow",
+        want.len()
+    );
+    // A gray image comes back unchanged through RGB and back.
+    let rgb = igpt::preprocess::convert_channels(&want, 1, 3).unwrap();
+    assert_eq!(
+        igpt::preprocess::convert_channels(&rgb, 3, 1).unwrap(),
+        want
+    );
 }

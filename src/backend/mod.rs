@@ -45,16 +45,7 @@ pub struct AdamStep {
 
 /// One AdamW step on parameters held in host memory (a classification head, which stays on the
 /// host whatever the device): the same update the backends apply to the model.
-pub fn adamw_host(
-    params: &mut [f32],
-    grads: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    step: AdamStep,
-    decay: bool,
-) {
-    cpu::optim::adamw(params, grads, m, v, step, decay)
-}
+pub use cpu::optim::adamw as adamw_host;
 
 /// Element type of a view. Arenas are f32 today; a backend with 16-bit arenas adds its type here
 /// and refuses views it does not hold.

@@ -229,28 +229,24 @@ pub fn classify(a: ClassifyArgs, dev: &Device) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
     let head = Head::load(&PathBuf::from(&a.model).join("head.safetensors"))?;
     let masks = igpt::bert::masks_for(m.model(), a.masks)?;
-    let mut e = Engine::new(m.model(), 32, false, dev)?;
-    e.set_params(&m.params)?;
+    if let Some(spec) = &a.data {
+        let (tokens, labels, _) = labelled_tokens(spec, a.limit, &m)?;
+        let acc = finetune::test_accuracy(&m, &head, &tokens, masks, dev)
+            .with_context(|| spec.clone())?;
+        println!("{} images: accuracy {:.2}%", labels.len(), 100.0 * acc);
+        return Ok(());
+    }
     let name = |c: u32| -> String {
         head.class_names
             .get(c as usize)
             .cloned()
             .unwrap_or_else(|| format!("class {c}"))
     };
-    if let Some(spec) = &a.data {
-        let (tokens, labels, _) = labelled_tokens(spec, a.limit, &m)?;
-        finetune::check_classes(&head, &labels).with_context(|| spec.clone())?;
-        let pred = finetune::classify(&mut e, &head, &tokens, masks)?;
-        println!(
-            "{} images: accuracy {:.2}%",
-            labels.len(),
-            100.0 * igpt::probe::accuracy(&pred, &labels)
-        );
-        return Ok(());
-    }
     let files = super::generate::image_files(&a.images)?;
     let ids = super::interop::encode_files(&m, &files)?;
     let tokens = TokenSet::from_tokens(ids, m.model().n_ctx(), m.model().n_vocab, None)?;
+    let mut e = Engine::new(m.model(), 32, false, dev)?;
+    e.set_params(&m.params)?;
     let pred = finetune::classify(&mut e, &head, &tokens, masks)?;
     for (f, p) in files.iter().zip(pred) {
         println!("{}\t{}", f.display(), name(p));

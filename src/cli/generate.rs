@@ -106,6 +106,9 @@ pub struct CompleteArgs {
     /// Grid: per input, the original, the kept part, and the completions (PNG).
     #[arg(long, default_value = "completions.png")]
     out: PathBuf,
+    /// Also write the completions' token ids as .npy (uint16 [n * k, side, side], image-major).
+    #[arg(long)]
+    tokens: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -263,12 +266,7 @@ pub fn sample(a: SampleArgs, dev: &Device) -> Result<()> {
         a.out.display()
     );
     if let Some(p) = &a.tokens {
-        let bytes: Vec<u8> = tokens.iter().flat_map(|v| v.to_le_bytes()).collect();
-        igpt::fsutil::write_atomic(
-            p,
-            &igpt::npy::encode(&[a.n, side, side], igpt::npy::DType::U16, &bytes),
-        )?;
-        println!("tokens: {}", p.display());
+        write_tokens(p, &tokens, side)?;
     }
     if let Some(dir) = &a.png_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -300,11 +298,15 @@ pub fn complete(a: CompleteArgs, dev: &Device) -> Result<()> {
         "the prefix ({keep} pixels) is longer than the image ({t} pixels = {side} rows)"
     );
     let originals = m.palette.encode(&set.pixels);
-    complete_tokens(&mut m, &originals, keep, a.k, &a.sampling, &a.out, dev)
+    let completions = complete_tokens(&mut m, &originals, keep, a.k, &a.sampling, &a.out, dev)?;
+    if let Some(p) = &a.tokens {
+        write_tokens(p, &completions, side)?;
+    }
+    Ok(())
 }
 
 /// Completes each image of `originals` (`[n, n_ctx]` tokens) from its first `keep` pixels,
-/// `k` times, and draws the grid.
+/// `k` times, draws the grid and returns the completions (`[n * k, n_ctx]`, image-major).
 fn complete_tokens(
     m: &mut LoadedModel,
     originals: &[u16],
@@ -313,7 +315,7 @@ fn complete_tokens(
     s: &SamplingArgs,
     out: &Path,
     dev: &Device,
-) -> Result<()> {
+) -> Result<Vec<u16>> {
     let (side, t) = (m.model().side, m.model().n_ctx());
     let prefixes = sample::completion_prefixes(originals, t, keep, k);
     let tokens = generate_all(m, &prefixes, s, dev)?;
@@ -337,7 +339,7 @@ fn complete_tokens(
         originals.len() / t,
         out.display()
     );
-    Ok(())
+    Ok(tokens)
 }
 
 pub fn score(a: ScoreArgs, dev: &Device) -> Result<()> {
@@ -346,11 +348,11 @@ pub fn score(a: ScoreArgs, dev: &Device) -> Result<()> {
         Some(spec) => dataset_images(spec, &m, 0, a.limit)?,
         None => load_images(&image_files(&a.images)?, &m)?,
     };
-    let side = m.model().side;
-    let tokens = TokenSet::quantise(&set, &m.palette, "score")?;
+    let ids = m.palette.encode(&set.pixels);
     if let Some(p) = &a.tokens {
-        write_tokens(p, &tokens, side)?;
+        write_tokens(p, &ids, m.model().side)?;
     }
+    let tokens = TokenSet::from_tokens(ids, m.model().n_ctx(), m.model().n_vocab, None)?;
     let batch = a.batch.clamp(1, tokens.len());
     let model = m.model().clone();
     let mut engine = Engine::with_params(&model, batch, dev, std::mem::take(&mut m.params))?;
@@ -397,17 +399,14 @@ pub fn score(a: ScoreArgs, dev: &Device) -> Result<()> {
     Ok(())
 }
 
-/// Token ids as .npy, uint16 `[n, side, side]` (the layout `sample --tokens` writes).
-fn write_tokens(path: &Path, tokens: &TokenSet, side: usize) -> Result<()> {
-    let t = side * side;
-    let mut ids = vec![0u16; tokens.len() * t];
-    for (i, img) in ids.chunks_mut(t).enumerate() {
-        tokens.copy_image(i, img);
-    }
+/// Token ids `[n, side * side]` as .npy, uint16 `[n, side, side]` (`sample`, `score` and
+/// `complete --tokens`).
+fn write_tokens(path: &Path, ids: &[u16], side: usize) -> Result<()> {
     let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let shape = [ids.len() / (side * side), side, side];
     igpt::fsutil::write_atomic(
         path,
-        &igpt::npy::encode(&[tokens.len(), side, side], igpt::npy::DType::U16, &bytes),
+        &igpt::npy::encode(&shape, igpt::npy::DType::U16, &bytes),
     )?;
     println!("tokens: {}", path.display());
     Ok(())
@@ -448,5 +447,6 @@ pub fn demo_pictures(run: &Path, val: &TokenSet, dev: &Device) -> Result<()> {
         &s,
         &run.join("completions.png"),
         dev,
-    )
+    )?;
+    Ok(())
 }

@@ -320,12 +320,11 @@ pub fn probe(a: ProbeArgs, dev: &Device) -> Result<()> {
                 bar.set_position((before + k) as u64)
             },
             |name, r| {
+                bar.finish_and_clear();
                 if !printed {
-                    bar.finish_and_clear();
                     println!("model {spec}:");
                     printed = true;
                 }
-                bar.finish_and_clear();
                 row(name, r)
             },
         )?;
@@ -358,7 +357,6 @@ pub fn probe(a: ProbeArgs, dev: &Device) -> Result<()> {
             println!("chart: {}", a.chart.display());
         }
         if a.model.len() > 1 {
-            let tokens = test_tokens;
             // BERT models: nats per hidden pixel, averaged over fixed masks (as many as the
             // features use, or the default when those read whole images).
             let nll_masks = if masks > 0 {
@@ -366,8 +364,13 @@ pub fn probe(a: ProbeArgs, dev: &Device) -> Result<()> {
             } else {
                 igpt::bert::EVAL_MASKS
             };
-            let nll =
-                igpt::eval::evaluate_masks(&mut engine, &tokens, 0, nll_masks, &mut Vec::new())?;
+            let nll = igpt::eval::evaluate_masks(
+                &mut engine,
+                &test_tokens,
+                0,
+                nll_masks,
+                &mut Vec::new(),
+            )?;
             println!("held-out NLL: {nll:.4} nats/token");
             best_per_model.push((nll, 100.0 * best.test_accuracy));
         }
@@ -420,13 +423,12 @@ pub fn demo_probe(
         },
     )?;
     let (base, probes) = (&q.pixels, &q.layers);
-    let te_y = val.len();
     let (best_l, best) = probes.best();
     println!(
         "best layer (by validation): {best_l}, {:.1}% on the {} held-out images; \
          palette pixels {:.1}%",
         100.0 * best.test_accuracy,
-        te_y,
+        val.len(),
         100.0 * base.test_accuracy
     );
     let points = probes

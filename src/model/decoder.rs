@@ -117,9 +117,9 @@ impl Decoder {
         device: &Device,
         params: Option<Vec<f32>>,
     ) -> anyhow::Result<Self> {
-        let mut backend = device.open()?;
         cfg.validate()?;
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
+        let mut backend = device.open()?;
         let layout = ParamLayout::new(cfg);
         if let Some(p) = &params {
             anyhow::ensure!(

@@ -182,9 +182,9 @@ impl Engine {
         device: &Device,
         params: Option<Vec<f32>>,
     ) -> anyhow::Result<Self> {
-        let mut backend = device.open()?;
         cfg.validate()?;
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
+        let mut backend = device.open()?;
         let layout = ParamLayout::new(cfg);
         if let Some(p) = &params {
             anyhow::ensure!(
@@ -221,11 +221,6 @@ impl Engine {
             mask_weights: vec![0.0; rows],
             backward_ready: false,
         })
-    }
-
-    /// The backend's name (which device this engine computes on).
-    pub fn backend_name(&self) -> &'static str {
-        self.backend.name()
     }
 
     fn p(&self, offset: usize, len: usize) -> View {

@@ -112,7 +112,6 @@ pub struct Finished {
 /// summed across processes, the model's global gradient norm is clipped to `clip` (0: no
 /// clipping), and the model takes one AdamW step at `lr`. Host-held parameters are then the
 /// caller's to update with [`AdamW::update_host`].
-#[allow(clippy::too_many_arguments)]
 pub fn finish_step(
     engine: &mut Engine,
     host_grads: &mut [&mut [f32]],

@@ -120,7 +120,8 @@ pub fn image_rng(seed: u64, index: u64) -> ChaCha8Rng {
 }
 
 /// Generates `decoder.batch` images. `prefix[b]` holds the known first tokens of image b
-/// (empty for unconditional samples); they are fed as they are and only the rest is sampled.
+/// (empty for unconditional samples); they are fed as they are and only the rest is sampled
+/// (the pixels all images know go through the model in one prefill).
 /// `first_index` numbers the images for their random streams. `on_row(row, tokens)` is called
 /// each time a row of pixels is complete, with every image's tokens so far (`[batch, n_ctx]`).
 pub fn generate(
@@ -150,8 +151,19 @@ pub fn generate(
     let mut tokens = vec![0u16; batch * t];
     let mut prev = vec![0u16; batch];
     let mut probs = Vec::with_capacity(decoder.cfg.n_vocab);
-    decoder.reset();
-    for pos in 0..t {
+    // The pixels every image knows go through the model at once.
+    let known = prefix.iter().map(|p| p.len()).min().unwrap_or(0);
+    let mut first: Vec<u16> = Vec::with_capacity(batch * known);
+    for (b, p) in prefix.iter().enumerate() {
+        first.extend_from_slice(&p[..known]);
+        tokens[b * t..b * t + known].copy_from_slice(&p[..known]);
+        prev[b] = if known > 0 { p[known - 1] } else { 0 };
+    }
+    decoder.prefill(&first, known)?;
+    for row in 0..known / side {
+        on_row(row, &tokens);
+    }
+    for pos in known..t {
         let logits = decoder.step(&prev)?;
         let v = logits.len() / batch;
         for b in 0..batch {

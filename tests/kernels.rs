@@ -3,7 +3,7 @@
 //! forward pass, decoding steps against the full forward pass. The checks go through the trait
 //! only, so a new backend runs the same ones as the CPU.
 
-use igpt::backend::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, Device, Op, View};
+use igpt::backend::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, Op, View};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -56,11 +56,17 @@ fn check_grad(name: &str, x: &mut [f32], analytic: &[f32], f: &mut dyn FnMut(&[f
     }
 }
 
+/// Elements of 16-bit storage (and of bf16 product scratch) every rig has.
+const HALF: usize = 1 << 16;
+
 /// A backend opened on one device, handing out consecutive views of its activation arena.
 struct Rig {
     b: Box<dyn Backend>,
     acts: usize,
     next: usize,
+    /// Elements of the 16-bit arena, and the next free one.
+    half: usize,
+    next_half: usize,
 }
 
 impl Rig {
@@ -87,12 +93,31 @@ impl Rig {
             params,
             grads: params,
             acts,
+            half: HALF,
+            max_packed_input: HALF,
             tokens,
             max_rows: rows,
             max_width: width,
         })
         .unwrap_or_else(|e| panic!("{device}: allocate: {e}"));
-        Self { b, acts, next: 0 }
+        Self {
+            b,
+            acts,
+            next: 0,
+            half: HALF,
+            next_half: 0,
+        }
+    }
+
+    /// The next `n` elements of the 16-bit arena.
+    fn half_view(&mut self, n: usize) -> View {
+        let v = View::bf16(self.next_half, n);
+        self.next_half += n.next_multiple_of(32);
+        assert!(
+            self.next_half <= self.half,
+            "test rig: 16-bit arena too small"
+        );
+        v
     }
 
     /// The next `n` floats of the activation arena (offsets aligned to 16 floats, as the
@@ -129,6 +154,7 @@ impl Rig {
     /// Hands the whole activation arena out again.
     fn reset(&mut self) {
         self.next = 0;
+        self.next_half = 0;
     }
 }
 
@@ -189,6 +215,89 @@ fn matmul_matches_naive_for_every_layout() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Products with bfloat16 weights: the backend's packed product equals the f64 product of the
+/// bf16-rounded operands (only the f32 summation order may differ), for row counts that hit
+/// every register tile, odd `k`, and `n` off the 16-column panels.
+#[test]
+fn packed_bf16_matmul_matches_the_rounded_product() {
+    use igpt::backend::cpu::bf16::{from_bf16, to_bf16};
+    let round = |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| from_bf16(to_bf16(v))).collect() };
+    let cases: [(usize, usize, usize); 7] = [
+        (1, 64, 48),
+        (2, 5, 7),
+        (3, 33, 100),
+        (5, 64, 64),
+        (8, 31, 80),
+        (13, 48, 33),
+        (70, 40, 130),
+    ];
+    let cap = cases
+        .iter()
+        .map(|&(m, k, n)| (2 * m * n + m * k + k * n).next_multiple_of(16) + 64)
+        .max()
+        .unwrap();
+    for device in Device::available() {
+        let mut r = Rig::new(device, cap, 0, 1, 1);
+        for &(m, k, n) in &cases {
+            for op in [Op::N, Op::T] {
+                r.reset();
+                let a = rand_vec(m * k, 11, 1.0);
+                let w = rand_vec(k * n, 12, 1.0);
+                let want = naive_matmul(&round(&a), Op::N, &round(&w), op, m, k, n);
+                let (av, wv) = (r.put(&a), r.put(&w));
+                let packed = r.half_view(r.b.packed_len(k, n));
+                r.b.pack_weight(packed, wv, op, k, n);
+                let out = r.put(&vec![7.0; m * n]);
+                r.b.matmul_packed(out, av, packed, m, k, n, false);
+                let e = max_rel(&r.get(out), &want);
+                assert!(e < 1e-5, "{device} packed {m}x{k}x{n} {op:?}: {e}");
+                r.set(out, &vec![1.0; m * n]);
+                r.b.matmul_packed(out, av, packed, m, k, n, true);
+                let want1: Vec<f32> = want.iter().map(|v| v + 1.0).collect();
+                let e = max_rel(&r.get(out), &want1);
+                assert!(
+                    e < 1e-5,
+                    "{device} packed {m}x{k}x{n} {op:?} accumulate: {e}"
+                );
+            }
+        }
+    }
+}
+
+/// The CPU's AVX-512 BF16 kernel and its portable loop compute the same products (where this
+/// CPU has the instructions; elsewhere only the portable loop exists).
+#[test]
+fn native_and_portable_bf16_products_agree() {
+    use igpt::backend::cpu::bf16;
+    for &(m, k, n) in &[
+        (1usize, 256usize, 768usize),
+        (4, 77, 50),
+        (9, 64, 40),
+        (64, 30, 70),
+    ] {
+        let a = rand_vec(m * k, 21, 1.0);
+        let w = rand_vec(k * n, 22, 1.0);
+        let mut packed = vec![0u16; bf16::packed_len(k, n)];
+        bf16::pack(&mut packed, &w, Op::N, k, n);
+        let mut scratch = vec![0u16; bf16::input_scratch_len(m, k)];
+        let run = |native: bool, scratch: &mut [u16]| {
+            let mut out = vec![0.0f32; m * n];
+            bf16::matmul(&mut out, &a, &packed, scratch, m, k, n, false, native);
+            out
+        };
+        let portable = run(false, &mut scratch);
+        let native = run(true, &mut scratch);
+        let e = max_rel(&native, &portable);
+        assert!(e < 1e-5, "{m}x{k}x{n}: native vs portable {e}");
+        if !bf16::native() {
+            assert_eq!(
+                native, portable,
+                "without AVX-512 BF16 both are the portable loop"
+            );
         }
     }
 }
@@ -535,7 +644,7 @@ fn decoding_steps_match_the_full_forward_pass() {
             + (v + t + 1 + batch * t) * d
             + 3 * cache
             + batch * n_head * cache_len
-            + 8 * batch * d
+            + 8 * batch * CHUNK * d
             + 512;
         let mut r = Rig::new(device, cap, batch * t, batch * t, 3 * d);
 
@@ -555,44 +664,88 @@ fn decoding_steps_match_the_full_forward_pass() {
         r.b.attention_forward(out, lse, qv, scratch, s);
         let att_full = r.get(out);
 
-        // One position at a time. The caches start with stale values (a decoder reuses them
-        // for the next image), which no step may read beyond its position.
-        let (kc, vc) = (r.view(cache), r.view(cache));
-        r.b.fill(kc, 50.0);
-        r.b.fill(vc, 50.0);
+        // One position at a time, then several at a time (a prefill), with f32 and bf16
+        // caches. The caches start with stale values (a decoder reuses them for the next
+        // image), which no step may read beyond its positions.
         let scores = r.view(batch * n_head * cache_len);
-        let (emb_step, qkv_step, att_step) =
-            (r.view(batch * d), r.view(batch * 3 * d), r.view(batch * d));
-        for pos in 0..t {
-            let rows = |x: &[f32], w: usize| -> Vec<f32> {
-                (0..batch)
-                    .flat_map(|b| x[(b * t + pos) * w..(b * t + pos + 1) * w].to_vec())
-                    .collect()
+        let (emb_step, qkv_step, att_step) = (
+            r.view(batch * CHUNK * d),
+            r.view(batch * CHUNK * 3 * d),
+            r.view(batch * CHUNK * d),
+        );
+        let f32_caches = (r.view(cache), r.view(cache));
+        let bf16_caches = (r.half_view(cache), r.half_view(cache));
+        for (kc, vc) in [f32_caches, bf16_caches] {
+            let tol = if kc.dtype == DType::Bf16 {
+                1.5e-2
+            } else {
+                1e-5
             };
-            // Each sequence's previous token; at position 0 it is ignored, whatever it is.
-            let prev: Vec<u16> = (0..batch)
-                .map(|b| {
-                    if pos == 0 {
-                        u16::MAX
-                    } else {
-                        tokens[b * t + pos - 1]
-                    }
-                })
-                .collect();
-            r.b.set_tokens(&prev);
-            r.b.embed_step(emb_step, wtev, wpev, sosv, pos, d);
-            assert_eq!(
-                r.get(emb_step),
-                rows(&emb_full, d),
-                "{device} embed_step at position {pos}"
-            );
-            r.set(qkv_step, &rows(&qkv, 3 * d));
-            r.b.attention_step(att_step, kc, vc, qkv_step, scores, s, pos);
-            let e = max_rel(&r.get(att_step), &rows(&att_full, d));
-            assert!(e < 1e-5, "{device} attention_step at position {pos}: {e}");
+            for chunk in [1, CHUNK] {
+                r.b.fill(kc, 50.0);
+                r.b.fill(vc, 50.0);
+                let mut pos = 0;
+                while pos < t {
+                    let n = chunk.min(t - pos);
+                    // Rows (sequence, position) of a full-pass tensor for positions pos..pos+n.
+                    let rows = |x: &[f32], w: usize| -> Vec<f32> {
+                        (0..batch)
+                            .flat_map(|b| x[(b * t + pos) * w..(b * t + pos + n) * w].to_vec())
+                            .collect()
+                    };
+                    // Each position's previous token; at position 0 it is ignored, whatever it is.
+                    let toks = &tokens;
+                    let prev: Vec<u16> = (0..batch)
+                        .flat_map(|b| {
+                            (pos..pos + n).map(move |p| {
+                                if p == 0 {
+                                    u16::MAX
+                                } else {
+                                    toks[b * t + p - 1]
+                                }
+                            })
+                        })
+                        .collect();
+                    let (emb, qkv_n, att) = (
+                        View {
+                            len: batch * n * d,
+                            ..emb_step
+                        },
+                        View {
+                            len: batch * n * 3 * d,
+                            ..qkv_step
+                        },
+                        View {
+                            len: batch * n * d,
+                            ..att_step
+                        },
+                    );
+                    r.b.set_tokens(&prev);
+                    r.b.embed_step(emb, wtev, wpev, sosv, pos, n, d);
+                    assert_eq!(
+                        r.get(emb),
+                        rows(&emb_full, d),
+                        "{device} embed_step at positions {pos}..{}",
+                        pos + n
+                    );
+                    r.set(qkv_n, &rows(&qkv, 3 * d));
+                    r.b.attention_step(att, kc, vc, qkv_n, scores, s, pos, n);
+                    let e = max_rel(&r.get(att), &rows(&att_full, d));
+                    assert!(
+                        e < tol,
+                        "{device} attention_step ({:?} caches) at positions {pos}..{}: {e}",
+                        kc.dtype,
+                        pos + n
+                    );
+                    pos += n;
+                }
+            }
         }
     }
 }
+
+/// Positions per prefill chunk in the decoding test (uneven, so the last chunk is short).
+const CHUNK: usize = 7;
 
 fn cross_entropy_naive(z: &[f32], targets: &[u16], v: usize) -> Vec<f64> {
     z.chunks(v)

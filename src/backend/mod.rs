@@ -47,13 +47,45 @@ pub struct AdamStep {
 /// host whatever the device): the same update the backends apply to the model.
 pub use cpu::optim::adamw as adamw_host;
 
-/// Element type of a view. Arenas are f32 today; a backend with 16-bit arenas adds its type here
-/// and refuses views it does not hold.
+/// Element type of a view: f32 everywhere but in [`Arena::Half`], which holds bfloat16.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum DType {
     #[default]
     F32,
+    Bf16,
+}
+
+/// Precision of inference products and caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 weights, activations and caches (exact against the reference).
+    #[default]
+    F32,
+    /// Weights and key/value caches stored as bfloat16, products accumulated in f32.
+    Bf16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!(
+                "unknown precision {other:?} (expected f32 or bf16)"
+            )),
+        }
+    }
 }
 
 /// The separately allocated regions a backend holds.
@@ -64,6 +96,8 @@ pub enum Arena {
     AdamM,
     AdamV,
     Acts,
+    /// 16-bit storage: packed inference weights and bfloat16 key/value caches.
+    Half,
 }
 
 /// A contiguous run of `len` elements of type `dtype` at `offset` (in elements) in one arena.
@@ -85,6 +119,15 @@ impl View {
             dtype: DType::F32,
         }
     }
+    /// A bfloat16 view in [`Arena::Half`].
+    pub fn bf16(offset: usize, len: usize) -> Self {
+        Self {
+            arena: Arena::Half,
+            offset,
+            len,
+            dtype: DType::Bf16,
+        }
+    }
     pub fn overlaps(&self, other: &View) -> bool {
         self.arena == other.arena
             && self.offset < other.offset + other.len
@@ -99,6 +142,10 @@ pub struct ArenaSizes {
     /// Gradients and both Adam moments (zero when the engine only runs inference).
     pub grads: usize,
     pub acts: usize,
+    /// Elements of [`Arena::Half`] (packed weights and 16-bit caches).
+    pub half: usize,
+    /// Largest `[rows, k]` input of [`Backend::matmul_packed`] (its bf16 copy is scratch).
+    pub max_packed_input: usize,
     /// Token slots: the batch's inputs and targets.
     pub tokens: usize,
     /// Largest row count and row width any row-wise kernel will see.
@@ -117,6 +164,11 @@ pub trait Backend: Send {
     /// backend may round up to its tile size). Each cache holds `batch * n_head * len * head_dim`
     /// elements, laid out as the backend chooses.
     fn decode_cache_len(&self, n_ctx: usize) -> usize;
+    /// Whether this device multiplies bfloat16 natively (so [`Precision::Bf16`] is the faster
+    /// choice for inference, not only the smaller one).
+    fn native_bf16(&self) -> bool;
+    /// Elements of [`Arena::Half`] a packed `[k, n]` weight takes (see [`Backend::pack_weight`]).
+    fn packed_len(&self, k: usize, n: usize) -> usize;
     /// Allocates every arena once (zero-filled). Called before any kernel. Fails, rather
     /// than aborting, when the memory is not there.
     fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()>;
@@ -127,7 +179,9 @@ pub trait Backend: Send {
         self.upload(View::new(Arena::Params, 0, params.len()), &params);
     }
     fn download(&self, src: View, dst: &mut [f32]);
+    /// Sets every element of `dst` (f32 or bfloat16) to `value`.
     fn fill(&mut self, dst: View, value: f32);
+    /// Copies between views of the same element type.
     fn copy(&mut self, dst: View, src: View);
     /// Stores the batch's token ids `[batch, t]` (inputs and the targets, which are the same).
     fn set_tokens(&mut self, tokens: &[u16]);
@@ -175,6 +229,23 @@ pub trait Backend: Send {
         g: View,
         d: usize,
     );
+    /// Converts the f32 weight `w` (`[k, n]`, or `[n, k]` with `Op::T`) once into `dst`, a
+    /// bfloat16 view of [`Backend::packed_len`] elements, in this backend's layout for
+    /// [`Backend::matmul_packed`].
+    fn pack_weight(&mut self, dst: View, w: View, op: Op, k: usize, n: usize);
+    /// `out[m, n] (+)= a[m, k] @ w` with `w` packed by [`Backend::pack_weight`]: `a` is rounded
+    /// to bfloat16 and the products accumulate in f32.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_packed(
+        &mut self,
+        out: View,
+        a: View,
+        w: View,
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    );
     /// `out[m, n] (+)= a @ b` with optional transposes (see [`Op`]).
     #[allow(clippy::too_many_arguments)]
     fn matmul(
@@ -208,11 +279,24 @@ pub trait Backend: Send {
         scratch: View,
         shape: AttnShape,
     );
-    /// The input embedding of position `pos` for each sequence; the stored tokens are each
-    /// sequence's token at `pos - 1` (ignored at position 0, where `sos` is the input).
-    fn embed_step(&mut self, out: View, wte: View, wpe: View, sos: View, pos: usize, d: usize);
-    /// One decoding step: appends this position's K, V (from `qkv: [batch, 3d]`) to the
-    /// caches (sized by [`Backend::decode_cache_len`]) and attends over positions `0..=pos`.
+    /// The input embeddings of positions `pos..pos + len` for each sequence (`[batch * len, d]`);
+    /// the stored tokens are, for each of those positions, the sequence's previous token
+    /// (ignored at position 0, where `sos` is the input).
+    #[allow(clippy::too_many_arguments)]
+    fn embed_step(
+        &mut self,
+        out: View,
+        wte: View,
+        wpe: View,
+        sos: View,
+        pos: usize,
+        len: usize,
+        d: usize,
+    );
+    /// Decoding positions `pos..pos + len` of every sequence: appends their K, V (from
+    /// `qkv: [batch * len, 3d]`) to the caches (sized by [`Backend::decode_cache_len`], f32 or
+    /// bfloat16 views) and attends from each over the positions up to itself. `len` 1 is one
+    /// generation step; more is a prefill of known tokens.
     #[allow(clippy::too_many_arguments)]
     fn attention_step(
         &mut self,
@@ -223,6 +307,7 @@ pub trait Backend: Send {
         scores: View,
         shape: AttnShape,
         pos: usize,
+        len: usize,
     );
     fn gelu_forward(&mut self, out: View, x: View);
     /// Turns the activation gradient `dout` into the pre-activation gradient, in place.

@@ -1,7 +1,7 @@
 //! One transformer block's forward pass, shared by full-sequence passes and by the
 //! one-token-at-a-time decoder: only the attention call differs between them.
 
-use super::BlockOffsets;
+use super::ParamLayout;
 use crate::backend::{Arena, Backend, Op, View};
 
 /// The buffers one block reads and writes, each `rows` rows wide.
@@ -25,74 +25,149 @@ pub(crate) struct BlockIo {
     pub out: View,
 }
 
+/// A weight matrix as the forward pass reads it: f32 in the parameter arena (stored as `op`
+/// says), or a bfloat16 copy packed once by [`Backend::pack_weight`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Weight {
+    F32(View, Op),
+    Packed(View),
+}
+
+/// `out[rows, n] (+)= x[rows, k] @ w`.
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    b: &mut dyn Backend,
+    out: View,
+    x: View,
+    w: Weight,
+    rows: usize,
+    k: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    match w {
+        Weight::F32(w, op) => b.matmul(out, x, Op::N, w, op, rows, k, n, accumulate),
+        Weight::Packed(w) => b.matmul_packed(out, x, w, rows, k, n, accumulate),
+    }
+}
+
+/// One block's parameters for the forward pass.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BlockWeights {
+    pub ln_1: View,
+    pub c_attn: Weight,
+    pub attn_proj: Weight,
+    pub ln_2: View,
+    pub c_fc: Weight,
+    pub mlp_proj: Weight,
+}
+
+/// The weights the forward pass reads, in f32 or with every matrix packed as bfloat16.
+pub(crate) struct Weights {
+    pub blocks: Vec<BlockWeights>,
+    pub ln_f: View,
+    /// The output head `wtet` (`[n_vocab, d]`, read transposed).
+    pub head: Weight,
+}
+
+/// A weight to pack: destination, f32 source, its layout, and its `[k, n]` shape.
+pub(crate) struct PackJob {
+    dst: View,
+    src: View,
+    op: Op,
+    k: usize,
+    n: usize,
+}
+
+impl Weights {
+    /// Every weight read in f32 from the parameter arena.
+    pub fn f32(layout: &ParamLayout, d: usize, v: usize) -> Self {
+        Self::plan(layout, d, v, |src, op, _, _| Weight::F32(src, op))
+    }
+
+    /// Every matrix packed as bfloat16 into [`Arena::Half`] from `*half_used` on (which
+    /// advances); returns the weights and the packing to run once the parameters are in place.
+    pub fn packed(
+        layout: &ParamLayout,
+        d: usize,
+        v: usize,
+        backend: &dyn Backend,
+        half_used: &mut usize,
+    ) -> (Self, Vec<PackJob>) {
+        let mut jobs = Vec::new();
+        let weights = Self::plan(layout, d, v, |src, op, k, n| {
+            let len = backend.packed_len(k, n);
+            let dst = View::bf16(*half_used, len);
+            *half_used += len.next_multiple_of(32);
+            jobs.push(PackJob { dst, src, op, k, n });
+            Weight::Packed(dst)
+        });
+        (weights, jobs)
+    }
+
+    /// Runs the packing planned by [`Weights::packed`].
+    pub fn pack(b: &mut dyn Backend, jobs: &[PackJob]) {
+        for j in jobs {
+            b.pack_weight(j.dst, j.src, j.op, j.k, j.n);
+        }
+    }
+
+    /// `matrix(source, op, k, n)` decides how each `[k, n]` matrix is read.
+    fn plan(
+        layout: &ParamLayout,
+        d: usize,
+        v: usize,
+        mut matrix: impl FnMut(View, Op, usize, usize) -> Weight,
+    ) -> Self {
+        let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
+        let blocks = layout
+            .blocks
+            .iter()
+            .map(|po| BlockWeights {
+                ln_1: pv(po.ln_1, d),
+                c_attn: matrix(pv(po.c_attn, d * 3 * d), Op::N, d, 3 * d),
+                attn_proj: matrix(pv(po.attn_proj, d * d), Op::N, d, d),
+                ln_2: pv(po.ln_2, d),
+                c_fc: matrix(pv(po.c_fc, d * 4 * d), Op::N, d, 4 * d),
+                mlp_proj: matrix(pv(po.mlp_proj, 4 * d * d), Op::N, 4 * d, d),
+            })
+            .collect();
+        let head = matrix(pv(layout.wtet, v * d), Op::T, d, v);
+        Self {
+            blocks,
+            ln_f: pv(layout.ln_f, d),
+            head,
+        }
+    }
+}
+
 /// `a = x + attn(norm_1(x))`, `out = a + mlp(norm_2(a))`; `attend(backend, qkv, att)` fills
 /// the attention output from the projected Q, K, V.
 pub(crate) fn block_forward(
     b: &mut dyn Backend,
-    po: &BlockOffsets,
+    w: &BlockWeights,
     io: &BlockIo,
     rows: usize,
     d: usize,
     attend: impl FnOnce(&mut dyn Backend, View, View),
 ) {
-    let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
-    b.rmsnorm_forward(io.ln1, io.rstd1, io.x, pv(po.ln_1, d), d);
-    b.matmul(
-        io.qkv,
-        io.ln1,
-        Op::N,
-        pv(po.c_attn, d * 3 * d),
-        Op::N,
-        rows,
-        d,
-        3 * d,
-        false,
-    );
+    b.rmsnorm_forward(io.ln1, io.rstd1, io.x, w.ln_1, d);
+    linear(b, io.qkv, io.ln1, w.c_attn, rows, d, 3 * d, false);
     attend(b, io.qkv, io.att);
     b.copy(io.mid, io.x);
-    b.matmul(
-        io.mid,
-        io.att,
-        Op::N,
-        pv(po.attn_proj, d * d),
-        Op::N,
-        rows,
-        d,
-        d,
-        true,
-    );
-    b.rmsnorm_forward(io.ln2, io.rstd2, io.mid, pv(po.ln_2, d), d);
-    b.matmul(
-        io.fc,
-        io.ln2,
-        Op::N,
-        pv(po.c_fc, d * 4 * d),
-        Op::N,
-        rows,
-        d,
-        4 * d,
-        false,
-    );
+    linear(b, io.mid, io.att, w.attn_proj, rows, d, d, true);
+    b.rmsnorm_forward(io.ln2, io.rstd2, io.mid, w.ln_2, d);
+    linear(b, io.fc, io.ln2, w.c_fc, rows, d, 4 * d, false);
     b.gelu_forward(io.fc_act, io.fc);
     b.copy(io.out, io.mid);
-    b.matmul(
-        io.out,
-        io.fc_act,
-        Op::N,
-        pv(po.mlp_proj, 4 * d * d),
-        Op::N,
-        rows,
-        4 * d,
-        d,
-        true,
-    );
+    linear(b, io.out, io.fc_act, w.mlp_proj, rows, 4 * d, d, true);
 }
 
 /// The final norm and the output head: `logits = norm_f(x) @ wtet^T` over `rows` rows.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn head_forward(
     b: &mut dyn Backend,
-    layout: &super::ParamLayout,
+    w: &Weights,
     x: View,
     lnf: View,
     rstdf: View,
@@ -101,19 +176,8 @@ pub(crate) fn head_forward(
     d: usize,
     v: usize,
 ) {
-    let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
-    b.rmsnorm_forward(lnf, rstdf, x, pv(layout.ln_f, d), d);
-    b.matmul(
-        logits,
-        lnf,
-        Op::N,
-        pv(layout.wtet, v * d),
-        Op::T,
-        rows,
-        d,
-        v,
-        false,
-    );
+    b.rmsnorm_forward(lnf, rstdf, x, w.ln_f, d);
+    linear(b, logits, lnf, w.head, rows, d, v, false);
 }
 
 /// Backward of `y = x @ W` for the weight at `w` (`[n_in, n_out]`): adds `x^T dy` to its

@@ -1,13 +1,19 @@
 //! Incremental decoding with a key/value cache: each new position costs one token's work per
-//! layer. Buffers (including the caches for the whole context) are planned once for
-//! (model, batch); a step allocates nothing.
+//! layer, and known tokens (the kept part of an image to complete) go through the blocks many
+//! positions at a time (a prefill) instead. Buffers, including the caches for the whole context,
+//! are planned once for (model, batch, precision); a step allocates nothing.
 
 use super::ParamLayout;
-use super::block::{BlockIo, block_forward, head_forward};
-use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, View};
+use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward};
+use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Precision, View};
 use crate::config::ModelConfig;
 
-/// Offsets in [`Arena::Acts`] of one step's buffers and of the caches.
+/// Rows (sequences x positions) one prefill chunk runs through the blocks at once: enough for
+/// efficient products, few enough that the chunk's activations stay small.
+const PREFILL_ROWS: usize = 256;
+
+/// Offsets in [`Arena::Acts`] of the step buffers (sized for a prefill chunk's rows) and the
+/// caches' views.
 struct StepPlan {
     resid: [usize; 2],
     ln1: usize,
@@ -25,37 +31,60 @@ struct StepPlan {
     scores: usize,
     /// Positions each cache holds (the backend's [`Backend::decode_cache_len`]).
     cache_len: usize,
-    /// Per layer: K and V caches of `batch * cache_len * d` elements each.
-    caches: Vec<(usize, usize)>,
-    total: usize,
+    /// Positions one prefill chunk feeds per sequence.
+    chunk: usize,
+    /// Per layer: K and V caches of `batch * cache_len * d` elements each (f32 in the
+    /// activation arena, or bfloat16 in the half arena).
+    caches: Vec<(View, View)>,
+    acts: usize,
 }
 
 impl StepPlan {
-    fn new(cfg: &ModelConfig, batch: usize, backend: &dyn Backend) -> Self {
+    fn new(
+        cfg: &ModelConfig,
+        batch: usize,
+        precision: Precision,
+        backend: &dyn Backend,
+        half_used: &mut usize,
+    ) -> Self {
         let d = cfg.n_embd;
         let t = backend.decode_cache_len(cfg.n_ctx());
+        let chunk = (PREFILL_ROWS / batch).clamp(1, cfg.n_ctx());
+        let rows = batch * chunk;
         let mut off = 0;
         let mut take = |n: usize| {
             let at = off;
             off += n.next_multiple_of(16);
             at
         };
-        let resid = [take(batch * d), take(batch * d)];
-        let ln1 = take(batch * d);
-        let rstd1 = take(batch);
-        let qkv = take(batch * 3 * d);
-        let att = take(batch * d);
-        let mid = take(batch * d);
-        let ln2 = take(batch * d);
-        let rstd2 = take(batch);
-        let fc = take(batch * 4 * d);
-        let fc_act = take(batch * 4 * d);
+        let resid = [take(rows * d), take(rows * d)];
+        let ln1 = take(rows * d);
+        let rstd1 = take(rows);
+        let qkv = take(rows * 3 * d);
+        let att = take(rows * d);
+        let mid = take(rows * d);
+        let ln2 = take(rows * d);
+        let rstd2 = take(rows);
+        let fc = take(rows * 4 * d);
+        let fc_act = take(rows * 4 * d);
         let lnf = take(batch * d);
         let rstdf = take(batch);
         let logits = take(batch * cfg.n_vocab);
         let scores = take(batch * cfg.n_head * t);
+        let per_cache = batch * t * d;
         let caches = (0..cfg.n_layer)
-            .map(|_| (take(batch * t * d), take(batch * t * d)))
+            .map(|_| match precision {
+                Precision::F32 => (
+                    act(take(per_cache), per_cache),
+                    act(take(per_cache), per_cache),
+                ),
+                Precision::Bf16 => {
+                    let k = View::bf16(*half_used, per_cache);
+                    let v = View::bf16(*half_used + per_cache.next_multiple_of(32), per_cache);
+                    *half_used += 2 * per_cache.next_multiple_of(32);
+                    (k, v)
+                }
+            })
             .collect();
         Self {
             resid,
@@ -73,9 +102,35 @@ impl StepPlan {
             logits,
             scores,
             cache_len: t,
+            chunk,
             caches,
-            total: off,
+            acts: off,
         }
+    }
+
+    /// The block buffers for `rows` rows.
+    fn io(&self, l: usize, rows: usize, d: usize) -> BlockIo {
+        BlockIo {
+            x: act(self.resid[l % 2], rows * d),
+            ln1: act(self.ln1, rows * d),
+            rstd1: act(self.rstd1, rows),
+            qkv: act(self.qkv, rows * 3 * d),
+            att: act(self.att, rows * d),
+            mid: act(self.mid, rows * d),
+            ln2: act(self.ln2, rows * d),
+            rstd2: act(self.rstd2, rows),
+            fc: act(self.fc, rows * 4 * d),
+            fc_act: act(self.fc_act, rows * 4 * d),
+            out: act(self.resid[(l + 1) % 2], rows * d),
+        }
+    }
+
+    /// Layer `l`'s caches of the first `seqs` sequences.
+    fn caches(&self, l: usize, seqs: usize, d: usize) -> (View, View) {
+        let (mut k, mut v) = self.caches[l];
+        k.len = seqs * self.cache_len * d;
+        v.len = k.len;
+        (k, v)
     }
 }
 
@@ -88,27 +143,45 @@ pub struct Decoder {
     pub cfg: ModelConfig,
     pub layout: ParamLayout,
     pub batch: usize,
+    pub precision: Precision,
     plan: StepPlan,
+    weights: Weights,
+    pack_jobs: Vec<PackJob>,
     backend: Box<dyn Backend>,
     /// Next position to feed.
     pos: usize,
     host_logits: Vec<f32>,
+    /// A prefill chunk's input tokens, and which distinct prefix each sequence has.
+    chunk_tokens: Vec<u16>,
+    prefix_of: Vec<usize>,
 }
 
 impl Decoder {
-    /// A decoder on `device` with zero parameters (set them with [`Decoder::set_params`]).
+    /// An f32 decoder on `device` with zero parameters (set them with [`Decoder::set_params`]).
     pub fn new(cfg: &ModelConfig, batch: usize, device: &Device) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, device, None)
+        Self::build(cfg, batch, device, None, Precision::F32)
     }
 
-    /// A decoder that takes ownership of `params` (a large model is held once).
+    /// An f32 decoder that takes ownership of `params` (a large model is held once).
     pub fn with_params(
         cfg: &ModelConfig,
         batch: usize,
         device: &Device,
         params: Vec<f32>,
     ) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, device, Some(params))
+        Self::build(cfg, batch, device, Some(params), Precision::F32)
+    }
+
+    /// A decoder whose weights and caches are held at `precision` ([`Precision::Bf16`] packs
+    /// every matrix once, here).
+    pub fn with_precision(
+        cfg: &ModelConfig,
+        batch: usize,
+        device: &Device,
+        params: Vec<f32>,
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
+        Self::build(cfg, batch, device, Some(params), precision)
     }
 
     fn build(
@@ -116,6 +189,7 @@ impl Decoder {
         batch: usize,
         device: &Device,
         params: Option<Vec<f32>>,
+        precision: Precision,
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
@@ -129,26 +203,45 @@ impl Decoder {
                 layout.total
             );
         }
-        let plan = StepPlan::new(cfg, batch, backend.as_ref());
+        let (d, v) = (cfg.n_embd, cfg.n_vocab);
+        let mut half = 0;
+        let (weights, pack_jobs) = match precision {
+            Precision::F32 => (Weights::f32(&layout, d, v), Vec::new()),
+            Precision::Bf16 => Weights::packed(&layout, d, v, backend.as_ref(), &mut half),
+        };
+        let plan = StepPlan::new(cfg, batch, precision, backend.as_ref(), &mut half);
+        let rows = batch * plan.chunk;
         backend.allocate(ArenaSizes {
             params: if params.is_some() { 0 } else { layout.total },
             grads: 0,
-            acts: plan.total,
-            tokens: batch,
-            max_rows: batch,
-            max_width: cfg.n_embd,
+            acts: plan.acts,
+            half,
+            max_packed_input: if precision == Precision::Bf16 {
+                rows * 4 * d
+            } else {
+                0
+            },
+            tokens: rows,
+            max_rows: rows,
+            max_width: d,
         })?;
         if let Some(p) = params {
             backend.adopt_params(p);
         }
+        Weights::pack(backend.as_mut(), &pack_jobs);
         Ok(Self {
             cfg: cfg.clone(),
             layout,
             batch,
+            precision,
             plan,
+            weights,
+            pack_jobs,
             backend,
             pos: 0,
-            host_logits: vec![0.0; batch * cfg.n_vocab],
+            host_logits: vec![0.0; batch * v],
+            chunk_tokens: vec![0; rows],
+            prefix_of: vec![0; batch],
         })
     }
 
@@ -161,6 +254,7 @@ impl Decoder {
         );
         self.backend
             .upload(View::new(Arena::Params, 0, self.layout.total), params);
+        Weights::pack(self.backend.as_mut(), &self.pack_jobs);
         Ok(())
     }
 
@@ -172,6 +266,109 @@ impl Decoder {
     /// The position the next [`Decoder::step`] feeds.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// Starts new sequences whose first `len` tokens are known: `known` is `[batch, len]`.
+    /// Positions `0..len` go through the blocks `chunk` positions at a time, filling the
+    /// caches; sequences with the same known tokens are computed once. Afterwards
+    /// [`Decoder::position`] is `len` and the next [`Decoder::step`] takes each sequence's
+    /// token at `len - 1`. No logits are computed: every token they would predict is known.
+    pub fn prefill(&mut self, known: &[u16], len: usize) -> anyhow::Result<()> {
+        let cfg = &self.cfg;
+        let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
+        anyhow::ensure!(
+            len <= t,
+            "a prefix of {len} pixels is longer than the image ({t} pixels)"
+        );
+        anyhow::ensure!(
+            known.len() == self.batch * len,
+            "expected {} known tokens ({} sequences of {len}), got {}",
+            self.batch * len,
+            self.batch,
+            known.len()
+        );
+        if let Some(&bad) = known.iter().find(|&&x| x as usize >= v) {
+            anyhow::bail!("token id {bad} is outside the palette of {v} colours");
+        }
+        self.pos = 0;
+        if len == 0 {
+            return Ok(());
+        }
+        // The distinct prefixes, in order of first appearance (completions of one image share
+        // theirs).
+        let mut firsts: Vec<usize> = Vec::new();
+        for b in 0..self.batch {
+            let row = &known[b * len..(b + 1) * len];
+            self.prefix_of[b] = match firsts
+                .iter()
+                .position(|&f| &known[f * len..(f + 1) * len] == row)
+            {
+                Some(i) => i,
+                None => {
+                    firsts.push(b);
+                    firsts.len() - 1
+                }
+            };
+        }
+        let seqs = firsts.len();
+        let (plan, weights, b) = (&self.plan, &self.weights, self.backend.as_mut());
+        let shape = AttnShape {
+            batch: seqs,
+            t,
+            n_head: cfg.n_head,
+            head_dim: cfg.head_dim(),
+            causal: true,
+        };
+        let chunk = (plan.chunk * self.batch / seqs).min(t);
+        for c0 in (0..len).step_by(chunk) {
+            let n = chunk.min(len - c0);
+            let rows = seqs * n;
+            for (i, &f) in firsts.iter().enumerate() {
+                for j in 0..n {
+                    let p = c0 + j;
+                    self.chunk_tokens[i * n + j] = if p == 0 { 0 } else { known[f * len + p - 1] };
+                }
+            }
+            b.set_tokens(&self.chunk_tokens[..rows]);
+            let lay = &self.layout;
+            b.embed_step(
+                act(plan.resid[0], rows * d),
+                View::new(Arena::Params, lay.wte, v * d),
+                View::new(Arena::Params, lay.wpe, t * d),
+                View::new(Arena::Params, lay.sos, d),
+                c0,
+                n,
+                d,
+            );
+            for (l, w) in weights.blocks.iter().enumerate() {
+                let (kc, vc) = plan.caches(l, seqs, d);
+                let scores = act(plan.scores, seqs * cfg.n_head * plan.cache_len);
+                block_forward(b, w, &plan.io(l, rows, d), rows, d, |b, qkv, att| {
+                    b.attention_step(att, kc, vc, qkv, scores, shape, c0, n)
+                });
+            }
+        }
+        // Sequence s takes distinct prefix i <= s, computed in cache row i: filling rows from
+        // the last down never overwrites a row still to be read.
+        let row_len = plan.cache_len * d;
+        for s in (0..self.batch).rev() {
+            let i = self.prefix_of[s];
+            if i == s {
+                continue;
+            }
+            for &(k, v) in &plan.caches {
+                for cache in [k, v] {
+                    let at = |r: usize| View {
+                        offset: cache.offset + r * row_len,
+                        len: row_len,
+                        ..cache
+                    };
+                    b.copy(at(s), at(i));
+                }
+            }
+        }
+        self.pos = len;
+        Ok(())
     }
 
     /// Feeds the next position. `prev[b]` is sequence b's token at the previous position
@@ -202,7 +399,6 @@ impl Decoder {
             self.batch,
             self.pos,
         );
-        let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
         let shape = AttnShape {
             batch: rows,
             t,
@@ -213,39 +409,25 @@ impl Decoder {
         b.set_tokens(prev);
         b.embed_step(
             act(plan.resid[0], rows * d),
-            pv(lay.wte, v * d),
-            pv(lay.wpe, t * d),
-            pv(lay.sos, d),
+            View::new(Arena::Params, lay.wte, v * d),
+            View::new(Arena::Params, lay.wpe, t * d),
+            View::new(Arena::Params, lay.sos, d),
             pos,
+            1,
             d,
         );
-        for (l, po) in lay.blocks.iter().enumerate() {
-            let io = BlockIo {
-                x: act(plan.resid[l % 2], rows * d),
-                ln1: act(plan.ln1, rows * d),
-                rstd1: act(plan.rstd1, rows),
-                qkv: act(plan.qkv, rows * 3 * d),
-                att: act(plan.att, rows * d),
-                mid: act(plan.mid, rows * d),
-                ln2: act(plan.ln2, rows * d),
-                rstd2: act(plan.rstd2, rows),
-                fc: act(plan.fc, rows * 4 * d),
-                fc_act: act(plan.fc_act, rows * 4 * d),
-                out: act(plan.resid[(l + 1) % 2], rows * d),
-            };
-            let (kc, vc) = plan.caches[l];
-            let tc = plan.cache_len;
-            let (kc, vc) = (act(kc, rows * tc * d), act(vc, rows * tc * d));
-            let scores = act(plan.scores, rows * cfg.n_head * tc);
-            block_forward(b, po, &io, rows, d, |b, qkv, att| {
-                b.attention_step(att, kc, vc, qkv, scores, shape, pos)
+        for (l, w) in self.weights.blocks.iter().enumerate() {
+            let (kc, vc) = plan.caches(l, rows, d);
+            let scores = act(plan.scores, rows * cfg.n_head * plan.cache_len);
+            block_forward(b, w, &plan.io(l, rows, d), rows, d, |b, qkv, att| {
+                b.attention_step(att, kc, vc, qkv, scores, shape, pos, 1)
             });
         }
         let last = act(plan.resid[cfg.n_layer % 2], rows * d);
         let logits = act(plan.logits, rows * v);
         head_forward(
             b,
-            lay,
+            &self.weights,
             last,
             act(plan.lnf, rows * d),
             act(plan.rstdf, rows),

@@ -4,8 +4,10 @@
 //! the batch size. A training step therefore allocates nothing: it only runs kernels.
 
 use super::ParamLayout;
-use super::block::{BlockIo, block_forward, head_forward, linear_backward};
-use crate::backend::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, Device, Op, View};
+use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward, linear_backward};
+use crate::backend::{
+    AdamStep, Arena, ArenaSizes, AttnShape, Backend, Device, Op, Precision, View,
+};
 use crate::config::ModelConfig;
 
 /// Activations one block keeps for its backward pass.
@@ -136,6 +138,11 @@ pub struct Engine {
     pub batch: usize,
     pub training: bool,
     plan: ActPlan,
+    /// What the forward pass reads: the parameters, or their packed bfloat16 copies.
+    weights: Weights,
+    /// How to refresh the packed copies when the parameters change.
+    pack_jobs: Vec<PackJob>,
+    pub precision: Precision,
     backend: Box<dyn Backend>,
     /// Host copy of per-position losses, allocated once.
     host_losses: Vec<f32>,
@@ -161,7 +168,7 @@ impl Engine {
         training: bool,
         device: &Device,
     ) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, training, device, None)
+        Self::build(cfg, batch, training, device, None, Precision::F32)
     }
 
     /// An inference engine that takes ownership of `params` rather than copying them, so a
@@ -172,7 +179,19 @@ impl Engine {
         device: &Device,
         params: Vec<f32>,
     ) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, false, device, Some(params))
+        Self::build(cfg, batch, false, device, Some(params), Precision::F32)
+    }
+
+    /// As [`Engine::with_params`], with the forward pass's products at `precision`
+    /// ([`Precision::Bf16`] packs every matrix once, here).
+    pub fn with_precision(
+        cfg: &ModelConfig,
+        batch: usize,
+        device: &Device,
+        params: Vec<f32>,
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
+        Self::build(cfg, batch, false, device, Some(params), precision)
     }
 
     fn build(
@@ -181,6 +200,7 @@ impl Engine {
         training: bool,
         device: &Device,
         params: Option<Vec<f32>>,
+        precision: Precision,
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
@@ -195,25 +215,40 @@ impl Engine {
             );
         }
         let plan = ActPlan::new(cfg, batch, training, backend.as_ref());
+        let (d, v, rows) = (cfg.n_embd, cfg.n_vocab, batch * cfg.n_ctx());
+        let (weights, pack_jobs, half) = match precision {
+            Precision::F32 => (Weights::f32(&layout, d, v), Vec::new(), 0),
+            Precision::Bf16 => {
+                anyhow::ensure!(!training, "training runs in f32");
+                let mut half = 0;
+                let (w, jobs) = Weights::packed(&layout, d, v, backend.as_ref(), &mut half);
+                (w, jobs, half)
+            }
+        };
         backend.allocate(ArenaSizes {
             // Adopted parameters replace the arena, so it is not allocated as well.
             params: if params.is_some() { 0 } else { layout.total },
             grads: if training { layout.total } else { 0 },
             acts: plan.total,
-            tokens: batch * cfg.n_ctx(),
-            max_rows: batch * cfg.n_ctx(),
-            max_width: cfg.n_embd,
+            half,
+            max_packed_input: if half > 0 { rows * 4 * d } else { 0 },
+            tokens: rows,
+            max_rows: rows,
+            max_width: d,
         })?;
         if let Some(p) = params {
             backend.adopt_params(p);
         }
-        let rows = batch * cfg.n_ctx();
+        Weights::pack(backend.as_mut(), &pack_jobs);
         Ok(Self {
             cfg: cfg.clone(),
             layout,
             batch,
             training,
             plan,
+            weights,
+            pack_jobs,
+            precision,
             backend,
             host_losses: vec![0.0; rows],
             n_seq: 0,
@@ -240,6 +275,7 @@ impl Engine {
         );
         let v = self.p(0, self.layout.total);
         self.backend.upload(v, params);
+        Weights::pack(self.backend.as_mut(), &self.pack_jobs);
         Ok(())
     }
 
@@ -392,11 +428,11 @@ impl Engine {
         self.backend.set_targets(tokens, &self.mask_weights[..rows]);
         self.embed(rows, true);
         self.run_blocks(n_seq, self.cfg.n_layer);
-        let (plan, lay, b) = (&self.plan, &self.layout, self.backend.as_mut());
+        let (plan, b) = (&self.plan, self.backend.as_mut());
         let logits = act(plan.logits, rows * v);
         head_forward(
             b,
-            lay,
+            &self.weights,
             act(plan.resid[self.cfg.n_layer], rows * d),
             act(plan.lnf, rows * d),
             act(plan.rstdf, rows),
@@ -484,7 +520,7 @@ impl Engine {
         self.backend.set_tokens(ids);
         self.embed(rows, true);
         self.run_blocks(n_seq, depth);
-        let (plan, lay) = (&self.plan, &self.layout);
+        let plan = &self.plan;
         let last = act(plan.resid[depth], rows * d);
         let src = match output {
             Output::Hidden(l) if l < self.cfg.n_layer => last,
@@ -493,7 +529,7 @@ impl Engine {
                 let logits = act(plan.logits, rows * v);
                 head_forward(
                     self.backend.as_mut(),
-                    lay,
+                    &self.weights,
                     last,
                     lnf,
                     act(plan.rstdf, rows),
@@ -614,10 +650,10 @@ impl Engine {
         let plan = &self.plan;
         let b = self.backend.as_mut();
         let scratch = act(plan.attn_scratch, plan.attn_scratch_len);
-        for (l, (ba, po)) in plan
+        for (l, (ba, w)) in plan
             .blocks
             .iter()
-            .zip(&self.layout.blocks)
+            .zip(&self.weights.blocks)
             .enumerate()
             .take(to)
             .skip(from)
@@ -636,7 +672,7 @@ impl Engine {
                 out: act(plan.resid[l + 1], rows * d),
             };
             let lse = act(ba.lse, n_seq * cfg.n_head * t);
-            block_forward(b, po, &io, rows, d, |b, qkv, att| {
+            block_forward(b, w, &io, rows, d, |b, qkv, att| {
                 b.attention_forward(att, lse, qkv, scratch, shape)
             });
         }
@@ -656,12 +692,12 @@ impl Engine {
         self.backend.set_tokens(tokens);
         self.embed(rows, false);
         self.run_blocks(n_seq, cfg.n_layer);
-        let (plan, lay, b) = (&self.plan, &self.layout, self.backend.as_mut());
+        let (plan, b) = (&self.plan, self.backend.as_mut());
         let last = act(plan.resid[cfg.n_layer], rows * d);
         let logits = act(plan.logits, rows * v);
         head_forward(
             b,
-            lay,
+            &self.weights,
             last,
             act(plan.lnf, rows * d),
             act(plan.rstdf, rows),

@@ -9,7 +9,7 @@
 //! and the backward pass accumulates dK and dV there before writing them back once.
 
 use super::matmul::{SendPtr, Strided, gemm_serial};
-use super::simd;
+use super::simd::{self, Stored};
 use crate::backend::AttnShape;
 use rayon::prelude::*;
 
@@ -349,17 +349,19 @@ pub fn attention_backward(
         });
 }
 
-/// One decoding step for every sequence at position `pos`: stores this position's K and V
-/// (from `qkv: [batch, 3d]`) in the caches and writes the attention of this position over
-/// positions `0..=pos` to `out: [batch, d]`. Per (sequence, head), the K cache is kept in
-/// blocks of 16 positions, each transposed (`[n_ctx / 16][head_dim][16]`, so the scores of 16
-/// keys read one contiguous block), and the V cache as `[n_ctx, head_dim]`. `n_ctx` must be a
-/// multiple of 16 (see [`decode_cache_len`]); `scores` holds `batch * n_head * n_ctx` floats.
+/// Decoding steps for every sequence at positions `pos..pos + len`: stores these positions' K
+/// and V (from `qkv: [batch * len, 3d]`, sequence-major) in the caches and writes the attention
+/// of each position over positions `0..=` itself to `out: [batch * len, d]`. One position is a
+/// decoding step; many are a prefill of known tokens. Per (sequence, head), the K cache is kept
+/// in blocks of 16 positions, each transposed (`[n_ctx / 16][head_dim][16]`, so the scores of
+/// 16 keys read one contiguous block), and the V cache as `[n_ctx, head_dim]`, as f32 or as
+/// bfloat16 (`u16`). `n_ctx` must be a multiple of 16 (see [`decode_cache_len`]); `scores`
+/// holds `batch * n_head * n_ctx` floats.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_step(
+pub fn attention_step<E: Stored>(
     out: &mut [f32],
-    k_cache: &mut [f32],
-    v_cache: &mut [f32],
+    k_cache: &mut [E],
+    v_cache: &mut [E],
     qkv: &[f32],
     scores: &mut [f32],
     batch: usize,
@@ -367,14 +369,16 @@ pub fn attention_step(
     head_dim: usize,
     n_ctx: usize,
     pos: usize,
+    len: usize,
 ) {
     let (hd, d) = (head_dim, n_head * head_dim);
     assert!(
-        pos < n_ctx,
-        "position {pos} is outside the context of {n_ctx}"
+        len >= 1 && pos + len <= n_ctx,
+        "positions {pos}..{} are outside the context of {n_ctx}",
+        pos + len
     );
-    assert_eq!(qkv.len(), batch * 3 * d);
-    assert_eq!(out.len(), batch * d);
+    assert_eq!(qkv.len(), batch * len * 3 * d);
+    assert_eq!(out.len(), batch * len * d);
     assert_eq!(k_cache.len(), batch * n_head * n_ctx * hd);
     assert_eq!(v_cache.len(), k_cache.len());
     assert!(scores.len() >= batch * n_head * n_ctx);
@@ -393,17 +397,30 @@ pub fn attention_step(
         .enumerate()
         .for_each(|(task, ((kc, vc), sc))| {
             let (b, h) = (task / n_head, task % n_head);
-            let row = &qkv[b * 3 * d..(b + 1) * 3 * d];
-            let q = &row[h * hd..(h + 1) * hd];
-            let block = (pos / 16) * hd * 16;
-            for (c, &k) in row[d + h * hd..d + (h + 1) * hd].iter().enumerate() {
-                kc[block + c * 16 + pos % 16] = k;
+            for i in 0..len {
+                let p = pos + i;
+                let row = &qkv[(b * len + i) * 3 * d..(b * len + i + 1) * 3 * d];
+                let block = (p / 16) * hd * 16;
+                for (c, &k) in row[d + h * hd..d + (h + 1) * hd].iter().enumerate() {
+                    kc[block + c * 16 + p % 16] = E::store(k);
+                }
+                for (dst, &v) in vc[p * hd..(p + 1) * hd]
+                    .iter_mut()
+                    .zip(&row[2 * d + h * hd..2 * d + (h + 1) * hd])
+                {
+                    *dst = E::store(v);
+                }
             }
-            vc[pos * hd..(pos + 1) * hd]
-                .copy_from_slice(&row[2 * d + h * hd..2 * d + (h + 1) * hd]);
-            // SAFETY: the head_dim outputs of head h in sequence b belong to this task alone.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_p.get().add(b * d + h * hd), hd) };
-            simd::attend(o, q, kc, &vc[..(pos + 1) * hd], sc, pos + 1, scale);
+            for i in 0..len {
+                let row = &qkv[(b * len + i) * 3 * d..(b * len + i + 1) * 3 * d];
+                let q = &row[h * hd..(h + 1) * hd];
+                // SAFETY: the head_dim outputs of head h at this row belong to this task alone.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(out_p.get().add((b * len + i) * d + h * hd), hd)
+                };
+                let n = pos + i + 1;
+                E::attend(o, q, kc, &vc[..n * hd], sc, n, scale);
+            }
         });
 }
 

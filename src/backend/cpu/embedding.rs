@@ -60,7 +60,10 @@ pub fn embed_backward(
     }
 }
 
-/// The input of one position for each sequence: `out[b] = (pos == 0 ? sos : wte[prev[b]]) + wpe[pos]`.
+/// The inputs of positions `pos..pos + len` for each sequence: row `(b, i)` of `out` is
+/// `(p == 0 ? sos : wte[prev[b * len + i]]) + wpe[p]` with `p = pos + i`, `prev` holding each
+/// position's previous token.
+#[allow(clippy::too_many_arguments)]
 pub fn embed_step(
     out: &mut [f32],
     prev: &[u16],
@@ -68,12 +71,15 @@ pub fn embed_step(
     wpe: &[f32],
     sos: &[f32],
     pos: usize,
+    len: usize,
     d: usize,
 ) {
     let n_vocab = wte.len() / d;
     assert_eq!(out.len(), prev.len() * d);
-    for (row, &id) in out.chunks_mut(d).zip(prev) {
-        let content = if pos == 0 {
+    assert!(len >= 1 && prev.len() % len == 0);
+    for (r, (row, &id)) in out.chunks_mut(d).zip(prev).enumerate() {
+        let p = pos + r % len;
+        let content = if p == 0 {
             sos
         } else {
             let id = id as usize;
@@ -83,7 +89,7 @@ pub fn embed_step(
             );
             &wte[id * d..(id + 1) * d]
         };
-        simd::add(row, content, &wpe[pos * d..(pos + 1) * d]);
+        simd::add(row, content, &wpe[p * d..(p + 1) * d]);
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16;
 pub mod embedding;
 pub mod loss;
 pub mod matmul;
@@ -27,6 +28,10 @@ pub struct CpuBackend {
     adam_m: Vec<f32>,
     adam_v: Vec<f32>,
     acts: Vec<f32>,
+    /// bfloat16 bits: packed weights and 16-bit caches.
+    half: Vec<u16>,
+    /// The bf16 copy of a packed product's input.
+    packed_input: Vec<u16>,
     tokens: Vec<u16>,
     n_tokens: usize,
     /// Separate targets and loss weights (masked-objective training), when set.
@@ -49,7 +54,22 @@ impl CpuBackend {
             Arena::AdamM => &self.adam_m,
             Arena::AdamV => &self.adam_v,
             Arena::Acts => &self.acts,
+            Arena::Half => panic!("the half arena holds bf16, not f32"),
         }
+    }
+
+    /// A bfloat16 view's bounds-checked range in [`Arena::Half`].
+    fn half_range(&self, v: View) -> std::ops::Range<usize> {
+        assert!(
+            v.arena == Arena::Half && v.dtype == DType::Bf16,
+            "expected a bf16 view of the half arena, got {v:?}"
+        );
+        assert!(
+            v.offset + v.len <= self.half.len(),
+            "view {v:?} is outside the half arena of {} elements",
+            self.half.len()
+        );
+        v.offset..v.offset + v.len
     }
 
     fn base(&mut self, a: Arena) -> *mut f32 {
@@ -59,6 +79,7 @@ impl CpuBackend {
             Arena::AdamM => self.adam_m.as_mut_ptr(),
             Arena::AdamV => self.adam_v.as_mut_ptr(),
             Arena::Acts => self.acts.as_mut_ptr(),
+            Arena::Half => panic!("the half arena holds bf16, not f32"),
         }
     }
 
@@ -125,12 +146,21 @@ impl Backend for CpuBackend {
         attention::decode_cache_len(n_ctx)
     }
 
+    fn native_bf16(&self) -> bool {
+        bf16::native()
+    }
+
+    fn packed_len(&self, k: usize, n: usize) -> usize {
+        bf16::packed_len(k, n)
+    }
+
     fn adopt_params(&mut self, params: Vec<f32>) {
         self.params = params;
     }
 
     fn allocate(&mut self, s: ArenaSizes) -> anyhow::Result<()> {
-        let total = 4 * (s.params + 3 * s.grads + s.acts) + 2 * s.tokens;
+        let total =
+            4 * (s.params + 3 * s.grads + s.acts) + 2 * (s.tokens + s.half + s.max_packed_input);
         let zeros = |n: usize, what: &str| -> anyhow::Result<Vec<f32>> {
             let mut v = Vec::new();
             v.try_reserve_exact(n).map_err(|_| {
@@ -162,6 +192,16 @@ impl Backend for CpuBackend {
         self.adam_m = zeros(s.grads, "optimizer moments")?;
         self.adam_v = zeros(s.grads, "optimizer moments")?;
         self.acts = zeros(s.acts, "activations")?;
+        let halves = |n: usize, what: &str| -> anyhow::Result<Vec<u16>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| {
+                anyhow::anyhow!("cannot allocate {:.2} GB for {what}", n as f64 * 2e-9)
+            })?;
+            v.resize(n, 0);
+            Ok(v)
+        };
+        self.half = halves(s.half, "16-bit weights and caches")?;
+        self.packed_input = halves(s.max_packed_input, "scratch")?;
         self.tokens = vec![0; s.tokens];
         self.targets = vec![0; s.tokens];
         self.weights = zeros(s.tokens, "loss weights")?;
@@ -185,11 +225,25 @@ impl Backend for CpuBackend {
     }
 
     fn fill(&mut self, dst: View, value: f32) {
+        if dst.dtype == DType::Bf16 {
+            let r = self.half_range(dst);
+            self.half[r].fill(bf16::to_bf16(value));
+            return;
+        }
         let (d, []) = self.io(dst, []);
         d.fill(value);
     }
 
     fn copy(&mut self, dst: View, src: View) {
+        if dst.dtype == DType::Bf16 || src.dtype == DType::Bf16 {
+            let (d, s) = (self.half_range(dst), self.half_range(src));
+            assert!(
+                d.len() == s.len() && !dst.overlaps(&src),
+                "copy: {src:?} does not fit {dst:?}"
+            );
+            self.half.copy_within(s, d.start);
+            return;
+        }
         let (d, [s]) = self.io(dst, [src]);
         d.copy_from_slice(s);
     }
@@ -277,6 +331,44 @@ impl Backend for CpuBackend {
         self.norm_scratch = scratch;
     }
 
+    fn pack_weight(&mut self, dst: View, w: View, op: Op, k: usize, n: usize) {
+        let r = self.half_range(dst);
+        let mut half = std::mem::take(&mut self.half);
+        bf16::pack(&mut half[r], self.slice(w), op, k, n);
+        self.half = half;
+    }
+
+    fn matmul_packed(
+        &mut self,
+        out: View,
+        a: View,
+        w: View,
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    ) {
+        let r = self.half_range(w);
+        let (half, mut scratch) = (
+            std::mem::take(&mut self.half),
+            std::mem::take(&mut self.packed_input),
+        );
+        let (o, [a]) = self.io(out, [a]);
+        bf16::matmul(
+            o,
+            a,
+            &half[r],
+            &mut scratch,
+            m,
+            k,
+            n,
+            accumulate,
+            bf16::native(),
+        );
+        self.half = half;
+        self.packed_input = scratch;
+    }
+
     fn matmul(
         &mut self,
         out: View,
@@ -319,11 +411,20 @@ impl Backend for CpuBackend {
         attention::attention_backward(dq, dout, out, lse, qkv, sc, shape);
     }
 
-    fn embed_step(&mut self, out: View, wte: View, wpe: View, sos: View, pos: usize, d: usize) {
+    fn embed_step(
+        &mut self,
+        out: View,
+        wte: View,
+        wpe: View,
+        sos: View,
+        pos: usize,
+        len: usize,
+        d: usize,
+    ) {
         let toks = std::mem::take(&mut self.tokens);
         let n = self.n_tokens;
         let (o, [wte, wpe, sos]) = self.io(out, [wte, wpe, sos]);
-        embedding::embed_step(o, &toks[..n], wte, wpe, sos, pos, d);
+        embedding::embed_step(o, &toks[..n], wte, wpe, sos, pos, len, d);
         self.tokens = toks;
     }
 
@@ -336,20 +437,31 @@ impl Backend for CpuBackend {
         scores: View,
         shape: AttnShape,
         pos: usize,
+        len: usize,
     ) {
+        let n_ctx = attention::decode_cache_len(shape.t);
+        let (batch, nh, hd) = (shape.batch, shape.n_head, shape.head_dim);
+        if k_cache.dtype == DType::Bf16 {
+            let (kr, vr) = (self.half_range(k_cache), self.half_range(v_cache));
+            assert!(
+                kr.end <= vr.start || vr.end <= kr.start,
+                "the K and V caches overlap"
+            );
+            let mut half = std::mem::take(&mut self.half);
+            let (kc, vc) = if kr.start < vr.start {
+                let (lo, hi) = half.split_at_mut(vr.start);
+                (&mut lo[kr], &mut hi[..vr.len()])
+            } else {
+                let (lo, hi) = half.split_at_mut(kr.start);
+                (&mut hi[..kr.len()], &mut lo[vr])
+            };
+            let ([o, s], [q]) = self.views([out, scores], [qkv]);
+            attention::attention_step(o, kc, vc, q, s, batch, nh, hd, n_ctx, pos, len);
+            self.half = half;
+            return;
+        }
         let ([o, k, v, s], [q]) = self.views([out, k_cache, v_cache, scores], [qkv]);
-        attention::attention_step(
-            o,
-            k,
-            v,
-            q,
-            s,
-            shape.batch,
-            shape.n_head,
-            shape.head_dim,
-            attention::decode_cache_len(shape.t),
-            pos,
-        );
+        attention::attention_step(o, k, v, q, s, batch, nh, hd, n_ctx, pos, len);
     }
 
     fn gelu_forward(&mut self, out: View, x: View) {

@@ -35,7 +35,69 @@ macro_rules! dispatch {
     };
 }
 
+pub(crate) use dispatch;
+
 const LANES: usize = 16;
+
+/// How a cache element is stored: f32 as it is, or a `u16` holding bfloat16 bits.
+pub trait Stored: Copy + Send + Sync + 'static {
+    fn load(self) -> f32;
+    fn store(x: f32) -> Self;
+    /// [`attend`] over a cache of this element type.
+    fn attend(
+        out: &mut [f32],
+        q: &[f32],
+        keys_t: &[Self],
+        values: &[Self],
+        scores: &mut [f32],
+        len: usize,
+        scale: f32,
+    );
+}
+
+impl Stored for f32 {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn store(x: f32) -> Self {
+        x
+    }
+    fn attend(
+        out: &mut [f32],
+        q: &[f32],
+        keys_t: &[Self],
+        values: &[Self],
+        scores: &mut [f32],
+        len: usize,
+        scale: f32,
+    ) {
+        attend(out, q, keys_t, values, scores, len, scale)
+    }
+}
+
+impl Stored for u16 {
+    #[inline(always)]
+    fn load(self) -> f32 {
+        super::bf16::from_bf16(self)
+    }
+    #[inline(always)]
+    fn store(x: f32) -> Self {
+        super::bf16::to_bf16(x)
+    }
+    fn attend(
+        out: &mut [f32],
+        q: &[f32],
+        keys_t: &[Self],
+        values: &[Self],
+        scores: &mut [f32],
+        len: usize,
+        scale: f32,
+    ) {
+        attend_bf16(out, q, keys_t, values, scores, len, scale)
+    }
+}
 
 /// `e^x` to about 2 ulp for x in [-87, 88]; below that it returns 0 (as exp underflows).
 #[inline(always)]
@@ -189,74 +251,112 @@ dispatch! {
     }
 }
 
-dispatch! {
-    /// Attention of one query: `scores[j] = q . key_j` for `j < len`, `p = softmax(scale *
-    /// scores)`, `out = sum_j p_j values[j]`. Keys are stored in blocks of 16 positions,
-    /// `[ceil(len / 16)][head_dim][16]`; values as `[len, head_dim]`.
-    pub fn attend(out: &mut [f32], q: &[f32], keys_t: &[f32], values: &[f32], scores: &mut [f32], len: usize, scale: f32) {
-        let hd = q.len();
-        let s = &mut scores[..len];
-        // Scores, 16 keys at a time with the sums in one register; the keys are stored in
-        // blocks of 16 positions (`[len / 16][head_dim][16]`), so this reads them in order.
-        let mut j0 = 0;
-        while j0 < len {
-            let block: &[f32] = &keys_t[j0 * hd..(j0 + LANES) * hd];
-            let mut acc = [0.0f32; LANES];
-            for (c, &qc) in q.iter().enumerate() {
-                let kc: &[f32; LANES] = block[c * LANES..(c + 1) * LANES].try_into().unwrap();
-                for l in 0..LANES {
-                    acc[l] += qc * kc[l];
-                }
-            }
-            let n = LANES.min(len - j0);
-            s[j0..j0 + n].copy_from_slice(&acc[..n]);
-            j0 += LANES;
-        }
-        let mut max = f32::NEG_INFINITY;
-        for &v in s.iter() {
-            max = if v > max { v } else { max };
-        }
-        let mut sum = 0.0f32;
-        for v in s.iter_mut() {
-            *v = exp((*v - max) * scale);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        // Weighted values, 16 columns of the head at a time, four keys per round so four
-        // independent sums are in flight (a last partial group of columns goes one by one).
-        let full = hd / LANES * LANES;
-        for c0 in (0..full).step_by(LANES) {
-            let (mut a0, mut a1, mut a2, mut a3) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
-            let mut j = 0;
-            while j + 4 <= len {
-                let v0: &[f32; LANES] = values[j * hd + c0..j * hd + c0 + LANES].try_into().unwrap();
-                let v1: &[f32; LANES] = values[(j + 1) * hd + c0..(j + 1) * hd + c0 + LANES].try_into().unwrap();
-                let v2: &[f32; LANES] = values[(j + 2) * hd + c0..(j + 2) * hd + c0 + LANES].try_into().unwrap();
-                let v3: &[f32; LANES] = values[(j + 3) * hd + c0..(j + 3) * hd + c0 + LANES].try_into().unwrap();
-                let (p0, p1, p2, p3) = (s[j], s[j + 1], s[j + 2], s[j + 3]);
-                for l in 0..LANES {
-                    a0[l] += p0 * v0[l];
-                    a1[l] += p1 * v1[l];
-                    a2[l] += p2 * v2[l];
-                    a3[l] += p3 * v3[l];
-                }
-                j += 4;
-            }
-            while j < len {
-                let v0: &[f32; LANES] = values[j * hd + c0..j * hd + c0 + LANES].try_into().unwrap();
-                let p0 = s[j];
-                for l in 0..LANES {
-                    a0[l] += p0 * v0[l];
-                }
-                j += 1;
-            }
+/// Attention of one query: `scores[j] = q . key_j` for `j < len`, `p = softmax(scale *
+/// scores)`, `out = sum_j p_j values[j]`. Keys are stored in blocks of 16 positions,
+/// `[ceil(len / 16)][head_dim][16]`; values as `[len, head_dim]`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn attend_stored<E: Stored>(
+    out: &mut [f32],
+    q: &[f32],
+    keys_t: &[E],
+    values: &[E],
+    scores: &mut [f32],
+    len: usize,
+    scale: f32,
+) {
+    let hd = q.len();
+    let s = &mut scores[..len];
+    // Scores, 16 keys at a time with the sums in one register; the keys are stored in
+    // blocks of 16 positions (`[len / 16][head_dim][16]`), so this reads them in order.
+    let mut j0 = 0;
+    while j0 < len {
+        let block: &[E] = &keys_t[j0 * hd..(j0 + LANES) * hd];
+        let mut acc = [0.0f32; LANES];
+        for (c, &qc) in q.iter().enumerate() {
+            let kc: &[E; LANES] = block[c * LANES..(c + 1) * LANES].try_into().unwrap();
             for l in 0..LANES {
-                out[c0 + l] = (a0[l] + a1[l] + a2[l] + a3[l]) * inv;
+                acc[l] += qc * kc[l].load();
             }
         }
-        for c in full..hd {
-            out[c] = s.iter().enumerate().map(|(j, &p)| p * values[j * hd + c]).sum::<f32>() * inv;
+        let n = LANES.min(len - j0);
+        s[j0..j0 + n].copy_from_slice(&acc[..n]);
+        j0 += LANES;
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &v in s.iter() {
+        max = if v > max { v } else { max };
+    }
+    let mut sum = 0.0f32;
+    for v in s.iter_mut() {
+        *v = exp((*v - max) * scale);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    // Weighted values, 16 columns of the head at a time, four keys per round so four
+    // independent sums are in flight (a last partial group of columns goes one by one).
+    let full = hd / LANES * LANES;
+    for c0 in (0..full).step_by(LANES) {
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            [0.0f32; LANES],
+            [0.0f32; LANES],
+            [0.0f32; LANES],
+            [0.0f32; LANES],
+        );
+        let mut j = 0;
+        while j + 4 <= len {
+            let v0: &[E; LANES] = values[j * hd + c0..j * hd + c0 + LANES].try_into().unwrap();
+            let v1: &[E; LANES] = values[(j + 1) * hd + c0..(j + 1) * hd + c0 + LANES]
+                .try_into()
+                .unwrap();
+            let v2: &[E; LANES] = values[(j + 2) * hd + c0..(j + 2) * hd + c0 + LANES]
+                .try_into()
+                .unwrap();
+            let v3: &[E; LANES] = values[(j + 3) * hd + c0..(j + 3) * hd + c0 + LANES]
+                .try_into()
+                .unwrap();
+            let (p0, p1, p2, p3) = (s[j], s[j + 1], s[j + 2], s[j + 3]);
+            for l in 0..LANES {
+                a0[l] += p0 * v0[l].load();
+                a1[l] += p1 * v1[l].load();
+                a2[l] += p2 * v2[l].load();
+                a3[l] += p3 * v3[l].load();
+            }
+            j += 4;
         }
+        while j < len {
+            let v0: &[E; LANES] = values[j * hd + c0..j * hd + c0 + LANES].try_into().unwrap();
+            let p0 = s[j];
+            for l in 0..LANES {
+                a0[l] += p0 * v0[l].load();
+            }
+            j += 1;
+        }
+        for l in 0..LANES {
+            out[c0 + l] = (a0[l] + a1[l] + a2[l] + a3[l]) * inv;
+        }
+    }
+    for c in full..hd {
+        out[c] = s
+            .iter()
+            .enumerate()
+            .map(|(j, &p)| p * values[j * hd + c].load())
+            .sum::<f32>()
+            * inv;
+    }
+}
+
+dispatch! {
+    /// Attention of one query over an f32 cache (see [`attend_stored`]).
+    pub fn attend(out: &mut [f32], q: &[f32], keys_t: &[f32], values: &[f32], scores: &mut [f32], len: usize, scale: f32) {
+        attend_stored(out, q, keys_t, values, scores, len, scale)
+    }
+}
+
+dispatch! {
+    /// Attention of one query over a bfloat16 cache (see [`attend_stored`]).
+    pub fn attend_bf16(out: &mut [f32], q: &[f32], keys_t: &[u16], values: &[u16], scores: &mut [f32], len: usize, scale: f32) {
+        attend_stored(out, q, keys_t, values, scores, len, scale)
     }
 }
 

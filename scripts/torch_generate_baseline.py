@@ -1,9 +1,16 @@
-"""Generation baselines for `igpt bench generate`: the same Image GPT (REFERENCE.md section 3)
-sampling side*side tokens per image with temperature 1, in two ways:
+"""Generation baselines for `igpt bench generate` and `igpt bench complete`: the same Image GPT
+(REFERENCE.md section 3) sampling with temperature 1, in two ways:
 
 - "pytorch-kv": a PyTorch loop with its own key/value cache (one token per step);
 - "hf-generate": Hugging Face ImageGPTForCausalImageModeling.generate() on a random model of
   the same size (skipped with a note if transformers is not installed).
+
+Only generation is timed: imports, model construction and the loop's cache allocation happen
+before the clock starts, and each implementation runs a short warm-up first.
+
+--mode generate: `ctx` tokens per image from the start token, for each batch size.
+--mode complete: `k` completions of one image whose first `keep` tokens are given (Hugging Face
+  only: its generate() takes the kept tokens as a prompt, in one forward pass).
 
 Prints one JSON line per (implementation, batch): {"impl", "batch", "tokens_per_s", "seconds"}.
 """
@@ -33,13 +40,12 @@ def norm(x, g):
 
 
 @torch.no_grad()
-def kv_loop(w, layers, d, heads, ctx, batch):
+def kv_loop(w, layers, d, heads, ctx, batch, kc, vc, steps):
+    """Samples `steps` tokens per image into preallocated caches `kc`, `vc`."""
     hd = d // heads
-    kc = torch.zeros(layers, batch, heads, ctx, hd)
-    vc = torch.zeros(layers, batch, heads, ctx, hd)
     x_in = w["sos"].expand(batch, d)
-    out = torch.zeros(batch, ctx, dtype=torch.long)
-    for pos in range(ctx):
+    out = torch.zeros(batch, steps, dtype=torch.long)
+    for pos in range(steps):
         x = (x_in + w["wpe"][pos]).unsqueeze(1)
         for i in range(layers):
             q, k, v = (norm(x, w[f"{i}.ln_1"]) @ w[f"{i}.attn"]).split(d, dim=-1)
@@ -57,41 +63,64 @@ def kv_loop(w, layers, d, heads, ctx, batch):
     return out
 
 
-def hf_generate(layers, d, heads, vocab, ctx, batch):
+def hf_model(layers, d, heads, vocab, ctx):
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
     cfg = ImageGPTConfig(vocab_size=vocab + 1, n_positions=ctx, n_embd=d, n_layer=layers, n_head=heads)
-    model = ImageGPTForCausalImageModeling(cfg).eval()
-    start = torch.full((batch, 1), vocab, dtype=torch.long)
-    with torch.no_grad():
-        model.generate(input_ids=start, max_length=ctx + 1, do_sample=True, top_k=0, temperature=1.0,
-                       pad_token_id=vocab)
+    return ImageGPTForCausalImageModeling(cfg).eval()
+
+
+@torch.no_grad()
+def hf_generate(model, prompt, max_length, vocab):
+    model.generate(input_ids=prompt, max_length=max_length, min_length=max_length, do_sample=True,
+                   top_k=0, temperature=1.0, pad_token_id=vocab)
+
+
+def emit(impl, batch, tokens, seconds):
+    print(json.dumps({"impl": impl, "batch": batch, "tokens_per_s": tokens / seconds, "seconds": seconds}),
+          flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    for name, default in [("layers", 8), ("embd", 256), ("heads", 8), ("vocab", 512), ("ctx", 1024), ("threads", 2)]:
+    for name, default in [("layers", 8), ("embd", 256), ("heads", 8), ("vocab", 512), ("ctx", 1024), ("threads", 2),
+                          ("keep", 512), ("k", 4)]:
         ap.add_argument(f"--{name}", type=int, default=default)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--mode", choices=["generate", "complete"], default="generate")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    w = make_weights(a.layers, a.embd, a.vocab, a.ctx)
-    for b in a.batches:
-        t0 = time.perf_counter()
-        kv_loop(w, a.layers, a.embd, a.heads, a.ctx, b)
-        s = time.perf_counter() - t0
-        print(json.dumps({"impl": "pytorch-kv", "batch": b, "tokens_per_s": b * a.ctx / s, "seconds": s}), flush=True)
+    hd = a.embd // a.heads
+    if a.mode == "generate":
+        w = make_weights(a.layers, a.embd, a.vocab, a.ctx)
+        for b in a.batches:
+            kc = torch.zeros(a.layers, b, a.heads, a.ctx, hd)
+            vc = torch.zeros(a.layers, b, a.heads, a.ctx, hd)
+            kv_loop(w, a.layers, a.embd, a.heads, a.ctx, b, kc, vc, 16)
+            t0 = time.perf_counter()
+            kv_loop(w, a.layers, a.embd, a.heads, a.ctx, b, kc, vc, a.ctx)
+            emit("pytorch-kv", b, b * a.ctx, time.perf_counter() - t0)
     try:
-        import transformers  # noqa: F401
+        model = hf_model(a.layers, a.embd, a.heads, a.vocab, a.ctx)
     except ImportError:
         print(json.dumps({"note": "transformers is not installed; hf-generate skipped"}))
         return
-    for b in a.batches:
+    if a.mode == "generate":
+        for b in a.batches:
+            start = torch.full((b, 1), a.vocab, dtype=torch.long)
+            hf_generate(model, start, 17, a.vocab)
+            t0 = time.perf_counter()
+            hf_generate(model, start, a.ctx + 1, a.vocab)
+            emit("hf-generate", b, b * a.ctx, time.perf_counter() - t0)
+    else:
+        g = torch.Generator().manual_seed(1)
+        kept = torch.randint(0, a.vocab, (1, a.keep), generator=g).expand(a.k, a.keep)
+        prompt = torch.cat([torch.full((a.k, 1), a.vocab, dtype=torch.long), kept], dim=1)
+        hf_generate(model, prompt, a.keep + 17, a.vocab)
         t0 = time.perf_counter()
-        hf_generate(a.layers, a.embd, a.heads, a.vocab, a.ctx, b)
-        s = time.perf_counter() - t0
-        print(json.dumps({"impl": "hf-generate", "batch": b, "tokens_per_s": b * a.ctx / s, "seconds": s}), flush=True)
+        hf_generate(model, prompt, a.ctx + 1, a.vocab)
+        emit("hf-generate", a.k, a.k * (a.ctx - a.keep), time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 //! The `gemm` crate allocates small packing buffers inside each product call; those are
 //! counted separately (they are freed before the call returns) and only their size is bounded.
 
-use igpt::backend::Device;
 use igpt::backend::cpu::matmul::inside_gemm;
+use igpt::backend::{Device, Precision};
 use igpt::config::ModelConfig;
 use igpt::data::TokenSet;
 use igpt::train::{TrainConfig, Trainer};
@@ -123,19 +123,30 @@ fn run_steps() {
     ARMED.store(false, Ordering::SeqCst);
     let finetune = ENGINE_ALLOCS.load(Ordering::SeqCst);
     assert_eq!(finetune, 0, "fine-tuning steps allocated {finetune} times");
-    // Decoding steps (the KV-cache decoder, batch 3) allocate nothing either.
-    let mut dec = igpt::model::Decoder::new(&model, 3, &Device::Cpu).unwrap();
-    dec.set_params(&params).unwrap();
-    let prev = [1u16, 5, 9];
-    dec.step(&prev).unwrap();
-    ENGINE_ALLOCS.store(0, Ordering::SeqCst);
-    ARMED.store(true, Ordering::SeqCst);
-    for _ in 1..t {
-        dec.step(&prev).unwrap();
+    // Decoding steps (the KV-cache decoder, batch 3, f32 and bf16) allocate nothing either.
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut dec = igpt::model::Decoder::with_precision(
+            &model,
+            3,
+            &Device::Cpu,
+            params.clone(),
+            precision,
+        )
+        .unwrap();
+        let prev = [1u16, 5, 9];
+        dec.prefill(&[1, 2, 1, 2, 3, 4], 2).unwrap();
+        ENGINE_ALLOCS.store(0, Ordering::SeqCst);
+        ARMED.store(true, Ordering::SeqCst);
+        for _ in 2..t {
+            dec.step(&prev).unwrap();
+        }
+        ARMED.store(false, Ordering::SeqCst);
+        let decoding = ENGINE_ALLOCS.load(Ordering::SeqCst);
+        assert_eq!(
+            decoding, 0,
+            "{precision} decoding steps allocated {decoding} times"
+        );
     }
-    ARMED.store(false, Ordering::SeqCst);
-    let decoding = ENGINE_ALLOCS.load(Ordering::SeqCst);
-    assert_eq!(decoding, 0, "decoding steps allocated {decoding} times");
     // gemm's packing scratch is bounded by cache-sized blocks, never by the tensor sizes.
     assert!(
         gemm_max <= 4 << 20,

@@ -1,7 +1,7 @@
 //! Where the model computes: chosen once (by the caller), opened into a [`Backend`].
 
-use super::Backend;
 use super::cpu::CpuBackend;
+use super::{Backend, Precision};
 use std::fmt;
 use std::str::FromStr;
 
@@ -20,6 +20,16 @@ impl Device {
     pub fn open(&self) -> anyhow::Result<Box<dyn Backend>> {
         match self {
             Device::Cpu => Ok(Box::new(CpuBackend::new())),
+        }
+    }
+
+    /// The precision generation and scoring use unless told otherwise: bfloat16 where the
+    /// device multiplies it natively (half the bytes to read per token, at the same speed of
+    /// arithmetic), f32 elsewhere.
+    pub fn inference_precision(&self) -> Precision {
+        match self {
+            Device::Cpu if super::cpu::bf16::native() => Precision::Bf16,
+            Device::Cpu => Precision::F32,
         }
     }
 

@@ -144,7 +144,8 @@ pub struct ArenaSizes {
     pub acts: usize,
     /// Elements of [`Arena::Half`] (packed weights and 16-bit caches).
     pub half: usize,
-    /// Largest `[rows, k]` input of [`Backend::matmul_packed`] (its bf16 copy is scratch).
+    /// Elements (`rows * k`) of the largest input of [`Backend::matmul_packed`] (its 16-bit
+    /// split is scratch); its row count is at most `max_rows`.
     pub max_packed_input: usize,
     /// Token slots: the batch's inputs and targets.
     pub tokens: usize,

@@ -3,10 +3,11 @@
 
 use anyhow::{Context, Result, ensure};
 use clap::{Args, Subcommand};
-use igpt::backend::Device;
+use igpt::backend::{Device, Precision};
 use igpt::config::ModelConfig;
 use igpt::data::TokenSet;
 use igpt::train::{TrainConfig, Trainer};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Subcommand)]
@@ -14,19 +15,33 @@ pub enum BenchCmd {
     /// Training throughput and peak memory: igpt, then PyTorch eager (SDPA), and the ratio.
     Train(TrainBench),
     /// Generation speed (tokens/s) at batch 1 and 8: igpt, a PyTorch loop with its own KV cache,
-    /// and Hugging Face `generate()`, with the ratios.
+    /// and Hugging Face `generate()`, with the ratios, bytes read per token and bandwidth.
     Generate(GenerateBench),
+    /// `igpt complete` end to end (loading included) on a random model saved to disk, against
+    /// Hugging Face `generate()` completing the same number of pixels.
+    Complete(CompleteBench),
 }
 
-/// The model both benchmarks use (iGPT-tiny by default, 512 RGB colours).
+/// Model shapes with their usual names.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Shape {
+    /// iGPT-tiny: 8 layers, d=256, 8 heads.
+    Tiny,
+    /// iGPT-S: 24 layers, d=512, 8 heads (76 M parameters).
+    Small,
+}
+
+/// The model the benchmarks use (a shape, 512 RGB colours, 32x32), any part overridden.
 #[derive(Args)]
 pub struct BenchModel {
-    #[arg(long, default_value_t = 8)]
-    layers: usize,
-    #[arg(long, default_value_t = 256)]
-    embd: usize,
-    #[arg(long, default_value_t = 8)]
-    heads: usize,
+    #[arg(long, value_enum, default_value = "tiny")]
+    shape: Shape,
+    #[arg(long)]
+    layers: Option<usize>,
+    #[arg(long)]
+    embd: Option<usize>,
+    #[arg(long)]
+    heads: Option<usize>,
     #[arg(long, default_value_t = 512)]
     vocab: usize,
     /// Image side (context = side^2 tokens).
@@ -36,10 +51,14 @@ pub struct BenchModel {
 
 impl BenchModel {
     fn config(&self) -> Result<ModelConfig> {
+        let (layers, embd, heads) = match self.shape {
+            Shape::Tiny => (8, 256, 8),
+            Shape::Small => (24, 512, 8),
+        };
         let cfg = ModelConfig {
-            n_layer: self.layers,
-            n_embd: self.embd,
-            n_head: self.heads,
+            n_layer: self.layers.unwrap_or(layers),
+            n_embd: self.embd.unwrap_or(embd),
+            n_head: self.heads.unwrap_or(heads),
             n_vocab: self.vocab,
             side: self.side,
             channels: 3,
@@ -50,19 +69,33 @@ impl BenchModel {
     }
 
     /// The same shape as arguments of the Python baselines.
-    fn python_args(&self) -> Vec<String> {
+    fn python_args(&self) -> Result<Vec<String>> {
+        let c = self.config()?;
         let pairs = [
-            ("--layers", self.layers),
-            ("--embd", self.embd),
-            ("--heads", self.heads),
-            ("--vocab", self.vocab),
-            ("--ctx", self.side * self.side),
+            ("--layers", c.n_layer),
+            ("--embd", c.n_embd),
+            ("--heads", c.n_head),
+            ("--vocab", c.n_vocab),
+            ("--ctx", c.n_ctx()),
         ];
-        pairs
+        Ok(pairs
             .iter()
             .flat_map(|(k, v)| [k.to_string(), v.to_string()])
-            .collect()
+            .collect())
     }
+}
+
+/// A random model of `cfg`'s shape, with a head that is not zero (so sampling is not uniform).
+fn random_params(cfg: &ModelConfig) -> Vec<f32> {
+    let mut params = igpt::model::init_params(cfg, 0);
+    let layout = igpt::model::ParamLayout::new(cfg);
+    for (i, p) in params[layout.wtet..layout.wtet + cfg.n_vocab * cfg.n_embd]
+        .iter_mut()
+        .enumerate()
+    {
+        *p = ((i * 2654435761) % 1000) as f32 / 1000.0 * 0.04 - 0.02;
+    }
+    params
 }
 
 #[derive(Args)]
@@ -72,6 +105,29 @@ pub struct GenerateBench {
     /// Batch sizes to measure.
     #[arg(long, num_args = 1.., default_values_t = vec![1, 8])]
     batches: Vec<usize>,
+    /// Precisions igpt runs at.
+    #[arg(long, num_args = 1.., default_values_t = vec![Precision::F32, Precision::Bf16])]
+    precisions: Vec<Precision>,
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Only measure igpt.
+    #[arg(long)]
+    no_python: bool,
+}
+
+#[derive(Args)]
+pub struct CompleteBench {
+    #[command(flatten)]
+    model: BenchModel,
+    /// The image to complete (the top half is kept).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/images/chelsea-rgb-131x97.png"))]
+    image: PathBuf,
+    /// Completions.
+    #[arg(long, default_value_t = 4)]
+    k: usize,
+    /// Precisions igpt runs at.
+    #[arg(long, num_args = 1.., default_values_t = vec![Precision::F32, Precision::Bf16])]
+    precisions: Vec<Precision>,
     #[arg(long, default_value = "python3")]
     python: String,
     /// Only measure igpt.
@@ -108,7 +164,65 @@ pub fn run(cmd: BenchCmd, dev: &Device) -> Result<()> {
     match cmd {
         BenchCmd::Train(b) => train(b, dev),
         BenchCmd::Generate(b) => generate(b, dev),
+        BenchCmd::Complete(b) => complete(b, dev),
     }
+}
+
+/// Runs a Python baseline script and returns its JSON lines.
+fn python_baseline(python: &str, script: &str, args: &[String]) -> Result<Vec<serde_json::Value>> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {python} {}", script.display()))?;
+    ensure!(
+        out.status.success(),
+        "the PyTorch baseline failed (pip install torch transformers):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// Best-of-five streaming read bandwidth (GB/s) over `bytes` bytes on the current thread pool.
+fn stream_read_gbs(bytes: usize) -> f64 {
+    use rayon::prelude::*;
+    let buf = vec![1.0f32; bytes / 4];
+    let mut best = f64::INFINITY;
+    let mut sink = 0.0;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        // A vectorised dot product of each chunk with itself reads it once.
+        sink += buf
+            .par_chunks(1 << 16)
+            .map(|c| igpt::backend::cpu::simd::dot(c, c))
+            .sum::<f32>();
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink);
+    bytes as f64 / best / 1e9
+}
+
+/// Bytes one decoding step reads on average over a whole image: every weight matrix once
+/// (at the precision's width; gains, embeddings and the head's bias-free rows in f32), and
+/// each sequence's keys and values for every position so far.
+fn bytes_per_step(cfg: &ModelConfig, batch: usize, precision: Precision) -> f64 {
+    let (d, l, v, t) = (
+        cfg.n_embd as f64,
+        cfg.n_layer as f64,
+        cfg.n_vocab as f64,
+        cfg.n_ctx() as f64,
+    );
+    let width = match precision {
+        Precision::F32 => 4.0,
+        Precision::Bf16 => 2.0,
+    };
+    let matrices = l * 12.0 * d * d + v * d;
+    let cache = batch as f64 * l * 2.0 * d * (t + 1.0) / 2.0;
+    width * (matrices + cache)
 }
 
 fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
@@ -118,72 +232,160 @@ fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
     let model = b.model.config()?;
     let t = model.n_ctx();
     println!(
-        "model: {} layers, d={}, {} heads, vocab {}, {} tokens per image, fp32, {} threads",
-        b.model.layers, b.model.embd, b.model.heads, b.model.vocab, t, threads
+        "model: {} layers, d={}, {} heads, vocab {}, {} tokens per image, {} threads",
+        model.n_layer, model.n_embd, model.n_head, model.n_vocab, t, threads
     );
-    // A random model with a non-zero head, so sampling is not uniform.
-    let mut params = igpt::model::init_params(&model, 0);
-    let layout = igpt::model::ParamLayout::new(&model);
-    for (i, p) in params[layout.wtet..layout.wtet + b.model.vocab * b.model.embd]
-        .iter_mut()
-        .enumerate()
-    {
-        *p = ((i * 2654435761) % 1000) as f32 / 1000.0 * 0.04 - 0.02;
-    }
+    let params = random_params(&model);
     let mut ours = Vec::new();
-    for &batch in &b.batches {
-        let mut dec = Decoder::new(&model, batch, dev)?;
-        dec.set_params(&params)?;
-        let prefixes = vec![&[][..]; batch];
-        let opts = SampleOptions::default();
-        let secs = rayon::scope(|_| -> Result<f64> {
-            let t0 = Instant::now();
-            sample::generate(&mut dec, &prefixes, &opts, 0, |_, _| {})?;
-            Ok(t0.elapsed().as_secs_f64())
-        })?;
-        let tps = (batch * t) as f64 / secs;
-        println!(
-            "igpt           batch {batch:>2}: {tps:>8.0} tokens/s ({secs:.2} s for {batch} x {t} tokens)"
-        );
-        ours.push((batch, tps));
+    for &precision in &b.precisions {
+        for &batch in &b.batches {
+            let mut dec = Decoder::with_precision(&model, batch, dev, params.clone(), precision)?;
+            let prefixes = vec![&[][..]; batch];
+            let opts = SampleOptions::default();
+            let secs = rayon::scope(|_| -> Result<f64> {
+                // Warm-up: the first positions of one image (pages touched, threads awake).
+                for _ in 0..16 {
+                    dec.step(&vec![0; batch])?;
+                }
+                let t0 = Instant::now();
+                sample::generate(&mut dec, &prefixes, &opts, 0, |_, _| {})?;
+                Ok(t0.elapsed().as_secs_f64())
+            })?;
+            let tps = (batch * t) as f64 / secs;
+            let step_bytes = bytes_per_step(&model, batch, precision);
+            let gbs = step_bytes * t as f64 / secs / 1e9;
+            let limit = stream_read_gbs(step_bytes as usize);
+            println!(
+                "igpt {precision:<4}      batch {batch:>2}: {tps:>8.0} tokens/s ({secs:.2} s); reads \
+                 {:.1} MB per token, {gbs:.1} GB/s against a {limit:.1} GB/s streaming read \
+                 of the same size ({:.0}%)",
+                step_bytes / batch as f64 / 1e6,
+                100.0 * gbs / limit
+            );
+            ours.push((precision, batch, tps));
+        }
     }
     if b.no_python {
         return Ok(());
     }
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_generate_baseline.py");
-    let batches: Vec<String> = b.batches.iter().map(|x| x.to_string()).collect();
-    let out = std::process::Command::new(&b.python)
-        .arg(&script)
-        .args(b.model.python_args())
-        .args(["--threads", &threads.to_string()])
-        .arg("--batches")
-        .args(&batches)
-        .output()
-        .with_context(|| format!("cannot run {} {}", b.python, script.display()))?;
-    ensure!(
-        out.status.success(),
-        "the PyTorch baseline failed (pip install torch transformers):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
+    let mut args = b.model.python_args()?;
+    args.extend(["--threads".into(), threads.to_string(), "--batches".into()]);
+    args.extend(b.batches.iter().map(|x| x.to_string()));
+    for v in python_baseline(&b.python, "scripts/torch_generate_baseline.py", &args)? {
         let (Some(name), Some(batch), Some(tps)) = (
             v["impl"].as_str(),
             v["batch"].as_u64(),
             v["tokens_per_s"].as_f64(),
         ) else {
+            if let Some(note) = v["note"].as_str() {
+                println!("note: {note}");
+            }
             continue;
         };
-        let mine = ours
+        let ratios: Vec<String> = ours
             .iter()
-            .find(|o| o.0 == batch as usize)
-            .map_or(f64::NAN, |o| o.1);
+            .filter(|o| o.1 == batch as usize)
+            .map(|o| format!("igpt {} is {:.1}x", o.0, o.2 / tps))
+            .collect();
         println!(
-            "{name:<14} batch {batch:>2}: {tps:>8.0} tokens/s   igpt is {:.1}x",
-            mine / tps
+            "{name:<14} batch {batch:>2}: {tps:>8.0} tokens/s   {}",
+            ratios.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn complete(b: CompleteBench, dev: &Device) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let model = b.model.config()?;
+    let (t, side) = (model.n_ctx(), model.side);
+    let keep = side / 2 * side;
+    println!(
+        "model: {} layers, d={}, {} heads, vocab {}, {side}x{side}; {} completions of {} from \
+         its top {} rows; {threads} threads",
+        model.n_layer,
+        model.n_embd,
+        model.n_head,
+        model.n_vocab,
+        b.k,
+        b.image.display(),
+        side / 2
+    );
+    let dir = std::env::temp_dir().join(format!("igpt-bench-complete-{}", std::process::id()));
+    let run = igpt::checkpoint::RunDir::create(&dir)?;
+    let centers: Vec<f32> = (0..model.n_vocab * 3)
+        .map(|i| ((i * 2654435761) % 255) as f32 / 127.5 - 1.0)
+        .collect();
+    run.save_config(&igpt::checkpoint::RunConfig {
+        model: model.clone(),
+        train: Default::default(),
+        data: "random weights (igpt bench complete)".into(),
+        igpt_version: env!("CARGO_PKG_VERSION").into(),
+    })?;
+    run.save_palette(&igpt::palette::Palette::new(3, centers)?)?;
+    run.save_model(&model, &random_params(&model))?;
+    let exe = std::env::current_exe().context("cannot find the igpt executable")?;
+    let mut ours = Vec::new();
+    for &precision in &b.precisions {
+        let t0 = Instant::now();
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--device",
+                &dev.to_string(),
+            ])
+            .arg("complete")
+            .arg("--model")
+            .arg(&dir)
+            .arg("--images")
+            .arg(&b.image)
+            .args([
+                "--k",
+                &b.k.to_string(),
+                "--precision",
+                &precision.to_string(),
+            ])
+            .arg("--out")
+            .arg(dir.join("completions.png"))
+            .output()
+            .context("cannot run igpt complete")?;
+        let secs = t0.elapsed().as_secs_f64();
+        ensure!(
+            out.status.success(),
+            "igpt complete failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("igpt complete {precision:<4}: {secs:>6.2} s end to end (loading included)");
+        ours.push((precision, secs));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if b.no_python {
+        return Ok(());
+    }
+    let mut args = b.model.python_args()?;
+    args.extend([
+        "--threads".into(),
+        threads.to_string(),
+        "--mode".into(),
+        "complete".into(),
+        "--keep".into(),
+        keep.to_string(),
+        "--k".into(),
+        b.k.to_string(),
+    ]);
+    for v in python_baseline(&b.python, "scripts/torch_generate_baseline.py", &args)? {
+        let (Some(name), Some(secs)) = (v["impl"].as_str(), v["seconds"].as_f64()) else {
+            continue;
+        };
+        let ratios: Vec<String> = ours
+            .iter()
+            .map(|o| format!("igpt {} is {:.1}x", o.0, secs / o.1))
+            .collect();
+        println!(
+            "{name} (generation only, {} new pixels): {secs:>6.2} s   {}",
+            b.k * (t - keep),
+            ratios.join(", ")
         );
     }
     Ok(())
@@ -195,7 +397,7 @@ fn train(b: TrainBench, dev: &Device) -> Result<()> {
     let t = model.n_ctx();
     println!(
         "model: {} layers, d={}, {} heads, vocab {}, context {}, batch {}, fp32, {} threads",
-        b.model.layers, b.model.embd, b.model.heads, b.model.vocab, t, b.batch, threads
+        model.n_layer, model.n_embd, model.n_head, model.n_vocab, t, b.batch, threads
     );
     let cfg = TrainConfig {
         steps: 1000,
@@ -225,7 +427,7 @@ fn train(b: TrainBench, dev: &Device) -> Result<()> {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_baseline.py");
     let out = std::process::Command::new(&b.python)
         .arg(&script)
-        .args(b.model.python_args())
+        .args(b.model.python_args()?)
         .args(["--batch", &b.batch.to_string()])
         .args([
             "--threads",

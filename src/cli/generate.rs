@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, ensure};
 use clap::Args;
-use igpt::backend::Device;
+use igpt::backend::{Device, Precision};
 use igpt::checkpoint::LoadedModel;
 use igpt::data::{self, Format, ImageSet, TokenSet};
 use igpt::grid;
@@ -28,6 +28,10 @@ pub struct SamplingArgs {
     /// Images generated together (one pass over the model per pixel serves the whole batch).
     #[arg(long, default_value_t = 16)]
     batch: usize,
+    /// Weights and key/value caches in bf16 or f32 (default: bf16 where the CPU multiplies
+    /// bf16 natively, AVX-512 BF16; f32 elsewhere).
+    #[arg(long)]
+    precision: Option<Precision>,
 }
 
 impl SamplingArgs {
@@ -130,6 +134,10 @@ pub struct ScoreArgs {
     limit: Option<usize>,
     #[arg(long, default_value_t = 16)]
     batch: usize,
+    /// Products in bf16 or f32 (default: bf16 where the CPU multiplies bf16 natively,
+    /// AVX-512 BF16; f32 elsewhere).
+    #[arg(long)]
+    precision: Option<Precision>,
     /// Write `index,name,nats_per_token,bits_per_token` rows here.
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -236,7 +244,9 @@ fn generate_all(
     );
     let n = prefixes.len();
     let batch = s.batch.clamp(1, n.max(1));
-    let mut dec = Decoder::with_params(cfg, batch, dev, std::mem::take(&mut m.params))?;
+    let precision = s.precision.unwrap_or_else(|| dev.inference_precision());
+    let mut dec =
+        Decoder::with_precision(cfg, batch, dev, std::mem::take(&mut m.params), precision)?;
     let opts = s.options()?;
     let bar = pixel_bar((n * cfg.n_ctx()) as u64, "pixels");
     let out = sample::generate_all(&mut dec, prefixes, &opts, |done| bar.set_position(done))?;
@@ -355,7 +365,9 @@ pub fn score(a: ScoreArgs, dev: &Device) -> Result<()> {
     let tokens = TokenSet::from_tokens(ids, m.model().n_ctx(), m.model().n_vocab, None)?;
     let batch = a.batch.clamp(1, tokens.len());
     let model = m.model().clone();
-    let mut engine = Engine::with_params(&model, batch, dev, std::mem::take(&mut m.params))?;
+    let precision = a.precision.unwrap_or_else(|| dev.inference_precision());
+    let mut engine =
+        Engine::with_precision(&model, batch, dev, std::mem::take(&mut m.params), precision)?;
     let bar = pixel_bar(tokens.len() as u64, "images");
     let scores =
         igpt::eval::score_images(&mut engine, &tokens, |done| bar.set_position(done as u64))?;
@@ -383,7 +395,10 @@ pub fn score(a: ScoreArgs, dev: &Device) -> Result<()> {
         );
     }
     let mean = scores.iter().sum::<f64>() / scores.len() as f64;
-    println!("{} images, mean {mean:.4} nats/token", scores.len());
+    println!(
+        "{} images, mean {mean:.4} nats/token ({precision})",
+        scores.len()
+    );
     if let Some(p) = &a.csv {
         let mut text = String::from("index,name,nats_per_token,bits_per_token\n");
         for (i, s) in scores.iter().enumerate() {
@@ -420,6 +435,7 @@ pub fn demo_pictures(run: &Path, val: &TokenSet, dev: &Device) -> Result<()> {
         top_p: 1.0,
         seed: 0,
         batch: 16,
+        precision: None,
     };
     let samples = SampleArgs {
         model: run.display().to_string(),

@@ -3,7 +3,10 @@
 //! Generating a token reads every weight once, so its speed is the memory bandwidth over the
 //! weights' bytes; halving those bytes is what makes decoding faster. Products keep f32
 //! accumulation: with AVX-512 BF16 one `vdpbf16ps` multiplies 16 pairs of bf16 values and adds
-//! them to 16 f32 sums, which is why a packed weight interleaves pairs of its rows.
+//! them to 16 f32 sums, which is why a packed weight interleaves pairs of its rows. Only the
+//! weights are rounded: each input is split into a bf16 high part and a bf16 remainder, both
+//! multiplied, so the input keeps 16 bits of its 24 (rounding the inputs as well would double
+//! the error, for arithmetic that is not the limit here).
 
 use super::matmul::SendPtr;
 use crate::backend::Op;
@@ -46,9 +49,9 @@ pub fn packed_len(k: usize, n: usize) -> usize {
     k.div_ceil(2) * 2 * n.next_multiple_of(PANEL)
 }
 
-/// Elements of the bf16 copy of `[m, k]` inputs that [`matmul`] needs as scratch.
+/// Elements of the bf16 split of `[m, k]` inputs that [`matmul`] needs as scratch.
 pub fn input_scratch_len(m: usize, k: usize) -> usize {
-    m * k.div_ceil(2) * 2
+    m * k.div_ceil(2) * 4
 }
 
 /// Packs the f32 weight `w` (`[k, n]`, or `[n, k]` with `Op::T`) into `dst` for [`matmul`].
@@ -82,8 +85,9 @@ pub fn pack(dst: &mut [u16], w: &[f32], op: Op, k: usize, n: usize) {
         });
 }
 
-/// `out[m, n] (+)= x[m, k] @ w` with `w` packed by [`pack`]. `x` is rounded to bf16 into
-/// `scratch` (at least [`input_scratch_len`] elements); products accumulate in f32. With
+/// `out[m, n] (+)= x[m, k] @ w` with `w` packed by [`pack`]. `x` is split into bf16 high and
+/// low parts in `scratch` (at least [`input_scratch_len`] elements); products accumulate in
+/// f32. With
 /// `native`, the AVX-512 BF16 kernel runs (the caller checked [`native`]); otherwise a
 /// portable loop computes the same products.
 #[allow(clippy::too_many_arguments)]
@@ -113,21 +117,25 @@ pub fn matmul(
         return;
     }
     let k2 = k.div_ceil(2);
-    let xs = &mut scratch[..m * k2 * 2];
+    // Each row: its high parts (k2 pairs), then its low parts.
+    let xs = &mut scratch[..m * k2 * 4];
     let convert = |(row, dst): (&[f32], &mut [u16])| {
-        for (d, &v) in dst.iter_mut().zip(row) {
-            *d = to_bf16(v);
+        let (hi, lo) = dst.split_at_mut(k2 * 2);
+        for ((h, l), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(row) {
+            *h = to_bf16(v);
+            *l = to_bf16(v - from_bf16(*h));
         }
         if k % 2 == 1 {
-            dst[k] = 0;
+            hi[k] = 0;
+            lo[k] = 0;
         }
     };
     if m * k >= 1 << 16 {
         x.par_chunks(k)
-            .zip(xs.par_chunks_mut(k2 * 2))
+            .zip(xs.par_chunks_mut(k2 * 4))
             .for_each(convert);
     } else {
-        x.chunks(k).zip(xs.chunks_mut(k2 * 2)).for_each(convert);
+        x.chunks(k).zip(xs.chunks_mut(k2 * 4)).for_each(convert);
     }
     let xs: &[u16] = xs;
     let panels = n.div_ceil(PANEL);
@@ -140,7 +148,7 @@ pub fn matmul(
         let (r0, r1) = (rb * ROW_BLOCK, ((rb + 1) * ROW_BLOCK).min(m));
         let (p0, p1) = (g * GROUP, ((g + 1) * GROUP).min(panels));
         let tile = Tile {
-            x: &xs[r0 * k2 * 2..r1 * k2 * 2],
+            x: &xs[r0 * k2 * 4..r1 * k2 * 4],
             w: &w[p0 * k2 * 2 * PANEL..p1 * k2 * 2 * PANEL],
             k2,
             rows: r1 - r0,
@@ -165,7 +173,7 @@ pub fn matmul(
 
 /// One task's share of a packed product: a block of rows times a group of panels.
 struct Tile<'a> {
-    /// The rows' bf16 inputs, `[rows, 2 * k2]`.
+    /// The rows' bf16 inputs, `[rows][hi, lo][2 * k2]`.
     x: &'a [u16],
     /// The group's panels, `[panels][k2][16][2]`.
     w: &'a [u16],
@@ -203,8 +211,8 @@ impl Tile<'_> {
         for p in 0..self.panels() {
             let panel = &self.w[p * panel_len..(p + 1) * panel_len];
             for r in 0..self.rows {
-                let x = &self.x[r * 2 * k2..(r + 1) * 2 * k2];
-                let sums = panel_dot(x, panel);
+                let x = &self.x[r * 4 * k2..(r + 1) * 4 * k2];
+                let sums = panel_dot(&x[..2 * k2], &x[2 * k2..], panel);
                 // SAFETY: forwarded from `matmul`, which owns these rows and columns for us.
                 unsafe { self.write(out, r, p, &sums) };
             }
@@ -275,11 +283,18 @@ impl Tile<'_> {
                 };
             }
             for (r, acc_r) in acc.iter_mut().enumerate() {
-                // SAFETY: row r0 + r < rows, pair i < k2: inside `self.x` (read as u32 pairs).
-                let pair = unsafe { x.add((r0 + r) * k2 + i).read_unaligned() };
-                let xb = bf16x32(_mm512_set1_epi32(pair as i32));
+                // SAFETY: row r0 + r < rows, pair i < k2: both parts inside `self.x` (read as
+                // u32 pairs).
+                let (hi, lo) = unsafe {
+                    let row = x.add((r0 + r) * 2 * k2 + i);
+                    (row.read_unaligned(), row.add(k2).read_unaligned())
+                };
+                let (hi, lo) = (
+                    bf16x32(_mm512_set1_epi32(hi as i32)),
+                    bf16x32(_mm512_set1_epi32(lo as i32)),
+                );
                 for (a, &v) in acc_r.iter_mut().zip(&wv) {
-                    *a = _mm512_dpbf16_ps(*a, xb, bf16x32(v));
+                    *a = _mm512_dpbf16_ps(_mm512_dpbf16_ps(*a, lo, bf16x32(v)), hi, bf16x32(v));
                 }
             }
         }
@@ -305,11 +320,12 @@ fn bf16x32(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512bh {
 }
 
 super::simd::dispatch! {
-    /// Sums of one row's bf16 pairs `x` against one panel `[k2][16][2]` (the portable path).
-    pub fn panel_dot(x: &[u16], panel: &[u16]) -> [f32; PANEL] {
+    /// Sums of one row's inputs (bf16 high and low parts) against one panel `[k2][16][2]`
+    /// (the portable path).
+    pub fn panel_dot(hi: &[u16], lo: &[u16], panel: &[u16]) -> [f32; PANEL] {
         let mut acc = [0.0f32; PANEL];
-        for (pair, w) in x.chunks_exact(2).zip(panel.chunks_exact(2 * PANEL)) {
-            let (x0, x1) = (from_bf16(pair[0]), from_bf16(pair[1]));
+        for ((h, l), w) in hi.chunks_exact(2).zip(lo.chunks_exact(2)).zip(panel.chunks_exact(2 * PANEL)) {
+            let (x0, x1) = (from_bf16(h[0]) + from_bf16(l[0]), from_bf16(h[1]) + from_bf16(l[1]));
             for l in 0..PANEL {
                 acc[l] += x0 * from_bf16(w[2 * l]) + x1 * from_bf16(w[2 * l + 1]);
             }

@@ -76,7 +76,7 @@ pub fn embed_step(
 ) {
     let n_vocab = wte.len() / d;
     assert_eq!(out.len(), prev.len() * d);
-    assert!(len >= 1 && prev.len() % len == 0);
+    assert!(len >= 1 && prev.len().is_multiple_of(len));
     for (r, (row, &id)) in out.chunks_mut(d).zip(prev).enumerate() {
         let p = pos + r % len;
         let content = if p == 0 {

@@ -201,7 +201,9 @@ impl Backend for CpuBackend {
             Ok(v)
         };
         self.half = halves(s.half, "16-bit weights and caches")?;
-        self.packed_input = halves(s.max_packed_input, "scratch")?;
+        // The split input (bf16 high and low parts, rows padded to an even length).
+        let split = 2 * (s.max_packed_input + s.max_rows);
+        self.packed_input = halves(if s.max_packed_input > 0 { split } else { 0 }, "scratch")?;
         self.tokens = vec![0; s.tokens];
         self.targets = vec![0; s.tokens];
         self.weights = zeros(s.tokens, "loss weights")?;

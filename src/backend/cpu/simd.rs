@@ -268,9 +268,45 @@ fn attend_stored<E: Stored>(
     let hd = q.len();
     let s = &mut scores[..len];
     // Scores, 16 keys at a time with the sums in one register; the keys are stored in
-    // blocks of 16 positions (`[len / 16][head_dim][16]`), so this reads them in order.
-    let mut j0 = 0;
-    while j0 < len {
+    // blocks of 16 positions (`[len / 16][head_dim][16]`), so this reads them in order. Four
+    // blocks go together, so four independent sums are in flight.
+    let blocks = len.div_ceil(LANES);
+    let mut blk = 0;
+    while blk + 4 <= blocks {
+        let base = &keys_t[blk * LANES * hd..(blk + 4) * LANES * hd];
+        let (mut a0, mut a1, mut a2, mut a3) = (
+            [0.0f32; LANES],
+            [0.0f32; LANES],
+            [0.0f32; LANES],
+            [0.0f32; LANES],
+        );
+        for (c, &qc) in q.iter().enumerate() {
+            let k0: &[E; LANES] = base[c * LANES..(c + 1) * LANES].try_into().unwrap();
+            let k1: &[E; LANES] = base[(hd + c) * LANES..(hd + c + 1) * LANES]
+                .try_into()
+                .unwrap();
+            let k2: &[E; LANES] = base[(2 * hd + c) * LANES..(2 * hd + c + 1) * LANES]
+                .try_into()
+                .unwrap();
+            let k3: &[E; LANES] = base[(3 * hd + c) * LANES..(3 * hd + c + 1) * LANES]
+                .try_into()
+                .unwrap();
+            for l in 0..LANES {
+                a0[l] += qc * k0[l].load();
+                a1[l] += qc * k1[l].load();
+                a2[l] += qc * k2[l].load();
+                a3[l] += qc * k3[l].load();
+            }
+        }
+        for (i, acc) in [a0, a1, a2, a3].iter().enumerate() {
+            let j0 = (blk + i) * LANES;
+            let n = LANES.min(len - j0);
+            s[j0..j0 + n].copy_from_slice(&acc[..n]);
+        }
+        blk += 4;
+    }
+    while blk < blocks {
+        let j0 = blk * LANES;
         let block: &[E] = &keys_t[j0 * hd..(j0 + LANES) * hd];
         let mut acc = [0.0f32; LANES];
         for (c, &qc) in q.iter().enumerate() {
@@ -281,7 +317,7 @@ fn attend_stored<E: Stored>(
         }
         let n = LANES.min(len - j0);
         s[j0..j0 + n].copy_from_slice(&acc[..n]);
-        j0 += LANES;
+        blk += 1;
     }
     let mut max = f32::NEG_INFINITY;
     for &v in s.iter() {

@@ -125,6 +125,9 @@ pub struct CompleteBench {
     /// Completions.
     #[arg(long, default_value_t = 4)]
     k: usize,
+    /// Write the random model here and keep it (default: a temporary folder, removed after).
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
     /// Precisions igpt runs at.
     #[arg(long, num_args = 1.., default_values_t = vec![Precision::F32, Precision::Bf16])]
     precisions: Vec<Precision>,
@@ -311,7 +314,9 @@ fn complete(b: CompleteBench, dev: &Device) -> Result<()> {
         b.image.display(),
         side / 2
     );
-    let dir = std::env::temp_dir().join(format!("igpt-bench-complete-{}", std::process::id()));
+    let dir = b.model_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("igpt-bench-complete-{}", std::process::id()))
+    });
     let run = igpt::checkpoint::RunDir::create(&dir)?;
     let centers: Vec<f32> = (0..model.n_vocab * 3)
         .map(|i| ((i * 2654435761) % 255) as f32 / 127.5 - 1.0)
@@ -359,7 +364,9 @@ fn complete(b: CompleteBench, dev: &Device) -> Result<()> {
         println!("igpt complete {precision:<4}: {secs:>6.2} s end to end (loading included)");
         ours.push((precision, secs));
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if b.model_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     if b.no_python {
         return Ok(());
     }

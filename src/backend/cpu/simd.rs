@@ -319,12 +319,28 @@ fn attend_stored<E: Stored>(
         s[j0..j0 + n].copy_from_slice(&acc[..n]);
         blk += 1;
     }
+    // Softmax, 16 lanes at a time (a running scalar sum would not vectorise).
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = s.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+        }
+    }
     let mut max = f32::NEG_INFINITY;
-    for &v in s.iter() {
+    for &v in lanes.iter().chain(chunks.into_remainder().iter()) {
         max = if v > max { v } else { max };
     }
-    let mut sum = 0.0f32;
-    for v in s.iter_mut() {
+    let mut sums = [0.0f32; LANES];
+    let mut chunks = s.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp((c[l] - max) * scale);
+            sums[l] += c[l];
+        }
+    }
+    let mut sum: f32 = sums.iter().sum();
+    for v in chunks.into_remainder() {
         *v = exp((*v - max) * scale);
         sum += *v;
     }

@@ -247,7 +247,6 @@ pub fn resume(
     if let Some(s) = steps {
         cfg.train.steps = s;
         cfg.train.validate()?;
-        run.save_config(&cfg)?;
     }
     let palette = run.load_palette()?;
     ensure!(
@@ -286,6 +285,10 @@ pub fn resume(
         train.len(),
         run.file("data/train.tokens").display()
     );
+    if steps.is_some() {
+        // Only once the checkpoint is known to fit: a refused resume changes nothing.
+        run.save_config(&cfg)?;
+    }
     let mut trainer = Trainer::new(&cfg.model, cfg.train.clone(), &params, device)?;
     drop(params);
     trainer.restore(state, &m, &v);

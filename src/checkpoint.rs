@@ -121,7 +121,9 @@ pub fn verify_checksums(path: &Path, bytes: &[u8]) -> Result<()> {
         let got = if name == "__metadata__" {
             metadata_crc(meta)
         } else {
-            let t = st.tensor(name).map_err(|_| corrupt(&format!("tensor {name}")))?;
+            let t = st
+                .tensor(name)
+                .map_err(|_| corrupt(&format!("tensor {name}")))?;
             format!("{:08x}", crc32c::crc32c(t.data()))
         };
         if &got != want {
@@ -258,12 +260,15 @@ impl RunDir {
         let cfg: RunConfig = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid igpt config", p.display()))?;
         // Said as a value of the file, not of a flag: the file is what must change.
-        cfg.model
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{} describes a model igpt cannot build: {e}", p.display()))?;
-        cfg.train
-            .validate()
-            .map_err(|e| anyhow::anyhow!("{} holds training settings that cannot work: {e}", p.display()))?;
+        cfg.model.validate().map_err(|e| {
+            anyhow::anyhow!("{} describes a model igpt cannot build: {e}", p.display())
+        })?;
+        cfg.train.validate().map_err(|e| {
+            anyhow::anyhow!(
+                "{} holds training settings that cannot work: {e}",
+                p.display()
+            )
+        })?;
         Ok(cfg)
     }
 

@@ -191,7 +191,11 @@ mod tests {
         );
         assert!(ModelConfig::preset("tiny", 16, 8, 2).is_err());
         // Absurd sizes are refused before anything is computed from them.
-        for (field, v) in [("n_layer", 1usize << 40), ("n_embd", 1 << 40), ("side", 1_000_000_000)] {
+        for (field, v) in [
+            ("n_layer", 1usize << 40),
+            ("n_embd", 1 << 40),
+            ("side", 1_000_000_000),
+        ] {
             let mut c = ModelConfig::preset("tiny", 16, 8, 1).unwrap();
             match field {
                 "n_layer" => c.n_layer = v,

@@ -90,13 +90,7 @@ impl Estimate {
         if need <= available {
             return Ok(());
         }
-        let of = |s: Scale| -> u128 {
-            self.parts
-                .iter()
-                .filter(|p| p.2 == s)
-                .map(|p| p.1)
-                .sum()
-        };
+        let of = |s: Scale| -> u128 { self.parts.iter().filter(|p| p.2 == s).map(|p| p.1).sum() };
         // The setting to change: the smallest kind whose removal would make it fit, else the
         // model.
         let scale = if of(Scale::Model) > available {
@@ -154,11 +148,8 @@ pub fn activation_floats(
     let rows = b * t;
     let n_resid = if training { l + 1 } else { 2 };
     let n_block = if training { l } else { 1 };
-    let block = 4 * r16(rows * d)
-        + 2 * r16(rows)
-        + r16(rows * 3 * d)
-        + r16(b * h * t)
-        + r16(rows * 4 * d);
+    let block =
+        4 * r16(rows * d) + 2 * r16(rows) + r16(rows * 3 * d) + r16(b * h * t) + r16(rows * 4 * d);
     let mut total = n_resid * r16(rows * d) + n_block * block;
     total += r16(rows * d) + r16(rows) + r16(rows * v) + r16(rows) + r16(rows * 4 * d);
     if training {
@@ -230,9 +221,11 @@ mod tests {
 
     #[test]
     fn a_refusal_names_the_setting_that_does_not_fit() {
-        let e = Estimate::new()
-            .add("parameters", 100, Scale::Model)
-            .add("activations", 900, Scale::Batch);
+        let e = Estimate::new().add("parameters", 100, Scale::Model).add(
+            "activations",
+            900,
+            Scale::Batch,
+        );
         assert!(e.check_against("x", 1000).is_ok());
         let err = e.check_against("training", 999).unwrap_err();
         assert_eq!(err.scale, Scale::Batch);

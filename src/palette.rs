@@ -171,7 +171,10 @@ impl Palette {
             pixels.len().is_multiple_of(channels) && !pixels.is_empty(),
             "no pixels to fit a palette on"
         );
-        ensure!(opts.k >= 1, "a palette needs at least 1 colour (asked for 0)");
+        ensure!(
+            opts.k >= 1,
+            "a palette needs at least 1 colour (asked for 0)"
+        );
         let n_px = pixels.len() / channels;
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
         // Sample pixels, then count distinct colours (sorted, so the order is deterministic).

@@ -277,7 +277,11 @@ pub struct DecodeLimits {
 /// The decoder's limits: 16,384 pixels a side and 512 MB decoded by default (a photo of
 /// 100 megapixels fits), or `IGPT_MAX_IMAGE_SIDE` / `IGPT_MAX_IMAGE_MB`.
 pub fn decode_limits() -> DecodeLimits {
-    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<u64>().ok());
+    let var = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
     DecodeLimits {
         max_side: var("IGPT_MAX_IMAGE_SIDE").map_or(16_384, |v| v.min(u32::MAX as u64) as u32),
         max_bytes: var("IGPT_MAX_IMAGE_MB").map_or(512 << 20, |v| v.saturating_mul(1 << 20)),

@@ -500,7 +500,16 @@ fn absurd_flags_and_configs_are_refused_by_name_before_anything_is_allocated() {
     let out = dir.join("x.png");
     let o = s(&out);
     fails_with(
-        &["palette", "fit", "--data", d, "--k", "0", "--out", s(&dir.join("p.json"))],
+        &[
+            "palette",
+            "fit",
+            "--data",
+            d,
+            "--k",
+            "0",
+            "--out",
+            s(&dir.join("p.json")),
+        ],
         &["--k must be between 1 and 65536"],
     );
     for n in ["1000000000000000000", "100000000"] {
@@ -510,7 +519,17 @@ fn absurd_flags_and_configs_are_refused_by_name_before_anything_is_allocated() {
         );
     }
     fails_with(
-        &["complete", "--model", r, "--data", d, "--k", "1000000000", "--out", o],
+        &[
+            "complete",
+            "--model",
+            r,
+            "--data",
+            d,
+            "--k",
+            "1000000000",
+            "--out",
+            o,
+        ],
         &["memory is available", "--k"],
     );
     let t_dir = dir.join("t");
@@ -572,8 +591,23 @@ fn one_writer_per_run_directory() {
     let dir = tempdir("lock");
     let data = small_npy(&dir);
     let run = dir.join("run");
-    let mut args: Vec<&str> = vec!["--threads", "1", "train", "--data", s(&data), "--out", s(&run)];
-    args.extend_from_slice(&["--steps", "100000", "--checkpoint-every", "1", "--eval-every", "0"]);
+    let mut args: Vec<&str> = vec![
+        "--threads",
+        "1",
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+    ];
+    args.extend_from_slice(&[
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "1",
+        "--eval-every",
+        "0",
+    ]);
     args.extend_from_slice(SMALL);
     let mut child = Command::new(env!("CARGO_BIN_EXE_igpt"))
         .args(&args)

@@ -290,7 +290,7 @@ impl Rng {
             let i = from + (self.next() as usize) % (m.len() - from);
             m[i] = self.next() as u8;
         }
-        if self.next() % 5 == 0 {
+        if self.next().is_multiple_of(5) {
             m.truncate((self.next() as usize) % m.len());
         }
         m
@@ -311,8 +311,12 @@ fn torch_zip_with_pickle(good: &[u8], pkl: &[u8]) -> Vec<u8> {
             let mut data = Vec::new();
             std::io::Read::read_to_end(&mut f, &mut data).unwrap();
             z.start_file(&name, opts).unwrap();
-            z.write_all(if name.ends_with("data.pkl") { pkl } else { &data })
-                .unwrap();
+            z.write_all(if name.ends_with("data.pkl") {
+                pkl
+            } else {
+                &data
+            })
+            .unwrap();
         }
         z.finish().unwrap();
     }
@@ -372,7 +376,10 @@ fn a_stride_whose_reach_overflows_is_refused() {
         .read_into("transformer.wte.weight", &mut [0.0; 17 * 32])
         .unwrap_err()
         .to_string();
-    assert!(err.contains("evil.bin") && err.contains("reaches element"), "{err}");
+    assert!(
+        err.contains("evil.bin") && err.contains("reaches element"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -428,11 +435,8 @@ fn thousands_of_mutated_tf_indexes_and_shards_load_or_fail_cleanly() {
         if n != 3 {
             continue;
         }
-        let b = tf::Bundle::from_parts(
-            &prefix,
-            entries,
-            sh.into_iter().map(Bytes::Owned).collect(),
-        );
+        let b =
+            tf::Bundle::from_parts(&prefix, entries, sh.into_iter().map(Bytes::Owned).collect());
         read += read_all(&b).0;
     }
     assert!(read > 1000, "only {read} tensors read");
@@ -444,7 +448,11 @@ fn thousands_of_mutated_tf_indexes_and_shards_load_or_fail_cleanly() {
         .unwrap();
     let mut s = shards.clone();
     s[e.shard][e.offset as usize + 1] ^= 0x10;
-    let b = tf::Bundle::from_parts(&prefix, entries.clone(), s.into_iter().map(Bytes::Owned).collect());
+    let b = tf::Bundle::from_parts(
+        &prefix,
+        entries.clone(),
+        s.into_iter().map(Bytes::Owned).collect(),
+    );
     let shape = b.shape(name).unwrap();
     let err = b
         .read_into(name, &mut vec![0.0; shape.iter().product()])
@@ -453,7 +461,13 @@ fn thousands_of_mutated_tf_indexes_and_shards_load_or_fail_cleanly() {
 }
 
 /// A small igpt model of one layer and its run directory.
-fn small_run(tag: &str) -> (igpt::config::ModelConfig, igpt::checkpoint::RunDir, Vec<f32>) {
+fn small_run(
+    tag: &str,
+) -> (
+    igpt::config::ModelConfig,
+    igpt::checkpoint::RunDir,
+    Vec<f32>,
+) {
     let cfg = igpt::config::ModelConfig {
         n_layer: 1,
         n_embd: 16,
@@ -474,7 +488,10 @@ fn thousands_of_mutated_model_files_load_or_fail_cleanly_and_data_damage_is_caug
     let (cfg, run, params) = small_run("mut-st");
     let path = run.file("model.safetensors");
     let good = std::fs::read(&path).unwrap();
-    assert_eq!(igpt::checkpoint::load_model_file(&path, &cfg).unwrap(), params);
+    assert_eq!(
+        igpt::checkpoint::load_model_file(&path, &cfg).unwrap(),
+        params
+    );
     let data_start = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let mut caught = 0;
@@ -522,7 +539,10 @@ fn checkpoints_carry_checksums_and_old_ones_still_load() {
         bad[at] ^= 0x04;
         std::fs::write(&tp, &bad).unwrap();
         let err = format!("{:#}", run.load_trainer(n).unwrap_err());
-        assert!(err.contains("trainer.safetensors") && err.contains("checksum"), "{err}");
+        assert!(
+            err.contains("trainer.safetensors") && err.contains("checksum"),
+            "{err}"
+        );
     }
     let header = String::from_utf8(good[8..8 + hl].to_vec()).unwrap();
     let at = 8 + header.find("\\\"cursor\\\":3").unwrap() + 11;
@@ -537,8 +557,14 @@ fn checkpoints_carry_checksums_and_old_ones_still_load() {
     let last = bad.len() - 3;
     bad[last] ^= 0x01;
     std::fs::write(&mp, &bad).unwrap();
-    let err = format!("{:#}", igpt::checkpoint::load_model_file(&mp, &cfg).unwrap_err());
-    assert!(err.contains("model.safetensors") && err.contains("checksum"), "{err}");
+    let err = format!(
+        "{:#}",
+        igpt::checkpoint::load_model_file(&mp, &cfg).unwrap_err()
+    );
+    assert!(
+        err.contains("model.safetensors") && err.contains("checksum"),
+        "{err}"
+    );
     // A checkpoint written before checksums existed (no table) loads as it is.
     let st = safetensors::SafeTensors::deserialize(&good).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&good).unwrap();
@@ -595,7 +621,17 @@ fn a_saved_state_beyond_the_data_or_the_run_is_refused() {
         ..Default::default()
     };
     let dev = igpt::backend::Device::default();
-    run::start(&run_dir, &cfg, &tc, &prepared, "x", None, &dev, &mut run::Quiet).unwrap();
+    run::start(
+        &run_dir,
+        &cfg,
+        &tc,
+        &prepared,
+        "x",
+        None,
+        &dev,
+        &mut run::Quiet,
+    )
+    .unwrap();
     drop(run_dir);
     let n = cfg.n_params();
     let reopen = || igpt::checkpoint::RunDir::open(&dir).unwrap();
@@ -620,7 +656,10 @@ fn a_saved_state_beyond_the_data_or_the_run_is_refused() {
             "{:#}",
             run::resume(&r, Some(4), None, None, &dev, &mut run::Quiet).unwrap_err()
         );
-        assert!(err.contains("trainer.safetensors") && err.contains("does not fit"), "{err}");
+        assert!(
+            err.contains("trainer.safetensors") && err.contains("does not fit"),
+            "{err}"
+        );
         // Refused before anything changed: the run still plans its 2 steps.
         assert_eq!(r.load_config().unwrap().train.steps, 2);
     }
@@ -636,7 +675,10 @@ fn sizes_in_headers_that_overflow_are_refused() {
     b.extend_from_slice(b"{}");
     std::fs::write(&p, &b).unwrap();
     let err = format!("{:#}", igpt::data::TokenSet::open(&p).unwrap_err());
-    assert!(err.contains("x.tokens") && err.contains("truncated header"), "{err}");
+    assert!(
+        err.contains("x.tokens") && err.contains("truncated header"),
+        "{err}"
+    );
     // A header whose image count times size overflows.
     let h = br#"{"n":4611686018427387904,"t":8,"n_vocab":4,"labelled":true,"fingerprint":"f"}"#;
     let mut b = b"IGPTTOK1".to_vec();
@@ -707,8 +749,13 @@ fn thousands_of_mutated_data_files_and_token_caches_load_or_fail_cleanly() {
     // Token caches: every image and label of a cache that opens can be read.
     let dir = tempdir("mut-tok");
     let p = dir.join("m.tokens");
-    let set = TokenSet::from_tokens((0..6 * 9).map(|i| i % 5).collect(), 9, 5, Some(vec![0, 1, 2, 3, 4, 5]))
-        .unwrap();
+    let set = TokenSet::from_tokens(
+        (0..6 * 9).map(|i| i % 5).collect(),
+        9,
+        5,
+        Some(vec![0, 1, 2, 3, 4, 5]),
+    )
+    .unwrap();
     set.save(&p).unwrap();
     let good = std::fs::read(&p).unwrap();
     let mut opened = 0;
@@ -749,7 +796,10 @@ fn image_bombs_and_endless_files_are_refused() {
     ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
     png.extend(chunk(b"IHDR", &ihdr));
-    png.extend(chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
     png.extend(chunk(b"IEND", &[]));
     let p = dir.join("bomb.png");
     std::fs::write(&p, &png).unwrap();
@@ -768,12 +818,24 @@ fn image_bombs_and_endless_files_are_refused() {
     std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
     let checks: Vec<(&Path, String)> = vec![
         (&fifo, format!("{:#}", igpt::npy::read(&fifo).unwrap_err())),
-        (&fifo, format!("{:#}", igpt::preprocess::decode_file(&fifo).err().unwrap())),
-        (&zero, format!("{:#}", igpt::palette::Palette::load(&zero).unwrap_err())),
-        (&zero, format!("{:#}", igpt::data::TokenSet::open(&zero).unwrap_err())),
         (
             &fifo,
-            format!("{:#}", igpt::data::load(fifo.to_str().unwrap(), igpt::data::Format::Npy).unwrap_err()),
+            format!("{:#}", igpt::preprocess::decode_file(&fifo).err().unwrap()),
+        ),
+        (
+            &zero,
+            format!("{:#}", igpt::palette::Palette::load(&zero).unwrap_err()),
+        ),
+        (
+            &zero,
+            format!("{:#}", igpt::data::TokenSet::open(&zero).unwrap_err()),
+        ),
+        (
+            &fifo,
+            format!(
+                "{:#}",
+                igpt::data::load(fifo.to_str().unwrap(), igpt::data::Format::Npy).unwrap_err()
+            ),
         ),
     ];
     for (f, err) in checks {
@@ -809,8 +871,8 @@ fn mnist_labels_are_found_under_either_naming() {
         } else {
             std::fs::write(&lp, &labels).unwrap();
         }
-        let set = igpt::data::load(dir.join(img).to_str().unwrap(), igpt::data::Format::Auto)
-            .unwrap();
+        let set =
+            igpt::data::load(dir.join(img).to_str().unwrap(), igpt::data::Format::Auto).unwrap();
         assert_eq!(set.labels, Some(vec![4, 5, 6]), "{img}");
     }
     // Both namings are among the names tried.

@@ -44,7 +44,12 @@ fn model(shape: (usize, usize, usize, usize, usize)) -> (ModelConfig, TrainConfi
 fn peak_rss() -> u128 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u128>().unwrap() * 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u128>()
+        .unwrap()
+        * 1024
 }
 
 /// Run by the test below in a child process: one training step and a checkpoint.
@@ -59,8 +64,13 @@ fn train_one_step_and_report_peak() {
     let run_dir = RunDir::create(&dir).unwrap();
     let t = cfg.n_ctx();
     let tokens = |n: usize| {
-        TokenSet::from_tokens((0..n * t).map(|k| (k * 7 % 16) as u16).collect(), t, 16, None)
-            .unwrap()
+        TokenSet::from_tokens(
+            (0..n * t).map(|k| (k * 7 % 16) as u16).collect(),
+            t,
+            16,
+            None,
+        )
+        .unwrap()
     };
     let prepared = Prepared {
         palette: Palette::uniform_gray(16).unwrap(),
@@ -70,8 +80,17 @@ fn train_one_step_and_report_peak() {
         channels: 1,
     };
     let before = peak_rss();
-    run::start(&run_dir, &cfg, &tc, &prepared, "mem", None, &Device::default(), &mut Quiet)
-        .unwrap();
+    run::start(
+        &run_dir,
+        &cfg,
+        &tc,
+        &prepared,
+        "mem",
+        None,
+        &Device::default(),
+        &mut Quiet,
+    )
+    .unwrap();
     println!("PEAK {} BEFORE {before}", peak_rss());
 }
 
@@ -79,14 +98,23 @@ fn train_one_step_and_report_peak() {
 fn the_estimate_is_within_a_quarter_of_the_measured_peak() {
     for (i, &shape) in SHAPES.iter().enumerate() {
         let o = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "train_one_step_and_report_peak", "--nocapture"])
+            .args([
+                "--ignored",
+                "--exact",
+                "train_one_step_and_report_peak",
+                "--nocapture",
+            ])
             .args(["--test-threads", "1"])
             .env("IGPT_SHAPE", i.to_string())
             .env("RAYON_NUM_THREADS", "2")
             .output()
             .unwrap();
         let out = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let nums: Vec<u128> = out
             .split("PEAK ")
             .nth(1)
@@ -99,7 +127,10 @@ fn the_estimate_is_within_a_quarter_of_the_measured_peak() {
         let (peak, before) = (nums[0], nums[1]);
         let (cfg, tc) = model(shape);
         // Asked on a pool of the child's two threads: the scratch is per worker.
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
         let scratch = pool.install(|| {
             Device::default()
                 .open()

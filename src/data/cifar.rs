@@ -41,7 +41,7 @@ pub fn from_bytes(bytes: &[u8], cifar100: bool, what: &str) -> Result<ImageSet> 
     let label_bytes = if cifar100 { 2 } else { 1 };
     let rec = label_bytes + 3 * PLANE;
     ensure!(
-        !bytes.is_empty() && bytes.len() % rec == 0,
+        !bytes.is_empty() && bytes.len().is_multiple_of(rec),
         "{what}: {} bytes is not a whole number of {rec}-byte CIFAR records (a truncated file, or not this CIFAR variant)",
         bytes.len()
     );

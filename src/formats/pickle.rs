@@ -643,7 +643,12 @@ impl TensorSource for TorchZip {
             .shape
             .iter()
             .try_fold(1u64, |a, &n| a.checked_mul(n))
-            .with_context(|| format!("{}: tensor {name} has an impossible shape", self.path.display()))?;
+            .with_context(|| {
+                format!(
+                    "{}: tensor {name} has an impossible shape",
+                    self.path.display()
+                )
+            })?;
         ensure!(
             numel == dst.len() as u64,
             "{}: tensor {name} has {numel} elements, expected {}",

@@ -122,7 +122,11 @@ impl Decoder {
         let mut backend = device.open()?;
         // Checked from the shape alone, before the layout or the plan computes a size.
         let cache_len = backend.decode_cache_len(cfg.n_ctx());
-        let own = if params.is_none() { 4 * crate::memory::param_count(cfg) } else { 0 };
+        let own = if params.is_none() {
+            4 * crate::memory::param_count(cfg)
+        } else {
+            0
+        };
         crate::memory::Estimate::new()
             .add("parameters", own, crate::memory::Scale::Model)
             .add(

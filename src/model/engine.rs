@@ -193,12 +193,13 @@ impl Engine {
             head_dim: cfg.head_dim(),
             causal: cfg.causal(),
         });
-        crate::memory::engine(cfg, batch, training, params.is_none(), scratch as u128)
-            .check(if training {
+        crate::memory::engine(cfg, batch, training, params.is_none(), scratch as u128).check(
+            if training {
                 "training this model with this many images per pass"
             } else {
                 "running this model with this many images per pass"
-            })?;
+            },
+        )?;
         let layout = ParamLayout::new(cfg);
         if let Some(p) = &params {
             anyhow::ensure!(

@@ -198,13 +198,15 @@ pub fn start(
     train_cfg.validate()?;
     model.validate()?;
     // Everything the run will hold, checked before the first large allocation.
-    let scratch = device.open()?.attention_scratch_len(crate::backend::AttnShape {
-        batch: train_cfg.micro_batch,
-        t: model.n_ctx(),
-        n_head: model.n_head,
-        head_dim: model.head_dim(),
-        causal: model.causal(),
-    });
+    let scratch = device
+        .open()?
+        .attention_scratch_len(crate::backend::AttnShape {
+            batch: train_cfg.micro_batch,
+            t: model.n_ctx(),
+            n_head: model.n_head,
+            head_dim: model.head_dim(),
+            causal: model.causal(),
+        });
     crate::memory::training(model, train_cfg.micro_batch, scratch as u128)
         .check("training this model with this many images per pass")?;
     run.lock()?;
@@ -255,13 +257,15 @@ pub fn resume(
         palette.len(),
         cfg.model.n_vocab
     );
-    let scratch = device.open()?.attention_scratch_len(crate::backend::AttnShape {
-        batch: cfg.train.micro_batch,
-        t: cfg.model.n_ctx(),
-        n_head: cfg.model.n_head,
-        head_dim: cfg.model.head_dim(),
-        causal: cfg.model.causal(),
-    });
+    let scratch = device
+        .open()?
+        .attention_scratch_len(crate::backend::AttnShape {
+            batch: cfg.train.micro_batch,
+            t: cfg.model.n_ctx(),
+            n_head: cfg.model.n_head,
+            head_dim: cfg.model.head_dim(),
+            causal: cfg.model.causal(),
+        });
     let mut need = crate::memory::training(&cfg.model, cfg.train.micro_batch, scratch as u128);
     need.parts.push((
         "the saved training state",
@@ -400,7 +404,9 @@ fn checkpoint(run: &RunDir, trainer: &Trainer) -> Result<()> {
     run.save_trainer(&trainer.state, n, |i, buf| {
         buf.resize(n, 0.0);
         match i {
-            0 => trainer.engine.read_arena(crate::backend::Arena::Params, buf),
+            0 => trainer
+                .engine
+                .read_arena(crate::backend::Arena::Params, buf),
             1 => trainer.engine.read_arena(crate::backend::Arena::AdamM, buf),
             _ => trainer.engine.read_arena(crate::backend::Arena::AdamV, buf),
         }

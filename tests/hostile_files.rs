@@ -880,6 +880,12 @@ fn mnist_labels_are_found_under_either_naming() {
     for name in ["a-labels.idx1-ubyte", "a-labels-idx1-ubyte.gz"] {
         assert!(tried.contains(&dir.join(name)), "{tried:?}");
     }
+    // And a message about missing labels says where it looked.
+    let said = igpt::data::labels_tried(dir.join("a-images.idx3-ubyte.gz").to_str().unwrap());
+    assert!(
+        said.contains("a-labels.idx1-ubyte") && said.contains("a-labels-idx1-ubyte.gz"),
+        "{said}"
+    );
     // A labels file named outright.
     std::fs::write(dir.join("other.lbl"), &labels).unwrap();
     let set = igpt::data::idx::load_with_labels(

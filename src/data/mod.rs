@@ -151,6 +151,16 @@ pub fn check_shape(n: usize, side: usize, channels: usize) -> Result<()> {
     Ok(())
 }
 
+/// For a message about missing labels: the label files looked for beside IDX images.
+pub fn labels_tried(spec: &str) -> String {
+    let tried = idx::label_candidates(Path::new(spec));
+    if tried.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    format!("; looked for {}", names.join(", "))
+}
+
 /// A permutation of `0..n` from `seed`.
 pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     use rand::SeedableRng;

@@ -69,10 +69,15 @@ pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
 
 /// An exclusive lock on a run directory, held until dropped (or the process ends, however it
 /// ends: the kernel releases it). The lock file names the holder.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DirLock {
-    _file: std::fs::File,
+    _file: std::sync::Arc<std::fs::File>,
 }
+
+/// Locks this process holds, by directory: a second handle on a directory shares the lock
+/// (`flock` would refuse a second file descriptor even in the same process).
+static HELD: std::sync::Mutex<Vec<(std::path::PathBuf, std::sync::Weak<std::fs::File>)>> =
+    std::sync::Mutex::new(Vec::new());
 
 /// A run directory another process is writing.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +92,16 @@ impl DirLock {
 
     /// Takes the lock of `dir` without waiting: another holder is an error naming it.
     pub fn acquire(dir: &Path) -> Result<Self> {
+        let key = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(f) = held
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return Ok(Self { _file: f });
+        }
         let p = dir.join(Self::FILE);
         let mut f = std::fs::OpenOptions::new()
             .read(true)
@@ -118,6 +133,8 @@ impl DirLock {
             .map(|h| h.trim().to_string())
             .unwrap_or_default();
         writeln!(f, "pid {} on {host}", std::process::id())?;
+        let f = std::sync::Arc::new(f);
+        held.push((key, std::sync::Arc::downgrade(&f)));
         Ok(Self { _file: f })
     }
 }

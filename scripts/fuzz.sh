@@ -14,7 +14,20 @@ mkdir -p fuzz/corpus/pickle
 for f in tests/fixtures/hf/*/pytorch_model.bin; do
   python3 -c "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); n=[x for x in z.namelist() if x.endswith('data.pkl')][0]; open(sys.argv[2],'wb').write(z.read(n))" "$f" "fuzz/corpus/pickle/$(echo "$f" | tr / _).pkl"
 done
+# A crash, panic, hang or out-of-memory in any target fails the script (after the others ran).
+failed=()
 for t in pickle torch_zip tf_bundle safetensors npy; do
   echo "== $t: ${secs}s"
-  cargo +nightly fuzz run -O "$t" -- -max_total_time="$secs" -rss_limit_mb=2048 2>&1 | grep -E "^#[0-9]+ *DONE|Done [0-9]+ runs|SUMMARY|panicked|ERROR" || true
+  log="fuzz/$t.log"
+  if cargo +nightly fuzz run -O "$t" -- -max_total_time="$secs" -rss_limit_mb=2048 >"$log" 2>&1; then
+    grep -E "Done [0-9]+ runs" "$log" || tail -n 3 "$log"
+  else
+    grep -E "SUMMARY|panicked|ERROR|deadly signal|timeout|out-of-memory" "$log" | head -n 20 || tail -n 20 "$log"
+    echo "== $t FAILED: see $log and fuzz/artifacts/$t/"
+    failed+=("$t")
+  fi
 done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "failed: ${failed[*]}"
+  exit 1
+fi

@@ -12,14 +12,14 @@
 //! Every file is written atomically, so a kill at any moment leaves the last good checkpoint.
 
 use crate::config::ModelConfig;
-use crate::fsutil::write_atomic;
+use crate::fsutil::{DirLock, write_atomic, write_atomic_with};
 use crate::model::ParamLayout;
 use crate::palette::Palette;
 use crate::train::{TrainConfig, TrainState};
 use anyhow::{Context, Result, bail, ensure};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// The contents of `config.json`.
@@ -37,6 +37,8 @@ pub type TrainerCheckpoint = (TrainState, Vec<f32>, Vec<f32>, Vec<f32>);
 
 pub struct RunDir {
     pub path: PathBuf,
+    /// The directory's exclusive lock, once this process writes to it ([`RunDir::lock`]).
+    lock: std::sync::OnceLock<DirLock>,
 }
 
 /// Little-endian bytes of f32 values.
@@ -50,18 +52,157 @@ fn bytes_f32(b: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-/// Serialises named f32 tensors with metadata, atomically.
+/// Serialises named f32 tensors with metadata, atomically, with their checksums
+/// ([`CHECKSUMS`]).
 pub fn write_tensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, Vec<u8>)],
-    meta: HashMap<String, String>,
+    mut meta: HashMap<String, String>,
 ) -> Result<()> {
+    let sums: BTreeMap<&str, String> = tensors
+        .iter()
+        .map(|(n, _, b)| (n.as_str(), format!("{:08x}", crc32c::crc32c(b))))
+        .collect();
+    meta.insert(CHECKSUMS.to_string(), checksum_json(&sums, &meta)?);
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, Some(meta))?;
     write_atomic(path, &bytes)
+}
+
+/// The metadata entry holding a CRC-32C of every tensor's bytes (by name) and, under
+/// `__metadata__`, of the other metadata values (sorted by key). Files written before it
+/// existed load without it.
+pub const CHECKSUMS: &str = "crc32c";
+
+fn metadata_crc(meta: &HashMap<String, String>) -> String {
+    let sorted: BTreeMap<_, _> = meta.iter().filter(|(k, _)| *k != CHECKSUMS).collect();
+    let mut crc = 0u32;
+    for (k, v) in sorted {
+        crc = crc32c::crc32c_append(crc, k.as_bytes());
+        crc = crc32c::crc32c_append(crc, &[0]);
+        crc = crc32c::crc32c_append(crc, v.as_bytes());
+        crc = crc32c::crc32c_append(crc, &[0]);
+    }
+    format!("{crc:08x}")
+}
+
+fn checksum_json(sums: &BTreeMap<&str, String>, meta: &HashMap<String, String>) -> Result<String> {
+    let mut all: BTreeMap<&str, String> = sums.clone();
+    all.insert("__metadata__", metadata_crc(meta));
+    Ok(serde_json::to_string(&all)?)
+}
+
+/// Checks the tensors and metadata of a safetensors file against its [`CHECKSUMS`] entry, when
+/// it has one, naming the file and the first part that differs.
+pub fn verify_checksums(path: &Path, bytes: &[u8]) -> Result<()> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    let Some(meta) = header.metadata().as_ref() else {
+        return Ok(());
+    };
+    let Some(json) = meta.get(CHECKSUMS) else {
+        return Ok(());
+    };
+    let corrupt = |what: &str| {
+        anyhow::anyhow!(
+            "{} is corrupt: {what} does not match its checksum (a damaged file; restore it or \
+             train again)",
+            path.display()
+        )
+    };
+    let sums: BTreeMap<String, String> =
+        serde_json::from_str(json).map_err(|_| corrupt("the checksum table"))?;
+    let st = SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    for (name, want) in &sums {
+        let got = if name == "__metadata__" {
+            metadata_crc(meta)
+        } else {
+            let t = st
+                .tensor(name)
+                .map_err(|_| corrupt(&format!("tensor {name}")))?;
+            format!("{:08x}", crc32c::crc32c(t.data()))
+        };
+        if &got != want {
+            return Err(corrupt(&if name == "__metadata__" {
+                "its metadata".to_string()
+            } else {
+                format!("tensor {name}")
+            }));
+        }
+    }
+    // Every tensor must be covered: a name missing from the table is a damaged table.
+    for name in st.names() {
+        if !sums.contains_key(name as &str) {
+            return Err(corrupt(&format!("tensor {name} (absent from the table)")));
+        }
+    }
+    Ok(())
+}
+
+/// Writes f32 tensors as a safetensors file with checksums, streaming: `data(i, buf)` fills
+/// tensor i (twice: once for its checksum, once to write it), so the file never exists in
+/// memory as a whole.
+fn write_f32_streaming(
+    path: &Path,
+    specs: &[(String, Vec<usize>)],
+    mut meta: HashMap<String, String>,
+    mut data: impl FnMut(usize, &mut Vec<f32>),
+) -> Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = Vec::with_capacity(1 << 16);
+    let mut sums = BTreeMap::new();
+    let le = |v: &[f32], chunk: &mut Vec<u8>| {
+        chunk.clear();
+        chunk.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+    };
+    for (i, (name, shape)) in specs.iter().enumerate() {
+        data(i, &mut buf);
+        ensure!(
+            buf.len() == shape.iter().product::<usize>(),
+            "tensor {name}: {} values for shape {shape:?}",
+            buf.len()
+        );
+        let mut crc = 0;
+        for c in buf.chunks(1 << 14) {
+            le(c, &mut chunk);
+            crc = crc32c::crc32c_append(crc, &chunk);
+        }
+        sums.insert(name.as_str(), format!("{crc:08x}"));
+    }
+    meta.insert(CHECKSUMS.to_string(), checksum_json(&sums, &meta)?);
+    // The header: metadata first, then the tensors in order, data offsets contiguous.
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        serde_json::to_value(meta.iter().collect::<BTreeMap<_, _>>())?,
+    );
+    let mut at = 0usize;
+    for (name, shape) in specs {
+        let n = 4 * shape.iter().product::<usize>();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [at, at + n]}),
+        );
+        at += n;
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    h.resize(h.len().next_multiple_of(8), b' ');
+    write_atomic_with(path, |w| {
+        w.write_all(&(h.len() as u64).to_le_bytes())?;
+        w.write_all(&h)?;
+        for i in 0..specs.len() {
+            data(i, &mut buf);
+            for c in buf.chunks(1 << 14) {
+                le(c, &mut chunk);
+                w.write_all(&chunk)?;
+            }
+        }
+        Ok(())
+    })
 }
 
 impl RunDir {
@@ -73,9 +214,12 @@ impl RunDir {
         std::fs::write(&probe, b"ok")
             .with_context(|| format!("run directory {} is not writable", path.display()))?;
         let _ = std::fs::remove_file(probe);
-        Ok(Self {
+        let run = Self {
             path: path.to_path_buf(),
-        })
+            lock: Default::default(),
+        };
+        run.lock()?;
+        Ok(run)
     }
 
     pub fn open(path: &Path) -> Result<Self> {
@@ -86,7 +230,19 @@ impl RunDir {
         );
         Ok(Self {
             path: path.to_path_buf(),
+            lock: Default::default(),
         })
+    }
+
+    /// Takes the directory's exclusive lock for this process (once; later calls do nothing),
+    /// so that two processes never write one run. Another holder is a [`crate::fsutil::Locked`]
+    /// error naming it.
+    pub fn lock(&self) -> Result<()> {
+        if self.lock.get().is_none() {
+            let l = DirLock::acquire(&self.path)?;
+            let _ = self.lock.set(l);
+        }
+        Ok(())
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -101,8 +257,19 @@ impl RunDir {
         let p = self.file("config.json");
         let text =
             std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-        serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a valid igpt config", p.display()))
+        let cfg: RunConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid igpt config", p.display()))?;
+        // Said as a value of the file, not of a flag: the file is what must change.
+        cfg.model.validate().map_err(|e| {
+            anyhow::anyhow!("{} describes a model igpt cannot build: {e}", p.display())
+        })?;
+        cfg.train.validate().map_err(|e| {
+            anyhow::anyhow!(
+                "{} holds training settings that cannot work: {e}",
+                p.display()
+            )
+        })?;
+        Ok(cfg)
     }
 
     pub fn save_palette(&self, p: &Palette) -> Result<()> {
@@ -122,21 +289,23 @@ impl RunDir {
     /// Writes `model.safetensors`: one tensor per parameter, named as in [`ParamLayout`].
     pub fn save_model(&self, cfg: &ModelConfig, params: &[f32]) -> Result<()> {
         let layout = ParamLayout::new(cfg);
-        let tensors: Vec<_> = layout
+        ensure!(
+            params.len() == layout.total,
+            "{} parameters for a model of {}",
+            params.len(),
+            layout.total
+        );
+        let specs: Vec<_> = layout
             .tensors
             .iter()
-            .map(|t| {
-                (
-                    t.name.clone(),
-                    t.shape.clone(),
-                    f32_bytes(&params[t.range()]),
-                )
-            })
+            .map(|t| (t.name.clone(), t.shape.clone()))
             .collect();
-        // One metadata entry: a map of several would be written in a random order, and the
-        // same model should always give the same bytes.
+        // One metadata entry besides the checksums: the same model always gives the same bytes.
         let meta = HashMap::from([("config".to_string(), serde_json::to_string(cfg)?)]);
-        write_tensors(&self.file("model.safetensors"), &tensors, meta)
+        write_f32_streaming(&self.file("model.safetensors"), &specs, meta, |i, buf| {
+            buf.clear();
+            buf.extend_from_slice(&params[layout.tensors[i].range()]);
+        })
     }
 
     /// Reads `model.safetensors`, checking every tensor's name and shape against `cfg`.
@@ -144,22 +313,20 @@ impl RunDir {
         load_model_file(&self.file("model.safetensors"), cfg)
     }
 
-    /// Writes the full training state.
+    /// Writes the full training state: `data(i, buf)` fills the parameters (0), then Adam's
+    /// first (1) and second (2) moments, each `n` floats.
     pub fn save_trainer(
         &self,
         state: &TrainState,
-        params: &[f32],
-        m: &[f32],
-        v: &[f32],
+        n: usize,
+        data: impl FnMut(usize, &mut Vec<f32>),
     ) -> Result<()> {
-        let n = params.len();
-        let tensors = vec![
-            ("params".to_string(), vec![n], f32_bytes(params)),
-            ("adam_m".to_string(), vec![n], f32_bytes(m)),
-            ("adam_v".to_string(), vec![n], f32_bytes(v)),
-        ];
+        let specs: Vec<_> = ["params", "adam_m", "adam_v"]
+            .iter()
+            .map(|name| (name.to_string(), vec![n]))
+            .collect();
         let meta = HashMap::from([("state".to_string(), serde_json::to_string(state)?)]);
-        write_tensors(&self.file("trainer.safetensors"), &tensors, meta)
+        write_f32_streaming(&self.file("trainer.safetensors"), &specs, meta, data)
     }
 
     /// Reads the training state: (state, params, adam_m, adam_v).
@@ -170,13 +337,15 @@ impl RunDir {
         })?;
         let st = SafeTensors::deserialize(&bytes)
             .with_context(|| format!("{} is corrupt", p.display()))?;
+        verify_checksums(&p, &bytes)?;
         let (_, meta) = SafeTensors::read_metadata(&bytes)?;
         let state_json = meta
             .metadata()
             .as_ref()
             .and_then(|m| m.get("state"))
             .with_context(|| format!("{} lacks its training state", p.display()))?;
-        let state: TrainState = serde_json::from_str(state_json)?;
+        let state: TrainState = serde_json::from_str(state_json)
+            .with_context(|| format!("{}: its training state is unreadable", p.display()))?;
         let get = |name: &str| -> Result<Vec<f32>> {
             let t = st
                 .tensor(name)
@@ -195,9 +364,19 @@ impl RunDir {
 
 /// Reads an igpt `model.safetensors`, checking names, dtypes and shapes against `cfg`.
 pub fn load_model_file(path: &Path, cfg: &ModelConfig) -> Result<Vec<f32>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    cfg.validate()
+        .with_context(|| format!("the model {} is read for", path.display()))?;
+    crate::memory::Estimate::new()
+        .add(
+            "parameters",
+            4 * crate::memory::param_count(cfg),
+            crate::memory::Scale::Model,
+        )
+        .check(&format!("loading {}", path.display()))?;
+    let bytes = crate::fsutil::read_regular(path)?;
     let st = SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    verify_checksums(path, &bytes)?;
     let layout = ParamLayout::new(cfg);
     let mut params = vec![0.0f32; layout.total];
     for t in &layout.tensors {

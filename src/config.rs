@@ -51,6 +51,11 @@ pub struct ModelConfig {
     pub objective: Objective,
 }
 
+/// Largest layer count, width and image side a configuration may name.
+pub const MAX_LAYERS: usize = 4096;
+pub const MAX_EMBD: usize = 1 << 16;
+pub const MAX_SIDE: usize = 4096;
+
 /// Named model sizes. `tiny` is ours; `s`, `m`, `l` are OpenAI's released shapes.
 pub const PRESETS: &[(&str, usize, usize, usize)] = &[
     ("tiny", 8, 256, 8),
@@ -122,6 +127,24 @@ impl ModelConfig {
             self.n_vocab
         );
         anyhow::ensure!(self.side >= 1, "image side must be at least 1 pixel");
+        // Structural limits, far beyond any model this engine can hold, that keep every size
+        // computed from the shape (layouts, plans) clear of overflow; memory is checked
+        // separately, before anything is allocated (`crate::memory`).
+        anyhow::ensure!(
+            self.n_layer <= MAX_LAYERS,
+            "n_layer {} is more than the {MAX_LAYERS} layers igpt supports",
+            self.n_layer
+        );
+        anyhow::ensure!(
+            self.n_embd <= MAX_EMBD,
+            "n_embd {} is more than the {MAX_EMBD} igpt supports",
+            self.n_embd
+        );
+        anyhow::ensure!(
+            self.side <= MAX_SIDE,
+            "an image side of {} pixels is more than the {MAX_SIDE} igpt supports",
+            self.side
+        );
         anyhow::ensure!(
             self.channels == 1 || self.channels == 3,
             "images must have 1 or 3 channels (got {})",
@@ -132,7 +155,7 @@ impl ModelConfig {
 
     /// Number of trainable parameters (no biases: REFERENCE.md §3).
     pub fn n_params(&self) -> usize {
-        crate::model::ParamLayout::new(self).total
+        usize::try_from(crate::memory::param_count(self)).unwrap_or(usize::MAX)
     }
 }
 
@@ -167,5 +190,36 @@ mod tests {
                 .contains("unknown model preset")
         );
         assert!(ModelConfig::preset("tiny", 16, 8, 2).is_err());
+        // Absurd sizes are refused before anything is computed from them.
+        for (field, v) in [
+            ("n_layer", 1usize << 40),
+            ("n_embd", 1 << 40),
+            ("side", 1_000_000_000),
+        ] {
+            let mut c = ModelConfig::preset("tiny", 16, 8, 1).unwrap();
+            match field {
+                "n_layer" => c.n_layer = v,
+                "n_embd" => c.n_embd = v,
+                _ => c.side = v,
+            }
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&v.to_string()), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_parameter_count_is_the_layout_s() {
+        for (l, d, h, v, side) in [(1, 16, 2, 8, 6), (3, 48, 4, 17, 5), (8, 256, 8, 512, 32)] {
+            let c = ModelConfig {
+                n_layer: l,
+                n_embd: d,
+                n_head: h,
+                n_vocab: v,
+                side,
+                channels: 1,
+                objective: Objective::Autoregressive,
+            };
+            assert_eq!(c.n_params(), crate::model::ParamLayout::new(&c).total);
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod formats;
 pub mod fsutil;
 pub mod grid;
 pub mod inference;
+pub mod memory;
 pub mod model;
 pub mod npy;
 pub mod palette;

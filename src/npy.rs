@@ -145,9 +145,11 @@ pub fn parse(bytes: &[u8]) -> Result<Array> {
                 .with_context(|| format!("bad .npy shape entry '{s}'"))
         })
         .collect::<Result<_>>()?;
-    let n: usize = shape.iter().product();
     let data = &bytes[start + header_len..];
-    let need = n * dtype.size();
+    let need = shape
+        .iter()
+        .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+        .with_context(|| format!(".npy shape {shape:?} is larger than any array"))?;
     ensure!(
         data.len() >= need,
         "truncated .npy data: shape {shape:?} needs {need} bytes, file holds {}",
@@ -161,7 +163,7 @@ pub fn parse(bytes: &[u8]) -> Result<Array> {
 }
 
 pub fn read(path: &Path) -> Result<Array> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::fsutil::read_regular(path)?;
     parse(&bytes).with_context(|| format!("in {}", path.display()))
 }
 

@@ -171,6 +171,10 @@ impl Palette {
             pixels.len().is_multiple_of(channels) && !pixels.is_empty(),
             "no pixels to fit a palette on"
         );
+        ensure!(
+            opts.k >= 1,
+            "a palette needs at least 1 colour (asked for 0)"
+        );
         let n_px = pixels.len() / channels;
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
         // Sample pixels, then count distinct colours (sorted, so the order is deterministic).
@@ -236,8 +240,8 @@ impl Palette {
                 Self::from_exact(a.shape[1], a.to_f64())
             }
             "json" => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let text = String::from_utf8(crate::fsutil::read_regular(path)?)
+                    .with_context(|| format!("{} is not text", path.display()))?;
                 let rows: Vec<Vec<f64>> = serde_json::from_str(&text).with_context(|| {
                     format!(
                         "{}: expected a JSON list of colours like [[-1.0, 0.5, 0.2], ...]",

@@ -230,12 +230,27 @@ impl Decoded {
 
 /// Decodes a PNG or JPEG file (by its content), naming the file in any error.
 pub fn decode_file(path: &Path) -> Result<Decoded> {
-    let img = image::ImageReader::open(path)
+    crate::fsutil::ensure_regular_file(path)?;
+    let mut reader = image::ImageReader::open(path)
         .with_context(|| format!("cannot open {}", path.display()))?
         .with_guessed_format()
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .decode()
-        .with_context(|| format!("cannot decode image {}", path.display()))?;
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let lim = decode_limits();
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(lim.max_side);
+    limits.max_image_height = Some(lim.max_side);
+    limits.max_alloc = Some(lim.max_bytes);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => anyhow::anyhow!(
+            "{}: the image is larger than the decoder's limits ({} pixels a side, {} MB \
+             decoded; IGPT_MAX_IMAGE_SIDE and IGPT_MAX_IMAGE_MB raise them)",
+            path.display(),
+            lim.max_side,
+            lim.max_bytes >> 20
+        ),
+        e => anyhow::Error::new(e).context(format!("cannot decode image {}", path.display())),
+    })?;
     let color = img.color();
     let rgb = img.to_rgb8();
     let (width, height) = (rgb.width() as usize, rgb.height() as usize);
@@ -248,4 +263,27 @@ pub fn decode_file(path: &Path) -> Result<Decoded> {
         rgb: rgb.into_raw(),
         color,
     })
+}
+
+/// How large an image file may be once decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Largest width or height, in pixels.
+    pub max_side: u32,
+    /// Largest decoded size, in bytes.
+    pub max_bytes: u64,
+}
+
+/// The decoder's limits: 16,384 pixels a side and 512 MB decoded by default (a photo of
+/// 100 megapixels fits), or `IGPT_MAX_IMAGE_SIDE` / `IGPT_MAX_IMAGE_MB`.
+pub fn decode_limits() -> DecodeLimits {
+    let var = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    DecodeLimits {
+        max_side: var("IGPT_MAX_IMAGE_SIDE").map_or(16_384, |v| v.min(u32::MAX as u64) as u32),
+        max_bytes: var("IGPT_MAX_IMAGE_MB").map_or(512 << 20, |v| v.saturating_mul(1 << 20)),
+    }
 }

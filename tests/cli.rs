@@ -232,7 +232,8 @@ fn mismatched_palettes_tokens_and_configs_are_refused() {
         let mut v: Vec<_> = std::fs::read_dir(p)
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.path().is_file())
+            // The lock file names whoever last held the run; it is not part of the run.
+            .filter(|e| e.path().is_file() && e.file_name() != ".lock")
             .map(|e| {
                 (
                     e.file_name().to_string_lossy().to_string(),
@@ -475,5 +476,194 @@ fn library_errors_describe_values_and_the_command_names_the_flag() {
         !o.status.success() && stderr(&o).contains("unknown device 'tpu'"),
         "{}",
         stderr(&o)
+    );
+}
+
+/// Runs igpt and checks that it failed cleanly (exit 1, no panic) with `expect` in its errors.
+fn fails_with(args: &[&str], expect: &[&str]) {
+    let o = igpt(args);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "igpt {args:?}: {e}");
+    assert!(!e.contains("panicked"), "igpt {args:?} panicked: {e}");
+    for x in expect {
+        assert!(e.contains(x), "igpt {args:?}: expected '{x}' in: {e}");
+    }
+}
+
+#[test]
+fn absurd_flags_and_configs_are_refused_by_name_before_anything_is_allocated() {
+    let dir = tempdir("absurd");
+    let data = small_npy(&dir);
+    let run = dir.join("run");
+    assert!(train_small(&data, &run, "2").status.success());
+    let (d, r) = (s(&data), s(&run));
+    let out = dir.join("x.png");
+    let o = s(&out);
+    fails_with(
+        &[
+            "palette",
+            "fit",
+            "--data",
+            d,
+            "--k",
+            "0",
+            "--out",
+            s(&dir.join("p.json")),
+        ],
+        &["--k must be between 1 and 65536"],
+    );
+    for n in ["1000000000000000000", "100000000"] {
+        fails_with(
+            &["sample", "--model", r, "--n", n, "--out", o],
+            &["memory is available", "hint: ask for fewer images (--n"],
+        );
+    }
+    fails_with(
+        &[
+            "complete",
+            "--model",
+            r,
+            "--data",
+            d,
+            "--k",
+            "1000000000",
+            "--out",
+            o,
+        ],
+        &["memory is available", "--k"],
+    );
+    let t_dir = dir.join("t");
+    let t = s(&t_dir);
+    for (flag, value, expect) in [
+        ("--layers", "100000000", "n_layer 100000000"),
+        ("--embd", "1000000", "n_embd 1000000"),
+        ("--side", "100000", "image side of 100000"),
+        ("--palette-size", "0", "--palette-size must be at least 2"),
+        ("--side", "0", "--side must be at least 1"),
+        ("--stop-after", "0", "--stop-after must be at least 1"),
+    ] {
+        fails_with(&["train", "--data", d, "--out", t, flag, value], &[expect]);
+        assert!(!dir.join("t").exists(), "{flag} {value} left a run behind");
+    }
+    // A model too large for the memory there is: the estimate, what is available, the flag.
+    let o = Command::new(env!("CARGO_BIN_EXE_igpt"))
+        .args(["--threads", "2", "train", "--data", d, "--out", t])
+        .args(["--layers", "4", "--embd", "512", "--palette-size", "8"])
+        .env("IGPT_MEMORY_LIMIT", "100000000")
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("needs about") && e.contains("Adam moments") && e.contains("only 0.10 GB"),
+        "{e}"
+    );
+    assert!(e.contains("hint: the model alone does not fit"), "{e}");
+    // The objective is part of the model: a resume that asks for another is refused.
+    fails_with(
+        &["train", "--resume", r, "--objective", "bert"],
+        &["cannot resume", "objective"],
+    );
+    // A run's config.json with absurd sizes names the file.
+    for (field, value) in [
+        ("side", "1000000000"),
+        ("n_layer", "1000000000000"),
+        ("n_embd", "1099511627776"),
+    ] {
+        let bad = dir.join(format!("bad-{field}"));
+        std::fs::create_dir_all(&bad).unwrap();
+        for f in ["palette.json", "model.safetensors"] {
+            std::fs::copy(run.join(f), bad.join(f)).unwrap();
+        }
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap();
+        cfg["model"][field] = serde_json::json!(value.parse::<u64>().unwrap());
+        std::fs::write(bad.join("config.json"), cfg.to_string()).unwrap();
+        fails_with(
+            &["eval", "--model", s(&bad), "--data", d],
+            &["config.json", value],
+        );
+    }
+}
+
+#[test]
+fn one_writer_per_run_directory() {
+    let dir = tempdir("lock");
+    let data = small_npy(&dir);
+    let run = dir.join("run");
+    let mut args: Vec<&str> = vec![
+        "--threads",
+        "1",
+        "train",
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+    ];
+    args.extend_from_slice(&[
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "1",
+        "--eval-every",
+        "0",
+    ]);
+    args.extend_from_slice(SMALL);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_igpt"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !run.join("trainer.safetensors").exists() {
+        assert!(t0.elapsed().as_secs() < 60, "no checkpoint appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // A second writer is refused and told who holds the run, whichever way it comes in.
+    let holder = format!("pid {}", child.id());
+    fails_with(
+        &["train", "--resume", s(&run), "--stop-after", "1"],
+        &["in use by another igpt process", &holder],
+    );
+    let mut again: Vec<&str> = vec!["train", "--data", s(&data), "--out", s(&run)];
+    again.extend_from_slice(SMALL);
+    fails_with(&again, &["--resume"]);
+    // Readers are not writers: they go on while it trains.
+    let o = igpt(&["info", "--model", s(&run)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The kernel released the lock with the process.
+    let o = igpt(&["train", "--resume", s(&run), "--stop-after", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn a_run_stopped_before_its_first_checkpoint_can_be_resumed_or_started_again() {
+    let dir = tempdir("early");
+    let data = small_npy(&dir);
+    let run = dir.join("run");
+    assert!(train_small(&data, &run, "2").status.success());
+    let first = std::fs::read(run.join("model.safetensors")).unwrap();
+    // What a kill before the first checkpoint leaves: settings, palette and data, no weights.
+    for f in ["model.safetensors", "trainer.safetensors", "metrics.jsonl"] {
+        std::fs::remove_file(run.join(f)).unwrap();
+    }
+    let o = igpt(&["train", "--resume", s(&run)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Started again from step 0 with the same settings: the same model, bit for bit.
+    assert_eq!(std::fs::read(run.join("model.safetensors")).unwrap(), first);
+    for f in ["model.safetensors", "trainer.safetensors"] {
+        std::fs::remove_file(run.join(f)).unwrap();
+    }
+    let o = train_small(&data, &run, "2");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(run.join("model.safetensors")).unwrap(), first);
+    // Killed before even its settings were written: --resume says how to start it again.
+    let bare = dir.join("bare");
+    std::fs::create_dir_all(bare.join("data")).unwrap();
+    fails_with(
+        &["train", "--resume", s(&bare)],
+        &["stopped before training began", "--out"],
     );
 }

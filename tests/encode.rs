@@ -44,6 +44,9 @@ fn resize_matches_pillow_pixel_for_pixel() {
         for side in [32, 8] {
             let ours = preprocess::resize_bilinear(&rgb, w, h, 3, side, side);
             let theirs = st.tensor(&format!("{name}_resized_{side}")).unwrap();
+            // Lengths first: a short output would otherwise pass the comparison below.
+            assert_eq!(ours.len(), side * side * 3, "{name} at {side}x{side}");
+            assert_eq!(ours.len(), theirs.data().len(), "{name} at {side}x{side}");
             let differing = ours
                 .iter()
                 .zip(theirs.data())

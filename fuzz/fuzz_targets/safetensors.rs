@@ -9,7 +9,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     for name in f.names() {
-        let n: usize = f.shape(&name).unwrap().iter().product();
+        let Some(n) = f.shape(&name).unwrap().iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+        else {
+            continue;
+        };
         if n <= 1 << 16 {
             let _ = f.read_into(&name, &mut vec![0.0; n]);
         }

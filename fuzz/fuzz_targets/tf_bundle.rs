@@ -11,7 +11,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let bundle = tf::Bundle::from_parts(Path::new("fuzz"), entries, vec![Bytes::Owned(data.to_vec())]);
     for name in bundle.names() {
-        let n: usize = bundle.shape(&name).unwrap().iter().product();
+        let Some(n) = bundle.shape(&name).unwrap().iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+        else {
+            continue;
+        };
         if n <= 1 << 16 {
             let _ = bundle.read_into(&name, &mut vec![0.0; n]);
         }

@@ -9,7 +9,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     for name in z.names() {
-        let n: usize = z.shape(&name).unwrap().iter().product();
+        let Some(n) = z.shape(&name).unwrap().iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+        else {
+            continue;
+        };
         if n <= 1 << 16 {
             let _ = z.read_into(&name, &mut vec![0.0; n]);
         }

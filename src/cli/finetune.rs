@@ -94,7 +94,10 @@ fn labelled_tokens(
         Some(m.model().channels),
     )?;
     let labels = set.labels.clone().with_context(|| {
-        format!("{spec} has no labels: fine-tuning and classification accuracy need them")
+        format!(
+            "{spec} has no labels: fine-tuning and classification accuracy need them{}",
+            data::labels_tried(spec)
+        )
     })?;
     let names = set.class_names.clone();
     let tokens = TokenSet::from_tokens(

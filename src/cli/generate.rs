@@ -254,10 +254,32 @@ fn generate_all(
     Ok(out)
 }
 
+/// The memory `images` generated images of `t` pixels take as tokens, prefixes and tiles,
+/// refused before any of it is allocated when it does not fit.
+fn check_outputs(images: u128, t: usize, keep: usize) -> Result<()> {
+    let t = t as u128;
+    igpt::memory::Estimate::new()
+        .add(
+            "generated tokens and their prefixes",
+            images * (2 * t + 24 + 2 * keep as u128),
+            igpt::memory::Scale::Count,
+        )
+        .add(
+            "image tiles and the grid",
+            // A tile at the model's side, and its place in the grid (tiles are drawn up to
+            // 128 pixels a side), in RGB.
+            images * 3 * (t + t.max(128 * 128)),
+            igpt::memory::Scale::Count,
+        )
+        .check(&format!("generating {images} images"))?;
+    Ok(())
+}
+
 pub fn sample(a: SampleArgs, dev: &Device) -> Result<()> {
     ensure!(a.n >= 1, "--n must be at least 1");
     let mut m = igpt::formats::load_model(&a.model)?;
     let (side, t) = (m.model().side, m.model().n_ctx());
+    check_outputs(a.n as u128, t, 0)?;
     let t0 = std::time::Instant::now();
     let tokens = generate_all(&mut m, &vec![Vec::new(); a.n], &a.sampling, dev)?;
     let secs = t0.elapsed().as_secs_f64();
@@ -307,6 +329,11 @@ pub fn complete(a: CompleteArgs, dev: &Device) -> Result<()> {
         keep <= t,
         "the prefix ({keep} pixels) is longer than the image ({t} pixels = {side} rows)"
     );
+    check_outputs(
+        set.len() as u128 * a.k as u128 + 2 * set.len() as u128,
+        t,
+        keep,
+    )?;
     let originals = m.palette.encode(&set.pixels);
     let completions = complete_tokens(&mut m, &originals, keep, a.k, &a.sampling, &a.out, dev)?;
     if let Some(p) = &a.tokens {

@@ -114,12 +114,14 @@ impl ModelArgs {
             n_vocab,
             side,
             channels,
-        )?;
+        )
+        .context("the model flags (--preset, --side, --palette, --palette-size)")?;
         cfg.n_layer = self.layers.unwrap_or(cfg.n_layer);
         cfg.n_embd = self.embd.unwrap_or(cfg.n_embd);
         cfg.n_head = self.heads.unwrap_or(cfg.n_head);
         cfg.objective = self.objective.unwrap_or_default();
-        cfg.validate()?;
+        cfg.validate()
+            .context("the model flags (--preset, --layers, --embd, --heads, --side)")?;
         Ok(cfg)
     }
 }
@@ -322,6 +324,23 @@ pub fn flag_hint(e: &anyhow::Error) -> Option<String> {
                 .to_string(),
             );
         }
+        if let Some(m) = cause.downcast_ref::<igpt::memory::OutOfMemory>() {
+            use igpt::memory::Scale;
+            return Some(
+                match m.scale {
+                    Scale::Model => {
+                        "the model alone does not fit: train a smaller one (--layers, --embd, \
+                         --side) or use a machine with more memory"
+                    }
+                    Scale::Batch => {
+                        "use fewer images per pass: --micro-batch when training, --batch for \
+                         other commands"
+                    }
+                    Scale::Count => "ask for fewer images (--n, --k, --limit)",
+                }
+                .to_string(),
+            );
+        }
         let hint = if cause.is::<data::UnknownFormat>() {
             "name the format with --format"
         } else if cause.is::<data::NotSquare>() {
@@ -494,9 +513,29 @@ fn demo(a: DemoArgs, dev: &Device) -> Result<()> {
 }
 
 fn train(a: TrainArgs, dev: &Device) -> Result<()> {
+    ensure!(
+        a.stop_after != Some(0),
+        "--stop-after must be at least 1 (leave it out to train to --steps)"
+    );
+    ensure!(a.side != Some(0), "--side must be at least 1 pixel");
+    ensure!(
+        a.palette_size != Some(0),
+        "--palette-size must be at least 2 colours (leave it out for 16 gray levels or 512 colours)"
+    );
     let mut bar = progress::Bar::new();
     if let Some(dir) = &a.resume {
-        let run_dir = RunDir::open(dir)?;
+        let run_dir = RunDir::open(dir).map_err(|e| {
+            if dir.is_dir() && !dir.join("config.json").exists() {
+                anyhow::anyhow!(
+                    "{} holds no run settings: it was stopped before training began; start it \
+                     again with igpt train --out {} and the same flags",
+                    dir.display(),
+                    dir.display()
+                )
+            } else {
+                e
+            }
+        })?;
         // Model flags given with --resume must agree with the run; say so rather than ignore them.
         let saved = run_dir.load_config()?.model;
         let mut want = saved.clone();
@@ -509,6 +548,7 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
         want.n_head = a.model.heads.unwrap_or(want.n_head);
         want.side = a.side.unwrap_or(want.side);
         want.channels = a.channels.unwrap_or(want.channels);
+        want.objective = a.model.objective.unwrap_or(want.objective);
         if let Some(p) = &a.palette {
             want.n_vocab = Palette::load(p)?.len();
         }
@@ -658,6 +698,10 @@ fn palette(cmd: PaletteCmd) -> Result<()> {
             seed,
             out,
         } => {
+            ensure!(
+                (1..=65536).contains(&k),
+                "--k must be between 1 and 65536 colours (got {k})"
+            );
             let set = data::load(&d, format.into())?;
             let c = channels.unwrap_or(set.channels);
             let set = set.with_channels(c)?;

@@ -116,7 +116,8 @@ fn labelled(spec: &str, limit: Option<usize>, m: &LoadedModel) -> Result<(ImageS
     let labels = set.labels.clone().with_context(|| {
         format!(
             "{spec} has no labels: a probe needs them (IDX images with their labels file, \
-             CIFAR binaries, or a folder with one sub-folder per class)"
+             CIFAR binaries, or a folder with one sub-folder per class){}",
+            data::labels_tried(spec)
         )
     })?;
     Ok((set, labels))

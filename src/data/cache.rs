@@ -196,6 +196,7 @@ impl TokenSet {
 
     /// Memory-maps a token file, checking its header and size.
     pub fn open(path: &Path) -> Result<Self> {
+        crate::fsutil::ensure_regular_file(path)?;
         let f = std::fs::File::open(path)
             .with_context(|| format!("cannot open token file {}", path.display()))?;
         // SAFETY: the map is read-only; igpt replaces token files only by atomic rename, so the
@@ -207,20 +208,31 @@ impl TokenSet {
         if map.len() < 16 || &map[..8] != MAGIC {
             return Err(bad("wrong magic"));
         }
-        let hl = u64::from_le_bytes(map[8..16].try_into().unwrap()) as usize;
-        if map.len() < 16 + hl {
+        let hl = u64::from_le_bytes(map[8..16].try_into().unwrap());
+        if (map.len() as u64 - 16) < hl {
             return Err(bad("truncated header"));
         }
+        let hl = hl as usize;
         let header: TokenHeader = serde_json::from_slice(&map[16..16 + hl])
             .map_err(|e| bad(&format!("bad header: {e}")))?;
-        let (tokens_at, labels_at, _) = Self::layout(hl, header.n, header.t);
-        let need = labels_at + if header.labelled { 4 * header.n } else { 0 };
-        if map.len() < need {
+        if header.t == 0 {
+            return Err(bad("images of 0 tokens"));
+        }
+        // Every size from the header is checked against the file's length before it is used,
+        // in u128 so that no header can overflow it.
+        let need = {
+            let (n, t) = (header.n as u128, header.t as u128);
+            let tokens_at = (16 + hl as u128).next_multiple_of(8);
+            let labels_at = (tokens_at + n * t * 2).next_multiple_of(4);
+            labels_at + if header.labelled { 4 * n } else { 0 }
+        };
+        if (map.len() as u128) < need {
             return Err(bad(&format!(
                 "truncated: {} bytes, expected {need}",
                 map.len()
             )));
         }
+        let (tokens_at, labels_at, _) = Self::layout(hl, header.n, header.t);
         if let Some(id) = map[tokens_at..tokens_at + header.n * header.t * 2]
             .chunks_exact(2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))

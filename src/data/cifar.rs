@@ -32,13 +32,17 @@ pub fn guess_variant(path: &Path) -> Result<Format> {
 
 /// Reads a CIFAR binary batch; CIFAR-100 records carry (coarse, fine) labels and the fine one is kept.
 pub fn load(path: &Path, cifar100: bool) -> Result<ImageSet> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::fsutil::read_regular(path)?;
+    from_bytes(&bytes, cifar100, &path.display().to_string())
+}
+
+/// Parses CIFAR records held in memory; `what` names them in errors.
+pub fn from_bytes(bytes: &[u8], cifar100: bool, what: &str) -> Result<ImageSet> {
     let label_bytes = if cifar100 { 2 } else { 1 };
     let rec = label_bytes + 3 * PLANE;
     ensure!(
-        !bytes.is_empty() && bytes.len() % rec == 0,
-        "{}: {} bytes is not a whole number of {rec}-byte CIFAR records (a truncated file, or not this CIFAR variant)",
-        path.display(),
+        !bytes.is_empty() && bytes.len().is_multiple_of(rec),
+        "{what}: {} bytes is not a whole number of {rec}-byte CIFAR records (a truncated file, or not this CIFAR variant)",
         bytes.len()
     );
     let n = bytes.len() / rec;

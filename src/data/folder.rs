@@ -96,6 +96,7 @@ pub fn load_shaped(
             first.width.max(first.height)
         }
     };
+    super::check_shape(files.len(), side, channels)?;
     let images: Vec<Vec<u8>> = files
         .par_iter()
         .map(|f| {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// File contents, gunzipped when they start with the gzip magic.
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let raw = crate::fsutil::read_regular(path)?;
     gunzip_if_needed(raw, &path.display().to_string())
 }
 
@@ -45,7 +45,10 @@ pub fn parse(bytes: &[u8], what: &str) -> Result<(Vec<usize>, Vec<u8>)> {
     let dims: Vec<usize> = (0..ndim)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
         .collect();
-    let n: usize = dims.iter().product();
+    let n = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .with_context(|| format!("{what}: IDX dimensions {dims:?} are larger than any file"))?;
     let body = &bytes[4 + 4 * ndim..];
     ensure!(
         body.len() >= n,
@@ -55,20 +58,48 @@ pub fn parse(bytes: &[u8], what: &str) -> Result<(Vec<usize>, Vec<u8>)> {
     Ok((dims, body[..n].to_vec()))
 }
 
-/// The labels file that goes with an images file, by the usual naming.
-fn labels_path(images: &Path) -> Option<PathBuf> {
-    let name = images
-        .file_name()?
-        .to_string_lossy()
-        .replace("images-idx3", "labels-idx1");
-    let p = images.with_file_name(name);
-    (p != images && p.exists()).then_some(p)
+/// The names a labels file beside `images` may have: MNIST's own (`*-labels-idx1-ubyte`) and
+/// the dotted one it is often distributed under (`*-labels.idx1-ubyte`), raw or `.gz`.
+pub fn label_candidates(images: &Path) -> Vec<PathBuf> {
+    let Some(name) = images.file_name().map(|n| n.to_string_lossy().to_string()) else {
+        return vec![];
+    };
+    let mut out: Vec<PathBuf> = Vec::new();
+    for (from, to) in [
+        ("images-idx3", "labels-idx1"),
+        ("images.idx3", "labels.idx1"),
+        ("images-idx3", "labels.idx1"),
+        ("images.idx3", "labels-idx1"),
+    ] {
+        if !name.contains(from) {
+            continue;
+        }
+        let base = name.replace(from, to);
+        let stem = base.strip_suffix(".gz").unwrap_or(&base).to_string();
+        for cand in [stem.clone(), format!("{stem}.gz")] {
+            let p = images.with_file_name(cand);
+            if p != images && !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
-/// Reads an IDX image file (`[n, h, w]`) and, when present beside it, its labels.
+/// Reads an IDX image file (`[n, h, w]`) and its labels: `labels` when given, else the first
+/// of [`label_candidates`] that exists.
 pub fn load(path: &Path) -> Result<ImageSet> {
+    load_with_labels(path, None)
+}
+
+/// [`load`] with the labels file named.
+pub fn load_with_labels(path: &Path, labels: Option<&Path>) -> Result<ImageSet> {
     let images = read_maybe_gz(path)?;
-    let labels = match labels_path(path) {
+    let lp = match labels {
+        Some(l) => Some(l.to_path_buf()),
+        None => label_candidates(path).into_iter().find(|p| p.exists()),
+    };
+    let labels = match lp {
         Some(lp) => Some((read_maybe_gz(&lp)?, lp.display().to_string())),
         None => None,
     };

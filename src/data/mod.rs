@@ -80,6 +80,7 @@ impl ImageSet {
         if (self.height, self.width, self.channels) == (side, side, channels) {
             return Ok(self);
         }
+        check_shape(self.len(), side, channels)?;
         let images: Vec<Vec<u8>> = (0..self.len())
             .into_par_iter()
             .map(|i| {
@@ -129,6 +130,35 @@ impl ImageSet {
         let (train, val) = order.split_at(self.len() - n_val);
         (self.select(train), self.select(val))
     }
+}
+
+/// Refuses to shape `n` images to `side` when the side is not one a model can have or the
+/// shaped images would not fit in memory, before any of them is made.
+pub fn check_shape(n: usize, side: usize, channels: usize) -> Result<()> {
+    ensure!(side >= 1, "images cannot be shaped to a side of 0 pixels");
+    ensure!(
+        side <= crate::config::MAX_SIDE,
+        "an image side of {side} pixels is more than the {} igpt supports",
+        crate::config::MAX_SIDE
+    );
+    crate::memory::Estimate::new()
+        .add(
+            "the images at the model's side",
+            n as u128 * (side * side * channels) as u128,
+            crate::memory::Scale::Model,
+        )
+        .check(&format!("shaping {n} images to {side}x{side}"))?;
+    Ok(())
+}
+
+/// For a message about missing labels: the label files looked for beside IDX images.
+pub fn labels_tried(spec: &str) -> String {
+    let tried = idx::label_candidates(Path::new(spec));
+    if tried.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    format!("; looked for {}", names.join(", "))
 }
 
 /// A permutation of `0..n` from `seed`.

@@ -639,9 +639,18 @@ impl TensorSource for TorchZip {
             bytes.len(),
             t.storage_numel
         );
-        let numel: u64 = t.shape.iter().product();
+        let numel = t
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &n| a.checked_mul(n))
+            .with_context(|| {
+                format!(
+                    "{}: tensor {name} has an impossible shape",
+                    self.path.display()
+                )
+            })?;
         ensure!(
-            numel as usize == dst.len(),
+            numel == dst.len() as u64,
             "{}: tensor {name} has {numel} elements, expected {}",
             self.path.display(),
             dst.len()
@@ -649,15 +658,16 @@ impl TensorSource for TorchZip {
         if numel == 0 {
             return Ok(());
         }
-        // Largest element index the view touches.
-        let last = t.offset
+        // Largest element index the view touches, in u128: no shape, stride or offset of
+        // 64 bits can overflow it (a wrapped sum would pass the bounds check).
+        let last = t.offset as u128
             + t.shape
                 .iter()
                 .zip(&t.stride)
-                .map(|(&n, &s)| (n - 1).saturating_mul(s))
-                .sum::<u64>();
+                .map(|(&n, &s)| (n as u128 - 1) * s as u128)
+                .sum::<u128>();
         ensure!(
-            last < t.storage_numel,
+            last < t.storage_numel as u128,
             "{}: tensor {name} reaches element {last} of a storage of {}",
             self.path.display(),
             t.storage_numel

@@ -194,6 +194,21 @@ impl Decoder {
         cfg.validate()?;
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
         let mut backend = device.open()?;
+        // Checked from the shape alone, before the layout or the plan computes a size.
+        let cache_len = backend.decode_cache_len(cfg.n_ctx());
+        let own = if params.is_none() {
+            4 * crate::memory::param_count(cfg)
+        } else {
+            0
+        };
+        crate::memory::Estimate::new()
+            .add("parameters", own, crate::memory::Scale::Model)
+            .add(
+                "key/value caches and step buffers",
+                4 * crate::memory::decoder_floats(cfg, batch, cache_len),
+                crate::memory::Scale::Batch,
+            )
+            .check("generating with this model and batch")?;
         let layout = ParamLayout::new(cfg);
         if let Some(p) = &params {
             anyhow::ensure!(

@@ -205,6 +205,21 @@ impl Engine {
         cfg.validate()?;
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
         let mut backend = device.open()?;
+        // Checked from the shape alone, before the layout or the plan computes a size.
+        let scratch = backend.attention_scratch_len(AttnShape {
+            batch,
+            t: cfg.n_ctx(),
+            n_head: cfg.n_head,
+            head_dim: cfg.head_dim(),
+            causal: cfg.causal(),
+        });
+        crate::memory::engine(cfg, batch, training, params.is_none(), scratch as u128).check(
+            if training {
+                "training this model with this many images per pass"
+            } else {
+                "running this model with this many images per pass"
+            },
+        )?;
         let layout = ParamLayout::new(cfg);
         if let Some(p) = &params {
             anyhow::ensure!(
@@ -835,5 +850,43 @@ impl Engine {
             d,
             !cfg.causal(),
         );
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use crate::config::Objective;
+
+    #[test]
+    fn the_memory_estimate_of_activations_is_the_plan_s() {
+        let backend = crate::backend::cpu::CpuBackend::new();
+        for (l, d, h, v, side, batch) in [
+            (1, 16, 2, 8, 6, 4),
+            (3, 48, 4, 17, 5, 1),
+            (2, 64, 8, 512, 32, 3),
+            (4, 128, 2, 16, 28, 16),
+        ] {
+            for objective in [Objective::Autoregressive, Objective::Bert] {
+                let cfg = ModelConfig {
+                    n_layer: l,
+                    n_embd: d,
+                    n_head: h,
+                    n_vocab: v,
+                    side,
+                    channels: 1,
+                    objective,
+                };
+                for training in [false, true] {
+                    let plan = ActPlan::new(&cfg, batch, training, &backend);
+                    let scratch = plan.attn_scratch_len as u128;
+                    assert_eq!(
+                        crate::memory::activation_floats(&cfg, batch, training, scratch),
+                        plan.total as u128,
+                        "{cfg:?} batch {batch} training {training}"
+                    );
+                }
+            }
+        }
     }
 }

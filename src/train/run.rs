@@ -195,11 +195,27 @@ pub fn start(
         data: data_desc.to_string(),
         igpt_version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    train_cfg.validate()?;
+    model.validate()?;
+    // Everything the run will hold, checked before the first large allocation.
+    let scratch = device
+        .open()?
+        .attention_scratch_len(crate::backend::AttnShape {
+            batch: train_cfg.micro_batch,
+            t: model.n_ctx(),
+            n_head: model.n_head,
+            head_dim: model.head_dim(),
+            causal: model.causal(),
+        });
+    crate::memory::training(model, train_cfg.micro_batch, scratch as u128)
+        .check("training this model with this many images per pass")?;
+    run.lock()?;
     run.save_config(&cfg)?;
     run.save_palette(&prepared.palette)?;
     let _ = std::fs::remove_file(run.file("metrics.jsonl"));
     let params = crate::model::init_params(model, train_cfg.seed);
     let mut trainer = Trainer::new(model, train_cfg.clone(), &params, device)?;
+    drop(params);
     train_loop(
         run,
         &mut trainer,
@@ -220,28 +236,19 @@ pub fn resume(
     device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
+    run.lock()?;
     let mut cfg = run.load_config()?;
+    if !run.file("trainer.safetensors").exists() {
+        // Killed before its first checkpoint: the settings and the data are there, so the run
+        // starts again from step 0 exactly as it first would have.
+        return restart(run, cfg, steps, stop_after, expected, device, progress);
+    }
     if let Some(want) = expected {
-        let saved = serde_json::to_value(&cfg.model)?;
-        let asked = serde_json::to_value(want)?;
-        let diffs: Vec<String> = saved
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| asked.get(k.as_str()) != Some(v))
-            .map(|(k, v)| format!("{k} = {v} (asked {})", asked[k.as_str()]))
-            .collect();
-        ensure!(
-            diffs.is_empty(),
-            "cannot resume {} with a different model: the run has {}; resume it as it is or start a new run",
-            run.path.display(),
-            diffs.join(", ")
-        );
+        check_same_model(run, &cfg.model, want)?;
     }
     if let Some(s) = steps {
         cfg.train.steps = s;
         cfg.train.validate()?;
-        run.save_config(&cfg)?;
     }
     let palette = run.load_palette()?;
     ensure!(
@@ -250,12 +257,46 @@ pub fn resume(
         palette.len(),
         cfg.model.n_vocab
     );
+    let scratch = device
+        .open()?
+        .attention_scratch_len(crate::backend::AttnShape {
+            batch: cfg.train.micro_batch,
+            t: cfg.model.n_ctx(),
+            n_head: cfg.model.n_head,
+            head_dim: cfg.model.head_dim(),
+            causal: cfg.model.causal(),
+        });
+    let mut need = crate::memory::training(&cfg.model, cfg.train.micro_batch, scratch as u128);
+    need.parts.push((
+        "the saved training state",
+        3 * 4 * crate::memory::param_count(&cfg.model),
+        crate::memory::Scale::Model,
+    ));
+    need.check("resuming this run")?;
     let (state, params, m, v) =
         run.load_trainer(crate::model::ParamLayout::new(&cfg.model).total)?;
     let train = TokenSet::open(&run.file("data/train.tokens"))?;
     let val = TokenSet::open(&run.file("data/val.tokens"))?;
+    ensure!(
+        state.cursor < train.len().max(1) && state.step <= cfg.train.steps,
+        "{}: the saved state (step {}, image {} of an epoch) does not fit the run's {} steps \
+         and the {} training images of {}: the checkpoint does not belong to this run (a \
+         resume may extend a run, never shorten it)",
+        run.file("trainer.safetensors").display(),
+        state.step,
+        state.cursor,
+        cfg.train.steps,
+        train.len(),
+        run.file("data/train.tokens").display()
+    );
+    if steps.is_some() {
+        // Only once the checkpoint is known to fit: a refused resume changes nothing.
+        run.save_config(&cfg)?;
+    }
     let mut trainer = Trainer::new(&cfg.model, cfg.train.clone(), &params, device)?;
+    drop(params);
     trainer.restore(state, &m, &v);
+    drop((m, v));
     truncate_metrics(run, trainer.state.step)?;
     progress.message(&format!(
         "resuming {} at step {} of {}",
@@ -264,6 +305,73 @@ pub fn resume(
         cfg.train.steps
     ));
     train_loop(run, &mut trainer, &train, &val, stop_after, progress)
+}
+
+/// Refuses a resume that asks for another model than the run's.
+fn check_same_model(run: &RunDir, saved: &ModelConfig, want: &ModelConfig) -> Result<()> {
+    let saved = serde_json::to_value(saved)?;
+    let asked = serde_json::to_value(want)?;
+    let diffs: Vec<String> = saved
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| asked.get(k.as_str()) != Some(v))
+        .map(|(k, v)| format!("{k} = {v} (asked {})", asked[k.as_str()]))
+        .collect();
+    ensure!(
+        diffs.is_empty(),
+        "cannot resume {} with a different model: the run has {}; resume it as it is or start a new run",
+        run.path.display(),
+        diffs.join(", ")
+    );
+    Ok(())
+}
+
+/// Starts over a run that was stopped before its first checkpoint, from its saved settings and
+/// token caches.
+fn restart(
+    run: &RunDir,
+    mut cfg: RunConfig,
+    steps: Option<u64>,
+    stop_after: Option<u64>,
+    expected: Option<&ModelConfig>,
+    device: &Device,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    if let Some(want) = expected {
+        check_same_model(run, &cfg.model, want)?;
+    }
+    if let Some(s) = steps {
+        cfg.train.steps = s;
+        cfg.train.validate()?;
+    }
+    let palette = run.load_palette()?;
+    let open = |name: &str| {
+        TokenSet::open(&run.file(name)).with_context(|| {
+            format!(
+                "{} stopped before its first checkpoint and its data is incomplete: start it \
+                 again as a new run with the same --out",
+                run.path.display()
+            )
+        })
+    };
+    let (train, val) = (open("data/train.tokens")?, open("data/val.tokens")?);
+    progress.message(&format!(
+        "{} stopped before its first checkpoint: starting it again from step 0",
+        run.path.display()
+    ));
+    let side = cfg.model.side;
+    let channels = palette.channels;
+    let prepared = Prepared {
+        palette,
+        train,
+        val,
+        side,
+        channels,
+    };
+    start(
+        run, &cfg.model, &cfg.train, &prepared, &cfg.data, stop_after, device, progress,
+    )
 }
 
 /// Drops metric lines logged after `step` (a run killed after its last checkpoint).
@@ -286,11 +394,23 @@ fn truncate_metrics(run: &RunDir, step: u64) -> Result<()> {
 }
 
 fn checkpoint(run: &RunDir, trainer: &Trainer) -> Result<()> {
-    let (params, m, v) = trainer.snapshot();
     // The model first: once a trainer state exists, so does a model file (a run killed between
     // the two writes resumes from the trainer state, which is never older than the model).
+    let params = trainer.engine.params();
     run.save_model(&trainer.engine.cfg, &params)?;
-    run.save_trainer(&trainer.state, &params, &m, &v)?;
+    drop(params);
+    // One arena at a time through one buffer: a checkpoint costs one copy of the parameters.
+    let n = trainer.engine.layout.total;
+    run.save_trainer(&trainer.state, n, |i, buf| {
+        buf.resize(n, 0.0);
+        match i {
+            0 => trainer
+                .engine
+                .read_arena(crate::backend::Arena::Params, buf),
+            1 => trainer.engine.read_arena(crate::backend::Arena::AdamM, buf),
+            _ => trainer.engine.read_arena(crate::backend::Arena::AdamV, buf),
+        }
+    })?;
     if let Err(e) =
         crate::plot::loss_curve_from_metrics(&run.file("metrics.jsonl"), &run.file("loss.png"))
     {

@@ -1,0 +1,245 @@
+//! What a command will hold in memory, estimated from the shapes before anything large is
+//! allocated, and checked against what the system has.
+//!
+//! With memory overcommit a too-large allocation "succeeds" and the kernel kills the process
+//! later; an allocation whose size overflows aborts. Every size here is computed in `u128`
+//! from the configuration alone, so an absurd shape gives an error, never either of those.
+
+use crate::config::ModelConfig;
+
+/// Bytes of memory available to this process: `IGPT_MEMORY_LIMIT` (bytes) when set, else
+/// Linux's `MemAvailable`, else unknown.
+pub fn available() -> Option<u128> {
+    if let Some(v) = std::env::var_os("IGPT_MEMORY_LIMIT") {
+        return v.to_str().and_then(|s| s.trim().parse().ok());
+    }
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Which setting a refused estimate depends on, so a front end can name the right flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// The model itself (parameters and what goes with them) does not fit.
+    Model,
+    /// The model fits, but not with this many images per pass.
+    Batch,
+    /// The outputs asked for (images generated, completions) do not fit.
+    Count,
+}
+
+/// An estimate that does not fit in the memory available.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "{what} needs about {} ({}) but only {} of memory is available",
+    gb(*.need), .parts, gb(*.available)
+)]
+pub struct OutOfMemory {
+    pub what: String,
+    pub need: u128,
+    pub available: u128,
+    /// The parts of the estimate, for the message.
+    pub parts: String,
+    pub scale: Scale,
+}
+
+fn gb(bytes: u128) -> String {
+    let g = bytes as f64 / 1e9;
+    if g >= 0.1 {
+        format!("{g:.2} GB")
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
+}
+
+/// Bytes by part. Parts whose size depends on the batch are marked, to tell a model too large
+/// from a batch too large.
+#[derive(Debug, Clone, Default)]
+pub struct Estimate {
+    pub parts: Vec<(&'static str, u128, Scale)>,
+}
+
+impl Estimate {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(mut self, what: &'static str, bytes: u128, scale: Scale) -> Self {
+        if bytes > 0 {
+            self.parts.push((what, bytes, scale));
+        }
+        self
+    }
+
+    pub fn total(&self) -> u128 {
+        self.parts.iter().map(|p| p.1).sum()
+    }
+
+    /// Refuses, with the estimate and the memory available, when the total does not fit.
+    pub fn check(&self, what: &str) -> Result<(), OutOfMemory> {
+        let Some(available) = available() else {
+            return Ok(());
+        };
+        self.check_against(what, available)
+    }
+
+    pub fn check_against(&self, what: &str, available: u128) -> Result<(), OutOfMemory> {
+        let need = self.total();
+        if need <= available {
+            return Ok(());
+        }
+        let of = |s: Scale| -> u128 { self.parts.iter().filter(|p| p.2 == s).map(|p| p.1).sum() };
+        // The setting to change: the smallest kind whose removal would make it fit, else the
+        // model.
+        let scale = if of(Scale::Model) > available {
+            Scale::Model
+        } else if of(Scale::Count) >= of(Scale::Batch) {
+            Scale::Count
+        } else {
+            Scale::Batch
+        };
+        let parts = self
+            .parts
+            .iter()
+            .map(|(w, b, _)| format!("{w} {}", gb(*b)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(OutOfMemory {
+            what: what.to_string(),
+            need,
+            available,
+            parts,
+            scale,
+        })
+    }
+}
+
+/// Parameters of a model of this shape, computed without overflow (REFERENCE.md §3: no biases).
+pub fn param_count(cfg: &ModelConfig) -> u128 {
+    let (l, d, v, t) = (
+        cfg.n_layer as u128,
+        cfg.n_embd as u128,
+        cfg.n_vocab as u128,
+        cfg.side as u128 * cfg.side as u128,
+    );
+    // wte, wtet; wpe; sos, ln_f; per block two gains and 3d^2 + d^2 + 4d^2 + 4d^2.
+    2 * v * d + t * d + 2 * d + l * (12 * d * d + 2 * d)
+}
+
+/// Floats of the engine's activation arena (the same arithmetic as `ActPlan`, in `u128`;
+/// a test keeps the two equal), given the attention scratch the backend asks for.
+pub fn activation_floats(
+    cfg: &ModelConfig,
+    batch: usize,
+    training: bool,
+    attn_scratch: u128,
+) -> u128 {
+    let r16 = |n: u128| n.div_ceil(16) * 16;
+    let (d, t, v, h, l) = (
+        cfg.n_embd as u128,
+        cfg.side as u128 * cfg.side as u128,
+        cfg.n_vocab as u128,
+        cfg.n_head as u128,
+        cfg.n_layer as u128,
+    );
+    let b = batch as u128;
+    let rows = b * t;
+    let n_resid = if training { l + 1 } else { 2 };
+    let n_block = if training { l } else { 1 };
+    let block =
+        4 * r16(rows * d) + 2 * r16(rows) + r16(rows * 3 * d) + r16(b * h * t) + r16(rows * 4 * d);
+    let mut total = n_resid * r16(rows * d) + n_block * block;
+    total += r16(rows * d) + r16(rows) + r16(rows * v) + r16(rows) + r16(rows * 4 * d);
+    if training {
+        total += 3 * r16(rows * d) + r16(rows * 3 * d) + r16(rows * 4 * d);
+    }
+    total + r16(attn_scratch)
+}
+
+/// Floats of the decoder's arena (`StepPlan`: one position per step, key/value caches of
+/// `cache_len` positions per layer).
+pub fn decoder_floats(cfg: &ModelConfig, batch: usize, cache_len: usize) -> u128 {
+    let r16 = |n: u128| n.div_ceil(16) * 16;
+    let (d, v, h, l) = (
+        cfg.n_embd as u128,
+        cfg.n_vocab as u128,
+        cfg.n_head as u128,
+        cfg.n_layer as u128,
+    );
+    let (b, t) = (batch as u128, cache_len as u128);
+    7 * r16(b * d)
+        + 3 * r16(b)
+        + r16(b * 3 * d)
+        + 2 * r16(b * 4 * d)
+        + r16(b * v)
+        + r16(b * h * t)
+        + l * 2 * r16(b * t * d)
+}
+
+/// The engine's own memory: parameters (unless adopted), gradients and both Adam moments when
+/// training, activations, and the host buffers of one batch.
+pub fn engine(
+    cfg: &ModelConfig,
+    batch: usize,
+    training: bool,
+    own_params: bool,
+    attn_scratch: u128,
+) -> Estimate {
+    let p = 4 * param_count(cfg);
+    let rows = batch as u128 * cfg.side as u128 * cfg.side as u128;
+    let e = Estimate::new().add("parameters", if own_params { p } else { 0 }, Scale::Model);
+    let e = if training {
+        e.add("gradients", p, Scale::Model)
+            .add("Adam moments", 2 * p, Scale::Model)
+    } else {
+        e
+    };
+    e.add(
+        "activations",
+        4 * activation_floats(cfg, batch, training, attn_scratch),
+        Scale::Batch,
+    )
+    // Tokens, targets, loss weights and per-position losses, in the backend and the engine.
+    .add("batch buffers", rows * 18, Scale::Batch)
+}
+
+/// A training run: the engine with `micro_batch` images per pass, the freshly initialised
+/// parameters it is started from, and the buffer a checkpoint is written through.
+pub fn training(cfg: &ModelConfig, micro_batch: usize, attn_scratch: u128) -> Estimate {
+    let p = 4 * param_count(cfg);
+    let mut e = engine(cfg, micro_batch, true, true, attn_scratch);
+    e.parts
+        .push(("initial parameters and checkpoint buffer", p, Scale::Model));
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_the_setting_that_does_not_fit() {
+        let e = Estimate::new().add("parameters", 100, Scale::Model).add(
+            "activations",
+            900,
+            Scale::Batch,
+        );
+        assert!(e.check_against("x", 1000).is_ok());
+        let err = e.check_against("training", 999).unwrap_err();
+        assert_eq!(err.scale, Scale::Batch);
+        assert_eq!(err.need, 1000);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("training needs about") && msg.contains("parameters"),
+            "{msg}"
+        );
+        assert_eq!(e.check_against("x", 50).unwrap_err().scale, Scale::Model);
+        let c = Estimate::new()
+            .add("parameters", 10, Scale::Model)
+            .add("images", 500, Scale::Count)
+            .add("activations", 100, Scale::Batch);
+        assert_eq!(c.check_against("x", 200).unwrap_err().scale, Scale::Count);
+    }
+}

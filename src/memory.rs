@@ -158,9 +158,16 @@ pub fn activation_floats(
     total + r16(attn_scratch)
 }
 
-/// Floats of the decoder's arena (`StepPlan`: one position per step, key/value caches of
-/// `cache_len` positions per layer).
-pub fn decoder_floats(cfg: &ModelConfig, batch: usize, cache_len: usize) -> u128 {
+/// Bytes of a decoder's own buffers: step buffers for `rows` rows (a prefill chunk), the
+/// logits of `batch` rows, the key/value caches of `cache_len` positions (f32 or bf16) and,
+/// in bf16, the packed weight matrices and the split copy of a product's input.
+pub fn decoder_bytes(
+    cfg: &ModelConfig,
+    batch: usize,
+    rows: usize,
+    cache_len: usize,
+    precision: crate::backend::Precision,
+) -> u128 {
     let r16 = |n: u128| n.div_ceil(16) * 16;
     let (d, v, h, l) = (
         cfg.n_embd as u128,
@@ -168,14 +175,23 @@ pub fn decoder_floats(cfg: &ModelConfig, batch: usize, cache_len: usize) -> u128
         cfg.n_head as u128,
         cfg.n_layer as u128,
     );
-    let (b, t) = (batch as u128, cache_len as u128);
-    7 * r16(b * d)
-        + 3 * r16(b)
-        + r16(b * 3 * d)
-        + 2 * r16(b * 4 * d)
-        + r16(b * v)
-        + r16(b * h * t)
-        + l * 2 * r16(b * t * d)
+    let (b, r, t) = (batch as u128, rows as u128, cache_len as u128);
+    let steps = 4
+        * (6 * r16(r * d)
+            + 2 * r16(r)
+            + r16(r * 3 * d)
+            + 2 * r16(r * 4 * d)
+            + r16(b * d)
+            + r16(b)
+            + r16(b * v)
+            + r16(b * h * t));
+    match precision {
+        crate::backend::Precision::F32 => steps + 4 * l * 2 * r16(b * t * d),
+        crate::backend::Precision::Bf16 => {
+            let matrices = l * 12 * d * (d + 16) + (v + 16) * (d + 1);
+            steps + 2 * l * 2 * r16(b * t * d) + 2 * matrices + 2 * 2 * (r * 4 * d + r)
+        }
+    }
 }
 
 /// The engine's own memory: parameters (unless adopted), gradients and both Adam moments when

@@ -49,7 +49,7 @@ impl StepPlan {
     ) -> Self {
         let d = cfg.n_embd;
         let t = backend.decode_cache_len(cfg.n_ctx());
-        let chunk = (PREFILL_ROWS / batch).clamp(1, cfg.n_ctx());
+        let chunk = Self::chunk(cfg, batch);
         let rows = batch * chunk;
         let mut off = 0;
         let mut take = |n: usize| {
@@ -106,6 +106,11 @@ impl StepPlan {
             caches,
             acts: off,
         }
+    }
+
+    /// Positions one prefill chunk feeds per sequence.
+    fn chunk(cfg: &ModelConfig, batch: usize) -> usize {
+        (PREFILL_ROWS / batch).clamp(1, cfg.n_ctx())
     }
 
     /// The block buffers for `rows` rows.
@@ -205,7 +210,13 @@ impl Decoder {
             .add("parameters", own, crate::memory::Scale::Model)
             .add(
                 "key/value caches and step buffers",
-                4 * crate::memory::decoder_floats(cfg, batch, cache_len),
+                crate::memory::decoder_bytes(
+                    cfg,
+                    batch,
+                    batch * StepPlan::chunk(cfg, batch),
+                    cache_len,
+                    precision,
+                ),
                 crate::memory::Scale::Batch,
             )
             .check("generating with this model and batch")?;

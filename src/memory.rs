@@ -188,8 +188,16 @@ pub fn decoder_bytes(
     match precision {
         crate::backend::Precision::F32 => steps + 4 * l * 2 * r16(b * t * d),
         crate::backend::Precision::Bf16 => {
-            let matrices = l * 12 * d * (d + 16) + (v + 16) * (d + 1);
-            steps + 2 * l * 2 * r16(b * t * d) + 2 * matrices + 2 * 2 * (r * 4 * d + r)
+            // Half-arena slots are 32-aligned. A packed `[k, n]` matrix holds pairs of rows in
+            // panels of 16 columns (the CPU backend's `packed_len`).
+            let r32 = |n: u128| n.div_ceil(32) * 32;
+            let packed = |k: u128, n: u128| r32(k.div_ceil(2) * 2 * r16(n));
+            let block = packed(d, 3 * d) + packed(d, d) + packed(d, 4 * d) + packed(4 * d, d);
+            let matrices = l * block + packed(d, v);
+            let caches = l * 2 * r32(b * t * d);
+            // The split input of the widest packed product (`[r, 4d]`): two bf16 parts.
+            let split = 2 * (r * 4 * d + r);
+            steps + 2 * (caches + matrices + split)
         }
     }
 }

@@ -667,3 +667,116 @@ fn a_run_stopped_before_its_first_checkpoint_can_be_resumed_or_started_again() {
         &["stopped before training began", "--out"],
     );
 }
+
+/// An IDX array of u8 with these dimensions (filled with a pattern).
+fn idx_bytes(dims: &[u32], fill: impl Fn(usize) -> u8) -> Vec<u8> {
+    let mut b = vec![0u8, 0, 8, dims.len() as u8];
+    for d in dims {
+        b.extend_from_slice(&d.to_be_bytes());
+    }
+    let n: usize = dims.iter().map(|&d| d as usize).product();
+    b.extend((0..n).map(fill));
+    b
+}
+
+#[test]
+fn labels_of_idx_data_can_be_named_and_a_wrong_file_is_refused_by_name() {
+    let dir = tempdir("labels");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/small-a");
+    let m = s(&model);
+    // Three 8x8 images, with their labels under a name no MNIST naming would find.
+    let images = dir.join("digits-images-idx3-ubyte");
+    std::fs::write(&images, idx_bytes(&[3, 8, 8], |i| (i * 7 % 256) as u8)).unwrap();
+    let good = dir.join("answers.bin");
+    std::fs::write(&good, idx_bytes(&[3], |i| [4, 0, 6][i])).unwrap();
+    let img = s(&images);
+    let out = dir.join("f.safetensors");
+
+    // Without --labels there are none; with it, the features carry them.
+    let o = igpt(&["features", "--model", m, "--data", img, "--out", s(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no labels"));
+    let with = ["features", "--model", m, "--data", img, "--out", s(&out)];
+    let o = igpt(&[&with[..], &["--labels", s(&good)]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let labels: Vec<i64> = st
+        .tensor("labels")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(labels, vec![4, 0, 6]);
+
+    // Missing, miscounted, not labels, not IDX at all: each named, with the flag.
+    let short = dir.join("short.bin");
+    std::fs::write(&short, idx_bytes(&[2], |i| i as u8)).unwrap();
+    let images_as_labels = dir.join("pics.bin");
+    std::fs::write(&images_as_labels, idx_bytes(&[3, 2, 2], |_| 1)).unwrap();
+    let text = dir.join("labels.txt");
+    std::fs::write(&text, "4\n0\n6\n").unwrap();
+    let missing = dir.join("none.bin");
+    for (file, why) in [
+        (&missing, "cannot read"),
+        (&short, "2 labels for the 3 images"),
+        (&images_as_labels, "not a labels file"),
+        (&text, "not an IDX file"),
+    ] {
+        fails_with(
+            &[&with[..], &["--labels", s(file)]].concat(),
+            &["--labels", s(file), why],
+        );
+    }
+    // A labels file for data that carries its own labels is refused, not ignored.
+    let npy = small_npy(&dir);
+    fails_with(
+        &[
+            "features",
+            "--model",
+            m,
+            "--data",
+            s(&npy),
+            "--out",
+            s(&out),
+            "--labels",
+            s(&good),
+        ],
+        &["--labels", s(&good), "goes with IDX images"],
+    );
+    // probe names the flag of the set whose labels are wrong.
+    fails_with(
+        &[
+            "probe",
+            "--model",
+            m,
+            "--data",
+            img,
+            "--labels",
+            s(&good),
+            "--test-data",
+            img,
+            "--test-labels",
+            s(&short),
+            "--chart",
+            s(&dir.join("p.png")),
+        ],
+        &["--test-labels", s(&short), "2 labels for the 3 images"],
+    );
+    // And a missing labels file says what was tried and which flag names one.
+    fails_with(
+        &[
+            "probe",
+            "--model",
+            m,
+            "--data",
+            img,
+            "--test-data",
+            img,
+            "--chart",
+            s(&dir.join("p.png")),
+        ],
+        &["has no labels", "digits-labels-idx1-ubyte", "--labels"],
+    );
+}

@@ -83,6 +83,92 @@ fn token_ids_match_the_hugging_face_processor() {
     }
 }
 
+/// The centre the processor's `color_quantize` picks, written out plainly (one centre at a
+/// time, no screening, no lanes): the pixel normalised as `(level / 255 - 0.5) / 0.5` in
+/// float32, `d = (|a|^2 - 2 a.b) + |b|^2` with `|a|^2` summed in float32 and the rest in
+/// float64, each sum left to right, and the first centre among equal distances (`np.argmin`).
+/// Also returns the plain squared distance `sum (a - b)^2` (float64) of the centre picked and
+/// the smallest one, to show the rule is a nearest-centre rule.
+fn processor_nearest(rgb: [u8; 3], centres: &[[f64; 3]]) -> (usize, f64, f64) {
+    let a = rgb.map(|x| ((x as f64 * (1.0 / 255.0)) as f32 - 0.5) / 0.5);
+    let a2 = (a[0] * a[0] + a[1] * a[1] + a[2] * a[2]) as f64;
+    let a = a.map(f64::from);
+    let (mut best, mut best_d, mut nearest) = (0, f64::INFINITY, f64::INFINITY);
+    for (i, b) in centres.iter().enumerate() {
+        let ab = a[0] * b[0] + a[1] * b[1] + a[2] * b[2];
+        let b2 = b[0] * b[0] + b[1] * b[1] + b[2] * b[2];
+        let d = a2 - 2.0 * ab + b2;
+        if d < best_d {
+            (best, best_d) = (i, d);
+        }
+        nearest = nearest.min((0..3).map(|c| (a[c] - b[c]).powi(2)).sum());
+    }
+    let picked = (0..3).map(|c| (a[c] - centres[best][c]).powi(2)).sum();
+    (best, picked, nearest)
+}
+
+/// `Palette::encode` itself on every one of the 2^24 RGB colours against [`processor_nearest`]:
+/// the number of colours given another centre, and of colours not given a nearest one.
+fn all_colours(palette: &palette::Palette, centres: &[[f64; 3]]) -> (usize, usize) {
+    use rayon::prelude::*;
+    assert_eq!(palette.len(), centres.len());
+    // One red level per task: every (green, blue) pair.
+    (0..=255u8)
+        .into_par_iter()
+        .map(|r| {
+            let pixels: Vec<u8> = (0..=255u8)
+                .flat_map(|g| (0..=255u8).flat_map(move |b| [r, g, b]))
+                .collect();
+            let ids = palette.encode(&pixels);
+            assert_eq!(ids.len(), 1 << 16, "one id per pixel");
+            let (mut wrong, mut far) = (0usize, 0usize);
+            for (px, &id) in pixels.chunks_exact(3).zip(&ids) {
+                let (want, picked, nearest) = processor_nearest([px[0], px[1], px[2]], centres);
+                wrong += (id as usize != want) as usize;
+                // Rounding may choose between near-equal centres, never a clearly farther one.
+                far += (picked - nearest > 1e-12) as usize;
+            }
+            (wrong, far)
+        })
+        .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+#[test]
+fn the_quantiser_is_the_processor_s_on_all_2_24_colours() {
+    let mut small_a = Vec::new();
+    for fixture in ["small-a", "small-b"] {
+        let dir = root().join("hf").join(fixture);
+        let m = igpt::formats::load_model(s(&dir)).unwrap();
+        // The centres as the processor reads them: float64 from preprocessor_config.json.
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("preprocessor_config.json")).unwrap())
+                .unwrap();
+        let centres: Vec<[f64; 3]> = cfg["clusters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let c = c.as_array().unwrap();
+                [0, 1, 2].map(|i| c[i].as_f64().unwrap())
+            })
+            .collect();
+        assert_eq!(all_colours(&m.palette, &centres), (0, 0), "{fixture}");
+        if fixture == "small-a" {
+            small_a = centres;
+        }
+    }
+    // The fixture palettes have no exact ties; this one has many. Each centre with red and
+    // green swapped ties with it exactly wherever red equals green (the sums are the same
+    // terms in the same order), and repeated centres tie everywhere they are nearest: the
+    // first index must win each time.
+    let mut ties = small_a.clone();
+    ties.extend(small_a.iter().map(|c| [c[1], c[0], c[2]]));
+    ties.extend_from_slice(&small_a[..4]);
+    let flat: Vec<f64> = ties.iter().flatten().copied().collect();
+    let p = palette::Palette::from_exact(3, flat).unwrap();
+    assert_eq!(all_colours(&p, &ties), (0, 0), "palette with ties");
+}
+
 #[test]
 fn normalisation_is_the_processors_for_every_level() {
     // (x / 255 - 0.5) / 0.5 in float32 equals x / 127.5 - 1 (older processors) at every level.

@@ -1,10 +1,11 @@
 //! `igpt finetune` and `igpt classify`.
 
+use super::Source;
 use anyhow::{Context, Result};
 use clap::Args;
 use igpt::backend::Device;
 use igpt::checkpoint::LoadedModel;
-use igpt::data::{self, Format, TokenSet};
+use igpt::data::{self, TokenSet};
 use igpt::finetune::{self, FinetuneConfig, FinetuneProgress, FinetuneStats, Head, HeadStart};
 use igpt::model::Engine;
 use indicatif::ProgressBar;
@@ -18,9 +19,15 @@ pub struct FinetuneArgs {
     /// Labelled training images; --val-fraction of them choose when to stop.
     #[arg(long)]
     data: String,
+    /// Labels of IDX --data, when they are not beside the images under MNIST's names.
+    #[arg(long)]
+    labels: Option<PathBuf>,
     /// Labelled test images for the final accuracy.
     #[arg(long)]
     test_data: Option<String>,
+    /// Labels of IDX --test-data, when they are not beside the images.
+    #[arg(long, requires = "test_data")]
+    test_labels: Option<PathBuf>,
     #[arg(long)]
     limit: Option<usize>,
     #[arg(long)]
@@ -82,21 +89,18 @@ pub struct FinetuneArgs {
 
 /// Labelled images as tokens for the model.
 fn labelled_tokens(
-    spec: &str,
+    src: &Source,
     limit: Option<usize>,
     m: &LoadedModel,
 ) -> Result<(TokenSet, Vec<u32>, Vec<String>)> {
-    let set = data::load_shaped(
-        spec,
-        Format::Auto,
-        limit.map(|l| 0..l),
-        Some(m.model().side),
-        Some(m.model().channels),
-    )?;
+    let set = src.load_shaped(limit, m)?;
     let labels = set.labels.clone().with_context(|| {
         format!(
-            "{spec} has no labels: fine-tuning and classification accuracy need them{}",
-            data::labels_tried(spec)
+            "{} has no labels: fine-tuning and classification accuracy need them{}; name an IDX \
+             labels file with {}",
+            src.spec,
+            data::labels_tried(src.spec),
+            src.labels_flag
         )
     })?;
     let names = set.class_names.clone();
@@ -172,7 +176,12 @@ pub fn finetune(a: FinetuneArgs, dev: &Device) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
     cfg.masks = igpt::bert::masks_for(m.model(), a.masks)?;
     let masks = cfg.masks;
-    let (tokens, _, names) = labelled_tokens(&a.data, a.limit, &m)?;
+    let src = Source {
+        spec: &a.data,
+        labels: a.labels.as_deref(),
+        labels_flag: "--labels",
+    };
+    let (tokens, _, names) = labelled_tokens(&src, a.limit, &m)?;
     let existing = PathBuf::from(&a.model).join("head.safetensors");
     cfg.head_start = if existing.exists() {
         HeadStart::Saved(Head::load(&existing)?)
@@ -198,7 +207,12 @@ pub fn finetune(a: FinetuneArgs, dev: &Device) -> Result<()> {
     if let Some(test) = &a.test_data {
         let best_model = LoadedModel::open(&a.out)?;
         let head = Head::load(&a.out.join("head.safetensors"))?;
-        let (tt, ty, _) = labelled_tokens(test, a.test_limit, &best_model)?;
+        let src = Source {
+            spec: test,
+            labels: a.test_labels.as_deref(),
+            labels_flag: "--test-labels",
+        };
+        let (tt, ty, _) = labelled_tokens(&src, a.test_limit, &best_model)?;
         let acc = finetune::test_accuracy(&best_model, &head, &tt, masks, dev)
             .with_context(|| test.clone())?;
         println!(
@@ -220,6 +234,9 @@ pub struct ClassifyArgs {
     /// Or a data set (with labels, accuracy is reported).
     #[arg(long)]
     data: Option<String>,
+    /// Labels of IDX --data, when they are not beside the images under MNIST's names.
+    #[arg(long, requires = "data")]
+    labels: Option<PathBuf>,
     #[arg(long)]
     limit: Option<usize>,
     /// BERT models: average class probabilities over this many random masks per image; 0 reads
@@ -233,7 +250,12 @@ pub fn classify(a: ClassifyArgs, dev: &Device) -> Result<()> {
     let head = Head::load(&PathBuf::from(&a.model).join("head.safetensors"))?;
     let masks = igpt::bert::masks_for(m.model(), a.masks)?;
     if let Some(spec) = &a.data {
-        let (tokens, labels, _) = labelled_tokens(spec, a.limit, &m)?;
+        let src = Source {
+            spec,
+            labels: a.labels.as_deref(),
+            labels_flag: "--labels",
+        };
+        let (tokens, labels, _) = labelled_tokens(&src, a.limit, &m)?;
         let acc = finetune::test_accuracy(&m, &head, &tokens, masks, dev)
             .with_context(|| spec.clone())?;
         println!("{} images: accuracy {:.2}%", labels.len(), 100.0 * acc);

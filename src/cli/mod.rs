@@ -354,6 +354,40 @@ pub fn flag_hint(e: &anyhow::Error) -> Option<String> {
     })
 }
 
+/// Data named by a flag (`--data`) and the labels file another flag names (`--labels`), if any.
+struct Source<'a> {
+    spec: &'a str,
+    labels: Option<&'a std::path::Path>,
+    labels_flag: &'a str,
+}
+
+impl Source<'_> {
+    /// The first `limit` images, shaped for the model; errors name the labels flag as well as
+    /// the files.
+    fn load_shaped(
+        &self,
+        limit: Option<usize>,
+        m: &igpt::checkpoint::LoadedModel,
+    ) -> Result<data::ImageSet> {
+        let set = data::load_shaped_labelled(
+            self.spec,
+            Format::Auto,
+            self.labels,
+            limit.map(|l| 0..l),
+            Some(m.model().side),
+            Some(m.model().channels),
+        );
+        self.flag_context(set)
+    }
+
+    fn flag_context<T>(&self, r: Result<T>) -> Result<T> {
+        match self.labels {
+            Some(l) => r.with_context(|| format!("{} {}", self.labels_flag, l.display())),
+            None => r,
+        }
+    }
+}
+
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {

@@ -1,5 +1,6 @@
 //! `igpt features` and `igpt probe`: the paper's linear-probe protocol on the user's data.
 
+use super::Source;
 use super::generate::pixel_bar;
 use anyhow::{Context, Result, ensure};
 use clap::Args;
@@ -22,6 +23,9 @@ pub struct FeaturesArgs {
     /// Labelled images (a path, or `fashion-mnist`).
     #[arg(long)]
     data: String,
+    /// Labels of IDX --data, when they are not beside the images under MNIST's names.
+    #[arg(long)]
+    labels: Option<PathBuf>,
     /// Use only the first N images.
     #[arg(long)]
     limit: Option<usize>,
@@ -54,9 +58,15 @@ pub struct ProbeArgs {
     /// validation split carved from them.
     #[arg(long)]
     data: String,
+    /// Labels of IDX --data, when they are not beside the images under MNIST's names.
+    #[arg(long)]
+    labels: Option<PathBuf>,
     /// Labelled test images, used only for the final accuracy.
     #[arg(long)]
     test_data: String,
+    /// Labels of IDX --test-data, when they are not beside the images.
+    #[arg(long)]
+    test_labels: Option<PathBuf>,
     /// Use only the first N training images.
     #[arg(long)]
     limit: Option<usize>,
@@ -111,27 +121,24 @@ fn parse_layers(spec: &str, n_layer: usize) -> Result<Vec<usize>> {
 }
 
 /// A labelled data set shaped for the model, and its labels.
-fn labelled(spec: &str, limit: Option<usize>, m: &LoadedModel) -> Result<(ImageSet, Vec<u32>)> {
-    let set = shaped(spec, limit, m)?;
+fn labelled(src: &Source, limit: Option<usize>, m: &LoadedModel) -> Result<(ImageSet, Vec<u32>)> {
+    let set = shaped(src, limit, m)?;
     let labels = set.labels.clone().with_context(|| {
         format!(
-            "{spec} has no labels: a probe needs them (IDX images with their labels file, \
-             CIFAR binaries, or a folder with one sub-folder per class){}",
-            data::labels_tried(spec)
+            "{} has no labels: a probe needs them (IDX images with their labels file, \
+             CIFAR binaries, or a folder with one sub-folder per class){}; name an IDX labels \
+             file with {}",
+            src.spec,
+            data::labels_tried(src.spec),
+            src.labels_flag
         )
     })?;
     Ok((set, labels))
 }
 
 /// The first `limit` images of a data set, shaped for the model.
-fn shaped(spec: &str, limit: Option<usize>, m: &LoadedModel) -> Result<ImageSet> {
-    data::load_shaped(
-        spec,
-        Format::Auto,
-        limit.map(|l| 0..l),
-        Some(m.model().side),
-        Some(m.model().channels),
-    )
+fn shaped(src: &Source, limit: Option<usize>, m: &LoadedModel) -> Result<ImageSet> {
+    src.load_shaped(limit, m)
 }
 
 fn engine_for(m: &LoadedModel, batch: usize, dev: &Device) -> Result<Engine> {
@@ -160,7 +167,12 @@ fn features_of(
 pub fn features(a: FeaturesArgs, dev: &Device) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
     let layers = parse_layers(&a.layers, m.model().n_layer)?;
-    let set = shaped(&a.data, a.limit, &m)?;
+    let src = Source {
+        spec: &a.data,
+        labels: a.labels.as_deref(),
+        labels_flag: "--labels",
+    };
+    let set = shaped(&src, a.limit, &m)?;
     let labels = set.labels.clone();
     let mut engine = engine_for(&m, a.batch, dev)?;
     let masks = igpt::bert::masks_for(m.model(), a.masks)?;
@@ -256,19 +268,29 @@ pub fn probe(a: ProbeArgs, dev: &Device) -> Result<()> {
         "--val-fraction must be between 0 and 1"
     );
     let first = igpt::formats::load_model(&a.model[0])?;
-    let (train_set, train_y) = labelled(&a.data, a.limit, &first)?;
-    let (test_set, test_y) = labelled(&a.test_data, a.test_limit, &first)?;
+    let train_src = Source {
+        spec: &a.data,
+        labels: a.labels.as_deref(),
+        labels_flag: "--labels",
+    };
+    let test_src = Source {
+        spec: &a.test_data,
+        labels: a.test_labels.as_deref(),
+        labels_flag: "--test-labels",
+    };
+    let (train_set, train_y) = labelled(&train_src, a.limit, &first)?;
+    let (test_set, test_y) = labelled(&test_src, a.test_limit, &first)?;
     let classes = probe::classes_of(&train_y, &test_y)?;
 
     // The raw-pixel baseline: the same protocol on the pixels at the data's own resolution.
-    let raw = |spec: &str, limit: Option<usize>| -> Result<ImageSet> {
-        let set = data::load(spec, Format::Auto)?;
+    let raw = |src: &Source, limit: Option<usize>| -> Result<ImageSet> {
+        let set = src.flag_context(data::load_labelled(src.spec, Format::Auto, src.labels))?;
         match limit {
             Some(l) => set.take(0..l),
             None => Ok(set),
         }
     };
-    let (raw_train, raw_test) = (raw(&a.data, a.limit)?, raw(&a.test_data, a.test_limit)?);
+    let (raw_train, raw_test) = (raw(&train_src, a.limit)?, raw(&test_src, a.test_limit)?);
     println!(
         "{} training images ({:.0}% held out to choose L2), {} test images, {classes} classes",
         train_y.len(),

@@ -100,7 +100,10 @@ pub fn load_with_labels(path: &Path, labels: Option<&Path>) -> Result<ImageSet> 
         None => label_candidates(path).into_iter().find(|p| p.exists()),
     };
     let labels = match lp {
-        Some(lp) => Some((read_maybe_gz(&lp)?, lp.display().to_string())),
+        Some(lp) => Some((
+            read_maybe_gz(&lp).with_context(|| format!("labels file {}", lp.display()))?,
+            lp.display().to_string(),
+        )),
         None => None,
     };
     from_bytes(
@@ -129,8 +132,12 @@ fn from_bytes(images: &[u8], what: &str, labels: Option<(&[u8], &str)>) -> Resul
         Some((bytes, lw)) => {
             let (ldims, l) = parse(bytes, lw)?;
             ensure!(
-                ldims.len() == 1 && ldims[0] == dims[0],
-                "{lw}: {} labels for {} images",
+                ldims.len() == 1,
+                "{lw}: an IDX array of shape {ldims:?} is not a labels file (one value per image)"
+            );
+            ensure!(
+                ldims[0] == dims[0],
+                "{lw}: {} labels for the {} images of {what}",
                 ldims[0],
                 dims[0]
             );

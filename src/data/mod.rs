@@ -9,7 +9,7 @@ pub mod npyimages;
 pub use cache::TokenSet;
 
 use crate::preprocess;
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use rayon::prelude::*;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -267,12 +267,26 @@ fn ensure_some(set: ImageSet, path: &Path) -> Result<ImageSet> {
 /// of images of several sizes comes at its first image's size (square); [`load_shaped`] reads
 /// each image from its own size instead.
 pub fn load(spec: &str, format: Format) -> Result<ImageSet> {
+    load_labelled(spec, format, None)
+}
+
+/// [`load`] with the labels of IDX images read from `labels` rather than looked for beside
+/// them. Other formats carry their own labels, so naming a file for them is refused.
+pub fn load_labelled(spec: &str, format: Format, labels: Option<&Path>) -> Result<ImageSet> {
     if spec == BUILTIN_FASHION {
+        if let Some(l) = labels {
+            bail!(
+                "a labels file ({}) goes with IDX images; the built-in {BUILTIN_FASHION} split \
+                 has its own labels",
+                l.display()
+            );
+        }
         return builtin_fashion();
     }
     let (path, format) = resolve(spec, format)?;
+    labels_fit(labels, &path, format)?;
     let set = match format {
-        Format::Idx => idx::load(&path),
+        Format::Idx => idx::load_with_labels(&path, labels),
         Format::Cifar10 => cifar::load(&path, false),
         Format::Cifar100 => cifar::load(&path, true),
         Format::Folder => folder::load(&path),
@@ -281,6 +295,21 @@ pub fn load(spec: &str, format: Format) -> Result<ImageSet> {
     }
     .with_context(|| format!("cannot load data set {}", path.display()))?;
     ensure_some(set, &path)
+}
+
+/// Refuses a labels file for data other than IDX images, whose labels come with them.
+fn labels_fit(labels: Option<&Path>, path: &Path, format: Format) -> Result<()> {
+    if let Some(l) = labels {
+        ensure!(
+            format == Format::Idx,
+            "a labels file ({}) goes with IDX images; {} is read as {}, whose labels come \
+             with its images",
+            l.display(),
+            path.display(),
+            format!("{format:?}").to_lowercase()
+        );
+    }
+    Ok(())
 }
 
 /// Reads image files shaped for a model of side `side` with `channels`, in order, by the same
@@ -329,6 +358,18 @@ pub fn load_shaped(
     side: Option<usize>,
     channels: Option<usize>,
 ) -> Result<ImageSet> {
+    load_shaped_labelled(spec, format, None, range, side, channels)
+}
+
+/// [`load_shaped`] with the labels of IDX images read from `labels` ([`load_labelled`]).
+pub fn load_shaped_labelled(
+    spec: &str,
+    format: Format,
+    labels: Option<&Path>,
+    range: Option<Range<usize>>,
+    side: Option<usize>,
+    channels: Option<usize>,
+) -> Result<ImageSet> {
     if let Some(r) = &range
         && r.start >= r.end
     {
@@ -340,13 +381,14 @@ pub fn load_shaped(
     }
     if spec != BUILTIN_FASHION {
         let (path, format) = resolve(spec, format)?;
+        labels_fit(labels, &path, format)?;
         if format == Format::Folder {
             let set = folder::load_shaped(&path, range, side, channels.unwrap_or(3))
                 .with_context(|| format!("cannot load data set {}", path.display()))?;
             return ensure_some(set, &path);
         }
     }
-    let mut set = load(spec, format)?;
+    let mut set = load_labelled(spec, format, labels)?;
     if let Some(r) = range {
         set = set.take(r).with_context(|| format!("data set {spec}"))?;
     }

@@ -229,28 +229,16 @@ impl Decoder {
                 layout.total
             );
         }
-        let (d, v) = (cfg.n_embd, cfg.n_vocab);
-        let mut half = 0;
-        let (weights, pack_jobs) = match precision {
-            Precision::F32 => (Weights::f32(&layout, d, v), Vec::new()),
-            Precision::Bf16 => Weights::packed(&layout, d, v, backend.as_ref(), &mut half),
-        };
-        let plan = StepPlan::new(cfg, batch, precision, backend.as_ref(), &mut half);
-        let rows = batch * plan.chunk;
-        backend.allocate(ArenaSizes {
-            params: if params.is_some() { 0 } else { layout.total },
-            grads: 0,
-            acts: plan.acts,
-            half,
-            max_packed_input: if precision == Precision::Bf16 {
-                rows * 4 * d
-            } else {
-                0
-            },
-            tokens: rows,
-            max_rows: rows,
-            max_width: d,
-        })?;
+        let (plan, weights, pack_jobs, sizes) = Self::plan(
+            cfg,
+            &layout,
+            batch,
+            precision,
+            params.is_none(),
+            backend.as_ref(),
+        );
+        let rows = sizes.max_rows;
+        backend.allocate(sizes)?;
         if let Some(p) = params {
             backend.adopt_params(p);
         }
@@ -265,10 +253,46 @@ impl Decoder {
             pack_jobs,
             backend,
             pos: 0,
-            host_logits: vec![0.0; batch * v],
+            host_logits: vec![0.0; batch * cfg.n_vocab],
             chunk_tokens: vec![0; rows],
             prefix_of: vec![0; batch],
         })
+    }
+
+    /// Everything a decoder of this shape lays out before allocating: the step plan, how the
+    /// weights are read (and packed), and the arena sizes it asks the backend for.
+    fn plan(
+        cfg: &ModelConfig,
+        layout: &ParamLayout,
+        batch: usize,
+        precision: Precision,
+        own_params: bool,
+        backend: &dyn Backend,
+    ) -> (StepPlan, Weights, Vec<PackJob>, ArenaSizes) {
+        let (d, v) = (cfg.n_embd, cfg.n_vocab);
+        let mut half = 0;
+        let (weights, pack_jobs) = match precision {
+            Precision::F32 => (Weights::f32(layout, d, v), Vec::new()),
+            Precision::Bf16 => Weights::packed(layout, d, v, backend, &mut half),
+        };
+        let plan = StepPlan::new(cfg, batch, precision, backend, &mut half);
+        let rows = batch * plan.chunk;
+        let sizes = ArenaSizes {
+            params: if own_params { layout.total } else { 0 },
+            grads: 0,
+            acts: plan.acts,
+            half,
+            // The widest packed product's input: the MLP down-projection's `[rows, 4d]`.
+            max_packed_input: if precision == Precision::Bf16 {
+                rows * 4 * d
+            } else {
+                0
+            },
+            tokens: rows,
+            max_rows: rows,
+            max_width: d,
+        };
+        (plan, weights, pack_jobs, sizes)
     }
 
     pub fn set_params(&mut self, params: &[f32]) -> anyhow::Result<()> {
@@ -465,5 +489,65 @@ impl Decoder {
         b.download(logits, &mut self.host_logits);
         self.pos += 1;
         Ok(&self.host_logits)
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+
+    /// Bytes the backend allocates for a decoder's own arenas, from the sizes it is asked for:
+    /// f32 step buffers (and f32 caches), the bf16 half arena (packed weights, bf16 caches) and
+    /// the split input of packed products (two bf16 parts, rows padded to an even length).
+    fn planned_bytes(s: &ArenaSizes) -> u128 {
+        let split = if s.max_packed_input > 0 {
+            2 * 2 * (s.max_packed_input + s.max_rows)
+        } else {
+            0
+        };
+        4 * s.acts as u128 + 2 * s.half as u128 + split as u128
+    }
+
+    #[test]
+    fn the_memory_estimate_of_a_decoder_is_its_plan_s() {
+        let backend = crate::backend::cpu::CpuBackend::new();
+        // (layers, width, heads, colours, side, batch): one-row and many-row prefill chunks,
+        // a batch past the chunk's rows, widths that are and are not multiples of the panel.
+        for (l, d, h, v, side, batch) in [
+            (1, 16, 2, 8, 6, 1),
+            (2, 48, 4, 17, 5, 3),
+            (3, 64, 8, 512, 32, 4),
+            (2, 128, 2, 16, 28, 16),
+            (1, 40, 5, 9, 7, 300),
+            (8, 256, 8, 16, 28, 8),
+        ] {
+            let cfg = ModelConfig {
+                n_layer: l,
+                n_embd: d,
+                n_head: h,
+                n_vocab: v,
+                side,
+                channels: 1,
+                objective: Default::default(),
+            };
+            let layout = ParamLayout::new(&cfg);
+            for precision in [Precision::F32, Precision::Bf16] {
+                let (plan, _, _, sizes) =
+                    Decoder::plan(&cfg, &layout, batch, precision, false, &backend);
+                let planned = planned_bytes(&sizes);
+                let estimate = crate::memory::decoder_bytes(
+                    &cfg,
+                    batch,
+                    batch * plan.chunk,
+                    plan.cache_len,
+                    precision,
+                );
+                // Never below the plan, and at most 1% above it.
+                assert!(
+                    estimate >= planned && estimate * 100 <= planned * 101,
+                    "{cfg:?} batch {batch} {precision:?}: estimate {estimate} bytes, plan {planned}"
+                );
+            }
+        }
     }
 }

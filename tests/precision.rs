@@ -6,21 +6,11 @@
 
 mod common;
 
-use common::{igpt, s, tempdir};
+use common::{f32s, fixture_config, igpt, s, tempdir};
 use igpt::backend::{Device, Precision};
 use igpt::config::ModelConfig;
 use igpt::model::{Decoder, Engine};
 use safetensors::SafeTensors;
-
-fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-    let t = st
-        .tensor(name)
-        .unwrap_or_else(|e| panic!("fixture lacks {name}: {e}"));
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -55,18 +45,7 @@ fn logits(
 fn reference_fixture() -> (ModelConfig, Vec<f32>, Vec<u16>, Vec<f32>) {
     let bytes = std::fs::read("tests/fixtures/reference_small.safetensors").unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = meta.metadata().clone().unwrap();
-    let get = |k: &str| meta[k].parse::<usize>().unwrap();
-    let cfg = ModelConfig {
-        n_layer: get("n_layer"),
-        n_embd: get("n_embd"),
-        n_head: get("n_head"),
-        n_vocab: get("n_vocab"),
-        side: get("side"),
-        channels: get("channels"),
-        objective: Default::default(),
-    };
+    let cfg = fixture_config(&bytes);
     let layout = igpt::model::ParamLayout::new(&cfg);
     let mut params = vec![0.0f32; layout.total];
     for t in &layout.tensors {

@@ -2,19 +2,11 @@
 //! (scripts/make_fixtures.py): logits, loss and every parameter gradient.
 
 use igpt::backend::{AdamStep, Arena, Device, adamw_host};
-use igpt::config::ModelConfig;
 use igpt::model::Engine;
 use safetensors::SafeTensors;
 
-fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-    let t = st
-        .tensor(name)
-        .unwrap_or_else(|e| panic!("fixture lacks {name}: {e}"));
-    t.data()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
+mod common;
+use common::{f32s, fixture_config};
 
 /// max |a - b| / max |b|: relative to the tensor's scale, so tiny entries do not dominate.
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
@@ -31,18 +23,7 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 fn logits_loss_and_gradients_match_pytorch() {
     let bytes = std::fs::read("tests/fixtures/reference_small.safetensors").unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = meta.metadata().clone().unwrap();
-    let get = |k: &str| meta[k].parse::<usize>().unwrap();
-    let cfg = ModelConfig {
-        n_layer: get("n_layer"),
-        n_embd: get("n_embd"),
-        n_head: get("n_head"),
-        n_vocab: get("n_vocab"),
-        side: get("side"),
-        channels: get("channels"),
-        objective: Default::default(),
-    };
+    let cfg = fixture_config(&bytes);
     let tok_t = st.tensor("tokens").unwrap();
     let tokens: Vec<u16> = tok_t
         .data()

@@ -85,6 +85,19 @@ impl BenchModel {
     }
 }
 
+/// What the generation benchmarks run: igpt at these precisions, then the Python baselines.
+#[derive(Args)]
+pub struct Runs {
+    /// Precisions igpt runs at.
+    #[arg(long, num_args = 1.., default_values_t = vec![Precision::F32, Precision::Bf16])]
+    precisions: Vec<Precision>,
+    #[arg(long, default_value = "python3")]
+    python: String,
+    /// Only measure igpt.
+    #[arg(long)]
+    no_python: bool,
+}
+
 /// A random model of `cfg`'s shape, with a head that is not zero (so sampling is not uniform).
 fn random_params(cfg: &ModelConfig) -> Vec<f32> {
     let mut params = igpt::model::init_params(cfg, 0);
@@ -105,14 +118,8 @@ pub struct GenerateBench {
     /// Batch sizes to measure.
     #[arg(long, num_args = 1.., default_values_t = vec![1, 8])]
     batches: Vec<usize>,
-    /// Precisions igpt runs at.
-    #[arg(long, num_args = 1.., default_values_t = vec![Precision::F32, Precision::Bf16])]
-    precisions: Vec<Precision>,
-    #[arg(long, default_value = "python3")]
-    python: String,
-    /// Only measure igpt.
-    #[arg(long)]
-    no_python: bool,
+    #[command(flatten)]
+    runs: Runs,
 }
 
 #[derive(Args)]
@@ -128,14 +135,8 @@ pub struct CompleteBench {
     /// Write the random model here and keep it (default: a temporary folder, removed after).
     #[arg(long)]
     model_dir: Option<PathBuf>,
-    /// Precisions igpt runs at.
-    #[arg(long, num_args = 1.., default_values_t = vec![Precision::F32, Precision::Bf16])]
-    precisions: Vec<Precision>,
-    #[arg(long, default_value = "python3")]
-    python: String,
-    /// Only measure igpt.
-    #[arg(long)]
-    no_python: bool,
+    #[command(flatten)]
+    runs: Runs,
 }
 
 #[derive(Args)]
@@ -240,7 +241,7 @@ fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
     );
     let params = random_params(&model);
     let mut ours = Vec::new();
-    for &precision in &b.precisions {
+    for &precision in &b.runs.precisions {
         for &batch in &b.batches {
             let mut dec = Decoder::with_precision(&model, batch, dev, params.clone(), precision)?;
             let prefixes = vec![&[][..]; batch];
@@ -268,13 +269,13 @@ fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
             ours.push((precision, batch, tps));
         }
     }
-    if b.no_python {
+    if b.runs.no_python {
         return Ok(());
     }
     let mut args = b.model.python_args()?;
     args.extend(["--threads".into(), threads.to_string(), "--batches".into()]);
     args.extend(b.batches.iter().map(|x| x.to_string()));
-    for v in python_baseline(&b.python, "scripts/torch_generate_baseline.py", &args)? {
+    for v in python_baseline(&b.runs.python, "scripts/torch_generate_baseline.py", &args)? {
         let (Some(name), Some(batch), Some(tps)) = (
             v["impl"].as_str(),
             v["batch"].as_u64(),
@@ -331,7 +332,7 @@ fn complete(b: CompleteBench, dev: &Device) -> Result<()> {
     run.save_model(&model, &random_params(&model))?;
     let exe = std::env::current_exe().context("cannot find the igpt executable")?;
     let mut ours = Vec::new();
-    for &precision in &b.precisions {
+    for &precision in &b.runs.precisions {
         let t0 = Instant::now();
         let out = std::process::Command::new(&exe)
             .args([
@@ -367,7 +368,7 @@ fn complete(b: CompleteBench, dev: &Device) -> Result<()> {
     if b.model_dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    if b.no_python {
+    if b.runs.no_python {
         return Ok(());
     }
     let mut args = b.model.python_args()?;
@@ -381,7 +382,7 @@ fn complete(b: CompleteBench, dev: &Device) -> Result<()> {
         "--k".into(),
         b.k.to_string(),
     ]);
-    for v in python_baseline(&b.python, "scripts/torch_generate_baseline.py", &args)? {
+    for v in python_baseline(&b.runs.python, "scripts/torch_generate_baseline.py", &args)? {
         let (Some(name), Some(secs)) = (v["impl"].as_str(), v["seconds"].as_f64()) else {
             continue;
         };

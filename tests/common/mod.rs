@@ -28,3 +28,30 @@ pub fn tempdir(name: &str) -> PathBuf {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// An f32 tensor of a safetensors fixture.
+pub fn f32s(st: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("fixture lacks {name}: {e}"));
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// The model shape a fixture written by scripts/make_fixtures.py records in its metadata.
+pub fn fixture_config(bytes: &[u8]) -> igpt::config::ModelConfig {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    let get = |k: &str| meta[k].parse::<usize>().unwrap();
+    igpt::config::ModelConfig {
+        n_layer: get("n_layer"),
+        n_embd: get("n_embd"),
+        n_head: get("n_head"),
+        n_vocab: get("n_vocab"),
+        side: get("side"),
+        channels: get("channels"),
+        objective: Default::default(),
+    }
+}

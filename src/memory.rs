@@ -188,18 +188,30 @@ pub fn decoder_bytes(
     match precision {
         crate::backend::Precision::F32 => steps + 4 * l * 2 * r16(b * t * d),
         crate::backend::Precision::Bf16 => {
-            // Half-arena slots are 32-aligned. A packed `[k, n]` matrix holds pairs of rows in
-            // panels of 16 columns (the CPU backend's `packed_len`).
             let r32 = |n: u128| n.div_ceil(32) * 32;
-            let packed = |k: u128, n: u128| r32(k.div_ceil(2) * 2 * r16(n));
-            let block = packed(d, 3 * d) + packed(d, d) + packed(d, 4 * d) + packed(4 * d, d);
-            let matrices = l * block + packed(d, v);
-            let caches = l * 2 * r32(b * t * d);
-            // The split input of the widest packed product (`[r, 4d]`): two bf16 parts.
-            let split = 2 * (r * 4 * d + r);
-            steps + 2 * (caches + matrices + split)
+            steps + 2 * l * 2 * r32(b * t * d) + packed_bytes(cfg, rows)
         }
     }
+}
+
+/// Bytes of the bf16 inference copies: every weight matrix packed for products, and the split
+/// input of the widest product (`[rows, 4d]`: two bf16 parts, rows padded to an even length).
+pub fn packed_bytes(cfg: &ModelConfig, rows: usize) -> u128 {
+    let (d, v, l, r) = (
+        cfg.n_embd as u128,
+        cfg.n_vocab as u128,
+        cfg.n_layer as u128,
+        rows as u128,
+    );
+    // Half-arena slots are 32-aligned. A packed `[k, n]` matrix holds pairs of rows in panels
+    // of 16 columns (the CPU backend's `packed_len`).
+    let r16 = |n: u128| n.div_ceil(16) * 16;
+    let r32 = |n: u128| n.div_ceil(32) * 32;
+    let packed = |k: u128, n: u128| r32(k.div_ceil(2) * 2 * r16(n));
+    let block = packed(d, 3 * d) + packed(d, d) + packed(d, 4 * d) + packed(4 * d, d);
+    let matrices = l * block + packed(d, v);
+    let split = 2 * (r * 4 * d + r);
+    2 * (matrices + split)
 }
 
 /// The engine's own memory: parameters (unless adopted), gradients and both Adam moments when

@@ -156,9 +156,6 @@ pub struct Decoder {
     /// Next position to feed.
     pos: usize,
     host_logits: Vec<f32>,
-    /// A prefill chunk's input tokens, and which distinct prefix each sequence has.
-    chunk_tokens: Vec<u16>,
-    prefix_of: Vec<usize>,
 }
 
 impl Decoder {
@@ -222,12 +219,7 @@ impl Decoder {
             .check("generating with this model and batch")?;
         let layout = ParamLayout::new(cfg);
         if let Some(p) = &params {
-            anyhow::ensure!(
-                p.len() == layout.total,
-                "parameter buffer holds {} floats, the model needs {}",
-                p.len(),
-                layout.total
-            );
+            layout.check_len(p.len())?;
         }
         let (plan, weights, pack_jobs, sizes) = Self::plan(
             cfg,
@@ -237,7 +229,6 @@ impl Decoder {
             params.is_none(),
             backend.as_ref(),
         );
-        let rows = sizes.max_rows;
         backend.allocate(sizes)?;
         if let Some(p) = params {
             backend.adopt_params(p);
@@ -254,8 +245,6 @@ impl Decoder {
             backend,
             pos: 0,
             host_logits: vec![0.0; batch * cfg.n_vocab],
-            chunk_tokens: vec![0; rows],
-            prefix_of: vec![0; batch],
         })
     }
 
@@ -296,12 +285,7 @@ impl Decoder {
     }
 
     pub fn set_params(&mut self, params: &[f32]) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            params.len() == self.layout.total,
-            "parameter buffer holds {} floats, the model needs {}",
-            params.len(),
-            self.layout.total
-        );
+        self.layout.check_len(params.len())?;
         self.backend
             .upload(View::new(Arena::Params, 0, self.layout.total), params);
         Weights::pack(self.backend.as_mut(), &self.pack_jobs);
@@ -347,9 +331,10 @@ impl Decoder {
         // The distinct prefixes, in order of first appearance (completions of one image share
         // theirs).
         let mut firsts: Vec<usize> = Vec::new();
+        let mut prefix_of = vec![0; self.batch];
         for b in 0..self.batch {
             let row = &known[b * len..(b + 1) * len];
-            self.prefix_of[b] = match firsts
+            prefix_of[b] = match firsts
                 .iter()
                 .position(|&f| &known[f * len..(f + 1) * len] == row)
             {
@@ -361,48 +346,24 @@ impl Decoder {
             };
         }
         let seqs = firsts.len();
-        let (plan, weights, b) = (&self.plan, &self.weights, self.backend.as_mut());
-        let shape = AttnShape {
-            batch: seqs,
-            t,
-            n_head: cfg.n_head,
-            head_dim: cfg.head_dim(),
-            causal: true,
-        };
-        let chunk = (plan.chunk * self.batch / seqs).min(t);
+        let chunk = (self.plan.chunk * self.batch / seqs).min(t);
+        let mut inputs = Vec::with_capacity(seqs * chunk);
         for c0 in (0..len).step_by(chunk) {
             let n = chunk.min(len - c0);
-            let rows = seqs * n;
-            for (i, &f) in firsts.iter().enumerate() {
-                for j in 0..n {
-                    let p = c0 + j;
-                    self.chunk_tokens[i * n + j] = if p == 0 { 0 } else { known[f * len + p - 1] };
-                }
+            inputs.clear();
+            for &f in &firsts {
+                inputs
+                    .extend((c0..c0 + n).map(|p| if p == 0 { 0 } else { known[f * len + p - 1] }));
             }
-            b.set_tokens(&self.chunk_tokens[..rows]);
-            let lay = &self.layout;
-            b.embed_step(
-                act(plan.resid[0], rows * d),
-                View::new(Arena::Params, lay.wte, v * d),
-                View::new(Arena::Params, lay.wpe, t * d),
-                View::new(Arena::Params, lay.sos, d),
-                c0,
-                n,
-                d,
-            );
-            for (l, w) in weights.blocks.iter().enumerate() {
-                let (kc, vc) = plan.caches(l, seqs, d);
-                let scores = act(plan.scores, seqs * cfg.n_head * plan.cache_len);
-                block_forward(b, w, &plan.io(l, rows, d), rows, d, |b, qkv, att| {
-                    b.attention_step(att, kc, vc, qkv, scores, shape, c0, n)
-                });
-            }
+            self.backend.set_tokens(&inputs);
+            self.feed(seqs, c0, n);
         }
         // Sequence s takes distinct prefix i <= s, computed in cache row i: filling rows from
         // the last down never overwrites a row still to be read.
+        let (plan, b) = (&self.plan, self.backend.as_mut());
         let row_len = plan.cache_len * d;
         for s in (0..self.batch).rev() {
-            let i = self.prefix_of[s];
+            let i = prefix_of[s];
             if i == s {
                 continue;
             }
@@ -419,6 +380,40 @@ impl Decoder {
         }
         self.pos = len;
         Ok(())
+    }
+
+    /// Runs positions `pos..pos + n` of the first `seqs` sequences through the embedding and
+    /// every block, appending their keys and values to the caches. The input tokens are set
+    /// (sequence-major, each position's previous token); the last block's output is left in
+    /// `resid[n_layer % 2]`.
+    fn feed(&mut self, seqs: usize, pos: usize, n: usize) {
+        let cfg = &self.cfg;
+        let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
+        let (plan, lay, b) = (&self.plan, &self.layout, self.backend.as_mut());
+        let rows = seqs * n;
+        let shape = AttnShape {
+            batch: seqs,
+            t,
+            n_head: cfg.n_head,
+            head_dim: cfg.head_dim(),
+            causal: true,
+        };
+        b.embed_step(
+            act(plan.resid[0], rows * d),
+            View::new(Arena::Params, lay.wte, v * d),
+            View::new(Arena::Params, lay.wpe, t * d),
+            View::new(Arena::Params, lay.sos, d),
+            pos,
+            n,
+            d,
+        );
+        for (l, w) in self.weights.blocks.iter().enumerate() {
+            let (kc, vc) = plan.caches(l, seqs, d);
+            let scores = act(plan.scores, seqs * cfg.n_head * plan.cache_len);
+            block_forward(b, w, &plan.io(l, rows, d), rows, d, |b, qkv, att| {
+                b.attention_step(att, kc, vc, qkv, scores, shape, pos, n)
+            });
+        }
     }
 
     /// Feeds the next position. `prev[b]` is sequence b's token at the previous position
@@ -442,37 +437,11 @@ impl Decoder {
         {
             anyhow::bail!("token id {bad} is outside the palette of {v} colours");
         }
-        let (plan, lay, b, rows, pos) = (
-            &self.plan,
-            &self.layout,
-            self.backend.as_mut(),
-            self.batch,
-            self.pos,
-        );
-        let shape = AttnShape {
-            batch: rows,
-            t,
-            n_head: cfg.n_head,
-            head_dim: cfg.head_dim(),
-            causal: true,
-        };
-        b.set_tokens(prev);
-        b.embed_step(
-            act(plan.resid[0], rows * d),
-            View::new(Arena::Params, lay.wte, v * d),
-            View::new(Arena::Params, lay.wpe, t * d),
-            View::new(Arena::Params, lay.sos, d),
-            pos,
-            1,
-            d,
-        );
-        for (l, w) in self.weights.blocks.iter().enumerate() {
-            let (kc, vc) = plan.caches(l, rows, d);
-            let scores = act(plan.scores, rows * cfg.n_head * plan.cache_len);
-            block_forward(b, w, &plan.io(l, rows, d), rows, d, |b, qkv, att| {
-                b.attention_step(att, kc, vc, qkv, scores, shape, pos, 1)
-            });
-        }
+        let (rows, pos) = (self.batch, self.pos);
+        self.backend.set_tokens(prev);
+        self.feed(rows, pos, 1);
+        let cfg = &self.cfg;
+        let (plan, b) = (&self.plan, self.backend.as_mut());
         let last = act(plan.resid[cfg.n_layer % 2], rows * d);
         let logits = act(plan.logits, rows * v);
         head_forward(
@@ -500,12 +469,8 @@ mod plan_tests {
     /// f32 step buffers (and f32 caches), the bf16 half arena (packed weights, bf16 caches) and
     /// the split input of packed products (two bf16 parts, rows padded to an even length).
     fn planned_bytes(s: &ArenaSizes) -> u128 {
-        let split = if s.max_packed_input > 0 {
-            2 * 2 * (s.max_packed_input + s.max_rows)
-        } else {
-            0
-        };
-        4 * s.acts as u128 + 2 * s.half as u128 + split as u128
+        let split = crate::backend::cpu::packed_input_len(s);
+        4 * s.acts as u128 + 2 * s.half as u128 + 2 * split as u128
     }
 
     #[test]

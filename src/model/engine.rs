@@ -213,21 +213,24 @@ impl Engine {
             head_dim: cfg.head_dim(),
             causal: cfg.causal(),
         });
-        crate::memory::engine(cfg, batch, training, params.is_none(), scratch as u128).check(
-            if training {
+        let packed = match precision {
+            Precision::F32 => 0,
+            Precision::Bf16 => crate::memory::packed_bytes(cfg, batch.saturating_mul(cfg.n_ctx())),
+        };
+        crate::memory::engine(cfg, batch, training, params.is_none(), scratch as u128)
+            .add(
+                "bf16 weights and scratch",
+                packed,
+                crate::memory::Scale::Model,
+            )
+            .check(if training {
                 "training this model with this many images per pass"
             } else {
                 "running this model with this many images per pass"
-            },
-        )?;
+            })?;
         let layout = ParamLayout::new(cfg);
         if let Some(p) = &params {
-            anyhow::ensure!(
-                p.len() == layout.total,
-                "parameter buffer holds {} floats, the model needs {}",
-                p.len(),
-                layout.total
-            );
+            layout.check_len(p.len())?;
         }
         let plan = ActPlan::new(cfg, batch, training, backend.as_ref());
         let (d, v, rows) = (cfg.n_embd, cfg.n_vocab, batch * cfg.n_ctx());
@@ -282,12 +285,7 @@ impl Engine {
     }
 
     pub fn set_params(&mut self, params: &[f32]) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            params.len() == self.layout.total,
-            "parameter buffer holds {} floats, the model needs {}",
-            params.len(),
-            self.layout.total
-        );
+        self.layout.check_len(params.len())?;
         let v = self.p(0, self.layout.total);
         self.backend.upload(v, params);
         Weights::pack(self.backend.as_mut(), &self.pack_jobs);

@@ -65,6 +65,16 @@ pub struct ParamLayout {
 }
 
 impl ParamLayout {
+    /// Refuses a parameter buffer of `len` floats that is not this layout's.
+    pub fn check_len(&self, len: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            len == self.total,
+            "parameter buffer holds {len} floats, the model needs {}",
+            self.total
+        );
+        Ok(())
+    }
+
     pub fn new(cfg: &ModelConfig) -> Self {
         let d = cfg.n_embd;
         let v = cfg.n_vocab;

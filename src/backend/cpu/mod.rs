@@ -20,6 +20,32 @@ fn available_memory() -> Option<usize> {
     Some(kb * 1024)
 }
 
+/// Elements of the bf16 split of the largest packed product's input (high and low parts, rows
+/// padded to an even length), as [`bf16::matmul`] needs it.
+pub(crate) fn packed_input_len(s: &ArenaSizes) -> usize {
+    if s.max_packed_input > 0 {
+        2 * (s.max_packed_input + s.max_rows)
+    } else {
+        0
+    }
+}
+
+/// `n` zeros, or an error naming `what` (and the `total` bytes planned) if the memory is not
+/// there.
+fn zeroed<T: Clone + Default>(n: usize, what: &str, total: usize) -> anyhow::Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        anyhow::anyhow!(
+            "cannot allocate {:.2} GB for {what} ({:.2} GB planned in all): use fewer images \
+             per forward pass or a smaller model",
+            (n * std::mem::size_of::<T>()) as f64 * 1e-9,
+            total as f64 * 1e-9
+        )
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
+}
+
 /// Host memory for every arena.
 #[derive(Default)]
 pub struct CpuBackend {
@@ -160,20 +186,8 @@ impl Backend for CpuBackend {
 
     fn allocate(&mut self, s: ArenaSizes) -> anyhow::Result<()> {
         let total =
-            4 * (s.params + 3 * s.grads + s.acts) + 2 * (s.tokens + s.half + s.max_packed_input);
-        let zeros = |n: usize, what: &str| -> anyhow::Result<Vec<f32>> {
-            let mut v = Vec::new();
-            v.try_reserve_exact(n).map_err(|_| {
-                anyhow::anyhow!(
-                    "cannot allocate {:.2} GB for {what} ({:.2} GB planned in all): use fewer \
-                     images per forward pass or a smaller model",
-                    n as f64 * 4e-9,
-                    total as f64 * 1e-9
-                )
-            })?;
-            v.resize(n, 0.0);
-            Ok(v)
-        };
+            4 * (s.params + 3 * s.grads + s.acts) + 2 * (s.tokens + s.half + packed_input_len(&s));
+        let zeros = |n: usize, what: &str| zeroed(n, what, total);
         // Release the old arenas first, so re-planning does not need both at once.
         *self = Self::default();
         // With memory overcommit a too-large allocation "succeeds" and the process is killed
@@ -192,18 +206,8 @@ impl Backend for CpuBackend {
         self.adam_m = zeros(s.grads, "optimizer moments")?;
         self.adam_v = zeros(s.grads, "optimizer moments")?;
         self.acts = zeros(s.acts, "activations")?;
-        let halves = |n: usize, what: &str| -> anyhow::Result<Vec<u16>> {
-            let mut v = Vec::new();
-            v.try_reserve_exact(n).map_err(|_| {
-                anyhow::anyhow!("cannot allocate {:.2} GB for {what}", n as f64 * 2e-9)
-            })?;
-            v.resize(n, 0);
-            Ok(v)
-        };
-        self.half = halves(s.half, "16-bit weights and caches")?;
-        // The split input (bf16 high and low parts, rows padded to an even length).
-        let split = 2 * (s.max_packed_input + s.max_rows);
-        self.packed_input = halves(if s.max_packed_input > 0 { split } else { 0 }, "scratch")?;
+        self.half = zeroed(s.half, "16-bit weights and caches", total)?;
+        self.packed_input = zeroed(packed_input_len(&s), "scratch", total)?;
         self.tokens = vec![0; s.tokens];
         self.targets = vec![0; s.tokens];
         self.weights = zeros(s.tokens, "loss weights")?;

@@ -9,17 +9,7 @@ use std::process::{Command, Output};
 
 /// 40 small grayscale images as .npy, with labels.
 fn small_npy(dir: &Path) -> PathBuf {
-    let (n, side) = (40, 6);
-    let px: Vec<u8> = (0..n * side * side)
-        .map(|i| ((i * 37 + i / 36 * 11) % 256) as u8)
-        .collect();
-    let p = dir.join("imgs.npy");
-    std::fs::write(
-        &p,
-        igpt::npy::encode(&[n, side, side], igpt::npy::DType::U8, &px),
-    )
-    .unwrap();
-    p
+    common::gray_npy(dir, 40, 6, |i| ((i * 37 + i / 36 * 11) % 256) as u8)
 }
 
 const SMALL: &[&str] = &[

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{f32s, fixture_config, igpt, s, tempdir};
+use common::{f32s, fixture_config, gray_npy, igpt, s, tempdir};
 use igpt::backend::{Device, Precision};
 use igpt::config::ModelConfig;
 use igpt::model::{Decoder, Engine};
@@ -223,20 +223,12 @@ fn mean_score(out: &std::process::Output) -> f64 {
 #[test]
 fn bf16_scores_stay_within_half_a_percent_of_f32_for_a_trained_model() {
     let dir = tempdir("precision");
-    let (n, side) = (64, 8);
+    let side = 8;
     // Images with structure to learn: smooth gradients with a per-image offset.
-    let px: Vec<u8> = (0..n * side * side)
-        .map(|i| {
-            let (img, p) = (i / (side * side), i % (side * side));
-            ((p % side) * 20 + (p / side) * 9 + img * 3) as u8
-        })
-        .collect();
-    let data = dir.join("imgs.npy");
-    std::fs::write(
-        &data,
-        igpt::npy::encode(&[n, side, side], igpt::npy::DType::U8, &px),
-    )
-    .unwrap();
+    let data = gray_npy(&dir, 64, side, |i| {
+        let (img, p) = (i / (side * side), i % (side * side));
+        ((p % side) * 20 + (p / side) * 9 + img * 3) as u8
+    });
     let run = dir.join("run");
     let o = igpt(&[
         "train",
@@ -277,6 +269,18 @@ fn bf16_scores_stay_within_half_a_percent_of_f32_for_a_trained_model() {
         mean_score(&o)
     };
     let (full, half) = (score("f32"), score("bf16"));
+    // Without the flag: bf16 where this CPU multiplies bf16 natively, f32 elsewhere.
+    let o = igpt(&["score", "--model", s(&run), "--data", s(&data)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let default = if igpt::backend::cpu::bf16::native() {
+        "bf16"
+    } else {
+        "f32"
+    };
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("({default})")),
+        "score without --precision should run in {default}"
+    );
     // Training moved the model well below a uniform guess (ln 16 = 2.77 nats).
     assert!(full < 2.0, "the model did not learn: {full} nats/token");
     let rel = (half - full).abs() / full;

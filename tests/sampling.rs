@@ -227,16 +227,7 @@ fn completions_keep_their_prefix_and_rows_stream_in_order() {
 
 /// A tiny trained run on 6x6 images.
 fn small_run(dir: &Path) -> PathBuf {
-    let (n, side) = (30, 6);
-    let px: Vec<u8> = (0..n * side * side)
-        .map(|i| ((i * 37 + i / 36 * 11) % 256) as u8)
-        .collect();
-    let data = dir.join("imgs.npy");
-    std::fs::write(
-        &data,
-        igpt::npy::encode(&[n, side, side], igpt::npy::DType::U8, &px),
-    )
-    .unwrap();
+    let data = common::gray_npy(dir, 30, 6, |i| ((i * 37 + i / 36 * 11) % 256) as u8);
     let run = dir.join("run");
     let o = igpt(&[
         "train",

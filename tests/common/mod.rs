@@ -55,3 +55,16 @@ pub fn fixture_config(bytes: &[u8]) -> igpt::config::ModelConfig {
         objective: Default::default(),
     }
 }
+
+/// Writes `n` gray `side` x `side` images as `dir/imgs.npy`; pixel `i` (over all images in
+/// order) is `pixel(i)`.
+pub fn gray_npy(dir: &Path, n: usize, side: usize, pixel: impl Fn(usize) -> u8) -> PathBuf {
+    let px: Vec<u8> = (0..n * side * side).map(pixel).collect();
+    let p = dir.join("imgs.npy");
+    std::fs::write(
+        &p,
+        igpt::npy::encode(&[n, side, side], igpt::npy::DType::U8, &px),
+    )
+    .unwrap();
+    p
+}

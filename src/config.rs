@@ -195,6 +195,10 @@ mod tests {
             ("n_layer", 1usize << 40),
             ("n_embd", 1 << 40),
             ("side", 1_000_000_000),
+            // Just past each limit.
+            ("n_layer", MAX_LAYERS + 1),
+            ("n_embd", MAX_EMBD + 8),
+            ("side", MAX_SIDE + 1),
         ] {
             let mut c = ModelConfig::preset("tiny", 16, 8, 1).unwrap();
             match field {
@@ -203,7 +207,10 @@ mod tests {
                 _ => c.side = v,
             }
             let e = c.validate().unwrap_err().to_string();
-            assert!(e.contains(&v.to_string()), "{field}: {e}");
+            assert!(
+                e.contains(&v.to_string()) && e.contains("igpt supports"),
+                "{field}: {e}"
+            );
         }
     }
 

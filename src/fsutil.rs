@@ -138,3 +138,25 @@ impl DirLock {
         Ok(Self { _file: f })
     }
 }
+
+/// The environment settings igpt reads as numbers (memory and image-decoder limits).
+pub const NUMERIC_ENV: [&str; 3] = [
+    "IGPT_MEMORY_LIMIT",
+    "IGPT_MAX_IMAGE_SIDE",
+    "IGPT_MAX_IMAGE_MB",
+];
+
+/// Refuses an environment setting of [`NUMERIC_ENV`] that is set but not a whole number (the
+/// readers would otherwise fall back to their defaults without a word).
+pub fn check_numeric_env() -> anyhow::Result<()> {
+    for name in NUMERIC_ENV {
+        if let Some(v) = std::env::var_os(name) {
+            let ok = v.to_str().is_some_and(|s| s.trim().parse::<u64>().is_ok());
+            anyhow::ensure!(
+                ok,
+                "{name}={v:?} is not a whole number; unset it or give a number"
+            );
+        }
+    }
+    Ok(())
+}

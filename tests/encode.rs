@@ -180,6 +180,34 @@ fn normalisation_is_the_processors_for_every_level() {
     assert_eq!(palette::normalise(255), 1.0);
 }
 
+/// The image decoder's limits follow IGPT_MAX_IMAGE_SIDE; a value that is not a number is
+/// refused by name rather than ignored.
+#[test]
+fn decoder_limits_follow_the_environment() {
+    let dir = tempdir("limits");
+    let model = root().join("hf/small-a");
+    let image = root().join("images/chelsea-rgb-131x97.png");
+    let run = |side: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_igpt"))
+            .env("IGPT_MAX_IMAGE_SIDE", side)
+            .args(["encode", "--model", s(&model), s(&image), "--out"])
+            .arg(dir.join("ids.npy"))
+            .output()
+            .unwrap()
+    };
+    let o = run("100");
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("chelsea-rgb-131x97.png") && err.contains("100 pixels a side"),
+        "{err}"
+    );
+    assert!(run("131").status.success(), "{}", stderr(&run("131")));
+    let o = run("lots");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("IGPT_MAX_IMAGE_SIDE"), "{}", stderr(&o));
+}
+
 #[test]
 fn encode_and_logits_commands_work_end_to_end() {
     let dir = tempdir("encode-cli");

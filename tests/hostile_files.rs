@@ -534,13 +534,20 @@ fn checkpoints_carry_checksums_and_old_ones_still_load() {
     let tp = run.file("trainer.safetensors");
     let good = std::fs::read(&tp).unwrap();
     let hl = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
-    for at in [8 + hl + 5, 8 + hl + 4 * n + 2, good.len() - 1] {
+    // The tensors lie in the file in the order written: params, adam_m, adam_v.
+    for (at, tensor) in [
+        (8 + hl + 5, "params"),
+        (8 + hl + 4 * n + 2, "adam_m"),
+        (good.len() - 1, "adam_v"),
+    ] {
         let mut bad = good.clone();
         bad[at] ^= 0x04;
         std::fs::write(&tp, &bad).unwrap();
         let err = format!("{:#}", run.load_trainer(n).unwrap_err());
         assert!(
-            err.contains("trainer.safetensors") && err.contains("checksum"),
+            err.contains("trainer.safetensors")
+                && err.contains("checksum")
+                && err.contains(&format!("tensor {tensor}")),
             "{err}"
         );
     }
@@ -704,7 +711,10 @@ fn sizes_in_headers_that_overflow_are_refused() {
         idx.extend_from_slice(&u32::MAX.to_be_bytes());
     }
     let err = format!("{:#}", igpt::data::idx::parse(&idx, "big.idx").unwrap_err());
-    assert!(err.contains("big.idx"), "{err}");
+    assert!(
+        err.contains("big.idx") && err.contains("larger than any file"),
+        "{err}"
+    );
 }
 
 #[test]

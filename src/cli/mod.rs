@@ -390,6 +390,7 @@ impl Source<'_> {
 
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
+    igpt::fsutil::check_numeric_env()?;
     if let Some(n) = cli.threads {
         ensure!(n >= 1, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new()

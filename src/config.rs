@@ -56,6 +56,16 @@ pub const MAX_LAYERS: usize = 4096;
 pub const MAX_EMBD: usize = 1 << 16;
 pub const MAX_SIDE: usize = 4096;
 
+/// Refuses an image side no model can have: 0, or more than [`MAX_SIDE`].
+pub fn check_side(side: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(side >= 1, "image side must be at least 1 pixel");
+    anyhow::ensure!(
+        side <= MAX_SIDE,
+        "an image side of {side} pixels is more than the {MAX_SIDE} igpt supports"
+    );
+    Ok(())
+}
+
 /// Named model sizes. `tiny` is ours; `s`, `m`, `l` are OpenAI's released shapes.
 pub const PRESETS: &[(&str, usize, usize, usize)] = &[
     ("tiny", 8, 256, 8),
@@ -126,7 +136,7 @@ impl ModelConfig {
             "palette size must be between 2 and 65536 colours (got {})",
             self.n_vocab
         );
-        anyhow::ensure!(self.side >= 1, "image side must be at least 1 pixel");
+        check_side(self.side)?;
         // Structural limits, far beyond any model this engine can hold, that keep every size
         // computed from the shape (layouts, plans) clear of overflow; memory is checked
         // separately, before anything is allocated (`crate::memory`).
@@ -139,11 +149,6 @@ impl ModelConfig {
             self.n_embd <= MAX_EMBD,
             "n_embd {} is more than the {MAX_EMBD} igpt supports",
             self.n_embd
-        );
-        anyhow::ensure!(
-            self.side <= MAX_SIDE,
-            "an image side of {} pixels is more than the {MAX_SIDE} igpt supports",
-            self.side
         );
         anyhow::ensure!(
             self.channels == 1 || self.channels == 3,

@@ -69,7 +69,7 @@ pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
 
 /// An exclusive lock on a run directory, held until dropped (or the process ends, however it
 /// ends: the kernel releases it). The lock file names the holder.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DirLock {
     _file: std::sync::Arc<std::fs::File>,
 }

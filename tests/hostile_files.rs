@@ -898,7 +898,7 @@ fn mnist_labels_are_found_under_either_naming() {
     );
     // A labels file named outright.
     std::fs::write(dir.join("other.lbl"), &labels).unwrap();
-    let set = igpt::data::idx::load_with_labels(
+    let set = igpt::data::idx::load(
         &dir.join("t10k-images-idx3-ubyte"),
         Some(&dir.join("other.lbl")),
     )

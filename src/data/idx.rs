@@ -88,12 +88,7 @@ pub fn label_candidates(images: &Path) -> Vec<PathBuf> {
 
 /// Reads an IDX image file (`[n, h, w]`) and its labels: `labels` when given, else the first
 /// of [`label_candidates`] that exists.
-pub fn load(path: &Path) -> Result<ImageSet> {
-    load_with_labels(path, None)
-}
-
-/// [`load`] with the labels file named.
-pub fn load_with_labels(path: &Path, labels: Option<&Path>) -> Result<ImageSet> {
+pub fn load(path: &Path, labels: Option<&Path>) -> Result<ImageSet> {
     let images = read_maybe_gz(path)?;
     let lp = match labels {
         Some(l) => Some(l.to_path_buf()),

@@ -135,12 +135,7 @@ impl ImageSet {
 /// Refuses to shape `n` images to `side` when the side is not one a model can have or the
 /// shaped images would not fit in memory, before any of them is made.
 pub fn check_shape(n: usize, side: usize, channels: usize) -> Result<()> {
-    ensure!(side >= 1, "images cannot be shaped to a side of 0 pixels");
-    ensure!(
-        side <= crate::config::MAX_SIDE,
-        "an image side of {side} pixels is more than the {} igpt supports",
-        crate::config::MAX_SIDE
-    );
+    crate::config::check_side(side)?;
     crate::memory::Estimate::new()
         .add(
             "the images at the model's side",
@@ -286,7 +281,7 @@ pub fn load_labelled(spec: &str, format: Format, labels: Option<&Path>) -> Resul
     let (path, format) = resolve(spec, format)?;
     labels_fit(labels, &path, format)?;
     let set = match format {
-        Format::Idx => idx::load_with_labels(&path, labels),
+        Format::Idx => idx::load(&path, labels),
         Format::Cifar10 => cifar::load(&path, false),
         Format::Cifar100 => cifar::load(&path, true),
         Format::Folder => folder::load(&path),

@@ -164,17 +164,22 @@ impl TokenSet {
         })
     }
 
-    fn layout(header_len: usize, n: usize, t: usize) -> (usize, usize, usize) {
-        let tokens_at = (16 + header_len).next_multiple_of(8);
-        let labels_at = (tokens_at + n * t * 2).next_multiple_of(4);
-        (tokens_at, labels_at, labels_at)
+    /// Where the tokens and the labels start, or `None` if a size overflows.
+    fn layout(header_len: usize, n: usize, t: usize) -> Option<(usize, usize)> {
+        let tokens_at = 16usize
+            .checked_add(header_len)?
+            .checked_next_multiple_of(8)?;
+        let bytes = n.checked_mul(t)?.checked_mul(2)?;
+        let labels_at = tokens_at.checked_add(bytes)?.checked_next_multiple_of(4)?;
+        Some((tokens_at, labels_at))
     }
 
     /// Writes the set to `path` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let header = serde_json::to_vec(&self.header)?;
         let (n, t) = (self.header.n, self.header.t);
-        let (tokens_at, labels_at, _) = Self::layout(header.len(), n, t);
+        let (tokens_at, labels_at) =
+            Self::layout(header.len(), n, t).context("the token set is too large to save")?;
         let mut out = Vec::with_capacity(labels_at + 4 * n);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&(header.len() as u64).to_le_bytes());
@@ -218,21 +223,24 @@ impl TokenSet {
         if header.t == 0 {
             return Err(bad("images of 0 tokens"));
         }
-        // Every size from the header is checked against the file's length before it is used,
-        // in u128 so that no header can overflow it.
-        let need = {
-            let (n, t) = (header.n as u128, header.t as u128);
-            let tokens_at = (16 + hl as u128).next_multiple_of(8);
-            let labels_at = (tokens_at + n * t * 2).next_multiple_of(4);
-            labels_at + if header.labelled { 4 * n } else { 0 }
+        // Every size from the header is checked against the file's length before it is used.
+        let end = Self::layout(hl, header.n, header.t).and_then(|(tokens_at, labels_at)| {
+            let labels = if header.labelled {
+                header.n.checked_mul(4)?
+            } else {
+                0
+            };
+            Some((tokens_at, labels_at, labels_at.checked_add(labels)?))
+        });
+        let (tokens_at, labels_at) = match end {
+            Some((tokens_at, labels_at, end)) if end <= map.len() => (tokens_at, labels_at),
+            _ => {
+                return Err(bad(&format!(
+                    "truncated: {} bytes, fewer than its header describes",
+                    map.len()
+                )));
+            }
         };
-        if (map.len() as u128) < need {
-            return Err(bad(&format!(
-                "truncated: {} bytes, expected {need}",
-                map.len()
-            )));
-        }
-        let (tokens_at, labels_at, _) = Self::layout(hl, header.n, header.t);
         if let Some(id) = map[tokens_at..tokens_at + header.n * header.t * 2]
             .chunks_exact(2)
             .map(|b| u16::from_le_bytes([b[0], b[1]]))

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use igpt::backend::Device;
 use igpt::checkpoint::LoadedModel;
-use igpt::data::{self, TokenSet};
+use igpt::data::TokenSet;
 use igpt::finetune::{self, FinetuneConfig, FinetuneProgress, FinetuneStats, Head, HeadStart};
 use igpt::model::Engine;
 use indicatif::ProgressBar;
@@ -93,16 +93,11 @@ fn labelled_tokens(
     limit: Option<usize>,
     m: &LoadedModel,
 ) -> Result<(TokenSet, Vec<u32>, Vec<String>)> {
-    let set = src.load_shaped(limit, m)?;
-    let labels = set.labels.clone().with_context(|| {
-        format!(
-            "{} has no labels: fine-tuning and classification accuracy need them{}; name an IDX \
-             labels file with {}",
-            src.spec,
-            data::labels_tried(src.spec),
-            src.labels_flag
-        )
-    })?;
+    let (set, labels) = src.load_labelled(
+        limit,
+        m,
+        "fine-tuning and classification accuracy need them",
+    )?;
     let names = set.class_names.clone();
     let tokens = TokenSet::from_tokens(
         m.palette.encode(&set.pixels),

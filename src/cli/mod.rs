@@ -380,6 +380,25 @@ impl Source<'_> {
         self.flag_context(set)
     }
 
+    /// As [`Source::load_shaped`], for a job that needs labels (`why`: what needs them).
+    fn load_labelled(
+        &self,
+        limit: Option<usize>,
+        m: &igpt::checkpoint::LoadedModel,
+        why: &str,
+    ) -> Result<(data::ImageSet, Vec<u32>)> {
+        let set = self.load_shaped(limit, m)?;
+        let labels = set.labels.clone().with_context(|| {
+            format!(
+                "{} has no labels: {why}{}; name an IDX labels file with {}",
+                self.spec,
+                data::labels_tried(self.spec),
+                self.labels_flag
+            )
+        })?;
+        Ok((set, labels))
+    }
+
     fn flag_context<T>(&self, r: Result<T>) -> Result<T> {
         match self.labels {
             Some(l) => r.with_context(|| format!("{} {}", self.labels_flag, l.display())),

@@ -122,23 +122,12 @@ fn parse_layers(spec: &str, n_layer: usize) -> Result<Vec<usize>> {
 
 /// A labelled data set shaped for the model, and its labels.
 fn labelled(src: &Source, limit: Option<usize>, m: &LoadedModel) -> Result<(ImageSet, Vec<u32>)> {
-    let set = shaped(src, limit, m)?;
-    let labels = set.labels.clone().with_context(|| {
-        format!(
-            "{} has no labels: a probe needs them (IDX images with their labels file, \
-             CIFAR binaries, or a folder with one sub-folder per class){}; name an IDX labels \
-             file with {}",
-            src.spec,
-            data::labels_tried(src.spec),
-            src.labels_flag
-        )
-    })?;
-    Ok((set, labels))
-}
-
-/// The first `limit` images of a data set, shaped for the model.
-fn shaped(src: &Source, limit: Option<usize>, m: &LoadedModel) -> Result<ImageSet> {
-    src.load_shaped(limit, m)
+    src.load_labelled(
+        limit,
+        m,
+        "a probe needs them (IDX images with their labels file, CIFAR binaries, or a folder \
+         with one sub-folder per class)",
+    )
 }
 
 fn engine_for(m: &LoadedModel, batch: usize, dev: &Device) -> Result<Engine> {
@@ -172,7 +161,7 @@ pub fn features(a: FeaturesArgs, dev: &Device) -> Result<()> {
         labels: a.labels.as_deref(),
         labels_flag: "--labels",
     };
-    let set = shaped(&src, a.limit, &m)?;
+    let set = src.load_shaped(a.limit, &m)?;
     let labels = set.labels.clone();
     let mut engine = engine_for(&m, a.batch, dev)?;
     let masks = igpt::bert::masks_for(m.model(), a.masks)?;

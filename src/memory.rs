@@ -244,11 +244,11 @@ pub fn engine(
 /// A training run: the engine with `micro_batch` images per pass, the freshly initialised
 /// parameters it is started from, and the buffer a checkpoint is written through.
 pub fn training(cfg: &ModelConfig, micro_batch: usize, attn_scratch: u128) -> Estimate {
-    let p = 4 * param_count(cfg);
-    let mut e = engine(cfg, micro_batch, true, true, attn_scratch);
-    e.parts
-        .push(("initial parameters and checkpoint buffer", p, Scale::Model));
-    e
+    engine(cfg, micro_batch, true, true, attn_scratch).add(
+        "initial parameters and checkpoint buffer",
+        4 * param_count(cfg),
+        Scale::Model,
+    )
 }
 
 #[cfg(test)]

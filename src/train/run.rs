@@ -198,16 +198,8 @@ pub fn start(
     train_cfg.validate()?;
     model.validate()?;
     // Everything the run will hold, checked before the first large allocation.
-    let scratch = device
-        .open()?
-        .attention_scratch_len(crate::backend::AttnShape {
-            batch: train_cfg.micro_batch,
-            t: model.n_ctx(),
-            n_head: model.n_head,
-            head_dim: model.head_dim(),
-            causal: model.causal(),
-        });
-    crate::memory::training(model, train_cfg.micro_batch, scratch as u128)
+    let scratch = attention_scratch(device, model, train_cfg.micro_batch)?;
+    crate::memory::training(model, train_cfg.micro_batch, scratch)
         .check("training this model with this many images per pass")?;
     run.lock()?;
     run.save_config(&cfg)?;
@@ -238,17 +230,17 @@ pub fn resume(
 ) -> Result<Summary> {
     run.lock()?;
     let mut cfg = run.load_config()?;
-    if !run.file("trainer.safetensors").exists() {
-        // Killed before its first checkpoint: the settings and the data are there, so the run
-        // starts again from step 0 exactly as it first would have.
-        return restart(run, cfg, steps, stop_after, expected, device, progress);
-    }
     if let Some(want) = expected {
         check_same_model(run, &cfg.model, want)?;
     }
     if let Some(s) = steps {
         cfg.train.steps = s;
         cfg.train.validate()?;
+    }
+    if !run.file("trainer.safetensors").exists() {
+        // Killed before its first checkpoint: the settings and the data are there, so the run
+        // starts again from step 0 exactly as it first would have.
+        return restart(run, cfg, stop_after, device, progress);
     }
     let palette = run.load_palette()?;
     ensure!(
@@ -257,22 +249,15 @@ pub fn resume(
         palette.len(),
         cfg.model.n_vocab
     );
-    let scratch = device
-        .open()?
-        .attention_scratch_len(crate::backend::AttnShape {
-            batch: cfg.train.micro_batch,
-            t: cfg.model.n_ctx(),
-            n_head: cfg.model.n_head,
-            head_dim: cfg.model.head_dim(),
-            causal: cfg.model.causal(),
-        });
-    let mut need = crate::memory::training(&cfg.model, cfg.train.micro_batch, scratch as u128);
-    need.parts.push((
-        "the saved training state",
-        3 * 4 * crate::memory::param_count(&cfg.model),
-        crate::memory::Scale::Model,
-    ));
-    need.check("resuming this run")?;
+    // The training engine, and the saved state (parameters and both moments) read beside it.
+    let scratch = attention_scratch(device, &cfg.model, cfg.train.micro_batch)?;
+    crate::memory::engine(&cfg.model, cfg.train.micro_batch, true, true, scratch)
+        .add(
+            "the saved training state",
+            3 * 4 * crate::memory::param_count(&cfg.model),
+            crate::memory::Scale::Model,
+        )
+        .check("resuming this run")?;
     let (state, params, m, v) =
         run.load_trainer(crate::model::ParamLayout::new(&cfg.model).total)?;
     let train = TokenSet::open(&run.file("data/train.tokens"))?;
@@ -307,6 +292,19 @@ pub fn resume(
     train_loop(run, &mut trainer, &train, &val, stop_after, progress)
 }
 
+/// Elements of attention scratch the training engine on `device` will plan for `micro_batch`
+/// sequences of `model`.
+fn attention_scratch(device: &Device, model: &ModelConfig, micro_batch: usize) -> Result<u128> {
+    let shape = crate::backend::AttnShape {
+        batch: micro_batch,
+        t: model.n_ctx(),
+        n_head: model.n_head,
+        head_dim: model.head_dim(),
+        causal: model.causal(),
+    };
+    Ok(device.open()?.attention_scratch_len(shape) as u128)
+}
+
 /// Refuses a resume that asks for another model than the run's.
 fn check_same_model(run: &RunDir, saved: &ModelConfig, want: &ModelConfig) -> Result<()> {
     let saved = serde_json::to_value(saved)?;
@@ -331,20 +329,11 @@ fn check_same_model(run: &RunDir, saved: &ModelConfig, want: &ModelConfig) -> Re
 /// token caches.
 fn restart(
     run: &RunDir,
-    mut cfg: RunConfig,
-    steps: Option<u64>,
+    cfg: RunConfig,
     stop_after: Option<u64>,
-    expected: Option<&ModelConfig>,
     device: &Device,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
-    if let Some(want) = expected {
-        check_same_model(run, &cfg.model, want)?;
-    }
-    if let Some(s) = steps {
-        cfg.train.steps = s;
-        cfg.train.validate()?;
-    }
     let palette = run.load_palette()?;
     let open = |name: &str| {
         TokenSet::open(&run.file(name)).with_context(|| {

@@ -17,7 +17,7 @@ use crate::model::ParamLayout;
 use crate::palette::Palette;
 use crate::train::{TrainConfig, TrainState};
 use anyhow::{Context, Result, bail, ensure};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -41,35 +41,26 @@ pub struct RunDir {
     lock: std::sync::OnceLock<DirLock>,
 }
 
-/// Little-endian bytes of f32 values.
-pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 fn bytes_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
 }
 
-/// Serialises named f32 tensors with metadata, atomically, with their checksums
-/// ([`CHECKSUMS`]).
+/// Writes named f32 tensors with metadata, atomically, with their checksums ([`CHECKSUMS`]).
 pub fn write_tensors(
     path: &Path,
-    tensors: &[(String, Vec<usize>, Vec<u8>)],
-    mut meta: HashMap<String, String>,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    meta: HashMap<String, String>,
 ) -> Result<()> {
-    let sums: BTreeMap<&str, String> = tensors
+    let specs: Vec<(String, Vec<usize>)> = tensors
         .iter()
-        .map(|(n, _, b)| (n.as_str(), format!("{:08x}", crc32c::crc32c(b))))
+        .map(|(n, s, _)| (n.clone(), s.clone()))
         .collect();
-    meta.insert(CHECKSUMS.to_string(), checksum_json(&sums, &meta)?);
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, Some(meta))?;
-    write_atomic(path, &bytes)
+    write_f32_streaming(path, &specs, meta, |i, buf| {
+        buf.clear();
+        buf.extend_from_slice(&tensors[i].2);
+    })
 }
 
 /// The metadata entry holding a CRC-32C of every tensor's bytes (by name) and, under

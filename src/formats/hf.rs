@@ -6,7 +6,7 @@
 
 use super::pickle::TorchZip;
 use super::{SafetensorsFile, TensorSource};
-use crate::checkpoint::{LoadedModel, RunConfig, f32_bytes, write_tensors};
+use crate::checkpoint::{LoadedModel, RunConfig, write_tensors};
 use crate::config::{ModelConfig, Objective};
 use crate::fsutil::write_atomic;
 use crate::model::ParamLayout;
@@ -337,10 +337,6 @@ pub fn export(m: &LoadedModel, out: &Path) -> Result<()> {
         vec![v, d],
         p[layout.wtet..layout.wtet + v * d].to_vec(),
     ));
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(n, s, x)| (n, s, f32_bytes(&x)))
-        .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     write_tensors(&out.join("model.safetensors"), &tensors, meta)?;
 

@@ -35,6 +35,21 @@ pub struct RunConfig {
 /// A training checkpoint: state, parameters and both Adam moments.
 pub type TrainerCheckpoint = (TrainState, Vec<f32>, Vec<f32>, Vec<f32>);
 
+/// A directory without a run's settings (`config.json`).
+#[derive(Debug, thiserror::Error)]
+#[error("{} is not an igpt run directory (no config.json)", .path.display())]
+pub struct NotARun {
+    pub path: PathBuf,
+}
+
+impl NotARun {
+    /// Whether a run was being prepared there (its data folder exists) and stopped before its
+    /// settings were written.
+    pub fn stopped_before_training(&self) -> bool {
+        self.path.join("data").is_dir()
+    }
+}
+
 pub struct RunDir {
     pub path: PathBuf,
     /// The directory's exclusive lock, once this process writes to it ([`RunDir::lock`]).
@@ -214,11 +229,12 @@ impl RunDir {
     }
 
     pub fn open(path: &Path) -> Result<Self> {
-        ensure!(
-            path.join("config.json").exists(),
-            "{} is not an igpt run directory (no config.json)",
-            path.display()
-        );
+        if !path.join("config.json").exists() {
+            return Err(NotARun {
+                path: path.to_path_buf(),
+            }
+            .into());
+        }
         Ok(Self {
             path: path.to_path_buf(),
             lock: Default::default(),

@@ -324,6 +324,16 @@ pub fn flag_hint(e: &anyhow::Error) -> Option<String> {
                 .to_string(),
             );
         }
+        if let Some(n) = cause.downcast_ref::<igpt::checkpoint::NotARun>() {
+            return n.stopped_before_training().then(|| {
+                format!(
+                    "{} was stopped before training began; start it again with igpt train --out \
+                     {} and the same flags",
+                    n.path.display(),
+                    n.path.display()
+                )
+            });
+        }
         if let Some(m) = cause.downcast_ref::<igpt::memory::OutOfMemory>() {
             use igpt::memory::Scale;
             return Some(
@@ -578,18 +588,7 @@ fn train(a: TrainArgs, dev: &Device) -> Result<()> {
     );
     let mut bar = progress::Bar::new();
     if let Some(dir) = &a.resume {
-        let run_dir = RunDir::open(dir).map_err(|e| {
-            if dir.is_dir() && !dir.join("config.json").exists() {
-                anyhow::anyhow!(
-                    "{} holds no run settings: it was stopped before training began; start it \
-                     again with igpt train --out {} and the same flags",
-                    dir.display(),
-                    dir.display()
-                )
-            } else {
-                e
-            }
-        })?;
+        let run_dir = RunDir::open(dir)?;
         // Model flags given with --resume must agree with the run; say so rather than ignore them.
         let saved = run_dir.load_config()?.model;
         let mut want = saved.clone();

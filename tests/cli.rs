@@ -150,11 +150,7 @@ fn bad_data_files_are_refused_and_leave_nothing() {
     let out = dir.join("run");
     let o = s(&out);
     // Truncated IDX.
-    let mut idx = vec![0u8, 0, 8, 3];
-    for d in [10u32, 28, 28] {
-        idx.extend_from_slice(&d.to_be_bytes());
-    }
-    idx.extend_from_slice(&[0u8; 500]);
+    let idx = common::idx_bytes(&[10, 28, 28], &[0u8; 500], 8);
     let p = dir.join("t-images-idx3-ubyte");
     std::fs::write(&p, &idx).unwrap();
     refused(
@@ -658,15 +654,10 @@ fn a_run_stopped_before_its_first_checkpoint_can_be_resumed_or_started_again() {
     );
 }
 
-/// An IDX array of u8 with these dimensions (filled with a pattern).
+/// An IDX array of u8 with these dimensions, element `i` being `fill(i)`.
 fn idx_bytes(dims: &[u32], fill: impl Fn(usize) -> u8) -> Vec<u8> {
-    let mut b = vec![0u8, 0, 8, dims.len() as u8];
-    for d in dims {
-        b.extend_from_slice(&d.to_be_bytes());
-    }
     let n: usize = dims.iter().map(|&d| d as usize).product();
-    b.extend((0..n).map(fill));
-    b
+    common::idx_bytes(dims, &(0..n).map(fill).collect::<Vec<u8>>(), 8)
 }
 
 #[test]

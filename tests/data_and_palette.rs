@@ -1,21 +1,12 @@
 //! Palettes, data readers and the token cache, on data made in the test.
 
 mod common;
-use common::{s, tempdir};
+use common::{idx_bytes, s, tempdir};
 
 use igpt::data::{self, Format, ImageSet, TokenSet};
 use igpt::npy::{self, DType};
 use igpt::palette::{FitOptions, Palette};
 use std::io::Write;
-
-fn idx_bytes(dims: &[u32], body: &[u8], elem: u8) -> Vec<u8> {
-    let mut v = vec![0, 0, elem, dims.len() as u8];
-    for d in dims {
-        v.extend_from_slice(&d.to_be_bytes());
-    }
-    v.extend_from_slice(body);
-    v
-}
 
 #[test]
 fn kmeans_finds_well_separated_colours() {

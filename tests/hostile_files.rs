@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::tempdir;
+use common::{Rng, idx_bytes, tempdir};
 use igpt::formats::{self, TensorSource, pickle};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -272,31 +272,6 @@ fn non_zero_biases_are_refused() {
 }
 
 /// A fixed-seed stream of random numbers (xorshift), the same on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// `good` with one to four bytes replaced, bytes inside `protect` left as they are, and
-    /// one time in five cut short.
-    fn mutate(&mut self, good: &[u8], from: usize) -> Vec<u8> {
-        let mut m = good.to_vec();
-        for _ in 0..1 + self.next() % 4 {
-            let i = from + (self.next() as usize) % (m.len() - from);
-            m[i] = self.next() as u8;
-        }
-        if self.next().is_multiple_of(5) {
-            m.truncate((self.next() as usize) % m.len());
-        }
-        m
-    }
-}
-
 /// The fixture's `pytorch_model.bin` with its `data.pkl` replaced (storages kept).
 fn torch_zip_with_pickle(good: &[u8], pkl: &[u8]) -> Vec<u8> {
     let mut src = zip::ZipArchive::new(std::io::Cursor::new(good)).unwrap();
@@ -706,10 +681,7 @@ fn sizes_in_headers_that_overflow_are_refused() {
     let err = format!("{:#}", igpt::npy::parse(&npy).unwrap_err());
     assert!(err.contains("larger than any array"), "{err}");
     // IDX dimensions whose product overflows.
-    let mut idx = vec![0u8, 0, 8, 4];
-    for _ in 0..4 {
-        idx.extend_from_slice(&u32::MAX.to_be_bytes());
-    }
+    let idx = idx_bytes(&[u32::MAX; 4], &[], 8);
     let err = format!("{:#}", igpt::data::idx::parse(&idx, "big.idx").unwrap_err());
     assert!(
         err.contains("big.idx") && err.contains("larger than any file"),
@@ -722,14 +694,8 @@ fn thousands_of_mutated_data_files_and_token_caches_load_or_fail_cleanly() {
     use igpt::data::{TokenSet, cifar, idx};
     let mut rng = Rng(0x0bad_cafe_f00d_1234);
     // IDX images and labels.
-    let mut images = vec![0u8, 0, 8, 3];
-    for d in [5u32, 4, 4] {
-        images.extend_from_slice(&d.to_be_bytes());
-    }
-    images.extend((0..80).map(|i| i as u8));
-    let mut labels = vec![0u8, 0, 8, 1];
-    labels.extend_from_slice(&5u32.to_be_bytes());
-    labels.extend_from_slice(&[1, 2, 3, 4, 5]);
+    let images = idx_bytes(&[5, 4, 4], &(0..80).collect::<Vec<u8>>(), 8);
+    let labels = idx_bytes(&[5], &[1, 2, 3, 4, 5], 8);
     assert!(idx::load_bytes(&images, "imgs", Some(&labels)).is_ok());
     for i in 0..3000 {
         let (a, b) = if i % 2 == 0 {
@@ -859,14 +825,8 @@ fn image_bombs_and_endless_files_are_refused() {
 #[test]
 fn mnist_labels_are_found_under_either_naming() {
     let dir = tempdir("mnist-names");
-    let mut images = vec![0u8, 0, 8, 3];
-    for d in [3u32, 2, 2] {
-        images.extend_from_slice(&d.to_be_bytes());
-    }
-    images.extend_from_slice(&[9; 12]);
-    let mut labels = vec![0u8, 0, 8, 1];
-    labels.extend_from_slice(&3u32.to_be_bytes());
-    labels.extend_from_slice(&[4, 5, 6]);
+    let images = idx_bytes(&[3, 2, 2], &[9; 12], 8);
+    let labels = idx_bytes(&[3], &[4, 5, 6], 8);
     for (img, lab) in [
         ("train-images.idx3-ubyte", "train-labels.idx1-ubyte"),
         ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{igpt, s, stderr, tempdir};
+use common::{Rng, igpt, s, stderr, tempdir};
 use igpt::data::{self, Format, TokenSet};
 use igpt::palette::Palette;
 use std::path::{Path, PathBuf};
@@ -42,19 +42,6 @@ fn clusters_of(p: &Palette) -> Vec<[f64; 3]> {
             }
         })
         .collect()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() % 2_000_001) as f32 / 1_000_000.0 - 1.0
-    }
 }
 
 /// Gray palettes whose centres sit exactly halfway between pairs of pixel levels' values,

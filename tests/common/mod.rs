@@ -68,3 +68,43 @@ pub fn gray_npy(dir: &Path, n: usize, side: usize, pixel: impl Fn(usize) -> u8) 
     .unwrap();
     p
 }
+
+/// An IDX array: element type `elem` (8: u8), these dimensions, then `body`.
+pub fn idx_bytes(dims: &[u32], body: &[u8], elem: u8) -> Vec<u8> {
+    let mut v = vec![0, 0, elem, dims.len() as u8];
+    for d in dims {
+        v.extend_from_slice(&d.to_be_bytes());
+    }
+    v.extend_from_slice(body);
+    v
+}
+
+/// A small fixed-seed xorshift generator for test data and mutations.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A value in [-1, 1].
+    pub fn unit(&mut self) -> f32 {
+        (self.next() % 2_000_001) as f32 / 1_000_000.0 - 1.0
+    }
+
+    /// `good` with one to four bytes from `from` on replaced, and one time in five cut short.
+    pub fn mutate(&mut self, good: &[u8], from: usize) -> Vec<u8> {
+        let mut m = good.to_vec();
+        for _ in 0..1 + self.next() % 4 {
+            let i = from + (self.next() as usize) % (m.len() - from);
+            m[i] = self.next() as u8;
+        }
+        if self.next().is_multiple_of(5) {
+            m.truncate((self.next() as usize) % m.len());
+        }
+        m
+    }
+}

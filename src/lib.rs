@@ -27,4 +27,5 @@ pub mod plot;
 pub mod preprocess;
 pub mod probe;
 pub mod sample;
+pub mod serve;
 pub mod train;

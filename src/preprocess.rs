@@ -231,31 +231,57 @@ impl Decoded {
 /// Decodes a PNG or JPEG file (by its content), naming the file in any error.
 pub fn decode_file(path: &Path) -> Result<Decoded> {
     crate::fsutil::ensure_regular_file(path)?;
-    let mut reader = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?
+    let reader = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    decode(
+        reader,
+        &path.display().to_string(),
+        decode_limits(),
+        "; IGPT_MAX_IMAGE_SIDE and IGPT_MAX_IMAGE_MB raise them",
+    )
+}
+
+/// Decodes a PNG or JPEG image held in memory (by its content, within `limits`); `name`
+/// says what it is in any error.
+pub fn decode_bytes(bytes: &[u8], name: &str, limits: DecodeLimits) -> Result<Decoded> {
+    decode(
+        image::ImageReader::new(std::io::Cursor::new(bytes)),
+        name,
+        limits,
+        "",
+    )
+}
+
+fn decode<R: std::io::BufRead + std::io::Seek>(
+    reader: image::ImageReader<R>,
+    name: &str,
+    lim: DecodeLimits,
+    hint: &str,
+) -> Result<Decoded> {
+    let mut reader = reader
         .with_guessed_format()
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    let lim = decode_limits();
+        .with_context(|| format!("cannot read {name}"))?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(lim.max_side);
     limits.max_image_height = Some(lim.max_side);
     limits.max_alloc = Some(lim.max_bytes);
     reader.limits(limits);
+    if reader.format().is_none() {
+        bail!("{name} is not a PNG or JPEG image");
+    }
     let img = reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(_) => anyhow::anyhow!(
-            "{}: the image is larger than the decoder's limits ({} pixels a side, {} MB \
-             decoded; IGPT_MAX_IMAGE_SIDE and IGPT_MAX_IMAGE_MB raise them)",
-            path.display(),
-            lim.max_side,
-            lim.max_bytes >> 20
-        ),
-        e => anyhow::Error::new(e).context(format!("cannot decode image {}", path.display())),
+        image::ImageError::Limits(_) => anyhow::Error::new(TooLarge {
+            name: name.to_string(),
+            limits: lim,
+            hint: hint.to_string(),
+        }),
+        e => anyhow::Error::new(e).context(format!("cannot decode image {name}")),
     })?;
     let color = img.color();
     let rgb = img.to_rgb8();
     let (width, height) = (rgb.width() as usize, rgb.height() as usize);
     if width == 0 || height == 0 {
-        bail!("{} is an empty image", path.display());
+        bail!("{name} is an empty image");
     }
     Ok(Decoded {
         width,
@@ -263,6 +289,19 @@ pub fn decode_file(path: &Path) -> Result<Decoded> {
         rgb: rgb.into_raw(),
         color,
     })
+}
+
+/// An image past the decoder's [`DecodeLimits`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{name}: the image is larger than the decoder's limits ({} pixels a side, {} MB decoded{hint})",
+    limits.max_side,
+    limits.max_bytes >> 20
+)]
+pub struct TooLarge {
+    pub name: String,
+    pub limits: DecodeLimits,
+    hint: String,
 }
 
 /// How large an image file may be once decoded.

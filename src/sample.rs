@@ -131,54 +131,143 @@ pub fn generate(
     first_index: u64,
     mut on_row: impl FnMut(usize, &[u16]),
 ) -> anyhow::Result<Vec<u16>> {
-    opts.validate()?;
-    let (batch, t, side) = (decoder.batch, decoder.cfg.n_ctx(), decoder.cfg.side);
     anyhow::ensure!(
-        prefix.len() == batch,
-        "{} prefixes for a batch of {batch}",
-        prefix.len()
+        prefix.len() == decoder.batch,
+        "{} prefixes for a batch of {}",
+        prefix.len(),
+        decoder.batch
     );
-    for p in prefix {
+    let images: Vec<ImageSpec> = prefix
+        .iter()
+        .enumerate()
+        .map(|(b, p)| ImageSpec {
+            prefix: p,
+            opts: *opts,
+            stream: first_index + b as u64,
+        })
+        .collect();
+    let known = prefix.iter().map(|p| p.len()).min().unwrap_or(0);
+    let done = generate_images(decoder, &images, known, |row, tokens, _| {
+        on_row(row, tokens)
+    })?;
+    Ok(done.tokens)
+}
+
+/// One image to generate: its known first tokens, how the rest is drawn, and its random
+/// stream (with `opts.seed`, as [`image_rng`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ImageSpec<'a> {
+    pub prefix: &'a [u16],
+    pub opts: SampleOptions,
+    pub stream: u64,
+}
+
+/// What [`generate_images`] made.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// `[images, n_ctx]`; an image dropped part-way keeps the rows it had.
+    pub tokens: Vec<u16>,
+    /// Per image: the negative log-likelihood (nats) of its known tokens that were fed after
+    /// the prefill, and how many there were: an image whose every token is known, generated
+    /// with no prefill, is scored at every position.
+    pub nats: Vec<f64>,
+    pub scored: Vec<usize>,
+    /// Per image: false when `on_row` dropped it.
+    pub wanted: Vec<bool>,
+}
+
+/// Generates `images` (at most `decoder.batch`), each with its own prefix, sampling options
+/// and random stream, so an image's pixels do not depend on which images share its batch.
+/// The first `prefill` tokens (at most the shortest prefix) go through the model in one
+/// prefill. After each complete row, `on_row(row, tokens, wanted)` sees every image's tokens
+/// so far (`[images, n_ctx]`) and may set `wanted[i] = false`: image i is then dropped from
+/// every later step, and generation ends early when none is left.
+pub fn generate_images(
+    decoder: &mut Decoder,
+    images: &[ImageSpec],
+    prefill: usize,
+    mut on_row: impl FnMut(usize, &[u16], &mut [bool]),
+) -> anyhow::Result<Generated> {
+    let (n, t, side) = (images.len(), decoder.cfg.n_ctx(), decoder.cfg.side);
+    anyhow::ensure!(
+        (1..=decoder.batch).contains(&n),
+        "{n} images for a decoder of batch {}",
+        decoder.batch
+    );
+    for im in images {
+        im.opts.validate()?;
         anyhow::ensure!(
-            p.len() <= t,
+            im.prefix.len() <= t,
             "a prefix of {} pixels is longer than the image ({t} pixels)",
-            p.len()
+            im.prefix.len()
+        );
+        anyhow::ensure!(
+            prefill <= im.prefix.len(),
+            "a prefill of {prefill} pixels is longer than a prefix of {}",
+            im.prefix.len()
         );
     }
-    let mut rngs: Vec<ChaCha8Rng> = (0..batch as u64)
-        .map(|b| image_rng(opts.seed, first_index + b))
+    let mut rngs: Vec<ChaCha8Rng> = images
+        .iter()
+        .map(|im| image_rng(im.opts.seed, im.stream))
         .collect();
-    let mut tokens = vec![0u16; batch * t];
-    let mut prev = vec![0u16; batch];
+    let mut out = Generated {
+        tokens: vec![0u16; n * t],
+        nats: vec![0.0; n],
+        scored: vec![0; n],
+        wanted: vec![true; n],
+    };
+    let mut prev = vec![0u16; n];
     let mut probs = Vec::with_capacity(decoder.cfg.n_vocab);
-    // The pixels every image knows go through the model at once.
-    let known = prefix.iter().map(|p| p.len()).min().unwrap_or(0);
-    let mut first: Vec<u16> = Vec::with_capacity(batch * known);
-    for (b, p) in prefix.iter().enumerate() {
-        first.extend_from_slice(&p[..known]);
-        tokens[b * t..b * t + known].copy_from_slice(&p[..known]);
-        prev[b] = if known > 0 { p[known - 1] } else { 0 };
+    let mut first: Vec<u16> = Vec::with_capacity(n * prefill);
+    for (b, im) in images.iter().enumerate() {
+        first.extend_from_slice(&im.prefix[..prefill]);
+        out.tokens[b * t..b * t + prefill].copy_from_slice(&im.prefix[..prefill]);
+        prev[b] = if prefill > 0 { im.prefix[prefill - 1] } else { 0 };
     }
-    decoder.prefill(&first, known)?;
-    for row in 0..known / side {
-        on_row(row, &tokens);
+    decoder.prefill_rows(n, &first, prefill)?;
+    // Decoder row r holds image live[r].
+    let mut live: Vec<usize> = (0..n).collect();
+    for row in 0..prefill / side {
+        on_row(row, &out.tokens, &mut out.wanted);
     }
-    for pos in known..t {
+    for pos in prefill..t {
+        if live.iter().any(|&i| !out.wanted[i]) {
+            let keep: Vec<usize> = (0..live.len()).filter(|&r| out.wanted[live[r]]).collect();
+            if keep.is_empty() {
+                break;
+            }
+            decoder.retain(&keep)?;
+            live = keep.iter().map(|&r| live[r]).collect();
+            prev = keep.iter().map(|&r| prev[r]).collect();
+        }
         let logits = decoder.step(&prev)?;
-        let v = logits.len() / batch;
-        for b in 0..batch {
-            let tok = match prefix[b].get(pos) {
-                Some(&given) => given,
-                None => sample_token(&logits[b * v..(b + 1) * v], opts, &mut rngs[b], &mut probs),
+        let v = logits.len() / live.len();
+        for (r, &i) in live.iter().enumerate() {
+            let z = &logits[r * v..(r + 1) * v];
+            let tok = match images[i].prefix.get(pos) {
+                Some(&given) => {
+                    out.nats[i] += neg_log_prob(z, given);
+                    out.scored[i] += 1;
+                    given
+                }
+                None => sample_token(z, &images[i].opts, &mut rngs[i], &mut probs),
             };
-            tokens[b * t + pos] = tok;
-            prev[b] = tok;
+            out.tokens[i * t + pos] = tok;
+            prev[r] = tok;
         }
         if (pos + 1) % side == 0 {
-            on_row((pos + 1) / side - 1, &tokens);
+            on_row((pos + 1) / side - 1, &out.tokens, &mut out.wanted);
         }
     }
-    Ok(tokens)
+    Ok(out)
+}
+
+/// `-log softmax(logits)[id]`, in nats, computed in f64.
+fn neg_log_prob(logits: &[f32], id: u16) -> f64 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&z| (z as f64 - max).exp()).sum();
+    max + sum.ln() - logits[id as usize] as f64
 }
 
 /// Generates one image per entry of `prefixes` (each the known first tokens; empty for an

@@ -6,6 +6,7 @@ mod generate;
 mod interop;
 mod probe;
 mod progress;
+mod serve;
 
 use anyhow::{Context, Result, ensure};
 use clap::{Args, Parser, Subcommand};
@@ -71,6 +72,9 @@ enum Command {
         #[arg(long)]
         model: String,
     },
+    /// A web page (and JSON API) on localhost that completes your images row by row as the
+    /// model writes them, samples, and scores.
+    Serve(serve::ServeArgs),
     /// Benchmarks against the PyTorch baseline in scripts/.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -452,6 +456,7 @@ pub fn main() -> Result<()> {
         Command::Probe(a) => probe::probe(a, dev),
         Command::Encode(a) => interop::encode(a),
         Command::Convert(a) => interop::convert(a),
+        Command::Serve(a) => serve::serve(a, dev),
         Command::Bench(b) => bench::run(b, dev),
     }
 }

@@ -155,6 +155,8 @@ pub struct Decoder {
     backend: Box<dyn Backend>,
     /// Next position to feed.
     pos: usize,
+    /// Sequences being decoded (the first `rows` of the batch; see [`Decoder::prefill_rows`]).
+    rows: usize,
     host_logits: Vec<f32>,
 }
 
@@ -244,6 +246,7 @@ impl Decoder {
             pack_jobs,
             backend,
             pos: 0,
+            rows: batch,
             host_logits: vec![0.0; batch * cfg.n_vocab],
         })
     }
@@ -295,6 +298,7 @@ impl Decoder {
     /// Starts new sequences (the caches are overwritten as positions are fed again).
     pub fn reset(&mut self) {
         self.pos = 0;
+        self.rows = self.batch;
     }
 
     /// The position the next [`Decoder::step`] feeds.
@@ -308,6 +312,19 @@ impl Decoder {
     /// [`Decoder::position`] is `len` and the next [`Decoder::step`] takes each sequence's
     /// token at `len - 1`. No logits are computed: every token they would predict is known.
     pub fn prefill(&mut self, known: &[u16], len: usize) -> anyhow::Result<()> {
+        self.prefill_rows(self.batch, known, len)
+    }
+
+    /// [`Decoder::prefill`] for the first `rows` sequences of the batch only (`known` is
+    /// `[rows, len]`): until the next prefill, steps take and return `rows` sequences, so a
+    /// batch that is not full costs only its own rows.
+    pub fn prefill_rows(&mut self, rows: usize, known: &[u16], len: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=self.batch).contains(&rows),
+            "{rows} sequences for a decoder of batch {}",
+            self.batch
+        );
+        self.rows = rows;
         let cfg = &self.cfg;
         let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
         anyhow::ensure!(
@@ -315,10 +332,9 @@ impl Decoder {
             "a prefix of {len} pixels is longer than the image ({t} pixels)"
         );
         anyhow::ensure!(
-            known.len() == self.batch * len,
-            "expected {} known tokens ({} sequences of {len}), got {}",
-            self.batch * len,
-            self.batch,
+            known.len() == rows * len,
+            "expected {} known tokens ({rows} sequences of {len}), got {}",
+            rows * len,
             known.len()
         );
         if let Some(&bad) = known.iter().find(|&&x| x as usize >= v) {
@@ -331,8 +347,8 @@ impl Decoder {
         // The distinct prefixes, in order of first appearance (completions of one image share
         // theirs).
         let mut firsts: Vec<usize> = Vec::new();
-        let mut prefix_of = vec![0; self.batch];
-        for b in 0..self.batch {
+        let mut prefix_of = vec![0; rows];
+        for b in 0..rows {
             let row = &known[b * len..(b + 1) * len];
             prefix_of[b] = match firsts
                 .iter()
@@ -362,7 +378,7 @@ impl Decoder {
         // the last down never overwrites a row still to be read.
         let (plan, b) = (&self.plan, self.backend.as_mut());
         let row_len = plan.cache_len * d;
-        for s in (0..self.batch).rev() {
+        for s in (0..rows).rev() {
             let i = prefix_of[s];
             if i == s {
                 continue;
@@ -380,6 +396,46 @@ impl Decoder {
         }
         self.pos = len;
         Ok(())
+    }
+
+    /// Goes on with only the sequences `keep` (ascending indices among the current ones), which
+    /// become sequences `0..keep.len()`: their caches move down, and later steps take and
+    /// return `keep.len()` sequences. Dropping the images nobody waits for any more frees
+    /// their share of every later step.
+    pub fn retain(&mut self, keep: &[usize]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            keep.windows(2).all(|w| w[0] < w[1]) && keep.last().is_none_or(|&k| k < self.rows),
+            "sequences to keep must be ascending indices below {}",
+            self.rows
+        );
+        anyhow::ensure!(!keep.is_empty(), "at least one sequence must be kept");
+        let d = self.cfg.n_embd;
+        let (plan, b) = (&self.plan, self.backend.as_mut());
+        // Whole rows move: how a backend lays positions out inside a row is its own.
+        let row_len = plan.cache_len * d;
+        // keep[i] >= i: moving rows up from the first never overwrites a row still to be read.
+        for (i, &s) in keep.iter().enumerate() {
+            if i == s || self.pos == 0 {
+                continue;
+            }
+            for &(k, v) in &plan.caches {
+                for cache in [k, v] {
+                    let at = |r: usize| View {
+                        offset: cache.offset + r * row_len,
+                        len: row_len,
+                        ..cache
+                    };
+                    b.copy(at(i), at(s));
+                }
+            }
+        }
+        self.rows = keep.len();
+        Ok(())
+    }
+
+    /// Sequences each step takes and returns.
+    pub fn rows(&self) -> usize {
+        self.rows
     }
 
     /// Runs positions `pos..pos + n` of the first `seqs` sequences through the embedding and
@@ -418,7 +474,7 @@ impl Decoder {
 
     /// Feeds the next position. `prev[b]` is sequence b's token at the previous position
     /// (ignored at position 0, where the start vector is the input). Returns the logits
-    /// `[batch, n_vocab]` that predict the token at this position.
+    /// `[rows, n_vocab]` that predict the token at this position (rows: [`Decoder::rows`]).
     pub fn step(&mut self, prev: &[u16]) -> anyhow::Result<&[f32]> {
         let cfg = &self.cfg;
         let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
@@ -427,9 +483,9 @@ impl Decoder {
             "all {t} positions have been generated; reset the decoder first"
         );
         anyhow::ensure!(
-            prev.len() == self.batch,
+            prev.len() == self.rows,
             "expected {} previous tokens, got {}",
-            self.batch,
+            self.rows,
             prev.len()
         );
         if self.pos > 0
@@ -437,7 +493,7 @@ impl Decoder {
         {
             anyhow::bail!("token id {bad} is outside the palette of {v} colours");
         }
-        let (rows, pos) = (self.batch, self.pos);
+        let (rows, pos) = (self.rows, self.pos);
         self.backend.set_tokens(prev);
         self.feed(rows, pos, 1);
         let cfg = &self.cfg;
@@ -455,9 +511,10 @@ impl Decoder {
             d,
             v,
         );
-        b.download(logits, &mut self.host_logits);
+        let host = &mut self.host_logits[..rows * v];
+        b.download(logits, host);
         self.pos += 1;
-        Ok(&self.host_logits)
+        Ok(host)
     }
 }
 

@@ -1,0 +1,271 @@
+//! The one thread that owns the model: it takes waiting requests in rounds, decodes every
+//! image of a round as one batch, streams each request its rows, and drops the images of a
+//! request whose client has gone.
+//!
+//! A round holds requests that keep the same number of pixels (so their shared part goes
+//! through the model in one prefill and no image's pixels depend on its neighbours); requests
+//! that arrive while a round runs wait for the next one.
+
+use crate::model::Decoder;
+use crate::sample::{self, ImageSpec, SampleOptions};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What a request asks the model for.
+pub(crate) struct Job {
+    /// The known first tokens of every image (all of them when scoring).
+    pub prefix: Vec<u16>,
+    /// Images to generate from the prefix (1 when scoring).
+    pub images: usize,
+    pub opts: SampleOptions,
+    /// Tokens fed in the prefill: requests share a round only when these are equal.
+    pub prefill: usize,
+    pub events: UnboundedSender<Event>,
+}
+
+/// What the scheduler tells a request, in this order: `Start`, `Row`s, then `Done` or `Failed`.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Start {
+        round: u64,
+        round_requests: usize,
+        round_images: usize,
+        waited: Duration,
+    },
+    /// Row `row` of every image of the request (`[images, side]` tokens).
+    Row { row: usize, tokens: Vec<u16> },
+    Done {
+        /// `[images, n_ctx]`.
+        tokens: Vec<u16>,
+        /// Negative log-likelihood (nats) of the known tokens fed after the prefill, and their
+        /// count (every token of a scored image).
+        nats: f64,
+        scored: usize,
+        seconds: f64,
+    },
+    Failed(String),
+}
+
+/// Counters for `/api/status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Stats {
+    pub waiting: usize,
+    pub running: bool,
+    pub rounds: u64,
+    pub requests_done: u64,
+    pub requests_cancelled: u64,
+    pub requests_refused: u64,
+    pub images_generated: u64,
+    pub tokens_decoded: u64,
+    /// Requests and images in the last round.
+    pub last_round_requests: usize,
+    pub last_round_images: usize,
+}
+
+/// The queue full: the request is refused at once.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the server is busy: {0} requests are already waiting (the queue is full); try again in a moment"
+)]
+pub struct Busy(pub usize);
+
+struct State {
+    waiting: VecDeque<(Job, Instant)>,
+    stats: Stats,
+}
+
+/// Requests waiting for the model, shared by the HTTP handlers and the scheduler thread.
+pub(crate) struct Queue {
+    state: Mutex<State>,
+    arrived: Condvar,
+    capacity: usize,
+}
+
+impl Queue {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                waiting: VecDeque::new(),
+                stats: Stats::default(),
+            }),
+            arrived: Condvar::new(),
+            capacity,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave the queue half-changed: every change is one push,
+        // pop or counter update.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn submit(&self, job: Job) -> Result<(), Busy> {
+        let mut s = self.lock();
+        if s.waiting.len() >= self.capacity {
+            s.stats.requests_refused += 1;
+            return Err(Busy(s.waiting.len()));
+        }
+        s.waiting.push_back((job, Instant::now()));
+        s.stats.waiting = s.waiting.len();
+        self.arrived.notify_all();
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.lock().stats.clone()
+    }
+
+    /// Blocks until a request waits, then gives the next round: the first waiting request and
+    /// those after it with the same prefill, up to `max_images` images. When the first
+    /// request's round is not full, more requests may join for up to `gather`.
+    fn next_round(&self, max_images: usize, gather: Duration) -> Vec<(Job, Instant)> {
+        let mut s = self.lock();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            // Requests whose client left before their round started are dropped here.
+            let before = s.waiting.len();
+            s.waiting.retain(|(j, _)| !j.events.is_closed());
+            s.stats.requests_cancelled += (before - s.waiting.len()) as u64;
+            s.stats.waiting = s.waiting.len();
+            let Some((first, _)) = s.waiting.front() else {
+                deadline = None;
+                s = self.arrived.wait(s).unwrap_or_else(|e| e.into_inner());
+                continue;
+            };
+            let key = first.prefill;
+            let fits: usize = s
+                .waiting
+                .iter()
+                .filter(|(j, _)| j.prefill == key)
+                .map(|(j, _)| j.images)
+                .sum();
+            let now = Instant::now();
+            let until = *deadline.get_or_insert(now + gather);
+            if fits < max_images && now < until {
+                s = self
+                    .arrived
+                    .wait_timeout(s, until - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                continue;
+            }
+            let mut round = Vec::new();
+            let mut images = 0;
+            let mut rest = VecDeque::new();
+            while let Some((job, at)) = s.waiting.pop_front() {
+                if job.prefill == key && images + job.images <= max_images {
+                    images += job.images;
+                    round.push((job, at));
+                } else {
+                    rest.push_back((job, at));
+                }
+            }
+            s.waiting = rest;
+            s.stats.waiting = s.waiting.len();
+            s.stats.running = true;
+            return round;
+        }
+    }
+}
+
+/// Runs rounds until the process ends. `decoder.batch` is the most images a round holds.
+pub(crate) fn run(queue: Arc<Queue>, mut decoder: Decoder, gather: Duration) {
+    let (side, t) = (decoder.cfg.side, decoder.cfg.n_ctx());
+    let mut round_number = 0u64;
+    loop {
+        let round = queue.next_round(decoder.batch, gather);
+        round_number += 1;
+        let started = Instant::now();
+        let images: usize = round.iter().map(|(j, _)| j.images).sum();
+        for (job, queued) in &round {
+            let _ = job.events.send(Event::Start {
+                round: round_number,
+                round_requests: round.len(),
+                round_images: images,
+                waited: started - *queued,
+            });
+        }
+        let specs: Vec<ImageSpec> = round
+            .iter()
+            .flat_map(|(job, _)| {
+                (0..job.images).map(move |i| ImageSpec {
+                    prefix: &job.prefix,
+                    opts: job.opts,
+                    stream: i as u64,
+                })
+            })
+            .collect();
+        // The first image of each request, in the round's image order.
+        let firsts: Vec<usize> = round
+            .iter()
+            .scan(0, |at, (job, _)| {
+                let first = *at;
+                *at += job.images;
+                Some(first)
+            })
+            .collect();
+        let prefill = round[0].0.prefill;
+        let kept_rows = prefill / side;
+        let mut gone = vec![false; round.len()];
+        let result = rayon::scope(|_| {
+            sample::generate_images(&mut decoder, &specs, prefill, |row, tokens, wanted| {
+                for (r, (job, _)) in round.iter().enumerate() {
+                    if gone[r] {
+                        continue;
+                    }
+                    let send = row < kept_rows
+                        || job.events.send(Event::Row {
+                            row,
+                            tokens: (firsts[r]..firsts[r] + job.images)
+                                .flat_map(|i| {
+                                    let at = i * t + row * side;
+                                    tokens[at..at + side].iter().copied()
+                                })
+                                .collect(),
+                        })
+                        .is_ok();
+                    if job.events.is_closed() || !send {
+                        gone[r] = true;
+                        wanted[firsts[r]..firsts[r] + job.images].fill(false);
+                    }
+                }
+            })
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        let mut s = queue.lock();
+        s.stats.running = false;
+        s.stats.rounds += 1;
+        s.stats.last_round_requests = round.len();
+        s.stats.last_round_images = images;
+        match result {
+            Ok(done) => {
+                for (r, (job, _)) in round.iter().enumerate() {
+                    let range = firsts[r]..firsts[r] + job.images;
+                    if gone[r] {
+                        s.stats.requests_cancelled += 1;
+                        continue;
+                    }
+                    s.stats.requests_done += 1;
+                    s.stats.images_generated += job.images as u64;
+                    s.stats.tokens_decoded += (job.images * (t - prefill)) as u64;
+                    let _ = job.events.send(Event::Done {
+                        tokens: done.tokens[range.start * t..range.end * t].to_vec(),
+                        nats: range.clone().map(|i| done.nats[i]).sum(),
+                        scored: range.map(|i| done.scored[i]).sum(),
+                        seconds,
+                    });
+                }
+            }
+            Err(e) => {
+                for (job, _) in &round {
+                    let _ = job
+                        .events
+                        .send(Event::Failed(format!("generation failed: {e:#}")));
+                }
+            }
+        }
+        // Dropping the round closes every request's stream.
+    }
+}

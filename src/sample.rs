@@ -223,7 +223,11 @@ pub fn generate_images(
     for (b, im) in images.iter().enumerate() {
         first.extend_from_slice(&im.prefix[..prefill]);
         out.tokens[b * t..b * t + prefill].copy_from_slice(&im.prefix[..prefill]);
-        prev[b] = if prefill > 0 { im.prefix[prefill - 1] } else { 0 };
+        prev[b] = if prefill > 0 {
+            im.prefix[prefill - 1]
+        } else {
+            0
+        };
     }
     decoder.prefill_rows(n, &first, prefill)?;
     // Decoder row r holds image live[r].

@@ -63,7 +63,10 @@ impl AppState {
 pub(crate) fn router(state: AppState) -> Router {
     let upload = state.0.opts.limits.max_upload_bytes;
     Router::new()
-        .route("/", get(|| async { static_file("text/html; charset=utf-8", INDEX_HTML) }))
+        .route(
+            "/",
+            get(|| async { static_file("text/html; charset=utf-8", INDEX_HTML) }),
+        )
         .route(
             "/app.js",
             get(|| async { static_file("text/javascript; charset=utf-8", APP_JS) }),
@@ -172,7 +175,9 @@ async fn examples(State(st): State<AppState>) -> ApiResult<Json<serde_json::Valu
 async fn example(State(st): State<AppState>, Path(index): Path<String>) -> ApiResult<Response> {
     let set = example_set(&st)?;
     let i: usize = index.parse().map_err(|_| {
-        ApiError::bad(format!("example index {index:?} is not a non-negative number"))
+        ApiError::bad(format!(
+            "example index {index:?} is not a non-negative number"
+        ))
     })?;
     if i >= set.len() {
         return Err(ApiError::new(
@@ -324,8 +329,7 @@ async fn score(
 }
 
 fn submit(st: &AppState, job: Job) -> ApiResult<()> {
-    st.0
-        .queue
+    st.0.queue
         .submit(job)
         .map_err(|busy| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, busy.to_string()))
 }
@@ -489,6 +493,7 @@ fn stream(
         Ok::<_, std::convert::Infallible>(SseEvent::default().event(name).data(data.to_string()))
     });
     Ok(Sse::new(events)
-        .keep_alive(KeepAlive::default())
+        // A comment every second: a client that has gone is noticed even while nothing else is sent.
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(1)))
         .into_response())
 }

@@ -78,7 +78,10 @@ pub fn serve(
         opts.limits.max_images,
         opts.batch
     );
-    ensure!(opts.limits.queue >= 1, "the queue must hold at least one request");
+    ensure!(
+        opts.limits.queue >= 1,
+        "the queue must hold at least one request"
+    );
     let LoadedModel {
         config,
         palette,

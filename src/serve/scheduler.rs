@@ -35,7 +35,10 @@ pub(crate) enum Event {
         waited: Duration,
     },
     /// Row `row` of every image of the request (`[images, side]` tokens).
-    Row { row: usize, tokens: Vec<u16> },
+    Row {
+        row: usize,
+        tokens: Vec<u16>,
+    },
     Done {
         /// `[images, n_ctx]`.
         tokens: Vec<u16>,
@@ -59,6 +62,8 @@ pub struct Stats {
     pub requests_refused: u64,
     pub images_generated: u64,
     pub tokens_decoded: u64,
+    /// Pixels not generated because their request's client had gone.
+    pub tokens_skipped: u64,
     /// Requests and images in the last round.
     pub last_round_requests: usize,
     pub last_round_images: usize,
@@ -209,6 +214,7 @@ pub(crate) fn run(queue: Arc<Queue>, mut decoder: Decoder, gather: Duration) {
         let prefill = round[0].0.prefill;
         let kept_rows = prefill / side;
         let mut gone = vec![false; round.len()];
+        let mut skipped = 0u64;
         let result = rayon::scope(|_| {
             sample::generate_images(&mut decoder, &specs, prefill, |row, tokens, wanted| {
                 for (r, (job, _)) in round.iter().enumerate() {
@@ -216,18 +222,21 @@ pub(crate) fn run(queue: Arc<Queue>, mut decoder: Decoder, gather: Duration) {
                         continue;
                     }
                     let send = row < kept_rows
-                        || job.events.send(Event::Row {
-                            row,
-                            tokens: (firsts[r]..firsts[r] + job.images)
-                                .flat_map(|i| {
-                                    let at = i * t + row * side;
-                                    tokens[at..at + side].iter().copied()
-                                })
-                                .collect(),
-                        })
-                        .is_ok();
+                        || job
+                            .events
+                            .send(Event::Row {
+                                row,
+                                tokens: (firsts[r]..firsts[r] + job.images)
+                                    .flat_map(|i| {
+                                        let at = i * t + row * side;
+                                        tokens[at..at + side].iter().copied()
+                                    })
+                                    .collect(),
+                            })
+                            .is_ok();
                     if job.events.is_closed() || !send {
                         gone[r] = true;
+                        skipped += (job.images * (t - (row + 1) * side)) as u64;
                         wanted[firsts[r]..firsts[r] + job.images].fill(false);
                     }
                 }
@@ -239,6 +248,7 @@ pub(crate) fn run(queue: Arc<Queue>, mut decoder: Decoder, gather: Duration) {
         s.stats.rounds += 1;
         s.stats.last_round_requests = round.len();
         s.stats.last_round_images = images;
+        s.stats.tokens_skipped += skipped;
         match result {
             Ok(done) => {
                 for (r, (job, _)) in round.iter().enumerate() {

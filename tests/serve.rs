@@ -49,7 +49,8 @@ fn npy_tokens(p: &Path) -> Vec<u16> {
         .collect()
 }
 
-/// `igpt complete` of one image file: its completions' tokens.
+/// `igpt complete` of one image file: its completions' tokens (files written in `img`'s
+/// folder, or in a fresh one for an image of the repository).
 fn cli_complete(
     run: &Path,
     img: &Path,
@@ -58,7 +59,10 @@ fn cli_complete(
     seed: u64,
     extra: &[&str],
 ) -> Vec<u16> {
-    let dir = img.parent().unwrap();
+    let mut dir = img.parent().unwrap().to_path_buf();
+    if dir.starts_with(env!("CARGO_MANIFEST_DIR")) {
+        dir = tempdir("serve-cli-complete");
+    }
     let npy = dir.join(format!("complete-{rows}-{k}-{seed}.npy"));
     let (rows, k, seed) = (rows.to_string(), k.to_string(), seed.to_string());
     let mut args = vec![
@@ -245,10 +249,16 @@ fn a_completion_streams_one_event_per_row_and_equals_igpt_complete() {
 fn requests_that_arrive_together_share_a_round_and_keep_their_own_images() {
     let dir = tempdir("serve-share");
     let run = fashion_run(&dir);
+    for precision in ["f32", "bf16"] {
+        shared_round(&dir, &run, precision);
+    }
+}
+
+fn shared_round(dir: &Path, run: &Path, precision: &str) {
     // Long enough a gathering window that requests sent together always meet.
-    let server = Server::start(&run, &["--gather-ms", "1500", "--precision", "f32"]);
-    let a = example(&server, &dir, 0);
-    let b = example(&server, &dir, 7);
+    let server = Server::start(run, &["--gather-ms", "1500", "--precision", precision]);
+    let a = example(&server, dir, 0);
+    let b = example(&server, dir, 7);
     let jobs = [(a.clone(), 2, 11), (b.clone(), 3, 12)];
     let results: Vec<Vec<(String, Value)>> = std::thread::scope(|sc| {
         let handles: Vec<_> = jobs
@@ -275,7 +285,7 @@ fn requests_that_arrive_together_share_a_round_and_keep_their_own_images() {
         let done = tokens_of(&events.last().unwrap().1["tokens"]);
         assert_eq!(
             done,
-            cli_complete(&run, img, 6, *n, *seed, &["--precision", "f32"])
+            cli_complete(run, img, 6, *n, *seed, &["--precision", precision])
         );
     }
     let st = server.get_json("/api/status").1;
@@ -467,5 +477,51 @@ fn a_client_that_disconnects_stops_its_generation() {
         (st["requests_cancelled"].as_u64(), st["rounds"].as_u64()),
         (Some(1), Some(0)),
         "{st}"
+    );
+}
+
+#[test]
+fn a_hugging_face_rgb_model_serves_the_same_ids_and_completions_as_the_commands() {
+    let dir = tempdir("serve-hf");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/small-a");
+    let img =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images/chelsea-rgb-131x97.png");
+    let png = std::fs::read(&img).unwrap();
+    let server = Server::start(&model, &["--precision", "f32"]);
+    let (_, m) = server.get_json("/api/model");
+    assert_eq!(
+        (m["side"].as_u64(), m["channels"].as_u64()),
+        (Some(8), Some(3))
+    );
+    let colours = m["palette"].as_array().unwrap();
+    assert_eq!(colours.len(), 16);
+    assert!(
+        colours.iter().any(|c| c[0] != c[1] || c[1] != c[2]),
+        "an RGB palette has colours"
+    );
+
+    let (code, enc) = server.post_json("/api/encode", &png);
+    assert_eq!(code, 200, "{enc}");
+    assert_eq!(
+        (enc["width"].as_u64(), enc["height"].as_u64()),
+        (Some(131), Some(97))
+    );
+    let npy = dir.join("ids.npy");
+    let o = igpt(&["encode", "--model", s(&model), "--out", s(&npy), s(&img)]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let ids: Vec<u16> = igpt::npy::read(&npy)
+        .unwrap()
+        .data
+        .chunks(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u16)
+        .collect();
+    assert_eq!(tokens_of(&enc["tokens"]), ids);
+
+    let events = server.stream("/api/complete?rows=3&n=2&seed=2", &png);
+    assert_eq!(events.len(), 1 + (8 - 3) + 1);
+    let done = tokens_of(&events.last().unwrap().1["tokens"]);
+    assert_eq!(
+        done,
+        cli_complete(&model, &img, 3, 2, 2, &["--precision", "f32"])
     );
 }

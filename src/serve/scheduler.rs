@@ -215,32 +215,43 @@ pub(crate) fn run(queue: Arc<Queue>, mut decoder: Decoder, gather: Duration) {
         let kept_rows = prefill / side;
         let mut gone = vec![false; round.len()];
         let mut skipped = 0u64;
-        let result = rayon::scope(|_| {
-            sample::generate_images(&mut decoder, &specs, prefill, |row, tokens, wanted| {
-                for (r, (job, _)) in round.iter().enumerate() {
-                    if gone[r] {
-                        continue;
+        // A panic in a round fails that round's requests, not the server.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rayon::scope(|_| {
+                sample::generate_images(&mut decoder, &specs, prefill, |row, tokens, wanted| {
+                    for (r, (job, _)) in round.iter().enumerate() {
+                        if gone[r] {
+                            continue;
+                        }
+                        let send = row < kept_rows
+                            || job
+                                .events
+                                .send(Event::Row {
+                                    row,
+                                    tokens: (firsts[r]..firsts[r] + job.images)
+                                        .flat_map(|i| {
+                                            let at = i * t + row * side;
+                                            tokens[at..at + side].iter().copied()
+                                        })
+                                        .collect(),
+                                })
+                                .is_ok();
+                        if job.events.is_closed() || !send {
+                            gone[r] = true;
+                            skipped += (job.images * (t - (row + 1) * side)) as u64;
+                            wanted[firsts[r]..firsts[r] + job.images].fill(false);
+                        }
                     }
-                    let send = row < kept_rows
-                        || job
-                            .events
-                            .send(Event::Row {
-                                row,
-                                tokens: (firsts[r]..firsts[r] + job.images)
-                                    .flat_map(|i| {
-                                        let at = i * t + row * side;
-                                        tokens[at..at + side].iter().copied()
-                                    })
-                                    .collect(),
-                            })
-                            .is_ok();
-                    if job.events.is_closed() || !send {
-                        gone[r] = true;
-                        skipped += (job.images * (t - (row + 1) * side)) as u64;
-                        wanted[firsts[r]..firsts[r] + job.images].fill(false);
-                    }
-                }
+                })
             })
+        }))
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(anyhow::anyhow!("internal error: {what}"))
         });
         let seconds = started.elapsed().as_secs_f64();
         let mut s = queue.lock();

@@ -525,3 +525,71 @@ fn a_hugging_face_rgb_model_serves_the_same_ids_and_completions_as_the_commands(
         cli_complete(&model, &img, 3, 2, 2, &["--precision", "f32"])
     );
 }
+
+#[test]
+fn hostile_uploads_and_queries_never_get_a_server_error() {
+    let dir = tempdir("serve-hostile");
+    let run = fashion_run(&dir);
+    let server = Server::start(&run, &["--gather-ms", "0"]);
+    let png = std::fs::read(example(&server, &dir, 2)).unwrap();
+    let jpeg = {
+        let img = image::load_from_memory(&png).unwrap().to_luma8();
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+        out.into_inner()
+    };
+    let mut rng = common::Rng(0x5eed_cafe);
+    let mut answers = std::collections::BTreeMap::new();
+    // Damaged files, past their signature (so they are decoded, not refused at the door).
+    for i in 0..240 {
+        let good = if i % 2 == 0 { &png } else { &jpeg };
+        let body = rng.mutate(good, 8);
+        let path = if i % 3 == 0 {
+            "/api/complete?rows=7&n=1"
+        } else {
+            "/api/encode"
+        };
+        let (code, text) = server.post_text(path, &body);
+        assert!(
+            code == 200 || (400..500).contains(&code),
+            "{path}: {code} {text}"
+        );
+        if code != 200 {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        }
+        *answers.entry(code).or_insert(0) += 1;
+    }
+    // Odd values for every setting.
+    let values = [
+        "",
+        "-1",
+        "0",
+        "1",
+        "14",
+        "1e9",
+        "nan",
+        "inf",
+        "18446744073709551616",
+        "%00",
+        "x",
+    ];
+    let keys = ["rows", "n", "temperature", "top_k", "top_p", "seed"];
+    for _ in 0..120 {
+        let mut q = Vec::new();
+        for _ in 0..1 + rng.next() % 3 {
+            let k = keys[rng.next() as usize % keys.len()];
+            let v = values[rng.next() as usize % values.len()];
+            q.push(format!("{k}={v}"));
+        }
+        let path = format!("/api/complete?{}", q.join("&"));
+        let (code, text) = server.post_text(&path, &png);
+        assert!(code < 500, "{path}: {code} {text}");
+    }
+    assert!(
+        answers.len() >= 2,
+        "the damage was never noticed or always refused: {answers:?}"
+    );
+    let (code, st) = server.get_json("/api/status");
+    assert_eq!((code, st["running"].as_bool()), (200, Some(false)), "{st}");
+}

@@ -60,6 +60,16 @@ impl Server {
         answer(ureq::post(&self.url(path)).send_bytes(body))
     }
 
+    /// POST `body`: the status and the answer as text (any status).
+    pub fn post_text(&self, path: &str, body: &[u8]) -> (u16, String) {
+        let r = match ureq::post(&self.url(path)).send_bytes(body) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("request failed: {e}"),
+        };
+        (r.status(), r.into_string().unwrap())
+    }
+
     /// `/api/status`, polled until `ok` holds (or a deadline of 20 s passes).
     pub fn wait_status(&self, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let until = Instant::now() + Duration::from_secs(20);

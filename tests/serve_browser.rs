@@ -4,7 +4,9 @@
 //!
 //! Needs Debian's `chromium-headless-shell` (or `chromium`; `IGPT_BROWSER` names another). Where
 //! none is installed the test says so and passes, unless `IGPT_REQUIRE_BROWSER` is set, as
-//! `.ci/run` sets it after installing one. `IGPT_SCREENSHOT=FILE` keeps the screenshot.
+//! `.ci/run` sets it after installing one. `IGPT_SCREENSHOT=FILE` keeps the screenshot, and
+//! `IGPT_SCREENSHOT_MODEL=RUN` serves that model instead of the test's own (the README's picture
+//! is of the main job's model: `IGPT_SCREENSHOT=docs/serve.png IGPT_SCREENSHOT_MODEL=runs/demo`).
 
 mod common;
 use base64::Engine as _;
@@ -149,7 +151,10 @@ fn the_page_completes_an_image_in_a_real_browser() {
         return;
     };
     let dir = tempdir("serve-browser");
-    let run = fashion_run(&dir);
+    let run = match std::env::var_os("IGPT_SCREENSHOT_MODEL") {
+        Some(m) => PathBuf::from(m),
+        None => fashion_run(&dir),
+    };
     let server = Server::start(&run, &[]);
     let mut b = Browser::launch(&exe, &dir.join("profile"));
     let (example, rows, n, seed) = (5, 6, 4, 21);

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result, ensure};
 use clap::{Args, Subcommand};
 use igpt::backend::{Device, Precision};
+use igpt::checkpoint::LoadedModel;
 use igpt::config::ModelConfig;
 use igpt::data::TokenSet;
 use igpt::train::{TrainConfig, Trainer};
@@ -20,6 +21,9 @@ pub enum BenchCmd {
     /// `igpt complete` end to end (loading included) on a random model saved to disk, against
     /// Hugging Face `generate()` completing the same number of pixels.
     Complete(CompleteBench),
+    /// `igpt serve` under load: many clients completing at once, answered one request at a
+    /// time against shared rounds, on a random model.
+    Serve(ServeBench),
 }
 
 /// Model shapes with their usual names.
@@ -111,6 +115,23 @@ fn random_params(cfg: &ModelConfig) -> Vec<f32> {
     params
 }
 
+/// A random RGB model of `cfg`'s shape with a random palette.
+fn random_model(cfg: &ModelConfig) -> Result<LoadedModel> {
+    let centers: Vec<f32> = (0..cfg.n_vocab * 3)
+        .map(|i| ((i * 2654435761) % 255) as f32 / 127.5 - 1.0)
+        .collect();
+    Ok(LoadedModel {
+        config: igpt::checkpoint::RunConfig {
+            model: cfg.clone(),
+            train: Default::default(),
+            data: "random weights (igpt bench)".into(),
+            igpt_version: env!("CARGO_PKG_VERSION").into(),
+        },
+        palette: igpt::palette::Palette::new(3, centers)?,
+        params: random_params(cfg),
+    })
+}
+
 #[derive(Args)]
 pub struct GenerateBench {
     #[command(flatten)]
@@ -137,6 +158,23 @@ pub struct CompleteBench {
     model_dir: Option<PathBuf>,
     #[command(flatten)]
     runs: Runs,
+}
+
+#[derive(Args)]
+pub struct ServeBench {
+    #[command(flatten)]
+    model: BenchModel,
+    /// The image every client completes (the top half is kept).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/images/chelsea-rgb-131x97.png"))]
+    image: PathBuf,
+    /// Clients sending a request at the same moment.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Completions each client asks for.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    #[arg(long)]
+    precision: Option<Precision>,
 }
 
 #[derive(Args)]
@@ -169,6 +207,7 @@ pub fn run(cmd: BenchCmd, dev: &Device) -> Result<()> {
         BenchCmd::Train(b) => train(b, dev),
         BenchCmd::Generate(b) => generate(b, dev),
         BenchCmd::Complete(b) => complete(b, dev),
+        BenchCmd::Serve(b) => serve(b, dev),
     }
 }
 
@@ -319,17 +358,10 @@ fn complete(b: CompleteBench, dev: &Device) -> Result<()> {
         std::env::temp_dir().join(format!("igpt-bench-complete-{}", std::process::id()))
     });
     let run = igpt::checkpoint::RunDir::create(&dir)?;
-    let centers: Vec<f32> = (0..model.n_vocab * 3)
-        .map(|i| ((i * 2654435761) % 255) as f32 / 127.5 - 1.0)
-        .collect();
-    run.save_config(&igpt::checkpoint::RunConfig {
-        model: model.clone(),
-        train: Default::default(),
-        data: "random weights (igpt bench complete)".into(),
-        igpt_version: env!("CARGO_PKG_VERSION").into(),
-    })?;
-    run.save_palette(&igpt::palette::Palette::new(3, centers)?)?;
-    run.save_model(&model, &random_params(&model))?;
+    let random = random_model(&model)?;
+    run.save_config(&random.config)?;
+    run.save_palette(&random.palette)?;
+    run.save_model(&model, &random.params)?;
     let exe = std::env::current_exe().context("cannot find the igpt executable")?;
     let mut ours = Vec::new();
     for &precision in &b.runs.precisions {
@@ -467,5 +499,130 @@ fn train(b: TrainBench, dev: &Device) -> Result<()> {
         torch_s / ours,
         ours_rss / torch_rss
     );
+    Ok(())
+}
+
+/// One client's request: when its first generated row and its last event arrived.
+struct ClientTimes {
+    first_row: f64,
+    done: f64,
+}
+
+/// Sends `/api/complete` and reads the stream to its end.
+fn serve_client(url: &str, png: &[u8], start: Instant) -> Result<ClientTimes> {
+    use std::io::BufRead;
+    let r = ureq::post(url)
+        .send_bytes(png)
+        .with_context(|| format!("POST {url}"))?;
+    let mut first_row = None;
+    let mut saw_done = false;
+    for line in std::io::BufReader::new(r.into_reader()).lines() {
+        let line = line.context("reading the event stream")?;
+        if line == "event: row" && first_row.is_none() {
+            first_row = Some(start.elapsed().as_secs_f64());
+        }
+        if line == "event: done" {
+            saw_done = true;
+        }
+        ensure!(line != "event: error", "the server answered an error");
+    }
+    ensure!(saw_done, "the stream ended without its images");
+    Ok(ClientTimes {
+        first_row: first_row.context("no row was streamed")?,
+        done: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn serve(b: ServeBench, dev: &Device) -> Result<()> {
+    ensure!(
+        b.clients >= 1 && b.n >= 1,
+        "--clients and --n must be at least 1"
+    );
+    let model = b.model.config()?;
+    let (t, side) = (model.n_ctx(), model.side);
+    let keep = side / 2 * side;
+    let png =
+        std::fs::read(&b.image).with_context(|| format!("cannot read {}", b.image.display()))?;
+    let precision = b.precision.unwrap_or_else(|| dev.inference_precision());
+    println!(
+        "model: {} layers, d={}, {} heads, vocab {}, {side}x{side}, {precision}; {} clients at \
+         once, {} completion(s) each of {} from its top {} rows; {} threads",
+        model.n_layer,
+        model.n_embd,
+        model.n_head,
+        model.n_vocab,
+        b.clients,
+        b.n,
+        b.image.display(),
+        side / 2,
+        rayon::current_num_threads()
+    );
+    let tokens = (b.clients * b.n * (t - keep)) as f64;
+    let mut walls = Vec::new();
+    for (name, batch, gather_ms) in [
+        ("one request at a time", b.n, 0),
+        ("shared rounds", b.clients * b.n, 30),
+    ] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let opts = igpt::serve::ServeOptions {
+            limits: igpt::serve::Limits {
+                max_images: b.n,
+                queue: b.clients,
+                ..Default::default()
+            },
+            batch,
+            gather: std::time::Duration::from_millis(gather_ms),
+            precision,
+            model_name: "random".into(),
+        };
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let m = random_model(&model)?;
+        let device = dev.clone();
+        // The server runs until the process ends.
+        std::thread::spawn(move || {
+            let r = igpt::serve::serve(m, &device, opts, listener, || {
+                let _ = ready_tx.send(Ok(()));
+            });
+            if let Err(e) = r {
+                let _ = ready_tx.send(Err(e));
+            }
+        });
+        ready_rx.recv().context("the server did not start")??;
+        let start = Instant::now();
+        let times: Vec<ClientTimes> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..b.clients)
+                .map(|i| {
+                    let url = format!(
+                        "http://{addr}/api/complete?rows={}&n={}&seed={i}",
+                        side / 2,
+                        b.n
+                    );
+                    let png = &png;
+                    sc.spawn(move || serve_client(&url, png, start))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("client thread"))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let wall = times.iter().map(|c| c.done).fold(0.0, f64::max);
+        let mean =
+            |f: fn(&ClientTimes) -> f64| times.iter().map(f).sum::<f64>() / times.len() as f64;
+        let status: serde_json::Value = ureq::get(&format!("http://{addr}/api/status"))
+            .call()?
+            .into_json()?;
+        println!(
+            "{name:<22} (batch {batch:>3}): {wall:>6.2} s, {:>7.0} tokens/s; first row after \
+             {:.2} s, images after {:.2} s on average; {} rounds",
+            tokens / wall,
+            mean(|c| c.first_row),
+            mean(|c| c.done),
+            status["rounds"]
+        );
+        walls.push(wall);
+    }
+    println!("shared rounds: {:.2}x the throughput", walls[0] / walls[1]);
     Ok(())
 }

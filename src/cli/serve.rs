@@ -19,7 +19,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// Images decoded together: requests that arrive together share one batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     batch: usize,
     /// How long a request waits for others to share its batch, in milliseconds.
     #[arg(long, default_value_t = 30)]

@@ -41,6 +41,9 @@ function drawGrid(canvas, tiles, cols) {
   const w = cols * (tw + pad) + pad, h = rows * (tw + pad) + pad;
   canvas.width = w;
   canvas.height = h;
+  // Shown up to twice its size, crisp (image-rendering: pixelated).
+  canvas.style.width = "100%";
+  canvas.style.maxWidth = 2 * w + "px";
   const ctx = canvas.getContext("2d");
   const img = ctx.createImageData(w, h);
   img.data.fill(255);

@@ -578,7 +578,7 @@ fn serve(b: ServeBench, dev: &Device) -> Result<()> {
         };
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let m = random_model(&model)?;
-        let device = dev.clone();
+        let device = *dev;
         // The server runs until the process ends.
         std::thread::spawn(move || {
             let r = igpt::serve::serve(m, &device, opts, listener, || {

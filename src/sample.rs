@@ -172,8 +172,6 @@ pub struct Generated {
     /// with no prefill, is scored at every position.
     pub nats: Vec<f64>,
     pub scored: Vec<usize>,
-    /// Per image: false when `on_row` dropped it.
-    pub wanted: Vec<bool>,
 }
 
 /// Generates `images` (at most `decoder.batch`), each with its own prefix, sampling options
@@ -215,8 +213,8 @@ pub fn generate_images(
         tokens: vec![0u16; n * t],
         nats: vec![0.0; n],
         scored: vec![0; n],
-        wanted: vec![true; n],
     };
+    let mut wanted = vec![true; n];
     let mut prev = vec![0u16; n];
     let mut probs = Vec::with_capacity(decoder.cfg.n_vocab);
     let mut first: Vec<u16> = Vec::with_capacity(n * prefill);
@@ -233,11 +231,11 @@ pub fn generate_images(
     // Decoder row r holds image live[r].
     let mut live: Vec<usize> = (0..n).collect();
     for row in 0..prefill / side {
-        on_row(row, &out.tokens, &mut out.wanted);
+        on_row(row, &out.tokens, &mut wanted);
     }
     for pos in prefill..t {
-        if live.iter().any(|&i| !out.wanted[i]) {
-            let keep: Vec<usize> = (0..live.len()).filter(|&r| out.wanted[live[r]]).collect();
+        if live.iter().any(|&i| !wanted[i]) {
+            let keep: Vec<usize> = (0..live.len()).filter(|&r| wanted[live[r]]).collect();
             if keep.is_empty() {
                 break;
             }
@@ -261,7 +259,7 @@ pub fn generate_images(
             prev[r] = tok;
         }
         if (pos + 1) % side == 0 {
-            on_row((pos + 1) / side - 1, &out.tokens, &mut out.wanted);
+            on_row((pos + 1) / side - 1, &out.tokens, &mut wanted);
         }
     }
     Ok(out)

@@ -2,7 +2,7 @@
 //! `igpt complete`, shared rounds, limits, the busy answer and cancellation.
 
 mod common;
-use common::server::{Server, fashion_run};
+use common::server::{Server, fashion_run, slow_model};
 use common::{igpt, s, tempdir};
 use serde_json::Value;
 use std::io::Read;
@@ -371,8 +371,18 @@ fn bad_requests_get_a_4xx_with_a_message_and_the_server_goes_on() {
         let err = v["error"].as_str().unwrap_or_else(|| panic!("{path}: {v}"));
         assert!(err.contains(msg), "{path}: {err:?} lacks {msg:?}");
     }
-    let (code, v) = server.get_json("/api/examples/x");
+    let (code, v) = server.post_json("/api/score", &png);
     assert_eq!(code, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("at most 150"), "{v}");
+    for (path, code) in [
+        ("/api/examples/x", 400),
+        ("/api/examples/%FF", 400),
+        ("/api/complete", 405),
+    ] {
+        let (got, v) = server.get_json(path);
+        assert_eq!(got, code, "{path}: {v}");
+        assert!(v["error"].is_string(), "{path}: {v}");
+    }
     // Still serving, and nothing reached the model.
     let ok = server.stream("/api/complete?rows=7&n=1", &png);
     assert_eq!(ok.last().unwrap().0, "done");
@@ -401,8 +411,12 @@ fn a_full_queue_answers_busy_at_once() {
     assert_eq!(code, 200);
     server.wait_status(|st| st["waiting"] == 1);
     let t0 = std::time::Instant::now();
-    let (code, v) = server.post_json("/api/sample?n=1", &[]);
-    assert_eq!(code, 503, "{v}");
+    let busy = match ureq::post(&server.url("/api/sample?n=1")).send_bytes(&[]) {
+        Err(ureq::Error::Status(503, r)) => r,
+        other => panic!("expected 503, got {:?}", other.map(|r| r.status())),
+    };
+    assert_eq!(busy.header("retry-after"), Some("1"));
+    let v: Value = busy.into_json().unwrap();
     assert!(v["error"].as_str().unwrap().contains("busy"), "{v}");
     assert!(t0.elapsed().as_secs_f64() < 2.0, "the busy answer waited");
     let mut last = None;
@@ -418,33 +432,6 @@ fn a_full_queue_answers_busy_at_once() {
         ),
         (Some(1), Some(1))
     );
-}
-
-/// A random model large enough that generating its images takes a while.
-fn slow_model(dir: &Path) -> PathBuf {
-    let cfg = igpt::config::ModelConfig {
-        n_layer: 4,
-        n_embd: 128,
-        n_head: 4,
-        n_vocab: 16,
-        side: 64,
-        channels: 1,
-        objective: Default::default(),
-    };
-    let path = dir.join("slow");
-    let run = igpt::checkpoint::RunDir::create(&path).unwrap();
-    run.save_config(&igpt::checkpoint::RunConfig {
-        model: cfg.clone(),
-        train: Default::default(),
-        data: "none".into(),
-        igpt_version: "test".into(),
-    })
-    .unwrap();
-    run.save_palette(&igpt::palette::Palette::uniform_gray(16).unwrap())
-        .unwrap();
-    run.save_model(&cfg, &igpt::model::init_params(&cfg, 1))
-        .unwrap();
-    path
 }
 
 #[test]
@@ -465,6 +452,53 @@ fn a_client_that_disconnects_stops_its_generation() {
         skipped > 0,
         "the dropped images were generated to the end: {st}"
     );
+
+    // Two requests share a round and one leaves: its images are dropped from the batch, and
+    // the other's still equal `igpt sample`.
+    let server = Server::start(&model, &["--batch", "8", "--gather-ms", "1500"]);
+    let stays = std::thread::scope(|sc| {
+        let stays = sc.spawn(|| server.stream("/api/sample?n=2&seed=7", &[]));
+        let (code, mut leaves) = server.open_stream("/api/sample?n=4&seed=1", &[]);
+        assert_eq!(code, 200);
+        let (name, start) = leaves.next_event().unwrap();
+        assert_eq!(
+            (name.as_str(), start["round_requests"].as_u64()),
+            ("start", Some(2))
+        );
+        assert_eq!(leaves.next_event().unwrap().0, "row");
+        drop(leaves);
+        stays.join().unwrap()
+    });
+    assert_eq!(stays[0].1["round_images"], 6);
+    let npy = dir.join("stays.npy");
+    let o = igpt(&[
+        "sample",
+        "--model",
+        s(&model),
+        "--n",
+        "2",
+        "--seed",
+        "7",
+        "--tokens",
+        s(&npy),
+        "--out",
+        s(&dir.join("stays.png")),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(
+        tokens_of(&stays.last().unwrap().1["tokens"]),
+        npy_tokens(&npy)
+    );
+    let st = server.get_json("/api/status").1;
+    assert_eq!(
+        (
+            st["requests_cancelled"].as_u64(),
+            st["requests_done"].as_u64()
+        ),
+        (Some(1), Some(1)),
+        "{st}"
+    );
+    assert!(st["tokens_skipped"].as_u64().unwrap() > 0, "{st}");
 
     // A request whose client leaves while it waits for its round never reaches the model.
     let server = Server::start(&model, &["--batch", "8", "--gather-ms", "2000"]);

@@ -10,7 +10,7 @@
 
 mod common;
 use base64::Engine as _;
-use common::server::{Server, fashion_run};
+use common::server::{Server, fashion_run, slow_model};
 use common::{igpt, s, tempdir};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
@@ -272,4 +272,58 @@ fn the_page_completes_an_image_in_a_real_browser() {
         levels.len(),
         region.pixels().len()
     );
+}
+
+/// Waits (up to 60 s) until the page's state is one of `states`, and returns it.
+fn wait_state(b: &mut Browser, states: &[&str]) -> String {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = b.eval("document.body ? document.body.dataset.state : ''");
+        let st = st.as_str().unwrap_or("").to_string();
+        if states.contains(&st.as_str()) || Instant::now() > until {
+            return st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn stop_ends_a_generation_on_the_server() {
+    let Some(exe) = browser() else {
+        assert!(
+            std::env::var_os("IGPT_REQUIRE_BROWSER").is_none(),
+            "IGPT_REQUIRE_BROWSER is set but no headless Chromium was found"
+        );
+        eprintln!("skipped: no headless Chromium (apt-get install chromium-headless-shell)");
+        return;
+    };
+    let dir = tempdir("serve-browser-stop");
+    let model = slow_model(&dir);
+    let server = Server::start(&model, &["--gather-ms", "0"]);
+    let mut b = Browser::launch(&exe, &dir.join("profile"));
+    b.call(
+        "Page.navigate",
+        json!({ "url": server.url("/?n=8&run=sample") }),
+    );
+    let until = Instant::now() + Duration::from_secs(60);
+    while b
+        .eval("Number(document.body.dataset.rowsSeen || 0)")
+        .as_u64()
+        < Some(1)
+    {
+        assert!(Instant::now() < until, "no row arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.eval("document.getElementById('stop').click()");
+    assert_eq!(wait_state(&mut b, &["stopped", "done", "error"]), "stopped");
+    let st = server.wait_status(|st| st["requests_cancelled"] == 1 && st["running"] == false);
+    assert_eq!(
+        (
+            st["requests_cancelled"].as_u64(),
+            st["requests_done"].as_u64()
+        ),
+        (Some(1), Some(0)),
+        "{st}"
+    );
+    assert!(st["tokens_skipped"].as_u64().unwrap() > 0, "{st}");
 }

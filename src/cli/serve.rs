@@ -71,7 +71,7 @@ pub fn serve(a: ServeArgs, dev: &Device) -> Result<()> {
     );
     let opts = ServeOptions {
         limits: Limits {
-            max_upload_bytes: (a.max_upload_mb * (1u64 << 20) as f64) as usize,
+            max_upload_bytes: ((a.max_upload_mb * (1u64 << 20) as f64) as usize).max(1),
             max_image_side: a.max_image_side,
             max_images: a.max_images,
             max_steps: a.max_steps.unwrap_or(usize::MAX),

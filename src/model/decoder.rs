@@ -433,11 +433,6 @@ impl Decoder {
         Ok(())
     }
 
-    /// Sequences each step takes and returns.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Runs positions `pos..pos + n` of the first `seqs` sequences through the embedding and
     /// every block, appending their keys and values to the caches. The input tokens are set
     /// (sequence-major, each position's previous token); the last block's output is left in

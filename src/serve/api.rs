@@ -11,7 +11,7 @@ use crate::palette::Palette;
 use crate::preprocess::{self, DecodeLimits, TooLarge};
 use crate::sample::SampleOptions;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -39,6 +39,9 @@ struct Inner {
     opts: ServeOptions,
     queue: Arc<Queue>,
     examples: OnceLock<Result<ImageSet, String>>,
+    /// Uploads decoded at once: each may take up to 8 bytes a pixel of the largest image
+    /// allowed, so they wait their turn here rather than all allocate together.
+    decoding: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -56,6 +59,7 @@ impl AppState {
             opts,
             queue,
             examples: OnceLock::new(),
+            decoding: tokio::sync::Semaphore::new(2),
         }))
     }
 }
@@ -84,6 +88,13 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/complete", post(complete))
         .route("/api/sample", post(sample))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route takes another method: GET for /api/model, /api/status and \
+                 /api/examples, POST for /api/encode, /api/score, /api/complete and /api/sample",
+            )
+        })
         .layer(DefaultBodyLimit::max(upload))
         .with_state(state)
 }
@@ -172,7 +183,12 @@ async fn examples(State(st): State<AppState>) -> ApiResult<Json<serde_json::Valu
 }
 
 /// Image `index` of the shipped Fashion-MNIST split, as a PNG at its own size.
-async fn example(State(st): State<AppState>, Path(index): Path<String>) -> ApiResult<Response> {
+async fn example(
+    State(st): State<AppState>,
+    index: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let Path(index) =
+        index.map_err(|e| ApiError::bad(format!("bad address: {}", e.body_text())))?;
     let set = example_set(&st)?;
     let i: usize = index.parse().map_err(|_| {
         ApiError::bad(format!(
@@ -201,7 +217,12 @@ async fn example(State(st): State<AppState>, Path(index): Path<String>) -> ApiRe
         set.height as u32,
         color,
     )
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot write example {i} as PNG: {e}"),
+        )
+    })?;
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 
@@ -242,26 +263,38 @@ async fn read_upload(st: &AppState, body: Result<Bytes, BytesRejection>) -> ApiR
             "the upload is not a PNG or JPEG image",
         ));
     }
+    let _turn = st.0.decoding.acquire().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot decode: {e}"),
+        )
+    })?;
     let st = st.clone();
     tokio::task::spawn_blocking(move || {
         let side = st.0.config.model.side;
         let max_side = limits.max_image_side;
+        // Room for the largest image allowed at 16 bits a channel with alpha.
         let decode_limits = DecodeLimits {
             max_side,
-            max_bytes: 4 * max_side as u64 * max_side as u64,
+            max_bytes: (max_side as u64)
+                .saturating_mul(max_side as u64)
+                .saturating_mul(8),
         };
-        let img = preprocess::decode_bytes(&body, "the upload", decode_limits).map_err(|e| {
-            if e.downcast_ref::<TooLarge>().is_some() {
-                ApiError::new(
+        let img =
+            preprocess::decode_bytes(&body, "the upload", decode_limits).map_err(|e| match e
+                .downcast_ref::<TooLarge>(
+            ) {
+                Some(big) => ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
-                        "the image is larger than this server takes ({max_side} pixels a side)"
+                        "the image is larger than this server takes ({} pixels a side, {} MB \
+                         decoded)",
+                        big.limits.max_side,
+                        big.limits.max_bytes >> 20
                     ),
-                )
-            } else {
-                ApiError::bad(format!("{e:#}"))
-            }
-        })?;
+                ),
+                None => ApiError::bad(format!("{e:#}")),
+            })?;
         let tokens = preprocess::image_tokens(img.image(), side, &st.0.palette)
             .map_err(|e| ApiError::bad(format!("cannot shape the upload: {e:#}")))?;
         Ok(Upload {
@@ -271,7 +304,12 @@ async fn read_upload(st: &AppState, body: Result<Bytes, BytesRejection>) -> ApiR
         })
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("decoding the upload failed: {e}"),
+        )
+    })?
 }
 
 async fn encode(
@@ -294,6 +332,7 @@ async fn score(
     State(st): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    check_steps(&st, st.0.config.model.n_ctx(), "")?;
     let up = read_upload(&st, body).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     submit(
@@ -395,7 +434,7 @@ async fn complete(
     }
     let opts = q.options()?;
     let n = q.images(&st.0.opts.limits)?;
-    check_steps(&st, (side - rows) * side)?;
+    check_steps(&st, (side - rows) * side, " (keep more rows)")?;
     let up = read_upload(&st, body).await?;
     let keep = rows * side;
     stream(&st, up.tokens[..keep].to_vec(), n, opts, rows)
@@ -413,16 +452,18 @@ async fn sample(
     }
     let opts = q.options()?;
     let n = q.images(&st.0.opts.limits)?;
-    check_steps(&st, st.0.config.model.n_ctx())?;
+    check_steps(&st, st.0.config.model.n_ctx(), "")?;
     stream(&st, Vec::new(), n, opts, 0)
 }
 
-fn check_steps(st: &AppState, steps: usize) -> ApiResult<()> {
+/// Refuses a request that would run the model over more than the allowed pixels per image;
+/// `hint` says how to ask for less.
+fn check_steps(st: &AppState, steps: usize, hint: &str) -> ApiResult<()> {
     let max = st.0.opts.limits.max_steps;
     if steps > max {
         return Err(ApiError::bad(format!(
-            "this request generates {steps} pixels per image; this server generates at most \
-             {max} (keep more rows)"
+            "this request runs the model over {steps} pixels per image; this server allows at \
+             most {max}{hint}"
         )));
     }
     Ok(())

@@ -6,7 +6,7 @@
 mod api;
 mod scheduler;
 
-pub use scheduler::{Busy, Stats};
+pub use scheduler::Stats;
 
 use crate::backend::{Device, Precision};
 use crate::checkpoint::LoadedModel;

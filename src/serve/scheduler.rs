@@ -57,6 +57,8 @@ pub struct Stats {
     pub waiting: usize,
     pub running: bool,
     pub rounds: u64,
+    /// Rounds that ended in an error (their requests were told so).
+    pub rounds_failed: u64,
     pub requests_done: u64,
     pub requests_cancelled: u64,
     pub requests_refused: u64,
@@ -79,6 +81,8 @@ pub struct Busy(pub usize);
 struct State {
     waiting: VecDeque<(Job, Instant)>,
     stats: Stats,
+    /// Set when the scheduler thread has ended: nothing queued would ever run.
+    stopped: bool,
 }
 
 /// Requests waiting for the model, shared by the HTTP handlers and the scheduler thread.
@@ -88,12 +92,22 @@ pub(crate) struct Queue {
     capacity: usize,
 }
 
+/// Why a request was not queued.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Refused {
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    #[error("the model's scheduler has stopped; restart the server")]
+    Stopped,
+}
+
 impl Queue {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
                 stats: Stats::default(),
+                stopped: false,
             }),
             arrived: Condvar::new(),
             capacity,
@@ -106,11 +120,16 @@ impl Queue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn submit(&self, job: Job) -> Result<(), Busy> {
+    pub fn submit(&self, job: Job) -> Result<(), Refused> {
         let mut s = self.lock();
+        if s.stopped {
+            return Err(Refused::Stopped);
+        }
+        // Requests whose client has left give their places up before the queue counts as full.
+        s.drop_cancelled();
         if s.waiting.len() >= self.capacity {
             s.stats.requests_refused += 1;
-            return Err(Busy(s.waiting.len()));
+            return Err(Busy(s.waiting.len()).into());
         }
         s.waiting.push_back((job, Instant::now()));
         s.stats.waiting = s.waiting.len();
@@ -129,11 +148,7 @@ impl Queue {
         let mut s = self.lock();
         let mut deadline: Option<Instant> = None;
         loop {
-            // Requests whose client left before their round started are dropped here.
-            let before = s.waiting.len();
-            s.waiting.retain(|(j, _)| !j.events.is_closed());
-            s.stats.requests_cancelled += (before - s.waiting.len()) as u64;
-            s.stats.waiting = s.waiting.len();
+            s.drop_cancelled();
             let Some((first, _)) = s.waiting.front() else {
                 deadline = None;
                 s = self.arrived.wait(s).unwrap_or_else(|e| e.into_inner());
@@ -160,7 +175,9 @@ impl Queue {
             let mut images = 0;
             let mut rest = VecDeque::new();
             while let Some((job, at)) = s.waiting.pop_front() {
-                if job.prefill == key && images + job.images <= max_images {
+                // The first request always goes (the HTTP side keeps it within a round; were it
+                // larger, its round fails with the decoder's message instead of stalling here).
+                if job.prefill == key && (round.is_empty() || images + job.images <= max_images) {
                     images += job.images;
                     round.push((job, at));
                 } else {
@@ -175,8 +192,37 @@ impl Queue {
     }
 }
 
+impl State {
+    /// Forgets the waiting requests whose client has left.
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|(j, _)| !j.events.is_closed());
+        self.stats.requests_cancelled += (before - self.waiting.len()) as u64;
+        self.stats.waiting = self.waiting.len();
+    }
+}
+
+/// Marks the queue stopped when the scheduler thread ends, however it ends, and tells every
+/// waiting request, so no client waits for a round that will never come.
+struct StopGuard(Arc<Queue>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.stopped = true;
+        s.stats.running = false;
+        for (job, _) in s.waiting.drain(..) {
+            let _ = job
+                .events
+                .send(Event::Failed("the model's scheduler has stopped".into()));
+        }
+        s.stats.waiting = 0;
+    }
+}
+
 /// Runs rounds until the process ends. `decoder.batch` is the most images a round holds.
 pub(crate) fn run(queue: Arc<Queue>, mut decoder: Decoder, gather: Duration) {
+    let _guard = StopGuard(queue.clone());
     let (side, t) = (decoder.cfg.side, decoder.cfg.n_ctx());
     let mut round_number = 0u64;
     loop {
@@ -215,7 +261,8 @@ pub(crate) fn run(queue: Arc<Queue>, mut decoder: Decoder, gather: Duration) {
         let kept_rows = prefill / side;
         let mut gone = vec![false; round.len()];
         let mut skipped = 0u64;
-        // A panic in a round fails that round's requests, not the server.
+        // A panic in a round fails that round's requests, not the server. The round runs on
+        // the thread pool, as the commands do, so the kernels use its local queues.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             rayon::scope(|_| {
                 sample::generate_images(&mut decoder, &specs, prefill, |row, tokens, wanted| {
@@ -238,7 +285,7 @@ pub(crate) fn run(queue: Arc<Queue>, mut decoder: Decoder, gather: Duration) {
                                 .is_ok();
                         if job.events.is_closed() || !send {
                             gone[r] = true;
-                            skipped += (job.images * (t - (row + 1) * side)) as u64;
+                            skipped += (job.images * (t - ((row + 1) * side).max(prefill))) as u64;
                             wanted[firsts[r]..firsts[r] + job.images].fill(false);
                         }
                     }
@@ -280,6 +327,7 @@ pub(crate) fn run(queue: Arc<Queue>, mut decoder: Decoder, gather: Duration) {
                 }
             }
             Err(e) => {
+                s.stats.rounds_failed += 1;
                 for (job, _) in &round {
                     let _ = job
                         .events

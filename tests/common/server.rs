@@ -247,3 +247,30 @@ pub fn fashion_run(dir: &Path) -> PathBuf {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     run
 }
+
+/// A random model large enough that generating its images takes a while.
+pub fn slow_model(dir: &Path) -> PathBuf {
+    let cfg = igpt::config::ModelConfig {
+        n_layer: 4,
+        n_embd: 128,
+        n_head: 4,
+        n_vocab: 16,
+        side: 64,
+        channels: 1,
+        objective: Default::default(),
+    };
+    let path = dir.join("slow");
+    let run = igpt::checkpoint::RunDir::create(&path).unwrap();
+    run.save_config(&igpt::checkpoint::RunConfig {
+        model: cfg.clone(),
+        train: Default::default(),
+        data: "none".into(),
+        igpt_version: "test".into(),
+    })
+    .unwrap();
+    run.save_palette(&igpt::palette::Palette::uniform_gray(16).unwrap())
+        .unwrap();
+    run.save_model(&cfg, &igpt::model::init_params(&cfg, 1))
+        .unwrap();
+    path
+}

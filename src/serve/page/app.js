@@ -106,7 +106,7 @@ async function useImage(blob, caption) {
     `${enc.side}x${enc.side} in ${page.model.colours} colours`;
   $("complete").disabled = false;
   $("likelihood").textContent = "likelihood: computing…";
-  setState("ready", "Ready: Complete keeps the top rows and writes the rest.");
+  if (!page.abort) setState("ready", "Ready: Complete keeps the top rows and writes the rest.");
   api("/api/score", { method: "POST", body: blob })
     .then((r) => r.json())
     .then((s) => {
@@ -135,6 +135,10 @@ function settings() {
 }
 
 async function run(mode) {
+  if (mode === "complete" && !page.upload) {
+    setState("error", "Pick an image first.");
+    return;
+  }
   if (page.abort) page.abort.abort();
   const q = settings();
   const n = Number($("n").value);
@@ -143,11 +147,13 @@ async function run(mode) {
     q.set("rows", $("rows").value);
     body = page.upload.blob;
   }
-  page.job = {
+  const job = {
     mode, n, rowsKept: mode === "complete" ? Number($("rows").value) : 0,
     original: mode === "complete" ? page.upload.tokens : null,
-    images: Array.from({ length: n }, () => []), rowsDone: 0,
+    images: Array.from({ length: n }, () => []), rowsDone: 0, finished: false,
   };
+  page.job = job;
+  document.body.dataset.rowsSeen = 0;
   $("download").hidden = true;
   const abort = new AbortController();
   page.abort = abort;
@@ -157,12 +163,17 @@ async function run(mode) {
   try {
     const r = await api(`/api/${mode}?${q}`, { method: "POST", body, signal: abort.signal });
     await readEvents(r.body, onEvent);
+    if (!job.finished) throw new Error("the server closed the stream before the images");
   } catch (e) {
+    // A run replaced by a newer one says nothing: the page is the newer run's.
+    if (page.abort !== abort) return;
     if (e.name === "AbortError") setState("stopped", "Stopped.");
     else setState("error", "Error: " + e.message);
   } finally {
-    if (page.abort === abort) page.abort = null;
-    $("stop").disabled = true;
+    if (page.abort === abort) {
+      page.abort = null;
+      $("stop").disabled = true;
+    }
   }
 }
 
@@ -175,9 +186,11 @@ function onEvent(name, data) {
   } else if (name === "row") {
     data.tokens.forEach((row, i) => { job.images[i].splice(data.row * side, side, ...row); });
     job.rowsDone = data.row + 1;
+    document.body.dataset.rowsSeen = Number(document.body.dataset.rowsSeen) + 1;
     setState("running", `Row ${data.row + 1} of ${side}…`);
     redraw();
   } else if (name === "done") {
+    job.finished = true;
     job.images = data.tokens;
     redraw();
     const link = $("download");

@@ -326,7 +326,7 @@ impl Decoder {
         );
         self.rows = rows;
         let cfg = &self.cfg;
-        let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
+        let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
         anyhow::ensure!(
             len <= t,
             "a prefix of {len} pixels is longer than the image ({t} pixels)"
@@ -376,22 +376,9 @@ impl Decoder {
         }
         // Sequence s takes distinct prefix i <= s, computed in cache row i: filling rows from
         // the last down never overwrites a row still to be read.
-        let (plan, b) = (&self.plan, self.backend.as_mut());
-        let row_len = plan.cache_len * d;
         for s in (0..rows).rev() {
-            let i = prefix_of[s];
-            if i == s {
-                continue;
-            }
-            for &(k, v) in &plan.caches {
-                for cache in [k, v] {
-                    let at = |r: usize| View {
-                        offset: cache.offset + r * row_len,
-                        len: row_len,
-                        ..cache
-                    };
-                    b.copy(at(s), at(i));
-                }
+            if prefix_of[s] != s {
+                self.copy_cache_row(s, prefix_of[s]);
             }
         }
         self.pos = len;
@@ -409,28 +396,31 @@ impl Decoder {
             self.rows
         );
         anyhow::ensure!(!keep.is_empty(), "at least one sequence must be kept");
-        let d = self.cfg.n_embd;
-        let (plan, b) = (&self.plan, self.backend.as_mut());
-        // Whole rows move: how a backend lays positions out inside a row is its own.
-        let row_len = plan.cache_len * d;
         // keep[i] >= i: moving rows up from the first never overwrites a row still to be read.
         for (i, &s) in keep.iter().enumerate() {
-            if i == s || self.pos == 0 {
-                continue;
-            }
-            for &(k, v) in &plan.caches {
-                for cache in [k, v] {
-                    let at = |r: usize| View {
-                        offset: cache.offset + r * row_len,
-                        len: row_len,
-                        ..cache
-                    };
-                    b.copy(at(i), at(s));
-                }
+            if i != s && self.pos > 0 {
+                self.copy_cache_row(i, s);
             }
         }
         self.rows = keep.len();
         Ok(())
+    }
+
+    /// Copies sequence `src`'s keys and values, in every layer, over sequence `dst`'s. Whole
+    /// rows move: how a backend lays positions out inside a row is its own.
+    fn copy_cache_row(&mut self, dst: usize, src: usize) {
+        let (plan, b) = (&self.plan, self.backend.as_mut());
+        let row_len = plan.cache_len * self.cfg.n_embd;
+        for &(k, v) in &plan.caches {
+            for cache in [k, v] {
+                let at = |r: usize| View {
+                    offset: cache.offset + r * row_len,
+                    len: row_len,
+                    ..cache
+                };
+                b.copy(at(dst), at(src));
+            }
+        }
     }
 
     /// Runs positions `pos..pos + n` of the first `seqs` sequences through the embedding and

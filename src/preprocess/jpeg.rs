@@ -12,7 +12,9 @@
 //!   after it (a missing EOI marker at most) decodes;
 //! - libjpeg's warnings (corrupt data it decodes through) are ignored and its fatal errors
 //!   refuse the file. libjpeg's default error handler exits the process; here it unwinds back
-//!   to [`decode`], which turns it into an [`Error`].
+//!   to [`decode`], which turns it into an [`Error`]. That needs the default `panic = "unwind"`:
+//!   built with `panic = "abort"` (mozjpeg-sys then warns at build time), a corrupt JPEG would
+//!   abort the process.
 
 use mozjpeg_sys as ffi;
 use std::os::raw::{c_int, c_long};

@@ -10,6 +10,8 @@
 //! to 8 bits), a triangle filter whose support widens with the scale factor when shrinking
 //! (antialiasing), and coefficients in fixed point with 22 fractional bits.
 
+mod jpeg;
+
 use crate::palette::Palette;
 use anyhow::{Context, Result, bail, ensure};
 use std::path::Path;
@@ -207,14 +209,16 @@ pub fn image_tokens(img: ImageRef, side: usize, palette: &Palette) -> Result<Vec
     Ok(palette.encode(&shape(img, side, palette.channels)?))
 }
 
-/// A decoded image file: 8-bit RGB (gray files copied to R, G and B, alpha dropped; gray
-/// comes back unchanged from [`luma`]).
+/// A decoded image file: 8-bit RGB (gray files copied to R, G and B, alpha dropped, CMYK
+/// JPEGs converted as Pillow's `convert("RGB")`; gray comes back unchanged from [`luma`]).
 pub struct Decoded {
     pub width: usize,
     pub height: usize,
     pub rgb: Vec<u8>,
-    /// The file's own colour type ([`conversion_note`]).
+    /// The file's own colour type ([`conversion_note`]); `Rgb8` for a CMYK JPEG.
     pub color: image::ColorType,
+    /// A CMYK (or YCCK) JPEG, converted to RGB.
+    pub cmyk: bool,
 }
 
 impl Decoded {
@@ -226,24 +230,57 @@ impl Decoded {
             channels: 3,
         }
     }
+
+    /// What is done to this file to give it `channels`, for telling the user.
+    pub fn conversion_note(&self, channels: usize) -> Option<&'static str> {
+        match (self.cmyk, channels) {
+            (true, 3) => Some("CMYK: converted to RGB (Pillow's convert(\"RGB\"))"),
+            (true, _) => Some(
+                "CMYK: converted to RGB (Pillow's convert(\"RGB\")), then to gray (Pillow's luma)",
+            ),
+            _ => conversion_note(self.color, channels),
+        }
+    }
 }
 
-/// Decodes a PNG or JPEG file (by its content), naming the file in any error.
+const LIMITS_HINT: &str = "; IGPT_MAX_IMAGE_SIDE and IGPT_MAX_IMAGE_MB raise them";
+
+/// Decodes a PNG or JPEG file (by its content), naming the file in any error. JPEGs are
+/// decoded as Pillow decodes them ([`jpeg`]), PNGs by the `image` crate.
 pub fn decode_file(path: &Path) -> Result<Decoded> {
+    use std::io::{Read, Seek};
     crate::fsutil::ensure_regular_file(path)?;
-    let reader = image::ImageReader::open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    decode(
-        reader,
-        &path.display().to_string(),
-        decode_limits(),
-        "; IGPT_MAX_IMAGE_SIDE and IGPT_MAX_IMAGE_MB raise them",
-    )
+    let name = path.display().to_string();
+    let lim = decode_limits();
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {name}"))?;
+    let mut head = Vec::with_capacity(3);
+    (&mut file)
+        .take(3)
+        .read_to_end(&mut head)
+        .with_context(|| format!("cannot read {name}"))?;
+    file.rewind()
+        .with_context(|| format!("cannot read {name}"))?;
+    if jpeg::is_jpeg(&head) {
+        // The whole file, but never more than the decoded image may take.
+        let mut bytes = Vec::new();
+        file.take(lim.max_bytes.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("cannot read {name}"))?;
+        if bytes.len() as u64 > lim.max_bytes {
+            return Err(too_large(&name, lim, LIMITS_HINT));
+        }
+        return decode_jpeg(&bytes, &name, lim, LIMITS_HINT);
+    }
+    let reader = image::ImageReader::new(std::io::BufReader::new(file));
+    decode(reader, &name, lim, LIMITS_HINT)
 }
 
 /// Decodes a PNG or JPEG image held in memory (by its content, within `limits`); `name`
 /// says what it is in any error.
 pub fn decode_bytes(bytes: &[u8], name: &str, limits: DecodeLimits) -> Result<Decoded> {
+    if jpeg::is_jpeg(bytes) {
+        return decode_jpeg(bytes, name, limits, "");
+    }
     decode(
         image::ImageReader::new(std::io::Cursor::new(bytes)),
         name,
@@ -252,6 +289,37 @@ pub fn decode_bytes(bytes: &[u8], name: &str, limits: DecodeLimits) -> Result<De
     )
 }
 
+fn too_large(name: &str, limits: DecodeLimits, hint: &str) -> anyhow::Error {
+    anyhow::Error::new(TooLarge {
+        name: name.to_string(),
+        limits,
+        hint: hint.to_string(),
+    })
+}
+
+fn decode_jpeg(bytes: &[u8], name: &str, lim: DecodeLimits, hint: &str) -> Result<Decoded> {
+    let img = jpeg::decode(bytes, lim.max_side, lim.max_bytes).map_err(|e| match e {
+        jpeg::Error::TooLarge => too_large(name, lim, hint),
+        e => anyhow::Error::new(e).context(format!("cannot decode image {name}")),
+    })?;
+    if img.width == 0 || img.height == 0 {
+        bail!("{name} is an empty image");
+    }
+    let (color, cmyk) = match img.kind {
+        jpeg::Kind::Gray => (image::ColorType::L8, false),
+        jpeg::Kind::Rgb => (image::ColorType::Rgb8, false),
+        jpeg::Kind::Cmyk => (image::ColorType::Rgb8, true),
+    };
+    Ok(Decoded {
+        width: img.width,
+        height: img.height,
+        rgb: img.rgb,
+        color,
+        cmyk,
+    })
+}
+
+/// PNG (and anything else the `image` crate recognises that is not a JPEG).
 fn decode<R: std::io::BufRead + std::io::Seek>(
     reader: image::ImageReader<R>,
     name: &str,
@@ -270,11 +338,7 @@ fn decode<R: std::io::BufRead + std::io::Seek>(
         bail!("{name} is not a PNG or JPEG image");
     }
     let img = reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(_) => anyhow::Error::new(TooLarge {
-            name: name.to_string(),
-            limits: lim,
-            hint: hint.to_string(),
-        }),
+        image::ImageError::Limits(_) => too_large(name, lim, hint),
         e => anyhow::Error::new(e).context(format!("cannot decode image {name}")),
     })?;
     let color = img.color();
@@ -288,6 +352,7 @@ fn decode<R: std::io::BufRead + std::io::Seek>(
         height,
         rgb: rgb.into_raw(),
         color,
+        cmyk: false,
     })
 }
 

@@ -318,7 +318,7 @@ pub fn read_files(
     let mut pixels = Vec::with_capacity(files.len() * side * side * channels);
     for f in files {
         let img = preprocess::decode_file(f)?;
-        if let Some(n) = preprocess::conversion_note(img.color, channels) {
+        if let Some(n) = img.conversion_note(channels) {
             note(f, n);
         }
         if (img.width, img.height) != (side, side) {

@@ -155,7 +155,7 @@ fn image_ids(p: &Pixels, side: usize, palette: &Palette) -> Result<Vec<u16>> {
         p.c
     );
     let opaque: Vec<u8>;
-    let (pixels, channels) = if p.c % 2 == 0 {
+    let (pixels, channels) = if matches!(p.c, 2 | 4) {
         let keep = p.c - 1;
         opaque = p
             .data

@@ -22,10 +22,11 @@ from typing import Callable, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import numpy as np
 import numpy.typing as npt
+from PIL.Image import Image as PILImage  # for types only: Pillow is optional at run time
 
 __version__: str
 
-ImageLike = Union["PIL.Image.Image", npt.NDArray[np.uint8]]  # noqa: F821
+ImageLike = Union[PILImage, npt.NDArray[np.uint8]]
 Images = Union[ImageLike, Sequence[ImageLike]]
 Ids = npt.NDArray[np.integer]
 StepCallback = Callable[[int, float, float], object]

@@ -4,14 +4,16 @@
 use crate::bert;
 use crate::data::TokenSet;
 use crate::model::Engine;
+use crate::stop::Report;
 use anyhow::{Result, ensure};
 
 /// Each image's mean negative log-likelihood in nats per token, in the order of `tokens`,
-/// under an autoregressive `engine` (batch by batch; `on_batch` sees how many are done).
+/// under an autoregressive `engine` (batch by batch; `on_batch` sees how many are done, and may
+/// stop the job: [`crate::stop`]).
 pub fn score_images(
     engine: &mut Engine,
     tokens: &TokenSet,
-    mut on_batch: impl FnMut(usize) + Send,
+    mut on_batch: impl Report<usize>,
 ) -> Result<Vec<f64>> {
     let (t, batch) = (engine.cfg.n_ctx(), engine.batch);
     ensure!(
@@ -38,7 +40,7 @@ pub fn score_images(
             for per_image in engine.position_losses().chunks(t) {
                 scores.push(per_image.iter().map(|&x| x as f64).sum::<f64>() / t as f64);
             }
-            on_batch(start + b);
+            on_batch.report(start + b)?;
         }
         Ok(())
     })?;

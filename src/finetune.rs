@@ -6,6 +6,7 @@ use crate::bert;
 use crate::checkpoint::{LoadedModel, RunConfig, RunDir};
 use crate::data::TokenSet;
 use crate::model::Engine;
+use crate::stop::{Fallible, Stopped};
 use crate::train::optim::{AdamW, HostMoments, HostRows, finish_step};
 use anyhow::{Context, Result, ensure};
 use rand::seq::SliceRandom;
@@ -650,6 +651,13 @@ pub trait FinetuneProgress: Send {
     fn message(&mut self, _msg: &str) {}
     /// Images of the initial probe whose features are done, of `total`.
     fn probing(&mut self, _done: usize, _total: usize) {}
+    /// An optimizer step done, and its speed in tokens per second.
+    fn step(&mut self, _step: u64, _stats: &FinetuneStats, _tokens_per_s: f64) {}
+    /// Asked after each step and each batch of probe images: `Err(Stopped)` ends the run there
+    /// (the best model so far stays saved), and the run's result is that error.
+    fn keep_going(&mut self) -> Result<(), Stopped> {
+        Ok(())
+    }
     /// A validation after `step` (0: the starting point), and whether it was kept as the best.
     fn validated(
         &mut self,
@@ -753,7 +761,10 @@ pub fn run(
                 &probe_set,
                 &[mc.n_layer],
                 cfg.masks,
-                |k| progress.probing(k, n_probe),
+                Fallible(|k| {
+                    progress.probing(k, n_probe);
+                    progress.keep_going()
+                }),
             )?;
             let p = Head::from_probe(&pooled, &y, mc.n_embd, classes, class_names)?;
             progress.message(&format!(
@@ -809,7 +820,9 @@ pub fn run(
         }
         let lr = warmup_lr(cfg.lr, step, cfg.warmup);
         let head_lr = cfg.head_lr.unwrap_or(lr);
+        let started = std::time::Instant::now();
         let st = ft.step(&buf, &ys, lr, head_lr, cfg.with_gen)?;
+        let tokens_per_s = (cfg.batch * t) as f64 / started.elapsed().as_secs_f64().max(1e-9);
         steps_run = step;
         ensure!(
             st.gen_loss.is_finite() && st.clf_loss.is_finite(),
@@ -817,6 +830,7 @@ pub fn run(
             st.gen_loss,
             st.clf_loss
         );
+        progress.step(step, &st, tokens_per_s);
         if step % cfg.eval_every == 0 || step == cfg.steps {
             let pred = classify(&mut ft.engine, &ft.head, &val, cfg.masks)?;
             let acc = crate::probe::accuracy(&pred, &val_y);
@@ -833,6 +847,7 @@ pub fn run(
                 }
             }
         }
+        progress.keep_going()?;
     }
     Ok(FinetuneSummary {
         best_val_accuracy: best,
@@ -869,4 +884,104 @@ fn check_classes(head: &Head, labels: &[u32]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A fine-tuning run as a user asks for it: what `igpt finetune`'s flags (or the Python
+/// bindings' keyword arguments) say, in values, with the command's defaults
+/// ([`FinetuneSettings::default`]). [`FinetuneSettings::config`] makes the run's
+/// [`FinetuneConfig`] for a model; the command line and the bindings share it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinetuneSettings {
+    pub steps: u64,
+    pub batch: usize,
+    /// Images per forward pass (default: the whole batch).
+    pub micro_batch: Option<usize>,
+    pub lr: f32,
+    pub warmup: u64,
+    /// The head's rate (default: the model's, ramped with it).
+    pub head_lr: Option<f32>,
+    /// Train on the classification loss alone (default: generative + classification).
+    pub clf_only: bool,
+    /// Start the head at zero instead of at a linear probe.
+    pub zero_head: bool,
+    /// Training images the initial linear probe is fitted on.
+    pub probe_images: usize,
+    pub pad_crop: usize,
+    pub flip: bool,
+    pub eval_every: u64,
+    pub patience: usize,
+    /// BERT models' evaluation masks (default: [`bert::EVAL_MASKS`] for BERT models).
+    pub masks: Option<usize>,
+    pub val_fraction: f64,
+    pub seed: u64,
+}
+
+impl Default for FinetuneSettings {
+    fn default() -> Self {
+        let c = FinetuneConfig::default();
+        Self {
+            steps: c.steps,
+            batch: c.batch,
+            micro_batch: None,
+            lr: c.lr,
+            warmup: c.warmup,
+            head_lr: c.head_lr,
+            clf_only: !c.with_gen,
+            zero_head: false,
+            probe_images: match c.head_start {
+                HeadStart::Probe(n) => n,
+                _ => 10_000,
+            },
+            pad_crop: c.pad_crop,
+            flip: c.flip,
+            eval_every: c.eval_every,
+            patience: c.patience,
+            masks: None,
+            val_fraction: c.val_fraction,
+            seed: c.seed,
+        }
+    }
+}
+
+impl FinetuneSettings {
+    /// The settings alone, checked before any model or data is loaded (the head starts at zero
+    /// and no masks are set: [`FinetuneSettings::config`] decides those for a model).
+    pub fn base(&self) -> Result<FinetuneConfig> {
+        let cfg = FinetuneConfig {
+            steps: self.steps,
+            batch: self.batch,
+            micro_batch: self.micro_batch.unwrap_or(self.batch),
+            lr: self.lr,
+            warmup: self.warmup,
+            head_lr: self.head_lr,
+            with_gen: !self.clf_only,
+            head_start: HeadStart::Zero,
+            pad_crop: self.pad_crop,
+            flip: self.flip,
+            eval_every: self.eval_every,
+            patience: self.patience,
+            val_fraction: self.val_fraction,
+            seed: self.seed,
+            ..FinetuneConfig::default()
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The run's settings for `model`, loaded from `model_dir`: its evaluation masks, and its
+    /// head's start (the head saved beside a fine-tuned model, continuing it; else zero when
+    /// asked; else a linear probe).
+    pub fn config(&self, model: &LoadedModel, model_dir: &Path) -> Result<FinetuneConfig> {
+        let mut cfg = self.base()?;
+        cfg.masks = bert::masks_for(model.model(), self.masks)?;
+        let existing = model_dir.join("head.safetensors");
+        cfg.head_start = if existing.exists() {
+            HeadStart::Saved(Head::load(&existing)?)
+        } else if self.zero_head {
+            HeadStart::Zero
+        } else {
+            HeadStart::Probe(self.probe_images)
+        };
+        Ok(cfg)
+    }
 }

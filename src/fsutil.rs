@@ -61,6 +61,25 @@ pub fn ensure_regular_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A model, data set or file named by the user that is not there (the Python bindings raise
+/// `FileNotFoundError` for it).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct NotFound {
+    pub path: std::path::PathBuf,
+    pub message: String,
+}
+
+impl NotFound {
+    /// "`path` does not exist", with `what` in front (`"data set "`) and `more` after.
+    pub fn new(what: &str, path: &Path, more: &str) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            message: format!("{what}{} does not exist{more}", path.display()),
+        }
+    }
+}
+
 /// The whole of a regular file ([`ensure_regular_file`]).
 pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
     ensure_regular_file(path)?;

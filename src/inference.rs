@@ -4,6 +4,7 @@ use crate::backend::Device;
 use crate::checkpoint::LoadedModel;
 use crate::config::ModelConfig;
 use crate::model::{Engine, Output};
+use crate::stop::Report;
 use anyhow::{Result, bail, ensure};
 
 /// How the given ids become the model's input.
@@ -40,7 +41,7 @@ impl Runner {
         t: usize,
         convention: Convention,
         output: Output,
-        on_batch: impl FnMut(usize) + Send,
+        on_batch: impl Report<usize>,
     ) -> Result<Vec<f32>> {
         run_engine(
             &mut self.engine,
@@ -57,7 +58,8 @@ impl Runner {
 
 /// Outputs `[n, t, width]` for `ids: [n, t]` (width `n_vocab` for logits, `n_embd` for a
 /// hidden state). `t` may be shorter than the model's context for autoregressive models: the
-/// causal mask makes the missing tail irrelevant. `on_batch` sees the count done so far.
+/// causal mask makes the missing tail irrelevant. `on_batch` sees the count done so far (and
+/// may stop the job: [`crate::stop`]).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     m: &LoadedModel,
@@ -68,7 +70,7 @@ pub fn run(
     output: Output,
     batch: usize,
     device: &Device,
-    on_batch: impl FnMut(usize) + Send,
+    on_batch: impl Report<usize>,
 ) -> Result<Vec<f32>> {
     let mut engine = Engine::new(m.model(), batch.clamp(1, n.max(1)), false, device)?;
     engine.set_params(&m.params)?;
@@ -84,6 +86,20 @@ pub fn run(
     )
 }
 
+/// [`run`] on an engine already holding the model (of any batch size; its own precision).
+pub fn run_with(
+    engine: &mut Engine,
+    ids: &[i64],
+    n: usize,
+    t: usize,
+    convention: Convention,
+    output: Output,
+    on_batch: impl Report<usize>,
+) -> Result<Vec<f32>> {
+    let cfg = engine.cfg.clone();
+    run_engine(engine, &cfg, ids, n, t, convention, output, on_batch)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_engine(
     engine: &mut Engine,
@@ -93,7 +109,7 @@ fn run_engine(
     t: usize,
     convention: Convention,
     output: Output,
-    mut on_batch: impl FnMut(usize) + Send,
+    mut on_batch: impl Report<usize>,
 ) -> Result<Vec<f32>> {
     let (ctx, v) = (cfg.n_ctx(), cfg.n_vocab);
     ensure!(
@@ -170,7 +186,7 @@ fn run_engine(
                 let src = &host[i * ctx * width..(i * ctx + t) * width];
                 out[(start + i) * t * width..(start + i + 1) * t * width].copy_from_slice(src);
             }
-            on_batch(start + b);
+            on_batch.report(start + b)?;
         }
         Ok(())
     })?;

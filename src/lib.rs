@@ -5,7 +5,7 @@
 //! [`train`] (the step, AdamW, schedule, loop), [`bert`] (the masked objective), [`finetune`]
 //! (classification head and loop), [`probe`] (linear probes), [`sample`] (generation),
 //! [`eval`] (likelihoods), [`preprocess`] (images to pixels), [`palette`] (colour palettes),
-//! [`data`] (readers, token cache), [`checkpoint`] (run directories), [`formats`] (Hugging Face
+//! [`data`] (readers, token cache), [`stop`] (stopping long jobs part-way), [`checkpoint`] (run directories), [`formats`] (Hugging Face
 //! and TensorFlow checkpoints), [`plot`] (charts).
 
 pub mod backend;
@@ -28,4 +28,5 @@ pub mod preprocess;
 pub mod probe;
 pub mod sample;
 pub mod serve;
+pub mod stop;
 pub mod train;

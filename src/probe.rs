@@ -557,12 +557,13 @@ pub fn probe(
 /// [`crate::model::Engine::probe_features`]): `[n, layers.len(), d]`, batch by batch. For a
 /// BERT model, `masks > 0` averages the features over that many fixed random masks per image
 /// (each hiding 15% of the pixels, as in training); `masks = 0` reads the whole image.
+/// `on_batch` sees how many images are done (and may stop the job: [`crate::stop`]).
 pub fn extract_features(
     engine: &mut crate::model::Engine,
     tokens: &crate::data::TokenSet,
     layers: &[usize],
     masks: usize,
-    mut on_batch: impl FnMut(usize) + Send,
+    mut on_batch: impl crate::stop::Report<usize>,
 ) -> Result<Vec<f32>> {
     ensure!(
         masks == 0 || !engine.cfg.causal(),
@@ -605,7 +606,7 @@ pub fn extract_features(
                     }
                 }
             }
-            on_batch(start + b);
+            on_batch.report(start + b)?;
         }
         Ok(())
     })?;

@@ -275,12 +275,13 @@ fn neg_log_prob(logits: &[f32], id: u16) -> f64 {
 /// Generates one image per entry of `prefixes` (each the known first tokens; empty for an
 /// unconditional sample), `decoder.batch` at a time; image i draws from stream i, so the result
 /// does not depend on the batch size. `on_pixels(done)` sees how many pixels of all images are
-/// done. Returns `[prefixes.len(), n_ctx]` tokens.
+/// done, after each row, and may stop the job ([`crate::stop`]). Returns `[prefixes.len(),
+/// n_ctx]` tokens.
 pub fn generate_all(
     decoder: &mut Decoder,
     prefixes: &[Vec<u16>],
     opts: &SampleOptions,
-    mut on_pixels: impl FnMut(u64) + Send,
+    mut on_pixels: impl crate::stop::Report<u64>,
 ) -> anyhow::Result<Vec<u16>> {
     let (n, batch, t, side) = (
         prefixes.len(),
@@ -294,14 +295,27 @@ pub fn generate_all(
         for start in (0..n).step_by(batch) {
             let count = batch.min(n - start);
             // A short last batch is padded with copies of its first prefix; the extras are dropped.
-            let refs: Vec<&[u16]> = (0..batch)
-                .map(|i| prefixes[start + i.min(count - 1)].as_slice())
+            let images: Vec<ImageSpec> = (0..batch)
+                .map(|i| ImageSpec {
+                    prefix: &prefixes[start + i.min(count - 1)],
+                    opts: *opts,
+                    stream: (start + i) as u64,
+                })
                 .collect();
+            let known = images.iter().map(|im| im.prefix.len()).min().unwrap_or(0);
             let done = (start * t) as u64;
-            let toks = generate(decoder, &refs, opts, start as u64, |row, _| {
-                on_pixels(done + (((row + 1) * side) * count) as u64)
+            let mut stopped = Ok(());
+            let made = generate_images(decoder, &images, known, |row, _, wanted| {
+                if stopped.is_ok() {
+                    stopped = on_pixels.report(done + (((row + 1) * side) * count) as u64);
+                }
+                if stopped.is_err() {
+                    // Dropping every image ends the batch at this row.
+                    wanted.fill(false);
+                }
             })?;
-            out.extend_from_slice(&toks[..count * t]);
+            stopped?;
+            out.extend_from_slice(&made.tokens[..count * t]);
         }
         Ok(())
     })?;

@@ -162,3 +162,116 @@ fn train_score_sample_probe_and_finetune_without_the_cli() {
     assert!(err.to_string().contains("no labels"), "{err}");
     assert!(!nowhere.exists());
 }
+
+/// A small random model of `cfg`'s shape.
+fn tiny() -> (ModelConfig, Vec<f32>) {
+    let cfg = ModelConfig {
+        n_layer: 1,
+        n_embd: 16,
+        n_head: 2,
+        n_vocab: 6,
+        side: 4,
+        channels: 1,
+        objective: Default::default(),
+    };
+    let params = igpt::model::init_params(&cfg, 3);
+    (cfg, params)
+}
+
+#[test]
+fn engines_and_decoders_hand_their_parameters_back_and_keep_them_on_failure() {
+    use igpt::backend::Precision;
+    let (cfg, params) = tiny();
+    let dev = Device::Cpu;
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut p = params.clone();
+        let e = Engine::adopting(&cfg, 2, &dev, &mut p, precision).unwrap();
+        assert!(p.is_empty(), "adopted, not copied");
+        assert_eq!(e.into_params(), params);
+        let mut p = params.clone();
+        let d = Decoder::adopting(&cfg, 2, &dev, &mut p, precision).unwrap();
+        assert!(p.is_empty());
+        assert_eq!(d.into_params(), params);
+    }
+    // A batch that cannot fit is refused, and the parameters stay where they were.
+    let mut p = params.clone();
+    let Err(err) = Engine::adopting(&cfg, 1 << 40, &dev, &mut p, Precision::F32) else {
+        panic!("an engine of 2^40 sequences was built")
+    };
+    assert!(format!("{err:#}").contains("memory"), "{err:#}");
+    assert_eq!(p, params);
+    let Err(err) = Decoder::adopting(&cfg, 1 << 40, &dev, &mut p, Precision::F32) else {
+        panic!("a decoder of 2^40 images was built")
+    };
+    assert!(format!("{err:#}").contains("memory"), "{err:#}");
+    assert_eq!(p, params);
+}
+
+#[test]
+fn a_callback_can_stop_generation_scores_and_training() {
+    use igpt::stop::{Fallible, Stopped};
+    let (cfg, params) = tiny();
+    let dev = Device::Cpu;
+    // Generation stops at the first row it is told to.
+    let mut dec = Decoder::with_params(&cfg, 2, &dev, params.clone()).unwrap();
+    let mut rows = 0;
+    let err = sample::generate_all(
+        &mut dec,
+        &vec![Vec::new(); 4],
+        &SampleOptions::default(),
+        Fallible(|_| {
+            rows += 1;
+            if rows == 2 { Err(Stopped) } else { Ok(()) }
+        }),
+    )
+    .unwrap_err();
+    assert!(err.is::<Stopped>() && rows == 2);
+    // Scores stop after the first batch.
+    let tokens = igpt::data::TokenSet::from_tokens(vec![1; 5 * 16], 16, 6, None).unwrap();
+    let mut e = Engine::with_params(&cfg, 2, &dev, params).unwrap();
+    let err = igpt::eval::score_images(&mut e, &tokens, Fallible(|_| Err(Stopped))).unwrap_err();
+    assert!(err.is::<Stopped>());
+
+    // Training stops after the step it is told to, with a checkpoint of that step.
+    struct StopAt(u64, u64);
+    impl run::Progress for StopAt {
+        fn step(&mut self, s: &igpt::train::StepStats, _: f64) {
+            self.1 = s.step;
+        }
+        fn keep_going(&mut self) -> Result<(), Stopped> {
+            if self.1 >= self.0 {
+                Err(Stopped)
+            } else {
+                Ok(())
+            }
+        }
+    }
+    let dir = tempdir("library-stop");
+    let settings = igpt::train::job::TrainSettings {
+        limit: Some(40),
+        side: Some(4),
+        palette_size: Some(4),
+        model: igpt::train::job::ModelChoice {
+            layers: Some(1),
+            embd: Some(16),
+            heads: Some(2),
+            ..Default::default()
+        },
+        steps: Some(10),
+        batch: 2,
+        ..Default::default()
+    };
+    let out = dir.join("run");
+    let err = igpt::train::job::new_run(&out, &settings, &dev, &mut StopAt(3, 0)).unwrap_err();
+    assert!(err.is::<Stopped>());
+    let (state, ..) = RunDir::open(&out)
+        .unwrap()
+        .load_trainer(
+            igpt::model::ParamLayout::new(&LoadedModel::open(&out).unwrap().config.model).total,
+        )
+        .unwrap();
+    assert_eq!(state.step, 3);
+    // Resumed, it runs to the end.
+    let s = igpt::train::job::resume_run(&out, &settings, &dev, &mut Quiet).unwrap();
+    assert_eq!(s.steps, 10);
+}

@@ -179,6 +179,13 @@ pub trait Backend: Send {
     fn adopt_params(&mut self, params: Vec<f32>) {
         self.upload(View::new(Arena::Params, 0, params.len()), &params);
     }
+    /// Hands the parameter arena (`len` elements) back to the host, leaving the backend without
+    /// it: a backend that adopted the buffer returns it as it is; others download it.
+    fn release_params(&mut self, len: usize) -> Vec<f32> {
+        let mut out = vec![0.0; len];
+        self.download(View::new(Arena::Params, 0, len), &mut out);
+        out
+    }
     fn download(&self, src: View, dst: &mut [f32]);
     /// Sets every element of `dst` (f32 or bfloat16) to `value`.
     fn fill(&mut self, dst: View, value: f32);

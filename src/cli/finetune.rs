@@ -6,7 +6,7 @@ use clap::Args;
 use igpt::backend::Device;
 use igpt::checkpoint::LoadedModel;
 use igpt::data::TokenSet;
-use igpt::finetune::{self, FinetuneConfig, FinetuneProgress, FinetuneStats, Head, HeadStart};
+use igpt::finetune::{self, FinetuneProgress, FinetuneSettings, FinetuneStats, Head};
 use igpt::model::Engine;
 use indicatif::ProgressBar;
 use std::path::PathBuf;
@@ -148,28 +148,37 @@ impl FinetuneProgress for Printer {
     }
 }
 
+impl FinetuneArgs {
+    /// The flags as library settings (`igpt::finetune::FinetuneSettings`, which the Python
+    /// bindings share).
+    fn settings(&self) -> FinetuneSettings {
+        FinetuneSettings {
+            steps: self.steps,
+            batch: self.batch,
+            micro_batch: self.micro_batch,
+            lr: self.lr,
+            warmup: self.warmup,
+            head_lr: self.head_lr,
+            clf_only: self.clf_only,
+            zero_head: self.zero_head,
+            probe_images: self.probe_images,
+            pad_crop: self.pad_crop,
+            flip: self.flip,
+            eval_every: self.eval_every,
+            patience: self.patience,
+            masks: self.masks,
+            val_fraction: self.val_fraction,
+            seed: self.seed,
+        }
+    }
+}
+
 pub fn finetune(a: FinetuneArgs, dev: &Device) -> Result<()> {
-    let mut cfg = FinetuneConfig {
-        steps: a.steps,
-        batch: a.batch,
-        micro_batch: a.micro_batch.unwrap_or(a.batch),
-        lr: a.lr,
-        warmup: a.warmup,
-        head_lr: a.head_lr,
-        with_gen: !a.clf_only,
-        head_start: HeadStart::Zero,
-        pad_crop: a.pad_crop,
-        flip: a.flip,
-        eval_every: a.eval_every,
-        patience: a.patience,
-        val_fraction: a.val_fraction,
-        seed: a.seed,
-        ..FinetuneConfig::default()
-    };
+    let settings = a.settings();
     // Settings that cannot work are refused before anything is loaded.
-    cfg.validate()?;
+    settings.base()?;
     let m = igpt::formats::load_model(&a.model)?;
-    cfg.masks = igpt::bert::masks_for(m.model(), a.masks)?;
+    let cfg = settings.config(&m, &PathBuf::from(&a.model))?;
     let masks = cfg.masks;
     let src = Source {
         spec: &a.data,
@@ -177,14 +186,6 @@ pub fn finetune(a: FinetuneArgs, dev: &Device) -> Result<()> {
         labels_flag: "--labels",
     };
     let (tokens, _, names) = labelled_tokens(&src, a.limit, &m)?;
-    let existing = PathBuf::from(&a.model).join("head.safetensors");
-    cfg.head_start = if existing.exists() {
-        HeadStart::Saved(Head::load(&existing)?)
-    } else if a.zero_head {
-        HeadStart::Zero
-    } else {
-        HeadStart::Probe(a.probe_images)
-    };
     let mut printer = Printer { bar: None };
     let summary = finetune::run(&m, &tokens, &a.data, names, &cfg, &a.out, dev, &mut printer)
         .with_context(|| format!("fine-tuning {} on {}", a.model, a.data))?;

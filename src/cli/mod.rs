@@ -17,7 +17,8 @@ use igpt::data::{self, Format, TokenSet};
 use igpt::model::Engine;
 use igpt::palette::{FitOptions, Palette};
 use igpt::train::TrainConfig;
-use igpt::train::run::{self, DataSpec, PaletteSpec, Progress};
+use igpt::train::job::{self, ModelChoice, TrainSettings};
+use igpt::train::run::{self, DataSpec, PaletteSpec};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -112,21 +113,14 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn build(&self, n_vocab: usize, side: usize, channels: usize) -> Result<ModelConfig> {
-        let mut cfg = ModelConfig::preset(
-            self.preset.as_deref().unwrap_or("tiny"),
-            n_vocab,
-            side,
-            channels,
-        )
-        .context("the model flags (--preset, --side, --palette, --palette-size)")?;
-        cfg.n_layer = self.layers.unwrap_or(cfg.n_layer);
-        cfg.n_embd = self.embd.unwrap_or(cfg.n_embd);
-        cfg.n_head = self.heads.unwrap_or(cfg.n_head);
-        cfg.objective = self.objective.unwrap_or_default();
-        cfg.validate()
-            .context("the model flags (--preset, --layers, --embd, --heads, --side)")?;
-        Ok(cfg)
+    fn choice(&self) -> ModelChoice {
+        ModelChoice {
+            preset: self.preset.clone(),
+            layers: self.layers,
+            embd: self.embd,
+            heads: self.heads,
+            objective: self.objective,
+        }
     }
 }
 
@@ -302,9 +296,50 @@ enum PaletteCmd {
 /// What the user should change, in terms of flags, for a library error: the library speaks of
 /// values, and this is the one place that names flags for them.
 pub fn flag_hint(e: &anyhow::Error) -> Option<String> {
+    // The most specific hint first; which group of settings an error is about only after.
+    specific_hint(e).or_else(|| {
+        e.chain().find_map(|cause| {
+            use igpt::train::job::Setting;
+            cause.downcast_ref::<Setting>().map(|s| {
+                match s {
+                    Setting::Data => {
+                        "check --data, --side, --channels, --val-fraction and --val-data"
+                    }
+                    Setting::Preset => "check --preset, --side, --palette and --palette-size",
+                    Setting::Shape => "check --preset, --layers, --embd, --heads and --side",
+                }
+                .to_string()
+            })
+        })
+    })
+}
+
+fn specific_hint(e: &anyhow::Error) -> Option<String> {
     use igpt::bert::MasksError;
     use igpt::train::TrainConfigError as Train;
+    use igpt::train::job::{AlreadyARun, SettingsError};
     e.chain().find_map(|cause| {
+        if let Some(s) = cause.downcast_ref::<SettingsError>() {
+            return Some(
+                match s {
+                    SettingsError::StopAfter => {
+                        "--stop-after must be at least 1 (leave it out to train to --steps)"
+                    }
+                    SettingsError::Side => "--side must be at least 1 pixel",
+                    SettingsError::PaletteSize => {
+                        "--palette-size must be at least 2 colours (leave it out for 16 gray \
+                         levels or 512 colours)"
+                    }
+                }
+                .to_string(),
+            );
+        }
+        if let Some(AlreadyARun(p)) = cause.downcast_ref::<AlreadyARun>() {
+            return Some(format!(
+                "continue it with --resume {}, or choose another --out",
+                p.display()
+            ));
+        }
         if let Some(t) = cause.downcast_ref::<Train>() {
             return Some(match t {
                 Train::NoSteps => "--steps must be at least 1".to_string(),
@@ -581,116 +616,46 @@ fn demo(a: DemoArgs, dev: &Device) -> Result<()> {
     Ok(())
 }
 
-fn train(a: TrainArgs, dev: &Device) -> Result<()> {
-    ensure!(
-        a.stop_after != Some(0),
-        "--stop-after must be at least 1 (leave it out to train to --steps)"
-    );
-    ensure!(a.side != Some(0), "--side must be at least 1 pixel");
-    ensure!(
-        a.palette_size != Some(0),
-        "--palette-size must be at least 2 colours (leave it out for 16 gray levels or 512 colours)"
-    );
-    let mut bar = progress::Bar::new();
-    if let Some(dir) = &a.resume {
-        let run_dir = RunDir::open(dir)?;
-        // Model flags given with --resume must agree with the run; say so rather than ignore them.
-        let saved = run_dir.load_config()?.model;
-        let mut want = saved.clone();
-        if let Some(p) = &a.model.preset {
-            let pc = ModelConfig::preset(p, saved.n_vocab, saved.side, saved.channels)?;
-            (want.n_layer, want.n_embd, want.n_head) = (pc.n_layer, pc.n_embd, pc.n_head);
+impl TrainArgs {
+    /// The flags as library settings (`igpt::train::job`, which the Python bindings share).
+    fn settings(&self) -> TrainSettings {
+        TrainSettings {
+            data: self.data.clone(),
+            format: self.format.into(),
+            val_data: self.val_data.clone(),
+            val_fraction: self.val_fraction,
+            limit: self.limit,
+            model: self.model.choice(),
+            side: self.side,
+            channels: self.channels,
+            palette: self.palette.clone(),
+            palette_size: self.palette_size,
+            steps: self.steps,
+            batch: self.batch,
+            micro_batch: self.micro_batch,
+            lr: self.lr,
+            warmup: self.warmup,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            weight_decay: self.weight_decay,
+            clip: self.clip,
+            eval_every: self.eval_every,
+            eval_images: self.eval_images,
+            checkpoint_every: self.checkpoint_every,
+            seed: self.seed,
+            stop_after: self.stop_after,
         }
-        want.n_layer = a.model.layers.unwrap_or(want.n_layer);
-        want.n_embd = a.model.embd.unwrap_or(want.n_embd);
-        want.n_head = a.model.heads.unwrap_or(want.n_head);
-        want.side = a.side.unwrap_or(want.side);
-        want.channels = a.channels.unwrap_or(want.channels);
-        want.objective = a.model.objective.unwrap_or(want.objective);
-        if let Some(p) = &a.palette {
-            want.n_vocab = Palette::load(p)?.len();
-        }
-        let s = run::resume(&run_dir, a.steps, a.stop_after, Some(&want), dev, &mut bar)?;
-        return report(&run_dir, &s);
     }
-    let micro = a.micro_batch.unwrap_or(a.batch);
-    let cfg = TrainConfig {
-        steps: a.steps.unwrap_or(1000),
-        batch: a.batch,
-        micro_batch: micro,
-        lr: a.lr,
-        warmup: a.warmup,
-        beta1: a.beta1,
-        beta2: a.beta2,
-        eps: 1e-8,
-        weight_decay: a.weight_decay,
-        clip: a.clip,
-        eval_every: a.eval_every,
-        eval_images: a.eval_images,
-        checkpoint_every: a.checkpoint_every,
-        seed: a.seed,
-    };
-    cfg.validate()?;
-    ensure!(
-        !a.out.join("trainer.safetensors").exists(),
-        "{} already holds a run: continue it with --resume {}, or choose another --out",
-        a.out.display(),
-        a.out.display()
-    );
-    // A new run that fails before its first checkpoint leaves nothing behind.
-    let existed = a.out.exists();
-    let result = new_run(&a, &cfg, dev, &mut bar);
-    if result.is_err() && !existed && !a.out.join("trainer.safetensors").exists() {
-        let _ = std::fs::remove_dir_all(&a.out);
-    }
-    result
 }
 
-fn new_run(a: &TrainArgs, cfg: &TrainConfig, dev: &Device, bar: &mut progress::Bar) -> Result<()> {
-    let run_dir = RunDir::create(&a.out)?;
-    let spec = DataSpec {
-        data: a.data.clone(),
-        format: a.format.into(),
-        side: a.side,
-        channels: a.channels,
-        val_data: a.val_data.clone(),
-        val_fraction: a.val_fraction,
-        limit: a.limit,
-        seed: a.seed,
+fn train(a: TrainArgs, dev: &Device) -> Result<()> {
+    let mut bar = progress::Bar::new();
+    let settings = a.settings();
+    let (dir, s) = match &a.resume {
+        Some(dir) => (dir, job::resume_run(dir, &settings, dev, &mut bar)?),
+        None => (&a.out, job::new_run(&a.out, &settings, dev, &mut bar)?),
     };
-    let pal = match &a.palette {
-        Some(p) => PaletteSpec::File(p.clone()),
-        None => PaletteSpec::Fit(FitOptions {
-            k: a.palette_size.unwrap_or(0),
-            seed: a.seed,
-            ..FitOptions::default()
-        }),
-    };
-    let prepared = run::prepare(&run_dir, &spec, &pal, bar)
-        .context("preparing the data (--data, --side, --channels, --val-fraction, --val-data)")?;
-    let model = a
-        .model
-        .build(prepared.palette.len(), prepared.side, prepared.channels)?;
-    bar.message(&format!(
-        "model: {} layers, d={}, {} heads, context {}, {} colours: {:.2} M parameters",
-        model.n_layer,
-        model.n_embd,
-        model.n_head,
-        model.n_ctx(),
-        model.n_vocab,
-        model.n_params() as f64 / 1e6
-    ));
-    let s = run::start(
-        &run_dir,
-        &model,
-        cfg,
-        &prepared,
-        &a.data,
-        a.stop_after,
-        dev,
-        bar,
-    )?;
-    report(&run_dir, &s)
+    report(&RunDir::open(dir)?, &s)
 }
 
 fn report(run_dir: &RunDir, s: &run::Summary) -> Result<()> {

@@ -198,6 +198,21 @@ pub enum Format {
     Npy,
 }
 
+impl std::str::FromStr for Format {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Format::Auto,
+            "idx" => Format::Idx,
+            "cifar10" => Format::Cifar10,
+            "cifar100" => Format::Cifar100,
+            "folder" => Format::Folder,
+            "npy" => Format::Npy,
+            _ => bail!("unknown data format '{s}': auto, idx, cifar10, cifar100, folder or npy"),
+        })
+    }
+}
+
 /// The Fashion-MNIST test split shipped in the repository (REFERENCE.md §9).
 pub const BUILTIN_FASHION: &str = "fashion-mnist";
 
@@ -233,7 +248,9 @@ pub fn builtin_fashion() -> Result<ImageSet> {
 /// The path behind `spec` and its format, decided by the path when `Auto`.
 fn resolve(spec: &str, format: Format) -> Result<(PathBuf, Format)> {
     let path = PathBuf::from(spec);
-    ensure!(path.exists(), "data set {} does not exist", path.display());
+    if !path.exists() {
+        return Err(crate::fsutil::NotFound::new("data set ", &path, "").into());
+    }
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().to_string())

@@ -258,7 +258,7 @@ pub fn detect(path: &Path) -> Result<ModelSource> {
     if Path::new(&format!("{s}.index")).exists() {
         return Ok(ModelSource::Tf(path.to_path_buf()));
     }
-    bail!("{} does not exist", path.display())
+    Err(crate::fsutil::NotFound::new("", path, "").into())
 }
 
 /// Loads any model a `--model` argument can name: a local igpt run, Hugging Face directory or
@@ -289,5 +289,10 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
     if looks_remote {
         return hub::fetch_hf(spec);
     }
-    bail!("{spec} does not exist (and is not a hub name like openai/imagegpt-small)")
+    Err(crate::fsutil::NotFound::new(
+        "",
+        &local,
+        " (and is not a hub name like openai/imagegpt-small)",
+    )
+    .into())
 }

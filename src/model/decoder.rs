@@ -163,7 +163,7 @@ pub struct Decoder {
 impl Decoder {
     /// An f32 decoder on `device` with zero parameters (set them with [`Decoder::set_params`]).
     pub fn new(cfg: &ModelConfig, batch: usize, device: &Device) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, device, None, Precision::F32)
+        Self::build(cfg, batch, device, &mut None, Precision::F32)
     }
 
     /// An f32 decoder that takes ownership of `params` (a large model is held once).
@@ -173,7 +173,7 @@ impl Decoder {
         device: &Device,
         params: Vec<f32>,
     ) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, device, Some(params), Precision::F32)
+        Self::build(cfg, batch, device, &mut Some(params), Precision::F32)
     }
 
     /// A decoder whose weights and caches are held at `precision` ([`Precision::Bf16`] packs
@@ -185,14 +185,37 @@ impl Decoder {
         params: Vec<f32>,
         precision: Precision,
     ) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, device, Some(params), precision)
+        Self::build(cfg, batch, device, &mut Some(params), precision)
+    }
+
+    /// As [`Decoder::with_precision`], taking the parameters out of `params` only once the
+    /// decoder is built: on an error (too little memory, say) they stay where they were.
+    pub fn adopting(
+        cfg: &ModelConfig,
+        batch: usize,
+        device: &Device,
+        params: &mut Vec<f32>,
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
+        let mut slot = Some(std::mem::take(params));
+        let built = Self::build(cfg, batch, device, &mut slot, precision);
+        if let Some(p) = slot {
+            *params = p;
+        }
+        built
+    }
+
+    /// The parameters, handed back without a copy where the device holds them in host memory
+    /// (the decoder is spent).
+    pub fn into_params(mut self) -> Vec<f32> {
+        self.backend.release_params(self.layout.total)
     }
 
     fn build(
         cfg: &ModelConfig,
         batch: usize,
         device: &Device,
-        params: Option<Vec<f32>>,
+        params: &mut Option<Vec<f32>>,
         precision: Precision,
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
@@ -220,7 +243,7 @@ impl Decoder {
             )
             .check("generating with this model and batch")?;
         let layout = ParamLayout::new(cfg);
-        if let Some(p) = &params {
+        if let Some(p) = params.as_ref() {
             layout.check_len(p.len())?;
         }
         let (plan, weights, pack_jobs, sizes) = Self::plan(
@@ -232,7 +255,7 @@ impl Decoder {
             backend.as_ref(),
         );
         backend.allocate(sizes)?;
-        if let Some(p) = params {
+        if let Some(p) = params.take() {
             backend.adopt_params(p);
         }
         Weights::pack(backend.as_mut(), &pack_jobs);

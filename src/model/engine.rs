@@ -168,7 +168,7 @@ impl Engine {
         training: bool,
         device: &Device,
     ) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, training, device, None, Precision::F32)
+        Self::build(cfg, batch, training, device, &mut None, Precision::F32)
     }
 
     /// An inference engine that takes ownership of `params` rather than copying them, so a
@@ -179,7 +179,7 @@ impl Engine {
         device: &Device,
         params: Vec<f32>,
     ) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, false, device, Some(params), Precision::F32)
+        Self::build(cfg, batch, false, device, &mut Some(params), Precision::F32)
     }
 
     /// As [`Engine::with_params`], with the forward pass's products at `precision`
@@ -191,7 +191,30 @@ impl Engine {
         params: Vec<f32>,
         precision: Precision,
     ) -> anyhow::Result<Self> {
-        Self::build(cfg, batch, false, device, Some(params), precision)
+        Self::build(cfg, batch, false, device, &mut Some(params), precision)
+    }
+
+    /// As [`Engine::with_precision`], taking the parameters out of `params` only once the
+    /// engine is built: on an error (too little memory, say) they stay where they were.
+    pub fn adopting(
+        cfg: &ModelConfig,
+        batch: usize,
+        device: &Device,
+        params: &mut Vec<f32>,
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
+        let mut slot = Some(std::mem::take(params));
+        let built = Self::build(cfg, batch, false, device, &mut slot, precision);
+        if let Some(p) = slot {
+            *params = p;
+        }
+        built
+    }
+
+    /// The parameters, handed back without a copy where the device holds them in host memory
+    /// (the engine is spent).
+    pub fn into_params(mut self) -> Vec<f32> {
+        self.backend.release_params(self.layout.total)
     }
 
     fn build(
@@ -199,7 +222,7 @@ impl Engine {
         batch: usize,
         training: bool,
         device: &Device,
-        params: Option<Vec<f32>>,
+        params: &mut Option<Vec<f32>>,
         precision: Precision,
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
@@ -229,7 +252,7 @@ impl Engine {
                 "running this model with this many images per pass"
             })?;
         let layout = ParamLayout::new(cfg);
-        if let Some(p) = &params {
+        if let Some(p) = params.as_ref() {
             layout.check_len(p.len())?;
         }
         let plan = ActPlan::new(cfg, batch, training, backend.as_ref());
@@ -254,7 +277,7 @@ impl Engine {
             max_rows: rows,
             max_width: d,
         })?;
-        if let Some(p) = params {
+        if let Some(p) = params.take() {
             backend.adopt_params(p);
         }
         Weights::pack(backend.as_mut(), &pack_jobs);

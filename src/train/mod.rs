@@ -4,6 +4,7 @@
 //! [`Engine::backward`]; then [`optim::finish_step`] (reduce, clip, update). Fine-tuning
 //! ([`crate::finetune`]) takes the same steps.
 
+pub mod job;
 pub mod loader;
 pub mod optim;
 pub mod run;

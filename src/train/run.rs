@@ -7,6 +7,7 @@ use crate::checkpoint::{RunConfig, RunDir};
 use crate::config::ModelConfig;
 use crate::data::{self, Format, TokenSet};
 use crate::palette::{FitOptions, Palette};
+use crate::stop::Stopped;
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
 use std::io::Write;
@@ -55,6 +56,11 @@ pub trait Progress: Send {
     fn step(&mut self, _s: &StepStats, _tokens_per_s: f64) {}
     fn validated(&mut self, _step: u64, _nats: f64) {}
     fn finish(&mut self) {}
+    /// Asked after each step: `Err(Stopped)` ends the run there, with a checkpoint of that
+    /// step (so the run can be resumed), and the run's result is that error.
+    fn keep_going(&mut self) -> Result<(), Stopped> {
+        Ok(())
+    }
 }
 
 /// A [`Progress`] that ignores everything.
@@ -471,11 +477,18 @@ fn train_loop_on_pool(
             writeln!(log, "{}", json!({"step": s.step, "val_loss": v}))?;
         }
         log.flush()?;
-        if at_end
+        let saved = at_end
             || s.step == last
-            || (cfg.checkpoint_every > 0 && s.step % cfg.checkpoint_every == 0)
-        {
+            || (cfg.checkpoint_every > 0 && s.step % cfg.checkpoint_every == 0);
+        if saved {
             checkpoint(run, trainer)?;
+        }
+        if let Err(stop) = progress.keep_going() {
+            if !saved {
+                checkpoint(run, trainer)?;
+            }
+            progress.finish();
+            return Err(stop.into());
         }
     }
     if trainer.state.step == first {

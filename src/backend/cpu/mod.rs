@@ -184,6 +184,12 @@ impl Backend for CpuBackend {
         self.params = params;
     }
 
+    fn release_params(&mut self, len: usize) -> Vec<f32> {
+        let mut p = std::mem::take(&mut self.params);
+        p.truncate(len);
+        p
+    }
+
     fn allocate(&mut self, s: ArenaSizes) -> anyhow::Result<()> {
         let total =
             4 * (s.params + 3 * s.grads + s.acts) + 2 * (s.tokens + s.half + packed_input_len(&s));

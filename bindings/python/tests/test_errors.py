@@ -54,13 +54,22 @@ def test_bad_input_is_a_value_error_with_igpts_message(hf, tmp_path):
     assert hf.logits(np.zeros((1, 4), np.int64)).shape == (1, 4, 16)
 
 
+@pytest.fixture
+def sigint():
+    """Python's own Ctrl-C handler, whatever this process inherited: a shell starts background
+    jobs with SIGINT ignored, and Python then leaves it ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _interrupt_after(seconds):
     t = threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGINT))
     t.start()
     return t
 
 
-def test_ctrl_c_stops_a_long_call_and_the_model_stays_usable(hf):
+def test_ctrl_c_stops_a_long_call_and_the_model_stays_usable(hf, sigint):
     many = np.zeros((20000, 64), np.int64)
     t0 = time.monotonic()
     t = _interrupt_after(0.3)
@@ -75,7 +84,7 @@ def test_ctrl_c_stops_a_long_call_and_the_model_stays_usable(hf):
     assert hf.features(many[:2], layers=[1]).shape == (2, hf.width)
 
 
-def test_ctrl_c_stops_training_at_a_step(tmp_path):
+def test_ctrl_c_stops_training_at_a_step(tmp_path, sigint):
     def cb(step, loss, speed):
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)

@@ -151,7 +151,7 @@ impl FinetuneProgress for Printer {
 impl FinetuneArgs {
     /// The flags as library settings (`igpt::finetune::FinetuneSettings`, which the Python
     /// bindings share).
-    fn settings(&self) -> FinetuneSettings {
+    pub(super) fn settings(&self) -> FinetuneSettings {
         FinetuneSettings {
             steps: self.steps,
             batch: self.batch,

@@ -826,3 +826,31 @@ fn info(model: String) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags' defaults are the library's: `igpt train` and `igpt finetune` with no settings
+    /// given are the Python package's `igpt.train` and `igpt.finetune` with none given.
+    #[test]
+    fn flag_defaults_are_the_library_s() {
+        let cli = Cli::try_parse_from(["igpt", "train", "--data", "fashion-mnist", "--out", "r"])
+            .unwrap();
+        let Some(Command::Train(a)) = cli.command else {
+            panic!("not a train command");
+        };
+        assert_eq!(
+            format!("{:?}", a.settings()),
+            format!("{:?}", TrainSettings::default())
+        );
+        let cli = Cli::try_parse_from([
+            "igpt", "finetune", "--model", "m", "--data", "d", "--out", "o",
+        ])
+        .unwrap();
+        let Some(Command::Finetune(a)) = cli.command else {
+            panic!("not a finetune command");
+        };
+        assert_eq!(a.settings(), igpt::finetune::FinetuneSettings::default());
+    }
+}

@@ -24,6 +24,8 @@ struct Reporter<'a> {
     job: &'a Job,
     callback: Option<Py<PyAny>>,
     verbose: bool,
+    /// Fine-tuning on the classification loss alone: the callback hears L_CLF.
+    clf_only: bool,
 }
 
 impl Reporter<'_> {
@@ -71,7 +73,13 @@ impl FinetuneProgress for Reporter<'_> {
         self.say(msg);
     }
     fn step(&mut self, step: u64, s: &FinetuneStats, tokens_per_s: f64) {
-        self.call(step, s.gen_loss + s.clf_loss, tokens_per_s);
+        // The loss being minimised: L_CLF alone when fine-tuning on the classification loss only.
+        let loss = if self.clf_only {
+            s.clf_loss
+        } else {
+            s.gen_loss + s.clf_loss
+        };
+        self.call(step, loss, tokens_per_s);
     }
     fn keep_going(&mut self) -> Result<(), Stopped> {
         self.job.check()
@@ -82,6 +90,16 @@ impl FinetuneProgress for Reporter<'_> {
             "step {step}: validation accuracy {:.2}%{mark}",
             100.0 * accuracy
         ));
+    }
+}
+
+/// Refuses a callback that cannot be called before any work starts.
+fn check_callable(py: Python<'_>, callback: &Option<Py<PyAny>>) -> PyResult<()> {
+    match callback {
+        Some(cb) if !cb.bind(py).is_callable() => {
+            Err(PyValueError::new_err("callback must be callable"))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -189,16 +207,13 @@ pub fn train<'py>(
         stop_after,
     };
     let device: Device = parse("device", device)?;
-    if let Some(cb) = &callback
-        && !cb.bind(py).is_callable()
-    {
-        return Err(PyValueError::new_err("callback must be callable"));
-    }
+    check_callable(py, &callback)?;
     let sum = run::run(py, |job| {
         let mut r = Reporter {
             job,
             callback,
             verbose,
+            clf_only: false,
         };
         match (&out, &resume) {
             (Some(o), None) => job::new_run(o, &s, &device, &mut r),
@@ -301,12 +316,14 @@ pub fn finetune<'py>(
         seed: seed.unwrap_or(d.seed),
     };
     let device: Device = parse("device", device)?;
+    check_callable(py, &callback)?;
     let spec = model.to_string_lossy().into_owned();
     let (sum, test_accuracy) = run::run(py, |job| {
         let mut r = Reporter {
             job,
             callback,
             verbose,
+            clf_only,
         };
         s.base()?;
         let m = igpt::formats::load_model(&spec)?;

@@ -1,5 +1,8 @@
 """Inputs as the native module takes them: images as uint8 arrays, token ids as int64 arrays.
 
+Every array handed on is a fresh copy: the native code reads it with the GIL released, so no
+other Python thread may hold (and change) the buffer meanwhile.
+
 PIL images become arrays by the rules the Rust decoder applies to image files (``igpt encode``):
 gray stays gray, RGB stays RGB, an alpha channel is kept here and dropped by the native code
 (not composited), palette images are expanded to RGB, 1-bit images to 0/255 gray, 16-bit gray
@@ -45,12 +48,14 @@ def _array(obj, i):
         raise ValueError(
             f"image {i}: {a.shape[2]} channels; images have 1 (gray), 3 (RGB) or 4 (RGBA)"
         )
-    return np.ascontiguousarray(a)
+    return np.array(a, order="C", copy=True)
 
 
 def images(obj):
     """A list of C-contiguous uint8 arrays (H, W) or (H, W, C) from: one PIL image or array,
-    a sequence of them, or one stacked array (N, H, W) or (N, H, W, C)."""
+    a sequence of them, or one stacked array (N, H, W) or (N, H, W, C). A 3-D array is one
+    image when its last axis can be channels (1 to 4), else a stack of gray images: pass a list
+    to say which."""
     if _is_pil(obj):
         return [_pil_array(obj)]
     if isinstance(obj, np.ndarray):
@@ -60,7 +65,7 @@ def images(obj):
                 "integer array [N, T] to a method that takes ids"
             )
         if obj.ndim == 4 or (obj.ndim == 3 and obj.shape[-1] not in (1, 2, 3, 4)):
-            stacked = np.ascontiguousarray(obj)
+            stacked = np.array(obj, order="C", copy=True)
             return [stacked[i] for i in range(stacked.shape[0])]
         return [_array(obj, 0)]
     if isinstance(obj, (str, bytes)):
@@ -90,4 +95,4 @@ def ids(obj):
         a = a[None, :]
     if a.ndim != 2:
         raise ValueError(f"token ids must be [N, T], got shape {a.shape}")
-    return np.ascontiguousarray(a, dtype=np.int64)
+    return np.array(a, dtype=np.int64, order="C", copy=True)

@@ -2,7 +2,6 @@
 
 use crate::backend::Device;
 use crate::checkpoint::LoadedModel;
-use crate::config::ModelConfig;
 use crate::model::{Engine, Output};
 use crate::stop::Report;
 use anyhow::{Result, bail, ensure};
@@ -21,16 +20,14 @@ pub enum Convention {
 
 /// An inference engine for one model, reused across calls.
 pub struct Runner {
-    cfg: ModelConfig,
     engine: Engine,
 }
 
 impl Runner {
     /// Takes the model's parameters (held once, not copied).
     pub fn new(m: LoadedModel, batch: usize, device: &Device) -> Result<Self> {
-        let cfg = m.config.model;
-        let engine = Engine::with_params(&cfg, batch.max(1), device, m.params)?;
-        Ok(Self { cfg, engine })
+        let engine = Engine::with_params(&m.config.model, batch.max(1), device, m.params)?;
+        Ok(Self { engine })
     }
 
     /// See [`run`].
@@ -43,16 +40,7 @@ impl Runner {
         output: Output,
         on_batch: impl Report<usize>,
     ) -> Result<Vec<f32>> {
-        run_engine(
-            &mut self.engine,
-            &self.cfg,
-            ids,
-            n,
-            t,
-            convention,
-            output,
-            on_batch,
-        )
+        run_with(&mut self.engine, ids, n, t, convention, output, on_batch)
     }
 }
 
@@ -74,16 +62,7 @@ pub fn run(
 ) -> Result<Vec<f32>> {
     let mut engine = Engine::new(m.model(), batch.clamp(1, n.max(1)), false, device)?;
     engine.set_params(&m.params)?;
-    run_engine(
-        &mut engine,
-        m.model(),
-        ids,
-        n,
-        t,
-        convention,
-        output,
-        on_batch,
-    )
+    run_with(&mut engine, ids, n, t, convention, output, on_batch)
 }
 
 /// [`run`] on an engine already holding the model (of any batch size; its own precision).
@@ -94,23 +73,9 @@ pub fn run_with(
     t: usize,
     convention: Convention,
     output: Output,
-    on_batch: impl Report<usize>,
-) -> Result<Vec<f32>> {
-    let cfg = engine.cfg.clone();
-    run_engine(engine, &cfg, ids, n, t, convention, output, on_batch)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn run_engine(
-    engine: &mut Engine,
-    cfg: &ModelConfig,
-    ids: &[i64],
-    n: usize,
-    t: usize,
-    convention: Convention,
-    output: Output,
     mut on_batch: impl Report<usize>,
 ) -> Result<Vec<f32>> {
+    let cfg = &engine.cfg.clone();
     let (ctx, v) = (cfg.n_ctx(), cfg.n_vocab);
     ensure!(
         ids.len() == n * t,

@@ -293,13 +293,13 @@ pub fn generate_all(
     // Runs on the thread pool, as training does, so kernels use its local queues.
     rayon::scope(|_| -> anyhow::Result<()> {
         for start in (0..n).step_by(batch) {
+            // A short last batch decodes only its own images.
             let count = batch.min(n - start);
-            // A short last batch is padded with copies of its first prefix; the extras are dropped.
-            let images: Vec<ImageSpec> = (0..batch)
+            let images: Vec<ImageSpec> = (start..start + count)
                 .map(|i| ImageSpec {
-                    prefix: &prefixes[start + i.min(count - 1)],
+                    prefix: &prefixes[i],
                     opts: *opts,
-                    stream: (start + i) as u64,
+                    stream: i as u64,
                 })
                 .collect();
             let known = images.iter().map(|im| im.prefix.len()).min().unwrap_or(0);
@@ -315,7 +315,7 @@ pub fn generate_all(
                 }
             })?;
             stopped?;
-            out.extend_from_slice(&made.tokens[..count * t]);
+            out.extend_from_slice(&made.tokens);
         }
         Ok(())
     })?;

@@ -177,7 +177,7 @@ fn batched_generation_and_completion_prefixes_do_not_depend_on_the_batch() {
     assert_eq!(prefixes.len(), 6);
     assert_eq!(prefixes[4], originals[t..t + 10].to_vec());
     let mut seen = Vec::new();
-    // Batches of four: the second is a short one (two of its four images are padding).
+    // Batches of four: the second is a short one (two images in a decoder of four).
     let four = sample::generate_all(&mut decoder(4), &prefixes, &opts, |d| seen.push(d)).unwrap();
     let one = sample::generate_all(&mut decoder(1), &prefixes, &opts, |_| {}).unwrap();
     assert_eq!(four, one);

@@ -162,6 +162,20 @@ impl ModelConfig {
     pub fn n_params(&self) -> usize {
         usize::try_from(crate::memory::param_count(self)).unwrap_or(usize::MAX)
     }
+
+    /// One line for people: "4 layers, d=128, 2 heads, 784 tokens per image, 16 colours:
+    /// 0.89 M parameters".
+    pub fn summary(&self) -> String {
+        format!(
+            "{} layers, d={}, {} heads, {} tokens per image, {} colours: {:.2} M parameters",
+            self.n_layer,
+            self.n_embd,
+            self.n_head,
+            self.n_ctx(),
+            self.n_vocab,
+            self.n_params() as f64 / 1e6
+        )
+    }
 }
 
 #[cfg(test)]

@@ -432,6 +432,42 @@ fn a_full_queue_answers_busy_at_once() {
         ),
         (Some(1), Some(1))
     );
+
+    // A waiting request whose client leaves gives its place up long before its round would
+    // have started (the gathering window is 10 s).
+    let server = Server::start(
+        &run,
+        &[
+            "--queue",
+            "1",
+            "--batch",
+            "2",
+            "--max-images",
+            "1",
+            "--gather-ms",
+            "10000",
+        ],
+    );
+    let (code, leaves) = server.open_stream("/api/sample?n=1", &[]);
+    assert_eq!(code, 200);
+    server.wait_status(|st| st["waiting"] == 1);
+    drop(leaves);
+    let t0 = std::time::Instant::now();
+    let next = loop {
+        let (code, ev) = server.open_stream("/api/sample?n=1", &[]);
+        if code == 200 {
+            break ev;
+        }
+        assert_eq!(code, 503);
+        assert!(
+            t0.elapsed().as_secs_f64() < 8.0,
+            "the place was not given up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    drop(next);
+    let st = server.wait_status(|st| st["requests_cancelled"].as_u64() >= Some(1));
+    assert!(st["requests_cancelled"].as_u64() >= Some(1), "{st}");
 }
 
 #[test]

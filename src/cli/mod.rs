@@ -544,15 +544,7 @@ fn demo(a: DemoArgs, dev: &Device) -> Result<()> {
         checkpoint_every: 100,
         ..TrainConfig::default()
     };
-    println!(
-        "model: {} layers, d={}, {} heads, {} tokens per image, {} colours: {:.2} M parameters",
-        model.n_layer,
-        model.n_embd,
-        model.n_head,
-        model.n_ctx(),
-        model.n_vocab,
-        model.n_params() as f64 / 1e6
-    );
+    println!("model: {}", model.summary());
     println!(
         "training: {} steps of {} images (lr {}, warm-up {}, cosine decay)",
         cfg.steps, cfg.batch, cfg.lr, cfg.warmup

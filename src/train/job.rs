@@ -255,15 +255,7 @@ fn start_new(
     let model = s
         .model
         .build(prepared.palette.len(), prepared.side, prepared.channels)?;
-    progress.message(&format!(
-        "model: {} layers, d={}, {} heads, context {}, {} colours: {:.2} M parameters",
-        model.n_layer,
-        model.n_embd,
-        model.n_head,
-        model.n_ctx(),
-        model.n_vocab,
-        model.n_params() as f64 / 1e6
-    ));
+    progress.message(&format!("model: {}", model.summary()));
     run::start(
         &run_dir,
         &model,

@@ -319,6 +319,9 @@ fn bert_models_train_from_the_command_line() {
     let o = igpt(&["sample", "--model", s(&run), "--out", s(&dir.join("x.png"))]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("BERT"), "{}", stderr(&o));
+    let o = igpt(&["serve", "--model", s(&run), "--port", "0"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("BERT"), "{}", stderr(&o));
 
     // Probes average features over masks, and fine-tuning trains on masked images.
     let o = igpt(&[

@@ -237,11 +237,6 @@ fn generate_all(
 ) -> Result<Vec<u16>> {
     let cfg = m.config.model.clone();
     let cfg = &cfg;
-    ensure!(
-        cfg.causal(),
-        "this is a BERT (masked-objective) model: it fills in masked pixels but does not \
-         generate images pixel by pixel; use an autoregressive model"
-    );
     let n = prefixes.len();
     let batch = s.batch.clamp(1, n.max(1));
     let precision = s.precision.unwrap_or_else(|| dev.inference_precision());

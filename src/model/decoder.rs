@@ -219,6 +219,11 @@ impl Decoder {
         precision: Precision,
     ) -> anyhow::Result<Self> {
         cfg.validate()?;
+        anyhow::ensure!(
+            cfg.causal(),
+            "this is a BERT (masked-objective) model: it fills in masked pixels but does not \
+             generate images pixel by pixel; use an autoregressive model"
+        );
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
         let mut backend = device.open()?;
         // Checked from the shape alone, before the layout or the plan computes a size.

@@ -65,11 +65,6 @@ pub fn serve(
     on_ready: impl FnOnce(),
 ) -> Result<()> {
     let cfg = model.model().clone();
-    ensure!(
-        cfg.causal(),
-        "this is a BERT (masked-objective) model: it fills in masked pixels but does not \
-         generate images pixel by pixel; serve an autoregressive model"
-    );
     ensure!(opts.batch >= 1, "the batch must hold at least one image");
     ensure!(
         opts.limits.max_images >= 1 && opts.limits.max_images <= opts.batch,

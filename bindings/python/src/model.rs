@@ -325,11 +325,6 @@ impl Model {
         let mut c = self.lock()?;
         let c = &mut *c;
         run::run(py, |job: &Job| {
-            ensure!(
-                self.config.model.causal(),
-                "this is a BERT (masked-objective) model: it fills in masked pixels but does not \
-                 generate images pixel by pixel; use an autoregressive model"
-            );
             let n = prefixes.len();
             let dec = c.decoder(self, batch.clamp(1, n.max(1)))?;
             sample::generate_all(dec, &prefixes, &opts, Fallible(|_| job.check()))

@@ -8,8 +8,10 @@
 //!   `convert("RGB")`), 3 is "RGB", 4 is "CMYK" (libjpeg's CMYK output read inverted, Adobe's
 //!   convention, then Pillow's `cmyk2rgb`); anything else is refused;
 //! - the data are fed to a suspending source, as Pillow's decoder is: a file that ends before
-//!   the last row is decoded is truncated (Pillow: "image file is truncated"), one that ends
-//!   after it (a missing EOI marker at most) decodes;
+//!   the last row is decoded is truncated (Pillow: "image file is truncated"). libjpeg reads
+//!   on to the next marker to finish the last row, so in the fixtures even a file missing only
+//!   its EOI marker is refused, as Pillow refuses it (`tests/jpeg.rs`); data past the last row
+//!   are not required by this code itself;
 //! - libjpeg's warnings (corrupt data it decodes through) are ignored and its fatal errors
 //!   refuse the file. libjpeg's default error handler exits the process; here it unwinds back
 //!   to [`decode`], which turns it into an [`Error`]. That needs the default `panic = "unwind"`:
@@ -262,8 +264,8 @@ unsafe fn run(d: &mut Decoder, bytes: &[u8], max_side: u32, max_bytes: u64) -> R
                 }
             }
         }
-        // As Pillow: all rows are there, so running out of data now (a missing EOI marker)
-        // is not an error; a fatal error still is.
+        // All rows are there: running out of data now is not an error here (a fatal error
+        // still is).
         ffi::jpeg_finish_decompress(c);
         Ok(Jpeg {
             width: w,

@@ -241,6 +241,20 @@ impl RunDir {
         })
     }
 
+    /// A run directory another process is writing (rank 0 of a data-parallel run), to read its
+    /// files as they appear: never locked, and its config need not exist yet.
+    pub fn written_by_another(path: &Path) -> Result<Self> {
+        ensure!(
+            path.is_dir(),
+            "{} is not a directory this process can see",
+            path.display()
+        );
+        Ok(Self {
+            path: path.to_path_buf(),
+            lock: Default::default(),
+        })
+    }
+
     /// Takes the directory's exclusive lock for this process (once; later calls do nothing),
     /// so that two processes never write one run. Another holder is a [`crate::fsutil::Locked`]
     /// error naming it.

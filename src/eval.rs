@@ -4,6 +4,7 @@
 use crate::bert;
 use crate::data::TokenSet;
 use crate::model::Engine;
+use crate::parallel::{Collective, Single, TeamExt};
 use crate::stop::Report;
 use anyhow::{Result, ensure};
 
@@ -13,8 +14,21 @@ use anyhow::{Result, ensure};
 pub fn score_images(
     engine: &mut Engine,
     tokens: &TokenSet,
-    mut on_batch: impl Report<usize>,
+    on_batch: impl Report<usize>,
 ) -> Result<Vec<f64>> {
+    let scores = score_images_shared(&mut Single::default(), engine, tokens, on_batch)?;
+    Ok(scores.expect("a process alone leads"))
+}
+
+/// [`score_images`] with the images split over `team` (whole batches each): every score on
+/// rank 0, the same to the last bit as one process's; `None` on the other ranks. `on_batch`
+/// counts this rank's images.
+pub fn score_images_shared(
+    team: &mut dyn Collective,
+    engine: &mut Engine,
+    tokens: &TokenSet,
+    mut on_batch: impl Report<usize>,
+) -> Result<Option<Vec<f64>>> {
     let (t, batch) = (engine.cfg.n_ctx(), engine.batch);
     ensure!(
         engine.cfg.causal(),
@@ -28,10 +42,11 @@ pub fn score_images(
         engine.cfg.n_vocab
     );
     let mut buf = vec![0u16; batch * t];
-    let mut scores = Vec::with_capacity(tokens.len());
+    let mine = team.share(tokens.len(), batch);
+    let mut scores = Vec::with_capacity(mine.len());
     // Runs on the thread pool, as training does, so kernels use its local queues.
     rayon::scope(|_| -> Result<()> {
-        for start in (0..tokens.len()).step_by(batch) {
+        for start in mine.clone().step_by(batch) {
             let b = batch.min(tokens.len() - start);
             for i in 0..b {
                 tokens.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
@@ -40,11 +55,11 @@ pub fn score_images(
             for per_image in engine.position_losses().chunks(t) {
                 scores.push(per_image.iter().map(|&x| x as f64).sum::<f64>() / t as f64);
             }
-            on_batch.report(start + b)?;
+            on_batch.report(start + b - mine.start)?;
         }
         Ok(())
     })?;
-    Ok(scores)
+    team.gather_values(&scores)
 }
 
 /// Mean loss in nats per token of `engine`'s model over (the first `max_images`, 0 = all,
@@ -70,6 +85,22 @@ pub fn evaluate_masks(
     masks: usize,
     buf: &mut Vec<u16>,
 ) -> Result<f64> {
+    let alone = &mut Single::default();
+    let mean = evaluate_shared(alone, engine, data, max_images, masks, buf)?;
+    Ok(mean.expect("a process alone leads"))
+}
+
+/// [`evaluate_masks`] with the images split over `team` (whole batches each): the mean on
+/// rank 0, the same to the last bit as one process's (the batches' sums are added in the same
+/// order); `None` on the other ranks.
+pub fn evaluate_shared(
+    team: &mut dyn Collective,
+    engine: &mut Engine,
+    data: &TokenSet,
+    max_images: usize,
+    masks: usize,
+    buf: &mut Vec<u16>,
+) -> Result<Option<f64>> {
     let t = engine.cfg.n_ctx();
     ensure!(
         data.header.t == t && data.header.n_vocab == engine.cfg.n_vocab,
@@ -93,9 +124,10 @@ pub fn evaluate_masks(
         Vec::new()
     };
     let mut perm = Vec::new();
-    let mut sum = 0.0;
-    let mut start = 0;
-    while start < n {
+    // Each pass's summed loss, added up in order on rank 0.
+    let mut sums = Vec::new();
+    let mine = team.share(n, engine.batch);
+    for start in mine.step_by(engine.batch) {
         let b = engine.batch.min(n - start);
         for i in 0..b {
             data.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
@@ -103,13 +135,16 @@ pub fn evaluate_masks(
         if bert {
             for k in 0..masks {
                 bert::eval_masks(start, b, t, masks, k, &mut perm, &mut mask);
-                sum += engine.forward_masked(&buf[..b * t], &mask[..b * t])?;
+                sums.push(engine.forward_masked(&buf[..b * t], &mask[..b * t])?);
             }
         } else {
-            sum += engine.forward(&buf[..b * t])?;
+            sums.push(engine.forward(&buf[..b * t])?);
         }
-        start += b;
     }
     let per_image = if bert { bert::mask_count(t) } else { t };
-    Ok(sum / (n * per_image * masks) as f64)
+    let Some(all) = team.gather_values(&sums)? else {
+        return Ok(None);
+    };
+    let sum = all.iter().fold(0.0, |acc, s| acc + s);
+    Ok(Some(sum / (n * per_image * masks) as f64))
 }

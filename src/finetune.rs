@@ -6,7 +6,10 @@ use crate::bert;
 use crate::checkpoint::{LoadedModel, RunConfig, RunDir};
 use crate::data::TokenSet;
 use crate::model::Engine;
+use crate::parallel::reduce::{BUCKET_LEN, Reducer};
+use crate::parallel::{Single, Team, TeamExt};
 use crate::stop::{Fallible, Stopped};
+use crate::train::loader::Shard;
 use crate::train::optim::{AdamW, HostMoments, HostRows, finish_step};
 use anyhow::{Context, Result, ensure};
 use rand::seq::SliceRandom;
@@ -361,6 +364,9 @@ pub struct Finetuner {
     perm: Vec<usize>,
     mask_seed: u64,
     scratch: HeadScratch,
+    /// This process's share of every batch, and the team gradients are summed over.
+    shard: Shard,
+    reducer: Reducer,
 }
 
 /// One fine-tuning step's losses (means per image / per token) and batch accuracy.
@@ -377,6 +383,8 @@ impl Finetuner {
     /// `mask_seed` seeds a BERT model's training masks (unused for autoregressive models).
     pub fn new(engine: Engine, head: Head, mask_seed: u64) -> Self {
         Self {
+            reducer: Reducer::new(Single::team(), &engine.layout, BUCKET_LEN),
+            shard: Shard::WHOLE,
             mask: Vec::new(),
             perm: Vec::new(),
             mask_seed,
@@ -392,6 +400,42 @@ impl Finetuner {
             grad_w: Vec::new(),
             grad_b: Vec::new(),
         }
+    }
+
+    /// Trains as one rank of `team`: each step this process runs its share of the batch, and
+    /// the gradients (model and head), losses and counts are summed over the team.
+    pub fn join(&mut self, team: Team) {
+        self.shard = Shard {
+            rank: team.rank(),
+            world: team.world(),
+        };
+        self.reducer = Reducer::new(team, &self.engine.layout, BUCKET_LEN);
+    }
+
+    /// Refuses to go on unless every rank holds the same model and head.
+    pub fn check_same_everywhere(&mut self, what: &str) -> Result<()> {
+        if self.reducer.alone() {
+            return Ok(());
+        }
+        let params = self.engine.params();
+        let sum = crate::parallel::checksum(&params)
+            ^ crate::parallel::checksum(&self.head.w).rotate_left(1)
+            ^ crate::parallel::checksum(&self.head.b).rotate_left(2);
+        self.reducer.team().check_same(what, sum)
+    }
+
+    /// The team this fine-tuner belongs to.
+    pub fn team(&mut self) -> &mut dyn crate::parallel::Collective {
+        self.reducer.team()
+    }
+
+    /// Accuracy on labelled `val` images, computed by the team together (every rank gets it).
+    pub fn accuracy(&mut self, val: &TokenSet, labels: &[u32], masks: usize) -> Result<f64> {
+        let team = self.reducer.team();
+        let pred = classify_shared(team, &mut self.engine, &self.head, val, masks)?;
+        let mut acc = vec![pred.map_or(0.0, |p| crate::probe::accuracy(&p, labels))];
+        team.broadcast_values(&mut acc)?;
+        Ok(acc[0])
     }
 
     /// Scales the head's Adam steps per input feature. A head folded from a probe on
@@ -432,6 +476,14 @@ impl Finetuner {
             n > 0 && n.is_multiple_of(pass),
             "a batch of {n} images does not split into passes of {pass}"
         );
+        let (per, first) = self.shard.share(n)?;
+        ensure!(
+            per.is_multiple_of(pass),
+            "each of the {} processes takes {per} images of a batch of {n}, which do not split \
+             into passes of {pass}",
+            self.shard.world
+        );
+        let passes = first / pass..(first + per) / pass;
         self.engine.zero_grads();
         let (gw, gb) = (&mut self.grad_w, &mut self.grad_b);
         gw.clear();
@@ -448,7 +500,8 @@ impl Finetuner {
         }
         let gen_scale = if with_gen { 1.0 / scored as f32 } else { 0.0 };
         let (mut gen_sum, mut clf, mut right) = (0.0, 0.0, 0usize);
-        for p in 0..n / pass {
+        let last_pass = passes.end - 1;
+        for p in passes {
             let images = p * pass..(p + 1) * pass;
             let pixels = images.start * t..images.end * t;
             let labels = &labels[images];
@@ -469,7 +522,13 @@ impl Finetuner {
                 &mut self.d_lnf,
                 &mut self.scratch,
             );
-            self.engine.backward(Some(&self.d_lnf))?;
+            if p == last_pass {
+                let reducer = &mut self.reducer;
+                self.engine
+                    .backward_reporting(Some(&self.d_lnf), &mut |g| reducer.finished(g))?;
+            } else {
+                self.engine.backward(Some(&self.d_lnf))?;
+            }
             right += self
                 .scratch
                 .predicted
@@ -481,13 +540,18 @@ impl Finetuner {
         self.step += 1;
         let done = finish_step(
             &mut self.engine,
+            &mut self.reducer,
             &mut [&mut gw[..], &mut gb[..]],
             gen_sum,
             &self.adamw,
             lr,
             self.step,
             0.0,
-        );
+        )?;
+        // The classifier's loss and hits, of every process's share.
+        let mut counts = [clf, right as f64];
+        self.reducer.team().sum_f64(&mut counts)?;
+        let (clf, right) = (counts[0], counts[1] as usize);
         let c = self.head.classes;
         let (head, adamw) = (&mut self.head, &self.adamw);
         // The weights are a matrix (decayed when weight decay is on); the biases are not.
@@ -522,6 +586,20 @@ pub fn classify(
     tokens: &crate::data::TokenSet,
     masks: usize,
 ) -> Result<Vec<u32>> {
+    let alone = &mut Single::default();
+    let pred = classify_shared(alone, engine, head, tokens, masks)?;
+    Ok(pred.expect("a process alone leads"))
+}
+
+/// [`classify`] with the images split over `team` (whole batches each): every prediction on
+/// rank 0, `None` on the other ranks.
+pub fn classify_shared(
+    team: &mut dyn crate::parallel::Collective,
+    engine: &mut Engine,
+    head: &Head,
+    tokens: &crate::data::TokenSet,
+    masks: usize,
+) -> Result<Option<Vec<u32>>> {
     let (t, batch, c) = (engine.cfg.n_ctx(), engine.batch, head.classes);
     ensure!(
         head.d == engine.cfg.n_embd,
@@ -538,8 +616,9 @@ pub fn classify(
     let mut mask = vec![false; batch * t];
     let mut perm = Vec::new();
     let (mut lnf, mut probs) = (Vec::new(), Vec::new());
-    let mut out = Vec::with_capacity(tokens.len());
-    for start in (0..tokens.len()).step_by(batch) {
+    let mine = team.share(tokens.len(), batch);
+    let mut out = Vec::with_capacity(mine.len());
+    for start in mine.step_by(batch) {
         let b = batch.min(tokens.len() - start);
         for i in 0..b {
             tokens.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
@@ -567,7 +646,7 @@ pub fn classify(
         }
         out.extend(probs.chunks_exact(c).map(crate::probe::argmax));
     }
-    Ok(out)
+    team.gather_values(&out)
 }
 
 /// How a fine-tuning run starts its head.
@@ -701,9 +780,14 @@ pub fn run(
     cfg: &FinetuneConfig,
     out: &Path,
     device: &Device,
+    mut team: Team,
     progress: &mut dyn FinetuneProgress,
 ) -> Result<FinetuneSummary> {
     let mc = model.model();
+    // Rank 0 alone reports and writes; every rank trains on its share of each batch.
+    let leads = team.leads();
+    let mut quiet = QuietFinetune;
+    let progress = if leads { progress } else { &mut quiet };
     let t = mc.n_ctx();
     cfg.validate()?;
     ensure!(
@@ -746,7 +830,13 @@ pub fn run(
     let val = data.select(val_idx)?;
     let val_y: Vec<u32> = val_idx.iter().map(|&i| labels[i]).collect();
 
-    let mut engine = Engine::new(mc, cfg.micro_batch, true, device)?;
+    // Each rank's share of a batch goes through in passes of at most `micro_batch` images.
+    let shard = Shard {
+        rank: team.rank(),
+        world: team.world(),
+    };
+    let pass = shard.pass(cfg.batch, cfg.micro_batch)?;
+    let mut engine = Engine::new(mc, pass, true, device)?;
     engine.set_params(&model.params)?;
     let head = match &cfg.head_start {
         HeadStart::Saved(h) => h.clone(),
@@ -756,7 +846,8 @@ pub fn run(
             let n_probe = (*images).min(train_idx.len());
             let probe_set = data.select(&train_idx[..n_probe])?;
             let y: Vec<u32> = train_idx[..n_probe].iter().map(|&i| labels[i]).collect();
-            let pooled = crate::probe::extract_features(
+            let pooled = crate::probe::extract_features_shared(
+                &mut *team,
                 &mut engine,
                 &probe_set,
                 &[mc.n_layer],
@@ -766,17 +857,27 @@ pub fn run(
                     progress.keep_going()
                 }),
             )?;
-            let p = Head::from_probe(&pooled, &y, mc.n_embd, classes, class_names)?;
-            progress.message(&format!(
-                "head initialised by a linear probe on {n_probe} training images \
-                 ({:.2}% on its validation split)",
-                100.0 * p.val_accuracy
-            ));
-            p.head
+            // Rank 0 fits the probe on everyone's features and hands the head to the others.
+            let mut head = Head::new(mc.n_embd, classes, class_names.clone());
+            if let Some(pooled) = pooled {
+                let p = Head::from_probe(&pooled, &y, mc.n_embd, classes, class_names)?;
+                progress.message(&format!(
+                    "head initialised by a linear probe on {n_probe} training images \
+                     ({:.2}% on its validation split)",
+                    100.0 * p.val_accuracy
+                ));
+                head = p.head;
+            }
+            team.broadcast_values(&mut head.w)?;
+            team.broadcast_values(&mut head.b)?;
+            team.broadcast_values(&mut head.step_scale)?;
+            head
         }
     };
     let mut ft = Finetuner::new(engine, head, cfg.seed ^ 0xb327);
     ft.adamw = cfg.adamw;
+    ft.join(team);
+    ft.check_same_everywhere("starting model and head")?;
     progress.message(&format!(
         "fine-tuning on {} images ({} for validation), {classes} classes, loss {}",
         train_idx.len(),
@@ -787,8 +888,9 @@ pub fn run(
             "L_CLF"
         }
     ));
-    let out = RunDir::create(out)?;
+    let out = leads.then(|| RunDir::create(out)).transpose()?;
     let keep = |ft: &Finetuner| -> Result<()> {
+        let Some(out) = &out else { return Ok(()) };
         out.save_config(&RunConfig {
             data: format!("fine-tuned on {data_desc}"),
             ..model.config.clone()
@@ -798,8 +900,7 @@ pub fn run(
         ft.head.save(&out.file("head.safetensors"))
     };
     // The starting point is a candidate too: fine-tuning only keeps what beats it.
-    let pred = classify(&mut ft.engine, &ft.head, &val, cfg.masks)?;
-    let mut best = crate::probe::accuracy(&pred, &val_y);
+    let mut best = ft.accuracy(&val, &val_y, cfg.masks)?;
     let mut best_step = 0;
     keep(&ft)?;
     progress.validated(0, None, best, true);
@@ -832,12 +933,12 @@ pub fn run(
         );
         progress.step(step, &st, tokens_per_s);
         if step % cfg.eval_every == 0 || step == cfg.steps {
-            let pred = classify(&mut ft.engine, &ft.head, &val, cfg.masks)?;
-            let acc = crate::probe::accuracy(&pred, &val_y);
+            let acc = ft.accuracy(&val, &val_y, cfg.masks)?;
             let better = acc > best;
             progress.validated(step, Some(&st), acc, better);
             if better {
                 (best, best_step, since_best) = (acc, step, 0);
+                ft.check_same_everywhere(&format!("model at step {step}"))?;
                 keep(&ft)?;
             } else {
                 since_best += 1;
@@ -847,7 +948,10 @@ pub fn run(
                 }
             }
         }
-        progress.keep_going()?;
+        let asked = progress.keep_going();
+        if ft.team().any(asked.is_err())? {
+            return Err(asked.err().unwrap_or(Stopped).into());
+        }
     }
     Ok(FinetuneSummary {
         best_val_accuracy: best,

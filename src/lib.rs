@@ -5,7 +5,7 @@
 //! [`train`] (the step, AdamW, schedule, loop), [`bert`] (the masked objective), [`finetune`]
 //! (classification head and loop), [`probe`] (linear probes), [`sample`] (generation),
 //! [`eval`] (likelihoods), [`preprocess`] (images to pixels), [`palette`] (colour palettes),
-//! [`data`] (readers, token cache), [`stop`] (stopping long jobs part-way), [`checkpoint`] (run directories), [`formats`] (Hugging Face
+//! [`data`] (readers, token cache), [`stop`] (stopping long jobs part-way), [`parallel`] (several processes as one), [`checkpoint`] (run directories), [`formats`] (Hugging Face
 //! and TensorFlow checkpoints), [`plot`] (charts).
 
 pub mod backend;
@@ -23,6 +23,7 @@ pub mod memory;
 pub mod model;
 pub mod npy;
 pub mod palette;
+pub mod parallel;
 pub mod plot;
 pub mod preprocess;
 pub mod probe;

@@ -563,8 +563,26 @@ pub fn extract_features(
     tokens: &crate::data::TokenSet,
     layers: &[usize],
     masks: usize,
-    mut on_batch: impl crate::stop::Report<usize>,
+    on_batch: impl crate::stop::Report<usize>,
 ) -> Result<Vec<f32>> {
+    let alone = &mut crate::parallel::Single::default();
+    let f = extract_features_shared(alone, engine, tokens, layers, masks, on_batch)?;
+    Ok(f.expect("a process alone leads"))
+}
+
+/// [`extract_features`] with the images split over `team` (whole batches each, see
+/// [`crate::parallel::TeamExt::share`]): on rank 0 the features of all of them, the same to
+/// the last bit as one process's; `None` on the other ranks. `on_batch` counts this rank's
+/// images.
+pub fn extract_features_shared(
+    team: &mut dyn crate::parallel::Collective,
+    engine: &mut crate::model::Engine,
+    tokens: &crate::data::TokenSet,
+    layers: &[usize],
+    masks: usize,
+    mut on_batch: impl crate::stop::Report<usize>,
+) -> Result<Option<Vec<f32>>> {
+    use crate::parallel::TeamExt;
     ensure!(
         masks == 0 || !engine.cfg.causal(),
         "evaluation masks are for BERT models; this one is autoregressive"
@@ -576,13 +594,14 @@ pub fn extract_features(
         tokens.header.t
     );
     let n = tokens.len();
-    let mut out = Vec::with_capacity(n * layers.len() * d);
+    let mine = team.share(n, batch);
+    let mut out = Vec::with_capacity(mine.len() * layers.len() * d);
     let mut buf = vec![0u16; batch * t];
     let mut part = Vec::new();
     let mut mask = vec![false; batch * t];
     let mut perm = Vec::new();
     rayon::scope(|_| -> Result<()> {
-        for start in (0..n).step_by(batch) {
+        for start in mine.clone().step_by(batch) {
             let b = batch.min(n - start);
             for i in 0..b {
                 tokens.copy_image(start + i, &mut buf[i * t..(i + 1) * t]);
@@ -606,11 +625,11 @@ pub fn extract_features(
                     }
                 }
             }
-            on_batch.report(start + b)?;
+            on_batch.report(start + b - mine.start)?;
         }
         Ok(())
     })?;
-    Ok(out)
+    team.gather_values(&out)
 }
 
 /// Columns `j` of `[n, groups, d]` features as `[n, d]` (one layer), or several concatenated.

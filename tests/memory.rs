@@ -88,6 +88,7 @@ fn train_one_step_and_report_peak() {
         "mem",
         None,
         &Device::default(),
+        igpt::parallel::Single::team(),
         &mut Quiet,
     )
     .unwrap();

@@ -173,6 +173,7 @@ fn ten_steps_then_resume_equals_twenty_uninterrupted() {
         "test",
         None,
         &Device::Cpu,
+        igpt::parallel::Single::team(),
         &mut Quiet,
     )
     .unwrap();
@@ -188,6 +189,7 @@ fn ten_steps_then_resume_equals_twenty_uninterrupted() {
         "test",
         Some(10),
         &Device::Cpu,
+        igpt::parallel::Single::team(),
         &mut Quiet,
     )
     .unwrap();
@@ -198,6 +200,7 @@ fn ten_steps_then_resume_equals_twenty_uninterrupted() {
         None,
         None,
         &Device::Cpu,
+        igpt::parallel::Single::team(),
         &mut Quiet,
     )
     .unwrap();
@@ -278,6 +281,7 @@ fn resume_refuses_a_different_model() {
         "test",
         Some(2),
         &Device::Cpu,
+        igpt::parallel::Single::team(),
         &mut Quiet,
     )
     .unwrap();
@@ -286,7 +290,7 @@ fn resume_refuses_a_different_model() {
         n_layer: 3,
         ..model.clone()
     };
-    let err = run::resume(&dir, None, None, Some(&other), &Device::Cpu, &mut Quiet)
+    let err = run::resume(&dir, None, None, Some(&other), &Device::Cpu, igpt::parallel::Single::team(), &mut Quiet)
         .unwrap_err()
         .to_string();
     assert!(err.contains("n_layer") && err.contains("resume"), "{err}");
@@ -322,62 +326,13 @@ fn a_model_too_large_for_memory_is_refused_with_advice() {
 }
 
 #[test]
-fn shards_of_a_batch_partition_it_exactly() {
-    // Each process of a data-parallel run takes its share of every batch; before any reduction,
-    // their losses add up to the whole batch's (the same images, and for BERT the same masks).
-    use igpt::config::Objective;
+fn shares_that_do_not_split_into_passes_are_refused() {
     use igpt::train::loader::Shard;
-    for objective in [Objective::Autoregressive, Objective::Bert] {
-        let model = ModelConfig {
-            objective,
-            ..tiny_model()
-        };
-        let t = model.n_ctx();
-        // Three images and a batch of four: the first batch already crosses into epoch 1.
-        let tokens: Vec<u16> = (0..3 * t)
-            .map(|i| ((i * i / 5 + i / t) % 8) as u16)
-            .collect();
-        let data = TokenSet::from_tokens(tokens, t, 8, None).unwrap();
-        // A non-zero head, so that different images have different losses.
-        let mut params = igpt::model::init_params(&model, 4);
-        for (i, p) in params.iter_mut().enumerate() {
-            *p += ((i * 37 % 101) as f32 - 50.0) * 2e-3;
-        }
-        let cfg = TrainConfig {
-            steps: 10,
-            batch: 4,
-            micro_batch: 2,
-            seed: 9,
-            ..TrainConfig::default()
-        };
-        let first_step = |shard: Shard| {
-            let mut tr = Trainer::new(&model, cfg.clone(), &params, &Device::Cpu).unwrap();
-            tr.set_shard(shard).unwrap();
-            let s = tr.step(&data).unwrap();
-            (s.loss, tr.state.clone())
-        };
-        let (whole, whole_state) = first_step(Shard::WHOLE);
-        let (a, a_state) = first_step(Shard { rank: 0, world: 2 });
-        let (b, b_state) = first_step(Shard { rank: 1, world: 2 });
-        assert!(
-            (whole - (a + b)).abs() <= 1e-12 * whole.abs(),
-            "{objective}: whole batch {whole}, shards {a} + {b}"
-        );
-        assert!(a != b, "{objective}: the shards saw the same images");
-        assert_eq!(whole_state, a_state);
-        assert_eq!(whole_state, b_state);
-        assert_eq!((whole_state.epoch, whole_state.cursor), (1, 1));
-    }
-    // A share that does not split into passes, or a rank that does not exist, is refused.
-    let model = tiny_model();
-    let params = igpt::model::init_params(&model, 4);
-    let cfg = TrainConfig {
-        batch: 4,
-        micro_batch: 4,
-        ..TrainConfig::default()
-    };
-    let mut tr = Trainer::new(&model, cfg, &params, &Device::Cpu).unwrap();
-    assert!(tr.set_shard(Shard { rank: 0, world: 2 }).is_err());
-    assert!(tr.set_shard(Shard { rank: 2, world: 2 }).is_err());
-    assert!(tr.set_shard(Shard { rank: 0, world: 3 }).is_err());
+    let shard = |rank, world| Shard { rank, world };
+    assert_eq!(shard(0, 2).pass(8, 8).unwrap(), 4, "passes never exceed the share");
+    assert_eq!(shard(1, 2).pass(8, 2).unwrap(), 2);
+    assert!(shard(0, 2).pass(12, 4).is_err(), "6 images do not split into passes of 4");
+    assert!(shard(2, 2).pass(8, 4).is_err(), "rank 2 of 2 does not exist");
+    let err = shard(0, 3).pass(8, 4).unwrap_err().to_string();
+    assert!(err.contains("3 processes"), "{err}");
 }

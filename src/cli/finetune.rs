@@ -8,6 +8,7 @@ use igpt::checkpoint::LoadedModel;
 use igpt::data::TokenSet;
 use igpt::finetune::{self, FinetuneProgress, FinetuneSettings, FinetuneStats, Head};
 use igpt::model::Engine;
+use igpt::parallel::{Team, TeamExt};
 use indicatif::ProgressBar;
 use std::path::PathBuf;
 
@@ -173,7 +174,7 @@ impl FinetuneArgs {
     }
 }
 
-pub fn finetune(a: FinetuneArgs, dev: &Device) -> Result<()> {
+pub fn finetune(a: FinetuneArgs, dev: &Device, team: Team) -> Result<()> {
     let settings = a.settings();
     // Settings that cannot work are refused before anything is loaded.
     settings.base()?;
@@ -187,8 +188,22 @@ pub fn finetune(a: FinetuneArgs, dev: &Device) -> Result<()> {
     };
     let (tokens, _, names) = labelled_tokens(&src, a.limit, &m)?;
     let mut printer = Printer { bar: None };
-    let summary = finetune::run(&m, &tokens, &a.data, names, &cfg, &a.out, dev, &mut printer)
-        .with_context(|| format!("fine-tuning {} on {}", a.model, a.data))?;
+    let leads = team.leads();
+    let summary = finetune::run(
+        &m,
+        &tokens,
+        &a.data,
+        names,
+        &cfg,
+        &a.out,
+        dev,
+        team,
+        &mut printer,
+    )
+    .with_context(|| format!("fine-tuning {} on {}", a.model, a.data))?;
+    if !leads {
+        return Ok(());
+    }
     if summary.early_stop {
         println!(
             "early stop: no better validation accuracy in {} evaluations",

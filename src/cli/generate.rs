@@ -7,6 +7,7 @@ use igpt::checkpoint::LoadedModel;
 use igpt::data::{self, Format, ImageSet, TokenSet};
 use igpt::grid;
 use igpt::model::{Decoder, Engine};
+use igpt::parallel::{Collective, Team, TeamExt};
 use igpt::sample::{self, SampleOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -156,6 +157,14 @@ pub(super) fn pixel_bar(total: u64, what: &str) -> ProgressBar {
         .progress_chars("=> "),
     );
     b
+}
+
+/// A bar for this rank's share of `n` items in batches of `batch` (shown on rank 0 alone).
+pub(super) fn share_bar(team: &dyn Collective, n: usize, batch: usize, what: &str) -> ProgressBar {
+    if !team.leads() {
+        return ProgressBar::hidden();
+    }
+    pixel_bar(team.share(n, batch).len() as u64, what)
 }
 
 /// Image files named directly or inside the given folders, sorted within each folder.
@@ -374,14 +383,14 @@ fn complete_tokens(
     Ok(tokens)
 }
 
-pub fn score(a: ScoreArgs, dev: &Device) -> Result<()> {
+pub fn score(a: ScoreArgs, dev: &Device, mut team: Team) -> Result<()> {
     let mut m = igpt::formats::load_model(&a.model)?;
     let (set, names) = match &a.data {
         Some(spec) => dataset_images(spec, &m, 0, a.limit)?,
         None => load_images(&image_files(&a.images)?, &m)?,
     };
     let ids = m.palette.encode(&set.pixels);
-    if let Some(p) = &a.tokens {
+    if let Some(p) = a.tokens.as_ref().filter(|_| team.leads()) {
         write_tokens(p, &ids, m.model().side)?;
     }
     let tokens = TokenSet::from_tokens(ids, m.model().n_ctx(), m.model().n_vocab, None)?;
@@ -390,10 +399,13 @@ pub fn score(a: ScoreArgs, dev: &Device) -> Result<()> {
     let precision = a.precision.unwrap_or_else(|| dev.inference_precision());
     let mut engine =
         Engine::with_precision(&model, batch, dev, std::mem::take(&mut m.params), precision)?;
-    let bar = pixel_bar(tokens.len() as u64, "images");
-    let scores =
-        igpt::eval::score_images(&mut engine, &tokens, |done| bar.set_position(done as u64))?;
+    // Each rank scores its share; rank 0 shows its own progress and everything after.
+    let bar = share_bar(&*team, tokens.len(), batch, "images");
+    let scores = igpt::eval::score_images_shared(&mut *team, &mut engine, &tokens, |done| {
+        bar.set_position(done as u64)
+    })?;
     bar.finish_and_clear();
+    let Some(scores) = scores else { return Ok(()) };
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&i, &j| scores[i].total_cmp(&scores[j]));
     println!(

@@ -16,6 +16,7 @@ use igpt::config::ModelConfig;
 use igpt::data::{self, Format, TokenSet};
 use igpt::model::Engine;
 use igpt::palette::{FitOptions, Palette};
+use igpt::parallel::{Single, Team, TeamExt};
 use igpt::train::TrainConfig;
 use igpt::train::job::{self, ModelChoice, TrainSettings};
 use igpt::train::run::{self, DataSpec, PaletteSpec};
@@ -472,21 +473,40 @@ pub fn main() -> Result<()> {
         .parse()
         .with_context(|| format!("--device {}", cli.device))?;
     let dev = &device;
-    match cli.command.unwrap_or(Command::Demo(DemoArgs {
+    let command = cli.command.unwrap_or(Command::Demo(DemoArgs {
         out: "runs/demo".into(),
         steps: 400,
-    })) {
+    }));
+    // The processes this one works with: itself alone, or an MPI world under mpirun.
+    let team = igpt::parallel::launch()?;
+    if team.world() > 1 {
+        let spreads = matches!(
+            command,
+            Command::Train(_)
+                | Command::Finetune(_)
+                | Command::Eval(_)
+                | Command::Score(_)
+                | Command::Features(_)
+        );
+        ensure!(
+            spreads,
+            "this command runs in one process, but {} were started: of igpt's commands, train, \
+             finetune, eval, score and features run under mpirun; start this one without it",
+            team.world()
+        );
+    }
+    match command {
         Command::Demo(a) => demo(a, dev),
-        Command::Train(a) => train(*a, dev),
-        Command::Eval(a) => eval(a, dev),
+        Command::Train(a) => train(*a, dev, team),
+        Command::Eval(a) => eval(a, dev, team),
         Command::Palette(p) => palette(p),
         Command::Sample(a) => generate::sample(a, dev),
         Command::Complete(a) => generate::complete(a, dev),
-        Command::Score(a) => generate::score(a, dev),
+        Command::Score(a) => generate::score(a, dev, team),
         Command::Info { model } => info(model),
         Command::Logits(a) => interop::logits(a, dev),
-        Command::Features(a) => probe::features(a, dev),
-        Command::Finetune(a) => finetune::finetune(*a, dev),
+        Command::Features(a) => probe::features(a, dev, team),
+        Command::Finetune(a) => finetune::finetune(*a, dev, team),
         Command::Classify(a) => finetune::classify(a, dev),
         Command::Probe(a) => probe::probe(a, dev),
         Command::Encode(a) => interop::encode(a),
@@ -557,6 +577,7 @@ fn demo(a: DemoArgs, dev: &Device) -> Result<()> {
         "fashion-mnist (shipped t10k split)",
         None,
         dev,
+        Single::team(),
         &mut bar,
     )?;
     let val = s.val_loss.unwrap_or(f64::NAN);
@@ -640,13 +661,17 @@ impl TrainArgs {
     }
 }
 
-fn train(a: TrainArgs, dev: &Device) -> Result<()> {
+fn train(a: TrainArgs, dev: &Device, team: Team) -> Result<()> {
     let mut bar = progress::Bar::new();
     let settings = a.settings();
+    let leads = team.leads();
     let (dir, s) = match &a.resume {
-        Some(dir) => (dir, job::resume_run(dir, &settings, dev, &mut bar)?),
-        None => (&a.out, job::new_run(&a.out, &settings, dev, &mut bar)?),
+        Some(dir) => (dir, job::resume_run(dir, &settings, dev, team, &mut bar)?),
+        None => (&a.out, job::new_run(&a.out, &settings, dev, team, &mut bar)?),
     };
+    if !leads {
+        return Ok(());
+    }
     report(&RunDir::open(dir)?, &s)
 }
 
@@ -669,7 +694,7 @@ fn report(run_dir: &RunDir, s: &run::Summary) -> Result<()> {
     Ok(())
 }
 
-fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
+fn eval(a: EvalArgs, dev: &Device, mut team: Team) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
     let (cfg, params, palette) = (&m.config, &m.params, &m.palette);
     let tokens = if a.data.ends_with(".tokens") {
@@ -689,7 +714,10 @@ fn eval(a: EvalArgs, dev: &Device) -> Result<()> {
     let t0 = std::time::Instant::now();
     let masks = igpt::bert::loss_masks(&cfg.model, a.masks)?;
     let limit = a.limit.unwrap_or(0);
-    let nats = igpt::eval::evaluate_masks(&mut engine, &tokens, limit, masks, &mut Vec::new())?;
+    let nats =
+        igpt::eval::evaluate_shared(&mut *team, &mut engine, &tokens, limit, masks, &mut Vec::new())?;
+    // Rank 0 alone has the result (every rank computed its share of the images).
+    let Some(nats) = nats else { return Ok(()) };
     println!(
         "{} images, {} tokens each: {:.4} nats/token, {:.4} bits/token ({:.1} s)",
         a.limit.map_or(tokens.len(), |l| l.min(tokens.len())),

@@ -1,13 +1,14 @@
 //! `igpt features` and `igpt probe`: the paper's linear-probe protocol on the user's data.
 
 use super::Source;
-use super::generate::pixel_bar;
+use super::generate::{pixel_bar, share_bar};
 use anyhow::{Context, Result, ensure};
 use clap::Args;
 use igpt::backend::Device;
 use igpt::checkpoint::LoadedModel;
 use igpt::data::{self, Format, ImageSet, TokenSet};
 use igpt::model::Engine;
+use igpt::parallel::Team;
 use igpt::plot::{Series, xy_chart};
 use igpt::probe::{self, ProbeResult};
 use plotters::style::RGBColor;
@@ -136,24 +137,7 @@ fn engine_for(m: &LoadedModel, batch: usize, dev: &Device) -> Result<Engine> {
     Ok(e)
 }
 
-fn features_of(
-    engine: &mut Engine,
-    set: &ImageSet,
-    m: &LoadedModel,
-    layers: &[usize],
-    masks: usize,
-    what: &str,
-) -> Result<Vec<f32>> {
-    let tokens = TokenSet::quantise(set, &m.palette, what)?;
-    let bar = pixel_bar(tokens.len() as u64, &format!("{what} images"));
-    let f = probe::extract_features(engine, &tokens, layers, masks, |done| {
-        bar.set_position(done as u64)
-    })?;
-    bar.finish_and_clear();
-    Ok(f)
-}
-
-pub fn features(a: FeaturesArgs, dev: &Device) -> Result<()> {
+pub fn features(a: FeaturesArgs, dev: &Device, mut team: Team) -> Result<()> {
     let m = igpt::formats::load_model(&a.model)?;
     let layers = parse_layers(&a.layers, m.model().n_layer)?;
     let src = Source {
@@ -165,7 +149,14 @@ pub fn features(a: FeaturesArgs, dev: &Device) -> Result<()> {
     let labels = set.labels.clone();
     let mut engine = engine_for(&m, a.batch, dev)?;
     let masks = igpt::bert::masks_for(m.model(), a.masks)?;
-    let f = features_of(&mut engine, &set, &m, &layers, masks, "feature")?;
+    // Each rank extracts its share of the images; rank 0 gathers them and writes the file.
+    let tokens = TokenSet::quantise(&set, &m.palette, "feature")?;
+    let bar = share_bar(&*team, tokens.len(), engine.batch, "feature images");
+    let f = probe::extract_features_shared(&mut *team, &mut engine, &tokens, &layers, masks, |k| {
+        bar.set_position(k as u64)
+    })?;
+    bar.finish_and_clear();
+    let Some(f) = f else { return Ok(()) };
     let (n, d) = (set.len(), m.model().n_embd);
     if a.out.extension().is_some_and(|e| e == "npy") {
         return write_npy_features(&a.out, &f, n, layers.len() * d, labels.as_deref());

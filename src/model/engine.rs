@@ -407,6 +407,18 @@ impl Engine {
     /// gradient `[n_seq, n_ctx, d]` on the final norm's output, from a head the caller ran on
     /// [`Engine::final_norm_output`].
     pub fn backward(&mut self, d_lnf: Option<&[f32]>) -> anyhow::Result<()> {
+        self.backward_reporting(d_lnf, &mut |_| Ok(()))
+    }
+
+    /// [`Engine::backward`], telling `on_finished` each time the gradients from some offset to
+    /// the end of the arena are final for this pass (after the head, after each block, and at
+    /// the end), so a data-parallel step can start summing them while the pass goes on. An
+    /// error from `on_finished` stops further calls and is returned once the pass is done.
+    pub fn backward_reporting(
+        &mut self,
+        d_lnf: Option<&[f32]>,
+        on_finished: &mut dyn FnMut(&FinishedGrads) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.backward_ready,
             "backward needs a training forward pass first (forward_train)"
@@ -420,8 +432,28 @@ impl Engine {
             );
         }
         self.backward_ready = false;
-        self.backward_with(d_lnf);
-        Ok(())
+        let mut failed = None;
+        let mut report = |g: &FinishedGrads| {
+            if failed.is_none() {
+                failed = on_finished(g).err();
+            }
+        };
+        self.backward_with(d_lnf, &mut report);
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Copies `range` of the gradient arena to `out`.
+    pub fn read_grads(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
+        assert!(self.training, "gradients exist only in a training engine");
+        self.backend
+            .download(View::new(Arena::Grads, range.start, range.len()), out);
+    }
+
+    /// Overwrites `range` of the gradient arena with `src`.
+    pub fn write_grads(&mut self, range: std::ops::Range<usize>, src: &[f32]) {
+        assert!(self.training, "gradients exist only in a training engine");
+        self.backend
+            .upload(View::new(Arena::Grads, range.start, range.len()), src);
     }
 
     /// The global norm of the gradient arena (sum of squares in f64, in a fixed order).
@@ -757,7 +789,11 @@ impl Engine {
             .download(act(self.plan.lnf, rows * self.cfg.n_embd), out);
     }
 
-    fn backward_with(&mut self, extra_dlnf: Option<&[f32]>) {
+    fn backward_with(
+        &mut self,
+        extra_dlnf: Option<&[f32]>,
+        finished: &mut dyn FnMut(&FinishedGrads),
+    ) {
         let cfg = self.cfg.clone();
         let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
         let n_seq = self.n_seq;
@@ -820,6 +856,10 @@ impl Engine {
             pv(lay.ln_f, d),
             d,
         );
+        finished(&FinishedGrads {
+            from: lay.ln_f,
+            backend: &*b,
+        });
 
         for l in (0..cfg.n_layer).rev() {
             let (ba, po) = (&plan.blocks[l], &lay.blocks[l]);
@@ -860,6 +900,10 @@ impl Engine {
             );
             let (x, rstd1) = (act(plan.resid[l], rows * d), act(ba.rstd1, rows));
             b.rmsnorm_backward(d_resid, gv(po.ln_1, d), d_ln, x, rstd1, pv(po.ln_1, d), d);
+            finished(&FinishedGrads {
+                from: po.ln_1,
+                backend: &*b,
+            });
         }
         // Training passes embed shifted exactly when the model is autoregressive.
         b.embed_backward(
@@ -871,6 +915,25 @@ impl Engine {
             d,
             !cfg.causal(),
         );
+        finished(&FinishedGrads {
+            from: 0,
+            backend: &*b,
+        });
+    }
+}
+
+/// The gradients a backward pass has finished: the arena from `from` to its end.
+pub struct FinishedGrads<'a> {
+    pub from: usize,
+    backend: &'a dyn Backend,
+}
+
+impl FinishedGrads<'_> {
+    /// Copies `range` (within the finished part) of the gradient arena to `out`.
+    pub fn read(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
+        assert!(range.start >= self.from, "gradients before {} are not final yet", self.from);
+        self.backend
+            .download(View::new(Arena::Grads, range.start, range.len()), out);
     }
 }
 

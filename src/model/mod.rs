@@ -6,7 +6,7 @@ mod engine;
 mod layout;
 
 pub use decoder::Decoder;
-pub use engine::{ActPlan, Engine, Output};
+pub use engine::{ActPlan, Engine, FinishedGrads, Output};
 pub use layout::{BlockOffsets, Init, ParamLayout, TensorSpec};
 
 use crate::config::ModelConfig;

@@ -7,6 +7,8 @@ use super::TrainConfig;
 use super::run::{self, DataSpec, PaletteSpec, Progress, Summary};
 use crate::backend::Device;
 use crate::checkpoint::RunDir;
+use crate::data::TokenSet;
+use crate::parallel::{Team, TeamExt};
 use crate::config::{ModelConfig, Objective};
 use crate::data::{BUILTIN_FASHION, Format};
 use crate::palette::{FitOptions, Palette};
@@ -221,34 +223,44 @@ impl TrainSettings {
 
 /// A new run in `out` (which must not hold one): the data prepared, the model built, trained
 /// to `steps` (or `stop_after` of them). A run that fails before its first checkpoint leaves
-/// nothing behind.
+/// nothing behind. On a team of several processes, rank 0 prepares the data and writes the run;
+/// the others read its token caches from `out` (which they must all see).
 pub fn new_run(
     out: &Path,
     s: &TrainSettings,
     device: &Device,
+    mut team: Team,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     s.check()?;
     let cfg = s.train_config();
     cfg.validate()?;
+    if !team.leads() {
+        return follow_new(out, s, &cfg, device, team);
+    }
     if out.join("trainer.safetensors").exists() {
         return Err(AlreadyARun(out.to_path_buf()).into());
     }
     let existed = out.exists();
-    let result = start_new(out, s, &cfg, device, progress);
+    let result = prepare_new(out, s, progress).and_then(|(run_dir, prepared, model)| {
+        // The model's shape, for the other ranks (which then read the data rank 0 wrote).
+        let mut shape = serde_json::to_vec(&model)?;
+        team.broadcast(&mut shape)?;
+        run::start(
+            &run_dir, &model, &cfg, &prepared, &s.data, s.stop_after, device, team, progress,
+        )
+    });
     if result.is_err() && !existed && !out.join("trainer.safetensors").exists() {
         let _ = std::fs::remove_dir_all(out);
     }
     result
 }
 
-fn start_new(
+fn prepare_new(
     out: &Path,
     s: &TrainSettings,
-    cfg: &TrainConfig,
-    device: &Device,
     progress: &mut dyn Progress,
-) -> Result<Summary> {
+) -> Result<(RunDir, run::Prepared, ModelConfig)> {
     let run_dir = RunDir::create(out)?;
     let prepared = run::prepare(&run_dir, &s.data_spec(), &s.palette_spec(), progress)
         .context(Setting::Data)?;
@@ -256,6 +268,43 @@ fn start_new(
         .model
         .build(prepared.palette.len(), prepared.side, prepared.channels)?;
     progress.message(&format!("model: {}", model.summary()));
+    // Written now, not only when training starts: the other ranks read it from here.
+    run_dir.save_palette(&prepared.palette)?;
+    Ok((run_dir, prepared, model))
+}
+
+/// A rank other than 0 of a new run: waits for rank 0 to prepare the run, then trains on the
+/// data it wrote.
+fn follow_new(
+    out: &Path,
+    s: &TrainSettings,
+    cfg: &TrainConfig,
+    device: &Device,
+    mut team: Team,
+) -> Result<Summary> {
+    let mut shape = Vec::new();
+    team.broadcast(&mut shape)?;
+    let model: ModelConfig =
+        serde_json::from_slice(&shape).context("rank 0 sent a model this rank cannot read")?;
+    let unseen = |e: anyhow::Error| {
+        e.context(format!(
+            "rank {} cannot read the run rank 0 prepared in {}: every process must see the same \
+             directory (on a filesystem all machines share)",
+            team.rank(),
+            out.display()
+        ))
+    };
+    let run_dir = RunDir::written_by_another(out).map_err(unseen)?;
+    let palette = run_dir.load_palette().map_err(unseen)?;
+    let train = TokenSet::open(&run_dir.file("data/train.tokens")).map_err(unseen)?;
+    let val = TokenSet::open(&run_dir.file("data/val.tokens")).map_err(unseen)?;
+    let prepared = run::Prepared {
+        channels: palette.channels,
+        side: model.side,
+        palette,
+        train,
+        val,
+    };
     run::start(
         &run_dir,
         &model,
@@ -264,18 +313,20 @@ fn start_new(
         &s.data,
         s.stop_after,
         device,
-        progress,
+        team,
+        &mut run::Quiet,
     )
 }
 
 /// Continues the run in `dir` from its last checkpoint. Its data and optimizer settings are the
 /// run's own; of `s`, only `steps` (which may extend the run) and `stop_after` are used, and the
 /// model settings (`model`, `side`, `channels`, `palette`), where given, must agree with the
-/// run's model.
+/// run's model. Any number of processes may resume a run written by any number.
 pub fn resume_run(
     dir: &Path,
     s: &TrainSettings,
     device: &Device,
+    team: Team,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     s.check()?;
@@ -287,12 +338,15 @@ pub fn resume_run(
     if let Some(p) = &s.palette {
         want.n_vocab = Palette::load(p)?.len();
     }
+    let mut quiet = run::Quiet;
+    let progress = if team.leads() { progress } else { &mut quiet };
     run::resume(
         &run_dir,
         s.steps,
         s.stop_after,
         Some(&want),
         device,
+        team,
         progress,
     )
 }

@@ -32,6 +32,20 @@ impl Shard {
         let per = batch / self.world;
         Ok((per, self.rank * per))
     }
+
+    /// Images per forward pass of this shard: its share of a batch of `batch`, in passes of at
+    /// most `micro_batch` (a memory limit), which must divide the share evenly.
+    pub fn pass(&self, batch: usize, micro_batch: usize) -> anyhow::Result<usize> {
+        let (per, _) = self.share(batch)?;
+        let pass = micro_batch.clamp(1, per.max(1));
+        anyhow::ensure!(
+            per.is_multiple_of(pass),
+            "each of the {} processes takes {per} images of a batch of {batch}, which do not \
+             split into passes of {pass}: choose a micro-batch that divides {per}",
+            self.world
+        );
+        Ok(pass)
+    }
 }
 
 /// A place in the data: the epoch, and the position in that epoch's order.

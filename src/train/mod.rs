@@ -14,6 +14,8 @@ use crate::bert;
 use crate::config::ModelConfig;
 use crate::data::TokenSet;
 use crate::model::Engine;
+use crate::parallel::reduce::{BUCKET_LEN, Reducer};
+use crate::parallel::{Single, Team};
 use loader::{Loader, Position, Shard};
 use optim::AdamW;
 use serde::{Deserialize, Serialize};
@@ -152,7 +154,12 @@ pub struct StepStats {
     pub lr: f32,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Tokens of the whole batch (every process's share).
     pub tokens: u64,
+    /// Processes sharing the step.
+    pub ranks: usize,
+    /// Seconds this process spent summing gradients across processes (0 alone).
+    pub comm_s: f64,
 }
 
 /// A model, its optimizer state and its place in the data.
@@ -160,8 +167,9 @@ pub struct Trainer {
     pub engine: Engine,
     pub cfg: TrainConfig,
     pub state: TrainState,
-    /// This process's share of every batch.
+    /// This process's share of every batch, and the team the gradients are summed over.
     shard: Shard,
+    reducer: Reducer,
     loader: Loader,
     batch_tokens: Vec<u16>,
     /// Masked-objective flags and scratch, allocated once.
@@ -176,33 +184,45 @@ impl Trainer {
         params: &[f32],
         device: &Device,
     ) -> anyhow::Result<Self> {
+        Self::with_team(model, cfg, params, device, Single::team())
+    }
+
+    /// A trainer that is one rank of `team`: it takes its share of every batch, in passes of
+    /// at most `micro_batch` images, and each step's gradients and loss are summed over the
+    /// team before the update, so every rank takes the step one process would take on the
+    /// whole batch.
+    pub fn with_team(
+        model: &ModelConfig,
+        cfg: TrainConfig,
+        params: &[f32],
+        device: &Device,
+        team: Team,
+    ) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let mut engine = Engine::new(model, cfg.micro_batch, true, device)?;
+        let shard = Shard {
+            rank: team.rank(),
+            world: team.world(),
+        };
+        let pass = shard.pass(cfg.batch, cfg.micro_batch)?;
+        let mut engine = Engine::new(model, pass, true, device)?;
         engine.set_params(params)?;
-        let mask = vec![false; cfg.micro_batch * model.n_ctx()];
+        let reducer = Reducer::new(team, &engine.layout, BUCKET_LEN);
         Ok(Self {
-            batch_tokens: vec![0; cfg.micro_batch * model.n_ctx()],
+            reducer,
+            batch_tokens: vec![0; pass * model.n_ctx()],
             engine,
             loader: Loader::new(cfg.seed),
             cfg,
             state: TrainState::default(),
-            shard: Shard::WHOLE,
-            mask,
+            shard,
+            mask: vec![false; pass * model.n_ctx()],
             perm: Vec::with_capacity(model.n_ctx()),
         })
     }
 
-    /// Trains on `shard`'s part of every batch (the whole batch unless set). Each process of a
-    /// data-parallel run takes its own; together they see the images one process would.
-    pub fn set_shard(&mut self, shard: Shard) -> anyhow::Result<()> {
-        let (per, _) = shard.share(self.cfg.batch)?;
-        anyhow::ensure!(
-            per.is_multiple_of(self.cfg.micro_batch),
-            "each process's {per} images of a batch do not split into passes of {}",
-            self.cfg.micro_batch
-        );
-        self.shard = shard;
-        Ok(())
+    /// The team this trainer belongs to.
+    pub fn team(&mut self) -> &mut dyn crate::parallel::Collective {
+        self.reducer.team()
     }
 
     /// Restores optimizer moments and the data position (parameters via `new`).
@@ -242,7 +262,7 @@ impl Trainer {
             data.len()
         );
         let t = self.engine.cfg.n_ctx();
-        let mb = self.cfg.micro_batch;
+        let mb = self.engine.batch;
         let (per_shard, shard_start) = self.shard.share(self.cfg.batch)?;
         let tokens = (self.cfg.batch * t) as u64;
         let bert = !self.engine.cfg.causal();
@@ -260,6 +280,7 @@ impl Trainer {
         };
         self.engine.zero_grads();
         let mut loss_sum = 0.0;
+        let last_pass = shard_start + per_shard - mb;
         for first in (shard_start..shard_start + per_shard).step_by(mb) {
             self.loader.fill(
                 data,
@@ -274,19 +295,27 @@ impl Trainer {
                 None
             };
             loss_sum += self.engine.forward_train(&self.batch_tokens, mask, scale)?;
-            self.engine.backward(None)?;
+            if first == last_pass {
+                // The step's gradients become final layer by layer: sums start as they do.
+                let reducer = &mut self.reducer;
+                self.engine
+                    .backward_reporting(None, &mut |g| reducer.finished(g))?;
+            } else {
+                self.engine.backward(None)?;
+            }
         }
         let step = self.state.step + 1;
         let lr = self.cfg.lr_at(step);
         let done = optim::finish_step(
             &mut self.engine,
+            &mut self.reducer,
             &mut [],
             loss_sum,
             &self.cfg.adamw(),
             lr,
             step,
             self.cfg.clip,
-        );
+        )?;
         let next = start.advanced(self.cfg.batch, data.len());
         self.state.epoch = next.epoch;
         self.state.cursor = next.cursor;
@@ -298,6 +327,8 @@ impl Trainer {
             lr,
             grad_norm: done.grad_norm,
             tokens,
+            ranks: self.shard.world,
+            comm_s: self.reducer.take_comm_seconds(),
         })
     }
 

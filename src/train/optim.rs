@@ -3,6 +3,7 @@
 
 use crate::backend::{AdamStep, adamw_host};
 use crate::model::Engine;
+use crate::parallel::reduce::Reducer;
 use serde::{Deserialize, Serialize};
 
 /// AdamW's settings (Loshchilov and Hutter; the paper's betas are 0.9 and 0.95).
@@ -109,22 +110,22 @@ pub struct Finished {
 
 /// The end of every optimizer step, once each pass has added its gradients to `engine` (and
 /// the caller's host-held parameters theirs to `host_grads`): the loss and the gradients are
-/// summed across processes, the model's global gradient norm is clipped to `clip` (0: no
-/// clipping), and the model takes one AdamW step at `lr`. Host-held parameters are then the
-/// caller's to update with [`AdamW::update_host`].
+/// summed over `reducer`'s team (reduce), the model's global gradient norm is clipped to `clip`
+/// (0: no clipping), and the model takes one AdamW step at `lr` (update). Host-held parameters
+/// are then the caller's to update with [`AdamW::update_host`]. Every rank ends the step with
+/// the same sums, so the same parameters.
+#[allow(clippy::too_many_arguments)]
 pub fn finish_step(
     engine: &mut Engine,
+    reducer: &mut Reducer,
     host_grads: &mut [&mut [f32]],
-    loss_sum: f64,
+    mut loss_sum: f64,
     adamw: &AdamW,
     lr: f32,
     step: u64,
     clip: f32,
-) -> Finished {
-    // The one place between backward and update where data-parallel training will sum the
-    // engine's gradient arena, `host_grads` and `loss_sum` across processes, before anything
-    // reads them. A single process has nothing to add, so they pass through unchanged.
-    let _ = host_grads;
+) -> anyhow::Result<Finished> {
+    reducer.finish(engine, host_grads, &mut loss_sum)?;
     let grad_norm = engine.grad_norm();
     let clip_scale = if clip > 0.0 && grad_norm > clip as f64 {
         (clip as f64 / grad_norm) as f32
@@ -132,8 +133,8 @@ pub fn finish_step(
         1.0
     };
     engine.update(adamw.at(lr, step, clip_scale));
-    Finished {
+    Ok(Finished {
         loss_sum,
         grad_norm,
-    }
+    })
 }

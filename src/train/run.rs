@@ -7,6 +7,7 @@ use crate::checkpoint::{RunConfig, RunDir};
 use crate::config::ModelConfig;
 use crate::data::{self, Format, TokenSet};
 use crate::palette::{FitOptions, Palette};
+use crate::parallel::{Team, TeamExt};
 use crate::stop::Stopped;
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
@@ -179,6 +180,7 @@ pub fn start(
     data_desc: &str,
     stop_after: Option<u64>,
     device: &Device,
+    team: Team,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     ensure!(
@@ -207,12 +209,17 @@ pub fn start(
     let scratch = attention_scratch(device, model, train_cfg.micro_batch)?;
     crate::memory::training(model, train_cfg.micro_batch, scratch)
         .check("training this model with this many images per pass")?;
-    run.lock()?;
-    run.save_config(&cfg)?;
-    run.save_palette(&prepared.palette)?;
-    let _ = std::fs::remove_file(run.file("metrics.jsonl"));
+    if team.leads() {
+        run.lock()?;
+        run.save_config(&cfg)?;
+        run.save_palette(&prepared.palette)?;
+        let _ = std::fs::remove_file(run.file("metrics.jsonl"));
+    }
     let params = crate::model::init_params(model, train_cfg.seed);
-    let mut trainer = Trainer::new(model, train_cfg.clone(), &params, device)?;
+    let mut trainer = Trainer::with_team(model, train_cfg.clone(), &params, device, team)?;
+    trainer
+        .team()
+        .check_same("initial parameters", crate::parallel::checksum(&params))?;
     drop(params);
     train_loop(
         run,
@@ -232,9 +239,12 @@ pub fn resume(
     stop_after: Option<u64>,
     expected: Option<&ModelConfig>,
     device: &Device,
+    team: Team,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
-    run.lock()?;
+    if team.leads() {
+        run.lock()?;
+    }
     let mut cfg = run.load_config()?;
     if let Some(want) = expected {
         check_same_model(run, &cfg.model, want)?;
@@ -246,7 +256,7 @@ pub fn resume(
     if !run.file("trainer.safetensors").exists() {
         // Killed before its first checkpoint: the settings and the data are there, so the run
         // starts again from step 0 exactly as it first would have.
-        return restart(run, cfg, stop_after, device, progress);
+        return restart(run, cfg, stop_after, device, team, progress);
     }
     let palette = run.load_palette()?;
     ensure!(
@@ -280,21 +290,27 @@ pub fn resume(
         train.len(),
         run.file("data/train.tokens").display()
     );
-    if steps.is_some() {
+    if steps.is_some() && team.leads() {
         // Only once the checkpoint is known to fit: a refused resume changes nothing.
         run.save_config(&cfg)?;
     }
-    let mut trainer = Trainer::new(&cfg.model, cfg.train.clone(), &params, device)?;
+    let mut trainer = Trainer::with_team(&cfg.model, cfg.train.clone(), &params, device, team)?;
+    // Every rank read the checkpoint itself: make sure they read the same one.
+    let sum = crate::parallel::checksum(&params) ^ crate::parallel::checksum(&m).rotate_left(1);
+    let sum = sum ^ crate::parallel::checksum(&v).rotate_left(2) ^ state.step;
+    trainer.team().check_same("checkpoint", sum)?;
     drop(params);
     trainer.restore(state, &m, &v);
     drop((m, v));
-    truncate_metrics(run, trainer.state.step)?;
-    progress.message(&format!(
-        "resuming {} at step {} of {}",
-        run.path.display(),
-        trainer.state.step,
-        cfg.train.steps
-    ));
+    if trainer.team().leads() {
+        truncate_metrics(run, trainer.state.step)?;
+        progress.message(&format!(
+            "resuming {} at step {} of {}",
+            run.path.display(),
+            trainer.state.step,
+            cfg.train.steps
+        ));
+    }
     train_loop(run, &mut trainer, &train, &val, stop_after, progress)
 }
 
@@ -338,6 +354,7 @@ fn restart(
     cfg: RunConfig,
     stop_after: Option<u64>,
     device: &Device,
+    team: Team,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     let palette = run.load_palette()?;
@@ -351,10 +368,12 @@ fn restart(
         })
     };
     let (train, val) = (open("data/train.tokens")?, open("data/val.tokens")?);
-    progress.message(&format!(
-        "{} stopped before its first checkpoint: starting it again from step 0",
-        run.path.display()
-    ));
+    if team.leads() {
+        progress.message(&format!(
+            "{} stopped before its first checkpoint: starting it again from step 0",
+            run.path.display()
+        ));
+    }
     let side = cfg.model.side;
     let channels = palette.channels;
     let prepared = Prepared {
@@ -365,7 +384,7 @@ fn restart(
         channels,
     };
     start(
-        run, &cfg.model, &cfg.train, &prepared, &cfg.data, stop_after, device, progress,
+        run, &cfg.model, &cfg.train, &prepared, &cfg.data, stop_after, device, team, progress,
     )
 }
 
@@ -388,7 +407,22 @@ fn truncate_metrics(run: &RunDir, step: u64) -> Result<()> {
     crate::fsutil::write_atomic(&p, kept.as_bytes())
 }
 
-fn checkpoint(run: &RunDir, trainer: &Trainer) -> Result<()> {
+/// Writes the run's checkpoint (rank 0), once every rank has shown it holds the same
+/// parameters.
+fn checkpoint(run: &RunDir, trainer: &mut Trainer) -> Result<()> {
+    if trainer.team().world() > 1 {
+        let mut params = vec![0.0; trainer.engine.layout.total];
+        trainer
+            .engine
+            .read_arena(crate::backend::Arena::Params, &mut params);
+        let what = format!("parameters at step {}", trainer.state.step);
+        trainer
+            .team()
+            .check_same(&what, crate::parallel::checksum(&params))?;
+    }
+    if !trainer.team().leads() {
+        return Ok(());
+    }
     // The model first: once a trainer state exists, so does a model file (a run killed between
     // the two writes resumes from the trainer state, which is never older than the model).
     let params = trainer.engine.params();
@@ -438,12 +472,32 @@ fn train_loop_on_pool(
     let total = trainer.cfg.steps;
     let first = trainer.state.step;
     let last = stop_after.map_or(total, |s| (first + s).min(total));
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run.file("metrics.jsonl"))
-        .with_context(|| format!("cannot write metrics to {}", run.path.display()))?;
-    progress.start(total, first);
+    // Rank 0 alone validates, logs, charts and writes checkpoints; the others only train.
+    let leads = trainer.team().leads();
+    let mut log = if leads {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(run.file("metrics.jsonl"))
+                .with_context(|| format!("cannot write metrics to {}", run.path.display()))?,
+        )
+    } else {
+        None
+    };
+    let ranks = trainer.team().world();
+    if leads {
+        if ranks > 1 {
+            let kind = trainer.team().kind();
+            progress.message(&format!(
+                "data-parallel: {ranks} processes ({kind}), each taking {} of the {} images of \
+                 every batch",
+                trainer.cfg.batch / ranks,
+                trainer.cfg.batch
+            ));
+        }
+        progress.start(total, first);
+    }
     let t0 = Instant::now();
     let mut losses = Vec::new();
     let mut val_loss = None;
@@ -453,6 +507,7 @@ fn train_loop_on_pool(
         let s = trainer.step(train)?;
         let tps = s.tokens as f64 / ts.elapsed().as_secs_f64();
         tokens += s.tokens;
+        // The loss is summed over every rank: all of them stop here together.
         ensure!(
             s.loss.is_finite(),
             "training diverged at step {} (loss {}): lower the learning rate or warm up longer",
@@ -460,43 +515,55 @@ fn train_loop_on_pool(
             s.loss
         );
         losses.push(s.loss);
-        progress.step(&s, tps);
-        writeln!(
-            log,
-            "{}",
-            json!({"step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "tokens_per_s": tps, "elapsed_s": t0.elapsed().as_secs_f64()})
-        )
-        .context("cannot append to metrics.jsonl (is the disk full?)")?;
         let at_end = s.step == total;
         let cfg = trainer.cfg.clone();
-        if at_end || (cfg.eval_every > 0 && s.step % cfg.eval_every == 0) {
-            // The final evaluation always covers the whole validation set.
-            let v = trainer.evaluate(val, if at_end { 0 } else { cfg.eval_images })?;
-            val_loss = Some(v);
-            progress.validated(s.step, v);
-            writeln!(log, "{}", json!({"step": s.step, "val_loss": v}))?;
-        }
-        log.flush()?;
         let saved = at_end
             || s.step == last
             || (cfg.checkpoint_every > 0 && s.step % cfg.checkpoint_every == 0);
+        if let Some(log) = &mut log {
+            progress.step(&s, tps);
+            let mut line = json!({"step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "tokens_per_s": tps, "elapsed_s": t0.elapsed().as_secs_f64()});
+            if ranks > 1 {
+                line["ranks"] = json!(ranks);
+                line["comm_s"] = json!(s.comm_s);
+            }
+            writeln!(log, "{line}")
+                .context("cannot append to metrics.jsonl (is the disk full?)")?;
+            if at_end || (cfg.eval_every > 0 && s.step % cfg.eval_every == 0) {
+                // The final evaluation always covers the whole validation set.
+                let v = trainer.evaluate(val, if at_end { 0 } else { cfg.eval_images })?;
+                val_loss = Some(v);
+                progress.validated(s.step, v);
+                writeln!(log, "{}", json!({"step": s.step, "val_loss": v}))?;
+            }
+            log.flush()?;
+        }
         if saved {
             checkpoint(run, trainer)?;
         }
-        if let Err(stop) = progress.keep_going() {
+        // A stop asked of any rank (Ctrl-C reaches them all under mpirun) stops every rank
+        // at the same step.
+        let asked = progress.keep_going();
+        if trainer.team().any(asked.is_err())? {
             if !saved {
                 checkpoint(run, trainer)?;
             }
-            progress.finish();
-            return Err(stop.into());
+            if leads {
+                progress.finish();
+            }
+            return Err(asked.err().unwrap_or(Stopped).into());
         }
     }
-    if trainer.state.step == first {
-        // Nothing to do (the run was already complete): still leave a chart.
-        let _ =
-            crate::plot::loss_curve_from_metrics(&run.file("metrics.jsonl"), &run.file("loss.png"));
+    if leads {
+        if trainer.state.step == first {
+            // Nothing to do (the run was already complete): still leave a chart.
+            let _ = crate::plot::loss_curve_from_metrics(
+                &run.file("metrics.jsonl"),
+                &run.file("loss.png"),
+            );
+        }
+        progress.finish();
     }
-    progress.finish();
     let secs = t0.elapsed().as_secs_f64();
     Ok(Summary {
         steps: trainer.state.step,

@@ -81,8 +81,8 @@ fn ranks_together_take_the_steps_one_process_takes_on_the_whole_batch() {
             ..TrainConfig::default()
         };
         let train = |team: Team| {
-            let mut tr = Trainer::with_team(&model, cfg.clone(), &params, &Device::Cpu, team)
-                .unwrap();
+            let mut tr =
+                Trainer::with_team(&model, cfg.clone(), &params, &Device::Cpu, team).unwrap();
             let mut losses = vec![tr.step(&set).unwrap().loss];
             let after_one = tr.engine.params();
             losses.extend((1..8).map(|_| tr.step(&set).unwrap().loss));
@@ -93,8 +93,14 @@ fn ranks_together_take_the_steps_one_process_takes_on_the_whole_batch() {
             let runs = on_ranks(threads::group(world), train);
             for (rank, (losses, params, state, _)) in runs.iter().enumerate() {
                 // Every rank holds the same parameters, to the bit.
-                assert_eq!(params, &runs[0].1, "{objective}: rank {rank} of {world} drifted");
-                assert_eq!(state, &one_state, "{objective}: the data order moved on alike");
+                assert_eq!(
+                    params, &runs[0].1,
+                    "{objective}: rank {rank} of {world} drifted"
+                );
+                assert_eq!(
+                    state, &one_state,
+                    "{objective}: the data order moved on alike"
+                );
                 for (s, (a, b)) in one_losses.iter().zip(losses).enumerate() {
                     assert!(
                         (a - b).abs() <= 1e-6 * a.abs(),
@@ -106,9 +112,15 @@ fn ranks_together_take_the_steps_one_process_takes_on_the_whole_batch() {
             // Sums in another order differ in the last bits; Adam's normalised steps let such
             // differences grow over steps, so the bound after one step is tighter.
             let d = rel_diff(&one_first, &runs[0].3);
-            assert!(d <= 1e-6, "{objective}, {world} ranks: step 1's parameters differ by {d:e}");
+            assert!(
+                d <= 1e-6,
+                "{objective}, {world} ranks: step 1's parameters differ by {d:e}"
+            );
             let d = rel_diff(&one_params, &runs[0].1);
-            assert!(d <= 2e-5, "{objective}, {world} ranks: parameters differ by {d:e}");
+            assert!(
+                d <= 2e-5,
+                "{objective}, {world} ranks: parameters differ by {d:e}"
+            );
             assert!(runs[0].1 != params, "the parameters moved");
         }
     }
@@ -162,9 +174,8 @@ fn eval_score_and_features_split_over_ranks_equal_one_process_to_the_bit() {
             let nats =
                 igpt::eval::evaluate_shared(team, &mut engine, &set, 0, masks.max(1), &mut buf)
                     .unwrap();
-            let scores = (objective == Objective::Autoregressive).then(|| {
-                igpt::eval::score_images_shared(team, &mut engine, &set, |_| {}).unwrap()
-            });
+            let scores = (objective == Objective::Autoregressive)
+                .then(|| igpt::eval::score_images_shared(team, &mut engine, &set, |_| {}).unwrap());
             let layers = [1, 3];
             let features = igpt::probe::extract_features_shared(
                 team,
@@ -219,7 +230,14 @@ fn a_run_written_by_some_ranks_resumes_on_any_number_and_continues_the_same_run(
     };
     // One process, straight through.
     let straight = dir.join("straight");
-    let whole = new_run(&straight, &settings, &Device::Cpu, Single::team(), &mut Quiet).unwrap();
+    let whole = new_run(
+        &straight,
+        &settings,
+        &Device::Cpu,
+        Single::team(),
+        &mut Quiet,
+    )
+    .unwrap();
     // The same run: 2 ranks for 3 steps, then 3 ranks for 3, then 1 process to the end.
     let parts = dir.join("parts");
     let first = TrainSettings {

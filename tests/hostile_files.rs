@@ -637,7 +637,16 @@ fn a_saved_state_beyond_the_data_or_the_run_is_refused() {
         .unwrap();
         let err = format!(
             "{:#}",
-            run::resume(&r, Some(4), None, None, &dev, igpt::parallel::Single::team(), &mut run::Quiet).unwrap_err()
+            run::resume(
+                &r,
+                Some(4),
+                None,
+                None,
+                &dev,
+                igpt::parallel::Single::team(),
+                &mut run::Quiet
+            )
+            .unwrap_err()
         );
         assert!(
             err.contains("trainer.safetensors") && err.contains("does not fit"),

@@ -58,7 +58,15 @@ fn train_score_sample_probe_and_finetune_without_the_cli() {
         ..TrainConfig::default()
     };
     let summary = run::start(
-        &run_dir, &model, &cfg, &prepared, "fashion", None, &device, igpt::parallel::Single::team(), &mut Quiet,
+        &run_dir,
+        &model,
+        &cfg,
+        &prepared,
+        "fashion",
+        None,
+        &device,
+        igpt::parallel::Single::team(),
+        &mut Quiet,
     )
     .unwrap();
     assert_eq!(summary.steps, 6);
@@ -264,7 +272,14 @@ fn a_callback_can_stop_generation_scores_and_training() {
         ..Default::default()
     };
     let out = dir.join("run");
-    let err = igpt::train::job::new_run(&out, &settings, &dev, igpt::parallel::Single::team(), &mut StopAt(3, 0)).unwrap_err();
+    let err = igpt::train::job::new_run(
+        &out,
+        &settings,
+        &dev,
+        igpt::parallel::Single::team(),
+        &mut StopAt(3, 0),
+    )
+    .unwrap_err();
     assert!(err.is::<Stopped>());
     let (state, ..) = RunDir::open(&out)
         .unwrap()
@@ -274,6 +289,13 @@ fn a_callback_can_stop_generation_scores_and_training() {
         .unwrap();
     assert_eq!(state.step, 3);
     // Resumed, it runs to the end.
-    let s = igpt::train::job::resume_run(&out, &settings, &dev, igpt::parallel::Single::team(), &mut Quiet).unwrap();
+    let s = igpt::train::job::resume_run(
+        &out,
+        &settings,
+        &dev,
+        igpt::parallel::Single::team(),
+        &mut Quiet,
+    )
+    .unwrap();
     assert_eq!(s.steps, 10);
 }

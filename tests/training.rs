@@ -290,9 +290,17 @@ fn resume_refuses_a_different_model() {
         n_layer: 3,
         ..model.clone()
     };
-    let err = run::resume(&dir, None, None, Some(&other), &Device::Cpu, igpt::parallel::Single::team(), &mut Quiet)
-        .unwrap_err()
-        .to_string();
+    let err = run::resume(
+        &dir,
+        None,
+        None,
+        Some(&other),
+        &Device::Cpu,
+        igpt::parallel::Single::team(),
+        &mut Quiet,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("n_layer") && err.contains("resume"), "{err}");
     assert_eq!(
         before,
@@ -329,10 +337,20 @@ fn a_model_too_large_for_memory_is_refused_with_advice() {
 fn shares_that_do_not_split_into_passes_are_refused() {
     use igpt::train::loader::Shard;
     let shard = |rank, world| Shard { rank, world };
-    assert_eq!(shard(0, 2).pass(8, 8).unwrap(), 4, "passes never exceed the share");
+    assert_eq!(
+        shard(0, 2).pass(8, 8).unwrap(),
+        4,
+        "passes never exceed the share"
+    );
     assert_eq!(shard(1, 2).pass(8, 2).unwrap(), 2);
-    assert!(shard(0, 2).pass(12, 4).is_err(), "6 images do not split into passes of 4");
-    assert!(shard(2, 2).pass(8, 4).is_err(), "rank 2 of 2 does not exist");
+    assert!(
+        shard(0, 2).pass(12, 4).is_err(),
+        "6 images do not split into passes of 4"
+    );
+    assert!(
+        shard(2, 2).pass(8, 4).is_err(),
+        "rank 2 of 2 does not exist"
+    );
     let err = shard(0, 3).pass(8, 4).unwrap_err().to_string();
     assert!(err.contains("3 processes"), "{err}");
 }

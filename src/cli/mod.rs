@@ -667,7 +667,10 @@ fn train(a: TrainArgs, dev: &Device, team: Team) -> Result<()> {
     let leads = team.leads();
     let (dir, s) = match &a.resume {
         Some(dir) => (dir, job::resume_run(dir, &settings, dev, team, &mut bar)?),
-        None => (&a.out, job::new_run(&a.out, &settings, dev, team, &mut bar)?),
+        None => (
+            &a.out,
+            job::new_run(&a.out, &settings, dev, team, &mut bar)?,
+        ),
     };
     if !leads {
         return Ok(());
@@ -714,8 +717,14 @@ fn eval(a: EvalArgs, dev: &Device, mut team: Team) -> Result<()> {
     let t0 = std::time::Instant::now();
     let masks = igpt::bert::loss_masks(&cfg.model, a.masks)?;
     let limit = a.limit.unwrap_or(0);
-    let nats =
-        igpt::eval::evaluate_shared(&mut *team, &mut engine, &tokens, limit, masks, &mut Vec::new())?;
+    let nats = igpt::eval::evaluate_shared(
+        &mut *team,
+        &mut engine,
+        &tokens,
+        limit,
+        masks,
+        &mut Vec::new(),
+    )?;
     // Rank 0 alone has the result (every rank computed its share of the images).
     let Some(nats) = nats else { return Ok(()) };
     println!(

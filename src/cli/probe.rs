@@ -152,9 +152,10 @@ pub fn features(a: FeaturesArgs, dev: &Device, mut team: Team) -> Result<()> {
     // Each rank extracts its share of the images; rank 0 gathers them and writes the file.
     let tokens = TokenSet::quantise(&set, &m.palette, "feature")?;
     let bar = share_bar(&*team, tokens.len(), engine.batch, "feature images");
-    let f = probe::extract_features_shared(&mut *team, &mut engine, &tokens, &layers, masks, |k| {
-        bar.set_position(k as u64)
-    })?;
+    let f =
+        probe::extract_features_shared(&mut *team, &mut engine, &tokens, &layers, masks, |k| {
+            bar.set_position(k as u64)
+        })?;
     bar.finish_and_clear();
     let Some(f) = f else { return Ok(()) };
     let (n, d) = (set.len(), m.model().n_embd);

@@ -931,7 +931,11 @@ pub struct FinishedGrads<'a> {
 impl FinishedGrads<'_> {
     /// Copies `range` (within the finished part) of the gradient arena to `out`.
     pub fn read(&self, range: std::ops::Range<usize>, out: &mut [f32]) {
-        assert!(range.start >= self.from, "gradients before {} are not final yet", self.from);
+        assert!(
+            range.start >= self.from,
+            "gradients before {} are not final yet",
+            self.from
+        );
         self.backend
             .download(View::new(Arena::Grads, range.start, range.len()), out);
     }

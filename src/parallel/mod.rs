@@ -241,19 +241,26 @@ pub fn checksum(values: &[f32]) -> u64 {
 fn launched_ranks() -> Option<usize> {
     let var = |k: &str| std::env::var(k).ok()?.trim().parse::<usize>().ok();
     // OpenMPI's mpirun, MPICH's hydra, and Slurm's srun with a PMI plugin.
-    var("OMPI_COMM_WORLD_SIZE").or_else(|| var("PMI_SIZE")).or_else(|| {
-        (std::env::var_os("PMIX_RANK").is_some() || std::env::var_os("PMI_RANK").is_some())
-            .then(|| var("SLURM_NTASKS"))
-            .flatten()
-    })
+    var("OMPI_COMM_WORLD_SIZE")
+        .or_else(|| var("PMI_SIZE"))
+        .or_else(|| {
+            (std::env::var_os("PMIX_RANK").is_some() || std::env::var_os("PMI_RANK").is_some())
+                .then(|| var("SLURM_NTASKS"))
+                .flatten()
+        })
 }
 
 /// This process's rank when a launcher started several (for messages before or without MPI).
 pub fn launched_rank() -> Option<usize> {
     launched_ranks().filter(|&n| n > 1)?;
-    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+    [
+        "OMPI_COMM_WORLD_RANK",
+        "PMI_RANK",
+        "PMIX_RANK",
+        "SLURM_PROCID",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
 }
 
 /// The team this process belongs to: MPI's world when started by `mpirun` (or `srun`) in a
@@ -308,7 +315,11 @@ mod tests {
                 assert!(r.start.is_multiple_of(batch) || r.start == n, "{r:?}");
                 covered.extend(r);
             }
-            assert_eq!(covered, (0..n).collect::<Vec<_>>(), "n {n} batch {batch} world {world}");
+            assert_eq!(
+                covered,
+                (0..n).collect::<Vec<_>>(),
+                "n {n} batch {batch} world {world}"
+            );
         }
     }
 

@@ -50,10 +50,7 @@ pub(super) fn finalize() {
 }
 
 pub(super) fn abort(code: i32) {
-    let started = UNIVERSE
-        .lock()
-        .map(|s| s.is_some())
-        .unwrap_or(true);
+    let started = UNIVERSE.lock().map(|s| s.is_some()).unwrap_or(true);
     if started && SimpleCommunicator::world().size() > 1 {
         SimpleCommunicator::world().abort(code);
     }

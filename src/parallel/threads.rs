@@ -76,7 +76,11 @@ impl ThreadRank {
         b.parts[self.rank] = Some(part);
         b.arrived += 1;
         if b.arrived == s.world {
-            let all: Vec<Part> = b.parts.iter_mut().map(|p| p.take().expect("all arrived")).collect();
+            let all: Vec<Part> = b
+                .parts
+                .iter_mut()
+                .map(|p| p.take().expect("all arrived"))
+                .collect();
             b.last = Arc::new(all);
             b.arrived = 0;
             b.round += 1;
@@ -122,7 +126,9 @@ impl Collective for ThreadRank {
         let all = self.exchange(Part::F32(buf.to_vec()))?;
         buf.fill(0.0);
         for p in all.iter() {
-            let Part::F32(v) = p else { return Err(mismatch("sum_f32")) };
+            let Part::F32(v) = p else {
+                return Err(mismatch("sum_f32"));
+            };
             if v.len() != buf.len() {
                 return Err(mismatch("sums of different lengths"));
             }
@@ -135,7 +141,9 @@ impl Collective for ThreadRank {
         let all = self.exchange(Part::F64(buf.to_vec()))?;
         buf.fill(0.0);
         for p in all.iter() {
-            let Part::F64(v) = p else { return Err(mismatch("sum_f64")) };
+            let Part::F64(v) = p else {
+                return Err(mismatch("sum_f64"));
+            };
             if v.len() != buf.len() {
                 return Err(mismatch("sums of different lengths"));
             }
@@ -146,7 +154,9 @@ impl Collective for ThreadRank {
 
     fn broadcast(&mut self, bytes: &mut Vec<u8>) -> Result<()> {
         let all = self.exchange(Part::Bytes(std::mem::take(bytes)))?;
-        let Part::Bytes(root) = &all[0] else { return Err(mismatch("broadcast")) };
+        let Part::Bytes(root) = &all[0] else {
+            return Err(mismatch("broadcast"));
+        };
         bytes.extend_from_slice(root);
         Ok(())
     }

@@ -7,11 +7,11 @@ use super::TrainConfig;
 use super::run::{self, DataSpec, PaletteSpec, Progress, Summary};
 use crate::backend::Device;
 use crate::checkpoint::RunDir;
-use crate::data::TokenSet;
-use crate::parallel::{Team, TeamExt};
 use crate::config::{ModelConfig, Objective};
+use crate::data::TokenSet;
 use crate::data::{BUILTIN_FASHION, Format};
 use crate::palette::{FitOptions, Palette};
+use crate::parallel::{Team, TeamExt};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -247,7 +247,15 @@ pub fn new_run(
         let mut shape = serde_json::to_vec(&model)?;
         team.broadcast(&mut shape)?;
         run::start(
-            &run_dir, &model, &cfg, &prepared, &s.data, s.stop_after, device, team, progress,
+            &run_dir,
+            &model,
+            &cfg,
+            &prepared,
+            &s.data,
+            s.stop_after,
+            device,
+            team,
+            progress,
         )
     });
     if result.is_err() && !existed && !out.join("trainer.safetensors").exists() {

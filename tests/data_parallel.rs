@@ -281,3 +281,43 @@ fn a_run_written_by_some_ranks_resumes_on_any_number_and_continues_the_same_run(
     assert_eq!(steps, (1..=9).collect::<Vec<_>>());
     assert!(metrics.contains("\"ranks\":3") && metrics.contains("\"ranks\":2"));
 }
+
+#[test]
+fn fine_tuning_ranks_take_the_steps_one_process_takes() {
+    use igpt::finetune::{Finetuner, Head};
+    let model = model(Objective::Autoregressive);
+    let t = model.n_ctx();
+    let set = data(12, t);
+    let mut tokens = vec![0u16; 12 * t];
+    for i in 0..12 {
+        set.copy_image(i, &mut tokens[i * t..(i + 1) * t]);
+    }
+    let labels: Vec<u32> = (0..12).map(|i| (i * 7 % 3) as u32).collect();
+    let params = igpt::model::init_params(&model, 6);
+    let tune = |team: Team| {
+        let pass = 12 / team.world() / 2;
+        let mut engine = Engine::new(&model, pass, true, &Device::Cpu).unwrap();
+        engine.set_params(&params).unwrap();
+        let mut ft = Finetuner::new(engine, Head::new(model.n_embd, 3, Vec::new()), 1);
+        ft.join(team);
+        let stats: Vec<_> = (0..4)
+            .map(|_| ft.step(&tokens, &labels, 1e-3, 1e-2, true).unwrap())
+            .collect();
+        (stats, ft.engine.params(), ft.head.w.clone())
+    };
+    let (one, one_params, one_head) = tune(Single::team());
+    for world in [2, 3] {
+        let runs = on_ranks(threads::group(world), tune);
+        for (rank, (stats, params, head)) in runs.iter().enumerate() {
+            assert_eq!(params, &runs[0].1, "rank {rank} of {world}: model drifted");
+            assert_eq!(head, &runs[0].2, "rank {rank} of {world}: head drifted");
+            for (a, b) in one.iter().zip(stats) {
+                assert!((a.gen_loss - b.gen_loss).abs() <= 1e-6 * a.gen_loss);
+                assert!((a.clf_loss - b.clf_loss).abs() <= 1e-6 * a.clf_loss.max(1e-3));
+                assert_eq!(a.accuracy, b.accuracy, "every rank counts every image");
+            }
+        }
+        assert!(rel_diff(&one_params, &runs[0].1) <= 2e-5);
+        assert!(rel_diff(&one_head, &runs[0].2) <= 2e-5);
+    }
+}

@@ -45,19 +45,29 @@ impl Progress for Bar {
             let every = (b.length().unwrap_or(10) / 10).max(1);
             if b.is_hidden() && s.step.is_multiple_of(every) {
                 println!(
-                    "step {}/{}: loss {:.4}, {:.0} tokens/s",
+                    "step {}/{}: loss {:.4}, {:.0} tokens/s{}",
                     s.step,
                     b.length().unwrap_or(0),
                     s.loss,
-                    tokens_per_s
+                    tokens_per_s,
+                    if s.ranks > 1 {
+                        format!(" on {} ranks", s.ranks)
+                    } else {
+                        String::new()
+                    }
                 );
             }
             let val = self
                 .last_val
                 .map(|v| format!(" val {v:.4}"))
                 .unwrap_or_default();
+            let ranks = if s.ranks > 1 {
+                format!(" on {} ranks", s.ranks)
+            } else {
+                String::new()
+            };
             b.set_message(format!(
-                "loss {:.4}{val} | {:.0} tok/s",
+                "loss {:.4}{val} | {:.0} tok/s{ranks}",
                 s.loss, tokens_per_s
             ));
             b.set_position(s.step);

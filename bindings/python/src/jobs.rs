@@ -217,7 +217,9 @@ pub fn train<'py>(
         };
         match (&out, &resume) {
             (Some(o), None) => job::new_run(o, &s, &device, igpt::parallel::Single::team(), &mut r),
-            (None, Some(dir)) => job::resume_run(dir, &s, &device, igpt::parallel::Single::team(), &mut r),
+            (None, Some(dir)) => {
+                job::resume_run(dir, &s, &device, igpt::parallel::Single::team(), &mut r)
+            }
             _ => anyhow::bail!(
                 "give the directory of a new run (out) or of a run to continue (resume), not both"
             ),
@@ -329,8 +331,18 @@ pub fn finetune<'py>(
         let m = igpt::formats::load_model(&spec)?;
         let cfg = s.config(&m, &model)?;
         let (tokens, names) = labelled_tokens(&data, labels.as_deref(), limit, &m)?;
-        let sum = ft::run(&m, &tokens, &data, names, &cfg, &out, &device, igpt::parallel::Single::team(), &mut r)
-            .with_context(|| format!("fine-tuning {spec} on {data}"))?;
+        let sum = ft::run(
+            &m,
+            &tokens,
+            &data,
+            names,
+            &cfg,
+            &out,
+            &device,
+            igpt::parallel::Single::team(),
+            &mut r,
+        )
+        .with_context(|| format!("fine-tuning {spec} on {data}"))?;
         let acc = match &test_data {
             Some(test) => {
                 let best = LoadedModel::open(&out)?;

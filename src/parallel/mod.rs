@@ -54,7 +54,30 @@ pub type Team = Box<dyn Collective>;
 /// One process alone: every operation is the identity.
 #[derive(Debug, Default)]
 pub struct Single {
-    pending: Vec<Vec<f32>>,
+    pending: HeldSums,
+}
+
+/// Copies of the values of background sums, by bucket id, for teams whose sums run when they
+/// finish (one process alone, thread ranks).
+#[derive(Debug, Default)]
+struct HeldSums(Vec<Vec<f32>>);
+
+impl HeldSums {
+    fn put(&mut self, id: usize, values: &[f32]) {
+        if self.0.len() <= id {
+            self.0.resize_with(id + 1, Vec::new);
+        }
+        self.0[id].clear();
+        self.0[id].extend_from_slice(values);
+    }
+
+    /// Bucket `id`'s values, which must be `len` long.
+    fn get(&mut self, id: usize, len: usize) -> Result<&mut Vec<f32>> {
+        self.0
+            .get_mut(id)
+            .filter(|v| v.len() == len)
+            .ok_or_else(|| anyhow::anyhow!("no background sum {id} of {len} values was started"))
+    }
 }
 
 impl Single {
@@ -86,20 +109,12 @@ impl Collective for Single {
         Ok(vec![bytes.to_vec()])
     }
     fn start_sum(&mut self, id: usize, values: &[f32]) -> Result<()> {
-        if self.pending.len() <= id {
-            self.pending.resize_with(id + 1, Vec::new);
-        }
-        self.pending[id].clear();
-        self.pending[id].extend_from_slice(values);
+        self.pending.put(id, values);
         Ok(())
     }
     fn finish_sum(&mut self, id: usize, out: &mut [f32]) -> Result<()> {
-        let v = self
-            .pending
-            .get(id)
-            .filter(|v| v.len() == out.len())
-            .ok_or_else(|| anyhow::anyhow!("no background sum {id} of {} values", out.len()))?;
-        out.copy_from_slice(v);
+        // Alone, the sum is the values themselves.
+        out.copy_from_slice(self.pending.get(id, out.len())?);
         Ok(())
     }
 }

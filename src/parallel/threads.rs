@@ -5,7 +5,7 @@
 //! what it needs from all the parts. Sums add the parts in rank order, so results are the same
 //! on every rank and from run to run.
 
-use super::{Collective, Team};
+use super::{Collective, HeldSums, Team};
 use anyhow::{Result, bail};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -36,7 +36,7 @@ struct Shared {
 pub struct ThreadRank {
     rank: usize,
     shared: Arc<Shared>,
-    pending: Vec<Vec<f32>>,
+    pending: HeldSums,
 }
 
 /// `world` ranks, one per thread the caller starts (rank `i` is element `i`).
@@ -58,7 +58,7 @@ pub fn group(world: usize) -> Vec<Team> {
             Box::new(ThreadRank {
                 rank,
                 shared: shared.clone(),
-                pending: Vec::new(),
+                pending: HeldSums::default(),
             }) as Team
         })
         .collect()
@@ -175,20 +175,17 @@ impl Collective for ThreadRank {
     }
 
     fn start_sum(&mut self, id: usize, values: &[f32]) -> Result<()> {
-        if self.pending.len() <= id {
-            self.pending.resize_with(id + 1, Vec::new);
-        }
-        self.pending[id].clear();
-        self.pending[id].extend_from_slice(values);
+        self.pending.put(id, values);
         Ok(())
     }
 
     fn finish_sum(&mut self, id: usize, out: &mut [f32]) -> Result<()> {
-        let mut v = std::mem::take(&mut self.pending[id]);
+        let mut v = std::mem::take(self.pending.get(id, out.len())?);
         // Buckets finish in the same order on every rank, so the exchanges line up.
         self.sum_f32(&mut v)?;
         out.copy_from_slice(&v);
-        self.pending[id] = v;
+        // The buffer goes back for the next step's sum of this bucket.
+        self.pending.0[id] = v;
         Ok(())
     }
 }

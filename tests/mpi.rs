@@ -150,6 +150,27 @@ fn two_and_three_ranks_train_the_model_one_process_trains() {
 }
 
 #[test]
+fn ranks_on_one_machine_share_its_cores_unless_told_otherwise() {
+    let _one = one_job_at_a_time();
+    let dir = tempdir("mpi-threads");
+    let run = dir.join("run");
+    let mut args = train_args(s(&run), &[]);
+    let steps = args.iter().position(|a| *a == "--steps").unwrap();
+    args[steps + 1] = "1";
+    // Without --threads: each of 2 ranks takes half the cores.
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", BIN])
+        .args(&args)
+        .output()
+        .unwrap();
+    let o = ok(o, "mpirun without --threads");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let want = format!("on {} thread(s)", (cores / 2).max(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(&want), "{want} in {out}");
+}
+
+#[test]
 fn a_run_resumes_on_another_number_of_ranks_and_continues_the_same_run() {
     let _one = one_job_at_a_time();
     let dir = tempdir("mpi-resume");

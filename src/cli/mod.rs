@@ -25,7 +25,8 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "igpt", version, about = "Image GPT: train, evaluate and run autoregressive pixel models", long_about = None)]
 struct Cli {
-    /// Worker threads (default: every core).
+    /// Worker threads (default: every core; under mpirun, the cores divided among the ranks
+    /// on each machine).
     #[arg(long, global = true)]
     threads: Option<usize>,
     /// Where the model computes: cpu (the only device of this build).
@@ -460,7 +461,8 @@ impl Source<'_> {
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
     igpt::fsutil::check_numeric_env()?;
-    if let Some(n) = cli.threads {
+    // Several ranks on one machine share its cores unless told otherwise.
+    if let Some(n) = cli.threads.or_else(igpt::parallel::threads_per_local_rank) {
         ensure!(n >= 1, "--threads must be at least 1");
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)

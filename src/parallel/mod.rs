@@ -278,6 +278,18 @@ pub fn launched_rank() -> Option<usize> {
     .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
 }
 
+/// Threads each process should run when a launcher started several on this machine: the
+/// machine's cores shared out among them (`None` when alone on the machine).
+pub fn threads_per_local_rank() -> Option<usize> {
+    let var = |k: &str| std::env::var(k).ok()?.trim().parse::<usize>().ok();
+    let local = var("OMPI_COMM_WORLD_LOCAL_SIZE").or_else(|| var("MPI_LOCALNRANKS"))?;
+    if local <= 1 {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / local).max(1))
+}
+
 /// The team this process belongs to: MPI's world when started by `mpirun` (or `srun`) in a
 /// build with the `mpi` feature, otherwise one process alone. Call once, at start-up; under
 /// MPI, end with [`finish`] (or [`abort`] on an error).

@@ -491,9 +491,10 @@ fn train_loop_on_pool(
             let kind = trainer.team().kind();
             progress.message(&format!(
                 "data-parallel: {ranks} processes ({kind}), each taking {} of the {} images of \
-                 every batch",
+                 every batch on {} thread(s)",
                 trainer.cfg.batch / ranks,
-                trainer.cfg.batch
+                trainer.cfg.batch,
+                rayon::current_num_threads()
             ));
         }
         progress.start(total, first);

@@ -343,3 +343,52 @@ fn a_rank_that_dies_ends_the_job_within_seconds_and_the_checkpoint_stays_loadabl
     );
     assert!(String::from_utf8_lossy(&o.stdout).contains("resuming"));
 }
+
+#[test]
+fn fine_tuning_under_mpirun_reports_what_one_process_reports() {
+    let _one = one_job_at_a_time();
+    let dir = tempdir("mpi-finetune");
+    let run = dir.join("run");
+    ok(alone(&train_args(s(&run), &[])), "training");
+    let args = |out: &Path| {
+        [
+            "finetune",
+            "--model",
+            s(&run),
+            "--data",
+            "fashion-mnist",
+            "--limit",
+            "120",
+            "--steps",
+            "8",
+            "--batch",
+            "6",
+            "--eval-every",
+            "4",
+            "--out",
+            s(out),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    // Every number of the step and validation lines (rank 0 alone prints them).
+    let numbers = |o: &Output| -> Vec<f64> {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with("step "))
+            .flat_map(|l| {
+                l.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                    .filter_map(|w| w.parse::<f64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let one = ok(alone(&strs(&args(&dir.join("one")))), "one process");
+    let two = ok(mpirun(2, &strs(&args(&dir.join("two")))), "2 ranks");
+    let (a, b) = (numbers(&one), numbers(&two));
+    assert!(a.len() >= 9 && a.len() == b.len(), "{a:?} against {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 2e-4, "{a:?} against {b:?}");
+    }
+    assert!(dir.join("two/head.safetensors").exists());
+}

@@ -7,9 +7,10 @@
 //! names a backend: it is handed one by [`Device::open`].
 
 pub mod cpu;
+pub mod cuda;
 mod device;
 
-pub use device::Device;
+pub use device::{Device, Gpu};
 
 /// Layout of a matrix operand: `N` as stored (`[rows, cols]` row-major), `T` stored transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

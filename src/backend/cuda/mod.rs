@@ -1,0 +1,1209 @@
+//! The CUDA backend: device arenas, cuBLAS products, and igpt's own kernels (`kernels.cu`,
+//! embedded as PTX).
+//!
+//! The CUDA libraries are loaded when first used, so a build runs on machines without them;
+//! [`probe`] checks for them first, because `cudarc` panics where a library is missing. All
+//! work goes to the context's default stream in order, so a copy back to the host sees every
+//! kernel before it.
+
+mod gemm;
+
+use super::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, View};
+use crate::backend::device::Gpu;
+use anyhow::{Result, anyhow, bail};
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::driver::result as driver;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
+use gemm::{RowMajor, column_major};
+use std::ffi::c_void;
+use std::sync::{Arc, OnceLock};
+
+/// The kernels as PTX for compute capability 8.0 (A100) and 9.0 (H100, H200); built from
+/// `kernels.cu` by `scripts/build_ptx.sh`.
+const PTX_SM80: &str = include_str!("ptx/kernels.sm_80.ptx");
+const PTX_SM90: &str = include_str!("ptx/kernels.sm_90.ptx");
+
+/// Threads per block of the row kernels.
+const ROW_THREADS: u32 = 256;
+
+/// Whether this machine can run the CUDA backend: a driver, cuBLAS and at least one GPU.
+/// Checked once; the error says what is missing.
+pub fn probe() -> Result<usize> {
+    static PROBED: OnceLock<Result<usize, String>> = OnceLock::new();
+    PROBED
+        .get_or_init(|| probe_once().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+fn loadable(lib: &str) -> bool {
+    cudarc::get_lib_name_candidates(lib).iter().any(|name| {
+        // SAFETY: loading a CUDA library runs only its initialisers, which have no
+        // preconditions; it is closed again at once.
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
+}
+
+fn probe_once() -> Result<usize> {
+    if !loadable("cuda") {
+        bail!(
+            "no CUDA driver found (libcuda.so.1 could not be loaded): --device cuda needs an \
+             NVIDIA GPU and its driver"
+        );
+    }
+    if !loadable("cublas") || !loadable("cublasLt") {
+        bail!(
+            "the CUDA driver is here but cuBLAS is not (libcublas.so.13 and libcublasLt.so.13): \
+             install CUDA 13's cuBLAS (for example `pip install nvidia-cublas`) and add its lib \
+             folder to LD_LIBRARY_PATH"
+        );
+    }
+    // The libraries load, so cudarc will not panic on them; a driver that fails to start
+    // still might, so the call is fenced.
+    let count = std::panic::catch_unwind(CudaContext::device_count)
+        .map_err(|_| anyhow!("the CUDA driver could not be started"))?
+        .map_err(|e| anyhow!("the CUDA driver could not be started: {e:?}"))?;
+    if count < 1 {
+        bail!("the CUDA driver found no GPU on this machine");
+    }
+    Ok(count as usize)
+}
+
+/// Panics with the failing call's name: a CUDA error inside a step is a broken device or a
+/// bug, never bad input (inputs are checked before they reach the device).
+fn ok<T, E: std::fmt::Debug>(r: std::result::Result<T, E>, what: &str) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("CUDA error in {what}: {e:?}"),
+    }
+}
+
+/// A block of device memory, freed on drop.
+struct Buffer {
+    ptr: u64,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl Buffer {
+    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> std::result::Result<Self, driver::DriverError> {
+        let bytes = bytes.max(16);
+        ctx.bind_to_thread()?;
+        // SAFETY: plain device allocation; the pointer is freed once, in drop, and every use
+        // checks its bounds against `bytes`.
+        let ptr = unsafe { driver::malloc_sync(bytes)? };
+        // SAFETY: `ptr` points at `bytes` bytes just allocated.
+        unsafe { driver::memset_d8_sync(ptr, 0, bytes)? };
+        Ok(Self {
+            ptr,
+            bytes,
+            ctx: ctx.clone(),
+        })
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by `malloc_sync` in `Buffer::new` and freed only here. The context
+        // synchronises first, so no queued kernel still uses it.
+        unsafe {
+            let _ = self.ctx.synchronize();
+            let _ = driver::free_sync(self.ptr);
+        }
+    }
+}
+
+/// The kernels of `kernels.cu`, looked up once.
+struct Kernels {
+    _module: Arc<CudaModule>,
+    fill_f32: CudaFunction,
+    fill_bf16: CudaFunction,
+    round_bf16: CudaFunction,
+    pack_weight: CudaFunction,
+    embed_forward: CudaFunction,
+    embed_backward_positions: CudaFunction,
+    embed_backward_content: CudaFunction,
+    embed_step: CudaFunction,
+    rmsnorm_forward: CudaFunction,
+    rmsnorm_backward_input: CudaFunction,
+    rmsnorm_backward_gain: CudaFunction,
+    gelu_forward: CudaFunction,
+    gelu_backward_inplace: CudaFunction,
+    cross_entropy: CudaFunction,
+    adamw: CudaFunction,
+    sum_squares: CudaFunction,
+    attention_softmax: CudaFunction,
+    attention_probs: CudaFunction,
+    attention_dscores: CudaFunction,
+    kv_store_f32: CudaFunction,
+    kv_store_bf16: CudaFunction,
+    attend_f32: CudaFunction,
+    attend_bf16: CudaFunction,
+}
+
+impl Kernels {
+    fn load(ctx: &Arc<CudaContext>, ptx: &str) -> Result<Self> {
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(|e| anyhow!("cannot load igpt's CUDA kernels: {e:?} (the driver must support CUDA 13.0 or newer)"))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| anyhow!("kernel {name} is missing from the PTX: {e:?}"))
+        };
+        Ok(Self {
+            fill_f32: f("fill_f32")?,
+            fill_bf16: f("fill_bf16")?,
+            round_bf16: f("round_bf16")?,
+            pack_weight: f("pack_weight")?,
+            embed_forward: f("embed_forward")?,
+            embed_backward_positions: f("embed_backward_positions")?,
+            embed_backward_content: f("embed_backward_content")?,
+            embed_step: f("embed_step")?,
+            rmsnorm_forward: f("rmsnorm_forward")?,
+            rmsnorm_backward_input: f("rmsnorm_backward_input")?,
+            rmsnorm_backward_gain: f("rmsnorm_backward_gain")?,
+            gelu_forward: f("gelu_forward")?,
+            gelu_backward_inplace: f("gelu_backward_inplace")?,
+            cross_entropy: f("cross_entropy")?,
+            adamw: f("adamw")?,
+            sum_squares: f("sum_squares")?,
+            attention_softmax: f("attention_softmax")?,
+            attention_probs: f("attention_probs")?,
+            attention_dscores: f("attention_dscores")?,
+            kv_store_f32: f("kv_store_f32")?,
+            kv_store_bf16: f("kv_store_bf16")?,
+            attend_f32: f("attend_f32")?,
+            attend_bf16: f("attend_bf16")?,
+            _module: module,
+        })
+    }
+}
+
+/// Device arenas, allocated together by [`Backend::allocate`].
+struct Arenas {
+    params: Buffer,
+    grads: Buffer,
+    adam_m: Buffer,
+    adam_v: Buffer,
+    acts: Buffer,
+    half: Buffer,
+    /// The bfloat16 copy of a packed product's input.
+    packed_input: Buffer,
+    tokens: Buffer,
+    targets: Buffer,
+    weights: Buffer,
+    /// One f64: the sum of squares' result.
+    sum: Buffer,
+}
+
+/// One GPU: its context, kernels, cuBLAS handle and arenas.
+pub struct CudaBackend {
+    gpu: Gpu,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: Kernels,
+    blas: blas_sys::cublasHandle_t,
+    arenas: Option<Arenas>,
+    n_tokens: usize,
+    weighted: bool,
+}
+
+// SAFETY: the cuBLAS handle is used only through `&mut self` or, in `sum_squares`, not at
+// all, so one thread at a time uses it; the context is made current on the calling thread
+// before every call (`bind`).
+unsafe impl Send for CudaBackend {}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        self.bind();
+        self.arenas = None;
+        // SAFETY: the handle was created in `open` and is destroyed once, here.
+        unsafe {
+            let _ = blas::destroy_handle(self.blas);
+        }
+    }
+}
+
+/// A launch over `n` elements with a grid-stride loop.
+fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per row.
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    /// Opens `gpu`: a context, the kernels for its compute capability and a cuBLAS handle.
+    pub fn open(gpu: Gpu) -> Result<Self> {
+        let count = probe()?;
+        if gpu.ordinal >= count {
+            bail!(
+                "there is no GPU cuda:{} on this machine: it has {count} (cuda:0 to cuda:{})",
+                gpu.ordinal,
+                count - 1
+            );
+        }
+        let ctx = std::panic::catch_unwind(|| CudaContext::new(gpu.ordinal))
+            .map_err(|_| anyhow!("cannot start cuda:{}", gpu.ordinal))?
+            .map_err(|e| anyhow!("cannot start cuda:{}: {e:?}", gpu.ordinal))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| anyhow!("cannot query cuda:{}: {e:?}", gpu.ordinal))?;
+        let ptx = match major {
+            9.. => PTX_SM90,
+            8 => PTX_SM80,
+            _ => bail!(
+                "cuda:{} has compute capability {major}.{minor}; igpt's kernels need 8.0 or newer \
+                 (A100, H100 and later)",
+                gpu.ordinal
+            ),
+        };
+        let kernels = Kernels::load(&ctx, ptx)?;
+        let stream = ctx.default_stream();
+        let handle = blas::create_handle().map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
+        // SAFETY: a fresh handle, set to the stream every kernel here uses.
+        unsafe { blas::set_stream(handle, stream.cu_stream() as _) }
+            .map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
+        Ok(Self {
+            gpu,
+            ctx,
+            stream,
+            kernels,
+            blas: handle,
+            arenas: None,
+            n_tokens: 0,
+            weighted: false,
+        })
+    }
+
+    /// The GPU's name and free and total memory in bytes.
+    pub fn describe(&self) -> (String, usize, usize) {
+        self.bind();
+        let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+        (name, free, total)
+    }
+
+    fn bind(&self) {
+        ok(self.ctx.bind_to_thread(), "binding the context");
+    }
+
+    fn arenas(&self) -> &Arenas {
+        self.arenas
+            .as_ref()
+            .expect("a CUDA kernel ran before the backend was allocated")
+    }
+
+    /// The device address of a view, after checking it lies in its arena with its type.
+    fn ptr(&self, v: View) -> u64 {
+        let a = self.arenas();
+        let (buf, dtype) = match v.arena {
+            Arena::Params => (&a.params, DType::F32),
+            Arena::Grads => (&a.grads, DType::F32),
+            Arena::AdamM => (&a.adam_m, DType::F32),
+            Arena::AdamV => (&a.adam_v, DType::F32),
+            Arena::Acts => (&a.acts, DType::F32),
+            Arena::Half => (&a.half, DType::Bf16),
+        };
+        assert_eq!(
+            v.dtype, dtype,
+            "view {v:?} has the wrong element type for its arena"
+        );
+        let size = match dtype {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        };
+        assert!(
+            (v.offset + v.len) * size <= buf.bytes,
+            "view {v:?} is outside its arena of {} bytes",
+            buf.bytes
+        );
+        buf.ptr + (v.offset * size) as u64
+    }
+
+    fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, what: &str, args: &[&dyn Arg]) {
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            a.push(&mut b);
+        }
+        // SAFETY: every pointer argument is a checked view or a buffer of this backend, sized
+        // for the launch by the caller; the argument list matches the kernel's signature.
+        ok(unsafe { b.launch(cfg) }, what);
+    }
+
+    /// The compute type of products of f32 operands.
+    fn compute_type(&self) -> blas_sys::cublasComputeType_t {
+        match self.gpu.products {
+            Precision::F32 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            Precision::Bf16 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+        }
+    }
+
+    /// `C = alpha op(A) op(B) + beta C`, row-major, operands of element type `operands`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        p: RowMajor,
+        a: u64,
+        b: u64,
+        c: u64,
+        alpha: f32,
+        beta: f32,
+        operands: blas_sys::cudaDataType,
+        compute: blas_sys::cublasComputeType_t,
+    ) {
+        let call = column_major(&p);
+        let op = |t| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        self.bind();
+        // SAFETY: the pointers are checked views sized for this product by the caller; alpha
+        // and beta live across the call; cuBLAS runs on this backend's stream.
+        let r = unsafe {
+            blas::gemm_strided_batched_ex(
+                self.blas,
+                op(call.trans_first),
+                op(call.trans_second),
+                call.m as i32,
+                call.n as i32,
+                call.k as i32,
+                (&alpha as *const f32).cast::<c_void>(),
+                b as *const c_void,
+                operands,
+                call.ld_first as i32,
+                call.stride_first as i64,
+                a as *const c_void,
+                operands,
+                call.ld_second as i32,
+                call.stride_second as i64,
+                (&beta as *const f32).cast::<c_void>(),
+                c as *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                call.ldc as i32,
+                call.stride_c as i64,
+                call.batch as i32,
+                compute,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        ok(r, "a cuBLAS product");
+    }
+
+    fn f32_gemm(&self, p: RowMajor, a: u64, b: u64, c: u64, alpha: f32, beta: f32) {
+        self.gemm(
+            p,
+            a,
+            b,
+            c,
+            alpha,
+            beta,
+            blas_sys::cudaDataType::CUDA_R_32F,
+            self.compute_type(),
+        );
+    }
+
+    /// The product `scale * Q K^T` of sequence `b` for every head into `scores`
+    /// (`[n_head, t, t]`).
+    fn attention_scores(&self, qkv: u64, scores: u64, s: AttnShape, b: usize) {
+        let (t, hd) = (s.t, s.head_dim);
+        let d = s.n_head * hd;
+        let seq = qkv + (b * t * 3 * d * 4) as u64;
+        let p = RowMajor {
+            ta: Op::N,
+            tb: Op::T,
+            m: t,
+            n: t,
+            k: hd,
+            lda: 3 * d,
+            ldb: 3 * d,
+            ldc: t,
+            stride_a: hd,
+            stride_b: hd,
+            stride_c: t * t,
+            batch: s.n_head,
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        self.f32_gemm(p, seq, seq + (d * 4) as u64, scores, scale, 0.0);
+    }
+}
+
+/// A kernel argument: device addresses are passed as `u64`.
+trait Arg {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+macro_rules! arg {
+    ($($t:ty),*) => {$(
+        impl Arg for $t {
+            fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+                b.arg(self);
+            }
+        }
+    )*};
+}
+arg!(u64, i32, f32, usize);
+
+/// An `i32` kernel argument from a size the planner keeps small.
+fn int(n: usize) -> i32 {
+    i32::try_from(n).expect("a kernel size exceeds i32")
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn attention_scratch_len(&self, shape: AttnShape) -> usize {
+        // The scores of one sequence's heads, and their gradient in the backward pass.
+        2 * shape.n_head * shape.t * shape.t
+    }
+
+    fn decode_cache_len(&self, n_ctx: usize) -> usize {
+        n_ctx
+    }
+
+    fn native_bf16(&self) -> bool {
+        true
+    }
+
+    fn packed_len(&self, k: usize, n: usize) -> usize {
+        k * n
+    }
+
+    fn allocate(&mut self, s: ArenaSizes) -> Result<()> {
+        self.bind();
+        // Free the old arenas first, so re-planning does not need both at once.
+        self.arenas = None;
+        let sizes = [
+            ("parameters", 4 * s.params),
+            ("gradients", 4 * s.grads),
+            ("optimizer moments", 4 * s.grads),
+            ("optimizer moments", 4 * s.grads),
+            ("activations", 4 * s.acts),
+            ("16-bit weights and caches", 2 * s.half),
+            ("scratch", 2 * s.max_packed_input),
+            ("tokens", 2 * s.tokens),
+            ("targets", 2 * s.tokens),
+            ("loss weights", 4 * s.tokens),
+            ("scratch", 8),
+        ];
+        let total: usize = sizes.iter().map(|(_, b)| b).sum();
+        let (free, all) = self
+            .ctx
+            .mem_get_info()
+            .map_err(|e| anyhow!("cannot query cuda:{}'s memory: {e:?}", self.gpu.ordinal))?;
+        let too_big = |what: &str| {
+            anyhow!(
+                "this model and batch need {:.2} GB on cuda:{} but only {:.2} GB of its {:.2} GB \
+                 are free{what}: use fewer images per forward pass (--micro-batch) or a smaller \
+                 model",
+                total as f64 * 1e-9,
+                self.gpu.ordinal,
+                free as f64 * 1e-9,
+                all as f64 * 1e-9
+            )
+        };
+        if total > free {
+            return Err(too_big(""));
+        }
+        let mut bufs = Vec::with_capacity(sizes.len());
+        for (what, bytes) in sizes {
+            let buf = Buffer::new(&self.ctx, bytes)
+                .map_err(|e| too_big(&format!(" (allocating {what} failed: {e:?})")))?;
+            bufs.push(buf);
+        }
+        let mut it = bufs.into_iter();
+        let mut next = || it.next().expect("one buffer per arena");
+        self.arenas = Some(Arenas {
+            params: next(),
+            grads: next(),
+            adam_m: next(),
+            adam_v: next(),
+            acts: next(),
+            half: next(),
+            packed_input: next(),
+            tokens: next(),
+            targets: next(),
+            weights: next(),
+            sum: next(),
+        });
+        self.n_tokens = 0;
+        self.weighted = false;
+        Ok(())
+    }
+
+    fn upload(&mut self, dst: View, src: &[f32]) {
+        assert_eq!(dst.len, src.len(), "upload: size mismatch");
+        let ptr = self.ptr(dst);
+        self.bind();
+        // SAFETY: `ptr` is a checked f32 view of `src.len()` elements; the synchronous copy
+        // follows the work queued on the default stream.
+        ok(unsafe { driver::memcpy_htod_sync(ptr, src) }, "upload");
+    }
+
+    fn download(&self, src: View, dst: &mut [f32]) {
+        assert_eq!(src.len, dst.len(), "download: size mismatch");
+        let ptr = self.ptr(src);
+        self.bind();
+        // SAFETY: as in `upload`, the other way; the copy waits for the queued kernels.
+        ok(unsafe { driver::memcpy_dtoh_sync(dst, ptr) }, "download");
+    }
+
+    fn fill(&mut self, dst: View, value: f32) {
+        let (ptr, n) = (self.ptr(dst), dst.len);
+        let k = match dst.dtype {
+            DType::F32 => &self.kernels.fill_f32,
+            DType::Bf16 => &self.kernels.fill_bf16,
+        };
+        self.launch(k, elementwise(n), "fill", &[&ptr, &value, &n]);
+    }
+
+    fn copy(&mut self, dst: View, src: View) {
+        assert!(
+            dst.len == src.len && dst.dtype == src.dtype && !dst.overlaps(&src),
+            "copy: {src:?} does not fit {dst:?}"
+        );
+        let (d, s) = (self.ptr(dst), self.ptr(src));
+        let bytes = dst.len * if dst.dtype == DType::F32 { 4 } else { 2 };
+        self.bind();
+        // SAFETY: both are checked views of `bytes` bytes that do not overlap.
+        ok(
+            unsafe { driver::memcpy_dtod_async(d, s, bytes, self.stream.cu_stream()) },
+            "copy",
+        );
+    }
+
+    fn set_tokens(&mut self, tokens: &[u16]) {
+        let a = self.arenas();
+        assert!(
+            tokens.len() * 2 <= a.tokens.bytes,
+            "batch of {} tokens exceeds the planned {}",
+            tokens.len(),
+            a.tokens.bytes / 2
+        );
+        let ptr = a.tokens.ptr;
+        self.bind();
+        // SAFETY: the token buffer holds at least `tokens.len()` ids (checked above).
+        ok(
+            unsafe { driver::memcpy_htod_sync(ptr, tokens) },
+            "set_tokens",
+        );
+        self.n_tokens = tokens.len();
+        self.weighted = false;
+    }
+
+    fn embed_forward(
+        &mut self,
+        out: View,
+        wte: View,
+        wpe: View,
+        sos: View,
+        t: usize,
+        d: usize,
+        direct: bool,
+    ) {
+        let rows = self.n_tokens;
+        assert_eq!(out.len, rows * d, "embed_forward: output size");
+        let args = (
+            self.ptr(out),
+            self.arenas().tokens.ptr,
+            self.ptr(wte),
+            self.ptr(wpe),
+            self.ptr(sos),
+        );
+        let (t, d, v, direct) = (int(t), int(d), int(wte.len / d), direct as i32);
+        self.launch(
+            &self.kernels.embed_forward,
+            per_row(rows),
+            "embed_forward",
+            &[
+                &args.0, &args.1, &args.2, &args.3, &args.4, &t, &d, &v, &direct,
+            ],
+        );
+    }
+
+    fn embed_backward(
+        &mut self,
+        dwte: View,
+        dwpe: View,
+        dsos: View,
+        dout: View,
+        t: usize,
+        d: usize,
+        direct: bool,
+    ) {
+        let rows = self.n_tokens;
+        let batch = int(rows / t);
+        let (dwte_p, dwpe_p, dsos_p, dout_p) = (
+            self.ptr(dwte),
+            self.ptr(dwpe),
+            self.ptr(dsos),
+            self.ptr(dout),
+        );
+        let ids = self.arenas().tokens.ptr;
+        let (ti, di, v, direct) = (int(t), int(d), int(dwte.len / d), direct as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, d.div_ceil(256) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &self.kernels.embed_backward_positions,
+            cfg,
+            "embed_backward",
+            &[&dwpe_p, &dout_p, &batch, &ti, &di],
+        );
+        self.launch(
+            &self.kernels.embed_backward_content,
+            per_row(rows),
+            "embed_backward",
+            &[&dwte_p, &dsos_p, &dout_p, &ids, &ti, &di, &v, &direct],
+        );
+    }
+
+    fn set_targets(&mut self, targets: &[u16], weights: &[f32]) {
+        assert!(targets.len() == self.n_tokens && weights.len() == self.n_tokens);
+        let (t, w) = (self.arenas().targets.ptr, self.arenas().weights.ptr);
+        self.bind();
+        // SAFETY: both buffers hold the planned token count, at least `n_tokens`.
+        unsafe {
+            ok(driver::memcpy_htod_sync(t, targets), "set_targets");
+            ok(driver::memcpy_htod_sync(w, weights), "set_targets");
+        }
+        self.weighted = true;
+    }
+
+    fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize) {
+        let rows = x.len / d;
+        let p = (self.ptr(out), self.ptr(rstd), self.ptr(x), self.ptr(g));
+        let (di, eps) = (int(d), 1e-5f32);
+        self.launch(
+            &self.kernels.rmsnorm_forward,
+            per_row(rows),
+            "rmsnorm_forward",
+            &[&p.0, &p.1, &p.2, &p.3, &di, &eps],
+        );
+    }
+
+    fn rmsnorm_backward(
+        &mut self,
+        dx: View,
+        dg: View,
+        dout: View,
+        x: View,
+        rstd: View,
+        g: View,
+        d: usize,
+    ) {
+        let rows = x.len / d;
+        let p = (
+            self.ptr(dx),
+            self.ptr(dg),
+            self.ptr(dout),
+            self.ptr(x),
+            self.ptr(rstd),
+            self.ptr(g),
+        );
+        let di = int(d);
+        self.launch(
+            &self.kernels.rmsnorm_backward_input,
+            per_row(rows),
+            "rmsnorm_backward",
+            &[&p.0, &p.2, &p.3, &p.4, &p.5, &di],
+        );
+        const ROWS_PER_BLOCK: usize = 64;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                d.div_ceil(256) as u32,
+                rows.div_ceil(ROWS_PER_BLOCK) as u32,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ri, per) = (int(rows), int(ROWS_PER_BLOCK));
+        self.launch(
+            &self.kernels.rmsnorm_backward_gain,
+            cfg,
+            "rmsnorm_backward",
+            &[&p.1, &p.2, &p.3, &p.4, &ri, &di, &per],
+        );
+    }
+
+    fn pack_weight(&mut self, dst: View, w: View, op: Op, k: usize, n: usize) {
+        assert!(dst.len == k * n && w.len == k * n, "pack_weight: sizes");
+        let (d, s) = (self.ptr(dst), self.ptr(w));
+        let (tr, ki, ni) = ((op == Op::T) as i32, int(k), int(n));
+        self.launch(
+            &self.kernels.pack_weight,
+            elementwise(k * n),
+            "pack_weight",
+            &[&d, &s, &tr, &ki, &ni],
+        );
+    }
+
+    fn matmul_packed(
+        &mut self,
+        out: View,
+        a: View,
+        w: View,
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    ) {
+        assert!(
+            out.len == m * n && a.len == m * k && w.len == k * n,
+            "matmul_packed: sizes"
+        );
+        let scratch = &self.arenas().packed_input;
+        assert!(
+            2 * m * k <= scratch.bytes,
+            "matmul_packed: input larger than planned"
+        );
+        let (rounded, a_p, w_p, o) = (scratch.ptr, self.ptr(a), self.ptr(w), self.ptr(out));
+        let len = m * k;
+        self.launch(
+            &self.kernels.round_bf16,
+            elementwise(len),
+            "matmul_packed",
+            &[&rounded, &a_p, &len],
+        );
+        self.gemm(
+            RowMajor::plain(Op::N, Op::N, m, k, n),
+            rounded,
+            w_p,
+            o,
+            1.0,
+            if accumulate { 1.0 } else { 0.0 },
+            blas_sys::cudaDataType::CUDA_R_16BF,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        );
+    }
+
+    fn matmul(
+        &mut self,
+        out: View,
+        a: View,
+        ta: Op,
+        b: View,
+        tb: Op,
+        m: usize,
+        k: usize,
+        n: usize,
+        accumulate: bool,
+    ) {
+        assert!(
+            out.len == m * n && a.len == m * k && b.len == k * n,
+            "matmul: sizes do not match {m}x{k}x{n}"
+        );
+        let (o, a, b) = (self.ptr(out), self.ptr(a), self.ptr(b));
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        self.f32_gemm(RowMajor::plain(ta, tb, m, k, n), a, b, o, 1.0, beta);
+    }
+
+    fn attention_forward(&mut self, out: View, lse: View, qkv: View, scratch: View, s: AttnShape) {
+        let (t, hd, nh) = (s.t, s.head_dim, s.n_head);
+        let d = nh * hd;
+        assert!(qkv.len == s.batch * t * 3 * d && out.len == s.batch * t * d);
+        assert!(lse.len >= s.batch * nh * t && scratch.len >= nh * t * t);
+        let (out_p, lse_p, qkv_p, scores) = (
+            self.ptr(out),
+            self.ptr(lse),
+            self.ptr(qkv),
+            self.ptr(scratch),
+        );
+        let (ti, causal) = (int(t), s.causal as i32);
+        for b in 0..s.batch {
+            self.attention_scores(qkv_p, scores, s, b);
+            let lse_b = lse_p + (b * nh * t * 4) as u64;
+            self.launch(
+                &self.kernels.attention_softmax,
+                per_row(nh * t),
+                "attention_forward",
+                &[&scores, &lse_b, &ti, &causal],
+            );
+            // out_h = P_h V_h, written into head h's columns of the sequence's rows.
+            let p = RowMajor {
+                ta: Op::N,
+                tb: Op::N,
+                m: t,
+                n: hd,
+                k: t,
+                lda: t,
+                ldb: 3 * d,
+                ldc: d,
+                stride_a: t * t,
+                stride_b: hd,
+                stride_c: hd,
+                batch: nh,
+            };
+            let v = qkv_p + ((b * t * 3 * d + 2 * d) * 4) as u64;
+            self.f32_gemm(p, scores, v, out_p + (b * t * d * 4) as u64, 1.0, 0.0);
+        }
+    }
+
+    fn attention_backward(
+        &mut self,
+        dqkv: View,
+        dout: View,
+        out: View,
+        lse: View,
+        qkv: View,
+        scratch: View,
+        s: AttnShape,
+    ) {
+        let (t, hd, nh) = (s.t, s.head_dim, s.n_head);
+        let d = nh * hd;
+        assert!(qkv.len == dqkv.len && dout.len == out.len && scratch.len >= 2 * nh * t * t);
+        let p = (
+            self.ptr(dqkv),
+            self.ptr(dout),
+            self.ptr(out),
+            self.ptr(lse),
+            self.ptr(qkv),
+            self.ptr(scratch),
+        );
+        let (dqkv_p, dout_p, out_p, lse_p, qkv_p, probs) = p;
+        let dprobs = probs + (nh * t * t * 4) as u64;
+        let (ti, di, hdi, causal) = (int(t), int(d), int(hd), s.causal as i32);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let f = 4u64;
+        for b in 0..s.batch {
+            let seq = qkv_p + (b * t * 3 * d) as u64 * f;
+            let dseq = dqkv_p + (b * t * 3 * d) as u64 * f;
+            let dout_b = dout_p + (b * t * d) as u64 * f;
+            let out_b = out_p + (b * t * d) as u64 * f;
+            let (q, k, v) = (seq, seq + d as u64 * f, seq + 2 * d as u64 * f);
+            let (dq, dk, dv) = (dseq, dseq + d as u64 * f, dseq + 2 * d as u64 * f);
+            // P again, from the scores and the saved log-sum-exp.
+            self.attention_scores(qkv_p, probs, s, b);
+            let lse_b = lse_p + (b * nh * t) as u64 * f;
+            self.launch(
+                &self.kernels.attention_probs,
+                per_row(nh * t),
+                "attention_backward",
+                &[&probs, &lse_b, &ti, &causal],
+            );
+            let heads = |ta, tb, m, n, k, lda, ldb, ldc, sa, sb, sc| RowMajor {
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                lda,
+                ldb,
+                ldc,
+                stride_a: sa,
+                stride_b: sb,
+                stride_c: sc,
+                batch: nh,
+            };
+            // dP = dout V^T
+            let g = heads(Op::N, Op::T, t, t, hd, d, 3 * d, t, hd, hd, t * t);
+            self.f32_gemm(g, dout_b, v, dprobs, 1.0, 0.0);
+            // dV = P^T dout
+            let g = heads(Op::T, Op::N, t, hd, t, t, d, 3 * d, t * t, hd, hd);
+            self.f32_gemm(g, probs, dout_b, dv, 1.0, 0.0);
+            // dS = P (dP - rowsum(dout * out)), in place of dP
+            self.launch(
+                &self.kernels.attention_dscores,
+                per_row(nh * t),
+                "attention_backward",
+                &[&dprobs, &probs, &dout_b, &out_b, &ti, &di, &hdi],
+            );
+            // dQ = scale dS K; dK = scale dS^T Q
+            let g = heads(Op::N, Op::N, t, hd, t, t, 3 * d, 3 * d, t * t, hd, hd);
+            self.f32_gemm(g, dprobs, k, dq, scale, 0.0);
+            let g = heads(Op::T, Op::N, t, hd, t, t, 3 * d, 3 * d, t * t, hd, hd);
+            self.f32_gemm(g, dprobs, q, dk, scale, 0.0);
+        }
+    }
+
+    fn embed_step(
+        &mut self,
+        out: View,
+        wte: View,
+        wpe: View,
+        sos: View,
+        pos: usize,
+        len: usize,
+        d: usize,
+    ) {
+        let rows = self.n_tokens;
+        assert!(
+            len >= 1 && rows % len == 0 && out.len == rows * d,
+            "embed_step: sizes"
+        );
+        assert!(
+            (pos + len) * d <= wpe.len,
+            "embed_step: positions beyond the context"
+        );
+        let p = (
+            self.ptr(out),
+            self.arenas().tokens.ptr,
+            self.ptr(wte),
+            self.ptr(wpe),
+            self.ptr(sos),
+        );
+        let (posi, leni, di, v) = (int(pos), int(len), int(d), int(wte.len / d));
+        self.launch(
+            &self.kernels.embed_step,
+            per_row(rows),
+            "embed_step",
+            &[&p.0, &p.1, &p.2, &p.3, &p.4, &posi, &leni, &di, &v],
+        );
+    }
+
+    fn attention_step(
+        &mut self,
+        out: View,
+        k_cache: View,
+        v_cache: View,
+        qkv: View,
+        _scores: View,
+        s: AttnShape,
+        pos: usize,
+        len: usize,
+    ) {
+        let (nh, hd, n_ctx) = (s.n_head, s.head_dim, s.t);
+        let d = nh * hd;
+        assert!(
+            len >= 1 && pos + len <= n_ctx,
+            "positions {pos}..{} are outside the context of {n_ctx}",
+            pos + len
+        );
+        assert!(qkv.len == s.batch * len * 3 * d && out.len == s.batch * len * d);
+        assert!(k_cache.len == s.batch * nh * n_ctx * hd && v_cache.len == k_cache.len);
+        let shared = (n_ctx + hd) * 4;
+        assert!(
+            shared <= 48 * 1024,
+            "a context of {n_ctx} positions is beyond the decoding kernel (at most about 12,000)"
+        );
+        let p = (
+            self.ptr(out),
+            self.ptr(k_cache),
+            self.ptr(v_cache),
+            self.ptr(qkv),
+        );
+        let (store, attend) = match k_cache.dtype {
+            DType::F32 => (&self.kernels.kv_store_f32, &self.kernels.attend_f32),
+            DType::Bf16 => (&self.kernels.kv_store_bf16, &self.kernels.attend_bf16),
+        };
+        let grid = ((s.batch * len) as u32, nh as u32, 1);
+        let (nhi, hdi, ctx, posi, leni) = (int(nh), int(hd), int(n_ctx), int(pos), int(len));
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (hd.next_multiple_of(32).min(256) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Every new key and value first, then the attention that reads them.
+        self.launch(
+            store,
+            cfg,
+            "attention_step",
+            &[&p.1, &p.2, &p.3, &nhi, &hdi, &ctx, &posi, &leni],
+        );
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        self.launch(
+            attend,
+            cfg,
+            "attention_step",
+            &[&p.0, &p.1, &p.2, &p.3, &nhi, &hdi, &ctx, &posi, &leni],
+        );
+    }
+
+    fn gelu_forward(&mut self, out: View, x: View) {
+        assert_eq!(out.len, x.len);
+        let (o, xp, n) = (self.ptr(out), self.ptr(x), x.len);
+        self.launch(
+            &self.kernels.gelu_forward,
+            elementwise(n),
+            "gelu_forward",
+            &[&o, &xp, &n],
+        );
+    }
+
+    fn gelu_backward_inplace(&mut self, dout: View, x: View) {
+        assert_eq!(dout.len, x.len);
+        let (g, xp, n) = (self.ptr(dout), self.ptr(x), x.len);
+        self.launch(
+            &self.kernels.gelu_backward_inplace,
+            elementwise(n),
+            "gelu_backward",
+            &[&g, &xp, &n],
+        );
+    }
+
+    fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>) {
+        let rows = self.n_tokens;
+        assert!(
+            logits.len == rows * v && losses.len == rows,
+            "cross_entropy: sizes"
+        );
+        let a = self.arenas();
+        let (targets, weights) = if self.weighted {
+            (a.targets.ptr, a.weights.ptr)
+        } else {
+            (a.tokens.ptr, 0u64)
+        };
+        let (z, l) = (self.ptr(logits), self.ptr(losses));
+        let (vi, with_grad, scale) = (
+            int(v),
+            grad_scale.is_some() as i32,
+            grad_scale.unwrap_or(0.0),
+        );
+        self.launch(
+            &self.kernels.cross_entropy,
+            per_row(rows),
+            "cross_entropy",
+            &[&z, &l, &targets, &weights, &vi, &with_grad, &scale],
+        );
+    }
+
+    fn sum_squares(&self, x: View) -> f64 {
+        let (sum, xp, n) = (self.arenas().sum.ptr, self.ptr(x), x.len);
+        self.bind();
+        // SAFETY: the sum buffer holds one f64.
+        ok(
+            unsafe { driver::memset_d8_async(sum, 0, 8, self.stream.cu_stream()) },
+            "sum_squares",
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 1024) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &self.kernels.sum_squares,
+            cfg,
+            "sum_squares",
+            &[&sum, &xp, &n],
+        );
+        let mut out = [0f64];
+        // SAFETY: one f64 from the sum buffer; the copy waits for the kernel.
+        ok(
+            unsafe { driver::memcpy_dtoh_sync(&mut out, sum) },
+            "sum_squares",
+        );
+        out[0]
+    }
+
+    fn adamw(&mut self, params: View, h: AdamStep, decay: bool) {
+        assert_eq!(params.arena, Arena::Params);
+        let at = |arena| View { arena, ..params };
+        let (p, g, m, v) = (
+            self.ptr(params),
+            self.ptr(at(Arena::Grads)),
+            self.ptr(at(Arena::AdamM)),
+            self.ptr(at(Arena::AdamV)),
+        );
+        let n = params.len;
+        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+        let bc2 = 1.0 - h.beta2.powi(h.step as i32);
+        let wd = if decay { h.weight_decay } else { 0.0 };
+        self.launch(
+            &self.kernels.adamw,
+            elementwise(n),
+            "adamw",
+            &[
+                &p,
+                &g,
+                &m,
+                &v,
+                &n,
+                &h.lr,
+                &h.beta1,
+                &h.beta2,
+                &h.eps,
+                &wd,
+                &h.grad_scale,
+                &bc1,
+                &bc2,
+            ],
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_without_a_driver_is_an_error_that_says_what_is_missing() {
+        let gpu = Gpu {
+            ordinal: 0,
+            products: Precision::F32,
+        };
+        match probe() {
+            Ok(_) => assert!(CudaBackend::open(gpu).is_ok()),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("CUDA") || e.contains("cuBLAS"), "{e}");
+                let opened = CudaBackend::open(gpu).err().expect("no driver, no backend");
+                assert_eq!(opened.to_string(), e);
+            }
+        }
+    }
+
+    #[test]
+    fn the_embedded_ptx_has_every_kernel_for_both_targets() {
+        for (ptx, target) in [(PTX_SM80, ".target sm_80"), (PTX_SM90, ".target sm_90")] {
+            assert!(ptx.contains(target));
+            assert!(ptx.contains(".version 9.0"), "PTX must come from nvcc 13.0");
+            for name in [
+                "fill_f32",
+                "fill_bf16",
+                "round_bf16",
+                "pack_weight",
+                "embed_forward",
+                "embed_backward_positions",
+                "embed_backward_content",
+                "embed_step",
+                "rmsnorm_forward",
+                "rmsnorm_backward_input",
+                "rmsnorm_backward_gain",
+                "gelu_forward",
+                "gelu_backward_inplace",
+                "cross_entropy",
+                "adamw",
+                "sum_squares",
+                "attention_softmax",
+                "attention_probs",
+                "attention_dscores",
+                "kv_store_f32",
+                "kv_store_bf16",
+                "attend_f32",
+                "attend_bf16",
+            ] {
+                assert!(
+                    ptx.contains(&format!(".entry {name}(")),
+                    "{target}: {name} missing"
+                );
+            }
+        }
+    }
+}

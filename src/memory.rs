@@ -79,7 +79,12 @@ impl Estimate {
 
     /// Refuses, with the estimate and the memory available, when the total does not fit.
     pub fn check(&self, what: &str) -> Result<(), OutOfMemory> {
-        let Some(available) = available() else {
+        self.check_in(what, None)
+    }
+
+    /// As [`Estimate::check`], against `device_free` bytes when the memory is a device's.
+    pub fn check_in(&self, what: &str, device_free: Option<u128>) -> Result<(), OutOfMemory> {
+        let Some(available) = device_free.or_else(available) else {
             return Ok(());
         };
         self.check_against(what, available)
@@ -254,6 +259,16 @@ pub fn training(cfg: &ModelConfig, micro_batch: usize, attn_scratch: u128) -> Es
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_is_checked_against_its_own_free_memory() {
+        let e = Estimate::new().add("parameters", 5_000_000, Scale::Model);
+        // Fits this host, not a device with 1 MB free.
+        assert!(e.check("x").is_ok());
+        let err = e.check_in("running", Some(1_000_000)).unwrap_err();
+        assert_eq!((err.need, err.available), (5_000_000, 1_000_000));
+        assert!(e.check_in("running", Some(6_000_000)).is_ok());
+    }
 
     #[test]
     fn a_refusal_names_the_setting_that_does_not_fit() {

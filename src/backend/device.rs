@@ -39,6 +39,24 @@ impl Device {
         }
     }
 
+    /// Fails, saying what is missing, when this device cannot be used on this machine
+    /// (cheap: callers check once, before any work that would be lost).
+    pub fn check(&self) -> anyhow::Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(gpu) => {
+                let count = super::cuda::probe()?;
+                anyhow::ensure!(
+                    gpu.ordinal < count,
+                    "there is no GPU cuda:{} on this machine: it has {count} (cuda:0 to cuda:{})",
+                    gpu.ordinal,
+                    count - 1
+                );
+                Ok(())
+            }
+        }
+    }
+
     /// The precision generation and scoring use unless told otherwise: bfloat16 where the
     /// device multiplies it natively (half the bytes to read per token, at the same speed of
     /// arithmetic), f32 elsewhere.

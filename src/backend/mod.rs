@@ -171,6 +171,11 @@ pub trait Backend: Send {
     fn native_bf16(&self) -> bool;
     /// Elements of [`Arena::Half`] a packed `[k, n]` weight takes (see [`Backend::pack_weight`]).
     fn packed_len(&self, k: usize, n: usize) -> usize;
+    /// Bytes free in the memory this backend allocates from, where that is not the host's (a
+    /// GPU's); `None` means host memory, which the planner checks itself.
+    fn device_memory_free(&self) -> Option<u128> {
+        None
+    }
     /// Allocates every arena once (zero-filled). Called before any kernel. Fails, rather
     /// than aborting, when the memory is not there.
     fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()>;

@@ -47,6 +47,10 @@ pub struct FinetuneArgs {
     /// through in passes whose gradients add up: the same step in one pass's memory.
     #[arg(long)]
     micro_batch: Option<usize>,
+    /// Precision of the matrix products: bf16 (the default on a GPU) or f32 (the CPU's only
+    /// one).
+    #[arg(long)]
+    precision: Option<igpt::backend::Precision>,
     /// Constant learning rate (no cosine schedule; about 10x below pre-training works well).
     #[arg(long, default_value_t = 3e-4)]
     lr: f32,
@@ -175,6 +179,10 @@ impl FinetuneArgs {
 }
 
 pub fn finetune(a: FinetuneArgs, dev: &Device, team: Team) -> Result<()> {
+    let dev = &match a.precision {
+        Some(p) => dev.with_training_precision(p).context("--precision")?,
+        None => *dev,
+    };
     let settings = a.settings();
     // Settings that cannot work are refused before anything is loaded.
     settings.base()?;

@@ -10,7 +10,7 @@ mod serve;
 
 use anyhow::{Context, Result, ensure};
 use clap::{Args, Parser, Subcommand};
-use igpt::backend::Device;
+use igpt::backend::{Device, Precision};
 use igpt::checkpoint::RunDir;
 use igpt::config::ModelConfig;
 use igpt::data::{self, Format, TokenSet};
@@ -29,7 +29,8 @@ struct Cli {
     /// on each machine).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// Where the model computes: cpu (the only device of this build).
+    /// Where the model computes: cpu, or cuda / cuda:N (an NVIDIA GPU, compute capability
+    /// 8.0 or newer, with CUDA 13's driver and cuBLAS).
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
     #[command(subcommand)]
@@ -194,6 +195,11 @@ struct TrainArgs {
     /// Optimizer steps in the run (default 1000); the schedule spans them.
     #[arg(long)]
     steps: Option<u64>,
+    /// Precision of the matrix products: bf16 (tensor cores, f32 accumulation; the default
+    /// on a GPU) or f32 (exact; the CPU's only one). Weights, moments, norms and the loss stay
+    /// f32 either way.
+    #[arg(long)]
+    precision: Option<Precision>,
     /// Images per optimizer step.
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -474,6 +480,9 @@ pub fn main() -> Result<()> {
         .device
         .parse()
         .with_context(|| format!("--device {}", cli.device))?;
+    device
+        .check()
+        .with_context(|| format!("--device {}", cli.device))?;
     let dev = &device;
     let command = cli.command.unwrap_or(Command::Demo(DemoArgs {
         out: "runs/demo".into(),
@@ -664,6 +673,10 @@ impl TrainArgs {
 }
 
 fn train(a: TrainArgs, dev: &Device, team: Team) -> Result<()> {
+    let dev = &match a.precision {
+        Some(p) => dev.with_training_precision(p).context("--precision")?,
+        None => *dev,
+    };
     let mut bar = progress::Bar::new();
     let settings = a.settings();
     let leads = team.leads();

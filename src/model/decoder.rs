@@ -246,7 +246,10 @@ impl Decoder {
                 ),
                 crate::memory::Scale::Batch,
             )
-            .check("generating with this model and batch")?;
+            .check_in(
+                "generating with this model and batch",
+                backend.device_memory_free(),
+            )?;
         let layout = ParamLayout::new(cfg);
         if let Some(p) = params.as_ref() {
             layout.check_len(p.len())?;

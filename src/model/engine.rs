@@ -246,11 +246,14 @@ impl Engine {
                 packed,
                 crate::memory::Scale::Model,
             )
-            .check(if training {
-                "training this model with this many images per pass"
-            } else {
-                "running this model with this many images per pass"
-            })?;
+            .check_in(
+                if training {
+                    "training this model with this many images per pass"
+                } else {
+                    "running this model with this many images per pass"
+                },
+                backend.device_memory_free(),
+            )?;
         let layout = ParamLayout::new(cfg);
         if let Some(p) = params.as_ref() {
             layout.check_len(p.len())?;

@@ -250,14 +250,7 @@ fn per_row(rows: usize) -> LaunchConfig {
 impl CudaBackend {
     /// Opens `gpu`: a context, the kernels for its compute capability and a cuBLAS handle.
     pub fn open(gpu: Gpu) -> Result<Self> {
-        let count = probe()?;
-        if gpu.ordinal >= count {
-            bail!(
-                "there is no GPU cuda:{} on this machine: it has {count} (cuda:0 to cuda:{})",
-                gpu.ordinal,
-                count - 1
-            );
-        }
+        super::Device::Cuda(gpu).check()?;
         let ctx = std::panic::catch_unwind(|| CudaContext::new(gpu.ordinal))
             .map_err(|_| anyhow!("cannot start cuda:{}", gpu.ordinal))?
             .map_err(|e| anyhow!("cannot start cuda:{}: {e:?}", gpu.ordinal))?;
@@ -487,6 +480,11 @@ impl Backend for CudaBackend {
 
     fn packed_len(&self, k: usize, n: usize) -> usize {
         k * n
+    }
+
+    fn device_memory_free(&self) -> Option<u128> {
+        self.bind();
+        self.ctx.mem_get_info().ok().map(|(free, _)| free as u128)
     }
 
     fn allocate(&mut self, s: ArenaSizes) -> Result<()> {
@@ -951,7 +949,7 @@ impl Backend for CudaBackend {
     ) {
         let rows = self.n_tokens;
         assert!(
-            len >= 1 && rows % len == 0 && out.len == rows * d,
+            len >= 1 && rows.is_multiple_of(len) && out.len == rows * d,
             "embed_step: sizes"
         );
         assert!(

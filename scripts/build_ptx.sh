@@ -15,7 +15,7 @@ bin=$nvcc_dir/nvidia/cu13/bin
 if [[ ! -x $bin/nvcc ]]; then
     echo "installing nvcc 13.0.88 into $nvcc_dir"
     # The wheels share one nvidia/ folder: install them in one command, or pip skips it.
-    python3 -m pip install -q --no-deps --target "$nvcc_dir" \
+    "${PYTHON:-python3}" -m pip install -q --no-deps --target "$nvcc_dir" \
         nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
         nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
 fi

@@ -3,7 +3,7 @@
 //! Tour: [`config`] (model shape), [`model`] (parameters and the forward/backward engine),
 //! [`backend`] (the kernel interface and [`backend::Device`]; [`backend::cpu`] today),
 //! [`train`] (the step, AdamW, schedule, loop), [`bert`] (the masked objective), [`finetune`]
-//! (classification head and loop), [`probe`] (linear probes), [`sample`] (generation),
+//! (classification head and loop), [`probe`] (linear probes), [`sample`] (generation), [`selftest`] (a device's kernels proved against the CPU's),
 //! [`eval`] (likelihoods), [`preprocess`] (images to pixels), [`palette`] (colour palettes),
 //! [`data`] (readers, token cache), [`stop`] (stopping long jobs part-way), [`parallel`] (several processes as one), [`checkpoint`] (run directories), [`formats`] (Hugging Face
 //! and TensorFlow checkpoints), [`plot`] (charts).
@@ -28,6 +28,7 @@ pub mod plot;
 pub mod preprocess;
 pub mod probe;
 pub mod sample;
+pub mod selftest;
 pub mod serve;
 pub mod stop;
 pub mod train;

@@ -6,6 +6,7 @@ mod generate;
 mod interop;
 mod probe;
 mod progress;
+mod selftest;
 mod serve;
 
 use anyhow::{Context, Result, ensure};
@@ -82,6 +83,9 @@ enum Command {
     /// Benchmarks against the PyTorch baseline in scripts/.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Prove --device against the CPU: every kernel, a training step, the decoder, and bf16
+    /// training where the device has it. Fails naming the checks that did not pass.
+    Selftest(selftest::SelftestArgs),
 }
 
 #[derive(Args)]
@@ -524,6 +528,7 @@ pub fn main() -> Result<()> {
         Command::Convert(a) => interop::convert(a),
         Command::Serve(a) => serve::serve(a, dev),
         Command::Bench(b) => bench::run(b, dev),
+        Command::Selftest(a) => selftest::selftest(a, dev),
     }
 }
 

@@ -1,0 +1,1223 @@
+//! Proves a device's backend against the CPU's: every kernel of [`Backend`] on the same random
+//! inputs, one whole training step, the decoder against the full forward pass, and (where the
+//! device trains in bfloat16) a short bf16 training run against f32.
+//!
+//! The kernel checks take backends rather than devices, so a deliberately faulty backend can be
+//! handed in to show that the harness notices it. Only outputs whose meaning the trait defines
+//! are compared: a backend's attention scratch, the log-sum-exp it passes from the forward to
+//! the backward pass, its cache layout and its packed weights are its own business.
+
+use crate::backend::{
+    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, View,
+};
+use crate::config::ModelConfig;
+use crate::data::TokenSet;
+use crate::model::{Decoder, Engine};
+use crate::train::{TrainConfig, Trainer};
+use anyhow::Context;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+/// Largest error each kind of computation may show against the reference, relative to the
+/// output's scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerances {
+    /// Kernels that compute each element from a few inputs (norms, activations, embeddings,
+    /// the optimizer, copies).
+    pub f32_elementwise: f64,
+    /// Products and reductions in f32: the summation order may differ between backends.
+    pub f32_products: f64,
+    /// Products whose operands the device rounds to bfloat16 (tensor cores).
+    pub bf16_products: f64,
+    /// Products from bfloat16-stored operands (packed weights, bf16 key/value caches): both
+    /// backends round the same way, so only the accumulation order differs.
+    pub bf16_storage: f64,
+    /// The tested device's precision of products: picks `f32_products` or `bf16_products`
+    /// for matrix products and attention.
+    pub products: Precision,
+}
+
+impl Tolerances {
+    /// The tolerances for a device whose products run at `products`.
+    pub fn for_products(products: Precision) -> Self {
+        Self {
+            f32_elementwise: 1e-5,
+            f32_products: 1e-4,
+            bf16_products: 2e-2,
+            bf16_storage: 1e-2,
+            products,
+        }
+    }
+
+    /// The tolerance of matrix products and attention on the tested device.
+    pub fn products(&self) -> f64 {
+        match self.products {
+            Precision::F32 => self.f32_products,
+            Precision::Bf16 => self.bf16_products,
+        }
+    }
+}
+
+impl Default for Tolerances {
+    fn default() -> Self {
+        Self::for_products(Precision::F32)
+    }
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Check {
+    pub name: String,
+    /// Largest error found, relative to the reference's scale (NaN when an output held NaN).
+    pub max_error: f64,
+    pub tolerance: f64,
+    pub passed: bool,
+    /// Not run on this device (or not asked for); `detail` says why. A skipped check is not a
+    /// failure.
+    pub skipped: bool,
+    pub detail: String,
+}
+
+impl Check {
+    /// A check of `error` against `tolerance`; NaN never passes.
+    pub fn measured(name: &str, error: f64, tolerance: f64, detail: String) -> Self {
+        Self {
+            name: name.to_string(),
+            max_error: error,
+            tolerance,
+            passed: error <= tolerance,
+            skipped: false,
+            detail,
+        }
+    }
+
+    /// A check that was not run, and why.
+    pub fn skipped(name: &str, why: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            max_error: 0.0,
+            tolerance: 0.0,
+            passed: true,
+            skipped: true,
+            detail: why.to_string(),
+        }
+    }
+
+    /// A check that could not be run because something failed on the way.
+    fn failed(name: &str, error: &anyhow::Error) -> Self {
+        Self {
+            name: name.to_string(),
+            max_error: f64::NAN,
+            tolerance: 0.0,
+            passed: false,
+            skipped: false,
+            detail: format!("{error:#}"),
+        }
+    }
+
+    /// `pass`, `FAIL` or `skipped`.
+    pub fn result(&self) -> &'static str {
+        match (self.skipped, self.passed) {
+            (true, _) => "skipped",
+            (false, true) => "pass",
+            (false, false) => "FAIL",
+        }
+    }
+}
+
+/// max |tested - reference| / (max |reference| + tiny); NaN if either holds a NaN (an output
+/// left unwritten keeps its NaN poison) or the lengths differ.
+pub fn relative_error(tested: &[f32], reference: &[f32]) -> f64 {
+    if tested.len() != reference.len() {
+        return f64::NAN;
+    }
+    let mut scale = 0.0f64;
+    let mut worst = 0.0f64;
+    for (&t, &r) in tested.iter().zip(reference) {
+        if t.is_nan() || r.is_nan() {
+            return f64::NAN;
+        }
+        scale = scale.max((r as f64).abs());
+        worst = worst.max((t as f64 - r as f64).abs());
+    }
+    worst / (scale + 1e-30)
+}
+
+/// The worse of two errors, NaN being worst of all.
+fn worse(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// Shapes of the kernel checks: small, but not multiples of any tile (t 20 is not a multiple of
+/// 16, the vocabulary is odd) and with more than one sequence and head.
+const BATCH: usize = 2;
+const T: usize = 20;
+const D: usize = 48;
+const HEADS: usize = 4;
+const VOCAB: usize = 37;
+const ROWS: usize = BATCH * T;
+/// Rows of the packed products (odd, off every register tile).
+const PACKED_ROWS: usize = 13;
+/// Elements of the AdamW test's arenas, and the tensor inside them (with neighbours on both
+/// sides that the update must leave alone).
+const ADAM_TOTAL: usize = 1200;
+const ADAM_AT: usize = 48;
+const ADAM_LEN: usize = 1000;
+/// What an unwritten output holds: any comparison with it fails.
+const POISON: f32 = f32::NAN;
+
+fn attn_shape(causal: bool) -> AttnShape {
+    AttnShape {
+        batch: BATCH,
+        t: T,
+        n_head: HEADS,
+        head_dim: D / HEADS,
+        causal,
+    }
+}
+
+/// Consecutive regions of one arena, the same offsets on both backends. A region whose size
+/// differs between the backends (scratch, caches, packed weights) takes the larger, and each
+/// backend is handed its own length.
+struct Bump {
+    next: usize,
+    cap: usize,
+    arena: Arena,
+    dtype: DType,
+}
+
+impl Bump {
+    fn new(arena: Arena, dtype: DType, cap: usize) -> Self {
+        Self {
+            next: 0,
+            cap,
+            arena,
+            dtype,
+        }
+    }
+
+    /// Regions of `lens[0]` elements for the reference and `lens[1]` for the tested backend.
+    fn each(&mut self, lens: [usize; 2]) -> [View; 2] {
+        let offset = self.next;
+        // Aligned as the engine plans its buffers.
+        self.next += lens[0].max(lens[1]).next_multiple_of(32);
+        assert!(
+            self.next <= self.cap,
+            "selftest: {} elements of {:?} planned, {} needed",
+            self.cap,
+            self.arena,
+            self.next
+        );
+        lens.map(|len| View {
+            arena: self.arena,
+            offset,
+            len,
+            dtype: self.dtype,
+        })
+    }
+
+    fn take(&mut self, len: usize) -> View {
+        self.each([len, len])[0]
+    }
+}
+
+/// The two backends under test, with the regions of their arenas handed out per check.
+struct Pair<'a> {
+    b: [&'a mut dyn Backend; 2],
+    acts: Bump,
+    half: Bump,
+    rng: ChaCha8Rng,
+    tol: Tolerances,
+    checks: Vec<Check>,
+}
+
+impl Pair<'_> {
+    /// Hands every region out again (each check starts from a fresh plan).
+    fn reset(&mut self) {
+        self.acts.next = 0;
+        self.half.next = 0;
+    }
+
+    /// `n` uniform values in ±`scale`, never exactly zero.
+    fn random(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let u: f32 = self.rng.random::<f32>() * 2.0 - 1.0;
+                let u = if u == 0.0 { 0.5 } else { u };
+                u * scale
+            })
+            .collect()
+    }
+
+    fn view(&mut self, n: usize) -> View {
+        self.acts.take(n)
+    }
+
+    /// A fresh region holding `data` on both backends.
+    fn put(&mut self, data: &[f32]) -> View {
+        let v = self.view(data.len());
+        self.set(v, data);
+        v
+    }
+
+    /// A fresh region of `n` random values (the same on both backends).
+    fn put_random(&mut self, n: usize, scale: f32) -> View {
+        let data = self.random(n, scale);
+        self.put(&data)
+    }
+
+    /// A fresh output region, poisoned on both backends.
+    fn out(&mut self, n: usize) -> View {
+        let v = self.view(n);
+        self.poison(v);
+        v
+    }
+
+    fn poison(&mut self, v: View) {
+        for b in self.b.iter_mut() {
+            b.fill(v, POISON);
+        }
+    }
+
+    fn set(&mut self, v: View, data: &[f32]) {
+        for b in self.b.iter_mut() {
+            b.upload(v, data);
+        }
+    }
+
+    fn both(&mut self, mut f: impl FnMut(&mut dyn Backend)) {
+        for b in self.b.iter_mut() {
+            f(&mut **b);
+        }
+    }
+
+    /// `f` on each backend with its own view of a region whose size is the backend's.
+    fn each(&mut self, views: &[[View; 2]], mut f: impl FnMut(&mut dyn Backend, &[View])) {
+        for (k, b) in self.b.iter_mut().enumerate() {
+            let own: Vec<View> = views.iter().map(|v| v[k]).collect();
+            f(&mut **b, &own);
+        }
+    }
+
+    /// Error of `v` on the tested backend against the reference.
+    fn error(&self, v: View) -> f64 {
+        let [r, t] = [0, 1].map(|k| {
+            let mut out = vec![0.0; v.len];
+            self.b[k].download(v, &mut out);
+            out
+        });
+        relative_error(&t, &r)
+    }
+
+    /// Records a check over the outputs `outs` (named for the detail): the worst of them.
+    fn record(&mut self, name: &str, tolerance: f64, outs: &[(&str, View)]) {
+        let mut worst = 0.0;
+        let mut worst_name = outs.first().map_or("", |o| o.0);
+        for &(what, v) in outs {
+            let e = self.error(v);
+            if e.is_nan() || e > worst {
+                worst_name = what;
+            }
+            worst = worse(worst, e);
+            if worst.is_nan() {
+                break;
+            }
+        }
+        let detail = if worst.is_nan() {
+            format!("{worst_name}: NaN (an element left unwritten, or not a number)")
+        } else {
+            format!("worst output: {worst_name}")
+        };
+        self.checks
+            .push(Check::measured(name, worst, tolerance, detail));
+    }
+}
+
+/// Runs every kernel of [`Backend`] on `reference` and `tested` with the same random inputs
+/// (drawn from `seed`) and compares their outputs. Allocates both backends' arenas (anything
+/// they held is gone). One check per kernel and variant, named `kernel (variant)`.
+pub fn check_kernels(
+    reference: &mut dyn Backend,
+    tested: &mut dyn Backend,
+    tolerances: Tolerances,
+    seed: u64,
+) -> Vec<Check> {
+    let both = [&*reference, &*tested];
+    let max = |f: &dyn Fn(&dyn Backend) -> usize| both.iter().map(|b| f(*b)).max().unwrap_or(0);
+    let scratch = max(&|b| {
+        b.attention_scratch_len(attn_shape(true))
+            .max(b.attention_scratch_len(attn_shape(false)))
+    });
+    let cache = BATCH * HEADS * max(&|b| b.decode_cache_len(T)) * (D / HEADS);
+    let packed = max(&|b| b.packed_len(D, VOCAB));
+    // The largest check (attention_step) holds two caches and its step buffers; the backward
+    // pass of attention holds its scratch and five row buffers.
+    let acts = 2 * cache + scratch + 16 * ROWS * 3 * D;
+    let half = 2 * cache + 2 * packed + 256;
+    let sizes = ArenaSizes {
+        params: ADAM_TOTAL,
+        grads: ADAM_TOTAL,
+        acts,
+        half,
+        max_packed_input: PACKED_ROWS * D,
+        tokens: ROWS,
+        max_rows: ROWS,
+        max_width: 4 * D,
+    };
+    let mut p = Pair {
+        b: [reference, tested],
+        acts: Bump::new(Arena::Acts, DType::F32, acts),
+        half: Bump::new(Arena::Half, DType::Bf16, half),
+        rng: ChaCha8Rng::seed_from_u64(seed),
+        tol: tolerances,
+        checks: Vec::new(),
+    };
+    for (k, b) in p.b.iter_mut().enumerate() {
+        if let Err(e) = b.allocate(sizes) {
+            let who = if k == 0 { "reference" } else { "tested" };
+            let e = e.context(format!("allocating the {who} backend ({})", b.name()));
+            return vec![Check::failed("allocate", &e)];
+        }
+    }
+    memory_kernels(&mut p);
+    embedding_kernels(&mut p);
+    norm_kernels(&mut p);
+    product_kernels(&mut p);
+    attention_kernels(&mut p);
+    decoding_kernels(&mut p);
+    activation_kernels(&mut p);
+    loss_kernels(&mut p);
+    optimizer_kernels(&mut p);
+    p.checks
+}
+
+/// upload, download, fill and copy, f32 and bfloat16. The bf16 ones are seen through packed
+/// products, the only way the trait reads 16-bit storage back whatever its layout.
+fn memory_kernels(p: &mut Pair) {
+    let tol = p.tol;
+    p.reset();
+    let v = p.put_random(ROWS * D + 5, 3.0);
+    p.record("upload/download", tol.f32_elementwise, &[("data", v)]);
+
+    p.reset();
+    let v = p.out(ROWS * D + 7);
+    p.both(|b| b.fill(v, 0.75));
+    p.record("fill", tol.f32_elementwise, &[("filled", v)]);
+
+    p.reset();
+    let src = p.put_random(ROWS * D + 3, 2.0);
+    let dst = p.out(src.len);
+    p.both(|b| b.copy(dst, src));
+    p.record("copy", tol.f32_elementwise, &[("copy", dst)]);
+
+    // A packed weight whose every element is the same value is that value in any layout.
+    let (m, k, n) = (PACKED_ROWS, D, VOCAB);
+    p.reset();
+    let a = p.put_random(m * k, 1.0);
+    let packed = p.half.each([0, 1].map(|i| p.b[i].packed_len(k, n)));
+    let out = p.out(m * n);
+    p.each(&[packed], |b, v| {
+        b.fill(v[0], f32::NAN);
+        b.fill(v[0], 0.375);
+        b.matmul_packed(out, a, v[0], m, k, n, false);
+    });
+    p.record("fill (bf16)", tol.bf16_storage, &[("product", out)]);
+
+    p.reset();
+    let a = p.put_random(m * k, 1.0);
+    let w = p.put_random(k * n, 1.0);
+    let src = p.half.each([0, 1].map(|i| p.b[i].packed_len(k, n)));
+    let dst = p.half.each([0, 1].map(|i| p.b[i].packed_len(k, n)));
+    let out = p.out(m * n);
+    p.each(&[src, dst], |b, v| {
+        b.pack_weight(v[0], w, Op::N, k, n);
+        b.fill(v[1], f32::NAN);
+        b.copy(v[1], v[0]);
+        // The source is spoilt afterwards, so a product that read it instead would fail.
+        b.fill(v[0], f32::NAN);
+        b.matmul_packed(out, a, v[1], m, k, n, false);
+    });
+    p.record("copy (bf16)", tol.bf16_storage, &[("product", out)]);
+}
+
+/// Token ids for a batch: palette colours, or with `direct` the start (`VOCAB`) and masked
+/// (`VOCAB + 1`) ids among them.
+fn tokens(rng: &mut ChaCha8Rng, n: usize, direct: bool) -> Vec<u16> {
+    let ids = if direct { VOCAB + 2 } else { VOCAB };
+    let mut t: Vec<u16> = (0..n).map(|_| rng.random_range(0..ids) as u16).collect();
+    if direct {
+        t[1] = VOCAB as u16;
+        t[2] = VOCAB as u16 + 1;
+    }
+    t
+}
+
+fn embedding_kernels(p: &mut Pair) {
+    let tol = p.tol;
+    for direct in [false, true] {
+        let mode = if direct { "direct" } else { "shifted" };
+        p.reset();
+        let ids = tokens(&mut p.rng, ROWS, direct);
+        p.both(|b| b.set_tokens(&ids));
+        let wte = p.put_random(VOCAB * D, 1.0);
+        let wpe = p.put_random(T * D, 1.0);
+        let sos = p.put_random(D, 1.0);
+        let out = p.out(ROWS * D);
+        p.both(|b| b.embed_forward(out, wte, wpe, sos, T, D, direct));
+        p.record(
+            &format!("embed_forward ({mode})"),
+            tol.f32_elementwise,
+            &[("out", out)],
+        );
+
+        // The backward pass adds into the gradients: they start from the same values.
+        let dout = p.put_random(ROWS * D, 1.0);
+        let dwte = p.put_random(VOCAB * D, 1.0);
+        let dwpe = p.put_random(T * D, 1.0);
+        let dsos = p.put_random(D, 1.0);
+        p.both(|b| b.embed_backward(dwte, dwpe, dsos, dout, T, D, direct));
+        p.record(
+            &format!("embed_backward ({mode})"),
+            tol.f32_products,
+            &[("dwte", dwte), ("dwpe", dwpe), ("dsos", dsos)],
+        );
+    }
+}
+
+fn norm_kernels(p: &mut Pair) {
+    let tol = p.tol;
+    p.reset();
+    let x = p.put_random(ROWS * D, 2.0);
+    let g = p.put_random(D, 1.5);
+    let out = p.out(ROWS * D);
+    let rstd = p.out(ROWS);
+    p.both(|b| b.rmsnorm_forward(out, rstd, x, g, D));
+    p.record(
+        "rmsnorm_forward",
+        tol.f32_elementwise,
+        &[("out", out), ("rstd", rstd)],
+    );
+
+    // The backward pass reads the reference's rstd on both, so it is checked on its own.
+    let mut r = vec![0.0; ROWS];
+    p.b[0].download(rstd, &mut r);
+    let rstd = p.put(&r);
+    let dout = p.put_random(ROWS * D, 1.0);
+    let dx = p.put_random(ROWS * D, 1.0);
+    let dg = p.put_random(D, 1.0);
+    p.both(|b| b.rmsnorm_backward(dx, dg, dout, x, rstd, g, D));
+    p.record(
+        "rmsnorm_backward",
+        tol.f32_products,
+        &[("dx", dx), ("dg", dg)],
+    );
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::N => "N",
+        Op::T => "T",
+    }
+}
+
+fn product_kernels(p: &mut Pair) {
+    let tol = p.tol;
+    let (m, k, n) = (ROWS, D, VOCAB);
+    for ta in [Op::N, Op::T] {
+        for tb in [Op::N, Op::T] {
+            for accumulate in [false, true] {
+                p.reset();
+                let a = p.put_random(m * k, 1.0);
+                let b = p.put_random(k * n, 1.0);
+                let out = if accumulate {
+                    p.put_random(m * n, 1.0)
+                } else {
+                    p.out(m * n)
+                };
+                p.both(|be| be.matmul(out, a, ta, b, tb, m, k, n, accumulate));
+                let acc = if accumulate { ", accumulate" } else { "" };
+                p.record(
+                    &format!("matmul ({},{}{acc})", op_name(ta), op_name(tb)),
+                    tol.products(),
+                    &[("out", out)],
+                );
+            }
+        }
+    }
+
+    let m = PACKED_ROWS;
+    for op in [Op::N, Op::T] {
+        for accumulate in [false, true] {
+            p.reset();
+            let a = p.put_random(m * k, 1.0);
+            let w = p.put_random(k * n, 1.0);
+            let packed = p.half.each([0, 1].map(|i| p.b[i].packed_len(k, n)));
+            let out = if accumulate {
+                p.put_random(m * n, 1.0)
+            } else {
+                p.out(m * n)
+            };
+            p.each(&[packed], |b, v| {
+                b.fill(v[0], f32::NAN);
+                b.pack_weight(v[0], w, op, k, n);
+                b.matmul_packed(out, a, v[0], m, k, n, accumulate);
+            });
+            let acc = if accumulate { ", accumulate" } else { "" };
+            p.record(
+                &format!("pack_weight + matmul_packed ({}{acc})", op_name(op)),
+                tol.bf16_storage,
+                &[("out", out)],
+            );
+        }
+    }
+}
+
+fn attention_kernels(p: &mut Pair) {
+    let tol = p.tol;
+    for causal in [true, false] {
+        let mode = if causal { "causal" } else { "bidirectional" };
+        let s = attn_shape(causal);
+        p.reset();
+        let qkv = p.put_random(ROWS * 3 * D, 1.5);
+        let out = p.out(ROWS * D);
+        let lse = p.out(BATCH * HEADS * T);
+        let scratch = p.acts.each([0, 1].map(|i| p.b[i].attention_scratch_len(s)));
+        p.each(&[scratch], |b, v| {
+            b.attention_forward(out, lse, qkv, v[0], s)
+        });
+        p.record(
+            &format!("attention_forward ({mode})"),
+            tol.products(),
+            &[("out", out)],
+        );
+
+        // Each backend's own forward pass (its lse is private) feeds its backward pass.
+        let dout = p.put_random(ROWS * D, 1.0);
+        let dqkv = p.out(ROWS * 3 * D);
+        p.each(&[scratch], |b, v| {
+            b.attention_backward(dqkv, dout, out, lse, qkv, v[0], s)
+        });
+        p.record(
+            &format!("attention_backward ({mode})"),
+            tol.products(),
+            &[("dqkv", dqkv)],
+        );
+    }
+}
+
+/// Positions fed per call when decoding: a prefill of several, single steps, another short
+/// prefill, then single steps to the end.
+fn decoding_chunks() -> Vec<usize> {
+    let mut chunks = vec![7, 1, 1, 5];
+    let fed: usize = chunks.iter().sum();
+    chunks.extend(std::iter::repeat_n(1, T - fed));
+    chunks
+}
+
+fn decoding_kernels(p: &mut Pair) {
+    let tol = p.tol;
+    let hd = D / HEADS;
+    let s = attn_shape(true);
+    let chunks = decoding_chunks();
+    let widest = chunks.iter().copied().max().unwrap_or(1);
+
+    // embed_step: the stored tokens are each position's previous token.
+    p.reset();
+    let wte = p.put_random(VOCAB * D, 1.0);
+    let wpe = p.put_random(T * D, 1.0);
+    let sos = p.put_random(D, 1.0);
+    let out = p.view(BATCH * widest * D);
+    let mut worst = 0.0;
+    let mut pos = 0;
+    for &n in &chunks {
+        let prev = tokens(&mut p.rng, BATCH * n, false);
+        let o = View {
+            len: BATCH * n * D,
+            ..out
+        };
+        p.poison(o);
+        p.both(|b| {
+            b.set_tokens(&prev);
+            b.embed_step(o, wte, wpe, sos, pos, n, D);
+        });
+        worst = worse(worst, p.error(o));
+        pos += n;
+    }
+    p.checks.push(Check::measured(
+        "embed_step",
+        worst,
+        tol.f32_elementwise,
+        format!("positions 0..{T} fed {chunks:?} at a time"),
+    ));
+
+    // attention_step with f32 and bf16 caches. The caches start stale (a decoder reuses them
+    // for the next image), which no step may read beyond its positions.
+    for bf16 in [false, true] {
+        p.reset();
+        let lens = [0, 1].map(|i| BATCH * HEADS * p.b[i].decode_cache_len(T) * hd);
+        let bump = if bf16 { &mut p.half } else { &mut p.acts };
+        let (kc, vc) = (bump.each(lens), bump.each(lens));
+        let scores = p
+            .acts
+            .each([0, 1].map(|i| BATCH * HEADS * p.b[i].decode_cache_len(T)));
+        let qkv = p.view(BATCH * widest * 3 * D);
+        let out = p.view(BATCH * widest * D);
+        p.each(&[kc, vc], |b, v| {
+            b.fill(v[0], 50.0);
+            b.fill(v[1], 50.0);
+        });
+        let mut worst = 0.0;
+        let mut pos = 0;
+        for &n in &chunks {
+            let q = View {
+                len: BATCH * n * 3 * D,
+                ..qkv
+            };
+            let o = View {
+                len: BATCH * n * D,
+                ..out
+            };
+            let data = p.random(q.len, 1.5);
+            p.set(q, &data);
+            p.poison(o);
+            p.each(&[kc, vc, scores], |b, v| {
+                b.attention_step(o, v[0], v[1], q, v[2], s, pos, n)
+            });
+            worst = worse(worst, p.error(o));
+            pos += n;
+        }
+        let (name, tolerance) = if bf16 {
+            ("attention_step (bf16 cache)", tol.bf16_storage)
+        } else {
+            ("attention_step (f32 cache)", tol.products())
+        };
+        p.checks.push(Check::measured(
+            name,
+            worst,
+            tolerance,
+            format!("out at positions 0..{T} fed {chunks:?} at a time"),
+        ));
+    }
+}
+
+fn activation_kernels(p: &mut Pair) {
+    let tol = p.tol;
+    p.reset();
+    let n = ROWS * 4 * D;
+    let x = p.put_random(n, 4.0);
+    let out = p.out(n);
+    p.both(|b| b.gelu_forward(out, x));
+    p.record("gelu_forward", tol.f32_elementwise, &[("out", out)]);
+
+    let dout = p.put_random(n, 1.0);
+    p.both(|b| b.gelu_backward_inplace(dout, x));
+    p.record(
+        "gelu_backward_inplace",
+        tol.f32_elementwise,
+        &[("dx", dout)],
+    );
+}
+
+fn loss_kernels(p: &mut Pair) {
+    let tol = p.tol;
+    for weighted in [false, true] {
+        for gradient in [false, true] {
+            p.reset();
+            let ids = tokens(&mut p.rng, ROWS, weighted);
+            let targets = tokens(&mut p.rng, ROWS, false);
+            // Weights 1, 0 and a fraction, so a position that does not count is seen too.
+            let weights: Vec<f32> = (0..ROWS).map(|i| [1.0, 0.0, 0.6][i % 3]).collect();
+            p.both(|b| {
+                b.set_tokens(&ids);
+                if weighted {
+                    b.set_targets(&targets, &weights);
+                }
+            });
+            let logits = p.put_random(ROWS * VOCAB, 4.0);
+            let losses = p.out(ROWS);
+            let scale = gradient.then_some(0.3);
+            p.both(|b| b.cross_entropy(logits, losses, VOCAB, scale));
+            let name = match (weighted, gradient) {
+                (false, false) => "cross_entropy",
+                (false, true) => "cross_entropy (gradient)",
+                (true, false) => "cross_entropy (weighted)",
+                (true, true) => "cross_entropy (weighted, gradient)",
+            };
+            // Without a gradient the logits must come back as they were.
+            let what = if gradient { "dlogits" } else { "logits" };
+            p.record(
+                name,
+                tol.f32_products,
+                &[("losses", losses), (what, logits)],
+            );
+        }
+    }
+}
+
+fn optimizer_kernels(p: &mut Pair) {
+    let tol = p.tol;
+    p.reset();
+    let x = p.put_random(ROWS * D + 11, 2.0);
+    let [r, t] = [0, 1].map(|k| p.b[k].sum_squares(x));
+    let e = if r.is_nan() || t.is_nan() {
+        f64::NAN
+    } else {
+        (t - r).abs() / (r.abs() + 1e-30)
+    };
+    p.checks.push(Check::measured(
+        "sum_squares",
+        e,
+        tol.f32_products,
+        format!("reference {r:.6}, tested {t:.6}"),
+    ));
+
+    let arenas = [Arena::Params, Arena::Grads, Arena::AdamM, Arena::AdamV];
+    let whole = |a: Arena| View::new(a, 0, ADAM_TOTAL);
+    for decay in [true, false] {
+        // Whole arenas of random values: the view inside is updated, its neighbours must stay.
+        for a in arenas {
+            let mut data = p.random(ADAM_TOTAL, 1.0);
+            if a == Arena::AdamV {
+                data.iter_mut().for_each(|v| *v = v.abs() * 0.1);
+            }
+            p.set(whole(a), &data);
+        }
+        let step = AdamStep {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 3,
+            grad_scale: 0.5,
+        };
+        let view = View::new(Arena::Params, ADAM_AT, ADAM_LEN);
+        p.both(|b| b.adamw(view, step, decay));
+        let name = if decay {
+            "adamw (decay)"
+        } else {
+            "adamw (no decay)"
+        };
+        p.record(
+            name,
+            tol.f32_elementwise,
+            &[
+                ("params", whole(Arena::Params)),
+                ("grads", whole(Arena::Grads)),
+                ("m", whole(Arena::AdamM)),
+                ("v", whole(Arena::AdamV)),
+            ],
+        );
+    }
+}
+
+/// The small model the training-step and decoder checks run: two layers, several heads, an
+/// odd palette and a context (25) that is not a multiple of 16.
+fn tiny_model() -> ModelConfig {
+    ModelConfig {
+        n_layer: 2,
+        n_embd: 32,
+        n_head: 4,
+        n_vocab: 13,
+        side: 5,
+        channels: 1,
+        objective: Default::default(),
+    }
+}
+
+/// Parameters of `cfg` from the usual initialisation, perturbed so none is exactly zero or one
+/// (the initialisation's zeros and ones would hide a kernel that ignores a tensor).
+fn random_params(cfg: &ModelConfig, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5e1f);
+    crate::model::init_params(cfg, seed)
+        .into_iter()
+        .map(|v| v + 0.05 * crate::model::standard_normal(&mut rng))
+        .collect()
+}
+
+fn random_tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u16> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| rng.random_range(0..n_vocab) as u16)
+        .collect()
+}
+
+/// Parameters, gradients and both Adam moments after one step.
+struct StepResult {
+    loss: f64,
+    arenas: [Vec<f32>; 4],
+}
+
+fn one_step(
+    device: &Device,
+    cfg: &ModelConfig,
+    train: &TrainConfig,
+    params: &[f32],
+    data: &TokenSet,
+) -> anyhow::Result<StepResult> {
+    let mut trainer = Trainer::new(cfg, train.clone(), params, device)
+        .with_context(|| format!("a trainer on {device}"))?;
+    let stats = trainer
+        .step(data)
+        .with_context(|| format!("a training step on {device}"))?;
+    let n = trainer.engine.layout.total;
+    let arenas = [Arena::Params, Arena::Grads, Arena::AdamM, Arena::AdamV].map(|a| {
+        let mut out = vec![0.0; n];
+        trainer.engine.read_arena(a, &mut out);
+        out
+    });
+    Ok(StepResult {
+        loss: stats.loss,
+        arenas,
+    })
+}
+
+/// One whole training step (forward and backward passes in two accumulated passes, clipping,
+/// AdamW with weight decay) of a tiny model on both devices, from the same parameters and
+/// batch: the loss, the gradients, the updated parameters and the moments must agree within
+/// `tolerance` (relative).
+pub fn check_training_step(
+    reference: &Device,
+    tested: &Device,
+    tolerance: f64,
+    seed: u64,
+) -> anyhow::Result<Vec<Check>> {
+    let cfg = tiny_model();
+    let params = random_params(&cfg, seed);
+    let images = 4;
+    let data = TokenSet::from_tokens(
+        random_tokens(images * cfg.n_ctx(), cfg.n_vocab, seed + 1),
+        cfg.n_ctx(),
+        cfg.n_vocab,
+        None,
+    )?;
+    let train = TrainConfig {
+        steps: 10,
+        batch: images,
+        micro_batch: images / 2,
+        lr: 1e-3,
+        warmup: 1,
+        // Large enough that a gradient near zero, whose sign is rounding noise, moves its
+        // parameter by a fraction of the rate only.
+        eps: 1e-6,
+        weight_decay: 0.1,
+        clip: 1.0,
+        seed,
+        ..TrainConfig::default()
+    };
+    let r = one_step(reference, &cfg, &train, &params, &data)?;
+    let t = one_step(tested, &cfg, &train, &params, &data)?;
+    let loss_err = if r.loss.is_nan() || t.loss.is_nan() {
+        f64::NAN
+    } else {
+        (t.loss - r.loss).abs() / r.loss.abs().max(1e-30)
+    };
+    let mut checks = vec![Check::measured(
+        "training step: loss",
+        loss_err,
+        tolerance,
+        format!("reference {:.6}, tested {:.6} nats/token", r.loss, t.loss),
+    )];
+    for (k, what) in ["parameters", "gradients", "Adam m", "Adam v"]
+        .iter()
+        .enumerate()
+    {
+        let e = relative_error(&t.arenas[k], &r.arenas[k]);
+        checks.push(Check::measured(
+            &format!("training step: {what}"),
+            e,
+            tolerance,
+            format!("{} values", r.arenas[k].len()),
+        ));
+    }
+    Ok(checks)
+}
+
+/// On `device`, the KV-cache decoder's logits at every position against the full forward
+/// pass's logits for the same tokens: fed one position at a time, after a prefill of known
+/// tokens, and with bfloat16 weights and caches (against the bf16 forward pass).
+pub fn check_decoder(
+    device: &Device,
+    tolerances: Tolerances,
+    seed: u64,
+) -> anyhow::Result<Vec<Check>> {
+    let cfg = tiny_model();
+    let (t, v, batch) = (cfg.n_ctx(), cfg.n_vocab, 2);
+    let params = random_params(&cfg, seed + 2);
+    let tokens = random_tokens(batch * t, v, seed + 3);
+    let mut checks = Vec::new();
+    for (precision, prefill, name, tolerance) in [
+        (Precision::F32, 0, "decoder (f32)", tolerances.products()),
+        (
+            Precision::F32,
+            9,
+            "decoder (f32, after a prefill)",
+            tolerances.products(),
+        ),
+        (
+            Precision::Bf16,
+            0,
+            "decoder (bf16)",
+            tolerances.bf16_products,
+        ),
+    ] {
+        let mut engine = Engine::with_precision(&cfg, batch, device, params.clone(), precision)
+            .with_context(|| format!("an engine on {device}"))?;
+        engine.forward(&tokens)?;
+        let mut full = Vec::new();
+        engine.logits(&mut full);
+        let mut dec = Decoder::with_precision(&cfg, batch, device, params.clone(), precision)
+            .with_context(|| format!("a decoder on {device}"))?;
+        if prefill > 0 {
+            let known: Vec<u16> = (0..batch)
+                .flat_map(|b| tokens[b * t..b * t + prefill].to_vec())
+                .collect();
+            dec.prefill(&known, prefill)?;
+        } else {
+            dec.reset();
+        }
+        let mut worst = 0.0;
+        for pos in prefill..t {
+            let prev: Vec<u16> = (0..batch)
+                .map(|b| if pos == 0 { 0 } else { tokens[b * t + pos - 1] })
+                .collect();
+            let got = dec.step(&prev)?;
+            let want: Vec<f32> = (0..batch)
+                .flat_map(|b| full[(b * t + pos) * v..(b * t + pos + 1) * v].to_vec())
+                .collect();
+            worst = worse(worst, relative_error(got, &want));
+        }
+        checks.push(Check::measured(
+            name,
+            worst,
+            tolerance,
+            format!("logits at positions {prefill}..{t} of {batch} images"),
+        ));
+    }
+    Ok(checks)
+}
+
+/// Name of the bf16 training check.
+pub const BF16_TRAINING: &str = "bf16 training vs f32 (loss curve)";
+
+/// Steps per point of the smoothed loss curves.
+const SMOOTHING: usize = 20;
+
+/// Why `device` cannot train in bfloat16 (so the bf16 training check does not apply), or None
+/// when it can.
+pub fn bf16_training_unavailable(device: &Device) -> Option<String> {
+    let f32 = device.with_training_precision(Precision::F32).ok();
+    let bf16 = device.with_training_precision(Precision::Bf16).ok();
+    if bf16.is_some() && bf16 != f32 {
+        return None;
+    }
+    Some(match device {
+        Device::Cpu => "the CPU trains in f32 only".to_string(),
+        other => format!("{other} trains in f32 only"),
+    })
+}
+
+/// The shipped Fashion-MNIST split as tokens of a 16-level gray palette, for
+/// [`check_bf16_training`].
+pub fn fashion_tokens() -> anyhow::Result<TokenSet> {
+    let images = crate::data::builtin_fashion()?;
+    let palette = crate::palette::Palette::uniform_gray(16)?;
+    TokenSet::quantise(&images, &palette, crate::data::BUILTIN_FASHION)
+}
+
+/// `steps` training steps of a small model on `data` with bfloat16 products and with f32
+/// products, on the same device from the same start: the bf16 loss curve (means of each 20
+/// steps) must stay within 2% of the f32 one. Skipped where the device trains in f32 only.
+pub fn check_bf16_training(device: &Device, data: &TokenSet, steps: u64) -> anyhow::Result<Check> {
+    if let Some(why) = bf16_training_unavailable(device) {
+        return Ok(Check::skipped(BF16_TRAINING, &why));
+    }
+    anyhow::ensure!(
+        steps as usize >= SMOOTHING,
+        "the bf16 training check needs at least {SMOOTHING} steps (got {steps})"
+    );
+    let side = (data.header.t as f64).sqrt().round() as usize;
+    anyhow::ensure!(
+        side * side == data.header.t,
+        "the bf16 training check needs square images ({} tokens per image)",
+        data.header.t
+    );
+    let cfg = ModelConfig {
+        n_layer: 2,
+        n_embd: 64,
+        n_head: 2,
+        n_vocab: data.header.n_vocab,
+        side,
+        channels: 1,
+        objective: Default::default(),
+    };
+    let train = TrainConfig {
+        steps,
+        batch: 8,
+        micro_batch: 8,
+        lr: 2e-3,
+        warmup: 20,
+        ..TrainConfig::default()
+    };
+    let params = crate::model::init_params(&cfg, 0);
+    let curve = |precision: Precision| -> anyhow::Result<Vec<f64>> {
+        let dev = device.with_training_precision(precision)?;
+        let mut trainer = Trainer::new(&cfg, train.clone(), &params, &dev)
+            .with_context(|| format!("a trainer on {dev} with {precision} products"))?;
+        let mut losses = Vec::with_capacity(steps as usize);
+        for _ in 0..steps {
+            losses.push(trainer.step(data)?.loss);
+        }
+        Ok(losses
+            .chunks_exact(SMOOTHING)
+            .map(|c| c.iter().sum::<f64>() / c.len() as f64)
+            .collect())
+    };
+    let f32_curve = curve(Precision::F32)?;
+    let bf16_curve = curve(Precision::Bf16)?;
+    let mut worst = 0.0;
+    for (b, f) in bf16_curve.iter().zip(&f32_curve) {
+        worst = worse(worst, (b - f).abs() / f.abs().max(1e-30));
+    }
+    Ok(Check::measured(
+        BF16_TRAINING,
+        worst,
+        0.02,
+        format!(
+            "{steps} steps; mean loss of the last {SMOOTHING}: f32 {:.4}, bf16 {:.4}",
+            f32_curve.last().copied().unwrap_or(f64::NAN),
+            bf16_curve.last().copied().unwrap_or(f64::NAN)
+        ),
+    ))
+}
+
+/// What [`run`] does besides the kernel, training-step and decoder checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Seed of every random input.
+    pub seed: u64,
+    /// Steps of the bf16-against-f32 training run; None skips it.
+    pub bf16_steps: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            bf16_steps: Some(200),
+        }
+    }
+}
+
+/// Every check of one device against the CPU.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub device: String,
+    pub reference: String,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// Whether every check that ran passed.
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+
+    /// The checks that failed.
+    pub fn failures(&self) -> Vec<&Check> {
+        self.checks.iter().filter(|c| !c.passed).collect()
+    }
+
+    /// A plain text table: check | max error | tolerance | result, then the details of any
+    /// failed or skipped check.
+    pub fn table(&self) -> String {
+        let width = self
+            .checks
+            .iter()
+            .map(|c| c.name.len())
+            .chain(["kernel".len()])
+            .max()
+            .unwrap_or(0);
+        let mut s = format!(
+            "{} against {}\n{:<width$} | {:>10} | {:>9} | result\n{}\n",
+            self.device,
+            self.reference,
+            "kernel",
+            "max error",
+            "tolerance",
+            "-".repeat(width + 33)
+        );
+        for c in &self.checks {
+            let (err, tol) = if c.skipped {
+                ("-".to_string(), "-".to_string())
+            } else {
+                (
+                    format!("{:.3e}", c.max_error),
+                    format!("{:.0e}", c.tolerance),
+                )
+            };
+            s += &format!(
+                "{:<width$} | {err:>10} | {tol:>9} | {}\n",
+                c.name,
+                c.result()
+            );
+        }
+        for c in self.checks.iter().filter(|c| c.skipped || !c.passed) {
+            s += &format!("{}: {} ({})\n", c.name, c.result(), c.detail);
+        }
+        let failed = self.failures().len();
+        s += &if failed == 0 {
+            format!("all {} checks passed\n", self.checks.len())
+        } else {
+            format!("{failed} of {} checks FAILED\n", self.checks.len())
+        };
+        s
+    }
+
+    pub fn to_json(&self) -> anyhow::Result<String> {
+        serde_json::to_string_pretty(self).context("cannot write the self-test report as JSON")
+    }
+}
+
+/// Proves `device` against the CPU: every kernel (with the device's precision of products),
+/// one training step and the decoder (with f32 products, where results must agree closely),
+/// and the bf16 training run as `options` ask.
+pub fn run(device: &Device, options: &Options) -> anyhow::Result<Report> {
+    let reference = Device::Cpu;
+    let mut ref_backend = reference
+        .open()
+        .context("opening the reference backend (cpu)")?;
+    let mut tested = device
+        .open()
+        .with_context(|| format!("opening {device} for its self-test"))?;
+    let tol = Tolerances::for_products(device.training_precision());
+    let mut checks = check_kernels(ref_backend.as_mut(), tested.as_mut(), tol, options.seed);
+    // Release both backends' arenas before the models plan their own.
+    drop((ref_backend, tested));
+
+    let exact = device.with_training_precision(Precision::F32)?;
+    let step = check_training_step(&reference, &exact, tol.f32_products, options.seed);
+    checks.extend(step.unwrap_or_else(|e| vec![Check::failed("training step", &e)]));
+    let exact_tol = Tolerances::for_products(Precision::F32);
+    let dec = check_decoder(&exact, exact_tol, options.seed);
+    checks.extend(dec.unwrap_or_else(|e| vec![Check::failed("decoder", &e)]));
+
+    let bf16 = match (options.bf16_steps, bf16_training_unavailable(device)) {
+        (_, Some(why)) => Check::skipped(BF16_TRAINING, &why),
+        (None, None) => Check::skipped(BF16_TRAINING, "not asked for in this run"),
+        (Some(steps), None) => fashion_tokens()
+            .and_then(|data| check_bf16_training(device, &data, steps))
+            .unwrap_or_else(|e| Check::failed(BF16_TRAINING, &e)),
+    };
+    checks.push(bf16);
+    Ok(Report {
+        device: device.to_string(),
+        reference: reference.to_string(),
+        checks,
+    })
+}

@@ -268,6 +268,8 @@ impl CudaBackend {
         };
         let kernels = Kernels::load(&ctx, ptx)?;
         let stream = ctx.default_stream();
+        ctx.bind_to_thread()
+            .map_err(|e| anyhow!("cannot start cuda:{}: {e:?}", gpu.ordinal))?;
         let handle = blas::create_handle().map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
         // SAFETY: a fresh handle, set to the stream every kernel here uses.
         unsafe { blas::set_stream(handle, stream.cu_stream() as _) }

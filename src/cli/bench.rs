@@ -1,5 +1,6 @@
 //! `igpt bench`: igpt against the PyTorch baseline (scripts/torch_baseline.py), same model,
-//! same threads, same machine, in one invocation.
+//! same threads, same machine, in one invocation. With `--device cuda` both sides run on the
+//! same GPU.
 
 use anyhow::{Context, Result, ensure};
 use clap::{Args, Subcommand};
@@ -8,8 +9,89 @@ use igpt::checkpoint::LoadedModel;
 use igpt::config::ModelConfig;
 use igpt::data::TokenSet;
 use igpt::train::{TrainConfig, Trainer};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// The rate MFU is measured against: an H100 SXM's dense bf16 tensor-core peak, as llm.c's
+/// mfu.h counts it (an H200 has the same compute; only its memory differs).
+pub const PEAK_FLOPS: f64 = 989e12;
+
+/// Training FLOPs per token as llm.c counts them: 6 per parameter (2 forward, 4 backward), and
+/// 6·L·d·T for attention's two products over the context (the causal half of 12·L·d·T).
+pub fn train_flops_per_token(cfg: &ModelConfig) -> f64 {
+    let n = igpt::model::ParamLayout::new(cfg).total as f64;
+    6.0 * n + 6.0 * (cfg.n_layer * cfg.n_embd * cfg.n_ctx()) as f64
+}
+
+/// Model FLOPs utilisation of a training run at `tokens_per_s`, as a fraction of [`PEAK_FLOPS`].
+pub fn mfu(cfg: &ModelConfig, tokens_per_s: f64) -> f64 {
+    tokens_per_s * train_flops_per_token(cfg) / PEAK_FLOPS
+}
+
+/// A Python baseline script: where this source tree was built, else the first `scripts/`
+/// found walking up from the executable (a binary built elsewhere and carried to a GPU machine
+/// as `<repo>/gpu/igpt`), else `IGPT_SCRIPTS` names the folder.
+fn script_path(name: &str) -> Result<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("IGPT_SCRIPTS") {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts"));
+    if let Ok(exe) = std::env::current_exe() {
+        dirs.extend(exe.ancestors().skip(1).map(|d| d.join("scripts")));
+    }
+    dirs.iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "cannot find scripts/{name} (looked in {}); set IGPT_SCRIPTS to the folder",
+                dirs.iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+/// The GPU `dev` is, if it is one.
+fn gpu_ordinal(dev: &Device) -> Option<usize> {
+    match dev {
+        Device::Cuda(gpu) => Some(gpu.ordinal),
+        _ => None,
+    }
+}
+
+/// The host clock, once `dev` has finished everything queued on it: GPU work runs
+/// asynchronously, and the last kernels of a step (the optimizer's) come after its last
+/// download.
+fn clock(dev: &Device) -> Result<Instant> {
+    if let Some(ordinal) = gpu_ordinal(dev) {
+        igpt::backend::cuda::synchronize(ordinal)?;
+    }
+    Ok(Instant::now())
+}
+
+/// Bytes of memory a run took: on a GPU, the device's memory in use now (the driver's count,
+/// read while the run's engine is alive); on the CPU, the process's peak resident memory.
+fn memory_bytes(dev: &Device) -> Option<f64> {
+    match gpu_ordinal(dev) {
+        Some(ordinal) => igpt::backend::cuda::memory_in_use(ordinal).map(|b| b as f64),
+        None => peak_rss_mb().map(|mb| mb * 1024.0 * 1024.0),
+    }
+}
+
+/// Writes a benchmark's numbers to `path` (when asked for); called after each stage, so a run
+/// cut short still leaves what it measured. Written whole, then renamed into place, so a reader
+/// (scripts/gpu_check.sh, after a time limit) never sees half a file.
+fn write_json(path: Option<&Path>, v: &serde_json::Value) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let text = serde_json::to_string_pretty(v)? + "\n";
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -70,6 +152,19 @@ impl BenchModel {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The shape, for a JSON report.
+    fn json(&self) -> Result<serde_json::Value> {
+        let c = self.config()?;
+        Ok(serde_json::json!({
+            "layers": c.n_layer,
+            "embd": c.n_embd,
+            "heads": c.n_head,
+            "vocab": c.n_vocab,
+            "ctx": c.n_ctx(),
+            "params": igpt::model::ParamLayout::new(&c).total,
+        }))
     }
 
     /// The same shape as arguments of the Python baselines.
@@ -141,6 +236,9 @@ pub struct GenerateBench {
     batches: Vec<usize>,
     #[command(flatten)]
     runs: Runs,
+    /// Also write the numbers here, as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -183,15 +281,26 @@ pub struct TrainBench {
     model: BenchModel,
     #[arg(long, default_value_t = 8)]
     batch: usize,
-    /// Timed steps (after one untimed warm-up step).
+    /// Timed steps (after the untimed warm-up steps).
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Untimed steps first, each side (default: 1 on the CPU; 3 on a GPU, where the first
+    /// steps also load kernels, pick cuBLAS algorithms and, for torch.compile, compile).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Precision of igpt's training products: bf16 (tensor cores, f32 accumulation; GPU only)
+    /// or f32 (default: bf16 on a GPU, f32 on the CPU).
+    #[arg(long)]
+    precision: Option<Precision>,
     /// Python interpreter with torch installed.
     #[arg(long, default_value = "python3")]
     python: String,
     /// Only measure igpt.
     #[arg(long)]
     no_torch: bool,
+    /// Also write the numbers here, as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 /// Peak resident memory of this process so far, in MB (Linux).
@@ -213,17 +322,25 @@ pub fn run(cmd: BenchCmd, dev: &Device) -> Result<()> {
 
 /// Runs a Python baseline script and returns its JSON lines.
 fn python_baseline(python: &str, script: &str, args: &[String]) -> Result<Vec<serde_json::Value>> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let script = script_path(script)?;
     let out = std::process::Command::new(python)
         .arg(&script)
         .args(args)
         .output()
         .with_context(|| format!("cannot run {python} {}", script.display()))?;
-    ensure!(
-        out.status.success(),
-        "the PyTorch baseline failed (pip install torch transformers):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        // A failed torch.compile prints pages; the end says why.
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: String = {
+            let chars: Vec<char> = err.chars().collect();
+            chars[chars.len().saturating_sub(4000)..].iter().collect()
+        };
+        anyhow::bail!(
+            "the PyTorch baseline {} failed ({}; pip install torch transformers):\n{tail}",
+            script.display(),
+            out.status
+        );
+    }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -271,14 +388,23 @@ fn bytes_per_step(cfg: &ModelConfig, batch: usize, precision: Precision) -> f64 
 fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
     use igpt::model::Decoder;
     use igpt::sample::{self, SampleOptions};
+    use serde_json::json;
     let threads = rayon::current_num_threads();
     let model = b.model.config()?;
     let t = model.n_ctx();
+    let on_gpu = gpu_ordinal(dev).is_some();
     println!(
-        "model: {} layers, d={}, {} heads, vocab {}, {} tokens per image, {} threads",
+        "model: {} layers, d={}, {} heads, vocab {}, {} tokens per image, on {dev}, {} threads",
         model.n_layer, model.n_embd, model.n_head, model.n_vocab, t, threads
     );
     let params = random_params(&model);
+    let mut report = json!({
+        "bench": "generate",
+        "device": dev.to_string(),
+        "model": b.model.json()?,
+        "threads": threads,
+        "runs": [],
+    });
     let mut ours = Vec::new();
     for &precision in &b.runs.precisions {
         for &batch in &b.batches {
@@ -286,25 +412,49 @@ fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
             let prefixes = vec![&[][..]; batch];
             let opts = SampleOptions::default();
             let secs = rayon::scope(|_| -> Result<f64> {
-                // Warm-up: the first positions of one image (pages touched, threads awake).
+                // Warm-up: the first positions of one image (pages touched, threads awake,
+                // kernels loaded).
                 for _ in 0..16 {
                     dec.step(&vec![0; batch])?;
                 }
-                let t0 = Instant::now();
+                let t0 = clock(dev)?;
                 sample::generate(&mut dec, &prefixes, &opts, 0, |_, _| {})?;
-                Ok(t0.elapsed().as_secs_f64())
+                Ok(clock(dev)?.duration_since(t0).as_secs_f64())
             })?;
+            // Read while the decoder (its weights and caches) is still on the device.
+            let memory = memory_bytes(dev);
+            drop(dec);
             let tps = (batch * t) as f64 / secs;
             let step_bytes = bytes_per_step(&model, batch, precision);
             let gbs = step_bytes * t as f64 / secs / 1e9;
-            let limit = stream_read_gbs(step_bytes as usize);
-            println!(
-                "igpt {precision:<4}      batch {batch:>2}: {tps:>8.0} tokens/s ({secs:.2} s); reads \
-                 {:.1} MB per token, {gbs:.1} GB/s against a {limit:.1} GB/s streaming read \
-                 of the same size ({:.0}%)",
-                step_bytes / batch as f64 / 1e6,
-                100.0 * gbs / limit
-            );
+            let name = format!("igpt-{precision}");
+            if on_gpu {
+                // The CPU's streaming read is no bound for a GPU's memory.
+                println!(
+                    "{name:<14} batch {batch:>2}: {tps:>8.0} tokens/s ({secs:.2} s); reads {:.1} MB \
+                     per token, {gbs:.1} GB/s; device memory in use {:.2} GB",
+                    step_bytes / batch as f64 / 1e6,
+                    memory.unwrap_or(f64::NAN) / 1e9
+                );
+            } else {
+                let limit = stream_read_gbs(step_bytes as usize);
+                println!(
+                    "igpt {precision:<4}      batch {batch:>2}: {tps:>8.0} tokens/s ({secs:.2} s); reads \
+                     {:.1} MB per token, {gbs:.1} GB/s against a {limit:.1} GB/s streaming read \
+                     of the same size ({:.0}%)",
+                    step_bytes / batch as f64 / 1e6,
+                    100.0 * gbs / limit
+                );
+            }
+            report["runs"].as_array_mut().expect("runs").push(json!({
+                "impl": name,
+                "batch": batch,
+                "tokens_per_s": tps,
+                "seconds": secs,
+                "read_gb_per_s": gbs,
+                "memory_bytes": memory,
+            }));
+            write_json(b.json.as_deref(), &report)?;
             ours.push((precision, batch, tps));
         }
     }
@@ -314,7 +464,19 @@ fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
     let mut args = b.model.python_args()?;
     args.extend(["--threads".into(), threads.to_string(), "--batches".into()]);
     args.extend(b.batches.iter().map(|x| x.to_string()));
-    for v in python_baseline(&b.runs.python, "scripts/torch_generate_baseline.py", &args)? {
+    if on_gpu {
+        args.extend(["--device".into(), "cuda".into()]);
+    }
+    let lines = match python_baseline(&b.runs.python, "torch_generate_baseline.py", &args) {
+        Ok(lines) => lines,
+        Err(e) => {
+            // igpt's numbers are already written; the report says what failed.
+            report["baseline_error"] = json!(format!("{e:#}"));
+            write_json(b.json.as_deref(), &report)?;
+            return Err(e);
+        }
+    };
+    for v in lines {
         let (Some(name), Some(batch), Some(tps)) = (
             v["impl"].as_str(),
             v["batch"].as_u64(),
@@ -322,20 +484,28 @@ fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
         ) else {
             if let Some(note) = v["note"].as_str() {
                 println!("note: {note}");
+                report["notes"] = json!([note]);
             }
             continue;
         };
-        let ratios: Vec<String> = ours
+        let mine: Vec<_> = ours.iter().filter(|o| o.1 == batch as usize).collect();
+        let ratios: Vec<String> = mine
             .iter()
-            .filter(|o| o.1 == batch as usize)
             .map(|o| format!("igpt {} is {:.1}x", o.0, o.2 / tps))
             .collect();
         println!(
             "{name:<14} batch {batch:>2}: {tps:>8.0} tokens/s   {}",
             ratios.join(", ")
         );
+        let mut run = v.clone();
+        run["igpt_over_this"] = mine
+            .iter()
+            .map(|o| (format!("igpt-{}", o.0), json!(o.2 / tps)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        report["runs"].as_array_mut().expect("runs").push(run);
     }
-    Ok(())
+    write_json(b.json.as_deref(), &report)
 }
 
 fn complete(b: CompleteBench, dev: &Device) -> Result<()> {
@@ -414,7 +584,7 @@ fn complete(b: CompleteBench, dev: &Device) -> Result<()> {
         "--k".into(),
         b.k.to_string(),
     ]);
-    for v in python_baseline(&b.runs.python, "scripts/torch_generate_baseline.py", &args)? {
+    for v in python_baseline(&b.runs.python, "torch_generate_baseline.py", &args)? {
         let (Some(name), Some(secs)) = (v["impl"].as_str(), v["seconds"].as_f64()) else {
             continue;
         };
@@ -431,73 +601,214 @@ fn complete(b: CompleteBench, dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// One training run's numbers, igpt's or a baseline's.
+struct TrainRun {
+    name: String,
+    step_s: f64,
+    memory_bytes: Option<f64>,
+}
+
 fn train(b: TrainBench, dev: &Device) -> Result<()> {
+    use serde_json::json;
+    let on_gpu = gpu_ordinal(dev).is_some();
+    let precision = b.precision.unwrap_or(if on_gpu {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    });
+    let dev = &dev.with_training_precision(precision)?;
+    let warmup = b.warmup.unwrap_or(if on_gpu { 3 } else { 1 });
+    ensure!(b.steps >= 1, "--steps must be at least 1");
     let threads = rayon::current_num_threads();
     let model = b.model.config()?;
     let t = model.n_ctx();
+    let tokens_per_step = (b.batch * t) as f64;
     println!(
-        "model: {} layers, d={}, {} heads, vocab {}, context {}, batch {}, fp32, {} threads",
+        "model: {} layers, d={}, {} heads, vocab {}, context {}, batch {}, {precision} products, \
+         on {dev}, {} threads",
         model.n_layer, model.n_embd, model.n_head, model.n_vocab, t, b.batch, threads
     );
-    let cfg = TrainConfig {
-        steps: 1000,
-        batch: b.batch,
-        micro_batch: b.batch,
-        warmup: 10,
-        ..TrainConfig::default()
+    let mut report = json!({
+        "bench": "train",
+        "device": dev.to_string(),
+        "precision": precision.to_string(),
+        "model": b.model.json()?,
+        "batch": b.batch,
+        "tokens_per_step": tokens_per_step,
+        "steps": b.steps,
+        "warmup": warmup,
+        "flops_per_token": train_flops_per_token(&model),
+        "peak_flops": PEAK_FLOPS,
+        "memory": if on_gpu {
+            "igpt: the GPU's memory in use after the timed steps, engine alive (driver's count, \
+             CUDA context included); PyTorch: torch.cuda.max_memory_allocated, and \
+             device_in_use_bytes counted as igpt's"
+        } else {
+            "peak resident memory of each process"
+        },
+        "runs": [],
+    });
+    // Each run's line and JSON entry, with MFU on a GPU (against a CPU it says nothing).
+    let record = |report: &mut serde_json::Value, run: &TrainRun, extra: serde_json::Value| {
+        let tps = tokens_per_step / run.step_s;
+        let mem = run.memory_bytes.unwrap_or(f64::NAN);
+        if on_gpu {
+            println!(
+                "{:<16} {:.3} s/step  {tps:>9.0} tokens/s  MFU {:>5.1}%  memory {:.2} GB",
+                run.name,
+                run.step_s,
+                100.0 * mfu(&model, tps),
+                mem / 1e9
+            );
+        } else {
+            println!(
+                "{:<16} {:.3} s/step  {tps:>9.0} tokens/s  peak RSS {:.0} MB",
+                run.name,
+                run.step_s,
+                mem / (1024.0 * 1024.0)
+            );
+        }
+        let mut v = json!({
+            "impl": run.name,
+            "step_s": run.step_s,
+            "tokens_per_s": tps,
+            "mfu": on_gpu.then(|| mfu(&model, tps)),
+            "memory_bytes": run.memory_bytes,
+        });
+        if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+            v.extend(extra.clone());
+        }
+        report["runs"].as_array_mut().expect("runs").push(v);
     };
-    let params = igpt::model::init_params(&model, 0);
-    let mut trainer = Trainer::new(&model, cfg, &params, dev)?;
-    let tokens: Vec<u16> = (0..b.batch * t)
-        .map(|i| ((i as u64 * 2654435761) % b.model.vocab as u64) as u16)
-        .collect();
-    let data = TokenSet::from_tokens(tokens, t, b.model.vocab, None)?;
-    trainer.step(&data)?;
-    let t0 = Instant::now();
-    for _ in 0..b.steps {
-        trainer.step(&data)?;
-    }
-    let ours = t0.elapsed().as_secs_f64() / b.steps as f64;
-    let ours_tps = (b.batch * t) as f64 / ours;
-    let ours_rss = peak_rss_mb().unwrap_or(f64::NAN);
-    println!("igpt:    {ours:.3} s/step  {ours_tps:>8.0} tokens/s  peak RSS {ours_rss:.0} MB");
+
+    let ours = {
+        let cfg = TrainConfig {
+            steps: 1000,
+            batch: b.batch,
+            micro_batch: b.batch,
+            warmup: 10,
+            ..TrainConfig::default()
+        };
+        let params = igpt::model::init_params(&model, 0);
+        let mut trainer = Trainer::new(&model, cfg, &params, dev)?;
+        let tokens: Vec<u16> = (0..b.batch * t)
+            .map(|i| ((i as u64 * 2654435761) % b.model.vocab as u64) as u16)
+            .collect();
+        let data = TokenSet::from_tokens(tokens, t, b.model.vocab, None)?;
+        for _ in 0..warmup {
+            trainer.step(&data)?;
+        }
+        let t0 = clock(dev)?;
+        for _ in 0..b.steps {
+            trainer.step(&data)?;
+        }
+        let step_s = clock(dev)?.duration_since(t0).as_secs_f64() / b.steps as f64;
+        // Read before the trainer is dropped: its arenas are the memory in question, and they
+        // are freed before PyTorch runs on the same GPU.
+        TrainRun {
+            name: "igpt".into(),
+            step_s,
+            memory_bytes: memory_bytes(dev),
+        }
+    };
+    record(&mut report, &ours, json!({}));
+    write_json(b.json.as_deref(), &report)?;
     if b.no_torch {
         return Ok(());
     }
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_baseline.py");
-    let out = std::process::Command::new(&b.python)
-        .arg(&script)
-        .args(b.model.python_args()?)
-        .args(["--batch", &b.batch.to_string()])
-        .args([
-            "--threads",
-            &threads.to_string(),
-            "--steps",
-            &b.steps.to_string(),
-            "--warmup",
-            "1",
-        ])
-        .output()
-        .with_context(|| format!("cannot run {} {}", b.python, script.display()))?;
+
+    // PyTorch eager, and on a GPU also torch.compile (the stronger baseline there).
+    let variants: &[bool] = if on_gpu { &[false, true] } else { &[false] };
+    let mut failures = Vec::new();
+    for &compile in variants {
+        let name = if compile {
+            "pytorch-compile"
+        } else {
+            "pytorch-eager"
+        };
+        let mut args = b.model.python_args()?;
+        args.extend(
+            [
+                "--batch",
+                &b.batch.to_string(),
+                "--threads",
+                &threads.to_string(),
+                "--steps",
+                &b.steps.to_string(),
+                "--warmup",
+                &warmup.to_string(),
+            ]
+            .map(String::from),
+        );
+        if on_gpu {
+            args.extend(["--device".into(), "cuda".into()]);
+        }
+        if compile {
+            args.push("--compile".into());
+        }
+        let result = python_baseline(&b.python, "torch_baseline.py", &args).and_then(|lines| {
+            let v = lines
+                .last()
+                .cloned()
+                .context("the baseline printed no JSON line")?;
+            let step_s = v["step_s"].as_f64().context("baseline gave no step_s")?;
+            Ok((v, step_s))
+        });
+        let (v, step_s) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                println!("{name:<16} failed: {e:#}");
+                report["runs"]
+                    .as_array_mut()
+                    .expect("runs")
+                    .push(json!({"impl": name, "error": format!("{e:#}")}));
+                write_json(b.json.as_deref(), &report)?;
+                failures.push(name);
+                continue;
+            }
+        };
+        // Against igpt's count: the driver's, where the baseline reports it; else the peak
+        // of what it allocated (GPU) or its peak RSS (CPU).
+        let memory_bytes = v["device_in_use_bytes"]
+            .as_f64()
+            .or_else(|| v["peak_rss_mb"].as_f64().map(|mb| mb * 1024.0 * 1024.0));
+        let run = TrainRun {
+            name: name.into(),
+            step_s,
+            memory_bytes,
+        };
+        let ratio = json!({
+            "igpt_over_this_throughput": step_s / ours.step_s,
+            "igpt_over_this_memory": ours.memory_bytes.zip(memory_bytes).map(|(a, b)| a / b),
+        });
+        let mut extra = v.clone();
+        if let (Some(e), Some(r)) = (extra.as_object_mut(), ratio.as_object()) {
+            e.extend(r.clone());
+        }
+        record(&mut report, &run, extra);
+        if let Some(peak) = v["peak_memory_bytes"].as_f64() {
+            println!(
+                "{:<16} max_memory_allocated {:.2} GB (torch {}{})",
+                "",
+                peak / 1e9,
+                v["torch"].as_str().unwrap_or("?"),
+                v["gpu"]
+                    .as_str()
+                    .map(|g| format!(", {g}"))
+                    .unwrap_or_default()
+            );
+        }
+        println!(
+            "ratio:           igpt is {:.2}x the {name} throughput with {:.2}x its memory",
+            step_s / ours.step_s,
+            ours.memory_bytes.unwrap_or(f64::NAN) / memory_bytes.unwrap_or(f64::NAN)
+        );
+        write_json(b.json.as_deref(), &report)?;
+    }
     ensure!(
-        out.status.success(),
-        "the PyTorch baseline failed (is torch installed? pip install torch):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
-        .with_context(|| format!("unexpected output from the baseline: {line}"))?;
-    let torch_s = v["step_s"].as_f64().context("baseline gave no step_s")?;
-    let torch_rss = v["peak_rss_mb"].as_f64().unwrap_or(f64::NAN);
-    println!(
-        "pytorch: {torch_s:.3} s/step  {:>8.0} tokens/s  peak RSS {torch_rss:.0} MB  (torch {}, eager, scaled_dot_product_attention)",
-        (b.batch * t) as f64 / torch_s,
-        v["torch"].as_str().unwrap_or("?")
-    );
-    println!(
-        "ratio:   igpt is {:.2}x the PyTorch throughput with {:.2}x its peak memory",
-        torch_s / ours,
-        ours_rss / torch_rss
+        failures.is_empty(),
+        "baseline(s) failed: {} (see above; igpt's numbers were measured)",
+        failures.join(", ")
     );
     Ok(())
 }
@@ -625,4 +936,50 @@ fn serve(b: ServeBench, dev: &Device) -> Result<()> {
     }
     println!("shared rounds: {:.2}x the throughput", walls[0] / walls[1]);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> ModelConfig {
+        BenchModel {
+            shape: Shape::Small,
+            layers: None,
+            embd: None,
+            heads: None,
+            vocab: 512,
+            side: 32,
+        }
+        .config()
+        .unwrap()
+    }
+
+    #[test]
+    fn mfu_counts_igpt_s_as_llm_c_does() {
+        // iGPT-S by hand: per layer two gains (2·512) and 12·512² of matrices; then wte and
+        // wtet (512·512 each), wpe (1024·512), the start vector and the final gain (512 each).
+        let per_layer = 2 * 512 + 12 * 512 * 512;
+        let n = 24 * per_layer + 2 * 512 * 512 + 1024 * 512 + 2 * 512;
+        assert_eq!(n, 76_571_648);
+        assert_eq!(igpt::model::ParamLayout::new(&small()).total, n);
+        // 6N + 6·L·d·T = 459,429,888 + 75,497,472.
+        assert_eq!(train_flops_per_token(&small()), 534_927_360.0);
+        // A million tokens a second is 534.9 TFLOP/s, 54.09% of 989.
+        let m = mfu(&small(), 1e6);
+        assert!((m - 0.540_877_007_077_856_5).abs() < 1e-12, "{m}");
+    }
+
+    #[test]
+    fn baseline_scripts_are_found_from_the_source_tree() {
+        for name in ["torch_baseline.py", "torch_generate_baseline.py"] {
+            assert!(
+                script_path(name)
+                    .unwrap()
+                    .ends_with(format!("scripts/{name}"))
+            );
+        }
+        let err = format!("{:#}", script_path("no_such_script.py").unwrap_err());
+        assert!(err.contains("IGPT_SCRIPTS"), "{err}");
+    }
 }

@@ -7,6 +7,8 @@
 //! kernel before it.
 
 mod gemm;
+mod memory;
+pub use memory::{memory_in_use, synchronize};
 
 use super::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, View};
 use crate::backend::device::Gpu;

@@ -1,0 +1,149 @@
+//! scripts/gpu_check.sh's control flow, with stand-ins for igpt, nvidia-smi and Python: the GPU
+//! machine gets one try at it, so its syntax and its summary are checked here.
+
+mod common;
+
+use common::tempdir;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Stands in for igpt: logs its arguments and library path, writes a JSON report where
+/// `--json` says, and fails (exit 3) on the subcommand named in FAKE_FAIL.
+const FAKE_IGPT: &str = r#"#!/bin/sh
+echo "args: $*"
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+json=""; prev=""; cmd=""
+for a in "$@"; do
+    [ "$prev" = "--json" ] && json=$a
+    case "$a" in selftest|train|generate) [ -z "$cmd" ] && cmd=$a ;; esac
+    prev=$a
+done
+if [ "$cmd" = "${FAKE_FAIL:-}" ]; then echo "error: $cmd broke" >&2; exit 3; fi
+printf '{"bench": "%s", "runs": [{"impl": "igpt", "tokens_per_s": 1000.0, "mfu": 0.25, "memory_bytes": 2000000000}]}\n' "$cmd" >"$json"
+"#;
+
+/// Stands in for Python: whatever program it is given, it answers one library folder.
+const FAKE_PYTHON: &str = "#!/bin/sh\ncat >/dev/null\necho /fake/nvidia/cublas/lib\n";
+
+const FAKE_SMI: &str = "#!/bin/sh\necho 'name, driver_version'\necho 'Fake GPU, 0.0'\n";
+
+fn executable(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// Runs the script into `dir/out` with the stand-ins; `igpt` overrides the binary's path.
+fn check(dir: &Path, fail: Option<&str>, igpt: Option<&Path>) -> (Output, serde_json::Value) {
+    let fake = executable(dir, "igpt", FAKE_IGPT);
+    let out = dir.join("out");
+    let mut cmd = Command::new("bash");
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu_check.sh"))
+        .arg(&out)
+        .env("IGPT_BIN", igpt.unwrap_or(&fake))
+        .env("NVIDIA_SMI", executable(dir, "nvidia-smi", FAKE_SMI))
+        .env("PYTHON", executable(dir, "python", FAKE_PYTHON))
+        // The script runs under `set -u`: an unset library path must not stop it.
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("FAKE_FAIL");
+    if let Some(f) = fail {
+        cmd.env("FAKE_FAIL", f);
+    }
+    let o = cmd.output().expect("run bash");
+    let text = std::fs::read_to_string(out.join("summary.json"))
+        .unwrap_or_else(|e| panic!("no summary ({e}): {}", String::from_utf8_lossy(&o.stderr)));
+    let summary = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (o, summary)
+}
+
+fn step<'a>(summary: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    summary["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {summary}"))
+}
+
+#[test]
+fn a_failed_step_is_reported_and_the_next_ones_still_run() {
+    let dir = tempdir("gpu-check-fail");
+    let (o, summary) = check(&dir, Some("train"), None);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{stdout}");
+    assert_eq!(summary["ok"], false);
+    let names: Vec<&str> = summary["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["nvidia-smi", "libraries", "selftest", "train", "generate"]
+    );
+    let train = step(&summary, "train");
+    assert_eq!(train["exit_code"], 3, "{summary}");
+    assert_eq!(train["timed_out"], false);
+    assert!(train["json"].is_null(), "{summary}");
+    // The step after the failure ran, and its JSON was gathered.
+    let generate = step(&summary, "generate");
+    assert_eq!(generate["exit_code"], 0, "{summary}");
+    assert_eq!(generate["json"]["bench"], "generate");
+    assert_eq!(step(&summary, "selftest")["json"]["bench"], "selftest");
+    // The failure's own log holds its message; the table printed last names it.
+    let log = std::fs::read_to_string(dir.join("out/train.log")).unwrap();
+    assert!(log.contains("error: train broke"), "{log}");
+    let table: Vec<&str> = stdout.lines().rev().take(7).collect();
+    assert!(
+        table
+            .iter()
+            .any(|l| l.split_whitespace().take(2).eq(["train", "3"])),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with(&format!(
+        "SOME STEPS FAILED; summary in {}/out/summary.json",
+        dir.display()
+    )));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_step_passing_gives_exit_code_zero_and_igpt_sees_the_libraries() {
+    let dir = tempdir("gpu-check-pass");
+    let (o, summary) = check(&dir, None, None);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}");
+    assert_eq!(summary["ok"], true, "{summary}");
+    assert_eq!(step(&summary, "nvidia-smi")["exit_code"], 0);
+    let train = step(&summary, "train");
+    assert_eq!(train["json"]["runs"][0]["mfu"], 0.25, "{summary}");
+    // igpt runs on the GPU, with the pip packages' CUDA libraries on its path.
+    let log = std::fs::read_to_string(dir.join("out/train.log")).unwrap();
+    assert!(
+        log.contains("args: --device cuda bench train --shape small --batch 32"),
+        "{log}"
+    );
+    assert!(
+        log.contains("LD_LIBRARY_PATH=/fake/nvidia/cublas/lib"),
+        "{log}"
+    );
+    let log = std::fs::read_to_string(dir.join("out/generate.log")).unwrap();
+    assert!(log.contains("--batches 1 64"), "{log}");
+    assert!(stdout.contains("all steps passed"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_missing_binary_fails_every_igpt_step_but_still_writes_the_summary() {
+    let dir = tempdir("gpu-check-missing");
+    let (o, summary) = check(&dir, None, Some(&dir.join("no-such-igpt")));
+    assert_eq!(o.status.code(), Some(1));
+    for name in ["selftest", "train", "generate"] {
+        assert_eq!(step(&summary, name)["exit_code"], 127, "{summary}");
+    }
+    assert_eq!(step(&summary, "libraries")["exit_code"], 0, "{summary}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

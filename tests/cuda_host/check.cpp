@@ -1,0 +1,665 @@
+// Runs every kernel of src/backend/cuda/kernels.cu on the host (through shim.h) with the
+// launch configuration src/backend/cuda/mod.rs uses, and compares it with a plain reference
+// written from the CPU backend's semantics (src/backend/cpu). Prints one line per kernel and
+// exits non-zero if any kernel fails.
+//
+//   g++ -std=c++17 -O2 -pthread -fno-extern-tls-init tests/cuda_host/check.cpp -o check
+//   ./check
+//
+// (tests/cuda_kernels_on_host.rs does this; see shim.h for -fno-extern-tls-init.)
+//
+// Shapes are small and deliberately not multiples of 16 or 32, so idle threads, partial
+// warps of work and grid-stride loops are all exercised. Outputs start as NaN (or a NaN
+// bfloat16 pattern), so an element a kernel forgets to write fails. Each check runs twice,
+// with the block's threads scheduled in ascending and in descending order (see shim.h).
+// Launches mirror mod.rs: per_row = one block of 256 threads per row, elementwise = blocks
+// of 256 (plus a 3-block grid for the grid-stride loops), and the special grids of
+// embed_backward_positions, rmsnorm_backward_gain, sum_squares and attention_step.
+//
+// References compute in double where a kernel reduces; "error" is |got - want| relative to
+// |want|, with a floor of 1e-2 of the largest |want| of the output (entries that cancel to
+// almost nothing are judged against the output's scale). Kernels that only move or round
+// values must match bit for bit (tolerance 0).
+
+#include "shim.h"
+
+// -DKERNELS_CU='"path"' checks another copy of the kernels (a mutated one, to see a check fail).
+#ifdef KERNELS_CU
+#include KERNELS_CU
+#else
+#include "../../src/backend/cuda/kernels.cu"
+#endif
+
+#include <cmath>
+#include <map>
+#include <random>
+#include <string>
+
+using cuda_host::launch;
+using std::vector;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Tolerances. f32 rounding is 6e-8 of a value; with the 1% floor an ulp of the output's
+// scale reads as 6e-6. A wrong formula, index or missing term gives errors of order 1.
+
+// A few operations per element (GELU, AdamW, a sum over a handful of rows).
+constexpr double kElementwise = 1e-5;
+// Sums over a row in f32 (norms, softmax, cross-entropy).
+constexpr double kRow = 1e-4;
+// Decoding attention: f32 dot products of up to 300 terms feed expf, whose relative error
+// is the absolute error of the score.
+constexpr double kDecode = 5e-4;
+
+// ---------------------------------------------------------------------------------------
+// Results
+
+struct Outcome {
+    double worst = 0.0;  // largest error seen
+    double tol = 0.0;    // its tolerance (the loosest of the kernel's checks)
+    bool pass = true;
+    std::string note;    // where the first failure was
+};
+
+std::map<std::string, Outcome> outcomes;
+vector<std::string> order;
+
+void record(const std::string& kernel, double err, double tol, const std::string& note = "") {
+    if (!outcomes.count(kernel)) order.push_back(kernel);
+    Outcome& o = outcomes[kernel];
+    if (!(err <= tol)) {
+        if (o.pass) o.note = note;
+        o.pass = false;
+    }
+    if (!(err <= o.worst)) o.worst = err;  // NaN sticks
+    o.tol = std::max(o.tol, tol);
+}
+
+// Largest relative error of `got` against `want`; a non-finite value where a finite one is
+// wanted is an infinite error. `where` gets the index of the worst element.
+double rel_err(const float* got, const double* want, size_t n, size_t* where = nullptr) {
+    double scale = 0.0;
+    for (size_t i = 0; i < n; i++) scale = std::max(scale, std::fabs(want[i]));
+    double floor = std::max(scale * 1e-2, 1e-30), worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double e = std::isfinite(got[i])
+                       ? std::fabs(got[i] - want[i]) / std::max(std::fabs(want[i]), floor)
+                       : INFINITY;
+        if (!(e <= worst)) {
+            worst = e;
+            if (where) *where = i;
+        }
+    }
+    return worst;
+}
+
+void check(const std::string& kernel, const std::string& what, const vector<float>& got,
+           const vector<double>& want, double tol) {
+    if (got.size() != want.size()) {
+        record(kernel, INFINITY, tol, what + ": size mismatch");
+        return;
+    }
+    size_t i = 0;
+    double e = rel_err(got.data(), want.data(), got.size(), &i);
+    char note[256];
+    snprintf(note, sizeof note, "%s: element %zu is %.9g, want %.9g", what.c_str(), i,
+             got.empty() ? 0.0 : got[i], want.empty() ? 0.0 : want[i]);
+    record(kernel, e, tol, note);
+}
+
+// Bit-exact comparison (error 0 or 1).
+template <typename T>
+void check_bits(const std::string& kernel, const std::string& what, const vector<T>& got,
+                const vector<T>& want) {
+    for (size_t i = 0; i < want.size(); i++) {
+        if (i >= got.size() || memcmp(&got[i], &want[i], sizeof(T)) != 0) {
+            char note[256];
+            unsigned long long g = 0, w = 0;
+            if (i < got.size()) memcpy(&g, &got[i], sizeof(T));
+            memcpy(&w, &want[i], sizeof(T));
+            snprintf(note, sizeof note, "%s: element %zu has bits %#llx, want %#llx",
+                     what.c_str(), i, g, w);
+            record(kernel, 1.0, 0.0, note);
+            return;
+        }
+    }
+    record(kernel, 0.0, 0.0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Inputs
+
+std::mt19937 rng(20240611);
+
+// Values in ±[lo, hi]: never zero, of both signs.
+vector<float> random(size_t n, float lo = 0.1f, float hi = 1.0f) {
+    std::uniform_real_distribution<float> u(lo, hi);
+    std::bernoulli_distribution neg(0.5);
+    vector<float> v(n);
+    for (float& x : v) x = neg(rng) ? -u(rng) : u(rng);
+    return v;
+}
+
+vector<float> positive(size_t n, float lo, float hi) {
+    std::uniform_real_distribution<float> u(lo, hi);
+    vector<float> v(n);
+    for (float& x : v) x = u(rng);
+    return v;
+}
+
+vector<uint16_t> ids(size_t n, int below) {
+    std::uniform_int_distribution<int> u(0, below - 1);
+    vector<uint16_t> v(n);
+    for (uint16_t& x : v) x = (uint16_t)u(rng);
+    return v;
+}
+
+vector<float> nan_f32(size_t n) { return vector<float>(n, NAN); }
+
+// A NaN no rounding produces (to_bf16 sets bit 6 of a NaN), so it marks unwritten elements.
+constexpr uint16_t kPoisonBf16 = 0x7f81;
+
+vector<double> widen(const vector<float>& v) { return vector<double>(v.begin(), v.end()); }
+
+// ---------------------------------------------------------------------------------------
+// Launch configurations of src/backend/cuda/mod.rs
+
+constexpr unsigned kRowThreads = 256;  // ROW_THREADS
+
+dim3 elementwise_grid(size_t n) {
+    return dim3((unsigned)std::min<size_t>(std::max<size_t>((n + 255) / 256, 1), 65535));
+}
+
+// With `strided`, three blocks instead: grids cap at 65,535 (1,024 for sum_squares) blocks,
+// so large tensors go through the grid-stride loops, which the small shapes here would not.
+template <typename... P, typename... A>
+void elementwise(bool strided, void (*k)(P...), size_t n, A... args) {
+    launch(k, strided ? dim3(3) : elementwise_grid(n), dim3(256), 0, args...);
+}
+
+const char* grid_name(bool strided) { return strided ? " (3 blocks)" : ""; }
+
+// The elementwise cases: (elements, strided).
+const std::pair<int, bool> kElementwiseCases[] = {{1000, false}, {5001, false}, {5001, true}};
+
+template <typename... P, typename... A>
+void per_row(void (*k)(P...), size_t rows, A... args) {
+    launch(k, dim3((unsigned)rows), dim3(kRowThreads), 0, args...);
+}
+
+// ---------------------------------------------------------------------------------------
+// bfloat16 reference: round to nearest, ties to even, decided by comparing the distances to
+// the two neighbours exactly (in double) rather than by the kernel's carry trick; a NaN keeps
+// its top bits with the quiet bit set, as the `half` crate does.
+
+uint16_t ref_bf16(float f) {
+    uint32_t u = __float_as_uint(f);
+    if (std::isnan(f)) return (uint16_t)((u >> 16) | 0x40);
+    uint32_t down = u & 0xffff0000u;  // toward zero
+    if (down == u) return (uint16_t)(u >> 16);
+    uint32_t up = down + 0x10000u;    // away from zero (may become infinity: correct)
+    double lo = std::fabs((double)__uint_as_float(down));
+    double hi = (up & 0x7fffffffu) >= 0x7f800000u ? std::ldexp(1.0, 128)
+                                                   : std::fabs((double)__uint_as_float(up));
+    double x = std::fabs((double)f);
+    if (x - lo < hi - x) return (uint16_t)(down >> 16);
+    if (x - lo > hi - x) return (uint16_t)(up >> 16);
+    return (uint16_t)(((down >> 16) & 1) ? up >> 16 : down >> 16);
+}
+
+double ref_from_bf16(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
+
+// Values that probe the rounding: ties both ways, negatives, specials, extremes.
+vector<float> bf16_probes() {
+    vector<uint32_t> bits = {0x3f808000u, 0x3f818000u, 0xbf808000u, 0xbf818000u, 0x3f807fffu,
+                             0x3f808001u, 0x7f7fffffu, 0xff7fffffu, 0x7f7f8000u, 0x00000001u,
+                             0x80000001u, 0x00008000u, 0x00018000u, 0x7f800000u, 0xff800000u,
+                             0x7fc00000u, 0x7f800001u, 0xffa12345u, 0x80000000u, 0x00000000u};
+    vector<float> v;
+    for (uint32_t b : bits) v.push_back(__uint_as_float(b));
+    return v;
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory kernels
+
+void check_memory() {
+    for (auto [n, strided] : kElementwiseCases) {
+        std::string what = "n " + std::to_string(n) + grid_name(strided);
+        // fill: whole buffer, one value.
+        vector<float> x = nan_f32(n);
+        elementwise(strided, fill_f32, n, x.data(), 0.3f, (size_t)n);
+        check_bits("fill_f32", what, x, vector<float>(n, 0.3f));
+        vector<uint16_t> h(n, kPoisonBf16);
+        elementwise(strided, fill_bf16, n, h.data(), -1.7f, (size_t)n);
+        check_bits("fill_bf16", what, h, vector<uint16_t>(n, ref_bf16(-1.7f)));
+
+        // round_bf16: random values plus the probes.
+        vector<float> src = random(n, 1e-3f, 1e3f);
+        vector<float> probes = bf16_probes();
+        std::copy(probes.begin(), probes.end(), src.begin());
+        vector<uint16_t> out(n, kPoisonBf16), want(n);
+        for (int i = 0; i < n; i++) want[i] = ref_bf16(src[i]);
+        elementwise(strided, round_bf16, n, out.data(), (const float*)src.data(), (size_t)n);
+        check_bits("round_bf16", what, out, want);
+    }
+    // pack_weight: [k, n] row-major bf16 from [k, n] (Op::N) or [n, k] (Op::T).
+    for (auto [k, n] : {std::pair{50, 37}, std::pair{13, 300}}) {
+        vector<float> w = random((size_t)k * n, 1e-2f, 10.0f);
+        vector<float> probes = bf16_probes();
+        std::copy(probes.begin(), probes.end(), w.begin() + 3);
+        for (int transposed : {0, 1}) {
+            vector<uint16_t> out((size_t)k * n, kPoisonBf16), want((size_t)k * n);
+            for (int r = 0; r < k; r++)
+                for (int c = 0; c < n; c++)
+                    want[(size_t)r * n + c] =
+                        ref_bf16(transposed ? w[(size_t)c * k + r] : w[(size_t)r * n + c]);
+            elementwise(false, pack_weight, (size_t)k * n, out.data(), (const float*)w.data(),
+                        transposed, k, n);
+            check_bits("pack_weight",
+                       "k " + std::to_string(k) + " n " + std::to_string(n) +
+                           (transposed ? " T" : " N"),
+                       out, want);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Embedding (embedding.rs): shifted and direct inputs, their gradients, decoding steps.
+
+void check_embedding() {
+    const int n_vocab = 37, t_len = 20, batch = 3, rows = batch * t_len;
+    for (int d : {50, 300}) {
+        vector<float> wte = random((size_t)n_vocab * d), wpe = random((size_t)t_len * d),
+                      sos = random(d);
+        for (int direct : {0, 1}) {
+            // Direct ids include the start token (n_vocab) and the mask (n_vocab + 1).
+            vector<uint16_t> tok = ids(rows, direct ? n_vocab + 2 : n_vocab);
+            if (direct) tok[0] = n_vocab, tok[1] = n_vocab + 1, tok[25] = n_vocab;
+            // The content row of output row r, or null for none.
+            auto content = [&](int r) -> const float* {
+                int t = r % t_len;
+                int id = direct ? tok[r] : (t == 0 ? n_vocab : tok[r - 1]);
+                if (id < n_vocab) return &wte[(size_t)id * d];
+                return id == n_vocab ? sos.data() : nullptr;
+            };
+            std::string what = std::string(direct ? "direct" : "shifted") + " d " +
+                               std::to_string(d);
+
+            vector<float> out = nan_f32((size_t)rows * d), want((size_t)rows * d);
+            for (int r = 0; r < rows; r++)
+                for (int c = 0; c < d; c++) {
+                    const float* ct = content(r);
+                    float p = wpe[(size_t)(r % t_len) * d + c];
+                    want[(size_t)r * d + c] = ct ? ct[c] + p : p;
+                }
+            per_row(embed_forward, rows, out.data(), (const uint16_t*)tok.data(),
+                    (const float*)wte.data(), (const float*)wpe.data(),
+                    (const float*)sos.data(), t_len, d, n_vocab, direct);
+            check_bits("embed_forward", what, out, want);
+
+            // Backward adds into existing gradients.
+            vector<float> dout = random((size_t)rows * d);
+            vector<float> dwte = random((size_t)n_vocab * d), dwpe = random((size_t)t_len * d),
+                          dsos = random(d);
+            vector<double> want_dwte = widen(dwte), want_dwpe = widen(dwpe),
+                           want_dsos = widen(dsos);
+            for (int r = 0; r < rows; r++) {
+                int t = r % t_len;
+                int id = direct ? tok[r] : (t == 0 ? n_vocab : tok[r - 1]);
+                for (int c = 0; c < d; c++) {
+                    double g = dout[(size_t)r * d + c];
+                    want_dwpe[(size_t)t * d + c] += g;
+                    if (id < n_vocab) want_dwte[(size_t)id * d + c] += g;
+                    else if (id == n_vocab) want_dsos[c] += g;
+                }
+            }
+            launch(embed_backward_positions, dim3(t_len, (d + 255) / 256), dim3(256), 0,
+                   dwpe.data(), (const float*)dout.data(), batch, t_len, d);
+            per_row(embed_backward_content, rows, dwte.data(), dsos.data(),
+                    (const float*)dout.data(), (const uint16_t*)tok.data(), t_len, d, n_vocab,
+                    direct);
+            check("embed_backward_positions", what + " dwpe", dwpe, want_dwpe, kElementwise);
+            check("embed_backward_content", what + " dwte", dwte, want_dwte, kElementwise);
+            check("embed_backward_content", what + " dsos", dsos, want_dsos, kElementwise);
+        }
+
+        // Decoding: a prefill from position 0 (its first row is the start token), then a step.
+        for (auto [pos, len] : {std::pair{0, 5}, std::pair{7, 1}, std::pair{12, 8}}) {
+            int n = batch * len;
+            vector<uint16_t> prev = ids(n, n_vocab);
+            vector<float> out = nan_f32((size_t)n * d), want((size_t)n * d);
+            for (int r = 0; r < n; r++) {
+                int p = pos + r % len;
+                const float* ct = p == 0 ? sos.data() : &wte[(size_t)prev[r] * d];
+                for (int c = 0; c < d; c++)
+                    want[(size_t)r * d + c] = ct[c] + wpe[(size_t)p * d + c];
+            }
+            per_row(embed_step, n, out.data(), (const uint16_t*)prev.data(),
+                    (const float*)wte.data(), (const float*)wpe.data(),
+                    (const float*)sos.data(), pos, len, d, n_vocab);
+            check_bits("embed_step",
+                       "pos " + std::to_string(pos) + " len " + std::to_string(len), out, want);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RMS norm (norm.rs), eps 1e-5.
+
+void check_rmsnorm() {
+    const float eps = 1e-5f;
+    for (auto [rows, d] : {std::pair{13, 48}, std::pair{150, 50}, std::pair{7, 300}}) {
+        std::string what = std::to_string(rows) + "x" + std::to_string(d);
+        vector<float> x = random((size_t)rows * d), g = random(d, 0.5f, 1.5f);
+        vector<double> want((size_t)rows * d), want_rstd(rows);
+        for (int r = 0; r < rows; r++) {
+            double ss = 0;
+            for (int c = 0; c < d; c++) ss += (double)x[(size_t)r * d + c] * x[(size_t)r * d + c];
+            want_rstd[r] = 1.0 / std::sqrt(ss / d + eps);
+            for (int c = 0; c < d; c++)
+                want[(size_t)r * d + c] = x[(size_t)r * d + c] * want_rstd[r] * g[c];
+        }
+        vector<float> out = nan_f32((size_t)rows * d), rstd = nan_f32(rows);
+        per_row(rmsnorm_forward, rows, out.data(), rstd.data(), (const float*)x.data(),
+                (const float*)g.data(), d, eps);
+        check("rmsnorm_forward", what + " out", out, want, kRow);
+        check("rmsnorm_forward", what + " rstd", rstd, want_rstd, kRow);
+
+        // Backward from the reference rstd (as f32), adding into existing gradients:
+        // dx += rstd (dout g - xhat mean(dout g xhat)), dg += sum_rows dout xhat.
+        vector<float> rs(want_rstd.begin(), want_rstd.end());
+        vector<float> dout = random((size_t)rows * d), dx = random((size_t)rows * d),
+                      dg = random(d);
+        vector<double> want_dx = widen(dx), want_dg = widen(dg);
+        for (int r = 0; r < rows; r++) {
+            const float* xr = &x[(size_t)r * d];
+            const float* dr = &dout[(size_t)r * d];
+            double s = rs[r], dot = 0;
+            for (int c = 0; c < d; c++) dot += (double)dr[c] * g[c] * xr[c];
+            double mean = dot * s / d;
+            for (int c = 0; c < d; c++) {
+                want_dx[(size_t)r * d + c] += s * (dr[c] * g[c] - xr[c] * s * mean);
+                want_dg[c] += (double)dr[c] * xr[c] * s;
+            }
+        }
+        per_row(rmsnorm_backward_input, rows, dx.data(), (const float*)dout.data(),
+                (const float*)x.data(), (const float*)rs.data(), (const float*)g.data(), d);
+        const int rows_per_block = 64;  // ROWS_PER_BLOCK
+        dim3 gain_grid((d + 255) / 256, (rows + rows_per_block - 1) / rows_per_block);
+        launch(rmsnorm_backward_gain, gain_grid, dim3(256), 0, dg.data(),
+               (const float*)dout.data(), (const float*)x.data(), (const float*)rs.data(), rows,
+               d, rows_per_block);
+        check("rmsnorm_backward_input", what + " dx", dx, want_dx, kRow);
+        check("rmsnorm_backward_gain", what + " dg", dg, want_dg, kRow);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Quick GELU (activation.rs): x sigmoid(1.702 x) and its derivative.
+
+void check_gelu() {
+    for (auto [n, strided] : kElementwiseCases) {
+        std::string what = "n " + std::to_string(n) + grid_name(strided);
+        vector<float> x = random(n, 0.01f, 6.0f), out = nan_f32(n), dout = random(n);
+        vector<double> want(n), want_d(n);
+        for (int i = 0; i < n; i++) {
+            double v = x[i], s = 1.0 / (1.0 + std::exp(-1.702 * v));
+            want[i] = v * s;
+            want_d[i] = dout[i] * (s + 1.702 * v * s * (1.0 - s));
+        }
+        elementwise(strided, gelu_forward, n, out.data(), (const float*)x.data(), (size_t)n);
+        elementwise(strided, gelu_backward_inplace, n, dout.data(), (const float*)x.data(),
+                    (size_t)n);
+        check("gelu_forward", what, out, want, kElementwise);
+        check("gelu_backward_inplace", what, dout, want_d, kElementwise);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Softmax cross-entropy (loss.rs): loss = (logsumexp - z_target) w; with a gradient, the
+// logits become grad_scale w (softmax - onehot), and without one they stay as they were.
+
+void check_cross_entropy() {
+    const int rows = 13;
+    for (int v : {37, 529}) {
+        for (int weighted : {0, 1}) {
+            for (int with_grad : {0, 1}) {
+                vector<float> z = random((size_t)rows * v, 0.1f, 4.0f);
+                vector<uint16_t> tgt = ids(rows, v);
+                vector<float> w = positive(rows, 0.2f, 2.0f);
+                w[3] = 0.0f, w[5] = 1.0f;  // BERT weights: 0 and 1 occur
+                float scale = 1.0f / rows;
+                vector<double> want_loss(rows), want_z = widen(z);
+                for (int r = 0; r < rows; r++) {
+                    const float* zr = &z[(size_t)r * v];
+                    double m = -INFINITY, s = 0;
+                    for (int c = 0; c < v; c++) m = std::max(m, (double)zr[c]);
+                    for (int c = 0; c < v; c++) s += std::exp(zr[c] - m);
+                    double wr = weighted ? w[r] : 1.0;
+                    want_loss[r] = (m + std::log(s) - zr[tgt[r]]) * wr;
+                    if (with_grad)
+                        for (int c = 0; c < v; c++)
+                            want_z[(size_t)r * v + c] =
+                                scale * wr * (std::exp(zr[c] - m) / s - (c == tgt[r]));
+                }
+                vector<float> loss = nan_f32(rows);
+                per_row(cross_entropy, rows, z.data(), loss.data(), (const uint16_t*)tgt.data(),
+                        (const float*)(weighted ? w.data() : nullptr), v, with_grad, scale);
+                std::string what = "v " + std::to_string(v) + (weighted ? " weighted" : "") +
+                                   (with_grad ? " grad" : "");
+                check("cross_entropy", what + " loss", loss, want_loss, kRow);
+                check("cross_entropy", what + " logits", z, want_z, kRow);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// AdamW (simd.rs adamw_chunk) and the sum of squares (optim.rs, in f64).
+
+void check_optimizer() {
+    for (auto [n, strided] : kElementwiseCases) {
+        vector<float> p = random(n), g = random(n), m = random(n, 1e-3f, 0.1f),
+                      v = positive(n, 1e-4f, 1e-2f);
+        const float lr = 1e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, gs = 0.5f;
+        const int step = 3;
+        const float bc1 = 1.0f - std::pow(b1, step), bc2 = 1.0f - std::pow(b2, step);
+        vector<double> want_p(n), want_m(n), want_v(n);
+        for (int i = 0; i < n; i++) {
+            double gi = (double)g[i] * gs;
+            want_m[i] = b1 * (double)m[i] + (1.0 - b1) * gi;
+            want_v[i] = b2 * (double)v[i] + (1.0 - b2) * gi * gi;
+            want_p[i] = p[i] - lr * ((want_m[i] / bc1) / (std::sqrt(want_v[i] / bc2) + eps) +
+                                     wd * (double)p[i]);
+        }
+        elementwise(strided, adamw, n, p.data(), (const float*)g.data(), m.data(), v.data(),
+                    (size_t)n, lr, b1, b2, eps, wd, gs, bc1, bc2);
+        std::string what = "n " + std::to_string(n) + grid_name(strided);
+        check("adamw", what + " p", p, want_p, kElementwise);
+        check("adamw", what + " m", m, want_m, kElementwise);
+        check("adamw", what + " v", v, want_v, kElementwise);
+    }
+    // sum_squares: grid ceil(n/256) clamped to 1..1024 blocks, into a zeroed f64.
+    for (auto [n, strided] : kElementwiseCases) {
+        vector<float> x = random(n, 0.01f, 3.0f);
+        double want = 0;
+        for (float v : x) want += (double)v * v;
+        double out = 0.0;
+        unsigned blocks = strided ? 3 : std::min(std::max((n + 255) / 256, 1), 1024);
+        launch(sum_squares, dim3(blocks), dim3(256), 0, &out, (const float*)x.data(), (size_t)n);
+        double e = std::fabs(out - want) / want;
+        char note[128];
+        snprintf(note, sizeof note, "n %d%s: %.17g, want %.17g", n, grid_name(strided), out, want);
+        record("sum_squares", e, 1e-12, note);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention over score matrices (attention.rs): rows (h, i) of [n_head * t, t]; visible
+// keys j <= i when causal, all otherwise.
+
+void check_attention() {
+    struct Shape {
+        int n_head, t, head_dim;
+    };
+    for (Shape s : {Shape{4, 20, 12}, Shape{1, 260, 50}}) {
+        int rows = s.n_head * s.t, t = s.t, hd = s.head_dim, d = s.n_head * hd;
+        for (int causal : {0, 1}) {
+            std::string what = std::to_string(s.n_head) + " heads t " + std::to_string(t) +
+                               (causal ? " causal" : "");
+            vector<float> scores = random((size_t)rows * t, 0.01f, 3.0f);
+            auto visible = [&](int row) { return causal ? row % t + 1 : t; };
+            vector<double> want_p((size_t)rows * t), want_lse(rows);
+            for (int r = 0; r < rows; r++) {
+                const float* sr = &scores[(size_t)r * t];
+                double m = -INFINITY, sum = 0;
+                for (int j = 0; j < visible(r); j++) m = std::max(m, (double)sr[j]);
+                for (int j = 0; j < visible(r); j++) sum += std::exp(sr[j] - m);
+                want_lse[r] = m + std::log(sum);
+                for (int j = 0; j < t; j++)
+                    want_p[(size_t)r * t + j] =
+                        j < visible(r) ? std::exp(sr[j] - want_lse[r]) : 0.0;
+            }
+
+            vector<float> p = scores, lse = nan_f32(rows);
+            per_row(attention_softmax, rows, p.data(), lse.data(), t, causal);
+            check("attention_softmax", what + " probabilities", p, want_p, kRow);
+            check("attention_softmax", what + " lse", lse, want_lse, kRow);
+
+            // From the scores and the reference log-sum-exp (as f32).
+            vector<float> lse32(want_lse.begin(), want_lse.end()), p2 = scores;
+            per_row(attention_probs, rows, p2.data(), (const float*)lse32.data(), t, causal);
+            check("attention_probs", what, p2, want_p, kRow);
+
+            // dS = P (dP - D_i), D_i = sum_c dout[i, h hd + c] out[i, h hd + c].
+            vector<float> pf(want_p.begin(), want_p.end());
+            vector<float> dp = random((size_t)rows * t), dout = random((size_t)t * d),
+                          out = random((size_t)t * d);
+            vector<double> want_ds((size_t)rows * t);
+            for (int r = 0; r < rows; r++) {
+                size_t at = (size_t)(r % t) * d + (r / t) * hd, row = (size_t)r * t;
+                double di = 0;
+                for (int c = 0; c < hd; c++) di += (double)dout[at + c] * out[at + c];
+                for (int j = 0; j < t; j++) want_ds[row + j] = pf[row + j] * (dp[row + j] - di);
+            }
+            per_row(attention_dscores, rows, dp.data(), (const float*)pf.data(),
+                    (const float*)dout.data(), (const float*)out.data(), t, d, hd);
+            check("attention_dscores", what, dp, want_ds, kRow);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding with caches [batch, n_head, n_ctx, head_dim]: a prefill of several positions,
+// then a single step, as attention_step launches them.
+
+float stored_value(float x, float*) { return x; }
+uint16_t stored_value(float x, uint16_t*) { return ref_bf16(x); }
+double loaded(float x) { return x; }
+double loaded(uint16_t h) { return ref_from_bf16(h); }
+float poison_of(float*) { return NAN; }
+uint16_t poison_of(uint16_t*) { return kPoisonBf16; }
+
+template <typename E>
+void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, int),
+                    void (*attend)(float*, const E*, const E*, const float*, int, int, int, int,
+                                   int),
+                    const std::string& store_name, const std::string& attend_name) {
+    struct Shape {
+        int batch, n_head, head_dim, n_ctx, prefill;
+    };
+    for (Shape s : {Shape{2, 4, 12, 20, 7}, Shape{1, 1, 300, 150, 140}}) {
+        int nh = s.n_head, hd = s.head_dim, n_ctx = s.n_ctx, d = nh * hd;
+        size_t cache_len = (size_t)s.batch * nh * n_ctx * hd;
+        vector<E> k_cache(cache_len, poison_of((E*)nullptr)), v_cache = k_cache;
+        vector<E> want_k = k_cache, want_v = v_cache;
+        std::string shape = std::to_string(s.batch) + "x" + std::to_string(nh) + " heads hd " +
+                            std::to_string(hd) + " ctx " + std::to_string(n_ctx);
+
+        for (auto [pos, len] : {std::pair{0, s.prefill}, std::pair{s.prefill, 1}}) {
+            int n = s.batch * len;
+            vector<float> qkv = random((size_t)n * 3 * d, 0.05f, 2.0f);
+            vector<float> out = nan_f32((size_t)n * d);
+            // Reference cache: row r = (b, i) stores position pos + i.
+            for (int r = 0; r < n; r++) {
+                int b = r / len, p = pos + r % len;
+                for (int h = 0; h < nh; h++)
+                    for (int c = 0; c < hd; c++) {
+                        size_t at = (((size_t)b * nh + h) * n_ctx + p) * hd + c;
+                        const float* row = &qkv[(size_t)r * 3 * d + h * hd + c];
+                        want_k[at] = stored_value(row[d], (E*)nullptr);
+                        want_v[at] = stored_value(row[2 * d], (E*)nullptr);
+                    }
+            }
+            // Reference attention of each row over positions 0..=its own, from the reference
+            // cache.
+            vector<double> want((size_t)n * d);
+            double scale = 1.0 / std::sqrt((double)hd);
+            for (int r = 0; r < n; r++) {
+                int b = r / len, upto = pos + r % len + 1;
+                for (int h = 0; h < nh; h++) {
+                    size_t base = ((size_t)b * nh + h) * n_ctx * hd;
+                    const float* q = &qkv[(size_t)r * 3 * d + h * hd];
+                    vector<double> sc(upto);
+                    double m = -INFINITY, sum = 0;
+                    for (int j = 0; j < upto; j++) {
+                        double acc = 0;
+                        for (int c = 0; c < hd; c++)
+                            acc += q[c] * loaded(want_k[base + (size_t)j * hd + c]);
+                        sc[j] = acc * scale;
+                        m = std::max(m, sc[j]);
+                    }
+                    for (int j = 0; j < upto; j++) sum += (sc[j] = std::exp(sc[j] - m));
+                    for (int c = 0; c < hd; c++) {
+                        double acc = 0;
+                        for (int j = 0; j < upto; j++)
+                            acc += sc[j] * loaded(want_v[base + (size_t)j * hd + c]);
+                        want[(size_t)r * d + h * hd + c] = acc / sum;
+                    }
+                }
+            }
+
+            dim3 grid(n, nh);
+            unsigned store_threads = std::min((hd + 31) / 32 * 32, 256);
+            size_t shared = (size_t)(n_ctx + hd) * 4;
+            launch(store, grid, dim3(store_threads), 0, k_cache.data(), v_cache.data(),
+                   (const float*)qkv.data(), nh, hd, n_ctx, pos, len);
+            launch(attend, grid, dim3(128), shared, out.data(), (const E*)k_cache.data(),
+                   (const E*)v_cache.data(), (const float*)qkv.data(), nh, hd, n_ctx, pos, len);
+            std::string what =
+                shape + " pos " + std::to_string(pos) + " len " + std::to_string(len);
+            // Every stored position matches, and positions not stored yet are untouched.
+            check_bits(store_name, what + " keys", k_cache, want_k);
+            check_bits(store_name, what + " values", v_cache, want_v);
+            check(attend_name, what, out, want, kDecode);
+        }
+    }
+}
+
+}  // namespace
+
+int main() {
+    for (bool reverse : {false, true}) {
+        cuda_host::set_reverse_order(reverse);
+        check_memory();
+        check_embedding();
+        check_rmsnorm();
+        check_gelu();
+        check_cross_entropy();
+        check_optimizer();
+        check_attention();
+        check_decoding<float>(kv_store_f32, attend_f32, "kv_store_f32", "attend_f32");
+        check_decoding<uint16_t>(kv_store_bf16, attend_bf16, "kv_store_bf16", "attend_bf16");
+    }
+    bool all = true;
+    printf("%-26s %12s %9s  %s\n", "kernel", "max error", "tolerance", "result");
+    for (const std::string& k : order) {
+        const Outcome& o = outcomes[k];
+        all &= o.pass;
+        printf("%-26s %12.3e %9.0e  %s%s%s\n", k.c_str(), o.worst, o.tol, o.pass ? "PASS" : "FAIL",
+               o.pass ? "" : "  ", o.note.c_str());
+    }
+    return all ? 0 : 1;
+}

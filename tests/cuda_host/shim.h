@@ -1,0 +1,291 @@
+// Runs igpt's CUDA kernels (src/backend/cuda/kernels.cu) on the host, unchanged:
+//
+//   g++ -std=c++17 -fno-extern-tls-init -x c++ -include tests/cuda_host/shim.h \
+//       src/backend/cuda/kernels.cu
+//
+// -fno-extern-tls-init is needed to run, not to compile: for a block-scope `extern
+// thread_local` inside a function template (attend<E>'s `extern __shared__`), GCC 12 calls
+// a TLS initialisation function that is never defined, a jump to address 0. The flag tells
+// it extern thread_locals need no dynamic initialisation, which holds here.
+//
+// Design. Every CUDA thread of a block is a fiber (ucontext) and a block's fibers all run on
+// one OS thread, switching only at __syncthreads() and warp shuffles. That makes `__shared__`
+// simple and exact: it expands to `thread_local`, so a kernel's shared array is one variable
+// for all the threads of the block running on that OS thread, and `extern __shared__ float
+// dynamic[]` becomes a block-scope `extern thread_local` declaration of the per-OS-thread
+// buffer defined below, so kernels.cu compiles without edits. Blocks are shared out between a
+// few OS threads, so atomicAdd really races.
+//
+// Fibers run until their next barrier, the first ready one in a fixed order, ascending or
+// (set_reverse_order) descending thread index: the leading threads run ahead as far as the
+// barriers let them. Running a kernel both ways catches a missing barrier whichever thread
+// reads before the other writes, and a warp that overwrites shared memory another warp has
+// yet to read. A barrier that not every thread of its group reaches
+// (undefined on a GPU) is reported and aborts instead of hanging.
+#pragma once
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ thread_local
+
+struct uint3 {
+    unsigned int x, y, z;
+};
+
+struct dim3 {
+    unsigned int x, y, z;
+    constexpr dim3(unsigned int x = 1, unsigned int y = 1, unsigned int z = 1) : x(x), y(y), z(z) {}
+};
+
+// The built-in indices. Each OS thread runs one block at a time; the scheduler sets
+// threadIdx before resuming a fiber.
+inline thread_local uint3 threadIdx, blockIdx;
+inline thread_local dim3 blockDim, gridDim;
+
+// The dynamic shared memory of the block running on this OS thread (the 48 KiB a launch
+// may have without opting in). kernels.cu names its array `dynamic`; another name would
+// fail to link, loudly.
+constexpr size_t kMaxDynamicShared = 48 * 1024;
+alignas(16) inline thread_local float dynamic[kMaxDynamicShared / sizeof(float)];
+
+// ---------------------------------------------------------------------------------------
+// Device math: the CUDA names the host library lacks.
+
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned int min(unsigned int a, unsigned int b) { return a < b ? a : b; }
+inline unsigned int max(unsigned int a, unsigned int b) { return a > b ? a : b; }
+
+inline unsigned int __float_as_uint(float f) {
+    unsigned int u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+inline float __uint_as_float(unsigned int u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+// A compare-and-swap loop, as a GPU without native float atomics does it.
+template <typename T>
+inline T atomicAdd(T* address, T value) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "atomicAdd: 4- or 8-byte types only");
+    T old;
+    __atomic_load(address, &old, __ATOMIC_RELAXED);
+    T want = old + value;
+    while (!__atomic_compare_exchange(address, &old, &want, false, __ATOMIC_SEQ_CST,
+                                      __ATOMIC_RELAXED))
+        want = old + value;
+    return old;
+}
+
+// ---------------------------------------------------------------------------------------
+// The fiber scheduler of one block.
+
+namespace cuda_host {
+
+constexpr size_t kStackBytes = 64 * 1024;
+
+struct Fiber {
+    ucontext_t ctx;
+    std::unique_ptr<char[]> stack;
+    uint3 idx;
+    enum { Ready, Waiting, Done } state;
+    int waiting_on;      // -1: the block barrier; w >= 0: warp w's barrier
+    unsigned shuffles;   // shuffles done, picks the slot buffer (see shfl_xor)
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    ucontext_t scheduler;
+    int current = -1;
+    unsigned arrived_block = 0;
+    std::vector<unsigned> arrived_warp;
+    // Two buffers of per-thread slots for shuffles, used alternately: a lane cannot write a
+    // buffer again before every lane of its warp passed the barrier of the shuffle between,
+    // so one barrier per shuffle suffices.
+    std::vector<uint64_t> slots[2];
+    const std::function<void()>* body = nullptr;
+};
+
+inline thread_local Block* current_block = nullptr;
+inline std::atomic<bool> reverse_order{false};
+
+inline void set_reverse_order(bool reverse) { reverse_order = reverse; }
+
+[[noreturn]] inline void fail(const char* what) {
+    fprintf(stderr, "cuda_host: block (%u, %u), thread %u: %s\n", blockIdx.x, blockIdx.y,
+            threadIdx.x, what);
+    abort();
+}
+
+inline unsigned warp_size_of(const Block& b, unsigned warp) {
+    unsigned n = b.fibers.size();
+    return std::min(32u, n - warp * 32);
+}
+
+// Waits at the block barrier (group -1) or warp `group`'s barrier. The last thread to arrive
+// releases the others and carries on; the others return to the scheduler.
+inline void barrier(int group) {
+    Block& b = *current_block;
+    Fiber& me = b.fibers[b.current];
+    unsigned& arrived = group < 0 ? b.arrived_block : b.arrived_warp[group];
+    unsigned size = group < 0 ? b.fibers.size() : warp_size_of(b, group);
+    if (++arrived == size) {
+        arrived = 0;
+        for (Fiber& f : b.fibers)
+            if (f.state == Fiber::Waiting && f.waiting_on == group) f.state = Fiber::Ready;
+        return;
+    }
+    me.state = Fiber::Waiting;
+    me.waiting_on = group;
+    swapcontext(&me.ctx, &b.scheduler);
+}
+
+inline void fiber_entry() {
+    Block& b = *current_block;
+    (*b.body)();
+    b.fibers[b.current].state = Fiber::Done;
+    // uc_link returns to the scheduler.
+}
+
+// Runs block `block_idx` of a launch: one fiber per thread until all are done.
+inline void run_block(Block& b, const std::function<void()>& body, uint3 block_idx, dim3 block,
+                      dim3 grid, size_t shared_bytes) {
+    unsigned n = block.x * block.y * block.z;
+    current_block = &b;
+    b.body = &body;
+    blockIdx = block_idx;
+    blockDim = block;
+    gridDim = grid;
+    // Poison the dynamic shared memory, so reading what no thread wrote, or beyond what the
+    // launch asked for, shows as NaN.
+    constexpr size_t kFloats = kMaxDynamicShared / sizeof(float);
+    std::fill(dynamic, dynamic + kFloats, NAN);
+    if (b.fibers.size() != n) {
+        b.fibers = std::vector<Fiber>(n);
+        for (Fiber& f : b.fibers) f.stack.reset(new char[kStackBytes]);
+    }
+    unsigned warps = (n + 31) / 32;
+    b.arrived_block = 0;
+    b.arrived_warp.assign(warps, 0);
+    b.slots[0].assign(n, 0);
+    b.slots[1].assign(n, 0);
+    for (unsigned i = 0; i < n; i++) {
+        Fiber& f = b.fibers[i];
+        f.idx = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
+        f.state = Fiber::Ready;
+        f.shuffles = 0;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.get();
+        f.ctx.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc_link = &b.scheduler;
+        makecontext(&f.ctx, fiber_entry, 0);
+    }
+    // Greedy: always resume the first ready thread in scheduling order, so the leading
+    // threads (and their warp) run as far ahead of the others as the barriers allow.
+    bool reverse = reverse_order;
+    for (;;) {
+        int next = -1;
+        bool live = false;
+        for (unsigned k = 0; k < n && next < 0; k++) {
+            unsigned i = reverse ? n - 1 - k : k;
+            if (b.fibers[i].state != Fiber::Done) live = true;
+            if (b.fibers[i].state == Fiber::Ready) next = i;
+        }
+        if (next < 0) {
+            if (!live) break;
+            for (Fiber& f : b.fibers)
+                if (f.state == Fiber::Waiting) threadIdx = f.idx;
+            fail("deadlock: a __syncthreads() or warp shuffle that not every thread of its "
+                 "block or warp reaches");
+        }
+        b.current = next;
+        threadIdx = b.fibers[next].idx;
+        swapcontext(&b.scheduler, &b.fibers[next].ctx);
+    }
+    for (size_t i = (shared_bytes + sizeof(float) - 1) / sizeof(float); i < kFloats; i++)
+        if (!std::isnan(dynamic[i]))
+            fail("wrote dynamic shared memory beyond the launch's shared_mem_bytes");
+    current_block = nullptr;
+}
+
+// The fixed-size slot of a shuffled value.
+template <typename T>
+inline T shfl_xor(unsigned mask, T v, int lane_mask) {
+    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+    Block& b = *current_block;
+    Fiber& me = b.fibers[b.current];
+    unsigned tid = b.current, warp = tid / 32, lane = tid % 32;
+    if (mask != 0xffffffffu || warp_size_of(b, warp) != 32)
+        fail("shuffle with a partial mask or a partial warp (not emulated)");
+    std::vector<uint64_t>& slot = b.slots[me.shuffles++ & 1];
+    memcpy(&slot[tid], &v, sizeof v);
+    barrier(warp);
+    T out;
+    memcpy(&out, &slot[warp * 32 + (lane ^ (lane_mask & 31))], sizeof out);
+    return out;
+}
+
+// Runs `kernel(args...)` over `grid` blocks of `block` threads with `shared_bytes` of dynamic
+// shared memory. Blocks are shared out between a few OS threads, one block at a time each.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+            Args... args) {
+    if (shared_bytes > kMaxDynamicShared) {
+        fprintf(stderr, "cuda_host: %zu bytes of dynamic shared memory exceed 48 KiB\n",
+                shared_bytes);
+        abort();
+    }
+    if (block.x * block.y * block.z > 1024 || block.x * block.y * block.z == 0) {
+        fprintf(stderr, "cuda_host: a block of %u threads is not launchable\n",
+                block.x * block.y * block.z);
+        abort();
+    }
+    std::function<void()> body = [&] { kernel(static_cast<Params>(args)...); };
+    size_t blocks = (size_t)grid.x * grid.y * grid.z;
+    std::atomic<size_t> next{0};
+    auto worker = [&] {
+        Block b;
+        for (size_t i; (i = next++) < blocks;) {
+            uint3 idx = {unsigned(i % grid.x), unsigned(i / grid.x % grid.y),
+                         unsigned(i / ((size_t)grid.x * grid.y))};
+            run_block(b, body, idx, block, grid, shared_bytes);
+        }
+    };
+    unsigned n_threads = std::max(1u, std::min(2u, std::thread::hardware_concurrency()));
+    std::vector<std::thread> threads;
+    for (unsigned t = 1; t < n_threads; t++) threads.emplace_back(worker);
+    worker();
+    for (auto& t : threads) t.join();
+}
+
+}  // namespace cuda_host
+
+inline void __syncthreads() { cuda_host::barrier(-1); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+    return cuda_host::shfl_xor(mask, v, lane_mask);
+}

@@ -997,8 +997,9 @@ impl Backend for CudaBackend {
         assert!(qkv.len == s.batch * len * 3 * d && out.len == s.batch * len * d);
         assert!(k_cache.len == s.batch * nh * n_ctx * hd && v_cache.len == k_cache.len);
         let shared = (n_ctx + hd) * 4;
+        // 48 KiB per block without opting in, less the kernel's 32 floats of static scratch.
         assert!(
-            shared <= 48 * 1024,
+            shared + 128 <= 48 * 1024,
             "a context of {n_ctx} positions is beyond the decoding kernel (at most about 12,000)"
         );
         let p = (

@@ -150,7 +150,13 @@ impl Kernels {
     fn load(ctx: &Arc<CudaContext>, ptx: &str) -> Result<Self> {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(|e| anyhow!("cannot load igpt's CUDA kernels: {e:?} (the driver must support CUDA 13.0 or newer)"))?;
+            .map_err(|e| {
+                anyhow!(
+                    "cannot load igpt's CUDA kernels: {e:?} (the driver compiles them from PTX: it \
+                     must support CUDA 13.0 or newer and have its PTX compiler, \
+                     libnvidia-ptxjitcompiler)"
+                )
+            })?;
         let f = |name: &str| {
             module
                 .load_function(name)
@@ -221,7 +227,8 @@ unsafe impl Send for CudaBackend {}
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
-        self.bind();
+        // Never panic here: this may run while unwinding from a CUDA error.
+        let _ = self.ctx.bind_to_thread();
         self.arenas = None;
         // SAFETY: the handle was created in `open` and is destroyed once, here.
         unsafe {
@@ -243,7 +250,11 @@ fn elementwise(n: usize) -> LaunchConfig {
 /// One block per row.
 fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
+        grid_dim: (
+            u32::try_from(rows).expect("more rows than one launch takes"),
+            1,
+            1,
+        ),
         block_dim: (ROW_THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -273,9 +284,12 @@ impl CudaBackend {
         ctx.bind_to_thread()
             .map_err(|e| anyhow!("cannot start cuda:{}: {e:?}", gpu.ordinal))?;
         let handle = blas::create_handle().map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
-        // SAFETY: a fresh handle, set to the stream every kernel here uses.
-        unsafe { blas::set_stream(handle, stream.cu_stream() as _) }
-            .map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
+        // SAFETY: a fresh handle, set to the stream every kernel here uses; destroyed once, here,
+        // if that fails.
+        if let Err(e) = unsafe { blas::set_stream(handle, stream.cu_stream() as _) } {
+            let _ = unsafe { blas::destroy_handle(handle) };
+            bail!("cannot start cuBLAS: {e:?}");
+        }
         Ok(Self {
             gpu,
             ctx,
@@ -334,6 +348,10 @@ impl CudaBackend {
     }
 
     fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, what: &str, args: &[&dyn Arg]) {
+        // Nothing to do (an empty batch); the driver refuses an empty grid.
+        if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 {
+            return;
+        }
         let mut b = self.stream.launch_builder(f);
         for a in args {
             a.push(&mut b);
@@ -380,24 +398,24 @@ impl CudaBackend {
                 self.blas,
                 op(call.trans_first),
                 op(call.trans_second),
-                call.m as i32,
-                call.n as i32,
-                call.k as i32,
+                int(call.m),
+                int(call.n),
+                int(call.k),
                 (&alpha as *const f32).cast::<c_void>(),
                 b as *const c_void,
                 operands,
-                call.ld_first as i32,
+                int(call.ld_first),
                 call.stride_first as i64,
                 a as *const c_void,
                 operands,
-                call.ld_second as i32,
+                int(call.ld_second),
                 call.stride_second as i64,
                 (&beta as *const f32).cast::<c_void>(),
                 c as *mut c_void,
                 blas_sys::cudaDataType::CUDA_R_32F,
-                call.ldc as i32,
+                int(call.ldc),
                 call.stride_c as i64,
-                call.batch as i32,
+                int(call.batch),
                 compute,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
@@ -554,7 +572,11 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&mut self, dst: View, src: &[f32]) {
-        assert_eq!(dst.len, src.len(), "upload: size mismatch");
+        assert!(
+            dst.len == src.len() && dst.dtype == DType::F32,
+            "upload: {dst:?} does not take {} floats",
+            src.len()
+        );
         let ptr = self.ptr(dst);
         self.bind();
         // SAFETY: `ptr` is a checked f32 view of `src.len()` elements; the synchronous copy
@@ -563,7 +585,11 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, src: View, dst: &mut [f32]) {
-        assert_eq!(src.len, dst.len(), "download: size mismatch");
+        assert!(
+            src.len == dst.len() && src.dtype == DType::F32,
+            "download: {src:?} does not give {} floats",
+            dst.len()
+        );
         let ptr = self.ptr(src);
         self.bind();
         // SAFETY: as in `upload`, the other way; the copy waits for the queued kernels.
@@ -732,17 +758,18 @@ impl Backend for CudaBackend {
             "rmsnorm_backward",
             &[&p.0, &p.2, &p.3, &p.4, &p.5, &di],
         );
-        const ROWS_PER_BLOCK: usize = 64;
+        // At least 64 rows per block, more where the grid's y dimension (at most 65,535) needs.
+        let rows_per_block = 64usize.max(rows.div_ceil(65_535));
         let cfg = LaunchConfig {
             grid_dim: (
                 d.div_ceil(256) as u32,
-                rows.div_ceil(ROWS_PER_BLOCK) as u32,
+                rows.div_ceil(rows_per_block) as u32,
                 1,
             ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (ri, per) = (int(rows), int(ROWS_PER_BLOCK));
+        let (ri, per) = (int(rows), int(rows_per_block));
         self.launch(
             &self.kernels.rmsnorm_backward_gain,
             cfg,

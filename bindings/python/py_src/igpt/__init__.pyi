@@ -46,9 +46,10 @@ class Model:
         pytorch_model.bin), an OpenAI TensorFlow checkpoint (``.../model.ckpt-N``), or a hub
         name (``openai/imagegpt-small``, ``openai-tf/igpt-s-bert``; downloaded once).
 
-        ``device``: where the model computes ("cpu"). ``precision``: "bf16" or "f32" for
-        sampling, completion and scores (default: bf16 where the CPU multiplies bf16 natively,
-        else f32, as the command line); logits, hidden states and features are always f32."""
+        ``device``: where the model computes ("cpu", or "cuda" / "cuda:N" for an NVIDIA GPU,
+        as the command line's ``--device``). ``precision``: "bf16" or "f32" for sampling,
+        completion and scores (default: bf16 on a GPU or where the CPU multiplies bf16
+        natively, else f32, as the command line); logits, hidden states and features are always f32."""
         ...
     @property
     def side(self) -> int:

@@ -9,7 +9,8 @@
 #   scripts/gpu_check.sh OUT_DIR
 #
 # Writes to OUT_DIR: one log per step (nvidia-smi.log, libraries.log, selftest.log, train.log,
-# generate.log), the JSON each igpt step writes (selftest.json, train.json, generate.json) and
+# generate.log), the JSON each igpt step writes (selftest.json, train.json with a per-kernel
+# profile of the step, generate.json) and
 # summary.json: every step's exit code, time and JSON. Prints a short table last. A failing step
 # does not stop the next ones; the exit code is 0 only if every step succeeded.
 #
@@ -88,7 +89,7 @@ if [ ! -x "$igpt" ]; then
 fi
 step selftest 60 selftest.json "$igpt" --device cuda selftest --json "$out/selftest.json"
 step train 180 train.json "$igpt" --device cuda bench train --shape small --batch 32 --precision bf16 \
-    --python "$python" --json "$out/train.json"
+    --profile --python "$python" --json "$out/train.json"
 step generate 140 generate.json "$igpt" --device cuda bench generate --shape small --batches 1 64 \
     --python "$python" --json "$out/generate.json"
 

@@ -104,3 +104,49 @@ fn bench_train_and_generate_write_their_numbers_as_json() {
     assert!(runs.iter().all(|r| r["impl"] == "igpt-f32"), "{v}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_train_profile_shares_the_step_among_the_kernels() {
+    let dir = tempdir("bench-profile");
+    let json = dir.join("train.json");
+    let mut args = vec![
+        "bench",
+        "train",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--no-torch",
+        "--profile",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    args.extend(TINY);
+    let o = igpt(&args);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.contains("(outside kernels)"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let p = &v["profile"];
+    let kernels = p["kernels"].as_array().unwrap();
+    let calls = |name: &str| {
+        kernels
+            .iter()
+            .find(|k| k["kernel"] == name)
+            .map(|k| k["calls"].as_u64().unwrap())
+    };
+    // Two steps of a one-layer model: per step, the block's four products forward and eight
+    // backward plus the head's one and two, one attention each way, one AdamW per tensor.
+    assert_eq!(calls("attention_forward"), Some(2), "{p}");
+    assert_eq!(calls("attention_backward"), Some(2), "{p}");
+    assert_eq!(calls("matmul"), Some(2 * 15), "{p}");
+    assert!(calls("adamw").unwrap() >= 2 * 8, "{p}");
+    // The kernels' times are parts of the steps'.
+    let in_kernels: f64 = kernels.iter().map(|k| k["seconds"].as_f64().unwrap()).sum();
+    let steps_s = 2.0 * p["step_s"].as_f64().unwrap();
+    assert!(
+        in_kernels > 0.0 && in_kernels <= steps_s * 1.01,
+        "{in_kernels} of {steps_s}: {p}"
+    );
+}

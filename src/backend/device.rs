@@ -33,10 +33,11 @@ impl Device {
     /// A fresh backend for this device, with nothing allocated yet. Fails with a message
     /// saying what is missing when the device cannot be used on this machine.
     pub fn open(&self) -> anyhow::Result<Box<dyn Backend>> {
-        match self {
-            Device::Cpu => Ok(Box::new(CpuBackend::new())),
-            Device::Cuda(gpu) => Ok(Box::new(super::cuda::CudaBackend::open(*gpu)?)),
-        }
+        let backend: Box<dyn Backend> = match self {
+            Device::Cpu => Box::new(CpuBackend::new()),
+            Device::Cuda(gpu) => Box::new(super::cuda::CudaBackend::open(*gpu)?),
+        };
+        Ok(super::profile::wrap(backend))
     }
 
     /// Fails, saying what is missing, when this device cannot be used on this machine

@@ -9,6 +9,7 @@
 pub mod cpu;
 pub mod cuda;
 mod device;
+pub mod profile;
 
 pub use device::{Device, Gpu};
 
@@ -176,6 +177,8 @@ pub trait Backend: Send {
     fn device_memory_free(&self) -> Option<u128> {
         None
     }
+    /// Waits until every call made so far has finished (a GPU runs them asynchronously).
+    fn synchronize(&self) {}
     /// Allocates every arena once (zero-filled). Called before any kernel. Fails, rather
     /// than aborting, when the memory is not there.
     fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()>;

@@ -301,6 +301,10 @@ pub struct TrainBench {
     /// Also write the numbers here, as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Then run --steps more steps with every kernel call timed (each waited for) and print
+    /// each kernel's share of the step.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Peak resident memory of this process so far, in MB (Linux).
@@ -608,6 +612,79 @@ struct TrainRun {
     memory_bytes: Option<f64>,
 }
 
+/// A trainer of `model` at `batch` images of random tokens, and its one batch.
+fn bench_trainer(model: &ModelConfig, batch: usize, dev: &Device) -> Result<(Trainer, TokenSet)> {
+    let cfg = TrainConfig {
+        steps: 1000,
+        batch,
+        micro_batch: batch,
+        warmup: 10,
+        ..TrainConfig::default()
+    };
+    let params = igpt::model::init_params(model, 0);
+    let trainer = Trainer::new(model, cfg, &params, dev)?;
+    let t = model.n_ctx();
+    let tokens: Vec<u16> = (0..batch * t)
+        .map(|i| ((i as u64 * 2654435761) % model.n_vocab as u64) as u16)
+        .collect();
+    let data = TokenSet::from_tokens(tokens, t, model.n_vocab, None)?;
+    Ok((trainer, data))
+}
+
+/// `steps` training steps with every kernel call timed: prints each kernel's time per step
+/// and share, and returns them as JSON.
+fn profile_training(
+    model: &ModelConfig,
+    batch: usize,
+    dev: &Device,
+    steps: usize,
+) -> Result<serde_json::Value> {
+    let profile = igpt::backend::profile::Profile::start();
+    let (mut trainer, data) = bench_trainer(model, batch, dev)?;
+    trainer.step(&data)?;
+    profile.reset();
+    let t0 = clock(dev)?;
+    for _ in 0..steps {
+        trainer.step(&data)?;
+    }
+    let step_s = clock(dev)?.duration_since(t0).as_secs_f64() / steps as f64;
+    let kernels = profile.kernels();
+    println!(
+        "profile: {steps} steps, each kernel call waited for ({:.3} s/step profiled)",
+        step_s
+    );
+    println!(
+        "{:<24} {:>10} {:>11} {:>7}",
+        "kernel", "calls/step", "ms/step", "share"
+    );
+    let mut in_kernels = 0.0;
+    for k in &kernels {
+        let per_step = k.seconds / steps as f64;
+        in_kernels += per_step;
+        println!(
+            "{:<24} {:>10.0} {:>11.3} {:>6.1}%",
+            k.kernel,
+            k.calls as f64 / steps as f64,
+            1e3 * per_step,
+            100.0 * per_step / step_s
+        );
+    }
+    let outside = (step_s - in_kernels).max(0.0);
+    println!(
+        "{:<24} {:>10} {:>11.3} {:>6.1}%",
+        "(outside kernels)",
+        "",
+        1e3 * outside,
+        100.0 * outside / step_s
+    );
+    Ok(serde_json::json!({
+        "steps": steps,
+        "step_s": step_s,
+        "kernels": kernels,
+        "outside_kernels_s": outside,
+    }))
+}
+
 fn train(b: TrainBench, dev: &Device) -> Result<()> {
     use serde_json::json;
     let on_gpu = gpu_ordinal(dev).is_some();
@@ -682,19 +759,7 @@ fn train(b: TrainBench, dev: &Device) -> Result<()> {
     };
 
     let ours = {
-        let cfg = TrainConfig {
-            steps: 1000,
-            batch: b.batch,
-            micro_batch: b.batch,
-            warmup: 10,
-            ..TrainConfig::default()
-        };
-        let params = igpt::model::init_params(&model, 0);
-        let mut trainer = Trainer::new(&model, cfg, &params, dev)?;
-        let tokens: Vec<u16> = (0..b.batch * t)
-            .map(|i| ((i as u64 * 2654435761) % b.model.vocab as u64) as u16)
-            .collect();
-        let data = TokenSet::from_tokens(tokens, t, b.model.vocab, None)?;
+        let (mut trainer, data) = bench_trainer(&model, b.batch, dev)?;
         for _ in 0..warmup {
             trainer.step(&data)?;
         }
@@ -713,6 +778,10 @@ fn train(b: TrainBench, dev: &Device) -> Result<()> {
     };
     record(&mut report, &ours, json!({}));
     write_json(b.json.as_deref(), &report)?;
+    if b.profile {
+        report["profile"] = profile_training(&model, b.batch, dev, b.steps)?;
+        write_json(b.json.as_deref(), &report)?;
+    }
     if b.no_torch {
         return Ok(());
     }

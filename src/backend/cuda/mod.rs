@@ -504,6 +504,11 @@ impl Backend for CudaBackend {
         k * n
     }
 
+    fn synchronize(&self) {
+        self.bind();
+        ok(self.ctx.synchronize(), "synchronize");
+    }
+
     fn device_memory_free(&self) -> Option<u128> {
         self.bind();
         self.ctx.mem_get_info().ok().map(|(free, _)| free as u128)

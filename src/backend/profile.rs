@@ -1,5 +1,5 @@
 //! Where a step's time goes, kernel by kernel: while a [`Profile`] is alive, every backend
-//! [`Device::open`](super::Device::open) creates is wrapped so that each kernel call waits for
+//! [`Device::open`](super::Device::open) creates on the same thread is wrapped so that each kernel call waits for
 //! the device to finish (a GPU runs asynchronously) and adds its time to the profile's table.
 //!
 //! Waiting after every call removes the overlap of host and device work, so a profiled step is
@@ -13,8 +13,12 @@ use std::time::Instant;
 /// Calls and seconds per kernel name.
 type Table = BTreeMap<&'static str, (u64, f64)>;
 
-/// The table new backends report to, while a profile is alive.
-static ACTIVE: Mutex<Option<Arc<Mutex<Table>>>> = Mutex::new(None);
+thread_local! {
+    /// The table backends opened on this thread report to, while a profile is alive. Per
+    /// thread, so that a profile sees only the work it started.
+    static ACTIVE: std::cell::RefCell<Option<Arc<Mutex<Table>>>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves only timings behind: still usable.
@@ -29,7 +33,7 @@ pub struct KernelTime {
     pub seconds: f64,
 }
 
-/// Profiling on, for backends opened until this is dropped.
+/// Profiling on, for backends opened on this thread until this is dropped.
 pub struct Profile {
     table: Arc<Mutex<Table>>,
 }
@@ -38,7 +42,7 @@ impl Profile {
     /// Starts profiling (replacing any profile already running).
     pub fn start() -> Profile {
         let table = Arc::new(Mutex::new(Table::new()));
-        *lock(&ACTIVE) = Some(table.clone());
+        ACTIVE.with(|a| *a.borrow_mut() = Some(table.clone()));
         Profile { table }
     }
 
@@ -64,16 +68,18 @@ impl Profile {
 
 impl Drop for Profile {
     fn drop(&mut self) {
-        let mut active = lock(&ACTIVE);
-        if active.as_ref().is_some_and(|t| Arc::ptr_eq(t, &self.table)) {
-            *active = None;
-        }
+        ACTIVE.with(|a| {
+            let mut active = a.borrow_mut();
+            if active.as_ref().is_some_and(|t| Arc::ptr_eq(t, &self.table)) {
+                *active = None;
+            }
+        });
     }
 }
 
 /// `backend`, timed kernel by kernel when a profile is running.
 pub(crate) fn wrap(backend: Box<dyn Backend>) -> Box<dyn Backend> {
-    match lock(&ACTIVE).clone() {
+    match ACTIVE.with(|a| a.borrow().clone()) {
         Some(table) => Box::new(Profiled {
             inner: backend,
             table,
@@ -340,6 +346,6 @@ mod tests {
             })
             .unwrap();
         after.fill(View::new(Arena::Acts, 0, 8), 1.0);
-        assert!(lock(&ACTIVE).is_none());
+        assert!(ACTIVE.with(|a| a.borrow().is_none()));
     }
 }

@@ -570,7 +570,9 @@ void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, int)
     struct Shape {
         int batch, n_head, head_dim, n_ctx, prefill;
     };
-    for (Shape s : {Shape{2, 4, 12, 20, 7}, Shape{1, 1, 300, 150, 140}}) {
+    // head_dim 12 and 64 split the values among groups of threads; 128 and 300 do not.
+    for (Shape s : {Shape{2, 4, 12, 20, 7}, Shape{2, 2, 64, 40, 33}, Shape{1, 2, 128, 24, 5},
+                    Shape{1, 1, 300, 150, 140}}) {
         int nh = s.n_head, hd = s.head_dim, n_ctx = s.n_ctx, d = nh * hd;
         size_t cache_len = (size_t)s.batch * nh * n_ctx * hd;
         vector<E> k_cache(cache_len, poison_of((E*)nullptr)), v_cache = k_cache;
@@ -623,7 +625,7 @@ void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, int)
 
             dim3 grid(n, nh);
             unsigned store_threads = std::min((hd + 31) / 32 * 32, 256);
-            size_t shared = (size_t)(n_ctx + hd) * 4;
+            size_t shared = (size_t)(n_ctx + hd + std::max(128, hd)) * 4;
             launch(store, grid, dim3(store_threads), 0, k_cache.data(), v_cache.data(),
                    (const float*)qkv.data(), nh, hd, n_ctx, pos, len);
             launch(attend, grid, dim3(128), shared, out.data(), (const E*)k_cache.data(),

@@ -360,27 +360,34 @@ extern "C" __global__ void kv_store_bf16(bf16_bits* k, bf16_bits* v, const float
 }
 
 // Attention of each new position over the cached positions up to itself. Grid
-// (batch * len, n_head); dynamic shared memory: (n_ctx + head_dim) floats.
+// (batch * len, n_head), 128 threads; dynamic shared memory: (n_ctx + head_dim +
+// max(128, head_dim)) floats.
+// Scores: one warp per key, its lanes across head_dim, so each key row is read in whole
+// contiguous pieces. Values: the threads split into groups of head_dim, each group summing
+// every groups-th key, then the groups' partial sums are added.
 template <typename E>
 __device__ void attend(float* out, const E* k_cache, const E* v_cache, const float* qkv,
                        int n_head, int head_dim, int n_ctx, int pos, int len) {
     extern __shared__ float dynamic[];
     __shared__ float shared[32];
-    float *scores = dynamic, *q = dynamic + n_ctx;
+    float *scores = dynamic, *q = dynamic + n_ctx, *partial = q + head_dim;
     int r = blockIdx.x, h = blockIdx.y, b = r / len, n = pos + r % len + 1;
     int d = n_head * head_dim;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const float* row = qkv + (size_t)r * 3 * d;
     for (int c = threadIdx.x; c < head_dim; c += blockDim.x) q[c] = row[h * head_dim + c];
     __syncthreads();
     size_t base = ((size_t)b * n_head + h) * n_ctx * head_dim;
     float scale = rsqrtf((float)head_dim), m = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    for (int j = warp; j < n; j += warps) {
+        size_t key = base + (size_t)j * head_dim;
         float s = 0.0f;
-        for (int c = 0; c < head_dim; c++) s += q[c] * load(k_cache, base + (size_t)j * head_dim + c);
-        s *= scale;
-        scores[j] = s;
+        for (int c = lane; c < head_dim; c += 32) s += q[c] * load(k_cache, key + c);
+        s = warp_sum(s) * scale;
+        if (lane == 0) scores[j] = s;
         m = fmaxf(m, s);
     }
+    // block_max's barriers also publish the scores.
     m = block_max(m, shared);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
@@ -390,10 +397,26 @@ __device__ void attend(float* out, const E* k_cache, const E* v_cache, const flo
     }
     sum = block_sum(sum, shared);
     __syncthreads();
+    int groups = max(1, (int)blockDim.x / head_dim);
+    int group = threadIdx.x / head_dim, c0 = threadIdx.x % head_dim;
+    if (groups == 1) {
+        // head_dim >= blockDim: every thread takes whole columns, over every key.
+        for (int c = threadIdx.x; c < head_dim; c += blockDim.x) {
+            float acc = 0.0f;
+            for (int j = 0; j < n; j++) acc += scores[j] * load(v_cache, base + (size_t)j * head_dim + c);
+            partial[c] = acc;
+        }
+    } else if (group < groups) {
+        float acc = 0.0f;
+        for (int j = group; j < n; j += groups)
+            acc += scores[j] * load(v_cache, base + (size_t)j * head_dim + c0);
+        partial[group * head_dim + c0] = acc;
+    }
+    __syncthreads();
     float inv = 1.0f / sum;
     for (int c = threadIdx.x; c < head_dim; c += blockDim.x) {
         float acc = 0.0f;
-        for (int j = 0; j < n; j++) acc += scores[j] * load(v_cache, base + (size_t)j * head_dim + c);
+        for (int g = 0; g < groups; g++) acc += partial[g * head_dim + c];
         out[(size_t)r * d + h * head_dim + c] = acc * inv;
     }
 }

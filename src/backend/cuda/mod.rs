@@ -1028,7 +1028,8 @@ impl Backend for CudaBackend {
         );
         assert!(qkv.len == s.batch * len * 3 * d && out.len == s.batch * len * d);
         assert!(k_cache.len == s.batch * nh * n_ctx * hd && v_cache.len == k_cache.len);
-        let shared = (n_ctx + hd) * 4;
+        // Scores, the query and the partial sums of values (128 threads' or head_dim's).
+        let shared = (n_ctx + hd + hd.max(128)) * 4;
         // 48 KiB per block without opting in, less the kernel's 32 floats of static scratch.
         assert!(
             shared + 128 <= 48 * 1024,

@@ -814,6 +814,41 @@ fn optimizer_kernels(p: &mut Pair) {
             ],
         );
     }
+    // Several tensors in one call, with and without decay, with a gap between them that
+    // neither names: only the tensors move.
+    for a in arenas {
+        let mut data = p.random(ADAM_TOTAL, 1.0);
+        if a == Arena::AdamV {
+            data.iter_mut().for_each(|v| *v = v.abs() * 0.1);
+        }
+        p.set(whole(a), &data);
+    }
+    let step = AdamStep {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 5,
+        grad_scale: 0.7,
+    };
+    let third = ADAM_LEN / 3;
+    let tensors = [
+        (View::new(Arena::Params, ADAM_AT, third), true),
+        (View::new(Arena::Params, ADAM_AT + third, 1), false),
+        (View::new(Arena::Params, ADAM_AT + third + 3, third), true),
+    ];
+    p.both(|b| b.adamw_tensors(&tensors, step));
+    p.record(
+        "adamw_tensors",
+        tol.f32_elementwise,
+        &[
+            ("params", whole(Arena::Params)),
+            ("grads", whole(Arena::Grads)),
+            ("m", whole(Arena::AdamM)),
+            ("v", whole(Arena::AdamV)),
+        ],
+    );
 }
 
 /// The small model the training-step and decoder checks run: two layers, several heads, an

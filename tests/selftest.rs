@@ -52,6 +52,7 @@ const KERNEL_CHECKS: &[&str] = &[
     "sum_squares",
     "adamw (decay)",
     "adamw (no decay)",
+    "adamw_tensors",
 ];
 
 fn names(checks: &[Check]) -> BTreeSet<&str> {

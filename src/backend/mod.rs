@@ -336,4 +336,10 @@ pub trait Backend: Send {
     /// AdamW on a parameter view; its gradient and moments sit at the same offsets of
     /// [`Arena::Grads`], [`Arena::AdamM`] and [`Arena::AdamV`].
     fn adamw(&mut self, params: View, step: AdamStep, decay: bool);
+    /// [`Backend::adamw`] on each view with its decay flag (a GPU updates them together).
+    fn adamw_tensors(&mut self, tensors: &[(View, bool)], step: AdamStep) {
+        for &(params, decay) in tensors {
+            self.adamw(params, step, decay);
+        }
+    }
 }

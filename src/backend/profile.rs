@@ -299,6 +299,9 @@ impl Backend for Profiled {
     fn adamw(&mut self, params: View, step: AdamStep, decay: bool) {
         timed!(self, adamw(params, step, decay))
     }
+    fn adamw_tensors(&mut self, tensors: &[(View, bool)], step: AdamStep) {
+        timed!(self, adamw_tensors(tensors, step))
+    }
 }
 
 #[cfg(test)]

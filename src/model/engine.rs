@@ -153,6 +153,8 @@ pub struct Engine {
     mask_weights: Vec<f32>,
     /// Whether the last pass was a training forward pass whose gradient is still unused.
     backward_ready: bool,
+    /// Every parameter tensor and whether weight decay applies to it, for the update.
+    update_views: Vec<(View, bool)>,
 }
 
 fn act(offset: usize, len: usize) -> View {
@@ -284,6 +286,11 @@ impl Engine {
             backend.adopt_params(p);
         }
         Weights::pack(backend.as_mut(), &pack_jobs);
+        let update_views = layout
+            .tensors
+            .iter()
+            .map(|t| (View::new(Arena::Params, t.offset, t.len), t.decay))
+            .collect();
         Ok(Self {
             cfg: cfg.clone(),
             layout,
@@ -299,6 +306,7 @@ impl Engine {
             masked_inputs: vec![0; rows],
             mask_weights: vec![0.0; rows],
             backward_ready: false,
+            update_views,
         })
     }
 
@@ -474,10 +482,7 @@ impl Engine {
             self.training,
             "optimizer state exists only in a training engine"
         );
-        for t in &self.layout.tensors {
-            self.backend
-                .adamw(View::new(Arena::Params, t.offset, t.len), step, t.decay);
-        }
+        self.backend.adamw_tensors(&self.update_views, step);
     }
 
     /// The forward half of [`Engine::forward_masked`].

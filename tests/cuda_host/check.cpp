@@ -481,6 +481,47 @@ void check_optimizer() {
         check("adamw", what + " m", m, want_m, kElementwise);
         check("adamw", what + " v", v, want_v, kElementwise);
     }
+    // adamw_tensors: three tensors of one arena (decay, none, decay) and a gap no tensor
+    // names, which must stay as it was. Grid (ceil(longest/256) clamped to 1..4096, count), as
+    // mod.rs launches it, and a 2-block grid that makes the x blocks stride.
+    for (unsigned blocks : {0u, 2u}) {
+        const int n = 1000;
+        struct Range {
+            size_t start, len;
+            bool decay;
+        };
+        const Range ranges[] = {{0, 300, true}, {300, 1, false}, {360, 640, true}};
+        vector<float> p = random(n), g = random(n), m = random(n, 1e-3f, 0.1f),
+                      v = positive(n, 1e-4f, 1e-2f);
+        const float lr = 1e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, gs = 0.5f;
+        const int step = 3;
+        const float bc1 = 1.0f - std::pow(b1, step), bc2 = 1.0f - std::pow(b2, step);
+        vector<double> want_p(p.begin(), p.end()), want_m(m.begin(), m.end()),
+            want_v(v.begin(), v.end());
+        AdamTable table{};
+        size_t longest = 0;
+        for (const Range& r : ranges) {
+            table.start[table.count] = r.start;
+            table.len[table.count] = r.len;
+            table.decay[table.count] = r.decay ? 1.0f : 0.0f;
+            table.count++;
+            longest = std::max(longest, r.len);
+            for (size_t i = r.start; i < r.start + r.len; i++) {
+                double gi = (double)g[i] * gs;
+                want_m[i] = b1 * (double)m[i] + (1.0 - b1) * gi;
+                want_v[i] = b2 * (double)v[i] + (1.0 - b2) * gi * gi;
+                want_p[i] = p[i] - lr * ((want_m[i] / bc1) / (std::sqrt(want_v[i] / bc2) + eps) +
+                                         (r.decay ? wd : 0.0) * (double)p[i]);
+            }
+        }
+        unsigned x = blocks ? blocks : std::min<unsigned>(std::max<size_t>((longest + 255) / 256, 1), 4096);
+        launch(adamw_tensors, dim3(x, table.count), dim3(256), 0, p.data(), (const float*)g.data(),
+               m.data(), v.data(), table, lr, b1, b2, eps, wd, gs, bc1, bc2);
+        std::string what = std::string("3 tensors and a gap, ") + std::to_string(x) + " x blocks";
+        check("adamw_tensors", what + " p", p, want_p, kElementwise);
+        check("adamw_tensors", what + " m", m, want_m, kElementwise);
+        check("adamw_tensors", what + " v", v, want_v, kElementwise);
+    }
     // sum_squares: grid ceil(n/256) clamped to 1..1024 blocks, into a zeroed f64.
     for (auto [n, strided] : kElementwiseCases) {
         vector<float> x = random(n, 0.01f, 3.0f);

@@ -267,6 +267,38 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, s
     }
 }
 
+// Up to 64 parameter tensors updated by one launch: element ranges of the arenas, and
+// whether weight decay applies. Passed by value (1,288 bytes of kernel parameters).
+#define ADAM_TABLE 64
+struct AdamTable {
+    unsigned long long start[ADAM_TABLE];
+    unsigned long long len[ADAM_TABLE];
+    float decay[ADAM_TABLE];
+    int count;
+};
+
+// AdamW on every tensor of `table`. Grid (blocks, table.count): blockIdx.y picks the tensor,
+// the x blocks stride over it.
+extern "C" __global__ void adamw_tensors(float* p, const float* g, float* m, float* v,
+                                         AdamTable table, float lr, float beta1, float beta2,
+                                         float eps, float wd, float grad_scale, float bc1,
+                                         float bc2) {
+    int t = blockIdx.y;
+    if (t >= table.count) return;
+    size_t start = table.start[t], n = table.len[t];
+    float decay = table.decay[t] * wd;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        size_t k = start + i;
+        float gi = g[k] * grad_scale;
+        float mi = beta1 * m[k] + (1.0f - beta1) * gi;
+        float vi = beta2 * v[k] + (1.0f - beta2) * gi * gi;
+        m[k] = mi;
+        v[k] = vi;
+        p[k] -= lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + decay * p[k]);
+    }
+}
+
 // Adds the sum of squares of x, in f64, into *out (zeroed by the caller).
 extern "C" __global__ void sum_squares(double* out, const float* x, size_t n) {
     __shared__ double shared[32];

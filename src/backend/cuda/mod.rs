@@ -136,6 +136,7 @@ struct Kernels {
     gelu_backward_inplace: CudaFunction,
     cross_entropy: CudaFunction,
     adamw: CudaFunction,
+    adamw_tensors: CudaFunction,
     sum_squares: CudaFunction,
     attention_softmax: CudaFunction,
     attention_probs: CudaFunction,
@@ -178,6 +179,7 @@ impl Kernels {
             gelu_backward_inplace: f("gelu_backward_inplace")?,
             cross_entropy: f("cross_entropy")?,
             adamw: f("adamw")?,
+            adamw_tensors: f("adamw_tensors")?,
             sum_squares: f("sum_squares")?,
             attention_softmax: f("attention_softmax")?,
             attention_probs: f("attention_probs")?,
@@ -461,6 +463,23 @@ impl CudaBackend {
     }
 }
 
+/// Tensors per `adamw_tensors` launch (`ADAM_TABLE` in kernels.cu).
+const ADAM_TABLE: usize = 64;
+
+/// `AdamTable` of kernels.cu, field for field: the tensors one launch updates.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamTable {
+    start: [u64; ADAM_TABLE],
+    len: [u64; ADAM_TABLE],
+    decay: [f32; ADAM_TABLE],
+    count: i32,
+}
+
+// SAFETY: a plain `repr(C)` struct of integers and floats, laid out as the C struct the
+// kernel takes by value.
+unsafe impl cudarc::driver::DeviceRepr for AdamTable {}
+
 /// A kernel argument: device addresses are passed as `u64`.
 trait Arg {
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
@@ -475,7 +494,7 @@ macro_rules! arg {
         }
     )*};
 }
-arg!(u64, i32, f32, usize);
+arg!(u64, i32, f32, usize, AdamTable);
 
 /// An `i32` kernel argument from a size the planner keeps small.
 fn int(n: usize) -> i32 {
@@ -1148,6 +1167,61 @@ impl Backend for CudaBackend {
         out[0]
     }
 
+    fn adamw_tensors(&mut self, tensors: &[(View, bool)], h: AdamStep) {
+        let (p, g, m, v) = {
+            let a = self.arenas();
+            (a.params.ptr, a.grads.ptr, a.adam_m.ptr, a.adam_v.ptr)
+        };
+        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
+        let bc2 = 1.0 - h.beta2.powi(h.step as i32);
+        for chunk in tensors.chunks(ADAM_TABLE) {
+            let mut table = AdamTable {
+                start: [0; ADAM_TABLE],
+                len: [0; ADAM_TABLE],
+                decay: [0.0; ADAM_TABLE],
+                count: chunk.len() as i32,
+            };
+            for (i, &(view, decay)) in chunk.iter().enumerate() {
+                assert_eq!(view.arena, Arena::Params);
+                // The same range of all four arenas: checked against the parameters'.
+                self.ptr(view);
+                table.start[i] = view.offset as u64;
+                table.len[i] = view.len as u64;
+                table.decay[i] = if decay { 1.0 } else { 0.0 };
+            }
+            let longest = chunk.iter().map(|(v, _)| v.len).max().unwrap_or(0);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    longest.div_ceil(256).clamp(1, 4096) as u32,
+                    chunk.len() as u32,
+                    1,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            self.launch(
+                &self.kernels.adamw_tensors,
+                cfg,
+                "adamw_tensors",
+                &[
+                    &p,
+                    &g,
+                    &m,
+                    &v,
+                    &table,
+                    &h.lr,
+                    &h.beta1,
+                    &h.beta2,
+                    &h.eps,
+                    &h.weight_decay,
+                    &h.grad_scale,
+                    &bc1,
+                    &bc2,
+                ],
+            );
+        }
+    }
+
     fn adamw(&mut self, params: View, h: AdamStep, decay: bool) {
         assert_eq!(params.arena, Arena::Params);
         let at = |arena| View { arena, ..params };
@@ -1227,6 +1301,7 @@ mod tests {
                 "cross_entropy",
                 "adamw",
                 "sum_squares",
+                "adamw_tensors",
                 "attention_softmax",
                 "attention_probs",
                 "attention_dscores",

@@ -358,14 +358,17 @@ inline void agree(uint64_t h, const char* what) {
 }
 
 // Runs `body` as one warp-wide operation: all 32 lanes arrive (a lane that does not call it
-// deadlocks the warp, reported), each does the whole operation, and none leaves before all
-// are done, so no lane can overwrite what the operation reads before every lane read it.
+// deadlocks the warp, reported) and each does the whole operation. With `wait_all` no lane
+// leaves before all are done, as for a load: the warp reads its source in one instruction,
+// so no lane can overwrite it before every lane read it. Without, lanes go on at once
+// (register-only operations, and stores, whose results other lanes may read only after a
+// __syncwarp()).
 template <typename F>
-inline void warp_collective(const char* what, F body) {
+inline void warp_collective(const char* what, bool wait_all, F body) {
     unsigned warp = full_warp(what);
     barrier(warp);
     body();
-    barrier(warp);
+    if (wait_all) barrier(warp);
 }
 
 inline void check_pointer(const void* p, unsigned ldm, unsigned ldm_multiple, const char* what) {
@@ -406,7 +409,7 @@ constexpr bool is_row_major() {
 
 template <typename Use, typename T, typename L, typename V>
 inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, const V& v) {
-    cuda_host::warp_collective("wmma::fill_fragment outside a full warp", [&] {
+    cuda_host::warp_collective("wmma::fill_fragment outside a full warp", false, [&] {
         for (T& e : f.x) e = v;
         cuda_host::agree(cuda_host::hash_of(f), "wmma::fill_fragment: lanes disagree");
     });
@@ -417,7 +420,7 @@ template <typename Use, typename L>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, __nv_bfloat16, L>& f,
                              const __nv_bfloat16* p, unsigned ldm) {
     static_assert(!std::is_same<Use, accumulator>::value, "accumulators load f32");
-    cuda_host::warp_collective("wmma::load_matrix_sync outside a full warp", [&] {
+    cuda_host::warp_collective("wmma::load_matrix_sync outside a full warp", true, [&] {
         cuda_host::check_pointer(p, ldm, 8, "wmma::load_matrix_sync: pointer not 32-byte "
                                             "aligned or ldm not a multiple of 8");
         for (int r = 0; r < 16; r++)
@@ -431,7 +434,7 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, __nv_bfloat16, L>& f,
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
                              unsigned ldm, layout_t layout) {
-    cuda_host::warp_collective("wmma::load_matrix_sync outside a full warp", [&] {
+    cuda_host::warp_collective("wmma::load_matrix_sync outside a full warp", true, [&] {
         cuda_host::check_pointer(p, ldm, 4, "wmma::load_matrix_sync: pointer not 32-byte "
                                             "aligned or ldm not a multiple of 4");
         for (int r = 0; r < 16; r++)
@@ -445,14 +448,19 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const 
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
                               unsigned ldm, layout_t layout) {
-    cuda_host::warp_collective("wmma::store_matrix_sync outside a full warp", [&] {
+    // Each lane writes the 8 of the 256 elements an sm_80 accumulator fragment gives it
+    // (row r, column c: lane (r % 8) * 4 + (c % 8) / 2) and goes on: a lane that reads the
+    // tile without a __syncwarp() first finds elements other lanes have yet to write.
+    cuda_host::warp_collective("wmma::store_matrix_sync outside a full warp", false, [&] {
         cuda_host::check_pointer(p, ldm, 4, "wmma::store_matrix_sync: pointer not 32-byte "
                                             "aligned or ldm not a multiple of 4");
         cuda_host::agree(cuda_host::hash_of(f), "wmma::store_matrix_sync: lanes disagree");
-        for (int r = 0; r < 16; r++)
-            for (int c = 0; c < 16; c++)
-                (layout == mem_row_major ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r]) =
-                    f.x[r * 16 + c];
+        unsigned lane = cuda_host::current_block->current % 32;
+        for (int r = lane / 4; r < 16; r += 8)
+            for (int c0 = lane % 4 * 2; c0 < 16; c0 += 8)
+                for (int c = c0; c < c0 + 2; c++)
+                    (layout == mem_row_major ? p[(size_t)r * ldm + c]
+                                             : p[(size_t)c * ldm + r]) = f.x[r * 16 + c];
     });
 }
 
@@ -462,7 +470,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
                      const fragment<matrix_a, 16, 16, 16, __nv_bfloat16, LA>& a,
                      const fragment<matrix_b, 16, 16, 16, __nv_bfloat16, LB>& b,
                      const fragment<accumulator, 16, 16, 16, float>& c) {
-    cuda_host::warp_collective("wmma::mma_sync outside a full warp", [&] {
+    cuda_host::warp_collective("wmma::mma_sync outside a full warp", false, [&] {
         uint64_t h = cuda_host::hash_of(a) ^ (cuda_host::hash_of(b) * 3) ^
                      (cuda_host::hash_of(c) * 5);
         cuda_host::agree(h, "wmma::mma_sync: lanes hold different fragments");

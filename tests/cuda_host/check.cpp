@@ -14,7 +14,9 @@
 // with the block's threads scheduled in ascending and in descending order (see shim.h).
 // Launches mirror mod.rs: per_row = one block of 256 threads per row, elementwise = blocks
 // of 256 (plus a 3-block grid for the grid-stride loops), and the special grids of
-// embed_backward_positions, rmsnorm_backward_gain, sum_squares and attention_step.
+// embed_backward_positions, rmsnorm_backward_gain, sum_squares and attention_step. The
+// flash attention kernels are not launched by mod.rs yet: they run with the launch
+// configurations documented above them in kernels.cu.
 //
 // References compute in double where a kernel reduces; "error" is |got - want| relative to
 // |want|, with a floor of 1e-2 of the largest |want| of the output (entries that cancel to

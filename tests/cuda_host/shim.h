@@ -22,6 +22,16 @@
 // reads before the other writes, and a warp that overwrites shared memory another warp has
 // yet to read. A barrier that not every thread of its group reaches
 // (undefined on a GPU) is reported and aborts instead of hanging.
+//
+// The end of this file stands in for cuda_bf16.h and mma.h (kernels.cu includes them only
+// under nvcc): __nv_bfloat16 and nvcuda::wmma for bf16 16x16x16 tiles with f32
+// accumulators. Each wmma call is warp-collective: all 32 lanes must reach it (else the
+// deadlock report), every lane holds and computes the whole tile, and the lanes must agree
+// on what they load, multiply and store (a lane-dependent use of x[], or a load racing
+// with another warp's writes, aborts). Pointers must be 32-byte aligned, ldm a multiple of
+// 8 (bf16) or 4 (f32). Loads complete for the whole warp before any lane goes on; stores
+// do not (each lane writes its own elements and goes on), so reading a stored tile needs
+// __syncwarp() first, as on a GPU.
 #pragma once
 
 #include <math.h>

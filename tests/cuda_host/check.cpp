@@ -649,8 +649,9 @@ void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, int)
 // - bf16 values (exact in bf16): only the kernels' own roundings (P and dS to bf16, f32
 //   sums) remain, about 2e-3 of the scale, so a wrong mask or a lost term shows clearly;
 //   lse (f32 arithmetic on exact products) is held to kRow.
-// - any f32 values: the rounding of Q, K, V and dout adds up to about 1e-2 (seen: 1.1e-2
-//   on dk of a 5-key causal head, where few terms average it out).
+// - any f32 values: the rounding of Q, K, V and dout adds to that, up to about 1e-2 (seen
+//   with other random inputs: 1.1e-2 on dk of a 5-key causal head, where few terms average
+//   it out). The backward runs from the reference out and lse, then chained on the kernel's.
 constexpr double kFlashExact = 5e-3;
 constexpr double kFlash = 2e-2;
 
@@ -668,6 +669,9 @@ void check_scaled(const std::string& kernel, const std::string& what, const vect
     snprintf(note, sizeof note, "%s: element %zu is %.9g, want %.9g (scale %.3g)", what.c_str(),
              at, want.empty() ? 0.0 : got[at], want.empty() ? 0.0 : want[at], scale);
     record(kernel, worst, tol, note);
+    // CUDA_HOST_VERBOSE=1: every case's error, not only each kernel's worst.
+    if (getenv("CUDA_HOST_VERBOSE"))
+        printf("  %s %s: %.3e (tolerance %.0e)\n", kernel.c_str(), what.c_str(), worst, tol);
 }
 
 struct FlashRef {
@@ -736,7 +740,7 @@ void check_flash_attention(bool bf16_inputs) {
         int batch, n_head, t, head_dim;
     };
     for (Shape s : {Shape{2, 3, 37, 16}, Shape{2, 3, 37, 64}, Shape{1, 2, 64, 32},
-                    Shape{1, 1, 5, 16}, Shape{1, 1, 20, 128}}) {
+                    Shape{1, 2, 33, 16}, Shape{1, 1, 5, 16}, Shape{1, 1, 20, 128}}) {
         int batch = s.batch, nh = s.n_head, t = s.t, hd = s.head_dim, d = nh * hd;
         size_t rows = (size_t)batch * t, stats = (size_t)batch * nh * t;
         for (int causal : {0, 1}) {
@@ -787,6 +791,25 @@ void check_flash_attention(bool bf16_inputs) {
             check_scaled("flash_attention_backward", what + " dq", dq, ref.dq, tol);
             check_scaled("flash_attention_backward", what + " dk", dk, ref.dk, tol);
             check_scaled("flash_attention_backward", what + " dv", dv, ref.dv, tol);
+
+            // As the backend will chain them: backward from the kernel's own out and lse.
+            if (bf16_inputs) continue;
+            dqkv = nan_f32(rows * 3 * d);
+            launch(flash_attention_backward_prepare, dim3((unsigned)rows), dim3(128), 0,
+                   dqkv.data(), delta.data(), (const float*)dout.data(),
+                   (const float*)out.data(), t, nh, hd);
+            launch(flash_attention_backward, bwd_grid, dim3(32), flash_backward_shared_bytes(hd),
+                   dqkv.data(), (const float*)dout.data(), (const float*)qkv.data(),
+                   (const float*)lse.data(), (const float*)delta.data(), t, nh, hd, causal);
+            for (size_t r = 0; r < rows; r++)
+                for (int c = 0; c < d; c++) {
+                    dq[r * d + c] = dqkv[r * 3 * d + c];
+                    dk[r * d + c] = dqkv[r * 3 * d + d + c];
+                    dv[r * d + c] = dqkv[r * 3 * d + 2 * d + c];
+                }
+            check_scaled("flash_attention_backward", what + " chained dq", dq, ref.dq, tol);
+            check_scaled("flash_attention_backward", what + " chained dk", dk, ref.dk, tol);
+            check_scaled("flash_attention_backward", what + " chained dv", dv, ref.dv, tol);
         }
     }
 }

@@ -14,7 +14,9 @@
 // with the block's threads scheduled in ascending and in descending order (see shim.h).
 // Launches mirror mod.rs: per_row = one block of 256 threads per row, elementwise = blocks
 // of 256 (plus a 3-block grid for the grid-stride loops), and the special grids of
-// embed_backward_positions, rmsnorm_backward_gain, sum_squares and attention_step.
+// embed_backward_positions, rmsnorm_backward_gain, sum_squares and attention_step. The
+// flash attention kernels are not launched by mod.rs yet: they run with the launch
+// configurations documented above them in kernels.cu.
 //
 // References compute in double where a kernel reduces; "error" is |got - want| relative to
 // |want|, with a floor of 1e-2 of the largest |want| of the output (entries that cancel to
@@ -681,6 +683,180 @@ void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, int)
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Flash attention (attention.rs semantics, the whole [batch * t, 3d] qkv at once) against a
+// float64 reference computed straightforwardly from the f32 inputs. The kernels multiply
+// bf16 tiles (8 significant bits, 2^-9 = 2e-3 relative rounding), so each output is judged
+// by its largest error relative to its own scale (max |want|), not element by element.
+// Two kinds of inputs:
+// - bf16 values (exact in bf16): only the kernels' own roundings (P and dS to bf16, f32
+//   sums) remain, about 2e-3 of the scale, so a wrong mask or a lost term shows clearly;
+//   lse (f32 arithmetic on exact products) is held to kRow.
+// - any f32 values: the rounding of Q, K, V and dout adds to that, up to about 1e-2 (seen
+//   with other random inputs: 1.1e-2 on dk of a 5-key causal head, where few terms average
+//   it out). The backward runs from the reference out and lse, then chained on the kernel's.
+constexpr double kFlashExact = 5e-3;
+constexpr double kFlash = 2e-2;
+
+// max |got - want| / max |want|; a non-finite value is an infinite error.
+void check_scaled(const std::string& kernel, const std::string& what, const vector<float>& got,
+                  const vector<double>& want, double tol) {
+    double scale = 1e-30, worst = 0.0;
+    size_t at = 0;
+    for (double w : want) scale = std::max(scale, std::fabs(w));
+    for (size_t i = 0; i < want.size(); i++) {
+        double e = std::isfinite(got[i]) ? std::fabs(got[i] - want[i]) / scale : INFINITY;
+        if (!(e <= worst)) worst = e, at = i;
+    }
+    char note[256];
+    snprintf(note, sizeof note, "%s: element %zu is %.9g, want %.9g (scale %.3g)", what.c_str(),
+             at, want.empty() ? 0.0 : got[at], want.empty() ? 0.0 : want[at], scale);
+    record(kernel, worst, tol, note);
+    // CUDA_HOST_VERBOSE=1: every case's error, not only each kernel's worst.
+    if (getenv("CUDA_HOST_VERBOSE"))
+        printf("  %s %s: %.3e (tolerance %.0e)\n", kernel.c_str(), what.c_str(), worst, tol);
+}
+
+struct FlashRef {
+    vector<double> out, lse, delta, dq, dk, dv;  // dq, dk, dv: [batch * t, d]
+};
+
+// Straightforward attention and its gradients, per sequence and head, in double.
+FlashRef flash_reference(const vector<float>& qkv, const vector<float>& dout, int batch, int t,
+                         int nh, int hd, bool causal) {
+    int d = nh * hd;
+    FlashRef f;
+    f.out.assign((size_t)batch * t * d, 0.0);
+    f.dq = f.dk = f.dv = f.out;
+    f.lse.assign((size_t)batch * nh * t, 0.0);
+    f.delta = f.lse;
+    double scale = 1.0 / std::sqrt((double)hd);
+    auto q = [&](int b, int i, int h, int c) { return (double)qkv[((size_t)b * t + i) * 3 * d + h * hd + c]; };
+    auto k = [&](int b, int j, int h, int c) { return q(b, j, h, c + d); };
+    auto v = [&](int b, int j, int h, int c) { return q(b, j, h, c + 2 * d); };
+    auto go = [&](int b, int i, int h, int c) { return (double)dout[((size_t)b * t + i) * d + h * hd + c]; };
+    vector<double> p(t), dp(t);
+    for (int b = 0; b < batch; b++)
+        for (int h = 0; h < nh; h++)
+            for (int i = 0; i < t; i++) {
+                int n = causal ? i + 1 : t;
+                double m = -INFINITY, sum = 0;
+                for (int j = 0; j < n; j++) {
+                    double s = 0;
+                    for (int c = 0; c < hd; c++) s += q(b, i, h, c) * k(b, j, h, c);
+                    p[j] = s * scale;
+                    m = std::max(m, p[j]);
+                }
+                for (int j = 0; j < n; j++) sum += std::exp(p[j] - m);
+                double lse = m + std::log(sum);
+                for (int j = 0; j < n; j++) p[j] = std::exp(p[j] - lse);
+                size_t row = ((size_t)b * t + i) * d + h * hd, stat = ((size_t)b * nh + h) * t + i;
+                f.lse[stat] = lse;
+                double delta = 0;
+                for (int c = 0; c < hd; c++) {
+                    double o = 0;
+                    for (int j = 0; j < n; j++) o += p[j] * v(b, j, h, c);
+                    f.out[row + c] = o;
+                    delta += go(b, i, h, c) * o;
+                }
+                f.delta[stat] = delta;
+                for (int j = 0; j < n; j++) {
+                    double s = 0;
+                    for (int c = 0; c < hd; c++) s += go(b, i, h, c) * v(b, j, h, c);
+                    dp[j] = p[j] * (s - delta);  // dS
+                }
+                for (int j = 0; j < n; j++) {
+                    size_t kr = ((size_t)b * t + j) * d + h * hd;
+                    for (int c = 0; c < hd; c++) {
+                        f.dq[row + c] += scale * dp[j] * k(b, j, h, c);
+                        f.dk[kr + c] += scale * dp[j] * q(b, i, h, c);
+                        f.dv[kr + c] += p[j] * go(b, i, h, c);
+                    }
+                }
+            }
+    return f;
+}
+
+void check_flash_attention(bool bf16_inputs) {
+    const double tol = bf16_inputs ? kFlashExact : kFlash;
+    struct Shape {
+        int batch, n_head, t, head_dim;
+    };
+    for (Shape s : {Shape{2, 3, 37, 16}, Shape{2, 3, 37, 64}, Shape{1, 2, 64, 32},
+                    Shape{1, 2, 33, 16}, Shape{1, 1, 5, 16}, Shape{1, 1, 20, 128}}) {
+        int batch = s.batch, nh = s.n_head, t = s.t, hd = s.head_dim, d = nh * hd;
+        size_t rows = (size_t)batch * t, stats = (size_t)batch * nh * t;
+        for (int causal : {0, 1}) {
+            std::string what = std::to_string(batch) + "x" + std::to_string(nh) + " heads t " +
+                               std::to_string(t) + " hd " + std::to_string(hd) +
+                               (causal ? " causal" : "") +
+                               (bf16_inputs ? " bf16 inputs" : "");
+            vector<float> qkv = random(rows * 3 * d, 0.05f, 1.5f), dout = random(rows * d);
+            if (bf16_inputs) {
+                for (float& x : qkv) x = (float)ref_from_bf16(ref_bf16(x));
+                for (float& x : dout) x = (float)ref_from_bf16(ref_bf16(x));
+            }
+            FlashRef ref = flash_reference(qkv, dout, batch, t, nh, hd, causal);
+
+            vector<float> out = nan_f32(rows * d), lse = nan_f32(stats);
+            dim3 fwd_grid((t + 31) / 32, nh, batch);
+            launch(flash_attention_forward, fwd_grid, dim3(64), flash_forward_shared_bytes(hd),
+                   out.data(), lse.data(), (const float*)qkv.data(), t, nh, hd, causal);
+            check_scaled("flash_attention_forward", what + " out", out, ref.out, tol);
+            if (bf16_inputs) check("flash_attention_forward", what + " lse", lse, ref.lse, kRow);
+            else check_scaled("flash_attention_forward", what + " lse", lse, ref.lse, kFlash);
+
+            // Backward from the reference out and lse (as f32): dqkv starts as NaN, the first
+            // pass zeroes the Q columns (and leaves K and V alone) and computes delta.
+            vector<float> out32(ref.out.begin(), ref.out.end()),
+                lse32(ref.lse.begin(), ref.lse.end());
+            vector<float> dqkv = nan_f32(rows * 3 * d), delta = nan_f32(stats);
+            launch(flash_attention_backward_prepare, dim3((unsigned)rows), dim3(128), 0,
+                   dqkv.data(), delta.data(), (const float*)dout.data(),
+                   (const float*)out32.data(), t, nh, hd);
+            check("flash_attention_backward_prepare", what + " delta", delta, ref.delta, kRow);
+            vector<float> want_prep = nan_f32(rows * 3 * d);
+            for (size_t r = 0; r < rows; r++)
+                std::fill_n(want_prep.begin() + r * 3 * d, d, 0.0f);
+            check_bits("flash_attention_backward_prepare", what + " dqkv", dqkv, want_prep);
+
+            dim3 bwd_grid((t + 15) / 16, nh, batch);
+            launch(flash_attention_backward, bwd_grid, dim3(32), flash_backward_shared_bytes(hd),
+                   dqkv.data(), (const float*)dout.data(), (const float*)qkv.data(),
+                   (const float*)lse32.data(), (const float*)delta.data(), t, nh, hd, causal);
+            vector<float> dq(rows * d), dk(rows * d), dv(rows * d);
+            for (size_t r = 0; r < rows; r++)
+                for (int c = 0; c < d; c++) {
+                    dq[r * d + c] = dqkv[r * 3 * d + c];
+                    dk[r * d + c] = dqkv[r * 3 * d + d + c];
+                    dv[r * d + c] = dqkv[r * 3 * d + 2 * d + c];
+                }
+            check_scaled("flash_attention_backward", what + " dq", dq, ref.dq, tol);
+            check_scaled("flash_attention_backward", what + " dk", dk, ref.dk, tol);
+            check_scaled("flash_attention_backward", what + " dv", dv, ref.dv, tol);
+
+            // As the backend will chain them: backward from the kernel's own out and lse.
+            if (bf16_inputs) continue;
+            dqkv = nan_f32(rows * 3 * d);
+            launch(flash_attention_backward_prepare, dim3((unsigned)rows), dim3(128), 0,
+                   dqkv.data(), delta.data(), (const float*)dout.data(),
+                   (const float*)out.data(), t, nh, hd);
+            launch(flash_attention_backward, bwd_grid, dim3(32), flash_backward_shared_bytes(hd),
+                   dqkv.data(), (const float*)dout.data(), (const float*)qkv.data(),
+                   (const float*)lse.data(), (const float*)delta.data(), t, nh, hd, causal);
+            for (size_t r = 0; r < rows; r++)
+                for (int c = 0; c < d; c++) {
+                    dq[r * d + c] = dqkv[r * 3 * d + c];
+                    dk[r * d + c] = dqkv[r * 3 * d + d + c];
+                    dv[r * d + c] = dqkv[r * 3 * d + 2 * d + c];
+                }
+            check_scaled("flash_attention_backward", what + " chained dq", dq, ref.dq, tol);
+            check_scaled("flash_attention_backward", what + " chained dk", dk, ref.dk, tol);
+            check_scaled("flash_attention_backward", what + " chained dv", dv, ref.dv, tol);
+        }
+    }
+}
+
 }  // namespace
 
 int main() {
@@ -695,13 +871,15 @@ int main() {
         check_attention();
         check_decoding<float>(kv_store_f32, attend_f32, "kv_store_f32", "attend_f32");
         check_decoding<uint16_t>(kv_store_bf16, attend_bf16, "kv_store_bf16", "attend_bf16");
+        check_flash_attention(true);
+        check_flash_attention(false);
     }
     bool all = true;
-    printf("%-26s %12s %9s  %s\n", "kernel", "max error", "tolerance", "result");
+    printf("%-32s %12s %9s  %s\n", "kernel", "max error", "tolerance", "result");
     for (const std::string& k : order) {
         const Outcome& o = outcomes[k];
         all &= o.pass;
-        printf("%-26s %12.3e %9.0e  %s%s%s\n", k.c_str(), o.worst, o.tol, o.pass ? "PASS" : "FAIL",
+        printf("%-32s %12.3e %9.0e  %s%s%s\n", k.c_str(), o.worst, o.tol, o.pass ? "PASS" : "FAIL",
                o.pass ? "" : "  ", o.note.c_str());
     }
     return all ? 0 : 1;

@@ -22,6 +22,16 @@
 // reads before the other writes, and a warp that overwrites shared memory another warp has
 // yet to read. A barrier that not every thread of its group reaches
 // (undefined on a GPU) is reported and aborts instead of hanging.
+//
+// The end of this file stands in for cuda_bf16.h and mma.h (kernels.cu includes them only
+// under nvcc): __nv_bfloat16 and nvcuda::wmma for bf16 16x16x16 tiles with f32
+// accumulators. Each wmma call is warp-collective: all 32 lanes must reach it (else the
+// deadlock report), every lane holds and computes the whole tile, and the lanes must agree
+// on what they load, multiply and store (a lane-dependent use of x[], or a load racing
+// with another warp's writes, aborts). Pointers must be 32-byte aligned, ldm a multiple of
+// 8 (bf16) or 4 (f32). Loads complete for the whole warp before any lane goes on; stores
+// do not (each lane writes its own elements and goes on), so reading a stored tile needs
+// __syncwarp() first, as on a GPU.
 #pragma once
 
 #include <math.h>
@@ -38,6 +48,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -64,7 +75,7 @@ inline thread_local dim3 blockDim, gridDim;
 // may have without opting in). kernels.cu names its array `dynamic`; another name would
 // fail to link, loudly.
 constexpr size_t kMaxDynamicShared = 48 * 1024;
-alignas(16) inline thread_local float dynamic[kMaxDynamicShared / sizeof(float)];
+alignas(128) inline thread_local float dynamic[kMaxDynamicShared / sizeof(float)];
 
 // ---------------------------------------------------------------------------------------
 // Device math: the CUDA names the host library lacks.
@@ -126,6 +137,10 @@ struct Block {
     // buffer again before every lane of its warp passed the barrier of the shuffle between,
     // so one barrier per shuffle suffices.
     std::vector<uint64_t> slots[2];
+    // Per warp: the lanes that went through the current warp-collective wmma operation, and
+    // the hash of what the first of them saw (see agree).
+    std::vector<unsigned> collective_count;
+    std::vector<uint64_t> collective_hash;
     const std::function<void()>* body = nullptr;
 };
 
@@ -190,6 +205,8 @@ inline void run_block(Block& b, const std::function<void()>& body, uint3 block_i
     unsigned warps = (n + 31) / 32;
     b.arrived_block = 0;
     b.arrived_warp.assign(warps, 0);
+    b.collective_count.assign(warps, 0);
+    b.collective_hash.assign(warps, 0);
     b.slots[0].assign(n, 0);
     b.slots[1].assign(n, 0);
     for (unsigned i = 0; i < n; i++) {
@@ -289,3 +306,195 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
     return cuda_host::shfl_xor(mask, v, lane_mask);
 }
+
+// __syncwarp: the warp's barrier (full warps only).
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    cuda_host::Block& b = *cuda_host::current_block;
+    unsigned warp = b.current / 32;
+    if (mask != 0xffffffffu || cuda_host::warp_size_of(b, warp) != 32)
+        cuda_host::fail("__syncwarp with a partial mask or a partial warp (not emulated)");
+    cuda_host::barrier(warp);
+}
+
+// ---------------------------------------------------------------------------------------
+// bfloat16 (cuda_bf16.h) and the warp matrix operations of nvcuda::wmma (mma.h), bf16
+// 16x16x16 with f32 accumulators. kernels.cu includes the real headers only under nvcc
+// (#ifdef __CUDACC__); these stand in for them.
+
+struct __nv_bfloat16 {
+    unsigned short bits;
+};
+
+// Round to nearest even; a NaN stays a (quiet) NaN.
+inline __nv_bfloat16 __float2bfloat16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {(unsigned short)((u >> 16) | 0x40u)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return {(unsigned short)(u >> 16)};
+}
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+    return __uint_as_float((unsigned int)h.bits << 16);
+}
+
+namespace cuda_host {
+
+// FNV-1a over the bytes of a value.
+template <typename T>
+inline uint64_t hash_of(const T& v) {
+    const unsigned char* p = reinterpret_cast<const unsigned char*>(&v);
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < sizeof v; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+// The warp of the calling thread, which must be a full one (wmma needs all 32 lanes).
+inline unsigned full_warp(const char* what) {
+    Block& b = *current_block;
+    unsigned warp = b.current / 32;
+    if (warp_size_of(b, warp) != 32) fail(what);
+    return warp;
+}
+
+// Between the entry and exit barriers of a warp-collective operation: every lane must see
+// the same thing (`h`), or the lanes disagree about a fragment (x[] used per lane) or read
+// memory another warp wrote meanwhile (a race on a GPU too).
+inline void agree(uint64_t h, const char* what) {
+    Block& b = *current_block;
+    unsigned w = b.current / 32;
+    if (b.collective_count[w]++ == 0) b.collective_hash[w] = h;
+    else if (b.collective_hash[w] != h) fail(what);
+    if (b.collective_count[w] == 32) b.collective_count[w] = 0;
+}
+
+// Runs `body` as one warp-wide operation: all 32 lanes arrive (a lane that does not call it
+// deadlocks the warp, reported) and each does the whole operation. With `wait_all` no lane
+// leaves before all are done, as for a load: the warp reads its source in one instruction,
+// so no lane can overwrite it before every lane read it. Without, lanes go on at once
+// (register-only operations, and stores, whose results other lanes may read only after a
+// __syncwarp()).
+template <typename F>
+inline void warp_collective(const char* what, bool wait_all, F body) {
+    unsigned warp = full_warp(what);
+    barrier(warp);
+    body();
+    if (wait_all) barrier(warp);
+}
+
+inline void check_pointer(const void* p, unsigned ldm, unsigned ldm_multiple, const char* what) {
+    if ((uintptr_t)p % 32 != 0) fail(what);
+    if (ldm % ldm_multiple != 0 || ldm < 16) fail(what);
+}
+
+}  // namespace cuda_host
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+// Every lane holds the whole 16x16 tile, row by row: x[] must be used only elementwise and
+// identically in every lane (as on a GPU, where a lane's elements are an opaque subset).
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+    static_assert(M == 16 && N == 16 && K == 16, "wmma emulation: 16x16x16 only");
+    enum { num_elements = 256 };
+    T x[256];
+};
+
+template <int M, int N, int K, typename Layout>
+struct fragment<matrix_a, M, N, K, float, Layout>;  // not emulated: bf16 operands only
+template <int M, int N, int K, typename Layout>
+struct fragment<matrix_b, M, N, K, float, Layout>;
+
+template <typename L>
+constexpr bool is_row_major() {
+    return std::is_same<L, row_major>::value;
+}
+
+template <typename Use, typename T, typename L, typename V>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, const V& v) {
+    cuda_host::warp_collective("wmma::fill_fragment outside a full warp", false, [&] {
+        for (T& e : f.x) e = v;
+        cuda_host::agree(cuda_host::hash_of(f), "wmma::fill_fragment: lanes disagree");
+    });
+}
+
+// matrix_a (16 x 16, rows i, columns k) or matrix_b (rows k, columns n) from bf16 memory.
+template <typename Use, typename L>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, __nv_bfloat16, L>& f,
+                             const __nv_bfloat16* p, unsigned ldm) {
+    static_assert(!std::is_same<Use, accumulator>::value, "accumulators load f32");
+    cuda_host::warp_collective("wmma::load_matrix_sync outside a full warp", true, [&] {
+        cuda_host::check_pointer(p, ldm, 8, "wmma::load_matrix_sync: pointer not 32-byte "
+                                            "aligned or ldm not a multiple of 8");
+        for (int r = 0; r < 16; r++)
+            for (int c = 0; c < 16; c++)
+                f.x[r * 16 + c] = is_row_major<L>() ? p[(size_t)r * ldm + c]
+                                                     : p[(size_t)c * ldm + r];
+        cuda_host::agree(cuda_host::hash_of(f),
+                         "wmma::load_matrix_sync: lanes read different values (a race)");
+    });
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
+                             unsigned ldm, layout_t layout) {
+    cuda_host::warp_collective("wmma::load_matrix_sync outside a full warp", true, [&] {
+        cuda_host::check_pointer(p, ldm, 4, "wmma::load_matrix_sync: pointer not 32-byte "
+                                            "aligned or ldm not a multiple of 4");
+        for (int r = 0; r < 16; r++)
+            for (int c = 0; c < 16; c++)
+                f.x[r * 16 + c] = layout == mem_row_major ? p[(size_t)r * ldm + c]
+                                                          : p[(size_t)c * ldm + r];
+        cuda_host::agree(cuda_host::hash_of(f),
+                         "wmma::load_matrix_sync: lanes read different values (a race)");
+    });
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ldm, layout_t layout) {
+    // Each lane writes the 8 of the 256 elements an sm_80 accumulator fragment gives it
+    // (row r, column c: lane (r % 8) * 4 + (c % 8) / 2) and goes on: a lane that reads the
+    // tile without a __syncwarp() first finds elements other lanes have yet to write.
+    cuda_host::warp_collective("wmma::store_matrix_sync outside a full warp", false, [&] {
+        cuda_host::check_pointer(p, ldm, 4, "wmma::store_matrix_sync: pointer not 32-byte "
+                                            "aligned or ldm not a multiple of 4");
+        cuda_host::agree(cuda_host::hash_of(f), "wmma::store_matrix_sync: lanes disagree");
+        unsigned lane = cuda_host::current_block->current % 32;
+        for (int r = lane / 4; r < 16; r += 8)
+            for (int c0 = lane % 4 * 2; c0 < 16; c0 += 8)
+                for (int c = c0; c < c0 + 2; c++)
+                    (layout == mem_row_major ? p[(size_t)r * ldm + c]
+                                             : p[(size_t)c * ldm + r]) = f.x[r * 16 + c];
+    });
+}
+
+// d = a b + c: exact bf16 products summed in f32, in order of k (d may be c).
+template <typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+                     const fragment<matrix_a, 16, 16, 16, __nv_bfloat16, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, __nv_bfloat16, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+    cuda_host::warp_collective("wmma::mma_sync outside a full warp", false, [&] {
+        uint64_t h = cuda_host::hash_of(a) ^ (cuda_host::hash_of(b) * 3) ^
+                     (cuda_host::hash_of(c) * 5);
+        cuda_host::agree(h, "wmma::mma_sync: lanes hold different fragments");
+        float out[256];
+        for (int i = 0; i < 16; i++)
+            for (int n = 0; n < 16; n++) {
+                float acc = c.x[i * 16 + n];
+                for (int k = 0; k < 16; k++)
+                    acc += __bfloat162float(a.x[i * 16 + k]) * __bfloat162float(b.x[k * 16 + n]);
+                out[i * 16 + n] = acc;
+            }
+        memcpy(d.x, out, sizeof out);
+    });
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

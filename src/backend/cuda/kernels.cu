@@ -1,8 +1,14 @@
 // igpt's CUDA kernels: everything of the backend trait but the matrix products (cuBLAS).
 // Compiled to PTX by scripts/build_ptx.sh; the PTX is committed and embedded in the binary.
-// Every kernel is plain f32 arithmetic; bfloat16 appears only as storage (u16 bits).
+// Every kernel but flash attention is plain f32 arithmetic, with bfloat16 only as storage
+// (u16 bits); flash attention multiplies bf16 tiles on the tensor cores (nvcuda::wmma).
+// Under g++ (tests/cuda_host) the shim stands in for the CUDA headers.
 
 #include <stdint.h>
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <mma.h>
+#endif
 
 typedef unsigned short bf16_bits;
 
@@ -464,3 +470,314 @@ extern "C" __global__ void attend_bf16(float* out, const bf16_bits* k, const bf1
                                        int pos, int len) {
     attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, len);
 }
+
+// ---------------------------------------------------------------------------------------
+// Flash attention (training and full forward passes): the attention of every sequence and
+// head without the T x T scores in global memory, FlashAttention-2 style. Products are bf16
+// 16x16x16 tensor-core tiles (nvcuda::wmma) with f32 accumulation: Q, K, V (and dout) are
+// read from their f32 rows and rounded to bf16 into shared memory; softmax statistics,
+// rescaling and the outputs stay f32.
+//
+// Shapes as AttnShape: qkv [batch * t, 3d] (columns Q | K | V, each n_head groups of
+// head_dim), out and dout [batch * t, d], lse and delta [batch, n_head, t]; causal masks
+// keys j > i. head_dim: a multiple of 16 from 16 to 128; t: any (the last tile is padded
+// with zeros and masked). Dynamic shared memory only, under 48 KiB (no opt-in), laid out
+// from `dynamic`; every wmma pointer is 32-byte aligned.
+
+typedef __nv_bfloat16 bf16;
+
+// The dynamic shared memory, declared as attend<E> declares it (C++ linkage: a declaration
+// inside an extern "C" kernel would conflict with it).
+__device__ __forceinline__ float* flash_dynamic() {
+    extern __shared__ float dynamic[];
+    return dynamic;
+}
+
+namespace flash {
+constexpr int kTile = 16;                     // wmma tile edge
+constexpr int kFwdWarps = 2;                  // forward: warps per block, 16 query rows each
+constexpr int kFwdRows = kTile * kFwdWarps;   // query rows per forward block
+constexpr int kFwdKeys = 32;                  // keys per forward step
+constexpr int kBwdKeys = 16;                  // backward: keys per block (one warp)
+constexpr int kBwdRows = 16;                  // query rows per backward step
+}  // namespace flash
+
+// Dynamic shared bytes of flash_attention_forward: Q, K, V tiles (bf16) [32, head_dim] each,
+// the output accumulator (f32) [32, head_dim], and per warp scores (f32) and probabilities
+// (bf16) [16, 32]. 320 * head_dim + 6144: 47,104 bytes at head_dim 128.
+__host__ __device__ constexpr size_t flash_forward_shared_bytes(int head_dim) {
+    return (size_t)head_dim * (flash::kFwdRows * 2 + 2 * flash::kFwdKeys * 2 + flash::kFwdRows * 4) +
+           (size_t)flash::kFwdWarps * flash::kTile * flash::kFwdKeys * (4 + 2);
+}
+
+// Dynamic shared bytes of flash_attention_backward: K, V, Q, dout tiles (bf16) [16, head_dim]
+// each, the dK and dV accumulators (f32) [16, head_dim], S and dP (f32) and P and dS (bf16)
+// [16, 16], and lse and delta of 16 rows. 256 * head_dim + 3200: 35,968 bytes at 128.
+__host__ __device__ constexpr size_t flash_backward_shared_bytes(int head_dim) {
+    return (size_t)head_dim * (4 * flash::kBwdKeys * 2 + 2 * flash::kBwdKeys * 4) +
+           (size_t)flash::kBwdKeys * flash::kBwdRows * (4 + 4 + 2 + 2) + flash::kBwdRows * 8;
+}
+
+// Forward: out (f32) and lse. Launch: grid (ceil(t / 32), n_head, batch), block 64 threads
+// (2 warps), dynamic shared memory flash_forward_shared_bytes(head_dim).
+//
+// Block (x, h, b) owns query rows 32x .. 32x + 31 of sequence b, head h; warp w the 16 rows
+// from 32x + 16w. Per step of 32 keys (causal: only up to the block's last row) the block
+// loads K and V; each warp with a visible key in the step computes S = Q K^T (f32), updates
+// its rows' running max m and sum l (a row is two lanes, 16 columns each), rescales its
+// output rows by exp(m_old - m_new) and adds P V with P rounded to bf16.
+extern "C" __global__ void flash_attention_forward(float* out, float* lse, const float* qkv,
+                                                   int t, int n_head, int head_dim,
+                                                   int causal) {
+    using namespace nvcuda;
+    using flash::kTile;
+    using flash::kFwdRows;
+    using flash::kFwdKeys;
+    float* dynamic = flash_dynamic();
+    const int hd = head_dim, d = n_head * hd;
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kFwdRows;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    bf16* qs = (bf16*)dynamic;                            // [32, hd]
+    bf16* ks = qs + kFwdRows * hd;                        // [32, hd]
+    bf16* vs = ks + kFwdKeys * hd;                        // [32, hd]
+    float* os = (float*)(vs + kFwdKeys * hd);             // [32, hd]
+    float* ss = os + kFwdRows * hd;                       // [warps][16, 32]
+    bf16* ps = (bf16*)(ss + flash::kFwdWarps * kTile * kFwdKeys);  // [warps][16, 32]
+    const float* seq = qkv + (size_t)b * t * 3 * d;
+
+    for (int e = threadIdx.x; e < kFwdRows * hd; e += blockDim.x) {
+        int i = q0 + e / hd, c = e % hd;
+        qs[e] = __float2bfloat16(i < t ? seq[(size_t)i * 3 * d + h * hd + c] : 0.0f);
+        os[e] = 0.0f;
+    }
+    bf16* qw = qs + warp * kTile * hd;
+    float* ow = os + warp * kTile * hd;
+    float* sw = ss + warp * kTile * kFwdKeys;
+    bf16* pw = ps + warp * kTile * kFwdKeys;
+    // This lane's row (r, query i) and half of the step's columns.
+    const int r = lane >> 1, half = lane & 1, i = q0 + warp * kTile + r;
+    const int warp_first = q0 + warp * kTile, warp_last = min(warp_first + kTile, t) - 1;
+    const float scale = rsqrtf((float)hd);
+    float m = -INFINITY, l = 0.0f;
+    const int key_end = causal ? min(t, q0 + kFwdRows) : t;
+    for (int k0 = 0; k0 < key_end; k0 += kFwdKeys) {
+        __syncthreads();  // the previous step's K and V are used up
+        for (int e = threadIdx.x; e < kFwdKeys * hd; e += blockDim.x) {
+            int j = k0 + e / hd, c = e % hd;
+            const float* row = seq + (size_t)j * 3 * d + h * hd + c;
+            ks[e] = __float2bfloat16(j < t ? row[d] : 0.0f);
+            vs[e] = __float2bfloat16(j < t ? row[2 * d] : 0.0f);
+        }
+        __syncthreads();
+        // Warp-uniform: the warp has rows, and (causal) one of them sees a key of the step.
+        if (warp_first >= t || (causal && k0 > warp_last)) continue;
+
+        for (int n = 0; n < kFwdKeys / kTile; n++) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int kk = 0; kk < hd; kk += kTile) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kt;
+                wmma::load_matrix_sync(a, qw + kk, hd);
+                wmma::load_matrix_sync(kt, ks + n * kTile * hd + kk, hd);
+                wmma::mma_sync(acc, a, kt, acc);
+            }
+            wmma::store_matrix_sync(sw + n * kTile, acc, kFwdKeys, wmma::mem_row_major);
+        }
+        __syncwarp();
+
+        float s[16], mx = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < 16; c++) {
+            int col = half * 16 + c, j = k0 + col;
+            bool visible = i < t && j < t && (!causal || j <= i);
+            s[c] = visible ? sw[r * kFwdKeys + col] * scale : -INFINITY;
+            mx = fmaxf(mx, s[c]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        float m_new = fmaxf(m, mx);
+        float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
+        float alpha = expf(m - m_use), sum = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 16; c++) {
+            float p = expf(s[c] - m_use);
+            sum += p;
+            pw[r * kFwdKeys + half * 16 + c] = __float2bfloat16(p);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        l = l * alpha + sum;
+        m = m_new;
+        for (int c = half; c < hd; c += 2) ow[r * hd + c] *= alpha;
+        __syncwarp();
+
+        for (int n = 0; n < hd; n += kTile) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::load_matrix_sync(acc, ow + n, hd, wmma::mem_row_major);
+            for (int kk = 0; kk < kFwdKeys; kk += kTile) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> v;
+                wmma::load_matrix_sync(a, pw + kk, kFwdKeys);
+                wmma::load_matrix_sync(v, vs + kk * hd + n, hd);
+                wmma::mma_sync(acc, a, v, acc);
+            }
+            wmma::store_matrix_sync(ow + n, acc, hd, wmma::mem_row_major);
+        }
+    }
+    __syncwarp();
+    if (i < t) {
+        float inv = 1.0f / l;
+        float* orow = out + ((size_t)b * t + i) * d + h * hd;
+        for (int c = half; c < hd; c += 2) orow[c] = ow[r * hd + c] * inv;
+        if (half == 0) lse[((size_t)b * n_head + h) * t + i] = m + logf(l);
+    }
+}
+
+// Backward, first pass: delta[b, h, i] = sum over head h's columns of dout * out, and the Q
+// columns of dqkv zeroed (flash_attention_backward adds dQ into them). Launch: grid
+// (batch * t), block 128 threads, no dynamic shared memory.
+extern "C" __global__ void flash_attention_backward_prepare(float* dqkv, float* delta,
+                                                            const float* dout,
+                                                            const float* out, int t,
+                                                            int n_head, int head_dim) {
+    size_t row = blockIdx.x;
+    int d = n_head * head_dim, b = row / t, i = row % t;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) dqkv[row * 3 * d + c] = 0.0f;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int h = warp; h < n_head; h += warps) {
+        const float *dr = dout + row * d + h * head_dim, *orow = out + row * d + h * head_dim;
+        float s = 0.0f;
+        for (int c = lane; c < head_dim; c += 32) s += dr[c] * orow[c];
+        s = warp_sum(s);
+        if (lane == 0) delta[((size_t)b * n_head + h) * t + i] = s;
+    }
+}
+
+// Backward, second pass: dK and dV (written) and dQ (added with atomics into the Q columns
+// zeroed by flash_attention_backward_prepare) of dqkv, from dout, qkv, lse and delta.
+// Launch: grid (ceil(t / 16), n_head, batch), block 32 threads (1 warp), dynamic shared
+// memory flash_backward_shared_bytes(head_dim).
+//
+// Block (x, h, b) owns keys 16x .. 16x + 15 and loops over the query tiles of 16 rows that
+// see them (causal: from the tile of key 16x on). Per tile: S^T = K Q^T and dP^T = V dout^T,
+// P^T = exp(scale S^T - lse) (masked: 0), dS^T = P^T (dP^T - delta); then dV += P^T dout,
+// dK += scale dS^T Q, and dQ += scale dS K goes to global memory with atomicAdd.
+extern "C" __global__ void flash_attention_backward(float* dqkv, const float* dout,
+                                                    const float* qkv, const float* lse,
+                                                    const float* delta, int t, int n_head,
+                                                    int head_dim, int causal) {
+    using namespace nvcuda;
+    using flash::kTile;
+    constexpr int kKeys = flash::kBwdKeys, kRows = flash::kBwdRows;
+    float* dynamic = flash_dynamic();
+    const int hd = head_dim, d = n_head * hd;
+    const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * kKeys;
+    const int lane = threadIdx.x & 31;
+    bf16* ks = (bf16*)dynamic;                      // [16 keys, hd]
+    bf16* vs = ks + kKeys * hd;                     // [16 keys, hd]
+    bf16* qs = vs + kKeys * hd;                     // [16 rows, hd]
+    bf16* dos = qs + kRows * hd;                    // [16 rows, hd]
+    float* dks = (float*)(dos + kRows * hd);        // [16 keys, hd]
+    float* dvs = dks + kKeys * hd;                  // [16 keys, hd]
+    float* ss = dvs + kKeys * hd;                   // [16 keys, 16 rows]; dQ tile scratch
+    float* dps = ss + kKeys * kRows;                // [16 keys, 16 rows]
+    bf16* pb = (bf16*)(dps + kKeys * kRows);        // [16 keys, 16 rows]
+    bf16* dsb = pb + kKeys * kRows;                 // [16 keys, 16 rows]
+    float* lse_s = (float*)(dsb + kKeys * kRows);   // [16 rows]
+    float* delta_s = lse_s + kRows;                 // [16 rows]
+    const float* seq = qkv + (size_t)b * t * 3 * d;
+    const float* dseq = dout + (size_t)b * t * d;
+    const size_t stats = ((size_t)b * n_head + h) * t;
+    const float scale = rsqrtf((float)hd);
+
+    for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) {
+        int j = k0 + e / hd, c = e % hd;
+        const float* row = seq + (size_t)j * 3 * d + h * hd + c;
+        ks[e] = __float2bfloat16(j < t ? row[d] : 0.0f);
+        vs[e] = __float2bfloat16(j < t ? row[2 * d] : 0.0f);
+        dks[e] = 0.0f;
+        dvs[e] = 0.0f;
+    }
+    for (int q0 = causal ? k0 : 0; q0 < t; q0 += kRows) {
+        __syncthreads();  // the previous tile's Q and dout are used up
+        for (int e = threadIdx.x; e < kRows * hd; e += blockDim.x) {
+            int i = q0 + e / hd, c = e % hd;
+            qs[e] = __float2bfloat16(i < t ? seq[(size_t)i * 3 * d + h * hd + c] : 0.0f);
+            dos[e] = __float2bfloat16(i < t ? dseq[(size_t)i * d + h * hd + c] : 0.0f);
+        }
+        for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
+            lse_s[r] = q0 + r < t ? lse[stats + q0 + r] : 0.0f;
+            delta_s[r] = q0 + r < t ? delta[stats + q0 + r] : 0.0f;
+        }
+        __syncthreads();
+
+        {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> st, dpt;
+            wmma::fill_fragment(st, 0.0f);
+            wmma::fill_fragment(dpt, 0.0f);
+            for (int kk = 0; kk < hd; kk += kTile) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bt;
+                wmma::load_matrix_sync(a, ks + kk, hd);
+                wmma::load_matrix_sync(bt, qs + kk, hd);
+                wmma::mma_sync(st, a, bt, st);
+                wmma::load_matrix_sync(a, vs + kk, hd);
+                wmma::load_matrix_sync(bt, dos + kk, hd);
+                wmma::mma_sync(dpt, a, bt, dpt);
+            }
+            wmma::store_matrix_sync(ss, st, kRows, wmma::mem_row_major);
+            wmma::store_matrix_sync(dps, dpt, kRows, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (int e = lane; e < kKeys * kRows; e += 32) {
+            int r = e / kRows, c = e % kRows, j = k0 + r, i = q0 + c;
+            bool visible = i < t && j < t && (!causal || j <= i);
+            float p = visible ? expf(ss[e] * scale - lse_s[c]) : 0.0f;
+            float ds = p * (dps[e] - delta_s[c]);
+            pb[e] = __float2bfloat16(p);
+            dsb[e] = __float2bfloat16(ds * scale);
+        }
+        __syncwarp();
+
+        for (int n = 0; n < hd; n += kTile) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bm;
+            {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                // dV += P^T dout
+                wmma::load_matrix_sync(acc, dvs + n, hd, wmma::mem_row_major);
+                wmma::load_matrix_sync(a, pb, kRows);
+                wmma::load_matrix_sync(bm, dos + n, hd);
+                wmma::mma_sync(acc, a, bm, acc);
+                wmma::store_matrix_sync(dvs + n, acc, hd, wmma::mem_row_major);
+                // dK += (scale dS)^T Q
+                wmma::load_matrix_sync(acc, dks + n, hd, wmma::mem_row_major);
+                wmma::load_matrix_sync(a, dsb, kRows);
+                wmma::load_matrix_sync(bm, qs + n, hd);
+                wmma::mma_sync(acc, a, bm, acc);
+                wmma::store_matrix_sync(dks + n, acc, hd, wmma::mem_row_major);
+            }
+            // dQ (16 rows, columns n..n+15) += (scale dS) K: dS is dS^T read column-major.
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> dst;
+            wmma::fill_fragment(acc, 0.0f);
+            wmma::load_matrix_sync(dst, dsb, kKeys);
+            wmma::load_matrix_sync(bm, ks + n, hd);
+            wmma::mma_sync(acc, dst, bm, acc);
+            wmma::store_matrix_sync(ss, acc, kTile, wmma::mem_row_major);
+            __syncwarp();
+            for (int e = lane; e < kRows * kTile; e += 32) {
+                int i = q0 + e / kTile, c = n + e % kTile;
+                if (i < t) atomicAdd(dqkv + ((size_t)b * t + i) * 3 * d + h * hd + c, ss[e]);
+            }
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) {
+        int j = k0 + e / hd, c = e % hd;
+        if (j >= t) continue;
+        float* row = dqkv + ((size_t)b * t + j) * 3 * d + h * hd + c;
+        row[d] = dks[e];
+        row[2 * d] = dvs[e];
+    }
+}
+

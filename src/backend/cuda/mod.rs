@@ -1309,6 +1309,9 @@ mod tests {
                 "kv_store_bf16",
                 "attend_f32",
                 "attend_bf16",
+                "flash_attention_forward",
+                "flash_attention_backward_prepare",
+                "flash_attention_backward",
             ] {
                 assert!(
                     ptx.contains(&format!(".entry {name}(")),

@@ -141,6 +141,9 @@ struct Kernels {
     attention_softmax: CudaFunction,
     attention_probs: CudaFunction,
     attention_dscores: CudaFunction,
+    flash_forward: CudaFunction,
+    flash_backward_prepare: CudaFunction,
+    flash_backward: CudaFunction,
     kv_store_f32: CudaFunction,
     kv_store_bf16: CudaFunction,
     attend_f32: CudaFunction,
@@ -184,6 +187,9 @@ impl Kernels {
             attention_softmax: f("attention_softmax")?,
             attention_probs: f("attention_probs")?,
             attention_dscores: f("attention_dscores")?,
+            flash_forward: f("flash_attention_forward")?,
+            flash_backward_prepare: f("flash_attention_backward_prepare")?,
+            flash_backward: f("flash_attention_backward")?,
             kv_store_f32: f("kv_store_f32")?,
             kv_store_bf16: f("kv_store_bf16")?,
             attend_f32: f("attend_f32")?,
@@ -438,6 +444,15 @@ impl CudaBackend {
         );
     }
 
+    /// Whether attention of `shape` runs on the tensor cores (flash attention in kernels.cu):
+    /// with bf16 products, for head sizes that are whole 16-column tiles up to 128. Exact f32
+    /// products keep the cuBLAS path, which stores the scores.
+    fn flash(&self, shape: AttnShape) -> bool {
+        self.gpu.products == Precision::Bf16
+            && shape.head_dim.is_multiple_of(16)
+            && (16..=128).contains(&shape.head_dim)
+    }
+
     /// The product `scale * Q K^T` of sequence `b` for every head into `scores`
     /// (`[n_head, t, t]`).
     fn attention_scores(&self, qkv: u64, scores: u64, s: AttnShape, b: usize) {
@@ -507,8 +522,13 @@ impl Backend for CudaBackend {
     }
 
     fn attention_scratch_len(&self, shape: AttnShape) -> usize {
-        // The scores of one sequence's heads, and their gradient in the backward pass.
-        2 * shape.n_head * shape.t * shape.t
+        if self.flash(shape) {
+            // Each query row's sum of dout * out, for the backward pass.
+            shape.batch * shape.n_head * shape.t
+        } else {
+            // The scores of one sequence's heads, and their gradient in the backward pass.
+            2 * shape.n_head * shape.t * shape.t
+        }
     }
 
     fn decode_cache_len(&self, n_ctx: usize) -> usize {
@@ -878,7 +898,24 @@ impl Backend for CudaBackend {
         let (t, hd, nh) = (s.t, s.head_dim, s.n_head);
         let d = nh * hd;
         assert!(qkv.len == s.batch * t * 3 * d && out.len == s.batch * t * d);
-        assert!(lse.len >= s.batch * nh * t && scratch.len >= nh * t * t);
+        assert!(lse.len >= s.batch * nh * t && scratch.len >= self.attention_scratch_len(s));
+        if self.flash(s) {
+            let (out_p, lse_p, qkv_p) = (self.ptr(out), self.ptr(lse), self.ptr(qkv));
+            let (ti, nhi, hdi, causal) = (int(t), int(nh), int(hd), s.causal as i32);
+            // 32 query rows per block of 2 warps (kernels.cu: flash_attention_forward).
+            let cfg = LaunchConfig {
+                grid_dim: (t.div_ceil(32) as u32, nh as u32, s.batch as u32),
+                block_dim: (64, 1, 1),
+                shared_mem_bytes: (320 * hd + 6144) as u32,
+            };
+            self.launch(
+                &self.kernels.flash_forward,
+                cfg,
+                "attention_forward",
+                &[&out_p, &lse_p, &qkv_p, &ti, &nhi, &hdi, &causal],
+            );
+            return;
+        }
         let (out_p, lse_p, qkv_p, scores) = (
             self.ptr(out),
             self.ptr(lse),
@@ -927,7 +964,49 @@ impl Backend for CudaBackend {
     ) {
         let (t, hd, nh) = (s.t, s.head_dim, s.n_head);
         let d = nh * hd;
-        assert!(qkv.len == dqkv.len && dout.len == out.len && scratch.len >= 2 * nh * t * t);
+        assert!(
+            qkv.len == dqkv.len
+                && dout.len == out.len
+                && scratch.len >= self.attention_scratch_len(s)
+        );
+        if self.flash(s) {
+            let p = (
+                self.ptr(dqkv),
+                self.ptr(dout),
+                self.ptr(out),
+                self.ptr(lse),
+                self.ptr(qkv),
+                self.ptr(scratch),
+            );
+            let (dqkv_p, dout_p, out_p, lse_p, qkv_p, delta) = p;
+            let (ti, nhi, hdi, causal) = (int(t), int(nh), int(hd), s.causal as i32);
+            // Each row's sum of dout * out, and dQ's columns zeroed for the sums into them.
+            self.launch(
+                &self.kernels.flash_backward_prepare,
+                LaunchConfig {
+                    grid_dim: (u32::try_from(s.batch * t).expect("rows fit a grid"), 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                "attention_backward",
+                &[&dqkv_p, &delta, &dout_p, &out_p, &ti, &nhi, &hdi],
+            );
+            // 16 keys per block of one warp (kernels.cu: flash_attention_backward).
+            let cfg = LaunchConfig {
+                grid_dim: (t.div_ceil(16) as u32, nh as u32, s.batch as u32),
+                block_dim: (32, 1, 1),
+                shared_mem_bytes: (256 * hd + 3200) as u32,
+            };
+            self.launch(
+                &self.kernels.flash_backward,
+                cfg,
+                "attention_backward",
+                &[
+                    &dqkv_p, &dout_p, &qkv_p, &lse_p, &delta, &ti, &nhi, &hdi, &causal,
+                ],
+            );
+            return;
+        }
         let p = (
             self.ptr(dqkv),
             self.ptr(dout),

@@ -1359,6 +1359,18 @@ mod tests {
     }
 
     #[test]
+    fn the_adam_table_has_the_kernels_layout() {
+        // Passed by value: the PTX parameter's size and alignment must be the struct's.
+        let size = std::mem::size_of::<AdamTable>();
+        assert_eq!((size, std::mem::align_of::<AdamTable>()), (1288, 8));
+        for ptx in [PTX_SM80, PTX_SM90] {
+            assert!(ptx.contains(&format!(
+                ".param .align 8 .b8 adamw_tensors_param_4[{size}]"
+            )));
+        }
+    }
+
+    #[test]
     fn the_embedded_ptx_has_every_kernel_for_both_targets() {
         for (ptx, target) in [(PTX_SM80, ".target sm_80"), (PTX_SM90, ".target sm_90")] {
             assert!(ptx.contains(target));

@@ -1038,6 +1038,59 @@ pub fn check_decoder(
     Ok(checks)
 }
 
+/// Name of the check of replayed decoding steps.
+pub const DECODER_REPLAY: &str = "decoder: replayed steps vs call by call";
+
+/// On `device`, a decoder whose steps are recorded once and replayed (CUDA graphs on a GPU)
+/// against one that issues every call, both stepping the same tokens through a whole image,
+/// f32 and bf16, with a sequence dropped halfway (a second recording). Skipped where the
+/// device does not record.
+pub fn check_replay(device: &Device, tolerances: Tolerances, seed: u64) -> anyhow::Result<Check> {
+    let cfg = tiny_model();
+    let (t, v, batch) = (cfg.n_ctx(), cfg.n_vocab, 3);
+    let params = random_params(&cfg, seed + 4);
+    let tokens = random_tokens(batch * t, v, seed + 5);
+    let mut worst = 0.0;
+    for precision in [Precision::F32, Precision::Bf16] {
+        let open = || {
+            Decoder::with_precision(&cfg, batch, device, params.clone(), precision)
+                .with_context(|| format!("a decoder on {device}"))
+        };
+        let (mut replayed, mut direct) = (open()?, open()?);
+        direct.set_replay(false);
+        let mut kept: Vec<usize> = (0..batch).collect();
+        for pos in 0..t {
+            if pos == t / 2 {
+                kept = vec![0, 2];
+                replayed.retain(&kept)?;
+                direct.retain(&kept)?;
+            }
+            let prev: Vec<u16> = kept
+                .iter()
+                .map(|&b| if pos == 0 { 0 } else { tokens[b * t + pos - 1] })
+                .collect();
+            let got = replayed.step(&prev)?.to_vec();
+            let want = direct.step(&prev)?;
+            worst = worse(worst, relative_error(&got, want));
+        }
+        if let Some(why) = replayed.replay_failure() {
+            anyhow::bail!("recording a decoding step failed: {why}");
+        }
+        if !replayed.replaying() {
+            return Ok(Check::skipped(
+                DECODER_REPLAY,
+                &format!("{device} does not record steps: each call is issued as it comes"),
+            ));
+        }
+    }
+    Ok(Check::measured(
+        DECODER_REPLAY,
+        worst,
+        tolerances.f32_elementwise,
+        format!("logits of {t} positions, f32 and bf16, replayed against issued call by call"),
+    ))
+}
+
 /// Name of the bf16 training check.
 pub const BF16_TRAINING: &str = "bf16 training vs f32 (loss curve)";
 
@@ -1268,6 +1321,8 @@ pub fn run(device: &Device, options: &Options) -> anyhow::Result<Report> {
     let exact_tol = Tolerances::for_products(Precision::F32);
     let dec = check_decoder(&exact, exact_tol, options.seed);
     checks.extend(dec.unwrap_or_else(|e| vec![Check::failed("decoder", &e)]));
+    let replay = check_replay(device, exact_tol, options.seed);
+    checks.push(replay.unwrap_or_else(|e| Check::failed(DECODER_REPLAY, &e)));
 
     let bf16 = match (options.bf16_steps, bf16_training_unavailable(device)) {
         (_, Some(why)) => Check::skipped(BF16_TRAINING, &why),

@@ -431,6 +431,11 @@ fn the_cpu_report_passes_and_skips_bf16_training() {
     }
     let bf16 = check(&report.checks, selftest::BF16_TRAINING);
     assert!(bf16.skipped && bf16.detail.contains("the CPU trains in f32 only"));
+    let replay = check(&report.checks, selftest::DECODER_REPLAY);
+    assert!(
+        replay.skipped && replay.detail.contains("does not record"),
+        "{replay:?}"
+    );
     let table = report.table();
     assert!(table.contains("kernel") && table.contains("max error") && table.contains("skipped"));
     let json: serde_json::Value = serde_json::from_str(&report.to_json().unwrap()).unwrap();

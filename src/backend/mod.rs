@@ -342,4 +342,36 @@ pub trait Backend: Send {
             self.adamw(params, step, decay);
         }
     }
+    /// Starts a recording: the kernel calls that follow, up to [`Backend::end_recording`],
+    /// are kept to be run by [`Backend::replay`] instead of now. Only kernels may be recorded,
+    /// not transfers to or from the host; the decoding kernels' positions (`pos` of
+    /// [`Backend::embed_step`] and [`Backend::attention_step`]) are each replay's. Ok(false),
+    /// recording nothing, where the backend does not record: on a CPU a call costs nothing
+    /// to issue, on a GPU each launch costs microseconds, which a recording pays once.
+    fn begin_recording(&mut self) -> anyhow::Result<bool> {
+        Ok(false)
+    }
+    /// Ends the recording begun by [`Backend::begin_recording`]: a handle to replay it, or why
+    /// it cannot be replayed. Its calls have not run either way.
+    fn end_recording(&mut self) -> anyhow::Result<Recording> {
+        anyhow::bail!("the {} backend does not record", self.name())
+    }
+    /// Queues a recording's calls again, at position `pos`. Recordings last until
+    /// [`Backend::forget`] or the next [`Backend::allocate`].
+    fn replay(&mut self, recording: Recording, pos: usize) -> anyhow::Result<()> {
+        let _ = (recording, pos);
+        anyhow::bail!("the {} backend does not record", self.name())
+    }
+    /// Frees a recording.
+    fn forget(&mut self, recording: Recording) {
+        let _ = recording;
+    }
+}
+
+/// A backend's handle to recorded calls (see [`Backend::begin_recording`]): which recording,
+/// of which allocation of the backend's arenas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recording {
+    pub index: usize,
+    pub allocation: u64,
 }

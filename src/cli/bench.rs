@@ -389,9 +389,51 @@ fn bytes_per_step(cfg: &ModelConfig, batch: usize, precision: Precision) -> f64 
     width * (matrices + cache)
 }
 
-fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
+/// One timed generation of a whole image per sequence.
+struct TimedGeneration {
+    secs: f64,
+    /// Device memory in use while the decoder was alive (a GPU's).
+    memory: Option<f64>,
+    /// Whether steps were replayed from recordings (CUDA graphs), and why not where recording
+    /// failed.
+    replayed: bool,
+    replay_failure: Option<String>,
+}
+
+fn time_generation(
+    model: &ModelConfig,
+    batch: usize,
+    dev: &Device,
+    params: &[f32],
+    precision: Precision,
+    replay: bool,
+) -> Result<TimedGeneration> {
     use igpt::model::Decoder;
     use igpt::sample::{self, SampleOptions};
+    let mut dec = Decoder::with_precision(model, batch, dev, params.to_vec(), precision)?;
+    dec.set_replay(replay);
+    let prefixes = vec![&[][..]; batch];
+    let opts = SampleOptions::default();
+    let secs = rayon::scope(|_| -> Result<f64> {
+        // Warm-up: the first positions of one image (pages touched, threads awake, kernels
+        // loaded, steps recorded).
+        for _ in 0..16 {
+            dec.step(&vec![0; batch])?;
+        }
+        let t0 = clock(dev)?;
+        sample::generate(&mut dec, &prefixes, &opts, 0, |_, _| {})?;
+        Ok(clock(dev)?.duration_since(t0).as_secs_f64())
+    })?;
+    Ok(TimedGeneration {
+        secs,
+        // Read while the decoder (its weights and caches) is still on the device.
+        memory: memory_bytes(dev),
+        replayed: dec.replaying(),
+        replay_failure: dec.replay_failure().map(str::to_string),
+    })
+}
+
+fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
     use serde_json::json;
     let threads = rayon::current_num_threads();
     let model = b.model.config()?;
@@ -410,56 +452,62 @@ fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
         "runs": [],
     });
     let mut ours = Vec::new();
+    // On a GPU each step is replayed from a CUDA graph; the same steps issued call by call
+    // show what the graphs save.
+    let replays: &[bool] = if on_gpu { &[true, false] } else { &[true] };
     for &precision in &b.runs.precisions {
         for &batch in &b.batches {
-            let mut dec = Decoder::with_precision(&model, batch, dev, params.clone(), precision)?;
-            let prefixes = vec![&[][..]; batch];
-            let opts = SampleOptions::default();
-            let secs = rayon::scope(|_| -> Result<f64> {
-                // Warm-up: the first positions of one image (pages touched, threads awake,
-                // kernels loaded).
-                for _ in 0..16 {
-                    dec.step(&vec![0; batch])?;
+            for &replay in replays {
+                let TimedGeneration {
+                    secs,
+                    memory,
+                    replayed,
+                    replay_failure,
+                } = time_generation(&model, batch, dev, &params, precision, replay)?;
+                let tps = (batch * t) as f64 / secs;
+                let step_bytes = bytes_per_step(&model, batch, precision);
+                let gbs = step_bytes * t as f64 / secs / 1e9;
+                let name = if replay {
+                    format!("igpt-{precision}")
+                } else {
+                    format!("igpt-{precision}-calls")
+                };
+                if let Some(why) = &replay_failure {
+                    println!("{name}: steps issued call by call, recording failed: {why}");
                 }
-                let t0 = clock(dev)?;
-                sample::generate(&mut dec, &prefixes, &opts, 0, |_, _| {})?;
-                Ok(clock(dev)?.duration_since(t0).as_secs_f64())
-            })?;
-            // Read while the decoder (its weights and caches) is still on the device.
-            let memory = memory_bytes(dev);
-            drop(dec);
-            let tps = (batch * t) as f64 / secs;
-            let step_bytes = bytes_per_step(&model, batch, precision);
-            let gbs = step_bytes * t as f64 / secs / 1e9;
-            let name = format!("igpt-{precision}");
-            if on_gpu {
-                // The CPU's streaming read is no bound for a GPU's memory.
-                println!(
-                    "{name:<14} batch {batch:>2}: {tps:>8.0} tokens/s ({secs:.2} s); reads {:.1} MB \
+                if on_gpu {
+                    // The CPU's streaming read is no bound for a GPU's memory.
+                    println!(
+                        "{name:<14} batch {batch:>2}: {tps:>8.0} tokens/s ({secs:.2} s); reads {:.1} MB \
                      per token, {gbs:.1} GB/s; device memory in use {:.2} GB",
-                    step_bytes / batch as f64 / 1e6,
-                    memory.unwrap_or(f64::NAN) / 1e9
-                );
-            } else {
-                let limit = stream_read_gbs(step_bytes as usize);
-                println!(
-                    "igpt {precision:<4}      batch {batch:>2}: {tps:>8.0} tokens/s ({secs:.2} s); reads \
+                        step_bytes / batch as f64 / 1e6,
+                        memory.unwrap_or(f64::NAN) / 1e9
+                    );
+                } else {
+                    let limit = stream_read_gbs(step_bytes as usize);
+                    println!(
+                        "igpt {precision:<4}      batch {batch:>2}: {tps:>8.0} tokens/s ({secs:.2} s); reads \
                      {:.1} MB per token, {gbs:.1} GB/s against a {limit:.1} GB/s streaming read \
                      of the same size ({:.0}%)",
-                    step_bytes / batch as f64 / 1e6,
-                    100.0 * gbs / limit
-                );
+                        step_bytes / batch as f64 / 1e6,
+                        100.0 * gbs / limit
+                    );
+                }
+                report["runs"].as_array_mut().expect("runs").push(json!({
+                    "impl": name,
+                    "batch": batch,
+                    "tokens_per_s": tps,
+                    "seconds": secs,
+                    "read_gb_per_s": gbs,
+                    "memory_bytes": memory,
+                    "replayed": replayed,
+                    "replay_failure": replay_failure,
+                }));
+                write_json(b.json.as_deref(), &report)?;
+                if replay {
+                    ours.push((precision, batch, tps));
+                }
             }
-            report["runs"].as_array_mut().expect("runs").push(json!({
-                "impl": name,
-                "batch": batch,
-                "tokens_per_s": tps,
-                "seconds": secs,
-                "read_gb_per_s": gbs,
-                "memory_bytes": memory,
-            }));
-            write_json(b.json.as_deref(), &report)?;
-            ours.push((precision, batch, tps));
         }
     }
     if b.runs.no_python {

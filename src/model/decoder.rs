@@ -1,16 +1,34 @@
 //! Incremental decoding with a key/value cache: each new position costs one token's work per
 //! layer, and known tokens (the kept part of an image to complete) go through the blocks many
 //! positions at a time (a prefill) instead. Buffers, including the caches for the whole context,
-//! are planned once for (model, batch, precision); a step allocates nothing.
+//! are planned once for (model, batch, precision); a step allocates nothing. Where the
+//! backend records calls (a GPU: CUDA graphs), a step's few hundred kernel calls are recorded
+//! once per number of sequences and replayed at every position.
 
 use super::ParamLayout;
 use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward};
-use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Precision, View};
+use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Precision, Recording, View};
 use crate::config::ModelConfig;
 
 /// Rows (sequences x positions) one prefill chunk runs through the blocks at once: enough for
 /// efficient products, few enough that the chunk's activations stay small.
 const PREFILL_ROWS: usize = 256;
+
+/// Recorded steps a decoder keeps (one per number of sequences it has stepped): sampling steps
+/// at one batch size, shrinking as images finish, so a few cover nearly every step.
+const KEPT_RECORDINGS: usize = 8;
+
+/// Steps recorded by the backend for replay, by number of sequences.
+#[derive(Default)]
+struct Replays {
+    off: bool,
+    /// The backend does not record.
+    unsupported: bool,
+    /// Why recording failed, after which steps run call by call.
+    failure: Option<String>,
+    /// (sequences, recording), oldest first.
+    kept: Vec<(usize, Recording)>,
+}
 
 /// Offsets in [`Arena::Acts`] of the step buffers (sized for a prefill chunk's rows) and the
 /// caches' views.
@@ -157,6 +175,7 @@ pub struct Decoder {
     pos: usize,
     /// Sequences being decoded (the first `rows` of the batch; see [`Decoder::prefill_rows`]).
     rows: usize,
+    replays: Replays,
     host_logits: Vec<f32>,
 }
 
@@ -225,7 +244,17 @@ impl Decoder {
              generate images pixel by pixel; use an autoregressive model"
         );
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
-        let mut backend = device.open()?;
+        Self::build_on(device.open()?, cfg, batch, params, precision)
+    }
+
+    /// [`Decoder::build`] on an opened backend (`cfg` and `batch` checked).
+    fn build_on(
+        mut backend: Box<dyn Backend>,
+        cfg: &ModelConfig,
+        batch: usize,
+        params: &mut Option<Vec<f32>>,
+        precision: Precision,
+    ) -> anyhow::Result<Self> {
         // Checked from the shape alone, before the layout or the plan computes a size.
         let cache_len = backend.decode_cache_len(cfg.n_ctx());
         let own = if params.is_none() {
@@ -278,6 +307,7 @@ impl Decoder {
             backend,
             pos: 0,
             rows: batch,
+            replays: Replays::default(),
             host_logits: vec![0.0; batch * cfg.n_vocab],
         })
     }
@@ -335,6 +365,32 @@ impl Decoder {
     /// The position the next [`Decoder::step`] feeds.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// Whether steps may be recorded and replayed where the backend records (on by default;
+    /// off runs every step call by call, for comparisons).
+    pub fn set_replay(&mut self, on: bool) {
+        self.replays.off = !on;
+        if !on {
+            for (_, r) in self.replays.kept.drain(..) {
+                self.backend.forget(r);
+            }
+        }
+    }
+
+    /// Whether steps are replayed from recordings: the backend records, recording has not
+    /// failed, and a step has been recorded.
+    pub fn replaying(&self) -> bool {
+        !self.replays.off
+            && !self.replays.unsupported
+            && self.replays.failure.is_none()
+            && !self.replays.kept.is_empty()
+    }
+
+    /// Why steps are not replayed on a backend that records: recording failed (steps then run
+    /// call by call, with the same results).
+    pub fn replay_failure(&self) -> Option<&str> {
+        self.replays.failure.as_deref()
     }
 
     /// Starts new sequences whose first `len` tokens are known: `known` is `[batch, len]`.
@@ -493,7 +549,7 @@ impl Decoder {
     /// `[rows, n_vocab]` that predict the token at this position (rows: [`Decoder::rows`]).
     pub fn step(&mut self, prev: &[u16]) -> anyhow::Result<&[f32]> {
         let cfg = &self.cfg;
-        let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
+        let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
         anyhow::ensure!(
             self.pos < t,
             "all {t} positions have been generated; reset the decoder first"
@@ -511,26 +567,74 @@ impl Decoder {
         }
         let (rows, pos) = (self.rows, self.pos);
         self.backend.set_tokens(prev);
+        if !self.replay_step(rows, pos)? {
+            self.compute_step(rows, pos);
+        }
+        let logits = act(self.plan.logits, rows * v);
+        let host = &mut self.host_logits[..rows * v];
+        self.backend.download(logits, host);
+        self.pos += 1;
+        Ok(host)
+    }
+
+    /// One step's calls for `rows` sequences at `pos`, from the set tokens to the logits.
+    fn compute_step(&mut self, rows: usize, pos: usize) {
         self.feed(rows, pos, 1);
         let cfg = &self.cfg;
+        let (d, v) = (cfg.n_embd, cfg.n_vocab);
         let (plan, b) = (&self.plan, self.backend.as_mut());
-        let last = act(plan.resid[cfg.n_layer % 2], rows * d);
-        let logits = act(plan.logits, rows * v);
         head_forward(
             b,
             &self.weights,
-            last,
+            act(plan.resid[cfg.n_layer % 2], rows * d),
             act(plan.lnf, rows * d),
             act(plan.rstdf, rows),
-            logits,
+            act(plan.logits, rows * v),
             rows,
             d,
             v,
         );
-        let host = &mut self.host_logits[..rows * v];
-        b.download(logits, host);
-        self.pos += 1;
-        Ok(host)
+    }
+
+    /// Queues the step for `rows` sequences at `pos` from its recording, recording it first;
+    /// false where steps are not replayed (off, not recorded by this backend, or recording
+    /// failed: the caller runs the step's calls itself).
+    fn replay_step(&mut self, rows: usize, pos: usize) -> anyhow::Result<bool> {
+        let r = &self.replays;
+        if r.off || r.unsupported || r.failure.is_some() {
+            return Ok(false);
+        }
+        let recording = match r.kept.iter().find(|(n, _)| *n == rows) {
+            Some(&(_, recording)) => recording,
+            None => match self.record_step(rows, pos) {
+                Ok(Some(recording)) => recording,
+                Ok(None) => {
+                    self.replays.unsupported = true;
+                    return Ok(false);
+                }
+                Err(e) => {
+                    self.replays.failure = Some(format!("{e:#}"));
+                    return Ok(false);
+                }
+            },
+        };
+        self.backend.replay(recording, pos)?;
+        Ok(true)
+    }
+
+    /// Records the step for `rows` sequences (None: the backend does not record).
+    fn record_step(&mut self, rows: usize, pos: usize) -> anyhow::Result<Option<Recording>> {
+        if !self.backend.begin_recording()? {
+            return Ok(None);
+        }
+        self.compute_step(rows, pos);
+        let recording = self.backend.end_recording()?;
+        if self.replays.kept.len() == KEPT_RECORDINGS {
+            let (_, oldest) = self.replays.kept.remove(0);
+            self.backend.forget(oldest);
+        }
+        self.replays.kept.push((rows, recording));
+        Ok(Some(recording))
     }
 }
 
@@ -587,5 +691,380 @@ mod plan_tests {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+    use crate::backend::Op;
+    use crate::backend::cpu::CpuBackend;
+    use std::sync::{Arc, Mutex};
+
+    type Call = Box<dyn Fn(&mut dyn Backend, usize) + Send>;
+
+    /// What a [`Recorder`] was asked to do.
+    #[derive(Default)]
+    struct Log {
+        recorded: usize,
+        replayed: Vec<usize>,
+        forgotten: usize,
+    }
+
+    /// The CPU backend recording as the CUDA backend does: recorded calls do not run, and each
+    /// replay runs them with its own position. The decoder's side of recording is then
+    /// checked without a GPU.
+    struct Recorder {
+        inner: CpuBackend,
+        recording: Option<Vec<Call>>,
+        kept: Vec<Option<Vec<Call>>>,
+        allocation: u64,
+        /// Whether `end_recording` fails (as a CUDA graph capture can).
+        fail: bool,
+        log: Arc<Mutex<Log>>,
+    }
+
+    impl Recorder {
+        fn new(fail: bool) -> (Self, Arc<Mutex<Log>>) {
+            let log = Arc::new(Mutex::new(Log::default()));
+            let r = Recorder {
+                inner: CpuBackend::new(),
+                recording: None,
+                kept: Vec::new(),
+                allocation: 0,
+                fail,
+                log: log.clone(),
+            };
+            (r, log)
+        }
+
+        /// Runs a kernel call now at `pos`, or keeps it for replays.
+        fn call(&mut self, pos: usize, f: impl Fn(&mut dyn Backend, usize) + Send + 'static) {
+            match &mut self.recording {
+                Some(calls) => calls.push(Box::new(f)),
+                None => f(&mut self.inner, pos),
+            }
+        }
+
+        fn direct(&self, what: &str) {
+            assert!(self.recording.is_none(), "{what} while recording");
+        }
+    }
+
+    impl Backend for Recorder {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+        fn attention_scratch_len(&self, shape: AttnShape) -> usize {
+            self.inner.attention_scratch_len(shape)
+        }
+        fn decode_cache_len(&self, n_ctx: usize) -> usize {
+            self.inner.decode_cache_len(n_ctx)
+        }
+        fn native_bf16(&self) -> bool {
+            self.inner.native_bf16()
+        }
+        fn packed_len(&self, k: usize, n: usize) -> usize {
+            self.inner.packed_len(k, n)
+        }
+        fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()> {
+            self.direct("allocate");
+            self.kept.clear();
+            self.allocation += 1;
+            self.inner.allocate(sizes)
+        }
+        fn upload(&mut self, dst: View, src: &[f32]) {
+            self.direct("upload");
+            self.inner.upload(dst, src)
+        }
+        fn adopt_params(&mut self, params: Vec<f32>) {
+            self.direct("adopt_params");
+            self.inner.adopt_params(params)
+        }
+        fn release_params(&mut self, len: usize) -> Vec<f32> {
+            self.inner.release_params(len)
+        }
+        fn download(&self, src: View, dst: &mut [f32]) {
+            self.direct("download");
+            self.inner.download(src, dst)
+        }
+        fn fill(&mut self, dst: View, value: f32) {
+            self.call(0, move |b, _| b.fill(dst, value));
+        }
+        fn copy(&mut self, dst: View, src: View) {
+            self.call(0, move |b, _| b.copy(dst, src));
+        }
+        fn set_tokens(&mut self, tokens: &[u16]) {
+            self.direct("set_tokens");
+            self.inner.set_tokens(tokens)
+        }
+        fn embed_forward(
+            &mut self,
+            _: View,
+            _: View,
+            _: View,
+            _: View,
+            _: usize,
+            _: usize,
+            _: bool,
+        ) {
+            unreachable!("the decoder does not train")
+        }
+        fn embed_backward(
+            &mut self,
+            _: View,
+            _: View,
+            _: View,
+            _: View,
+            _: usize,
+            _: usize,
+            _: bool,
+        ) {
+            unreachable!("the decoder does not train")
+        }
+        fn set_targets(&mut self, _: &[u16], _: &[f32]) {
+            unreachable!("the decoder does not train")
+        }
+        fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize) {
+            self.call(0, move |b, _| b.rmsnorm_forward(out, rstd, x, g, d));
+        }
+        fn rmsnorm_backward(
+            &mut self,
+            _: View,
+            _: View,
+            _: View,
+            _: View,
+            _: View,
+            _: View,
+            _: usize,
+        ) {
+            unreachable!("the decoder does not train")
+        }
+        fn pack_weight(&mut self, dst: View, w: View, op: Op, k: usize, n: usize) {
+            self.call(0, move |b, _| b.pack_weight(dst, w, op, k, n));
+        }
+        fn matmul_packed(
+            &mut self,
+            out: View,
+            a: View,
+            w: View,
+            m: usize,
+            k: usize,
+            n: usize,
+            accumulate: bool,
+        ) {
+            self.call(0, move |b, _| {
+                b.matmul_packed(out, a, w, m, k, n, accumulate)
+            });
+        }
+        fn matmul(
+            &mut self,
+            out: View,
+            a: View,
+            ta: Op,
+            w: View,
+            tb: Op,
+            m: usize,
+            k: usize,
+            n: usize,
+            accumulate: bool,
+        ) {
+            self.call(0, move |b, _| {
+                b.matmul(out, a, ta, w, tb, m, k, n, accumulate)
+            });
+        }
+        fn attention_forward(&mut self, _: View, _: View, _: View, _: View, _: AttnShape) {
+            unreachable!("the decoder runs attention_step")
+        }
+        fn attention_backward(
+            &mut self,
+            _: View,
+            _: View,
+            _: View,
+            _: View,
+            _: View,
+            _: View,
+            _: AttnShape,
+        ) {
+            unreachable!("the decoder does not train")
+        }
+        fn embed_step(
+            &mut self,
+            out: View,
+            wte: View,
+            wpe: View,
+            sos: View,
+            pos: usize,
+            len: usize,
+            d: usize,
+        ) {
+            self.call(pos, move |b, p| b.embed_step(out, wte, wpe, sos, p, len, d));
+        }
+        fn attention_step(
+            &mut self,
+            out: View,
+            k_cache: View,
+            v_cache: View,
+            qkv: View,
+            scores: View,
+            shape: AttnShape,
+            pos: usize,
+            len: usize,
+        ) {
+            self.call(pos, move |b, p| {
+                b.attention_step(out, k_cache, v_cache, qkv, scores, shape, p, len)
+            });
+        }
+        fn gelu_forward(&mut self, out: View, x: View) {
+            self.call(0, move |b, _| b.gelu_forward(out, x));
+        }
+        fn gelu_backward_inplace(&mut self, _: View, _: View) {
+            unreachable!("the decoder does not train")
+        }
+        fn cross_entropy(&mut self, _: View, _: View, _: usize, _: Option<f32>) {
+            unreachable!("the decoder does not train")
+        }
+        fn sum_squares(&self, _: View) -> f64 {
+            unreachable!("the decoder does not train")
+        }
+        fn adamw(&mut self, _: View, _: crate::backend::AdamStep, _: bool) {
+            unreachable!("the decoder does not train")
+        }
+        fn begin_recording(&mut self) -> anyhow::Result<bool> {
+            self.direct("begin_recording");
+            self.recording = Some(Vec::new());
+            Ok(true)
+        }
+        fn end_recording(&mut self) -> anyhow::Result<Recording> {
+            let calls = self.recording.take().expect("a recording was begun");
+            anyhow::ensure!(!self.fail, "the recorder was told to fail");
+            self.log.lock().unwrap().recorded += 1;
+            self.kept.push(Some(calls));
+            Ok(Recording {
+                index: self.kept.len() - 1,
+                allocation: self.allocation,
+            })
+        }
+        fn replay(&mut self, r: Recording, pos: usize) -> anyhow::Result<()> {
+            self.direct("replay");
+            anyhow::ensure!(r.allocation == self.allocation, "a stale recording");
+            let calls = self.kept[r.index].as_ref().expect("a kept recording");
+            for call in calls {
+                call(&mut self.inner, pos);
+            }
+            self.log.lock().unwrap().replayed.push(pos);
+            Ok(())
+        }
+        fn forget(&mut self, r: Recording) {
+            self.kept[r.index] = None;
+            self.log.lock().unwrap().forgotten += 1;
+        }
+    }
+
+    fn model() -> ModelConfig {
+        ModelConfig {
+            n_layer: 2,
+            n_embd: 32,
+            n_head: 4,
+            n_vocab: 13,
+            side: 4,
+            channels: 1,
+            objective: Default::default(),
+        }
+    }
+
+    fn decoder(backend: Box<dyn Backend>, precision: Precision) -> Decoder {
+        let cfg = model();
+        let params = crate::model::init_params(&cfg, 7)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v + 0.03 * ((i * 7919 % 101) as f32 / 50.0 - 1.0))
+            .collect();
+        Decoder::build_on(backend, &cfg, 3, &mut Some(params), precision).unwrap()
+    }
+
+    /// Steps both decoders through a whole image with the same tokens, keeping only sequences
+    /// 0 and 2 from position 6 on, and returns every step's logits from each.
+    fn run_both(a: &mut Decoder, b: &mut Decoder) -> (Vec<f32>, Vec<f32>) {
+        let (t, v) = (model().n_ctx(), model().n_vocab as u16);
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        a.reset();
+        b.reset();
+        for pos in 0..t {
+            if pos == 6 {
+                a.retain(&[0, 2]).unwrap();
+                b.retain(&[0, 2]).unwrap();
+            }
+            let prev: Vec<u16> = (0..a.rows)
+                .map(|s| ((pos * 5 + s * 3) as u16) % v)
+                .collect();
+            got.extend_from_slice(a.step(&prev).unwrap());
+            want.extend_from_slice(b.step(&prev).unwrap());
+        }
+        (got, want)
+    }
+
+    #[test]
+    fn replayed_steps_give_the_logits_of_steps_run_call_by_call() {
+        for precision in [Precision::F32, Precision::Bf16] {
+            let (recorder, log) = Recorder::new(false);
+            let mut replayed = decoder(Box::new(recorder), precision);
+            let mut direct = decoder(Box::new(CpuBackend::new()), precision);
+            let (got, want) = run_both(&mut replayed, &mut direct);
+            assert_eq!(got, want, "{precision:?}");
+            assert!(replayed.replaying() && replayed.replay_failure().is_none());
+            let log = log.lock().unwrap();
+            // One recording per number of sequences (3, then 2), every step replayed at its
+            // own position.
+            let t = model().n_ctx();
+            assert_eq!(log.recorded, 2);
+            assert_eq!(log.replayed, (0..t).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_failed_recording_falls_back_to_running_each_call() {
+        let (recorder, log) = Recorder::new(true);
+        let mut replayed = decoder(Box::new(recorder), Precision::F32);
+        let mut direct = decoder(Box::new(CpuBackend::new()), Precision::F32);
+        let (got, want) = run_both(&mut replayed, &mut direct);
+        assert_eq!(got, want);
+        assert!(!replayed.replaying());
+        assert!(
+            replayed
+                .replay_failure()
+                .is_some_and(|e| e.contains("told to fail"))
+        );
+        let log = log.lock().unwrap();
+        assert_eq!((log.recorded, log.replayed.len()), (0, 0));
+    }
+
+    #[test]
+    fn replays_can_be_turned_off_and_on() {
+        let (recorder, log) = Recorder::new(false);
+        let mut replayed = decoder(Box::new(recorder), Precision::F32);
+        let mut direct = decoder(Box::new(CpuBackend::new()), Precision::F32);
+        run_both(&mut replayed, &mut direct);
+        replayed.set_replay(false);
+        assert!(!replayed.replaying());
+        let (got, want) = run_both(&mut replayed, &mut direct);
+        assert_eq!(got, want);
+        {
+            let log = log.lock().unwrap();
+            assert_eq!(log.forgotten, 2, "turning replays off frees the recordings");
+            assert_eq!(log.replayed.len(), model().n_ctx());
+        }
+        replayed.set_replay(true);
+        let (got, want) = run_both(&mut replayed, &mut direct);
+        assert_eq!(got, want);
+        assert_eq!(log.lock().unwrap().recorded, 4);
+    }
+
+    #[test]
+    fn a_backend_that_does_not_record_runs_each_call() {
+        let mut plain = decoder(Box::new(CpuBackend::new()), Precision::F32);
+        let mut direct = decoder(Box::new(CpuBackend::new()), Precision::F32);
+        run_both(&mut plain, &mut direct);
+        assert!(!plain.replaying() && plain.replay_failure().is_none());
     }
 }

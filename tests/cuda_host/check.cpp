@@ -338,11 +338,20 @@ void check_embedding() {
                 for (int c = 0; c < d; c++)
                     want[(size_t)r * d + c] = ct[c] + wpe[(size_t)p * d + c];
             }
-            per_row(embed_step, n, out.data(), (const uint16_t*)prev.data(),
-                    (const float*)wte.data(), (const float*)wpe.data(),
-                    (const float*)sos.data(), pos, len, d, n_vocab);
-            check_bits("embed_step",
-                       "pos " + std::to_string(pos) + " len " + std::to_string(len), out, want);
+            // The position as an argument, then read from memory (a replayed graph's way)
+            // with a wrong argument beside it.
+            for (bool from_memory : {false, true}) {
+                int at = pos;
+                std::fill(out.begin(), out.end(), NAN);
+                per_row(embed_step, n, out.data(), (const uint16_t*)prev.data(),
+                        (const float*)wte.data(), (const float*)wpe.data(),
+                        (const float*)sos.data(), from_memory ? -1000 : pos,
+                        from_memory ? (const int*)&at : nullptr, len, d, n_vocab);
+                check_bits("embed_step",
+                           "pos " + std::to_string(pos) + " len " + std::to_string(len) +
+                               (from_memory ? " (position read from memory)" : ""),
+                           out, want);
+            }
         }
     }
 }
@@ -606,9 +615,9 @@ float poison_of(float*) { return NAN; }
 uint16_t poison_of(uint16_t*) { return kPoisonBf16; }
 
 template <typename E>
-void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, int),
+void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, const int*, int),
                     void (*attend)(float*, const E*, const E*, const float*, int, int, int, int,
-                                   int),
+                                   const int*, int),
                     const std::string& store_name, const std::string& attend_name) {
     struct Shape {
         int batch, n_head, head_dim, n_ctx, prefill;
@@ -669,12 +678,19 @@ void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, int)
             dim3 grid(n, nh);
             unsigned store_threads = std::min((hd + 31) / 32 * 32, 256);
             size_t shared = (size_t)(n_ctx + hd + std::max(128, hd)) * 4;
+            // The prefill takes its position as an argument; the step reads it from memory,
+            // as a replayed graph does, beside a wrong argument.
+            bool from_memory = len == 1;
+            int at = pos, arg = from_memory ? -1000 : pos;
+            const int* pos_at = from_memory ? &at : nullptr;
             launch(store, grid, dim3(store_threads), 0, k_cache.data(), v_cache.data(),
-                   (const float*)qkv.data(), nh, hd, n_ctx, pos, len);
+                   (const float*)qkv.data(), nh, hd, n_ctx, arg, pos_at, len);
             launch(attend, grid, dim3(128), shared, out.data(), (const E*)k_cache.data(),
-                   (const E*)v_cache.data(), (const float*)qkv.data(), nh, hd, n_ctx, pos, len);
-            std::string what =
-                shape + " pos " + std::to_string(pos) + " len " + std::to_string(len);
+                   (const E*)v_cache.data(), (const float*)qkv.data(), nh, hd, n_ctx, arg,
+                   pos_at, len);
+            std::string what = shape + " pos " + std::to_string(pos) + " len " +
+                               std::to_string(len) +
+                               (from_memory ? " (position read from memory)" : "");
             // Every stored position matches, and positions not stored yet are untouched.
             check_bits(store_name, what + " keys", k_cache, want_k);
             check_bits(store_name, what + " values", v_cache, want_v);

@@ -153,12 +153,19 @@ extern "C" __global__ void embed_backward_content(float* dwte, float* dsos, cons
         atomicAdd(target + c, dout[(size_t)row * d + c]);
 }
 
+// The first position a decoding kernel handles: `pos`, or, where `pos_at` is set, the int
+// there, read when the kernel runs. A step recorded once as a CUDA graph and replayed at every
+// position takes its position from device memory this way; its launch arguments are frozen.
+__device__ __forceinline__ int first_position(int pos, const int* pos_at) {
+    return pos_at ? *pos_at : pos;
+}
+
 // Decoding inputs of positions pos..pos+len: row r is (p == 0 ? sos : wte[prev[r]]) + wpe[p]
-// with p = pos + r % len.
+// with p = pos + r % len (pos: see first_position).
 extern "C" __global__ void embed_step(float* out, const uint16_t* prev, const float* wte,
-                                      const float* wpe, const float* sos, int pos, int len,
-                                      int d, int n_vocab) {
-    int row = blockIdx.x, p = pos + row % len;
+                                      const float* wpe, const float* sos, int pos,
+                                      const int* pos_at, int len, int d, int n_vocab) {
+    int row = blockIdx.x, p = first_position(pos, pos_at) + row % len;
     const float* content = p == 0 ? sos : content_row(prev[row], n_vocab, wte, sos, d);
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
         float v = wpe[(size_t)p * d + c];
@@ -373,11 +380,12 @@ extern "C" __global__ void attention_dscores(float* dp, const float* p, const fl
 // ---------------------------------------------------------------------------------------
 // Decoding with key/value caches, laid out per (sequence, head) as [n_ctx, head_dim].
 
-// Stores the keys and values of positions pos..pos+len. Grid (batch * len, n_head).
+// Stores the keys and values of positions pos..pos+len (pos: see first_position). Grid
+// (batch * len, n_head).
 template <typename E>
 __device__ void kv_store(E* k_cache, E* v_cache, const float* qkv, int n_head, int head_dim,
-                         int n_ctx, int pos, int len) {
-    int r = blockIdx.x, h = blockIdx.y, b = r / len, p = pos + r % len;
+                         int n_ctx, int pos, const int* pos_at, int len) {
+    int r = blockIdx.x, h = blockIdx.y, b = r / len, p = first_position(pos, pos_at) + r % len;
     int d = n_head * head_dim;
     const float* row = qkv + (size_t)r * 3 * d;
     size_t base = (((size_t)b * n_head + h) * n_ctx + p) * head_dim;
@@ -388,13 +396,15 @@ __device__ void kv_store(E* k_cache, E* v_cache, const float* qkv, int n_head, i
 }
 
 extern "C" __global__ void kv_store_f32(float* k, float* v, const float* qkv, int n_head,
-                                        int head_dim, int n_ctx, int pos, int len) {
-    kv_store(k, v, qkv, n_head, head_dim, n_ctx, pos, len);
+                                        int head_dim, int n_ctx, int pos, const int* pos_at,
+                                        int len) {
+    kv_store(k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
 }
 
 extern "C" __global__ void kv_store_bf16(bf16_bits* k, bf16_bits* v, const float* qkv,
-                                         int n_head, int head_dim, int n_ctx, int pos, int len) {
-    kv_store(k, v, qkv, n_head, head_dim, n_ctx, pos, len);
+                                         int n_head, int head_dim, int n_ctx, int pos,
+                                         const int* pos_at, int len) {
+    kv_store(k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
 }
 
 // Attention of each new position over the cached positions up to itself. Grid
@@ -405,11 +415,12 @@ extern "C" __global__ void kv_store_bf16(bf16_bits* k, bf16_bits* v, const float
 // every groups-th key, then the groups' partial sums are added.
 template <typename E>
 __device__ void attend(float* out, const E* k_cache, const E* v_cache, const float* qkv,
-                       int n_head, int head_dim, int n_ctx, int pos, int len) {
+                       int n_head, int head_dim, int n_ctx, int pos, const int* pos_at, int len) {
     extern __shared__ float dynamic[];
     __shared__ float shared[32];
     float *scores = dynamic, *q = dynamic + n_ctx, *partial = q + head_dim;
-    int r = blockIdx.x, h = blockIdx.y, b = r / len, n = pos + r % len + 1;
+    int r = blockIdx.x, h = blockIdx.y, b = r / len;
+    int n = first_position(pos, pos_at) + r % len + 1;
     int d = n_head * head_dim;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const float* row = qkv + (size_t)r * 3 * d;
@@ -461,14 +472,14 @@ __device__ void attend(float* out, const E* k_cache, const E* v_cache, const flo
 
 extern "C" __global__ void attend_f32(float* out, const float* k, const float* v,
                                       const float* qkv, int n_head, int head_dim, int n_ctx,
-                                      int pos, int len) {
-    attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, len);
+                                      int pos, const int* pos_at, int len) {
+    attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
 }
 
 extern "C" __global__ void attend_bf16(float* out, const bf16_bits* k, const bf16_bits* v,
                                        const float* qkv, int n_head, int head_dim, int n_ctx,
-                                       int pos, int len) {
-    attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, len);
+                                       int pos, const int* pos_at, int len) {
+    attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -4,21 +4,26 @@
 //! The CUDA libraries are loaded when first used, so a build runs on machines without them;
 //! [`probe`] checks for them first, because `cudarc` panics where a library is missing. All
 //! work goes to the context's default stream in order, so a copy back to the host sees every
-//! kernel before it.
+//! kernel before it. Recordings ([`Backend::begin_recording`]) are CUDA graphs: captured on a
+//! side stream (the default stream cannot be captured), replayed on the default stream.
 
 mod gemm;
 mod memory;
 pub use memory::{memory_in_use, synchronize};
 
-use super::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, View};
+use super::{
+    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, Recording, View,
+};
 use crate::backend::device::Gpu;
 use anyhow::{Result, anyhow, bail};
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::result as driver;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+    sys as driver_sys,
 };
 use gemm::{RowMajor, column_major};
+use std::cell::RefCell;
 use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
 
@@ -29,6 +34,10 @@ const PTX_SM90: &str = include_str!("ptx/kernels.sm_90.ptx");
 
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
+
+/// cuBLAS's workspace, set explicitly so that recorded products allocate nothing while being
+/// captured and use the same workspace (hence the same algorithms) as the calls run directly.
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Whether this machine can run the CUDA backend: a driver, cuBLAS and at least one GPU.
 /// Checked once; the error says what is missing.
@@ -214,16 +223,29 @@ struct Arenas {
     weights: Buffer,
     /// One f64: the sum of squares' result.
     sum: Buffer,
+    /// One i32: the position a replayed recording decodes.
+    position: Buffer,
+    blas_workspace: Buffer,
 }
 
 /// One GPU: its context, kernels, cuBLAS handle and arenas.
 pub struct CudaBackend {
     gpu: Gpu,
     ctx: Arc<CudaContext>,
+    /// Where calls go: the default stream, or the side stream while recording.
     stream: Arc<CudaStream>,
+    default_stream: Arc<CudaStream>,
+    /// The stream recordings are captured on, made by the first recording.
+    side_stream: Option<Arc<CudaStream>>,
     kernels: Kernels,
     blas: blas_sys::cublasHandle_t,
     arenas: Option<Arenas>,
+    /// Counts calls of `allocate`: a recording names the arenas it was made on.
+    allocation: u64,
+    recording: bool,
+    /// The first error of a call while recording (which must not panic half-captured).
+    recording_error: RefCell<Option<String>>,
+    graphs: Vec<Option<CudaGraph>>,
     n_tokens: usize,
     weighted: bool,
 }
@@ -237,6 +259,12 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Never panic here: this may run while unwinding from a CUDA error.
         let _ = self.ctx.bind_to_thread();
+        if self.recording {
+            let _ = self
+                .stream
+                .end_capture(driver_sys::CUgraphInstantiate_flags(0));
+        }
+        self.graphs.clear();
         self.arenas = None;
         // SAFETY: the handle was created in `open` and is destroyed once, here.
         unsafe {
@@ -301,10 +329,16 @@ impl CudaBackend {
         Ok(Self {
             gpu,
             ctx,
-            stream,
+            stream: stream.clone(),
+            default_stream: stream,
+            side_stream: None,
             kernels,
             blas: handle,
             arenas: None,
+            allocation: 0,
+            recording: false,
+            recording_error: RefCell::new(None),
+            graphs: Vec::new(),
             n_tokens: 0,
             weighted: false,
         })
@@ -366,7 +400,58 @@ impl CudaBackend {
         }
         // SAFETY: every pointer argument is a checked view or a buffer of this backend, sized
         // for the launch by the caller; the argument list matches the kernel's signature.
-        ok(unsafe { b.launch(cfg) }, what);
+        self.check(unsafe { b.launch(cfg) }, what);
+    }
+
+    /// A call's result: an error panics, as CUDA errors do here, except while recording,
+    /// where the first is kept for `end_recording` to return (the capture must still end).
+    fn check<T, E: std::fmt::Debug>(&self, r: std::result::Result<T, E>, what: &str) {
+        if let Err(e) = r {
+            if !self.recording {
+                panic!("CUDA error in {what}: {e:?}");
+            }
+            self.recording_error
+                .borrow_mut()
+                .get_or_insert_with(|| format!("{what}: {e:?}"));
+        }
+    }
+
+    /// Refuses a call that cannot be recorded (a transfer to or from the host, a wait)
+    /// while recording: a bug in the caller, not bad input.
+    fn not_recording(&self, what: &str) {
+        assert!(
+            !self.recording,
+            "{what} cannot be recorded: only kernels can"
+        );
+    }
+
+    /// Points cuBLAS at `stream`, with this backend's workspace once the arenas exist.
+    fn blas_on(&self, stream: &CudaStream) -> std::result::Result<(), blas::CublasError> {
+        // SAFETY: the handle is this backend's; the stream belongs to its context; the
+        // workspace outlives every call made with it (it is reset before the arenas are freed).
+        unsafe {
+            blas::set_stream(self.blas, stream.cu_stream() as _)?;
+            if let Some(a) = &self.arenas {
+                blas_sys::cublasSetWorkspace_v2(
+                    self.blas,
+                    a.blas_workspace.ptr as *mut c_void,
+                    a.blas_workspace.bytes,
+                )
+                .result()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The position arguments of a decoding kernel: `pos` itself, or while recording the
+    /// address the replays write their position to.
+    fn position_args(&self, pos: usize) -> (i32, u64) {
+        let at = if self.recording {
+            self.arenas().position.ptr
+        } else {
+            0
+        };
+        (int(pos), at)
     }
 
     /// The compute type of products of f32 operands.
@@ -428,7 +513,7 @@ impl CudaBackend {
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         };
-        ok(r, "a cuBLAS product");
+        self.check(r, "a cuBLAS product");
     }
 
     fn f32_gemm(&self, p: RowMajor, a: u64, b: u64, c: u64, alpha: f32, beta: f32) {
@@ -544,6 +629,7 @@ impl Backend for CudaBackend {
     }
 
     fn synchronize(&self) {
+        self.not_recording("synchronize");
         self.bind();
         ok(self.ctx.synchronize(), "synchronize");
     }
@@ -554,9 +640,16 @@ impl Backend for CudaBackend {
     }
 
     fn allocate(&mut self, s: ArenaSizes) -> Result<()> {
+        self.not_recording("allocate");
         self.bind();
-        // Free the old arenas first, so re-planning does not need both at once.
-        self.arenas = None;
+        // Recordings point into the old arenas. Free those first, so re-planning does not
+        // need both at once, with cuBLAS off their workspace.
+        self.graphs.clear();
+        self.allocation += 1;
+        let old = self.arenas.take();
+        self.blas_on(&self.default_stream)
+            .map_err(|e| anyhow!("cannot set up cuBLAS: {e:?}"))?;
+        drop(old);
         let sizes = [
             ("parameters", 4 * s.params),
             ("gradients", 4 * s.grads),
@@ -569,6 +662,8 @@ impl Backend for CudaBackend {
             ("targets", 2 * s.tokens),
             ("loss weights", 4 * s.tokens),
             ("scratch", 8),
+            ("scratch", 4),
+            ("cuBLAS workspace", BLAS_WORKSPACE_BYTES),
         ];
         let total: usize = sizes.iter().map(|(_, b)| b).sum();
         let (free, all) = self
@@ -609,7 +704,11 @@ impl Backend for CudaBackend {
             targets: next(),
             weights: next(),
             sum: next(),
+            position: next(),
+            blas_workspace: next(),
         });
+        self.blas_on(&self.default_stream)
+            .map_err(|e| anyhow!("cannot set up cuBLAS: {e:?}"))?;
         self.n_tokens = 0;
         self.weighted = false;
         Ok(())
@@ -621,6 +720,7 @@ impl Backend for CudaBackend {
             "upload: {dst:?} does not take {} floats",
             src.len()
         );
+        self.not_recording("upload");
         let ptr = self.ptr(dst);
         self.bind();
         // SAFETY: `ptr` is a checked f32 view of `src.len()` elements; the synchronous copy
@@ -634,6 +734,7 @@ impl Backend for CudaBackend {
             "download: {src:?} does not give {} floats",
             dst.len()
         );
+        self.not_recording("download");
         let ptr = self.ptr(src);
         self.bind();
         // SAFETY: as in `upload`, the other way; the copy waits for the queued kernels.
@@ -658,13 +759,14 @@ impl Backend for CudaBackend {
         let bytes = dst.len * if dst.dtype == DType::F32 { 4 } else { 2 };
         self.bind();
         // SAFETY: both are checked views of `bytes` bytes that do not overlap.
-        ok(
+        self.check(
             unsafe { driver::memcpy_dtod_async(d, s, bytes, self.stream.cu_stream()) },
             "copy",
         );
     }
 
     fn set_tokens(&mut self, tokens: &[u16]) {
+        self.not_recording("set_tokens");
         let a = self.arenas();
         assert!(
             tokens.len() * 2 <= a.tokens.bytes,
@@ -753,6 +855,7 @@ impl Backend for CudaBackend {
     }
 
     fn set_targets(&mut self, targets: &[u16], weights: &[f32]) {
+        self.not_recording("set_targets");
         assert!(targets.len() == self.n_tokens && weights.len() == self.n_tokens);
         let (t, w) = (self.arenas().targets.ptr, self.arenas().weights.ptr);
         self.bind();
@@ -1097,12 +1200,13 @@ impl Backend for CudaBackend {
             self.ptr(wpe),
             self.ptr(sos),
         );
-        let (posi, leni, di, v) = (int(pos), int(len), int(d), int(wte.len / d));
+        let (posi, pos_at) = self.position_args(pos);
+        let (leni, di, v) = (int(len), int(d), int(wte.len / d));
         self.launch(
             &self.kernels.embed_step,
             per_row(rows),
             "embed_step",
-            &[&p.0, &p.1, &p.2, &p.3, &p.4, &posi, &leni, &di, &v],
+            &[&p.0, &p.1, &p.2, &p.3, &p.4, &posi, &pos_at, &leni, &di, &v],
         );
     }
 
@@ -1144,7 +1248,8 @@ impl Backend for CudaBackend {
             DType::Bf16 => (&self.kernels.kv_store_bf16, &self.kernels.attend_bf16),
         };
         let grid = ((s.batch * len) as u32, nh as u32, 1);
-        let (nhi, hdi, ctx, posi, leni) = (int(nh), int(hd), int(n_ctx), int(pos), int(len));
+        let (nhi, hdi, ctx, leni) = (int(nh), int(hd), int(n_ctx), int(len));
+        let (posi, pos_at) = self.position_args(pos);
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (hd.next_multiple_of(32).min(256) as u32, 1, 1),
@@ -1155,7 +1260,7 @@ impl Backend for CudaBackend {
             store,
             cfg,
             "attention_step",
-            &[&p.1, &p.2, &p.3, &nhi, &hdi, &ctx, &posi, &leni],
+            &[&p.1, &p.2, &p.3, &nhi, &hdi, &ctx, &posi, &pos_at, &leni],
         );
         let cfg = LaunchConfig {
             grid_dim: grid,
@@ -1166,7 +1271,9 @@ impl Backend for CudaBackend {
             attend,
             cfg,
             "attention_step",
-            &[&p.0, &p.1, &p.2, &p.3, &nhi, &hdi, &ctx, &posi, &leni],
+            &[
+                &p.0, &p.1, &p.2, &p.3, &nhi, &hdi, &ctx, &posi, &pos_at, &leni,
+            ],
         );
     }
 
@@ -1219,6 +1326,7 @@ impl Backend for CudaBackend {
     }
 
     fn sum_squares(&self, x: View) -> f64 {
+        self.not_recording("sum_squares");
         let (sum, xp, n) = (self.arenas().sum.ptr, self.ptr(x), x.len);
         self.bind();
         // SAFETY: the sum buffer holds one f64.
@@ -1298,6 +1406,96 @@ impl Backend for CudaBackend {
                     &bc2,
                 ],
             );
+        }
+    }
+
+    fn begin_recording(&mut self) -> Result<bool> {
+        self.not_recording("begin_recording");
+        anyhow::ensure!(
+            self.arenas.is_some(),
+            "a recording needs the arenas allocated first"
+        );
+        self.bind();
+        let side = match &self.side_stream {
+            Some(s) => s.clone(),
+            None => {
+                let s = self
+                    .ctx
+                    .new_stream()
+                    .map_err(|e| anyhow!("cannot make a stream to record on: {e:?}"))?;
+                self.side_stream = Some(s.clone());
+                s
+            }
+        };
+        self.blas_on(&side)
+            .map_err(|e| anyhow!("cannot point cuBLAS at the recording stream: {e:?}"))?;
+        // Thread-local: only this thread's calls are captured or checked.
+        let mode = driver_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        if let Err(e) = side.begin_capture(mode) {
+            let _ = self.blas_on(&self.default_stream);
+            bail!("cannot start capturing a CUDA graph: {e:?}");
+        }
+        self.stream = side;
+        self.recording = true;
+        *self.recording_error.borrow_mut() = None;
+        Ok(true)
+    }
+
+    fn end_recording(&mut self) -> Result<Recording> {
+        anyhow::ensure!(self.recording, "end_recording without begin_recording");
+        self.bind();
+        let side = std::mem::replace(&mut self.stream, self.default_stream.clone());
+        self.recording = false;
+        let ended = side.end_capture(driver_sys::CUgraphInstantiate_flags(0));
+        let blas = self.blas_on(&self.default_stream);
+        if let Some(e) = self.recording_error.borrow_mut().take() {
+            bail!("a call could not be recorded: {e}");
+        }
+        blas.map_err(|e| anyhow!("cannot point cuBLAS back at the default stream: {e:?}"))?;
+        let graph = ended
+            .map_err(|e| anyhow!("capturing a CUDA graph failed: {e:?}"))?
+            .ok_or_else(|| anyhow!("the recording is empty"))?;
+        let index = match self.graphs.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => {
+                self.graphs.push(None);
+                self.graphs.len() - 1
+            }
+        };
+        self.graphs[index] = Some(graph);
+        Ok(Recording {
+            index,
+            allocation: self.allocation,
+        })
+    }
+
+    fn replay(&mut self, recording: Recording, pos: usize) -> Result<()> {
+        self.not_recording("replay");
+        let graph = self
+            .graphs
+            .get(recording.index)
+            .and_then(Option::as_ref)
+            .filter(|_| recording.allocation == self.allocation)
+            .ok_or_else(|| anyhow!("recording {recording:?} is gone (forgotten or re-planned)"))?;
+        let pos = i32::try_from(pos).map_err(|_| anyhow!("position {pos} is beyond i32"))?;
+        let at = self.arenas().position.ptr;
+        self.bind();
+        // SAFETY: the position buffer holds one i32. The copy is ordered on the default
+        // stream before the graph, launched there; the graph's kernels read only this
+        // backend's arenas, alive while the graph is (`allocate` drops graphs first).
+        unsafe {
+            driver::memcpy_htod_sync(at, &[pos])
+                .map_err(|e| anyhow!("cannot set the replayed position: {e:?}"))?;
+            driver::graph::launch(graph.cu_graph_exec(), self.default_stream.cu_stream())
+                .map_err(|e| anyhow!("replaying a CUDA graph failed: {e:?}"))?;
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, recording: Recording) {
+        if recording.allocation == self.allocation && recording.index < self.graphs.len() {
+            self.bind();
+            self.graphs[recording.index] = None;
         }
     }
 

@@ -2,6 +2,10 @@
 (REFERENCE.md section 3) sampling with temperature 1, in two ways:
 
 - "pytorch-kv": a PyTorch loop with its own key/value cache (one token per step);
+- "pytorch-kv-graph" (--device cuda only): the same step with static shapes (attention over
+  the whole cache, later positions masked; the position a device tensor; sampling by an
+  exponential race, argmax of p / E with E ~ Exp(1)), captured once as a CUDA graph and
+  replayed at every position;
 - "hf-generate": Hugging Face ImageGPTForCausalImageModeling.generate() on a random model of
   the same size (skipped with a note if transformers is not installed).
 
@@ -68,6 +72,71 @@ def kv_loop(w, layers, d, heads, ctx, batch, kc, vc, steps):
     return out
 
 
+class StaticStep:
+    """One decoding step with every shape fixed, so a CUDA graph can replay it: inputs `x_in`
+    [batch, d] and the position `pos` (a one-element device tensor) in, the sampled tokens
+    `tok` [batch] out, the next input written back to `x_in`."""
+
+    def __init__(self, w, layers, d, heads, ctx, kc, vc):
+        self.w, self.layers, self.d, self.heads, self.ctx = w, layers, d, heads, ctx
+        self.kc, self.vc = kc, vc
+        batch, dev = kc.shape[1], kc.device
+        self.x_in = w["sos"].expand(batch, d).clone()
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.tok = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.logits = None
+        self.positions = torch.arange(ctx, device=dev)
+
+    def reset(self):
+        self.x_in.copy_(self.w["sos"].expand_as(self.x_in))
+
+    @torch.no_grad()
+    def __call__(self):
+        w, d, heads = self.w, self.d, self.heads
+        batch, hd = self.x_in.shape[0], d // heads
+        visible = (self.positions <= self.pos).view(1, 1, 1, self.ctx)
+        x = (self.x_in + w["wpe"].index_select(0, self.pos)).unsqueeze(1)
+        for i in range(self.layers):
+            q, k, v = (norm(x, w[f"{i}.ln_1"]) @ w[f"{i}.attn"]).split(d, dim=-1)
+            q, k, v = (z.view(batch, 1, heads, hd).transpose(1, 2) for z in (q, k, v))
+            self.kc[i].index_copy_(2, self.pos, k)
+            self.vc[i].index_copy_(2, self.pos, v)
+            y = F.scaled_dot_product_attention(q, self.kc[i], self.vc[i], attn_mask=visible)
+            x = x + y.transpose(1, 2).reshape(batch, 1, d) @ w[f"{i}.proj"]
+            m = norm(x, w[f"{i}.ln_2"]) @ w[f"{i}.fc"]
+            x = x + (m * torch.sigmoid(1.702 * m)) @ w[f"{i}.mproj"]
+        self.logits = norm(x[:, 0], w["ln_f"]) @ w["wtet"].T
+        probs = self.logits.float().softmax(-1)
+        # argmax of p / E, E ~ Exp(1), draws from p (and, unlike multinomial, records in a graph).
+        self.tok.copy_((probs / torch.empty_like(probs).exponential_()).argmax(-1))
+        self.x_in.copy_(w["wte"].index_select(0, self.tok))
+
+
+def capture(step):
+    """`step` captured as a CUDA graph, after a warm-up on a side stream as capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def replay(step, graph, steps):
+    """Samples positions 0..steps by replaying `graph`; returns the tokens [batch, steps]."""
+    out = torch.zeros(step.tok.shape[0], steps, dtype=torch.long, device=step.tok.device)
+    step.reset()
+    for pos in range(steps):
+        step.pos.fill_(pos)
+        graph.replay()
+        out[:, pos] = step.tok
+    return out
+
+
 def hf_model(layers, d, heads, vocab, ctx):
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
@@ -118,6 +187,17 @@ def main():
             t0 = clock(dev)
             kv_loop(w, a.layers, a.embd, a.heads, a.ctx, b, kc, vc, a.ctx)
             emit("pytorch-kv", b, b * a.ctx, clock(dev) - t0)
+            if dev.type == "cuda":
+                # Its failure is reported, and the other baselines still run.
+                try:
+                    step = StaticStep(w, a.layers, a.embd, a.heads, a.ctx, kc, vc)
+                    graph = capture(step)
+                    replay(step, graph, 16)
+                    t0 = clock(dev)
+                    replay(step, graph, a.ctx)
+                    emit("pytorch-kv-graph", b, b * a.ctx, clock(dev) - t0)
+                except Exception as e:
+                    print(json.dumps({"note": f"pytorch-kv-graph at batch {b} failed: {e!r}"}), flush=True)
     try:
         model = hf_model(a.layers, a.embd, a.heads, a.vocab, a.ctx).to(dev, dtype)
     except ImportError:

@@ -536,7 +536,10 @@ fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
         ) else {
             if let Some(note) = v["note"].as_str() {
                 println!("note: {note}");
-                report["notes"] = json!([note]);
+                match report["notes"].as_array_mut() {
+                    Some(notes) => notes.push(json!(note)),
+                    None => report["notes"] = json!([note]),
+                }
             }
             continue;
         };

@@ -368,10 +368,11 @@ pub trait Backend: Send {
     }
 }
 
-/// A backend's handle to recorded calls (see [`Backend::begin_recording`]): which recording,
-/// of which allocation of the backend's arenas.
+/// A backend's handle to recorded calls (see [`Backend::begin_recording`]): where the backend
+/// keeps the recording, and its number, unique for the backend's life (so a handle to a
+/// forgotten recording never replays the one kept in its place).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Recording {
     pub index: usize,
-    pub allocation: u64,
+    pub id: u64,
 }

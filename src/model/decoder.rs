@@ -24,10 +24,14 @@ struct Replays {
     off: bool,
     /// The backend does not record.
     unsupported: bool,
-    /// Why recording failed, after which steps run call by call.
+    /// Why recording or replaying failed, after which steps run call by call.
     failure: Option<String>,
     /// (sequences, recording), oldest first.
     kept: Vec<(usize, Recording)>,
+    /// The number of sequences the last step ran call by call for: a step is recorded the
+    /// second time in a row it comes, after the first has run (and warmed up the libraries
+    /// it calls, which must not first start up while being recorded).
+    ran_directly: Option<usize>,
 }
 
 /// Offsets in [`Arena::Acts`] of the step buffers (sized for a prefill chunk's rows) and the
@@ -371,6 +375,7 @@ impl Decoder {
     /// off runs every step call by call, for comparisons).
     pub fn set_replay(&mut self, on: bool) {
         self.replays.off = !on;
+        self.replays.failure = None;
         if !on {
             for (_, r) in self.replays.kept.drain(..) {
                 self.backend.forget(r);
@@ -606,6 +611,10 @@ impl Decoder {
         }
         let recording = match r.kept.iter().find(|(n, _)| *n == rows) {
             Some(&(_, recording)) => recording,
+            None if r.ran_directly != Some(rows) => {
+                self.replays.ran_directly = Some(rows);
+                return Ok(false);
+            }
             None => match self.record_step(rows, pos) {
                 Ok(Some(recording)) => recording,
                 Ok(None) => {
@@ -618,7 +627,10 @@ impl Decoder {
                 }
             },
         };
-        self.backend.replay(recording, pos)?;
+        if let Err(e) = self.backend.replay(recording, pos) {
+            self.replays.failure = Some(format!("{e:#}"));
+            return Ok(false);
+        }
         Ok(true)
     }
 
@@ -627,7 +639,17 @@ impl Decoder {
         if !self.backend.begin_recording()? {
             return Ok(None);
         }
-        self.compute_step(rows, pos);
+        // A panic while recording (a failed check) ends the recording before it goes on: a
+        // caller that survives it (the server) must find the backend issuing calls again.
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.compute_step(rows, pos)
+        }));
+        if let Err(panic) = step {
+            if let Ok(partial) = self.backend.end_recording() {
+                self.backend.forget(partial);
+            }
+            std::panic::resume_unwind(panic);
+        }
         let recording = self.backend.end_recording()?;
         if self.replays.kept.len() == KEPT_RECORDINGS {
             let (_, oldest) = self.replays.kept.remove(0);
@@ -717,22 +739,32 @@ mod replay_tests {
     struct Recorder {
         inner: CpuBackend,
         recording: Option<Vec<Call>>,
-        kept: Vec<Option<Vec<Call>>>,
-        allocation: u64,
+        kept: Vec<Option<(u64, Vec<Call>)>>,
+        next_id: u64,
         /// Whether `end_recording` fails (as a CUDA graph capture can).
         fail: bool,
+        /// Whether `replay` fails.
+        fail_replay: bool,
+        /// Whether the next call recorded panics (once).
+        panic_while_recording: bool,
         log: Arc<Mutex<Log>>,
     }
 
     impl Recorder {
         fn new(fail: bool) -> (Self, Arc<Mutex<Log>>) {
+            Self::failing(fail, false)
+        }
+
+        fn failing(fail: bool, fail_replay: bool) -> (Self, Arc<Mutex<Log>>) {
             let log = Arc::new(Mutex::new(Log::default()));
             let r = Recorder {
                 inner: CpuBackend::new(),
                 recording: None,
                 kept: Vec::new(),
-                allocation: 0,
+                next_id: 0,
                 fail,
+                fail_replay,
+                panic_while_recording: false,
                 log: log.clone(),
             };
             (r, log)
@@ -741,6 +773,9 @@ mod replay_tests {
         /// Runs a kernel call now at `pos`, or keeps it for replays.
         fn call(&mut self, pos: usize, f: impl Fn(&mut dyn Backend, usize) + Send + 'static) {
             match &mut self.recording {
+                Some(_) if std::mem::take(&mut self.panic_while_recording) => {
+                    panic!("a check failed while recording")
+                }
                 Some(calls) => calls.push(Box::new(f)),
                 None => f(&mut self.inner, pos),
             }
@@ -770,7 +805,6 @@ mod replay_tests {
         fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()> {
             self.direct("allocate");
             self.kept.clear();
-            self.allocation += 1;
             self.inner.allocate(sizes)
         }
         fn upload(&mut self, dst: View, src: &[f32]) {
@@ -939,16 +973,20 @@ mod replay_tests {
             let calls = self.recording.take().expect("a recording was begun");
             anyhow::ensure!(!self.fail, "the recorder was told to fail");
             self.log.lock().unwrap().recorded += 1;
-            self.kept.push(Some(calls));
+            self.next_id += 1;
+            self.kept.push(Some((self.next_id, calls)));
             Ok(Recording {
                 index: self.kept.len() - 1,
-                allocation: self.allocation,
+                id: self.next_id,
             })
         }
         fn replay(&mut self, r: Recording, pos: usize) -> anyhow::Result<()> {
             self.direct("replay");
-            anyhow::ensure!(r.allocation == self.allocation, "a stale recording");
-            let calls = self.kept[r.index].as_ref().expect("a kept recording");
+            anyhow::ensure!(!self.fail_replay, "the recorder was told to fail replays");
+            let Some((id, calls)) = &self.kept[r.index] else {
+                panic!("replay of a forgotten recording")
+            };
+            assert_eq!(*id, r.id, "replay of a forgotten recording");
             for call in calls {
                 call(&mut self.inner, pos);
             }
@@ -1014,11 +1052,12 @@ mod replay_tests {
             assert_eq!(got, want, "{precision:?}");
             assert!(replayed.replaying() && replayed.replay_failure().is_none());
             let log = log.lock().unwrap();
-            // One recording per number of sequences (3, then 2), every step replayed at its
-            // own position.
+            // One recording per number of sequences (3, then 2), made at the second step of
+            // each; every later step replayed at its own position.
             let t = model().n_ctx();
             assert_eq!(log.recorded, 2);
-            assert_eq!(log.replayed, (0..t).collect::<Vec<_>>());
+            let positions: Vec<usize> = (1..t).filter(|&p| p != 6).collect();
+            assert_eq!(log.replayed, positions);
         }
     }
 
@@ -1040,6 +1079,47 @@ mod replay_tests {
     }
 
     #[test]
+    fn a_failed_replay_falls_back_to_running_each_call() {
+        let (recorder, log) = Recorder::failing(false, true);
+        let mut replayed = decoder(Box::new(recorder), Precision::F32);
+        let mut direct = decoder(Box::new(CpuBackend::new()), Precision::F32);
+        let (got, want) = run_both(&mut replayed, &mut direct);
+        assert_eq!(got, want);
+        assert!(
+            replayed
+                .replay_failure()
+                .is_some_and(|e| e.contains("fail replays"))
+        );
+        // Recorded once, then never again after the failed replay.
+        assert_eq!(log.lock().unwrap().recorded, 1);
+        replayed.set_replay(true);
+        assert!(
+            replayed.replay_failure().is_none(),
+            "turning replays on retries"
+        );
+    }
+
+    #[test]
+    fn a_panic_while_recording_leaves_the_backend_issuing_calls() {
+        let (mut recorder, log) = Recorder::new(false);
+        recorder.panic_while_recording = true;
+        let mut dec = decoder(Box::new(recorder), Precision::F32);
+        dec.step(&[0; 3]).unwrap();
+        // The second step records, and panics; a caller that survives it steps on.
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = dec.step(&[1; 3]);
+        }));
+        assert!(caught.is_err());
+        dec.reset();
+        let mut direct = decoder(Box::new(CpuBackend::new()), Precision::F32);
+        let (got, want) = run_both(&mut dec, &mut direct);
+        assert_eq!(got, want);
+        // The interrupted recording is freed; the whole image makes two more.
+        let log = log.lock().unwrap();
+        assert_eq!((log.recorded, log.forgotten), (3, 1));
+    }
+
+    #[test]
     fn replays_can_be_turned_off_and_on() {
         let (recorder, log) = Recorder::new(false);
         let mut replayed = decoder(Box::new(recorder), Precision::F32);
@@ -1052,7 +1132,7 @@ mod replay_tests {
         {
             let log = log.lock().unwrap();
             assert_eq!(log.forgotten, 2, "turning replays off frees the recordings");
-            assert_eq!(log.replayed.len(), model().n_ctx());
+            assert_eq!(log.replayed.len(), model().n_ctx() - 2);
         }
         replayed.set_replay(true);
         let (got, want) = run_both(&mut replayed, &mut direct);

@@ -240,12 +240,13 @@ pub struct CudaBackend {
     kernels: Kernels,
     blas: blas_sys::cublasHandle_t,
     arenas: Option<Arenas>,
-    /// Counts calls of `allocate`: a recording names the arenas it was made on.
-    allocation: u64,
     recording: bool,
     /// The first error of a call while recording (which must not panic half-captured).
     recording_error: RefCell<Option<String>>,
-    graphs: Vec<Option<CudaGraph>>,
+    /// Recordings (and their ids) by index; `allocate` drops them all.
+    graphs: Vec<Option<(u64, CudaGraph)>>,
+    /// The id of the next recording.
+    next_recording: u64,
     n_tokens: usize,
     weighted: bool,
 }
@@ -335,10 +336,10 @@ impl CudaBackend {
             kernels,
             blas: handle,
             arenas: None,
-            allocation: 0,
             recording: false,
             recording_error: RefCell::new(None),
             graphs: Vec::new(),
+            next_recording: 0,
             n_tokens: 0,
             weighted: false,
         })
@@ -645,7 +646,6 @@ impl Backend for CudaBackend {
         // Recordings point into the old arenas. Free those first, so re-planning does not
         // need both at once, with cuBLAS off their workspace.
         self.graphs.clear();
-        self.allocation += 1;
         let old = self.arenas.take();
         self.blas_on(&self.default_stream)
             .map_err(|e| anyhow!("cannot set up cuBLAS: {e:?}"))?;
@@ -1427,8 +1427,11 @@ impl Backend for CudaBackend {
                 s
             }
         };
-        self.blas_on(&side)
-            .map_err(|e| anyhow!("cannot point cuBLAS at the recording stream: {e:?}"))?;
+        if let Err(e) = self.blas_on(&side) {
+            // Back where every other call goes, whatever half of the switch happened.
+            let _ = self.blas_on(&self.default_stream);
+            bail!("cannot point cuBLAS at the recording stream: {e:?}");
+        }
         // Thread-local: only this thread's calls are captured or checked.
         let mode = driver_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         if let Err(e) = side.begin_capture(mode) {
@@ -1462,20 +1465,19 @@ impl Backend for CudaBackend {
                 self.graphs.len() - 1
             }
         };
-        self.graphs[index] = Some(graph);
-        Ok(Recording {
-            index,
-            allocation: self.allocation,
-        })
+        let id = self.next_recording;
+        self.next_recording += 1;
+        self.graphs[index] = Some((id, graph));
+        Ok(Recording { index, id })
     }
 
     fn replay(&mut self, recording: Recording, pos: usize) -> Result<()> {
         self.not_recording("replay");
-        let graph = self
+        let (_, graph) = self
             .graphs
             .get(recording.index)
             .and_then(Option::as_ref)
-            .filter(|_| recording.allocation == self.allocation)
+            .filter(|(id, _)| *id == recording.id)
             .ok_or_else(|| anyhow!("recording {recording:?} is gone (forgotten or re-planned)"))?;
         let pos = i32::try_from(pos).map_err(|_| anyhow!("position {pos} is beyond i32"))?;
         let at = self.arenas().position.ptr;
@@ -1493,7 +1495,8 @@ impl Backend for CudaBackend {
     }
 
     fn forget(&mut self, recording: Recording) {
-        if recording.allocation == self.allocation && recording.index < self.graphs.len() {
+        let kept = self.graphs.get(recording.index).and_then(Option::as_ref);
+        if kept.is_some_and(|(id, _)| *id == recording.id) {
             self.bind();
             self.graphs[recording.index] = None;
         }

@@ -392,8 +392,8 @@ impl Decoder {
             && !self.replays.kept.is_empty()
     }
 
-    /// Why steps are not replayed on a backend that records: recording failed (steps then run
-    /// call by call, with the same results).
+    /// Why steps are not replayed on a backend that records: recording or a replay failed
+    /// (steps then run call by call, with the same results; [`Decoder::set_replay`] retries).
     pub fn replay_failure(&self) -> Option<&str> {
         self.replays.failure.as_deref()
     }
@@ -602,8 +602,8 @@ impl Decoder {
     }
 
     /// Queues the step for `rows` sequences at `pos` from its recording, recording it first;
-    /// false where steps are not replayed (off, not recorded by this backend, or recording
-    /// failed: the caller runs the step's calls itself).
+    /// false where the step is not replayed (replays off, a backend that does not record, the
+    /// first step of this many sequences, or a failure: the caller runs the step's calls).
     fn replay_step(&mut self, rows: usize, pos: usize) -> anyhow::Result<bool> {
         let r = &self.replays;
         if r.off || r.unsupported || r.failure.is_some() {

@@ -4,6 +4,11 @@
 use crate::model::Decoder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+/// Rows of one step drawn on one thread before the step's draws are split among threads:
+/// below it, handing rows to other threads costs more than drawing them.
+const ROWS_PER_THREAD: usize = 8;
 
 /// How the next colour is drawn from the model's distribution.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,11 +79,14 @@ pub fn sample_token(
     );
     let restricted = opts.top_k > 0 && opts.top_k < probs.len() || opts.top_p < 1.0;
     if restricted {
-        // Most likely first; ties broken by colour index so the order is fixed.
-        probs.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        // Most likely first; ties broken by colour index, so the order is total and fixed.
+        let order = |a: &(f32, u16), b: &(f32, u16)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if opts.top_k > 0 && opts.top_k < probs.len() {
+            // The k first of that order, found without sorting the rest.
+            probs.select_nth_unstable_by(opts.top_k - 1, order);
             probs.truncate(opts.top_k);
         }
+        probs.sort_unstable_by(order);
         if opts.top_p < 1.0 {
             let total: f32 = probs.iter().map(|p| p.0).sum();
             let mut acc = 0.0;
@@ -109,6 +117,44 @@ pub fn sample_token(
         .rev()
         .find(|p| p.0 > 0.0)
         .map_or_else(argmax, |p| p.1)
+}
+
+/// The tokens of one decoding step at position `pos`: row r of `logits` (`[rows, v]`) is image
+/// `images[live[r]]`, whose token is its known one where its prefix reaches `pos` (with that
+/// token's negative log-likelihood) or one drawn with its options from `rngs[r]`, its own
+/// stream. Many rows are drawn in parallel; each row's draw depends only on its own logits and
+/// stream, so the tokens are the same on any number of threads.
+pub fn next_tokens(
+    logits: &[f32],
+    live: &[usize],
+    images: &[ImageSpec],
+    pos: usize,
+    rngs: &mut [ChaCha8Rng],
+) -> Vec<(u16, Option<f64>)> {
+    let rows = live.len();
+    assert!(rngs.len() == rows && rows > 0 && logits.len().is_multiple_of(rows));
+    let v = logits.len() / rows;
+    let draw = |probs: &mut Vec<(f32, u16)>, (r, rng): (usize, &mut ChaCha8Rng)| {
+        let z = &logits[r * v..(r + 1) * v];
+        let image = &images[live[r]];
+        match image.prefix.get(pos) {
+            Some(&given) => (given, Some(neg_log_prob(z, given))),
+            None => (sample_token(z, &image.opts, rng, probs), None),
+        }
+    };
+    if rows < 2 * ROWS_PER_THREAD || rayon::current_num_threads() == 1 {
+        let mut probs = Vec::with_capacity(v);
+        return rngs
+            .iter_mut()
+            .enumerate()
+            .map(|row| draw(&mut probs, row))
+            .collect();
+    }
+    rngs.par_iter_mut()
+        .enumerate()
+        .with_min_len(ROWS_PER_THREAD)
+        .map_init(|| Vec::with_capacity(v), draw)
+        .collect()
 }
 
 /// The random stream of image `index`: one per image, so an image does not depend on which
@@ -205,6 +251,7 @@ pub fn generate_images(
             im.prefix.len()
         );
     }
+    // Decoder row r's stream, as `live` and `prev` are its image and last token.
     let mut rngs: Vec<ChaCha8Rng> = images
         .iter()
         .map(|im| image_rng(im.opts.seed, im.stream))
@@ -216,7 +263,6 @@ pub fn generate_images(
     };
     let mut wanted = vec![true; n];
     let mut prev = vec![0u16; n];
-    let mut probs = Vec::with_capacity(decoder.cfg.n_vocab);
     let mut first: Vec<u16> = Vec::with_capacity(n * prefill);
     for (b, im) in images.iter().enumerate() {
         first.extend_from_slice(&im.prefix[..prefill]);
@@ -242,19 +288,15 @@ pub fn generate_images(
             decoder.retain(&keep)?;
             live = keep.iter().map(|&r| live[r]).collect();
             prev = keep.iter().map(|&r| prev[r]).collect();
+            rngs = keep.iter().map(|&r| rngs[r].clone()).collect();
         }
         let logits = decoder.step(&prev)?;
-        let v = logits.len() / live.len();
-        for (r, &i) in live.iter().enumerate() {
-            let z = &logits[r * v..(r + 1) * v];
-            let tok = match images[i].prefix.get(pos) {
-                Some(&given) => {
-                    out.nats[i] += neg_log_prob(z, given);
-                    out.scored[i] += 1;
-                    given
-                }
-                None => sample_token(z, &images[i].opts, &mut rngs[i], &mut probs),
-            };
+        let drawn = next_tokens(logits, &live, images, pos, &mut rngs);
+        for (r, (&i, (tok, nats))) in live.iter().zip(drawn).enumerate() {
+            if let Some(nats) = nats {
+                out.nats[i] += nats;
+                out.scored[i] += 1;
+            }
             out.tokens[i * t + pos] = tok;
             prev[r] = tok;
         }

@@ -395,3 +395,104 @@ fn sample_complete_and_score_commands() {
     let nll = e.forward(&tokens).unwrap() / 36.0;
     assert!((nll - scores[2]).abs() < 1e-5, "{nll} vs {}", scores[2]);
 }
+
+/// `sample_token` as it was written first: the whole palette sorted, then cut to k and p.
+fn reference_token(logits: &[f32], opts: &SampleOptions, rng: &mut impl Rng) -> u16 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(f32, u16)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &z)| (((z - max) / opts.temperature).exp(), i as u16))
+        .collect();
+    probs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    if opts.top_k > 0 {
+        probs.truncate(opts.top_k);
+    }
+    let total: f32 = probs.iter().map(|p| p.0).sum();
+    let mut acc = 0.0;
+    let keep = probs
+        .iter()
+        .position(|p| {
+            acc += p.0 / total;
+            acc >= opts.top_p
+        })
+        .map_or(probs.len(), |i| i + 1);
+    probs.truncate(keep);
+    let total: f32 = probs.iter().map(|p| p.0).sum();
+    let mut u = rng.random::<f32>() * total;
+    for &(p, id) in &probs {
+        if u < p {
+            return id;
+        }
+        u -= p;
+    }
+    probs.iter().rev().find(|p| p.0 > 0.0).unwrap().1
+}
+
+#[test]
+fn top_k_by_selection_draws_what_sorting_the_palette_draws() {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut probs = Vec::new();
+    for case in 0..400u64 {
+        // 512 colours; a few logits repeated so ties need the colour-index order.
+        let mut logits: Vec<f32> = (0..512).map(|_| r.random::<f32>() * 6.0).collect();
+        for i in 0..40 {
+            logits[i * 7 + 3] = logits[i];
+        }
+        let opts = SampleOptions {
+            temperature: [0.7, 1.0, 1.3][case as usize % 3],
+            top_k: [2, 5, 40, 511][case as usize % 4],
+            top_p: [1.0, 0.9, 0.5][case as usize % 3],
+            seed: 0,
+        };
+        let mut a = sample::image_rng(1, case);
+        let mut b = sample::image_rng(1, case);
+        for _ in 0..5 {
+            let got = sample::sample_token(&logits, &opts, &mut a, &mut probs);
+            assert_eq!(got, reference_token(&logits, &opts, &mut b), "{opts:?}");
+        }
+    }
+}
+
+#[test]
+fn rows_drawn_on_many_threads_give_the_images_of_one_thread() {
+    // Enough rows for the draws to be split among threads; some images dropped part-way
+    // (decoder rows and their random streams move down).
+    let opts = SampleOptions {
+        seed: 5,
+        top_k: 4,
+        top_p: 0.9,
+        temperature: 1.1,
+    };
+    let n = 40;
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let specs: Vec<sample::ImageSpec> = (0..n)
+                .map(|i| sample::ImageSpec {
+                    prefix: &[],
+                    opts,
+                    stream: i as u64,
+                })
+                .collect();
+            sample::generate_images(&mut decoder(n), &specs, 0, |row, _, wanted| {
+                if row == 1 {
+                    for i in (0..n).step_by(3) {
+                        wanted[i] = false;
+                    }
+                }
+            })
+            .unwrap()
+            .tokens
+        })
+    };
+    let one = run(1);
+    assert_eq!(run(4), one);
+    // A kept image is the image made alone.
+    let t = 25;
+    let alone = sample::generate(&mut decoder(1), &[&[]], &opts, 7, |_, _| {}).unwrap();
+    assert_eq!(&one[7 * t..8 * t], &alone[..]);
+}

@@ -433,6 +433,74 @@ fn time_generation(
     })
 }
 
+/// The host's share of a generation step: drawing every image's next colour from its logits
+/// (random logits of the model's palette), per batch size, on one thread and on every thread,
+/// at temperature 1 and with top-k 40 and top-p 0.9. Prints a line per batch; returns the
+/// numbers for the JSON report.
+fn time_sampling(model: &ModelConfig, batches: &[usize]) -> Result<serde_json::Value> {
+    use igpt::sample::{ImageSpec, SampleOptions, image_rng, next_tokens};
+    use rand::{Rng, SeedableRng};
+    let threads = rayon::current_num_threads();
+    let one_thread = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .context("cannot start a thread pool")?;
+    let plain = SampleOptions::default();
+    let restricted = SampleOptions {
+        top_k: 40,
+        top_p: 0.9,
+        ..plain
+    };
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let mut out = Vec::new();
+    for &batch in batches {
+        let logits: Vec<f32> = (0..batch * model.n_vocab)
+            .map(|_| r.random::<f32>() * 8.0)
+            .collect();
+        let live: Vec<usize> = (0..batch).collect();
+        let per_step = |opts: SampleOptions, pool: Option<&rayon::ThreadPool>| {
+            let specs: Vec<ImageSpec> = (0..batch as u64)
+                .map(|stream| ImageSpec {
+                    prefix: &[],
+                    opts,
+                    stream,
+                })
+                .collect();
+            let mut rngs: Vec<_> = (0..batch as u64).map(|i| image_rng(0, i)).collect();
+            let mut run = || {
+                let steps = 200;
+                let t0 = Instant::now();
+                for pos in 0..steps {
+                    std::hint::black_box(next_tokens(&logits, &live, &specs, pos, &mut rngs));
+                }
+                t0.elapsed().as_secs_f64() / steps as f64 * 1e6
+            };
+            match pool {
+                Some(p) => p.install(run),
+                None => run(),
+            }
+        };
+        let row = serde_json::json!({
+            "batch": batch,
+            "us_per_step_one_thread": per_step(plain, Some(&one_thread)),
+            "us_per_step_all_threads": per_step(plain, None),
+            "top_k_top_p_us_per_step_one_thread": per_step(restricted, Some(&one_thread)),
+            "top_k_top_p_us_per_step_all_threads": per_step(restricted, None),
+        });
+        let us = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "host sampling, batch {batch:>3}: {:.1} us per step on 1 thread, {:.1} on {threads}; \
+             with top-k 40 and top-p 0.9: {:.1} and {:.1}",
+            us("us_per_step_one_thread"),
+            us("us_per_step_all_threads"),
+            us("top_k_top_p_us_per_step_one_thread"),
+            us("top_k_top_p_us_per_step_all_threads"),
+        );
+        out.push(row);
+    }
+    Ok(serde_json::Value::Array(out))
+}
+
 fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
     use serde_json::json;
     let threads = rayon::current_num_threads();
@@ -510,6 +578,8 @@ fn generate(b: GenerateBench, dev: &Device) -> Result<()> {
             }
         }
     }
+    report["sampling"] = time_sampling(&model, &b.batches)?;
+    write_json(b.json.as_deref(), &report)?;
     if b.runs.no_python {
         return Ok(());
     }

@@ -255,6 +255,12 @@ fn generate_all(
     let bar = pixel_bar((n * cfg.n_ctx()) as u64, "pixels");
     let out = sample::generate_all(&mut dec, prefixes, &opts, |done| bar.set_position(done))?;
     bar.finish_and_clear();
+    if let Some(why) = dec.replay_failure() {
+        eprintln!(
+            "note: {dev} ran each decoding step call by call, without CUDA graphs (same \
+             images, slower): {why}"
+        );
+    }
     Ok(out)
 }
 

@@ -82,7 +82,14 @@ fn a_failed_step_is_reported_and_the_next_ones_still_run() {
         .collect();
     assert_eq!(
         names,
-        ["nvidia-smi", "libraries", "selftest", "train", "generate"]
+        [
+            "nvidia-smi",
+            "libraries",
+            "selftest",
+            "train",
+            "train-large",
+            "generate"
+        ]
     );
     let train = step(&summary, "train");
     assert_eq!(train["exit_code"], 3, "{summary}");
@@ -130,6 +137,13 @@ fn every_step_passing_gives_exit_code_zero_and_igpt_sees_the_libraries() {
         log.contains("LD_LIBRARY_PATH=/fake/nvidia/cublas/lib"),
         "{log}"
     );
+    // iGPT-L's shape, igpt alone.
+    let log = std::fs::read_to_string(dir.join("out/train-large.log")).unwrap();
+    assert!(
+        log.contains("bench train --shape large") && log.contains("--no-torch"),
+        "{log}"
+    );
+    assert_eq!(step(&summary, "train-large")["json"]["bench"], "train");
     let log = std::fs::read_to_string(dir.join("out/generate.log")).unwrap();
     assert!(log.contains("--batches 1 64"), "{log}");
     assert!(stdout.contains("all steps passed"), "{stdout}");
@@ -141,7 +155,7 @@ fn a_missing_binary_fails_every_igpt_step_but_still_writes_the_summary() {
     let dir = tempdir("gpu-check-missing");
     let (o, summary) = check(&dir, None, Some(&dir.join("no-such-igpt")));
     assert_eq!(o.status.code(), Some(1));
-    for name in ["selftest", "train", "generate"] {
+    for name in ["selftest", "train", "train-large", "generate"] {
         assert_eq!(step(&summary, name)["exit_code"], 127, "{summary}");
     }
     assert_eq!(step(&summary, "libraries")["exit_code"], 0, "{summary}");

@@ -115,6 +115,10 @@ pub enum Shape {
     Tiny,
     /// iGPT-S: 24 layers, d=512, 8 heads (76 M parameters).
     Small,
+    /// iGPT-M: 36 layers, d=1024, 8 heads (455 M parameters).
+    Medium,
+    /// iGPT-L: 48 layers, d=1536, 16 heads (1.36 B parameters).
+    Large,
 }
 
 /// The model the benchmarks use (a shape, 512 RGB colours, 32x32), any part overridden.
@@ -140,6 +144,8 @@ impl BenchModel {
         let (layers, embd, heads) = match self.shape {
             Shape::Tiny => (8, 256, 8),
             Shape::Small => (24, 512, 8),
+            Shape::Medium => (36, 1024, 8),
+            Shape::Large => (48, 1536, 16),
         };
         let cfg = ModelConfig {
             n_layer: self.layers.unwrap_or(layers),

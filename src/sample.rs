@@ -123,14 +123,16 @@ pub fn sample_token(
 /// `images[live[r]]`, whose token is its known one where its prefix reaches `pos` (with that
 /// token's negative log-likelihood) or one drawn with its options from `rngs[r]`, its own
 /// stream. Many rows are drawn in parallel; each row's draw depends only on its own logits and
-/// stream, so the tokens are the same on any number of threads.
+/// stream, so the tokens are the same on any number of threads. `drawn` receives one entry per
+/// row; it and each thread's scratch keep their memory from step to step.
 pub fn next_tokens(
     logits: &[f32],
     live: &[usize],
     images: &[ImageSpec],
     pos: usize,
     rngs: &mut [ChaCha8Rng],
-) -> Vec<(u16, Option<f64>)> {
+    drawn: &mut Vec<(u16, Option<f64>)>,
+) {
     let rows = live.len();
     assert!(rngs.len() == rows && rows > 0 && logits.len().is_multiple_of(rows));
     let v = logits.len() / rows;
@@ -142,19 +144,21 @@ pub fn next_tokens(
             None => (sample_token(z, &image.opts, rng, probs), None),
         }
     };
-    if rows < 2 * ROWS_PER_THREAD || rayon::current_num_threads() == 1 {
-        let mut probs = Vec::with_capacity(v);
-        return rngs
-            .iter_mut()
-            .enumerate()
-            .map(|row| draw(&mut probs, row))
-            .collect();
+    thread_local! {
+        static PROBS: std::cell::RefCell<Vec<(f32, u16)>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    rngs.par_iter_mut()
-        .enumerate()
-        .with_min_len(ROWS_PER_THREAD)
-        .map_init(|| Vec::with_capacity(v), draw)
-        .collect()
+    let draw = |row| PROBS.with(|p| draw(&mut p.borrow_mut(), row));
+    drawn.clear();
+    if rows < 2 * ROWS_PER_THREAD || rayon::current_num_threads() == 1 {
+        drawn.extend(rngs.iter_mut().enumerate().map(draw));
+    } else {
+        drawn.par_extend(
+            rngs.par_iter_mut()
+                .enumerate()
+                .with_min_len(ROWS_PER_THREAD)
+                .map(draw),
+        );
+    }
 }
 
 /// The random stream of image `index`: one per image, so an image does not depend on which
@@ -263,6 +267,7 @@ pub fn generate_images(
     };
     let mut wanted = vec![true; n];
     let mut prev = vec![0u16; n];
+    let mut drawn = Vec::with_capacity(n);
     let mut first: Vec<u16> = Vec::with_capacity(n * prefill);
     for (b, im) in images.iter().enumerate() {
         first.extend_from_slice(&im.prefix[..prefill]);
@@ -291,8 +296,8 @@ pub fn generate_images(
             rngs = keep.iter().map(|&r| rngs[r].clone()).collect();
         }
         let logits = decoder.step(&prev)?;
-        let drawn = next_tokens(logits, &live, images, pos, &mut rngs);
-        for (r, (&i, (tok, nats))) in live.iter().zip(drawn).enumerate() {
+        next_tokens(logits, &live, images, pos, &mut rngs, &mut drawn);
+        for (r, (&i, &(tok, nats))) in live.iter().zip(&drawn).enumerate() {
             if let Some(nats) = nats {
                 out.nats[i] += nats;
                 out.scored[i] += 1;

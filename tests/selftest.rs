@@ -177,6 +177,12 @@ impl Backend for Faulty {
     fn upload(&mut self, dst: View, src: &[f32]) {
         self.cpu.upload(dst, src)
     }
+    fn adopt_params(&mut self, params: Vec<f32>) -> anyhow::Result<()> {
+        self.cpu.adopt_params(params)
+    }
+    fn release_params(&mut self, len: usize) -> Vec<f32> {
+        self.cpu.release_params(len)
+    }
     fn download(&self, src: View, dst: &mut [f32]) {
         self.cpu.download(src, dst)
     }

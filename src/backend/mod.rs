@@ -183,11 +183,11 @@ pub trait Backend: Send {
     /// than aborting, when the memory is not there.
     fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()>;
     fn upload(&mut self, dst: View, src: &[f32]);
-    /// Makes `params` the parameter arena. A backend that keeps parameters in host memory
-    /// takes the buffer as it is (no second copy of a large model); others upload it.
-    fn adopt_params(&mut self, params: Vec<f32>) {
-        self.upload(View::new(Arena::Params, 0, params.len()), &params);
-    }
+    /// Makes `params` the parameter arena, after [`Backend::allocate`] was told to allocate
+    /// none (`ArenaSizes::params` 0). A backend that keeps parameters in host memory takes
+    /// the buffer as it is (no second copy of a large model); others allocate the arena and
+    /// upload it, failing when the memory is not there.
+    fn adopt_params(&mut self, params: Vec<f32>) -> anyhow::Result<()>;
     /// Hands the parameter arena (`len` elements) back to the host, leaving the backend without
     /// it: a backend that adopted the buffer returns it as it is; others download it.
     fn release_params(&mut self, len: usize) -> Vec<f32> {

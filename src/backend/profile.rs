@@ -139,7 +139,7 @@ impl Backend for Profiled {
     fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()> {
         self.inner.allocate(sizes)
     }
-    fn adopt_params(&mut self, params: Vec<f32>) {
+    fn adopt_params(&mut self, params: Vec<f32>) -> anyhow::Result<()> {
         timed!(self, adopt_params(params))
     }
     fn release_params(&mut self, len: usize) -> Vec<f32> {

@@ -297,7 +297,7 @@ impl Decoder {
         );
         backend.allocate(sizes)?;
         if let Some(p) = params.take() {
-            backend.adopt_params(p);
+            backend.adopt_params(p)?;
         }
         Weights::pack(backend.as_mut(), &pack_jobs);
         Ok(Self {
@@ -811,7 +811,7 @@ mod replay_tests {
             self.direct("upload");
             self.inner.upload(dst, src)
         }
-        fn adopt_params(&mut self, params: Vec<f32>) {
+        fn adopt_params(&mut self, params: Vec<f32>) -> anyhow::Result<()> {
             self.direct("adopt_params");
             self.inner.adopt_params(params)
         }

@@ -283,7 +283,7 @@ impl Engine {
             max_width: d,
         })?;
         if let Some(p) = params.take() {
-            backend.adopt_params(p);
+            backend.adopt_params(p)?;
         }
         Weights::pack(backend.as_mut(), &pack_jobs);
         let update_views = layout

@@ -180,8 +180,9 @@ impl Backend for CpuBackend {
         bf16::packed_len(k, n)
     }
 
-    fn adopt_params(&mut self, params: Vec<f32>) {
+    fn adopt_params(&mut self, params: Vec<f32>) -> anyhow::Result<()> {
         self.params = params;
+        Ok(())
     }
 
     fn release_params(&mut self, len: usize) -> Vec<f32> {

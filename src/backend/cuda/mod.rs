@@ -728,6 +728,29 @@ impl Backend for CudaBackend {
         ok(unsafe { driver::memcpy_htod_sync(ptr, src) }, "upload");
     }
 
+    fn adopt_params(&mut self, params: Vec<f32>) -> Result<()> {
+        self.not_recording("adopt_params");
+        self.bind();
+        let bytes = 4 * params.len();
+        let ordinal = self.gpu.ordinal;
+        let arenas = self
+            .arenas
+            .as_mut()
+            .ok_or_else(|| anyhow!("parameters given before the arenas were allocated"))?;
+        // `allocate` was told the parameters come here, so it made no room for them.
+        if arenas.params.bytes < bytes {
+            arenas.params = Buffer::new(&self.ctx, bytes).map_err(|e| {
+                anyhow!(
+                    "cannot allocate {:.2} GB for the model's parameters on cuda:{ordinal} \
+                     ({e:?}): use a smaller model or free the GPU",
+                    bytes as f64 * 1e-9
+                )
+            })?;
+        }
+        self.upload(View::new(Arena::Params, 0, params.len()), &params);
+        Ok(())
+    }
+
     fn download(&self, src: View, dst: &mut [f32]) {
         assert!(
             src.len == dst.len() && src.dtype == DType::F32,

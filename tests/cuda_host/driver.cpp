@@ -1,0 +1,817 @@
+// A CUDA driver and cuBLAS for a machine without a GPU: the parts of libcuda and libcublas
+// that igpt's CUDA backend (src/backend/cuda) calls through cudarc, with igpt's kernels
+// (kernels.cu, compiled for the CPU through shim.h) standing in for the PTX. Built as one
+// shared library that answers to the names cudarc looks for (libcuda.so, libcublas.so,
+// libcublasLt.so), it lets the real `igpt --device cuda` run here: every launch, argument
+// list, grid, copy, cuBLAS product and CUDA graph of the Rust side, checked where a GPU
+// would fail or misbehave.
+//
+//   g++ -std=c++17 -O2 -pthread -fPIC -shared -fno-extern-tls-init -I DIR \
+//       tests/cuda_host/driver.cpp -o DIR/libcuda.so
+//
+// DIR holds kernel_list.inc, one KERNEL(name) per kernel of kernels.cu
+// (tests/cuda_on_host.rs writes it from the source).
+//
+// What it checks, as a GPU or its driver would:
+//   - device memory: every allocation sits against an unmapped page, so a kernel or copy
+//     that runs past its end faults; every pointer a launch, copy or product is given must
+//     lie in a live allocation (or be null), with the bytes a copy or product touches;
+//   - launches: the function was loaded from the PTX the backend gave (its `.entry` is in the
+//     module), grids and blocks within the limits of compute capability 9.0, dynamic shared
+//     memory within the 48 KiB a kernel has unless cuFuncSetAttribute raised it;
+//   - products: cuBLAS's argument rules (leading dimensions, operand and compute types), the
+//     column-major definition of a strided batched product, beta = 0 never reading C, and
+//     FAST_16BF rounding its operands to bfloat16;
+//   - CUDA graphs: while a stream captures, its launches, products and asynchronous copies
+//     are recorded with their arguments' values, not run; a call that would synchronise or
+//     allocate (a synchronous copy, cuMemAlloc, cuCtxSynchronize) from the capturing thread
+//     fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates the capture, as in
+//     CU_STREAM_CAPTURE_MODE_THREAD_LOCAL; a product recorded into a graph needs a workspace
+//     set with cublasSetWorkspace after the last cublasSetStream (which resets it), or cuBLAS
+//     would allocate during capture.
+// What it does not check: timing, and the order of work between streams (everything runs
+// when it is issued, so a missing wait between two streams goes unseen).
+//
+// Environment: CUDA_HOST_MEMORY_BYTES sets the device's memory (default 8 GiB).
+
+#include "shim.h"
+
+#ifdef KERNELS_CU
+#include KERNELS_CU
+#else
+#include "../../src/backend/cuda/kernels.cu"
+#endif
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <tuple>
+#include <utility>
+
+namespace fake {
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+
+enum : CUresult {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_NOT_INITIALIZED = 3,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_IMAGE = 200,
+    CUDA_ERROR_INVALID_CONTEXT = 201,
+    CUDA_ERROR_INVALID_PTX = 218,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_ILLEGAL_STATE = 401,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_ILLEGAL_ADDRESS = 700,
+    CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+    CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901,
+    CUDA_ERROR_STREAM_CAPTURE_UNMATCHED = 903,
+    CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD = 908,
+};
+
+// Says why a call failed, on stderr, so a failing run names the rule it broke.
+CUresult refuse(CUresult code, const char* call, const std::string& why) {
+    fprintf(stderr, "cuda_host driver: %s fails (%d): %s\n", call, code, why.c_str());
+    return code;
+}
+
+std::recursive_mutex lock;
+#define GUARD std::lock_guard<std::recursive_mutex> guard(lock)
+
+// ---------------------------------------------------------------------------------------
+// Device memory: host pages, each allocation ending where an unmapped page begins.
+
+struct Allocation {
+    void* map;
+    size_t map_bytes;
+    size_t bytes;
+};
+std::map<uintptr_t, Allocation> allocations;  // by start address
+size_t allocated = 0;
+
+size_t memory_bytes() {
+    const char* s = getenv("CUDA_HOST_MEMORY_BYTES");
+    return s ? strtoull(s, nullptr, 10) : (size_t)8 << 30;
+}
+
+// Whether [p, p + bytes) lies inside one live allocation.
+bool in_allocation(uintptr_t p, size_t bytes) {
+    auto it = allocations.upper_bound(p);
+    if (it == allocations.begin()) return false;
+    --it;
+    return p >= it->first && p + bytes <= it->first + it->second.bytes;
+}
+
+std::string hex(uintptr_t p) {
+    char s[32];
+    snprintf(s, sizeof s, "%#llx", (unsigned long long)p);
+    return s;
+}
+
+// ---------------------------------------------------------------------------------------
+// Streams, capture and graphs. Work runs as it is issued, except on a capturing stream,
+// where it is recorded.
+
+using Job = std::function<void()>;
+
+struct Stream {
+    bool capturing = false;
+    bool invalidated = false;
+    int mode = 0;  // CUstreamCaptureMode: 0 global, 1 thread-local, 2 relaxed
+    std::thread::id owner;
+    std::vector<Job> jobs;
+};
+Stream legacy_stream;  // the null stream
+std::set<Stream*> streams;
+
+Stream* stream_of(void* s) { return s ? static_cast<Stream*>(s) : &legacy_stream; }
+
+struct Graph {
+    std::vector<Job> jobs;
+};
+
+// The stream capturing in a mode that forbids `call` from this thread, if any: it is
+// invalidated and the call fails.
+CUresult forbidden_while_capturing(const char* call) {
+    for (Stream* s : streams) {
+        if (!s->capturing) continue;
+        bool applies = s->mode == 0 || (s->mode == 1 && s->owner == std::this_thread::get_id());
+        if (applies) {
+            s->invalidated = true;
+            return refuse(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, call,
+                          "not allowed while a stream captures a graph (it would synchronise "
+                          "or allocate); the capture is now invalid");
+        }
+    }
+    return CUDA_SUCCESS;
+}
+
+// Runs `job` now, or records it if `stream` captures.
+void issue(Stream* stream, Job job) {
+    if (stream->capturing)
+        stream->jobs.push_back(std::move(job));
+    else
+        job();
+}
+
+// ---------------------------------------------------------------------------------------
+// Kernels: each kernel of kernels.cu by name, bound to a launch's argument values.
+
+// Checks a pointer argument: null, or inside a live allocation.
+template <typename T>
+bool pointer_ok(const T&, std::string&) {
+    return true;
+}
+template <typename T>
+bool pointer_ok(T* const& p, std::string& why) {
+    if (p == nullptr || in_allocation((uintptr_t)p, 1)) return true;
+    why = "pointer argument " + hex((uintptr_t)p) + " is in no device allocation";
+    return false;
+}
+
+using Binder = CUresult (*)(void** args, dim3 grid, dim3 block, size_t shared, Job* job,
+                            std::string* why);
+
+template <typename... P, size_t... I>
+CUresult bind_args(void (*kernel)(P...), void** args, dim3 grid, dim3 block, size_t shared,
+                   Job* job, std::string* why, std::index_sequence<I...>) {
+    // The values are copied now, as the driver copies a launch's parameters when it is
+    // issued (or recorded).
+    std::tuple<std::decay_t<P>...> values(*static_cast<std::decay_t<P>*>(args[I])...);
+    bool ok = true;
+    ((ok = ok && pointer_ok(std::get<I>(values), *why)), ...);
+    if (!ok) return CUDA_ERROR_ILLEGAL_ADDRESS;
+    *job = [=] {
+        std::apply([&](auto... v) { cuda_host::launch(kernel, grid, block, shared, v...); },
+                   values);
+    };
+    return CUDA_SUCCESS;
+}
+
+template <typename... P>
+CUresult bind_kernel(void (*kernel)(P...), void** args, dim3 grid, dim3 block, size_t shared,
+                     Job* job, std::string* why) {
+    return bind_args(kernel, args, grid, block, shared, job, why,
+                     std::index_sequence_for<P...>{});
+}
+
+#define KERNEL(name)                                                                       \
+    {#name, [](void** a, dim3 g, dim3 b, size_t s, Job* j, std::string* w) {               \
+         return bind_kernel(::name, a, g, b, s, j, w);                                     \
+     }},
+const std::map<std::string, Binder> kernels = {
+#include "kernel_list.inc"
+};
+#undef KERNEL
+
+struct Module {
+    std::set<std::string> entries;  // the `.entry` names of its PTX
+};
+
+struct Function {
+    std::string name;
+    Binder bind;
+    int max_dynamic_shared = 48 * 1024;
+};
+
+constexpr int kMaxOptInShared = 227 * 1024;  // compute capability 9.0
+
+}  // namespace fake
+
+using namespace fake;
+
+// ---------------------------------------------------------------------------------------
+// The driver API (libcuda), as far as cudarc and igpt call it.
+
+extern "C" {
+
+typedef int CUdevice;
+typedef void* CUcontext;
+typedef void* CUstream;
+typedef void* CUmodule;
+typedef void* CUfunction;
+typedef void* CUevent;
+typedef void* CUgraph;
+typedef void* CUgraphExec;
+
+static int initialised = 0;
+static int context_token = 0;  // a primary context's handle points here
+static thread_local CUcontext current_context = nullptr;
+
+CUresult cuInit(unsigned int) {
+    initialised = 1;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetCount(int* count) {
+    if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    *count = 1;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGet(CUdevice* device, int ordinal) {
+    if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
+    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *device = 0;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    snprintf(name, len, "igpt host emulation of a CUDA device");
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
+    *bytes = memory_bytes();
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
+    switch (attribute) {
+        case 1: *value = 1024; break;        // max threads per block
+        case 8: *value = 48 * 1024; break;   // shared memory per block
+        case 16: *value = 2; break;          // multiprocessors
+        case 75: *value = 9; break;          // compute capability major
+        case 76: *value = 0; break;          // minor
+        case 97: *value = kMaxOptInShared; break;  // shared memory per block, opt-in
+        default: *value = 0;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(CUcontext* ctx, CUdevice) {
+    *ctx = &context_token;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return CUDA_SUCCESS; }
+
+CUresult cuCtxGetCurrent(CUcontext* ctx) {
+    *ctx = current_context;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuCtxSetCurrent(CUcontext ctx) {
+    current_context = ctx;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuCtxGetDevice(CUdevice* device) {
+    *device = 0;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuCtxSynchronize() {
+    GUARD;
+    return forbidden_while_capturing("cuCtxSynchronize");
+}
+
+CUresult cuGetErrorString(CUresult, const char** s) {
+    *s = "error (igpt host emulation: see the message on stderr)";
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGetErrorName(CUresult, const char** s) {
+    *s = "CUDA_ERROR (host emulation)";
+    return CUDA_SUCCESS;
+}
+
+// --- memory
+
+CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    GUARD;
+    *total = memory_bytes();
+    *free_bytes = *total - std::min(allocated, *total);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
+    GUARD;
+    if (CUresult e = forbidden_while_capturing("cuMemAlloc")) return e;
+    if (bytes == 0) return refuse(CUDA_ERROR_INVALID_VALUE, "cuMemAlloc", "0 bytes");
+    if (allocated + bytes > memory_bytes())
+        return refuse(CUDA_ERROR_OUT_OF_MEMORY, "cuMemAlloc",
+                      std::to_string(bytes) + " bytes do not fit");
+    size_t page = sysconf(_SC_PAGESIZE);
+    size_t padded = (bytes + 255) / 256 * 256;  // the driver aligns to 256 bytes at least
+    size_t data_pages = (padded + page - 1) / page * page;
+    size_t map_bytes = data_pages + page;
+    void* map = mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
+    if (map == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    char* guard_page = (char*)map + data_pages;
+    mprotect(guard_page, page, PROT_NONE);
+    // The end of the (256-aligned) allocation meets the guard page.
+    uintptr_t start = (uintptr_t)guard_page - padded;
+    // Fresh device memory holds whatever was there: not zeros.
+    memset((void*)start, 0xff, padded);
+    allocations[start] = {map, map_bytes, bytes};
+    allocated += bytes;
+    *ptr = start;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemFree_v2(CUdeviceptr ptr) {
+    GUARD;
+    if (CUresult e = forbidden_while_capturing("cuMemFree")) return e;
+    auto it = allocations.find(ptr);
+    if (it == allocations.end())
+        return refuse(CUDA_ERROR_INVALID_VALUE, "cuMemFree", hex(ptr) + " was not allocated");
+    munmap(it->second.map, it->second.map_bytes);
+    allocated -= it->second.bytes;
+    allocations.erase(it);
+    return CUDA_SUCCESS;
+}
+
+static CUresult check_range(const char* call, CUdeviceptr p, size_t bytes) {
+    if (in_allocation(p, bytes)) return CUDA_SUCCESS;
+    return refuse(CUDA_ERROR_INVALID_VALUE, call,
+                  std::to_string(bytes) + " bytes at " + hex(p) + " are not all device memory");
+}
+
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) {
+    GUARD;
+    if (CUresult e = forbidden_while_capturing("cuMemsetD8")) return e;
+    if (CUresult e = check_range("cuMemsetD8", dst, n)) return e;
+    memset((void*)dst, value, n);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstream s) {
+    GUARD;
+    if (CUresult e = check_range("cuMemsetD8Async", dst, n)) return e;
+    issue(stream_of(s), [=] { memset((void*)dst, value, n); });
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    GUARD;
+    if (CUresult e = forbidden_while_capturing("cuMemcpyHtoD")) return e;
+    if (CUresult e = check_range("cuMemcpyHtoD", dst, n)) return e;
+    memcpy((void*)dst, src, n);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    GUARD;
+    if (CUresult e = forbidden_while_capturing("cuMemcpyDtoH")) return e;
+    if (CUresult e = check_range("cuMemcpyDtoH", src, n)) return e;
+    memcpy(dst, (const void*)src, n);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+    GUARD;
+    if (CUresult e = check_range("cuMemcpyDtoDAsync", dst, n)) return e;
+    if (CUresult e = check_range("cuMemcpyDtoDAsync", src, n)) return e;
+    issue(stream_of(s), [=] { memmove((void*)dst, (const void*)src, n); });
+    return CUDA_SUCCESS;
+}
+
+// --- modules and launches
+
+CUresult cuModuleLoadData(CUmodule* module, const void* image) {
+    GUARD;
+    const char* ptx = static_cast<const char*>(image);
+    if (!strstr(ptx, ".version") || !strstr(ptx, ".target"))
+        return refuse(CUDA_ERROR_INVALID_PTX, "cuModuleLoadData", "the image is not PTX text");
+    auto* m = new Module;
+    for (const char* p = ptx; (p = strstr(p, ".entry ")); p += 7) {
+        const char* name = p + 7;
+        size_t len = strcspn(name, "( \t\n");
+        m->entries.insert(std::string(name, len));
+    }
+    *module = m;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuModuleUnload(CUmodule module) {
+    delete static_cast<Module*>(module);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuModuleGetFunction(CUfunction* f, CUmodule module, const char* name) {
+    GUARD;
+    auto* m = static_cast<Module*>(module);
+    if (!m->entries.count(name))
+        return refuse(CUDA_ERROR_NOT_FOUND, "cuModuleGetFunction",
+                      std::string("the PTX has no .entry ") + name);
+    auto k = kernels.find(name);
+    if (k == kernels.end())
+        return refuse(CUDA_ERROR_NOT_FOUND, "cuModuleGetFunction",
+                      std::string("kernels.cu defines no kernel ") + name);
+    *f = new Function{name, k->second};
+    return CUDA_SUCCESS;
+}
+
+CUresult cuFuncSetAttribute(CUfunction f, int attribute, int value) {
+    GUARD;
+    auto* fn = static_cast<Function*>(f);
+    if (attribute == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        if (value < 0 || value > kMaxOptInShared)
+            return refuse(CUDA_ERROR_INVALID_VALUE, "cuFuncSetAttribute",
+                          "dynamic shared memory beyond the device's opt-in limit");
+        fn->max_dynamic_shared = value;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuFuncGetAttribute(int* value, int attribute, CUfunction f) {
+    auto* fn = static_cast<Function*>(f);
+    *value = attribute == 8 ? fn->max_dynamic_shared : attribute == 0 ? 1024 : 0;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                        unsigned by, unsigned bz, unsigned shared, CUstream s, void** params,
+                        void** extra) {
+    GUARD;
+    auto* fn = static_cast<Function*>(f);
+    std::string call = "cuLaunchKernel(" + fn->name + ")";
+    if (extra) return refuse(CUDA_ERROR_INVALID_VALUE, call.c_str(), "`extra` is not emulated");
+    if (!params) return refuse(CUDA_ERROR_INVALID_VALUE, call.c_str(), "no parameters");
+    if (gx == 0 || gy == 0 || gz == 0 || gx > 0x7fffffffu || gy > 65535 || gz > 65535)
+        return refuse(CUDA_ERROR_INVALID_VALUE, call.c_str(),
+                      "grid " + std::to_string(gx) + "x" + std::to_string(gy) + "x" +
+                          std::to_string(gz) + " is outside the device's limits");
+    if (bx == 0 || by == 0 || bz == 0 || bx > 1024 || by > 1024 || bz > 64 ||
+        (size_t)bx * by * bz > 1024)
+        return refuse(CUDA_ERROR_INVALID_VALUE, call.c_str(), "block shape is not launchable");
+    if ((int)shared > fn->max_dynamic_shared)
+        return refuse(CUDA_ERROR_INVALID_VALUE, call.c_str(),
+                      std::to_string(shared) + " bytes of dynamic shared memory exceed the " +
+                          std::to_string(fn->max_dynamic_shared) + " the function allows");
+    Job job;
+    std::string why;
+    if (CUresult e = fn->bind(params, dim3(gx, gy, gz), dim3(bx, by, bz), shared, &job, &why))
+        return refuse(e, call.c_str(), why);
+    issue(stream_of(s), std::move(job));
+    return CUDA_SUCCESS;
+}
+
+// --- streams and events
+
+CUresult cuStreamCreate(CUstream* s, unsigned int) {
+    GUARD;
+    auto* stream = new Stream;
+    streams.insert(stream);
+    *s = stream;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamDestroy_v2(CUstream s) {
+    GUARD;
+    auto* stream = static_cast<Stream*>(s);
+    if (stream->capturing)
+        return refuse(CUDA_ERROR_ILLEGAL_STATE, "cuStreamDestroy", "the stream is capturing");
+    streams.erase(stream);
+    delete stream;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamSynchronize(CUstream s) {
+    GUARD;
+    if (stream_of(s)->capturing)
+        return refuse(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamSynchronize",
+                      "the stream is capturing");
+    return forbidden_while_capturing("cuStreamSynchronize");
+}
+
+CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned int) { return CUDA_SUCCESS; }
+
+CUresult cuStreamBeginCapture_v2(CUstream s, int mode) {
+    GUARD;
+    if (!s)
+        return refuse(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamBeginCapture",
+                      "the legacy default stream cannot capture");
+    auto* stream = static_cast<Stream*>(s);
+    if (stream->capturing)
+        return refuse(CUDA_ERROR_ILLEGAL_STATE, "cuStreamBeginCapture", "already capturing");
+    stream->capturing = true;
+    stream->invalidated = false;
+    stream->mode = mode;
+    stream->owner = std::this_thread::get_id();
+    stream->jobs.clear();
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamEndCapture(CUstream s, CUgraph* graph) {
+    GUARD;
+    Stream* stream = stream_of(s);
+    if (!stream->capturing)
+        return refuse(CUDA_ERROR_ILLEGAL_STATE, "cuStreamEndCapture", "the stream is not capturing");
+    if (stream->mode != 2 && stream->owner != std::this_thread::get_id())
+        return refuse(CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD, "cuStreamEndCapture",
+                      "ended on another thread than the one that began it");
+    stream->capturing = false;
+    *graph = nullptr;
+    if (stream->invalidated) {
+        stream->jobs.clear();
+        return refuse(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, "cuStreamEndCapture",
+                      "a forbidden call during the capture invalidated it");
+    }
+    *graph = new Graph{std::move(stream->jobs)};
+    stream->jobs.clear();
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamIsCapturing(CUstream s, int* status) {
+    GUARD;
+    Stream* stream = stream_of(s);
+    *status = !stream->capturing ? 0 : stream->invalidated ? 2 : 1;
+    return CUDA_SUCCESS;
+}
+
+struct Event {
+    std::chrono::steady_clock::time_point at;
+};
+
+CUresult cuEventCreate(CUevent* e, unsigned int) {
+    *e = new Event{std::chrono::steady_clock::now()};
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventDestroy_v2(CUevent e) {
+    delete static_cast<Event*>(e);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventRecord(CUevent e, CUstream s) {
+    GUARD;
+    auto* ev = static_cast<Event*>(e);
+    issue(stream_of(s), [ev] { ev->at = std::chrono::steady_clock::now(); });
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventSynchronize(CUevent) {
+    GUARD;
+    return forbidden_while_capturing("cuEventSynchronize");
+}
+
+CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
+
+CUresult cuEventElapsedTime_v2(float* ms, CUevent start, CUevent end) {
+    auto d = static_cast<Event*>(end)->at - static_cast<Event*>(start)->at;
+    *ms = std::chrono::duration<float, std::milli>(d).count();
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
+    return cuEventElapsedTime_v2(ms, start, end);
+}
+
+// --- graphs
+
+CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long) {
+    GUARD;
+    *exec = new Graph{static_cast<Graph*>(graph)->jobs};
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) {
+    GUARD;
+    Stream* stream = stream_of(s);
+    if (stream->capturing)
+        return refuse(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuGraphLaunch",
+                      "launching a graph into a capture is not emulated");
+    for (const Job& job : static_cast<Graph*>(exec)->jobs) job();
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGraphUpload(CUgraphExec, CUstream) { return CUDA_SUCCESS; }
+
+CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    delete static_cast<Graph*>(exec);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGraphDestroy(CUgraph graph) {
+    delete static_cast<Graph*>(graph);
+    return CUDA_SUCCESS;
+}
+
+// ---------------------------------------------------------------------------------------
+// cuBLAS: a handle, its stream and workspace, and strided batched products.
+
+typedef int cublasStatus_t;
+enum : cublasStatus_t {
+    CUBLAS_STATUS_SUCCESS = 0,
+    CUBLAS_STATUS_NOT_INITIALIZED = 1,
+    CUBLAS_STATUS_INVALID_VALUE = 7,
+    CUBLAS_STATUS_EXECUTION_FAILED = 13,
+    CUBLAS_STATUS_NOT_SUPPORTED = 15,
+};
+
+struct BlasHandle {
+    Stream* stream = &legacy_stream;
+    bool user_workspace = false;
+};
+
+static cublasStatus_t blas_refuse(cublasStatus_t code, const std::string& why) {
+    fprintf(stderr, "cuda_host cuBLAS: cublasGemmStridedBatchedEx fails (%d): %s\n", code,
+            why.c_str());
+    return code;
+}
+
+cublasStatus_t cublasCreate_v2(void** handle) {
+    *handle = new BlasHandle;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasDestroy_v2(void* handle) {
+    delete static_cast<BlasHandle*>(handle);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetStream_v2(void* handle, CUstream s) {
+    GUARD;
+    auto* h = static_cast<BlasHandle*>(handle);
+    h->stream = stream_of(s);
+    // As cuBLAS documents: setting the stream resets the workspace to the default pool.
+    h->user_workspace = false;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasGetStream_v2(void* handle, CUstream* s) {
+    auto* h = static_cast<BlasHandle*>(handle);
+    *s = h->stream == &legacy_stream ? nullptr : h->stream;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetWorkspace_v2(void* handle, void* workspace, size_t bytes) {
+    GUARD;
+    auto* h = static_cast<BlasHandle*>(handle);
+    if (bytes > 0 && !in_allocation((uintptr_t)workspace, bytes)) {
+        fprintf(stderr, "cuda_host cuBLAS: cublasSetWorkspace: %zu bytes at %p are not device "
+                        "memory\n", bytes, workspace);
+        return CUBLAS_STATUS_INVALID_VALUE;
+    }
+    h->user_workspace = bytes > 0;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetMathMode(void*, int) { return CUBLAS_STATUS_SUCCESS; }
+
+static float to_bf16_and_back(float f) {
+    return __bfloat162float(__float2bfloat16(f));
+}
+
+// Element (row, col) of a column-major operand, op applied: op N reads ptr[row + col * ld],
+// op T reads ptr[col + row * ld].
+static double element(const void* base, int type, bool transposed, long long ld, long long row,
+                      long long col, bool fast_bf16) {
+    long long at = transposed ? col + row * ld : row + col * ld;
+    if (type == 14) return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[at]);
+    float v = static_cast<const float*>(base)[at];
+    return fast_bf16 ? to_bf16_and_back(v) : v;
+}
+
+// Bytes a column-major operand of `rows` x `cols` (as stored) with leading dimension `ld`
+// spans, batch included.
+static size_t extent(long long rows, long long cols, long long ld, long long stride,
+                     int batch, size_t element_bytes) {
+    if (rows == 0 || cols == 0 || batch == 0) return 0;
+    long long last = (long long)(batch - 1) * stride + (cols - 1) * ld + rows;
+    return (size_t)last * element_bytes;
+}
+
+cublasStatus_t cublasGemmStridedBatchedEx(void* handle, int transa, int transb, int m, int n,
+                                          int k, const void* alpha, const void* A, int a_type,
+                                          int lda, long long stride_a, const void* B,
+                                          int b_type, int ldb, long long stride_b,
+                                          const void* beta, void* C, int c_type, int ldc,
+                                          long long stride_c, int batch, int compute,
+                                          int algo) {
+    GUARD;
+    auto* h = static_cast<BlasHandle*>(handle);
+    if (transa > 1 || transb > 1 || transa < 0 || transb < 0)
+        return blas_refuse(CUBLAS_STATUS_INVALID_VALUE, "only OP_N and OP_T are emulated");
+    if (m < 0 || n < 0 || k < 0 || batch < 0)
+        return blas_refuse(CUBLAS_STATUS_INVALID_VALUE, "a negative size");
+    bool ta = transa == 1, tb = transb == 1;
+    // Stored shapes: A is m x k (k x m transposed), B is k x n (n x k transposed).
+    long long a_rows = ta ? k : m, a_cols = ta ? m : k;
+    long long b_rows = tb ? n : k, b_cols = tb ? k : n;
+    if (lda < std::max(1LL, a_rows) || ldb < std::max(1LL, b_rows) || ldc < std::max(1, m))
+        return blas_refuse(CUBLAS_STATUS_INVALID_VALUE,
+                           "a leading dimension is smaller than its operand's rows (lda " +
+                               std::to_string(lda) + ", ldb " + std::to_string(ldb) +
+                               ", ldc " + std::to_string(ldc) + ")");
+    if (c_type != 0) return blas_refuse(CUBLAS_STATUS_NOT_SUPPORTED, "C must be CUDA_R_32F");
+    if (a_type != b_type) return blas_refuse(CUBLAS_STATUS_NOT_SUPPORTED, "A and B differ in type");
+    bool fast_bf16;
+    if (a_type == 0 && compute == 68)
+        fast_bf16 = false;
+    else if (a_type == 0 && compute == 75)
+        fast_bf16 = true;
+    else if (a_type == 14 && compute == 68)
+        fast_bf16 = false;
+    else
+        return blas_refuse(CUBLAS_STATUS_NOT_SUPPORTED,
+                           "operand type " + std::to_string(a_type) + " with compute type " +
+                               std::to_string(compute) + " is not a combination igpt uses");
+    if (algo != -1) return blas_refuse(CUBLAS_STATUS_NOT_SUPPORTED, "only CUBLAS_GEMM_DEFAULT");
+    size_t esize = a_type == 14 ? 2 : 4;
+    struct {
+        const void* p;
+        size_t bytes;
+        const char* name;
+    } operands[] = {
+        {A, extent(a_rows, a_cols, lda, stride_a, batch, esize), "A"},
+        {B, extent(b_rows, b_cols, ldb, stride_b, batch, esize), "B"},
+        {C, extent(m, n, ldc, stride_c, batch, 4), "C"},
+    };
+    for (auto& o : operands)
+        if (o.bytes && !in_allocation((uintptr_t)o.p, o.bytes))
+            return blas_refuse(CUBLAS_STATUS_EXECUTION_FAILED,
+                               std::string("operand ") + o.name + ": " +
+                                   std::to_string(o.bytes) + " bytes at " +
+                                   hex((uintptr_t)o.p) + " are not all device memory");
+    if (h->stream->capturing && !h->user_workspace) {
+        h->stream->invalidated = true;
+        return blas_refuse(CUBLAS_STATUS_NOT_SUPPORTED,
+                           "a product captured into a graph without a workspace set by "
+                           "cublasSetWorkspace after cublasSetStream would allocate");
+    }
+    // Host pointer mode: the scalars are read when the call is made, recorded or not.
+    float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    issue(h->stream, [=] {
+        for (int b = 0; b < batch; b++) {
+            const char* a = static_cast<const char*>(A) + (size_t)b * stride_a * esize;
+            const char* bb = static_cast<const char*>(B) + (size_t)b * stride_b * esize;
+            float* c = static_cast<float*>(C) + (size_t)b * stride_c;
+            for (long long j = 0; j < n; j++)
+                for (long long i = 0; i < m; i++) {
+                    double sum = 0.0;
+                    for (long long l = 0; l < k; l++)
+                        sum += element(a, a_type, ta, lda, i, l, fast_bf16) *
+                               element(bb, b_type, tb, ldb, l, j, fast_bf16);
+                    float& out = c[i + j * ldc];
+                    // beta = 0: C is written, never read (it may hold NaN).
+                    out = be == 0.0f ? (float)(al * sum) : (float)(al * sum + be * out);
+                }
+        }
+    });
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasGetVersion_v2(void*, int* v) {
+    *v = 130000;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+}  // extern "C"

@@ -8,7 +8,8 @@
 // a TLS initialisation function that is never defined, a jump to address 0. The flag tells
 // it extern thread_locals need no dynamic initialisation, which holds here.
 //
-// Design. Every CUDA thread of a block is a fiber (ucontext) and a block's fibers all run on
+// Design. Every CUDA thread of a block is a fiber (its own stack, switched by
+// cuda_host_switch on x86-64, by ucontext elsewhere) and a block's fibers all run on
 // one OS thread, switching only at __syncthreads() and warp shuffles. That makes `__shared__`
 // simple and exact: it expands to `thread_local`, so a kernel's shared array is one variable
 // for all the threads of the block running on that OS thread, and `extern __shared__ float
@@ -41,12 +42,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <ucontext.h>
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -118,8 +123,59 @@ namespace cuda_host {
 
 constexpr size_t kStackBytes = 64 * 1024;
 
+#if defined(__x86_64__)
+// A switch that saves only what a call preserves (rbx, rbp, r12-r15, the stack pointer, the
+// SSE and x87 control words) on the stack it leaves, and loads the same from the stack it
+// goes to. swapcontext also saves the signal mask with a system call at every switch, which
+// made switching most of the emulator's time. Hidden symbols: each program or library that
+// includes this header has its own copy.
+extern "C" void cuda_host_switch(void** save_sp, void* load_sp);
+extern "C" void cuda_host_fiber_start();
+asm(R"(
+    .text
+    .globl cuda_host_switch
+    .hidden cuda_host_switch
+    .type cuda_host_switch, @function
+cuda_host_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cuda_host_switch, .-cuda_host_switch
+
+    .globl cuda_host_fiber_start
+    .hidden cuda_host_fiber_start
+    .type cuda_host_fiber_start, @function
+cuda_host_fiber_start:
+    callq *%r12
+    ud2
+    .size cuda_host_fiber_start, .-cuda_host_fiber_start
+)");
+#endif
+
 struct Fiber {
+#if defined(__x86_64__)
+    void* sp;  // saved stack pointer (see cuda_host_switch)
+#else
     ucontext_t ctx;
+#endif
     std::unique_ptr<char[]> stack;
     uint3 idx;
     enum { Ready, Waiting, Done } state;
@@ -128,8 +184,17 @@ struct Fiber {
 };
 
 struct Block {
+    // Fibers (with their stacks) are kept between launches; the first `threads` run this one.
     std::vector<Fiber> fibers;
+    unsigned threads = 0;
+    // No fiber before this place in scheduling order is ready (a barrier's release resets it),
+    // so the scheduler's search starts here: a pass over the block costs O(threads).
+    unsigned scan_from = 0;
+#if defined(__x86_64__)
+    void* scheduler_sp;
+#else
     ucontext_t scheduler;
+#endif
     int current = -1;
     unsigned arrived_block = 0;
     std::vector<unsigned> arrived_warp;
@@ -155,9 +220,17 @@ inline void set_reverse_order(bool reverse) { reverse_order = reverse; }
     abort();
 }
 
+// Leaves fiber `me` for the scheduler of its block.
+inline void to_scheduler(Block& b, Fiber& me) {
+#if defined(__x86_64__)
+    cuda_host_switch(&me.sp, b.scheduler_sp);
+#else
+    swapcontext(&me.ctx, &b.scheduler);
+#endif
+}
+
 inline unsigned warp_size_of(const Block& b, unsigned warp) {
-    unsigned n = b.fibers.size();
-    return std::min(32u, n - warp * 32);
+    return std::min(32u, b.threads - warp * 32);
 }
 
 // Waits at the block barrier (group -1) or warp `group`'s barrier. The last thread to arrive
@@ -166,23 +239,65 @@ inline void barrier(int group) {
     Block& b = *current_block;
     Fiber& me = b.fibers[b.current];
     unsigned& arrived = group < 0 ? b.arrived_block : b.arrived_warp[group];
-    unsigned size = group < 0 ? b.fibers.size() : warp_size_of(b, group);
+    unsigned size = group < 0 ? b.threads : warp_size_of(b, group);
     if (++arrived == size) {
         arrived = 0;
-        for (Fiber& f : b.fibers)
+        for (unsigned i = 0; i < b.threads; i++) {
+            Fiber& f = b.fibers[i];
             if (f.state == Fiber::Waiting && f.waiting_on == group) f.state = Fiber::Ready;
+        }
+        b.scan_from = 0;
         return;
     }
     me.state = Fiber::Waiting;
     me.waiting_on = group;
-    swapcontext(&me.ctx, &b.scheduler);
+    to_scheduler(b, me);
 }
 
+// A fiber's life: the kernel's body, then back to the scheduler for good.
 inline void fiber_entry() {
     Block& b = *current_block;
     (*b.body)();
-    b.fibers[b.current].state = Fiber::Done;
-    // uc_link returns to the scheduler.
+    Fiber& me = b.fibers[b.current];
+    me.state = Fiber::Done;
+#if defined(__x86_64__)
+    to_scheduler(b, me);
+    __builtin_unreachable();
+#endif
+    // (ucontext: uc_link returns to the scheduler.)
+}
+
+// Makes `f` start at fiber_entry when next resumed.
+inline void prepare(Block& b, Fiber& f) {
+#if defined(__x86_64__)
+    // The frame cuda_host_switch pops: control words, r15, r14, r13, r12 (fiber_entry, which
+    // cuda_host_fiber_start calls), rbx, rbp, return address; the stack 16-byte aligned
+    // after the return, as at a call.
+    uintptr_t top = ((uintptr_t)(f.stack.get() + kStackBytes) & ~(uintptr_t)15) - 16;
+    uint64_t* frame = (uint64_t*)(top - 64);
+    uint32_t control[2] = {_mm_getcsr(), 0x037f};
+    memcpy(&frame[0], control, 8);
+    frame[1] = frame[2] = frame[3] = frame[5] = frame[6] = 0;
+    frame[4] = (uint64_t)(void (*)())fiber_entry;
+    frame[7] = (uint64_t)cuda_host_fiber_start;
+    f.sp = frame;
+    (void)b;
+#else
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.get();
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = &b.scheduler;
+    makecontext(&f.ctx, fiber_entry, 0);
+#endif
+}
+
+// Runs fiber `f` until it waits or ends.
+inline void resume(Block& b, Fiber& f) {
+#if defined(__x86_64__)
+    cuda_host_switch(&b.scheduler_sp, f.sp);
+#else
+    swapcontext(&b.scheduler, &f.ctx);
+#endif
 }
 
 // Runs block `block_idx` of a launch: one fiber per thread until all are done.
@@ -198,10 +313,12 @@ inline void run_block(Block& b, const std::function<void()>& body, uint3 block_i
     // launch asked for, shows as NaN.
     constexpr size_t kFloats = kMaxDynamicShared / sizeof(float);
     std::fill(dynamic, dynamic + kFloats, NAN);
-    if (b.fibers.size() != n) {
-        b.fibers = std::vector<Fiber>(n);
-        for (Fiber& f : b.fibers) f.stack.reset(new char[kStackBytes]);
+    if (b.fibers.size() < n) {
+        size_t had = b.fibers.size();
+        b.fibers.resize(n);
+        for (size_t i = had; i < n; i++) b.fibers[i].stack.reset(new char[kStackBytes]);
     }
+    b.threads = n;
     unsigned warps = (n + 31) / 32;
     b.arrived_block = 0;
     b.arrived_warp.assign(warps, 0);
@@ -214,33 +331,34 @@ inline void run_block(Block& b, const std::function<void()>& body, uint3 block_i
         f.idx = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
         f.state = Fiber::Ready;
         f.shuffles = 0;
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack.get();
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = &b.scheduler;
-        makecontext(&f.ctx, fiber_entry, 0);
+        prepare(b, f);
     }
     // Greedy: always resume the first ready thread in scheduling order, so the leading
     // threads (and their warp) run as far ahead of the others as the barriers allow.
     bool reverse = reverse_order;
+    b.scan_from = 0;
     for (;;) {
         int next = -1;
-        bool live = false;
-        for (unsigned k = 0; k < n && next < 0; k++) {
+        for (unsigned k = b.scan_from; k < n; k++) {
             unsigned i = reverse ? n - 1 - k : k;
-            if (b.fibers[i].state != Fiber::Done) live = true;
-            if (b.fibers[i].state == Fiber::Ready) next = i;
+            if (b.fibers[i].state == Fiber::Ready) {
+                next = i;
+                b.scan_from = k;
+                break;
+            }
         }
         if (next < 0) {
+            bool live = false;
+            for (unsigned i = 0; i < n; i++) live = live || b.fibers[i].state != Fiber::Done;
             if (!live) break;
-            for (Fiber& f : b.fibers)
-                if (f.state == Fiber::Waiting) threadIdx = f.idx;
+            for (unsigned i = 0; i < n; i++)
+                if (b.fibers[i].state == Fiber::Waiting) threadIdx = b.fibers[i].idx;
             fail("deadlock: a __syncthreads() or warp shuffle that not every thread of its "
                  "block or warp reaches");
         }
         b.current = next;
         threadIdx = b.fibers[next].idx;
-        swapcontext(&b.scheduler, &b.fibers[next].ctx);
+        resume(b, b.fibers[next]);
     }
     for (size_t i = (shared_bytes + sizeof(float) - 1) / sizeof(float); i < kFloats; i++)
         if (!std::isnan(dynamic[i]))
@@ -265,6 +383,24 @@ inline T shfl_xor(unsigned mask, T v, int lane_mask) {
     return out;
 }
 
+// Blocks with their fibers' stacks, kept for the next launch: allocating (and first touching)
+// a stack per thread at every launch would cost more than most kernels.
+inline std::mutex block_pool_lock;
+inline std::vector<std::unique_ptr<Block>> block_pool;
+
+inline std::unique_ptr<Block> take_block() {
+    std::lock_guard<std::mutex> guard(block_pool_lock);
+    if (block_pool.empty()) return std::make_unique<Block>();
+    std::unique_ptr<Block> b = std::move(block_pool.back());
+    block_pool.pop_back();
+    return b;
+}
+
+inline void give_block(std::unique_ptr<Block> b) {
+    std::lock_guard<std::mutex> guard(block_pool_lock);
+    block_pool.push_back(std::move(b));
+}
+
 // Runs `kernel(args...)` over `grid` blocks of `block` threads with `shared_bytes` of dynamic
 // shared memory. Blocks are shared out between a few OS threads, one block at a time each.
 template <typename... Params, typename... Args>
@@ -284,12 +420,13 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
     size_t blocks = (size_t)grid.x * grid.y * grid.z;
     std::atomic<size_t> next{0};
     auto worker = [&] {
-        Block b;
+        std::unique_ptr<Block> b = take_block();
         for (size_t i; (i = next++) < blocks;) {
             uint3 idx = {unsigned(i % grid.x), unsigned(i / grid.x % grid.y),
                          unsigned(i / ((size_t)grid.x * grid.y))};
-            run_block(b, body, idx, block, grid, shared_bytes);
+            run_block(*b, body, idx, block, grid, shared_bytes);
         }
+        give_block(std::move(b));
     };
     unsigned n_threads = std::max(1u, std::min(2u, std::thread::hardware_concurrency()));
     std::vector<std::thread> threads;

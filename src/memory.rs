@@ -33,11 +33,13 @@ pub enum Scale {
 /// An estimate that does not fit in the memory available.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "{what} needs about {} ({}) but only {} of memory is available",
-    gb(*.need), .parts, gb(*.available)
+    "{what} needs about {} ({}) but only {} {}",
+    gb(*.need), .parts, gb(*.available), .place
 )]
 pub struct OutOfMemory {
     pub what: String,
+    /// Whose memory: "of memory is available" (the host's) or "of the GPU's memory is free".
+    pub place: &'static str,
     pub need: u128,
     pub available: u128,
     /// The parts of the estimate, for the message.
@@ -84,10 +86,16 @@ impl Estimate {
 
     /// As [`Estimate::check`], against `device_free` bytes when the memory is a device's.
     pub fn check_in(&self, what: &str, device_free: Option<u128>) -> Result<(), OutOfMemory> {
-        let Some(available) = device_free.or_else(available) else {
-            return Ok(());
-        };
-        self.check_against(what, available)
+        match device_free {
+            Some(free) => self.check_against(what, free).map_err(|e| OutOfMemory {
+                place: "of the GPU's memory is free",
+                ..e
+            }),
+            None => match available() {
+                Some(available) => self.check_against(what, available),
+                None => Ok(()),
+            },
+        }
     }
 
     pub fn check_against(&self, what: &str, available: u128) -> Result<(), OutOfMemory> {
@@ -113,6 +121,7 @@ impl Estimate {
             .join(", ");
         Err(OutOfMemory {
             what: what.to_string(),
+            place: "of memory is available",
             need,
             available,
             parts,

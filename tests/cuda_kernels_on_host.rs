@@ -8,62 +8,19 @@
 //! program with `g++`, runs it, and requires a passing line for every kernel the source
 //! defines, so a kernel added without a check fails here.
 
+mod common;
+
+use common::cuda_host::{compile, cuda_kernels, kernel_names, root};
 use std::path::Path;
 use std::process::Command;
 
-/// The names of the `extern "C" __global__ void NAME(...)` kernels of a CUDA source.
-fn kernel_names(source: &str) -> Vec<String> {
-    source
-        .lines()
-        .filter_map(|line| {
-            let rest = line.trim_start().strip_prefix("extern \"C\"")?;
-            let rest = rest.trim_start().strip_prefix("__global__")?;
-            let rest = rest.trim_start().strip_prefix("void")?;
-            let name = rest.split('(').next()?.trim();
-            (!name.is_empty()).then(|| name.to_string())
-        })
-        .collect()
-}
-
 #[test]
 fn every_cuda_kernel_matches_the_cpu_semantics_when_run_on_the_host() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let source = std::fs::read_to_string(root.join("src/backend/cuda/kernels.cu"))
-        .expect("read src/backend/cuda/kernels.cu");
-    let kernels = kernel_names(&source);
-    assert!(
-        kernels.len() >= 20,
-        "found only {kernels:?} in kernels.cu: has the declaration style changed?"
-    );
-
+    let kernels = cuda_kernels();
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_host");
     std::fs::create_dir_all(&dir).expect("create the build folder");
     let exe = dir.join("check");
-    // -fno-extern-tls-init: `extern __shared__` becomes a block-scope `extern thread_local`
-    // (see shim.h), for which GCC calls a TLS initialiser that does not exist inside a
-    // function template.
-    let build = Command::new("g++")
-        .args([
-            "-std=c++17",
-            "-O2",
-            "-pthread",
-            "-fno-extern-tls-init",
-            "-o",
-        ])
-        .arg(&exe)
-        .arg(root.join("tests/cuda_host/check.cpp"))
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run g++ ({e}): this test compiles the CUDA kernels for the CPU and needs \
-                 a C++17 compiler on PATH; install it (Debian/Ubuntu: apt-get install g++)"
-            )
-        });
-    assert!(
-        build.status.success(),
-        "building the host emulation of kernels.cu failed:\n{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
+    compile(&root().join("tests/cuda_host/check.cpp"), &exe, &[]);
 
     let run = Command::new(&exe).output().expect("run the kernel checks");
     let stdout = String::from_utf8_lossy(&run.stdout);

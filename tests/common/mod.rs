@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests (each test binary uses some of them).
 #![allow(dead_code)]
 
+pub mod cuda_host;
 pub mod server;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,181 @@
+// The rules of the host CUDA driver (driver.cpp) hold: each call a GPU's driver or cuBLAS
+// would refuse is refused here too, and graphs record instead of running. Without these,
+// igpt's backend passing on that driver would prove less than it says.
+//
+//   g++ -std=c++17 -O2 -pthread -fno-extern-tls-init -I DIR tests/cuda_host/driver_rules.cpp
+//
+// (DIR holds kernel_list.inc; tests/cuda_on_host.rs builds and runs this.) Prints one line per
+// rule and exits non-zero if any does not hold.
+
+#include "driver.cpp"
+
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <cmath>
+
+namespace {
+
+int failures = 0;
+
+void expect(bool holds, const char* rule) {
+    printf("%-78s %s\n", rule, holds ? "PASS" : "FAIL");
+    if (!holds) failures++;
+}
+
+// Launches fill_f32(x, value, n) with one block of `threads` on `stream`.
+CUresult fill(CUfunction f, float* x, float value, size_t n, CUstream stream,
+              unsigned threads = 256, unsigned shared = 0) {
+    void* args[] = {&x, &value, &n};
+    return cuLaunchKernel(f, 1, 1, 1, threads, 1, 1, shared, stream, args, nullptr);
+}
+
+bool all_equal(const float* x, size_t n, float value) {
+    for (size_t i = 0; i < n; i++)
+        if (!(x[i] == value)) return false;
+    return true;
+}
+
+}  // namespace
+
+int main() {
+    cuInit(0);
+    const char* ptx = ".version 8.0\n.target sm_90\n.visible .entry fill_f32(\n.param .u64 x\n)\n";
+    CUmodule module;
+    expect(cuModuleLoadData(&module, ptx) == CUDA_SUCCESS, "PTX text loads");
+    CUmodule bad;
+    expect(cuModuleLoadData(&bad, "not ptx") == CUDA_ERROR_INVALID_PTX,
+           "an image that is not PTX is refused");
+    CUfunction f;
+    expect(cuModuleGetFunction(&f, module, "fill_f32") == CUDA_SUCCESS,
+           "a kernel the PTX has is found");
+    CUfunction missing;
+    expect(cuModuleGetFunction(&missing, module, "adamw") == CUDA_ERROR_NOT_FOUND,
+           "a kernel of kernels.cu that the PTX lacks is not found");
+
+    // Memory.
+    const size_t n = 1000;
+    CUdeviceptr dev;
+    expect(cuMemAlloc_v2(&dev, n * 4) == CUDA_SUCCESS, "allocation");
+    std::vector<float> host(n + 1, 3.0f);
+    expect(cuMemcpyHtoD_v2(dev, host.data(), n * 4) == CUDA_SUCCESS, "a copy of the whole allocation");
+    expect(cuMemcpyHtoD_v2(dev, host.data(), n * 4 + 4) == CUDA_ERROR_INVALID_VALUE,
+           "a copy one element past the allocation is refused");
+    expect(cuMemcpyHtoD_v2(dev - 4, host.data(), 4) == CUDA_ERROR_INVALID_VALUE,
+           "a copy before the allocation is refused");
+    size_t free_bytes, total;
+    cuMemGetInfo_v2(&free_bytes, &total);
+    CUdeviceptr huge;
+    expect(cuMemAlloc_v2(&huge, total) == CUDA_ERROR_OUT_OF_MEMORY,
+           "an allocation beyond the free memory fails");
+    {
+        // Reading past the end faults (the allocation ends at an unmapped page).
+        pid_t child = fork();
+        if (child == 0) {
+            volatile float past = ((float*)dev)[(n * 4 + 255) / 256 * 64];
+            (void)past;
+            _exit(0);
+        }
+        int status = 0;
+        waitpid(child, &status, 0);
+        expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV,
+               "a read past the end of an allocation faults");
+    }
+
+    // Launches.
+    float* x = (float*)dev;
+    expect(fill(f, x, 1.0f, n, nullptr) == CUDA_SUCCESS && all_equal(x, n, 1.0f),
+           "a launch on the default stream runs at once");
+    expect(fill(f, (float*)host.data(), 1.0f, n, nullptr) == CUDA_ERROR_ILLEGAL_ADDRESS,
+           "a pointer argument outside device memory is refused");
+    expect(fill(f, x, 1.0f, n, nullptr, 2048) == CUDA_ERROR_INVALID_VALUE,
+           "a block of 2048 threads is refused");
+    expect(fill(f, x, 1.0f, n, nullptr, 256, 64 * 1024) == CUDA_ERROR_INVALID_VALUE,
+           "64 KiB of dynamic shared memory without opting in is refused");
+    {
+        float value = 0.0f;
+        void* args[] = {&x, &value, (void*)&n};
+        expect(cuLaunchKernel(f, 1, 70000, 1, 32, 1, 1, 0, nullptr, args, nullptr) ==
+                   CUDA_ERROR_INVALID_VALUE,
+               "a grid of 70000 in y is refused");
+    }
+
+    // Capture and replay.
+    CUstream side;
+    cuStreamCreate(&side, 1);
+    expect(cuStreamBeginCapture_v2(nullptr, 1) != CUDA_SUCCESS,
+           "the legacy default stream cannot capture");
+    cuStreamBeginCapture_v2(side, 1);
+    fill(f, x, 2.0f, n, side);
+    expect(all_equal(x, n, 1.0f), "a launch on a capturing stream does not run");
+    expect(cuMemcpyDtoH_v2(host.data(), dev, 4) == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+           "a synchronous copy while capturing is refused");
+    CUgraph graph;
+    expect(cuStreamEndCapture(side, &graph) == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+           "that copy invalidates the capture");
+
+    cuStreamBeginCapture_v2(side, 1);
+    float value = 4.0f;
+    {
+        void* args[] = {&x, &value, (void*)&n};
+        cuLaunchKernel(f, 1, 1, 1, 256, 1, 1, 0, side, args, nullptr);
+    }
+    value = 5.0f;  // a launch's arguments are copied when it is recorded
+    CUresult other_thread = CUDA_ERROR_INVALID_VALUE;
+    std::thread([&] { other_thread = cuMemcpyHtoD_v2(dev, host.data(), 4); }).join();
+    expect(other_thread == CUDA_SUCCESS,
+           "thread-local capture: another thread's synchronous copy is allowed");
+    expect(cuStreamEndCapture(side, &graph) == CUDA_SUCCESS, "a capture of launches ends");
+    CUgraphExec exec;
+    cuGraphInstantiateWithFlags(&exec, graph, 0);
+    fill(f, x, 1.0f, n, nullptr);
+    expect(cuGraphLaunch(exec, nullptr) == CUDA_SUCCESS && all_equal(x, n, 4.0f),
+           "replaying the graph runs its launch with the recorded arguments");
+    fill(f, x, 1.0f, n, nullptr);
+    cuGraphLaunch(exec, nullptr);
+    expect(all_equal(x, n, 4.0f), "and again");
+
+    // cuBLAS: C (2x2) = A (2x3) B (3x2), column-major, C starting as NaN with beta 0.
+    void* blas;
+    cublasCreate_v2(&blas);
+    CUdeviceptr a, b, c, workspace;
+    cuMemAlloc_v2(&a, 6 * 4);
+    cuMemAlloc_v2(&b, 6 * 4);
+    cuMemAlloc_v2(&c, 4 * 4);
+    cuMemAlloc_v2(&workspace, 1 << 20);
+    float ha[6] = {1, 4, 2, 5, 3, 6};  // [[1 2 3] [4 5 6]]
+    float hb[6] = {1, 0, 1, 0, 1, 1};  // [[1 0] [0 1] [1 1]]
+    float hc[4] = {NAN, NAN, NAN, NAN};
+    cuMemcpyHtoD_v2(a, ha, sizeof ha);
+    cuMemcpyHtoD_v2(b, hb, sizeof hb);
+    cuMemcpyHtoD_v2(c, hc, sizeof hc);
+    float one = 1.0f, zero = 0.0f;
+    auto gemm = [&](int lda) {
+        return cublasGemmStridedBatchedEx(blas, 0, 0, 2, 2, 3, &one, (void*)a, 0, lda, 6,
+                                          (void*)b, 0, 3, 6, &zero, (void*)c, 0, 2, 4, 1, 68,
+                                          -1);
+    };
+    expect(gemm(2) == CUBLAS_STATUS_SUCCESS, "a product");
+    cuMemcpyDtoH_v2(hc, c, sizeof hc);
+    expect(hc[0] == 4 && hc[1] == 10 && hc[2] == 5 && hc[3] == 11,
+           "its column-major result, C never read when beta is 0");
+    expect(gemm(1) == CUBLAS_STATUS_INVALID_VALUE, "lda below A's rows is refused");
+    cublasSetStream_v2(blas, side);
+    cuStreamBeginCapture_v2(side, 1);
+    expect(gemm(2) == CUBLAS_STATUS_NOT_SUPPORTED,
+           "a product captured without a workspace of the caller's is refused");
+    cuStreamEndCapture(side, &graph);
+    cublasSetStream_v2(blas, side);
+    cublasSetWorkspace_v2(blas, (void*)workspace, 1 << 20);
+    cuStreamBeginCapture_v2(side, 1);
+    expect(gemm(2) == CUBLAS_STATUS_SUCCESS, "with cublasSetWorkspace it is recorded");
+    expect(cuStreamEndCapture(side, &graph) == CUDA_SUCCESS, "and the capture ends");
+    cublasSetStream_v2(blas, side);
+    cuStreamBeginCapture_v2(side, 1);
+    expect(gemm(2) == CUBLAS_STATUS_NOT_SUPPORTED,
+           "cublasSetStream resets the workspace, as cuBLAS documents");
+    cuStreamEndCapture(side, &graph);
+
+    printf("%d rule(s) broken\n", failures);
+    return failures == 0 ? 0 : 1;
+}

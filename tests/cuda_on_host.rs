@@ -1,0 +1,297 @@
+//! `--device cuda` run on this machine, without a GPU: the real CUDA backend of the `igpt`
+//! binary (its cudarc calls, launches, cuBLAS products and CUDA graphs) against the host CUDA
+//! driver of `tests/cuda_host/driver.cpp`, which runs kernels.cu on the CPU and refuses what
+//! a GPU's driver would refuse. What this cannot show: speed, PTX compiled by nvcc behaving
+//! as the C++ build of the same source does, and work ordered between streams.
+
+mod common;
+
+use common::cuda_host::{compile, driver_dir, root};
+use common::{s, stderr, tempdir};
+use std::path::Path;
+use std::process::{Command, Output};
+
+const IMAGES: &str = "data/fashion-mnist/t10k-images-idx3-ubyte.gz";
+
+/// `igpt --threads 2 ARGS` with the host driver where the CUDA libraries are looked for.
+fn igpt_on_host_driver(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let dir = driver_dir();
+    let path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(old) if !old.is_empty() => format!("{}:{old}", dir.display()),
+        _ => dir.display().to_string(),
+    };
+    Command::new(env!("CARGO_BIN_EXE_igpt"))
+        .current_dir(root())
+        .env("LD_LIBRARY_PATH", path)
+        .envs(env.iter().copied())
+        .args(["--threads", "2"])
+        .args(args)
+        .output()
+        .expect("run igpt")
+}
+
+fn succeeded(o: &Output, what: &str) -> String {
+    let err = stderr(o);
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}{err}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(!err.contains("panicked"), "{what} panicked:\n{err}");
+    err
+}
+
+#[test]
+fn the_host_driver_refuses_what_a_gpu_would() {
+    let dir = driver_dir();
+    let exe = dir.join("driver_rules");
+    let include = dir.to_str().expect("a UTF-8 target folder");
+    compile(
+        &root().join("tests/cuda_host/driver_rules.cpp"),
+        &exe,
+        &["-I", include],
+    );
+    let run = Command::new(&exe).output().expect("run the driver's rules");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "a rule of the host driver does not hold:\n{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let passed = stdout.lines().filter(|l| l.ends_with(" PASS")).count();
+    assert!(passed >= 30, "only {passed} rules checked:\n{stdout}");
+}
+
+#[test]
+fn the_selftest_passes_on_the_cuda_backend() {
+    let dir = tempdir("cuda-host-selftest");
+    let json = dir.join("selftest.json");
+    let out = igpt_on_host_driver(
+        &[
+            "--device",
+            "cuda",
+            "selftest",
+            "--quick",
+            "--json",
+            s(&json),
+        ],
+        &[],
+    );
+    succeeded(&out, "igpt --device cuda selftest --quick");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("read the report"))
+            .expect("parse the report");
+    let checks = report["checks"].as_array().expect("a list of checks");
+    assert!(checks.len() >= 60, "only {} checks", checks.len());
+    for c in checks {
+        let name = c["name"].as_str().unwrap_or("?");
+        let skipped = c["skipped"].as_bool() == Some(true);
+        // --quick skips the 200-step loss curve, and only that.
+        assert_eq!(skipped, name.starts_with("bf16 training"), "{c}");
+        assert!(skipped || c["passed"].as_bool() == Some(true), "{c}");
+    }
+    // The CUDA graph path ran (on the CPU backend this check is skipped).
+    assert!(
+        checks.iter().any(
+            |c| c["name"] == "decoder: replayed steps vs call by call" && c["skipped"] == false
+        ),
+        "no replay check ran"
+    );
+}
+
+/// Per-step training losses and validation losses from a run's metrics.jsonl.
+fn losses(run: &Path) -> Vec<(String, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .expect("read metrics.jsonl")
+        .lines()
+        .flat_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            let step = v["step"].as_u64().unwrap_or(0);
+            ["loss", "val_loss"]
+                .into_iter()
+                .filter_map(move |k| v[k].as_f64().map(|x| (format!("step {step} {k}"), x)))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn training_and_sampling_on_the_cuda_backend_match_the_cpu_and_runs_move_between_them() {
+    let dir = tempdir("cuda-host-train");
+    let (gpu_run, cpu_run) = (dir.join("gpu"), dir.join("cpu"));
+    let train = |run: &Path, device: &[&str]| {
+        let mut args: Vec<&str> = device.to_vec();
+        args.extend([
+            "train",
+            "--data",
+            IMAGES,
+            "--limit",
+            "200",
+            "--side",
+            "8",
+            "--palette-size",
+            "16",
+            "--layers",
+            "2",
+            "--embd",
+            "32",
+            "--heads",
+            "2",
+            "--steps",
+            "6",
+            "--batch",
+            "8",
+            "--lr",
+            "3e-3",
+            "--warmup",
+            "1",
+            "--eval-every",
+            "3",
+            "--checkpoint-every",
+            "3",
+            "--precision",
+            "f32",
+            "--out",
+            s(run),
+        ]);
+        igpt_on_host_driver(&args, &[])
+    };
+    succeeded(
+        &train(&gpu_run, &["--device", "cuda"]),
+        "training with --device cuda",
+    );
+    succeeded(&train(&cpu_run, &[]), "training on the cpu");
+
+    // f32 training on the two devices: the same losses, step by step.
+    let (gpu, cpu) = (losses(&gpu_run), losses(&cpu_run));
+    assert_eq!(gpu.len(), cpu.len(), "{gpu:?} vs {cpu:?}");
+    assert!(gpu.len() >= 8, "{gpu:?}");
+    for ((name, g), (_, c)) in gpu.iter().zip(&cpu) {
+        assert!((g - c).abs() <= 1e-4 * c.abs(), "{name}: cuda {g}, cpu {c}");
+    }
+    // The model learnt something (the comparison is not of two untouched models).
+    let first = gpu.first().expect("a loss").1;
+    let last_train = gpu
+        .iter()
+        .rev()
+        .find(|(n, _)| n.ends_with(" loss"))
+        .expect("a loss")
+        .1;
+    assert!(last_train < first - 0.05, "loss {first} -> {last_train}");
+
+    // A run trained on the GPU continues on the CPU.
+    let out = igpt_on_host_driver(&["train", "--resume", s(&gpu_run), "--steps", "8"], &[]);
+    succeeded(&out, "resuming the cuda run on the cpu");
+    assert_eq!(
+        losses(&gpu_run)
+            .iter()
+            .filter(|(n, _)| n.ends_with(" loss"))
+            .count(),
+        8,
+        "steps 7 and 8 were not logged"
+    );
+
+    // f32 samples on the GPU, decoded by replayed CUDA graphs, are the CPU's pixels.
+    let sample = |device: &[&str], precision: &str, png: &Path| {
+        let mut args: Vec<&str> = device.to_vec();
+        args.extend([
+            "sample",
+            "--model",
+            s(&cpu_run),
+            "--n",
+            "3",
+            "--seed",
+            "5",
+            "--precision",
+            precision,
+            "--out",
+            s(png),
+        ]);
+        igpt_on_host_driver(&args, &[])
+    };
+    let (gpu_png, cpu_png) = (dir.join("gpu.png"), dir.join("cpu.png"));
+    let err = succeeded(
+        &sample(&["--device", "cuda"], "f32", &gpu_png),
+        "sampling on cuda",
+    );
+    assert!(
+        !err.contains("without CUDA graphs"),
+        "graphs were not used:\n{err}"
+    );
+    succeeded(&sample(&[], "f32", &cpu_png), "sampling on the cpu");
+    assert_eq!(
+        std::fs::read(&gpu_png).expect("read the cuda samples"),
+        std::fs::read(&cpu_png).expect("read the cpu samples"),
+        "f32 samples differ between cuda and the cpu"
+    );
+    let bf16_png = dir.join("bf16.png");
+    let err = succeeded(
+        &sample(&["--device", "cuda"], "bf16", &bf16_png),
+        "bf16 sampling on cuda",
+    );
+    assert!(
+        !err.contains("without CUDA graphs"),
+        "graphs were not used:\n{err}"
+    );
+    assert!(bf16_png.exists());
+}
+
+#[test]
+fn a_model_or_batch_larger_than_the_device_memory_is_refused_with_the_sizes() {
+    let dir = tempdir("cuda-host-too-big");
+    let train = |batch: &str, memory: &str| {
+        igpt_on_host_driver(
+            &[
+                "--device",
+                "cuda",
+                "train",
+                "--data",
+                IMAGES,
+                "--limit",
+                "100",
+                "--side",
+                "16",
+                "--palette-size",
+                "16",
+                "--layers",
+                "4",
+                "--embd",
+                "256",
+                "--heads",
+                "4",
+                "--steps",
+                "1",
+                "--batch",
+                batch,
+                "--out",
+                s(&dir.join("run")),
+            ],
+            &[("CUDA_HOST_MEMORY_BYTES", memory)],
+        )
+    };
+    // The model with its gradients and moments (52 MB) fits in 300 MB, 64 images of
+    // activations (1.1 GB) do not: the message says which flag to change.
+    let out = train("64", "300000000");
+    let err = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "a batch too big for the device trained:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("GB")
+            && err.contains("of the GPU's memory is free")
+            && err.contains("--micro-batch"),
+        "the error does not give the sizes and what to do:\n{err}"
+    );
+    // 48 MB: not even the model.
+    let out = train("8", "48000000");
+    let err = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "a model too big for the device trained:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("train a smaller one"), "{err}");
+}

@@ -157,10 +157,11 @@ fn training_and_sampling_on_the_cuda_backend_match_the_cpu_and_runs_move_between
         ]);
         igpt_on_host_driver(&args, &[])
     };
-    succeeded(
+    let err = succeeded(
         &train(&gpu_run, &["--device", "cuda"]),
         "training with --device cuda",
     );
+    assert!(!err.contains("without CUDA graphs"), "passes were not replayed:\n{err}");
     succeeded(&train(&cpu_run, &[]), "training on the cpu");
 
     // f32 training on the two devices: the same losses, step by step.
@@ -294,4 +295,52 @@ fn a_model_or_batch_larger_than_the_device_memory_is_refused_with_the_sizes() {
     );
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("train a smaller one"), "{err}");
+}
+
+#[test]
+fn training_passes_are_replayed_as_cuda_graphs_and_can_be_turned_off() {
+    let dir = tempdir("cuda-host-bench-train");
+    let json = dir.join("train.json");
+    let out = igpt_on_host_driver(
+        &[
+            "bench",
+            "train",
+            "--device",
+            "cuda",
+            "--layers",
+            "1",
+            "--embd",
+            "32",
+            "--heads",
+            "2",
+            "--vocab",
+            "16",
+            "--side",
+            "8",
+            "--batch",
+            "4",
+            "--warmup",
+            "2",
+            "--steps",
+            "1",
+            "--no-torch",
+            "--json",
+            s(&json),
+        ],
+        &[],
+    );
+    succeeded(&out, "igpt bench train --device cuda");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("read the report"))
+            .expect("parse the report");
+    let runs = report["runs"].as_array().expect("runs");
+    let run = |name: &str| {
+        runs.iter()
+            .find(|r| r["impl"] == name)
+            .unwrap_or_else(|| panic!("no {name} run in {report}"))
+    };
+    // Recorded at the second step, replayed from then on; the comparison run issues calls.
+    assert_eq!(run("igpt")["replayed"], true, "{report}");
+    assert!(run("igpt")["replay_failure"].is_null(), "{report}");
+    assert_eq!(run("igpt-calls")["replayed"], false, "{report}");
 }

@@ -887,8 +887,11 @@ fn train(b: TrainBench, dev: &Device) -> Result<()> {
         report["runs"].as_array_mut().expect("runs").push(v);
     };
 
-    let ours = {
+    // igpt; on a GPU also with every call issued one by one instead of replaying each pass's
+    // recording (a CUDA graph), to show what the graphs save.
+    let time_igpt = |replay: bool| -> Result<(TrainRun, Option<String>, bool)> {
         let (mut trainer, data) = bench_trainer(&model, b.batch, dev)?;
+        trainer.engine.set_replay(replay);
         for _ in 0..warmup {
             trainer.step(&data)?;
         }
@@ -897,15 +900,30 @@ fn train(b: TrainBench, dev: &Device) -> Result<()> {
             trainer.step(&data)?;
         }
         let step_s = clock(dev)?.duration_since(t0).as_secs_f64() / b.steps as f64;
+        let failure = trainer.engine.replay_failure().map(str::to_string);
+        let replayed = trainer.engine.replaying();
         // Read before the trainer is dropped: its arenas are the memory in question, and they
         // are freed before PyTorch runs on the same GPU.
-        TrainRun {
-            name: "igpt".into(),
+        let run = TrainRun {
+            name: if replay { "igpt" } else { "igpt-calls" }.into(),
             step_s,
             memory_bytes: memory_bytes(dev),
-        }
+        };
+        Ok((run, failure, replayed))
     };
-    record(&mut report, &ours, json!({}));
+    let (ours, failure, replayed) = time_igpt(true)?;
+    record(
+        &mut report,
+        &ours,
+        json!({ "replayed": replayed, "replay_failure": failure }),
+    );
+    if let Some(why) = &failure {
+        println!("note: igpt's passes ran call by call, not as CUDA graphs: {why}");
+    }
+    if on_gpu {
+        let (calls, _, replayed) = time_igpt(false)?;
+        record(&mut report, &calls, json!({ "replayed": replayed }));
+    }
     write_json(b.json.as_deref(), &report)?;
     if b.profile {
         report["profile"] = profile_training(&model, b.batch, dev, b.steps)?;

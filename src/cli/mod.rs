@@ -714,6 +714,12 @@ fn report(run_dir: &RunDir, s: &run::Summary) -> Result<()> {
         "run directory: {} (model.safetensors, metrics.jsonl, loss.png)",
         run_dir.path.display()
     );
+    if let Some(why) = &s.replay_failure {
+        eprintln!(
+            "note: each training pass ran call by call, without CUDA graphs (same steps, \
+             slower): {why}"
+        );
+    }
     Ok(())
 }
 

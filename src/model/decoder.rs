@@ -7,7 +7,8 @@
 
 use super::ParamLayout;
 use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward};
-use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Precision, Recording, View};
+use super::replay::{self, Next, Replays};
+use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Precision, View};
 use crate::config::ModelConfig;
 
 /// Rows (sequences x positions) one prefill chunk runs through the blocks at once: enough for
@@ -17,22 +18,6 @@ const PREFILL_ROWS: usize = 256;
 /// Recorded steps a decoder keeps (one per number of sequences it has stepped): sampling steps
 /// at one batch size, shrinking as images finish, so a few cover nearly every step.
 const KEPT_RECORDINGS: usize = 8;
-
-/// Steps recorded by the backend for replay, by number of sequences.
-#[derive(Default)]
-struct Replays {
-    off: bool,
-    /// The backend does not record.
-    unsupported: bool,
-    /// Why recording or replaying failed, after which steps run call by call.
-    failure: Option<String>,
-    /// (sequences, recording), oldest first.
-    kept: Vec<(usize, Recording)>,
-    /// The number of sequences the last step ran call by call for: a step is recorded the
-    /// second time in a row it comes, after the first has run (and warmed up the libraries
-    /// it calls, which must not first start up while being recorded).
-    ran_directly: Option<usize>,
-}
 
 /// Offsets in [`Arena::Acts`] of the step buffers (sized for a prefill chunk's rows) and the
 /// caches' views.
@@ -179,7 +164,8 @@ pub struct Decoder {
     pos: usize,
     /// Sequences being decoded (the first `rows` of the batch; see [`Decoder::prefill_rows`]).
     rows: usize,
-    replays: Replays,
+    /// Recorded steps, by number of sequences.
+    replays: Replays<usize>,
     host_logits: Vec<f32>,
 }
 
@@ -311,7 +297,7 @@ impl Decoder {
             backend,
             pos: 0,
             rows: batch,
-            replays: Replays::default(),
+            replays: Replays::new(KEPT_RECORDINGS),
             host_logits: vec![0.0; batch * cfg.n_vocab],
         })
     }
@@ -374,28 +360,19 @@ impl Decoder {
     /// Whether steps may be recorded and replayed where the backend records (on by default;
     /// off runs every step call by call, for comparisons).
     pub fn set_replay(&mut self, on: bool) {
-        self.replays.off = !on;
-        self.replays.failure = None;
-        if !on {
-            for (_, r) in self.replays.kept.drain(..) {
-                self.backend.forget(r);
-            }
-        }
+        self.replays.set_on(on, self.backend.as_mut());
     }
 
     /// Whether steps are replayed from recordings: the backend records, recording has not
     /// failed, and a step has been recorded.
     pub fn replaying(&self) -> bool {
-        !self.replays.off
-            && !self.replays.unsupported
-            && self.replays.failure.is_none()
-            && !self.replays.kept.is_empty()
+        self.replays.replaying()
     }
 
     /// Why steps are not replayed on a backend that records: recording or a replay failed
     /// (steps then run call by call, with the same results; [`Decoder::set_replay`] retries).
     pub fn replay_failure(&self) -> Option<&str> {
-        self.replays.failure.as_deref()
+        self.replays.failure()
     }
 
     /// Starts new sequences whose first `len` tokens are known: `known` is `[batch, len]`.
@@ -572,7 +549,7 @@ impl Decoder {
         }
         let (rows, pos) = (self.rows, self.pos);
         self.backend.set_tokens(prev);
-        if !self.replay_step(rows, pos)? {
+        if !self.replay_step(rows, pos) {
             self.compute_step(rows, pos);
         }
         let logits = act(self.plan.logits, rows * v);
@@ -604,59 +581,24 @@ impl Decoder {
     /// Queues the step for `rows` sequences at `pos` from its recording, recording it first;
     /// false where the step is not replayed (replays off, a backend that does not record, the
     /// first step of this many sequences, or a failure: the caller runs the step's calls).
-    fn replay_step(&mut self, rows: usize, pos: usize) -> anyhow::Result<bool> {
-        let r = &self.replays;
-        if r.off || r.unsupported || r.failure.is_some() {
-            return Ok(false);
-        }
-        let recording = match r.kept.iter().find(|(n, _)| *n == rows) {
-            Some(&(_, recording)) => recording,
-            None if r.ran_directly != Some(rows) => {
-                self.replays.ran_directly = Some(rows);
-                return Ok(false);
+    fn replay_step(&mut self, rows: usize, pos: usize) -> bool {
+        let recording = match self.replays.next(rows) {
+            Next::Direct => return false,
+            Next::Replay(recording) => recording,
+            Next::Record => {
+                let outcome =
+                    replay::record(self, |d| d.backend.as_mut(), |d| d.compute_step(rows, pos));
+                match self.replays.recorded(rows, outcome, self.backend.as_mut()) {
+                    Some(recording) => recording,
+                    None => return false,
+                }
             }
-            None => match self.record_step(rows, pos) {
-                Ok(Some(recording)) => recording,
-                Ok(None) => {
-                    self.replays.unsupported = true;
-                    return Ok(false);
-                }
-                Err(e) => {
-                    self.replays.failure = Some(format!("{e:#}"));
-                    return Ok(false);
-                }
-            },
         };
         if let Err(e) = self.backend.replay(recording, pos) {
-            self.replays.failure = Some(format!("{e:#}"));
-            return Ok(false);
+            self.replays.replay_failed(e);
+            return false;
         }
-        Ok(true)
-    }
-
-    /// Records the step for `rows` sequences (None: the backend does not record).
-    fn record_step(&mut self, rows: usize, pos: usize) -> anyhow::Result<Option<Recording>> {
-        if !self.backend.begin_recording()? {
-            return Ok(None);
-        }
-        // A panic while recording (a failed check) ends the recording before it goes on: a
-        // caller that survives it (the server) must find the backend issuing calls again.
-        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.compute_step(rows, pos)
-        }));
-        if let Err(panic) = step {
-            if let Ok(partial) = self.backend.end_recording() {
-                self.backend.forget(partial);
-            }
-            std::panic::resume_unwind(panic);
-        }
-        let recording = self.backend.end_recording()?;
-        if self.replays.kept.len() == KEPT_RECORDINGS {
-            let (_, oldest) = self.replays.kept.remove(0);
-            self.backend.forget(oldest);
-        }
-        self.replays.kept.push((rows, recording));
-        Ok(Some(recording))
+        true
     }
 }
 
@@ -719,8 +661,8 @@ mod plan_tests {
 #[cfg(test)]
 mod replay_tests {
     use super::*;
-    use crate::backend::Op;
     use crate::backend::cpu::CpuBackend;
+    use crate::backend::{Op, Recording};
     use std::sync::{Arc, Mutex};
 
     type Call = Box<dyn Fn(&mut dyn Backend, usize) + Send>;

@@ -5,6 +5,7 @@
 
 use super::ParamLayout;
 use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward, linear_backward};
+use super::replay::{self, Next, Replays};
 use crate::backend::{
     AdamStep, Arena, ArenaSizes, AttnShape, Backend, Device, Op, Precision, View,
 };
@@ -155,7 +156,22 @@ pub struct Engine {
     backward_ready: bool,
     /// Every parameter tensor and whether weight decay applies to it, for the update.
     update_views: Vec<(View, bool)>,
+    /// Recorded training passes (see [`Engine::train_pass`]).
+    replays: Replays<PassKey>,
 }
+
+/// What shapes a training pass's calls: the sequences, the objective (the masked one weighs
+/// its loss) and the gradient's scale (a kernel argument).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PassKey {
+    n_seq: usize,
+    masked: bool,
+    loss_scale: f32,
+}
+
+/// Training passes an engine keeps recorded: a run uses one or two sizes (the micro-batch,
+/// and a last smaller one).
+const KEPT_PASSES: usize = 4;
 
 fn act(offset: usize, len: usize) -> View {
     View::new(Arena::Acts, offset, len)
@@ -307,6 +323,7 @@ impl Engine {
             mask_weights: vec![0.0; rows],
             backward_ready: false,
             update_views,
+            replays: Replays::new(KEPT_PASSES),
         })
     }
 
@@ -421,6 +438,85 @@ impl Engine {
         self.backward_reporting(d_lnf, &mut |_| Ok(()))
     }
 
+    /// One pass of a training step whose gradient stays on the device: [`Engine::forward_train`]
+    /// then [`Engine::backward`] without a head's gradient, with the same results. Where the
+    /// backend records (a GPU), the pass's calls are recorded the second time a pass of this
+    /// shape comes and replayed after that, so a GPU launches them as one graph. Returns the
+    /// summed loss.
+    pub fn train_pass(
+        &mut self,
+        tokens: &[u16],
+        masked: Option<&[bool]>,
+        loss_scale: f32,
+    ) -> anyhow::Result<f64> {
+        anyhow::ensure!(self.training, "this engine was planned for inference only");
+        self.backward_ready = false;
+        match (masked, self.cfg.causal()) {
+            (Some(_), true) => {
+                anyhow::bail!("masks are for BERT models; this one is autoregressive")
+            }
+            (None, false) => anyhow::bail!("a BERT model trains on masked images: give the mask"),
+            _ => {}
+        }
+        self.n_seq = self.check_tokens(tokens)?;
+        match masked {
+            Some(m) => self.set_masked_targets(tokens, m)?,
+            None => self.backend.set_tokens(tokens),
+        }
+        let key = PassKey {
+            n_seq: self.n_seq,
+            masked: masked.is_some(),
+            loss_scale,
+        };
+        if !self.replay_pass(key) {
+            self.pass_calls(key);
+        }
+        Ok(self.summed_losses())
+    }
+
+    /// The calls of a training pass, forward and backward, inputs set.
+    fn pass_calls(&mut self, key: PassKey) {
+        self.forward_calls(key.masked, Some(key.loss_scale));
+        self.backward_with(None, &mut |_| {});
+    }
+
+    /// Queues the pass of `key` from its recording, recording it first; false where it is
+    /// not replayed (the caller issues the calls).
+    fn replay_pass(&mut self, key: PassKey) -> bool {
+        let recording = match self.replays.next(key) {
+            Next::Direct => return false,
+            Next::Replay(recording) => recording,
+            Next::Record => {
+                let outcome = replay::record(self, |e| e.backend.as_mut(), |e| e.pass_calls(key));
+                match self.replays.recorded(key, outcome, self.backend.as_mut()) {
+                    Some(recording) => recording,
+                    None => return false,
+                }
+            }
+        };
+        if let Err(e) = self.backend.replay(recording, 0) {
+            self.replays.replay_failed(e);
+            return false;
+        }
+        true
+    }
+
+    /// Whether [`Engine::train_pass`] may record and replay passes where the backend records
+    /// (on by default; off issues every call, for comparisons).
+    pub fn set_replay(&mut self, on: bool) {
+        self.replays.set_on(on, self.backend.as_mut());
+    }
+
+    /// Whether training passes are replayed from recordings.
+    pub fn replaying(&self) -> bool {
+        self.replays.replaying()
+    }
+
+    /// Why training passes are issued call by call on a backend that records.
+    pub fn replay_failure(&self) -> Option<&str> {
+        self.replays.failure()
+    }
+
     /// [`Engine::backward`], telling `on_finished` each time the gradients from some offset to
     /// the end of the arena are final for this pass (after the head, after each block, and at
     /// the end), so a data-parallel step can start summing them while the pass goes on. An
@@ -495,14 +591,31 @@ impl Engine {
         self.backward_ready = false;
         let n_seq = self.check_tokens(tokens)?;
         self.n_seq = n_seq;
-        let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
-        let rows = n_seq * t;
+        self.set_masked_targets(tokens, masked)?;
+        self.forward_calls(true, loss_scale);
+        Ok(self.summed_losses())
+    }
+
+    /// The inputs and loss weights of the masked objective for checked `tokens`.
+    fn set_masked_targets(&mut self, tokens: &[u16], masked: &[bool]) -> anyhow::Result<()> {
         self.set_masked_inputs(tokens, Some(masked))?;
+        let rows = tokens.len();
         for (w, &m) in self.mask_weights.iter_mut().zip(masked) {
             *w = if m { 1.0 } else { 0.0 };
         }
         self.backend.set_targets(tokens, &self.mask_weights[..rows]);
-        self.embed(rows, true);
+        Ok(())
+    }
+
+    /// The calls of a loss-computing forward pass over the `n_seq` sequences whose inputs are
+    /// set, from the embedding to the per-position losses (and with `grad_scale`, the logits'
+    /// gradient). `masked`: the masked objective's direct embedding. No transfers, so the
+    /// calls can be recorded.
+    fn forward_calls(&mut self, masked: bool, grad_scale: Option<f32>) {
+        let n_seq = self.n_seq;
+        let (d, t, v) = (self.cfg.n_embd, self.cfg.n_ctx(), self.cfg.n_vocab);
+        let rows = n_seq * t;
+        self.embed(rows, masked);
         self.run_blocks(n_seq, self.cfg.n_layer);
         let (plan, b) = (&self.plan, self.backend.as_mut());
         let logits = act(plan.logits, rows * v);
@@ -517,10 +630,15 @@ impl Engine {
             d,
             v,
         );
-        let losses = act(plan.losses, rows);
-        b.cross_entropy(logits, losses, v, loss_scale);
-        b.download(losses, &mut self.host_losses[..rows]);
-        Ok(self.host_losses[..rows].iter().map(|&x| x as f64).sum())
+        b.cross_entropy(logits, act(plan.losses, rows), v, grad_scale);
+    }
+
+    /// The sum of the last forward pass's per-position losses.
+    fn summed_losses(&mut self) -> f64 {
+        let rows = self.n_seq * self.cfg.n_ctx();
+        self.backend
+            .download(act(self.plan.losses, rows), &mut self.host_losses[..rows]);
+        self.host_losses[..rows].iter().map(|&x| x as f64).sum()
     }
 
     /// Hands the backend the input ids of checked `tokens`, with the mask id (a zero content
@@ -760,32 +878,10 @@ impl Engine {
             self.cfg.causal(),
             "likelihood and training passes here are for autoregressive models; this one is BERT"
         );
-        let n_seq = self.check_tokens(tokens)?;
-        self.n_seq = n_seq;
-        let cfg = self.cfg.clone();
-        let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
-        let rows = n_seq * t;
+        self.n_seq = self.check_tokens(tokens)?;
         self.backend.set_tokens(tokens);
-        self.embed(rows, false);
-        self.run_blocks(n_seq, cfg.n_layer);
-        let (plan, b) = (&self.plan, self.backend.as_mut());
-        let last = act(plan.resid[cfg.n_layer], rows * d);
-        let logits = act(plan.logits, rows * v);
-        head_forward(
-            b,
-            &self.weights,
-            last,
-            act(plan.lnf, rows * d),
-            act(plan.rstdf, rows),
-            logits,
-            rows,
-            d,
-            v,
-        );
-        let losses = act(plan.losses, rows);
-        b.cross_entropy(logits, losses, v, grad_scale);
-        b.download(losses, &mut self.host_losses[..rows]);
-        Ok(self.host_losses[..rows].iter().map(|&x| x as f64).sum())
+        self.forward_calls(false, grad_scale);
+        Ok(self.summed_losses())
     }
 
     /// The final norm's output `[n_seq, n_ctx, d]` of the last forward pass (what a

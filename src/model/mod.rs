@@ -4,6 +4,7 @@ mod block;
 mod decoder;
 mod engine;
 mod layout;
+mod replay;
 
 pub use decoder::Decoder;
 pub use engine::{ActPlan, Engine, FinishedGrads, Output};

@@ -1,7 +1,8 @@
 //! Training: AdamW with warm-up and cosine decay, clipping, accumulation, and exact resume.
 //!
 //! A step is named calls on the engine: for each pass, [`Engine::forward_train`] and
-//! [`Engine::backward`]; then [`optim::finish_step`] (reduce, clip, update). Fine-tuning
+//! [`Engine::backward`] (together as [`Engine::train_pass`] where no other process waits on
+//! the gradients); then [`optim::finish_step`] (reduce, clip, update). Fine-tuning
 //! ([`crate::finetune`]) takes the same steps.
 
 pub mod job;
@@ -294,14 +295,15 @@ impl Trainer {
             } else {
                 None
             };
-            loss_sum += self.engine.forward_train(&self.batch_tokens, mask, scale)?;
-            if first == last_pass {
+            if first == last_pass && !self.reducer.alone() {
                 // The step's gradients become final layer by layer: sums start as they do.
+                loss_sum += self.engine.forward_train(&self.batch_tokens, mask, scale)?;
                 let reducer = &mut self.reducer;
                 self.engine
                     .backward_reporting(None, &mut |g| reducer.finished(g))?;
             } else {
-                self.engine.backward(None)?;
+                // Forward and backward in one call, which a GPU replays as one graph.
+                loss_sum += self.engine.train_pass(&self.batch_tokens, mask, scale)?;
             }
         }
         let step = self.state.step + 1;

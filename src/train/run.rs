@@ -168,6 +168,8 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// Training losses of the steps run in this invocation.
     pub losses: Vec<f64>,
+    /// Why training passes ran call by call on a device that replays them (CUDA graphs).
+    pub replay_failure: Option<String>,
 }
 
 /// Starts a new run in `run` with freshly initialised parameters.
@@ -573,6 +575,7 @@ fn train_loop_on_pool(
         seconds: secs,
         tokens_per_s: tokens as f64 / secs.max(1e-9),
         losses,
+        replay_failure: trainer.engine.replay_failure().map(str::to_string),
     })
 }
 

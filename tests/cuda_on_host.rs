@@ -161,7 +161,10 @@ fn training_and_sampling_on_the_cuda_backend_match_the_cpu_and_runs_move_between
         &train(&gpu_run, &["--device", "cuda"]),
         "training with --device cuda",
     );
-    assert!(!err.contains("without CUDA graphs"), "passes were not replayed:\n{err}");
+    assert!(
+        !err.contains("without CUDA graphs"),
+        "passes were not replayed:\n{err}"
+    );
     succeeded(&train(&cpu_run, &[]), "training on the cpu");
 
     // f32 training on the two devices: the same losses, step by step.

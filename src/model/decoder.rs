@@ -7,7 +7,7 @@
 
 use super::ParamLayout;
 use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward};
-use super::replay::{self, Next, Replays};
+use super::replay::{self, Replays};
 use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Precision, View};
 use crate::config::ModelConfig;
 
@@ -247,7 +247,9 @@ impl Decoder {
     ) -> anyhow::Result<Self> {
         // Checked from the shape alone, before the layout or the plan computes a size.
         let cache_len = backend.decode_cache_len(cfg.n_ctx());
-        let own = if params.is_none() {
+        // Adopted parameters cost nothing more on the host; a device copies them into its own.
+        let device_free = backend.device_memory_free();
+        let own = if params.is_none() || device_free.is_some() {
             4 * crate::memory::param_count(cfg)
         } else {
             0
@@ -265,10 +267,7 @@ impl Decoder {
                 ),
                 crate::memory::Scale::Batch,
             )
-            .check_in(
-                "generating with this model and batch",
-                backend.device_memory_free(),
-            )?;
+            .check_in("generating with this model and batch", device_free)?;
         let layout = ParamLayout::new(cfg);
         if let Some(p) = params.as_ref() {
             layout.check_len(p.len())?;
@@ -549,9 +548,14 @@ impl Decoder {
         }
         let (rows, pos) = (self.rows, self.pos);
         self.backend.set_tokens(prev);
-        if !self.replay_step(rows, pos) {
-            self.compute_step(rows, pos);
-        }
+        replay::run(
+            self,
+            |d| &mut d.replays,
+            |d| d.backend.as_mut(),
+            rows,
+            pos,
+            |d| d.compute_step(rows, pos),
+        );
         let logits = act(self.plan.logits, rows * v);
         let host = &mut self.host_logits[..rows * v];
         self.backend.download(logits, host);
@@ -576,29 +580,6 @@ impl Decoder {
             d,
             v,
         );
-    }
-
-    /// Queues the step for `rows` sequences at `pos` from its recording, recording it first;
-    /// false where the step is not replayed (replays off, a backend that does not record, the
-    /// first step of this many sequences, or a failure: the caller runs the step's calls).
-    fn replay_step(&mut self, rows: usize, pos: usize) -> bool {
-        let recording = match self.replays.next(rows) {
-            Next::Direct => return false,
-            Next::Replay(recording) => recording,
-            Next::Record => {
-                let outcome =
-                    replay::record(self, |d| d.backend.as_mut(), |d| d.compute_step(rows, pos));
-                match self.replays.recorded(rows, outcome, self.backend.as_mut()) {
-                    Some(recording) => recording,
-                    None => return false,
-                }
-            }
-        };
-        if let Err(e) = self.backend.replay(recording, pos) {
-            self.replays.replay_failed(e);
-            return false;
-        }
-        true
     }
 }
 

@@ -5,7 +5,7 @@
 
 use super::ParamLayout;
 use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward, linear_backward};
-use super::replay::{self, Next, Replays};
+use super::replay::{self, Replays};
 use crate::backend::{
     AdamStep, Arena, ArenaSizes, AttnShape, Backend, Device, Op, Precision, View,
 };
@@ -258,7 +258,10 @@ impl Engine {
             Precision::F32 => 0,
             Precision::Bf16 => crate::memory::packed_bytes(cfg, batch.saturating_mul(cfg.n_ctx())),
         };
-        crate::memory::engine(cfg, batch, training, params.is_none(), scratch as u128)
+        // Adopted parameters cost nothing more on the host; a device copies them into its own.
+        let device_free = backend.device_memory_free();
+        let own_params = params.is_none() || device_free.is_some();
+        crate::memory::engine(cfg, batch, training, own_params, scratch as u128)
             .add(
                 "bf16 weights and scratch",
                 packed,
@@ -270,7 +273,7 @@ impl Engine {
                 } else {
                     "running this model with this many images per pass"
                 },
-                backend.device_memory_free(),
+                device_free,
             )?;
         let layout = ParamLayout::new(cfg);
         if let Some(p) = params.as_ref() {
@@ -416,15 +419,11 @@ impl Engine {
         masked: Option<&[bool]>,
         loss_scale: f32,
     ) -> anyhow::Result<f64> {
-        anyhow::ensure!(self.training, "this engine was planned for inference only");
+        self.check_training_objective(masked)?;
         self.backward_ready = false;
-        let sum = match (masked, self.cfg.causal()) {
-            (None, true) => self.run_forward(tokens, Some(loss_scale))?,
-            (Some(m), false) => self.run_forward_masked(tokens, m, Some(loss_scale))?,
-            (Some(_), true) => {
-                anyhow::bail!("masks are for BERT models; this one is autoregressive")
-            }
-            (None, false) => anyhow::bail!("a BERT model trains on masked images: give the mask"),
+        let sum = match masked {
+            None => self.run_forward(tokens, Some(loss_scale))?,
+            Some(m) => self.run_forward_masked(tokens, m, Some(loss_scale))?,
         };
         self.backward_ready = true;
         Ok(sum)
@@ -449,15 +448,8 @@ impl Engine {
         masked: Option<&[bool]>,
         loss_scale: f32,
     ) -> anyhow::Result<f64> {
-        anyhow::ensure!(self.training, "this engine was planned for inference only");
+        self.check_training_objective(masked)?;
         self.backward_ready = false;
-        match (masked, self.cfg.causal()) {
-            (Some(_), true) => {
-                anyhow::bail!("masks are for BERT models; this one is autoregressive")
-            }
-            (None, false) => anyhow::bail!("a BERT model trains on masked images: give the mask"),
-            _ => {}
-        }
         self.n_seq = self.check_tokens(tokens)?;
         match masked {
             Some(m) => self.set_masked_targets(tokens, m)?,
@@ -468,37 +460,33 @@ impl Engine {
             masked: masked.is_some(),
             loss_scale,
         };
-        if !self.replay_pass(key) {
-            self.pass_calls(key);
-        }
+        replay::run(
+            self,
+            |e| &mut e.replays,
+            |e| e.backend.as_mut(),
+            key,
+            0,
+            |e| e.pass_calls(key),
+        );
         Ok(self.summed_losses())
+    }
+
+    /// A training engine, and masks exactly for BERT models.
+    fn check_training_objective(&self, masked: Option<&[bool]>) -> anyhow::Result<()> {
+        anyhow::ensure!(self.training, "this engine was planned for inference only");
+        match (masked, self.cfg.causal()) {
+            (Some(_), true) => {
+                anyhow::bail!("masks are for BERT models; this one is autoregressive")
+            }
+            (None, false) => anyhow::bail!("a BERT model trains on masked images: give the mask"),
+            _ => Ok(()),
+        }
     }
 
     /// The calls of a training pass, forward and backward, inputs set.
     fn pass_calls(&mut self, key: PassKey) {
         self.forward_calls(key.masked, Some(key.loss_scale));
         self.backward_with(None, &mut |_| {});
-    }
-
-    /// Queues the pass of `key` from its recording, recording it first; false where it is
-    /// not replayed (the caller issues the calls).
-    fn replay_pass(&mut self, key: PassKey) -> bool {
-        let recording = match self.replays.next(key) {
-            Next::Direct => return false,
-            Next::Replay(recording) => recording,
-            Next::Record => {
-                let outcome = replay::record(self, |e| e.backend.as_mut(), |e| e.pass_calls(key));
-                match self.replays.recorded(key, outcome, self.backend.as_mut()) {
-                    Some(recording) => recording,
-                    None => return false,
-                }
-            }
-        };
-        if let Err(e) = self.backend.replay(recording, 0) {
-            self.replays.replay_failed(e);
-            return false;
-        }
-        true
     }
 
     /// Whether [`Engine::train_pass`] may record and replay passes where the backend records

@@ -9,7 +9,7 @@
 use crate::backend::{Backend, Recording};
 
 /// What to do with the calls of one key.
-pub enum Next {
+enum Next {
     /// Issue them call by call.
     Direct,
     /// Record them (see [`record`]), then replay the recording.
@@ -67,7 +67,7 @@ impl<K: Copy + PartialEq> Replays<K> {
         self.failure.as_deref()
     }
 
-    pub fn next(&mut self, key: K) -> Next {
+    fn next(&mut self, key: K) -> Next {
         if self.off || self.unsupported || self.failure.is_some() {
             return Next::Direct;
         }
@@ -81,44 +81,67 @@ impl<K: Copy + PartialEq> Replays<K> {
         Next::Record
     }
 
-    /// Takes the outcome of [`record`] for `key`: the recording to replay, or None (the calls
-    /// are then issued; a failure is kept, a backend that does not record remembered).
-    pub fn recorded(
+    /// Takes the outcome of [`record`] for `key`: the recording to replay (None: the calls
+    /// are then issued; a failure is kept, a backend that does not record remembered), and a
+    /// recording that made room for it, for the caller to forget.
+    fn recorded(
         &mut self,
         key: K,
         outcome: anyhow::Result<Option<Recording>>,
-        backend: &mut dyn Backend,
-    ) -> Option<Recording> {
+    ) -> (Option<Recording>, Option<Recording>) {
         match outcome {
             Ok(Some(recording)) => {
-                if self.kept.len() == self.capacity {
-                    let (_, oldest) = self.kept.remove(0);
-                    backend.forget(oldest);
-                }
+                let evicted = (self.kept.len() == self.capacity).then(|| self.kept.remove(0).1);
                 self.kept.push((key, recording));
-                Some(recording)
+                (Some(recording), evicted)
             }
             Ok(None) => {
                 self.unsupported = true;
-                None
+                (None, None)
             }
             Err(e) => {
                 self.failure = Some(format!("{e:#}"));
-                None
+                (None, None)
             }
         }
     }
+}
 
-    /// A replay failed: calls are issued one by one from now on.
-    pub fn replay_failed(&mut self, e: anyhow::Error) {
-        self.failure = Some(format!("{e:#}"));
+/// Runs `calls` on `owner` for `key` (at decoding position `pos`): replayed from their
+/// recording, recorded first when their turn comes, or issued one by one.
+pub fn run<T: ?Sized, K: Copy + PartialEq>(
+    owner: &mut T,
+    replays: fn(&mut T) -> &mut Replays<K>,
+    backend: fn(&mut T) -> &mut dyn Backend,
+    key: K,
+    pos: usize,
+    calls: impl Fn(&mut T),
+) {
+    let recording = match replays(owner).next(key) {
+        Next::Direct => None,
+        Next::Replay(recording) => Some(recording),
+        Next::Record => {
+            let outcome = record(owner, backend, &calls);
+            let (recording, evicted) = replays(owner).recorded(key, outcome);
+            if let Some(old) = evicted {
+                backend(owner).forget(old);
+            }
+            recording
+        }
+    };
+    if let Some(recording) = recording {
+        match backend(owner).replay(recording, pos) {
+            Ok(()) => return,
+            Err(e) => replays(owner).failure = Some(format!("{e:#}")),
+        }
     }
+    calls(owner)
 }
 
 /// Records `calls` made on `owner`'s backend (None: the backend does not record). A panic
 /// while recording (a failed check) ends the recording before it goes on, so a caller that
 /// survives it (the server) finds the backend issuing calls again.
-pub fn record<T: ?Sized>(
+fn record<T: ?Sized>(
     owner: &mut T,
     backend: fn(&mut T) -> &mut dyn Backend,
     calls: impl FnOnce(&mut T),

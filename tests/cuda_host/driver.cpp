@@ -13,11 +13,14 @@
 // (tests/cuda_on_host.rs writes it from the source).
 //
 // What it checks, as a GPU or its driver would:
-//   - device memory: every allocation sits against an unmapped page, so a kernel or copy
-//     that runs past its end faults; every pointer a launch, copy or product is given must
-//     lie in a live allocation (or be null), with the bytes a copy or product touches;
+//   - device memory, as compute-sanitizer would: every pointer a launch, copy or product is
+//     given must lie in a live allocation (or be null), with the bytes a copy or product
+//     touches, when it is issued and again at each replay of a graph that recorded it; an
+//     allocation's end, rounded up to 256 bytes, meets an unmapped page, so a read or write
+//     beyond that faults, and a write into the rounding is caught after the call that made it;
+//   - a context is current on the thread that launches, allocates or copies;
 //   - launches: the function was loaded from the PTX the backend gave (its `.entry` is in the
-//     module), grids and blocks within the limits of compute capability 9.0, dynamic shared
+//     module, with parameters of the sizes kernels.cu's signature has), grids and blocks within the limits of compute capability 9.0, dynamic shared
 //     memory within the 48 KiB a kernel has unless cuFuncSetAttribute raised it;
 //   - products: cuBLAS's argument rules (leading dimensions, operand and compute types), the
 //     column-major definition of a strided batched product, beta = 0 never reading C, and
@@ -26,11 +29,15 @@
 //     are recorded with their arguments' values, not run; a call that would synchronise or
 //     allocate (a synchronous copy, cuMemAlloc, cuCtxSynchronize) from the capturing thread
 //     fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates the capture, as in
-//     CU_STREAM_CAPTURE_MODE_THREAD_LOCAL; a product recorded into a graph needs a workspace
-//     set with cublasSetWorkspace after the last cublasSetStream (which resets it), or cuBLAS
-//     would allocate during capture.
-// What it does not check: timing, and the order of work between streams (everything runs
-// when it is issued, so a missing wait between two streams goes unseen).
+//     CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+//   - igpt's own rule, stricter than cuBLAS (whose default workspace can be captured since
+//     CUDA 12.2): a product recorded into a graph must use a workspace set with
+//     cublasSetWorkspace after the last cublasSetStream (which resets it, as cuBLAS
+//     documents), so recorded and direct products share one workspace and capture allocates
+//     nothing.
+// What it does not check: timing; the order of work between streams (everything runs when it
+// is issued, so a missing wait between two streams goes unseen); reads of `__shared__` arrays
+// no thread of the block wrote; reads into an allocation's rounding.
 //
 // Environment: CUDA_HOST_MEMORY_BYTES sets the device's memory (default 8 GiB).
 
@@ -121,7 +128,11 @@ std::string hex(uintptr_t p) {
 // Streams, capture and graphs. Work runs as it is issued, except on a capturing stream,
 // where it is recorded.
 
-using Job = std::function<void()>;
+// A unit of work, and the device bytes it uses (checked again when a graph replays it).
+struct Job {
+    std::function<void()> run;
+    std::vector<std::pair<uintptr_t, size_t>> uses;
+};
 
 struct Stream {
     bool capturing = false;
@@ -155,12 +166,33 @@ CUresult forbidden_while_capturing(const char* call) {
     return CUDA_SUCCESS;
 }
 
+// Aborts if a call wrote into an allocation's rounding (past its end): on a GPU the write
+// would land in memory nothing owns, or another buffer's.
+void check_rounding(const char* what) {
+    for (const auto& [start, a] : allocations) {
+        size_t padded = (a.bytes + 255) / 256 * 256;
+        for (size_t i = a.bytes; i < padded; i++)
+            if (((const unsigned char*)start)[i] != 0xff) {
+                fprintf(stderr,
+                        "cuda_host driver: %s wrote past the end of the %zu-byte allocation at "
+                        "%s (byte %zu)\n",
+                        what, a.bytes, hex(start).c_str(), i);
+                abort();
+            }
+    }
+}
+
+void run_job(const Job& job, const char* what) {
+    job.run();
+    check_rounding(what);
+}
+
 // Runs `job` now, or records it if `stream` captures.
-void issue(Stream* stream, Job job) {
+void issue(Stream* stream, Job job, const char* what) {
     if (stream->capturing)
         stream->jobs.push_back(std::move(job));
     else
-        job();
+        run_job(job, what);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -168,12 +200,16 @@ void issue(Stream* stream, Job job) {
 
 // Checks a pointer argument: null, or inside a live allocation.
 template <typename T>
-bool pointer_ok(const T&, std::string&) {
+bool pointer_ok(const T&, std::string&, Job&) {
     return true;
 }
 template <typename T>
-bool pointer_ok(T* const& p, std::string& why) {
-    if (p == nullptr || in_allocation((uintptr_t)p, 1)) return true;
+bool pointer_ok(T* const& p, std::string& why, Job& job) {
+    if (p == nullptr) return true;
+    if (in_allocation((uintptr_t)p, 1)) {
+        job.uses.push_back({(uintptr_t)p, 1});
+        return true;
+    }
     why = "pointer argument " + hex((uintptr_t)p) + " is in no device allocation";
     return false;
 }
@@ -188,9 +224,9 @@ CUresult bind_args(void (*kernel)(P...), void** args, dim3 grid, dim3 block, siz
     // issued (or recorded).
     std::tuple<std::decay_t<P>...> values(*static_cast<std::decay_t<P>*>(args[I])...);
     bool ok = true;
-    ((ok = ok && pointer_ok(std::get<I>(values), *why)), ...);
+    ((ok = ok && pointer_ok(std::get<I>(values), *why, *job)), ...);
     if (!ok) return CUDA_ERROR_ILLEGAL_ADDRESS;
-    *job = [=] {
+    job->run = [=] {
         std::apply([&](auto... v) { cuda_host::launch(kernel, grid, block, shared, v...); },
                    values);
     };
@@ -204,18 +240,44 @@ CUresult bind_kernel(void (*kernel)(P...), void** args, dim3 grid, dim3 block, s
                      std::index_sequence_for<P...>{});
 }
 
+// The bytes of each parameter of a kernel's signature.
+template <typename... P>
+std::vector<size_t> param_sizes(void (*)(P...)) {
+    return {sizeof(std::decay_t<P>)...};
+}
+
+struct Kernel {
+    Binder bind;
+    std::vector<size_t> params;
+};
+
 #define KERNEL(name)                                                                       \
-    {#name, [](void** a, dim3 g, dim3 b, size_t s, Job* j, std::string* w) {               \
-         return bind_kernel(::name, a, g, b, s, j, w);                                     \
-     }},
-const std::map<std::string, Binder> kernels = {
+    {#name, Kernel{[](void** a, dim3 g, dim3 b, size_t s, Job* j, std::string* w) {        \
+                       return bind_kernel(::name, a, g, b, s, j, w);                       \
+                   },                                                                      \
+                   param_sizes(::name)}},
+const std::map<std::string, Kernel> kernels = {
 #include "kernel_list.inc"
 };
 #undef KERNEL
 
 struct Module {
-    std::set<std::string> entries;  // the `.entry` names of its PTX
+    // The `.entry` names of its PTX, with the bytes of each parameter.
+    std::map<std::string, std::vector<size_t>> entries;
 };
+
+// Bytes of a PTX parameter declaration: `.param .u64 name`, `.param .align 8 .b8 name[1288]`.
+size_t ptx_param_bytes(const std::string& decl) {
+    size_t open = decl.find('[');
+    if (open != std::string::npos) return strtoull(decl.c_str() + open + 1, nullptr, 10);
+    for (const char* t : {".u64", ".s64", ".b64", ".f64"})
+        if (decl.find(t) != std::string::npos) return 8;
+    for (const char* t : {".u32", ".s32", ".b32", ".f32"})
+        if (decl.find(t) != std::string::npos) return 4;
+    for (const char* t : {".u16", ".s16", ".b16", ".f16"})
+        if (decl.find(t) != std::string::npos) return 2;
+    return 1;
+}
 
 struct Function {
     std::string name;
@@ -246,6 +308,12 @@ typedef void* CUgraphExec;
 static int initialised = 0;
 static int context_token = 0;  // a primary context's handle points here
 static thread_local CUcontext current_context = nullptr;
+
+// A call that needs the context current on this thread, as the driver's do.
+static CUresult no_context(const char* call) {
+    if (current_context) return CUDA_SUCCESS;
+    return refuse(CUDA_ERROR_INVALID_CONTEXT, call, "no context is current on this thread");
+}
 
 CUresult cuInit(unsigned int) {
     initialised = 1;
@@ -317,6 +385,7 @@ CUresult cuCtxGetDevice(CUdevice* device) {
 
 CUresult cuCtxSynchronize() {
     GUARD;
+    if (CUresult e = no_context("cuCtxSynchronize")) return e;
     return forbidden_while_capturing("cuCtxSynchronize");
 }
 
@@ -341,6 +410,7 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 
 CUresult cuMemAlloc_v2(CUdeviceptr* ptr, size_t bytes) {
     GUARD;
+    if (CUresult e = no_context("cuMemAlloc")) return e;
     if (CUresult e = forbidden_while_capturing("cuMemAlloc")) return e;
     if (bytes == 0) return refuse(CUDA_ERROR_INVALID_VALUE, "cuMemAlloc", "0 bytes");
     if (allocated + bytes > memory_bytes())
@@ -385,6 +455,7 @@ static CUresult check_range(const char* call, CUdeviceptr p, size_t bytes) {
 
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) {
     GUARD;
+    if (CUresult e = no_context("cuMemsetD8")) return e;
     if (CUresult e = forbidden_while_capturing("cuMemsetD8")) return e;
     if (CUresult e = check_range("cuMemsetD8", dst, n)) return e;
     memset((void*)dst, value, n);
@@ -393,13 +464,16 @@ CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) {
 
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstream s) {
     GUARD;
+    if (CUresult e = no_context("cuMemsetD8Async")) return e;
     if (CUresult e = check_range("cuMemsetD8Async", dst, n)) return e;
-    issue(stream_of(s), [=] { memset((void*)dst, value, n); });
+    issue(stream_of(s), Job{[=] { memset((void*)dst, value, n); }, {{dst, n}}},
+          "cuMemsetD8Async");
     return CUDA_SUCCESS;
 }
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     GUARD;
+    if (CUresult e = no_context("cuMemcpyHtoD")) return e;
     if (CUresult e = forbidden_while_capturing("cuMemcpyHtoD")) return e;
     if (CUresult e = check_range("cuMemcpyHtoD", dst, n)) return e;
     memcpy((void*)dst, src, n);
@@ -408,6 +482,7 @@ CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
 
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     GUARD;
+    if (CUresult e = no_context("cuMemcpyDtoH")) return e;
     if (CUresult e = forbidden_while_capturing("cuMemcpyDtoH")) return e;
     if (CUresult e = check_range("cuMemcpyDtoH", src, n)) return e;
     memcpy(dst, (const void*)src, n);
@@ -418,7 +493,10 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstre
     GUARD;
     if (CUresult e = check_range("cuMemcpyDtoDAsync", dst, n)) return e;
     if (CUresult e = check_range("cuMemcpyDtoDAsync", src, n)) return e;
-    issue(stream_of(s), [=] { memmove((void*)dst, (const void*)src, n); });
+    if (CUresult e = no_context("cuMemcpyDtoDAsync")) return e;
+    issue(stream_of(s),
+          Job{[=] { memmove((void*)dst, (const void*)src, n); }, {{dst, n}, {src, n}}},
+          "cuMemcpyDtoDAsync");
     return CUDA_SUCCESS;
 }
 
@@ -429,11 +507,21 @@ CUresult cuModuleLoadData(CUmodule* module, const void* image) {
     const char* ptx = static_cast<const char*>(image);
     if (!strstr(ptx, ".version") || !strstr(ptx, ".target"))
         return refuse(CUDA_ERROR_INVALID_PTX, "cuModuleLoadData", "the image is not PTX text");
+    if (CUresult e = no_context("cuModuleLoadData")) return e;
     auto* m = new Module;
     for (const char* p = ptx; (p = strstr(p, ".entry ")); p += 7) {
         const char* name = p + 7;
         size_t len = strcspn(name, "( \t\n");
-        m->entries.insert(std::string(name, len));
+        std::vector<size_t>& params = m->entries[std::string(name, len)];
+        const char* open = strchr(name, '(');
+        const char* close = open ? strchr(open, ')') : nullptr;
+        if (!close) continue;
+        std::string list(open + 1, close);
+        for (size_t at = 0; (at = list.find(".param", at)) != std::string::npos;) {
+            size_t end = std::min(list.find(',', at), list.size());
+            params.push_back(ptx_param_bytes(list.substr(at, end - at)));
+            at = end;
+        }
     }
     *module = m;
     return CUDA_SUCCESS;
@@ -447,14 +535,19 @@ CUresult cuModuleUnload(CUmodule module) {
 CUresult cuModuleGetFunction(CUfunction* f, CUmodule module, const char* name) {
     GUARD;
     auto* m = static_cast<Module*>(module);
-    if (!m->entries.count(name))
+    auto entry = m->entries.find(name);
+    if (entry == m->entries.end())
         return refuse(CUDA_ERROR_NOT_FOUND, "cuModuleGetFunction",
                       std::string("the PTX has no .entry ") + name);
     auto k = kernels.find(name);
     if (k == kernels.end())
         return refuse(CUDA_ERROR_NOT_FOUND, "cuModuleGetFunction",
                       std::string("kernels.cu defines no kernel ") + name);
-    *f = new Function{name, k->second};
+    if (entry->second != k->second.params)
+        return refuse(CUDA_ERROR_INVALID_IMAGE, "cuModuleGetFunction",
+                      std::string("the PTX's parameters of ") + name +
+                          " differ from kernels.cu's (is the PTX stale?)");
+    *f = new Function{name, k->second.bind};
     return CUDA_SUCCESS;
 }
 
@@ -482,6 +575,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     GUARD;
     auto* fn = static_cast<Function*>(f);
     std::string call = "cuLaunchKernel(" + fn->name + ")";
+    if (CUresult e = no_context(call.c_str())) return e;
     if (extra) return refuse(CUDA_ERROR_INVALID_VALUE, call.c_str(), "`extra` is not emulated");
     if (!params) return refuse(CUDA_ERROR_INVALID_VALUE, call.c_str(), "no parameters");
     if (gx == 0 || gy == 0 || gz == 0 || gx > 0x7fffffffu || gy > 65535 || gz > 65535)
@@ -499,7 +593,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     std::string why;
     if (CUresult e = fn->bind(params, dim3(gx, gy, gz), dim3(bx, by, bz), shared, &job, &why))
         return refuse(e, call.c_str(), why);
-    issue(stream_of(s), std::move(job));
+    issue(stream_of(s), std::move(job), call.c_str());
     return CUDA_SUCCESS;
 }
 
@@ -507,6 +601,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
 
 CUresult cuStreamCreate(CUstream* s, unsigned int) {
     GUARD;
+    if (CUresult e = no_context("cuStreamCreate")) return e;
     auto* stream = new Stream;
     streams.insert(stream);
     *s = stream;
@@ -525,9 +620,11 @@ CUresult cuStreamDestroy_v2(CUstream s) {
 
 CUresult cuStreamSynchronize(CUstream s) {
     GUARD;
-    if (stream_of(s)->capturing)
+    if (stream_of(s)->capturing) {
+        stream_of(s)->invalidated = true;
         return refuse(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamSynchronize",
-                      "the stream is capturing");
+                      "the stream is capturing; the capture is now invalid");
+    }
     return forbidden_while_capturing("cuStreamSynchronize");
 }
 
@@ -593,7 +690,8 @@ CUresult cuEventDestroy_v2(CUevent e) {
 CUresult cuEventRecord(CUevent e, CUstream s) {
     GUARD;
     auto* ev = static_cast<Event*>(e);
-    issue(stream_of(s), [ev] { ev->at = std::chrono::steady_clock::now(); });
+    issue(stream_of(s), Job{[ev] { ev->at = std::chrono::steady_clock::now(); }, {}},
+          "cuEventRecord");
     return CUDA_SUCCESS;
 }
 
@@ -628,7 +726,14 @@ CUresult cuGraphLaunch(CUgraphExec exec, CUstream s) {
     if (stream->capturing)
         return refuse(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuGraphLaunch",
                       "launching a graph into a capture is not emulated");
-    for (const Job& job : static_cast<Graph*>(exec)->jobs) job();
+    const std::vector<Job>& jobs = static_cast<Graph*>(exec)->jobs;
+    for (const Job& job : jobs)
+        for (auto [p, bytes] : job.uses)
+            if (!in_allocation(p, bytes))
+                return refuse(CUDA_ERROR_ILLEGAL_ADDRESS, "cuGraphLaunch",
+                              "the graph uses " + std::to_string(bytes) + " bytes at " +
+                                  hex(p) + ", freed since it was recorded");
+    for (const Job& job : jobs) run_job(job, "a replayed graph");
     return CUDA_SUCCESS;
 }
 
@@ -789,7 +894,10 @@ cublasStatus_t cublasGemmStridedBatchedEx(void* handle, int transa, int transb, 
     }
     // Host pointer mode: the scalars are read when the call is made, recorded or not.
     float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-    issue(h->stream, [=] {
+    Job job;
+    for (auto& o : operands)
+        if (o.bytes) job.uses.push_back({(uintptr_t)o.p, o.bytes});
+    job.run = [=] {
         for (int b = 0; b < batch; b++) {
             const char* a = static_cast<const char*>(A) + (size_t)b * stride_a * esize;
             const char* bb = static_cast<const char*>(B) + (size_t)b * stride_b * esize;
@@ -805,7 +913,8 @@ cublasStatus_t cublasGemmStridedBatchedEx(void* handle, int transa, int transb, 
                     out = be == 0.0f ? (float)(al * sum) : (float)(al * sum + be * out);
                 }
         }
-    });
+    };
+    issue(h->stream, std::move(job), "cublasGemmStridedBatchedEx");
     return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -40,8 +40,15 @@ bool all_equal(const float* x, size_t n, float value) {
 
 int main() {
     cuInit(0);
-    const char* ptx = ".version 8.0\n.target sm_90\n.visible .entry fill_f32(\n.param .u64 x\n)\n";
+    const char* ptx =
+        ".version 8.0\n.target sm_90\n.visible .entry fill_f32(\n.param .u64 x,\n"
+        ".param .f32 value,\n.param .u64 n\n)\n";
     CUmodule module;
+    expect(cuModuleLoadData(&module, ptx) == CUDA_ERROR_INVALID_CONTEXT,
+           "without a current context, loading a module is refused");
+    CUcontext ctx;
+    cuDevicePrimaryCtxRetain(&ctx, 0);
+    cuCtxSetCurrent(ctx);
     expect(cuModuleLoadData(&module, ptx) == CUDA_SUCCESS, "PTX text loads");
     CUmodule bad;
     expect(cuModuleLoadData(&bad, "not ptx") == CUDA_ERROR_INVALID_PTX,
@@ -52,6 +59,13 @@ int main() {
     CUfunction missing;
     expect(cuModuleGetFunction(&missing, module, "adamw") == CUDA_ERROR_NOT_FOUND,
            "a kernel of kernels.cu that the PTX lacks is not found");
+    CUmodule stale;
+    cuModuleLoadData(&stale,
+                     ".version 8.0\n.target sm_90\n.visible .entry fill_f32(\n.param .u64 x,\n"
+                     ".param .f32 value,\n.param .u32 n\n)\n");
+    CUfunction stale_fill;
+    expect(cuModuleGetFunction(&stale_fill, stale, "fill_f32") == CUDA_ERROR_INVALID_IMAGE,
+           "a PTX entry whose parameters differ from kernels.cu's is refused");
 
     // Memory.
     const size_t n = 1000;
@@ -122,7 +136,10 @@ int main() {
     }
     value = 5.0f;  // a launch's arguments are copied when it is recorded
     CUresult other_thread = CUDA_ERROR_INVALID_VALUE;
-    std::thread([&] { other_thread = cuMemcpyHtoD_v2(dev, host.data(), 4); }).join();
+    std::thread([&] {
+        cuCtxSetCurrent(ctx);
+        other_thread = cuMemcpyHtoD_v2(dev, host.data(), 4);
+    }).join();
     expect(other_thread == CUDA_SUCCESS,
            "thread-local capture: another thread's synchronous copy is allowed");
     expect(cuStreamEndCapture(side, &graph) == CUDA_SUCCESS, "a capture of launches ends");
@@ -134,6 +151,41 @@ int main() {
     fill(f, x, 1.0f, n, nullptr);
     cuGraphLaunch(exec, nullptr);
     expect(all_equal(x, n, 4.0f), "and again");
+
+    {
+        CUresult other = CUDA_SUCCESS;
+        std::thread([&] { other = fill(f, x, 1.0f, n, nullptr); }).join();
+        expect(other == CUDA_ERROR_INVALID_CONTEXT,
+               "a launch from a thread with no current context is refused");
+    }
+    {
+        // A graph whose buffer was freed after recording: refused at replay.
+        CUdeviceptr scratch;
+        cuMemAlloc_v2(&scratch, 64);
+        cuStreamBeginCapture_v2(side, 1);
+        fill(f, (float*)scratch, 1.0f, 16, side);
+        CUgraph g;
+        cuStreamEndCapture(side, &g);
+        CUgraphExec e;
+        cuGraphInstantiateWithFlags(&e, g, 0);
+        cuMemFree_v2(scratch);
+        expect(cuGraphLaunch(e, nullptr) == CUDA_ERROR_ILLEGAL_ADDRESS,
+               "replaying a graph whose memory was freed is refused");
+    }
+    {
+        // A kernel writing one element past its allocation (into the 256-byte rounding).
+        pid_t child = fork();
+        if (child == 0) {
+            CUdeviceptr small;
+            cuMemAlloc_v2(&small, 40);
+            fill(f, (float*)small, 0.0f, 11, nullptr);
+            _exit(0);
+        }
+        int status = 0;
+        waitpid(child, &status, 0);
+        expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT,
+               "a kernel that writes past an allocation's end is caught");
+    }
 
     // cuBLAS: C (2x2) = A (2x3) B (3x2), column-major, C starting as NaN with beta 0.
     void* blas;

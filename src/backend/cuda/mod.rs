@@ -739,6 +739,8 @@ impl Backend for CudaBackend {
             .ok_or_else(|| anyhow!("parameters given before the arenas were allocated"))?;
         // `allocate` was told the parameters come here, so it made no room for them.
         if arenas.params.bytes < bytes {
+            // Recordings would point at the buffer being replaced.
+            self.graphs.clear();
             arenas.params = Buffer::new(&self.ctx, bytes).map_err(|e| {
                 anyhow!(
                     "cannot allocate {:.2} GB for the model's parameters on cuda:{ordinal} \

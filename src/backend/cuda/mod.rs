@@ -23,7 +23,7 @@ use cudarc::driver::{
     sys as driver_sys,
 };
 use gemm::{RowMajor, column_major};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
 
@@ -244,7 +244,10 @@ pub struct CudaBackend {
     /// The first error of a call while recording (which must not panic half-captured).
     recording_error: RefCell<Option<String>>,
     /// Recordings (and their ids) by index; `allocate` drops them all.
-    graphs: Vec<Option<(u64, CudaGraph)>>,
+    graphs: Vec<Option<(u64, CudaGraph, bool)>>,
+    /// Whether a call of the recording under way reads the replayed position (a replay of
+    /// one that does not, a training pass, skips setting it and so waits for nothing).
+    recording_reads_position: Cell<bool>,
     /// The id of the next recording.
     next_recording: u64,
     n_tokens: usize,
@@ -339,6 +342,7 @@ impl CudaBackend {
             recording: false,
             recording_error: RefCell::new(None),
             graphs: Vec::new(),
+            recording_reads_position: Cell::new(false),
             next_recording: 0,
             n_tokens: 0,
             weighted: false,
@@ -448,6 +452,7 @@ impl CudaBackend {
     /// address the replays write their position to.
     fn position_args(&self, pos: usize) -> (i32, u64) {
         let at = if self.recording {
+            self.recording_reads_position.set(true);
             self.arenas().position.ptr
         } else {
             0
@@ -1466,6 +1471,7 @@ impl Backend for CudaBackend {
         self.stream = side;
         self.recording = true;
         *self.recording_error.borrow_mut() = None;
+        self.recording_reads_position.set(false);
         Ok(true)
     }
 
@@ -1492,17 +1498,17 @@ impl Backend for CudaBackend {
         };
         let id = self.next_recording;
         self.next_recording += 1;
-        self.graphs[index] = Some((id, graph));
+        self.graphs[index] = Some((id, graph, self.recording_reads_position.get()));
         Ok(Recording { index, id })
     }
 
     fn replay(&mut self, recording: Recording, pos: usize) -> Result<()> {
         self.not_recording("replay");
-        let (_, graph) = self
+        let (_, graph, reads_position) = self
             .graphs
             .get(recording.index)
             .and_then(Option::as_ref)
-            .filter(|(id, _)| *id == recording.id)
+            .filter(|(id, _, _)| *id == recording.id)
             .ok_or_else(|| anyhow!("recording {recording:?} is gone (forgotten or re-planned)"))?;
         let pos = i32::try_from(pos).map_err(|_| anyhow!("position {pos} is beyond i32"))?;
         let at = self.arenas().position.ptr;
@@ -1511,8 +1517,12 @@ impl Backend for CudaBackend {
         // stream before the graph, launched there; the graph's kernels read only this
         // backend's arenas, alive while the graph is (`allocate` drops graphs first).
         unsafe {
-            driver::memcpy_htod_sync(at, &[pos])
-                .map_err(|e| anyhow!("cannot set the replayed position: {e:?}"))?;
+            // The copy waits for the work before it; a graph that reads no position (a
+            // training pass) is launched behind that work instead.
+            if *reads_position {
+                driver::memcpy_htod_sync(at, &[pos])
+                    .map_err(|e| anyhow!("cannot set the replayed position: {e:?}"))?;
+            }
             driver::graph::launch(graph.cu_graph_exec(), self.default_stream.cu_stream())
                 .map_err(|e| anyhow!("replaying a CUDA graph failed: {e:?}"))?;
         }
@@ -1521,7 +1531,7 @@ impl Backend for CudaBackend {
 
     fn forget(&mut self, recording: Recording) {
         let kept = self.graphs.get(recording.index).and_then(Option::as_ref);
-        if kept.is_some_and(|(id, _)| *id == recording.id) {
+        if kept.is_some_and(|(id, _, _)| *id == recording.id) {
             self.bind();
             self.graphs[recording.index] = None;
         }

@@ -347,3 +347,65 @@ fn training_passes_are_replayed_as_cuda_graphs_and_can_be_turned_off() {
     assert!(run("igpt")["replay_failure"].is_null(), "{report}");
     assert_eq!(run("igpt-calls")["replayed"], false, "{report}");
 }
+
+#[test]
+fn bert_training_in_micro_batches_on_the_cuda_backend_matches_the_cpu() {
+    let dir = tempdir("cuda-host-bert");
+    // Two passes a step (both replayed from the second step on), the masked objective's
+    // weighted loss and bidirectional attention.
+    let train = |run: &Path, device: &[&str]| {
+        let mut args: Vec<&str> = device.to_vec();
+        args.extend([
+            "train",
+            "--data",
+            IMAGES,
+            "--limit",
+            "200",
+            "--side",
+            "8",
+            "--palette-size",
+            "16",
+            "--layers",
+            "2",
+            "--embd",
+            "32",
+            "--heads",
+            "2",
+            "--steps",
+            "4",
+            "--batch",
+            "8",
+            "--micro-batch",
+            "4",
+            "--objective",
+            "bert",
+            "--lr",
+            "3e-3",
+            "--warmup",
+            "1",
+            "--eval-every",
+            "2",
+            "--precision",
+            "f32",
+            "--out",
+            s(run),
+        ]);
+        igpt_on_host_driver(&args, &[])
+    };
+    let (gpu_run, cpu_run) = (dir.join("gpu"), dir.join("cpu"));
+    let err = succeeded(
+        &train(&gpu_run, &["--device", "cuda"]),
+        "bert training on cuda",
+    );
+    assert!(
+        !err.contains("without CUDA graphs"),
+        "passes were not replayed:\n{err}"
+    );
+    succeeded(&train(&cpu_run, &[]), "bert training on the cpu");
+    let (gpu, cpu) = (losses(&gpu_run), losses(&cpu_run));
+    assert_eq!(gpu.len(), cpu.len(), "{gpu:?} vs {cpu:?}");
+    assert!(gpu.len() >= 6, "{gpu:?}");
+    for ((name, g), (_, c)) in gpu.iter().zip(&cpu) {
+        assert!((g - c).abs() <= 1e-4 * c.abs(), "{name}: cuda {g}, cpu {c}");
+    }
+}

@@ -395,7 +395,11 @@ impl Engine {
     /// Forward pass; returns the summed loss (nats) over all positions of `tokens`
     /// (`[n_seq, n_ctx]`, `n_seq <= batch`).
     pub fn forward(&mut self, tokens: &[u16]) -> anyhow::Result<f64> {
-        self.run_forward(tokens, None)
+        anyhow::ensure!(
+            self.cfg.causal(),
+            "likelihood and training passes here are for autoregressive models; this one is BERT"
+        );
+        self.run_forward(tokens, None, None)
     }
 
     /// The masked (BERT) objective's loss: `masked[i]` hides position i (zero content
@@ -406,7 +410,7 @@ impl Engine {
             !self.cfg.causal(),
             "the masked objective is for BERT models; this one is autoregressive"
         );
-        self.run_forward_masked(tokens, masked, None)
+        self.run_forward(tokens, Some(masked), None)
     }
 
     /// The forward pass of a training step over `tokens` (`[n_seq, n_ctx]`, `n_seq <= batch`):
@@ -421,10 +425,7 @@ impl Engine {
     ) -> anyhow::Result<f64> {
         self.check_training_objective(masked)?;
         self.backward_ready = false;
-        let sum = match masked {
-            None => self.run_forward(tokens, Some(loss_scale))?,
-            Some(m) => self.run_forward_masked(tokens, m, Some(loss_scale))?,
-        };
+        let sum = self.run_forward(tokens, masked, Some(loss_scale))?;
         self.backward_ready = true;
         Ok(sum)
     }
@@ -450,11 +451,7 @@ impl Engine {
     ) -> anyhow::Result<f64> {
         self.check_training_objective(masked)?;
         self.backward_ready = false;
-        self.n_seq = self.check_tokens(tokens)?;
-        match masked {
-            Some(m) => self.set_masked_targets(tokens, m)?,
-            None => self.backend.set_tokens(tokens),
-        }
+        self.set_pass_inputs(tokens, masked)?;
         let key = PassKey {
             n_seq: self.n_seq,
             masked: masked.is_some(),
@@ -569,19 +566,32 @@ impl Engine {
         self.backend.adamw_tensors(&self.update_views, step);
     }
 
-    /// The forward half of [`Engine::forward_masked`].
-    fn run_forward_masked(
+    /// A loss-computing forward pass over `tokens` (the masked objective's with `masked`);
+    /// with `grad_scale`, leaves the logits' gradient for the backward pass. Returns the
+    /// summed loss.
+    fn run_forward(
         &mut self,
         tokens: &[u16],
-        masked: &[bool],
-        loss_scale: Option<f32>,
+        masked: Option<&[bool]>,
+        grad_scale: Option<f32>,
     ) -> anyhow::Result<f64> {
         self.backward_ready = false;
-        let n_seq = self.check_tokens(tokens)?;
-        self.n_seq = n_seq;
-        self.set_masked_targets(tokens, masked)?;
-        self.forward_calls(true, loss_scale);
+        self.set_pass_inputs(tokens, masked)?;
+        self.forward_calls(masked.is_some(), grad_scale);
         Ok(self.summed_losses())
+    }
+
+    /// Checks `tokens` and hands the backend a pass's inputs: the ids, or with `masked` the
+    /// masked objective's inputs, targets and loss weights.
+    fn set_pass_inputs(&mut self, tokens: &[u16], masked: Option<&[bool]>) -> anyhow::Result<()> {
+        self.n_seq = self.check_tokens(tokens)?;
+        match masked {
+            Some(m) => self.set_masked_targets(tokens, m),
+            None => {
+                self.backend.set_tokens(tokens);
+                Ok(())
+            }
+        }
     }
 
     /// The inputs and loss weights of the masked objective for checked `tokens`.
@@ -858,18 +868,6 @@ impl Engine {
                 b.attention_forward(att, lse, qkv, scratch, shape)
             });
         }
-    }
-
-    fn run_forward(&mut self, tokens: &[u16], grad_scale: Option<f32>) -> anyhow::Result<f64> {
-        self.backward_ready = false;
-        anyhow::ensure!(
-            self.cfg.causal(),
-            "likelihood and training passes here are for autoregressive models; this one is BERT"
-        );
-        self.n_seq = self.check_tokens(tokens)?;
-        self.backend.set_tokens(tokens);
-        self.forward_calls(false, grad_scale);
-        Ok(self.summed_losses())
     }
 
     /// The final norm's output `[n_seq, n_ctx, d]` of the last forward pass (what a

@@ -39,7 +39,8 @@
 // is issued, so a missing wait between two streams goes unseen); reads of `__shared__` arrays
 // no thread of the block wrote; reads into an allocation's rounding.
 //
-// Environment: CUDA_HOST_MEMORY_BYTES sets the device's memory (default 8 GiB).
+// Environment: CUDA_HOST_MEMORY_BYTES sets the device's memory (default 8 GiB);
+// CUDA_HOST_REFUSE_CAPTURE refuses every stream capture (to test the callers' fallback).
 
 #include "shim.h"
 
@@ -638,6 +639,9 @@ CUresult cuStreamBeginCapture_v2(CUstream s, int mode) {
     auto* stream = static_cast<Stream*>(s);
     if (stream->capturing)
         return refuse(CUDA_ERROR_ILLEGAL_STATE, "cuStreamBeginCapture", "already capturing");
+    if (getenv("CUDA_HOST_REFUSE_CAPTURE"))
+        return refuse(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamBeginCapture",
+                      "refused on request (CUDA_HOST_REFUSE_CAPTURE), to test the fallback");
     stream->capturing = true;
     stream->invalidated = false;
     stream->mode = mode;

@@ -127,6 +127,20 @@ int main() {
     CUgraph graph;
     expect(cuStreamEndCapture(side, &graph) == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
            "that copy invalidates the capture");
+    {
+        cuStreamBeginCapture_v2(side, 1);
+        CUdeviceptr more;
+        expect(cuMemAlloc_v2(&more, 64) == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+               "an allocation while capturing is refused");
+        CUgraph g;
+        expect(cuStreamEndCapture(side, &g) == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+               "and invalidates the capture");
+        cuStreamBeginCapture_v2(side, 1);
+        expect(cuCtxSynchronize() == CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+               "a wait for the device while capturing is refused");
+        expect(cuStreamEndCapture(side, &g) == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+               "and invalidates the capture too");
+    }
 
     cuStreamBeginCapture_v2(side, 1);
     float value = 4.0f;
@@ -212,6 +226,10 @@ int main() {
     expect(hc[0] == 4 && hc[1] == 10 && hc[2] == 5 && hc[3] == 11,
            "its column-major result, C never read when beta is 0");
     expect(gemm(1) == CUBLAS_STATUS_INVALID_VALUE, "lda below A's rows is refused");
+    expect(cublasGemmStridedBatchedEx(blas, 0, 0, 2, 2, 3, &one, (void*)a, 14, 2, 6, (void*)b,
+                                      14, 3, 6, &zero, (void*)c, 0, 2, 4, 1, 75,
+                                      -1) == CUBLAS_STATUS_NOT_SUPPORTED,
+           "bf16 operands with a FAST_16BF compute type are refused");
     cublasSetStream_v2(blas, side);
     cuStreamBeginCapture_v2(side, 1);
     expect(gemm(2) == CUBLAS_STATUS_NOT_SUPPORTED,

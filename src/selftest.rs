@@ -8,7 +8,7 @@
 //! the backward pass, its cache layout and its packed weights are its own business.
 
 use crate::backend::{
-    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, View,
+    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, Update, View,
 };
 use crate::config::ModelConfig;
 use crate::data::TokenSet;
@@ -815,41 +815,60 @@ fn optimizer_kernels(p: &mut Pair) {
             ],
         );
     }
-    // Several tensors in one call, with and without decay, with a gap between them that
-    // neither names: only the tensors move.
-    for a in arenas {
-        let mut data = p.random(ADAM_TOTAL, 1.0);
-        if a == Arena::AdamV {
-            data.iter_mut().for_each(|v| *v = v.abs() * 0.1);
-        }
-        p.set(whole(a), &data);
-    }
-    let step = AdamStep {
-        lr: 0.01,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-        step: 5,
-        grad_scale: 0.7,
-    };
+    // The model's update: several tensors in one call, with and without decay, with a gap
+    // between them that neither names (only the tensors move), clipped to the global norm of
+    // the whole gradient arena, gap included.
     let third = ADAM_LEN / 3;
     let tensors = [
         (View::new(Arena::Params, ADAM_AT, third), true),
         (View::new(Arena::Params, ADAM_AT + third, 1), false),
         (View::new(Arena::Params, ADAM_AT + third + 3, third), true),
     ];
-    p.both(|b| b.adamw_tensors(&tensors, step));
-    p.record(
-        "adamw_tensors",
-        tol.f32_elementwise,
-        &[
-            ("params", whole(Arena::Params)),
-            ("grads", whole(Arena::Grads)),
-            ("m", whole(Arena::AdamM)),
-            ("v", whole(Arena::AdamV)),
-        ],
-    );
+    // Uniform gradients in (-1, 1) over 1,200 elements have a norm near 20.
+    for (name, clip) in [
+        ("clipped_update (clipped)", 2.0),
+        ("clipped_update (within the clip)", 1e4),
+    ] {
+        for a in arenas {
+            let mut data = p.random(ADAM_TOTAL, 1.0);
+            if a == Arena::AdamV {
+                data.iter_mut().for_each(|v| *v = v.abs() * 0.1);
+            }
+            p.set(whole(a), &data);
+        }
+        let adam = AdamStep {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 5,
+            grad_scale: 0.7,
+        };
+        p.both(|b| {
+            b.set_update(Update { adam, clip });
+            b.clipped_update(&tensors, whole(Arena::Grads));
+        });
+        p.record(
+            name,
+            tol.f32_elementwise,
+            &[
+                ("params", whole(Arena::Params)),
+                ("grads", whole(Arena::Grads)),
+                ("m", whole(Arena::AdamM)),
+                ("v", whole(Arena::AdamV)),
+            ],
+        );
+        // The measured norm is the update's too.
+        let [r, t] = [0, 1].map(|k| p.b[k].update_grad_norm());
+        let e = (t - r).abs() / r.abs().max(1e-30);
+        if e.is_nan() || e > tol.f32_products {
+            let check = p.checks.last_mut().expect("just recorded");
+            check.passed = false;
+            check.max_error = worse(check.max_error, e);
+            check.detail = format!("the measured gradient norm: reference {r:.6}, tested {t:.6}");
+        }
+    }
 }
 
 /// The small model the training-step and decoder checks run: two layers, several heads, an

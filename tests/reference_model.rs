@@ -1,7 +1,7 @@
 //! The whole model against fixtures from an independent PyTorch implementation
 //! (scripts/make_fixtures.py): logits, loss and every parameter gradient.
 
-use igpt::backend::{AdamStep, Arena, Device, adamw_host};
+use igpt::backend::{AdamStep, Arena, Device, Update, adamw_host};
 use igpt::model::Engine;
 use safetensors::SafeTensors;
 
@@ -96,7 +96,15 @@ fn logits_loss_and_gradients_match_pytorch() {
             step: 1,
             grad_scale: 0.5,
         };
-        engine.update(step);
+        let norm_measured = engine.update(Update {
+            adam: step,
+            clip: 0.0,
+        });
+        let e = (norm_measured - norm).abs() / norm;
+        assert!(
+            e < 1e-6,
+            "{device}: the update's norm is off by {e} (relative)"
+        );
         let mut want = params.clone();
         let (mut m, mut v) = (vec![0.0f32; want.len()], vec![0.0f32; want.len()]);
         for t in &engine.layout.tensors {

@@ -6,7 +6,9 @@ mod common;
 
 use common::{igpt, s, stderr, tempdir};
 use igpt::backend::cpu::CpuBackend;
-use igpt::backend::{AdamStep, ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, View};
+use igpt::backend::{
+    AdamStep, ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, Update, View,
+};
 use igpt::selftest::{self, Check, Options, Tolerances};
 use std::collections::BTreeSet;
 
@@ -52,7 +54,8 @@ const KERNEL_CHECKS: &[&str] = &[
     "sum_squares",
     "adamw (decay)",
     "adamw (no decay)",
-    "adamw_tensors",
+    "clipped_update (clipped)",
+    "clipped_update (within the clip)",
 ];
 
 fn names(checks: &[Check]) -> BTreeSet<&str> {
@@ -98,6 +101,7 @@ fn the_cpu_passes_against_itself_and_every_kernel_is_checked() {
         "cross_entropy",
         "sum_squares",
         "adamw",
+        "clipped_update",
         "fill",
         "copy",
         "upload",
@@ -350,6 +354,15 @@ impl Backend for Faulty {
     }
     fn adamw(&mut self, params: View, step: AdamStep, decay: bool) {
         self.cpu.adamw(params, step, decay)
+    }
+    fn set_update(&mut self, update: Update) {
+        self.cpu.set_update(update)
+    }
+    fn clipped_update(&mut self, tensors: &[(View, bool)], grads: View) {
+        self.cpu.clipped_update(tensors, grads)
+    }
+    fn update_grad_norm(&self) -> f64 {
+        self.cpu.update_grad_norm()
     }
 }
 

@@ -45,6 +45,26 @@ pub struct AdamStep {
     pub grad_scale: f32,
 }
 
+/// The step a [`Backend::clipped_update`] takes: AdamW's, and the largest global gradient norm
+/// (0: no clipping).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Update {
+    pub adam: AdamStep,
+    pub clip: f32,
+}
+
+impl Update {
+    /// The factor on the gradient that brings a global norm of `norm` down to the clip (1 when
+    /// it is within it, clipping is off, or the norm is not a number).
+    pub fn clip_factor(&self, norm: f64) -> f32 {
+        if self.clip > 0.0 && norm > self.clip as f64 {
+            (self.clip as f64 / norm) as f32
+        } else {
+            1.0
+        }
+    }
+}
+
 /// One AdamW step on parameters held in host memory (a classification head, which stays on the
 /// host whatever the device): the same update the backends apply to the model.
 pub use cpu::optim::adamw as adamw_host;
@@ -336,12 +356,17 @@ pub trait Backend: Send {
     /// AdamW on a parameter view; its gradient and moments sit at the same offsets of
     /// [`Arena::Grads`], [`Arena::AdamM`] and [`Arena::AdamV`].
     fn adamw(&mut self, params: View, step: AdamStep, decay: bool);
-    /// [`Backend::adamw`] on each view with its decay flag (a GPU updates them together).
-    fn adamw_tensors(&mut self, tensors: &[(View, bool)], step: AdamStep) {
-        for &(params, decay) in tensors {
-            self.adamw(params, step, decay);
-        }
-    }
+    /// Sets the step the next [`Backend::clipped_update`]s take. A transfer, not a kernel, so
+    /// a recorded update replays with each step's rate and count.
+    fn set_update(&mut self, update: Update);
+    /// One optimizer step of the model, on the device: the global norm of `grads` (the whole
+    /// gradient arena), the factor that clips it, and AdamW on each parameter view with its
+    /// decay flag (see [`Backend::adamw`]), its gradient multiplied by
+    /// `grad_scale * clip_factor(norm)`. Kernels only, so it can be recorded; the norm stays
+    /// on the device until [`Backend::update_grad_norm`]. Needs [`Backend::set_update`] first.
+    fn clipped_update(&mut self, tensors: &[(View, bool)], grads: View);
+    /// The gradient norm the last [`Backend::clipped_update`] measured (waits for it).
+    fn update_grad_norm(&self) -> f64;
     /// Starts a recording: the kernel calls that follow, up to [`Backend::end_recording`],
     /// are kept to be run by [`Backend::replay`] instead of now. Only kernels may be recorded,
     /// not transfers to or from the host; the decoding kernels' positions (`pos` of

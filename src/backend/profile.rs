@@ -5,7 +5,7 @@
 //! Waiting after every call removes the overlap of host and device work, so a profiled step is
 //! slower than a real one; the shares, not the sum, are what it measures.
 
-use super::{AdamStep, ArenaSizes, AttnShape, Backend, Op, View};
+use super::{AdamStep, ArenaSizes, AttnShape, Backend, Op, Update, View};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -299,8 +299,14 @@ impl Backend for Profiled {
     fn adamw(&mut self, params: View, step: AdamStep, decay: bool) {
         timed!(self, adamw(params, step, decay))
     }
-    fn adamw_tensors(&mut self, tensors: &[(View, bool)], step: AdamStep) {
-        timed!(self, adamw_tensors(tensors, step))
+    fn set_update(&mut self, update: Update) {
+        timed!(self, set_update(update))
+    }
+    fn clipped_update(&mut self, tensors: &[(View, bool)], grads: View) {
+        timed!(self, clipped_update(tensors, grads))
+    }
+    fn update_grad_norm(&self) -> f64 {
+        timed!(self, update_grad_norm())
     }
 }
 

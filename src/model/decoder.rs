@@ -887,6 +887,15 @@ mod replay_tests {
         fn adamw(&mut self, _: View, _: crate::backend::AdamStep, _: bool) {
             unreachable!("the decoder does not train")
         }
+        fn set_update(&mut self, _: crate::backend::Update) {
+            unreachable!("the decoder does not train")
+        }
+        fn clipped_update(&mut self, _: &[(View, bool)], _: View) {
+            unreachable!("the decoder does not train")
+        }
+        fn update_grad_norm(&self) -> f64 {
+            unreachable!("the decoder does not train")
+        }
         fn begin_recording(&mut self) -> anyhow::Result<bool> {
             self.direct("begin_recording");
             self.recording = Some(Vec::new());

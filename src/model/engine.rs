@@ -6,9 +6,7 @@
 use super::ParamLayout;
 use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward, linear_backward};
 use super::replay::{self, Replays};
-use crate::backend::{
-    AdamStep, Arena, ArenaSizes, AttnShape, Backend, Device, Op, Precision, View,
-};
+use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Op, Precision, Update, View};
 use crate::config::ModelConfig;
 
 /// Activations one block keeps for its backward pass.
@@ -156,8 +154,9 @@ pub struct Engine {
     backward_ready: bool,
     /// Every parameter tensor and whether weight decay applies to it, for the update.
     update_views: Vec<(View, bool)>,
-    /// Recorded training passes (see [`Engine::train_pass`]).
+    /// Recorded training passes (see [`Engine::train_pass`]) and updates (one kind).
     replays: Replays<PassKey>,
+    update_replays: Replays<()>,
 }
 
 /// What shapes a training pass's calls: the sequences, the objective (the masked one weighs
@@ -327,6 +326,7 @@ impl Engine {
             backward_ready: false,
             update_views,
             replays: Replays::new(KEPT_PASSES),
+            update_replays: Replays::new(1),
         })
     }
 
@@ -486,20 +486,21 @@ impl Engine {
         self.backward_with(None, &mut |_| {});
     }
 
-    /// Whether [`Engine::train_pass`] may record and replay passes where the backend records
-    /// (on by default; off issues every call, for comparisons).
+    /// Whether [`Engine::train_pass`] and [`Engine::update`] may record and replay their calls
+    /// where the backend records (on by default; off issues every call, for comparisons).
     pub fn set_replay(&mut self, on: bool) {
         self.replays.set_on(on, self.backend.as_mut());
+        self.update_replays.set_on(on, self.backend.as_mut());
     }
 
-    /// Whether training passes are replayed from recordings.
+    /// Whether training passes and updates are replayed from recordings.
     pub fn replaying(&self) -> bool {
-        self.replays.replaying()
+        self.replays.replaying() && self.update_replays.replaying()
     }
 
-    /// Why training passes are issued call by call on a backend that records.
+    /// Why training passes or updates are issued call by call on a backend that records.
     pub fn replay_failure(&self) -> Option<&str> {
-        self.replays.failure()
+        self.replays.failure().or(self.update_replays.failure())
     }
 
     /// [`Engine::backward`], telling `on_finished` each time the gradients from some offset to
@@ -556,14 +557,27 @@ impl Engine {
             .sqrt()
     }
 
-    /// One AdamW update of every parameter tensor from the gradient arena; weight decay applies
-    /// to the tensors whose [`crate::model::TensorSpec::decay`] says so.
-    pub fn update(&mut self, step: AdamStep) {
+    /// One AdamW update of every parameter tensor from the gradient arena, its global norm
+    /// clipped to `update.clip` first; weight decay applies to the tensors whose
+    /// [`crate::model::TensorSpec::decay`] says so. Returns the norm before clipping. Where
+    /// the backend records (a GPU), the update is recorded the second time and replayed after
+    /// that: norm, clip and AdamW as one graph, with no wait for the host between them.
+    pub fn update(&mut self, update: Update) -> f64 {
         assert!(
             self.training,
             "optimizer state exists only in a training engine"
         );
-        self.backend.adamw_tensors(&self.update_views, step);
+        self.backend.set_update(update);
+        let grads = View::new(Arena::Grads, 0, self.layout.total);
+        replay::run(
+            self,
+            |e| &mut e.update_replays,
+            |e| e.backend.as_mut(),
+            (),
+            0,
+            |e| e.backend.clipped_update(&e.update_views, grads),
+        );
+        self.backend.update_grad_norm()
     }
 
     /// A loss-computing forward pass over `tokens` (the masked objective's with `masked`);

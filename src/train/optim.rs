@@ -1,7 +1,7 @@
 //! The optimizer step shared by pre-training and fine-tuning: after every pass of a step has
 //! added its gradients, [`finish_step`] combines them across processes, clips and updates.
 
-use crate::backend::{AdamStep, adamw_host};
+use crate::backend::{AdamStep, Update, adamw_host};
 use crate::model::Engine;
 use crate::parallel::reduce::Reducer;
 use serde::{Deserialize, Serialize};
@@ -126,13 +126,10 @@ pub fn finish_step(
     clip: f32,
 ) -> anyhow::Result<Finished> {
     reducer.finish(engine, host_grads, &mut loss_sum)?;
-    let grad_norm = engine.grad_norm();
-    let clip_scale = if clip > 0.0 && grad_norm > clip as f64 {
-        (clip as f64 / grad_norm) as f32
-    } else {
-        1.0
-    };
-    engine.update(adamw.at(lr, step, clip_scale));
+    let grad_norm = engine.update(Update {
+        adam: adamw.at(lr, step, 1.0),
+        clip,
+    });
     Ok(Finished {
         loss_sum,
         grad_norm,

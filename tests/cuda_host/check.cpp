@@ -494,8 +494,11 @@ void check_optimizer() {
     }
     // adamw_tensors: three tensors of one arena (decay, none, decay) and a gap no tensor
     // names, which must stay as it was. Grid (ceil(longest/256) clamped to 1..4096, count), as
-    // mod.rs launches it, and a 2-block grid that makes the x blocks stride.
-    for (unsigned blocks : {0u, 2u}) {
+    // mod.rs launches it, and a 2-block grid that makes the x blocks stride. The step comes
+    // from device memory, the gradient clipped to the global norm given (clip 1: clipped;
+    // 1e4: within it; 0: off), as Update::clip_factor does.
+    for (unsigned blocks : {0u, 2u})
+    for (float clip : {1.0f, 1e4f, 0.0f}) {
         const int n = 1000;
         struct Range {
             size_t start, len;
@@ -507,6 +510,12 @@ void check_optimizer() {
         const float lr = 1e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, gs = 0.5f;
         const int step = 3;
         const float bc1 = 1.0f - std::pow(b1, step), bc2 = 1.0f - std::pow(b2, step);
+        const UpdateStep h{lr, b1, b2, eps, wd, gs, bc1, bc2, clip};
+        double norm_squared = 0.0;
+        for (float x : g) norm_squared += (double)x * x;
+        const double norm = std::sqrt(norm_squared);
+        const float factor = clip > 0.0f && norm > clip ? (float)(clip / norm) : 1.0f;
+        const float scale = gs * factor;
         vector<double> want_p(p.begin(), p.end()), want_m(m.begin(), m.end()),
             want_v(v.begin(), v.end());
         AdamTable table{};
@@ -518,7 +527,7 @@ void check_optimizer() {
             table.count++;
             longest = std::max(longest, r.len);
             for (size_t i = r.start; i < r.start + r.len; i++) {
-                double gi = (double)g[i] * gs;
+                double gi = (double)g[i] * scale;
                 want_m[i] = b1 * (double)m[i] + (1.0 - b1) * gi;
                 want_v[i] = b2 * (double)v[i] + (1.0 - b2) * gi * gi;
                 want_p[i] = p[i] - lr * ((want_m[i] / bc1) / (std::sqrt(want_v[i] / bc2) + eps) +
@@ -527,8 +536,10 @@ void check_optimizer() {
         }
         unsigned x = blocks ? blocks : std::min<unsigned>(std::max<size_t>((longest + 255) / 256, 1), 4096);
         launch(adamw_tensors, dim3(x, table.count), dim3(256), 0, p.data(), (const float*)g.data(),
-               m.data(), v.data(), table, lr, b1, b2, eps, wd, gs, bc1, bc2);
-        std::string what = std::string("3 tensors and a gap, ") + std::to_string(x) + " x blocks";
+               m.data(), v.data(), table, &h, (const double*)&norm_squared);
+        std::string what = std::string("3 tensors and a gap, ") + std::to_string(x) +
+                           " x blocks, clip " + std::to_string(clip) + " of norm " +
+                           std::to_string(norm);
         check("adamw_tensors", what + " p", p, want_p, kElementwise);
         check("adamw_tensors", what + " m", m, want_m, kElementwise);
         check("adamw_tensors", what + " v", v, want_v, kElementwise);

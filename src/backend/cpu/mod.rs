@@ -10,7 +10,7 @@ pub mod norm;
 pub mod optim;
 pub mod simd;
 
-use super::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Op, View};
+use super::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Op, Update, View};
 
 /// Bytes of memory available to this process (Linux: `MemAvailable`), if known.
 fn available_memory() -> Option<usize> {
@@ -66,6 +66,9 @@ pub struct CpuBackend {
     weighted: bool,
     /// Per-block partial sums of the norm-gain gradient.
     norm_scratch: Vec<f32>,
+    /// The step [`Backend::clipped_update`] takes, and the norm it last measured.
+    update: Option<Update>,
+    update_grad_norm: f64,
 }
 
 impl CpuBackend {
@@ -522,5 +525,24 @@ impl Backend for CpuBackend {
             step,
             decay,
         );
+    }
+
+    fn set_update(&mut self, update: Update) {
+        self.update = Some(update);
+    }
+
+    fn clipped_update(&mut self, tensors: &[(View, bool)], grads: View) {
+        let update = self.update.expect("set_update before clipped_update");
+        let norm = self.sum_squares(grads).sqrt();
+        let mut adam = update.adam;
+        adam.grad_scale *= update.clip_factor(norm);
+        for &(params, decay) in tensors {
+            self.adamw(params, adam, decay);
+        }
+        self.update_grad_norm = norm;
+    }
+
+    fn update_grad_norm(&self) -> f64 {
+        self.update_grad_norm
     }
 }

@@ -290,25 +290,38 @@ struct AdamTable {
     int count;
 };
 
-// AdamW on every tensor of `table`. Grid (blocks, table.count): blockIdx.y picks the tensor,
-// the x blocks stride over it.
+// The step an update takes, read from device memory when the kernel runs (so a recorded
+// update replays with each step's values). Written by the host before each update.
+struct UpdateStep {
+    float lr, beta1, beta2, eps, wd, grad_scale, bc1, bc2;
+    // Largest global gradient norm; 0: no clipping.
+    float clip;
+};
+
+// AdamW on every tensor of `table`, the gradient multiplied by grad_scale and by the factor
+// that clips the global norm sqrt(*norm_squared) to `clip` (the host's clip_factor). Grid
+// (blocks, table.count): blockIdx.y picks the tensor, the x blocks stride over it.
 extern "C" __global__ void adamw_tensors(float* p, const float* g, float* m, float* v,
-                                         AdamTable table, float lr, float beta1, float beta2,
-                                         float eps, float wd, float grad_scale, float bc1,
-                                         float bc2) {
+                                         AdamTable table, const UpdateStep* step,
+                                         const double* norm_squared) {
     int t = blockIdx.y;
     if (t >= table.count) return;
+    const UpdateStep h = *step;
+    float clip_factor = 1.0f;
+    double norm = sqrt(*norm_squared);
+    if (h.clip > 0.0f && norm > (double)h.clip) clip_factor = (float)((double)h.clip / norm);
+    float scale = h.grad_scale * clip_factor;
     size_t start = table.start[t], n = table.len[t];
-    float decay = table.decay[t] * wd;
+    float decay = table.decay[t] * h.wd;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         size_t k = start + i;
-        float gi = g[k] * grad_scale;
-        float mi = beta1 * m[k] + (1.0f - beta1) * gi;
-        float vi = beta2 * v[k] + (1.0f - beta2) * gi * gi;
+        float gi = g[k] * scale;
+        float mi = h.beta1 * m[k] + (1.0f - h.beta1) * gi;
+        float vi = h.beta2 * v[k] + (1.0f - h.beta2) * gi * gi;
         m[k] = mi;
         v[k] = vi;
-        p[k] -= lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + decay * p[k]);
+        p[k] -= h.lr * ((mi / h.bc1) / (sqrtf(vi / h.bc2) + h.eps) + decay * p[k]);
     }
 }
 

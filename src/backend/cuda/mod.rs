@@ -12,7 +12,7 @@ mod memory;
 pub use memory::{memory_in_use, synchronize};
 
 use super::{
-    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, Recording, View,
+    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, Recording, Update, View,
 };
 use crate::backend::device::Gpu;
 use anyhow::{Result, anyhow, bail};
@@ -223,6 +223,10 @@ struct Arenas {
     weights: Buffer,
     /// One f64: the sum of squares' result.
     sum: Buffer,
+    /// The step the next update takes ([`UpdateStep`]), and the squared gradient norm the
+    /// update measures (one f64).
+    update_step: Buffer,
+    norm_squared: Buffer,
     /// One i32: the position a replayed recording decodes.
     position: Buffer,
     blas_workspace: Buffer,
@@ -252,6 +256,9 @@ pub struct CudaBackend {
     next_recording: u64,
     n_tokens: usize,
     weighted: bool,
+    /// Whether [`Backend::set_update`] has written the update's step since the arenas were
+    /// allocated.
+    update_set: bool,
 }
 
 // SAFETY: the cuBLAS handle is used only through `&mut self` or, in `sum_squares`, not at
@@ -346,6 +353,7 @@ impl CudaBackend {
             next_recording: 0,
             n_tokens: 0,
             weighted: false,
+            update_set: false,
         })
     }
 
@@ -458,6 +466,22 @@ impl CudaBackend {
             0
         };
         (int(pos), at)
+    }
+
+    /// Queues the sum of squares of `x`, in f64, into the one-f64 buffer at `out`: a memset and
+    /// a kernel, both recordable.
+    fn sum_squares_into(&self, out: u64, x: View, what: &str) {
+        let (xp, n) = (self.ptr(x), x.len);
+        self.bind();
+        // SAFETY: `out` is one of this backend's one-f64 buffers.
+        let zeroed = unsafe { driver::memset_d8_async(out, 0, 8, self.stream.cu_stream()) };
+        self.check(zeroed, what);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 1024) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(&self.kernels.sum_squares, cfg, what, &[&out, &xp, &n]);
     }
 
     /// The compute type of products of f32 operands.
@@ -586,6 +610,42 @@ struct AdamTable {
 // kernel takes by value.
 unsafe impl cudarc::driver::DeviceRepr for AdamTable {}
 
+/// `UpdateStep` of kernels.cu, field for field: the step `adamw_tensors` reads from device
+/// memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct UpdateStep {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    wd: f32,
+    grad_scale: f32,
+    bc1: f32,
+    bc2: f32,
+    clip: f32,
+}
+
+// SAFETY: nine f32s, laid out as the C struct; copied to the device as plain bytes.
+unsafe impl cudarc::driver::DeviceRepr for UpdateStep {}
+
+impl UpdateStep {
+    fn of(u: Update) -> Self {
+        let h = u.adam;
+        Self {
+            lr: h.lr,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            eps: h.eps,
+            wd: h.weight_decay,
+            grad_scale: h.grad_scale,
+            bc1: 1.0 - h.beta1.powi(h.step as i32),
+            bc2: 1.0 - h.beta2.powi(h.step as i32),
+            clip: u.clip,
+        }
+    }
+}
+
 /// A kernel argument: device addresses are passed as `u64`.
 trait Arg {
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
@@ -667,6 +727,8 @@ impl Backend for CudaBackend {
             ("targets", 2 * s.tokens),
             ("loss weights", 4 * s.tokens),
             ("scratch", 8),
+            ("scratch", std::mem::size_of::<UpdateStep>()),
+            ("scratch", 8),
             ("scratch", 4),
             ("cuBLAS workspace", BLAS_WORKSPACE_BYTES),
         ];
@@ -709,6 +771,8 @@ impl Backend for CudaBackend {
             targets: next(),
             weights: next(),
             sum: next(),
+            update_step: next(),
+            norm_squared: next(),
             position: next(),
             blas_workspace: next(),
         });
@@ -716,6 +780,7 @@ impl Backend for CudaBackend {
             .map_err(|e| anyhow!("cannot set up cuBLAS: {e:?}"))?;
         self.n_tokens = 0;
         self.weighted = false;
+        self.update_set = false;
         Ok(())
     }
 
@@ -1357,24 +1422,8 @@ impl Backend for CudaBackend {
 
     fn sum_squares(&self, x: View) -> f64 {
         self.not_recording("sum_squares");
-        let (sum, xp, n) = (self.arenas().sum.ptr, self.ptr(x), x.len);
-        self.bind();
-        // SAFETY: the sum buffer holds one f64.
-        ok(
-            unsafe { driver::memset_d8_async(sum, 0, 8, self.stream.cu_stream()) },
-            "sum_squares",
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 1024) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch(
-            &self.kernels.sum_squares,
-            cfg,
-            "sum_squares",
-            &[&sum, &xp, &n],
-        );
+        let sum = self.arenas().sum.ptr;
+        self.sum_squares_into(sum, x, "sum_squares");
         let mut out = [0f64];
         // SAFETY: one f64 from the sum buffer; the copy waits for the kernel.
         ok(
@@ -1384,13 +1433,31 @@ impl Backend for CudaBackend {
         out[0]
     }
 
-    fn adamw_tensors(&mut self, tensors: &[(View, bool)], h: AdamStep) {
+    fn set_update(&mut self, update: Update) {
+        self.not_recording("set_update");
+        let at = self.arenas().update_step.ptr;
+        self.bind();
+        // SAFETY: the buffer holds one UpdateStep. The copy is synchronous, on the default
+        // stream, so an update already queued reads the step it was given.
+        ok(
+            unsafe { driver::memcpy_htod_sync(at, &[UpdateStep::of(update)]) },
+            "set_update",
+        );
+        self.update_set = true;
+    }
+
+    fn clipped_update(&mut self, tensors: &[(View, bool)], grads: View) {
+        assert!(self.update_set, "set_update before clipped_update");
+        assert_eq!(grads.arena, Arena::Grads);
+        let (norm_squared, step) = (
+            self.arenas().norm_squared.ptr,
+            self.arenas().update_step.ptr,
+        );
+        self.sum_squares_into(norm_squared, grads, "clipped_update (norm)");
         let (p, g, m, v) = {
             let a = self.arenas();
             (a.params.ptr, a.grads.ptr, a.adam_m.ptr, a.adam_v.ptr)
         };
-        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
-        let bc2 = 1.0 - h.beta2.powi(h.step as i32);
         for chunk in tensors.chunks(ADAM_TABLE) {
             let mut table = AdamTable {
                 start: [0; ADAM_TABLE],
@@ -1419,24 +1486,23 @@ impl Backend for CudaBackend {
             self.launch(
                 &self.kernels.adamw_tensors,
                 cfg,
-                "adamw_tensors",
-                &[
-                    &p,
-                    &g,
-                    &m,
-                    &v,
-                    &table,
-                    &h.lr,
-                    &h.beta1,
-                    &h.beta2,
-                    &h.eps,
-                    &h.weight_decay,
-                    &h.grad_scale,
-                    &bc1,
-                    &bc2,
-                ],
+                "clipped_update (adamw_tensors)",
+                &[&p, &g, &m, &v, &table, &step, &norm_squared],
             );
         }
+    }
+
+    fn update_grad_norm(&self) -> f64 {
+        self.not_recording("update_grad_norm");
+        let at = self.arenas().norm_squared.ptr;
+        self.bind();
+        let mut out = [0f64];
+        // SAFETY: one f64 from the norm buffer; the copy waits for the update.
+        ok(
+            unsafe { driver::memcpy_dtoh_sync(&mut out, at) },
+            "update_grad_norm",
+        );
+        out[0].sqrt()
     }
 
     fn begin_recording(&mut self) -> Result<bool> {

@@ -1,6 +1,7 @@
 //! Sampling: temperature, top-k and top-p over the palette, unconditional generation and
 //! completion of given prefixes, streamed row by row.
 
+use crate::backend::cpu::simd;
 use crate::model::Decoder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -49,12 +50,26 @@ impl SampleOptions {
     }
 }
 
-/// Draws one token from `logits` with reusable scratch (`probs` grows to the palette size once).
+/// Memory [`sample_token`] reuses from draw to draw (it grows to the palette size once).
+#[derive(Debug, Clone, Default)]
+pub struct SampleScratch {
+    /// Each colour's unnormalised probability, in colour order.
+    weights: Vec<f32>,
+    /// (weight, colour) of the colours top-k and top-p keep, most likely first.
+    ranked: Vec<(f32, u16)>,
+    /// Each colour's place in that order, as one integer (see `most_likely`).
+    keys: Vec<u64>,
+}
+
+/// Draws one token from `logits` with reusable scratch. Each colour weighs
+/// `e^((z - max) / temperature)` (the vectorised exponential of the CPU backend, the same on
+/// every machine); top-k and top-p cut the palette, most likely first; one number from `rng`
+/// picks the colour, walking the kept colours in order (colour order when nothing is cut).
 pub fn sample_token(
     logits: &[f32],
     opts: &SampleOptions,
     rng: &mut impl Rng,
-    probs: &mut Vec<(f32, u16)>,
+    scratch: &mut SampleScratch,
 ) -> u16 {
     let argmax = || {
         let mut best = 0;
@@ -69,54 +84,78 @@ pub fn sample_token(
         return argmax();
     }
     let inv_t = 1.0 / opts.temperature;
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    probs.clear();
-    probs.extend(
-        logits
-            .iter()
-            .enumerate()
-            .map(|(i, &z)| (((z - max) * inv_t).exp(), i as u16)),
-    );
-    let restricted = opts.top_k > 0 && opts.top_k < probs.len() || opts.top_p < 1.0;
-    if restricted {
-        // Most likely first; ties broken by colour index, so the order is total and fixed.
-        let order = |a: &(f32, u16), b: &(f32, u16)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        if opts.top_k > 0 && opts.top_k < probs.len() {
-            // The k first of that order, found without sorting the rest.
-            probs.select_nth_unstable_by(opts.top_k - 1, order);
-            probs.truncate(opts.top_k);
-        }
-        probs.sort_unstable_by(order);
-        if opts.top_p < 1.0 {
-            let total: f32 = probs.iter().map(|p| p.0).sum();
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (i, p) in probs.iter().enumerate() {
-                acc += p.0 / total;
-                if acc >= opts.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            probs.truncate(keep);
-        }
+    let max = simd::max(logits);
+    let weights = &mut scratch.weights;
+    weights.resize(logits.len(), 0.0);
+    let total = simd::exp_scaled(weights, logits, max, inv_t);
+    let cut_k = opts.top_k > 0 && opts.top_k < logits.len();
+    if !cut_k && opts.top_p >= 1.0 {
+        // The whole palette, in colour order.
+        let colours = weights.iter().enumerate().map(|(i, &w)| (w, i as u16));
+        return draw(colours, total, rng).unwrap_or_else(argmax);
     }
-    let total: f32 = probs.iter().map(|p| p.0).sum();
+    // Most likely first; ties broken by colour index, so the order is total and fixed.
+    let kept = if cut_k { opts.top_k } else { logits.len() };
+    let ranked = &mut scratch.ranked;
+    most_likely(weights, kept, &mut scratch.keys, ranked);
+    if opts.top_p < 1.0 {
+        let total: f32 = ranked.iter().map(|p| p.0).sum();
+        let mut acc = 0.0;
+        let mut keep = ranked.len();
+        for (i, p) in ranked.iter().enumerate() {
+            acc += p.0 / total;
+            if acc >= opts.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        ranked.truncate(keep);
+    }
+    let total: f32 = ranked.iter().map(|p| p.0).sum();
+    draw(ranked.iter().copied(), total, rng).unwrap_or_else(argmax)
+}
+
+/// The `k` (1 to all) heaviest of `weights` as (weight, colour), heaviest first, equal weights
+/// in colour order. Each colour becomes one integer whose ascending order is that order (the weight's
+/// `total_cmp` key inverted, then the colour), so selecting and sorting compare plain integers.
+fn most_likely(weights: &[f32], k: usize, keys: &mut Vec<u64>, ranked: &mut Vec<(f32, u16)>) {
+    keys.clear();
+    keys.extend(weights.iter().enumerate().map(|(i, &w)| {
+        // f32::total_cmp's order as unsigned integers.
+        let bits = w.to_bits() as i32;
+        let ordered = (bits ^ (((bits >> 31) as u32) >> 1) as i32) as u32 ^ 0x8000_0000;
+        ((!ordered as u64) << 16) | i as u64
+    }));
+    keys.select_nth_unstable(k - 1);
+    keys.truncate(k);
+    keys.sort_unstable();
+    ranked.clear();
+    ranked.extend(keys.iter().map(|&key| {
+        let colour = (key & 0xFFFF) as u16;
+        (weights[colour as usize], colour)
+    }));
+}
+
+/// Picks from (weight, colour) pairs summing to `total` with one number from `rng`: the first
+/// colour whose weight the remaining draw falls under. None (drawing nothing) when the weights
+/// are not numbers that can be drawn from (the caller then takes the argmax).
+fn draw(
+    weighted: impl DoubleEndedIterator<Item = (f32, u16)> + Clone,
+    total: f32,
+    rng: &mut impl Rng,
+) -> Option<u16> {
     if !(total > 0.0 && total.is_finite()) {
-        return argmax();
+        return None;
     }
     let mut u = rng.random::<f32>() * total;
-    for &(p, id) in probs.iter() {
+    for (p, id) in weighted.clone() {
         if u < p {
-            return id;
+            return Some(id);
         }
         u -= p;
     }
-    probs
-        .iter()
-        .rev()
-        .find(|p| p.0 > 0.0)
-        .map_or_else(argmax, |p| p.1)
+    // Rounding left the draw past the end: the last colour that can be drawn.
+    weighted.rev().find(|p| p.0 > 0.0).map(|p| p.1)
 }
 
 /// The tokens of one decoding step at position `pos`: row r of `logits` (`[rows, v]`) is image
@@ -136,18 +175,18 @@ pub fn next_tokens(
     let rows = live.len();
     assert!(rngs.len() == rows && rows > 0 && logits.len().is_multiple_of(rows));
     let v = logits.len() / rows;
-    let draw = |probs: &mut Vec<(f32, u16)>, (r, rng): (usize, &mut ChaCha8Rng)| {
+    let draw = |scratch: &mut SampleScratch, (r, rng): (usize, &mut ChaCha8Rng)| {
         let z = &logits[r * v..(r + 1) * v];
         let image = &images[live[r]];
         match image.prefix.get(pos) {
             Some(&given) => (given, Some(neg_log_prob(z, given))),
-            None => (sample_token(z, &image.opts, rng, probs), None),
+            None => (sample_token(z, &image.opts, rng, scratch), None),
         }
     };
     thread_local! {
-        static PROBS: std::cell::RefCell<Vec<(f32, u16)>> = const { std::cell::RefCell::new(Vec::new()) };
+        static SCRATCH: std::cell::RefCell<SampleScratch> = std::cell::RefCell::new(SampleScratch::default());
     }
-    let draw = |row| PROBS.with(|p| draw(&mut p.borrow_mut(), row));
+    let draw = |row| SCRATCH.with(|s| draw(&mut s.borrow_mut(), row));
     drawn.clear();
     if rows < 2 * ROWS_PER_THREAD || rayon::current_num_threads() == 1 {
         drawn.extend(rngs.iter_mut().enumerate().map(draw));

@@ -41,15 +41,16 @@ fn top_k_and_top_p_never_leave_the_allowed_set() {
     let probs = [0.3f32, 0.1, 0.05, 0.4, 0.15];
     let logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let mut scratch = Vec::new();
-    let draw =
-        |opts: SampleOptions, rng: &mut rand_chacha::ChaCha8Rng, scratch: &mut Vec<(f32, u16)>| {
-            let mut seen = [0usize; 5];
-            for _ in 0..4000 {
-                seen[sample::sample_token(&logits, &opts, rng, scratch) as usize] += 1;
-            }
-            seen
-        };
+    let mut scratch = sample::SampleScratch::default();
+    let draw = |opts: SampleOptions,
+                rng: &mut rand_chacha::ChaCha8Rng,
+                scratch: &mut sample::SampleScratch| {
+        let mut seen = [0usize; 5];
+        for _ in 0..4000 {
+            seen[sample::sample_token(&logits, &opts, rng, scratch) as usize] += 1;
+        }
+        seen
+    };
     let k2 = draw(
         SampleOptions {
             top_k: 2,
@@ -432,17 +433,25 @@ fn reference_token(logits: &[f32], opts: &SampleOptions, rng: &mut impl Rng) -> 
 #[test]
 fn top_k_by_selection_draws_what_sorting_the_palette_draws() {
     let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let mut probs = Vec::new();
+    let mut probs = sample::SampleScratch::default();
     for case in 0..400u64 {
         // 512 colours; a few logits repeated so ties need the colour-index order.
         let mut logits: Vec<f32> = (0..512).map(|_| r.random::<f32>() * 6.0).collect();
         for i in 0..40 {
             logits[i * 7 + 3] = logits[i];
         }
+        // Top-k alone, top-p alone (k 0: the whole palette ranked) and both; with neither,
+        // the palette is drawn in colour order (the test above).
+        let top_k = [2, 5, 40, 511, 0][case as usize % 5];
+        let top_p = [1.0, 0.9, 0.5][case as usize % 3];
         let opts = SampleOptions {
             temperature: [0.7, 1.0, 1.3][case as usize % 3],
-            top_k: [2, 5, 40, 511][case as usize % 4],
-            top_p: [1.0, 0.9, 0.5][case as usize % 3],
+            top_k,
+            top_p: if top_k == 0 && top_p == 1.0 {
+                0.7
+            } else {
+                top_p
+            },
             seed: 0,
         };
         let mut a = sample::image_rng(1, case);
@@ -452,6 +461,55 @@ fn top_k_by_selection_draws_what_sorting_the_palette_draws() {
             assert_eq!(got, reference_token(&logits, &opts, &mut b), "{opts:?}");
         }
     }
+}
+
+/// Drawing from the whole palette, written plainly: each colour's weight from libm's
+/// exponential, the draw walking the colours in order.
+fn reference_whole_palette(logits: &[f32], temperature: f32, rng: &mut impl Rng) -> u16 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f32> = logits
+        .iter()
+        .map(|&z| ((z - max) / temperature).exp())
+        .collect();
+    let mut u = rng.random::<f32>() * weights.iter().sum::<f32>();
+    for (id, &w) in weights.iter().enumerate() {
+        if u < w {
+            return id as u16;
+        }
+        u -= w;
+    }
+    weights.iter().rposition(|&w| w > 0.0).unwrap() as u16
+}
+
+#[test]
+fn drawing_from_the_whole_palette_follows_the_plain_definition() {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    let mut scratch = sample::SampleScratch::default();
+    let mut seen = [0usize; 512];
+    for case in 0..400u64 {
+        // Peaked and flat palettes, of the paper's size and of odd sizes (a SIMD tail).
+        let v = [512, 9, 37][case as usize % 3];
+        let spread = [2.0, 8.0, 20.0][case as usize % 3];
+        let logits: Vec<f32> = (0..v).map(|_| r.random::<f32>() * spread).collect();
+        let temperature = [1.0, 0.7, 1.3][case as usize % 3];
+        let opts = SampleOptions {
+            temperature,
+            ..Default::default()
+        };
+        let mut a = sample::image_rng(2, case);
+        let mut b = sample::image_rng(2, case);
+        for _ in 0..5 {
+            let got = sample::sample_token(&logits, &opts, &mut a, &mut scratch);
+            assert_eq!(
+                got,
+                reference_whole_palette(&logits, temperature, &mut b),
+                "case {case}"
+            );
+            seen[got as usize] += 1;
+        }
+    }
+    // The draws spread over the palette rather than repeating one colour.
+    assert!(seen.iter().filter(|&&n| n > 0).count() > 300, "{seen:?}");
 }
 
 #[test]

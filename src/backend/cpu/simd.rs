@@ -174,6 +174,29 @@ dispatch! {
 }
 
 dispatch! {
+    /// `out[i] = e^((x[i] - shift) * scale)`; returns the sum of the results, added in the
+    /// same order on every machine.
+    pub fn exp_scaled(out: &mut [f32], x: &[f32], shift: f32, scale: f32) -> f32 {
+        assert_eq!(out.len(), x.len());
+        let mut lanes = [0.0f32; LANES];
+        let mut outs = out.chunks_exact_mut(LANES);
+        let mut xs = x.chunks_exact(LANES);
+        for (o, c) in (&mut outs).zip(&mut xs) {
+            for i in 0..LANES {
+                o[i] = exp((c[i] - shift) * scale);
+                lanes[i] += o[i];
+            }
+        }
+        let mut sum: f32 = lanes.iter().sum();
+        for (o, &v) in outs.into_remainder().iter_mut().zip(xs.remainder()) {
+            *o = exp((v - shift) * scale);
+            sum += *o;
+        }
+        sum
+    }
+}
+
+dispatch! {
     /// Sum of `e^(x[i] - shift)`, leaving `x` as it is.
     pub fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
         let mut lanes = [0.0f32; LANES];

@@ -71,16 +71,17 @@ pub fn sample_token(
     rng: &mut impl Rng,
     scratch: &mut SampleScratch,
 ) -> u16 {
+    // The first most likely colour; a logit that is not a number never wins.
     let argmax = || {
-        let mut best = 0;
+        let (mut best, mut best_z) = (0, f32::NEG_INFINITY);
         for (i, &z) in logits.iter().enumerate() {
-            if z > logits[best] {
-                best = i;
+            if z > best_z {
+                (best, best_z) = (i, z);
             }
         }
         best as u16
     };
-    if opts.temperature == 0.0 || opts.top_k == 1 {
+    if opts.temperature == 0.0 || opts.top_k == 1 || logits.is_empty() {
         return argmax();
     }
     let inv_t = 1.0 / opts.temperature;

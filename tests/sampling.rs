@@ -463,6 +463,59 @@ fn top_k_by_selection_draws_what_sorting_the_palette_draws() {
     }
 }
 
+/// A random source whose every number is 0: the draw lands on the first colour that can be
+/// drawn.
+struct Zeros;
+
+impl rand::RngCore for Zeros {
+    fn next_u32(&mut self) -> u32 {
+        0
+    }
+    fn next_u64(&mut self) -> u64 {
+        0
+    }
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        dst.fill(0);
+    }
+}
+
+#[test]
+fn colours_of_no_probability_are_never_drawn() {
+    let mut scratch = sample::SampleScratch::default();
+    let mut draw = |logits: &[f32], opts: SampleOptions| {
+        sample::sample_token(logits, &opts, &mut Zeros, &mut scratch)
+    };
+    let plain = SampleOptions::default();
+    // A masked colour (−∞) first, with and without top-k and top-p.
+    let masked = [f32::NEG_INFINITY, 0.0, 1.0];
+    assert_eq!(draw(&masked, plain), 1);
+    let top2 = SampleOptions { top_k: 2, ..plain };
+    assert_eq!(
+        draw(&masked, top2),
+        2,
+        "top-2 keeps colours 2 and 1, most likely first"
+    );
+    let top_p = SampleOptions {
+        top_p: 0.99,
+        ..plain
+    };
+    assert_eq!(draw(&masked, top_p), 2);
+    // A colour 500 nats below the best at a low temperature underflows to no probability.
+    let cold = SampleOptions {
+        temperature: 0.01,
+        ..plain
+    };
+    assert_eq!(draw(&[0.0, 5.0], cold), 1);
+    // No colour can be drawn: the most likely one (an infinite logit), as when every logit is
+    // −∞ or not a number.
+    assert_eq!(draw(&[0.0, f32::INFINITY, 1.0], top2), 1);
+    assert_eq!(draw(&[0.0, f32::INFINITY, 1.0], plain), 1);
+    assert_eq!(draw(&[f32::NEG_INFINITY; 4], plain), 0);
+    assert_eq!(draw(&[f32::NAN, 2.0, 1.0], plain), 1);
+    // An empty palette draws nothing and does not panic.
+    assert_eq!(draw(&[], top_p), 0);
+}
+
 /// Drawing from the whole palette, written plainly: each colour's weight from libm's
 /// exponential, the draw walking the colours in order.
 fn reference_whole_palette(logits: &[f32], temperature: f32, rng: &mut impl Rng) -> u16 {

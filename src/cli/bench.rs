@@ -918,7 +918,7 @@ fn train(b: TrainBench, dev: &Device) -> Result<()> {
         json!({ "replayed": replayed, "replay_failure": failure }),
     );
     if let Some(why) = &failure {
-        println!("note: igpt's passes ran call by call, not as CUDA graphs: {why}");
+        println!("note: igpt's passes or updates ran call by call, not as CUDA graphs: {why}");
     }
     if on_gpu {
         let (calls, _, replayed) = time_igpt(false)?;

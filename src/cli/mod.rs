@@ -716,8 +716,8 @@ fn report(run_dir: &RunDir, s: &run::Summary) -> Result<()> {
     );
     if let Some(why) = &s.replay_failure {
         eprintln!(
-            "note: each training pass ran call by call, without CUDA graphs (same steps, \
-             slower): {why}"
+            "note: training passes or updates ran call by call, without CUDA graphs (same \
+             steps, slower): {why}"
         );
     }
     Ok(())

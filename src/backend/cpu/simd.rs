@@ -99,7 +99,8 @@ impl Stored for u16 {
     }
 }
 
-/// `e^x` to about 2 ulp for x in [-87, 88]; below that it returns 0 (as exp underflows).
+/// `e^x` to about 2 ulp for x in [-87, 88]; outside it, the value at the nearer end (so below
+/// −87 about 1.6e-38, never 0).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -125,6 +126,13 @@ pub fn exp(x: f32) -> f32 {
         .wrapping_add(127)
         << 23;
     p * f32::from_bits(bits)
+}
+
+/// [`exp`], but 0 below −87 (NaN stays NaN).
+#[inline(always)]
+fn exp_or_zero(x: f32) -> f32 {
+    let e = exp(x);
+    if x < -87.0 { 0.0 } else { e }
 }
 
 #[inline(always)]
@@ -174,8 +182,10 @@ dispatch! {
 }
 
 dispatch! {
-    /// `out[i] = e^((x[i] - shift) * scale)`; returns the sum of the results, added in the
-    /// same order on every machine.
+    /// `out[i] = e^((x[i] - shift) * scale)`, exactly 0 where the exponent is below −87 (as
+    /// libm's underflows, where [`exp`] would floor it at e^−87, so that a colour of −∞ or of
+    /// no probability is never drawn); returns the sum of the results, added in the same order
+    /// on every machine.
     pub fn exp_scaled(out: &mut [f32], x: &[f32], shift: f32, scale: f32) -> f32 {
         assert_eq!(out.len(), x.len());
         let mut lanes = [0.0f32; LANES];
@@ -183,13 +193,13 @@ dispatch! {
         let mut xs = x.chunks_exact(LANES);
         for (o, c) in (&mut outs).zip(&mut xs) {
             for i in 0..LANES {
-                o[i] = exp((c[i] - shift) * scale);
+                o[i] = exp_or_zero((c[i] - shift) * scale);
                 lanes[i] += o[i];
             }
         }
         let mut sum: f32 = lanes.iter().sum();
         for (o, &v) in outs.into_remainder().iter_mut().zip(xs.remainder()) {
-            *o = exp((v - shift) * scale);
+            *o = exp_or_zero((v - shift) * scale);
             sum += *o;
         }
         sum

@@ -100,7 +100,7 @@ fn the_selftest_passes_on_the_cuda_backend() {
     );
 }
 
-/// Per-step training losses and validation losses from a run's metrics.jsonl.
+/// Per-step training losses, validation losses and gradient norms from a run's metrics.jsonl.
 fn losses(run: &Path) -> Vec<(String, f64)> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .expect("read metrics.jsonl")
@@ -108,7 +108,7 @@ fn losses(run: &Path) -> Vec<(String, f64)> {
         .flat_map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
             let step = v["step"].as_u64().unwrap_or(0);
-            ["loss", "val_loss"]
+            ["loss", "val_loss", "grad_norm"]
                 .into_iter()
                 .filter_map(move |k| v[k].as_f64().map(|x| (format!("step {step} {k}"), x)))
                 .collect::<Vec<_>>()
@@ -135,7 +135,7 @@ const CUDA: &[&str] = &["--device", "cuda"];
 /// Asks the host driver to refuse every capture, as a driver whose graphs fail would.
 const NO_GRAPHS: &[(&str, &str)] = &[("CUDA_HOST_REFUSE_CAPTURE", "1")];
 
-/// Asserts equal per-step losses (within 1e-4) of two runs.
+/// Asserts equal per-step losses and gradient norms (within 1e-4) of two runs.
 fn assert_same_losses(tested: &Path, reference: &Path, at_least: usize) {
     let (got, want) = (losses(tested), losses(reference));
     assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
@@ -170,8 +170,19 @@ fn training_and_sampling_on_the_cuda_backend_match_the_cpu_and_runs_move_between
         "training on the cpu",
     );
 
-    // f32 training on the two devices: the same losses, step by step.
+    // f32 training on the two devices: the same losses and gradient norms, step by step.
     assert_same_losses(&gpu_run, &cpu_run, 8);
+    // Every step's norm is above the default clip (1.0): each update compared was clipped, on
+    // the device, by the replayed update.
+    let norms: Vec<f64> = losses(&cpu_run)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(" grad_norm"))
+        .map(|(_, g)| g)
+        .collect();
+    assert!(
+        norms.len() == 6 && norms.iter().all(|&g| g > 1.0),
+        "{norms:?}"
+    );
     // The model learnt something (the comparison is not of two untouched models).
     let gpu = losses(&gpu_run);
     let first = gpu.first().expect("a loss").1;

@@ -779,8 +779,9 @@ fn optimizer_kernels(p: &mut Pair) {
 
     let arenas = [Arena::Params, Arena::Grads, Arena::AdamM, Arena::AdamV];
     let whole = |a: Arena| View::new(a, 0, ADAM_TOTAL);
-    for decay in [true, false] {
-        // Whole arenas of random values: the view inside is updated, its neighbours must stay.
+    // Whole arenas of random values (positive second moments): the views an update names
+    // change, their neighbours must stay.
+    let fill_arenas = |p: &mut Pair| {
         for a in arenas {
             let mut data = p.random(ADAM_TOTAL, 1.0);
             if a == Arena::AdamV {
@@ -788,15 +789,25 @@ fn optimizer_kernels(p: &mut Pair) {
             }
             p.set(whole(a), &data);
         }
-        let step = AdamStep {
-            lr: 0.01,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            step: 3,
-            grad_scale: 0.5,
-        };
+    };
+    let outputs = [
+        ("params", whole(Arena::Params)),
+        ("grads", whole(Arena::Grads)),
+        ("m", whole(Arena::AdamM)),
+        ("v", whole(Arena::AdamV)),
+    ];
+    let adam = |step: u64, grad_scale: f32| AdamStep {
+        lr: 0.01,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step,
+        grad_scale,
+    };
+    for decay in [true, false] {
+        fill_arenas(p);
+        let step = adam(3, 0.5);
         let view = View::new(Arena::Params, ADAM_AT, ADAM_LEN);
         p.both(|b| b.adamw(view, step, decay));
         let name = if decay {
@@ -804,16 +815,7 @@ fn optimizer_kernels(p: &mut Pair) {
         } else {
             "adamw (no decay)"
         };
-        p.record(
-            name,
-            tol.f32_elementwise,
-            &[
-                ("params", whole(Arena::Params)),
-                ("grads", whole(Arena::Grads)),
-                ("m", whole(Arena::AdamM)),
-                ("v", whole(Arena::AdamV)),
-            ],
-        );
+        p.record(name, tol.f32_elementwise, &outputs);
     }
     // The model's update: several tensors in one call, with and without decay, with a gap
     // between them that neither names (only the tensors move), clipped to the global norm of
@@ -829,36 +831,13 @@ fn optimizer_kernels(p: &mut Pair) {
         ("clipped_update (clipped)", 2.0),
         ("clipped_update (within the clip)", 1e4),
     ] {
-        for a in arenas {
-            let mut data = p.random(ADAM_TOTAL, 1.0);
-            if a == Arena::AdamV {
-                data.iter_mut().for_each(|v| *v = v.abs() * 0.1);
-            }
-            p.set(whole(a), &data);
-        }
-        let adam = AdamStep {
-            lr: 0.01,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            step: 5,
-            grad_scale: 0.7,
-        };
+        fill_arenas(p);
+        let adam = adam(5, 0.7);
         p.both(|b| {
             b.set_update(Update { adam, clip });
             b.clipped_update(&tensors, whole(Arena::Grads));
         });
-        p.record(
-            name,
-            tol.f32_elementwise,
-            &[
-                ("params", whole(Arena::Params)),
-                ("grads", whole(Arena::Grads)),
-                ("m", whole(Arena::AdamM)),
-                ("v", whole(Arena::AdamV)),
-            ],
-        );
+        p.record(name, tol.f32_elementwise, &outputs);
         // The measured norm is the update's too.
         let [r, t] = [0, 1].map(|k| p.b[k].update_grad_norm());
         let e = (t - r).abs() / r.abs().max(1e-30);

@@ -132,6 +132,23 @@ fn train_small(run: &Path, device: &[&str], extra: &[&str], env: &[(&str, &str)]
 
 const CUDA: &[&str] = &["--device", "cuda"];
 
+/// Trains the small model with `extra` on the emulated GPU into `gpu_run`, which must replay
+/// its passes and updates as graphs, and on the CPU into `cpu_run`.
+fn train_on_both(gpu_run: &Path, cpu_run: &Path, extra: &[&str]) {
+    let err = succeeded(
+        &train_small(gpu_run, CUDA, extra, &[]),
+        "training with --device cuda",
+    );
+    assert!(
+        !err.contains("without CUDA graphs"),
+        "passes or updates were not replayed:\n{err}"
+    );
+    succeeded(
+        &train_small(cpu_run, &[], extra, &[]),
+        "training on the cpu",
+    );
+}
+
 /// Asks the host driver to refuse every capture, as a driver whose graphs fail would.
 const NO_GRAPHS: &[(&str, &str)] = &[("CUDA_HOST_REFUSE_CAPTURE", "1")];
 
@@ -157,18 +174,7 @@ fn training_and_sampling_on_the_cuda_backend_match_the_cpu_and_runs_move_between
         "--checkpoint-every",
         "3",
     ];
-    let err = succeeded(
-        &train_small(&gpu_run, CUDA, &steps, &[]),
-        "training with --device cuda",
-    );
-    assert!(
-        !err.contains("without CUDA graphs"),
-        "passes were not replayed:\n{err}"
-    );
-    succeeded(
-        &train_small(&cpu_run, &[], &steps, &[]),
-        "training on the cpu",
-    );
+    train_on_both(&gpu_run, &cpu_run, &steps);
 
     // f32 training on the two devices: the same losses and gradient norms, step by step.
     assert_same_losses(&gpu_run, &cpu_run, 8);
@@ -388,17 +394,6 @@ fn bert_training_in_micro_batches_on_the_cuda_backend_matches_the_cpu() {
         "--steps", "4", "--micro-batch", "4", "--objective", "bert", "--eval-every", "2",
     ];
     let (gpu_run, cpu_run) = (dir.join("gpu"), dir.join("cpu"));
-    let err = succeeded(
-        &train_small(&gpu_run, CUDA, &extra, &[]),
-        "bert training on cuda",
-    );
-    assert!(
-        !err.contains("without CUDA graphs"),
-        "passes were not replayed:\n{err}"
-    );
-    succeeded(
-        &train_small(&cpu_run, &[], &extra, &[]),
-        "bert training on the cpu",
-    );
+    train_on_both(&gpu_run, &cpu_run, &extra);
     assert_same_losses(&gpu_run, &cpu_run, 6);
 }

@@ -45,6 +45,14 @@ pub struct AdamStep {
     pub grad_scale: f32,
 }
 
+impl AdamStep {
+    /// Adam's bias corrections of the two moments at this step: `1 - beta^step`.
+    pub fn bias_corrections(&self) -> (f32, f32) {
+        let step = self.step as i32;
+        (1.0 - self.beta1.powi(step), 1.0 - self.beta2.powi(step))
+    }
+}
+
 /// The step a [`Backend::clipped_update`] takes: AdamW's, and the largest global gradient norm
 /// (0: no clipping).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -887,8 +887,8 @@ fn train(b: TrainBench, dev: &Device) -> Result<()> {
         report["runs"].as_array_mut().expect("runs").push(v);
     };
 
-    // igpt; on a GPU also with every call issued one by one instead of replaying each pass's
-    // recording (a CUDA graph), to show what the graphs save.
+    // igpt; on a GPU also with every call issued one by one instead of replaying the passes'
+    // and the update's recordings (CUDA graphs), to show what the graphs save.
     let time_igpt = |replay: bool| -> Result<(TrainRun, Option<String>, bool)> {
         let (mut trainer, data) = bench_trainer(&model, b.batch, dev)?;
         trainer.engine.set_replay(replay);

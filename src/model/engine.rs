@@ -424,7 +424,6 @@ impl Engine {
         loss_scale: f32,
     ) -> anyhow::Result<f64> {
         self.check_training_objective(masked)?;
-        self.backward_ready = false;
         let sum = self.run_forward(tokens, masked, Some(loss_scale))?;
         self.backward_ready = true;
         Ok(sum)

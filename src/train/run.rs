@@ -168,7 +168,8 @@ pub struct Summary {
     pub tokens_per_s: f64,
     /// Training losses of the steps run in this invocation.
     pub losses: Vec<f64>,
-    /// Why training passes ran call by call on a device that replays them (CUDA graphs).
+    /// Why training passes or updates ran call by call on a device that replays them (CUDA
+    /// graphs).
     pub replay_failure: Option<String>,
 }
 

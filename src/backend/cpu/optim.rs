@@ -15,8 +15,7 @@ pub fn adamw(
     h: AdamStep,
     decay: bool,
 ) {
-    let bc1 = 1.0 - h.beta1.powi(h.step as i32);
-    let bc2 = 1.0 - h.beta2.powi(h.step as i32);
+    let (bc1, bc2) = h.bias_corrections();
     let wd = if decay { h.weight_decay } else { 0.0 };
     let k = [h.lr, h.beta1, h.beta2, h.eps, wd, h.grad_scale, bc1, bc2];
     params

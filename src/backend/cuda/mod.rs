@@ -632,6 +632,7 @@ unsafe impl cudarc::driver::DeviceRepr for UpdateStep {}
 impl UpdateStep {
     fn of(u: Update) -> Self {
         let h = u.adam;
+        let (bc1, bc2) = h.bias_corrections();
         Self {
             lr: h.lr,
             beta1: h.beta1,
@@ -639,8 +640,8 @@ impl UpdateStep {
             eps: h.eps,
             wd: h.weight_decay,
             grad_scale: h.grad_scale,
-            bc1: 1.0 - h.beta1.powi(h.step as i32),
-            bc2: 1.0 - h.beta2.powi(h.step as i32),
+            bc1,
+            bc2,
             clip: u.clip,
         }
     }
@@ -1613,8 +1614,7 @@ impl Backend for CudaBackend {
             self.ptr(at(Arena::AdamV)),
         );
         let n = params.len;
-        let bc1 = 1.0 - h.beta1.powi(h.step as i32);
-        let bc2 = 1.0 - h.beta2.powi(h.step as i32);
+        let (bc1, bc2) = h.bias_corrections();
         let wd = if decay { h.weight_decay } else { 0.0 };
         self.launch(
             &self.kernels.adamw,

@@ -15,8 +15,8 @@
 // Launches mirror mod.rs: per_row = one block of 256 threads per row, elementwise = blocks
 // of 256 (plus a 3-block grid for the grid-stride loops), and the special grids of
 // embed_backward_positions, rmsnorm_backward_gain, sum_squares and attention_step. The
-// flash attention kernels are not launched by mod.rs yet: they run with the launch
-// configurations documented above them in kernels.cu.
+// flash attention kernels run with the launch configurations documented above them in
+// kernels.cu, which mod.rs's flash_launch gives.
 //
 // References compute in double where a kernel reduces; "error" is |got - want| relative to
 // |want|, with a floor of 1e-2 of the largest |want| of the output (entries that cancel to
@@ -804,6 +804,34 @@ FlashRef flash_reference(const vector<float>& qkv, const vector<float>& dout, in
     return f;
 }
 
+// dqkv from the two gradient kernels, launched as mod.rs launches them; dqkv starts as NaN.
+vector<float> flash_backward(const vector<float>& dout, const vector<float>& qkv,
+                             const vector<float>& lse, const vector<float>& delta, int batch,
+                             int t, int nh, int hd, int causal) {
+    vector<float> dqkv = nan_f32((size_t)batch * t * 3 * nh * hd);
+    dim3 grid((t + 31) / 32, nh, batch);
+    launch(flash_attention_backward_kv, grid, dim3(64), flash_backward_shared_bytes(hd),
+           dqkv.data(), dout.data(), qkv.data(), lse.data(), delta.data(), t, nh, hd, causal);
+    launch(flash_attention_backward_q, grid, dim3(64), flash_backward_shared_bytes(hd),
+           dqkv.data(), dout.data(), qkv.data(), lse.data(), delta.data(), t, nh, hd, causal);
+    return dqkv;
+}
+
+// dQ, dK and dV (the column groups of dqkv) against the reference.
+void check_flash_gradients(const vector<float>& dqkv, const FlashRef& ref, size_t rows, int d,
+                           const std::string& what, double tol) {
+    vector<float> dq(rows * d), dk(rows * d), dv(rows * d);
+    for (size_t r = 0; r < rows; r++)
+        for (int c = 0; c < d; c++) {
+            dq[r * d + c] = dqkv[r * 3 * d + c];
+            dk[r * d + c] = dqkv[r * 3 * d + d + c];
+            dv[r * d + c] = dqkv[r * 3 * d + 2 * d + c];
+        }
+    check_scaled("flash_attention_backward_q", what + " dq", dq, ref.dq, tol);
+    check_scaled("flash_attention_backward_kv", what + " dk", dk, ref.dk, tol);
+    check_scaled("flash_attention_backward_kv", what + " dv", dv, ref.dv, tol);
+}
+
 void check_flash_attention(bool bf16_inputs) {
     const double tol = bf16_inputs ? kFlashExact : kFlash;
     struct Shape {
@@ -833,53 +861,32 @@ void check_flash_attention(bool bf16_inputs) {
             if (bf16_inputs) check("flash_attention_forward", what + " lse", lse, ref.lse, kRow);
             else check_scaled("flash_attention_forward", what + " lse", lse, ref.lse, kFlash);
 
-            // Backward from the reference out and lse (as f32): dqkv starts as NaN, the first
-            // pass zeroes the Q columns (and leaves K and V alone) and computes delta.
+            // Backward from the reference out and lse (as f32): the first pass computes
+            // delta, the other two write every column of dqkv (which starts as NaN).
             vector<float> out32(ref.out.begin(), ref.out.end()),
                 lse32(ref.lse.begin(), ref.lse.end());
-            vector<float> dqkv = nan_f32(rows * 3 * d), delta = nan_f32(stats);
+            vector<float> delta = nan_f32(stats);
             launch(flash_attention_backward_prepare, dim3((unsigned)rows), dim3(128), 0,
-                   dqkv.data(), delta.data(), (const float*)dout.data(),
-                   (const float*)out32.data(), t, nh, hd);
+                   delta.data(), (const float*)dout.data(), (const float*)out32.data(), t, nh,
+                   hd);
             check("flash_attention_backward_prepare", what + " delta", delta, ref.delta, kRow);
-            vector<float> want_prep = nan_f32(rows * 3 * d);
-            for (size_t r = 0; r < rows; r++)
-                std::fill_n(want_prep.begin() + r * 3 * d, d, 0.0f);
-            check_bits("flash_attention_backward_prepare", what + " dqkv", dqkv, want_prep);
-
-            dim3 bwd_grid((t + 15) / 16, nh, batch);
-            launch(flash_attention_backward, bwd_grid, dim3(32), flash_backward_shared_bytes(hd),
-                   dqkv.data(), (const float*)dout.data(), (const float*)qkv.data(),
-                   (const float*)lse32.data(), (const float*)delta.data(), t, nh, hd, causal);
-            vector<float> dq(rows * d), dk(rows * d), dv(rows * d);
-            for (size_t r = 0; r < rows; r++)
-                for (int c = 0; c < d; c++) {
-                    dq[r * d + c] = dqkv[r * 3 * d + c];
-                    dk[r * d + c] = dqkv[r * 3 * d + d + c];
-                    dv[r * d + c] = dqkv[r * 3 * d + 2 * d + c];
-                }
-            check_scaled("flash_attention_backward", what + " dq", dq, ref.dq, tol);
-            check_scaled("flash_attention_backward", what + " dk", dk, ref.dk, tol);
-            check_scaled("flash_attention_backward", what + " dv", dv, ref.dv, tol);
+            vector<float> dqkv = flash_backward(dout, qkv, lse32, delta, batch, t, nh, hd, causal);
+            check_flash_gradients(dqkv, ref, rows, d, what, tol);
+            // The same bits whatever order the blocks and threads run in (no atomic adds).
+            bool reverse = cuda_host::reverse_order;
+            cuda_host::set_reverse_order(!reverse);
+            vector<float> again = flash_backward(dout, qkv, lse32, delta, batch, t, nh, hd, causal);
+            cuda_host::set_reverse_order(reverse);
+            check_bits("flash_attention_backward", what + " same bits in the other order",
+                       again, dqkv);
 
             // As the backend will chain them: backward from the kernel's own out and lse.
             if (bf16_inputs) continue;
-            dqkv = nan_f32(rows * 3 * d);
             launch(flash_attention_backward_prepare, dim3((unsigned)rows), dim3(128), 0,
-                   dqkv.data(), delta.data(), (const float*)dout.data(),
-                   (const float*)out.data(), t, nh, hd);
-            launch(flash_attention_backward, bwd_grid, dim3(32), flash_backward_shared_bytes(hd),
-                   dqkv.data(), (const float*)dout.data(), (const float*)qkv.data(),
-                   (const float*)lse.data(), (const float*)delta.data(), t, nh, hd, causal);
-            for (size_t r = 0; r < rows; r++)
-                for (int c = 0; c < d; c++) {
-                    dq[r * d + c] = dqkv[r * 3 * d + c];
-                    dk[r * d + c] = dqkv[r * 3 * d + d + c];
-                    dv[r * d + c] = dqkv[r * 3 * d + 2 * d + c];
-                }
-            check_scaled("flash_attention_backward", what + " chained dq", dq, ref.dq, tol);
-            check_scaled("flash_attention_backward", what + " chained dk", dk, ref.dk, tol);
-            check_scaled("flash_attention_backward", what + " chained dv", dv, ref.dv, tol);
+                   delta.data(), (const float*)dout.data(), (const float*)out.data(), t, nh,
+                   hd);
+            dqkv = flash_backward(dout, qkv, lse, delta, batch, t, nh, hd, causal);
+            check_flash_gradients(dqkv, ref, rows, d, what + " chained", tol);
         }
     }
 }

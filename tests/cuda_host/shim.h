@@ -17,8 +17,10 @@
 // buffer defined below, so kernels.cu compiles without edits. Blocks are shared out between a
 // few OS threads, so atomicAdd really races.
 //
-// Fibers run until their next barrier, the first ready one in a fixed order, ascending or
-// (set_reverse_order) descending thread index: the leading threads run ahead as far as the
+// Blocks start in ascending order of their index, or (set_reverse_order) descending, so a
+// result that depends on the order blocks add into memory shows. Within a block, fibers run
+// until their next barrier, the first ready one in a fixed order, ascending or (reversed)
+// descending thread index: the leading threads run ahead as far as the
 // barriers let them. Running a kernel both ways catches a missing barrier whichever thread
 // reads before the other writes, and a warp that overwrites shared memory another warp has
 // yet to read. A barrier that not every thread of its group reaches
@@ -421,7 +423,8 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_byte
     std::atomic<size_t> next{0};
     auto worker = [&] {
         std::unique_ptr<Block> b = take_block();
-        for (size_t i; (i = next++) < blocks;) {
+        for (size_t k; (k = next++) < blocks;) {
+            size_t i = reverse_order ? blocks - 1 - k : k;
             uint3 idx = {unsigned(i % grid.x), unsigned(i / grid.x % grid.y),
                          unsigned(i / ((size_t)grid.x * grid.y))};
             run_block(*b, body, idx, block, grid, shared_bytes);

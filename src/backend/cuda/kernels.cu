@@ -500,7 +500,8 @@ extern "C" __global__ void attend_bf16(float* out, const bf16_bits* k, const bf1
 // head without the T x T scores in global memory, FlashAttention-2 style. Products are bf16
 // 16x16x16 tensor-core tiles (nvcuda::wmma) with f32 accumulation: Q, K, V (and dout) are
 // read from their f32 rows and rounded to bf16 into shared memory; softmax statistics,
-// rescaling and the outputs stay f32.
+// rescaling and the outputs stay f32. No kernel adds into global memory with atomics, so a
+// pass gives the same bits every time it runs.
 //
 // Shapes as AttnShape: qkv [batch * t, 3d] (columns Q | K | V, each n_head groups of
 // head_dim), out and dout [batch * t, d], lse and delta [batch, n_head, t]; causal masks
@@ -518,28 +519,103 @@ __device__ __forceinline__ float* flash_dynamic() {
 }
 
 namespace flash {
-constexpr int kTile = 16;                     // wmma tile edge
-constexpr int kFwdWarps = 2;                  // forward: warps per block, 16 query rows each
-constexpr int kFwdRows = kTile * kFwdWarps;   // query rows per forward block
-constexpr int kFwdKeys = 32;                  // keys per forward step
-constexpr int kBwdKeys = 16;                  // backward: keys per block (one warp)
-constexpr int kBwdRows = 16;                  // query rows per backward step
+constexpr int kTile = 16;                   // wmma tile edge
+constexpr int kMaxTiles = 128 / kTile;      // 16-column tiles of the widest head
+constexpr int kWarps = 2;                   // warps per block, 16 rows (or keys) each
+constexpr int kRows = kTile * kWarps;       // query rows (or keys) a block owns
+constexpr int kStep = 32;                   // keys (or query rows) per step of the loop
+using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+using RowA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16,
+                                    nvcuda::wmma::row_major>;
+using RowB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16,
+                                    nvcuda::wmma::row_major>;
+using ColB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16,
+                                    nvcuda::wmma::col_major>;
+
+// `tile` [16, 32] (f32, row stride 32) = a [16, hd] times b^T, b [32, hd] (both bf16, row
+// stride hd): 16 rows against 32 others, in two 16-column halves.
+__device__ __forceinline__ void product_nt(float* tile, const bf16* a, const bf16* b, int hd) {
+    using namespace nvcuda;
+    for (int n = 0; n < kStep / kTile; n++) {
+        Accumulator acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int kk = 0; kk < hd; kk += kTile) {
+            RowA x;
+            ColB y;
+            wmma::load_matrix_sync(x, a + kk, hd);
+            wmma::load_matrix_sync(y, b + n * kTile * hd + kk, hd);
+            wmma::mma_sync(acc, x, y, acc);
+        }
+        wmma::store_matrix_sync(tile + n * kTile, acc, kStep, wmma::mem_row_major);
+    }
+}
+
+// acc[n] += a [16, 32] (bf16, row stride 32) times columns 16n .. 16n + 15 of b [32, hd]
+// (bf16, row stride hd), for every 16-column tile of the head. Unrolled to the widest head
+// so the accumulators stay in registers.
+__device__ __forceinline__ void accumulate_nn(Accumulator (&acc)[kMaxTiles], const bf16* a,
+                                              const bf16* b, int hd) {
+    using namespace nvcuda;
+#pragma unroll
+    for (int n = 0; n < kMaxTiles; n++) {
+        if (n * kTile >= hd) break;
+#pragma unroll
+        for (int kk = 0; kk < kStep; kk += kTile) {
+            RowA x;
+            RowB y;
+            wmma::load_matrix_sync(x, a + kk, kStep);
+            wmma::load_matrix_sync(y, b + kk * hd + n * kTile, hd);
+            wmma::mma_sync(acc[n], x, y, acc[n]);
+        }
+    }
+}
+
+// Writes the warp's [16, hd] accumulators to `rows` (f32, row stride `stride`) for the
+// first `valid` of the 16 rows, through `scratch` ([16, 16] f32, 32-byte aligned).
+__device__ __forceinline__ void write_rows(float* rows, size_t stride, int valid,
+                                           const Accumulator (&acc)[kMaxTiles],
+                                           float* scratch, int hd) {
+    using namespace nvcuda;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int n = 0; n < kMaxTiles; n++) {
+        if (n * kTile >= hd) break;
+        wmma::store_matrix_sync(scratch, acc[n], kTile, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < kTile * kTile; e += 32) {
+            int r = e / kTile, c = e % kTile;
+            if (r < valid) rows[(size_t)r * stride + n * kTile + c] = scratch[e];
+        }
+        __syncwarp();
+    }
+}
+
+// Rounds `rows` rows of one head (from `first`, `hd` columns at `src` + row * stride) into
+// `dst` [rows, hd] bf16; rows from `limit` on are zeros. All the block's threads take part.
+__device__ __forceinline__ void load_rows(bf16* dst, const float* src, size_t stride,
+                                          int first, int limit, int rows, int hd) {
+    for (int e = threadIdx.x; e < rows * hd; e += blockDim.x) {
+        int i = first + e / hd, c = e % hd;
+        dst[e] = __float2bfloat16(i < limit ? src[(size_t)i * stride + c] : 0.0f);
+    }
+}
 }  // namespace flash
 
 // Dynamic shared bytes of flash_attention_forward: Q, K, V tiles (bf16) [32, head_dim] each,
-// the output accumulator (f32) [32, head_dim], and per warp scores (f32) and probabilities
+// the output's scratch (f32) [32, head_dim], and per warp scores (f32) and probabilities
 // (bf16) [16, 32]. 320 * head_dim + 6144: 47,104 bytes at head_dim 128.
 __host__ __device__ constexpr size_t flash_forward_shared_bytes(int head_dim) {
-    return (size_t)head_dim * (flash::kFwdRows * 2 + 2 * flash::kFwdKeys * 2 + flash::kFwdRows * 4) +
-           (size_t)flash::kFwdWarps * flash::kTile * flash::kFwdKeys * (4 + 2);
+    return (size_t)head_dim * (flash::kRows * 2 + 2 * flash::kStep * 2 + flash::kRows * 4) +
+           (size_t)flash::kWarps * flash::kTile * flash::kStep * (4 + 2);
 }
 
-// Dynamic shared bytes of flash_attention_backward: K, V, Q, dout tiles (bf16) [16, head_dim]
-// each, the dK and dV accumulators (f32) [16, head_dim], S and dP (f32) and P and dS (bf16)
-// [16, 16], and lse and delta of 16 rows. 256 * head_dim + 3200: 35,968 bytes at 128.
+// Dynamic shared bytes of each backward kernel (flash_attention_backward_kv and _q): four
+// [32, head_dim] bf16 tiles (the block's own rows of two inputs, a step's rows of two
+// others), per warp two [16, 32] f32 tiles (scores and their gradient, overwritten by their
+// bf16 roundings), and lse and delta of 32 rows. 256 * head_dim + 8448: 41,216 bytes at 128.
 __host__ __device__ constexpr size_t flash_backward_shared_bytes(int head_dim) {
-    return (size_t)head_dim * (4 * flash::kBwdKeys * 2 + 2 * flash::kBwdKeys * 4) +
-           (size_t)flash::kBwdKeys * flash::kBwdRows * (4 + 4 + 2 + 2) + flash::kBwdRows * 8;
+    return (size_t)head_dim * 4 * flash::kRows * 2 +
+           (size_t)flash::kWarps * 2 * flash::kTile * flash::kStep * 4 + flash::kStep * 8;
 }
 
 // Forward: out (f32) and lse. Launch: grid (ceil(t / 32), n_head, batch), block 64 threads
@@ -548,66 +624,49 @@ __host__ __device__ constexpr size_t flash_backward_shared_bytes(int head_dim) {
 // Block (x, h, b) owns query rows 32x .. 32x + 31 of sequence b, head h; warp w the 16 rows
 // from 32x + 16w. Per step of 32 keys (causal: only up to the block's last row) the block
 // loads K and V; each warp with a visible key in the step computes S = Q K^T (f32), updates
-// its rows' running max m and sum l (a row is two lanes, 16 columns each), rescales its
-// output rows by exp(m_old - m_new) and adds P V with P rounded to bf16.
+// its rows' running max m and sum l (a row is two lanes, 16 columns each) and adds P V, P
+// rounded to bf16, into its output tiles. Those stay in registers; they go through shared
+// memory to be rescaled by exp(m_old - m_new) only at steps where a row's maximum grew.
 extern "C" __global__ void flash_attention_forward(float* out, float* lse, const float* qkv,
                                                    int t, int n_head, int head_dim,
                                                    int causal) {
     using namespace nvcuda;
-    using flash::kTile;
-    using flash::kFwdRows;
-    using flash::kFwdKeys;
+    using namespace flash;
     float* dynamic = flash_dynamic();
     const int hd = head_dim, d = n_head * hd;
-    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kFwdRows;
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     bf16* qs = (bf16*)dynamic;                            // [32, hd]
-    bf16* ks = qs + kFwdRows * hd;                        // [32, hd]
-    bf16* vs = ks + kFwdKeys * hd;                        // [32, hd]
-    float* os = (float*)(vs + kFwdKeys * hd);             // [32, hd]
-    float* ss = os + kFwdRows * hd;                       // [warps][16, 32]
-    bf16* ps = (bf16*)(ss + flash::kFwdWarps * kTile * kFwdKeys);  // [warps][16, 32]
-    const float* seq = qkv + (size_t)b * t * 3 * d;
+    bf16* ks = qs + kRows * hd;                           // [32, hd]
+    bf16* vs = ks + kStep * hd;                           // [32, hd]
+    float* os = (float*)(vs + kStep * hd);                // [32, hd]
+    float* ss = os + kRows * hd;                          // [warps][16, 32]
+    bf16* ps = (bf16*)(ss + kWarps * kTile * kStep);      // [warps][16, 32]
+    const float* seq = qkv + (size_t)b * t * 3 * d + h * hd;
 
-    for (int e = threadIdx.x; e < kFwdRows * hd; e += blockDim.x) {
-        int i = q0 + e / hd, c = e % hd;
-        qs[e] = __float2bfloat16(i < t ? seq[(size_t)i * 3 * d + h * hd + c] : 0.0f);
-        os[e] = 0.0f;
-    }
+    load_rows(qs, seq, 3 * d, q0, t, kRows, hd);
     bf16* qw = qs + warp * kTile * hd;
     float* ow = os + warp * kTile * hd;
-    float* sw = ss + warp * kTile * kFwdKeys;
-    bf16* pw = ps + warp * kTile * kFwdKeys;
+    float* sw = ss + warp * kTile * kStep;
+    bf16* pw = ps + warp * kTile * kStep;
+    Accumulator o[kMaxTiles];
+#pragma unroll
+    for (int n = 0; n < kMaxTiles; n++) wmma::fill_fragment(o[n], 0.0f);
     // This lane's row (r, query i) and half of the step's columns.
     const int r = lane >> 1, half = lane & 1, i = q0 + warp * kTile + r;
     const int warp_first = q0 + warp * kTile, warp_last = min(warp_first + kTile, t) - 1;
     const float scale = rsqrtf((float)hd);
     float m = -INFINITY, l = 0.0f;
-    const int key_end = causal ? min(t, q0 + kFwdRows) : t;
-    for (int k0 = 0; k0 < key_end; k0 += kFwdKeys) {
+    const int key_end = causal ? min(t, q0 + kRows) : t;
+    for (int k0 = 0; k0 < key_end; k0 += kStep) {
         __syncthreads();  // the previous step's K and V are used up
-        for (int e = threadIdx.x; e < kFwdKeys * hd; e += blockDim.x) {
-            int j = k0 + e / hd, c = e % hd;
-            const float* row = seq + (size_t)j * 3 * d + h * hd + c;
-            ks[e] = __float2bfloat16(j < t ? row[d] : 0.0f);
-            vs[e] = __float2bfloat16(j < t ? row[2 * d] : 0.0f);
-        }
+        load_rows(ks, seq + d, 3 * d, k0, t, kStep, hd);
+        load_rows(vs, seq + 2 * d, 3 * d, k0, t, kStep, hd);
         __syncthreads();
         // Warp-uniform: the warp has rows, and (causal) one of them sees a key of the step.
         if (warp_first >= t || (causal && k0 > warp_last)) continue;
 
-        for (int n = 0; n < kFwdKeys / kTile; n++) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int kk = 0; kk < hd; kk += kTile) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kt;
-                wmma::load_matrix_sync(a, qw + kk, hd);
-                wmma::load_matrix_sync(kt, ks + n * kTile * hd + kk, hd);
-                wmma::mma_sync(acc, a, kt, acc);
-            }
-            wmma::store_matrix_sync(sw + n * kTile, acc, kFwdKeys, wmma::mem_row_major);
-        }
+        product_nt(sw, qw, ks, hd);
         __syncwarp();
 
         float s[16], mx = -INFINITY;
@@ -615,7 +674,7 @@ extern "C" __global__ void flash_attention_forward(float* out, float* lse, const
         for (int c = 0; c < 16; c++) {
             int col = half * 16 + c, j = k0 + col;
             bool visible = i < t && j < t && (!causal || j <= i);
-            s[c] = visible ? sw[r * kFwdKeys + col] * scale : -INFINITY;
+            s[c] = visible ? sw[r * kStep + col] * scale : -INFINITY;
             mx = fmaxf(mx, s[c]);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -626,27 +685,33 @@ extern "C" __global__ void flash_attention_forward(float* out, float* lse, const
         for (int c = 0; c < 16; c++) {
             float p = expf(s[c] - m_use);
             sum += p;
-            pw[r * kFwdKeys + half * 16 + c] = __float2bfloat16(p);
+            pw[r * kStep + half * 16 + c] = __float2bfloat16(p);
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        // A row that has summed nothing yet has an output of zeros: nothing to rescale.
+        const bool rescale = alpha != 1.0f && l != 0.0f;
         l = l * alpha + sum;
         m = m_new;
-        for (int c = half; c < hd; c += 2) ow[r * hd + c] *= alpha;
-        __syncwarp();
-
-        for (int n = 0; n < hd; n += kTile) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::load_matrix_sync(acc, ow + n, hd, wmma::mem_row_major);
-            for (int kk = 0; kk < kFwdKeys; kk += kTile) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> v;
-                wmma::load_matrix_sync(a, pw + kk, kFwdKeys);
-                wmma::load_matrix_sync(v, vs + kk * hd + n, hd);
-                wmma::mma_sync(acc, a, v, acc);
-            }
-            wmma::store_matrix_sync(ow + n, acc, hd, wmma::mem_row_major);
+        if (warp_max(rescale ? 1.0f : 0.0f) != 0.0f) {
+#pragma unroll
+            for (int n = 0; n < kMaxTiles; n++)
+                if (n * kTile < hd)
+                    wmma::store_matrix_sync(ow + n * kTile, o[n], hd, wmma::mem_row_major);
+            __syncwarp();
+            if (rescale)
+                for (int c = half; c < hd; c += 2) ow[r * hd + c] *= alpha;
+            __syncwarp();
+#pragma unroll
+            for (int n = 0; n < kMaxTiles; n++)
+                if (n * kTile < hd)
+                    wmma::load_matrix_sync(o[n], ow + n * kTile, hd, wmma::mem_row_major);
         }
+        __syncwarp();  // every lane's probabilities are in pw
+        accumulate_nn(o, pw, vs, hd);
     }
+#pragma unroll
+    for (int n = 0; n < kMaxTiles; n++)
+        if (n * kTile < hd) wmma::store_matrix_sync(ow + n * kTile, o[n], hd, wmma::mem_row_major);
     __syncwarp();
     if (i < t) {
         float inv = 1.0f / l;
@@ -656,16 +721,13 @@ extern "C" __global__ void flash_attention_forward(float* out, float* lse, const
     }
 }
 
-// Backward, first pass: delta[b, h, i] = sum over head h's columns of dout * out, and the Q
-// columns of dqkv zeroed (flash_attention_backward adds dQ into them). Launch: grid
-// (batch * t), block 128 threads, no dynamic shared memory.
-extern "C" __global__ void flash_attention_backward_prepare(float* dqkv, float* delta,
-                                                            const float* dout,
+// Backward, first pass: delta[b, h, i] = sum over head h's columns of dout * out. Launch:
+// grid (batch * t), block 128 threads, no dynamic shared memory.
+extern "C" __global__ void flash_attention_backward_prepare(float* delta, const float* dout,
                                                             const float* out, int t,
                                                             int n_head, int head_dim) {
     size_t row = blockIdx.x;
     int d = n_head * head_dim, b = row / t, i = row % t;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) dqkv[row * 3 * d + c] = 0.0f;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     for (int h = warp; h < n_head; h += warps) {
         const float *dr = dout + row * d + h * head_dim, *orow = out + row * d + h * head_dim;
@@ -676,132 +738,169 @@ extern "C" __global__ void flash_attention_backward_prepare(float* dqkv, float* 
     }
 }
 
-// Backward, second pass: dK and dV (written) and dQ (added with atomics into the Q columns
-// zeroed by flash_attention_backward_prepare) of dqkv, from dout, qkv, lse and delta.
-// Launch: grid (ceil(t / 16), n_head, batch), block 32 threads (1 warp), dynamic shared
+// The backward's two products of a tile pair, as both backward kernels need them: the warp's
+// 16 rows of `own` ([16, hd] bf16: Q for dQ, K for dK and dV) against the step's 32 rows of
+// `other` (K or Q), and of `own_grad` (dout or V) against `other_grad` (V or dout), into
+// `s` and `dp` ([16, 32] f32 each). Each lane then turns 16 of the 512 entries into the
+// probability p = exp(scale s - lse) (0 where masked) and dS = p (dp - delta), and after
+// every lane has read, writes scale * dS (bf16) over the start of `dp` and, where `p_out`,
+// p (bf16) over the start of `s`. `query_of(e)` and `key_of(e)` give entry e's query row
+// and key; `stat_of(e)` its row in lse_s and delta_s.
+template <typename Query, typename Key, typename Stat>
+__device__ __forceinline__ void flash_scores(float* s, float* dp, const bf16* own,
+                                             const bf16* other, const bf16* own_grad,
+                                             const bf16* other_grad, const float* lse_s,
+                                             const float* delta_s, int hd, int t, int causal,
+                                             bool p_out, Query query_of, Key key_of,
+                                             Stat stat_of) {
+    using namespace flash;
+    const int lane = threadIdx.x & 31;
+    const float scale = rsqrtf((float)hd);
+    product_nt(s, own, other, hd);
+    product_nt(dp, own_grad, other_grad, hd);
+    __syncwarp();
+    constexpr int kPerLane = kTile * kStep / 32;
+    float p[kPerLane], ds[kPerLane];
+#pragma unroll
+    for (int u = 0; u < kPerLane; u++) {
+        int e = lane + 32 * u, i = query_of(e), j = key_of(e), st = stat_of(e);
+        bool visible = i < t && j < t && (!causal || j <= i);
+        p[u] = visible ? expf(s[e] * scale - lse_s[st]) : 0.0f;
+        ds[u] = p[u] * (dp[e] - delta_s[st]) * scale;
+    }
+    __syncwarp();  // every lane has read s and dp
+    bf16 *pb = (bf16*)s, *dsb = (bf16*)dp;
+#pragma unroll
+    for (int u = 0; u < kPerLane; u++) {
+        int e = lane + 32 * u;
+        if (p_out) pb[e] = __float2bfloat16(p[u]);
+        dsb[e] = __float2bfloat16(ds[u]);
+    }
+    __syncwarp();
+}
+
+// Backward, dK and dV (written into dqkv's K and V columns), from dout, qkv, lse and delta.
+// Launch: grid (ceil(t / 32), n_head, batch), block 64 threads (2 warps), dynamic shared
 // memory flash_backward_shared_bytes(head_dim).
 //
-// Block (x, h, b) owns keys 16x .. 16x + 15 and loops over the query tiles of 16 rows that
-// see them (causal: from the tile of key 16x on). Per tile: S^T = K Q^T and dP^T = V dout^T,
-// P^T = exp(scale S^T - lse) (masked: 0), dS^T = P^T (dP^T - delta); then dV += P^T dout,
-// dK += scale dS^T Q, and dQ += scale dS K goes to global memory with atomicAdd.
-extern "C" __global__ void flash_attention_backward(float* dqkv, const float* dout,
-                                                    const float* qkv, const float* lse,
-                                                    const float* delta, int t, int n_head,
-                                                    int head_dim, int causal) {
+// Block (x, h, b) owns keys 32x .. 32x + 31, warp w the 16 from 32x + 16w, and loops over the
+// steps of 32 query rows that see them (causal: from row 32x on). Per step, each warp with a
+// visible pair: S^T = K Q^T and dP^T = V dout^T, P^T = exp(scale S^T - lse) (masked: 0),
+// dS^T = P^T (dP^T - delta); then dV += P^T dout and dK += scale dS^T Q, in registers.
+extern "C" __global__ void flash_attention_backward_kv(float* dqkv, const float* dout,
+                                                       const float* qkv, const float* lse,
+                                                       const float* delta, int t, int n_head,
+                                                       int head_dim, int causal) {
     using namespace nvcuda;
-    using flash::kTile;
-    constexpr int kKeys = flash::kBwdKeys, kRows = flash::kBwdRows;
+    using namespace flash;
     float* dynamic = flash_dynamic();
     const int hd = head_dim, d = n_head * hd;
-    const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * kKeys;
-    const int lane = threadIdx.x & 31;
-    bf16* ks = (bf16*)dynamic;                      // [16 keys, hd]
-    bf16* vs = ks + kKeys * hd;                     // [16 keys, hd]
-    bf16* qs = vs + kKeys * hd;                     // [16 rows, hd]
-    bf16* dos = qs + kRows * hd;                    // [16 rows, hd]
-    float* dks = (float*)(dos + kRows * hd);        // [16 keys, hd]
-    float* dvs = dks + kKeys * hd;                  // [16 keys, hd]
-    float* ss = dvs + kKeys * hd;                   // [16 keys, 16 rows]; dQ tile scratch
-    float* dps = ss + kKeys * kRows;                // [16 keys, 16 rows]
-    bf16* pb = (bf16*)(dps + kKeys * kRows);        // [16 keys, 16 rows]
-    bf16* dsb = pb + kKeys * kRows;                 // [16 keys, 16 rows]
-    float* lse_s = (float*)(dsb + kKeys * kRows);   // [16 rows]
-    float* delta_s = lse_s + kRows;                 // [16 rows]
-    const float* seq = qkv + (size_t)b * t * 3 * d;
-    const float* dseq = dout + (size_t)b * t * d;
+    const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * kRows;
+    const int warp = threadIdx.x >> 5;
+    bf16* ks = (bf16*)dynamic;                     // [32 keys, hd]
+    bf16* vs = ks + kRows * hd;                    // [32 keys, hd]
+    bf16* qs = vs + kRows * hd;                    // [32 rows, hd]
+    bf16* dos = qs + kStep * hd;                   // [32 rows, hd]
+    float* sw = (float*)(dos + kStep * hd) + warp * 2 * kTile * kStep;  // [16, 32]
+    float* dpw = sw + kTile * kStep;                                     // [16, 32]
+    float* lse_s = (float*)(dos + kStep * hd) + kWarps * 2 * kTile * kStep;  // [32]
+    float* delta_s = lse_s + kStep;                                           // [32]
+    const float* seq = qkv + (size_t)b * t * 3 * d + h * hd;
+    const float* dseq = dout + (size_t)b * t * d + h * hd;
     const size_t stats = ((size_t)b * n_head + h) * t;
-    const float scale = rsqrtf((float)hd);
 
-    for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) {
-        int j = k0 + e / hd, c = e % hd;
-        const float* row = seq + (size_t)j * 3 * d + h * hd + c;
-        ks[e] = __float2bfloat16(j < t ? row[d] : 0.0f);
-        vs[e] = __float2bfloat16(j < t ? row[2 * d] : 0.0f);
-        dks[e] = 0.0f;
-        dvs[e] = 0.0f;
+    load_rows(ks, seq + d, 3 * d, k0, t, kRows, hd);
+    load_rows(vs, seq + 2 * d, 3 * d, k0, t, kRows, hd);
+    Accumulator dk[kMaxTiles], dv[kMaxTiles];
+#pragma unroll
+    for (int n = 0; n < kMaxTiles; n++) {
+        wmma::fill_fragment(dk[n], 0.0f);
+        wmma::fill_fragment(dv[n], 0.0f);
     }
-    for (int q0 = causal ? k0 : 0; q0 < t; q0 += kRows) {
-        __syncthreads();  // the previous tile's Q and dout are used up
-        for (int e = threadIdx.x; e < kRows * hd; e += blockDim.x) {
-            int i = q0 + e / hd, c = e % hd;
-            qs[e] = __float2bfloat16(i < t ? seq[(size_t)i * 3 * d + h * hd + c] : 0.0f);
-            dos[e] = __float2bfloat16(i < t ? dseq[(size_t)i * d + h * hd + c] : 0.0f);
-        }
-        for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
+    const int kw = k0 + warp * kTile;  // the warp's first key
+    const bf16 *kw_s = ks + warp * kTile * hd, *vw_s = vs + warp * kTile * hd;
+    for (int q0 = causal ? k0 : 0; q0 < t; q0 += kStep) {
+        __syncthreads();  // the previous step's Q and dout are used up
+        load_rows(qs, seq, 3 * d, q0, t, kStep, hd);
+        load_rows(dos, dseq, d, q0, t, kStep, hd);
+        for (int r = threadIdx.x; r < kStep; r += blockDim.x) {
             lse_s[r] = q0 + r < t ? lse[stats + q0 + r] : 0.0f;
             delta_s[r] = q0 + r < t ? delta[stats + q0 + r] : 0.0f;
         }
         __syncthreads();
-
-        {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> st, dpt;
-            wmma::fill_fragment(st, 0.0f);
-            wmma::fill_fragment(dpt, 0.0f);
-            for (int kk = 0; kk < hd; kk += kTile) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> bt;
-                wmma::load_matrix_sync(a, ks + kk, hd);
-                wmma::load_matrix_sync(bt, qs + kk, hd);
-                wmma::mma_sync(st, a, bt, st);
-                wmma::load_matrix_sync(a, vs + kk, hd);
-                wmma::load_matrix_sync(bt, dos + kk, hd);
-                wmma::mma_sync(dpt, a, bt, dpt);
-            }
-            wmma::store_matrix_sync(ss, st, kRows, wmma::mem_row_major);
-            wmma::store_matrix_sync(dps, dpt, kRows, wmma::mem_row_major);
-        }
-        __syncwarp();
-        for (int e = lane; e < kKeys * kRows; e += 32) {
-            int r = e / kRows, c = e % kRows, j = k0 + r, i = q0 + c;
-            bool visible = i < t && j < t && (!causal || j <= i);
-            float p = visible ? expf(ss[e] * scale - lse_s[c]) : 0.0f;
-            float ds = p * (dps[e] - delta_s[c]);
-            pb[e] = __float2bfloat16(p);
-            dsb[e] = __float2bfloat16(ds * scale);
-        }
-        __syncwarp();
-
-        for (int n = 0; n < hd; n += kTile) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bm;
-            {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
-                // dV += P^T dout
-                wmma::load_matrix_sync(acc, dvs + n, hd, wmma::mem_row_major);
-                wmma::load_matrix_sync(a, pb, kRows);
-                wmma::load_matrix_sync(bm, dos + n, hd);
-                wmma::mma_sync(acc, a, bm, acc);
-                wmma::store_matrix_sync(dvs + n, acc, hd, wmma::mem_row_major);
-                // dK += (scale dS)^T Q
-                wmma::load_matrix_sync(acc, dks + n, hd, wmma::mem_row_major);
-                wmma::load_matrix_sync(a, dsb, kRows);
-                wmma::load_matrix_sync(bm, qs + n, hd);
-                wmma::mma_sync(acc, a, bm, acc);
-                wmma::store_matrix_sync(dks + n, acc, hd, wmma::mem_row_major);
-            }
-            // dQ (16 rows, columns n..n+15) += (scale dS) K: dS is dS^T read column-major.
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> dst;
-            wmma::fill_fragment(acc, 0.0f);
-            wmma::load_matrix_sync(dst, dsb, kKeys);
-            wmma::load_matrix_sync(bm, ks + n, hd);
-            wmma::mma_sync(acc, dst, bm, acc);
-            wmma::store_matrix_sync(ss, acc, kTile, wmma::mem_row_major);
-            __syncwarp();
-            for (int e = lane; e < kRows * kTile; e += 32) {
-                int i = q0 + e / kTile, c = n + e % kTile;
-                if (i < t) atomicAdd(dqkv + ((size_t)b * t + i) * 3 * d + h * hd + c, ss[e]);
-            }
-            __syncwarp();
-        }
+        // Warp-uniform: the warp has keys, and (causal) a row of the step sees one.
+        if (kw >= t || (causal && q0 + kStep - 1 < kw)) continue;
+        // Entry e of the [16 keys, 32 rows] tiles: key kw + e / 32, query row q0 + e % 32.
+        flash_scores(
+            sw, dpw, kw_s, qs, vw_s, dos, lse_s, delta_s, hd, t, causal, true,
+            [&](int e) { return q0 + e % kStep; }, [&](int e) { return kw + e / kStep; },
+            [&](int e) { return e % kStep; });
+        accumulate_nn(dv, (const bf16*)sw, dos, hd);
+        accumulate_nn(dk, (const bf16*)dpw, qs, hd);
     }
-    __syncthreads();
-    for (int e = threadIdx.x; e < kKeys * hd; e += blockDim.x) {
-        int j = k0 + e / hd, c = e % hd;
-        if (j >= t) continue;
-        float* row = dqkv + ((size_t)b * t + j) * 3 * d + h * hd + c;
-        row[d] = dks[e];
-        row[2 * d] = dvs[e];
-    }
+    const int valid = max(0, min(kTile, t - kw));
+    float* rows = dqkv + ((size_t)b * t + kw) * 3 * d + h * hd;
+    write_rows(rows + d, 3 * d, valid, dk, sw, hd);
+    write_rows(rows + 2 * d, 3 * d, valid, dv, sw, hd);
 }
 
+// Backward, dQ (written into dqkv's Q columns), from dout, qkv, lse and delta. Launch: as
+// flash_attention_backward_kv.
+//
+// Block (x, h, b) owns query rows 32x .. 32x + 31, warp w the 16 from 32x + 16w, and loops
+// over the steps of 32 keys they see (causal: up to the block's last row). Per step, each
+// warp with a visible pair recomputes S = Q K^T, dP = dout V^T, P and dS as the dK, dV
+// kernel does, and adds scale dS K into its dQ, in registers. Recomputing costs two
+// products per tile pair; it buys dQ without atomic adds from many blocks.
+extern "C" __global__ void flash_attention_backward_q(float* dqkv, const float* dout,
+                                                      const float* qkv, const float* lse,
+                                                      const float* delta, int t, int n_head,
+                                                      int head_dim, int causal) {
+    using namespace nvcuda;
+    using namespace flash;
+    float* dynamic = flash_dynamic();
+    const int hd = head_dim, d = n_head * hd;
+    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
+    const int warp = threadIdx.x >> 5;
+    bf16* qs = (bf16*)dynamic;                     // [32 rows, hd]
+    bf16* dos = qs + kRows * hd;                   // [32 rows, hd]
+    bf16* ks = dos + kRows * hd;                   // [32 keys, hd]
+    bf16* vs = ks + kStep * hd;                    // [32 keys, hd]
+    float* sw = (float*)(vs + kStep * hd) + warp * 2 * kTile * kStep;  // [16, 32]
+    float* dpw = sw + kTile * kStep;                                    // [16, 32]
+    float* lse_s = (float*)(vs + kStep * hd) + kWarps * 2 * kTile * kStep;  // [32]
+    float* delta_s = lse_s + kRows;                                          // [32]
+    const float* seq = qkv + (size_t)b * t * 3 * d + h * hd;
+    const float* dseq = dout + (size_t)b * t * d + h * hd;
+    const size_t stats = ((size_t)b * n_head + h) * t;
+
+    load_rows(qs, seq, 3 * d, q0, t, kRows, hd);
+    load_rows(dos, dseq, d, q0, t, kRows, hd);
+    for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
+        lse_s[r] = q0 + r < t ? lse[stats + q0 + r] : 0.0f;
+        delta_s[r] = q0 + r < t ? delta[stats + q0 + r] : 0.0f;
+    }
+    Accumulator dq[kMaxTiles];
+#pragma unroll
+    for (int n = 0; n < kMaxTiles; n++) wmma::fill_fragment(dq[n], 0.0f);
+    const int qw = q0 + warp * kTile;  // the warp's first row
+    const int warp_last = min(qw + kTile, t) - 1;
+    const bf16 *qw_s = qs + warp * kTile * hd, *dow_s = dos + warp * kTile * hd;
+    const int key_end = causal ? min(t, q0 + kRows) : t;
+    for (int k0 = 0; k0 < key_end; k0 += kStep) {
+        __syncthreads();  // the previous step's K and V are used up (and, first, Q is in)
+        load_rows(ks, seq + d, 3 * d, k0, t, kStep, hd);
+        load_rows(vs, seq + 2 * d, 3 * d, k0, t, kStep, hd);
+        __syncthreads();
+        // Warp-uniform: the warp has rows, and (causal) one of them sees a key of the step.
+        if (qw >= t || (causal && k0 > warp_last)) continue;
+        // Entry e of the [16 rows, 32 keys] tiles: query row qw + e / 32, key k0 + e % 32.
+        flash_scores(
+            sw, dpw, qw_s, ks, dow_s, vs, lse_s, delta_s, hd, t, causal, false,
+            [&](int e) { return qw + e / kStep; }, [&](int e) { return k0 + e % kStep; },
+            [&](int e) { return warp * kTile + e / kStep; });
+        accumulate_nn(dq, (const bf16*)dpw, ks, hd);
+    }
+    const int valid = max(0, min(kTile, t - qw));
+    write_rows(dqkv + ((size_t)b * t + qw) * 3 * d + h * hd, 3 * d, valid, dq, sw, hd);
+}

@@ -152,7 +152,8 @@ struct Kernels {
     attention_dscores: CudaFunction,
     flash_forward: CudaFunction,
     flash_backward_prepare: CudaFunction,
-    flash_backward: CudaFunction,
+    flash_backward_kv: CudaFunction,
+    flash_backward_q: CudaFunction,
     kv_store_f32: CudaFunction,
     kv_store_bf16: CudaFunction,
     attend_f32: CudaFunction,
@@ -198,7 +199,8 @@ impl Kernels {
             attention_dscores: f("attention_dscores")?,
             flash_forward: f("flash_attention_forward")?,
             flash_backward_prepare: f("flash_attention_backward_prepare")?,
-            flash_backward: f("flash_attention_backward")?,
+            flash_backward_kv: f("flash_attention_backward_kv")?,
+            flash_backward_q: f("flash_attention_backward_q")?,
             kv_store_f32: f("kv_store_f32")?,
             kv_store_bf16: f("kv_store_bf16")?,
             attend_f32: f("attend_f32")?,
@@ -292,6 +294,27 @@ fn elementwise(n: usize) -> LaunchConfig {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// The flash attention kernels' launch (kernels.cu): a block of 2 warps per 32 query rows
+/// (forward, dQ) or 32 keys (dK and dV) of each sequence and head.
+fn flash_launch(s: AttnShape, shared_bytes: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (s.t.div_ceil(32) as u32, s.n_head as u32, s.batch as u32),
+        block_dim: (64, 1, 1),
+        shared_mem_bytes: shared_bytes as u32,
+    }
+}
+
+/// Dynamic shared bytes of flash_attention_forward (kernels.cu: flash_forward_shared_bytes).
+fn flash_forward_shared_bytes(head_dim: usize) -> usize {
+    320 * head_dim + 6144
+}
+
+/// Dynamic shared bytes of each flash backward kernel (kernels.cu:
+/// flash_backward_shared_bytes).
+fn flash_backward_shared_bytes(head_dim: usize) -> usize {
+    256 * head_dim + 8448
 }
 
 /// One block per row.
@@ -1101,12 +1124,7 @@ impl Backend for CudaBackend {
         if self.flash(s) {
             let (out_p, lse_p, qkv_p) = (self.ptr(out), self.ptr(lse), self.ptr(qkv));
             let (ti, nhi, hdi, causal) = (int(t), int(nh), int(hd), s.causal as i32);
-            // 32 query rows per block of 2 warps (kernels.cu: flash_attention_forward).
-            let cfg = LaunchConfig {
-                grid_dim: (t.div_ceil(32) as u32, nh as u32, s.batch as u32),
-                block_dim: (64, 1, 1),
-                shared_mem_bytes: (320 * hd + 6144) as u32,
-            };
+            let cfg = flash_launch(s, flash_forward_shared_bytes(hd));
             self.launch(
                 &self.kernels.flash_forward,
                 cfg,
@@ -1179,7 +1197,8 @@ impl Backend for CudaBackend {
             );
             let (dqkv_p, dout_p, out_p, lse_p, qkv_p, delta) = p;
             let (ti, nhi, hdi, causal) = (int(t), int(nh), int(hd), s.causal as i32);
-            // Each row's sum of dout * out, and dQ's columns zeroed for the sums into them.
+            // Each row's sum of dout * out, then dK and dV by blocks of keys, and dQ by
+            // blocks of query rows (kernels.cu: flash_attention_backward_kv, _q).
             self.launch(
                 &self.kernels.flash_backward_prepare,
                 LaunchConfig {
@@ -1188,21 +1207,23 @@ impl Backend for CudaBackend {
                     shared_mem_bytes: 0,
                 },
                 "attention_backward",
-                &[&dqkv_p, &delta, &dout_p, &out_p, &ti, &nhi, &hdi],
+                &[&delta, &dout_p, &out_p, &ti, &nhi, &hdi],
             );
-            // 16 keys per block of one warp (kernels.cu: flash_attention_backward).
-            let cfg = LaunchConfig {
-                grid_dim: (t.div_ceil(16) as u32, nh as u32, s.batch as u32),
-                block_dim: (32, 1, 1),
-                shared_mem_bytes: (256 * hd + 3200) as u32,
-            };
+            let cfg = flash_launch(s, flash_backward_shared_bytes(hd));
+            let args: [&dyn Arg; 9] = [
+                &dqkv_p, &dout_p, &qkv_p, &lse_p, &delta, &ti, &nhi, &hdi, &causal,
+            ];
             self.launch(
-                &self.kernels.flash_backward,
+                &self.kernels.flash_backward_kv,
                 cfg,
                 "attention_backward",
-                &[
-                    &dqkv_p, &dout_p, &qkv_p, &lse_p, &delta, &ti, &nhi, &hdi, &causal,
-                ],
+                &args,
+            );
+            self.launch(
+                &self.kernels.flash_backward_q,
+                cfg,
+                "attention_backward",
+                &args,
             );
             return;
         }
@@ -1704,7 +1725,8 @@ mod tests {
                 "attend_bf16",
                 "flash_attention_forward",
                 "flash_attention_backward_prepare",
-                "flash_attention_backward",
+                "flash_attention_backward_kv",
+                "flash_attention_backward_q",
             ] {
                 assert!(
                     ptx.contains(&format!(".entry {name}(")),

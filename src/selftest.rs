@@ -182,6 +182,18 @@ fn attn_shape(causal: bool) -> AttnShape {
     }
 }
 
+/// Columns of the one head of the attention checks' second shape: wider than 64, as iGPT-L's
+/// heads are, so a GPU's kernels for wide heads run too.
+const WIDE_HEAD: usize = 96;
+
+fn wide_attn_shape(causal: bool) -> AttnShape {
+    AttnShape {
+        n_head: 1,
+        head_dim: WIDE_HEAD,
+        ..attn_shape(causal)
+    }
+}
+
 /// Consecutive regions of one arena, the same offsets on both backends. A region whose size
 /// differs between the backends (scratch, caches, packed weights) takes the larger, and each
 /// backend is handed its own length.
@@ -351,8 +363,12 @@ pub fn check_kernels(
     let both = [&*reference, &*tested];
     let max = |f: &dyn Fn(&dyn Backend) -> usize| both.iter().map(|b| f(*b)).max().unwrap_or(0);
     let scratch = max(&|b| {
-        b.attention_scratch_len(attn_shape(true))
-            .max(b.attention_scratch_len(attn_shape(false)))
+        [attn_shape, wide_attn_shape]
+            .iter()
+            .flat_map(|shape| [shape(true), shape(false)])
+            .map(|s| b.attention_scratch_len(s))
+            .max()
+            .unwrap_or(0)
     });
     let cache = BATCH * HEADS * max(&|b| b.decode_cache_len(T)) * (D / HEADS);
     let packed = max(&|b| b.packed_len(D, VOCAB));
@@ -580,34 +596,40 @@ fn product_kernels(p: &mut Pair) {
 
 fn attention_kernels(p: &mut Pair) {
     let tol = p.tol;
-    for causal in [true, false] {
-        let mode = if causal { "causal" } else { "bidirectional" };
-        let s = attn_shape(causal);
-        p.reset();
-        let qkv = p.put_random(ROWS * 3 * D, 1.5);
-        let out = p.out(ROWS * D);
-        let lse = p.out(BATCH * HEADS * T);
-        let scratch = p.acts.each([0, 1].map(|i| p.b[i].attention_scratch_len(s)));
-        p.each(&[scratch], |b, v| {
-            b.attention_forward(out, lse, qkv, v[0], s)
-        });
-        p.record(
-            &format!("attention_forward ({mode})"),
-            tol.products(),
-            &[("out", out)],
-        );
+    for (shape, heads) in [
+        (attn_shape as fn(bool) -> AttnShape, ""),
+        (wide_attn_shape, ", wide head"),
+    ] {
+        for causal in [true, false] {
+            let mode = if causal { "causal" } else { "bidirectional" };
+            let s = shape(causal);
+            let (rows, d) = (s.batch * s.t, s.n_head * s.head_dim);
+            p.reset();
+            let qkv = p.put_random(rows * 3 * d, 1.5);
+            let out = p.out(rows * d);
+            let lse = p.out(s.batch * s.n_head * s.t);
+            let scratch = p.acts.each([0, 1].map(|i| p.b[i].attention_scratch_len(s)));
+            p.each(&[scratch], |b, v| {
+                b.attention_forward(out, lse, qkv, v[0], s)
+            });
+            p.record(
+                &format!("attention_forward ({mode}{heads})"),
+                tol.products(),
+                &[("out", out)],
+            );
 
-        // Each backend's own forward pass (its lse is private) feeds its backward pass.
-        let dout = p.put_random(ROWS * D, 1.0);
-        let dqkv = p.out(ROWS * 3 * D);
-        p.each(&[scratch], |b, v| {
-            b.attention_backward(dqkv, dout, out, lse, qkv, v[0], s)
-        });
-        p.record(
-            &format!("attention_backward ({mode})"),
-            tol.products(),
-            &[("dqkv", dqkv)],
-        );
+            // Each backend's own forward pass (its lse is private) feeds its backward pass.
+            let dout = p.put_random(rows * d, 1.0);
+            let dqkv = p.out(rows * 3 * d);
+            p.each(&[scratch], |b, v| {
+                b.attention_backward(dqkv, dout, out, lse, qkv, v[0], s)
+            });
+            p.record(
+                &format!("attention_backward ({mode}{heads})"),
+                tol.products(),
+                &[("dqkv", dqkv)],
+            );
+        }
     }
 }
 

@@ -804,22 +804,35 @@ FlashRef flash_reference(const vector<float>& qkv, const vector<float>& dout, in
     return f;
 }
 
+// The flash attention kernels for heads up to one width (kernels.cu's _64 and _128).
+using FlashForward = void (*)(float*, float*, const float*, int, int, int, int);
+using FlashGradient = void (*)(float*, const float*, const float*, const float*, const float*,
+                               int, int, int, int);
+struct FlashKernels {
+    int width;
+    FlashForward forward;
+    FlashGradient kv, q;
+    std::string name(const char* kernel) const { return kernel + std::to_string(width); }
+};
+
 // dqkv from the two gradient kernels, launched as mod.rs launches them; dqkv starts as NaN.
-vector<float> flash_backward(const vector<float>& dout, const vector<float>& qkv,
-                             const vector<float>& lse, const vector<float>& delta, int batch,
-                             int t, int nh, int hd, int causal) {
+vector<float> flash_backward(const FlashKernels& k, const vector<float>& dout,
+                             const vector<float>& qkv, const vector<float>& lse,
+                             const vector<float>& delta, int batch, int t, int nh, int hd,
+                             int causal) {
     vector<float> dqkv = nan_f32((size_t)batch * t * 3 * nh * hd);
     dim3 grid((t + 31) / 32, nh, batch);
-    launch(flash_attention_backward_kv, grid, dim3(64), flash_backward_shared_bytes(hd),
-           dqkv.data(), dout.data(), qkv.data(), lse.data(), delta.data(), t, nh, hd, causal);
-    launch(flash_attention_backward_q, grid, dim3(64), flash_backward_shared_bytes(hd),
-           dqkv.data(), dout.data(), qkv.data(), lse.data(), delta.data(), t, nh, hd, causal);
+    launch(k.kv, grid, dim3(64), flash_backward_shared_bytes(hd), dqkv.data(), dout.data(),
+           qkv.data(), lse.data(), delta.data(), t, nh, hd, causal);
+    launch(k.q, grid, dim3(64), flash_backward_shared_bytes(hd), dqkv.data(), dout.data(),
+           qkv.data(), lse.data(), delta.data(), t, nh, hd, causal);
     return dqkv;
 }
 
 // dQ, dK and dV (the column groups of dqkv) against the reference.
-void check_flash_gradients(const vector<float>& dqkv, const FlashRef& ref, size_t rows, int d,
-                           const std::string& what, double tol) {
+void check_flash_gradients(const FlashKernels& k, const vector<float>& dqkv,
+                           const FlashRef& ref, size_t rows, int d, const std::string& what,
+                           double tol) {
     vector<float> dq(rows * d), dk(rows * d), dv(rows * d);
     for (size_t r = 0; r < rows; r++)
         for (int c = 0; c < d; c++) {
@@ -827,18 +840,27 @@ void check_flash_gradients(const vector<float>& dqkv, const FlashRef& ref, size_
             dk[r * d + c] = dqkv[r * 3 * d + d + c];
             dv[r * d + c] = dqkv[r * 3 * d + 2 * d + c];
         }
-    check_scaled("flash_attention_backward_q", what + " dq", dq, ref.dq, tol);
-    check_scaled("flash_attention_backward_kv", what + " dk", dk, ref.dk, tol);
-    check_scaled("flash_attention_backward_kv", what + " dv", dv, ref.dv, tol);
+    check_scaled(k.name("flash_attention_backward_q_"), what + " dq", dq, ref.dq, tol);
+    check_scaled(k.name("flash_attention_backward_kv_"), what + " dk", dk, ref.dk, tol);
+    check_scaled(k.name("flash_attention_backward_kv_"), what + " dv", dv, ref.dv, tol);
 }
 
+// Every shape runs through each width of kernel that takes its heads (the _128 kernels with
+// narrow heads too).
 void check_flash_attention(bool bf16_inputs) {
     const double tol = bf16_inputs ? kFlashExact : kFlash;
+    const FlashKernels widths[] = {
+        {64, flash_attention_forward_64, flash_attention_backward_kv_64,
+         flash_attention_backward_q_64},
+        {128, flash_attention_forward_128, flash_attention_backward_kv_128,
+         flash_attention_backward_q_128},
+    };
     struct Shape {
         int batch, n_head, t, head_dim;
     };
     for (Shape s : {Shape{2, 3, 37, 16}, Shape{2, 3, 37, 64}, Shape{1, 2, 64, 32},
-                    Shape{1, 2, 33, 16}, Shape{1, 1, 5, 16}, Shape{1, 1, 20, 128}}) {
+                    Shape{1, 2, 33, 16}, Shape{1, 1, 5, 16}, Shape{1, 1, 20, 128},
+                    Shape{1, 2, 35, 96}}) {
         int batch = s.batch, nh = s.n_head, t = s.t, hd = s.head_dim, d = nh * hd;
         size_t rows = (size_t)batch * t, stats = (size_t)batch * nh * t;
         for (int causal : {0, 1}) {
@@ -852,41 +874,51 @@ void check_flash_attention(bool bf16_inputs) {
                 for (float& x : dout) x = (float)ref_from_bf16(ref_bf16(x));
             }
             FlashRef ref = flash_reference(qkv, dout, batch, t, nh, hd, causal);
-
-            vector<float> out = nan_f32(rows * d), lse = nan_f32(stats);
-            dim3 fwd_grid((t + 31) / 32, nh, batch);
-            launch(flash_attention_forward, fwd_grid, dim3(64), flash_forward_shared_bytes(hd),
-                   out.data(), lse.data(), (const float*)qkv.data(), t, nh, hd, causal);
-            check_scaled("flash_attention_forward", what + " out", out, ref.out, tol);
-            if (bf16_inputs) check("flash_attention_forward", what + " lse", lse, ref.lse, kRow);
-            else check_scaled("flash_attention_forward", what + " lse", lse, ref.lse, kFlash);
-
-            // Backward from the reference out and lse (as f32): the first pass computes
-            // delta, the other two write every column of dqkv (which starts as NaN).
             vector<float> out32(ref.out.begin(), ref.out.end()),
                 lse32(ref.lse.begin(), ref.lse.end());
+
+            // The first backward pass computes delta (the same for every width).
             vector<float> delta = nan_f32(stats);
             launch(flash_attention_backward_prepare, dim3((unsigned)rows), dim3(128), 0,
                    delta.data(), (const float*)dout.data(), (const float*)out32.data(), t, nh,
                    hd);
             check("flash_attention_backward_prepare", what + " delta", delta, ref.delta, kRow);
-            vector<float> dqkv = flash_backward(dout, qkv, lse32, delta, batch, t, nh, hd, causal);
-            check_flash_gradients(dqkv, ref, rows, d, what, tol);
-            // The same bits whatever order the blocks and threads run in (no atomic adds).
-            bool reverse = cuda_host::reverse_order;
-            cuda_host::set_reverse_order(!reverse);
-            vector<float> again = flash_backward(dout, qkv, lse32, delta, batch, t, nh, hd, causal);
-            cuda_host::set_reverse_order(reverse);
-            check_bits("flash_attention_backward", what + " same bits in the other order",
-                       again, dqkv);
 
-            // As the backend will chain them: backward from the kernel's own out and lse.
-            if (bf16_inputs) continue;
-            launch(flash_attention_backward_prepare, dim3((unsigned)rows), dim3(128), 0,
-                   delta.data(), (const float*)dout.data(), (const float*)out.data(), t, nh,
-                   hd);
-            dqkv = flash_backward(dout, qkv, lse, delta, batch, t, nh, hd, causal);
-            check_flash_gradients(dqkv, ref, rows, d, what + " chained", tol);
+            for (const FlashKernels& k : widths) {
+                if (hd > k.width) continue;
+                vector<float> out = nan_f32(rows * d), lse = nan_f32(stats);
+                dim3 fwd_grid((t + 31) / 32, nh, batch);
+                launch(k.forward, fwd_grid, dim3(64), flash_forward_shared_bytes(hd),
+                       out.data(), lse.data(), (const float*)qkv.data(), t, nh, hd, causal);
+                std::string fwd = k.name("flash_attention_forward_");
+                check_scaled(fwd, what + " out", out, ref.out, tol);
+                if (bf16_inputs) check(fwd, what + " lse", lse, ref.lse, kRow);
+                else check_scaled(fwd, what + " lse", lse, ref.lse, kFlash);
+
+                // Backward from the reference out and lse (as f32): the two kernels write
+                // every column of dqkv (which starts as NaN).
+                vector<float> dqkv =
+                    flash_backward(k, dout, qkv, lse32, delta, batch, t, nh, hd, causal);
+                check_flash_gradients(k, dqkv, ref, rows, d, what, tol);
+                // The same bits whatever order the blocks and threads run in (no atomic
+                // adds).
+                bool reverse = cuda_host::reverse_order;
+                cuda_host::set_reverse_order(!reverse);
+                vector<float> again =
+                    flash_backward(k, dout, qkv, lse32, delta, batch, t, nh, hd, causal);
+                cuda_host::set_reverse_order(reverse);
+                check_bits(k.name("flash_attention_backward_") + "_bits",
+                           what + " same bits in the other order", again, dqkv);
+
+                // As the backend will chain them: backward from the kernel's own out and lse.
+                if (bf16_inputs) continue;
+                vector<float> own_delta = nan_f32(stats);
+                launch(flash_attention_backward_prepare, dim3((unsigned)rows), dim3(128), 0,
+                       own_delta.data(), (const float*)dout.data(), (const float*)out.data(),
+                       t, nh, hd);
+                dqkv = flash_backward(k, dout, qkv, lse, own_delta, batch, t, nh, hd, causal);
+                check_flash_gradients(k, dqkv, ref, rows, d, what + " chained", tol);
+            }
         }
     }
 }

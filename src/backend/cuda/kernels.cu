@@ -520,7 +520,6 @@ __device__ __forceinline__ float* flash_dynamic() {
 
 namespace flash {
 constexpr int kTile = 16;                   // wmma tile edge
-constexpr int kMaxTiles = 128 / kTile;      // 16-column tiles of the widest head
 constexpr int kWarps = 2;                   // warps per block, 16 rows (or keys) each
 constexpr int kRows = kTile * kWarps;       // query rows (or keys) a block owns
 constexpr int kStep = 32;                   // keys (or query rows) per step of the loop
@@ -551,13 +550,14 @@ __device__ __forceinline__ void product_nt(float* tile, const bf16* a, const bf1
 }
 
 // acc[n] += a [16, 32] (bf16, row stride 32) times columns 16n .. 16n + 15 of b [32, hd]
-// (bf16, row stride hd), for every 16-column tile of the head. Unrolled to the widest head
-// so the accumulators stay in registers.
-__device__ __forceinline__ void accumulate_nn(Accumulator (&acc)[kMaxTiles], const bf16* a,
+// (bf16, row stride hd), for every 16-column tile of the head (hd <= 16 kTiles). Unrolled
+// to kTiles, so the accumulators stay in registers.
+template <int kTiles>
+__device__ __forceinline__ void accumulate_nn(Accumulator (&acc)[kTiles], const bf16* a,
                                               const bf16* b, int hd) {
     using namespace nvcuda;
 #pragma unroll
-    for (int n = 0; n < kMaxTiles; n++) {
+    for (int n = 0; n < kTiles; n++) {
         if (n * kTile >= hd) break;
 #pragma unroll
         for (int kk = 0; kk < kStep; kk += kTile) {
@@ -572,13 +572,14 @@ __device__ __forceinline__ void accumulate_nn(Accumulator (&acc)[kMaxTiles], con
 
 // Writes the warp's [16, hd] accumulators to `rows` (f32, row stride `stride`) for the
 // first `valid` of the 16 rows, through `scratch` ([16, 16] f32, 32-byte aligned).
+template <int kTiles>
 __device__ __forceinline__ void write_rows(float* rows, size_t stride, int valid,
-                                           const Accumulator (&acc)[kMaxTiles],
-                                           float* scratch, int hd) {
+                                           const Accumulator (&acc)[kTiles], float* scratch,
+                                           int hd) {
     using namespace nvcuda;
     const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int n = 0; n < kMaxTiles; n++) {
+    for (int n = 0; n < kTiles; n++) {
         if (n * kTile >= hd) break;
         wmma::store_matrix_sync(scratch, acc[n], kTile, wmma::mem_row_major);
         __syncwarp();
@@ -618,8 +619,9 @@ __host__ __device__ constexpr size_t flash_backward_shared_bytes(int head_dim) {
            (size_t)flash::kWarps * 2 * flash::kTile * flash::kStep * 4 + flash::kStep * 8;
 }
 
-// Forward: out (f32) and lse. Launch: grid (ceil(t / 32), n_head, batch), block 64 threads
-// (2 warps), dynamic shared memory flash_forward_shared_bytes(head_dim).
+// Forward (flash_attention_forward_64 and _128): out (f32) and lse. Launch: grid
+// (ceil(t / 32), n_head, batch), block 64 threads (2 warps), dynamic shared memory
+// flash_forward_shared_bytes(head_dim).
 //
 // Block (x, h, b) owns query rows 32x .. 32x + 31 of sequence b, head h; warp w the 16 rows
 // from 32x + 16w. Per step of 32 keys (causal: only up to the block's last row) the block
@@ -627,9 +629,9 @@ __host__ __device__ constexpr size_t flash_backward_shared_bytes(int head_dim) {
 // its rows' running max m and sum l (a row is two lanes, 16 columns each) and adds P V, P
 // rounded to bf16, into its output tiles. Those stay in registers; they go through shared
 // memory to be rescaled by exp(m_old - m_new) only at steps where a row's maximum grew.
-extern "C" __global__ void flash_attention_forward(float* out, float* lse, const float* qkv,
-                                                   int t, int n_head, int head_dim,
-                                                   int causal) {
+template <int kTiles>
+__device__ void flash_forward(float* out, float* lse, const float* qkv, int t, int n_head,
+                              int head_dim, int causal) {
     using namespace nvcuda;
     using namespace flash;
     float* dynamic = flash_dynamic();
@@ -649,9 +651,9 @@ extern "C" __global__ void flash_attention_forward(float* out, float* lse, const
     float* ow = os + warp * kTile * hd;
     float* sw = ss + warp * kTile * kStep;
     bf16* pw = ps + warp * kTile * kStep;
-    Accumulator o[kMaxTiles];
+    Accumulator o[kTiles];
 #pragma unroll
-    for (int n = 0; n < kMaxTiles; n++) wmma::fill_fragment(o[n], 0.0f);
+    for (int n = 0; n < kTiles; n++) wmma::fill_fragment(o[n], 0.0f);
     // This lane's row (r, query i) and half of the step's columns.
     const int r = lane >> 1, half = lane & 1, i = q0 + warp * kTile + r;
     const int warp_first = q0 + warp * kTile, warp_last = min(warp_first + kTile, t) - 1;
@@ -694,7 +696,7 @@ extern "C" __global__ void flash_attention_forward(float* out, float* lse, const
         m = m_new;
         if (warp_max(rescale ? 1.0f : 0.0f) != 0.0f) {
 #pragma unroll
-            for (int n = 0; n < kMaxTiles; n++)
+            for (int n = 0; n < kTiles; n++)
                 if (n * kTile < hd)
                     wmma::store_matrix_sync(ow + n * kTile, o[n], hd, wmma::mem_row_major);
             __syncwarp();
@@ -702,7 +704,7 @@ extern "C" __global__ void flash_attention_forward(float* out, float* lse, const
                 for (int c = half; c < hd; c += 2) ow[r * hd + c] *= alpha;
             __syncwarp();
 #pragma unroll
-            for (int n = 0; n < kMaxTiles; n++)
+            for (int n = 0; n < kTiles; n++)
                 if (n * kTile < hd)
                     wmma::load_matrix_sync(o[n], ow + n * kTile, hd, wmma::mem_row_major);
         }
@@ -710,7 +712,7 @@ extern "C" __global__ void flash_attention_forward(float* out, float* lse, const
         accumulate_nn(o, pw, vs, hd);
     }
 #pragma unroll
-    for (int n = 0; n < kMaxTiles; n++)
+    for (int n = 0; n < kTiles; n++)
         if (n * kTile < hd) wmma::store_matrix_sync(ow + n * kTile, o[n], hd, wmma::mem_row_major);
     __syncwarp();
     if (i < t) {
@@ -779,18 +781,18 @@ __device__ __forceinline__ void flash_scores(float* s, float* dp, const bf16* ow
     __syncwarp();
 }
 
-// Backward, dK and dV (written into dqkv's K and V columns), from dout, qkv, lse and delta.
-// Launch: grid (ceil(t / 32), n_head, batch), block 64 threads (2 warps), dynamic shared
-// memory flash_backward_shared_bytes(head_dim).
+// Backward, dK and dV (flash_attention_backward_kv_64 and _128), written into dqkv's K and V
+// columns, from dout, qkv, lse and delta. Launch: grid (ceil(t / 32), n_head, batch), block
+// 64 threads (2 warps), dynamic shared memory flash_backward_shared_bytes(head_dim).
 //
 // Block (x, h, b) owns keys 32x .. 32x + 31, warp w the 16 from 32x + 16w, and loops over the
 // steps of 32 query rows that see them (causal: from row 32x on). Per step, each warp with a
 // visible pair: S^T = K Q^T and dP^T = V dout^T, P^T = exp(scale S^T - lse) (masked: 0),
 // dS^T = P^T (dP^T - delta); then dV += P^T dout and dK += scale dS^T Q, in registers.
-extern "C" __global__ void flash_attention_backward_kv(float* dqkv, const float* dout,
-                                                       const float* qkv, const float* lse,
-                                                       const float* delta, int t, int n_head,
-                                                       int head_dim, int causal) {
+template <int kTiles>
+__device__ void flash_backward_kv(float* dqkv, const float* dout, const float* qkv,
+                                  const float* lse, const float* delta, int t, int n_head,
+                                  int head_dim, int causal) {
     using namespace nvcuda;
     using namespace flash;
     float* dynamic = flash_dynamic();
@@ -811,9 +813,9 @@ extern "C" __global__ void flash_attention_backward_kv(float* dqkv, const float*
 
     load_rows(ks, seq + d, 3 * d, k0, t, kRows, hd);
     load_rows(vs, seq + 2 * d, 3 * d, k0, t, kRows, hd);
-    Accumulator dk[kMaxTiles], dv[kMaxTiles];
+    Accumulator dk[kTiles], dv[kTiles];
 #pragma unroll
-    for (int n = 0; n < kMaxTiles; n++) {
+    for (int n = 0; n < kTiles; n++) {
         wmma::fill_fragment(dk[n], 0.0f);
         wmma::fill_fragment(dv[n], 0.0f);
     }
@@ -844,18 +846,18 @@ extern "C" __global__ void flash_attention_backward_kv(float* dqkv, const float*
     write_rows(rows + 2 * d, 3 * d, valid, dv, sw, hd);
 }
 
-// Backward, dQ (written into dqkv's Q columns), from dout, qkv, lse and delta. Launch: as
-// flash_attention_backward_kv.
+// Backward, dQ (flash_attention_backward_q_64 and _128), written into dqkv's Q columns, from
+// dout, qkv, lse and delta. Launch: as the dK and dV kernel.
 //
 // Block (x, h, b) owns query rows 32x .. 32x + 31, warp w the 16 from 32x + 16w, and loops
 // over the steps of 32 keys they see (causal: up to the block's last row). Per step, each
 // warp with a visible pair recomputes S = Q K^T, dP = dout V^T, P and dS as the dK, dV
 // kernel does, and adds scale dS K into its dQ, in registers. Recomputing costs two
 // products per tile pair; it buys dQ without atomic adds from many blocks.
-extern "C" __global__ void flash_attention_backward_q(float* dqkv, const float* dout,
-                                                      const float* qkv, const float* lse,
-                                                      const float* delta, int t, int n_head,
-                                                      int head_dim, int causal) {
+template <int kTiles>
+__device__ void flash_backward_q(float* dqkv, const float* dout, const float* qkv,
+                                 const float* lse, const float* delta, int t, int n_head,
+                                 int head_dim, int causal) {
     using namespace nvcuda;
     using namespace flash;
     float* dynamic = flash_dynamic();
@@ -880,9 +882,9 @@ extern "C" __global__ void flash_attention_backward_q(float* dqkv, const float* 
         lse_s[r] = q0 + r < t ? lse[stats + q0 + r] : 0.0f;
         delta_s[r] = q0 + r < t ? delta[stats + q0 + r] : 0.0f;
     }
-    Accumulator dq[kMaxTiles];
+    Accumulator dq[kTiles];
 #pragma unroll
-    for (int n = 0; n < kMaxTiles; n++) wmma::fill_fragment(dq[n], 0.0f);
+    for (int n = 0; n < kTiles; n++) wmma::fill_fragment(dq[n], 0.0f);
     const int qw = q0 + warp * kTile;  // the warp's first row
     const int warp_last = min(qw + kTile, t) - 1;
     const bf16 *qw_s = qs + warp * kTile * hd, *dow_s = dos + warp * kTile * hd;
@@ -903,4 +905,49 @@ extern "C" __global__ void flash_attention_backward_q(float* dqkv, const float* 
     }
     const int valid = max(0, min(kTile, t - qw));
     write_rows(dqkv + ((size_t)b * t + qw) * 3 * d + h * hd, 3 * d, valid, dq, sw, hd);
+}
+
+// The kernels, one for each widest head they serve (_64: heads up to 64 columns, _128: up to
+// 128): fewer accumulator tiles take fewer registers, so more blocks fit on a multiprocessor.
+extern "C" __global__ void flash_attention_forward_64(float* out, float* lse, const float* qkv,
+                                                      int t, int n_head, int head_dim,
+                                                      int causal) {
+    flash_forward<64 / flash::kTile>(out, lse, qkv, t, n_head, head_dim, causal);
+}
+extern "C" __global__ void flash_attention_forward_128(float* out, float* lse,
+                                                       const float* qkv, int t, int n_head,
+                                                       int head_dim, int causal) {
+    flash_forward<128 / flash::kTile>(out, lse, qkv, t, n_head, head_dim, causal);
+}
+extern "C" __global__ void flash_attention_backward_kv_64(float* dqkv, const float* dout,
+                                                          const float* qkv, const float* lse,
+                                                          const float* delta, int t,
+                                                          int n_head, int head_dim,
+                                                          int causal) {
+    flash_backward_kv<64 / flash::kTile>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim,
+                                         causal);
+}
+extern "C" __global__ void flash_attention_backward_kv_128(float* dqkv, const float* dout,
+                                                           const float* qkv, const float* lse,
+                                                           const float* delta, int t,
+                                                           int n_head, int head_dim,
+                                                           int causal) {
+    flash_backward_kv<128 / flash::kTile>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim,
+                                          causal);
+}
+extern "C" __global__ void flash_attention_backward_q_64(float* dqkv, const float* dout,
+                                                         const float* qkv, const float* lse,
+                                                         const float* delta, int t,
+                                                         int n_head, int head_dim,
+                                                         int causal) {
+    flash_backward_q<64 / flash::kTile>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim,
+                                        causal);
+}
+extern "C" __global__ void flash_attention_backward_q_128(float* dqkv, const float* dout,
+                                                          const float* qkv, const float* lse,
+                                                          const float* delta, int t,
+                                                          int n_head, int head_dim,
+                                                          int causal) {
+    flash_backward_q<128 / flash::kTile>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim,
+                                         causal);
 }

@@ -150,10 +150,9 @@ struct Kernels {
     attention_softmax: CudaFunction,
     attention_probs: CudaFunction,
     attention_dscores: CudaFunction,
-    flash_forward: CudaFunction,
     flash_backward_prepare: CudaFunction,
-    flash_backward_kv: CudaFunction,
-    flash_backward_q: CudaFunction,
+    /// Flash attention for heads up to 64 columns, and up to 128.
+    flash: [FlashKernels; 2],
     kv_store_f32: CudaFunction,
     kv_store_bf16: CudaFunction,
     attend_f32: CudaFunction,
@@ -176,6 +175,13 @@ impl Kernels {
                 .load_function(name)
                 .map_err(|e| anyhow!("kernel {name} is missing from the PTX: {e:?}"))
         };
+        let flash = |width: usize| -> Result<FlashKernels> {
+            Ok(FlashKernels {
+                forward: f(&format!("flash_attention_forward_{width}"))?,
+                backward_kv: f(&format!("flash_attention_backward_kv_{width}"))?,
+                backward_q: f(&format!("flash_attention_backward_q_{width}"))?,
+            })
+        };
         Ok(Self {
             fill_f32: f("fill_f32")?,
             fill_bf16: f("fill_bf16")?,
@@ -197,10 +203,8 @@ impl Kernels {
             attention_softmax: f("attention_softmax")?,
             attention_probs: f("attention_probs")?,
             attention_dscores: f("attention_dscores")?,
-            flash_forward: f("flash_attention_forward")?,
             flash_backward_prepare: f("flash_attention_backward_prepare")?,
-            flash_backward_kv: f("flash_attention_backward_kv")?,
-            flash_backward_q: f("flash_attention_backward_q")?,
+            flash: [flash(64)?, flash(128)?],
             kv_store_f32: f("kv_store_f32")?,
             kv_store_bf16: f("kv_store_bf16")?,
             attend_f32: f("attend_f32")?,
@@ -208,6 +212,14 @@ impl Kernels {
             _module: module,
         })
     }
+}
+
+/// The flash attention kernels for heads up to one width (kernels.cu: the `_64` and `_128`
+/// kernels, which differ in how many accumulator tiles they hold in registers).
+struct FlashKernels {
+    forward: CudaFunction,
+    backward_kv: CudaFunction,
+    backward_q: CudaFunction,
 }
 
 /// Device arenas, allocated together by [`Backend::allocate`].
@@ -589,6 +601,12 @@ impl CudaBackend {
         self.gpu.products == Precision::Bf16
             && shape.head_dim.is_multiple_of(16)
             && (16..=128).contains(&shape.head_dim)
+    }
+
+    /// The flash attention kernels for heads of `head_dim` columns: the narrower kernels hold
+    /// fewer accumulators, so more blocks fit on a multiprocessor.
+    fn flash_kernels(&self, head_dim: usize) -> &FlashKernels {
+        &self.kernels.flash[usize::from(head_dim > 64)]
     }
 
     /// The product `scale * Q K^T` of sequence `b` for every head into `scores`
@@ -1126,7 +1144,7 @@ impl Backend for CudaBackend {
             let (ti, nhi, hdi, causal) = (int(t), int(nh), int(hd), s.causal as i32);
             let cfg = flash_launch(s, flash_forward_shared_bytes(hd));
             self.launch(
-                &self.kernels.flash_forward,
+                &self.flash_kernels(hd).forward,
                 cfg,
                 "attention_forward",
                 &[&out_p, &lse_p, &qkv_p, &ti, &nhi, &hdi, &causal],
@@ -1213,18 +1231,9 @@ impl Backend for CudaBackend {
             let args: [&dyn Arg; 9] = [
                 &dqkv_p, &dout_p, &qkv_p, &lse_p, &delta, &ti, &nhi, &hdi, &causal,
             ];
-            self.launch(
-                &self.kernels.flash_backward_kv,
-                cfg,
-                "attention_backward",
-                &args,
-            );
-            self.launch(
-                &self.kernels.flash_backward_q,
-                cfg,
-                "attention_backward",
-                &args,
-            );
+            let kernels = self.flash_kernels(hd);
+            self.launch(&kernels.backward_kv, cfg, "attention_backward", &args);
+            self.launch(&kernels.backward_q, cfg, "attention_backward", &args);
             return;
         }
         let p = (
@@ -1723,10 +1732,13 @@ mod tests {
                 "kv_store_bf16",
                 "attend_f32",
                 "attend_bf16",
-                "flash_attention_forward",
+                "flash_attention_forward_64",
+                "flash_attention_forward_128",
                 "flash_attention_backward_prepare",
-                "flash_attention_backward_kv",
-                "flash_attention_backward_q",
+                "flash_attention_backward_kv_64",
+                "flash_attention_backward_kv_128",
+                "flash_attention_backward_q_64",
+                "flash_attention_backward_q_128",
             ] {
                 assert!(
                     ptx.contains(&format!(".entry {name}(")),

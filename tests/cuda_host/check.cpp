@@ -910,6 +910,24 @@ void check_flash_attention(bool bf16_inputs) {
                 check_bits(k.name("flash_attention_backward_") + "_bits",
                            what + " same bits in the other order", again, dqkv);
 
+                // Inputs that do not start on 16 bytes are read float by float, with the same
+                // results.
+                vector<float> qkv_buf(qkv.size() + 1), dout_buf(dout.size() + 1);
+                std::copy(qkv.begin(), qkv.end(), qkv_buf.begin() + 1);
+                std::copy(dout.begin(), dout.end(), dout_buf.begin() + 1);
+                const float *qkv1 = qkv_buf.data() + 1, *dout1 = dout_buf.data() + 1;
+                vector<float> out1 = nan_f32(rows * d), lse1 = nan_f32(stats);
+                launch(k.forward, fwd_grid, dim3(64), flash_forward_shared_bytes(hd),
+                       out1.data(), lse1.data(), qkv1, t, nh, hd, causal);
+                check_bits(fwd + "_bits", what + " out from unaligned rows", out1, out);
+                vector<float> dqkv1 = nan_f32(rows * 3 * d);
+                dim3 grid((t + 31) / 32, nh, batch);
+                for (FlashGradient g : {k.kv, k.q})
+                    launch(g, grid, dim3(64), flash_backward_shared_bytes(hd), dqkv1.data(),
+                           dout1, qkv1, lse32.data(), delta.data(), t, nh, hd, causal);
+                check_bits(k.name("flash_attention_backward_") + "_bits",
+                           what + " dqkv from unaligned rows", dqkv1, dqkv);
+
                 // As the backend will chain them: backward from the kernel's own out and lse.
                 if (bf16_inputs) continue;
                 vector<float> own_delta = nan_f32(stats);

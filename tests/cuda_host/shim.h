@@ -461,6 +461,13 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 // 16x16x16 with f32 accumulators. kernels.cu includes the real headers only under nvcc
 // (#ifdef __CUDACC__); these stand in for them.
 
+// float4 (vector_types.h): four floats read or written at once, 16-byte aligned.
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
 struct __nv_bfloat16 {
     unsigned short bits;
 };

@@ -592,9 +592,26 @@ __device__ __forceinline__ void write_rows(float* rows, size_t stride, int valid
 }
 
 // Rounds `rows` rows of one head (from `first`, `hd` columns at `src` + row * stride) into
-// `dst` [rows, hd] bf16; rows from `limit` on are zeros. All the block's threads take part.
+// `dst` [rows, hd] bf16; rows from `limit` on are zeros. All the block's threads take part,
+// each reading four columns at once where the rows start on 16 bytes (always, for the
+// engine's buffers: they are 64-byte aligned and heads are 16 columns wide).
 __device__ __forceinline__ void load_rows(bf16* dst, const float* src, size_t stride,
                                           int first, int limit, int rows, int hd) {
+    if ((uintptr_t)src % 16 == 0 && stride % 4 == 0) {
+        const int pieces = hd / 4, per_pass = blockDim.x / pieces, c = threadIdx.x % pieces * 4;
+        if (threadIdx.x >= per_pass * pieces) return;
+        for (int r = threadIdx.x / pieces; r < rows; r += per_pass) {
+            int i = first + r;
+            float4 v = i < limit ? *(const float4*)(src + (size_t)i * stride + c)
+                                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            bf16* o = dst + r * hd + c;
+            o[0] = __float2bfloat16(v.x);
+            o[1] = __float2bfloat16(v.y);
+            o[2] = __float2bfloat16(v.z);
+            o[3] = __float2bfloat16(v.w);
+        }
+        return;
+    }
     for (int e = threadIdx.x; e < rows * hd; e += blockDim.x) {
         int i = first + e / hd, c = e % hd;
         dst[e] = __float2bfloat16(i < limit ? src[(size_t)i * stride + c] : 0.0f);

@@ -267,6 +267,19 @@ void check_memory() {
     }
 }
 
+// `run()` again with blocks and threads started in the other order must give `got`'s bits:
+// kernels that sum do so in a fixed order (no atomic adds), so a run gives the same bits
+// every time.
+template <typename F>
+void check_order_independent(const std::string& kernel, const std::string& what,
+                             const vector<float>& got, F run) {
+    bool reverse = cuda_host::reverse_order;
+    cuda_host::set_reverse_order(!reverse);
+    vector<float> again = run();
+    cuda_host::set_reverse_order(reverse);
+    check_bits(kernel, what + " same bits in the other order", again, got);
+}
+
 // ---------------------------------------------------------------------------------------
 // Embedding (embedding.rs): shifted and direct inputs, their gradients, decoding steps.
 
@@ -319,12 +332,25 @@ void check_embedding() {
             }
             launch(embed_backward_positions, dim3(t_len, (d + 255) / 256), dim3(256), 0,
                    dwpe.data(), (const float*)dout.data(), batch, t_len, d);
-            per_row(embed_backward_content, rows, dwte.data(), dsos.data(),
-                    (const float*)dout.data(), (const uint16_t*)tok.data(), t_len, d, n_vocab,
-                    direct);
+            // Content: grid (n_vocab + 1, ceil(d / 256)); dwte and dsos as one buffer, so
+            // the order check covers both.
+            auto content_grads = [&](const vector<float>& start) {
+                vector<float> g = start;
+                launch(embed_backward_content, dim3(n_vocab + 1, (d + 255) / 256), dim3(256),
+                       0, g.data(), g.data() + (size_t)n_vocab * d, (const float*)dout.data(),
+                       (const uint16_t*)tok.data(), rows, t_len, d, n_vocab, direct);
+                return g;
+            };
+            vector<float> start = dwte;
+            start.insert(start.end(), dsos.begin(), dsos.end());
+            vector<float> grads = content_grads(start);
+            dwte.assign(grads.begin(), grads.begin() + (size_t)n_vocab * d);
+            dsos.assign(grads.begin() + (size_t)n_vocab * d, grads.end());
             check("embed_backward_positions", what + " dwpe", dwpe, want_dwpe, kElementwise);
             check("embed_backward_content", what + " dwte", dwte, want_dwte, kElementwise);
             check("embed_backward_content", what + " dsos", dsos, want_dsos, kElementwise);
+            check_order_independent("embed_backward_content", what, grads,
+                                    [&] { return content_grads(start); });
         }
 
         // Decoding: a prefill from position 0 (its first row is the start token), then a step.
@@ -397,13 +423,22 @@ void check_rmsnorm() {
         }
         per_row(rmsnorm_backward_input, rows, dx.data(), (const float*)dout.data(),
                 (const float*)x.data(), (const float*)rs.data(), (const float*)g.data(), d);
-        const int rows_per_block = 64;  // ROWS_PER_BLOCK
-        dim3 gain_grid((d + 255) / 256, (rows + rows_per_block - 1) / rows_per_block);
-        launch(rmsnorm_backward_gain, gain_grid, dim3(256), 0, dg.data(),
-               (const float*)dout.data(), (const float*)x.data(), (const float*)rs.data(), rows,
-               d, rows_per_block);
+        // The gain in two passes: partial sums of a few rows each (mod.rs takes 256 rows a
+        // block; 2 here, so there are many partial rows), then add_column_sums.
+        const int rows_per_block = 2, count = (rows + rows_per_block - 1) / rows_per_block;
+        auto gain = [&] {
+            vector<float> partials = nan_f32((size_t)count * d), out = dg;
+            launch(rmsnorm_backward_gain, dim3((d + 255) / 256, count), dim3(256), 0,
+                   partials.data(), (const float*)dout.data(), (const float*)x.data(),
+                   (const float*)rs.data(), rows, d, rows_per_block);
+            launch(add_column_sums, dim3((d + 31) / 32), dim3(256), 0, out.data(),
+                   (const float*)partials.data(), count, d);
+            return out;
+        };
+        vector<float> dg_out = gain();
         check("rmsnorm_backward_input", what + " dx", dx, want_dx, kRow);
-        check("rmsnorm_backward_gain", what + " dg", dg, want_dg, kRow);
+        check("rmsnorm_backward_gain", what + " dg", dg_out, want_dg, kRow);
+        check_order_independent("rmsnorm_backward_gain", what + " dg", dg_out, gain);
     }
 }
 
@@ -544,19 +579,50 @@ void check_optimizer() {
         check("adamw_tensors", what + " m", m, want_m, kElementwise);
         check("adamw_tensors", what + " v", v, want_v, kElementwise);
     }
-    // sum_squares: grid ceil(n/256) clamped to 1..1024 blocks, into a zeroed f64.
+    // sum_squares: grid ceil(n/256) clamped to 1..1024 blocks, one partial each, then
+    // sum_partials (one block of 32 threads).
     for (auto [n, strided] : kElementwiseCases) {
         vector<float> x = random(n, 0.01f, 3.0f);
         double want = 0;
         for (float v : x) want += (double)v * v;
-        double out = 0.0;
         unsigned blocks = strided ? 3 : std::min(std::max((n + 255) / 256, 1), 1024);
-        launch(sum_squares, dim3(blocks), dim3(256), 0, &out, (const float*)x.data(), (size_t)n);
+        auto total = [&] {
+            vector<double> partials(blocks, NAN);
+            double out = NAN;
+            launch(sum_squares, dim3(blocks), dim3(256), 0, partials.data(),
+                   (const float*)x.data(), (size_t)n);
+            launch(sum_partials, dim3(1), dim3(32), 0, &out, (const double*)partials.data(),
+                   (int)blocks);
+            return out;
+        };
+        double out = total();
         double e = std::fabs(out - want) / want;
         char note[128];
         snprintf(note, sizeof note, "n %d%s: %.17g, want %.17g", n, grid_name(strided), out, want);
         record("sum_squares", e, 1e-12, note);
+        record("sum_partials", e, 1e-12, note);
+        bool reverse = cuda_host::reverse_order;
+        cuda_host::set_reverse_order(!reverse);
+        double again = total();
+        cuda_host::set_reverse_order(reverse);
+        record("sum_partials", memcmp(&again, &out, sizeof out) == 0 ? 0.0 : 1.0, 0.0,
+               std::string("n ") + std::to_string(n) + ": the same bits in the other order");
     }
+}
+
+// add_column_sums alone: counts around its 8 slices, widths around its 32 columns.
+void check_column_sums() {
+    for (int count : {1, 7, 8, 21})
+        for (int n : {5, 37, 300}) {
+            vector<float> partials = random((size_t)count * n), dst = random(n);
+            vector<double> want = widen(dst);
+            for (int k = 0; k < count; k++)
+                for (int c = 0; c < n; c++) want[c] += partials[(size_t)k * n + c];
+            launch(add_column_sums, dim3((n + 31) / 32), dim3(256), 0, dst.data(),
+                   (const float*)partials.data(), count, n);
+            check("add_column_sums",
+                  std::to_string(count) + " rows of " + std::to_string(n), dst, want, kRow);
+        }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -952,6 +1018,7 @@ int main() {
         check_gelu();
         check_cross_entropy();
         check_optimizer();
+        check_column_sums();
         check_attention();
         check_decoding<float>(kv_store_f32, attend_f32, "kv_store_f32", "attend_f32");
         check_decoding<uint16_t>(kv_store_bf16, attend_bf16, "kv_store_bf16", "attend_bf16");

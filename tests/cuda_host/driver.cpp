@@ -40,7 +40,9 @@
 // no thread of the block wrote; reads into an allocation's rounding.
 //
 // Environment: CUDA_HOST_MEMORY_BYTES sets the device's memory (default 8 GiB);
-// CUDA_HOST_REFUSE_CAPTURE refuses every stream capture (to test the callers' fallback).
+// CUDA_HOST_REFUSE_CAPTURE refuses every stream capture (to test the callers' fallback);
+// CUDA_HOST_REVERSE_ORDER starts blocks, and the threads of each, in descending order (a
+// result that depends on the order of additions then changes).
 
 #include "shim.h"
 
@@ -318,6 +320,7 @@ static CUresult no_context(const char* call) {
 
 CUresult cuInit(unsigned int) {
     initialised = 1;
+    if (getenv("CUDA_HOST_REVERSE_ORDER")) cuda_host::set_reverse_order(true);
     return CUDA_SUCCESS;
 }
 

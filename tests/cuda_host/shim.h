@@ -385,6 +385,21 @@ inline T shfl_xor(unsigned mask, T v, int lane_mask) {
     return out;
 }
 
+// The warp's predicates as a bit mask (lane i: bit i), through the shuffle slots.
+inline unsigned ballot(unsigned mask, bool predicate) {
+    Block& b = *current_block;
+    Fiber& me = b.fibers[b.current];
+    unsigned tid = b.current, warp = tid / 32;
+    if (mask != 0xffffffffu || warp_size_of(b, warp) != 32)
+        fail("ballot with a partial mask or a partial warp (not emulated)");
+    std::vector<uint64_t>& slot = b.slots[me.shuffles++ & 1];
+    slot[tid] = predicate;
+    barrier(warp);
+    unsigned bits = 0;
+    for (unsigned i = 0; i < 32; i++) bits |= (slot[warp * 32 + i] != 0 ? 1u : 0u) << i;
+    return bits;
+}
+
 // Blocks with their fibers' stacks, kept for the next launch: allocating (and first touching)
 // a stack per thread at every launch would cost more than most kernels.
 inline std::mutex block_pool_lock;
@@ -446,6 +461,13 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
     return cuda_host::shfl_xor(mask, v, lane_mask);
 }
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+    return cuda_host::ballot(mask, predicate != 0);
+}
+
+// The position of the lowest set bit, from 1; 0 for none.
+inline int __ffs(int x) { return __builtin_ffs(x); }
 
 // __syncwarp: the warp's barrier (full warps only).
 inline void __syncwarp(unsigned mask = 0xffffffffu) {

@@ -133,24 +133,43 @@ extern "C" __global__ void embed_backward_positions(float* dwpe, const float* do
     dwpe[(size_t)t * d + c] += s;
 }
 
-// Content gradients, scattered with atomics (rows sharing an id add in any order).
-extern "C" __global__ void embed_backward_content(float* dwte, float* dsos, const float* dout,
-                                                  const uint16_t* ids, int t_len, int d,
-                                                  int n_vocab, int direct) {
-    int row = blockIdx.x, t = row % t_len;
-    float* target;
+// The content row a row of the batch takes its gradient to: an id of the table, n_vocab for
+// the start token, -1 for none. Shifted: position 0 is the start token, position t the id
+// at t - 1; direct: the ids as given (n_vocab + 1, masked, and ids past it: none).
+__device__ __forceinline__ int content_of(const uint16_t* ids, int row, int t_len, int n_vocab,
+                                          int direct) {
+    int id;
     if (direct) {
-        int id = ids[row];
-        target = id < n_vocab ? dwte + (size_t)id * d : (id == n_vocab ? dsos : nullptr);
-    } else if (t == 0) {
-        target = dsos;
-    } else {
-        int id = ids[row - 1];
-        target = id < n_vocab ? dwte + (size_t)id * d : nullptr;
+        id = ids[row];
+        return id <= n_vocab ? id : -1;
     }
-    if (!target) return;
-    for (int c = threadIdx.x; c < d; c += blockDim.x)
-        atomicAdd(target + c, dout[(size_t)row * d + c]);
+    if (row % t_len == 0) return n_vocab;
+    id = ids[row - 1];
+    return id < n_vocab ? id : -1;
+}
+
+// Content gradients: block (v, y) adds into content row v (n_vocab: dsos) the dout rows that
+// take their content from it, in row order, so the sum is the same on every run (no atomic
+// adds). Grid (n_vocab + 1, ceil(d / 256)), block 256 threads, one column each. Each warp
+// tests 32 rows at once and visits only the matching ones.
+extern "C" __global__ void embed_backward_content(float* dwte, float* dsos, const float* dout,
+                                                  const uint16_t* ids, int rows, int t_len,
+                                                  int d, int n_vocab, int direct) {
+    const int v = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    const int lane = threadIdx.x & 31;
+    float s = 0.0f;
+    bool any = false;
+    for (int base = 0; base < rows; base += 32) {
+        int row = base + lane;
+        bool match = row < rows && content_of(ids, row, t_len, n_vocab, direct) == v;
+        unsigned hits = __ballot_sync(0xffffffffu, match);
+        any = any || hits != 0;
+        for (; hits; hits &= hits - 1) {
+            int r = base + __ffs(hits) - 1;
+            if (c < d) s += dout[(size_t)r * d + c];
+        }
+    }
+    if (any && c < d) (v < n_vocab ? dwte + (size_t)v * d : dsos)[c] += s;
 }
 
 // The first position a decoding kernel handles: `pos`, or, where `pos_at` is set, the int
@@ -204,16 +223,37 @@ extern "C" __global__ void rmsnorm_backward_input(float* dx, const float* dout, 
         dx[row * d + c] += r * (dr[c] * g[c] - xr[c] * r * mean);
 }
 
-// dg += sum over rows of dout * x * rstd. Grid (ceil(d/256), ceil(rows/rows_per_block)).
-extern "C" __global__ void rmsnorm_backward_gain(float* dg, const float* dout, const float* x,
-                                                 const float* rstd, int rows, int d,
-                                                 int rows_per_block) {
+// The gain's gradient, first pass: partials[y, c] = sum over rows y * rows_per_block ..
+// (y + 1) * rows_per_block of dout * x * rstd. Grid (ceil(d/256), ceil(rows/rows_per_block)).
+// add_column_sums then adds the partial rows into dg in order (no atomic adds).
+extern "C" __global__ void rmsnorm_backward_gain(float* partials, const float* dout,
+                                                 const float* x, const float* rstd, int rows,
+                                                 int d, int rows_per_block) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= d) return;
     int r0 = blockIdx.y * rows_per_block, r1 = min(rows, r0 + rows_per_block);
     float s = 0.0f;
     for (int r = r0; r < r1; r++) s += dout[(size_t)r * d + c] * x[(size_t)r * d + c] * rstd[r];
-    atomicAdd(dg + c, s);
+    partials[(size_t)blockIdx.y * d + c] = s;
+}
+
+// dst[c] += the sum over k of partials[k, c] (`count` rows of `n` columns), added in the same
+// order on every run. Grid ceil(n / 32), block 256 threads: 8 slices of the rows for each of
+// 32 columns, whose sums are added in slice order.
+extern "C" __global__ void add_column_sums(float* dst, const float* partials, int count, int n) {
+    __shared__ float slices[8][32];
+    const int col = threadIdx.x & 31, slice = threadIdx.x >> 5;
+    const int c = blockIdx.x * 32 + col;
+    float s = 0.0f;
+    if (c < n)
+        for (int k = slice; k < count; k += 8) s += partials[(size_t)k * n + c];
+    slices[slice][col] = s;
+    __syncthreads();
+    if (slice == 0 && c < n) {
+        float total = slices[0][col];
+        for (int k = 1; k < 8; k++) total += slices[k][col];
+        dst[c] += total;
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -325,8 +365,9 @@ extern "C" __global__ void adamw_tensors(float* p, const float* g, float* m, flo
     }
 }
 
-// Adds the sum of squares of x, in f64, into *out (zeroed by the caller).
-extern "C" __global__ void sum_squares(double* out, const float* x, size_t n) {
+// The sum of squares of x in f64, first pass: partials[block] = the block's share (a grid
+// stride loop). sum_partials then adds them in order (no atomic adds).
+extern "C" __global__ void sum_squares(double* partials, const float* x, size_t n) {
     __shared__ double shared[32];
     double s = 0.0;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
@@ -339,8 +380,16 @@ extern "C" __global__ void sum_squares(double* out, const float* x, size_t n) {
     if (warp == 0) {
         s = lane < (blockDim.x >> 5) ? shared[lane] : 0.0;
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0) atomicAdd(out, s);
+        if (lane == 0) partials[blockIdx.x] = s;
     }
+}
+
+// *out = the sum of `count` partials, in the same order on every run. One block of 32 threads.
+extern "C" __global__ void sum_partials(double* out, const double* partials, int count) {
+    double s = 0.0;
+    for (int k = threadIdx.x; k < count; k += 32) s += partials[k];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (threadIdx.x == 0) *out = s;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -512,7 +561,8 @@ extern "C" __global__ void attend_bf16(float* out, const bf16_bits* k, const bf1
 typedef __nv_bfloat16 bf16;
 
 // The dynamic shared memory, declared as attend<E> declares it (C++ linkage: a declaration
-// inside an extern "C" kernel would conflict with it).
+// inside an extern "C" kernel would conflict with it). The flash kernels have no static
+// shared memory, so it starts at the window's base, aligned for every wmma pointer.
 __device__ __forceinline__ float* flash_dynamic() {
     extern __shared__ float dynamic[];
     return dynamic;
@@ -578,6 +628,7 @@ __device__ __forceinline__ void write_rows(float* rows, size_t stride, int valid
                                            int hd) {
     using namespace nvcuda;
     const int lane = threadIdx.x & 31;
+    __syncwarp();  // every lane is done reading `scratch` (the dK, dV kernel's last P tile)
 #pragma unroll
     for (int n = 0; n < kTiles; n++) {
         if (n * kTile >= hd) break;

@@ -141,12 +141,14 @@ struct Kernels {
     rmsnorm_forward: CudaFunction,
     rmsnorm_backward_input: CudaFunction,
     rmsnorm_backward_gain: CudaFunction,
+    add_column_sums: CudaFunction,
     gelu_forward: CudaFunction,
     gelu_backward_inplace: CudaFunction,
     cross_entropy: CudaFunction,
     adamw: CudaFunction,
     adamw_tensors: CudaFunction,
     sum_squares: CudaFunction,
+    sum_partials: CudaFunction,
     attention_softmax: CudaFunction,
     attention_probs: CudaFunction,
     attention_dscores: CudaFunction,
@@ -194,12 +196,14 @@ impl Kernels {
             rmsnorm_forward: f("rmsnorm_forward")?,
             rmsnorm_backward_input: f("rmsnorm_backward_input")?,
             rmsnorm_backward_gain: f("rmsnorm_backward_gain")?,
+            add_column_sums: f("add_column_sums")?,
             gelu_forward: f("gelu_forward")?,
             gelu_backward_inplace: f("gelu_backward_inplace")?,
             cross_entropy: f("cross_entropy")?,
             adamw: f("adamw")?,
             adamw_tensors: f("adamw_tensors")?,
             sum_squares: f("sum_squares")?,
+            sum_partials: f("sum_partials")?,
             attention_softmax: f("attention_softmax")?,
             attention_probs: f("attention_probs")?,
             attention_dscores: f("attention_dscores")?,
@@ -237,6 +241,11 @@ struct Arenas {
     weights: Buffer,
     /// One f64: the sum of squares' result.
     sum: Buffer,
+    /// The sum of squares' per-block partial sums (f64, [`SUM_BLOCKS`]).
+    sum_partials: Buffer,
+    /// The RMS norm gain gradient's partial sums (f32, [`gain_partial_rows`] rows of
+    /// `max_width`).
+    column_partials: Buffer,
     /// The step the next update takes ([`UpdateStep`]), and the squared gradient norm the
     /// update measures (one f64).
     update_step: Buffer,
@@ -327,6 +336,20 @@ fn flash_forward_shared_bytes(head_dim: usize) -> usize {
 /// flash_backward_shared_bytes).
 fn flash_backward_shared_bytes(head_dim: usize) -> usize {
     256 * head_dim + 8448
+}
+
+/// Blocks of the sum of squares (each adds a share of the tensor into its own partial sum).
+const SUM_BLOCKS: usize = 1024;
+
+/// Rows each block of the RMS norm gain's gradient sums: 256, or more where the grid's y
+/// dimension (at most 65,535) needs.
+fn gain_rows_per_block(rows: usize) -> usize {
+    256usize.max(rows.div_ceil(65_535))
+}
+
+/// Partial-sum rows of the gain's gradient for up to `max_rows` rows (at least one).
+fn gain_partial_rows(max_rows: usize) -> usize {
+    max_rows.div_ceil(gain_rows_per_block(max_rows)).max(1)
 }
 
 /// One block per row.
@@ -503,20 +526,30 @@ impl CudaBackend {
         (int(pos), at)
     }
 
-    /// Queues the sum of squares of `x`, in f64, into the one-f64 buffer at `out`: a memset and
-    /// a kernel, both recordable.
+    /// Queues the sum of squares of `x`, in f64, into the one-f64 buffer at `out`: per-block
+    /// partial sums, then their sum in a fixed order, both recordable.
     fn sum_squares_into(&self, out: u64, x: View, what: &str) {
         let (xp, n) = (self.ptr(x), x.len);
-        self.bind();
-        // SAFETY: `out` is one of this backend's one-f64 buffers.
-        let zeroed = unsafe { driver::memset_d8_async(out, 0, 8, self.stream.cu_stream()) };
-        self.check(zeroed, what);
+        let partials = self.arenas().sum_partials.ptr;
+        let blocks = n.div_ceil(256).clamp(1, SUM_BLOCKS);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 1024) as u32, 1, 1),
+            grid_dim: (blocks as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch(&self.kernels.sum_squares, cfg, what, &[&out, &xp, &n]);
+        self.launch(&self.kernels.sum_squares, cfg, what, &[&partials, &xp, &n]);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let count = int(blocks);
+        self.launch(
+            &self.kernels.sum_partials,
+            cfg,
+            what,
+            &[&out, &partials, &count],
+        );
     }
 
     /// The compute type of products of f32 operands.
@@ -769,6 +802,8 @@ impl Backend for CudaBackend {
             ("targets", 2 * s.tokens),
             ("loss weights", 4 * s.tokens),
             ("scratch", 8),
+            ("scratch", 8 * SUM_BLOCKS),
+            ("scratch", 4 * gain_partial_rows(s.max_rows) * s.max_width),
             ("scratch", std::mem::size_of::<UpdateStep>()),
             ("scratch", 8),
             ("scratch", 4),
@@ -813,6 +848,8 @@ impl Backend for CudaBackend {
             targets: next(),
             weights: next(),
             sum: next(),
+            sum_partials: next(),
+            column_partials: next(),
             update_step: next(),
             norm_squared: next(),
             position: next(),
@@ -983,11 +1020,20 @@ impl Backend for CudaBackend {
             "embed_backward",
             &[&dwpe_p, &dout_p, &batch, &ti, &di],
         );
+        // One block per content row (the table's and the start token's) and 256 columns.
+        let cfg = LaunchConfig {
+            grid_dim: (v as u32 + 1, d.div_ceil(256) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let rows_i = int(rows);
         self.launch(
             &self.kernels.embed_backward_content,
-            per_row(rows),
+            cfg,
             "embed_backward",
-            &[&dwte_p, &dsos_p, &dout_p, &ids, &ti, &di, &v, &direct],
+            &[
+                &dwte_p, &dsos_p, &dout_p, &ids, &rows_i, &ti, &di, &v, &direct,
+            ],
         );
     }
 
@@ -1042,23 +1088,39 @@ impl Backend for CudaBackend {
             "rmsnorm_backward",
             &[&p.0, &p.2, &p.3, &p.4, &p.5, &di],
         );
-        // At least 64 rows per block, more where the grid's y dimension (at most 65,535) needs.
-        let rows_per_block = 64usize.max(rows.div_ceil(65_535));
+        // Partial sums of the gain's gradient over blocks of rows, then added in order.
+        let rows_per_block = gain_rows_per_block(rows);
+        let count = rows.div_ceil(rows_per_block);
+        let (partials, capacity) = {
+            let b = &self.arenas().column_partials;
+            (b.ptr, b.bytes)
+        };
+        assert!(
+            count * d * 4 <= capacity,
+            "rmsnorm_backward: {rows} rows of {d} exceed the planned rows and width"
+        );
         let cfg = LaunchConfig {
-            grid_dim: (
-                d.div_ceil(256) as u32,
-                rows.div_ceil(rows_per_block) as u32,
-                1,
-            ),
+            grid_dim: (d.div_ceil(256) as u32, count as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (ri, per) = (int(rows), int(rows_per_block));
+        let (ri, per, ci) = (int(rows), int(rows_per_block), int(count));
         self.launch(
             &self.kernels.rmsnorm_backward_gain,
             cfg,
             "rmsnorm_backward",
-            &[&p.1, &p.2, &p.3, &p.4, &ri, &di, &per],
+            &[&partials, &p.2, &p.3, &p.4, &ri, &di, &per],
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(32) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &self.kernels.add_column_sums,
+            cfg,
+            "rmsnorm_backward",
+            &[&p.1, &partials, &ci, &di],
         );
     }
 
@@ -1724,6 +1786,8 @@ mod tests {
                 "cross_entropy",
                 "adamw",
                 "sum_squares",
+                "sum_partials",
+                "add_column_sums",
                 "adamw_tensors",
                 "attention_softmax",
                 "attention_probs",

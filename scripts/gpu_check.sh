@@ -8,13 +8,13 @@
 # Run there, from the repository root:
 #   scripts/gpu_check.sh OUT_DIR
 #
-# Writes to OUT_DIR: one log per step (nvidia-smi.log, libraries.log, selftest.log, train.log,
-# train-large.log, generate.log), the JSON each igpt step writes (selftest.json, train.json with
+# Writes to OUT_DIR: one log per step (nvidia-smi.log, libraries.log, selftest.log,
+# same-bits.log, train.log, train-large.log, generate.log), the JSON each igpt step writes (selftest.json, train.json with
 # a per-kernel profile of the step, train-large.json, generate.json) and
 # summary.json: every step's exit code, time and JSON. Prints a short table last. A failing step
 # does not stop the next ones; the exit code is 0 only if every step succeeded.
 #
-# The limits add up to 8 minutes, so one device call of 10 minutes always comes back.
+# The limits add up to 8.5 minutes, so one device call of 10 minutes always comes back.
 # Overrides, for tests: IGPT_BIN (the binary), NVIDIA_SMI, PYTHON.
 set -u
 
@@ -88,6 +88,28 @@ if [ ! -x "$igpt" ]; then
     echo "no igpt binary at $igpt: build it here first (see the top of this script)" >&2
 fi
 step selftest 60 selftest.json "$igpt" --device cuda selftest --json "$out/selftest.json"
+
+# Training twice gives the same bits (no kernel adds floats with atomics, and cuBLAS is
+# reproducible on one GPU): a small bf16 model (flash attention, heads of 32), six steps, both
+# checkpoints compared byte for byte.
+same_bits() {
+    local dir rc run
+    dir=$(mktemp -d) || return 2
+    for run in a b; do
+        "$igpt" --device cuda train --data "$repo/data/fashion-mnist/t10k-images-idx3-ubyte.gz" \
+            --limit 512 --side 16 --palette-size 64 --layers 4 --embd 128 --heads 4 --batch 16 \
+            --steps 6 --checkpoint-every 6 --precision bf16 --out "$dir/$run" || return $?
+    done
+    cmp "$dir/a/model.safetensors" "$dir/b/model.safetensors" &&
+        cmp "$dir/a/trainer.safetensors" "$dir/b/trainer.safetensors"
+    rc=$?
+    [ $rc -eq 0 ] && echo "the two runs saved the same bytes"
+    rm -rf "$dir"
+    return $rc
+}
+export -f same_bits
+export igpt repo
+step same-bits 30 - bash -c same_bits
 step train 180 train.json "$igpt" --device cuda bench train --shape small --batch 32 --precision bf16 \
     --profile --python "$python" --json "$out/train.json"
 # iGPT-L's shape (1.36 B parameters), igpt alone: PyTorch would spend the limit compiling.

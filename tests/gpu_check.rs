@@ -9,17 +9,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Stands in for igpt: logs its arguments and library path, writes a JSON report where
-/// `--json` says, and fails (exit 3) on the subcommand named in FAKE_FAIL.
+/// `--json` says or a run's two checkpoint files where `--out` does (their bytes differ from
+/// run to run with FAKE_DIFFER), and fails (exit 3) on the subcommand named in FAKE_FAIL.
 const FAKE_IGPT: &str = r#"#!/bin/sh
 echo "args: $*"
 echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
-json=""; prev=""; cmd=""
+json=""; run=""; prev=""; cmd=""
 for a in "$@"; do
     [ "$prev" = "--json" ] && json=$a
+    [ "$prev" = "--out" ] && run=$a
     case "$a" in selftest|train|generate) [ -z "$cmd" ] && cmd=$a ;; esac
     prev=$a
 done
 if [ "$cmd" = "${FAKE_FAIL:-}" ]; then echo "error: $cmd broke" >&2; exit 3; fi
+if [ -n "$run" ]; then
+    mkdir -p "$run"
+    echo "weights ${FAKE_DIFFER:+$$}" >"$run/model.safetensors"
+    echo "moments" >"$run/trainer.safetensors"
+    exit 0
+fi
 printf '{"bench": "%s", "runs": [{"impl": "igpt", "tokens_per_s": 1000.0, "mfu": 0.25, "memory_bytes": 2000000000}]}\n' "$cmd" >"$json"
 "#;
 
@@ -86,6 +94,7 @@ fn a_failed_step_is_reported_and_the_next_ones_still_run() {
             "nvidia-smi",
             "libraries",
             "selftest",
+            "same-bits",
             "train",
             "train-large",
             "generate"
@@ -125,6 +134,12 @@ fn every_step_passing_gives_exit_code_zero_and_igpt_sees_the_libraries() {
     assert_eq!(o.status.code(), Some(0), "{stdout}");
     assert_eq!(summary["ok"], true, "{summary}");
     assert_eq!(step(&summary, "nvidia-smi")["exit_code"], 0);
+    // Two bf16 training runs on the GPU, compared.
+    assert_eq!(step(&summary, "same-bits")["exit_code"], 0, "{summary}");
+    let log = std::fs::read_to_string(dir.join("out/same-bits.log")).unwrap();
+    assert_eq!(log.matches("args: --device cuda train").count(), 2, "{log}");
+    assert!(log.contains("--precision bf16"), "{log}");
+    assert!(log.contains("the two runs saved the same bytes"), "{log}");
     let train = step(&summary, "train");
     assert_eq!(train["json"]["runs"][0]["mfu"], 0.25, "{summary}");
     // igpt runs on the GPU, with the pip packages' CUDA libraries on its path.
@@ -151,11 +166,28 @@ fn every_step_passing_gives_exit_code_zero_and_igpt_sees_the_libraries() {
 }
 
 #[test]
+fn training_runs_that_save_different_bytes_fail_the_same_bits_step() {
+    let dir = tempdir("gpu-check-differ");
+    let fake = executable(
+        &dir,
+        "igpt-differ",
+        &FAKE_IGPT.replace("${FAKE_DIFFER:+$$}", "$$"),
+    );
+    let (o, summary) = check(&dir, None, Some(&fake));
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(step(&summary, "same-bits")["exit_code"], 1, "{summary}");
+    let log = std::fs::read_to_string(dir.join("out/same-bits.log")).unwrap();
+    assert!(log.contains("differ"), "{log}");
+    assert_eq!(step(&summary, "train")["exit_code"], 0, "{summary}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_missing_binary_fails_every_igpt_step_but_still_writes_the_summary() {
     let dir = tempdir("gpu-check-missing");
     let (o, summary) = check(&dir, None, Some(&dir.join("no-such-igpt")));
     assert_eq!(o.status.code(), Some(1));
-    for name in ["selftest", "train", "train-large", "generate"] {
+    for name in ["selftest", "same-bits", "train", "train-large", "generate"] {
         assert_eq!(step(&summary, name)["exit_code"], 127, "{summary}");
     }
     assert_eq!(step(&summary, "libraries")["exit_code"], 0, "{summary}");

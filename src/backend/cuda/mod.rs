@@ -1764,6 +1764,39 @@ mod tests {
         }
     }
 
+    /// Floating-point atomic adds of `ptx` (`atom` or `red` of an `.f32` or `.f64`), as lines.
+    fn float_atomics(ptx: &str) -> Vec<&str> {
+        ptx.lines()
+            .map(str::trim)
+            .map(|l| match l.strip_prefix('@') {
+                Some(guarded) => guarded.split_once(char::is_whitespace).map_or("", |x| x.1),
+                None => l,
+            })
+            .filter(|l| l.starts_with("atom.") || l.starts_with("red."))
+            .filter(|l| l.contains(".f32") || l.contains(".f64"))
+            .collect()
+    }
+
+    #[test]
+    fn no_kernel_adds_floats_with_atomics() {
+        // Sums across blocks are written as parts and added in a fixed order, so a training
+        // step gives the same bits on every run (README, "The same bits on every run").
+        for ptx in [PTX_SM80, PTX_SM90] {
+            assert_eq!(float_atomics(ptx), Vec::<&str>::new());
+        }
+        // What the build before that looked like, guarded or not.
+        let before = "\tatom.global.add.f32 \t%f2, [%rd32], %f1;\n\
+                      \t@%p3 red.global.add.f64 \t[%rd15], %fd7;\n\
+                      \tatom.global.cas.b32 \t%r1, [%rd2], %r3, %r4;\n\
+                      \tld.shared.f32 \t%f41, [%r36];\n";
+        assert_eq!(
+            float_atomics(before).len(),
+            2,
+            "{:?}",
+            float_atomics(before)
+        );
+    }
+
     #[test]
     fn the_embedded_ptx_has_every_kernel_for_both_targets() {
         for (ptx, target) in [(PTX_SM80, ".target sm_80"), (PTX_SM90, ".target sm_90")] {

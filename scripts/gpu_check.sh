@@ -9,12 +9,13 @@
 #   scripts/gpu_check.sh OUT_DIR
 #
 # Writes to OUT_DIR: one log per step (nvidia-smi.log, libraries.log, selftest.log,
-# same-bits.log, train.log, train-large.log, generate.log), the JSON each igpt step writes (selftest.json, train.json with
-# a per-kernel profile of the step, train-large.json, generate.json) and
+# same-bits.log, train.log, train-large.log, generate.log, gemm.log), the JSON each step
+# writes (selftest.json, train.json with a per-kernel profile of the step, train-large.json,
+# generate.json, gemm.json) and
 # summary.json: every step's exit code, time and JSON. Prints a short table last. A failing step
 # does not stop the next ones; the exit code is 0 only if every step succeeded.
 #
-# The limits add up to 8.5 minutes, so one device call of 10 minutes always comes back.
+# The limits add up to 525 s, so one device call of 10 minutes always comes back.
 # Overrides, for tests: IGPT_BIN (the binary), NVIDIA_SMI, PYTHON.
 set -u
 
@@ -51,8 +52,8 @@ step nvidia-smi 20 - "$smi" --query-gpu=name,driver_version,memory.total,memory.
 # The CUDA libraries of the pip packages (nvidia-cublas and the rest) and torch's own are not on
 # the default library path, and igpt opens them by name at run time.
 start=$SECONDS
-echo "== libraries (limit 40 s)"
-libs=$(timeout -k 5 40 "$python" - 2>"$out/libraries.log" <<'PY'
+echo "== libraries (limit 30 s)"
+libs=$(timeout -k 5 30 "$python" - 2>"$out/libraries.log" <<'PY'
 import glob, os, site, sys
 
 roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
@@ -117,6 +118,8 @@ step train-large 60 train-large.json "$igpt" --device cuda bench train --shape l
     --warmup 2 --steps 3 --precision bf16 --no-torch --json "$out/train-large.json"
 step generate 120 generate.json "$igpt" --device cuda bench generate --shape small --batches 1 64 \
     --python "$python" --json "$out/generate.json"
+# iGPT-S's products from f32 and from bf16 operands, in PyTorch: what bf16 activations would buy.
+step gemm 25 gemm.json "$python" "$repo/scripts/gemm_precision.py" --json "$out/gemm.json"
 
 # summary.json, in shell alone (the machine's Python may be what broke). igpt writes its JSON
 # whole or not at all (a rename), so a file that exists is embedded as it is.

@@ -196,3 +196,76 @@ fn a_missing_binary_fails_every_igpt_step_but_still_writes_the_summary() {
     assert_eq!(step(&summary, "libraries")["exit_code"], 0, "{summary}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Stands in for ncu: logs its arguments and prints a details page in CSV for two kernels
+/// (base units), as `--csv --page details --print-units base` does.
+const FAKE_NCU: &str = r#"#!/bin/sh
+echo "ncu args: $*" >&2
+echo '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"'
+for id in 0 1 2; do
+    name=rmsnorm_forward; dur=1000; sm=20.5; mem=80
+    [ $id = 1 ] && name=flash_attention_forward_64 && dur=3,000 && sm=60 && mem=30
+    echo "\"$id\",\"1\",\"igpt\",\"h\",\"$name\",\"1\",\"7\",\"(64, 1, 1)\",\"(32, 8, 32)\",\"0\",\"9.0\",\"GPU Speed Of Light Throughput\",\"Duration\",\"nsecond\",\"$dur\""
+    echo "\"$id\",\"1\",\"igpt\",\"h\",\"$name\",\"1\",\"7\",\"(64, 1, 1)\",\"(32, 8, 32)\",\"0\",\"9.0\",\"GPU Speed Of Light Throughput\",\"Compute (SM) Throughput\",\"%\",\"$sm\""
+    echo "\"$id\",\"1\",\"igpt\",\"h\",\"$name\",\"1\",\"7\",\"(64, 1, 1)\",\"(32, 8, 32)\",\"0\",\"9.0\",\"GPU Speed Of Light Throughput\",\"Memory Throughput\",\"%\",\"$mem\""
+done
+"#;
+
+/// Stands in for compute-sanitizer: logs its arguments and exits with FAKE_SANITIZER_EXIT.
+const FAKE_SANITIZER: &str = "#!/bin/sh\necho \"sanitizer args: $*\"\nexit ${FAKE_SANITIZER_EXIT:-0}\n";
+
+#[test]
+fn the_inspection_runs_both_sanitizers_and_tables_ncu_by_kernel() {
+    let dir = tempdir("gpu-inspect");
+    let out = dir.join("out");
+    let o = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu_inspect.sh"))
+        .arg(&out)
+        .env("IGPT_BIN", executable(&dir, "igpt", FAKE_IGPT))
+        .env("PYTHON", "python3")
+        .env("SANITIZER", executable(&dir, "sanitizer", FAKE_SANITIZER))
+        .env("NCU", executable(&dir, "ncu", FAKE_NCU))
+        .env("FAKE_SANITIZER_EXIT", "9")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    // The sanitizer reported errors (exit 9): the run fails, and says which step.
+    assert_eq!(o.status.code(), Some(1), "{stdout}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(step(&summary, "memcheck")["exit_code"], 9, "{summary}");
+    assert_eq!(step(&summary, "racecheck")["exit_code"], 9, "{summary}");
+    assert_eq!(step(&summary, "ncu")["exit_code"], 0, "{summary}");
+    let log = std::fs::read_to_string(out.join("racecheck.log")).unwrap();
+    assert!(
+        log.contains("--tool racecheck") && log.contains("--device cuda selftest --quick"),
+        "{log}"
+    );
+    let log = std::fs::read_to_string(out.join("ncu.log")).unwrap();
+    assert!(
+        log.contains("--clock-control none") && log.contains("--print-units base"),
+        "{log}"
+    );
+    // Per kernel: launches, share of the time (3,000 of 5,000 ns), mean throughputs.
+    let table = std::fs::read_to_string(out.join("kernels.txt")).unwrap();
+    let flash = table
+        .lines()
+        .find(|l| l.starts_with("flash_attention_forward_64"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(
+        flash.split_whitespace().collect::<Vec<_>>(),
+        ["flash_attention_forward_64", "1", "60.0%", "60.0", "30.0"],
+        "{table}"
+    );
+    let norm = table
+        .lines()
+        .find(|l| l.starts_with("rmsnorm_forward"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(
+        norm.split_whitespace().collect::<Vec<_>>(),
+        ["rmsnorm_forward", "2", "40.0%", "20.5", "80.0"],
+        "{table}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -212,14 +212,18 @@ done
 "#;
 
 /// Stands in for compute-sanitizer: logs its arguments and exits with FAKE_SANITIZER_EXIT.
-const FAKE_SANITIZER: &str = "#!/bin/sh\necho \"sanitizer args: $*\"\nexit ${FAKE_SANITIZER_EXIT:-0}\n";
+const FAKE_SANITIZER: &str =
+    "#!/bin/sh\necho \"sanitizer args: $*\"\nexit ${FAKE_SANITIZER_EXIT:-0}\n";
 
 #[test]
 fn the_inspection_runs_both_sanitizers_and_tables_ncu_by_kernel() {
     let dir = tempdir("gpu-inspect");
     let out = dir.join("out");
     let o = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu_inspect.sh"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/gpu_inspect.sh"
+        ))
         .arg(&out)
         .env("IGPT_BIN", executable(&dir, "igpt", FAKE_IGPT))
         .env("PYTHON", "python3")

@@ -14,7 +14,7 @@
 // with the block's threads scheduled in ascending and in descending order (see shim.h).
 // Launches mirror mod.rs: per_row = one block of 256 threads per row, elementwise = blocks
 // of 256 (plus a 3-block grid for the grid-stride loops), and the special grids of
-// embed_backward_positions, rmsnorm_backward_gain, sum_squares and attention_step. The
+// embed_backward_positions, rmsnorm_backward, sum_squares and attention_step. The
 // flash attention kernels run with the launch configurations documented above them in
 // kernels.cu, which mod.rs's flash_launch gives.
 //
@@ -387,7 +387,9 @@ void check_embedding() {
 
 void check_rmsnorm() {
     const float eps = 1e-5f;
-    for (auto [rows, d] : {std::pair{13, 48}, std::pair{150, 50}, std::pair{7, 300}}) {
+    // 150 rows: several blocks of rows; 2,100 columns: two blocks of columns.
+    for (auto [rows, d] : {std::pair{13, 48}, std::pair{150, 50}, std::pair{7, 300},
+                           std::pair{5, 2100}}) {
         std::string what = std::to_string(rows) + "x" + std::to_string(d);
         vector<float> x = random((size_t)rows * d), g = random(d, 0.5f, 1.5f);
         vector<double> want((size_t)rows * d), want_rstd(rows);
@@ -421,24 +423,26 @@ void check_rmsnorm() {
                 want_dg[c] += (double)dr[c] * xr[c] * s;
             }
         }
-        per_row(rmsnorm_backward_input, rows, dx.data(), (const float*)dout.data(),
-                (const float*)x.data(), (const float*)rs.data(), (const float*)g.data(), d);
-        // The gain in two passes: partial sums of a few rows each (mod.rs takes 256 rows a
-        // block; 2 here, so there are many partial rows), then add_column_sums.
-        const int rows_per_block = 2, count = (rows + rows_per_block - 1) / rows_per_block;
-        auto gain = [&] {
-            vector<float> partials = nan_f32((size_t)count * d), out = dg;
-            launch(rmsnorm_backward_gain, dim3((d + 255) / 256, count), dim3(256), 0,
-                   partials.data(), (const float*)dout.data(), (const float*)x.data(),
-                   (const float*)rs.data(), rows, d, rows_per_block);
-            launch(add_column_sums, dim3((d + 31) / 32), dim3(256), 0, out.data(),
+        // One pass for dx and the gain's partial sums (32 rows a block, columns by 2048),
+        // then add_column_sums (1,024 threads), as mod.rs launches them.
+        const int rows_per_block = 32, count = (rows + rows_per_block - 1) / rows_per_block;
+        auto backward = [&] {
+            vector<float> partials = nan_f32((size_t)count * d), out_dx = dx, out_dg = dg;
+            launch(rmsnorm_backward, dim3(count, (d + 2047) / 2048), dim3(kRowThreads), 0,
+                   out_dx.data(), partials.data(), (const float*)dout.data(),
+                   (const float*)x.data(), (const float*)rs.data(), (const float*)g.data(),
+                   rows, d, rows_per_block);
+            launch(add_column_sums, dim3((d + 31) / 32), dim3(1024), 0, out_dg.data(),
                    (const float*)partials.data(), count, d);
-            return out;
+            out_dx.insert(out_dx.end(), out_dg.begin(), out_dg.end());
+            return out_dx;
         };
-        vector<float> dg_out = gain();
-        check("rmsnorm_backward_input", what + " dx", dx, want_dx, kRow);
-        check("rmsnorm_backward_gain", what + " dg", dg_out, want_dg, kRow);
-        check_order_independent("rmsnorm_backward_gain", what + " dg", dg_out, gain);
+        vector<float> both = backward();
+        vector<float> dx_out(both.begin(), both.begin() + (size_t)rows * d),
+            dg_out(both.begin() + (size_t)rows * d, both.end());
+        check("rmsnorm_backward", what + " dx", dx_out, want_dx, kRow);
+        check("rmsnorm_backward", what + " dg", dg_out, want_dg, kRow);
+        check_order_independent("rmsnorm_backward", what + " dx and dg", both, backward);
     }
 }
 
@@ -610,15 +614,15 @@ void check_optimizer() {
     }
 }
 
-// add_column_sums alone: counts around its 8 slices, widths around its 32 columns.
+// add_column_sums alone: counts around its 32 slices, widths around its 32 columns.
 void check_column_sums() {
-    for (int count : {1, 7, 8, 21})
+    for (int count : {1, 31, 32, 70})
         for (int n : {5, 37, 300}) {
             vector<float> partials = random((size_t)count * n), dst = random(n);
             vector<double> want = widen(dst);
             for (int k = 0; k < count; k++)
                 for (int c = 0; c < n; c++) want[c] += partials[(size_t)k * n + c];
-            launch(add_column_sums, dim3((n + 31) / 32), dim3(256), 0, dst.data(),
+            launch(add_column_sums, dim3((n + 31) / 32), dim3(1024), 0, dst.data(),
                    (const float*)partials.data(), count, n);
             check("add_column_sums",
                   std::to_string(count) + " rows of " + std::to_string(n), dst, want, kRow);

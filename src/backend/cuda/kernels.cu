@@ -209,49 +209,60 @@ extern "C" __global__ void rmsnorm_forward(float* out, float* rstd, const float*
     if (threadIdx.x == 0) rstd[row] = r;
 }
 
-// dx += rstd * (dout*g - xhat * mean(dout*g*xhat)), xhat = x * rstd; one block per row.
-extern "C" __global__ void rmsnorm_backward_input(float* dx, const float* dout, const float* x,
-                                                  const float* rstd, const float* g, int d) {
+// The backward pass in one read of dout and x: dx += rstd * (dout*g - xhat * mean(dout*g*xhat)),
+// xhat = x * rstd, and the gain's gradient as partial sums, partials[y, c] = the sum over the
+// block's rows of dout * x * rstd, which add_column_sums adds into dg in order (no atomic
+// adds). Grid (ceil(rows / rows_per_block), ceil(d / 2048)), 256 threads: block (y, z) takes
+// rows y * rows_per_block on, one at a time, and columns 2048 z .. 2048 z + 2047 of them
+// (eight a thread, their gain sums in registers); each row's mean needs the whole row, which
+// every column block reads.
+extern "C" __global__ void rmsnorm_backward(float* dx, float* partials, const float* dout,
+                                            const float* x, const float* rstd, const float* g,
+                                            int rows, int d, int rows_per_block) {
+    constexpr int kCols = 8;
     __shared__ float shared[32];
-    size_t row = blockIdx.x;
-    const float *xr = x + row * d, *dr = dout + row * d;
-    float r = rstd[row];
-    float s = 0.0f;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) s += dr[c] * g[c] * xr[c];
-    float mean = block_sum(s, shared) * r / d;
-    for (int c = threadIdx.x; c < d; c += blockDim.x)
-        dx[row * d + c] += r * (dr[c] * g[c] - xr[c] * r * mean);
-}
-
-// The gain's gradient, first pass: partials[y, c] = sum over rows y * rows_per_block ..
-// (y + 1) * rows_per_block of dout * x * rstd. Grid (ceil(d/256), ceil(rows/rows_per_block)).
-// add_column_sums then adds the partial rows into dg in order (no atomic adds).
-extern "C" __global__ void rmsnorm_backward_gain(float* partials, const float* dout,
-                                                 const float* x, const float* rstd, int rows,
-                                                 int d, int rows_per_block) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= d) return;
-    int r0 = blockIdx.y * rows_per_block, r1 = min(rows, r0 + rows_per_block);
-    float s = 0.0f;
-    for (int r = r0; r < r1; r++) s += dout[(size_t)r * d + c] * x[(size_t)r * d + c] * rstd[r];
-    partials[(size_t)blockIdx.y * d + c] = s;
+    const int c0 = blockIdx.y * kCols * blockDim.x + threadIdx.x;
+    const int r0 = blockIdx.x * rows_per_block, r1 = min(rows, r0 + rows_per_block);
+    float gain[kCols];
+#pragma unroll
+    for (int k = 0; k < kCols; k++) gain[k] = 0.0f;
+    for (int row = r0; row < r1; row++) {
+        const float *xr = x + (size_t)row * d, *dr = dout + (size_t)row * d;
+        float r = rstd[row];
+        float s = 0.0f;
+        for (int c = threadIdx.x; c < d; c += blockDim.x) s += dr[c] * g[c] * xr[c];
+        float mean = block_sum(s, shared) * r / d;
+#pragma unroll
+        for (int k = 0; k < kCols; k++) {
+            int c = c0 + k * blockDim.x;
+            if (c < d) {
+                dx[(size_t)row * d + c] += r * (dr[c] * g[c] - xr[c] * r * mean);
+                gain[k] += dr[c] * xr[c] * r;
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < kCols; k++) {
+        int c = c0 + k * blockDim.x;
+        if (c < d) partials[(size_t)blockIdx.x * d + c] = gain[k];
+    }
 }
 
 // dst[c] += the sum over k of partials[k, c] (`count` rows of `n` columns), added in the same
-// order on every run. Grid ceil(n / 32), block 256 threads: 8 slices of the rows for each of
+// order on every run. Grid ceil(n / 32), block 1024 threads: 32 slices of the rows for each of
 // 32 columns, whose sums are added in slice order.
 extern "C" __global__ void add_column_sums(float* dst, const float* partials, int count, int n) {
-    __shared__ float slices[8][32];
-    const int col = threadIdx.x & 31, slice = threadIdx.x >> 5;
+    __shared__ float slices[32][33];  // padded: a column's slices sit in different banks
+    const int col = threadIdx.x & 31, slice = threadIdx.x >> 5, slices_n = blockDim.x >> 5;
     const int c = blockIdx.x * 32 + col;
     float s = 0.0f;
     if (c < n)
-        for (int k = slice; k < count; k += 8) s += partials[(size_t)k * n + c];
+        for (int k = slice; k < count; k += slices_n) s += partials[(size_t)k * n + c];
     slices[slice][col] = s;
     __syncthreads();
     if (slice == 0 && c < n) {
         float total = slices[0][col];
-        for (int k = 1; k < 8; k++) total += slices[k][col];
+        for (int k = 1; k < slices_n; k++) total += slices[k][col];
         dst[c] += total;
     }
 }

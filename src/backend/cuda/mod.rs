@@ -139,8 +139,7 @@ struct Kernels {
     embed_backward_content: CudaFunction,
     embed_step: CudaFunction,
     rmsnorm_forward: CudaFunction,
-    rmsnorm_backward_input: CudaFunction,
-    rmsnorm_backward_gain: CudaFunction,
+    rmsnorm_backward: CudaFunction,
     add_column_sums: CudaFunction,
     gelu_forward: CudaFunction,
     gelu_backward_inplace: CudaFunction,
@@ -194,8 +193,7 @@ impl Kernels {
             embed_backward_content: f("embed_backward_content")?,
             embed_step: f("embed_step")?,
             rmsnorm_forward: f("rmsnorm_forward")?,
-            rmsnorm_backward_input: f("rmsnorm_backward_input")?,
-            rmsnorm_backward_gain: f("rmsnorm_backward_gain")?,
+            rmsnorm_backward: f("rmsnorm_backward")?,
             add_column_sums: f("add_column_sums")?,
             gelu_forward: f("gelu_forward")?,
             gelu_backward_inplace: f("gelu_backward_inplace")?,
@@ -341,15 +339,14 @@ fn flash_backward_shared_bytes(head_dim: usize) -> usize {
 /// Blocks of the sum of squares (each adds a share of the tensor into its own partial sum).
 const SUM_BLOCKS: usize = 1024;
 
-/// Rows each block of the RMS norm gain's gradient sums: 256, or more where the grid's y
-/// dimension (at most 65,535) needs.
-fn gain_rows_per_block(rows: usize) -> usize {
-    256usize.max(rows.div_ceil(65_535))
-}
+/// Rows each block of the RMS norm's backward pass takes, one after the other: few enough that
+/// a batch of 32 images of 1,024 positions gives about as many blocks as an H200 holds at once
+/// (1,024), many enough that adding the blocks' partial sums of the gain is cheap.
+const NORM_ROWS_PER_BLOCK: usize = 32;
 
 /// Partial-sum rows of the gain's gradient for up to `max_rows` rows (at least one).
 fn gain_partial_rows(max_rows: usize) -> usize {
-    max_rows.div_ceil(gain_rows_per_block(max_rows)).max(1)
+    max_rows.div_ceil(NORM_ROWS_PER_BLOCK).max(1)
 }
 
 /// One block per row.
@@ -1081,15 +1078,9 @@ impl Backend for CudaBackend {
             self.ptr(rstd),
             self.ptr(g),
         );
-        let di = int(d);
-        self.launch(
-            &self.kernels.rmsnorm_backward_input,
-            per_row(rows),
-            "rmsnorm_backward",
-            &[&p.0, &p.2, &p.3, &p.4, &p.5, &di],
-        );
-        // Partial sums of the gain's gradient over blocks of rows, then added in order.
-        let rows_per_block = gain_rows_per_block(rows);
+        // dx and the gain's partial sums over blocks of rows in one pass, then the partial
+        // sums added in order.
+        let rows_per_block = NORM_ROWS_PER_BLOCK;
         let count = rows.div_ceil(rows_per_block);
         let (partials, capacity) = {
             let b = &self.arenas().column_partials;
@@ -1100,20 +1091,20 @@ impl Backend for CudaBackend {
             "rmsnorm_backward: {rows} rows of {d} exceed the planned rows and width"
         );
         let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(256) as u32, count as u32, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (count as u32, d.div_ceil(2048) as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (ri, per, ci) = (int(rows), int(rows_per_block), int(count));
+        let (ri, di, per, ci) = (int(rows), int(d), int(rows_per_block), int(count));
         self.launch(
-            &self.kernels.rmsnorm_backward_gain,
+            &self.kernels.rmsnorm_backward,
             cfg,
             "rmsnorm_backward",
-            &[&partials, &p.2, &p.3, &p.4, &ri, &di, &per],
+            &[&p.0, &partials, &p.2, &p.3, &p.4, &p.5, &ri, &di, &per],
         );
         let cfg = LaunchConfig {
             grid_dim: (d.div_ceil(32) as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (1024, 1, 1),
             shared_mem_bytes: 0,
         };
         self.launch(
@@ -1812,8 +1803,7 @@ mod tests {
                 "embed_backward_content",
                 "embed_step",
                 "rmsnorm_forward",
-                "rmsnorm_backward_input",
-                "rmsnorm_backward_gain",
+                "rmsnorm_backward",
                 "gelu_forward",
                 "gelu_backward_inplace",
                 "cross_entropy",

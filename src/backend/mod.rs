@@ -195,6 +195,11 @@ pub trait Backend: Send {
     /// backend may round up to its tile size). Each cache holds `batch * n_head * len * head_dim`
     /// elements, laid out as the backend chooses.
     fn decode_cache_len(&self, n_ctx: usize) -> usize;
+    /// The longest context this backend's decoding kernels take for heads of `head_dim`
+    /// columns (a GPU's shared memory bounds it).
+    fn decode_context_limit(&self, _head_dim: usize) -> usize {
+        usize::MAX
+    }
     /// Whether this device multiplies bfloat16 natively (so [`Precision::Bf16`] is the faster
     /// choice for inference, not only the smaller one).
     fn native_bf16(&self) -> bool;

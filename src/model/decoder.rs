@@ -245,6 +245,15 @@ impl Decoder {
         params: &mut Option<Vec<f32>>,
         precision: Precision,
     ) -> anyhow::Result<Self> {
+        let limit = backend.decode_context_limit(cfg.head_dim());
+        anyhow::ensure!(
+            cfg.n_ctx() <= limit,
+            "this model's context of {} positions is more than the {} backend decodes (at most \
+             {limit} for heads of {} columns): sample, complete or serve it with --device cpu",
+            cfg.n_ctx(),
+            backend.name(),
+            cfg.head_dim()
+        );
         // Checked from the shape alone, before the layout or the plan computes a size.
         let cache_len = backend.decode_cache_len(cfg.n_ctx());
         // Adopted parameters cost nothing more on the host; a device copies them into its own.
@@ -670,6 +679,8 @@ mod replay_tests {
         fail_replay: bool,
         /// Whether the next call recorded panics (once).
         panic_while_recording: bool,
+        /// The longest context it says it decodes.
+        context_limit: usize,
         log: Arc<Mutex<Log>>,
     }
 
@@ -688,6 +699,7 @@ mod replay_tests {
                 fail,
                 fail_replay,
                 panic_while_recording: false,
+                context_limit: usize::MAX,
                 log: log.clone(),
             };
             (r, log)
@@ -718,6 +730,9 @@ mod replay_tests {
         }
         fn decode_cache_len(&self, n_ctx: usize) -> usize {
             self.inner.decode_cache_len(n_ctx)
+        }
+        fn decode_context_limit(&self, _head_dim: usize) -> usize {
+            self.context_limit
         }
         fn native_bf16(&self) -> bool {
             self.inner.native_bf16()
@@ -951,6 +966,36 @@ mod replay_tests {
             .map(|(i, v)| v + 0.03 * ((i * 7919 % 101) as f32 / 50.0 - 1.0))
             .collect();
         Decoder::build_on(backend, &cfg, 3, &mut Some(params), precision).unwrap()
+    }
+
+    #[test]
+    fn a_context_beyond_the_backends_decoding_kernels_is_refused_with_the_way_out() {
+        let cfg = model();
+        let params = || Some(crate::model::init_params(&cfg, 7));
+        let limited = |limit: usize| {
+            let (mut r, _) = Recorder::failing(false, false);
+            r.context_limit = limit;
+            Box::new(r) as Box<dyn Backend>
+        };
+        let err = Decoder::build_on(
+            limited(cfg.n_ctx() - 1),
+            &cfg,
+            3,
+            &mut params(),
+            Precision::F32,
+        )
+        .err()
+        .expect("a context one past the limit is refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("context of 16 positions")
+                && msg.contains("at most 15")
+                && msg.contains("--device cpu"),
+            "{msg}"
+        );
+        assert!(
+            Decoder::build_on(limited(cfg.n_ctx()), &cfg, 3, &mut params(), Precision::F32).is_ok()
+        );
     }
 
     /// Steps both decoders through a whole image with the same tokens, keeping only sequences

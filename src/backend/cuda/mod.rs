@@ -349,6 +349,18 @@ fn gain_partial_rows(max_rows: usize) -> usize {
     max_rows.div_ceil(NORM_ROWS_PER_BLOCK).max(1)
 }
 
+/// Dynamic shared bytes of the decoding kernels (attend_*): the scores, the query and the
+/// partial sums of values (128 threads' or head_dim's).
+fn decode_shared_bytes(n_ctx: usize, head_dim: usize) -> usize {
+    (n_ctx + head_dim + head_dim.max(128)) * 4
+}
+
+/// The longest context the decoding kernels take: 48 KiB of shared memory per block without
+/// opting in, less the kernel's 32 floats of static scratch.
+fn decode_context_limit(head_dim: usize) -> usize {
+    (48 * 1024 - 128) / 4 - head_dim - head_dim.max(128)
+}
+
 /// One block per row.
 fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -770,6 +782,10 @@ impl Backend for CudaBackend {
         self.not_recording("synchronize");
         self.bind();
         ok(self.ctx.synchronize(), "synchronize");
+    }
+
+    fn decode_context_limit(&self, head_dim: usize) -> usize {
+        decode_context_limit(head_dim)
     }
 
     fn device_memory_free(&self) -> Option<u128> {
@@ -1409,13 +1425,12 @@ impl Backend for CudaBackend {
         );
         assert!(qkv.len == s.batch * len * 3 * d && out.len == s.batch * len * d);
         assert!(k_cache.len == s.batch * nh * n_ctx * hd && v_cache.len == k_cache.len);
-        // Scores, the query and the partial sums of values (128 threads' or head_dim's).
-        let shared = (n_ctx + hd + hd.max(128)) * 4;
-        // 48 KiB per block without opting in, less the kernel's 32 floats of static scratch.
+        // Decoders check the context against this when they are built.
         assert!(
-            shared + 128 <= 48 * 1024,
-            "a context of {n_ctx} positions is beyond the decoding kernel (at most about 12,000)"
+            n_ctx <= decode_context_limit(hd),
+            "a context of {n_ctx} positions is beyond the decoding kernel"
         );
+        let shared = decode_shared_bytes(n_ctx, hd);
         let p = (
             self.ptr(out),
             self.ptr(k_cache),
@@ -1766,6 +1781,17 @@ mod tests {
             .filter(|l| l.starts_with("atom.") || l.starts_with("red."))
             .filter(|l| l.contains(".f32") || l.contains(".f64"))
             .collect()
+    }
+
+    #[test]
+    fn the_decoding_context_limit_is_the_longest_that_fits_shared_memory() {
+        for head_dim in [16, 64, 96, 128, 256] {
+            let limit = decode_context_limit(head_dim);
+            // The kernel's dynamic shared memory plus its 32 floats of static scratch.
+            assert!(decode_shared_bytes(limit, head_dim) + 128 <= 48 * 1024);
+            assert!(decode_shared_bytes(limit + 1, head_dim) + 128 > 48 * 1024);
+            assert!(limit >= 64 * 64, "iGPT's longest context, 64x64, decodes");
+        }
     }
 
     #[test]

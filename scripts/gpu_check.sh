@@ -94,17 +94,19 @@ step selftest 60 selftest.json "$igpt" --device cuda selftest --json "$out/selft
 # reproducible on one GPU): a small bf16 model (flash attention, heads of 32), six steps, both
 # checkpoints compared byte for byte.
 same_bits() {
-    local dir rc run
+    local dir rc=0 run
     dir=$(mktemp -d) || return 2
     for run in a b; do
         "$igpt" --device cuda train --data "$repo/data/fashion-mnist/t10k-images-idx3-ubyte.gz" \
             --limit 512 --side 16 --palette-size 64 --layers 4 --embd 128 --heads 4 --batch 16 \
-            --steps 6 --checkpoint-every 6 --precision bf16 --out "$dir/$run" || return $?
+            --steps 6 --checkpoint-every 6 --precision bf16 --out "$dir/$run" || { rc=$?; break; }
     done
-    cmp "$dir/a/model.safetensors" "$dir/b/model.safetensors" &&
-        cmp "$dir/a/trainer.safetensors" "$dir/b/trainer.safetensors"
-    rc=$?
-    [ $rc -eq 0 ] && echo "the two runs saved the same bytes"
+    if [ $rc -eq 0 ]; then
+        cmp "$dir/a/model.safetensors" "$dir/b/model.safetensors" &&
+            cmp "$dir/a/trainer.safetensors" "$dir/b/trainer.safetensors"
+        rc=$?
+        [ $rc -eq 0 ] && echo "the two runs saved the same bytes"
+    fi
     rm -rf "$dir"
     return $rc
 }

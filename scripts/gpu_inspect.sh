@@ -10,8 +10,8 @@
 # `libraries` step finds the CUDA libraries: this script looks for them the same way):
 #   scripts/gpu_inspect.sh OUT_DIR
 #
-# Writes to OUT_DIR: memcheck.log, racecheck.log, ncu.log and ncu.csv (one row per kernel
-# launch and metric), kernels.txt (per kernel: launches, its share of igpt's own kernels'
+# Writes to OUT_DIR: memcheck.log, racecheck.log, ncu.log, igpt.ncu-rep (ncu's report) and
+# ncu.csv (one row per kernel launch and metric), kernels.txt (per kernel: launches, its share of igpt's own kernels'
 # time, compute and memory throughput in percent of the GPU's peak), and summary.json as
 # gpu_check.sh writes it.
 # The limits add up to 240 s. Overrides, for tests: IGPT_BIN, PYTHON, SANITIZER, NCU.
@@ -70,12 +70,15 @@ step racecheck 70 "$sanitizer" --tool racecheck --racecheck-report hazard --erro
 
 # iGPT-S's kernels at batch 32, in a two-layer model (every kernel of a layer has iGPT-S's shape;
 # the step has a twelfth of its launches): igpt's own kernels only (cuBLAS's names do not
-# match), each replayed alone by ncu, durations in nanoseconds (--print-units base).
+# match), each replayed alone by ncu into a report, then the report's details as CSV with
+# durations in nanoseconds (--print-units base), apart from igpt's and ncu's own output.
 igpt_kernels='regex:^(flash|rmsnorm|embed|gelu|cross_entropy|adamw|sum_|add_column|round_bf16|pack_weight|fill)'
-step ncu 100 bash -c '"$0" --clock-control none --section SpeedOfLight --csv --page details \
-    --print-units base --kernel-name "$1" --launch-count 150 \
-    "$2" --device cuda bench train --layers 2 --embd 512 --heads 8 --side 32 --vocab 512 \
-    --batch 32 --warmup 1 --steps 1 --no-torch >"$3"' "$ncu" "$igpt_kernels" "$igpt" "$out/ncu.csv"
+step ncu 90 "$ncu" --clock-control none --section SpeedOfLight --kernel-name "$igpt_kernels" \
+    --launch-count 150 --export "$out/igpt" --force-overwrite \
+    "$igpt" --device cuda bench train --layers 2 --embd 512 --heads 8 --side 32 --vocab 512 \
+    --batch 32 --warmup 1 --steps 1 --no-torch
+step ncu-csv 10 bash -c '"$0" --import "$1" --csv --page details --print-units base >"$2"' \
+    "$ncu" "$out/igpt.ncu-rep" "$out/ncu.csv"
 
 # Per kernel: launches, summed duration, and the mean of its compute and memory throughput
 # (percent of peak), from ncu's CSV.
@@ -91,6 +94,8 @@ head = rows[start]
 col = {name: head.index(name) for name in ("ID", "Kernel Name", "Metric Name", "Metric Value")}
 per = defaultdict(lambda: defaultdict(dict))
 for r in rows[start + 1 :]:
+    if len(r) != len(head):  # a line of another kind (a warning, a program's output)
+        continue
     try:
         value = float(r[col["Metric Value"]].replace(",", ""))
     except ValueError:

@@ -197,10 +197,17 @@ fn a_missing_binary_fails_every_igpt_step_but_still_writes_the_summary() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Stands in for ncu: logs its arguments and prints a details page in CSV for two kernels
-/// (base units), as `--csv --page details --print-units base` does.
+/// Stands in for ncu: logs its arguments; profiling (`--export NAME`) writes NAME.ncu-rep,
+/// `--import` prints a details page in CSV for two kernels (base units, as `--csv --page
+/// details --print-units base` does) followed by a warning line of another shape.
 const FAKE_NCU: &str = r#"#!/bin/sh
 echo "ncu args: $*" >&2
+prev=""
+for a in "$@"; do
+    [ "$prev" = "--export" ] && echo report >"$a.ncu-rep"
+    prev=$a
+done
+case " $* " in *" --import "*) ;; *) exit 0 ;; esac
 echo '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"'
 for id in 0 1 2; do
     name=rmsnorm_forward; dur=1000; sm=20.5; mem=80
@@ -209,6 +216,7 @@ for id in 0 1 2; do
     echo "\"$id\",\"1\",\"igpt\",\"h\",\"$name\",\"1\",\"7\",\"(64, 1, 1)\",\"(32, 8, 32)\",\"0\",\"9.0\",\"GPU Speed Of Light Throughput\",\"Compute (SM) Throughput\",\"%\",\"$sm\""
     echo "\"$id\",\"1\",\"igpt\",\"h\",\"$name\",\"1\",\"7\",\"(64, 1, 1)\",\"(32, 8, 32)\",\"0\",\"9.0\",\"GPU Speed Of Light Throughput\",\"Memory Throughput\",\"%\",\"$mem\""
 done
+echo '==WARNING== a line of another shape'
 "#;
 
 /// Stands in for compute-sanitizer: logs its arguments and exits with FAKE_SANITIZER_EXIT.
@@ -246,9 +254,16 @@ fn the_inspection_runs_both_sanitizers_and_tables_ncu_by_kernel() {
         log.contains("--tool racecheck") && log.contains("--device cuda selftest --quick"),
         "{log}"
     );
+    assert_eq!(step(&summary, "ncu-csv")["exit_code"], 0, "{summary}");
     let log = std::fs::read_to_string(out.join("ncu.log")).unwrap();
     assert!(
-        log.contains("--clock-control none") && log.contains("--print-units base"),
+        log.contains("--clock-control none") && log.contains("--device cuda bench train"),
+        "{log}"
+    );
+    assert!(out.join("igpt.ncu-rep").exists());
+    let log = std::fs::read_to_string(out.join("ncu-csv.log")).unwrap();
+    assert!(
+        log.contains("--import") && log.contains("--print-units base"),
         "{log}"
     );
     // Per kernel: launches, share of the time (3,000 of 5,000 ns), mean throughputs.

@@ -124,6 +124,9 @@ impl Backend for Profiled {
     fn decode_cache_len(&self, n_ctx: usize) -> usize {
         self.inner.decode_cache_len(n_ctx)
     }
+    fn decode_context_limit(&self, head_dim: usize) -> usize {
+        self.inner.decode_context_limit(head_dim)
+    }
     fn native_bf16(&self) -> bool {
         self.inner.native_bf16()
     }

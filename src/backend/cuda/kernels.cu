@@ -151,7 +151,8 @@ __device__ __forceinline__ int content_of(const uint16_t* ids, int row, int t_le
 // Content gradients: block (v, y) adds into content row v (n_vocab: dsos) the dout rows that
 // take their content from it, in row order, so the sum is the same on every run (no atomic
 // adds). Grid (n_vocab + 1, ceil(d / 256)), block 256 threads, one column each. Each warp
-// tests 32 rows at once and visits only the matching ones.
+// tests 32 rows at once and reads the matching ones up to 8 at a time before adding them in
+// order, so a common colour's rows are not read one memory latency after another.
 extern "C" __global__ void embed_backward_content(float* dwte, float* dsos, const float* dout,
                                                   const uint16_t* ids, int rows, int t_len,
                                                   int d, int n_vocab, int direct) {
@@ -164,9 +165,19 @@ extern "C" __global__ void embed_backward_content(float* dwte, float* dsos, cons
         bool match = row < rows && content_of(ids, row, t_len, n_vocab, direct) == v;
         unsigned hits = __ballot_sync(0xffffffffu, match);
         any = any || hits != 0;
-        for (; hits; hits &= hits - 1) {
-            int r = base + __ffs(hits) - 1;
-            if (c < d) s += dout[(size_t)r * d + c];
+        while (hits) {
+            int r[8];
+            float v[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                r[k] = hits ? base + __ffs(hits) - 1 : -1;
+                hits &= hits - 1;
+            }
+#pragma unroll
+            for (int k = 0; k < 8; k++) v[k] = r[k] >= 0 && c < d ? dout[(size_t)r[k] * d + c] : 0.0f;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                if (r[k] >= 0) s += v[k];
         }
     }
     if (any && c < d) (v < n_vocab ? dwte + (size_t)v * d : dsos)[c] += s;
@@ -212,8 +223,8 @@ extern "C" __global__ void rmsnorm_forward(float* out, float* rstd, const float*
 // The backward pass in one read of dout and x: dx += rstd * (dout*g - xhat * mean(dout*g*xhat)),
 // xhat = x * rstd, and the gain's gradient as partial sums, partials[y, c] = the sum over the
 // block's rows of dout * x * rstd, which add_column_sums adds into dg in order (no atomic
-// adds). Grid (ceil(rows / rows_per_block), ceil(d / 2048)), 256 threads: block (y, z) takes
-// rows y * rows_per_block on, one at a time, and columns 2048 z .. 2048 z + 2047 of them
+// adds). Grid (ceil(rows / rows_per_block), ceil(d / 2048)), 256 threads: block (x, y) takes
+// rows x * rows_per_block on, one at a time, and columns 2048 y .. 2048 y + 2047 of them
 // (eight a thread, their gain sums in registers); each row's mean needs the whole row, which
 // every column block reads.
 extern "C" __global__ void rmsnorm_backward(float* dx, float* partials, const float* dout,
@@ -256,8 +267,10 @@ extern "C" __global__ void add_column_sums(float* dst, const float* partials, in
     const int col = threadIdx.x & 31, slice = threadIdx.x >> 5, slices_n = blockDim.x >> 5;
     const int c = blockIdx.x * 32 + col;
     float s = 0.0f;
-    if (c < n)
+    if (c < n) {
+#pragma unroll 8
         for (int k = slice; k < count; k += slices_n) s += partials[(size_t)k * n + c];
+    }
     slices[slice][col] = s;
     __syncthreads();
     if (slice == 0 && c < n) {

@@ -344,6 +344,10 @@ const SUM_BLOCKS: usize = 1024;
 /// (1,024), many enough that adding the blocks' partial sums of the gain is cheap.
 const NORM_ROWS_PER_BLOCK: usize = 32;
 
+/// Columns each block of the RMS norm's backward pass takes: eight a thread (kernels.cu,
+/// rmsnorm_backward's kCols).
+const NORM_COLUMNS_PER_BLOCK: usize = 8 * ROW_THREADS as usize;
+
 /// Partial-sum rows of the gain's gradient for up to `max_rows` rows (at least one).
 fn gain_partial_rows(max_rows: usize) -> usize {
     max_rows.div_ceil(NORM_ROWS_PER_BLOCK).max(1)
@@ -1107,7 +1111,7 @@ impl Backend for CudaBackend {
             "rmsnorm_backward: {rows} rows of {d} exceed the planned rows and width"
         );
         let cfg = LaunchConfig {
-            grid_dim: (count as u32, d.div_ceil(2048) as u32, 1),
+            grid_dim: (count as u32, d.div_ceil(NORM_COLUMNS_PER_BLOCK) as u32, 1),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -1770,7 +1774,8 @@ mod tests {
         }
     }
 
-    /// Floating-point atomic adds of `ptx` (`atom` or `red` of an `.f32` or `.f64`), as lines.
+    /// Floating-point atomic adds of `ptx` (`atom` or `red` of any float type: f16, bf16 and
+    /// their pairs, f32, f64), as lines.
     fn float_atomics(ptx: &str) -> Vec<&str> {
         ptx.lines()
             .map(str::trim)
@@ -1779,7 +1784,11 @@ mod tests {
                 None => l,
             })
             .filter(|l| l.starts_with("atom.") || l.starts_with("red."))
-            .filter(|l| l.contains(".f32") || l.contains(".f64"))
+            .filter(|l| {
+                [".f16", ".bf16", ".f32", ".f64"]
+                    .iter()
+                    .any(|t| l.contains(t))
+            })
             .collect()
     }
 
@@ -1801,14 +1810,15 @@ mod tests {
         for ptx in [PTX_SM80, PTX_SM90] {
             assert_eq!(float_atomics(ptx), Vec::<&str>::new());
         }
-        // What the build before that looked like, guarded or not.
+        // What the build before that looked like, guarded or not, and a 16-bit pair.
         let before = "\tatom.global.add.f32 \t%f2, [%rd32], %f1;\n\
                       \t@%p3 red.global.add.f64 \t[%rd15], %fd7;\n\
                       \tatom.global.cas.b32 \t%r1, [%rd2], %r3, %r4;\n\
+                      \tred.global.add.noftz.bf16x2 \t[%rd9], %r5;\n\
                       \tld.shared.f32 \t%f41, [%r36];\n";
         assert_eq!(
             float_atomics(before).len(),
-            2,
+            3,
             "{:?}",
             float_atomics(before)
         );

@@ -29,61 +29,11 @@ igpt=${IGPT_BIN:-$repo/gpu/igpt}
 smi=${NVIDIA_SMI:-nvidia-smi}
 python=${PYTHON:-python3}
 mkdir -p "$out" || exit 2
-# One line per step: name, exit code, seconds, log, JSON file (or "-"). Kept outside OUT_DIR,
-# whose files are what comes back.
-steps=$(mktemp) || exit 2
-trap 'rm -f "$steps"' EXIT
-
-# step NAME LIMIT_S JSON_FILE_OR_- COMMAND...: runs COMMAND under `timeout` with its output in
-# OUT_DIR/NAME.log and records how it ended (124: out of time).
-step() {
-    local name=$1 limit=$2 json=$3
-    shift 3
-    local start=$SECONDS
-    echo "== $name (limit ${limit} s)"
-    timeout -k 5 "$limit" "$@" >"$out/$name.log" 2>&1
-    local rc=$?
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$name.log" "$json" >>"$steps"
-    echo "   exit code $rc after $((SECONDS - start)) s"
-}
+. "$repo/scripts/gpu_steps.sh"
 
 step nvidia-smi 20 - "$smi" --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,temperature.gpu --format=csv
 
-# The CUDA libraries of the pip packages (nvidia-cublas and the rest) and torch's own are not on
-# the default library path, and igpt opens them by name at run time.
-start=$SECONDS
-echo "== libraries (limit 30 s)"
-libs=$(timeout -k 5 30 "$python" - 2>"$out/libraries.log" <<'PY'
-import glob, os, site, sys
-
-roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
-dirs = []
-for root in roots:
-    for d in sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib"))):
-        if d not in dirs:
-            dirs.append(d)
-try:
-    import torch
-
-    dirs.append(os.path.join(os.path.dirname(torch.__file__), "lib"))
-except Exception as e:  # The benchmarks will say more; igpt may still find its libraries.
-    print(f"torch: {e}", file=sys.stderr)
-for d in dirs:
-    print(d, *sorted(os.path.basename(f) for f in glob.glob(os.path.join(d, "libcublas*"))), file=sys.stderr)
-if not dirs:
-    sys.exit("no site-packages/nvidia/*/lib folder found")
-print(":".join(dirs))
-PY
-)
-rc=$?
-if [ $rc -eq 0 ] && [ -n "$libs" ]; then
-    export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" >>"$out/libraries.log"
-else
-    [ $rc -eq 0 ] && rc=1
-fi
-printf '%s\t%s\t%s\t%s\t%s\n' libraries "$rc" "$((SECONDS - start))" libraries.log - >>"$steps"
-echo "   exit code $rc after $((SECONDS - start)) s"
+find_cuda_libraries
 
 if [ ! -x "$igpt" ]; then
     echo "no igpt binary at $igpt: build it here first (see the top of this script)" >&2
@@ -123,30 +73,7 @@ step generate 120 generate.json "$igpt" --device cuda bench generate --shape sma
 # iGPT-S's products from f32 and from bf16 operands, in PyTorch: what bf16 activations would buy.
 step gemm 25 gemm.json "$python" "$repo/scripts/gemm_precision.py" --json "$out/gemm.json"
 
-# summary.json, in shell alone (the machine's Python may be what broke). igpt writes its JSON
-# whole or not at all (a rename), so a file that exists is embedded as it is.
-failed=0
-{
-    echo "{"
-    echo "  \"steps\": ["
-    sep=""
-    while IFS=$'\t' read -r name rc secs log json; do
-        [ "$rc" -ne 0 ] && failed=1
-        printf '%s    {"step": "%s", "exit_code": %s, "timed_out": %s, "seconds": %s, "log": "%s", "json": ' \
-            "$sep" "$name" "$rc" "$([ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo true || echo false)" "$secs" "$log"
-        if [ "$json" != - ] && [ -s "$out/$json" ]; then
-            cat "$out/$json"
-        else
-            printf 'null'
-        fi
-        printf '}'
-        sep=$',\n'
-    done <"$steps"
-    echo
-    echo "  ],"
-    echo "  \"ok\": $([ $failed -eq 0 ] && echo true || echo false)"
-    echo "}"
-} >"$out/summary.json"
+write_summary
 
 # The headline numbers, where Python can read them (best effort: the summary has them all).
 "$python" - "$out/summary.json" <<'PY' 2>/dev/null
@@ -165,14 +92,5 @@ for s in json.load(open(sys.argv[1]))["steps"]:
         print(f"{s['step']:<11} {r['impl']:<16} {batch:<9} {r['tokens_per_s']:>10.0f} tokens/s  {mfu}  {mem}")
 PY
 
-echo
-printf '%-12s %9s %8s\n' step "exit code" seconds
-while IFS=$'\t' read -r name rc secs log json; do
-    printf '%-12s %9s %8s%s\n' "$name" "$rc" "$secs" "$([ "$rc" -eq 124 ] && echo '  (out of time)')"
-done <"$steps"
-if [ $failed -eq 0 ]; then
-    echo "all steps passed; summary in $out/summary.json"
-else
-    echo "SOME STEPS FAILED; summary in $out/summary.json"
-fi
+print_steps
 exit $failed

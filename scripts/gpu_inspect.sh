@@ -28,44 +28,14 @@ python=${PYTHON:-python3}
 sanitizer=${SANITIZER:-compute-sanitizer}
 ncu=${NCU:-ncu}
 mkdir -p "$out" || exit 2
-steps=$(mktemp) || exit 2
-trap 'rm -f "$steps"' EXIT
+. "$repo/scripts/gpu_steps.sh"
 
-step() {
-    local name=$1 limit=$2
-    shift 2
-    local start=$SECONDS
-    echo "== $name (limit ${limit} s)"
-    timeout -k 5 "$limit" "$@" >"$out/$name.log" 2>&1
-    local rc=$?
-    printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >>"$steps"
-    echo "   exit code $rc after $((SECONDS - start)) s"
-}
-
-# The pip packages' CUDA libraries, as gpu_check.sh finds them.
-libs=$(timeout -k 5 30 "$python" - 2>/dev/null <<'PY'
-import glob, os, site, sys
-
-dirs = []
-for root in list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path:
-    for d in sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib"))):
-        if d not in dirs:
-            dirs.append(d)
-try:
-    import torch
-
-    dirs.append(os.path.join(os.path.dirname(torch.__file__), "lib"))
-except Exception:
-    pass
-print(":".join(dirs))
-PY
-)
-[ -n "$libs" ] && export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+find_cuda_libraries
 
 # Both tools exit non-zero when they report an error (--error-exitcode).
-step memcheck 70 "$sanitizer" --tool memcheck --error-exitcode 9 \
+step memcheck 70 - "$sanitizer" --tool memcheck --error-exitcode 9 \
     "$igpt" --device cuda selftest --quick
-step racecheck 70 "$sanitizer" --tool racecheck --racecheck-report hazard --error-exitcode 9 \
+step racecheck 70 - "$sanitizer" --tool racecheck --racecheck-report hazard --error-exitcode 9 \
     "$igpt" --device cuda selftest --quick
 
 # iGPT-S's kernels at batch 32, in a two-layer model (every kernel of a layer has iGPT-S's shape;
@@ -73,11 +43,11 @@ step racecheck 70 "$sanitizer" --tool racecheck --racecheck-report hazard --erro
 # match), each replayed alone by ncu into a report, then the report's details as CSV with
 # durations in nanoseconds (--print-units base), apart from igpt's and ncu's own output.
 igpt_kernels='regex:^(flash|rmsnorm|embed|gelu|cross_entropy|adamw|sum_|add_column|round_bf16|pack_weight|fill)'
-step ncu 90 "$ncu" --clock-control none --section SpeedOfLight --kernel-name "$igpt_kernels" \
+step ncu 90 - "$ncu" --clock-control none --section SpeedOfLight --kernel-name "$igpt_kernels" \
     --launch-count 150 --export "$out/igpt" --force-overwrite \
     "$igpt" --device cuda bench train --layers 2 --embd 512 --heads 8 --side 32 --vocab 512 \
     --batch 32 --warmup 1 --steps 1 --no-torch
-step ncu-csv 10 bash -c '"$0" --import "$1" --csv --page details --print-units base >"$2"' \
+step ncu-csv 10 - bash -c '"$0" --import "$1" --csv --page details --print-units base >"$2"' \
     "$ncu" "$out/igpt.ncu-rep" "$out/ncu.csv"
 
 # Per kernel: launches, summed duration, and the mean of its compute and memory throughput
@@ -111,27 +81,7 @@ for name, launches in sorted(per.items(), key=lambda kv: -sum(m.get("Duration", 
           f"{mean('Compute (SM) Throughput'):9.1f} {mean('Memory Throughput'):9.1f}")
 PY
 
-failed=0
-{
-    echo "{"
-    echo "  \"steps\": ["
-    sep=""
-    while IFS=$'\t' read -r name rc secs; do
-        [ "$rc" -ne 0 ] && failed=1
-        printf '%s    {"step": "%s", "exit_code": %s, "timed_out": %s, "seconds": %s, "log": "%s.log"}' \
-            "$sep" "$name" "$rc" "$([ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo true || echo false)" \
-            "$secs" "$name"
-        sep=$',\n'
-    done <"$steps"
-    echo
-    echo "  ],"
-    echo "  \"ok\": $([ $failed -eq 0 ] && echo true || echo false)"
-    echo "}"
-} >"$out/summary.json"
+write_summary
 cat "$out/kernels.txt"
-echo
-printf '%-12s %9s %8s\n' step "exit code" seconds
-while IFS=$'\t' read -r name rc secs; do
-    printf '%-12s %9s %8s%s\n' "$name" "$rc" "$secs" "$([ "$rc" -eq 124 ] && echo '  (out of time)')"
-done <"$steps"
+print_steps
 exit $failed

@@ -827,18 +827,6 @@ fn optimizer_kernels(p: &mut Pair) {
         step,
         grad_scale,
     };
-    for decay in [true, false] {
-        fill_arenas(p);
-        let step = adam(3, 0.5);
-        let view = View::new(Arena::Params, ADAM_AT, ADAM_LEN);
-        p.both(|b| b.adamw(view, step, decay));
-        let name = if decay {
-            "adamw (decay)"
-        } else {
-            "adamw (no decay)"
-        };
-        p.record(name, tol.f32_elementwise, &outputs);
-    }
     // The model's update: several tensors in one call, with and without decay, with a gap
     // between them that neither names (only the tensors move), clipped to the global norm of
     // the whole gradient arena, gap included.

@@ -6,9 +6,7 @@ mod common;
 
 use common::{igpt, s, stderr, tempdir};
 use igpt::backend::cpu::CpuBackend;
-use igpt::backend::{
-    AdamStep, ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, Update, View,
-};
+use igpt::backend::{ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, Update, View};
 use igpt::selftest::{self, Check, Options, Tolerances};
 use std::collections::BTreeSet;
 
@@ -56,8 +54,6 @@ const KERNEL_CHECKS: &[&str] = &[
     "cross_entropy (weighted)",
     "cross_entropy (weighted, gradient)",
     "sum_squares",
-    "adamw (decay)",
-    "adamw (no decay)",
     "clipped_update (clipped)",
     "clipped_update (within the clip)",
 ];
@@ -104,7 +100,6 @@ fn the_cpu_passes_against_itself_and_every_kernel_is_checked() {
         "gelu_backward_inplace",
         "cross_entropy",
         "sum_squares",
-        "adamw",
         "clipped_update",
         "fill",
         "copy",
@@ -355,9 +350,6 @@ impl Backend for Faulty {
     }
     fn sum_squares(&self, x: View) -> f64 {
         self.cpu.sum_squares(x)
-    }
-    fn adamw(&mut self, params: View, step: AdamStep, decay: bool) {
-        self.cpu.adamw(params, step, decay)
     }
     fn set_update(&mut self, update: Update) {
         self.cpu.set_update(update)

@@ -366,15 +366,13 @@ pub trait Backend: Send {
     /// `grad_scale * dloss/dlogits`.
     fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>);
     fn sum_squares(&self, x: View) -> f64;
-    /// AdamW on a parameter view; its gradient and moments sit at the same offsets of
-    /// [`Arena::Grads`], [`Arena::AdamM`] and [`Arena::AdamV`].
-    fn adamw(&mut self, params: View, step: AdamStep, decay: bool);
     /// Sets the step the next [`Backend::clipped_update`]s take. A transfer, not a kernel, so
     /// a recorded update replays with each step's rate and count.
     fn set_update(&mut self, update: Update);
     /// One optimizer step of the model, on the device: the global norm of `grads` (the whole
     /// gradient arena), the factor that clips it, and AdamW on each parameter view with its
-    /// decay flag (see [`Backend::adamw`]), its gradient multiplied by
+    /// decay flag (each view's gradient and moments sit at the same offsets of [`Arena::Grads`],
+    /// [`Arena::AdamM`] and [`Arena::AdamV`]), its gradient multiplied by
     /// `grad_scale * clip_factor(norm)`. Kernels only, so it can be recorded; the norm stays
     /// on the device until [`Backend::update_grad_norm`]. Needs [`Backend::set_update`] first.
     fn clipped_update(&mut self, tensors: &[(View, bool)], grads: View);

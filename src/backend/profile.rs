@@ -5,7 +5,7 @@
 //! Waiting after every call removes the overlap of host and device work, so a profiled step is
 //! slower than a real one; the shares, not the sum, are what it measures.
 
-use super::{AdamStep, ArenaSizes, AttnShape, Backend, Op, Update, View};
+use super::{ArenaSizes, AttnShape, Backend, Op, Update, View};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -298,9 +298,6 @@ impl Backend for Profiled {
     }
     fn sum_squares(&self, x: View) -> f64 {
         timed!(self, sum_squares(x))
-    }
-    fn adamw(&mut self, params: View, step: AdamStep, decay: bool) {
-        timed!(self, adamw(params, step, decay))
     }
     fn set_update(&mut self, update: Update) {
         timed!(self, set_update(update))

@@ -899,9 +899,6 @@ mod replay_tests {
         fn sum_squares(&self, _: View) -> f64 {
             unreachable!("the decoder does not train")
         }
-        fn adamw(&mut self, _: View, _: crate::backend::AdamStep, _: bool) {
-            unreachable!("the decoder does not train")
-        }
         fn set_update(&mut self, _: crate::backend::Update) {
             unreachable!("the decoder does not train")
         }

@@ -548,14 +548,6 @@ impl Engine {
             .upload(View::new(Arena::Grads, range.start, range.len()), src);
     }
 
-    /// The global norm of the gradient arena (sum of squares in f64, in a fixed order).
-    pub fn grad_norm(&self) -> f64 {
-        assert!(self.training, "gradients exist only in a training engine");
-        self.backend
-            .sum_squares(View::new(Arena::Grads, 0, self.layout.total))
-            .sqrt()
-    }
-
     /// One AdamW update of every parameter tensor from the gradient arena, its global norm
     /// clipped to `update.clip` first; weight decay applies to the tensors whose
     /// [`crate::model::TensorSpec::decay`] says so. Returns the norm before clipping. Where

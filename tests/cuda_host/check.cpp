@@ -519,27 +519,6 @@ void check_cross_entropy() {
 // AdamW (simd.rs adamw_chunk) and the sum of squares (optim.rs, in f64).
 
 void check_optimizer() {
-    for (auto [n, strided] : kElementwiseCases) {
-        vector<float> p = random(n), g = random(n), m = random(n, 1e-3f, 0.1f),
-                      v = positive(n, 1e-4f, 1e-2f);
-        const float lr = 1e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, gs = 0.5f;
-        const int step = 3;
-        const float bc1 = 1.0f - std::pow(b1, step), bc2 = 1.0f - std::pow(b2, step);
-        vector<double> want_p(n), want_m(n), want_v(n);
-        for (int i = 0; i < n; i++) {
-            double gi = (double)g[i] * gs;
-            want_m[i] = b1 * (double)m[i] + (1.0 - b1) * gi;
-            want_v[i] = b2 * (double)v[i] + (1.0 - b2) * gi * gi;
-            want_p[i] = p[i] - lr * ((want_m[i] / bc1) / (std::sqrt(want_v[i] / bc2) + eps) +
-                                     wd * (double)p[i]);
-        }
-        elementwise(strided, adamw, n, p.data(), (const float*)g.data(), m.data(), v.data(),
-                    (size_t)n, lr, b1, b2, eps, wd, gs, bc1, bc2);
-        std::string what = "n " + std::to_string(n) + grid_name(strided);
-        check("adamw", what + " p", p, want_p, kElementwise);
-        check("adamw", what + " m", m, want_m, kElementwise);
-        check("adamw", what + " v", v, want_v, kElementwise);
-    }
     // adamw_tensors: three tensors of one arena (decay, none, decay) and a gap no tensor
     // names, which must stay as it was. Grid (ceil(longest/256) clamped to 1..4096, count), as
     // mod.rs launches it, and a 2-block grid that makes the x blocks stride. The step comes

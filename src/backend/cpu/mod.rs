@@ -10,7 +10,7 @@ pub mod norm;
 pub mod optim;
 pub mod simd;
 
-use super::{AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Op, Update, View};
+use super::{Arena, ArenaSizes, AttnShape, Backend, DType, Op, Update, View};
 
 /// Bytes of memory available to this process (Linux: `MemAvailable`), if known.
 fn available_memory() -> Option<usize> {
@@ -513,20 +513,6 @@ impl Backend for CpuBackend {
         optim::sum_squares(self.slice(x))
     }
 
-    fn adamw(&mut self, params: View, step: AdamStep, decay: bool) {
-        assert_eq!(params.arena, Arena::Params);
-        self.slice(params);
-        let r = params.offset..params.offset + params.len;
-        optim::adamw(
-            &mut self.params[r.clone()],
-            &self.grads[r.clone()],
-            &mut self.adam_m[r.clone()],
-            &mut self.adam_v[r],
-            step,
-            decay,
-        );
-    }
-
     fn set_update(&mut self, update: Update) {
         self.update = Some(update);
     }
@@ -537,7 +523,17 @@ impl Backend for CpuBackend {
         let mut adam = update.adam;
         adam.grad_scale *= update.clip_factor(norm);
         for &(params, decay) in tensors {
-            self.adamw(params, adam, decay);
+            assert_eq!(params.arena, Arena::Params);
+            self.slice(params);
+            let r = params.offset..params.offset + params.len;
+            optim::adamw(
+                &mut self.params[r.clone()],
+                &self.grads[r.clone()],
+                &mut self.adam_m[r.clone()],
+                &mut self.adam_v[r],
+                adam,
+                decay,
+            );
         }
         self.update_grad_norm = norm;
     }

@@ -330,20 +330,6 @@ extern "C" __global__ void cross_entropy(float* logits, float* losses, const uin
 // ---------------------------------------------------------------------------------------
 // Optimizer and norms
 
-extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, size_t n,
-                                 float lr, float beta1, float beta2, float eps, float wd,
-                                 float grad_scale, float bc1, float bc2) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
-        float gi = g[i] * grad_scale;
-        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] -= lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + wd * p[i]);
-    }
-}
-
 // Up to 64 parameter tensors updated by one launch: element ranges of the arenas, and
 // whether weight decay applies. Passed by value (1,288 bytes of kernel parameters).
 #define ADAM_TABLE 64

@@ -11,9 +11,7 @@ mod gemm;
 mod memory;
 pub use memory::{memory_in_use, synchronize};
 
-use super::{
-    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, Recording, Update, View,
-};
+use super::{Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, Recording, Update, View};
 use crate::backend::device::Gpu;
 use anyhow::{Result, anyhow, bail};
 use cudarc::cublas::{result as blas, sys as blas_sys};
@@ -144,7 +142,6 @@ struct Kernels {
     gelu_forward: CudaFunction,
     gelu_backward_inplace: CudaFunction,
     cross_entropy: CudaFunction,
-    adamw: CudaFunction,
     adamw_tensors: CudaFunction,
     sum_squares: CudaFunction,
     sum_partials: CudaFunction,
@@ -198,7 +195,6 @@ impl Kernels {
             gelu_forward: f("gelu_forward")?,
             gelu_backward_inplace: f("gelu_backward_inplace")?,
             cross_entropy: f("cross_entropy")?,
-            adamw: f("adamw")?,
             adamw_tensors: f("adamw_tensors")?,
             sum_squares: f("sum_squares")?,
             sum_partials: f("sum_partials")?,
@@ -1705,40 +1701,6 @@ impl Backend for CudaBackend {
             self.graphs[recording.index] = None;
         }
     }
-
-    fn adamw(&mut self, params: View, h: AdamStep, decay: bool) {
-        assert_eq!(params.arena, Arena::Params);
-        let at = |arena| View { arena, ..params };
-        let (p, g, m, v) = (
-            self.ptr(params),
-            self.ptr(at(Arena::Grads)),
-            self.ptr(at(Arena::AdamM)),
-            self.ptr(at(Arena::AdamV)),
-        );
-        let n = params.len;
-        let (bc1, bc2) = h.bias_corrections();
-        let wd = if decay { h.weight_decay } else { 0.0 };
-        self.launch(
-            &self.kernels.adamw,
-            elementwise(n),
-            "adamw",
-            &[
-                &p,
-                &g,
-                &m,
-                &v,
-                &n,
-                &h.lr,
-                &h.beta1,
-                &h.beta2,
-                &h.eps,
-                &wd,
-                &h.grad_scale,
-                &bc1,
-                &bc2,
-            ],
-        );
-    }
 }
 
 #[cfg(test)]
@@ -1843,7 +1805,6 @@ mod tests {
                 "gelu_forward",
                 "gelu_backward_inplace",
                 "cross_entropy",
-                "adamw",
                 "sum_squares",
                 "sum_partials",
                 "add_column_sums",

@@ -437,3 +437,31 @@ fn bf16_training_on_the_cuda_backend_gives_the_same_bits_whatever_order_blocks_r
         );
     }
 }
+
+#[test]
+fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
+    let dir = tempdir("cuda-host-heuristics");
+    let log = dir.join("heuristics.log");
+    // Without graphs every step issues its products again; each must reuse its plan.
+    let env = [NO_GRAPHS[0], ("CUDA_HOST_HEURISTICS_LOG", s(&log))];
+    let run = dir.join("run");
+    succeeded(
+        &train_small(&run, CUDA, &["--steps", "3", "--eval-every", "3"], &env),
+        "training with --device cuda",
+    );
+    let queries = std::fs::read_to_string(&log).expect("read the heuristics log");
+    let lines: Vec<&str> = queries.lines().collect();
+    // The block's four weight products, the head, attention's batched products, each forward
+    // and backward: at least a dozen distinct products.
+    assert!(
+        lines.len() >= 12,
+        "only {} queries:\n{queries}",
+        lines.len()
+    );
+    let distinct: std::collections::HashSet<&str> = lines.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        lines.len(),
+        "a product's algorithm was asked for more than once:\n{queries}"
+    );
+}

@@ -64,7 +64,7 @@ pub fn compile(source: &Path, out: &Path, extra: &[&str]) {
 }
 
 /// A folder holding the host CUDA driver (`tests/cuda_host/driver.cpp`) under the names the
-/// CUDA backend opens (libcuda.so, libcublas.so, libcublasLt.so) and the `kernel_list.inc`
+/// CUDA backend opens (libcuda.so, libcublasLt.so) and the `kernel_list.inc`
 /// it was built with. Built once per test binary.
 pub fn driver_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -85,11 +85,9 @@ pub fn driver_dir() -> &'static Path {
             &["-fPIC", "-shared", "-I", include],
         );
         std::fs::rename(&built, dir.join("libcuda.so")).expect("install libcuda.so");
-        for name in ["libcublas.so", "libcublasLt.so"] {
-            let link = dir.join(name);
-            let _ = std::fs::remove_file(&link);
-            std::os::unix::fs::symlink("libcuda.so", &link).expect("link the cuBLAS names");
-        }
+        let link = dir.join("libcublasLt.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("libcuda.so", &link).expect("link the cuBLASLt name");
         dir
     })
 }

@@ -1,9 +1,9 @@
-// A CUDA driver and cuBLAS for a machine without a GPU: the parts of libcuda and libcublas
+// A CUDA driver and cuBLASLt for a machine without a GPU: the parts of libcuda and libcublasLt
 // that igpt's CUDA backend (src/backend/cuda) calls through cudarc, with igpt's kernels
 // (kernels.cu, compiled for the CPU through shim.h) standing in for the PTX. Built as one
-// shared library that answers to the names cudarc looks for (libcuda.so, libcublas.so,
-// libcublasLt.so), it lets the real `igpt --device cuda` run here: every launch, argument
-// list, grid, copy, cuBLAS product and CUDA graph of the Rust side, checked where a GPU
+// shared library that answers to the names cudarc looks for (libcuda.so, libcublasLt.so), it
+// lets the real `igpt --device cuda` run here: every launch, argument
+// list, grid, copy, cuBLASLt product and CUDA graph of the Rust side, checked where a GPU
 // would fail or misbehave.
 //
 //   g++ -std=c++17 -O2 -pthread -fPIC -shared -fno-extern-tls-init -I DIR \
@@ -22,19 +22,19 @@
 //   - launches: the function was loaded from the PTX the backend gave (its `.entry` is in the
 //     module, with parameters of the sizes kernels.cu's signature has), grids and blocks within the limits of compute capability 9.0, dynamic shared
 //     memory within the 48 KiB a kernel has unless cuFuncSetAttribute raised it;
-//   - products: cuBLAS's argument rules (leading dimensions, operand and compute types), the
-//     column-major definition of a strided batched product, beta = 0 never reading C, and
-//     FAST_16BF rounding its operands to bfloat16;
+//   - products: cuBLASLt's argument rules (attribute sizes, leading dimensions, operand and
+//     compute types, layouts that make one product), the column-major definition of a strided
+//     batched product, beta = 0 never reading C, FAST_16BF rounding its operands to bfloat16,
+//     and an algorithm's needs: operands aligned as the heuristic was told they would be, and
+//     the workspace it asked for, in device memory;
 //   - CUDA graphs: while a stream captures, its launches, products and asynchronous copies
 //     are recorded with their arguments' values, not run; a call that would synchronise or
 //     allocate (a synchronous copy, cuMemAlloc, cuCtxSynchronize) from the capturing thread
 //     fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates the capture, as in
 //     CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
-//   - igpt's own rule, stricter than cuBLAS (whose default workspace can be captured since
-//     CUDA 12.2): a product recorded into a graph must use a workspace set with
-//     cublasSetWorkspace after the last cublasSetStream (which resets it, as cuBLAS
-//     documents), so recorded and direct products share one workspace and capture allocates
-//     nothing.
+//   - igpt's own rule, stricter than cuBLASLt (which runs its heuristic itself when given no
+//     algorithm): every product passes the algorithm the heuristic chose for exactly its
+//     descriptor and layouts.
 // What it does not check: timing; the order of work between streams (everything runs when it
 // is issued, so a missing wait between two streams goes unseen); reads of `__shared__` arrays
 // no thread of the block wrote; reads into an allocation's rounding.
@@ -42,7 +42,8 @@
 // Environment: CUDA_HOST_MEMORY_BYTES sets the device's memory (default 8 GiB);
 // CUDA_HOST_REFUSE_CAPTURE refuses every stream capture (to test the callers' fallback);
 // CUDA_HOST_REVERSE_ORDER starts blocks, and the threads of each, in descending order (a
-// result that depends on the order of additions then changes).
+// result that depends on the order of additions then changes); CUDA_HOST_HEURISTICS_LOG names a
+// file to which each heuristic query appends the product it was asked for.
 
 #include "shim.h"
 
@@ -757,7 +758,7 @@ CUresult cuGraphDestroy(CUgraph graph) {
 }
 
 // ---------------------------------------------------------------------------------------
-// cuBLAS: a handle, its stream and workspace, and strided batched products.
+// cuBLASLt: descriptors, the heuristic, and products.
 
 typedef int cublasStatus_t;
 enum : cublasStatus_t {
@@ -768,55 +769,108 @@ enum : cublasStatus_t {
     CUBLAS_STATUS_NOT_SUPPORTED = 15,
 };
 
-struct BlasHandle {
-    Stream* stream = &legacy_stream;
-    bool user_workspace = false;
+enum : int { CUDA_R_32F = 0, CUDA_R_16BF = 14 };
+enum : int { CUBLAS_COMPUTE_32F = 68, CUBLAS_COMPUTE_32F_FAST_16BF = 75 };
+
+struct LtLayout {
+    int type;
+    unsigned long long rows, cols;
+    long long ld;
+    int batch = 1;
+    long long stride = 0;
 };
 
-static cublasStatus_t blas_refuse(cublasStatus_t code, const std::string& why) {
-    fprintf(stderr, "cuda_host cuBLAS: cublasGemmStridedBatchedEx fails (%d): %s\n", code,
-            why.c_str());
+struct LtDesc {
+    int compute, scale;
+    int trans[2] = {0, 0};
+};
+
+struct LtPreference {
+    unsigned long long workspace = 0;
+    // A, B, C, D, as cuBLASLt assumes unless told otherwise.
+    unsigned align[4] = {256, 256, 256, 256};
+};
+
+// The opaque cublasLtMatmulAlgo_t (eight u64) as this driver fills it: what the algorithm
+// was chosen for, which a product using it must match, and what it needs.
+struct LtAlgo {
+    unsigned long long tag;
+    unsigned long long product;  // a digest of the descriptor and layouts
+    unsigned align[4];
+    unsigned long long workspace;
+    unsigned long long unused[3];
+};
+static_assert(sizeof(LtAlgo) == 64, "cublasLtMatmulAlgo_t is 64 bytes");
+const unsigned long long ALGO_TAG = 0x6c74616c676f2121ULL;
+
+struct LtHeuristicResult {
+    LtAlgo algo;
+    size_t workspaceSize;
+    cublasStatus_t state;
+    float wavesCount;
+    int reserved[4];
+};
+
+static cublasStatus_t lt_refuse(const char* call, cublasStatus_t code, const std::string& why) {
+    fprintf(stderr, "cuda_host cuBLASLt: %s fails (%d): %s\n", call, code, why.c_str());
     return code;
 }
 
-cublasStatus_t cublasCreate_v2(void** handle) {
-    *handle = new BlasHandle;
-    return CUBLAS_STATUS_SUCCESS;
+// Copies an attribute's value after checking its size, as cuBLASLt does.
+static bool set_value(void* into, size_t size, const void* buf, size_t bytes) {
+    if (bytes != size || buf == nullptr) return false;
+    memcpy(into, buf, size);
+    return true;
+}
+#define attribute(into, buf, bytes) set_value(&(into), sizeof(into), buf, bytes)
+
+static unsigned long long digest(const LtDesc& d, const LtLayout* l[3]) {
+    unsigned long long h = 1469598103934665603ULL;
+    auto mix = [&](unsigned long long v) { h = (h ^ v) * 1099511628211ULL; };
+    mix(d.compute), mix(d.scale), mix(d.trans[0]), mix(d.trans[1]);
+    for (int i = 0; i < 3; i++)
+        mix(l[i]->type), mix(l[i]->rows), mix(l[i]->cols), mix(l[i]->ld), mix(l[i]->batch),
+            mix(l[i]->stride);
+    return h;
 }
 
-cublasStatus_t cublasDestroy_v2(void* handle) {
-    delete static_cast<BlasHandle*>(handle);
-    return CUBLAS_STATUS_SUCCESS;
+// The shape a descriptor and its layouts give, or why they are not one product igpt's driver
+// emulates.
+struct LtShape {
+    long long m, n, k;
+    bool fast_bf16;
+};
+static std::string lt_shape(const LtDesc& d, const LtLayout& a, const LtLayout& b,
+                            const LtLayout& c, const LtLayout& dd, LtShape& out) {
+    if (d.scale != CUDA_R_32F) return "the scale type must be CUDA_R_32F";
+    if (a.type != b.type) return "A and B differ in type";
+    if (c.type != CUDA_R_32F || dd.type != CUDA_R_32F) return "C and D must be CUDA_R_32F";
+    if (c.rows != dd.rows || c.cols != dd.cols || c.ld != dd.ld || c.batch != dd.batch ||
+        c.stride != dd.stride)
+        return "an in-place product needs D laid out as C";
+    if (a.type == CUDA_R_32F && d.compute == CUBLAS_COMPUTE_32F)
+        out.fast_bf16 = false;
+    else if (a.type == CUDA_R_32F && d.compute == CUBLAS_COMPUTE_32F_FAST_16BF)
+        out.fast_bf16 = true;
+    else if (a.type == CUDA_R_16BF && d.compute == CUBLAS_COMPUTE_32F)
+        out.fast_bf16 = false;
+    else
+        return "operand type " + std::to_string(a.type) + " with compute type " +
+               std::to_string(d.compute) + " is not a combination igpt uses";
+    bool ta = d.trans[0] == 1, tb = d.trans[1] == 1;
+    long long m = (long long)c.rows, n = (long long)c.cols;
+    long long k = ta ? (long long)a.rows : (long long)a.cols;
+    if ((long long)(ta ? a.cols : a.rows) != m || (long long)(tb ? b.rows : b.cols) != n ||
+        (long long)(tb ? b.cols : b.rows) != k)
+        return "the layouts' shapes do not make one product";
+    for (const LtLayout* l : {&a, &b, &c})
+        if (l->ld < std::max(1LL, (long long)l->rows))
+            return "a leading dimension (" + std::to_string(l->ld) +
+                   ") is smaller than its matrix's rows (" + std::to_string(l->rows) + ")";
+    if (a.batch != c.batch || b.batch != c.batch) return "the layouts' batch counts differ";
+    out.m = m, out.n = n, out.k = k;
+    return "";
 }
-
-cublasStatus_t cublasSetStream_v2(void* handle, CUstream s) {
-    GUARD;
-    auto* h = static_cast<BlasHandle*>(handle);
-    h->stream = stream_of(s);
-    // As cuBLAS documents: setting the stream resets the workspace to the default pool.
-    h->user_workspace = false;
-    return CUBLAS_STATUS_SUCCESS;
-}
-
-cublasStatus_t cublasGetStream_v2(void* handle, CUstream* s) {
-    auto* h = static_cast<BlasHandle*>(handle);
-    *s = h->stream == &legacy_stream ? nullptr : h->stream;
-    return CUBLAS_STATUS_SUCCESS;
-}
-
-cublasStatus_t cublasSetWorkspace_v2(void* handle, void* workspace, size_t bytes) {
-    GUARD;
-    auto* h = static_cast<BlasHandle*>(handle);
-    if (bytes > 0 && !in_allocation((uintptr_t)workspace, bytes)) {
-        fprintf(stderr, "cuda_host cuBLAS: cublasSetWorkspace: %zu bytes at %p are not device "
-                        "memory\n", bytes, workspace);
-        return CUBLAS_STATUS_INVALID_VALUE;
-    }
-    h->user_workspace = bytes > 0;
-    return CUBLAS_STATUS_SUCCESS;
-}
-
-cublasStatus_t cublasSetMathMode(void*, int) { return CUBLAS_STATUS_SUCCESS; }
 
 static float to_bf16_and_back(float f) {
     return __bfloat162float(__float2bfloat16(f));
@@ -841,92 +895,211 @@ static size_t extent(long long rows, long long cols, long long ld, long long str
     return (size_t)last * element_bytes;
 }
 
-cublasStatus_t cublasGemmStridedBatchedEx(void* handle, int transa, int transb, int m, int n,
-                                          int k, const void* alpha, const void* A, int a_type,
-                                          int lda, long long stride_a, const void* B,
-                                          int b_type, int ldb, long long stride_b,
-                                          const void* beta, void* C, int c_type, int ldc,
-                                          long long stride_c, int batch, int compute,
-                                          int algo) {
+cublasStatus_t cublasLtCreate(void** handle) {
+    *handle = new int(0);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtDestroy(void* handle) {
+    delete static_cast<int*>(handle);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatrixLayoutCreate(void** layout, int type, unsigned long long rows,
+                                          unsigned long long cols, long long ld) {
+    *layout = new LtLayout{type, rows, cols, ld};
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatrixLayoutDestroy(void* layout) {
+    delete static_cast<LtLayout*>(layout);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatrixLayoutSetAttribute(void* layout, int attr, const void* buf,
+                                                size_t bytes) {
+    auto* l = static_cast<LtLayout*>(layout);
+    bool ok = attr == 5 ? attribute(l->batch, buf, bytes)      // BATCH_COUNT, int32
+              : attr == 6 ? attribute(l->stride, buf, bytes)   // STRIDED_BATCH_OFFSET, int64
+                          : false;
+    return ok ? CUBLAS_STATUS_SUCCESS
+              : lt_refuse("cublasLtMatrixLayoutSetAttribute", CUBLAS_STATUS_INVALID_VALUE,
+                          "attribute " + std::to_string(attr) + " with " +
+                              std::to_string(bytes) + " bytes");
+}
+
+cublasStatus_t cublasLtMatmulDescCreate(void** desc, int compute, int scale) {
+    *desc = new LtDesc{compute, scale};
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescDestroy(void* desc) {
+    delete static_cast<LtDesc*>(desc);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescSetAttribute(void* desc, int attr, const void* buf,
+                                              size_t bytes) {
+    auto* d = static_cast<LtDesc*>(desc);
+    // TRANSA (3) and TRANSB (4) take a cublasOperation_t, an int32: 0 is N, 1 is T.
+    bool ok = (attr == 3 || attr == 4) && attribute(d->trans[attr - 3], buf, bytes) &&
+              (d->trans[attr - 3] == 0 || d->trans[attr - 3] == 1);
+    return ok ? CUBLAS_STATUS_SUCCESS
+              : lt_refuse("cublasLtMatmulDescSetAttribute", CUBLAS_STATUS_INVALID_VALUE,
+                          "attribute " + std::to_string(attr) + " with " +
+                              std::to_string(bytes) + " bytes");
+}
+
+cublasStatus_t cublasLtMatmulPreferenceCreate(void** pref) {
+    *pref = new LtPreference;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceDestroy(void* pref) {
+    delete static_cast<LtPreference*>(pref);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(void* pref, int attr, const void* buf,
+                                                    size_t bytes) {
+    auto* p = static_cast<LtPreference*>(pref);
+    bool ok = attr == 1 ? attribute(p->workspace, buf, bytes)  // MAX_WORKSPACE_BYTES, uint64
+              : attr >= 5 && attr <= 8
+                  ? attribute(p->align[attr - 5], buf, bytes)  // MIN_ALIGNMENT_[ABCD], uint32
+                  : false;
+    return ok ? CUBLAS_STATUS_SUCCESS
+              : lt_refuse("cublasLtMatmulPreferenceSetAttribute", CUBLAS_STATUS_INVALID_VALUE,
+                          "attribute " + std::to_string(attr) + " with " +
+                              std::to_string(bytes) + " bytes");
+}
+
+// One algorithm, which needs the alignments the preference allows (the least any algorithm
+// could ask for: a product on less aligned operands is refused) and up to 1 MiB of workspace.
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(void*, void* desc, void* a, void* b, void* c,
+                                              void* d, void* pref, int requested,
+                                              LtHeuristicResult* results, int* returned) {
     GUARD;
-    auto* h = static_cast<BlasHandle*>(handle);
-    if (transa > 1 || transb > 1 || transa < 0 || transb < 0)
-        return blas_refuse(CUBLAS_STATUS_INVALID_VALUE, "only OP_N and OP_T are emulated");
-    if (m < 0 || n < 0 || k < 0 || batch < 0)
-        return blas_refuse(CUBLAS_STATUS_INVALID_VALUE, "a negative size");
-    bool ta = transa == 1, tb = transb == 1;
-    // Stored shapes: A is m x k (k x m transposed), B is k x n (n x k transposed).
-    long long a_rows = ta ? k : m, a_cols = ta ? m : k;
-    long long b_rows = tb ? n : k, b_cols = tb ? k : n;
-    if (lda < std::max(1LL, a_rows) || ldb < std::max(1LL, b_rows) || ldc < std::max(1, m))
-        return blas_refuse(CUBLAS_STATUS_INVALID_VALUE,
-                           "a leading dimension is smaller than its operand's rows (lda " +
-                               std::to_string(lda) + ", ldb " + std::to_string(ldb) +
-                               ", ldc " + std::to_string(ldc) + ")");
-    if (c_type != 0) return blas_refuse(CUBLAS_STATUS_NOT_SUPPORTED, "C must be CUDA_R_32F");
-    if (a_type != b_type) return blas_refuse(CUBLAS_STATUS_NOT_SUPPORTED, "A and B differ in type");
-    bool fast_bf16;
-    if (a_type == 0 && compute == 68)
-        fast_bf16 = false;
-    else if (a_type == 0 && compute == 75)
-        fast_bf16 = true;
-    else if (a_type == 14 && compute == 68)
-        fast_bf16 = false;
-    else
-        return blas_refuse(CUBLAS_STATUS_NOT_SUPPORTED,
-                           "operand type " + std::to_string(a_type) + " with compute type " +
-                               std::to_string(compute) + " is not a combination igpt uses");
-    if (algo != -1) return blas_refuse(CUBLAS_STATUS_NOT_SUPPORTED, "only CUBLAS_GEMM_DEFAULT");
-    size_t esize = a_type == 14 ? 2 : 4;
+    const char* call = "cublasLtMatmulAlgoGetHeuristic";
+    *returned = 0;
+    if (requested < 1) return lt_refuse(call, CUBLAS_STATUS_INVALID_VALUE, "no result asked for");
+    auto* dd = static_cast<LtDesc*>(desc);
+    auto* p = static_cast<LtPreference*>(pref);
+    const LtLayout* l[3] = {static_cast<LtLayout*>(a), static_cast<LtLayout*>(b),
+                            static_cast<LtLayout*>(c)};
+    LtShape shape;
+    std::string why = lt_shape(*dd, *l[0], *l[1], *l[2], *static_cast<LtLayout*>(d), shape);
+    if (!why.empty()) return lt_refuse(call, CUBLAS_STATUS_NOT_SUPPORTED, why);
+    for (unsigned al : p->align)
+        if (al == 0 || (al & (al - 1)) != 0 || al > 256)
+            return lt_refuse(call, CUBLAS_STATUS_INVALID_VALUE, "an alignment of " +
+                                                                   std::to_string(al));
+    if (const char* log = getenv("CUDA_HOST_HEURISTICS_LOG")) {
+        if (FILE* f = fopen(log, "a")) {
+            fprintf(f, "m %lld n %lld k %lld trans %d %d type %d compute %d batch %d lds %lld "
+                       "%lld %lld strides %lld %lld %lld align %u %u %u %u\n",
+                    shape.m, shape.n, shape.k, dd->trans[0], dd->trans[1], l[0]->type,
+                    dd->compute, l[2]->batch, l[0]->ld, l[1]->ld, l[2]->ld, l[0]->stride,
+                    l[1]->stride, l[2]->stride, p->align[0], p->align[1], p->align[2],
+                    p->align[3]);
+            fclose(f);
+        }
+    }
+    LtHeuristicResult r{};
+    r.algo.tag = ALGO_TAG;
+    r.algo.product = digest(*dd, l);
+    memcpy(r.algo.align, p->align, sizeof r.algo.align);
+    r.algo.workspace = std::min<unsigned long long>(p->workspace, 1 << 20);
+    r.workspaceSize = r.algo.workspace;
+    r.state = CUBLAS_STATUS_SUCCESS;
+    r.wavesCount = 1.0f;
+    results[0] = r;
+    *returned = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* A, void* a_desc,
+                              const void* B, void* b_desc, const void* beta, const void* C,
+                              void* c_desc, void* D, void* d_desc, const LtAlgo* algo,
+                              void* workspace, size_t workspace_bytes, CUstream s) {
+    GUARD;
+    const char* call = "cublasLtMatmul";
+    auto* dd = static_cast<LtDesc*>(desc);
+    const LtLayout* l[3] = {static_cast<LtLayout*>(a_desc), static_cast<LtLayout*>(b_desc),
+                            static_cast<LtLayout*>(c_desc)};
+    LtShape shape;
+    std::string why =
+        lt_shape(*dd, *l[0], *l[1], *l[2], *static_cast<LtLayout*>(d_desc), shape);
+    if (!why.empty()) return lt_refuse(call, CUBLAS_STATUS_NOT_SUPPORTED, why);
+    // igpt's own rule, stricter than cuBLASLt (which would run its heuristic here): every
+    // product passes the algorithm chosen for exactly its descriptor and layouts.
+    if (algo == nullptr || algo->tag != ALGO_TAG)
+        return lt_refuse(call, CUBLAS_STATUS_INVALID_VALUE,
+                         "no algorithm from cublasLtMatmulAlgoGetHeuristic");
+    if (algo->product != digest(*dd, l))
+        return lt_refuse(call, CUBLAS_STATUS_INVALID_VALUE,
+                         "the algorithm was chosen for another product");
+    const void* pointers[4] = {A, B, C, D};
+    const char* names = "ABCD";
+    for (int i = 0; i < 4; i++)
+        if ((uintptr_t)pointers[i] % algo->align[i] != 0)
+            return lt_refuse(call, CUBLAS_STATUS_NOT_SUPPORTED,
+                             std::string("operand ") + names[i] + " at " +
+                                 hex((uintptr_t)pointers[i]) + " is not aligned to the " +
+                                 std::to_string(algo->align[i]) +
+                                 " bytes its algorithm was chosen for");
+    if (workspace_bytes < algo->workspace)
+        return lt_refuse(call, CUBLAS_STATUS_INVALID_VALUE,
+                         "the algorithm needs " + std::to_string(algo->workspace) +
+                             " bytes of workspace, given " + std::to_string(workspace_bytes));
+    if (workspace_bytes && !in_allocation((uintptr_t)workspace, workspace_bytes))
+        return lt_refuse(call, CUBLAS_STATUS_EXECUTION_FAILED,
+                         "the workspace is not device memory");
+    if (C != D) return lt_refuse(call, CUBLAS_STATUS_NOT_SUPPORTED, "only in-place products");
+    long long m = shape.m, n = shape.n, k = shape.k;
+    bool ta = dd->trans[0] == 1, tb = dd->trans[1] == 1, fast_bf16 = shape.fast_bf16;
+    int type = l[0]->type, batch = l[2]->batch;
+    long long lda = l[0]->ld, ldb = l[1]->ld, ldc = l[2]->ld;
+    long long stride_a = l[0]->stride, stride_b = l[1]->stride, stride_c = l[2]->stride;
+    size_t esize = type == CUDA_R_16BF ? 2 : 4;
     struct {
         const void* p;
         size_t bytes;
         const char* name;
     } operands[] = {
-        {A, extent(a_rows, a_cols, lda, stride_a, batch, esize), "A"},
-        {B, extent(b_rows, b_cols, ldb, stride_b, batch, esize), "B"},
+        {A, extent(l[0]->rows, l[0]->cols, lda, stride_a, batch, esize), "A"},
+        {B, extent(l[1]->rows, l[1]->cols, ldb, stride_b, batch, esize), "B"},
         {C, extent(m, n, ldc, stride_c, batch, 4), "C"},
     };
     for (auto& o : operands)
         if (o.bytes && !in_allocation((uintptr_t)o.p, o.bytes))
-            return blas_refuse(CUBLAS_STATUS_EXECUTION_FAILED,
-                               std::string("operand ") + o.name + ": " +
-                                   std::to_string(o.bytes) + " bytes at " +
-                                   hex((uintptr_t)o.p) + " are not all device memory");
-    if (h->stream->capturing && !h->user_workspace) {
-        h->stream->invalidated = true;
-        return blas_refuse(CUBLAS_STATUS_NOT_SUPPORTED,
-                           "a product captured into a graph without a workspace set by "
-                           "cublasSetWorkspace after cublasSetStream would allocate");
-    }
+            return lt_refuse(call, CUBLAS_STATUS_EXECUTION_FAILED,
+                             std::string("operand ") + o.name + ": " +
+                                 std::to_string(o.bytes) + " bytes at " +
+                                 hex((uintptr_t)o.p) + " are not all device memory");
     // Host pointer mode: the scalars are read when the call is made, recorded or not.
     float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
     Job job;
     for (auto& o : operands)
         if (o.bytes) job.uses.push_back({(uintptr_t)o.p, o.bytes});
+    if (workspace_bytes) job.uses.push_back({(uintptr_t)workspace, workspace_bytes});
     job.run = [=] {
         for (int b = 0; b < batch; b++) {
             const char* a = static_cast<const char*>(A) + (size_t)b * stride_a * esize;
             const char* bb = static_cast<const char*>(B) + (size_t)b * stride_b * esize;
-            float* c = static_cast<float*>(C) + (size_t)b * stride_c;
+            float* c = static_cast<float*>(D) + (size_t)b * stride_c;
             for (long long j = 0; j < n; j++)
                 for (long long i = 0; i < m; i++) {
                     double sum = 0.0;
-                    for (long long l = 0; l < k; l++)
-                        sum += element(a, a_type, ta, lda, i, l, fast_bf16) *
-                               element(bb, b_type, tb, ldb, l, j, fast_bf16);
+                    for (long long x = 0; x < k; x++)
+                        sum += element(a, type, ta, lda, i, x, fast_bf16) *
+                               element(bb, type, tb, ldb, x, j, fast_bf16);
                     float& out = c[i + j * ldc];
                     // beta = 0: C is written, never read (it may hold NaN).
                     out = be == 0.0f ? (float)(al * sum) : (float)(al * sum + be * out);
                 }
         }
     };
-    issue(h->stream, std::move(job), "cublasGemmStridedBatchedEx");
-    return CUBLAS_STATUS_SUCCESS;
-}
-
-cublasStatus_t cublasGetVersion_v2(void*, int* v) {
-    *v = 130000;
+    issue(stream_of(s), std::move(job), call);
     return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -201,11 +201,11 @@ int main() {
                "a kernel that writes past an allocation's end is caught");
     }
 
-    // cuBLAS: C (2x2) = A (2x3) B (3x2), column-major, C starting as NaN with beta 0.
-    void* blas;
-    cublasCreate_v2(&blas);
+    // cuBLASLt: C (2x2) = A (2x3) B (3x2), column-major, C starting as NaN with beta 0.
+    void* lt;
+    cublasLtCreate(&lt);
     CUdeviceptr a, b, c, workspace;
-    cuMemAlloc_v2(&a, 6 * 4);
+    cuMemAlloc_v2(&a, 6 * 4 + 256);
     cuMemAlloc_v2(&b, 6 * 4);
     cuMemAlloc_v2(&c, 4 * 4);
     cuMemAlloc_v2(&workspace, 1 << 20);
@@ -213,38 +213,82 @@ int main() {
     float hb[6] = {1, 0, 1, 0, 1, 1};  // [[1 0] [0 1] [1 1]]
     float hc[4] = {NAN, NAN, NAN, NAN};
     cuMemcpyHtoD_v2(a, ha, sizeof ha);
+    cuMemcpyHtoD_v2(a + 132, ha, sizeof ha);  // the same A, aligned to 4 bytes only
     cuMemcpyHtoD_v2(b, hb, sizeof hb);
     cuMemcpyHtoD_v2(c, hc, sizeof hc);
-    float one = 1.0f, zero = 0.0f;
-    auto gemm = [&](int lda) {
-        return cublasGemmStridedBatchedEx(blas, 0, 0, 2, 2, 3, &one, (void*)a, 0, lda, 6,
-                                          (void*)b, 0, 3, 6, &zero, (void*)c, 0, 2, 4, 1, 68,
-                                          -1);
+    void *desc, *la, *lb, *lc, *pref;
+    cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, 2, 3, 2);
+    cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, 3, 2, 3);
+    cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, 2, 2, 2);
+    cublasLtMatmulPreferenceCreate(&pref);
+    unsigned long long ws_bytes = 1 << 20;
+    expect(cublasLtMatmulPreferenceSetAttribute(pref, 1, &ws_bytes, 8) == CUBLAS_STATUS_SUCCESS,
+           "cuBLASLt: a preference's workspace, 8 bytes");
+    int op_t = 1;
+    expect(cublasLtMatmulDescSetAttribute(desc, 3, &op_t, 8) == CUBLAS_STATUS_INVALID_VALUE,
+           "an attribute of the wrong size is refused");
+    LtHeuristicResult found[1];
+    int returned = 0;
+    auto choose = [&](void* layout_a) {
+        return cublasLtMatmulAlgoGetHeuristic(lt, desc, layout_a, lb, lc, lc, pref, 1, found,
+                                              &returned);
     };
-    expect(gemm(2) == CUBLAS_STATUS_SUCCESS, "a product");
+    expect(choose(la) == CUBLAS_STATUS_SUCCESS && returned == 1 &&
+               found[0].workspaceSize <= ws_bytes,
+           "the heuristic returns an algorithm within the workspace");
+    LtAlgo algo = found[0].algo;
+    float one = 1.0f, zero = 0.0f;
+    auto product = [&](CUdeviceptr at_a, const LtAlgo* with, size_t ws, CUstream s) {
+        return cublasLtMatmul(lt, desc, &one, (void*)at_a, la, (void*)b, lb, &zero, (void*)c, lc,
+                              (void*)c, lc, with, (void*)workspace, ws, s);
+    };
+    expect(product(a, &algo, ws_bytes, nullptr) == CUBLAS_STATUS_SUCCESS, "a product");
     cuMemcpyDtoH_v2(hc, c, sizeof hc);
     expect(hc[0] == 4 && hc[1] == 10 && hc[2] == 5 && hc[3] == 11,
            "its column-major result, C never read when beta is 0");
-    expect(gemm(1) == CUBLAS_STATUS_INVALID_VALUE, "lda below A's rows is refused");
-    expect(cublasGemmStridedBatchedEx(blas, 0, 0, 2, 2, 3, &one, (void*)a, 14, 2, 6, (void*)b,
-                                      14, 3, 6, &zero, (void*)c, 0, 2, 4, 1, 75,
-                                      -1) == CUBLAS_STATUS_NOT_SUPPORTED,
+    expect(product(a + 132, &algo, ws_bytes, nullptr) == CUBLAS_STATUS_NOT_SUPPORTED,
+           "an operand less aligned than its algorithm was chosen for is refused");
+    unsigned four = 4;
+    cublasLtMatmulPreferenceSetAttribute(pref, 5, &four, 4);
+    choose(la);
+    expect(product(a + 132, &found[0].algo, ws_bytes, nullptr) == CUBLAS_STATUS_SUCCESS,
+           "one chosen for 4-byte alignment runs there");
+    expect(product(a, &algo, found[0].workspaceSize - 1, nullptr) == CUBLAS_STATUS_INVALID_VALUE,
+           "less workspace than the algorithm asked for is refused");
+    expect(product(a, nullptr, ws_bytes, nullptr) == CUBLAS_STATUS_INVALID_VALUE,
+           "a product without a chosen algorithm is refused");
+    void* la_wide;
+    cublasLtMatrixLayoutCreate(&la_wide, CUDA_R_32F, 2, 3, 3);
+    expect(cublasLtMatmul(lt, desc, &one, (void*)a, la_wide, (void*)b, lb, &zero, (void*)c, lc,
+                          (void*)c, lc, &algo, (void*)workspace, ws_bytes,
+                          nullptr) == CUBLAS_STATUS_INVALID_VALUE,
+           "an algorithm chosen for another layout is refused");
+    void* la_short;
+    cublasLtMatrixLayoutCreate(&la_short, CUDA_R_32F, 2, 3, 1);
+    expect(choose(la_short) == CUBLAS_STATUS_NOT_SUPPORTED,
+           "a leading dimension below its matrix's rows is refused");
+    void* fast_desc;
+    cublasLtMatmulDescCreate(&fast_desc, CUBLAS_COMPUTE_32F_FAST_16BF, CUDA_R_32F);
+    void *la16, *lb16;
+    cublasLtMatrixLayoutCreate(&la16, CUDA_R_16BF, 2, 3, 2);
+    cublasLtMatrixLayoutCreate(&lb16, CUDA_R_16BF, 3, 2, 3);
+    expect(cublasLtMatmulAlgoGetHeuristic(lt, fast_desc, la16, lb16, lc, lc, pref, 1, found,
+                                          &returned) == CUBLAS_STATUS_NOT_SUPPORTED,
            "bf16 operands with a FAST_16BF compute type are refused");
-    cublasSetStream_v2(blas, side);
+    hc[0] = NAN;
+    cuMemcpyHtoD_v2(c, hc, 4);
     cuStreamBeginCapture_v2(side, 1);
-    expect(gemm(2) == CUBLAS_STATUS_NOT_SUPPORTED,
-           "a product captured without a workspace of the caller's is refused");
-    cuStreamEndCapture(side, &graph);
-    cublasSetStream_v2(blas, side);
-    cublasSetWorkspace_v2(blas, (void*)workspace, 1 << 20);
-    cuStreamBeginCapture_v2(side, 1);
-    expect(gemm(2) == CUBLAS_STATUS_SUCCESS, "with cublasSetWorkspace it is recorded");
+    expect(product(a, &algo, ws_bytes, side) == CUBLAS_STATUS_SUCCESS,
+           "a product on a capturing stream is recorded");
     expect(cuStreamEndCapture(side, &graph) == CUDA_SUCCESS, "and the capture ends");
-    cublasSetStream_v2(blas, side);
-    cuStreamBeginCapture_v2(side, 1);
-    expect(gemm(2) == CUBLAS_STATUS_NOT_SUPPORTED,
-           "cublasSetStream resets the workspace, as cuBLAS documents");
-    cuStreamEndCapture(side, &graph);
+    cuMemcpyDtoH_v2(hc, c, 4);
+    expect(std::isnan(hc[0]), "recorded, it has not run");
+    CUgraphExec recorded;
+    cuGraphInstantiateWithFlags(&recorded, graph, 0);
+    cuGraphLaunch(recorded, nullptr);
+    cuMemcpyDtoH_v2(hc, c, 4);
+    expect(hc[0] == 4, "replayed, it has");
 
     printf("%d rule(s) broken\n", failures);
     return failures == 0 ? 0 : 1;

@@ -1,4 +1,4 @@
-//! The CUDA backend: device arenas, cuBLAS products, and igpt's own kernels (`kernels.cu`,
+//! The CUDA backend: device arenas, cuBLASLt products, and igpt's own kernels (`kernels.cu`,
 //! embedded as PTX).
 //!
 //! The CUDA libraries are loaded when first used, so a build runs on machines without them;
@@ -14,15 +14,13 @@ pub use memory::{memory_in_use, synchronize};
 use super::{Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, Recording, Update, View};
 use crate::backend::device::Gpu;
 use anyhow::{Result, anyhow, bail};
-use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::result as driver;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
     sys as driver_sys,
 };
-use gemm::{RowMajor, column_major};
+use gemm::{Operands, Products, RowMajor};
 use std::cell::{Cell, RefCell};
-use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
 
 /// The kernels as PTX for compute capability 8.0 (A100) and 9.0 (H100, H200); built from
@@ -33,9 +31,9 @@ const PTX_SM90: &str = include_str!("ptx/kernels.sm_90.ptx");
 /// Threads per block of the row kernels.
 const ROW_THREADS: u32 = 256;
 
-/// cuBLAS's workspace, set explicitly so that recorded products allocate nothing while being
-/// captured and use the same workspace (hence the same algorithms) as the calls run directly.
-const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+/// The products' workspace, passed with every call so that recorded products allocate nothing
+/// while being captured and run the algorithm the direct calls run.
+const PRODUCTS_WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Whether this machine can run the CUDA backend: a driver, cuBLAS and at least one GPU.
 /// Checked once; the error says what is missing.
@@ -62,9 +60,9 @@ fn probe_once() -> Result<usize> {
              NVIDIA GPU and its driver"
         );
     }
-    if !loadable("cublas") || !loadable("cublasLt") {
+    if !loadable("cublasLt") {
         bail!(
-            "the CUDA driver is here but cuBLAS is not (libcublas.so.13 and libcublasLt.so.13): \
+            "the CUDA driver is here but cuBLAS is not (libcublasLt.so.13): \
              install CUDA 13's cuBLAS (for example `pip install nvidia-cublas`) and add its lib \
              folder to LD_LIBRARY_PATH"
         );
@@ -246,11 +244,13 @@ struct Arenas {
     norm_squared: Buffer,
     /// One i32: the position a replayed recording decodes.
     position: Buffer,
-    blas_workspace: Buffer,
+    products_workspace: Buffer,
 }
 
-/// One GPU: its context, kernels, cuBLAS handle and arenas.
+/// One GPU: its context, kernels, cuBLASLt plans and arenas.
 pub struct CudaBackend {
+    /// First, so that it is dropped (after `drop` runs) while the context still lives.
+    products: Products,
     gpu: Gpu,
     ctx: Arc<CudaContext>,
     /// Where calls go: the default stream, or the side stream while recording.
@@ -259,7 +259,6 @@ pub struct CudaBackend {
     /// The stream recordings are captured on, made by the first recording.
     side_stream: Option<Arc<CudaStream>>,
     kernels: Kernels,
-    blas: blas_sys::cublasHandle_t,
     arenas: Option<Arenas>,
     recording: bool,
     /// The first error of a call while recording (which must not panic half-captured).
@@ -278,9 +277,9 @@ pub struct CudaBackend {
     update_set: bool,
 }
 
-// SAFETY: the cuBLAS handle is used only through `&mut self` or, in `sum_squares`, not at
-// all, so one thread at a time uses it; the context is made current on the calling thread
-// before every call (`bind`).
+// SAFETY: the cuBLASLt handle and plans are used only by the thread that owns the backend
+// (they are not `Sync`: `Products` holds a `RefCell`, so no `&CudaBackend` crosses threads);
+// the context is made current on the calling thread before every call (`bind`).
 unsafe impl Send for CudaBackend {}
 
 impl Drop for CudaBackend {
@@ -294,10 +293,6 @@ impl Drop for CudaBackend {
         }
         self.graphs.clear();
         self.arenas = None;
-        // SAFETY: the handle was created in `open` and is destroyed once, here.
-        unsafe {
-            let _ = blas::destroy_handle(self.blas);
-        }
     }
 }
 
@@ -397,21 +392,15 @@ impl CudaBackend {
         let stream = ctx.default_stream();
         ctx.bind_to_thread()
             .map_err(|e| anyhow!("cannot start cuda:{}: {e:?}", gpu.ordinal))?;
-        let handle = blas::create_handle().map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
-        // SAFETY: a fresh handle, set to the stream every kernel here uses; destroyed once, here,
-        // if that fails.
-        if let Err(e) = unsafe { blas::set_stream(handle, stream.cu_stream() as _) } {
-            let _ = unsafe { blas::destroy_handle(handle) };
-            bail!("cannot start cuBLAS: {e:?}");
-        }
+        let products = Products::new().map_err(|e| anyhow!("cannot start cuBLASLt: {e}"))?;
         Ok(Self {
+            products,
             gpu,
             ctx,
             stream: stream.clone(),
             default_stream: stream,
             side_stream: None,
             kernels,
-            blas: handle,
             arenas: None,
             recording: false,
             recording_error: RefCell::new(None),
@@ -505,24 +494,6 @@ impl CudaBackend {
         );
     }
 
-    /// Points cuBLAS at `stream`, with this backend's workspace once the arenas exist.
-    fn blas_on(&self, stream: &CudaStream) -> std::result::Result<(), blas::CublasError> {
-        // SAFETY: the handle is this backend's; the stream belongs to its context; the
-        // workspace outlives every call made with it (it is reset before the arenas are freed).
-        unsafe {
-            blas::set_stream(self.blas, stream.cu_stream() as _)?;
-            if let Some(a) = &self.arenas {
-                blas_sys::cublasSetWorkspace_v2(
-                    self.blas,
-                    a.blas_workspace.ptr as *mut c_void,
-                    a.blas_workspace.bytes,
-                )
-                .result()?;
-            }
-        }
-        Ok(())
-    }
-
     /// The position arguments of a decoding kernel: `pos` itself, or while recording the
     /// address the replays write their position to.
     fn position_args(&self, pos: usize) -> (i32, u64) {
@@ -561,79 +532,41 @@ impl CudaBackend {
         );
     }
 
-    /// The compute type of products of f32 operands.
-    fn compute_type(&self) -> blas_sys::cublasComputeType_t {
+    /// How products of f32 operands multiply: exactly, or rounded to bfloat16 for the tensor
+    /// cores.
+    fn f32_operands(&self) -> Operands {
         match self.gpu.products {
-            Precision::F32 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            Precision::Bf16 => blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+            Precision::F32 => Operands::F32,
+            Precision::Bf16 => Operands::F32ViaBf16,
         }
     }
 
     /// `C = alpha op(A) op(B) + beta C`, row-major, operands of element type `operands`.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(
-        &self,
-        p: RowMajor,
-        a: u64,
-        b: u64,
-        c: u64,
-        alpha: f32,
-        beta: f32,
-        operands: blas_sys::cudaDataType,
-        compute: blas_sys::cublasComputeType_t,
-    ) {
-        let call = column_major(&p);
-        let op = |t| {
-            if t {
-                blas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                blas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
+    fn gemm(&self, p: RowMajor, a: u64, b: u64, c: u64, alpha: f32, beta: f32, operands: Operands) {
         self.bind();
-        // SAFETY: the pointers are checked views sized for this product by the caller; alpha
-        // and beta live across the call; cuBLAS runs on this backend's stream.
+        let workspace = &self.arenas().products_workspace;
+        // SAFETY: the pointers are checked views sized for this product by the caller, of
+        // `operands`' types; the workspace is this backend's, used by one product at a time
+        // (every product goes to `self.stream`, in order).
         let r = unsafe {
-            blas::gemm_strided_batched_ex(
-                self.blas,
-                op(call.trans_first),
-                op(call.trans_second),
-                int(call.m),
-                int(call.n),
-                int(call.k),
-                (&alpha as *const f32).cast::<c_void>(),
-                b as *const c_void,
+            self.products.run(
+                self.stream.cu_stream() as _,
+                (workspace.ptr, workspace.bytes),
+                &p,
+                a,
+                b,
+                c,
+                alpha,
+                beta,
                 operands,
-                int(call.ld_first),
-                call.stride_first as i64,
-                a as *const c_void,
-                operands,
-                int(call.ld_second),
-                call.stride_second as i64,
-                (&beta as *const f32).cast::<c_void>(),
-                c as *mut c_void,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                int(call.ldc),
-                call.stride_c as i64,
-                int(call.batch),
-                compute,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         };
-        self.check(r, "a cuBLAS product");
+        self.check(r, &format!("a product ({p:?}, {operands:?})"));
     }
 
     fn f32_gemm(&self, p: RowMajor, a: u64, b: u64, c: u64, alpha: f32, beta: f32) {
-        self.gemm(
-            p,
-            a,
-            b,
-            c,
-            alpha,
-            beta,
-            blas_sys::cudaDataType::CUDA_R_32F,
-            self.compute_type(),
-        );
+        self.gemm(p, a, b, c, alpha, beta, self.f32_operands());
     }
 
     /// Whether attention of `shape` runs on the tensor cores (flash attention in kernels.cu):
@@ -797,12 +730,9 @@ impl Backend for CudaBackend {
         self.not_recording("allocate");
         self.bind();
         // Recordings point into the old arenas. Free those first, so re-planning does not
-        // need both at once, with cuBLAS off their workspace.
+        // need both at once.
         self.graphs.clear();
-        let old = self.arenas.take();
-        self.blas_on(&self.default_stream)
-            .map_err(|e| anyhow!("cannot set up cuBLAS: {e:?}"))?;
-        drop(old);
+        self.arenas = None;
         let sizes = [
             ("parameters", 4 * s.params),
             ("gradients", 4 * s.grads),
@@ -820,7 +750,7 @@ impl Backend for CudaBackend {
             ("scratch", std::mem::size_of::<UpdateStep>()),
             ("scratch", 8),
             ("scratch", 4),
-            ("cuBLAS workspace", BLAS_WORKSPACE_BYTES),
+            ("cuBLASLt workspace", PRODUCTS_WORKSPACE_BYTES),
         ];
         let total: usize = sizes.iter().map(|(_, b)| b).sum();
         let (free, all) = self
@@ -866,10 +796,8 @@ impl Backend for CudaBackend {
             update_step: next(),
             norm_squared: next(),
             position: next(),
-            blas_workspace: next(),
+            products_workspace: next(),
         });
-        self.blas_on(&self.default_stream)
-            .map_err(|e| anyhow!("cannot set up cuBLAS: {e:?}"))?;
         self.n_tokens = 0;
         self.weighted = false;
         self.update_set = false;
@@ -1177,8 +1105,7 @@ impl Backend for CudaBackend {
             o,
             1.0,
             if accumulate { 1.0 } else { 0.0 },
-            blas_sys::cudaDataType::CUDA_R_16BF,
-            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            Operands::Bf16,
         );
     }
 
@@ -1622,15 +1549,9 @@ impl Backend for CudaBackend {
                 s
             }
         };
-        if let Err(e) = self.blas_on(&side) {
-            // Back where every other call goes, whatever half of the switch happened.
-            let _ = self.blas_on(&self.default_stream);
-            bail!("cannot point cuBLAS at the recording stream: {e:?}");
-        }
         // Thread-local: only this thread's calls are captured or checked.
         let mode = driver_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
         if let Err(e) = side.begin_capture(mode) {
-            let _ = self.blas_on(&self.default_stream);
             bail!("cannot start capturing a CUDA graph: {e:?}");
         }
         self.stream = side;
@@ -1646,11 +1567,9 @@ impl Backend for CudaBackend {
         let side = std::mem::replace(&mut self.stream, self.default_stream.clone());
         self.recording = false;
         let ended = side.end_capture(driver_sys::CUgraphInstantiate_flags(0));
-        let blas = self.blas_on(&self.default_stream);
         if let Some(e) = self.recording_error.borrow_mut().take() {
             bail!("a call could not be recorded: {e}");
         }
-        blas.map_err(|e| anyhow!("cannot point cuBLAS back at the default stream: {e:?}"))?;
         let graph = ended
             .map_err(|e| anyhow!("capturing a CUDA graph failed: {e:?}"))?
             .ok_or_else(|| anyhow!("the recording is empty"))?;

@@ -385,6 +385,7 @@ pub fn check_kernels(
         tokens: ROWS,
         max_rows: ROWS,
         max_width: 4 * D,
+        embedding_rows: VOCAB + 1,
     };
     let mut p = Pair {
         b: [reference, tested],

@@ -119,12 +119,23 @@ fn losses(run: &Path) -> Vec<(String, f64)> {
 /// Trains the small model these tests share into `run`: f32, on the cuda backend when
 /// `device` says so, with `extra` flags.
 fn train_small(run: &Path, device: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Output {
+    train_small_in("f32", run, device, extra, env)
+}
+
+/// As [`train_small`], in `precision`.
+fn train_small_in(
+    precision: &str,
+    run: &Path,
+    device: &[&str],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
     let mut args: Vec<&str> = device.to_vec();
     #[rustfmt::skip]
     args.extend([
         "train", "--data", IMAGES, "--limit", "200", "--side", "8", "--palette-size", "16",
         "--layers", "2", "--embd", "32", "--heads", "2", "--batch", "8", "--lr", "3e-3",
-        "--warmup", "1", "--precision", "f32", "--out", s(run),
+        "--warmup", "1", "--precision", precision, "--out", s(run),
     ]);
     args.extend(extra);
     igpt_on_host_driver(&args, env)
@@ -440,28 +451,43 @@ fn bf16_training_on_the_cuda_backend_gives_the_same_bits_whatever_order_blocks_r
 
 #[test]
 fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
-    let dir = tempdir("cuda-host-heuristics");
-    let log = dir.join("heuristics.log");
-    // Without graphs every step issues its products again; each must reuse its plan.
-    let env = [NO_GRAPHS[0], ("CUDA_HOST_HEURISTICS_LOG", s(&log))];
-    let run = dir.join("run");
-    succeeded(
-        &train_small(&run, CUDA, &["--steps", "3", "--eval-every", "3"], &env),
-        "training with --device cuda",
-    );
-    let queries = std::fs::read_to_string(&log).expect("read the heuristics log");
-    let lines: Vec<&str> = queries.lines().collect();
-    // The block's four weight products, the head, attention's batched products, each forward
-    // and backward: at least a dozen distinct products.
-    assert!(
-        lines.len() >= 12,
-        "only {} queries:\n{queries}",
-        lines.len()
-    );
-    let distinct: std::collections::HashSet<&str> = lines.iter().copied().collect();
-    assert_eq!(
-        distinct.len(),
-        lines.len(),
-        "a product's algorithm was asked for more than once:\n{queries}"
-    );
+    // f32 (attention's products through cuBLASLt too) and bf16 (FAST_16BF products, flash
+    // attention).
+    for precision in ["f32", "bf16"] {
+        let dir = tempdir(&format!("cuda-host-heuristics-{precision}"));
+        let log = dir.join("heuristics.log");
+        // Without graphs every step issues its products again; each must reuse its plan.
+        let env = [NO_GRAPHS[0], ("CUDA_HOST_HEURISTICS_LOG", s(&log))];
+        let run = dir.join("run");
+        let flags = ["--steps", "3", "--eval-every", "3"];
+        succeeded(
+            &train_small_in(precision, &run, CUDA, &flags, &env),
+            "training with --device cuda",
+        );
+        let queries = std::fs::read_to_string(&log).expect("read the heuristics log");
+        let lines: Vec<&str> = queries.lines().collect();
+        // The block's four weight products and the head, each forward and backward: at least
+        // a dozen distinct products.
+        assert!(
+            lines.len() >= 12,
+            "{precision}: only {} queries:\n{queries}",
+            lines.len()
+        );
+        // FAST_16BF (75) in bf16, COMPUTE_32F (68) in f32.
+        let compute = if precision == "bf16" {
+            "compute 75"
+        } else {
+            "compute 68"
+        };
+        assert!(
+            lines.iter().all(|l| l.contains(compute)),
+            "{precision}: {queries}"
+        );
+        let distinct: std::collections::HashSet<&str> = lines.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            lines.len(),
+            "{precision}: a product's algorithm was asked for more than once:\n{queries}"
+        );
+    }
 }

@@ -100,6 +100,8 @@ impl Rig {
             tokens,
             max_rows: rows,
             max_width: width,
+            // Every vocabulary these tests use, and its start token.
+            embedding_rows: 64,
         })
         .unwrap_or_else(|e| panic!("{device}: allocate: {e}"));
         Self {
@@ -571,7 +573,7 @@ fn embedding_forward_and_backward() {
                 4 * (v + t + 1 + batch * t) * d + 256,
                 batch * t,
                 1,
-                1,
+                d,
             );
             let wte = rand_vec(v * d, 10, 1.0);
             let wpe = rand_vec(t * d, 11, 1.0);

@@ -182,6 +182,10 @@ pub struct ArenaSizes {
     /// Largest row count and row width any row-wise kernel will see.
     pub max_rows: usize,
     pub max_width: usize,
+    /// Rows of the content embedding whose gradient [`Backend::embed_backward`] sums (the
+    /// table's and the start token's, `n_vocab + 1`; zero when nothing trains): the CUDA
+    /// backend keeps partial sums of each in scratch.
+    pub embedding_rows: usize,
 }
 
 /// The kernels of one model family. Every method reads and writes only the views it is given;

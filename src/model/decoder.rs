@@ -342,6 +342,7 @@ impl Decoder {
             tokens: rows,
             max_rows: rows,
             max_width: d,
+            embedding_rows: 0,
         };
         (plan, weights, pack_jobs, sizes)
     }

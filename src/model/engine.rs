@@ -299,6 +299,7 @@ impl Engine {
             tokens: rows,
             max_rows: rows,
             max_width: d,
+            embedding_rows: if training { v + 1 } else { 0 },
         })?;
         if let Some(p) = params.take() {
             backend.adopt_params(p)?;

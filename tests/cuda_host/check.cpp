@@ -340,26 +340,62 @@ void check_embedding() {
             }
             launch(embed_backward_positions, dim3(t_len, (d + 255) / 256), dim3(256), 0,
                    dwpe.data(), (const float*)dout.data(), batch, t_len, d);
-            // Content: grid (n_vocab + 1, ceil(d / 256)); dwte and dsos as one buffer, so
-            // the order check covers both.
-            auto content_grads = [&](const vector<float>& start) {
-                vector<float> g = start;
-                launch(embed_backward_content, dim3(n_vocab + 1, (d + 255) / 256), dim3(256),
-                       0, g.data(), g.data() + (size_t)n_vocab * d, (const float*)dout.data(),
-                       (const uint16_t*)tok.data(), rows, t_len, d, n_vocab, direct);
-                return g;
-            };
+            // Content: grid (n_vocab + 1, ceil(d / 256), chunks), then the chunks' sums; dwte
+            // and dsos as one buffer, so the order check covers both. Chunks of all the rows,
+            // of 32 and of 7 (a colour's rows split unevenly, chunks with none of a colour).
             vector<float> start = dwte;
             start.insert(start.end(), dsos.begin(), dsos.end());
-            vector<float> grads = content_grads(start);
-            dwte.assign(grads.begin(), grads.begin() + (size_t)n_vocab * d);
-            dsos.assign(grads.begin() + (size_t)n_vocab * d, grads.end());
+            for (int chunk_rows : {rows, 32, 7}) {
+                int chunks = (rows + chunk_rows - 1) / chunk_rows;
+                size_t slots = (size_t)chunks * (n_vocab + 1);
+                vector<float> partials;
+                vector<unsigned char> found;
+                auto content_grads = [&](const vector<float>& from) {
+                    vector<float> g = from;
+                    partials = nan_f32(slots * d);
+                    found.assign(slots, 0xcd);
+                    launch(embed_backward_content, dim3(n_vocab + 1, (d + 255) / 256, chunks),
+                           dim3(256), 0, partials.data(), found.data(),
+                           (const float*)dout.data(), (const uint16_t*)tok.data(), rows,
+                           chunk_rows, t_len, d, n_vocab, direct);
+                    launch(embed_content_sums, dim3(n_vocab + 1, (d + 255) / 256), dim3(256), 0,
+                           g.data(), g.data() + (size_t)n_vocab * d,
+                           (const float*)partials.data(), (const unsigned char*)found.data(),
+                           chunks, d, n_vocab);
+                    return g;
+                };
+                vector<float> grads = content_grads(start);
+                std::string how = what + ", chunks of " + std::to_string(chunk_rows) + " rows";
+                // The first kernel: each chunk's sum for each content row, where it had one.
+                vector<double> want_partials(slots * d, 0.0);
+                vector<unsigned char> want_found(slots, 0);
+                for (int r = 0; r < rows; r++) {
+                    int t = r % t_len;
+                    int id = direct ? tok[r] : (t == 0 ? n_vocab : tok[r - 1]);
+                    if (id > n_vocab) continue;
+                    size_t slot = (size_t)(r / chunk_rows) * (n_vocab + 1) + id;
+                    want_found[slot] = 1;
+                    for (int c = 0; c < d; c++) want_partials[slot * d + c] += dout[(size_t)r * d + c];
+                }
+                vector<float> got_partials(slots * d, 0.0f);
+                for (size_t slot = 0; slot < slots; slot++)
+                    if (want_found[slot])
+                        for (int c = 0; c < d; c++)
+                            got_partials[slot * d + c] = partials[slot * d + c];
+                record("embed_backward_content", found == want_found ? 0.0 : 1.0, 0.0,
+                       how + ": which chunks hold which content rows");
+                check("embed_backward_content", how + " partial sums", got_partials,
+                      want_partials, kRow);
+                // Then the chunks added in order into the gradients, which started from dwte
+                // and dsos: sums over up to two thirds of the rows, judged as row reductions.
+                vector<float> got_dwte(grads.begin(), grads.begin() + (size_t)n_vocab * d),
+                    got_dsos(grads.begin() + (size_t)n_vocab * d, grads.end());
+                check("embed_content_sums", how + " dwte", got_dwte, want_dwte, kRow);
+                check("embed_content_sums", how + " dsos", got_dsos, want_dsos, kRow);
+                check_order_independent("embed_content_sums", how, grads,
+                                        [&] { return content_grads(start); });
+            }
             check("embed_backward_positions", what + " dwpe", dwpe, want_dwpe, kElementwise);
-            // A sum over up to two thirds of the rows: judged as the row reductions are.
-            check("embed_backward_content", what + " dwte", dwte, want_dwte, kRow);
-            check("embed_backward_content", what + " dsos", dsos, want_dsos, kRow);
-            check_order_independent("embed_backward_content", what, grads,
-                                    [&] { return content_grads(start); });
         }
 
         // Decoding: a prefill from position 0 (its first row is the start token), then a step.

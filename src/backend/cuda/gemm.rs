@@ -99,7 +99,8 @@ pub fn column_major(p: &RowMajor) -> ColumnMajor {
 pub enum Operands {
     /// f32 operands, f32 products.
     F32,
-    /// f32 operands rounded to bfloat16 inside the product (tensor cores), f32 sums.
+    /// f32 operands that cuBLASLt may round to bfloat16 inside the product, for the tensor
+    /// cores (`COMPUTE_32F_FAST_16BF`), f32 sums.
     F32ViaBf16,
     /// bfloat16 operands, f32 sums.
     Bf16,

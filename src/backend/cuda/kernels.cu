@@ -148,39 +148,66 @@ __device__ __forceinline__ int content_of(const uint16_t* ids, int row, int t_le
     return id < n_vocab ? id : -1;
 }
 
-// Content gradients: block (v, y) adds into content row v (n_vocab: dsos) the dout rows that
-// take their content from it, in row order, so the sum is the same on every run (no atomic
-// adds). Grid (n_vocab + 1, ceil(d / 256)), block 256 threads, one column each. Each warp
-// tests 32 rows at once and reads the matching ones up to 8 at a time before adding them in
-// order, so a common colour's rows are not read one memory latency after another.
-extern "C" __global__ void embed_backward_content(float* dwte, float* dsos, const float* dout,
-                                                  const uint16_t* ids, int rows, int t_len,
-                                                  int d, int n_vocab, int direct) {
+// Content gradients, in two kernels so that a common colour (a background) is summed by many
+// blocks, and without atomic adds, so the sum is the same on every run. First, block (v, y, z)
+// sums, in row order, the dout rows of chunk z (rows z * chunk_rows onwards) that take their
+// content from row v (n_vocab: the start token), over 256 columns, into partials[z][v], and
+// found[z][v] says whether any row did. Grid (n_vocab + 1, ceil(d / 256), chunks), block 256
+// threads, one column each. Each warp tests 32 rows at once and reads the matching ones up to 8
+// at a time before adding them in order, so matches are not read one memory latency after
+// another.
+extern "C" __global__ void embed_backward_content(float* partials, unsigned char* found,
+                                                  const float* dout, const uint16_t* ids,
+                                                  int rows, int chunk_rows, int t_len, int d,
+                                                  int n_vocab, int direct) {
     const int v = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
     const int lane = threadIdx.x & 31;
+    const int first = blockIdx.z * chunk_rows, end = min(rows, first + chunk_rows);
     float s = 0.0f;
     bool any = false;
-    for (int base = 0; base < rows; base += 32) {
+    for (int base = first; base < end; base += 32) {
         int row = base + lane;
-        bool match = row < rows && content_of(ids, row, t_len, n_vocab, direct) == v;
+        bool match = row < end && content_of(ids, row, t_len, n_vocab, direct) == v;
         unsigned hits = __ballot_sync(0xffffffffu, match);
         any = any || hits != 0;
         while (hits) {
             int r[8];
-            float v[8];
+            float g[8];
 #pragma unroll
             for (int k = 0; k < 8; k++) {
                 r[k] = hits ? base + __ffs(hits) - 1 : -1;
                 hits &= hits - 1;
             }
 #pragma unroll
-            for (int k = 0; k < 8; k++) v[k] = r[k] >= 0 && c < d ? dout[(size_t)r[k] * d + c] : 0.0f;
+            for (int k = 0; k < 8; k++) g[k] = r[k] >= 0 && c < d ? dout[(size_t)r[k] * d + c] : 0.0f;
 #pragma unroll
             for (int k = 0; k < 8; k++)
-                if (r[k] >= 0) s += v[k];
+                if (r[k] >= 0) s += g[k];
         }
     }
-    if (any && c < d) (v < n_vocab ? dwte + (size_t)v * d : dsos)[c] += s;
+    size_t slot = (size_t)blockIdx.z * (n_vocab + 1) + v;
+    if (any && c < d) partials[slot * d + c] = s;
+    if (blockIdx.y == 0 && threadIdx.x == 0) found[slot] = any;
+}
+
+// Then each content row adds its chunks' sums in chunk order into its gradient (dwte's row v,
+// or dsos), leaving rows no token took untouched. Grid (n_vocab + 1, ceil(d / 256)), 256
+// threads. With one chunk the sum is the first kernel's, bit for bit.
+extern "C" __global__ void embed_content_sums(float* dwte, float* dsos, const float* partials,
+                                              const unsigned char* found, int chunks, int d,
+                                              int n_vocab) {
+    const int v = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    float s = 0.0f;
+    bool any = false;
+    for (int z = 0; z < chunks; z++) {
+        size_t slot = (size_t)z * (n_vocab + 1) + v;
+        if (!found[slot]) continue;
+        float p = partials[slot * d + c];
+        s = any ? s + p : p;
+        any = true;
+    }
+    if (any) (v < n_vocab ? dwte + (size_t)v * d : dsos)[c] += s;
 }
 
 // The first position a decoding kernel handles: `pos`, or, where `pos_at` is set, the int

@@ -133,6 +133,7 @@ struct Kernels {
     embed_forward: CudaFunction,
     embed_backward_positions: CudaFunction,
     embed_backward_content: CudaFunction,
+    embed_content_sums: CudaFunction,
     embed_step: CudaFunction,
     rmsnorm_forward: CudaFunction,
     rmsnorm_backward: CudaFunction,
@@ -186,6 +187,7 @@ impl Kernels {
             embed_forward: f("embed_forward")?,
             embed_backward_positions: f("embed_backward_positions")?,
             embed_backward_content: f("embed_backward_content")?,
+            embed_content_sums: f("embed_content_sums")?,
             embed_step: f("embed_step")?,
             rmsnorm_forward: f("rmsnorm_forward")?,
             rmsnorm_backward: f("rmsnorm_backward")?,
@@ -238,6 +240,11 @@ struct Arenas {
     /// The RMS norm gain gradient's partial sums (f32, [`gain_partial_rows`] rows of
     /// `max_width`).
     column_partials: Buffer,
+    /// The content gradient's sums per chunk of rows (f32, [`CONTENT_CHUNKS`] x
+    /// `embedding_rows` rows of `max_width`) and whether each chunk had each row (one byte
+    /// each).
+    content_partials: Buffer,
+    content_found: Buffer,
     /// The step the next update takes ([`UpdateStep`]), and the squared gradient norm the
     /// update measures (one f64).
     update_step: Buffer,
@@ -338,6 +345,16 @@ const NORM_ROWS_PER_BLOCK: usize = 32;
 /// Columns each block of the RMS norm's backward pass takes: eight a thread (kernels.cu,
 /// rmsnorm_backward's kCols).
 const NORM_COLUMNS_PER_BLOCK: usize = 8 * ROW_THREADS as usize;
+
+/// The most chunks of rows the content gradient is summed in: a colour's rows are shared
+/// among this many blocks (a background colour can hold half of a batch's rows).
+const CONTENT_CHUNKS: usize = 16;
+
+/// Rows of a chunk of the content gradient: `rows` shared among at most [`CONTENT_CHUNKS`]
+/// chunks of at least 256 rows (fewer rows are not worth a second pass over partial sums).
+fn content_chunk_rows(rows: usize) -> usize {
+    rows.div_ceil(CONTENT_CHUNKS).max(256)
+}
 
 /// Partial-sum rows of the gain's gradient for up to `max_rows` rows (at least one).
 fn gain_partial_rows(max_rows: usize) -> usize {
@@ -562,7 +579,9 @@ impl CudaBackend {
                 operands,
             )
         };
-        self.check(r, &format!("a product ({p:?}, {operands:?})"));
+        if let Err(e) = r {
+            self.check(Err::<(), _>(e), &format!("a product ({p:?}, {operands:?})"));
+        }
     }
 
     fn f32_gemm(&self, p: RowMajor, a: u64, b: u64, c: u64, alpha: f32, beta: f32) {
@@ -747,6 +766,11 @@ impl Backend for CudaBackend {
             ("scratch", 8),
             ("scratch", 8 * SUM_BLOCKS),
             ("scratch", 4 * gain_partial_rows(s.max_rows) * s.max_width),
+            (
+                "scratch",
+                4 * CONTENT_CHUNKS * s.embedding_rows * s.max_width,
+            ),
+            ("scratch", CONTENT_CHUNKS * s.embedding_rows),
             ("scratch", std::mem::size_of::<UpdateStep>()),
             ("scratch", 8),
             ("scratch", 4),
@@ -793,6 +817,8 @@ impl Backend for CudaBackend {
             sum: next(),
             sum_partials: next(),
             column_partials: next(),
+            content_partials: next(),
+            content_found: next(),
             update_step: next(),
             norm_squared: next(),
             position: next(),
@@ -961,20 +987,53 @@ impl Backend for CudaBackend {
             "embed_backward",
             &[&dwpe_p, &dout_p, &batch, &ti, &di],
         );
-        // One block per content row (the table's and the start token's) and 256 columns.
+        // Block (content row, 256 columns, chunk of rows): the table's rows and the start
+        // token's; then each row adds its chunks in order.
+        let chunk_rows = content_chunk_rows(rows);
+        let chunks = rows.div_ceil(chunk_rows).max(1);
+        let (partials, found) = (
+            &self.arenas().content_partials,
+            &self.arenas().content_found,
+        );
+        assert!(
+            chunks * (v as usize + 1) <= found.bytes
+                && chunks * (v as usize + 1) * d * 4 <= partials.bytes,
+            "embed_backward: the content gradient's scratch was planned for fewer rows"
+        );
+        let (partials, found) = (partials.ptr, found.ptr);
         let cfg = LaunchConfig {
-            grid_dim: (v as u32 + 1, d.div_ceil(256) as u32, 1),
+            grid_dim: (v as u32 + 1, d.div_ceil(256) as u32, chunks as u32),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let rows_i = int(rows);
+        let (rows_i, chunk_rows, chunks) = (int(rows), int(chunk_rows), int(chunks));
         self.launch(
             &self.kernels.embed_backward_content,
             cfg,
             "embed_backward",
             &[
-                &dwte_p, &dsos_p, &dout_p, &ids, &rows_i, &ti, &di, &v, &direct,
+                &partials,
+                &found,
+                &dout_p,
+                &ids,
+                &rows_i,
+                &chunk_rows,
+                &ti,
+                &di,
+                &v,
+                &direct,
             ],
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (v as u32 + 1, d.div_ceil(256) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &self.kernels.embed_content_sums,
+            cfg,
+            "embed_backward",
+            &[&dwte_p, &dsos_p, &partials, &found, &chunks, &di, &v],
         );
     }
 
@@ -1718,6 +1777,7 @@ mod tests {
                 "embed_forward",
                 "embed_backward_positions",
                 "embed_backward_content",
+                "embed_content_sums",
                 "embed_step",
                 "rmsnorm_forward",
                 "rmsnorm_backward",

@@ -25,8 +25,9 @@
 //   - products: cuBLASLt's argument rules (attribute sizes, leading dimensions, operand and
 //     compute types, layouts that make one product), the column-major definition of a strided
 //     batched product, beta = 0 never reading C, FAST_16BF rounding its operands to bfloat16,
-//     and an algorithm's needs: operands aligned as the heuristic was told they would be, and
-//     the workspace it asked for, in device memory;
+//     and an algorithm's needs: operands aligned as the heuristic was told they would be (every
+//     column's and batch matrix's start, conservatively), and the workspace it asked for, in
+//     device memory;
 //   - CUDA graphs: while a stream captures, its launches, products and asynchronous copies
 //     are recorded with their arguments' values, not run; a call that would synchronise or
 //     allocate (a synchronous copy, cuMemAlloc, cuCtxSynchronize) from the capturing thread
@@ -1038,15 +1039,24 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
     if (algo->product != digest(*dd, l))
         return lt_refuse(call, CUBLAS_STATUS_INVALID_VALUE,
                          "the algorithm was chosen for another product");
+    // Conservatively, an algorithm's alignment holds for every column's and batch matrix's
+    // start, not only the operand's.
     const void* pointers[4] = {A, B, C, D};
+    const LtLayout* of[4] = {l[0], l[1], l[2], l[2]};
     const char* names = "ABCD";
-    for (int i = 0; i < 4; i++)
-        if ((uintptr_t)pointers[i] % algo->align[i] != 0)
+    for (int i = 0; i < 4; i++) {
+        size_t element = of[i]->type == CUDA_R_16BF ? 2 : 4;
+        uintptr_t starts = (uintptr_t)pointers[i] | (uintptr_t)(of[i]->ld * element) |
+                           (of[i]->batch > 1 ? (uintptr_t)(of[i]->stride * element) : 0);
+        if (starts % algo->align[i] != 0)
             return lt_refuse(call, CUBLAS_STATUS_NOT_SUPPORTED,
                              std::string("operand ") + names[i] + " at " +
-                                 hex((uintptr_t)pointers[i]) + " is not aligned to the " +
+                                 hex((uintptr_t)pointers[i]) + " (leading dimension " +
+                                 std::to_string(of[i]->ld) + ", batch stride " +
+                                 std::to_string(of[i]->stride) + ") is not aligned to the " +
                                  std::to_string(algo->align[i]) +
                                  " bytes its algorithm was chosen for");
+    }
     if (workspace_bytes < algo->workspace)
         return lt_refuse(call, CUBLAS_STATUS_INVALID_VALUE,
                          "the algorithm needs " + std::to_string(algo->workspace) +

@@ -234,22 +234,29 @@ int main() {
         return cublasLtMatmulAlgoGetHeuristic(lt, desc, layout_a, lb, lc, lc, pref, 1, found,
                                               &returned);
     };
+    // B's and C's columns start every 12 and 8 bytes: chosen for 4.
+    unsigned four = 4, eight = 8;
+    for (int attr : {6, 7, 8}) cublasLtMatmulPreferenceSetAttribute(pref, attr, &four, 4);
     expect(choose(la) == CUBLAS_STATUS_SUCCESS && returned == 1 &&
                found[0].workspaceSize <= ws_bytes,
            "the heuristic returns an algorithm within the workspace");
-    LtAlgo algo = found[0].algo;
+    LtAlgo for_256 = found[0].algo;
     float one = 1.0f, zero = 0.0f;
     auto product = [&](CUdeviceptr at_a, const LtAlgo* with, size_t ws, CUstream s) {
         return cublasLtMatmul(lt, desc, &one, (void*)at_a, la, (void*)b, lb, &zero, (void*)c, lc,
                               (void*)c, lc, with, (void*)workspace, ws, s);
     };
+    expect(product(a, &for_256, ws_bytes, nullptr) == CUBLAS_STATUS_NOT_SUPPORTED,
+           "columns less aligned (ld 2) than the algorithm was chosen for are refused");
+    cublasLtMatmulPreferenceSetAttribute(pref, 5, &eight, 4);
+    choose(la);
+    LtAlgo algo = found[0].algo;
     expect(product(a, &algo, ws_bytes, nullptr) == CUBLAS_STATUS_SUCCESS, "a product");
     cuMemcpyDtoH_v2(hc, c, sizeof hc);
     expect(hc[0] == 4 && hc[1] == 10 && hc[2] == 5 && hc[3] == 11,
            "its column-major result, C never read when beta is 0");
     expect(product(a + 132, &algo, ws_bytes, nullptr) == CUBLAS_STATUS_NOT_SUPPORTED,
            "an operand less aligned than its algorithm was chosen for is refused");
-    unsigned four = 4;
     cublasLtMatmulPreferenceSetAttribute(pref, 5, &four, 4);
     choose(la);
     expect(product(a + 132, &found[0].algo, ws_bytes, nullptr) == CUBLAS_STATUS_SUCCESS,

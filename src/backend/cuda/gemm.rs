@@ -107,6 +107,14 @@ pub enum Operands {
 }
 
 impl Operands {
+    /// Bytes of an operand's element.
+    fn bytes(self) -> usize {
+        match self {
+            Operands::F32 | Operands::F32ViaBf16 => 4,
+            Operands::Bf16 => 2,
+        }
+    }
+
     fn types(self) -> (lt_sys::cudaDataType, lt_sys::cublasComputeType_t) {
         use lt_sys::cublasComputeType_t::*;
         use lt_sys::cudaDataType::*;
@@ -132,7 +140,8 @@ pub fn alignment(address: u64) -> u32 {
 struct PlanKey {
     call: ColumnMajor,
     operands: Operands,
-    /// Alignments of cuBLAS's A, B and C (= D) in bytes.
+    /// Alignments of cuBLAS's A, B and C (= D) in bytes: of every column's and batch
+    /// matrix's start.
     alignment: [u32; 3],
 }
 
@@ -386,10 +395,22 @@ impl Products {
         }
         // cuBLAS's A is the row-major B, and its B the row-major A.
         let (first, second) = (b, a);
+        // Each column (and each matrix of a batch) starts where its operand does, a multiple
+        // of the leading dimension (and stride) further on: promise cuBLASLt only the
+        // alignment every one of those starts has.
+        let bytes = operands.bytes() as u64;
+        let starts = |at: u64, ld: usize, stride: usize, bytes: u64| {
+            let stride = if call.batch > 1 { stride as u64 } else { 0 };
+            alignment(at | ld as u64 * bytes | stride * bytes)
+        };
         let key = PlanKey {
             call,
             operands,
-            alignment: [alignment(first), alignment(second), alignment(c)],
+            alignment: [
+                starts(first, call.ld_first, call.stride_first, bytes),
+                starts(second, call.ld_second, call.stride_second, bytes),
+                starts(c, call.ldc, call.stride_c, 4),
+            ],
         };
         let mut plans = self.plans.borrow_mut();
         let plan = match plans.entry(key) {

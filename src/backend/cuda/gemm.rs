@@ -401,7 +401,7 @@ impl Products {
         let bytes = operands.bytes() as u64;
         let starts = |at: u64, ld: usize, stride: usize, bytes: u64| {
             let stride = if call.batch > 1 { stride as u64 } else { 0 };
-            alignment(at | ld as u64 * bytes | stride * bytes)
+            alignment(at | (ld as u64 * bytes) | (stride * bytes))
         };
         let key = PlanKey {
             call,

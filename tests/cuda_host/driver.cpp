@@ -825,6 +825,14 @@ static bool set_value(void* into, size_t size, const void* buf, size_t bytes) {
 }
 #define attribute(into, buf, bytes) set_value(&(into), sizeof(into), buf, bytes)
 
+// What a SetAttribute call returns: success, or the attribute and size it refused.
+static cublasStatus_t attribute_set(const char* call, bool ok, int attr, size_t bytes) {
+    if (ok) return CUBLAS_STATUS_SUCCESS;
+    return lt_refuse(call, CUBLAS_STATUS_INVALID_VALUE,
+                     "attribute " + std::to_string(attr) + " with " + std::to_string(bytes) +
+                         " bytes");
+}
+
 static unsigned long long digest(const LtDesc& d, const LtLayout* l[3]) {
     unsigned long long h = 1469598103934665603ULL;
     auto mix = [&](unsigned long long v) { h = (h ^ v) * 1099511628211ULL; };
@@ -923,10 +931,7 @@ cublasStatus_t cublasLtMatrixLayoutSetAttribute(void* layout, int attr, const vo
     bool ok = attr == 5 ? attribute(l->batch, buf, bytes)      // BATCH_COUNT, int32
               : attr == 6 ? attribute(l->stride, buf, bytes)   // STRIDED_BATCH_OFFSET, int64
                           : false;
-    return ok ? CUBLAS_STATUS_SUCCESS
-              : lt_refuse("cublasLtMatrixLayoutSetAttribute", CUBLAS_STATUS_INVALID_VALUE,
-                          "attribute " + std::to_string(attr) + " with " +
-                              std::to_string(bytes) + " bytes");
+    return attribute_set("cublasLtMatrixLayoutSetAttribute", ok, attr, bytes);
 }
 
 cublasStatus_t cublasLtMatmulDescCreate(void** desc, int compute, int scale) {
@@ -945,10 +950,7 @@ cublasStatus_t cublasLtMatmulDescSetAttribute(void* desc, int attr, const void* 
     // TRANSA (3) and TRANSB (4) take a cublasOperation_t, an int32: 0 is N, 1 is T.
     bool ok = (attr == 3 || attr == 4) && attribute(d->trans[attr - 3], buf, bytes) &&
               (d->trans[attr - 3] == 0 || d->trans[attr - 3] == 1);
-    return ok ? CUBLAS_STATUS_SUCCESS
-              : lt_refuse("cublasLtMatmulDescSetAttribute", CUBLAS_STATUS_INVALID_VALUE,
-                          "attribute " + std::to_string(attr) + " with " +
-                              std::to_string(bytes) + " bytes");
+    return attribute_set("cublasLtMatmulDescSetAttribute", ok, attr, bytes);
 }
 
 cublasStatus_t cublasLtMatmulPreferenceCreate(void** pref) {
@@ -968,10 +970,7 @@ cublasStatus_t cublasLtMatmulPreferenceSetAttribute(void* pref, int attr, const 
               : attr >= 5 && attr <= 8
                   ? attribute(p->align[attr - 5], buf, bytes)  // MIN_ALIGNMENT_[ABCD], uint32
                   : false;
-    return ok ? CUBLAS_STATUS_SUCCESS
-              : lt_refuse("cublasLtMatmulPreferenceSetAttribute", CUBLAS_STATUS_INVALID_VALUE,
-                          "attribute " + std::to_string(attr) + " with " +
-                              std::to_string(bytes) + " bytes");
+    return attribute_set("cublasLtMatmulPreferenceSetAttribute", ok, attr, bytes);
 }
 
 // One algorithm, which needs the alignments the preference allows (the least any algorithm

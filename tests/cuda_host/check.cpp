@@ -392,6 +392,30 @@ void check_embedding() {
                     got_dsos(grads.begin() + (size_t)n_vocab * d, grads.end());
                 check("embed_content_sums", how + " dwte", got_dwte, want_dwte, kRow);
                 check("embed_content_sums", how + " dsos", got_dsos, want_dsos, kRow);
+                // The order of the additions, bit for bit: each chunk's rows in row order from
+                // zero, then a row's chunks in chunk order, the first taken as it is (so one
+                // chunk adds exactly the sum of all the rows in order).
+                vector<float> chunk_sum(slots * d, 0.0f), in_order = start;
+                for (int r = 0; r < rows; r++) {
+                    int t = r % t_len;
+                    int id = direct ? tok[r] : (t == 0 ? n_vocab : tok[r - 1]);
+                    if (id > n_vocab) continue;
+                    size_t slot = (size_t)(r / chunk_rows) * (n_vocab + 1) + id;
+                    for (int c = 0; c < d; c++) chunk_sum[slot * d + c] += dout[(size_t)r * d + c];
+                }
+                for (int v = 0; v <= n_vocab; v++)
+                    for (int c = 0; c < d; c++) {
+                        float sum = 0.0f;
+                        bool any = false;
+                        for (int z = 0; z < chunks; z++) {
+                            size_t slot = (size_t)z * (n_vocab + 1) + v;
+                            if (!want_found[slot]) continue;
+                            sum = any ? sum + chunk_sum[slot * d + c] : chunk_sum[slot * d + c];
+                            any = true;
+                        }
+                        if (any) in_order[(size_t)v * d + c] += sum;
+                    }
+                check_bits("embed_content_sums", how + " in row and chunk order", grads, in_order);
                 check_order_independent("embed_content_sums", how, grads,
                                         [&] { return content_grads(start); });
             }

@@ -240,7 +240,7 @@ struct Arenas {
     /// The RMS norm gain gradient's partial sums (f32, [`gain_partial_rows`] rows of
     /// `max_width`).
     column_partials: Buffer,
-    /// The content gradient's sums per chunk of rows (f32, [`CONTENT_CHUNKS`] x
+    /// The content gradient's sums per chunk of rows (f32, [`max_content_chunks`] x
     /// `embedding_rows` rows of `max_width`) and whether each chunk had each row (one byte
     /// each).
     content_partials: Buffer,
@@ -350,10 +350,17 @@ const NORM_COLUMNS_PER_BLOCK: usize = 8 * ROW_THREADS as usize;
 /// among this many blocks (a background colour can hold half of a batch's rows).
 const CONTENT_CHUNKS: usize = 16;
 
-/// Rows of a chunk of the content gradient: `rows` shared among at most [`CONTENT_CHUNKS`]
-/// chunks of at least 256 rows (fewer rows are not worth a second pass over partial sums).
-fn content_chunk_rows(rows: usize) -> usize {
-    rows.div_ceil(CONTENT_CHUNKS).max(256)
+/// The chunks the content gradient of `rows` rows is summed in: (rows a chunk, chunks), at
+/// most [`CONTENT_CHUNKS`] of 256 rows or more, the last possibly shorter (fewer rows are not
+/// worth a second pass over partial sums).
+fn content_chunks(rows: usize) -> (usize, usize) {
+    let chunk_rows = rows.div_ceil(CONTENT_CHUNKS).max(256);
+    (chunk_rows, rows.div_ceil(chunk_rows).max(1))
+}
+
+/// The most chunks [`content_chunks`] makes of up to `max_rows` rows: what the scratch holds.
+fn max_content_chunks(max_rows: usize) -> usize {
+    max_rows.div_ceil(256).clamp(1, CONTENT_CHUNKS)
 }
 
 /// Partial-sum rows of the gain's gradient for up to `max_rows` rows (at least one).
@@ -768,9 +775,9 @@ impl Backend for CudaBackend {
             ("scratch", 4 * gain_partial_rows(s.max_rows) * s.max_width),
             (
                 "scratch",
-                4 * CONTENT_CHUNKS * s.embedding_rows * s.max_width,
+                4 * max_content_chunks(s.max_rows) * s.embedding_rows * s.max_width,
             ),
-            ("scratch", CONTENT_CHUNKS * s.embedding_rows),
+            ("scratch", max_content_chunks(s.max_rows) * s.embedding_rows),
             ("scratch", std::mem::size_of::<UpdateStep>()),
             ("scratch", 8),
             ("scratch", 4),
@@ -989,8 +996,7 @@ impl Backend for CudaBackend {
         );
         // Block (content row, 256 columns, chunk of rows): the table's rows and the start
         // token's; then each row adds its chunks in order.
-        let chunk_rows = content_chunk_rows(rows);
-        let chunks = rows.div_ceil(chunk_rows).max(1);
+        let (chunk_rows, chunks) = content_chunks(rows);
         let (partials, found) = (
             &self.arenas().content_partials,
             &self.arenas().content_found,
@@ -1700,6 +1706,27 @@ mod tests {
                 assert_eq!(opened.to_string(), e);
             }
         }
+    }
+
+    #[test]
+    fn the_content_gradients_chunks_cover_the_rows_within_the_planned_scratch() {
+        for rows in (1..=20_000).chain([32_768, 65_536, 1 << 20]) {
+            let (chunk_rows, chunks) = content_chunks(rows);
+            assert!(chunk_rows >= 256, "{rows} rows: chunks of {chunk_rows}");
+            assert!(
+                (chunks - 1) * chunk_rows < rows && rows <= chunks * chunk_rows,
+                "{rows}"
+            );
+            assert!(
+                chunks <= max_content_chunks(rows),
+                "{rows} rows: {chunks} chunks"
+            );
+            // The scratch is planned for the most rows; any fewer fit in it.
+            assert!(chunks <= max_content_chunks(rows + 1000), "{rows}");
+        }
+        assert_eq!(content_chunks(32_768), (2_048, 16));
+        assert_eq!(content_chunks(512), (256, 2));
+        assert_eq!(max_content_chunks(100), 1);
     }
 
     #[test]

@@ -289,6 +289,21 @@ fn training_and_sampling_on_the_cuda_backend_match_the_cpu_and_runs_move_between
 }
 
 #[test]
+fn a_cublaslt_older_than_cuda_13s_is_refused_naming_what_to_install() {
+    let out = igpt_on_host_driver(
+        &["--device", "cuda", "selftest", "--quick"],
+        &[("CUDA_HOST_CUBLASLT_VERSION", "120805")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an old cuBLASLt was used:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("version 12.8") && err.contains("libcublasLt.so.13"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_model_or_batch_larger_than_the_device_memory_is_refused_with_the_sizes() {
     let dir = tempdir("cuda-host-too-big");
     let train = |batch: &str, memory: &str| {

@@ -44,7 +44,8 @@
 // CUDA_HOST_REFUSE_CAPTURE refuses every stream capture (to test the callers' fallback);
 // CUDA_HOST_REVERSE_ORDER starts blocks, and the threads of each, in descending order (a
 // result that depends on the order of additions then changes); CUDA_HOST_HEURISTICS_LOG names a
-// file to which each heuristic query appends the product it was asked for.
+// file to which each heuristic query appends the product it was asked for;
+// CUDA_HOST_CUBLASLT_VERSION sets the version cublasLtGetVersion reports (default 130000).
 
 #include "shim.h"
 
@@ -902,6 +903,12 @@ static size_t extent(long long rows, long long cols, long long ld, long long str
     if (rows == 0 || cols == 0 || batch == 0) return 0;
     long long last = (long long)(batch - 1) * stride + (cols - 1) * ld + rows;
     return (size_t)last * element_bytes;
+}
+
+// CUDA 13.0's, or CUDA_HOST_CUBLASLT_VERSION's (to test igpt's refusal of an older one).
+size_t cublasLtGetVersion() {
+    const char* v = getenv("CUDA_HOST_CUBLASLT_VERSION");
+    return v ? strtoull(v, nullptr, 10) : 130000;
 }
 
 cublasStatus_t cublasLtCreate(void** handle) {

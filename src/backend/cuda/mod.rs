@@ -67,6 +67,19 @@ fn probe_once() -> Result<usize> {
              folder to LD_LIBRARY_PATH"
         );
     }
+    // An older cuBLASLt may load under another name; its descriptors are not the ones the
+    // bindings describe.
+    // SAFETY: a query without arguments or preconditions, of a library that loads.
+    let version = unsafe { cudarc::cublaslt::sys::cublasLtGetVersion() };
+    if version / 10_000 < 13 {
+        bail!(
+            "the cuBLASLt found is version {}.{} but igpt needs CUDA 13's (libcublasLt.so.13): \
+             install it (for example `pip install nvidia-cublas`) and put its lib folder first \
+             on LD_LIBRARY_PATH",
+            version / 10_000,
+            version / 100 % 100
+        );
+    }
     // The libraries load, so cudarc will not panic on them; a driver that fails to start
     // still might, so the call is fenced.
     let count = std::panic::catch_unwind(CudaContext::device_count)

@@ -35,7 +35,7 @@ const ROW_THREADS: u32 = 256;
 /// while being captured and run the algorithm the direct calls run.
 const PRODUCTS_WORKSPACE_BYTES: usize = 32 << 20;
 
-/// Whether this machine can run the CUDA backend: a driver, cuBLAS and at least one GPU.
+/// Whether this machine can run the CUDA backend: a driver, cuBLASLt and at least one GPU.
 /// Checked once; the error says what is missing.
 pub fn probe() -> Result<usize> {
     static PROBED: OnceLock<Result<usize, String>> = OnceLock::new();
@@ -407,7 +407,7 @@ fn per_row(rows: usize) -> LaunchConfig {
 }
 
 impl CudaBackend {
-    /// Opens `gpu`: a context, the kernels for its compute capability and a cuBLAS handle.
+    /// Opens `gpu`: a context, the kernels for its compute capability and a cuBLASLt handle.
     pub fn open(gpu: Gpu) -> Result<Self> {
         super::Device::Cuda(gpu).check()?;
         let ctx = std::panic::catch_unwind(|| CudaContext::new(gpu.ordinal))
@@ -610,7 +610,7 @@ impl CudaBackend {
 
     /// Whether attention of `shape` runs on the tensor cores (flash attention in kernels.cu):
     /// with bf16 products, for head sizes that are whole 16-column tiles up to 128. Exact f32
-    /// products keep the cuBLAS path, which stores the scores.
+    /// products keep the cuBLASLt path, which stores the scores.
     fn flash(&self, shape: AttnShape) -> bool {
         self.gpu.products == Precision::Bf16
             && shape.head_dim.is_multiple_of(16)

@@ -61,16 +61,26 @@ pub struct SampleScratch {
     keys: Vec<u64>,
 }
 
-/// Draws one token from `logits` with reusable scratch. Each colour weighs
-/// `e^((z - max) / temperature)` (the vectorised exponential of the CPU backend, the same on
-/// every machine); top-k and top-p cut the palette, most likely first; one number from `rng`
-/// picks the colour, walking the kept colours in order (colour order when nothing is cut).
+/// Draws one token from `logits` with one number from `rng` ([`choose_token`]).
 pub fn sample_token(
     logits: &[f32],
     opts: &SampleOptions,
     rng: &mut impl Rng,
     scratch: &mut SampleScratch,
 ) -> u16 {
+    choose_token(logits, opts, rng.random::<f32>(), scratch)
+}
+
+/// The token `u` (in `[0, 1)`) picks from `logits`, with reusable scratch. Each colour weighs
+/// `e^((z - max) / temperature)` (the vectorised exponential of the CPU backend, the same on
+/// every machine); top-k and top-p cut the palette, most likely first; `u` picks the colour,
+/// walking the kept colours in order (colour order when nothing is cut). Temperature 0 and
+/// top-k 1 take the first most likely colour, as do logits whose weights cannot be drawn from.
+///
+/// This is the rule every backend draws with ([`crate::backend::Backend::draw_tokens`]): the
+/// CPU backend calls this function; the CUDA backend's `draw_tokens` kernel does the same
+/// float operations in the same order, so it picks the same colour.
+pub fn choose_token(logits: &[f32], opts: &SampleOptions, u: f32, scratch: &mut SampleScratch) -> u16 {
     // The first most likely colour; a logit that is not a number never wins.
     let argmax = || {
         let (mut best, mut best_z) = (0, f32::NEG_INFINITY);
@@ -93,7 +103,7 @@ pub fn sample_token(
     if !cut_k && opts.top_p >= 1.0 {
         // The whole palette, in colour order.
         let colours = weights.iter().enumerate().map(|(i, &w)| (w, i as u16));
-        return draw(colours, total, rng).unwrap_or_else(argmax);
+        return draw(colours, total, u).unwrap_or_else(argmax);
     }
     // Most likely first; ties broken by colour index, so the order is total and fixed.
     let kept = if cut_k { opts.top_k } else { logits.len() };
@@ -113,7 +123,7 @@ pub fn sample_token(
         ranked.truncate(keep);
     }
     let total: f32 = ranked.iter().map(|p| p.0).sum();
-    draw(ranked.iter().copied(), total, rng).unwrap_or_else(argmax)
+    draw(ranked.iter().copied(), total, u).unwrap_or_else(argmax)
 }
 
 /// The `k` (1 to all) heaviest of `weights` as (weight, colour), heaviest first, equal weights
@@ -137,18 +147,18 @@ fn most_likely(weights: &[f32], k: usize, keys: &mut Vec<u64>, ranked: &mut Vec<
     }));
 }
 
-/// Picks from (weight, colour) pairs summing to `total` with one number from `rng`: the first
-/// colour whose weight the remaining draw falls under. None (drawing nothing) when the weights
-/// are not numbers that can be drawn from (the caller then takes the argmax).
+/// Picks from (weight, colour) pairs summing to `total` with `u` in `[0, 1)`: the first colour
+/// whose weight the remaining draw falls under. None (drawing nothing) when the weights are
+/// not numbers that can be drawn from (the caller then takes the argmax).
 fn draw(
     weighted: impl DoubleEndedIterator<Item = (f32, u16)> + Clone,
     total: f32,
-    rng: &mut impl Rng,
+    u: f32,
 ) -> Option<u16> {
     if !(total > 0.0 && total.is_finite()) {
         return None;
     }
-    let mut u = rng.random::<f32>() * total;
+    let mut u = u * total;
     for (p, id) in weighted.clone() {
         if u < p {
             return Some(id);
@@ -161,43 +171,62 @@ fn draw(
 
 /// The tokens of one decoding step at position `pos`: row r of `logits` (`[rows, v]`) is image
 /// `images[live[r]]`, whose token is its known one where its prefix reaches `pos` (with that
-/// token's negative log-likelihood) or one drawn with its options from `rngs[r]`, its own
-/// stream. Many rows are drawn in parallel; each row's draw depends only on its own logits and
-/// stream, so the tokens are the same on any number of threads. `drawn` receives one entry per
-/// row; it and each thread's scratch keep their memory from step to step.
+/// token's negative log-likelihood) or one drawn with its options and its number for `pos`
+/// (`numbers` is `[rows, n_ctx]`, from [`draw_numbers`]). `drawn` receives one entry per row.
 pub fn next_tokens(
     logits: &[f32],
     live: &[usize],
     images: &[ImageSpec],
     pos: usize,
-    rngs: &mut [ChaCha8Rng],
+    numbers: &[f32],
     drawn: &mut Vec<(u16, Option<f64>)>,
 ) {
     let rows = live.len();
-    assert!(rngs.len() == rows && rows > 0 && logits.len().is_multiple_of(rows));
-    let v = logits.len() / rows;
-    let draw = |scratch: &mut SampleScratch, (r, rng): (usize, &mut ChaCha8Rng)| {
+    assert!(
+        rows > 0 && logits.len().is_multiple_of(rows) && numbers.len().is_multiple_of(rows),
+        "next_tokens: {rows} rows of logits and numbers"
+    );
+    let (v, t) = (logits.len() / rows, numbers.len() / rows);
+    let row = |r: usize, scratch: &mut SampleScratch| {
         let z = &logits[r * v..(r + 1) * v];
         let image = &images[live[r]];
         match image.prefix.get(pos) {
             Some(&given) => (given, Some(neg_log_prob(z, given))),
-            None => (sample_token(z, &image.opts, rng, scratch), None),
+            None => (choose_token(z, &image.opts, numbers[r * t + pos], scratch), None),
         }
     };
+    for_each_row(rows, row, drawn);
+}
+
+/// `out[r] = f(r, scratch)` for each of `rows` rows. Many rows run in parallel; each entry
+/// depends only on its row, so the result is the same on any number of threads. `out` and
+/// each thread's scratch keep their memory from call to call.
+pub fn for_each_row<T: Send>(
+    rows: usize,
+    f: impl Fn(usize, &mut SampleScratch) -> T + Sync,
+    out: &mut Vec<T>,
+) {
     thread_local! {
         static SCRATCH: std::cell::RefCell<SampleScratch> = std::cell::RefCell::new(SampleScratch::default());
     }
-    let draw = |row| SCRATCH.with(|s| draw(&mut s.borrow_mut(), row));
-    drawn.clear();
+    let run = |r| SCRATCH.with(|s| f(r, &mut s.borrow_mut()));
+    out.clear();
     if rows < 2 * ROWS_PER_THREAD || rayon::current_num_threads() == 1 {
-        drawn.extend(rngs.iter_mut().enumerate().map(draw));
+        out.extend((0..rows).map(run));
     } else {
-        drawn.par_extend(
-            rngs.par_iter_mut()
-                .enumerate()
-                .with_min_len(ROWS_PER_THREAD)
-                .map(draw),
-        );
+        out.par_extend((0..rows).into_par_iter().with_min_len(ROWS_PER_THREAD).map(run));
+    }
+}
+
+/// The numbers image `spec` draws its colours with, one per position of `out` (`n_ctx`): in
+/// order from its stream ([`image_rng`]), one for each position after its prefix, drawn or
+/// not (temperature 0 uses none); 0 for the prefix's positions.
+pub fn draw_numbers(spec: &ImageSpec, out: &mut [f32]) {
+    let mut rng = image_rng(spec.opts.seed, spec.stream);
+    let first = spec.prefix.len().min(out.len());
+    out[..first].fill(0.0);
+    for u in &mut out[first..] {
+        *u = rng.random();
     }
 }
 
@@ -295,11 +324,12 @@ pub fn generate_images(
             im.prefix.len()
         );
     }
-    // Decoder row r's stream, as `live` and `prev` are its image and last token.
-    let mut rngs: Vec<ChaCha8Rng> = images
-        .iter()
-        .map(|im| image_rng(im.opts.seed, im.stream))
-        .collect();
+    // Decoder row r's options and numbers, as `live` and `prev` are its image and last token.
+    let mut options: Vec<SampleOptions> = images.iter().map(|im| im.opts).collect();
+    let mut numbers = vec![0.0f32; n * t];
+    for (im, row) in images.iter().zip(numbers.chunks_mut(t)) {
+        draw_numbers(im, row);
+    }
     let mut out = Generated {
         tokens: vec![0u16; n * t],
         nats: vec![0.0; n],
@@ -324,6 +354,11 @@ pub fn generate_images(
     for row in 0..prefill / side {
         on_row(row, &out.tokens, &mut wanted);
     }
+    // Once no image has a known token left, the backend draws the tokens itself and they stay
+    // there as the next step's inputs: the host fetches them once a row, not every step.
+    let mut draws_set = false;
+    let mut inputs_drawn = false;
+    let mut unfetched: Option<usize> = None;
     for pos in prefill..t {
         if live.iter().any(|&i| !wanted[i]) {
             let keep: Vec<usize> = (0..live.len()).filter(|&r| wanted[live[r]]).collect();
@@ -333,19 +368,48 @@ pub fn generate_images(
             decoder.retain(&keep)?;
             live = keep.iter().map(|&r| live[r]).collect();
             prev = keep.iter().map(|&r| prev[r]).collect();
-            rngs = keep.iter().map(|&r| rngs[r].clone()).collect();
+            options = keep.iter().map(|&r| options[r]).collect();
+            numbers = keep
+                .iter()
+                .flat_map(|&r| numbers[r * t..(r + 1) * t].iter().copied())
+                .collect();
+            (draws_set, inputs_drawn) = (false, false);
         }
-        let logits = decoder.step(&prev)?;
-        next_tokens(logits, &live, images, pos, &mut rngs, &mut drawn);
-        for (r, (&i, &(tok, nats))) in live.iter().zip(&drawn).enumerate() {
-            if let Some(nats) = nats {
-                out.nats[i] += nats;
-                out.scored[i] += 1;
+        if live.iter().all(|&i| images[i].prefix.len() <= pos) {
+            if !draws_set {
+                decoder.set_draws(&options, &numbers)?;
+                draws_set = true;
             }
-            out.tokens[i * t + pos] = tok;
-            prev[r] = tok;
+            decoder.step_drawing((!inputs_drawn).then_some(&prev[..]))?;
+            inputs_drawn = true;
+            unfetched.get_or_insert(pos);
+        } else {
+            let logits = decoder.step(&prev)?;
+            next_tokens(logits, &live, images, pos, &numbers, &mut drawn);
+            for (r, (&i, &(tok, nats))) in live.iter().zip(&drawn).enumerate() {
+                if let Some(nats) = nats {
+                    out.nats[i] += nats;
+                    out.scored[i] += 1;
+                }
+                out.tokens[i * t + pos] = tok;
+                prev[r] = tok;
+            }
         }
-        if (pos + 1) % side == 0 {
+        let row_done = (pos + 1) % side == 0;
+        if let Some(from) = unfetched
+            && (row_done || pos + 1 == t)
+        {
+            let rows = live.len();
+            let got = decoder.drawn(from, pos + 1)?;
+            for (p, tokens) in (from..=pos).zip(got.chunks_exact(rows)) {
+                for (&i, &tok) in live.iter().zip(tokens) {
+                    out.tokens[i * t + p] = tok;
+                }
+            }
+            prev.copy_from_slice(&got[got.len() - rows..]);
+            unfetched = None;
+        }
+        if row_done {
             on_row((pos + 1) / side - 1, &out.tokens, &mut wanted);
         }
     }

@@ -8,11 +8,13 @@
 //! the backward pass, its cache layout and its packed weights are its own business.
 
 use crate::backend::{
-    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, Update, View,
+    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, DrawSizes, Op, Precision,
+    Update, View,
 };
 use crate::config::ModelConfig;
 use crate::data::TokenSet;
 use crate::model::{Decoder, Engine};
+use crate::sample::SampleOptions;
 use crate::train::{TrainConfig, Trainer};
 use anyhow::Context;
 use rand::{Rng, SeedableRng};
@@ -386,6 +388,11 @@ pub fn check_kernels(
         max_rows: ROWS,
         max_width: 4 * D,
         embedding_rows: VOCAB + 1,
+        draws: DrawSizes {
+            rows: ROWS,
+            positions: T,
+            width: VOCAB,
+        },
     };
     let mut p = Pair {
         b: [reference, tested],
@@ -408,6 +415,7 @@ pub fn check_kernels(
     product_kernels(&mut p);
     attention_kernels(&mut p);
     decoding_kernels(&mut p);
+    sampling_kernels(&mut p);
     activation_kernels(&mut p);
     loss_kernels(&mut p);
     optimizer_kernels(&mut p);
@@ -727,6 +735,55 @@ fn decoding_kernels(p: &mut Pair) {
             format!("out at positions 0..{T} fed {chunks:?} at a time"),
         ));
     }
+}
+
+/// draw_tokens: every row with its own options (greedy, the whole palette, top-k, top-p, both;
+/// cold and hot temperatures) and logits with ties and a masked colour, at every position. The
+/// tokens must be the same on both backends (the error counts those that differ), and the next
+/// embed_step must read them as its inputs.
+fn sampling_kernels(p: &mut Pair) {
+    p.reset();
+    let options: Vec<SampleOptions> = (0..ROWS)
+        .map(|r| SampleOptions {
+            temperature: [1.0, 0.0, 0.7, 1.6][r % 4],
+            top_k: [0, 5, 1, VOCAB - 1, VOCAB + 3][r % 5],
+            top_p: [1.0, 0.9, 0.3][r % 3],
+            seed: 0,
+        })
+        .collect();
+    let numbers: Vec<f32> = (0..ROWS * T).map(|_| p.rng.random()).collect();
+    p.both(|b| b.set_draws(&options, &numbers));
+    let logits = p.view(ROWS * VOCAB);
+    for pos in 0..T {
+        let mut z = p.random(ROWS * VOCAB, 4.0);
+        for row in z.chunks_mut(VOCAB) {
+            row[3] = row[0];
+            row[7] = f32::NEG_INFINITY;
+        }
+        p.set(logits, &z);
+        p.both(|b| b.draw_tokens(logits, VOCAB, pos));
+    }
+    let [reference, tested] = [0, 1].map(|k| {
+        let mut out = vec![0; T * ROWS];
+        p.b[k].drawn_tokens(0, T, &mut out);
+        out
+    });
+    let differ = reference.iter().zip(&tested).filter(|(a, b)| a != b).count();
+    let wte = p.put_random(VOCAB * D, 1.0);
+    let wpe = p.put_random(T * D, 1.0);
+    let sos = p.put_random(D, 1.0);
+    let out = p.out(ROWS * D);
+    p.both(|b| b.embed_step(out, wte, wpe, sos, 1, 1, D));
+    let read = p.error(out);
+    p.checks.push(Check::measured(
+        "draw_tokens",
+        worse(differ as f64, read),
+        0.0,
+        format!(
+            "{differ} of {} tokens differ; the next step's inputs: error {read:.1e}",
+            T * ROWS
+        ),
+    ));
 }
 
 fn activation_kernels(p: &mut Pair) {

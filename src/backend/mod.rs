@@ -13,6 +13,8 @@ pub mod profile;
 
 pub use device::{Device, Gpu};
 
+use crate::sample::SampleOptions;
+
 /// Layout of a matrix operand: `N` as stored (`[rows, cols]` row-major), `T` stored transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -186,6 +188,30 @@ pub struct ArenaSizes {
     /// table's and the start token's, `n_vocab + 1`; zero when nothing trains): the CUDA
     /// backend keeps partial sums of each in scratch.
     pub embedding_rows: usize,
+    /// What a decoder draws tokens with on the backend (all zero when nothing decodes).
+    pub draws: DrawSizes,
+}
+
+/// The buffers of [`Backend::draw_tokens`]: `rows` sequences, each drawing at up to
+/// `positions` positions from `width` colours.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrawSizes {
+    pub rows: usize,
+    pub positions: usize,
+    pub width: usize,
+}
+
+impl DrawSizes {
+    /// Bytes a backend may allocate for them: each row's options and numbers, the drawn
+    /// tokens, and per row a float and two 64-bit sort keys per colour.
+    pub fn bytes(&self) -> u128 {
+        let (r, p, w) = (
+            self.rows as u128,
+            self.positions as u128,
+            self.width as u128,
+        );
+        16 * r + 4 * r * p + 2 * p * r + r * (4 * w + 16 * w)
+    }
 }
 
 /// The kernels of one model family. Every method reads and writes only the views it is given;
@@ -239,6 +265,19 @@ pub trait Backend: Send {
     fn copy(&mut self, dst: View, src: View);
     /// Stores the batch's token ids `[batch, t]` (inputs and the targets, which are the same).
     fn set_tokens(&mut self, tokens: &[u16]);
+    /// Sets how [`Backend::draw_tokens`] draws for each of `options.len()` rows: its
+    /// options, and `numbers` (`[rows, positions]`, each in `[0, 1)`) the number each row
+    /// draws with at each position. A transfer, made between steps.
+    fn set_draws(&mut self, options: &[SampleOptions], numbers: &[f32]);
+    /// Draws each row's next token from `logits` (`[rows, v]`) at decoding position `pos`, as
+    /// [`crate::sample::choose_token`] does with the row's options and number there. The tokens
+    /// become the stored tokens (as [`Backend::set_tokens`] would make them, so the next
+    /// [`Backend::embed_step`] reads them) and are kept for [`Backend::drawn_tokens`]. Kernels
+    /// only: recordable, `pos` being each replay's.
+    fn draw_tokens(&mut self, logits: View, v: usize, pos: usize);
+    /// The tokens [`Backend::draw_tokens`] drew at positions `from..to`, position-major
+    /// (`out` is `[to - from, rows]`, `rows` as [`Backend::set_draws`] last set). Waits for them.
+    fn drawn_tokens(&self, from: usize, to: usize, out: &mut [u16]);
 
     /// Input embedding of the stored ids into `out`. Shifted (`direct = false`, autoregressive
     /// models): position 0 gets the start token, position i the content of id i-1. Direct: the ids

@@ -163,6 +163,15 @@ impl Backend for Profiled {
     fn set_tokens(&mut self, tokens: &[u16]) {
         timed!(self, set_tokens(tokens))
     }
+    fn set_draws(&mut self, options: &[crate::sample::SampleOptions], numbers: &[f32]) {
+        timed!(self, set_draws(options, numbers))
+    }
+    fn draw_tokens(&mut self, logits: View, v: usize, pos: usize) {
+        timed!(self, draw_tokens(logits, v, pos))
+    }
+    fn drawn_tokens(&self, from: usize, to: usize, out: &mut [u16]) {
+        timed!(self, drawn_tokens(from, to, out))
+    }
     fn embed_forward(
         &mut self,
         out: View,

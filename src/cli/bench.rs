@@ -444,7 +444,7 @@ fn time_generation(
 /// at temperature 1 and with top-k 40 and top-p 0.9. Prints a line per batch; returns the
 /// numbers for the JSON report.
 fn time_sampling(model: &ModelConfig, batches: &[usize]) -> Result<serde_json::Value> {
-    use igpt::sample::{ImageSpec, SampleOptions, image_rng, next_tokens};
+    use igpt::sample::{ImageSpec, SampleOptions, draw_numbers, next_tokens};
     use rand::{Rng, SeedableRng};
     let threads = rayon::current_num_threads();
     let one_thread = rayon::ThreadPoolBuilder::new()
@@ -472,13 +472,16 @@ fn time_sampling(model: &ModelConfig, batches: &[usize]) -> Result<serde_json::V
                     stream,
                 })
                 .collect();
-            let mut rngs: Vec<_> = (0..batch as u64).map(|i| image_rng(0, i)).collect();
+            let steps = 200;
+            let mut numbers = vec![0.0; batch * steps];
+            for (spec, row) in specs.iter().zip(numbers.chunks_mut(steps)) {
+                draw_numbers(spec, row);
+            }
             let mut drawn = Vec::with_capacity(batch);
             let mut run = || {
-                let steps = 200;
                 let t0 = Instant::now();
                 for pos in 0..steps {
-                    next_tokens(&logits, &live, &specs, pos, &mut rngs, &mut drawn);
+                    next_tokens(&logits, &live, &specs, pos, &numbers, &mut drawn);
                     std::hint::black_box(&drawn);
                 }
                 t0.elapsed().as_secs_f64() / steps as f64 * 1e6

@@ -8,7 +8,10 @@
 use super::ParamLayout;
 use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward};
 use super::replay::{self, Replays};
-use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Precision, View};
+use crate::backend::{
+    Arena, ArenaSizes, AttnShape, Backend, Device, DrawSizes, Precision, View,
+};
+use crate::sample::SampleOptions;
 use crate::config::ModelConfig;
 
 /// Rows (sequences x positions) one prefill chunk runs through the blocks at once: enough for
@@ -164,9 +167,16 @@ pub struct Decoder {
     pos: usize,
     /// Sequences being decoded (the first `rows` of the batch; see [`Decoder::prefill_rows`]).
     rows: usize,
-    /// Recorded steps, by number of sequences.
-    replays: Replays<usize>,
+    /// Recorded steps, by number of sequences and whether the step draws its tokens.
+    replays: Replays<(usize, bool)>,
     host_logits: Vec<f32>,
+    /// The rows the backend's draws were set for ([`Decoder::set_draws`]); None once
+    /// sequences move ([`Decoder::retain`], a prefill).
+    draws_rows: Option<usize>,
+    /// Positions drawn on the backend with the current rows, in order, the last being the
+    /// last position fed: its tokens are the backend's stored tokens, the next step's inputs.
+    drawn: std::ops::Range<usize>,
+    host_drawn: Vec<u16>,
 }
 
 impl Decoder {
@@ -307,6 +317,9 @@ impl Decoder {
             rows: batch,
             replays: Replays::new(KEPT_RECORDINGS),
             host_logits: vec![0.0; batch * cfg.n_vocab],
+            draws_rows: None,
+            drawn: 0..0,
+            host_drawn: vec![0; batch * cfg.n_ctx()],
         })
     }
 
@@ -343,6 +356,11 @@ impl Decoder {
             max_rows: rows,
             max_width: d,
             embedding_rows: 0,
+            draws: DrawSizes {
+                rows: batch,
+                positions: cfg.n_ctx(),
+                width: v,
+            },
         };
         (plan, weights, pack_jobs, sizes)
     }
@@ -359,6 +377,8 @@ impl Decoder {
     pub fn reset(&mut self) {
         self.pos = 0;
         self.rows = self.batch;
+        self.draws_rows = None;
+        self.drawn = 0..0;
     }
 
     /// The position the next [`Decoder::step`] feeds.
@@ -403,6 +423,8 @@ impl Decoder {
             self.batch
         );
         self.rows = rows;
+        self.draws_rows = None;
+        self.drawn = 0..0;
         let cfg = &self.cfg;
         let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
         anyhow::ensure!(
@@ -481,6 +503,8 @@ impl Decoder {
             }
         }
         self.rows = keep.len();
+        self.draws_rows = None;
+        self.drawn = 0..0;
         Ok(())
     }
 
@@ -539,42 +563,120 @@ impl Decoder {
     /// (ignored at position 0, where the start vector is the input). Returns the logits
     /// `[rows, n_vocab]` that predict the token at this position (rows: [`Decoder::rows`]).
     pub fn step(&mut self, prev: &[u16]) -> anyhow::Result<&[f32]> {
+        self.feed_step(Some(prev), false)?;
+        let v = self.cfg.n_vocab;
+        let rows = self.rows;
+        let logits = act(self.plan.logits, rows * v);
+        let host = &mut self.host_logits[..rows * v];
+        self.backend.download(logits, host);
+        Ok(host)
+    }
+
+    /// Sets how [`Decoder::step_drawing`] draws each sequence's token: its options (one per
+    /// sequence) and `numbers` (`[rows, n_ctx]`, in `[0, 1)`), the number each draws with at
+    /// each position (see [`crate::sample::draw_numbers`]).
+    pub fn set_draws(&mut self, options: &[SampleOptions], numbers: &[f32]) -> anyhow::Result<()> {
+        let (rows, t) = (self.rows, self.cfg.n_ctx());
+        anyhow::ensure!(
+            options.len() == rows && numbers.len() == rows * t,
+            "expected the options of {rows} sequences and {} numbers ({rows} x {t}), got {} and {}",
+            rows * t,
+            options.len(),
+            numbers.len()
+        );
+        for o in options {
+            o.validate()?;
+        }
+        if let Some(bad) = numbers.iter().find(|u| !(0.0..1.0).contains(*u)) {
+            anyhow::bail!("a number to draw with is {bad}, outside [0, 1)");
+        }
+        self.backend.set_draws(options, numbers);
+        self.draws_rows = Some(rows);
+        self.drawn = 0..0;
+        Ok(())
+    }
+
+    /// Feeds the next position as [`Decoder::step`] does, then draws each sequence's token on
+    /// the backend with the draws [`Decoder::set_draws`] gave, instead of returning the
+    /// logits: the tokens stay there as the next step's inputs, and [`Decoder::drawn`] fetches
+    /// them. `prev` gives the inputs as [`Decoder::step`] takes them; None takes the tokens
+    /// the step before drew (which must have been a drawing step of the same sequences).
+    pub fn step_drawing(&mut self, prev: Option<&[u16]>) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.draws_rows == Some(self.rows),
+            "set the draws of these {} sequences before drawing (set_draws)",
+            self.rows
+        );
+        let pos = self.pos;
+        if prev.is_none() {
+            anyhow::ensure!(
+                pos > 0 && self.drawn.end == pos,
+                "position {pos}: the step before drew no tokens to feed; pass them"
+            );
+        }
+        self.feed_step(prev, true)?;
+        if self.drawn.end != pos {
+            self.drawn = pos..pos;
+        }
+        self.drawn.end = pos + 1;
+        Ok(())
+    }
+
+    /// The tokens drawn at positions `from..to` (all drawn by [`Decoder::step_drawing`] since
+    /// the draws were set), position-major: `[to - from, rows]`. Waits for them.
+    pub fn drawn(&mut self, from: usize, to: usize) -> anyhow::Result<&[u16]> {
+        anyhow::ensure!(
+            from < to && self.drawn.start <= from && to <= self.drawn.end,
+            "positions {from}..{to} were not all drawn (drawn: {:?})",
+            self.drawn
+        );
+        let out = &mut self.host_drawn[..(to - from) * self.rows];
+        self.backend.drawn_tokens(from, to, out);
+        Ok(out)
+    }
+
+    /// Runs the next position's step, its inputs being `prev` (set on the backend) or, None,
+    /// the tokens the backend holds; with `draw`, the step ends by drawing the next tokens.
+    fn feed_step(&mut self, prev: Option<&[u16]>, draw: bool) -> anyhow::Result<()> {
         let cfg = &self.cfg;
         let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
         anyhow::ensure!(
             self.pos < t,
             "all {t} positions have been generated; reset the decoder first"
         );
-        anyhow::ensure!(
-            prev.len() == self.rows,
-            "expected {} previous tokens, got {}",
-            self.rows,
-            prev.len()
-        );
-        if self.pos > 0
-            && let Some(&bad) = prev.iter().find(|&&x| x as usize >= v)
-        {
-            anyhow::bail!("token id {bad} is outside the palette of {v} colours");
+        if let Some(prev) = prev {
+            anyhow::ensure!(
+                prev.len() == self.rows,
+                "expected {} previous tokens, got {}",
+                self.rows,
+                prev.len()
+            );
+            if self.pos > 0
+                && let Some(&bad) = prev.iter().find(|&&x| x as usize >= v)
+            {
+                anyhow::bail!("token id {bad} is outside the palette of {v} colours");
+            }
+            self.backend.set_tokens(prev);
         }
         let (rows, pos) = (self.rows, self.pos);
-        self.backend.set_tokens(prev);
         replay::run(
             self,
             |d| &mut d.replays,
             |d| d.backend.as_mut(),
-            rows,
+            (rows, draw),
             pos,
-            |d| d.compute_step(rows, pos),
+            |d| d.compute_step(rows, pos, draw),
         );
-        let logits = act(self.plan.logits, rows * v);
-        let host = &mut self.host_logits[..rows * v];
-        self.backend.download(logits, host);
+        if !draw {
+            self.drawn = 0..0;
+        }
         self.pos += 1;
-        Ok(host)
+        Ok(())
     }
 
-    /// One step's calls for `rows` sequences at `pos`, from the set tokens to the logits.
-    fn compute_step(&mut self, rows: usize, pos: usize) {
+    /// One step's calls for `rows` sequences at `pos`, from the set tokens to the logits, and
+    /// with `draw` on to the next tokens.
+    fn compute_step(&mut self, rows: usize, pos: usize, draw: bool) {
         self.feed(rows, pos, 1);
         let cfg = &self.cfg;
         let (d, v) = (cfg.n_embd, cfg.n_vocab);
@@ -590,6 +692,9 @@ impl Decoder {
             d,
             v,
         );
+        if draw {
+            b.draw_tokens(act(plan.logits, rows * v), v, pos);
+        }
     }
 }
 
@@ -770,6 +875,17 @@ mod replay_tests {
         fn set_tokens(&mut self, tokens: &[u16]) {
             self.direct("set_tokens");
             self.inner.set_tokens(tokens)
+        }
+        fn set_draws(&mut self, options: &[SampleOptions], numbers: &[f32]) {
+            self.direct("set_draws");
+            self.inner.set_draws(options, numbers)
+        }
+        fn draw_tokens(&mut self, logits: View, v: usize, pos: usize) {
+            self.call(pos, move |b, p| b.draw_tokens(logits, v, p));
+        }
+        fn drawn_tokens(&self, from: usize, to: usize, out: &mut [u16]) {
+            self.direct("drawn_tokens");
+            self.inner.drawn_tokens(from, to, out)
         }
         fn embed_forward(
             &mut self,

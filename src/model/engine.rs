@@ -300,6 +300,7 @@ impl Engine {
             max_rows: rows,
             max_width: d,
             embedding_rows: if training { v + 1 } else { 0 },
+            draws: Default::default(),
         })?;
         if let Some(p) = params.take() {
             backend.adopt_params(p)?;

@@ -32,6 +32,7 @@
 #include "../../src/backend/cuda/kernels.cu"
 #endif
 
+#include <array>
 #include <cmath>
 #include <map>
 #include <random>
@@ -1059,6 +1060,213 @@ void check_flash_attention(bool bf16_inputs) {
     }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Drawing tokens (src/sample.rs, choose_token): written here as the CPU does it, one colour
+// after another, with the whole palette sorted by std::sort; the kernel reduces and sorts in
+// parallel. The same logits and number must give the same colour, so tolerance 0.
+
+// The CPU backend's exponential (simd::exp, then exp_or_zero), in plain f32 operations.
+float cpu_exp_or_zero(float x) {
+    float c = x;
+    if (c < -87.0f) c = -87.0f;
+    if (c > 88.0f) c = 88.0f;
+    float shifted = c * 1.44269504088896340736f + 12582912.0f;
+    float n = shifted - 12582912.0f;
+    float r = c - n * 0.6933594f - n * -2.1219444e-4f;
+    float p = 1.9875691e-4f;
+    p = p * r + 1.3981999e-3f;
+    p = p * r + 8.333452e-3f;
+    p = p * r + 4.1665796e-2f;
+    p = p * r + 0.16666666f;
+    p = p * r + 0.5f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits;
+    float sh = shifted;
+    memcpy(&bits, &sh, 4);
+    bits = (bits - 0x4B400000u + 127u) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+// Each colour's weight into `w`, and their sum: 16 lane sums over whole chunks of 16, then
+// the lanes and the tail in order.
+float ref_weights(const float* z, int v, float temperature, float* w) {
+    float max = -INFINITY;
+    for (int i = 0; i < v; i++)
+        if (z[i] > max) max = z[i];
+    float inv_t = 1.0f / temperature;
+    float lanes[16] = {};
+    int chunks = v / 16;
+    for (int i = 0; i < v; i++) w[i] = cpu_exp_or_zero((z[i] - max) * inv_t);
+    for (int j = 0; j < chunks; j++)
+        for (int l = 0; l < 16; l++) lanes[l] += w[j * 16 + l];
+    float total = 0.0f;
+    for (float l : lanes) total += l;
+    for (int i = chunks * 16; i < v; i++) total += w[i];
+    return total;
+}
+
+uint16_t ref_draw(const float* z, int v, float temperature, int top_k, float top_p, float u) {
+    int argmax = 0;
+    float best = -INFINITY;
+    for (int i = 0; i < v; i++)
+        if (z[i] > best) best = z[i], argmax = i;
+    if (temperature == 0.0f || top_k == 1) return argmax;
+    vector<float> w(v);
+    float total = ref_weights(z, v, temperature, w.data());
+    // (weight, colour) pairs in the order drawn from.
+    vector<std::pair<float, int>> order;
+    bool cut_k = top_k > 0 && top_k < v;
+    if (!cut_k && top_p >= 1.0f) {
+        for (int i = 0; i < v; i++) order.push_back({w[i], i});
+    } else {
+        // f32 total order, heaviest first; equal weights in colour order.
+        auto key = [](float f) {
+            int32_t b;
+            memcpy(&b, &f, 4);
+            return b ^ (int32_t)((uint32_t)(b >> 31) >> 1);
+        };
+        vector<int> idx(v);
+        for (int i = 0; i < v; i++) idx[i] = i;
+        std::sort(idx.begin(), idx.end(), [&](int a, int b) {
+            return key(w[a]) != key(w[b]) ? key(w[a]) > key(w[b]) : a < b;
+        });
+        int kept = cut_k ? top_k : v;
+        for (int i = 0; i < kept; i++) order.push_back({w[idx[i]], idx[i]});
+        if (top_p < 1.0f) {
+            float sum = 0.0f, acc = 0.0f;
+            for (auto& o : order) sum += o.first;
+            for (size_t i = 0; i < order.size(); i++) {
+                acc += order[i].first / sum;
+                if (acc >= top_p) {
+                    order.resize(i + 1);
+                    break;
+                }
+            }
+        }
+        total = 0.0f;
+        for (auto& o : order) total += o.first;
+    }
+    if (!(total > 0.0f && std::isfinite(total))) return argmax;
+    float left = u * total;
+    for (auto& o : order) {
+        if (left < o.first) return o.second;
+        left -= o.first;
+    }
+    for (size_t i = order.size(); i-- > 0;)
+        if (order[i].first > 0.0f) return order[i].second;
+    return argmax;
+}
+
+struct DrawOptionsHost {
+    float temperature;
+    int top_k;
+    float top_p;
+    int unused;
+};
+
+void check_draw_tokens() {
+    const int positions = 6;
+    int edges = 0;
+    // Palettes under a SIMD chunk, of a chunk, with a tail, the paper's, wider than a block,
+    // and sorted over more keys than threads.
+    for (int v : {5, 16, 37, 512, 300, 1000}) {
+        const int rows = 24;
+        int keys_len = 1;
+        while (keys_len < v) keys_len <<= 1;
+        vector<DrawOptionsHost> options(rows);
+        for (int r = 0; r < rows; r++)
+            options[r] = {std::array<float, 4>{1.0f, 0.0f, 0.6f, 2.5f}[r % 4],
+                          std::array<int, 6>{0, 1, 3, v - 1, v, v + 9}[r % 6],
+                          std::array<float, 3>{1.0f, 0.8f, 0.2f}[r % 3], 0};
+        std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+        vector<float> numbers((size_t)rows * positions);
+        for (float& x : numbers) x = unit(rng);
+        numbers[0] = 0.0f;
+        numbers[positions + 1] = 0.99999994f;
+        vector<uint16_t> tokens(rows, 0xFFFF), drawn((size_t)positions * rows, 0xFFFF);
+        vector<uint16_t> want_drawn((size_t)positions * rows);
+        vector<float> weights((size_t)rows * v, NAN);
+        vector<unsigned long long> keys((size_t)rows * keys_len);
+        for (int pos = 0; pos < positions; pos++) {
+            vector<float> z = random((size_t)rows * v, 0.1f, 6.0f);
+            for (int r = 0; r < rows; r++) {
+                float* row = &z[(size_t)r * v];
+                row[v - 1] = row[0];             // a tie for the most likely
+                row[v / 2] = -INFINITY;          // a masked colour
+                if (r == 2 || r == 5) row[1] = NAN;  // a logit that is not a number
+                if (r == 7 && pos == 2)          // nothing can be drawn: the argmax
+                    for (int c = 0; c < v; c++) row[c] = -INFINITY;
+                if (r == 9) row[2] = INFINITY;   // an infinite logit
+                if (r == 11 && pos == 3) std::fill(row, row + v, 1.5f);  // all equal
+                // Nothing to draw after the last colour: a number just under 1 can round
+                // past the end, and then draws the last colour that has a weight.
+                if (r % 12 == 0) {
+                    row[v - 1] = -INFINITY;
+                    numbers[(size_t)r * positions + pos] = 0.99999994f;
+                }
+            }
+            // Rows 6 and 18 draw from the whole palette with a number that lands exactly on
+            // the first colour's upper edge (u * total == w[0]), so a total off by one
+            // rounding (added in another order) draws colour 0 instead of the next.
+            for (int r : {6, 18}) {
+                vector<float> w(v);
+                float total = ref_weights(&z[(size_t)r * v], v, options[r].temperature, w.data());
+                float u = w[0] / total;
+                for (int step = -3; step <= 3; step++) {
+                    float c = u;
+                    for (int k = 0; k < std::abs(step); k++)
+                        c = std::nextafter(c, step < 0 ? 0.0f : 1.0f);
+                    if (c * total == w[0] && c < 1.0f) {
+                        numbers[(size_t)r * positions + pos] = c;
+                        edges++;
+                        break;
+                    }
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                const DrawOptionsHost& o = options[r];
+                want_drawn[(size_t)pos * rows + r] =
+                    ref_draw(&z[(size_t)r * v], v, o.temperature, o.top_k, o.top_p,
+                             numbers[(size_t)r * positions + pos]);
+            }
+            // The position from memory on odd positions (a replayed graph's way).
+            int at = pos;
+            bool from_memory = pos % 2 == 1;
+            launch(draw_tokens, dim3(rows), dim3(256), 0, (const float*)z.data(), v,
+                   (const DrawOptions*)options.data(), (const float*)numbers.data(),
+                   positions, from_memory ? -1000 : pos, from_memory ? (const int*)&at : nullptr,
+                   weights.data(), keys.data(), keys_len, tokens.data(), drawn.data());
+            // Each colour's weight, left in the scratch, bit for bit (rows that draw the
+            // argmax compute none).
+            vector<float> got_w, want_w;
+            for (int r = 0; r < rows; r++) {
+                if (options[r].temperature == 0.0f || options[r].top_k == 1) continue;
+                vector<float> w(v);
+                ref_weights(&z[(size_t)r * v], v, options[r].temperature, w.data());
+                want_w.insert(want_w.end(), w.begin(), w.end());
+                got_w.insert(got_w.end(), weights.begin() + (size_t)r * v,
+                             weights.begin() + (size_t)(r + 1) * v);
+            }
+            check_bits("draw_tokens", "v " + std::to_string(v) + " position " +
+                                          std::to_string(pos) + ": the weights",
+                       got_w, want_w);
+            vector<uint16_t> want_tokens(want_drawn.begin() + (size_t)pos * rows,
+                                         want_drawn.begin() + (size_t)(pos + 1) * rows);
+            check_bits("draw_tokens", "v " + std::to_string(v) + " position " +
+                                          std::to_string(pos) + ": the next inputs",
+                       tokens, want_tokens);
+        }
+        check_bits("draw_tokens", "v " + std::to_string(v) + ": every position drawn", drawn,
+                   want_drawn);
+    }
+    // The edge cases must have been set up (a number exactly on an edge exists for most rows).
+    record("draw_tokens", edges >= 24 ? 0.0 : 1.0, 0.0,
+           "only " + std::to_string(edges) + " numbers on a colour's edge");
+}
+
 }  // namespace
 
 int main() {
@@ -1076,6 +1284,7 @@ int main() {
         check_decoding<uint16_t>(kv_store_bf16, attend_bf16, "kv_store_bf16", "attend_bf16");
         check_flash_attention(true);
         check_flash_attention(false);
+        check_draw_tokens();
     }
     bool all = true;
     printf("%-32s %12s %9s  %s\n", "kernel", "max error", "tolerance", "result");

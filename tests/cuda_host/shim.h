@@ -88,6 +88,11 @@ alignas(128) inline thread_local float dynamic[kMaxDynamicShared / sizeof(float)
 // Device math: the CUDA names the host library lacks.
 
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+// One IEEE rounding each, never fused (the host build has no FMA to fuse them into).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline unsigned int min(unsigned int a, unsigned int b) { return a < b ? a : b; }

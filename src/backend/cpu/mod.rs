@@ -69,6 +69,14 @@ pub struct CpuBackend {
     /// The step [`Backend::clipped_update`] takes, and the norm it last measured.
     update: Option<Update>,
     update_grad_norm: f64,
+    /// [`Backend::set_draws`]'s options and numbers (`[rows, positions]`), and the tokens
+    /// drawn (`[positions, rows]`).
+    draws: crate::backend::DrawSizes,
+    draw_options: Vec<crate::sample::SampleOptions>,
+    draw_numbers: Vec<f32>,
+    drawn: Vec<u16>,
+    /// One step's draws, before they are stored.
+    step_draws: Vec<u16>,
 }
 
 impl CpuBackend {
@@ -225,6 +233,11 @@ impl Backend for CpuBackend {
             norm::rmsnorm_backward_scratch(s.max_rows, s.max_width),
             "scratch",
         )?;
+        self.draws = s.draws;
+        self.draw_numbers = Vec::with_capacity(s.draws.rows * s.draws.positions);
+        self.draw_options = Vec::with_capacity(s.draws.rows);
+        self.drawn = vec![0; s.draws.positions * s.draws.rows];
+        self.step_draws = Vec::with_capacity(s.draws.rows);
         self.n_tokens = 0;
         Ok(())
     }
@@ -274,6 +287,51 @@ impl Backend for CpuBackend {
         self.tokens[..tokens.len()].copy_from_slice(tokens);
         self.n_tokens = tokens.len();
         self.weighted = false;
+    }
+
+    fn set_draws(&mut self, options: &[crate::sample::SampleOptions], numbers: &[f32]) {
+        let (rows, positions) = (options.len(), self.draws.positions);
+        assert!(
+            rows <= self.draws.rows && numbers.len() == rows * positions,
+            "set_draws: {rows} rows of {} numbers, planned {} of {positions}",
+            numbers.len(),
+            self.draws.rows
+        );
+        self.draw_options.clear();
+        self.draw_options.extend_from_slice(options);
+        self.draw_numbers.clear();
+        self.draw_numbers.extend_from_slice(numbers);
+    }
+
+    fn draw_tokens(&mut self, logits: View, v: usize, pos: usize) {
+        let rows = self.draw_options.len();
+        assert!(
+            logits.len == rows * v && pos < self.draws.positions && rows <= self.tokens.len(),
+            "draw_tokens: {logits:?} is not {rows} rows of {v} at a planned position ({pos})"
+        );
+        let mut step = std::mem::take(&mut self.step_draws);
+        let z = self.slice(logits);
+        let (options, numbers, t) = (&self.draw_options, &self.draw_numbers, self.draws.positions);
+        let draw = |r: usize, scratch: &mut crate::sample::SampleScratch| {
+            let row = &z[r * v..(r + 1) * v];
+            crate::sample::choose_token(row, &options[r], numbers[r * t + pos], scratch)
+        };
+        crate::sample::for_each_row(rows, draw, &mut step);
+        self.tokens[..rows].copy_from_slice(&step);
+        self.drawn[pos * rows..(pos + 1) * rows].copy_from_slice(&step);
+        self.step_draws = step;
+        self.n_tokens = rows;
+        self.weighted = false;
+    }
+
+    fn drawn_tokens(&self, from: usize, to: usize, out: &mut [u16]) {
+        let rows = self.draw_options.len();
+        assert!(
+            from <= to && to <= self.draws.positions && out.len() == (to - from) * rows,
+            "drawn_tokens: positions {from}..{to} of {rows} rows into {}",
+            out.len()
+        );
+        out.copy_from_slice(&self.drawn[from * rows..to * rows]);
     }
 
     fn embed_forward(

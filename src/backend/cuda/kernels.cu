@@ -1056,3 +1056,176 @@ extern "C" __global__ void flash_attention_backward_q_128(float* dqkv, const flo
     flash_backward_q<128 / flash::kTile>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim,
                                          causal);
 }
+
+// ---------------------------------------------------------------------------------------
+// Drawing the next tokens on the GPU, as the CPU draws them (src/sample.rs, choose_token):
+// the same float operations in the same order, so the same logits and number give the same
+// colour. The _rn intrinsics keep nvcc from fusing a product and a sum into one rounding,
+// which the CPU does not do. One block of 256 threads per row.
+
+struct DrawOptions {
+    float temperature;
+    int top_k;
+    float top_p;
+    int unused;
+};
+
+// The CPU backend's vectorised exponential (simd::exp), operation for operation: e^x to
+// about 2 ulp, clamped to [-87, 88]; NaN stays NaN.
+__device__ __forceinline__ float sampling_exp(float x) {
+    if (x < -87.0f) x = -87.0f;
+    if (x > 88.0f) x = 88.0f;
+    float shifted = __fadd_rn(__fmul_rn(x, 1.44269504088896340736f), 12582912.0f);
+    float n = __fsub_rn(shifted, 12582912.0f);
+    float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, 0.6933594f)), __fmul_rn(n, -2.1219444e-4f));
+    float p = 1.9875691e-4f;
+    p = __fadd_rn(__fmul_rn(p, r), 1.3981999e-3f);
+    p = __fadd_rn(__fmul_rn(p, r), 8.333452e-3f);
+    p = __fadd_rn(__fmul_rn(p, r), 4.1665796e-2f);
+    p = __fadd_rn(__fmul_rn(p, r), 0.16666666f);
+    p = __fadd_rn(__fmul_rn(p, r), 0.5f);
+    p = __fadd_rn(__fadd_rn(__fmul_rn(__fmul_rn(p, r), r), r), 1.0f);
+    unsigned int bits = (__float_as_uint(shifted) - 0x4B400000u + 127u) << 23;
+    return __fmul_rn(p, __uint_as_float(bits));
+}
+
+// A colour's rank key: ascending keys are descending weights (f32 total order), equal
+// weights in colour order.
+__device__ __forceinline__ unsigned long long rank_key(float w, int colour) {
+    int bits = (int)__float_as_uint(w);
+    unsigned int ordered = (unsigned int)(bits ^ (int)(((unsigned int)(bits >> 31)) >> 1)) ^
+                           0x80000000u;
+    return ((unsigned long long)(~ordered) << 16) | (unsigned int)colour;
+}
+
+// The first colour whose weight the remaining draw falls under, walking `count` colours
+// (colour(i), weight(i)) in order; -1 when the total cannot be drawn from.
+template <typename Colour>
+__device__ int walk_draw(const float* weights, Colour colour, int count, float total, float u) {
+    if (!(total > 0.0f && total <= 3.40282347e38f)) return -1;
+    float left = __fmul_rn(u, total);
+    for (int i = 0; i < count; i++) {
+        float w = weights[colour(i)];
+        if (left < w) return colour(i);
+        left = __fsub_rn(left, w);
+    }
+    // Rounding left the draw past the end: the last colour that can be drawn.
+    for (int i = count - 1; i >= 0; i--)
+        if (weights[colour(i)] > 0.0f) return colour(i);
+    return -1;
+}
+
+// Row blockIdx.x of `logits` ([rows, v]) draws with options[row] and its number at the
+// position (numbers: [rows, positions]); the token goes to tokens[row] (the next step's input)
+// and drawn[position * rows + row]. weights ([rows, v]) and keys ([rows, keys_len], keys_len a
+// power of two >= v) are scratch.
+extern "C" __global__ void draw_tokens(const float* logits, int v, const DrawOptions* options,
+                                       const float* numbers, int positions, int pos,
+                                       const int* pos_at, float* weights,
+                                       unsigned long long* keys, int keys_len,
+                                       uint16_t* tokens, uint16_t* drawn) {
+    __shared__ float best_z[256];
+    __shared__ int best_i[256];
+    __shared__ float lanes[16];
+    __shared__ int chosen;
+    const int row = blockIdx.x, rows = gridDim.x, tid = threadIdx.x;
+    const int p = first_position(pos, pos_at);
+    const float* z = logits + (size_t)row * v;
+    float* w = weights + (size_t)row * v;
+    unsigned long long* k = keys + (size_t)row * keys_len;
+    const DrawOptions o = options[row];
+    const float u = numbers[(size_t)row * positions + p];
+
+    // The first most likely colour (a NaN never wins), which is also the largest logit.
+    float bz = -INFINITY;
+    int bi = 0;
+    for (int c = tid; c < v; c += blockDim.x)
+        if (z[c] > bz) bz = z[c], bi = c;
+    best_z[tid] = bz;
+    best_i[tid] = bi;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (tid < s) {
+            float oz = best_z[tid + s];
+            int oi = best_i[tid + s];
+            if (oz > best_z[tid] || (oz == best_z[tid] && oi < best_i[tid]))
+                best_z[tid] = oz, best_i[tid] = oi;
+        }
+        __syncthreads();
+    }
+    const int argmax = best_i[0];
+    const float max = best_z[0];
+    if (tid == 0) chosen = argmax;
+
+    const bool greedy = o.temperature == 0.0f || o.top_k == 1;
+    const bool cut_k = o.top_k > 0 && o.top_k < v;
+    if (!greedy) {
+        const float inv_t = __fdiv_rn(1.0f, o.temperature);
+        for (int c = tid; c < v; c += blockDim.x) {
+            float x = __fmul_rn(__fsub_rn(z[c], max), inv_t);
+            float e = sampling_exp(x);
+            w[c] = x < -87.0f ? 0.0f : e;
+        }
+        __syncthreads();
+        // The CPU's 16 lane sums over whole chunks of 16, then the lanes and the tail in order.
+        const int chunks = v / 16;
+        if (tid < 16) {
+            float s = 0.0f;
+            for (int j = 0; j < chunks; j++) s = __fadd_rn(s, w[j * 16 + tid]);
+            lanes[tid] = s;
+        }
+        if (cut_k || o.top_p < 1.0f) {
+            // Every colour ranked, most likely first (a bitonic sort; padding sorts last).
+            for (int c = tid; c < keys_len; c += blockDim.x)
+                k[c] = c < v ? rank_key(w[c], c) : ~0ull;
+            __syncthreads();
+            for (int size = 2; size <= keys_len; size <<= 1) {
+                for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                    for (int i = tid; i < keys_len; i += blockDim.x) {
+                        int j = i ^ stride;
+                        if (j > i) {
+                            bool ascending = (i & size) == 0;
+                            unsigned long long a = k[i], b = k[j];
+                            if ((a > b) == ascending) k[i] = b, k[j] = a;
+                        }
+                    }
+                    __syncthreads();
+                }
+            }
+        }
+        __syncthreads();
+        if (tid == 0) {
+            float total = 0.0f;
+            for (int l = 0; l < 16; l++) total = __fadd_rn(total, lanes[l]);
+            for (int c = chunks * 16; c < v; c++) total = __fadd_rn(total, w[c]);
+            int got;
+            if (!cut_k && o.top_p >= 1.0f) {
+                got = walk_draw(w, [](int i) { return i; }, v, total, u);
+            } else {
+                auto ranked = [k](int i) { return (int)(k[i] & 0xFFFFu); };
+                int kept = cut_k ? o.top_k : v;
+                if (o.top_p < 1.0f) {
+                    float sum = 0.0f;
+                    for (int i = 0; i < kept; i++) sum = __fadd_rn(sum, w[ranked(i)]);
+                    float acc = 0.0f;
+                    for (int i = 0; i < kept; i++) {
+                        acc = __fadd_rn(acc, __fdiv_rn(w[ranked(i)], sum));
+                        if (acc >= o.top_p) {
+                            kept = i + 1;
+                            break;
+                        }
+                    }
+                }
+                float sum = 0.0f;
+                for (int i = 0; i < kept; i++) sum = __fadd_rn(sum, w[ranked(i)]);
+                got = walk_draw(w, ranked, kept, sum, u);
+            }
+            if (got >= 0) chosen = got;
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        tokens[row] = (uint16_t)chosen;
+        drawn[(size_t)p * rows + row] = (uint16_t)chosen;
+    }
+}

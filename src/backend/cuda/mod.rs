@@ -12,6 +12,7 @@ mod memory;
 pub use memory::{memory_in_use, synchronize};
 
 use super::{Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, Recording, Update, View};
+use crate::sample::SampleOptions;
 use crate::backend::device::Gpu;
 use anyhow::{Result, anyhow, bail};
 use cudarc::driver::result as driver;
@@ -148,6 +149,7 @@ struct Kernels {
     embed_backward_content: CudaFunction,
     embed_content_sums: CudaFunction,
     embed_step: CudaFunction,
+    draw_tokens: CudaFunction,
     rmsnorm_forward: CudaFunction,
     rmsnorm_backward: CudaFunction,
     add_column_sums: CudaFunction,
@@ -202,6 +204,7 @@ impl Kernels {
             embed_backward_content: f("embed_backward_content")?,
             embed_content_sums: f("embed_content_sums")?,
             embed_step: f("embed_step")?,
+            draw_tokens: f("draw_tokens")?,
             rmsnorm_forward: f("rmsnorm_forward")?,
             rmsnorm_backward: f("rmsnorm_backward")?,
             add_column_sums: f("add_column_sums")?,
@@ -265,6 +268,15 @@ struct Arenas {
     /// One i32: the position a replayed recording decodes.
     position: Buffer,
     products_workspace: Buffer,
+    /// [`Backend::set_draws`]'s options (four 4-byte fields per row: temperature, top-k,
+    /// top-p, unused) and numbers (`[rows, positions]` f32), the tokens drawn
+    /// (`[positions, rows]` u16), and the draw's scratch: per row a weight per colour and a
+    /// sort key per colour, padded to a power of two.
+    draw_options: Buffer,
+    draw_numbers: Buffer,
+    drawn: Buffer,
+    draw_weights: Buffer,
+    draw_keys: Buffer,
 }
 
 /// One GPU: its context, kernels, cuBLASLt plans and arenas.
@@ -292,6 +304,9 @@ pub struct CudaBackend {
     next_recording: u64,
     n_tokens: usize,
     weighted: bool,
+    /// The draw buffers' sizes, and the rows [`Backend::set_draws`] last set.
+    draws: crate::backend::DrawSizes,
+    draw_rows: usize,
     /// Whether [`Backend::set_update`] has written the update's step since the arenas were
     /// allocated.
     update_set: bool,
@@ -446,6 +461,8 @@ impl CudaBackend {
             next_recording: 0,
             n_tokens: 0,
             weighted: false,
+            draws: Default::default(),
+            draw_rows: 0,
             update_set: false,
         })
     }
@@ -795,6 +812,14 @@ impl Backend for CudaBackend {
             ("scratch", 8),
             ("scratch", 4),
             ("cuBLASLt workspace", PRODUCTS_WORKSPACE_BYTES),
+            ("sampling options", 16 * s.draws.rows),
+            ("sampling numbers", 4 * s.draws.rows * s.draws.positions),
+            ("drawn tokens", 2 * s.draws.positions * s.draws.rows),
+            ("scratch", 4 * s.draws.rows * s.draws.width),
+            (
+                "scratch",
+                8 * s.draws.rows * s.draws.width.next_power_of_two(),
+            ),
         ];
         let total: usize = sizes.iter().map(|(_, b)| b).sum();
         let (free, all) = self
@@ -843,7 +868,14 @@ impl Backend for CudaBackend {
             norm_squared: next(),
             position: next(),
             products_workspace: next(),
+            draw_options: next(),
+            draw_numbers: next(),
+            drawn: next(),
+            draw_weights: next(),
+            draw_keys: next(),
         });
+        self.draws = s.draws;
+        self.draw_rows = 0;
         self.n_tokens = 0;
         self.weighted = false;
         self.update_set = false;
@@ -944,6 +976,97 @@ impl Backend for CudaBackend {
         );
         self.n_tokens = tokens.len();
         self.weighted = false;
+    }
+
+    fn set_draws(&mut self, options: &[SampleOptions], numbers: &[f32]) {
+        self.not_recording("set_draws");
+        let (rows, positions) = (options.len(), self.draws.positions);
+        assert!(
+            rows <= self.draws.rows && numbers.len() == rows * positions,
+            "set_draws: {rows} rows of {} numbers, planned {} of {positions}",
+            numbers.len(),
+            self.draws.rows
+        );
+        // The kernel's DrawOptions: top-k as an i32's bits (0 and any k at or past the
+        // palette keep every colour, as on the CPU).
+        let fields: Vec<f32> = options
+            .iter()
+            .flat_map(|o| {
+                let k = o.top_k.min(i32::MAX as usize) as u32;
+                [o.temperature, f32::from_bits(k), o.top_p, 0.0]
+            })
+            .collect();
+        let a = self.arenas();
+        let (at_options, at_numbers) = (a.draw_options.ptr, a.draw_numbers.ptr);
+        self.bind();
+        // SAFETY: the buffers hold `draws.rows` options and `draws.rows * positions` numbers,
+        // at least what is copied (checked above).
+        unsafe {
+            ok(driver::memcpy_htod_sync(at_options, &fields), "set_draws");
+            ok(driver::memcpy_htod_sync(at_numbers, numbers), "set_draws");
+        }
+        self.draw_rows = rows;
+    }
+
+    fn draw_tokens(&mut self, logits: View, v: usize, pos: usize) {
+        let rows = self.draw_rows;
+        assert!(
+            logits.len == rows * v
+                && logits.dtype == DType::F32
+                && v <= self.draws.width
+                && pos < self.draws.positions,
+            "draw_tokens: {logits:?} is not {rows} rows of {v} at a planned position ({pos})"
+        );
+        let a = self.arenas();
+        assert!(rows * 2 <= a.tokens.bytes, "draw_tokens: more rows than tokens");
+        let p = (
+            self.ptr(logits),
+            a.draw_options.ptr,
+            a.draw_numbers.ptr,
+            a.draw_weights.ptr,
+            a.draw_keys.ptr,
+            a.tokens.ptr,
+            a.drawn.ptr,
+        );
+        let (posi, pos_at) = self.position_args(pos);
+        let (vi, positions, keys) = (
+            int(v),
+            int(self.draws.positions),
+            int(v.next_power_of_two()),
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (u32::try_from(rows).expect("rows fit a grid"), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            &self.kernels.draw_tokens,
+            cfg,
+            "draw_tokens",
+            &[
+                &p.0, &vi, &p.1, &p.2, &positions, &posi, &pos_at, &p.3, &p.4, &keys, &p.5, &p.6,
+            ],
+        );
+        self.n_tokens = rows;
+        self.weighted = false;
+    }
+
+    fn drawn_tokens(&self, from: usize, to: usize, out: &mut [u16]) {
+        self.not_recording("drawn_tokens");
+        let rows = self.draw_rows;
+        assert!(
+            from <= to && to <= self.draws.positions && out.len() == (to - from) * rows,
+            "drawn_tokens: positions {from}..{to} of {rows} rows into {}",
+            out.len()
+        );
+        if out.is_empty() {
+            return;
+        }
+        let at = self.arenas().drawn.ptr + (2 * from * rows) as u64;
+        self.bind();
+        // SAFETY: positions `from..to` of `rows` rows lie inside the drawn tokens' buffer
+        // (checked above); the copy waits for the queued kernels.
+        ok(unsafe { driver::memcpy_dtoh_sync(out, at) }, "drawn_tokens");
     }
 
     fn embed_forward(
@@ -1675,14 +1798,15 @@ impl Backend for CudaBackend {
         let pos = i32::try_from(pos).map_err(|_| anyhow!("position {pos} is beyond i32"))?;
         let at = self.arenas().position.ptr;
         self.bind();
-        // SAFETY: the position buffer holds one i32. The copy is ordered on the default
+        // SAFETY: the position buffer holds one i32. The write is ordered on the default
         // stream before the graph, launched there; the graph's kernels read only this
         // backend's arenas, alive while the graph is (`allocate` drops graphs first).
         unsafe {
-            // The copy waits for the work before it; a graph that reads no position (a
-            // training pass) is launched behind that work instead.
+            // Written by the stream itself, with the value given now: the host waits for
+            // nothing, so steps that draw their own tokens queue back to back.
             if *reads_position {
-                driver::memcpy_htod_sync(at, &[pos])
+                driver_sys::cuMemsetD32Async(at, pos as u32, 1, self.default_stream.cu_stream())
+                    .result()
                     .map_err(|e| anyhow!("cannot set the replayed position: {e:?}"))?;
             }
             driver::graph::launch(graph.cu_graph_exec(), self.default_stream.cu_stream())

@@ -80,7 +80,12 @@ pub fn sample_token(
 /// This is the rule every backend draws with ([`crate::backend::Backend::draw_tokens`]): the
 /// CPU backend calls this function; the CUDA backend's `draw_tokens` kernel does the same
 /// float operations in the same order, so it picks the same colour.
-pub fn choose_token(logits: &[f32], opts: &SampleOptions, u: f32, scratch: &mut SampleScratch) -> u16 {
+pub fn choose_token(
+    logits: &[f32],
+    opts: &SampleOptions,
+    u: f32,
+    scratch: &mut SampleScratch,
+) -> u16 {
     // The first most likely colour; a logit that is not a number never wins.
     let argmax = || {
         let (mut best, mut best_z) = (0, f32::NEG_INFINITY);
@@ -192,7 +197,10 @@ pub fn next_tokens(
         let image = &images[live[r]];
         match image.prefix.get(pos) {
             Some(&given) => (given, Some(neg_log_prob(z, given))),
-            None => (choose_token(z, &image.opts, numbers[r * t + pos], scratch), None),
+            None => (
+                choose_token(z, &image.opts, numbers[r * t + pos], scratch),
+                None,
+            ),
         }
     };
     for_each_row(rows, row, drawn);
@@ -214,7 +222,12 @@ pub fn for_each_row<T: Send>(
     if rows < 2 * ROWS_PER_THREAD || rayon::current_num_threads() == 1 {
         out.extend((0..rows).map(run));
     } else {
-        out.par_extend((0..rows).into_par_iter().with_min_len(ROWS_PER_THREAD).map(run));
+        out.par_extend(
+            (0..rows)
+                .into_par_iter()
+                .with_min_len(ROWS_PER_THREAD)
+                .map(run),
+        );
     }
 }
 

@@ -14,7 +14,7 @@ use crate::backend::{
 use crate::config::ModelConfig;
 use crate::data::TokenSet;
 use crate::model::{Decoder, Engine};
-use crate::sample::SampleOptions;
+use crate::sample::{self, ImageSpec, SampleOptions};
 use crate::train::{TrainConfig, Trainer};
 use anyhow::Context;
 use rand::{Rng, SeedableRng};
@@ -768,7 +768,11 @@ fn sampling_kernels(p: &mut Pair) {
         p.b[k].drawn_tokens(0, T, &mut out);
         out
     });
-    let differ = reference.iter().zip(&tested).filter(|(a, b)| a != b).count();
+    let differ = reference
+        .iter()
+        .zip(&tested)
+        .filter(|(a, b)| a != b)
+        .count();
     let wte = p.put_random(VOCAB * D, 1.0);
     let wpe = p.put_random(T * D, 1.0);
     let sos = p.put_random(D, 1.0);
@@ -1157,6 +1161,99 @@ pub fn check_replay(device: &Device, tolerances: Tolerances, seed: u64) -> anyho
     ))
 }
 
+/// Name of the check of tokens drawn on the device.
+pub const DEVICE_DRAWS: &str = "decoder: tokens drawn on the device vs on the host";
+
+/// On `device`, whole images generated with the tokens drawn on the device (each step's
+/// tokens feed the next there; the host fetches them once a row) against the same decoder
+/// stepped with the tokens drawn on the host from downloaded logits: the same numbers, so
+/// the same tokens. Three images with their own options (the whole palette, top-k and top-p,
+/// a low temperature), one dropped after its second row; f32 and bf16. The error counts the
+/// tokens that differ.
+pub fn check_device_draws(device: &Device, seed: u64) -> anyhow::Result<Check> {
+    let cfg = tiny_model();
+    let (t, side, batch) = (cfg.n_ctx(), cfg.side, 3);
+    let params = random_params(&cfg, seed + 6);
+    let plain = SampleOptions {
+        seed,
+        ..Default::default()
+    };
+    let options = [
+        plain,
+        SampleOptions {
+            top_k: 5,
+            top_p: 0.9,
+            ..plain
+        },
+        SampleOptions {
+            temperature: 0.7,
+            ..plain
+        },
+    ];
+    let specs: Vec<ImageSpec> = (0..batch)
+        .map(|i| ImageSpec {
+            prefix: &[],
+            opts: options[i],
+            stream: i as u64,
+        })
+        .collect();
+    let dropped_after = 2 * side;
+    let mut differ = 0;
+    for precision in [Precision::F32, Precision::Bf16] {
+        let open = || {
+            Decoder::with_precision(&cfg, batch, device, params.clone(), precision)
+                .with_context(|| format!("a decoder on {device}"))
+        };
+        let mut on_device = open()?;
+        let got = sample::generate_images(&mut on_device, &specs, 0, |row, _, wanted| {
+            if (row + 1) * side == dropped_after {
+                wanted[1] = false;
+            }
+        })?
+        .tokens;
+        if let Some(why) = on_device.replay_failure() {
+            anyhow::bail!("recording a decoding step failed: {why}");
+        }
+        // The host's way: logits downloaded every step, tokens drawn and fed back.
+        let mut host = open()?;
+        host.reset();
+        let mut numbers = vec![0.0; batch * t];
+        for (spec, row) in specs.iter().zip(numbers.chunks_mut(t)) {
+            sample::draw_numbers(spec, row);
+        }
+        let (mut live, mut prev) = ((0..batch).collect::<Vec<_>>(), vec![0u16; batch]);
+        let (mut want, mut drawn) = (vec![0u16; batch * t], Vec::new());
+        for pos in 0..t {
+            if pos == dropped_after {
+                let keep = [0, 2];
+                host.retain(&keep)?;
+                live = keep.to_vec();
+                prev = keep.iter().map(|&r| prev[r]).collect();
+                numbers = keep
+                    .iter()
+                    .flat_map(|&r| numbers[r * t..(r + 1) * t].to_vec())
+                    .collect();
+            }
+            let logits = host.step(&prev)?;
+            sample::next_tokens(logits, &live, &specs, pos, &numbers, &mut drawn);
+            for (r, &i) in live.iter().enumerate() {
+                want[i * t + pos] = drawn[r].0;
+                prev[r] = drawn[r].0;
+            }
+        }
+        differ += got.iter().zip(&want).filter(|(a, b)| a != b).count();
+    }
+    Ok(Check::measured(
+        DEVICE_DRAWS,
+        differ as f64,
+        0.0,
+        format!(
+            "{differ} of {} tokens differ ({batch} images of {t} pixels, f32 and bf16)",
+            2 * batch * t
+        ),
+    ))
+}
+
 /// Name of the bf16 training check.
 pub const BF16_TRAINING: &str = "bf16 training vs f32 (loss curve)";
 
@@ -1389,6 +1486,8 @@ pub fn run(device: &Device, options: &Options) -> anyhow::Result<Report> {
     checks.extend(dec.unwrap_or_else(|e| vec![Check::failed("decoder", &e)]));
     let replay = check_replay(device, exact_tol, options.seed);
     checks.push(replay.unwrap_or_else(|e| Check::failed(DECODER_REPLAY, &e)));
+    let draws = check_device_draws(device, options.seed);
+    checks.push(draws.unwrap_or_else(|e| Check::failed(DEVICE_DRAWS, &e)));
 
     let bf16 = match (options.bf16_steps, bf16_training_unavailable(device)) {
         (_, Some(why)) => Check::skipped(BF16_TRAINING, &why),

@@ -4,8 +4,9 @@
 //! only, so a new backend runs the same ones as the CPU.
 
 use igpt::backend::{
-    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, Op, Update, View,
+    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, DrawSizes, Op, Update, View,
 };
+use igpt::sample::{SampleOptions, SampleScratch, choose_token};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -58,6 +59,9 @@ fn check_grad(name: &str, x: &mut [f32], analytic: &[f32], f: &mut dyn FnMut(&[f
     }
 }
 
+/// Positions each rig's rows can draw tokens at.
+const DRAW_POSITIONS: usize = 8;
+
 /// Elements of 16-bit storage (and of bf16 product scratch) every rig has.
 const HALF: usize = 1 << 16;
 
@@ -102,6 +106,11 @@ impl Rig {
             max_width: width,
             // Every vocabulary these tests use, and its start token.
             embedding_rows: 64,
+            draws: DrawSizes {
+                rows: tokens,
+                positions: DRAW_POSITIONS,
+                width: 64,
+            },
         })
         .unwrap_or_else(|e| panic!("{device}: allocate: {e}"));
         Self {
@@ -947,5 +956,71 @@ fn sum_squares_matches_f64() {
                 "{device} sum_squares on {arena:?}: {got} vs {want}"
             );
         }
+    }
+}
+
+#[test]
+fn draw_tokens_draws_what_choose_token_draws_and_feeds_them_to_the_next_step() {
+    let (rows, v, d) = (12, 37, 8);
+    let options: Vec<SampleOptions> = (0..rows)
+        .map(|r| SampleOptions {
+            temperature: [1.0, 0.0, 0.8, 1.5][r % 4],
+            top_k: [0, 4, 1][r % 3],
+            top_p: [1.0, 0.85][r % 2],
+            seed: 0,
+        })
+        .collect();
+    let numbers = rand_vec(rows * DRAW_POSITIONS, 3, 1.0)
+        .iter()
+        .map(|u| u.abs().min(0.999))
+        .collect::<Vec<f32>>();
+    for device in Device::available() {
+        let mut r = Rig::new(device, 4096, rows, rows, d);
+        let logits = r.view(rows * v);
+        let wte = r.put(&rand_vec(v * d, 4, 1.0));
+        let wpe = r.put(&rand_vec(DRAW_POSITIONS * d, 5, 1.0));
+        let sos = r.put(&rand_vec(d, 6, 1.0));
+        let emb = r.view(rows * d);
+        r.b.set_draws(&options, &numbers);
+        let mut scratch = SampleScratch::default();
+        let mut all = Vec::new();
+        for pos in 0..DRAW_POSITIONS {
+            let mut z = rand_vec(rows * v, 10 + pos as u64, 3.0);
+            for row in z.chunks_mut(v) {
+                row[5] = row[2];
+                row[9] = f32::NEG_INFINITY;
+            }
+            r.set(logits, &z);
+            r.b.draw_tokens(logits, v, pos);
+            let want: Vec<u16> = (0..rows)
+                .map(|k| {
+                    let u = numbers[k * DRAW_POSITIONS + pos];
+                    choose_token(&z[k * v..(k + 1) * v], &options[k], u, &mut scratch)
+                })
+                .collect();
+            let mut got = vec![0; rows];
+            r.b.drawn_tokens(pos, pos + 1, &mut got);
+            assert_eq!(got, want, "{device}: tokens drawn at position {pos}");
+            // The drawn tokens are the next step's inputs.
+            r.b.embed_step(emb, wte, wpe, sos, 1, 1, d);
+            let (wte_h, wpe_h) = (r.get(wte), r.get(wpe));
+            let expect: Vec<f32> = want
+                .iter()
+                .flat_map(|&t| (0..d).map(move |c| (t as usize, c)))
+                .map(|(t, c)| wte_h[t * d + c] + wpe_h[d + c])
+                .collect();
+            assert_eq!(r.get(emb), expect, "{device}: inputs after position {pos}");
+            all.extend(want);
+        }
+        let mut every = vec![0; rows * DRAW_POSITIONS];
+        r.b.drawn_tokens(0, DRAW_POSITIONS, &mut every);
+        assert_eq!(
+            every, all,
+            "{device}: every position's tokens, position-major"
+        );
+        assert!(
+            all.iter().any(|&t| t != all[0]),
+            "{device}: the draws should not all be one colour"
+        );
     }
 }

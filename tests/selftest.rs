@@ -7,6 +7,7 @@ mod common;
 use common::{igpt, s, stderr, tempdir};
 use igpt::backend::cpu::CpuBackend;
 use igpt::backend::{ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, Update, View};
+use igpt::sample::SampleOptions;
 use igpt::selftest::{self, Check, Options, Tolerances};
 use std::collections::BTreeSet;
 
@@ -47,6 +48,7 @@ const KERNEL_CHECKS: &[&str] = &[
     "embed_step",
     "attention_step (f32 cache)",
     "attention_step (bf16 cache)",
+    "draw_tokens",
     "gelu_forward",
     "gelu_backward_inplace",
     "cross_entropy",
@@ -96,6 +98,7 @@ fn the_cpu_passes_against_itself_and_every_kernel_is_checked() {
         "attention_backward",
         "embed_step",
         "attention_step",
+        "draw_tokens",
         "gelu_forward",
         "gelu_backward_inplace",
         "cross_entropy",
@@ -141,6 +144,8 @@ enum Fault {
     MatmulIgnoresAccumulate,
     /// attention_step with bf16 caches takes a single step one position early.
     Bf16StepEarly,
+    /// draw_tokens keeps every colour where top-k should cut the palette.
+    DrawsIgnoringTopK,
 }
 
 /// The CPU backend with one kernel broken.
@@ -197,6 +202,22 @@ impl Backend for Faulty {
     }
     fn set_tokens(&mut self, tokens: &[u16]) {
         self.cpu.set_tokens(tokens)
+    }
+    fn set_draws(&mut self, options: &[SampleOptions], numbers: &[f32]) {
+        if let Fault::DrawsIgnoringTopK = self.fault {
+            let whole: Vec<SampleOptions> = options
+                .iter()
+                .map(|o| SampleOptions { top_k: 0, ..*o })
+                .collect();
+            return self.cpu.set_draws(&whole, numbers);
+        }
+        self.cpu.set_draws(options, numbers)
+    }
+    fn draw_tokens(&mut self, logits: View, v: usize, pos: usize) {
+        self.cpu.draw_tokens(logits, v, pos)
+    }
+    fn drawn_tokens(&self, from: usize, to: usize, out: &mut [u16]) {
+        self.cpu.drawn_tokens(from, to, out)
     }
     fn embed_forward(
         &mut self,
@@ -409,6 +430,16 @@ fn a_matmul_that_ignores_accumulate_fails_the_accumulating_checks() {
             "matmul (T,N, accumulate)",
             "matmul (T,T, accumulate)",
         ],
+    );
+}
+
+#[test]
+fn a_draw_that_ignores_top_k_fails_draw_tokens_only() {
+    let checks = fails_exactly(Fault::DrawsIgnoringTopK, &["draw_tokens"]);
+    let c = check(&checks, "draw_tokens");
+    assert!(
+        c.max_error >= 1.0 && c.detail.contains("tokens differ"),
+        "{c:?}"
     );
 }
 

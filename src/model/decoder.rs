@@ -8,11 +8,9 @@
 use super::ParamLayout;
 use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward};
 use super::replay::{self, Replays};
-use crate::backend::{
-    Arena, ArenaSizes, AttnShape, Backend, Device, DrawSizes, Precision, View,
-};
-use crate::sample::SampleOptions;
+use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, DrawSizes, Precision, View};
 use crate::config::ModelConfig;
+use crate::sample::SampleOptions;
 
 /// Rows (sequences x positions) one prefill chunk runs through the blocks at once: enough for
 /// efficient products, few enough that the chunk's activations stay small.

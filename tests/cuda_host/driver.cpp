@@ -478,6 +478,22 @@ CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, CUstrea
     return CUDA_SUCCESS;
 }
 
+CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int value, size_t n, CUstream s) {
+    GUARD;
+    if (CUresult e = no_context("cuMemsetD32Async")) return e;
+    if (dst % 4 != 0)
+        return refuse(CUDA_ERROR_INVALID_VALUE, "cuMemsetD32Async", "the address is not 4-byte aligned");
+    if (CUresult e = check_range("cuMemsetD32Async", dst, 4 * n)) return e;
+    issue(stream_of(s),
+          Job{[=] {
+                  uint32_t* p = (uint32_t*)dst;
+                  for (size_t i = 0; i < n; i++) p[i] = value;
+              },
+              {{dst, 4 * n}}},
+          "cuMemsetD32Async");
+    return CUDA_SUCCESS;
+}
+
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     GUARD;
     if (CUresult e = no_context("cuMemcpyHtoD")) return e;

@@ -12,8 +12,8 @@ mod memory;
 pub use memory::{memory_in_use, synchronize};
 
 use super::{Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, Recording, Update, View};
-use crate::sample::SampleOptions;
 use crate::backend::device::Gpu;
+use crate::sample::SampleOptions;
 use anyhow::{Result, anyhow, bail};
 use cudarc::driver::result as driver;
 use cudarc::driver::{
@@ -1018,7 +1018,10 @@ impl Backend for CudaBackend {
             "draw_tokens: {logits:?} is not {rows} rows of {v} at a planned position ({pos})"
         );
         let a = self.arenas();
-        assert!(rows * 2 <= a.tokens.bytes, "draw_tokens: more rows than tokens");
+        assert!(
+            rows * 2 <= a.tokens.bytes,
+            "draw_tokens: more rows than tokens"
+        );
         let p = (
             self.ptr(logits),
             a.draw_options.ptr,

@@ -607,3 +607,67 @@ fn rows_drawn_on_many_threads_give_the_images_of_one_thread() {
     let alone = sample::generate(&mut decoder(1), &[&[]], &opts, 7, |_, _| {}).unwrap();
     assert_eq!(&one[7 * t..8 * t], &alone[..]);
 }
+
+#[test]
+fn tokens_are_drawn_on_the_backend_and_fetched_once_a_row() {
+    let calls = |p: &igpt::backend::profile::Profile, k: &str| {
+        p.kernels()
+            .iter()
+            .find(|r| r.kernel == k)
+            .map_or(0, |r| r.calls)
+    };
+    let opts = SampleOptions {
+        seed: 4,
+        top_k: 5,
+        ..Default::default()
+    };
+    let (t, side) = (25, 5);
+    // Unconditional images: every position is drawn on the backend, whose tokens feed the
+    // next step there; the host fetches them after each row of pixels.
+    let profile = igpt::backend::profile::Profile::start();
+    let mut dec = decoder(3);
+    let images = sample::generate(&mut dec, &[&[] as &[u16]; 3], &opts, 0, |_, _| {}).unwrap();
+    assert_eq!(calls(&profile, "download"), 0, "no logits come to the host");
+    assert_eq!(calls(&profile, "draw_tokens"), t as u64);
+    assert_eq!(calls(&profile, "drawn_tokens"), (t / side) as u64);
+    assert_eq!(
+        calls(&profile, "set_tokens"),
+        1,
+        "only the first step's inputs"
+    );
+    assert_eq!(calls(&profile, "set_draws"), 1);
+    drop(profile);
+    // Each is the image drawn alone.
+    for (i, image) in images.chunks(t).enumerate() {
+        let alone = sample::generate(&mut decoder(1), &[&[]], &opts, i as u64, |_, _| {}).unwrap();
+        assert_eq!(image, &alone[..], "image {i}");
+    }
+
+    // Completions of prefixes of 7 and 12 pixels: after the 7 both know, positions 7 to 11
+    // are drawn on the host from the logits (image 1's pixels there are known), the rest on
+    // the backend; each image is still the one completed alone.
+    let prefixes: [&[u16]; 2] = [
+        &[1, 2, 3, 4, 5, 6, 7],
+        &[8, 7, 6, 5, 4, 3, 2, 1, 0, 1, 2, 3],
+    ];
+    let profile = igpt::backend::profile::Profile::start();
+    let mut dec = decoder(2);
+    let both = sample::generate(&mut dec, &prefixes, &opts, 0, |_, _| {}).unwrap();
+    assert_eq!(
+        calls(&profile, "download"),
+        5,
+        "logits at positions 7 to 11"
+    );
+    assert_eq!(calls(&profile, "draw_tokens"), (t - 12) as u64);
+    drop(profile);
+    for (i, image) in both.chunks(t).enumerate() {
+        let alone =
+            sample::generate(&mut decoder(1), &[prefixes[i]], &opts, i as u64, |_, _| {}).unwrap();
+        assert_eq!(image, &alone[..], "completion {i}");
+        assert_eq!(&image[..prefixes[i].len()], prefixes[i]);
+    }
+
+    // And on the CPU the selftest's check of device draws against host draws passes.
+    let check = igpt::selftest::check_device_draws(&Device::Cpu, 3).unwrap();
+    assert!(check.passed && check.max_error == 0.0, "{check:?}");
+}

@@ -1969,6 +1969,7 @@ mod tests {
                 "flash_attention_backward_kv_128",
                 "flash_attention_backward_q_64",
                 "flash_attention_backward_q_128",
+                "draw_tokens",
             ] {
                 assert!(
                     ptx.contains(&format!(".entry {name}(")),
@@ -1976,5 +1977,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Instructions of kernel `name` in `ptx` that would make its float arithmetic differ from
+    /// the CPU's: a fused multiply-add (one rounding for two operations), or a float min or
+    /// max (which return the other operand for a NaN, where the CPU's comparisons keep it).
+    fn unlike_the_cpu<'a>(ptx: &'a str, name: &str) -> Vec<&'a str> {
+        let start = ptx
+            .find(&format!(".entry {name}("))
+            .unwrap_or_else(|| panic!("{name} missing"));
+        let body = &ptx[start..];
+        let end = body.find("\n}").map_or(body.len(), |e| e + 2);
+        body[..end]
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("fma.") || l.starts_with("max.f") || l.starts_with("min.f"))
+            .collect()
+    }
+
+    #[test]
+    fn the_draw_kernel_rounds_each_operation_as_the_cpu_does() {
+        // README, "Tokens drawn on the device": the same colour as the CPU for the same logits.
+        for ptx in [PTX_SM80, PTX_SM90] {
+            assert_eq!(unlike_the_cpu(ptx, "draw_tokens"), Vec::<&str>::new());
+        }
+        let fused = ".entry draw_tokens(\n\tmul.rn.f32 \t%f1, %f2, %f3;\n\tfma.rn.f32 \t%f4, %f1, \
+                     %f5, %f6;\n\tmax.f32 \t%f7, %f4, %f8;\n}\n.entry other(\n\tfma.rn.f32 \t%f9;\n}";
+        assert_eq!(unlike_the_cpu(fused, "draw_tokens").len(), 2);
     }
 }

@@ -190,7 +190,14 @@ pub fn decoder_bytes(
         cfg.n_layer as u128,
     );
     let (b, r, t) = (batch as u128, rows as u128, cache_len as u128);
-    let steps = 4
+    let draws = crate::backend::DrawSizes {
+        rows: batch,
+        positions: cfg.n_ctx(),
+        width: cfg.n_vocab,
+    }
+    .bytes();
+    let steps = draws
+        + 4
         * (6 * r16(r * d)
             + 2 * r16(r)
             + r16(r * 3 * d)

@@ -701,11 +701,12 @@ mod plan_tests {
     use super::*;
 
     /// Bytes the backend allocates for a decoder's own arenas, from the sizes it is asked for:
-    /// f32 step buffers (and f32 caches), the bf16 half arena (packed weights, bf16 caches) and
-    /// the split input of packed products (two bf16 parts, rows padded to an even length).
+    /// f32 step buffers (and f32 caches), the bf16 half arena (packed weights, bf16 caches), the
+    /// split input of packed products (two bf16 parts, rows padded to an even length) and what
+    /// drawing tokens may take.
     fn planned_bytes(s: &ArenaSizes) -> u128 {
         let split = crate::backend::cpu::packed_input_len(s);
-        4 * s.acts as u128 + 2 * s.half as u128 + 2 * split as u128
+        4 * s.acts as u128 + 2 * s.half as u128 + 2 * split as u128 + s.draws.bytes()
     }
 
     #[test]

@@ -197,8 +197,7 @@ pub fn decoder_bytes(
     }
     .bytes();
     let steps = draws
-        + 4
-        * (6 * r16(r * d)
+        + 4 * (6 * r16(r * d)
             + 2 * r16(r)
             + r16(r * 3 * d)
             + 2 * r16(r * 4 * d)

@@ -132,11 +132,13 @@ pub fn choose_token(
 }
 
 /// The `k` (1 to all) heaviest of `weights` as (weight, colour), heaviest first, equal weights
-/// in colour order. Each colour becomes one integer whose ascending order is that order (the weight's
+/// in colour order, a NaN weight above all others. Each colour becomes one integer whose ascending order is that order (the weight's
 /// `total_cmp` key inverted, then the colour), so selecting and sorting compare plain integers.
 fn most_likely(weights: &[f32], k: usize, keys: &mut Vec<u64>, ranked: &mut Vec<(f32, u16)>) {
     keys.clear();
     keys.extend(weights.iter().enumerate().map(|(i, &w)| {
+        // Every NaN ranks as one (a NaN's sign depends on the machine that made it).
+        let w = if w.is_nan() { f32::NAN } else { w };
         // f32::total_cmp's order as unsigned integers.
         let bits = w.to_bits() as i32;
         let ordered = (bits ^ (((bits >> 31) as u32) >> 1) as i32) as u32 ^ 0x8000_0000;

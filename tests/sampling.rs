@@ -671,3 +671,27 @@ fn tokens_are_drawn_on_the_backend_and_fetched_once_a_row() {
     let check = igpt::selftest::check_device_draws(&Device::Cpu, 3).unwrap();
     assert!(check.passed && check.max_error == 0.0, "{check:?}");
 }
+
+#[test]
+fn a_logit_that_is_not_a_number_draws_the_same_whatever_its_sign() {
+    // A NaN's sign depends on the machine that computed it (x86 keeps an operand's, a GPU
+    // makes its own): every NaN weight ranks first, so the top-k draw falls back to the argmax
+    // either way, as the CUDA kernel's does.
+    let mut scratch = sample::SampleScratch::default();
+    let opts = SampleOptions {
+        top_k: 3,
+        ..Default::default()
+    };
+    let negative_nan = f32::from_bits(0xFFC0_0000);
+    for nan in [f32::NAN, negative_nan] {
+        let logits = [1.0, 3.0, 2.0, 0.5, 1.5, 2.5, nan, 0.1];
+        for u in [0.0, 0.3, 0.9] {
+            assert_eq!(
+                sample::choose_token(&logits, &opts, u, &mut scratch),
+                1,
+                "NaN bits {:#x}, u {u}",
+                nan.to_bits()
+            );
+        }
+    }
+}

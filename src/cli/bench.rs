@@ -421,10 +421,13 @@ fn time_generation(
     let prefixes = vec![&[][..]; batch];
     let opts = SampleOptions::default();
     let secs = rayon::scope(|_| -> Result<f64> {
-        // Warm-up: the first positions of one image (pages touched, threads awake, kernels
-        // loaded, steps recorded).
-        for _ in 0..16 {
-            dec.step(&vec![0; batch])?;
+        // Warm-up: the first positions of one image, drawn as generation draws them (pages
+        // touched, threads awake, kernels loaded, steps recorded).
+        let numbers = vec![0.5; batch * model.n_ctx()];
+        dec.set_draws(&vec![opts; batch], &numbers)?;
+        dec.step_drawing(Some(&vec![0; batch]))?;
+        for _ in 1..16 {
+            dec.step_drawing(None)?;
         }
         let t0 = clock(dev)?;
         sample::generate(&mut dec, &prefixes, &opts, 0, |_, _| {})?;

@@ -1151,6 +1151,98 @@ mod replay_tests {
         }
     }
 
+    /// Draws a whole image on both decoders with the tokens left on the backend, keeping only
+    /// sequences 0 and 2 from position 8 (a row boundary of the 4x4 model) on, fetched once a
+    /// row as generation fetches them; returns every drawn token of each.
+    fn draw_both(a: &mut Decoder, b: &mut Decoder) -> (Vec<u16>, Vec<u16>) {
+        let t = model().n_ctx();
+        let opts = |s: usize| SampleOptions {
+            top_k: [0, 3, 0][s],
+            temperature: [1.0, 1.0, 0.6][s],
+            ..Default::default()
+        };
+        let mut out = (Vec::new(), Vec::new());
+        for (d, out) in [(a, &mut out.0), (b, &mut out.1)] {
+            d.reset();
+            let mut rows = vec![0, 1, 2];
+            let mut prev = vec![0u16; 3];
+            for pos in 0..t {
+                let fresh = pos == 0 || pos == 8;
+                if pos == 8 {
+                    d.retain(&[0, 2]).unwrap();
+                    rows = vec![0, 2];
+                    prev = vec![prev[0], prev[2]];
+                }
+                if fresh {
+                    let options: Vec<SampleOptions> = rows.iter().map(|&s| opts(s)).collect();
+                    let numbers: Vec<f32> = (0..rows.len() * t)
+                        .map(|i| ((i * 37 + 11) % 100) as f32 / 100.0)
+                        .collect();
+                    d.set_draws(&options, &numbers).unwrap();
+                }
+                d.step_drawing(fresh.then_some(&prev[..])).unwrap();
+                if (pos + 1) % 4 == 0 {
+                    let got = d.drawn(pos - 3, pos + 1).unwrap().to_vec();
+                    prev.copy_from_slice(&got[got.len() - rows.len()..]);
+                    out.extend(got);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn replayed_drawing_steps_draw_the_tokens_of_steps_run_call_by_call() {
+        for precision in [Precision::F32, Precision::Bf16] {
+            let (recorder, log) = Recorder::new(false);
+            let mut replayed = decoder(Box::new(recorder), precision);
+            let mut direct = decoder(Box::new(CpuBackend::new()), precision);
+            let (got, want) = draw_both(&mut replayed, &mut direct);
+            assert_eq!(got, want, "{precision:?}");
+            assert!(got.iter().any(|&x| x != got[0]), "{got:?}");
+            assert!(replayed.replaying() && replayed.replay_failure().is_none());
+            // One recording of the drawing step per number of sequences.
+            assert_eq!(log.lock().unwrap().recorded, 2);
+        }
+    }
+
+    #[test]
+    fn drawing_out_of_turn_is_an_error_not_a_panic() {
+        let mut d = decoder(Box::new(CpuBackend::new()), Precision::F32);
+        let t = model().n_ctx();
+        let opts = vec![SampleOptions::default(); 3];
+        d.reset();
+        let e = d.step_drawing(Some(&[0, 0, 0])).unwrap_err().to_string();
+        assert!(e.contains("set_draws"), "{e}");
+        let e = d
+            .set_draws(&opts, &vec![1.0; 3 * t])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outside [0, 1)"), "{e}");
+        let e = d
+            .set_draws(&opts[..2], &vec![0.5; 2 * t])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3 sequences"), "{e}");
+        d.set_draws(&opts, &vec![0.5; 3 * t]).unwrap();
+        let e = d.step_drawing(None).unwrap_err().to_string();
+        assert!(e.contains("pass them"), "{e}");
+        d.step_drawing(Some(&[0, 0, 0])).unwrap();
+        d.step_drawing(None).unwrap();
+        assert_eq!(d.drawn(0, 2).unwrap().len(), 6);
+        let e = d.drawn(1, 3).unwrap_err().to_string();
+        assert!(e.contains("not all drawn"), "{e}");
+        // A plain step, or moving sequences, ends what the backend's tokens stand for.
+        d.step(&[1, 2, 3]).unwrap();
+        assert!(d.step_drawing(None).is_err());
+        d.retain(&[0, 2]).unwrap();
+        assert!(
+            d.step_drawing(Some(&[1, 2])).is_err(),
+            "draws of three sequences"
+        );
+        assert!(d.drawn(0, 1).is_err());
+    }
+
     #[test]
     fn a_failed_recording_falls_back_to_running_each_call() {
         let (recorder, log) = Recorder::new(true);

@@ -34,6 +34,7 @@
 
 #include <array>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
@@ -1125,6 +1126,7 @@ uint16_t ref_draw(const float* z, int v, float temperature, int top_k, float top
         // f32 total order, heaviest first; equal weights in colour order.
         auto key = [](float f) {
             int32_t b;
+            if (std::isnan(f)) f = std::numeric_limits<float>::quiet_NaN();
             memcpy(&b, &f, 4);
             return b ^ (int32_t)((uint32_t)(b >> 31) >> 1);
         };
@@ -1180,7 +1182,12 @@ void check_draw_tokens() {
         for (int r = 0; r < rows; r++)
             options[r] = {std::array<float, 4>{1.0f, 0.0f, 0.6f, 2.5f}[r % 4],
                           std::array<int, 6>{0, 1, 3, v - 1, v, v + 9}[r % 6],
-                          std::array<float, 3>{1.0f, 0.8f, 0.2f}[r % 3], 0};
+                          std::array<float, 3>{1.0f, 0.8f, 0.2f}[(r / 6) % 3], 0};
+        // Row 23 sees equal logits only, each colour 1/v of the mass: a top-p equal to three
+        // of them added in f32 keeps exactly three colours (a strict comparison keeps four).
+        float three = 0.0f;
+        for (int i = 0; i < 3; i++) three += 1.0f / (float)v;
+        options[23].top_p = three;
         std::uniform_real_distribution<float> unit(0.0f, 1.0f);
         vector<float> numbers((size_t)rows * positions);
         for (float& x : numbers) x = unit(rng);
@@ -1196,7 +1203,10 @@ void check_draw_tokens() {
                 float* row = &z[(size_t)r * v];
                 row[v - 1] = row[0];             // a tie for the most likely
                 row[v / 2] = -INFINITY;          // a masked colour
-                if (r == 2 || r == 5) row[1] = NAN;  // a logit that is not a number
+                // Logits that are not numbers, of either sign (x86 keeps a NaN's sign
+                // through arithmetic; a GPU makes its own).
+                if (r == 2 || r == 5) row[1] = NAN;
+                if (r == 3 || r == 8) row[2] = -NAN;
                 if (r == 7 && pos == 2)          // nothing can be drawn: the argmax
                     for (int c = 0; c < v; c++) row[c] = -INFINITY;
                 if (r == 9) row[2] = INFINITY;   // an infinite logit
@@ -1207,11 +1217,15 @@ void check_draw_tokens() {
                     row[v - 1] = -INFINITY;
                     numbers[(size_t)r * positions + pos] = 0.99999994f;
                 }
+                if (r == 23) {
+                    std::fill(row, row + v, 0.25f);
+                    numbers[(size_t)r * positions + pos] = 0.9f;
+                }
             }
-            // Rows 6 and 18 draw from the whole palette with a number that lands exactly on
+            // Rows 4 and 18 draw from the whole palette with a number that lands exactly on
             // the first colour's upper edge (u * total == w[0]), so a total off by one
             // rounding (added in another order) draws colour 0 instead of the next.
-            for (int r : {6, 18}) {
+            for (int r : {4, 18}) {
                 vector<float> w(v);
                 float total = ref_weights(&z[(size_t)r * v], v, options[r].temperature, w.data());
                 float u = w[0] / total;

@@ -1090,9 +1090,10 @@ __device__ __forceinline__ float sampling_exp(float x) {
 }
 
 // A colour's rank key: ascending keys are descending weights (f32 total order), equal
-// weights in colour order.
+// weights in colour order. Every NaN ranks as the CPU's positive quiet NaN: a NaN's sign
+// and payload depend on the machine that made it.
 __device__ __forceinline__ unsigned long long rank_key(float w, int colour) {
-    int bits = (int)__float_as_uint(w);
+    int bits = w != w ? 0x7fc00000 : (int)__float_as_uint(w);
     unsigned int ordered = (unsigned int)(bits ^ (int)(((unsigned int)(bits >> 31)) >> 1)) ^
                            0x80000000u;
     return ((unsigned long long)(~ordered) << 16) | (unsigned int)colour;

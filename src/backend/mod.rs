@@ -212,6 +212,17 @@ impl DrawSizes {
         );
         16 * r + 4 * r * p + 2 * p * r + r * (4 * w + 16 * w)
     }
+
+    /// Panics unless `rows` rows' options and `numbers` numbers (`[rows, positions]`) fit
+    /// these buffers: a planning bug (the decoder checks what users give it first).
+    pub fn check_fits(&self, rows: usize, numbers: usize) {
+        assert!(
+            rows <= self.rows && numbers == rows * self.positions,
+            "set_draws: {rows} rows of {numbers} numbers, planned {} of {}",
+            self.rows,
+            self.positions
+        );
+    }
 }
 
 /// The kernels of one model family. Every method reads and writes only the views it is given;

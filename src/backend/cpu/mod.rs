@@ -290,13 +290,7 @@ impl Backend for CpuBackend {
     }
 
     fn set_draws(&mut self, options: &[crate::sample::SampleOptions], numbers: &[f32]) {
-        let (rows, positions) = (options.len(), self.draws.positions);
-        assert!(
-            rows <= self.draws.rows && numbers.len() == rows * positions,
-            "set_draws: {rows} rows of {} numbers, planned {} of {positions}",
-            numbers.len(),
-            self.draws.rows
-        );
+        self.draws.check_fits(options.len(), numbers.len());
         self.draw_options.clear();
         self.draw_options.extend_from_slice(options);
         self.draw_numbers.clear();

@@ -980,13 +980,7 @@ impl Backend for CudaBackend {
 
     fn set_draws(&mut self, options: &[SampleOptions], numbers: &[f32]) {
         self.not_recording("set_draws");
-        let (rows, positions) = (options.len(), self.draws.positions);
-        assert!(
-            rows <= self.draws.rows && numbers.len() == rows * positions,
-            "set_draws: {rows} rows of {} numbers, planned {} of {positions}",
-            numbers.len(),
-            self.draws.rows
-        );
+        self.draws.check_fits(options.len(), numbers.len());
         // The kernel's DrawOptions: top-k as an i32's bits (0 and any k at or past the
         // palette keep every colour, as on the CPU).
         let fields: Vec<f32> = options
@@ -1005,7 +999,7 @@ impl Backend for CudaBackend {
             ok(driver::memcpy_htod_sync(at_options, &fields), "set_draws");
             ok(driver::memcpy_htod_sync(at_numbers, numbers), "set_draws");
         }
-        self.draw_rows = rows;
+        self.draw_rows = options.len();
     }
 
     fn draw_tokens(&mut self, logits: View, v: usize, pos: usize) {

@@ -50,7 +50,7 @@ impl SampleOptions {
     }
 }
 
-/// Memory [`sample_token`] reuses from draw to draw (it grows to the palette size once).
+/// Memory [`choose_token`] reuses from draw to draw (it grows to the palette size once).
 #[derive(Debug, Clone, Default)]
 pub struct SampleScratch {
     /// Each colour's unnormalised probability, in colour order.

@@ -1165,9 +1165,9 @@ pub fn check_replay(device: &Device, tolerances: Tolerances, seed: u64) -> anyho
 pub const DEVICE_DRAWS: &str = "decoder: tokens drawn on the device vs on the host";
 
 /// On `device`, whole images generated with the tokens drawn on the device (each step's
-/// tokens feed the next there; the host fetches them once a row) against the same decoder
-/// stepped with the tokens drawn on the host from downloaded logits: the same numbers, so
-/// the same tokens. Three images with their own options (the whole palette, top-k and top-p,
+/// tokens feed the next there; the host fetches them once a row) against a second decoder with
+/// the same weights stepped with the tokens drawn on the host from downloaded logits: the same
+/// numbers, so the same tokens. Three images with their own options (the whole palette, top-k and top-p,
 /// a low temperature), one dropped after its second row; f32 and bf16. The error counts the
 /// tokens that differ.
 pub fn check_device_draws(device: &Device, seed: u64) -> anyhow::Result<Check> {
@@ -1198,7 +1198,7 @@ pub fn check_device_draws(device: &Device, seed: u64) -> anyhow::Result<Check> {
         })
         .collect();
     let dropped_after = 2 * side;
-    let mut differ = 0;
+    let (mut differ, mut replayed) = (0, true);
     for precision in [Precision::F32, Precision::Bf16] {
         let open = || {
             Decoder::with_precision(&cfg, batch, device, params.clone(), precision)
@@ -1214,6 +1214,7 @@ pub fn check_device_draws(device: &Device, seed: u64) -> anyhow::Result<Check> {
         if let Some(why) = on_device.replay_failure() {
             anyhow::bail!("recording a decoding step failed: {why}");
         }
+        replayed &= on_device.replaying();
         // The host's way: logits downloaded every step, tokens drawn and fed back.
         let mut host = open()?;
         host.reset();
@@ -1248,8 +1249,13 @@ pub fn check_device_draws(device: &Device, seed: u64) -> anyhow::Result<Check> {
         differ as f64,
         0.0,
         format!(
-            "{differ} of {} tokens differ ({batch} images of {t} pixels, f32 and bf16)",
-            2 * batch * t
+            "{differ} of {} tokens differ ({batch} images of {t} pixels, f32 and bf16; steps {})",
+            2 * batch * t,
+            if replayed {
+                "replayed from recordings"
+            } else {
+                "issued call by call"
+            }
         ),
     ))
 }

@@ -98,6 +98,16 @@ fn the_selftest_passes_on_the_cuda_backend() {
         ),
         "no replay check ran"
     );
+    // Tokens drawn on the emulated GPU, in replayed steps, are those drawn on the host.
+    let draws = checks
+        .iter()
+        .find(|c| c["name"] == "decoder: tokens drawn on the device vs on the host")
+        .expect("the device draws check ran");
+    let detail = draws["detail"].as_str().unwrap_or("");
+    assert!(
+        draws["max_error"] == 0.0 && detail.contains("replayed from recordings"),
+        "{draws}"
+    );
 }
 
 /// Per-step training losses, validation losses and gradient norms from a run's metrics.jsonl.

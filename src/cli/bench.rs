@@ -442,7 +442,8 @@ fn time_generation(
     })
 }
 
-/// The host's share of a generation step: drawing every image's next colour from its logits
+/// The CPU's draws of a generation step (a GPU draws on the device once no image has a known
+/// pixel left; steps that still have one draw on the host): every image's next colour from its logits
 /// (random logits of the model's palette), per batch size, on one thread and on every thread,
 /// at temperature 1 and with top-k 40 and top-p 0.9. Prints a line per batch; returns the
 /// numbers for the JSON report.

@@ -1109,6 +1109,9 @@ float ref_weights(const float* z, int v, float temperature, float* w) {
     return total;
 }
 
+// Draws that rounded past the last colour (the checks below must include some).
+int ref_past_end = 0;
+
 uint16_t ref_draw(const float* z, int v, float temperature, int top_k, float top_p, float u) {
     int argmax = 0;
     float best = -INFINITY;
@@ -1158,7 +1161,10 @@ uint16_t ref_draw(const float* z, int v, float temperature, int top_k, float top
         left -= o.first;
     }
     for (size_t i = order.size(); i-- > 0;)
-        if (order[i].first > 0.0f) return order[i].second;
+        if (order[i].first > 0.0f) {
+            ref_past_end++;
+            return order[i].second;
+        }
     return argmax;
 }
 
@@ -1279,6 +1285,7 @@ void check_draw_tokens() {
     // The edge cases must have been set up (a number exactly on an edge exists for most rows).
     record("draw_tokens", edges >= 24 ? 0.0 : 1.0, 0.0,
            "only " + std::to_string(edges) + " numbers on a colour's edge");
+    record("draw_tokens", ref_past_end > 0 ? 0.0 : 1.0, 0.0, "no draw rounded past the end");
 }
 
 }  // namespace

@@ -390,6 +390,23 @@ inline T shfl_xor(unsigned mask, T v, int lane_mask) {
     return out;
 }
 
+// Lane `src_lane`'s value, as __shfl_sync (every lane of the full warp takes part).
+template <typename T>
+inline T shfl(unsigned mask, T v, int src_lane) {
+    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+    Block& b = *current_block;
+    Fiber& me = b.fibers[b.current];
+    unsigned tid = b.current, warp = tid / 32;
+    if (mask != 0xffffffffu || warp_size_of(b, warp) != 32)
+        fail("shuffle with a partial mask or a partial warp (not emulated)");
+    std::vector<uint64_t>& slot = b.slots[me.shuffles++ & 1];
+    memcpy(&slot[tid], &v, sizeof v);
+    barrier(warp);
+    T out;
+    memcpy(&out, &slot[warp * 32 + (src_lane & 31)], sizeof out);
+    return out;
+}
+
 // The warp's predicates as a bit mask (lane i: bit i), through the shuffle slots.
 inline unsigned ballot(unsigned mask, bool predicate) {
     Block& b = *current_block;
@@ -466,6 +483,14 @@ template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
     return cuda_host::shfl_xor(mask, v, lane_mask);
 }
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane) {
+    return cuda_host::shfl(mask, v, src_lane);
+}
+
+// Leading zero bits of a 32-bit value (32 for 0).
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
     return cuda_host::ballot(mask, predicate != 0);

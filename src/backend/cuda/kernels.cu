@@ -1099,21 +1099,64 @@ __device__ __forceinline__ unsigned long long rank_key(float w, int colour) {
     return ((unsigned long long)(~ordered) << 16) | (unsigned int)colour;
 }
 
+// The sequential parts of a draw run on one warp, every lane computing the same values: each
+// lane loads one of 32 consecutive colours, and every lane then takes them in order through
+// shuffles, so the loads overlap while the additions keep the CPU's order.
+
+// `start` plus weight(0), ..., weight(count - 1), added in that order.
+template <typename Weight>
+__device__ float ordered_sum(Weight weight, int count, float start) {
+    const int lane = threadIdx.x & 31;
+    float s = start;
+    for (int base = 0; base < count; base += 32) {
+        float w = base + lane < count ? weight(base + lane) : 0.0f;
+        const int n = min(32, count - base);
+        for (int j = 0; j < n; j++) s = __fadd_rn(s, __shfl_sync(0xffffffffu, w, j));
+    }
+    return s;
+}
+
 // The first colour whose weight the remaining draw falls under, walking `count` colours
-// (colour(i), weight(i)) in order; -1 when the total cannot be drawn from.
+// (colour(i), with weight weights[colour(i)]) in order; -1 when the total cannot be drawn
+// from. Past the end (rounding), the last colour that can be drawn.
 template <typename Colour>
 __device__ int walk_draw(const float* weights, Colour colour, int count, float total, float u) {
     if (!(total > 0.0f && total <= 3.40282347e38f)) return -1;
+    const int lane = threadIdx.x & 31;
     float left = __fmul_rn(u, total);
-    for (int i = 0; i < count; i++) {
-        float w = weights[colour(i)];
-        if (left < w) return colour(i);
-        left = __fsub_rn(left, w);
+    int last_drawable = -1;
+    for (int base = 0; base < count; base += 32) {
+        const bool in = base + lane < count;
+        const int c = in ? colour(base + lane) : 0;
+        const float w = in ? weights[c] : 0.0f;
+        const int n = min(32, count - base);
+        const unsigned drawable = __ballot_sync(0xffffffffu, in && w > 0.0f);
+        if (drawable) last_drawable = __shfl_sync(0xffffffffu, c, 31 - __clz((int)drawable));
+        for (int j = 0; j < n; j++) {
+            const float wj = __shfl_sync(0xffffffffu, w, j);
+            // Every lane holds the same `left`: the warp leaves together.
+            if (left < wj) return __shfl_sync(0xffffffffu, c, j);
+            left = __fsub_rn(left, wj);
+        }
     }
-    // Rounding left the draw past the end: the last colour that can be drawn.
-    for (int i = count - 1; i >= 0; i--)
-        if (weights[colour(i)] > 0.0f) return colour(i);
-    return -1;
+    return last_drawable;
+}
+
+// How many of the ranked colours top-p keeps: the first i + 1 whose shares
+// (weight(i) / sum, each rounded, added in order) reach top_p; all `count` if none does.
+template <typename Weight>
+__device__ int top_p_count(Weight weight, int count, float sum, float top_p) {
+    const int lane = threadIdx.x & 31;
+    float acc = 0.0f;
+    for (int base = 0; base < count; base += 32) {
+        const float share = base + lane < count ? __fdiv_rn(weight(base + lane), sum) : 0.0f;
+        const int n = min(32, count - base);
+        for (int j = 0; j < n; j++) {
+            acc = __fadd_rn(acc, __shfl_sync(0xffffffffu, share, j));
+            if (acc >= top_p) return base + j + 1;
+        }
+    }
+    return count;
 }
 
 // Row blockIdx.x of `logits` ([rows, v]) draws with options[row] and its number at the
@@ -1195,7 +1238,7 @@ extern "C" __global__ void draw_tokens(const float* logits, int v, const DrawOpt
             }
         }
         __syncthreads();
-        if (tid == 0) {
+        if (tid < 32) {
             float total = 0.0f;
             for (int l = 0; l < 16; l++) total = __fadd_rn(total, lanes[l]);
             for (int c = chunks * 16; c < v; c++) total = __fadd_rn(total, w[c]);
@@ -1204,24 +1247,13 @@ extern "C" __global__ void draw_tokens(const float* logits, int v, const DrawOpt
                 got = walk_draw(w, [](int i) { return i; }, v, total, u);
             } else {
                 auto ranked = [k](int i) { return (int)(k[i] & 0xFFFFu); };
+                auto weight = [w, k](int i) { return w[k[i] & 0xFFFFu]; };
                 int kept = cut_k ? o.top_k : v;
-                if (o.top_p < 1.0f) {
-                    float sum = 0.0f;
-                    for (int i = 0; i < kept; i++) sum = __fadd_rn(sum, w[ranked(i)]);
-                    float acc = 0.0f;
-                    for (int i = 0; i < kept; i++) {
-                        acc = __fadd_rn(acc, __fdiv_rn(w[ranked(i)], sum));
-                        if (acc >= o.top_p) {
-                            kept = i + 1;
-                            break;
-                        }
-                    }
-                }
-                float sum = 0.0f;
-                for (int i = 0; i < kept; i++) sum = __fadd_rn(sum, w[ranked(i)]);
-                got = walk_draw(w, ranked, kept, sum, u);
+                if (o.top_p < 1.0f)
+                    kept = top_p_count(weight, kept, ordered_sum(weight, kept, 0.0f), o.top_p);
+                got = walk_draw(w, ranked, kept, ordered_sum(weight, kept, 0.0f), u);
             }
-            if (got >= 0) chosen = got;
+            if (tid == 0 && got >= 0) chosen = got;
         }
     }
     __syncthreads();

@@ -1974,8 +1974,9 @@ mod tests {
     }
 
     /// Instructions of kernel `name` in `ptx` that would make its float arithmetic differ from
-    /// the CPU's: a fused multiply-add (one rounding for two operations), or a float min or
-    /// max (which return the other operand for a NaN, where the CPU's comparisons keep it).
+    /// the CPU's: a fused multiply-add (`fma`, `mad`: one rounding for two operations), a float
+    /// min or max (which return the other operand for a NaN, where the CPU's comparisons keep
+    /// it), predicated or not; and any call, whose callee this does not read.
     fn unlike_the_cpu<'a>(ptx: &'a str, name: &str) -> Vec<&'a str> {
         let start = ptx
             .find(&format!(".entry {name}("))
@@ -1985,7 +1986,19 @@ mod tests {
         body[..end]
             .lines()
             .map(str::trim)
-            .filter(|l| l.starts_with("fma.") || l.starts_with("max.f") || l.starts_with("min.f"))
+            .map(|l| match l.strip_prefix('@') {
+                Some(guarded) => guarded.split_once(char::is_whitespace).map_or("", |x| x.1),
+                None => l,
+            })
+            .filter(|l| {
+                let float = [".f16", ".bf16", ".f32", ".f64"]
+                    .iter()
+                    .any(|t| l.contains(t));
+                l.starts_with("fma.")
+                    || (l.starts_with("mad.") && float)
+                    || ((l.starts_with("max.") || l.starts_with("min.")) && float)
+                    || l.starts_with("call")
+            })
             .collect()
     }
 
@@ -1996,7 +2009,9 @@ mod tests {
             assert_eq!(unlike_the_cpu(ptx, "draw_tokens"), Vec::<&str>::new());
         }
         let fused = ".entry draw_tokens(\n\tmul.rn.f32 \t%f1, %f2, %f3;\n\tfma.rn.f32 \t%f4, %f1, \
-                     %f5, %f6;\n\tmax.f32 \t%f7, %f4, %f8;\n}\n.entry other(\n\tfma.rn.f32 \t%f9;\n}";
-        assert_eq!(unlike_the_cpu(fused, "draw_tokens").len(), 2);
+                     %f5, %f6;\n\tmax.f32 \t%f7, %f4, %f8;\n\t@%p1 mad.rn.f32 \t%f1;\n\
+                     \tmax.NaN.f32 \t%f2;\n\tmax.s32 \t%r1, %r2, %r3;\n\tmad.lo.s32 \t%r4;\n\
+                     \tcall.uni (retval0), walk, (param0);\n}\n.entry other(\n\tfma.rn.f32 \t%f9;\n}";
+        assert_eq!(unlike_the_cpu(fused, "draw_tokens").len(), 5);
     }
 }

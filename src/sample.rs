@@ -132,8 +132,9 @@ pub fn choose_token(
 }
 
 /// The `k` (1 to all) heaviest of `weights` as (weight, colour), heaviest first, equal weights
-/// in colour order, a NaN weight above all others. Each colour becomes one integer whose ascending order is that order (the weight's
-/// `total_cmp` key inverted, then the colour), so selecting and sorting compare plain integers.
+/// in colour order, a NaN weight above all others. Each colour becomes one integer whose
+/// ascending order is that order (the weight's `total_cmp` key inverted, then the colour), so
+/// selecting and sorting compare plain integers.
 fn most_likely(weights: &[f32], k: usize, keys: &mut Vec<u64>, ranked: &mut Vec<(f32, u16)>) {
     keys.clear();
     keys.extend(weights.iter().enumerate().map(|(i, &w)| {

@@ -123,7 +123,8 @@ fn run_steps() {
     ARMED.store(false, Ordering::SeqCst);
     let finetune = ENGINE_ALLOCS.load(Ordering::SeqCst);
     assert_eq!(finetune, 0, "fine-tuning steps allocated {finetune} times");
-    // Decoding steps (the KV-cache decoder, batch 3, f32 and bf16) allocate nothing either.
+    // Decoding steps (the KV-cache decoder, batch 3, f32 and bf16) allocate nothing either,
+    // with the logits returned or the tokens drawn on the backend.
     for precision in [Precision::F32, Precision::Bf16] {
         let mut dec = igpt::model::Decoder::with_precision(
             &model,
@@ -145,6 +146,32 @@ fn run_steps() {
         assert_eq!(
             decoding, 0,
             "{precision} decoding steps allocated {decoding} times"
+        );
+        // Steps that draw their tokens on the backend, and fetching them, allocate nothing
+        // either (the first step, which sizes each thread's draw scratch, is not counted).
+        let opts = vec![
+            igpt::sample::SampleOptions {
+                top_k: 3,
+                top_p: 0.9,
+                ..Default::default()
+            };
+            3
+        ];
+        dec.prefill(&[1, 2, 1, 2, 3, 4], 2).unwrap();
+        dec.set_draws(&opts, &vec![0.4; 3 * t]).unwrap();
+        dec.step_drawing(Some(&prev)).unwrap();
+        ENGINE_ALLOCS.store(0, Ordering::SeqCst);
+        ARMED.store(true, Ordering::SeqCst);
+        for _ in 3..t {
+            dec.step_drawing(None).unwrap();
+        }
+        let fetched = dec.drawn(2, t).unwrap().len();
+        ARMED.store(false, Ordering::SeqCst);
+        let drawing = ENGINE_ALLOCS.load(Ordering::SeqCst);
+        assert_eq!(fetched, 3 * (t - 2));
+        assert_eq!(
+            drawing, 0,
+            "{precision} drawing steps allocated {drawing} times"
         );
     }
     // gemm's packing scratch is bounded by cache-sized blocks, never by the tensor sizes.

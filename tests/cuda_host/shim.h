@@ -373,24 +373,8 @@ inline void run_block(Block& b, const std::function<void()>& body, uint3 block_i
     current_block = nullptr;
 }
 
-// The fixed-size slot of a shuffled value.
-template <typename T>
-inline T shfl_xor(unsigned mask, T v, int lane_mask) {
-    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
-    Block& b = *current_block;
-    Fiber& me = b.fibers[b.current];
-    unsigned tid = b.current, warp = tid / 32, lane = tid % 32;
-    if (mask != 0xffffffffu || warp_size_of(b, warp) != 32)
-        fail("shuffle with a partial mask or a partial warp (not emulated)");
-    std::vector<uint64_t>& slot = b.slots[me.shuffles++ & 1];
-    memcpy(&slot[tid], &v, sizeof v);
-    barrier(warp);
-    T out;
-    memcpy(&out, &slot[warp * 32 + (lane ^ (lane_mask & 31))], sizeof out);
-    return out;
-}
-
-// Lane `src_lane`'s value, as __shfl_sync (every lane of the full warp takes part).
+// Lane `src_lane`'s value, as __shfl_sync (every lane of the full warp takes part), through
+// the fixed-size shuffle slots.
 template <typename T>
 inline T shfl(unsigned mask, T v, int src_lane) {
     static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
@@ -405,6 +389,13 @@ inline T shfl(unsigned mask, T v, int src_lane) {
     T out;
     memcpy(&out, &slot[warp * 32 + (src_lane & 31)], sizeof out);
     return out;
+}
+
+// The value of lane (this lane ^ lane_mask), as __shfl_xor_sync.
+template <typename T>
+inline T shfl_xor(unsigned mask, T v, int lane_mask) {
+    unsigned lane = current_block->current % 32;
+    return shfl(mask, v, (int)(lane ^ (lane_mask & 31)));
 }
 
 // The warp's predicates as a bit mask (lane i: bit i), through the shuffle slots.

@@ -202,15 +202,16 @@ pub struct DrawSizes {
 }
 
 impl DrawSizes {
-    /// Bytes a backend may allocate for them: each row's options and numbers, the drawn
-    /// tokens, and per row a float and two 64-bit sort keys per colour.
+    /// Bytes a backend may allocate for them (the CUDA backend's, which the CPU backend's are
+    /// fewer than): each row's options and numbers, the drawn tokens, and per row a float per
+    /// colour and a 64-bit sort key per colour, padded to a power of two.
     pub fn bytes(&self) -> u128 {
         let (r, p, w) = (
             self.rows as u128,
             self.positions as u128,
             self.width as u128,
         );
-        16 * r + 4 * r * p + 2 * p * r + r * (4 * w + 16 * w)
+        16 * r + 4 * r * p + 2 * p * r + 4 * r * w + 8 * r * w.next_power_of_two()
     }
 
     /// Panics unless `rows` rows' options and `numbers` numbers (`[rows, positions]`) fit
@@ -222,6 +223,23 @@ impl DrawSizes {
             self.rows,
             self.positions
         );
+    }
+
+    /// Where the tokens of `rows` rows drawn at positions `from..to` lie in the drawn tokens
+    /// (`[positions, rows]`), as element indices; panics unless they fit and `out_len` holds
+    /// them.
+    pub fn drawn_range(
+        &self,
+        rows: usize,
+        from: usize,
+        to: usize,
+        out_len: usize,
+    ) -> std::ops::Range<usize> {
+        assert!(
+            from <= to && to <= self.positions && out_len == (to - from) * rows,
+            "drawn_tokens: positions {from}..{to} of {rows} rows into {out_len}"
+        );
+        from * rows..to * rows
     }
 }
 

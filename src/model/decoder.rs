@@ -168,9 +168,9 @@ pub struct Decoder {
     /// Recorded steps, by number of sequences and whether the step draws its tokens.
     replays: Replays<(usize, bool)>,
     host_logits: Vec<f32>,
-    /// The rows the backend's draws were set for ([`Decoder::set_draws`]); None once
-    /// sequences move ([`Decoder::retain`], a prefill).
-    draws_rows: Option<usize>,
+    /// Whether the backend's draws are set for the current sequences ([`Decoder::set_draws`];
+    /// moving sequences, by [`Decoder::retain`] or a prefill, unsets them).
+    draws_set: bool,
     /// Positions drawn on the backend with the current rows, in order, the last being the
     /// last position fed: its tokens are the backend's stored tokens, the next step's inputs.
     drawn: std::ops::Range<usize>,
@@ -315,7 +315,7 @@ impl Decoder {
             rows: batch,
             replays: Replays::new(KEPT_RECORDINGS),
             host_logits: vec![0.0; batch * cfg.n_vocab],
-            draws_rows: None,
+            draws_set: false,
             drawn: 0..0,
             host_drawn: vec![0; batch * cfg.n_ctx()],
         })
@@ -375,7 +375,7 @@ impl Decoder {
     pub fn reset(&mut self) {
         self.pos = 0;
         self.rows = self.batch;
-        self.draws_rows = None;
+        self.draws_set = false;
         self.drawn = 0..0;
     }
 
@@ -421,7 +421,7 @@ impl Decoder {
             self.batch
         );
         self.rows = rows;
-        self.draws_rows = None;
+        self.draws_set = false;
         self.drawn = 0..0;
         let cfg = &self.cfg;
         let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
@@ -501,7 +501,7 @@ impl Decoder {
             }
         }
         self.rows = keep.len();
-        self.draws_rows = None;
+        self.draws_set = false;
         self.drawn = 0..0;
         Ok(())
     }
@@ -589,7 +589,7 @@ impl Decoder {
             anyhow::bail!("a number to draw with is {bad}, outside [0, 1)");
         }
         self.backend.set_draws(options, numbers);
-        self.draws_rows = Some(rows);
+        self.draws_set = true;
         self.drawn = 0..0;
         Ok(())
     }
@@ -601,7 +601,7 @@ impl Decoder {
     /// the step before drew (which must have been a drawing step of the same sequences).
     pub fn step_drawing(&mut self, prev: Option<&[u16]>) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.draws_rows == Some(self.rows),
+            self.draws_set,
             "set the draws of these {} sequences before drawing (set_draws)",
             self.rows
         );

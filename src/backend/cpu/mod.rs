@@ -319,13 +319,10 @@ impl Backend for CpuBackend {
     }
 
     fn drawn_tokens(&self, from: usize, to: usize, out: &mut [u16]) {
-        let rows = self.draw_options.len();
-        assert!(
-            from <= to && to <= self.draws.positions && out.len() == (to - from) * rows,
-            "drawn_tokens: positions {from}..{to} of {rows} rows into {}",
-            out.len()
-        );
-        out.copy_from_slice(&self.drawn[from * rows..to * rows]);
+        let at = self
+            .draws
+            .drawn_range(self.draw_options.len(), from, to, out.len());
+        out.copy_from_slice(&self.drawn[at]);
     }
 
     fn embed_forward(

@@ -1050,16 +1050,11 @@ impl Backend for CudaBackend {
 
     fn drawn_tokens(&self, from: usize, to: usize, out: &mut [u16]) {
         self.not_recording("drawn_tokens");
-        let rows = self.draw_rows;
-        assert!(
-            from <= to && to <= self.draws.positions && out.len() == (to - from) * rows,
-            "drawn_tokens: positions {from}..{to} of {rows} rows into {}",
-            out.len()
-        );
-        if out.is_empty() {
+        let range = self.draws.drawn_range(self.draw_rows, from, to, out.len());
+        if range.is_empty() {
             return;
         }
-        let at = self.arenas().drawn.ptr + (2 * from * rows) as u64;
+        let at = self.arenas().drawn.ptr + (2 * range.start) as u64;
         self.bind();
         // SAFETY: positions `from..to` of `rows` rows lie inside the drawn tokens' buffer
         // (checked above); the copy waits for the queued kernels.
@@ -1875,15 +1870,20 @@ mod tests {
         }
     }
 
-    /// Floating-point atomic adds of `ptx` (`atom` or `red` of any float type: f16, bf16 and
-    /// their pairs, f32, f64), as lines.
-    fn float_atomics(ptx: &str) -> Vec<&str> {
+    /// The instructions of `ptx`, one a line, a guarding predicate (`@%p1 `) removed.
+    fn instructions(ptx: &str) -> impl Iterator<Item = &str> {
         ptx.lines()
             .map(str::trim)
             .map(|l| match l.strip_prefix('@') {
                 Some(guarded) => guarded.split_once(char::is_whitespace).map_or("", |x| x.1),
                 None => l,
             })
+    }
+
+    /// Floating-point atomic adds of `ptx` (`atom` or `red` of any float type: f16, bf16 and
+    /// their pairs, f32, f64), as lines.
+    fn float_atomics(ptx: &str) -> Vec<&str> {
+        instructions(ptx)
             .filter(|l| l.starts_with("atom.") || l.starts_with("red."))
             .filter(|l| {
                 [".f16", ".bf16", ".f32", ".f64"]
@@ -1983,13 +1983,7 @@ mod tests {
             .unwrap_or_else(|| panic!("{name} missing"));
         let body = &ptx[start..];
         let end = body.find("\n}").map_or(body.len(), |e| e + 2);
-        body[..end]
-            .lines()
-            .map(str::trim)
-            .map(|l| match l.strip_prefix('@') {
-                Some(guarded) => guarded.split_once(char::is_whitespace).map_or("", |x| x.1),
-                None => l,
-            })
+        instructions(&body[..end])
             .filter(|l| {
                 let float = [".f16", ".bf16", ".f32", ".f64"]
                     .iter()

@@ -933,7 +933,15 @@ struct FlashKernels {
     FlashForward forward;
     FlashGradient kv, q;
     std::string name(const char* kernel) const { return kernel + std::to_string(width); }
+    size_t shared() const { return flash_shared_bytes(width); }
 };
+
+// The launch of every flash kernel (mod.rs's flash_launch): a block per 64 query rows (or
+// keys) of each sequence and head.
+dim3 flash_grid(int t, int nh, int batch) {
+    return dim3((t + flash::kRows - 1) / flash::kRows, nh, batch);
+}
+const dim3 kFlashBlock(flash::kThreads);
 
 // dqkv from the two gradient kernels, launched as mod.rs launches them; dqkv starts as NaN.
 vector<float> flash_backward(const FlashKernels& k, const vector<float>& dout,
@@ -941,10 +949,10 @@ vector<float> flash_backward(const FlashKernels& k, const vector<float>& dout,
                              const vector<float>& delta, int batch, int t, int nh, int hd,
                              int causal) {
     vector<float> dqkv = nan_f32((size_t)batch * t * 3 * nh * hd);
-    dim3 grid((t + 31) / 32, nh, batch);
-    launch(k.kv, grid, dim3(64), flash_backward_shared_bytes(hd), dqkv.data(), dout.data(),
+    dim3 grid = flash_grid(t, nh, batch);
+    launch(k.kv, grid, kFlashBlock, k.shared(), dqkv.data(), dout.data(),
            qkv.data(), lse.data(), delta.data(), t, nh, hd, causal);
-    launch(k.q, grid, dim3(64), flash_backward_shared_bytes(hd), dqkv.data(), dout.data(),
+    launch(k.q, grid, kFlashBlock, k.shared(), dqkv.data(), dout.data(),
            qkv.data(), lse.data(), delta.data(), t, nh, hd, causal);
     return dqkv;
 }
@@ -978,9 +986,12 @@ void check_flash_attention(bool bf16_inputs) {
     struct Shape {
         int batch, n_head, t, head_dim;
     };
+    // Blocks own 64 rows (or keys) and loop over steps of 32 or 64: contexts of one partial
+    // block, exactly one, and several with a partial last.
     for (Shape s : {Shape{2, 3, 37, 16}, Shape{2, 3, 37, 64}, Shape{1, 2, 64, 32},
                     Shape{1, 2, 33, 16}, Shape{1, 1, 5, 16}, Shape{1, 1, 20, 128},
-                    Shape{1, 2, 35, 96}}) {
+                    Shape{1, 2, 35, 96}, Shape{2, 1, 150, 64}, Shape{1, 1, 131, 128},
+                    Shape{1, 2, 97, 48}}) {
         int batch = s.batch, nh = s.n_head, t = s.t, hd = s.head_dim, d = nh * hd;
         size_t rows = (size_t)batch * t, stats = (size_t)batch * nh * t;
         for (int causal : {0, 1}) {
@@ -1007,8 +1018,8 @@ void check_flash_attention(bool bf16_inputs) {
             for (const FlashKernels& k : widths) {
                 if (hd > k.width) continue;
                 vector<float> out = nan_f32(rows * d), lse = nan_f32(stats);
-                dim3 fwd_grid((t + 31) / 32, nh, batch);
-                launch(k.forward, fwd_grid, dim3(64), flash_forward_shared_bytes(hd),
+                dim3 fwd_grid = flash_grid(t, nh, batch);
+                launch(k.forward, fwd_grid, kFlashBlock, k.shared(),
                        out.data(), lse.data(), (const float*)qkv.data(), t, nh, hd, causal);
                 std::string fwd = k.name("flash_attention_forward_");
                 check_scaled(fwd, what + " out", out, ref.out, tol);
@@ -1037,13 +1048,18 @@ void check_flash_attention(bool bf16_inputs) {
                 std::copy(dout.begin(), dout.end(), dout_buf.begin() + 1);
                 const float *qkv1 = qkv_buf.data() + 1, *dout1 = dout_buf.data() + 1;
                 vector<float> out1 = nan_f32(rows * d), lse1 = nan_f32(stats);
-                launch(k.forward, fwd_grid, dim3(64), flash_forward_shared_bytes(hd),
+                launch(k.forward, fwd_grid, kFlashBlock, k.shared(),
                        out1.data(), lse1.data(), qkv1, t, nh, hd, causal);
                 check_bits(fwd + "_bits", what + " out from unaligned rows", out1, out);
+                // Warps that read a tile another warp overwrites show in the other order.
+                cuda_host::set_reverse_order(!reverse);
+                launch(k.forward, fwd_grid, kFlashBlock, k.shared(), out1.data(), lse1.data(),
+                       (const float*)qkv.data(), t, nh, hd, causal);
+                cuda_host::set_reverse_order(reverse);
+                check_bits(fwd + "_bits", what + " out in the other order", out1, out);
                 vector<float> dqkv1 = nan_f32(rows * 3 * d);
-                dim3 grid((t + 31) / 32, nh, batch);
                 for (FlashGradient g : {k.kv, k.q})
-                    launch(g, grid, dim3(64), flash_backward_shared_bytes(hd), dqkv1.data(),
+                    launch(g, flash_grid(t, nh, batch), kFlashBlock, k.shared(), dqkv1.data(),
                            dout1, qkv1, lse32.data(), delta.data(), t, nh, hd, causal);
                 check_bits(k.name("flash_attention_backward_") + "_bits",
                            what + " dqkv from unaligned rows", dqkv1, dqkv);

@@ -16,7 +16,7 @@ int main() {
         FlashKernels k = hd <= 64 ? FlashKernels{64, flash_attention_forward_64, flash_attention_backward_kv_64, flash_attention_backward_q_64}
                                   : FlashKernels{128, flash_attention_forward_128, flash_attention_backward_kv_128, flash_attention_backward_q_128};
         vector<float> out = nan_f32(rows * d), lse = nan_f32(stats), delta = nan_f32(stats);
-        launch(k.forward, dim3((t + 31) / 32, nh, batch), dim3(64), flash_forward_shared_bytes(hd),
+        launch(k.forward, flash_grid(t, nh, batch), kFlashBlock, k.shared(),
                out.data(), lse.data(), (const float*)qkv.data(), t, nh, hd, causal);
         launch(flash_attention_backward_prepare, dim3((unsigned)rows), dim3(128), 0, delta.data(),
                (const float*)dout.data(), (const float*)out.data(), t, nh, hd);

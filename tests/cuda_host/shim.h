@@ -26,15 +26,13 @@
 // yet to read. A barrier that not every thread of its group reaches
 // (undefined on a GPU) is reported and aborts instead of hanging.
 //
-// The end of this file stands in for cuda_bf16.h and mma.h (kernels.cu includes them only
-// under nvcc): __nv_bfloat16 and nvcuda::wmma for bf16 16x16x16 tiles with f32
-// accumulators. Each wmma call is warp-collective: all 32 lanes must reach it (else the
-// deadlock report), every lane holds and computes the whole tile, and the lanes must agree
-// on what they load, multiply and store (a lane-dependent use of x[], or a load racing
-// with another warp's writes, aborts). Pointers must be 32-byte aligned, ldm a multiple of
-// 8 (bf16) or 4 (f32). Loads complete for the whole warp before any lane goes on; stores
-// do not (each lane writes its own elements and goes on), so reading a stored tile needs
-// __syncwarp() first, as on a GPU.
+// The end of this file stands in for the CUDA types kernels.cu uses (float4, uint4) and
+// emulates its inline PTX, the tensor-core instructions ldmatrix and mma.sync: each is
+// warp-wide (all 32 lanes must reach it, else the deadlock report), each lane hands in its
+// own registers and takes back its own, with the fragment layouts of the PTX ISA. ldmatrix
+// checks that every row address is 16-byte aligned and inside the dynamic shared memory, and
+// no lane goes on before the warp has read; a shared tile another warp writes meanwhile
+// shows as a different result in the other scheduling order.
 #pragma once
 
 #include <math.h>
@@ -129,6 +127,8 @@ inline T atomicAdd(T* address, T value) {
 namespace cuda_host {
 
 constexpr size_t kStackBytes = 64 * 1024;
+// 32-bit values a lane hands in to an emulated warp-wide instruction, at most.
+constexpr int kExchangeWords = 8;
 
 #if defined(__x86_64__)
 // A switch that saves only what a call preserves (rbx, rbp, r12-r15, the stack pointer, the
@@ -209,10 +209,9 @@ struct Block {
     // buffer again before every lane of its warp passed the barrier of the shuffle between,
     // so one barrier per shuffle suffices.
     std::vector<uint64_t> slots[2];
-    // Per warp: the lanes that went through the current warp-collective wmma operation, and
-    // the hash of what the first of them saw (see agree).
-    std::vector<unsigned> collective_count;
-    std::vector<uint64_t> collective_hash;
+    // Wider slots for the emulated tensor-core instructions (see exchange), used in turn
+    // with the shuffle slots.
+    std::vector<uint32_t> words[2];
     const std::function<void()>* body = nullptr;
 };
 
@@ -329,8 +328,8 @@ inline void run_block(Block& b, const std::function<void()>& body, uint3 block_i
     unsigned warps = (n + 31) / 32;
     b.arrived_block = 0;
     b.arrived_warp.assign(warps, 0);
-    b.collective_count.assign(warps, 0);
-    b.collective_hash.assign(warps, 0);
+    b.words[0].assign((size_t)n * kExchangeWords, 0);
+    b.words[1].assign((size_t)n * kExchangeWords, 0);
     b.slots[0].assign(n, 0);
     b.slots[1].assign(n, 0);
     for (unsigned i = 0; i < n; i++) {
@@ -500,16 +499,24 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 }
 
 // ---------------------------------------------------------------------------------------
-// bfloat16 (cuda_bf16.h) and the warp matrix operations of nvcuda::wmma (mma.h), bf16
-// 16x16x16 with f32 accumulators. kernels.cu includes the real headers only under nvcc
-// (#ifdef __CUDACC__); these stand in for them.
+// Vector types (vector_types.h), bfloat16 (cuda_bf16.h, for the test driver), and the
+// tensor-core instructions kernels.cu writes in inline PTX under nvcc: ldmatrix and
+// mma.sync m16n8k16 with bf16 operands and f32 accumulators.
 
-// float4 (vector_types.h): four floats read or written at once, 16-byte aligned.
+// float4 and uint4: four values read or written at once, 16-byte aligned.
 struct alignas(16) float4 {
     float x, y, z, w;
 };
 
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
+
+inline uint4 make_uint4(unsigned int x, unsigned int y, unsigned int z, unsigned int w) {
+    return {x, y, z, w};
+}
 
 struct __nv_bfloat16 {
     unsigned short bits;
@@ -527,18 +534,13 @@ inline float __bfloat162float(__nv_bfloat16 h) {
     return __uint_as_float((unsigned int)h.bits << 16);
 }
 
+// The instructions are emulated lane by lane, with the fragment layouts of the PTX ISA
+// (groupID g = lane / 4, tig = lane % 4): every lane hands in its own registers, the warp
+// meets, and each lane takes back only what the instruction gives it. A kernel that puts a
+// value in the wrong lane or register computes wrong results here as it would on a GPU.
 namespace cuda_host {
 
-// FNV-1a over the bytes of a value.
-template <typename T>
-inline uint64_t hash_of(const T& v) {
-    const unsigned char* p = reinterpret_cast<const unsigned char*>(&v);
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < sizeof v; i++) h = (h ^ p[i]) * 1099511628211ull;
-    return h;
-}
-
-// The warp of the calling thread, which must be a full one (wmma needs all 32 lanes).
+// The warp of the calling thread, which must be a full one.
 inline unsigned full_warp(const char* what) {
     Block& b = *current_block;
     unsigned warp = b.current / 32;
@@ -546,145 +548,93 @@ inline unsigned full_warp(const char* what) {
     return warp;
 }
 
-// Between the entry and exit barriers of a warp-collective operation: every lane must see
-// the same thing (`h`), or the lanes disagree about a fragment (x[] used per lane) or read
-// memory another warp wrote meanwhile (a race on a GPU too).
-inline void agree(uint64_t h, const char* what) {
+// Every lane of the calling (full) warp hands in `words` 32-bit values; returns the warp's
+// values, lane by lane (lane i's at [i * kExchangeWords]), valid until the warp's next
+// exchange but one. The slots alternate as the shuffle slots do (see Block::slots).
+inline const uint32_t* exchange(const uint32_t* mine, int words, const char* what) {
     Block& b = *current_block;
-    unsigned w = b.current / 32;
-    if (b.collective_count[w]++ == 0) b.collective_hash[w] = h;
-    else if (b.collective_hash[w] != h) fail(what);
-    if (b.collective_count[w] == 32) b.collective_count[w] = 0;
-}
-
-// Runs `body` as one warp-wide operation: all 32 lanes arrive (a lane that does not call it
-// deadlocks the warp, reported) and each does the whole operation. With `wait_all` no lane
-// leaves before all are done, as for a load: the warp reads its source in one instruction,
-// so no lane can overwrite it before every lane read it. Without, lanes go on at once
-// (register-only operations, and stores, whose results other lanes may read only after a
-// __syncwarp()).
-template <typename F>
-inline void warp_collective(const char* what, bool wait_all, F body) {
-    unsigned warp = full_warp(what);
+    Fiber& me = b.fibers[b.current];
+    unsigned tid = b.current, warp = full_warp(what);
+    std::vector<uint32_t>& slot = b.words[me.shuffles++ & 1];
+    memcpy(&slot[tid * kExchangeWords], mine, words * sizeof(uint32_t));
     barrier(warp);
-    body();
-    if (wait_all) barrier(warp);
+    return &slot[warp * 32 * kExchangeWords];
 }
 
-inline void check_pointer(const void* p, unsigned ldm, unsigned ldm_multiple, const char* what) {
-    if ((uintptr_t)p % 32 != 0) fail(what);
-    if (ldm % ldm_multiple != 0 || ldm < 16) fail(what);
+inline unsigned lane_id() { return current_block->current % 32; }
+
+inline float bf16_half(uint32_t word, int high) {
+    return __uint_as_float((high ? word >> 16 : word & 0xffffu) << 16);
+}
+
+// ldmatrix .m8n8 .x4 .b16, plain or transposed: lanes 8i .. 8i + 7 address the rows of
+// matrix i. Loads complete for the whole warp before any lane goes on.
+inline void ldmatrix(uint32_t (&r)[4], const unsigned short* row, bool transposed) {
+    uint32_t mine[2];
+    memcpy(mine, &row, sizeof row);
+    const uint32_t* all = exchange(mine, 2, "ldmatrix outside a full warp");
+    const char* shared = (const char*)dynamic;
+    if ((uintptr_t)row % 16 != 0) fail("ldmatrix: a row address not 16-byte aligned");
+    if ((const char*)row < shared || (const char*)row + 16 > shared + kMaxDynamicShared)
+        fail("ldmatrix: a row address outside shared memory");
+    auto row_of = [&](unsigned lane) {
+        const unsigned short* p;
+        memcpy(&p, &all[lane * kExchangeWords], sizeof p);
+        return p;
+    };
+    const unsigned lane = lane_id(), g = lane / 4, tig = lane % 4;
+    for (unsigned i = 0; i < 4; i++) {
+        unsigned short lo, hi;
+        if (!transposed) {
+            const unsigned short* p = row_of(8 * i + g);  // row g of matrix i
+            lo = p[2 * tig];
+            hi = p[2 * tig + 1];
+        } else {  // column g of matrix i, rows 2 tig and 2 tig + 1
+            lo = row_of(8 * i + 2 * tig)[g];
+            hi = row_of(8 * i + 2 * tig + 1)[g];
+        }
+        r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
+    barrier(current_block->current / 32);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with d as c: d += a b, the exact bf16
+// products summed in f32 in order of k (the tensor cores' order of additions is their own:
+// the tests allow for it).
+inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b0, b1};
+    const uint32_t* all = exchange(mine, 6, "mma.sync outside a full warp");
+    // A (row, k) is in lane (row % 8) * 4 + (k % 8) / 2, register row / 8 + 2 (k / 8);
+    // B (k, n) in lane n * 4 + (k % 8) / 2, register k / 8.
+    auto a_at = [&](int row, int k) {
+        unsigned lane = (row % 8) * 4 + (k % 8) / 2;
+        return bf16_half(all[lane * kExchangeWords + row / 8 + 2 * (k / 8)], k % 2);
+    };
+    auto b_at = [&](int k, int n) {
+        unsigned lane = n * 4 + (k % 8) / 2;
+        return bf16_half(all[lane * kExchangeWords + 4 + k / 8], k % 2);
+    };
+    const int lane = lane_id(), g = lane / 4, tig = lane % 4;
+    float out[4];
+    for (int e = 0; e < 4; e++) {
+        const int row = g + 8 * (e / 2), n = 2 * tig + e % 2;
+        float acc = d[e];
+        for (int k = 0; k < 16; k++) acc += a_at(row, k) * b_at(k, n);
+        out[e] = acc;
+    }
+    memcpy(d, out, sizeof out);
 }
 
 }  // namespace cuda_host
 
-namespace nvcuda {
-namespace wmma {
-
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-// Every lane holds the whole 16x16 tile, row by row: x[] must be used only elementwise and
-// identically in every lane (as on a GPU, where a lane's elements are an opaque subset).
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-    static_assert(M == 16 && N == 16 && K == 16, "wmma emulation: 16x16x16 only");
-    enum { num_elements = 256 };
-    T x[256];
-};
-
-template <int M, int N, int K, typename Layout>
-struct fragment<matrix_a, M, N, K, float, Layout>;  // not emulated: bf16 operands only
-template <int M, int N, int K, typename Layout>
-struct fragment<matrix_b, M, N, K, float, Layout>;
-
-template <typename L>
-constexpr bool is_row_major() {
-    return std::is_same<L, row_major>::value;
+inline void ldmatrix_x4(uint32_t (&r)[4], const unsigned short* row) {
+    cuda_host::ldmatrix(r, row, false);
 }
 
-template <typename Use, typename T, typename L, typename V>
-inline void fill_fragment(fragment<Use, 16, 16, 16, T, L>& f, const V& v) {
-    cuda_host::warp_collective("wmma::fill_fragment outside a full warp", false, [&] {
-        for (T& e : f.x) e = v;
-        cuda_host::agree(cuda_host::hash_of(f), "wmma::fill_fragment: lanes disagree");
-    });
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const unsigned short* row) {
+    cuda_host::ldmatrix(r, row, true);
 }
 
-// matrix_a (16 x 16, rows i, columns k) or matrix_b (rows k, columns n) from bf16 memory.
-template <typename Use, typename L>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, __nv_bfloat16, L>& f,
-                             const __nv_bfloat16* p, unsigned ldm) {
-    static_assert(!std::is_same<Use, accumulator>::value, "accumulators load f32");
-    cuda_host::warp_collective("wmma::load_matrix_sync outside a full warp", true, [&] {
-        cuda_host::check_pointer(p, ldm, 8, "wmma::load_matrix_sync: pointer not 32-byte "
-                                            "aligned or ldm not a multiple of 8");
-        for (int r = 0; r < 16; r++)
-            for (int c = 0; c < 16; c++)
-                f.x[r * 16 + c] = is_row_major<L>() ? p[(size_t)r * ldm + c]
-                                                     : p[(size_t)c * ldm + r];
-        cuda_host::agree(cuda_host::hash_of(f),
-                         "wmma::load_matrix_sync: lanes read different values (a race)");
-    });
+inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    cuda_host::mma_bf16(d, a, b0, b1);
 }
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
-                             unsigned ldm, layout_t layout) {
-    cuda_host::warp_collective("wmma::load_matrix_sync outside a full warp", true, [&] {
-        cuda_host::check_pointer(p, ldm, 4, "wmma::load_matrix_sync: pointer not 32-byte "
-                                            "aligned or ldm not a multiple of 4");
-        for (int r = 0; r < 16; r++)
-            for (int c = 0; c < 16; c++)
-                f.x[r * 16 + c] = layout == mem_row_major ? p[(size_t)r * ldm + c]
-                                                          : p[(size_t)c * ldm + r];
-        cuda_host::agree(cuda_host::hash_of(f),
-                         "wmma::load_matrix_sync: lanes read different values (a race)");
-    });
-}
-
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
-                              unsigned ldm, layout_t layout) {
-    // Each lane writes the 8 of the 256 elements an sm_80 accumulator fragment gives it
-    // (row r, column c: lane (r % 8) * 4 + (c % 8) / 2) and goes on: a lane that reads the
-    // tile without a __syncwarp() first finds elements other lanes have yet to write.
-    cuda_host::warp_collective("wmma::store_matrix_sync outside a full warp", false, [&] {
-        cuda_host::check_pointer(p, ldm, 4, "wmma::store_matrix_sync: pointer not 32-byte "
-                                            "aligned or ldm not a multiple of 4");
-        cuda_host::agree(cuda_host::hash_of(f), "wmma::store_matrix_sync: lanes disagree");
-        unsigned lane = cuda_host::current_block->current % 32;
-        for (int r = lane / 4; r < 16; r += 8)
-            for (int c0 = lane % 4 * 2; c0 < 16; c0 += 8)
-                for (int c = c0; c < c0 + 2; c++)
-                    (layout == mem_row_major ? p[(size_t)r * ldm + c]
-                                             : p[(size_t)c * ldm + r]) = f.x[r * 16 + c];
-    });
-}
-
-// d = a b + c: exact bf16 products summed in f32, in order of k (d may be c).
-template <typename LA, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-                     const fragment<matrix_a, 16, 16, 16, __nv_bfloat16, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, __nv_bfloat16, LB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-    cuda_host::warp_collective("wmma::mma_sync outside a full warp", false, [&] {
-        uint64_t h = cuda_host::hash_of(a) ^ (cuda_host::hash_of(b) * 3) ^
-                     (cuda_host::hash_of(c) * 5);
-        cuda_host::agree(h, "wmma::mma_sync: lanes hold different fragments");
-        float out[256];
-        for (int i = 0; i < 16; i++)
-            for (int n = 0; n < 16; n++) {
-                float acc = c.x[i * 16 + n];
-                for (int k = 0; k < 16; k++)
-                    acc += __bfloat162float(a.x[i * 16 + k]) * __bfloat162float(b.x[k * 16 + n]);
-                out[i * 16 + n] = acc;
-            }
-        memcpy(d.x, out, sizeof out);
-    });
-}
-
-}  // namespace wmma
-}  // namespace nvcuda

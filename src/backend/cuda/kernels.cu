@@ -1,14 +1,11 @@
 // igpt's CUDA kernels: everything of the backend trait but the matrix products (cuBLAS).
 // Compiled to PTX by scripts/build_ptx.sh; the PTX is committed and embedded in the binary.
 // Every kernel but flash attention is plain f32 arithmetic, with bfloat16 only as storage
-// (u16 bits); flash attention multiplies bf16 tiles on the tensor cores (nvcuda::wmma).
-// Under g++ (tests/cuda_host) the shim stands in for the CUDA headers.
+// (u16 bits); flash attention multiplies bf16 tiles on the tensor cores (mma.sync, in inline
+// PTX). Under g++ (tests/cuda_host) the shim stands in for CUDA's built-ins and emulates the
+// inline PTX.
 
 #include <stdint.h>
-#ifdef __CUDACC__
-#include <cuda_bf16.h>
-#include <mma.h>
-#endif
 
 typedef unsigned short bf16_bits;
 
@@ -583,249 +580,302 @@ extern "C" __global__ void attend_bf16(float* out, const bf16_bits* k, const bf1
 
 // ---------------------------------------------------------------------------------------
 // Flash attention (training and full forward passes): the attention of every sequence and
-// head without the T x T scores in global memory, FlashAttention-2 style. Products are bf16
-// 16x16x16 tensor-core tiles (nvcuda::wmma) with f32 accumulation: Q, K, V (and dout) are
-// read from their f32 rows and rounded to bf16 into shared memory; softmax statistics,
-// rescaling and the outputs stay f32. No kernel adds into global memory with atomics, so a
-// pass gives the same bits every time it runs.
+// head without the T x T scores in global memory, FlashAttention-2 style. Products run on the
+// tensor cores as mma.sync m16n8k16 (bf16 operands, f32 accumulation), their operands read
+// from shared memory by ldmatrix; scores, probabilities and outputs stay in registers. Q, K,
+// V (and dout) are read from their f32 rows and rounded to bf16 into shared memory; softmax
+// statistics, rescaling and the outputs stay f32. No kernel adds into global memory with
+// atomics, so a pass gives the same bits every time it runs.
 //
 // Shapes as AttnShape: qkv [batch * t, 3d] (columns Q | K | V, each n_head groups of
 // head_dim), out and dout [batch * t, d], lse and delta [batch, n_head, t]; causal masks
-// keys j > i. head_dim: a multiple of 16 from 16 to 128; t: any (the last tile is padded
-// with zeros and masked). Dynamic shared memory only, under 48 KiB (no opt-in), laid out
-// from `dynamic`; every wmma pointer is 32-byte aligned.
-
-typedef __nv_bfloat16 bf16;
+// keys j > i. head_dim: a multiple of 16 up to the kernel's width (64 or 128); t: any (the
+// last tile is padded with zeros and masked). Dynamic shared memory only, at most 48 KiB (no
+// opt-in).
 
 // The dynamic shared memory, declared as attend<E> declares it (C++ linkage: a declaration
 // inside an extern "C" kernel would conflict with it). The flash kernels have no static
-// shared memory, so it starts at the window's base, aligned for every wmma pointer.
+// shared memory, so it starts at the window's base, aligned for ldmatrix's 16-byte rows.
 __device__ __forceinline__ float* flash_dynamic() {
     extern __shared__ float dynamic[];
     return dynamic;
 }
 
+// The warp-level tensor-core instructions, in inline PTX (sm_80 and later). Under g++ the
+// shim emulates them lane by lane with the PTX ISA's fragment layouts: groupID g = lane / 4,
+// tig = lane % 4.
+#ifdef __CUDACC__
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// Four 8x8 b16 matrices from shared memory: lanes 8i .. 8i + 7 give the addresses of matrix
+// i's eight rows (16 bytes each, 16-byte aligned); r[i] receives row g, columns 2 tig and
+// 2 tig + 1 of matrix i (the lower column in the low half).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16_bits* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row))
+                 : "memory");
+}
+
+// The same, each matrix transposed: r[i] receives rows 2 tig and 2 tig + 1 of column g.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16_bits* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row))
+                 : "memory");
+}
+
+// d [16, 8] (f32) += a [16, 16] times b [16, 8] (bf16). a: rows g and g + 8 in a[0] and
+// a[1] (columns 2 tig, 2 tig + 1), the same 8 columns on in a[2] and a[3]; b: rows 2 tig,
+// 2 tig + 1 of column g in b0, rows 8 on in b1; d: row g in d[0], d[1] (columns 2 tig,
+// 2 tig + 1), row g + 8 in d[2], d[3].
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, "
+        "%7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
 namespace flash {
-constexpr int kTile = 16;                   // wmma tile edge
-constexpr int kWarps = 2;                   // warps per block, 16 rows (or keys) each
-constexpr int kRows = kTile * kWarps;       // query rows (or keys) a block owns
-constexpr int kStep = 32;                   // keys (or query rows) per step of the loop
-using Accumulator = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
-using RowA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, bf16,
-                                    nvcuda::wmma::row_major>;
-using RowB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16,
-                                    nvcuda::wmma::row_major>;
-using ColB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, bf16,
-                                    nvcuda::wmma::col_major>;
+constexpr int kWarps = 4;              // warps per block, 16 query rows (or keys) each
+constexpr int kThreads = 32 * kWarps;  // threads per block
+constexpr int kRows = 16 * kWarps;     // query rows (or keys) a block owns
+constexpr int kKeys = 64;              // keys per step of the forward loop
+constexpr int kStep = 32;              // rows (dK, dV) or keys (dQ) per step of the backward loops
 
-// `tile` [16, 32] (f32, row stride 32) = a [16, hd] times b^T, b [32, hd] (both bf16, row
-// stride hd): 16 rows against 32 others, in two 16-column halves.
-__device__ __forceinline__ void product_nt(float* tile, const bf16* a, const bf16* b, int hd) {
-    using namespace nvcuda;
-    for (int n = 0; n < kStep / kTile; n++) {
-        Accumulator acc;
-        wmma::fill_fragment(acc, 0.0f);
-        for (int kk = 0; kk < hd; kk += kTile) {
-            RowA x;
-            ColB y;
-            wmma::load_matrix_sync(x, a + kk, hd);
-            wmma::load_matrix_sync(y, b + n * kTile * hd + kk, hd);
-            wmma::mma_sync(acc, x, y, acc);
-        }
-        wmma::store_matrix_sync(tile + n * kTile, acc, kStep, wmma::mem_row_major);
-    }
+// Two f32 values as one register of bf16 (the first in the low half), as an mma operand.
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    return (uint32_t)to_bf16(lo) | ((uint32_t)to_bf16(hi) << 16);
 }
 
-// acc[n] += a [16, 32] (bf16, row stride 32) times columns 16n .. 16n + 15 of b [32, hd]
-// (bf16, row stride hd), for every 16-column tile of the head (hd <= 16 kTiles). Unrolled
-// to kTiles, so the accumulators stay in registers.
-template <int kTiles>
-__device__ __forceinline__ void accumulate_nn(Accumulator (&acc)[kTiles], const bf16* a,
-                                              const bf16* b, int hd) {
-    using namespace nvcuda;
-#pragma unroll
-    for (int n = 0; n < kTiles; n++) {
-        if (n * kTile >= hd) break;
-#pragma unroll
-        for (int kk = 0; kk < kStep; kk += kTile) {
-            RowA x;
-            RowB y;
-            wmma::load_matrix_sync(x, a + kk, kStep);
-            wmma::load_matrix_sync(y, b + kk * hd + n * kTile, hd);
-            wmma::mma_sync(acc[n], x, y, acc[n]);
-        }
+// A tile of bf16 rows in shared memory, `width` (a multiple of 64) elements a row. The 16-byte
+// pieces of row r are permuted (piece c stored at c ^ (r % 8)), so the eight rows that an
+// ldmatrix reads at the same column sit in eight different groups of banks.
+struct Tile {
+    bf16_bits* base;
+    int width;
+    __device__ __forceinline__ bf16_bits* at(int r, int c) const {
+        return base + r * width + (((c >> 3) ^ (r & 7)) << 3) + (c & 7);
     }
-}
-
-// Writes the warp's [16, hd] accumulators to `rows` (f32, row stride `stride`) for the
-// first `valid` of the 16 rows, through `scratch` ([16, 16] f32, 32-byte aligned).
-template <int kTiles>
-__device__ __forceinline__ void write_rows(float* rows, size_t stride, int valid,
-                                           const Accumulator (&acc)[kTiles], float* scratch,
-                                           int hd) {
-    using namespace nvcuda;
-    const int lane = threadIdx.x & 31;
-    __syncwarp();  // every lane is done reading `scratch` (the dK, dV kernel's last P tile)
-#pragma unroll
-    for (int n = 0; n < kTiles; n++) {
-        if (n * kTile >= hd) break;
-        wmma::store_matrix_sync(scratch, acc[n], kTile, wmma::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < kTile * kTile; e += 32) {
-            int r = e / kTile, c = e % kTile;
-            if (r < valid) rows[(size_t)r * stride + n * kTile + c] = scratch[e];
-        }
-        __syncwarp();
-    }
-}
+};
 
 // Rounds `rows` rows of one head (from `first`, `hd` columns at `src` + row * stride) into
-// `dst` [rows, hd] bf16; rows from `limit` on are zeros. All the block's threads take part,
-// each reading four columns at once where the rows start on 16 bytes (always, for the
-// engine's buffers: they are 64-byte aligned and heads are 16 columns wide).
-__device__ __forceinline__ void load_rows(bf16* dst, const float* src, size_t stride,
+// `dst`; rows from `limit` on are zeros. All the block's threads take part, eight columns
+// each, reading four at once where the rows start on 16 bytes (always, for the engine's
+// buffers: they are 64-byte aligned and heads are 16 columns wide).
+__device__ __forceinline__ void load_rows(Tile dst, const float* src, size_t stride,
                                           int first, int limit, int rows, int hd) {
-    if ((uintptr_t)src % 16 == 0 && stride % 4 == 0) {
-        const int pieces = hd / 4, per_pass = blockDim.x / pieces, c = threadIdx.x % pieces * 4;
-        if (threadIdx.x >= per_pass * pieces) return;
-        for (int r = threadIdx.x / pieces; r < rows; r += per_pass) {
-            int i = first + r;
-            float4 v = i < limit ? *(const float4*)(src + (size_t)i * stride + c)
-                                 : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            bf16* o = dst + r * hd + c;
-            o[0] = __float2bfloat16(v.x);
-            o[1] = __float2bfloat16(v.y);
-            o[2] = __float2bfloat16(v.z);
-            o[3] = __float2bfloat16(v.w);
+    const bool vectors = (uintptr_t)src % 16 == 0 && stride % 4 == 0;
+    const int pieces = hd / 8;
+    for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
+        const int r = e / pieces, c = e % pieces * 8, i = first + r;
+        float v[8];
+        if (i >= limit) {
+            for (int u = 0; u < 8; u++) v[u] = 0.0f;
+        } else if (vectors) {
+            const float4* p = (const float4*)(src + (size_t)i * stride + c);
+            float4 x = p[0], y = p[1];
+            v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+            v[4] = y.x, v[5] = y.y, v[6] = y.z, v[7] = y.w;
+        } else {
+            for (int u = 0; u < 8; u++) v[u] = src[(size_t)i * stride + c + u];
         }
-        return;
+        uint4 packed = make_uint4(pack(v[0], v[1]), pack(v[2], v[3]), pack(v[4], v[5]),
+                                  pack(v[6], v[7]));
+        *(uint4*)dst.at(r, c) = packed;
     }
-    for (int e = threadIdx.x; e < rows * hd; e += blockDim.x) {
-        int i = first + e / hd, c = e % hd;
-        dst[e] = __float2bfloat16(i < limit ? src[(size_t)i * stride + c] : 0.0f);
+}
+
+// acc [16, 8 kN] += rows `a_row` .. + 15 of `a` times the transpose of rows `b_row` ..
+// + 8 kN - 1 of `b`, over the first `k` columns of both (S = Q K^T). kN even.
+template <int kN>
+__device__ __forceinline__ void product_nt(float (&acc)[kN][4], Tile a, int a_row, Tile b,
+                                           int b_row, int k) {
+    const int lane = threadIdx.x & 31;
+    for (int kk = 0; kk < k; kk += 16) {
+        uint32_t x[4];
+        ldmatrix_x4(x, a.at(a_row + (lane & 15), kk + (lane >> 4) * 8));
+#pragma unroll
+        for (int n = 0; n < kN; n += 2) {
+            uint32_t y[4];
+            ldmatrix_x4(y, b.at(b_row + n * 8 + (lane & 7) + (lane >> 4) * 8,
+                                kk + ((lane >> 3) & 1) * 8));
+            mma_bf16(acc[n], x, y[0], y[1]);
+            mma_bf16(acc[n + 1], x, y[2], y[3]);
+        }
+    }
+}
+
+// acc [16, n] += a [16, 16 kK] (bf16 operands in registers, as pack_operands gives them)
+// times rows `b_row` .. + 16 kK - 1 of `b`, its first n columns (n <= 8 kN, a multiple of 16):
+// O += P V.
+template <int kN, int kK>
+__device__ __forceinline__ void product_nn(float (&acc)[kN][4], const uint32_t (&a)[kK][4],
+                                           Tile b, int b_row, int n) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int kk = 0; kk < kK; kk++) {
+#pragma unroll
+        for (int c = 0; c < kN; c += 2) {
+            if (c * 8 >= n) break;
+            uint32_t y[4];
+            ldmatrix_x4_trans(y, b.at(b_row + kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                      c * 8 + (lane >> 4) * 8));
+            mma_bf16(acc[c], a[kk], y[0], y[1]);
+            mma_bf16(acc[c + 1], a[kk], y[2], y[3]);
+        }
+    }
+}
+
+// An accumulator [16, 16 kK] (f32) as the left operand of product_nn (bf16): the layouts
+// match register for register.
+template <int kK>
+__device__ __forceinline__ void pack_operands(uint32_t (&a)[kK][4], const float (&acc)[2 * kK][4]) {
+#pragma unroll
+    for (int kk = 0; kk < kK; kk++) {
+        a[kk][0] = pack(acc[2 * kk][0], acc[2 * kk][1]);
+        a[kk][1] = pack(acc[2 * kk][2], acc[2 * kk][3]);
+        a[kk][2] = pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+        a[kk][3] = pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+    }
+}
+
+template <int kN>
+__device__ __forceinline__ void zero(float (&acc)[kN][4]) {
+#pragma unroll
+    for (int n = 0; n < kN; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+}
+
+// Writes rows `row0` (this lane's g) and `row0 + 8` of an accumulator [16, hd] to `rows` (f32,
+// row stride `stride`, the warp's first row at `rows`), those below `valid` only.
+template <int kN>
+__device__ __forceinline__ void write_rows(float* rows, size_t stride, int valid,
+                                           const float (&acc)[kN][4], int hd) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c0 = (lane & 3) * 2;
+#pragma unroll
+    for (int n = 0; n < kN; n++) {
+        if (n * 8 >= hd) break;
+        for (int half = 0; half < 2; half++) {
+            const int r = g + 8 * half;
+            if (r >= valid) continue;
+            float* p = rows + (size_t)r * stride + n * 8 + c0;
+            p[0] = acc[n][2 * half];
+            p[1] = acc[n][2 * half + 1];
+        }
     }
 }
 }  // namespace flash
 
-// Dynamic shared bytes of flash_attention_forward: Q, K, V tiles (bf16) [32, head_dim] each,
-// the output's scratch (f32) [32, head_dim], and per warp scores (f32) and probabilities
-// (bf16) [16, 32]. 320 * head_dim + 6144: 47,104 bytes at head_dim 128.
-__host__ __device__ constexpr size_t flash_forward_shared_bytes(int head_dim) {
-    return (size_t)head_dim * (flash::kRows * 2 + 2 * flash::kStep * 2 + flash::kRows * 4) +
-           (size_t)flash::kWarps * flash::kTile * flash::kStep * (4 + 2);
-}
-
-// Dynamic shared bytes of each backward kernel (flash_attention_backward_kv and _q): four
-// [32, head_dim] bf16 tiles (the block's own rows of two inputs, a step's rows of two
-// others), per warp two [16, 32] f32 tiles (scores and their gradient, overwritten by their
-// bf16 roundings), and lse and delta of 32 rows. 256 * head_dim + 8448: 41,216 bytes at 128.
-__host__ __device__ constexpr size_t flash_backward_shared_bytes(int head_dim) {
-    return (size_t)head_dim * 4 * flash::kRows * 2 +
-           (size_t)flash::kWarps * 2 * flash::kTile * flash::kStep * 4 + flash::kStep * 8;
+// Dynamic shared bytes of every flash kernel of width `width` (64 or 128): 192 bf16 rows of
+// the tile width (forward: Q 64, K 64, V 64; dK and dV: K 64, V 64, Q 32, dout 32; dQ: Q 64,
+// dout 64, K 32, V 32). 49,152 bytes at 128.
+__host__ __device__ constexpr size_t flash_shared_bytes(int width) {
+    return (size_t)(3 * flash::kRows) * width * 2;
 }
 
 // Forward (flash_attention_forward_64 and _128): out (f32) and lse. Launch: grid
-// (ceil(t / 32), n_head, batch), block 64 threads (2 warps), dynamic shared memory
-// flash_forward_shared_bytes(head_dim).
+// (ceil(t / 64), n_head, batch), block 128 threads (4 warps), dynamic shared memory
+// flash_shared_bytes(width).
 //
-// Block (x, h, b) owns query rows 32x .. 32x + 31 of sequence b, head h; warp w the 16 rows
-// from 32x + 16w. Per step of 32 keys (causal: only up to the block's last row) the block
-// loads K and V; each warp with a visible key in the step computes S = Q K^T (f32), updates
-// its rows' running max m and sum l (a row is two lanes, 16 columns each) and adds P V, P
-// rounded to bf16, into its output tiles. Those stay in registers; they go through shared
-// memory to be rescaled by exp(m_old - m_new) only at steps where a row's maximum grew.
-template <int kTiles>
+// Block (x, h, b) owns query rows 64x .. 64x + 63 of sequence b, head h; warp w the 16 rows
+// from 64x + 16w. Per step of 64 keys (causal: only up to the block's last row) the block
+// loads K and V; each warp with a visible key in the step computes S = Q K^T in registers,
+// updates its rows' running maximum m and (per lane, partial) sum l, rescales its output by
+// exp(m_old - m_new) and adds P V, P rounded to bf16 straight from the scores' registers.
+template <int kWidth>
 __device__ void flash_forward(float* out, float* lse, const float* qkv, int t, int n_head,
                               int head_dim, int causal) {
-    using namespace nvcuda;
     using namespace flash;
-    float* dynamic = flash_dynamic();
+    constexpr int kN = kWidth / 8;  // 8-column tiles of the output
     const int hd = head_dim, d = n_head * hd;
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    bf16* qs = (bf16*)dynamic;                            // [32, hd]
-    bf16* ks = qs + kRows * hd;                           // [32, hd]
-    bf16* vs = ks + kStep * hd;                           // [32, hd]
-    float* os = (float*)(vs + kStep * hd);                // [32, hd]
-    float* ss = os + kRows * hd;                          // [warps][16, 32]
-    bf16* ps = (bf16*)(ss + kWarps * kTile * kStep);      // [warps][16, 32]
+    const Tile qs{(bf16_bits*)flash_dynamic(), kWidth};
+    const Tile ks{qs.base + kRows * kWidth, kWidth};
+    const Tile vs{ks.base + kKeys * kWidth, kWidth};
     const float* seq = qkv + (size_t)b * t * 3 * d + h * hd;
 
     load_rows(qs, seq, 3 * d, q0, t, kRows, hd);
-    bf16* qw = qs + warp * kTile * hd;
-    float* ow = os + warp * kTile * hd;
-    float* sw = ss + warp * kTile * kStep;
-    bf16* pw = ps + warp * kTile * kStep;
-    Accumulator o[kTiles];
-#pragma unroll
-    for (int n = 0; n < kTiles; n++) wmma::fill_fragment(o[n], 0.0f);
-    // This lane's row (r, query i) and half of the step's columns.
-    const int r = lane >> 1, half = lane & 1, i = q0 + warp * kTile + r;
-    const int warp_first = q0 + warp * kTile, warp_last = min(warp_first + kTile, t) - 1;
+    float o[kN][4];
+    zero(o);
+    // This lane's rows (g and g + 8 of the warp's 16) and columns (2 tig, 2 tig + 1 of each
+    // 8-column tile).
+    const int g = lane >> 2, c0 = (lane & 3) * 2;
+    const int warp_first = q0 + warp * 16, warp_last = min(warp_first + 16, t) - 1;
+    const int rows[2] = {warp_first + g, warp_first + g + 8};
     const float scale = rsqrtf((float)hd);
-    float m = -INFINITY, l = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     const int key_end = causal ? min(t, q0 + kRows) : t;
-    for (int k0 = 0; k0 < key_end; k0 += kStep) {
-        __syncthreads();  // the previous step's K and V are used up
-        load_rows(ks, seq + d, 3 * d, k0, t, kStep, hd);
-        load_rows(vs, seq + 2 * d, 3 * d, k0, t, kStep, hd);
+    for (int k0 = 0; k0 < key_end; k0 += kKeys) {
+        __syncthreads();  // the previous step's K and V are used up (and, first, Q is in)
+        load_rows(ks, seq + d, 3 * d, k0, t, kKeys, hd);
+        load_rows(vs, seq + 2 * d, 3 * d, k0, t, kKeys, hd);
         __syncthreads();
         // Warp-uniform: the warp has rows, and (causal) one of them sees a key of the step.
         if (warp_first >= t || (causal && k0 > warp_last)) continue;
 
-        product_nt(sw, qw, ks, hd);
-        __syncwarp();
-
-        float s[16], mx = -INFINITY;
+        float s[kKeys / 8][4];
+        zero(s);
+        product_nt(s, qs, warp * 16, ks, 0, hd);
+        float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int c = 0; c < 16; c++) {
-            int col = half * 16 + c, j = k0 + col;
-            bool visible = i < t && j < t && (!causal || j <= i);
-            s[c] = visible ? sw[r * kStep + col] * scale : -INFINITY;
-            mx = fmaxf(mx, s[c]);
+        for (int n = 0; n < kKeys / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int i = rows[e >> 1], j = k0 + n * 8 + c0 + (e & 1);
+                const bool visible = j < t && (!causal || j <= i);
+                s[n][e] = visible ? s[n][e] * scale : -INFINITY;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+            }
+        float m_use[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            // A row's four lanes hold its 64 scores between them.
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float m_new = fmaxf(m[r], mx[r]);
+            m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
+            const float alpha = expf(m[r] - m_use[r]);
+            l[r] *= alpha;
+            m[r] = m_new;
+#pragma unroll
+            for (int n = 0; n < kN; n++) {
+                o[n][2 * r] *= alpha;
+                o[n][2 * r + 1] *= alpha;
+            }
         }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        float m_new = fmaxf(m, mx);
-        float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing visible yet
-        float alpha = expf(m - m_use), sum = 0.0f;
 #pragma unroll
-        for (int c = 0; c < 16; c++) {
-            float p = expf(s[c] - m_use);
-            sum += p;
-            pw[r * kStep + half * 16 + c] = __float2bfloat16(p);
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        // A row that has summed nothing yet has an output of zeros: nothing to rescale.
-        const bool rescale = alpha != 1.0f && l != 0.0f;
-        l = l * alpha + sum;
-        m = m_new;
-        if (warp_max(rescale ? 1.0f : 0.0f) != 0.0f) {
+        for (int n = 0; n < kKeys / 8; n++)
 #pragma unroll
-            for (int n = 0; n < kTiles; n++)
-                if (n * kTile < hd)
-                    wmma::store_matrix_sync(ow + n * kTile, o[n], hd, wmma::mem_row_major);
-            __syncwarp();
-            if (rescale)
-                for (int c = half; c < hd; c += 2) ow[r * hd + c] *= alpha;
-            __syncwarp();
-#pragma unroll
-            for (int n = 0; n < kTiles; n++)
-                if (n * kTile < hd)
-                    wmma::load_matrix_sync(o[n], ow + n * kTile, hd, wmma::mem_row_major);
-        }
-        __syncwarp();  // every lane's probabilities are in pw
-        accumulate_nn(o, pw, vs, hd);
+            for (int e = 0; e < 4; e++) {
+                s[n][e] = expf(s[n][e] - m_use[e >> 1]);
+                l[e >> 1] += s[n][e];
+            }
+        uint32_t p[kKeys / 16][4];
+        pack_operands(p, s);
+        product_nn(o, p, vs, 0, hd);
     }
+    float inv[2];
 #pragma unroll
-    for (int n = 0; n < kTiles; n++)
-        if (n * kTile < hd) wmma::store_matrix_sync(ow + n * kTile, o[n], hd, wmma::mem_row_major);
-    __syncwarp();
-    if (i < t) {
-        float inv = 1.0f / l;
-        float* orow = out + ((size_t)b * t + i) * d + h * hd;
-        for (int c = half; c < hd; c += 2) orow[c] = ow[r * hd + c] * inv;
-        if (half == 0) lse[((size_t)b * n_head + h) * t + i] = m + logf(l);
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        inv[r] = 1.0f / l[r];
+#pragma unroll
+        for (int n = 0; n < kN; n++) {
+            o[n][2 * r] *= inv[r];
+            o[n][2 * r + 1] *= inv[r];
+        }
+        if ((lane & 3) == 0 && rows[r] < t)
+            lse[((size_t)b * n_head + h) * t + rows[r]] = m[r] + logf(l[r]);
     }
+    if (warp_first < t)
+        write_rows(out + ((size_t)b * t + warp_first) * d + h * hd, d, t - warp_first, o, hd);
 }
 
 // Backward, first pass: delta[b, h, i] = sum over head h's columns of dout * out. Launch:
@@ -845,154 +895,146 @@ extern "C" __global__ void flash_attention_backward_prepare(float* delta, const 
     }
 }
 
-// The backward's two products of a tile pair, as both backward kernels need them: the warp's
-// 16 rows of `own` ([16, hd] bf16: Q for dQ, K for dK and dV) against the step's 32 rows of
-// `other` (K or Q), and of `own_grad` (dout or V) against `other_grad` (V or dout), into
-// `s` and `dp` ([16, 32] f32 each). Each lane then turns 16 of the 512 entries into the
-// probability p = exp(scale s - lse) (0 where masked) and dS = p (dp - delta), and after
-// every lane has read, writes scale * dS (bf16) over the start of `dp` and, where `p_out`,
-// p (bf16) over the start of `s`. `query_of(e)` and `key_of(e)` give entry e's query row
-// and key; `stat_of(e)` its row in lse_s and delta_s.
-template <typename Query, typename Key, typename Stat>
-__device__ __forceinline__ void flash_scores(float* s, float* dp, const bf16* own,
-                                             const bf16* other, const bf16* own_grad,
-                                             const bf16* other_grad, const float* lse_s,
-                                             const float* delta_s, int hd, int t, int causal,
-                                             bool p_out, Query query_of, Key key_of,
-                                             Stat stat_of) {
-    using namespace flash;
-    const int lane = threadIdx.x & 31;
-    const float scale = rsqrtf((float)hd);
-    product_nt(s, own, other, hd);
-    product_nt(dp, own_grad, other_grad, hd);
-    __syncwarp();
-    constexpr int kPerLane = kTile * kStep / 32;
-    float p[kPerLane], ds[kPerLane];
+// The backward's scores of a tile pair, as both backward kernels need them: `s` and `dp`
+// ([16, 32] accumulators, the products of the caller) become, in place, the probability
+// p = exp(scale s - lse) (0 where masked) and dS = p (dp - delta) scale, each as bf16
+// operands for product_nn (`p_out` and `ds_out`). `visible(n, e)` says whether element e
+// of tile n is a visible pair; `stat(n, e)` gives its row's lse and delta.
+template <typename Visible, typename Stat>
+__device__ __forceinline__ void flash_scores(uint32_t (&p_out)[2][4], uint32_t (&ds_out)[2][4],
+                                             float (&s)[4][4], float (&dp)[4][4], float scale,
+                                             Visible visible, Stat stat) {
 #pragma unroll
-    for (int u = 0; u < kPerLane; u++) {
-        int e = lane + 32 * u, i = query_of(e), j = key_of(e), st = stat_of(e);
-        bool visible = i < t && j < t && (!causal || j <= i);
-        p[u] = visible ? expf(s[e] * scale - lse_s[st]) : 0.0f;
-        ds[u] = p[u] * (dp[e] - delta_s[st]) * scale;
-    }
-    __syncwarp();  // every lane has read s and dp
-    bf16 *pb = (bf16*)s, *dsb = (bf16*)dp;
+    for (int n = 0; n < 4; n++)
 #pragma unroll
-    for (int u = 0; u < kPerLane; u++) {
-        int e = lane + 32 * u;
-        if (p_out) pb[e] = __float2bfloat16(p[u]);
-        dsb[e] = __float2bfloat16(ds[u]);
-    }
-    __syncwarp();
+        for (int e = 0; e < 4; e++) {
+            float lse_i, delta_i;
+            stat(n, e, lse_i, delta_i);
+            const float p = visible(n, e) ? expf(s[n][e] * scale - lse_i) : 0.0f;
+            s[n][e] = p;
+            dp[n][e] = p * (dp[n][e] - delta_i) * scale;
+        }
+    flash::pack_operands(p_out, s);
+    flash::pack_operands(ds_out, dp);
 }
 
 // Backward, dK and dV (flash_attention_backward_kv_64 and _128), written into dqkv's K and V
-// columns, from dout, qkv, lse and delta. Launch: grid (ceil(t / 32), n_head, batch), block
-// 64 threads (2 warps), dynamic shared memory flash_backward_shared_bytes(head_dim).
+// columns, from dout, qkv, lse and delta. Launch: grid (ceil(t / 64), n_head, batch), block
+// 128 threads (4 warps), dynamic shared memory flash_shared_bytes(width).
 //
-// Block (x, h, b) owns keys 32x .. 32x + 31, warp w the 16 from 32x + 16w, and loops over the
-// steps of 32 query rows that see them (causal: from row 32x on). Per step, each warp with a
+// Block (x, h, b) owns keys 64x .. 64x + 63, warp w the 16 from 64x + 16w, and loops over the
+// steps of 32 query rows that see them (causal: from row 64x on). Per step, each warp with a
 // visible pair: S^T = K Q^T and dP^T = V dout^T, P^T = exp(scale S^T - lse) (masked: 0),
 // dS^T = P^T (dP^T - delta); then dV += P^T dout and dK += scale dS^T Q, in registers.
-template <int kTiles>
+template <int kWidth>
 __device__ void flash_backward_kv(float* dqkv, const float* dout, const float* qkv,
                                   const float* lse, const float* delta, int t, int n_head,
                                   int head_dim, int causal) {
-    using namespace nvcuda;
     using namespace flash;
-    float* dynamic = flash_dynamic();
+    constexpr int kN = kWidth / 8;
     const int hd = head_dim, d = n_head * hd;
     const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * kRows;
-    const int warp = threadIdx.x >> 5;
-    bf16* ks = (bf16*)dynamic;                     // [32 keys, hd]
-    bf16* vs = ks + kRows * hd;                    // [32 keys, hd]
-    bf16* qs = vs + kRows * hd;                    // [32 rows, hd]
-    bf16* dos = qs + kStep * hd;                   // [32 rows, hd]
-    float* sw = (float*)(dos + kStep * hd) + warp * 2 * kTile * kStep;  // [16, 32]
-    float* dpw = sw + kTile * kStep;                                     // [16, 32]
-    float* lse_s = (float*)(dos + kStep * hd) + kWarps * 2 * kTile * kStep;  // [32]
-    float* delta_s = lse_s + kStep;                                           // [32]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const Tile ks{(bf16_bits*)flash_dynamic(), kWidth};
+    const Tile vs{ks.base + kRows * kWidth, kWidth};
+    const Tile qs{vs.base + kRows * kWidth, kWidth};
+    const Tile dos{qs.base + kStep * kWidth, kWidth};
     const float* seq = qkv + (size_t)b * t * 3 * d + h * hd;
     const float* dseq = dout + (size_t)b * t * d + h * hd;
     const size_t stats = ((size_t)b * n_head + h) * t;
 
     load_rows(ks, seq + d, 3 * d, k0, t, kRows, hd);
     load_rows(vs, seq + 2 * d, 3 * d, k0, t, kRows, hd);
-    Accumulator dk[kTiles], dv[kTiles];
-#pragma unroll
-    for (int n = 0; n < kTiles; n++) {
-        wmma::fill_fragment(dk[n], 0.0f);
-        wmma::fill_fragment(dv[n], 0.0f);
-    }
-    const int kw = k0 + warp * kTile;  // the warp's first key
-    const bf16 *kw_s = ks + warp * kTile * hd, *vw_s = vs + warp * kTile * hd;
+    float dk[kN][4], dv[kN][4];
+    zero(dk);
+    zero(dv);
+    const int g = lane >> 2, c0 = (lane & 3) * 2;
+    const int kw = k0 + warp * 16;  // the warp's first key
+    const int keys[2] = {kw + g, kw + g + 8};
+    const float scale = rsqrtf((float)hd);
     for (int q0 = causal ? k0 : 0; q0 < t; q0 += kStep) {
-        __syncthreads();  // the previous step's Q and dout are used up
+        __syncthreads();  // the previous step's Q and dout are used up (and, first, K, V in)
         load_rows(qs, seq, 3 * d, q0, t, kStep, hd);
         load_rows(dos, dseq, d, q0, t, kStep, hd);
-        for (int r = threadIdx.x; r < kStep; r += blockDim.x) {
-            lse_s[r] = q0 + r < t ? lse[stats + q0 + r] : 0.0f;
-            delta_s[r] = q0 + r < t ? delta[stats + q0 + r] : 0.0f;
-        }
         __syncthreads();
         // Warp-uniform: the warp has keys, and (causal) a row of the step sees one.
         if (kw >= t || (causal && q0 + kStep - 1 < kw)) continue;
-        // Entry e of the [16 keys, 32 rows] tiles: key kw + e / 32, query row q0 + e % 32.
+        // Element e of tile n of the [16 keys, 32 rows] scores: key keys[e / 2], query row
+        // q0 + 8n + c0 + e % 2, whose lse and delta this lane reads (0 past the end).
+        float row_lse[4][2], row_delta[4][2];
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                const int i = q0 + n * 8 + c0 + u;
+                row_lse[n][u] = i < t ? lse[stats + i] : 0.0f;
+                row_delta[n][u] = i < t ? delta[stats + i] : 0.0f;
+            }
+        float s[4][4], dp[4][4];
+        zero(s);
+        zero(dp);
+        product_nt(s, ks, warp * 16, qs, 0, hd);
+        product_nt(dp, vs, warp * 16, dos, 0, hd);
+        uint32_t p[2][4], ds[2][4];
         flash_scores(
-            sw, dpw, kw_s, qs, vw_s, dos, lse_s, delta_s, hd, t, causal, true,
-            [&](int e) { return q0 + e % kStep; }, [&](int e) { return kw + e / kStep; },
-            [&](int e) { return e % kStep; });
-        accumulate_nn(dv, (const bf16*)sw, dos, hd);
-        accumulate_nn(dk, (const bf16*)dpw, qs, hd);
+            p, ds, s, dp, scale,
+            [&](int n, int e) {
+                const int i = q0 + n * 8 + c0 + (e & 1), j = keys[e >> 1];
+                return i < t && j < t && (!causal || j <= i);
+            },
+            [&](int n, int e, float& lse_i, float& delta_i) {
+                lse_i = row_lse[n][e & 1];
+                delta_i = row_delta[n][e & 1];
+            });
+        product_nn(dv, p, dos, 0, hd);
+        product_nn(dk, ds, qs, 0, hd);
     }
-    const int valid = max(0, min(kTile, t - kw));
-    float* rows = dqkv + ((size_t)b * t + kw) * 3 * d + h * hd;
-    write_rows(rows + d, 3 * d, valid, dk, sw, hd);
-    write_rows(rows + 2 * d, 3 * d, valid, dv, sw, hd);
+    if (kw < t) {
+        float* rows = dqkv + ((size_t)b * t + kw) * 3 * d + h * hd;
+        write_rows(rows + d, 3 * d, t - kw, dk, hd);
+        write_rows(rows + 2 * d, 3 * d, t - kw, dv, hd);
+    }
 }
 
 // Backward, dQ (flash_attention_backward_q_64 and _128), written into dqkv's Q columns, from
 // dout, qkv, lse and delta. Launch: as the dK and dV kernel.
 //
-// Block (x, h, b) owns query rows 32x .. 32x + 31, warp w the 16 from 32x + 16w, and loops
+// Block (x, h, b) owns query rows 64x .. 64x + 63, warp w the 16 from 64x + 16w, and loops
 // over the steps of 32 keys they see (causal: up to the block's last row). Per step, each
 // warp with a visible pair recomputes S = Q K^T, dP = dout V^T, P and dS as the dK, dV
 // kernel does, and adds scale dS K into its dQ, in registers. Recomputing costs two
 // products per tile pair; it buys dQ without atomic adds from many blocks.
-template <int kTiles>
+template <int kWidth>
 __device__ void flash_backward_q(float* dqkv, const float* dout, const float* qkv,
                                  const float* lse, const float* delta, int t, int n_head,
                                  int head_dim, int causal) {
-    using namespace nvcuda;
     using namespace flash;
-    float* dynamic = flash_dynamic();
+    constexpr int kN = kWidth / 8;
     const int hd = head_dim, d = n_head * hd;
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
-    const int warp = threadIdx.x >> 5;
-    bf16* qs = (bf16*)dynamic;                     // [32 rows, hd]
-    bf16* dos = qs + kRows * hd;                   // [32 rows, hd]
-    bf16* ks = dos + kRows * hd;                   // [32 keys, hd]
-    bf16* vs = ks + kStep * hd;                    // [32 keys, hd]
-    float* sw = (float*)(vs + kStep * hd) + warp * 2 * kTile * kStep;  // [16, 32]
-    float* dpw = sw + kTile * kStep;                                    // [16, 32]
-    float* lse_s = (float*)(vs + kStep * hd) + kWarps * 2 * kTile * kStep;  // [32]
-    float* delta_s = lse_s + kRows;                                          // [32]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const Tile qs{(bf16_bits*)flash_dynamic(), kWidth};
+    const Tile dos{qs.base + kRows * kWidth, kWidth};
+    const Tile ks{dos.base + kRows * kWidth, kWidth};
+    const Tile vs{ks.base + kStep * kWidth, kWidth};
     const float* seq = qkv + (size_t)b * t * 3 * d + h * hd;
     const float* dseq = dout + (size_t)b * t * d + h * hd;
     const size_t stats = ((size_t)b * n_head + h) * t;
 
     load_rows(qs, seq, 3 * d, q0, t, kRows, hd);
     load_rows(dos, dseq, d, q0, t, kRows, hd);
-    for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
-        lse_s[r] = q0 + r < t ? lse[stats + q0 + r] : 0.0f;
-        delta_s[r] = q0 + r < t ? delta[stats + q0 + r] : 0.0f;
+    float dq[kN][4];
+    zero(dq);
+    const int g = lane >> 2, c0 = (lane & 3) * 2;
+    const int qw = q0 + warp * 16;  // the warp's first row
+    const int warp_last = min(qw + 16, t) - 1;
+    const int rows[2] = {qw + g, qw + g + 8};
+    float row_lse[2], row_delta[2];
+    for (int r = 0; r < 2; r++) {
+        row_lse[r] = rows[r] < t ? lse[stats + rows[r]] : 0.0f;
+        row_delta[r] = rows[r] < t ? delta[stats + rows[r]] : 0.0f;
     }
-    Accumulator dq[kTiles];
-#pragma unroll
-    for (int n = 0; n < kTiles; n++) wmma::fill_fragment(dq[n], 0.0f);
-    const int qw = q0 + warp * kTile;  // the warp's first row
-    const int warp_last = min(qw + kTile, t) - 1;
-    const bf16 *qw_s = qs + warp * kTile * hd, *dow_s = dos + warp * kTile * hd;
+    const float scale = rsqrtf((float)hd);
     const int key_end = causal ? min(t, q0 + kRows) : t;
     for (int k0 = 0; k0 < key_end; k0 += kStep) {
         __syncthreads();  // the previous step's K and V are used up (and, first, Q is in)
@@ -1001,15 +1043,27 @@ __device__ void flash_backward_q(float* dqkv, const float* dout, const float* qk
         __syncthreads();
         // Warp-uniform: the warp has rows, and (causal) one of them sees a key of the step.
         if (qw >= t || (causal && k0 > warp_last)) continue;
-        // Entry e of the [16 rows, 32 keys] tiles: query row qw + e / 32, key k0 + e % 32.
+        // Element e of tile n of the [16 rows, 32 keys] scores: row rows[e / 2], key
+        // k0 + 8n + c0 + e % 2.
+        float s[4][4], dp[4][4];
+        zero(s);
+        zero(dp);
+        product_nt(s, qs, warp * 16, ks, 0, hd);
+        product_nt(dp, dos, warp * 16, vs, 0, hd);
+        uint32_t p[2][4], ds[2][4];
         flash_scores(
-            sw, dpw, qw_s, ks, dow_s, vs, lse_s, delta_s, hd, t, causal, false,
-            [&](int e) { return qw + e / kStep; }, [&](int e) { return k0 + e % kStep; },
-            [&](int e) { return warp * kTile + e / kStep; });
-        accumulate_nn(dq, (const bf16*)dpw, ks, hd);
+            p, ds, s, dp, scale,
+            [&](int n, int e) {
+                const int i = rows[e >> 1], j = k0 + n * 8 + c0 + (e & 1);
+                return i < t && j < t && (!causal || j <= i);
+            },
+            [&](int, int e, float& lse_i, float& delta_i) {
+                lse_i = row_lse[e >> 1];
+                delta_i = row_delta[e >> 1];
+            });
+        product_nn(dq, ds, ks, 0, hd);
     }
-    const int valid = max(0, min(kTile, t - qw));
-    write_rows(dqkv + ((size_t)b * t + qw) * 3 * d + h * hd, 3 * d, valid, dq, sw, hd);
+    if (qw < t) write_rows(dqkv + ((size_t)b * t + qw) * 3 * d + h * hd, 3 * d, t - qw, dq, hd);
 }
 
 // The kernels, one for each widest head they serve (_64: heads up to 64 columns, _128: up to
@@ -1017,44 +1071,40 @@ __device__ void flash_backward_q(float* dqkv, const float* dout, const float* qk
 extern "C" __global__ void flash_attention_forward_64(float* out, float* lse, const float* qkv,
                                                       int t, int n_head, int head_dim,
                                                       int causal) {
-    flash_forward<64 / flash::kTile>(out, lse, qkv, t, n_head, head_dim, causal);
+    flash_forward<64>(out, lse, qkv, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_forward_128(float* out, float* lse,
                                                        const float* qkv, int t, int n_head,
                                                        int head_dim, int causal) {
-    flash_forward<128 / flash::kTile>(out, lse, qkv, t, n_head, head_dim, causal);
+    flash_forward<128>(out, lse, qkv, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_kv_64(float* dqkv, const float* dout,
                                                           const float* qkv, const float* lse,
                                                           const float* delta, int t,
                                                           int n_head, int head_dim,
                                                           int causal) {
-    flash_backward_kv<64 / flash::kTile>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim,
-                                         causal);
+    flash_backward_kv<64>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_kv_128(float* dqkv, const float* dout,
                                                            const float* qkv, const float* lse,
                                                            const float* delta, int t,
                                                            int n_head, int head_dim,
                                                            int causal) {
-    flash_backward_kv<128 / flash::kTile>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim,
-                                          causal);
+    flash_backward_kv<128>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_q_64(float* dqkv, const float* dout,
                                                          const float* qkv, const float* lse,
                                                          const float* delta, int t,
                                                          int n_head, int head_dim,
                                                          int causal) {
-    flash_backward_q<64 / flash::kTile>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim,
-                                        causal);
+    flash_backward_q<64>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_q_128(float* dqkv, const float* dout,
                                                           const float* qkv, const float* lse,
                                                           const float* delta, int t,
                                                           int n_head, int head_dim,
                                                           int causal) {
-    flash_backward_q<128 / flash::kTile>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim,
-                                         causal);
+    flash_backward_q<128>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 
 // ---------------------------------------------------------------------------------------

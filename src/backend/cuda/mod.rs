@@ -189,6 +189,7 @@ impl Kernels {
         };
         let flash = |width: usize| -> Result<FlashKernels> {
             Ok(FlashKernels {
+                width,
                 forward: f(&format!("flash_attention_forward_{width}"))?,
                 backward_kv: f(&format!("flash_attention_backward_kv_{width}"))?,
                 backward_q: f(&format!("flash_attention_backward_q_{width}"))?,
@@ -229,8 +230,10 @@ impl Kernels {
 }
 
 /// The flash attention kernels for heads up to one width (kernels.cu: the `_64` and `_128`
-/// kernels, which differ in how many accumulator tiles they hold in registers).
+/// kernels, which differ in how many accumulator tiles they hold in registers and in the
+/// width of their shared tiles).
 struct FlashKernels {
+    width: usize,
     forward: CudaFunction,
     backward_kv: CudaFunction,
     backward_q: CudaFunction,
@@ -341,25 +344,15 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
-/// The flash attention kernels' launch (kernels.cu): a block of 2 warps per 32 query rows
-/// (forward, dQ) or 32 keys (dK and dV) of each sequence and head.
-fn flash_launch(s: AttnShape, shared_bytes: usize) -> LaunchConfig {
+/// The launch of every flash attention kernel of `width` (kernels.cu): a block of 4 warps
+/// per 64 query rows (forward, dQ) or 64 keys (dK and dV) of each sequence and head, with
+/// 192 bf16 rows of the kernel's width in shared memory (flash_shared_bytes).
+fn flash_launch(s: AttnShape, width: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (s.t.div_ceil(32) as u32, s.n_head as u32, s.batch as u32),
-        block_dim: (64, 1, 1),
-        shared_mem_bytes: shared_bytes as u32,
+        grid_dim: (s.t.div_ceil(64) as u32, s.n_head as u32, s.batch as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: (192 * width * 2) as u32,
     }
-}
-
-/// Dynamic shared bytes of flash_attention_forward (kernels.cu: flash_forward_shared_bytes).
-fn flash_forward_shared_bytes(head_dim: usize) -> usize {
-    320 * head_dim + 6144
-}
-
-/// Dynamic shared bytes of each flash backward kernel (kernels.cu:
-/// flash_backward_shared_bytes).
-fn flash_backward_shared_bytes(head_dim: usize) -> usize {
-    256 * head_dim + 8448
 }
 
 /// Blocks of the sum of squares (each adds a share of the tensor into its own partial sum).
@@ -1331,10 +1324,10 @@ impl Backend for CudaBackend {
         if self.flash(s) {
             let (out_p, lse_p, qkv_p) = (self.ptr(out), self.ptr(lse), self.ptr(qkv));
             let (ti, nhi, hdi, causal) = (int(t), int(nh), int(hd), s.causal as i32);
-            let cfg = flash_launch(s, flash_forward_shared_bytes(hd));
+            let kernels = self.flash_kernels(hd);
             self.launch(
-                &self.flash_kernels(hd).forward,
-                cfg,
+                &kernels.forward,
+                flash_launch(s, kernels.width),
                 "attention_forward",
                 &[&out_p, &lse_p, &qkv_p, &ti, &nhi, &hdi, &causal],
             );
@@ -1416,11 +1409,11 @@ impl Backend for CudaBackend {
                 "attention_backward",
                 &[&delta, &dout_p, &out_p, &ti, &nhi, &hdi],
             );
-            let cfg = flash_launch(s, flash_backward_shared_bytes(hd));
             let args: [&dyn Arg; 9] = [
                 &dqkv_p, &dout_p, &qkv_p, &lse_p, &delta, &ti, &nhi, &hdi, &causal,
             ];
             let kernels = self.flash_kernels(hd);
+            let cfg = flash_launch(s, kernels.width);
             self.launch(&kernels.backward_kv, cfg, "attention_backward", &args);
             self.launch(&kernels.backward_q, cfg, "attention_backward", &args);
             return;

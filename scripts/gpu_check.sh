@@ -5,18 +5,26 @@
 #
 # Build here (the GPU machine has no Rust), into gpu/, which git ignores and the run carries:
 #   cargo build --release && mkdir -p gpu && cp target/release/igpt gpu/
+# Optionally, a build of an earlier commit as gpu/igpt-before, to time the same training step
+# with both in this one call (a ratio on one GPU at one time), for example the wmma flash
+# kernels before their mma.sync rewrite:
+#   git worktree add /tmp/before 0f24546 && (cd /tmp/before && cargo build --release) &&
+#   cp /tmp/before/target/release/igpt gpu/igpt-before
 # Run there, from the repository root:
 #   scripts/gpu_check.sh OUT_DIR
 #
 # Writes to OUT_DIR: one log per step (nvidia-smi.log, libraries.log, selftest.log,
-# same-bits.log, train.log, train-large.log, generate.log, gemm.log), the JSON each step
-# writes (selftest.json, train.json with a per-kernel profile of the step, train-large.json,
-# generate.json, gemm.json) and
+# same-bits.log, train.log, train-before.log where gpu/igpt-before exists, train-large.log,
+# generate.log, gemm.log), the JSON each step writes (selftest.json, train.json with a
+# per-kernel profile of the step, train-before.json, train-large.json, generate.json,
+# gemm.json) and
 # summary.json: every step's exit code, time and JSON. Prints a short table last. A failing step
 # does not stop the next ones; the exit code is 0 only if every step succeeded.
 #
-# The limits add up to 525 s, so one device call of 10 minutes always comes back.
-# Overrides, for tests: IGPT_BIN (the binary), NVIDIA_SMI, PYTHON.
+# The limits add up to 515 s, 545 s with the earlier build, so one device call of 10 minutes
+# comes back even if every step is killed 5 s after its limit.
+# Overrides, for tests: IGPT_BIN (the binary), IGPT_BEFORE (the earlier build), NVIDIA_SMI,
+# PYTHON.
 set -u
 
 if [ $# -ne 1 ]; then
@@ -26,12 +34,13 @@ fi
 out=$1
 repo=$(cd "$(dirname "$0")/.." && pwd)
 igpt=${IGPT_BIN:-$repo/gpu/igpt}
+before=${IGPT_BEFORE:-$repo/gpu/igpt-before}
 smi=${NVIDIA_SMI:-nvidia-smi}
 python=${PYTHON:-python3}
 mkdir -p "$out" || exit 2
 . "$repo/scripts/gpu_steps.sh"
 
-step nvidia-smi 20 - "$smi" --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,temperature.gpu --format=csv
+step nvidia-smi 10 - "$smi" --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,temperature.gpu --format=csv
 
 find_cuda_libraries
 
@@ -65,6 +74,12 @@ export igpt repo
 step same-bits 30 - bash -c same_bits
 step train 180 train.json "$igpt" --device cuda bench train --shape small --batch 32 --precision bf16 \
     --profile --python "$python" --json "$out/train.json"
+# The same step by the earlier build, igpt alone, with its profile: the ratio of the two
+# igpt rows, and of their attention calls, is what the change between them bought.
+if [ -x "$before" ]; then
+    step train-before 30 train-before.json "$before" --device cuda bench train --shape small \
+        --batch 32 --precision bf16 --profile --no-torch --json "$out/train-before.json"
+fi
 # iGPT-L's shape (1.36 B parameters), igpt alone: PyTorch would spend the limit compiling.
 step train-large 60 train-large.json "$igpt" --device cuda bench train --shape large --batch 8 \
     --warmup 2 --steps 3 --precision bf16 --no-torch --json "$out/train-large.json"
@@ -80,16 +95,16 @@ write_summary
 import json, sys
 
 for s in json.load(open(sys.argv[1]))["steps"]:
-    if s["step"] not in ("train", "train-large", "generate") or not isinstance(s["json"], dict):
+    if s["step"] not in ("train", "train-before", "train-large", "generate") or not isinstance(s["json"], dict):
         continue
     for r in s["json"].get("runs", []):
         if "error" in r or "tokens_per_s" not in r:
-            print(f"{s['step']:<11} {r['impl']:<16} failed")
+            print(f"{s['step']:<12} {r['impl']:<16} failed")
             continue
         mfu = f"MFU {100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else ""
         mem = f"{r['memory_bytes'] / 1e9:6.2f} GB" if r.get("memory_bytes") else ""
         batch = f"batch {r['batch']:>3}" if "batch" in r else ""
-        print(f"{s['step']:<11} {r['impl']:<16} {batch:<9} {r['tokens_per_s']:>10.0f} tokens/s  {mfu}  {mem}")
+        print(f"{s['step']:<12} {r['impl']:<16} {batch:<9} {r['tokens_per_s']:>10.0f} tokens/s  {mfu}  {mem}")
 PY
 
 print_steps

@@ -45,6 +45,35 @@ fn every_cuda_kernel_matches_the_cpu_semantics_when_run_on_the_host() {
 }
 
 #[test]
+fn flash_attention_holds_over_the_longest_context() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_host");
+    std::fs::create_dir_all(&dir).expect("create the build folder");
+    let exe = dir.join("long_context");
+    compile(&root().join("tests/cuda_host/long_context.cpp"), &exe, &[]);
+    let run = Command::new(&exe).output().expect("run the long-context check");
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "the long-context check failed ({}):\n{stdout}{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // Each width's three kernels, at 4,096 positions.
+    for kernel in ["forward", "backward_q", "backward_kv"] {
+        for width in [64, 128] {
+            let name = format!("flash_attention_{kernel}_{width}");
+            assert!(
+                stdout.lines().any(|l| {
+                    let fields: Vec<&str> = l.split_whitespace().collect();
+                    fields.first() == Some(&name.as_str()) && fields.get(3) == Some(&"PASS")
+                }),
+                "{name} has no passing line:\n{stdout}"
+            );
+        }
+    }
+}
+
+#[test]
 fn kernel_names_are_read_from_their_declarations() {
     let source = "extern \"C\" __global__ void fill_f32(float* x) {\n\
                   __device__ float helper(float v);\n\

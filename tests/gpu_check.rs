@@ -43,14 +43,25 @@ fn executable(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-/// Runs the script into `dir/out` with the stand-ins; `igpt` overrides the binary's path.
+/// Runs the script into `dir/out` with the stand-ins; `igpt` overrides the binary's path. No
+/// earlier build unless the test gives one (`check_with`).
 fn check(dir: &Path, fail: Option<&str>, igpt: Option<&Path>) -> (Output, serde_json::Value) {
+    check_with(dir, fail, igpt, &dir.join("no-earlier-build"))
+}
+
+fn check_with(
+    dir: &Path,
+    fail: Option<&str>,
+    igpt: Option<&Path>,
+    before: &Path,
+) -> (Output, serde_json::Value) {
     let fake = executable(dir, "igpt", FAKE_IGPT);
     let out = dir.join("out");
     let mut cmd = Command::new("bash");
     cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu_check.sh"))
         .arg(&out)
         .env("IGPT_BIN", igpt.unwrap_or(&fake))
+        .env("IGPT_BEFORE", before)
         .env("NVIDIA_SMI", executable(dir, "nvidia-smi", FAKE_SMI))
         .env("PYTHON", executable(dir, "python", FAKE_PYTHON))
         // The script runs under `set -u`: an unset library path must not stop it.
@@ -165,6 +176,32 @@ fn every_step_passing_gives_exit_code_zero_and_igpt_sees_the_libraries() {
     // The products' timing runs in PyTorch (the stand-in writes no JSON).
     assert_eq!(step(&summary, "gemm")["exit_code"], 0, "{summary}");
     assert!(stdout.contains("all steps passed"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_earlier_build_times_the_same_training_step_in_the_same_call() {
+    let dir = tempdir("gpu-check-before");
+    let before = executable(&dir, "igpt-before", FAKE_IGPT);
+    let (o, summary) = check_with(&dir, None, None, &before);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{stdout}");
+    let names: Vec<&str> = summary["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    let at = |n: &str| names.iter().position(|&x| x == n).unwrap();
+    assert_eq!(at("train-before"), at("train") + 1, "{names:?}");
+    let log = std::fs::read_to_string(dir.join("out/train-before.log")).unwrap();
+    let train = std::fs::read_to_string(dir.join("out/train.log")).unwrap();
+    // The same shape, batch, precision and profile as the train step's igpt row.
+    for arg in ["--shape small", "--batch 32", "--precision bf16", "--profile"] {
+        assert!(log.contains(arg) && train.contains(arg), "{arg}: {log}");
+    }
+    assert!(log.contains("--no-torch"), "{log}");
+    assert_eq!(step(&summary, "train-before")["json"]["bench"], "train");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

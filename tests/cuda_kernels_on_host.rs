@@ -50,7 +50,9 @@ fn flash_attention_holds_over_the_longest_context() {
     std::fs::create_dir_all(&dir).expect("create the build folder");
     let exe = dir.join("long_context");
     compile(&root().join("tests/cuda_host/long_context.cpp"), &exe, &[]);
-    let run = Command::new(&exe).output().expect("run the long-context check");
+    let run = Command::new(&exe)
+        .output()
+        .expect("run the long-context check");
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),

@@ -197,7 +197,12 @@ fn an_earlier_build_times_the_same_training_step_in_the_same_call() {
     let log = std::fs::read_to_string(dir.join("out/train-before.log")).unwrap();
     let train = std::fs::read_to_string(dir.join("out/train.log")).unwrap();
     // The same shape, batch, precision and profile as the train step's igpt row.
-    for arg in ["--shape small", "--batch 32", "--precision bf16", "--profile"] {
+    for arg in [
+        "--shape small",
+        "--batch 32",
+        "--precision bf16",
+        "--profile",
+    ] {
         assert!(log.contains(arg) && train.contains(arg), "{arg}: {log}");
     }
     assert!(log.contains("--no-torch"), "{log}");

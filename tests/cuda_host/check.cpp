@@ -753,15 +753,22 @@ void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, cons
     struct Shape {
         int batch, n_head, head_dim, n_ctx, prefill;
     };
-    // head_dim 12 and 64 split the values among groups of threads; 128 and 300 do not.
+    // Rows are read in pieces of 8 columns: 12 and 300 end in a partial piece (read column by
+    // column), 64, 96 and 128 do not (16-byte loads, where the caches start on 16 bytes: each
+    // shape runs again with caches one element further on). The values split among 64, 16, 10,
+    // 8 and 3 groups of threads; contexts of up to 200 take several rounds of 128 keys.
     for (Shape s : {Shape{2, 4, 12, 20, 7}, Shape{2, 2, 64, 40, 33}, Shape{1, 2, 128, 24, 5},
-                    Shape{1, 1, 300, 150, 140}}) {
+                    Shape{1, 1, 300, 150, 140}, Shape{2, 2, 96, 200, 170}})
+    for (int offset : {0, 1}) {
         int nh = s.n_head, hd = s.head_dim, n_ctx = s.n_ctx, d = nh * hd;
         size_t cache_len = (size_t)s.batch * nh * n_ctx * hd;
-        vector<E> k_cache(cache_len, poison_of((E*)nullptr)), v_cache = k_cache;
-        vector<E> want_k = k_cache, want_v = v_cache;
+        // The caches start `offset` elements into their buffers.
+        vector<E> k_buf(cache_len + offset, poison_of((E*)nullptr)), v_buf = k_buf;
+        vector<E> want_k(cache_len, poison_of((E*)nullptr)), want_v = want_k;
+        E *k_cache = k_buf.data() + offset, *v_cache = v_buf.data() + offset;
         std::string shape = std::to_string(s.batch) + "x" + std::to_string(nh) + " heads hd " +
-                            std::to_string(hd) + " ctx " + std::to_string(n_ctx);
+                            std::to_string(hd) + " ctx " + std::to_string(n_ctx) +
+                            (offset ? " caches off 16 bytes" : "");
 
         for (auto [pos, len] : {std::pair{0, s.prefill}, std::pair{s.prefill, 1}}) {
             int n = s.batch * len;
@@ -808,23 +815,25 @@ void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, cons
 
             dim3 grid(n, nh);
             unsigned store_threads = std::min((hd + 31) / 32 * 32, 256);
-            size_t shared = (size_t)(n_ctx + hd + std::max(128, hd)) * 4;
+            size_t shared = decode_shared_bytes(n_ctx, hd);
             // The prefill takes its position as an argument; the step reads it from memory,
             // as a replayed graph does, beside a wrong argument.
             bool from_memory = len == 1;
             int at = pos, arg = from_memory ? -1000 : pos;
             const int* pos_at = from_memory ? &at : nullptr;
-            launch(store, grid, dim3(store_threads), 0, k_cache.data(), v_cache.data(),
+            launch(store, grid, dim3(store_threads), 0, k_cache, v_cache,
                    (const float*)qkv.data(), nh, hd, n_ctx, arg, pos_at, len);
-            launch(attend, grid, dim3(128), shared, out.data(), (const E*)k_cache.data(),
-                   (const E*)v_cache.data(), (const float*)qkv.data(), nh, hd, n_ctx, arg,
-                   pos_at, len);
+            launch(attend, grid, dim3(kDecodeThreads), shared, out.data(), (const E*)k_cache,
+                   (const E*)v_cache, (const float*)qkv.data(), nh, hd, n_ctx, arg, pos_at,
+                   len);
             std::string what = shape + " pos " + std::to_string(pos) + " len " +
                                std::to_string(len) +
                                (from_memory ? " (position read from memory)" : "");
             // Every stored position matches, and positions not stored yet are untouched.
-            check_bits(store_name, what + " keys", k_cache, want_k);
-            check_bits(store_name, what + " values", v_cache, want_v);
+            check_bits(store_name, what + " keys", vector<E>(k_cache, k_cache + cache_len),
+                       want_k);
+            check_bits(store_name, what + " values", vector<E>(v_cache, v_cache + cache_len),
+                       want_v);
             check(attend_name, what, out, want, kDecode);
         }
     }

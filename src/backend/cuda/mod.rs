@@ -389,16 +389,24 @@ fn gain_partial_rows(max_rows: usize) -> usize {
     max_rows.div_ceil(NORM_ROWS_PER_BLOCK).max(1)
 }
 
-/// Dynamic shared bytes of the decoding kernels (attend_*): the scores, the query and the
-/// partial sums of values (128 threads' or head_dim's).
+/// Floats of the decoding kernels' (attend_*) query and partial value sums, besides the
+/// scores: the query rounded up to pieces of 8 columns, and one piece per thread of the 128
+/// (or every piece once, for heads of more than 128 pieces). kernels.cu: decode_shared_bytes.
+fn decode_scratch_floats(head_dim: usize) -> usize {
+    let pieces = head_dim.div_ceil(8);
+    let row_threads = pieces.min(128);
+    pieces * 8 + 128 / row_threads * pieces * 8
+}
+
+/// Dynamic shared bytes of the decoding kernels: the scores, then decode_scratch_floats.
 fn decode_shared_bytes(n_ctx: usize, head_dim: usize) -> usize {
-    (n_ctx + head_dim + head_dim.max(128)) * 4
+    (n_ctx + decode_scratch_floats(head_dim)) * 4
 }
 
 /// The longest context the decoding kernels take: 48 KiB of shared memory per block without
 /// opting in, less the kernel's 32 floats of static scratch.
 fn decode_context_limit(head_dim: usize) -> usize {
-    (48 * 1024 - 128) / 4 - head_dim - head_dim.max(128)
+    (48 * 1024 - 128) / 4 - decode_scratch_floats(head_dim)
 }
 
 /// One block per row.
@@ -1888,7 +1896,7 @@ mod tests {
 
     #[test]
     fn the_decoding_context_limit_is_the_longest_that_fits_shared_memory() {
-        for head_dim in [16, 64, 96, 128, 256] {
+        for head_dim in [12, 16, 64, 96, 128, 256, 300, 1100] {
             let limit = decode_context_limit(head_dim);
             // The kernel's dynamic shared memory plus its 32 floats of static scratch.
             assert!(decode_shared_bytes(limit, head_dim) + 128 <= 48 * 1024);

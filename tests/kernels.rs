@@ -281,6 +281,63 @@ fn packed_bf16_matmul_matches_the_rounded_product() {
     }
 }
 
+/// Each value rounded to bfloat16 and widened back.
+fn rounded(x: &[f32]) -> Vec<f32> {
+    use igpt::backend::cpu::bf16::{from_bf16, to_bf16};
+    x.iter().map(|&v| from_bf16(to_bf16(v))).collect()
+}
+
+/// The kernels that may store their output as bfloat16 store the f32 output rounded, and a
+/// packed product reads a bf16 input as the f32 input of the same values.
+#[test]
+fn outputs_stored_as_bf16_are_the_f32_outputs_rounded() {
+    let (rows, d, n) = (5, 48, 40);
+    for device in Device::available() {
+        let mut r = Rig::new(device, 4096, 0, rows, 4 * d);
+        let (x, g) = (rand_vec(rows * d, 31, 2.0), rand_vec(d, 32, 1.0));
+        let (xv, gv) = (r.put(&x), r.put(&g));
+        let (out, rstd) = (r.view(rows * d), r.view(rows));
+        r.b.rmsnorm_forward(out, rstd, xv, gv, d);
+        let (out16, rstd16) = (r.half_view(rows * d), r.view(rows));
+        r.b.rmsnorm_forward(out16, rstd16, xv, gv, d);
+        let normed = rounded(&r.get(out));
+        assert_ne!(
+            normed,
+            r.get(out),
+            "{device}: the test needs values bf16 cannot hold"
+        );
+        assert_eq!(r.get(out16), normed, "{device} rmsnorm_forward into bf16");
+        assert_eq!(
+            r.get(rstd16),
+            r.get(rstd),
+            "{device} rmsnorm_forward's rstd"
+        );
+
+        let act = r.view(rows * d);
+        r.b.gelu_forward(act, xv);
+        let act16 = r.half_view(rows * d);
+        r.b.gelu_forward(act16, xv);
+        assert_eq!(
+            r.get(act16),
+            rounded(&r.get(act)),
+            "{device} gelu_forward into bf16"
+        );
+
+        let wv = r.put(&rand_vec(d * n, 33, 1.0));
+        let packed = r.half_view(r.b.packed_len(d, n));
+        r.b.pack_weight(packed, wv, Op::N, d, n);
+        let same_values = r.put(&normed);
+        let (from16, from32) = (r.view(rows * n), r.view(rows * n));
+        r.b.matmul_packed(from16, out16, packed, rows, d, n, false);
+        r.b.matmul_packed(from32, same_values, packed, rows, d, n, false);
+        assert_eq!(
+            r.get(from16),
+            r.get(from32),
+            "{device} matmul_packed of a bf16 input"
+        );
+    }
+}
+
 /// The CPU's AVX-512 BF16 kernel and its portable loop compute the same products (where this
 /// CPU has the instructions; elsewhere only the portable loop exists).
 #[test]
@@ -688,6 +745,7 @@ fn decoding_steps_match_the_full_forward_pass() {
         );
         let f32_caches = (r.view(cache), r.view(cache));
         let bf16_caches = (r.half_view(cache), r.half_view(cache));
+        let att_step_bf16 = r.half_view(batch * CHUNK * d);
         for (kc, vc) in [f32_caches, bf16_caches] {
             let tol = if kc.dtype == DType::Bf16 {
                 1.5e-2
@@ -749,6 +807,19 @@ fn decoding_steps_match_the_full_forward_pass() {
                         "{device} attention_step ({:?} caches) at positions {pos}..{}: {e}",
                         kc.dtype,
                         pos + n
+                    );
+                    // The same step again (storing the same keys and values), its output
+                    // stored as bfloat16: the f32 output, rounded.
+                    let att16 = View {
+                        len: batch * n * d,
+                        ..att_step_bf16
+                    };
+                    r.b.attention_step(att16, kc, vc, qkv_n, scores, s, pos, n);
+                    assert_eq!(
+                        r.get(att16),
+                        rounded(&r.get(att)),
+                        "{device} attention_step ({:?} caches) into bf16 at {pos}",
+                        kc.dtype
                     );
                     pos += n;
                 }

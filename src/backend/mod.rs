@@ -262,6 +262,11 @@ pub trait Backend: Send {
     /// Whether this device multiplies bfloat16 natively (so [`Precision::Bf16`] is the faster
     /// choice for inference, not only the smaller one).
     fn native_bf16(&self) -> bool;
+    /// Whether [`Backend::matmul_packed`] rounds an f32 input to bfloat16 (so its producer may
+    /// as well store it as bfloat16, saving a pass), rather than keeping more of it.
+    fn rounds_packed_inputs(&self) -> bool {
+        false
+    }
     /// Elements of [`Arena::Half`] a packed `[k, n]` weight takes (see [`Backend::pack_weight`]).
     fn packed_len(&self, k: usize, n: usize) -> usize;
     /// Bytes free in the memory this backend allocates from, where that is not the host's (a
@@ -287,6 +292,7 @@ pub trait Backend: Send {
         self.download(View::new(Arena::Params, 0, len), &mut out);
         out
     }
+    /// Copies `src` to the host; a bfloat16 view is widened to f32 (exactly).
     fn download(&self, src: View, dst: &mut [f32]);
     /// Sets every element of `dst` (f32 or bfloat16) to `value`.
     fn fill(&mut self, dst: View, value: f32);
@@ -338,6 +344,7 @@ pub trait Backend: Send {
     /// Targets and per-position loss weights for the next [`Backend::cross_entropy`], which
     /// otherwise scores the stored tokens with weight 1. [`Backend::set_tokens`] clears them.
     fn set_targets(&mut self, targets: &[u16], weights: &[f32]);
+    /// `out` may be bfloat16 (the f32 values rounded as stored); `rstd` is f32.
     fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize);
     /// Adds the input gradient into `dx` and the gain gradient into `dg`.
     #[allow(clippy::too_many_arguments)]
@@ -355,8 +362,9 @@ pub trait Backend: Send {
     /// bfloat16 view of [`Backend::packed_len`] elements, in this backend's layout for
     /// [`Backend::matmul_packed`].
     fn pack_weight(&mut self, dst: View, w: View, op: Op, k: usize, n: usize);
-    /// `out[m, n] (+)= a[m, k] @ w` with `w` packed by [`Backend::pack_weight`]: `a` is rounded
-    /// to bfloat16 and the products accumulate in f32.
+    /// `out[m, n] (+)= a[m, k] @ w` with `w` packed by [`Backend::pack_weight`], the products
+    /// accumulated in f32. `a` is f32 (which a backend rounds to bfloat16, or splits into a
+    /// bfloat16 and a remainder: see [`Backend::rounds_packed_inputs`]) or bfloat16.
     #[allow(clippy::too_many_arguments)]
     fn matmul_packed(
         &mut self,
@@ -418,7 +426,8 @@ pub trait Backend: Send {
     /// Decoding positions `pos..pos + len` of every sequence: appends their K, V (from
     /// `qkv: [batch * len, 3d]`) to the caches (sized by [`Backend::decode_cache_len`], f32 or
     /// bfloat16 views) and attends from each over the positions up to itself. `len` 1 is one
-    /// generation step; more is a prefill of known tokens.
+    /// generation step; more is a prefill of known tokens. `out` may be bfloat16 (rounded as
+    /// stored).
     #[allow(clippy::too_many_arguments)]
     fn attention_step(
         &mut self,
@@ -431,6 +440,7 @@ pub trait Backend: Send {
         pos: usize,
         len: usize,
     );
+    /// `out` may be bfloat16 (rounded as stored).
     fn gelu_forward(&mut self, out: View, x: View);
     /// Turns the activation gradient `dout` into the pre-activation gradient, in place.
     fn gelu_backward_inplace(&mut self, dout: View, x: View);

@@ -130,6 +130,9 @@ impl Backend for Profiled {
     fn native_bf16(&self) -> bool {
         self.inner.native_bf16()
     }
+    fn rounds_packed_inputs(&self) -> bool {
+        self.inner.rounds_packed_inputs()
+    }
     fn packed_len(&self, k: usize, n: usize) -> usize {
         self.inner.packed_len(k, n)
     }

@@ -21,19 +21,22 @@ const PREFILL_ROWS: usize = 256;
 const KEPT_RECORDINGS: usize = 8;
 
 /// Offsets in [`Arena::Acts`] of the step buffers (sized for a prefill chunk's rows) and the
-/// caches' views.
+/// caches' views. The inputs of the packed products (`ln1`, `att`, `ln2`, `fc_act`, `lnf`)
+/// are views: bfloat16 in [`Arena::Half`] where the backend would round them to bfloat16
+/// anyway ([`Backend::rounds_packed_inputs`]), so each producer stores them rounded and the
+/// product reads them as they are, one pass fewer per product.
 struct StepPlan {
     resid: [usize; 2],
-    ln1: usize,
+    ln1: View,
     rstd1: usize,
     qkv: usize,
-    att: usize,
+    att: View,
     mid: usize,
-    ln2: usize,
+    ln2: View,
     rstd2: usize,
     fc: usize,
-    fc_act: usize,
-    lnf: usize,
+    fc_act: View,
+    lnf: View,
     rstdf: usize,
     logits: usize,
     scores: usize,
@@ -65,17 +68,27 @@ impl StepPlan {
             off += n.next_multiple_of(16);
             at
         };
+        let rounded_inputs = precision == Precision::Bf16 && backend.rounds_packed_inputs();
+        let mut product_input = |take: &mut dyn FnMut(usize) -> usize, len: usize| {
+            if rounded_inputs {
+                let v = View::bf16(*half_used, len);
+                *half_used += len.next_multiple_of(32);
+                v
+            } else {
+                act(take(len), len)
+            }
+        };
         let resid = [take(rows * d), take(rows * d)];
-        let ln1 = take(rows * d);
+        let ln1 = product_input(&mut take, rows * d);
         let rstd1 = take(rows);
         let qkv = take(rows * 3 * d);
-        let att = take(rows * d);
+        let att = product_input(&mut take, rows * d);
         let mid = take(rows * d);
-        let ln2 = take(rows * d);
+        let ln2 = product_input(&mut take, rows * d);
         let rstd2 = take(rows);
         let fc = take(rows * 4 * d);
-        let fc_act = take(rows * 4 * d);
-        let lnf = take(batch * d);
+        let fc_act = product_input(&mut take, rows * 4 * d);
+        let lnf = product_input(&mut take, batch * d);
         let rstdf = take(batch);
         let logits = take(batch * cfg.n_vocab);
         let scores = take(batch * cfg.n_head * t);
@@ -125,15 +138,15 @@ impl StepPlan {
     fn io(&self, l: usize, rows: usize, d: usize) -> BlockIo {
         BlockIo {
             x: act(self.resid[l % 2], rows * d),
-            ln1: act(self.ln1, rows * d),
+            ln1: first(self.ln1, rows * d),
             rstd1: act(self.rstd1, rows),
             qkv: act(self.qkv, rows * 3 * d),
-            att: act(self.att, rows * d),
+            att: first(self.att, rows * d),
             mid: act(self.mid, rows * d),
-            ln2: act(self.ln2, rows * d),
+            ln2: first(self.ln2, rows * d),
             rstd2: act(self.rstd2, rows),
             fc: act(self.fc, rows * 4 * d),
-            fc_act: act(self.fc_act, rows * 4 * d),
+            fc_act: first(self.fc_act, rows * 4 * d),
             out: act(self.resid[(l + 1) % 2], rows * d),
         }
     }
@@ -149,6 +162,12 @@ impl StepPlan {
 
 fn act(offset: usize, len: usize) -> View {
     View::new(Arena::Acts, offset, len)
+}
+
+/// The first `len` elements of a planned buffer.
+fn first(v: View, len: usize) -> View {
+    debug_assert!(len <= v.len);
+    View { len, ..v }
 }
 
 /// A model that generates `batch` images one position at a time.
@@ -683,7 +702,7 @@ impl Decoder {
             b,
             &self.weights,
             act(plan.resid[cfg.n_layer % 2], rows * d),
-            act(plan.lnf, rows * d),
+            first(plan.lnf, rows * d),
             act(plan.rstdf, rows),
             act(plan.logits, rows * v),
             rows,
@@ -757,7 +776,7 @@ mod plan_tests {
 mod replay_tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
-    use crate::backend::{Op, Recording};
+    use crate::backend::{DType, Op, Recording};
     use std::sync::{Arc, Mutex};
 
     type Call = Box<dyn Fn(&mut dyn Backend, usize) + Send>;
@@ -786,6 +805,8 @@ mod replay_tests {
         panic_while_recording: bool,
         /// The longest context it says it decodes.
         context_limit: usize,
+        /// What it says of [`Backend::rounds_packed_inputs`] (the CPU's answer is no).
+        rounds_packed_inputs: bool,
         log: Arc<Mutex<Log>>,
     }
 
@@ -805,6 +826,7 @@ mod replay_tests {
                 fail_replay,
                 panic_while_recording: false,
                 context_limit: usize::MAX,
+                rounds_packed_inputs: false,
                 log: log.clone(),
             };
             (r, log)
@@ -841,6 +863,9 @@ mod replay_tests {
         }
         fn native_bf16(&self) -> bool {
             self.inner.native_bf16()
+        }
+        fn rounds_packed_inputs(&self) -> bool {
+            self.rounds_packed_inputs
         }
         fn packed_len(&self, k: usize, n: usize) -> usize {
             self.inner.packed_len(k, n)
@@ -1149,6 +1174,39 @@ mod replay_tests {
             let positions: Vec<usize> = (1..t).filter(|&p| p != 6).collect();
             assert_eq!(log.replayed, positions);
         }
+    }
+
+    #[test]
+    fn product_inputs_are_stored_as_bf16_where_the_backend_would_round_them() {
+        let rounding = || {
+            let (mut r, _) = Recorder::new(false);
+            r.rounds_packed_inputs = true;
+            r
+        };
+        let mut replayed = decoder(Box::new(rounding()), Precision::Bf16);
+        let mut direct = decoder(Box::new(rounding()), Precision::Bf16);
+        direct.set_replay(false);
+        let mut split = decoder(Box::new(CpuBackend::new()), Precision::Bf16);
+        // The five product inputs move from the activations to the half arena.
+        for (plan, want) in [(&replayed.plan, DType::Bf16), (&split.plan, DType::F32)] {
+            for v in [plan.ln1, plan.att, plan.ln2, plan.fc_act, plan.lnf] {
+                assert_eq!(v.dtype, want, "{v:?}");
+            }
+        }
+        assert!(replayed.plan.acts < split.plan.acts);
+        let (got, want) = run_both(&mut replayed, &mut direct);
+        assert_eq!(got, want, "replayed against call by call");
+        assert!(replayed.replaying());
+        // The CPU splits an f32 input into bfloat16 and a remainder; a bf16 input has none,
+        // so the logits move, by about bfloat16's rounding.
+        let (reference, _) = run_both(&mut split, &mut direct);
+        assert_ne!(got, reference);
+        let worst = got
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 0.05, "logits moved by {worst}");
     }
 
     /// Draws a whole image on both decoders with the tokens left on the backend, keeping only

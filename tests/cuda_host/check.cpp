@@ -212,6 +212,13 @@ uint16_t ref_bf16(float f) {
     return (uint16_t)(((down >> 16) & 1) ? up >> 16 : down >> 16);
 }
 
+// Each value rounded to bfloat16 as the reference rounds (what a _bf16 kernel must store).
+vector<uint16_t> rounded(const vector<float>& x) {
+    vector<uint16_t> out(x.size());
+    for (size_t i = 0; i < x.size(); i++) out[i] = ref_bf16(x[i]);
+    return out;
+}
+
 double ref_from_bf16(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
 
 // Values that probe the rounding: ties both ways, negatives, specials, extremes.
@@ -476,6 +483,13 @@ void check_rmsnorm() {
                 (const float*)g.data(), d, eps);
         check("rmsnorm_forward", what + " out", out, want, kRow);
         check("rmsnorm_forward", what + " rstd", rstd, want_rstd, kRow);
+        // Stored as bfloat16: the f32 kernel's values rounded, and the same rstd.
+        vector<uint16_t> out16((size_t)rows * d, kPoisonBf16);
+        vector<float> rstd16 = nan_f32(rows);
+        per_row(rmsnorm_forward_bf16, rows, out16.data(), rstd16.data(), (const float*)x.data(),
+                (const float*)g.data(), d, eps);
+        check_bits("rmsnorm_forward_bf16", what + " out", out16, rounded(out));
+        check_bits("rmsnorm_forward_bf16", what + " rstd", rstd16, rstd);
 
         // Backward from the reference rstd (as f32), adding into existing gradients:
         // dx += rstd (dout g - xhat mean(dout g xhat)), dg += sum_rows dout xhat.
@@ -534,6 +548,10 @@ void check_gelu() {
         elementwise(strided, gelu_backward_inplace, n, dout.data(), (const float*)x.data(),
                     (size_t)n);
         check("gelu_forward", what, out, want, kElementwise);
+        vector<uint16_t> out16(n, kPoisonBf16);
+        elementwise(strided, gelu_forward_bf16, n, out16.data(), (const float*)x.data(),
+                    (size_t)n);
+        check_bits("gelu_forward_bf16", what + " stored as bf16", out16, rounded(out));
         check("gelu_backward_inplace", what, dout, want_d, kElementwise);
     }
 }
@@ -749,7 +767,10 @@ template <typename E>
 void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, const int*, int),
                     void (*attend)(float*, const E*, const E*, const float*, int, int, int, int,
                                    const int*, int),
-                    const std::string& store_name, const std::string& attend_name) {
+                    void (*attend_to_bf16)(uint16_t*, const E*, const E*, const float*, int, int,
+                                           int, int, const int*, int),
+                    const std::string& store_name, const std::string& attend_name,
+                    const std::string& to_bf16_name) {
     struct Shape {
         int batch, n_head, head_dim, n_ctx, prefill;
     };
@@ -835,6 +856,12 @@ void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, cons
             check_bits(store_name, what + " values", vector<E>(v_cache, v_cache + cache_len),
                        want_v);
             check(attend_name, what, out, want, kDecode);
+            // The output stored as bfloat16: the f32 kernel's values rounded.
+            vector<uint16_t> out16((size_t)n * d, kPoisonBf16);
+            launch(attend_to_bf16, grid, dim3(kDecodeThreads), shared, out16.data(),
+                   (const E*)k_cache, (const E*)v_cache, (const float*)qkv.data(), nh, hd, n_ctx,
+                   arg, pos_at, len);
+            check_bits(to_bf16_name, what, out16, rounded(out));
         }
     }
 }
@@ -1326,8 +1353,10 @@ int main() {
         check_optimizer();
         check_column_sums();
         check_attention();
-        check_decoding<float>(kv_store_f32, attend_f32, "kv_store_f32", "attend_f32");
-        check_decoding<uint16_t>(kv_store_bf16, attend_bf16, "kv_store_bf16", "attend_bf16");
+        check_decoding<float>(kv_store_f32, attend_f32, attend_f32_to_bf16, "kv_store_f32",
+                              "attend_f32", "attend_f32_to_bf16");
+        check_decoding<uint16_t>(kv_store_bf16, attend_bf16, attend_bf16_to_bf16,
+                                 "kv_store_bf16", "attend_bf16", "attend_bf16_to_bf16");
         check_flash_attention(true);
         check_flash_attention(false);
         check_draw_tokens();

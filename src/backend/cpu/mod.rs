@@ -77,6 +77,9 @@ pub struct CpuBackend {
     drawn: Vec<u16>,
     /// One step's draws, before they are stored.
     step_draws: Vec<u16>,
+    /// f32 values on their way to or from a bfloat16 view (outputs stored as bf16, bf16
+    /// inputs of a packed product).
+    staging: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -167,6 +170,21 @@ impl CpuBackend {
         let ([o], ins) = self.views([out], inputs);
         (o, ins)
     }
+
+    /// Runs `kernel` on an f32 output of `out.len` values and stores them, rounded, in `out`,
+    /// a bfloat16 view. The staging buffer grows once, to the largest such output.
+    fn stored_as_bf16(&mut self, out: View, kernel: impl FnOnce(&mut Self, &mut [f32])) {
+        let range = self.half_range(out);
+        let mut staged = std::mem::take(&mut self.staging);
+        if staged.len() < out.len {
+            staged.resize(out.len, 0.0);
+        }
+        kernel(self, &mut staged[..out.len]);
+        for (h, &x) in self.half[range].iter_mut().zip(&staged) {
+            *h = bf16::to_bf16(x);
+        }
+        self.staging = staged;
+    }
 }
 
 impl Backend for CpuBackend {
@@ -250,6 +268,12 @@ impl Backend for CpuBackend {
 
     fn download(&self, src: View, dst: &mut [f32]) {
         assert_eq!(src.len, dst.len(), "download: size mismatch");
+        if src.dtype == DType::Bf16 {
+            for (x, &h) in dst.iter_mut().zip(&self.half[self.half_range(src)]) {
+                *x = bf16::from_bf16(h);
+            }
+            return;
+        }
         dst.copy_from_slice(self.slice(src));
     }
 
@@ -376,6 +400,12 @@ impl Backend for CpuBackend {
     }
 
     fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize) {
+        if out.dtype == DType::Bf16 {
+            return self.stored_as_bf16(out, |b, o| {
+                let ([r], [x, g]) = b.views([rstd], [x, g]);
+                norm::rmsnorm_forward(o, r, x, g, d, 1e-5);
+            });
+        }
         let ([o, r], [x, g]) = self.views([out, rstd], [x, g]);
         norm::rmsnorm_forward(o, r, x, g, d, 1e-5);
     }
@@ -414,11 +444,26 @@ impl Backend for CpuBackend {
         accumulate: bool,
     ) {
         let r = self.half_range(w);
+        // A bf16 input is widened exactly; the product then splits it into itself and a zero
+        // remainder.
+        let mut widened = std::mem::take(&mut self.staging);
+        let bf16_input = a.dtype == DType::Bf16;
+        if bf16_input {
+            let range = self.half_range(a);
+            widened.clear();
+            widened.extend(self.half[range].iter().map(|&h| bf16::from_bf16(h)));
+        }
         let (half, mut scratch) = (
             std::mem::take(&mut self.half),
             std::mem::take(&mut self.packed_input),
         );
-        let (o, [a]) = self.io(out, [a]);
+        let (o, a) = if bf16_input {
+            let ([o], []) = self.views([out], []);
+            (o, &widened[..])
+        } else {
+            let (o, [a]) = self.io(out, [a]);
+            (o, a)
+        };
         bf16::matmul(
             o,
             a,
@@ -432,6 +477,7 @@ impl Backend for CpuBackend {
         );
         self.half = half;
         self.packed_input = scratch;
+        self.staging = widened;
     }
 
     fn matmul(
@@ -506,30 +552,68 @@ impl Backend for CpuBackend {
     ) {
         let n_ctx = attention::decode_cache_len(shape.t);
         let (batch, nh, hd) = (shape.batch, shape.n_head, shape.head_dim);
-        if k_cache.dtype == DType::Bf16 {
-            let (kr, vr) = (self.half_range(k_cache), self.half_range(v_cache));
-            assert!(
-                kr.end <= vr.start || vr.end <= kr.start,
-                "the K and V caches overlap"
-            );
-            let mut half = std::mem::take(&mut self.half);
-            let (kc, vc) = if kr.start < vr.start {
-                let (lo, hi) = half.split_at_mut(vr.start);
-                (&mut lo[kr], &mut hi[..vr.len()])
-            } else {
-                let (lo, hi) = half.split_at_mut(kr.start);
-                (&mut hi[..kr.len()], &mut lo[vr])
-            };
-            let ([o, s], [q]) = self.views([out, scores], [qkv]);
-            attention::attention_step(o, kc, vc, q, s, batch, nh, hd, n_ctx, pos, len);
-            self.half = half;
+        if k_cache.dtype != DType::Bf16 {
+            if out.dtype == DType::Bf16 {
+                return self.stored_as_bf16(out, |b, o| {
+                    let ([k, v, s], [q]) = b.views([k_cache, v_cache, scores], [qkv]);
+                    attention::attention_step(o, k, v, q, s, batch, nh, hd, n_ctx, pos, len);
+                });
+            }
+            let ([o, k, v, s], [q]) = self.views([out, k_cache, v_cache, scores], [qkv]);
+            attention::attention_step(o, k, v, q, s, batch, nh, hd, n_ctx, pos, len);
             return;
         }
-        let ([o, k, v, s], [q]) = self.views([out, k_cache, v_cache, scores], [qkv]);
-        attention::attention_step(o, k, v, q, s, batch, nh, hd, n_ctx, pos, len);
+        let (kr, vr) = (self.half_range(k_cache), self.half_range(v_cache));
+        assert!(
+            kr.end <= vr.start || vr.end <= kr.start,
+            "the K and V caches overlap"
+        );
+        // A bf16 output goes through the staging buffer (it lies in the half arena with the
+        // caches), then is rounded into place.
+        let staged_out = (out.dtype == DType::Bf16).then(|| {
+            let r = self.half_range(out);
+            assert!(
+                !(out.overlaps(&k_cache) || out.overlaps(&v_cache)),
+                "the output overlaps a cache"
+            );
+            r
+        });
+        let mut staged = std::mem::take(&mut self.staging);
+        let mut half = std::mem::take(&mut self.half);
+        let (kc, vc) = if kr.start < vr.start {
+            let (lo, hi) = half.split_at_mut(vr.start);
+            (&mut lo[kr], &mut hi[..vr.len()])
+        } else {
+            let (lo, hi) = half.split_at_mut(kr.start);
+            (&mut hi[..kr.len()], &mut lo[vr])
+        };
+        if staged_out.is_some() {
+            if staged.len() < out.len {
+                staged.resize(out.len, 0.0);
+            }
+            let ([s], [q]) = self.views([scores], [qkv]);
+            let o = &mut staged[..out.len];
+            attention::attention_step(o, kc, vc, q, s, batch, nh, hd, n_ctx, pos, len);
+        } else {
+            let ([o, s], [q]) = self.views([out, scores], [qkv]);
+            attention::attention_step(o, kc, vc, q, s, batch, nh, hd, n_ctx, pos, len);
+        }
+        if let Some(r) = staged_out {
+            for (h, &x) in half[r].iter_mut().zip(&staged) {
+                *h = bf16::to_bf16(x);
+            }
+        }
+        self.half = half;
+        self.staging = staged;
     }
 
     fn gelu_forward(&mut self, out: View, x: View) {
+        if out.dtype == DType::Bf16 {
+            return self.stored_as_bf16(out, |b, o| {
+                let ([], [x]) = b.views([], [x]);
+                activation::quick_gelu_forward(o, x);
+            });
+        }
         let (o, [x]) = self.io(out, [x]);
         activation::quick_gelu_forward(o, x);
     }

@@ -229,10 +229,12 @@ extern "C" __global__ void embed_step(float* out, const uint16_t* prev, const fl
 }
 
 // ---------------------------------------------------------------------------------------
-// RMS norm: out = x * rsqrt(mean(x^2) + eps) * g, one block per row.
+// RMS norm: out = x * rsqrt(mean(x^2) + eps) * g, one block per row. The _bf16 kernel
+// stores out rounded to bfloat16 (for a product that would round it anyway).
 
-extern "C" __global__ void rmsnorm_forward(float* out, float* rstd, const float* x,
-                                           const float* g, int d, float eps) {
+template <typename O>
+__device__ void rmsnorm_rows(O* out, float* rstd, const float* x, const float* g, int d,
+                             float eps) {
     __shared__ float shared[32];
     size_t row = blockIdx.x;
     const float* xr = x + row * d;
@@ -240,8 +242,18 @@ extern "C" __global__ void rmsnorm_forward(float* out, float* rstd, const float*
     for (int c = threadIdx.x; c < d; c += blockDim.x) s += xr[c] * xr[c];
     s = block_sum(s, shared);
     float r = rsqrtf(s / d + eps);
-    for (int c = threadIdx.x; c < d; c += blockDim.x) out[row * d + c] = xr[c] * r * g[c];
+    for (int c = threadIdx.x; c < d; c += blockDim.x) store(out, row * d + c, xr[c] * r * g[c]);
     if (threadIdx.x == 0) rstd[row] = r;
+}
+
+extern "C" __global__ void rmsnorm_forward(float* out, float* rstd, const float* x,
+                                           const float* g, int d, float eps) {
+    rmsnorm_rows(out, rstd, x, g, d, eps);
+}
+
+extern "C" __global__ void rmsnorm_forward_bf16(bf16_bits* out, float* rstd, const float* x,
+                                                const float* g, int d, float eps) {
+    rmsnorm_rows(out, rstd, x, g, d, eps);
 }
 
 // The backward pass in one read of dout and x: dx += rstd * (dout*g - xhat * mean(dout*g*xhat)),
@@ -305,14 +317,23 @@ extern "C" __global__ void add_column_sums(float* dst, const float* partials, in
 }
 
 // ---------------------------------------------------------------------------------------
-// Quick GELU: x * sigmoid(1.702 x).
+// Quick GELU: x * sigmoid(1.702 x). The _bf16 kernel stores it rounded to bfloat16.
 
-extern "C" __global__ void gelu_forward(float* out, const float* x, size_t n) {
+template <typename O>
+__device__ void gelu_elements(O* out, const float* x, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         float v = x[i];
-        out[i] = v / (1.0f + expf(-1.702f * v));
+        store(out, i, v / (1.0f + expf(-1.702f * v)));
     }
+}
+
+extern "C" __global__ void gelu_forward(float* out, const float* x, size_t n) {
+    gelu_elements(out, x, n);
+}
+
+extern "C" __global__ void gelu_forward_bf16(bf16_bits* out, const float* x, size_t n) {
+    gelu_elements(out, x, n);
 }
 
 extern "C" __global__ void gelu_backward_inplace(float* dout, const float* x, size_t n) {
@@ -559,8 +580,8 @@ __device__ __forceinline__ void load_piece(float (&v)[8], const bf16_bits* row, 
     for (int u = 0; u < 8; u++) v[u] = c + u < hd ? from_bf16(row[c + u]) : 0.0f;
 }
 
-template <typename E>
-__device__ void attend(float* out, const E* k_cache, const E* v_cache, const float* qkv,
+template <typename E, typename O>
+__device__ void attend(O* out, const E* k_cache, const E* v_cache, const float* qkv,
                        int n_head, int head_dim, int n_ctx, int pos, const int* pos_at, int len) {
     extern __shared__ float dynamic[];
     __shared__ float shared[32];
@@ -653,7 +674,7 @@ __device__ void attend(float* out, const E* k_cache, const E* v_cache, const flo
     for (int c = threadIdx.x; c < hd; c += kDecodeThreads) {
         float acc = 0.0f;
         for (int g = 0; g < groups; g++) acc += partial[g * pieces * 8 + c];
-        out[(size_t)r * d + h * hd + c] = acc * inv;
+        store(out, (size_t)r * d + h * hd + c, acc * inv);
     }
 }
 
@@ -666,6 +687,20 @@ extern "C" __global__ void attend_f32(float* out, const float* k, const float* v
 extern "C" __global__ void attend_bf16(float* out, const bf16_bits* k, const bf16_bits* v,
                                        const float* qkv, int n_head, int head_dim, int n_ctx,
                                        int pos, const int* pos_at, int len) {
+    attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
+}
+
+// The same, the output stored rounded to bfloat16 (for a product that would round it anyway).
+extern "C" __global__ void attend_f32_to_bf16(bf16_bits* out, const float* k, const float* v,
+                                              const float* qkv, int n_head, int head_dim,
+                                              int n_ctx, int pos, const int* pos_at, int len) {
+    attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
+}
+
+extern "C" __global__ void attend_bf16_to_bf16(bf16_bits* out, const bf16_bits* k,
+                                               const bf16_bits* v, const float* qkv,
+                                               int n_head, int head_dim, int n_ctx, int pos,
+                                               const int* pos_at, int len) {
     attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
 }
 

@@ -150,10 +150,11 @@ struct Kernels {
     embed_content_sums: CudaFunction,
     embed_step: CudaFunction,
     draw_tokens: CudaFunction,
-    rmsnorm_forward: CudaFunction,
+    /// RMS norm and quick-GELU forward, storing f32 ([0]) or bfloat16 ([1]).
+    rmsnorm_forward: [CudaFunction; 2],
     rmsnorm_backward: CudaFunction,
     add_column_sums: CudaFunction,
-    gelu_forward: CudaFunction,
+    gelu_forward: [CudaFunction; 2],
     gelu_backward_inplace: CudaFunction,
     cross_entropy: CudaFunction,
     adamw_tensors: CudaFunction,
@@ -167,8 +168,8 @@ struct Kernels {
     flash: [FlashKernels; 2],
     kv_store_f32: CudaFunction,
     kv_store_bf16: CudaFunction,
-    attend_f32: CudaFunction,
-    attend_bf16: CudaFunction,
+    /// Decoding attention by cache type (f32, bf16) and output type (f32, bf16).
+    attend: [[CudaFunction; 2]; 2],
 }
 
 impl Kernels {
@@ -206,10 +207,10 @@ impl Kernels {
             embed_content_sums: f("embed_content_sums")?,
             embed_step: f("embed_step")?,
             draw_tokens: f("draw_tokens")?,
-            rmsnorm_forward: f("rmsnorm_forward")?,
+            rmsnorm_forward: [f("rmsnorm_forward")?, f("rmsnorm_forward_bf16")?],
             rmsnorm_backward: f("rmsnorm_backward")?,
             add_column_sums: f("add_column_sums")?,
-            gelu_forward: f("gelu_forward")?,
+            gelu_forward: [f("gelu_forward")?, f("gelu_forward_bf16")?],
             gelu_backward_inplace: f("gelu_backward_inplace")?,
             cross_entropy: f("cross_entropy")?,
             adamw_tensors: f("adamw_tensors")?,
@@ -222,8 +223,10 @@ impl Kernels {
             flash: [flash(64)?, flash(128)?],
             kv_store_f32: f("kv_store_f32")?,
             kv_store_bf16: f("kv_store_bf16")?,
-            attend_f32: f("attend_f32")?,
-            attend_bf16: f("attend_bf16")?,
+            attend: [
+                [f("attend_f32")?, f("attend_f32_to_bf16")?],
+                [f("attend_bf16")?, f("attend_bf16_to_bf16")?],
+            ],
             _module: module,
         })
     }
@@ -342,6 +345,11 @@ fn elementwise(n: usize) -> LaunchConfig {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// The index of a kernel's variant that stores `out`'s element type (0: f32, 1: bf16).
+fn stored(out: View) -> usize {
+    usize::from(out.dtype == DType::Bf16)
 }
 
 /// The launch of every flash attention kernel of `width` (kernels.cu): a block of 4 warps
@@ -764,6 +772,10 @@ impl Backend for CudaBackend {
         true
     }
 
+    fn rounds_packed_inputs(&self) -> bool {
+        true
+    }
+
     fn packed_len(&self, k: usize, n: usize) -> usize {
         k * n
     }
@@ -924,13 +936,27 @@ impl Backend for CudaBackend {
 
     fn download(&self, src: View, dst: &mut [f32]) {
         assert!(
-            src.len == dst.len() && src.dtype == DType::F32,
+            src.len == dst.len(),
             "download: {src:?} does not give {} floats",
             dst.len()
         );
         self.not_recording("download");
         let ptr = self.ptr(src);
         self.bind();
+        if src.dtype == DType::Bf16 {
+            // Not on any step's path (tests and inspection read bf16 views): a host copy of
+            // the bits, widened.
+            let mut bits = vec![0u16; src.len];
+            // SAFETY: as below, into a host buffer of the view's own length and type.
+            ok(
+                unsafe { driver::memcpy_dtoh_sync(&mut bits, ptr) },
+                "download",
+            );
+            for (x, h) in dst.iter_mut().zip(bits) {
+                *x = f32::from_bits(u32::from(h) << 16);
+            }
+            return;
+        }
         // SAFETY: as in `upload`, the other way; the copy waits for the queued kernels.
         ok(unsafe { driver::memcpy_dtoh_sync(dst, ptr) }, "download");
     }
@@ -1190,7 +1216,7 @@ impl Backend for CudaBackend {
         let p = (self.ptr(out), self.ptr(rstd), self.ptr(x), self.ptr(g));
         let (di, eps) = (int(d), 1e-5f32);
         self.launch(
-            &self.kernels.rmsnorm_forward,
+            &self.kernels.rmsnorm_forward[stored(out)],
             per_row(rows),
             "rmsnorm_forward",
             &[&p.0, &p.1, &p.2, &p.3, &di, &eps],
@@ -1284,17 +1310,23 @@ impl Backend for CudaBackend {
             2 * m * k <= scratch.bytes,
             "matmul_packed: input larger than planned"
         );
-        let (rounded, a_p, w_p, o) = (scratch.ptr, self.ptr(a), self.ptr(w), self.ptr(out));
-        let len = m * k;
-        self.launch(
-            &self.kernels.round_bf16,
-            elementwise(len),
-            "matmul_packed",
-            &[&rounded, &a_p, &len],
-        );
+        let (a_p, w_p, o) = (self.ptr(a), self.ptr(w), self.ptr(out));
+        // An f32 input is rounded into the scratch first; a bf16 one is read as it is.
+        let input = if a.dtype == DType::Bf16 {
+            a_p
+        } else {
+            let (rounded, len) = (scratch.ptr, m * k);
+            self.launch(
+                &self.kernels.round_bf16,
+                elementwise(len),
+                "matmul_packed",
+                &[&rounded, &a_p, &len],
+            );
+            rounded
+        };
         self.gemm(
             RowMajor::plain(Op::N, Op::N, m, k, n),
-            rounded,
+            input,
             w_p,
             o,
             1.0,
@@ -1559,8 +1591,14 @@ impl Backend for CudaBackend {
             self.ptr(qkv),
         );
         let (store, attend) = match k_cache.dtype {
-            DType::F32 => (&self.kernels.kv_store_f32, &self.kernels.attend_f32),
-            DType::Bf16 => (&self.kernels.kv_store_bf16, &self.kernels.attend_bf16),
+            DType::F32 => (
+                &self.kernels.kv_store_f32,
+                &self.kernels.attend[0][stored(out)],
+            ),
+            DType::Bf16 => (
+                &self.kernels.kv_store_bf16,
+                &self.kernels.attend[1][stored(out)],
+            ),
         };
         let grid = ((s.batch * len) as u32, nh as u32, 1);
         let (nhi, hdi, ctx, leni) = (int(nh), int(hd), int(n_ctx), int(len));
@@ -1596,7 +1634,7 @@ impl Backend for CudaBackend {
         assert_eq!(out.len, x.len);
         let (o, xp, n) = (self.ptr(out), self.ptr(x), x.len);
         self.launch(
-            &self.kernels.gelu_forward,
+            &self.kernels.gelu_forward[stored(out)],
             elementwise(n),
             "gelu_forward",
             &[&o, &xp, &n],
@@ -1942,8 +1980,10 @@ mod tests {
                 "embed_content_sums",
                 "embed_step",
                 "rmsnorm_forward",
+                "rmsnorm_forward_bf16",
                 "rmsnorm_backward",
                 "gelu_forward",
+                "gelu_forward_bf16",
                 "gelu_backward_inplace",
                 "cross_entropy",
                 "sum_squares",
@@ -1957,6 +1997,8 @@ mod tests {
                 "kv_store_bf16",
                 "attend_f32",
                 "attend_bf16",
+                "attend_f32_to_bf16",
+                "attend_bf16_to_bf16",
                 "flash_attention_forward_64",
                 "flash_attention_forward_128",
                 "flash_attention_backward_prepare",

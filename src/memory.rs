@@ -174,7 +174,8 @@ pub fn activation_floats(
 
 /// Bytes of a decoder's own buffers: step buffers for `rows` rows (a prefill chunk), the
 /// logits of `batch` rows, the key/value caches of `cache_len` positions (f32 or bf16) and,
-/// in bf16, the packed weight matrices and the split copy of a product's input.
+/// in bf16, the packed weight matrices and the split copy of a product's input. The products'
+/// inputs are counted as f32 even where the backend stores them as bf16 (half the bytes).
 pub fn decoder_bytes(
     cfg: &ModelConfig,
     batch: usize,
@@ -197,7 +198,7 @@ pub fn decoder_bytes(
     }
     .bytes();
     let steps = draws
-        + 4 * (6 * r16(r * d)
+        + 4 * (4 * r16(r * d)
             + 2 * r16(r)
             + r16(r * 3 * d)
             + 2 * r16(r * 4 * d)

@@ -13,7 +13,8 @@ pub(crate) struct BlockIo {
     pub qkv: View,
     /// Attention output (before its projection).
     pub att: View,
-    /// Residual stream after the attention branch.
+    /// Residual stream after the attention branch. May be `x` itself, and `out` too, where no
+    /// backward pass needs the block's input (decoding): the stream then accumulates in place.
     pub mid: View,
     pub ln2: View,
     pub rstd2: View,
@@ -154,12 +155,16 @@ pub(crate) fn block_forward(
     b.rmsnorm_forward(io.ln1, io.rstd1, io.x, w.ln_1, d);
     linear(b, io.qkv, io.ln1, w.c_attn, rows, d, 3 * d, false);
     attend(b, io.qkv, io.att);
-    b.copy(io.mid, io.x);
+    if io.mid != io.x {
+        b.copy(io.mid, io.x);
+    }
     linear(b, io.mid, io.att, w.attn_proj, rows, d, d, true);
     b.rmsnorm_forward(io.ln2, io.rstd2, io.mid, w.ln_2, d);
     linear(b, io.fc, io.ln2, w.c_fc, rows, d, 4 * d, false);
     b.gelu_forward(io.fc_act, io.fc);
-    b.copy(io.out, io.mid);
+    if io.out != io.mid {
+        b.copy(io.out, io.mid);
+    }
     linear(b, io.out, io.fc_act, w.mlp_proj, rows, 4 * d, d, true);
 }
 

@@ -26,12 +26,13 @@ const KEPT_RECORDINGS: usize = 8;
 /// anyway ([`Backend::rounds_packed_inputs`]), so each producer stores them rounded and the
 /// product reads them as they are, one pass fewer per product.
 struct StepPlan {
-    resid: [usize; 2],
+    /// The residual stream, which every block adds to in place (nothing decoding needs a
+    /// block's input after it).
+    resid: usize,
     ln1: View,
     rstd1: usize,
     qkv: usize,
     att: View,
-    mid: usize,
     ln2: View,
     rstd2: usize,
     fc: usize,
@@ -78,12 +79,11 @@ impl StepPlan {
                 act(take(len), len)
             }
         };
-        let resid = [take(rows * d), take(rows * d)];
+        let resid = take(rows * d);
         let ln1 = product_input(&mut take, rows * d);
         let rstd1 = take(rows);
         let qkv = take(rows * 3 * d);
         let att = product_input(&mut take, rows * d);
-        let mid = take(rows * d);
         let ln2 = product_input(&mut take, rows * d);
         let rstd2 = take(rows);
         let fc = take(rows * 4 * d);
@@ -113,7 +113,6 @@ impl StepPlan {
             rstd1,
             qkv,
             att,
-            mid,
             ln2,
             rstd2,
             fc,
@@ -134,20 +133,20 @@ impl StepPlan {
         (PREFILL_ROWS / batch).clamp(1, cfg.n_ctx())
     }
 
-    /// The block buffers for `rows` rows.
-    fn io(&self, l: usize, rows: usize, d: usize) -> BlockIo {
+    /// The block buffers for `rows` rows (the same for every layer).
+    fn io(&self, rows: usize, d: usize) -> BlockIo {
         BlockIo {
-            x: act(self.resid[l % 2], rows * d),
+            x: act(self.resid, rows * d),
             ln1: first(self.ln1, rows * d),
             rstd1: act(self.rstd1, rows),
             qkv: act(self.qkv, rows * 3 * d),
             att: first(self.att, rows * d),
-            mid: act(self.mid, rows * d),
+            mid: act(self.resid, rows * d),
             ln2: first(self.ln2, rows * d),
             rstd2: act(self.rstd2, rows),
             fc: act(self.fc, rows * 4 * d),
             fc_act: first(self.fc_act, rows * 4 * d),
-            out: act(self.resid[(l + 1) % 2], rows * d),
+            out: act(self.resid, rows * d),
         }
     }
 
@@ -545,7 +544,7 @@ impl Decoder {
     /// Runs positions `pos..pos + n` of the first `seqs` sequences through the embedding and
     /// every block, appending their keys and values to the caches. The input tokens are set
     /// (sequence-major, each position's previous token); the last block's output is left in
-    /// `resid[n_layer % 2]`.
+    /// `resid`.
     fn feed(&mut self, seqs: usize, pos: usize, n: usize) {
         let cfg = &self.cfg;
         let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
@@ -559,7 +558,7 @@ impl Decoder {
             causal: true,
         };
         b.embed_step(
-            act(plan.resid[0], rows * d),
+            act(plan.resid, rows * d),
             View::new(Arena::Params, lay.wte, v * d),
             View::new(Arena::Params, lay.wpe, t * d),
             View::new(Arena::Params, lay.sos, d),
@@ -570,7 +569,7 @@ impl Decoder {
         for (l, w) in self.weights.blocks.iter().enumerate() {
             let (kc, vc) = plan.caches(l, seqs, d);
             let scores = act(plan.scores, seqs * cfg.n_head * plan.cache_len);
-            block_forward(b, w, &plan.io(l, rows, d), rows, d, |b, qkv, att| {
+            block_forward(b, w, &plan.io(rows, d), rows, d, |b, qkv, att| {
                 b.attention_step(att, kc, vc, qkv, scores, shape, pos, n)
             });
         }
@@ -701,7 +700,7 @@ impl Decoder {
         head_forward(
             b,
             &self.weights,
-            act(plan.resid[cfg.n_layer % 2], rows * d),
+            act(plan.resid, rows * d),
             first(plan.lnf, rows * d),
             act(plan.rstdf, rows),
             act(plan.logits, rows * v),

@@ -553,31 +553,39 @@ __host__ __device__ constexpr size_t decode_shared_bytes(int n_ctx, int head_dim
     return ((size_t)n_ctx + decode_pieces(head_dim) * 8 + decode_partials(head_dim)) * 4;
 }
 
-// Columns c .. c + 7 of a cache row as floats, zeros from `hd` on; one or two 16-byte loads
-// where `vectors` (the rows start on 16 bytes and hold whole pieces).
-__device__ __forceinline__ void load_piece(float (&v)[8], const float* row, int c, int hd,
-                                           bool vectors) {
-    if (vectors) {
-        float4 a = *(const float4*)(row + c), b = *(const float4*)(row + c + 4);
-        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
-        v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-        return;
-    }
-    for (int u = 0; u < 8; u++) v[u] = c + u < hd ? row[c + u] : 0.0f;
+// Columns c .. c + 7 of a cache row as floats, one at a time, zeros from `hd` on: for rows
+// that do not start on 16 bytes or do not hold whole pieces.
+template <typename E>
+__device__ __forceinline__ void load_columns(float (&v)[8], const E* row, int c, int hd) {
+    for (int u = 0; u < 8; u++) v[u] = c + u < hd ? load(row, (size_t)(c + u)) : 0.0f;
 }
 
-__device__ __forceinline__ void load_piece(float (&v)[8], const bf16_bits* row, int c, int hd,
-                                           bool vectors) {
-    if (vectors) {
-        uint4 w = *(const uint4*)(row + c);
-        const unsigned int words[4] = {w.x, w.y, w.z, w.w};
-        for (int u = 0; u < 4; u++) {
-            v[2 * u] = __uint_as_float(words[u] << 16);
-            v[2 * u + 1] = __uint_as_float(words[u] & 0xffff0000u);
-        }
-        return;
+// A piece's 16 or 32 bytes as loaded, unpacked only where used: issuing the loads of several
+// pieces before unpacking any keeps them in flight together.
+struct RawPiece {
+    float4 a, b;
+};
+
+__device__ __forceinline__ RawPiece load_raw(const float* row, int c) {
+    return {*(const float4*)(row + c), *(const float4*)(row + c + 4)};
+}
+
+__device__ __forceinline__ RawPiece load_raw(const bf16_bits* row, int c) {
+    return {*(const float4*)(row + c), make_float4(0.0f, 0.0f, 0.0f, 0.0f)};
+}
+
+__device__ __forceinline__ void unpack(float (&v)[8], const RawPiece& r, const float*) {
+    v[0] = r.a.x, v[1] = r.a.y, v[2] = r.a.z, v[3] = r.a.w;
+    v[4] = r.b.x, v[5] = r.b.y, v[6] = r.b.z, v[7] = r.b.w;
+}
+
+__device__ __forceinline__ void unpack(float (&v)[8], const RawPiece& r, const bf16_bits*) {
+    const unsigned int words[4] = {__float_as_uint(r.a.x), __float_as_uint(r.a.y),
+                                   __float_as_uint(r.a.z), __float_as_uint(r.a.w)};
+    for (int u = 0; u < 4; u++) {
+        v[2 * u] = __uint_as_float(words[u] << 16);
+        v[2 * u + 1] = __uint_as_float(words[u] & 0xffff0000u);
     }
-    for (int u = 0; u < 8; u++) v[u] = c + u < hd ? from_bf16(row[c + u]) : 0.0f;
 }
 
 template <typename E, typename O>
@@ -601,25 +609,42 @@ __device__ void attend(O* out, const E* k_cache, const E* v_cache, const float* 
     const float scale = rsqrtf((float)hd);
 
     // Scores: lane group (lane / 4) of warp w takes key 8 (w + 4 i) + lane / 4 of round i,
-    // its four lanes the pieces p = lane % 4, p + 4, ... of it; kDecodeRounds rounds at once.
+    // its four lanes the pieces p = lane % 4, p + 4, ... of it. Each lane loads
+    // kLanePieces pieces of each of kDecodeRounds keys before it uses any (one batch for heads
+    // of up to 64 columns, two up to 128).
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, quad = lane & 3;
     constexpr int kPerRound = kDecodeThreads / 4;  // keys a round takes across the block
+    constexpr int kLanePieces = 2;
     float m = -INFINITY;
     // The loop's bound is warp-uniform: every lane reaches the shuffles.
     for (int first = warp * 8; first < n; first += kPerRound * kDecodeRounds) {
         const int j0 = first + (lane >> 2);
         float s[kDecodeRounds];
 #pragma unroll
-        for (int k = 0; k < kDecodeRounds; k++) {
-            const int j = j0 + k * kPerRound;
-            s[k] = 0.0f;
-            if (j >= n) continue;
-            for (int p = quad; p < pieces; p += 4) {
-                float v[8];
-                load_piece(v, keys + (size_t)j * hd, p * 8, hd, vectors);
+        for (int k = 0; k < kDecodeRounds; k++) s[k] = 0.0f;
+        for (int p0 = quad; p0 < pieces; p0 += 4 * kLanePieces) {
+            RawPiece raw[kDecodeRounds][kLanePieces];
+            if (vectors) {
 #pragma unroll
-                for (int u = 0; u < 8; u++) s[k] += q[p * 8 + u] * v[u];
+                for (int k = 0; k < kDecodeRounds; k++)
+#pragma unroll
+                    for (int pp = 0; pp < kLanePieces; pp++) {
+                        const int j = j0 + k * kPerRound, p = p0 + 4 * pp;
+                        if (j < n && p < pieces) raw[k][pp] = load_raw(keys + (size_t)j * hd, p * 8);
+                    }
             }
+#pragma unroll
+            for (int k = 0; k < kDecodeRounds; k++)
+#pragma unroll
+                for (int pp = 0; pp < kLanePieces; pp++) {
+                    const int j = j0 + k * kPerRound, p = p0 + 4 * pp;
+                    if (j >= n || p >= pieces) continue;
+                    float v[8];
+                    if (vectors) unpack(v, raw[k][pp], keys);
+                    else load_columns(v, keys + (size_t)j * hd, p * 8, hd);
+#pragma unroll
+                    for (int u = 0; u < 8; u++) s[k] += q[p * 8 + u] * v[u];
+                }
         }
 #pragma unroll
         for (int k = 0; k < kDecodeRounds; k++) {
@@ -652,18 +677,23 @@ __device__ void attend(O* out, const E* k_cache, const E* v_cache, const float* 
         for (int p = first_piece; p < pieces; p += row_threads) {
             float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
             for (int j0 = group; j0 < n; j0 += groups * kDecodeRounds) {
-                float v[kDecodeRounds][8];
+                RawPiece raw[kDecodeRounds];
+                if (vectors) {
 #pragma unroll
-                for (int k = 0; k < kDecodeRounds; k++) {
-                    const int j = j0 + k * groups;
-                    if (j < n) load_piece(v[k], values + (size_t)j * hd, p * 8, hd, vectors);
+                    for (int k = 0; k < kDecodeRounds; k++) {
+                        const int j = j0 + k * groups;
+                        if (j < n) raw[k] = load_raw(values + (size_t)j * hd, p * 8);
+                    }
                 }
 #pragma unroll
                 for (int k = 0; k < kDecodeRounds; k++) {
                     const int j = j0 + k * groups;
                     if (j >= n) break;
+                    float v[8];
+                    if (vectors) unpack(v, raw[k], values);
+                    else load_columns(v, values + (size_t)j * hd, p * 8, hd);
 #pragma unroll
-                    for (int u = 0; u < 8; u++) acc[u] += scores[j] * v[k][u];
+                    for (int u = 0; u < 8; u++) acc[u] += scores[j] * v[u];
                 }
             }
             for (int u = 0; u < 8; u++) partial[group * pieces * 8 + p * 8 + u] = acc[u];

@@ -174,6 +174,10 @@ const ADAM_LEN: usize = 1000;
 /// What an unwritten output holds: any comparison with it fails.
 const POISON: f32 = f32::NAN;
 
+/// What bf16 outputs start as: finite, so an element left unwritten differs from the rounding
+/// of any output, even a NaN where the f32 output was left unwritten too.
+const STORED_POISON: f32 = 1.0e30;
+
 fn attn_shape(causal: bool) -> AttnShape {
     AttnShape {
         batch: BATCH,
@@ -329,6 +333,38 @@ impl Pair<'_> {
         relative_error(&t, &r)
     }
 
+    /// Elements of `stored` (a bfloat16 view) that are not, on each backend, that backend's own
+    /// `f32` output rounded: a kernel that stores bf16 must store exactly that.
+    fn rounding_misses(&self, f32_out: View, stored: View) -> usize {
+        use crate::backend::cpu::bf16::{from_bf16, to_bf16};
+        let mut misses = 0;
+        for b in &self.b {
+            let (mut want, mut got) = (vec![0.0; f32_out.len], vec![0.0; stored.len]);
+            b.download(f32_out, &mut want);
+            b.download(stored, &mut got);
+            misses += want
+                .iter()
+                .zip(&got)
+                .filter(|&(w, g)| from_bf16(to_bf16(*w)).to_bits() != g.to_bits())
+                .count();
+        }
+        misses
+    }
+
+    /// Records a check that `stored` holds `f32_out` rounded to bfloat16 on both backends.
+    fn record_rounding(&mut self, name: &str, f32_out: View, stored: View) {
+        let misses = self.rounding_misses(f32_out, stored);
+        self.checks.push(Check::measured(
+            name,
+            misses as f64,
+            0.0,
+            format!(
+                "elements (of {} on each backend) not the f32 output rounded",
+                stored.len
+            ),
+        ));
+    }
+
     /// Records a check over the outputs `outs` (named for the detail): the worst of them.
     fn record(&mut self, name: &str, tolerance: f64, outs: &[(&str, View)]) {
         let mut worst = 0.0;
@@ -377,7 +413,9 @@ pub fn check_kernels(
     // The largest check (attention_step) holds two caches and its step buffers; the backward
     // pass of attention holds its scratch and five row buffers.
     let acts = 2 * cache + scratch + 16 * ROWS * 3 * D;
-    let half = 2 * cache + 2 * packed + 256;
+    // The half arena holds the bf16 caches and packed weights, or the bf16 outputs of one
+    // check: the widest (quick-GELU's) and a step's attention output beside the caches.
+    let half = 2 * cache + 2 * packed + ROWS * 4 * D + BATCH * T * D + 256;
     let sizes = ArenaSizes {
         params: ADAM_TOTAL,
         grads: ADAM_TOTAL,
@@ -528,6 +566,14 @@ fn norm_kernels(p: &mut Pair) {
         tol.f32_elementwise,
         &[("out", out), ("rstd", rstd)],
     );
+    // Stored as bfloat16 (a product's input): each backend's own output, rounded.
+    let stored = p.half.take(ROWS * D);
+    let rstd16 = p.out(ROWS);
+    p.both(|b| {
+        b.fill(stored, STORED_POISON);
+        b.rmsnorm_forward(stored, rstd16, x, g, D)
+    });
+    p.record_rounding("rmsnorm_forward (bf16 out)", out, stored);
 
     // The backward pass reads the reference's rstd on both, so it is checked on its own.
     let mut r = vec![0.0; ROWS];
@@ -699,11 +745,12 @@ fn decoding_kernels(p: &mut Pair) {
             .each([0, 1].map(|i| BATCH * HEADS * p.b[i].decode_cache_len(T)));
         let qkv = p.view(BATCH * widest * 3 * D);
         let out = p.view(BATCH * widest * D);
+        let out16 = p.half.take(BATCH * widest * D);
         p.each(&[kc, vc], |b, v| {
             b.fill(v[0], 50.0);
             b.fill(v[1], 50.0);
         });
-        let mut worst = 0.0;
+        let (mut worst, mut misses) = (0.0, 0);
         let mut pos = 0;
         for &n in &chunks {
             let q = View {
@@ -721,18 +768,43 @@ fn decoding_kernels(p: &mut Pair) {
                 b.attention_step(o, v[0], v[1], q, v[2], s, pos, n)
             });
             worst = worse(worst, p.error(o));
+            // The same step again (storing the same keys and values), its output stored as
+            // bfloat16.
+            let o16 = View {
+                len: BATCH * n * D,
+                ..out16
+            };
+            p.each(&[kc, vc, scores], |b, v| {
+                b.fill(o16, STORED_POISON);
+                b.attention_step(o16, v[0], v[1], q, v[2], s, pos, n)
+            });
+            misses += p.rounding_misses(o, o16);
             pos += n;
         }
-        let (name, tolerance) = if bf16 {
-            ("attention_step (bf16 cache)", tol.bf16_storage)
+        let (name, tolerance, stored_name) = if bf16 {
+            (
+                "attention_step (bf16 cache)",
+                tol.bf16_storage,
+                "attention_step (bf16 cache, bf16 out)",
+            )
         } else {
-            ("attention_step (f32 cache)", tol.products())
+            (
+                "attention_step (f32 cache)",
+                tol.products(),
+                "attention_step (f32 cache, bf16 out)",
+            )
         };
         p.checks.push(Check::measured(
             name,
             worst,
             tolerance,
             format!("out at positions 0..{T} fed {chunks:?} at a time"),
+        ));
+        p.checks.push(Check::measured(
+            stored_name,
+            misses as f64,
+            0.0,
+            "elements not the f32 output rounded, on either backend".to_string(),
         ));
     }
 }
@@ -798,6 +870,12 @@ fn activation_kernels(p: &mut Pair) {
     let out = p.out(n);
     p.both(|b| b.gelu_forward(out, x));
     p.record("gelu_forward", tol.f32_elementwise, &[("out", out)]);
+    let stored = p.half.take(n);
+    p.both(|b| {
+        b.fill(stored, STORED_POISON);
+        b.gelu_forward(stored, x)
+    });
+    p.record_rounding("gelu_forward (bf16 out)", out, stored);
 
     let dout = p.put_random(n, 1.0);
     p.both(|b| b.gelu_backward_inplace(dout, x));
@@ -1069,6 +1147,12 @@ pub fn check_decoder(
             Precision::Bf16,
             0,
             "decoder (bf16)",
+            tolerances.bf16_products,
+        ),
+        (
+            Precision::Bf16,
+            9,
+            "decoder (bf16, after a prefill)",
             tolerances.bf16_products,
         ),
     ] {

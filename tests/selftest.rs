@@ -24,6 +24,7 @@ const KERNEL_CHECKS: &[&str] = &[
     "embed_forward (direct)",
     "embed_backward (direct)",
     "rmsnorm_forward",
+    "rmsnorm_forward (bf16 out)",
     "rmsnorm_backward",
     "matmul (N,N)",
     "matmul (N,N, accumulate)",
@@ -47,9 +48,12 @@ const KERNEL_CHECKS: &[&str] = &[
     "attention_backward (bidirectional, wide head)",
     "embed_step",
     "attention_step (f32 cache)",
+    "attention_step (f32 cache, bf16 out)",
     "attention_step (bf16 cache)",
+    "attention_step (bf16 cache, bf16 out)",
     "draw_tokens",
     "gelu_forward",
+    "gelu_forward (bf16 out)",
     "gelu_backward_inplace",
     "cross_entropy",
     "cross_entropy (gradient)",
@@ -136,7 +140,7 @@ fn tolerances_follow_the_precision_of_products() {
 /// Which kernel a [`Faulty`] backend gets wrong.
 #[derive(Clone, Copy, Debug)]
 enum Fault {
-    /// Every output of gelu_forward 1e-3 too large.
+    /// Every f32 output of gelu_forward 1e-3 too large.
     GeluOffset,
     /// rmsnorm_forward leaves the last row of its outputs unwritten.
     RmsnormLastRow,
@@ -146,6 +150,9 @@ enum Fault {
     Bf16StepEarly,
     /// draw_tokens keeps every colour where top-k should cut the palette.
     DrawsIgnoringTopK,
+    /// Every output stored as bfloat16 one unit in the last place too large (a kernel that
+    /// rounds wrongly).
+    Bf16OutputsHigh,
 }
 
 /// The CPU backend with one kernel broken.
@@ -159,6 +166,19 @@ impl Faulty {
         Self {
             cpu: CpuBackend::new(),
             fault,
+        }
+    }
+
+    /// Under [`Fault::Bf16OutputsHigh`], moves a bf16 output one unit in the last place up.
+    fn bf16_output(&mut self, out: View) {
+        if let Fault::Bf16OutputsHigh = self.fault
+            && out.dtype == DType::Bf16
+        {
+            let mut o = vec![0.0; out.len];
+            self.cpu.download(out, &mut o);
+            o.iter_mut()
+                .for_each(|v| *v = f32::from_bits(v.to_bits() + 0x1_0000));
+            self.cpu.upload(out, &o);
         }
     }
 }
@@ -257,7 +277,8 @@ impl Backend for Faulty {
                 .rmsnorm_forward(short(out, d), short(rstd, 1), short(x, d), g, d);
             return;
         }
-        self.cpu.rmsnorm_forward(out, rstd, x, g, d)
+        self.cpu.rmsnorm_forward(out, rstd, x, g, d);
+        self.bf16_output(out);
     }
     fn rmsnorm_backward(
         &mut self,
@@ -352,16 +373,20 @@ impl Backend for Faulty {
             _ => pos,
         };
         self.cpu
-            .attention_step(out, k_cache, v_cache, qkv, scores, shape, pos, len)
+            .attention_step(out, k_cache, v_cache, qkv, scores, shape, pos, len);
+        self.bf16_output(out);
     }
     fn gelu_forward(&mut self, out: View, x: View) {
         self.cpu.gelu_forward(out, x);
-        if let Fault::GeluOffset = self.fault {
+        if let Fault::GeluOffset = self.fault
+            && out.dtype == DType::F32
+        {
             let mut o = vec![0.0; out.len];
             self.cpu.download(out, &mut o);
             o.iter_mut().for_each(|v| *v += 1e-3);
             self.cpu.upload(out, &o);
         }
+        self.bf16_output(out);
     }
     fn gelu_backward_inplace(&mut self, dout: View, x: View) {
         self.cpu.gelu_backward_inplace(dout, x)
@@ -405,8 +430,12 @@ fn check<'a>(checks: &'a [Check], name: &str) -> &'a Check {
 }
 
 #[test]
-fn a_gelu_off_by_a_little_fails_gelu_forward_only() {
-    let checks = fails_exactly(Fault::GeluOffset, &["gelu_forward"]);
+fn a_gelu_off_by_a_little_fails_the_gelu_forward_checks_only() {
+    // The bf16 output is checked against the same backend's f32 output, which is off.
+    let checks = fails_exactly(
+        Fault::GeluOffset,
+        &["gelu_forward", "gelu_forward (bf16 out)"],
+    );
     let c = check(&checks, "gelu_forward");
     // Off by 1e-3 at outputs of a few units: about 1e-4 relative, ten times the tolerance.
     assert!(c.max_error > 1e-4 && c.max_error < 1e-3, "{c:?}");
@@ -414,8 +443,11 @@ fn a_gelu_off_by_a_little_fails_gelu_forward_only() {
 }
 
 #[test]
-fn an_unwritten_row_of_rmsnorm_fails_rmsnorm_forward_only() {
-    let checks = fails_exactly(Fault::RmsnormLastRow, &["rmsnorm_forward"]);
+fn an_unwritten_row_of_rmsnorm_fails_the_rmsnorm_forward_checks_only() {
+    let checks = fails_exactly(
+        Fault::RmsnormLastRow,
+        &["rmsnorm_forward", "rmsnorm_forward (bf16 out)"],
+    );
     let c = check(&checks, "rmsnorm_forward");
     assert!(c.max_error.is_nan() && c.detail.contains("NaN"), "{c:?}");
 }
@@ -441,6 +473,21 @@ fn a_draw_that_ignores_top_k_fails_draw_tokens_only() {
         c.max_error >= 1.0 && c.detail.contains("tokens differ"),
         "{c:?}"
     );
+}
+
+#[test]
+fn bf16_outputs_rounded_wrongly_fail_the_bf16_output_checks_only() {
+    let checks = fails_exactly(
+        Fault::Bf16OutputsHigh,
+        &[
+            "rmsnorm_forward (bf16 out)",
+            "gelu_forward (bf16 out)",
+            "attention_step (f32 cache, bf16 out)",
+            "attention_step (bf16 cache, bf16 out)",
+        ],
+    );
+    let c = check(&checks, "gelu_forward (bf16 out)");
+    assert!(c.max_error >= 1.0, "{c:?}");
 }
 
 #[test]
@@ -471,6 +518,7 @@ fn the_cpu_report_passes_and_skips_bf16_training() {
         "decoder (f32)",
         "decoder (f32, after a prefill)",
         "decoder (bf16)",
+        "decoder (bf16, after a prefill)",
     ] {
         let c = check(&report.checks, name);
         assert!(c.passed && !c.skipped, "{c:?}");

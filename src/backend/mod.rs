@@ -279,6 +279,7 @@ pub trait Backend: Send {
     /// Allocates every arena once (zero-filled). Called before any kernel. Fails, rather
     /// than aborting, when the memory is not there.
     fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()>;
+    /// Copies `src` from the host into `dst`; a bfloat16 view stores it rounded.
     fn upload(&mut self, dst: View, src: &[f32]);
     /// Makes `params` the parameter arena, after [`Backend::allocate`] was told to allocate
     /// none (`ArenaSizes::params` 0). A backend that keeps parameters in host memory takes

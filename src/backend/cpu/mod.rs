@@ -262,6 +262,13 @@ impl Backend for CpuBackend {
 
     fn upload(&mut self, dst: View, src: &[f32]) {
         assert_eq!(dst.len, src.len(), "upload: size mismatch");
+        if dst.dtype == DType::Bf16 {
+            let r = self.half_range(dst);
+            for (h, &x) in self.half[r].iter_mut().zip(src) {
+                *h = bf16::to_bf16(x);
+            }
+            return;
+        }
         let (d, []) = self.io(dst, []);
         d.copy_from_slice(src);
     }

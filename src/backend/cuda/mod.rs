@@ -897,13 +897,23 @@ impl Backend for CudaBackend {
 
     fn upload(&mut self, dst: View, src: &[f32]) {
         assert!(
-            dst.len == src.len() && dst.dtype == DType::F32,
+            dst.len == src.len(),
             "upload: {dst:?} does not take {} floats",
             src.len()
         );
         self.not_recording("upload");
         let ptr = self.ptr(dst);
         self.bind();
+        if dst.dtype == DType::Bf16 {
+            // Not on any step's path (tests write bf16 views): rounded on the host first.
+            let bits: Vec<u16> = src
+                .iter()
+                .map(|&x| crate::backend::cpu::bf16::to_bf16(x))
+                .collect();
+            // SAFETY: as below, from a host buffer of the view's own length and type.
+            ok(unsafe { driver::memcpy_htod_sync(ptr, &bits) }, "upload");
+            return;
+        }
         // SAFETY: `ptr` is a checked f32 view of `src.len()` elements; the synchronous copy
         // follows the work queued on the default stream.
         ok(unsafe { driver::memcpy_htod_sync(ptr, src) }, "upload");
@@ -1305,16 +1315,16 @@ impl Backend for CudaBackend {
             out.len == m * n && a.len == m * k && w.len == k * n,
             "matmul_packed: sizes"
         );
-        let scratch = &self.arenas().packed_input;
-        assert!(
-            2 * m * k <= scratch.bytes,
-            "matmul_packed: input larger than planned"
-        );
         let (a_p, w_p, o) = (self.ptr(a), self.ptr(w), self.ptr(out));
         // An f32 input is rounded into the scratch first; a bf16 one is read as it is.
         let input = if a.dtype == DType::Bf16 {
             a_p
         } else {
+            let scratch = &self.arenas().packed_input;
+            assert!(
+                2 * m * k <= scratch.bytes,
+                "matmul_packed: input larger than planned"
+            );
             let (rounded, len) = (scratch.ptr, m * k);
             self.launch(
                 &self.kernels.round_bf16,

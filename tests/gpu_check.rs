@@ -77,6 +77,16 @@ fn check_with(
     (o, summary)
 }
 
+/// The steps of a summary, in the order they ran.
+fn step_names(summary: &serde_json::Value) -> Vec<&str> {
+    summary["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect()
+}
+
 fn step<'a>(summary: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     summary["steps"]
         .as_array()
@@ -93,12 +103,7 @@ fn a_failed_step_is_reported_and_the_next_ones_still_run() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(1), "{stdout}");
     assert_eq!(summary["ok"], false);
-    let names: Vec<&str> = summary["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
+    let names = step_names(&summary);
     assert_eq!(
         names,
         [
@@ -186,12 +191,7 @@ fn an_earlier_build_times_the_same_training_step_in_the_same_call() {
     let (o, summary) = check_with(&dir, None, None, &before);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{stdout}");
-    let names: Vec<&str> = summary["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
+    let names = step_names(&summary);
     let at = |n: &str| names.iter().position(|&x| x == n).unwrap();
     assert_eq!(at("train-before"), at("train") + 1, "{names:?}");
     let log = std::fs::read_to_string(dir.join("out/train-before.log")).unwrap();

@@ -1051,15 +1051,23 @@ extern "C" __global__ void flash_attention_backward_prepare(float* delta, const 
     }
 }
 
-// The backward's scores of a tile pair, as both backward kernels need them: `s` and `dp`
-// ([16, 32] accumulators, the products of the caller) become, in place, the probability
-// p = exp(scale s - lse) (0 where masked) and dS = p (dp - delta) scale, each as bf16
-// operands for product_nn (`p_out` and `ds_out`). `visible(n, e)` says whether element e
-// of tile n is a visible pair; `stat(n, e)` gives its row's lse and delta.
+// The backward's scores of a tile pair, as both backward kernels need them: the warp's 16 rows
+// (from `row`) of `own` against the step's 32 rows of `other` give S, and of `own_grad`
+// against `other_grad` give dP (Q K^T and dout V^T for dQ; K Q^T and V dout^T for dK, dV);
+// then the probability p = exp(scale s - lse) (0 where masked) and dS = p (dp - delta) scale,
+// each as bf16 operands for product_nn (`p_out` and `ds_out`). `visible(n, e)` says whether
+// element e of tile n is a visible pair; `stat(n, e)` gives its row's lse and delta.
 template <typename Visible, typename Stat>
 __device__ __forceinline__ void flash_scores(uint32_t (&p_out)[2][4], uint32_t (&ds_out)[2][4],
-                                             float (&s)[4][4], float (&dp)[4][4], float scale,
-                                             Visible visible, Stat stat) {
+                                             flash::Tile own, flash::Tile other,
+                                             flash::Tile own_grad, flash::Tile other_grad,
+                                             int row, int hd, Visible visible, Stat stat) {
+    const float scale = rsqrtf((float)hd);
+    float s[4][4], dp[4][4];
+    flash::zero(s);
+    flash::zero(dp);
+    flash::product_nt(s, own, row, other, 0, hd);
+    flash::product_nt(dp, own_grad, row, other_grad, 0, hd);
 #pragma unroll
     for (int n = 0; n < 4; n++)
 #pragma unroll
@@ -1107,7 +1115,6 @@ __device__ void flash_backward_kv(float* dqkv, const float* dout, const float* q
     const int g = lane >> 2, c0 = (lane & 3) * 2;
     const int kw = k0 + warp * 16;  // the warp's first key
     const int keys[2] = {kw + g, kw + g + 8};
-    const float scale = rsqrtf((float)hd);
     for (int q0 = causal ? k0 : 0; q0 < t; q0 += kStep) {
         __syncthreads();  // the previous step's Q and dout are used up (and, first, K, V in)
         load_rows(qs, seq, 3 * d, q0, t, kStep, hd);
@@ -1126,14 +1133,9 @@ __device__ void flash_backward_kv(float* dqkv, const float* dout, const float* q
                 row_lse[n][u] = i < t ? lse[stats + i] : 0.0f;
                 row_delta[n][u] = i < t ? delta[stats + i] : 0.0f;
             }
-        float s[4][4], dp[4][4];
-        zero(s);
-        zero(dp);
-        product_nt(s, ks, warp * 16, qs, 0, hd);
-        product_nt(dp, vs, warp * 16, dos, 0, hd);
         uint32_t p[2][4], ds[2][4];
         flash_scores(
-            p, ds, s, dp, scale,
+            p, ds, ks, qs, vs, dos, warp * 16, hd,
             [&](int n, int e) {
                 const int i = q0 + n * 8 + c0 + (e & 1), j = keys[e >> 1];
                 return i < t && j < t && (!causal || j <= i);
@@ -1190,7 +1192,6 @@ __device__ void flash_backward_q(float* dqkv, const float* dout, const float* qk
         row_lse[r] = rows[r] < t ? lse[stats + rows[r]] : 0.0f;
         row_delta[r] = rows[r] < t ? delta[stats + rows[r]] : 0.0f;
     }
-    const float scale = rsqrtf((float)hd);
     const int key_end = causal ? min(t, q0 + kRows) : t;
     for (int k0 = 0; k0 < key_end; k0 += kStep) {
         __syncthreads();  // the previous step's K and V are used up (and, first, Q is in)
@@ -1201,14 +1202,9 @@ __device__ void flash_backward_q(float* dqkv, const float* dout, const float* qk
         if (qw >= t || (causal && k0 > warp_last)) continue;
         // Element e of tile n of the [16 rows, 32 keys] scores: row rows[e / 2], key
         // k0 + 8n + c0 + e % 2.
-        float s[4][4], dp[4][4];
-        zero(s);
-        zero(dp);
-        product_nt(s, qs, warp * 16, ks, 0, hd);
-        product_nt(dp, dos, warp * 16, vs, 0, hd);
         uint32_t p[2][4], ds[2][4];
         flash_scores(
-            p, ds, s, dp, scale,
+            p, ds, qs, ks, dos, vs, warp * 16, hd,
             [&](int n, int e) {
                 const int i = rows[e >> 1], j = k0 + n * 8 + c0 + (e & 1);
                 return i < t && j < t && (!causal || j <= i);

@@ -14,31 +14,40 @@ use common::cuda_host::{compile, cuda_kernels, kernel_names, root};
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn every_cuda_kernel_matches_the_cpu_semantics_when_run_on_the_host() {
-    let kernels = cuda_kernels();
+/// Builds `tests/cuda_host/<source>` and runs it; its output, once it has passed.
+fn run_host_check(source: &str) -> String {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_host");
     std::fs::create_dir_all(&dir).expect("create the build folder");
-    let exe = dir.join("check");
-    compile(&root().join("tests/cuda_host/check.cpp"), &exe, &[]);
-
-    let run = Command::new(&exe).output().expect("run the kernel checks");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
+    let exe = dir.join(source.trim_end_matches(".cpp"));
+    compile(&root().join("tests/cuda_host").join(source), &exe, &[]);
+    let run = Command::new(&exe)
+        .output()
+        .unwrap_or_else(|e| panic!("run {source}: {e}"));
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     println!("{stdout}");
     assert!(
         run.status.success(),
-        "kernel checks failed ({}):\n{stdout}{stderr}",
-        run.status
+        "{source} failed ({}):\n{stdout}{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
     );
-    // Lines are "name  max-error  tolerance  PASS|FAIL ...".
-    for name in &kernels {
-        let passed = stdout.lines().any(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.first() == Some(&name.as_str()) && fields.get(3) == Some(&"PASS")
-        });
+    stdout
+}
+
+/// Whether a line of `stdout` ("name  max-error  tolerance  PASS|FAIL ...") passes `name`.
+fn passes(stdout: &str, name: &str) -> bool {
+    stdout.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.first() == Some(&name) && fields.get(3) == Some(&"PASS")
+    })
+}
+
+#[test]
+fn every_cuda_kernel_matches_the_cpu_semantics_when_run_on_the_host() {
+    let stdout = run_host_check("check.cpp");
+    for name in &cuda_kernels() {
         assert!(
-            passed,
+            passes(&stdout, name),
             "kernel {name} has no passing check in tests/cuda_host/check.cpp:\n{stdout}"
         );
     }
@@ -46,29 +55,13 @@ fn every_cuda_kernel_matches_the_cpu_semantics_when_run_on_the_host() {
 
 #[test]
 fn flash_attention_holds_over_the_longest_context() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_host");
-    std::fs::create_dir_all(&dir).expect("create the build folder");
-    let exe = dir.join("long_context");
-    compile(&root().join("tests/cuda_host/long_context.cpp"), &exe, &[]);
-    let run = Command::new(&exe)
-        .output()
-        .expect("run the long-context check");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "the long-context check failed ({}):\n{stdout}{}",
-        run.status,
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let stdout = run_host_check("long_context.cpp");
     // Each width's three kernels, at 4,096 positions.
     for kernel in ["forward", "backward_q", "backward_kv"] {
         for width in [64, 128] {
             let name = format!("flash_attention_{kernel}_{width}");
             assert!(
-                stdout.lines().any(|l| {
-                    let fields: Vec<&str> = l.split_whitespace().collect();
-                    fields.first() == Some(&name.as_str()) && fields.get(3) == Some(&"PASS")
-                }),
+                passes(&stdout, &name),
                 "{name} has no passing line:\n{stdout}"
             );
         }

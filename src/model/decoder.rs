@@ -20,27 +20,27 @@ const PREFILL_ROWS: usize = 256;
 /// at one batch size, shrinking as images finish, so a few cover nearly every step.
 const KEPT_RECORDINGS: usize = 8;
 
-/// Offsets in [`Arena::Acts`] of the step buffers (sized for a prefill chunk's rows) and the
-/// caches' views. The inputs of the packed products (`ln1`, `att`, `ln2`, `fc_act`, `lnf`)
-/// are views: bfloat16 in [`Arena::Half`] where the backend would round them to bfloat16
-/// anyway ([`Backend::rounds_packed_inputs`]), so each producer stores them rounded and the
-/// product reads them as they are, one pass fewer per product.
+/// The step buffers (sized for a prefill chunk's rows: each use takes its first rows) and the
+/// caches, in [`Arena::Acts`]. The inputs of the packed products (`ln1`, `att`, `ln2`,
+/// `fc_act`, `lnf`) are bfloat16 in [`Arena::Half`] instead where the backend would round them
+/// to bfloat16 anyway ([`Backend::rounds_packed_inputs`]), so each producer stores them
+/// rounded and the product reads them as they are, one pass fewer per product.
 struct StepPlan {
     /// The residual stream, which every block adds to in place (nothing decoding needs a
     /// block's input after it).
-    resid: usize,
+    resid: View,
     ln1: View,
-    rstd1: usize,
-    qkv: usize,
+    rstd1: View,
+    qkv: View,
     att: View,
     ln2: View,
-    rstd2: usize,
-    fc: usize,
+    rstd2: View,
+    fc: View,
     fc_act: View,
     lnf: View,
-    rstdf: usize,
-    logits: usize,
-    scores: usize,
+    rstdf: View,
+    logits: View,
+    scores: View,
     /// Positions each cache holds (the backend's [`Backend::decode_cache_len`]).
     cache_len: usize,
     /// Positions one prefill chunk feeds per sequence.
@@ -67,16 +67,16 @@ impl StepPlan {
         let mut take = |n: usize| {
             let at = off;
             off += n.next_multiple_of(16);
-            at
+            act(at, n)
         };
         let rounded_inputs = precision == Precision::Bf16 && backend.rounds_packed_inputs();
-        let mut product_input = |take: &mut dyn FnMut(usize) -> usize, len: usize| {
+        let mut product_input = |take: &mut dyn FnMut(usize) -> View, len: usize| {
             if rounded_inputs {
                 let v = View::bf16(*half_used, len);
                 *half_used += len.next_multiple_of(32);
                 v
             } else {
-                act(take(len), len)
+                take(len)
             }
         };
         let resid = take(rows * d);
@@ -95,10 +95,7 @@ impl StepPlan {
         let per_cache = batch * t * d;
         let caches = (0..cfg.n_layer)
             .map(|_| match precision {
-                Precision::F32 => (
-                    act(take(per_cache), per_cache),
-                    act(take(per_cache), per_cache),
-                ),
+                Precision::F32 => (take(per_cache), take(per_cache)),
                 Precision::Bf16 => {
                     let k = View::bf16(*half_used, per_cache);
                     let v = View::bf16(*half_used + per_cache.next_multiple_of(32), per_cache);
@@ -136,17 +133,17 @@ impl StepPlan {
     /// The block buffers for `rows` rows (the same for every layer).
     fn io(&self, rows: usize, d: usize) -> BlockIo {
         BlockIo {
-            x: act(self.resid, rows * d),
+            x: first(self.resid, rows * d),
             ln1: first(self.ln1, rows * d),
-            rstd1: act(self.rstd1, rows),
-            qkv: act(self.qkv, rows * 3 * d),
+            rstd1: first(self.rstd1, rows),
+            qkv: first(self.qkv, rows * 3 * d),
             att: first(self.att, rows * d),
-            mid: act(self.resid, rows * d),
+            mid: first(self.resid, rows * d),
             ln2: first(self.ln2, rows * d),
-            rstd2: act(self.rstd2, rows),
-            fc: act(self.fc, rows * 4 * d),
+            rstd2: first(self.rstd2, rows),
+            fc: first(self.fc, rows * 4 * d),
             fc_act: first(self.fc_act, rows * 4 * d),
-            out: act(self.resid, rows * d),
+            out: first(self.resid, rows * d),
         }
     }
 
@@ -558,7 +555,7 @@ impl Decoder {
             causal: true,
         };
         b.embed_step(
-            act(plan.resid, rows * d),
+            first(plan.resid, rows * d),
             View::new(Arena::Params, lay.wte, v * d),
             View::new(Arena::Params, lay.wpe, t * d),
             View::new(Arena::Params, lay.sos, d),
@@ -568,7 +565,7 @@ impl Decoder {
         );
         for (l, w) in self.weights.blocks.iter().enumerate() {
             let (kc, vc) = plan.caches(l, seqs, d);
-            let scores = act(plan.scores, seqs * cfg.n_head * plan.cache_len);
+            let scores = first(plan.scores, seqs * cfg.n_head * plan.cache_len);
             block_forward(b, w, &plan.io(rows, d), rows, d, |b, qkv, att| {
                 b.attention_step(att, kc, vc, qkv, scores, shape, pos, n)
             });
@@ -582,7 +579,7 @@ impl Decoder {
         self.feed_step(Some(prev), false)?;
         let v = self.cfg.n_vocab;
         let rows = self.rows;
-        let logits = act(self.plan.logits, rows * v);
+        let logits = first(self.plan.logits, rows * v);
         let host = &mut self.host_logits[..rows * v];
         self.backend.download(logits, host);
         Ok(host)
@@ -700,16 +697,16 @@ impl Decoder {
         head_forward(
             b,
             &self.weights,
-            act(plan.resid, rows * d),
+            first(plan.resid, rows * d),
             first(plan.lnf, rows * d),
-            act(plan.rstdf, rows),
-            act(plan.logits, rows * v),
+            first(plan.rstdf, rows),
+            first(plan.logits, rows * v),
             rows,
             d,
             v,
         );
         if draw {
-            b.draw_tokens(act(plan.logits, rows * v), v, pos);
+            b.draw_tokens(first(plan.logits, rows * v), v, pos);
         }
     }
 }

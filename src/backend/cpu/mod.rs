@@ -185,6 +185,62 @@ impl CpuBackend {
         }
         self.staging = staged;
     }
+
+    /// [`Backend::attention_step`] into `staged` (an output on its way to a bf16 view) or,
+    /// where None, into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &mut self,
+        staged: Option<&mut [f32]>,
+        out: View,
+        k_cache: View,
+        v_cache: View,
+        qkv: View,
+        scores: View,
+        shape: AttnShape,
+        pos: usize,
+        len: usize,
+    ) {
+        let n_ctx = attention::decode_cache_len(shape.t);
+        let (batch, nh, hd) = (shape.batch, shape.n_head, shape.head_dim);
+        if k_cache.dtype != DType::Bf16 {
+            match staged {
+                Some(o) => {
+                    let ([k, v, s], [q]) = self.views([k_cache, v_cache, scores], [qkv]);
+                    attention::attention_step(o, k, v, q, s, batch, nh, hd, n_ctx, pos, len);
+                }
+                None => {
+                    let ([o, k, v, s], [q]) = self.views([out, k_cache, v_cache, scores], [qkv]);
+                    attention::attention_step(o, k, v, q, s, batch, nh, hd, n_ctx, pos, len);
+                }
+            }
+            return;
+        }
+        let (kr, vr) = (self.half_range(k_cache), self.half_range(v_cache));
+        assert!(
+            kr.end <= vr.start || vr.end <= kr.start,
+            "the K and V caches overlap"
+        );
+        let mut half = std::mem::take(&mut self.half);
+        let (kc, vc) = if kr.start < vr.start {
+            let (lo, hi) = half.split_at_mut(vr.start);
+            (&mut lo[kr], &mut hi[..vr.len()])
+        } else {
+            let (lo, hi) = half.split_at_mut(kr.start);
+            (&mut hi[..kr.len()], &mut lo[vr])
+        };
+        match staged {
+            Some(o) => {
+                let ([s], [q]) = self.views([scores], [qkv]);
+                attention::attention_step(o, kc, vc, q, s, batch, nh, hd, n_ctx, pos, len);
+            }
+            None => {
+                let ([o, s], [q]) = self.views([out, scores], [qkv]);
+                attention::attention_step(o, kc, vc, q, s, batch, nh, hd, n_ctx, pos, len);
+            }
+        }
+        self.half = half;
+    }
 }
 
 impl Backend for CpuBackend {
@@ -557,61 +613,16 @@ impl Backend for CpuBackend {
         pos: usize,
         len: usize,
     ) {
-        let n_ctx = attention::decode_cache_len(shape.t);
-        let (batch, nh, hd) = (shape.batch, shape.n_head, shape.head_dim);
-        if k_cache.dtype != DType::Bf16 {
-            if out.dtype == DType::Bf16 {
-                return self.stored_as_bf16(out, |b, o| {
-                    let ([k, v, s], [q]) = b.views([k_cache, v_cache, scores], [qkv]);
-                    attention::attention_step(o, k, v, q, s, batch, nh, hd, n_ctx, pos, len);
-                });
-            }
-            let ([o, k, v, s], [q]) = self.views([out, k_cache, v_cache, scores], [qkv]);
-            attention::attention_step(o, k, v, q, s, batch, nh, hd, n_ctx, pos, len);
-            return;
-        }
-        let (kr, vr) = (self.half_range(k_cache), self.half_range(v_cache));
-        assert!(
-            kr.end <= vr.start || vr.end <= kr.start,
-            "the K and V caches overlap"
-        );
-        // A bf16 output goes through the staging buffer (it lies in the half arena with the
-        // caches), then is rounded into place.
-        let staged_out = (out.dtype == DType::Bf16).then(|| {
-            let r = self.half_range(out);
+        if out.dtype == DType::Bf16 {
             assert!(
                 !(out.overlaps(&k_cache) || out.overlaps(&v_cache)),
                 "the output overlaps a cache"
             );
-            r
-        });
-        let mut staged = std::mem::take(&mut self.staging);
-        let mut half = std::mem::take(&mut self.half);
-        let (kc, vc) = if kr.start < vr.start {
-            let (lo, hi) = half.split_at_mut(vr.start);
-            (&mut lo[kr], &mut hi[..vr.len()])
-        } else {
-            let (lo, hi) = half.split_at_mut(kr.start);
-            (&mut hi[..kr.len()], &mut lo[vr])
-        };
-        if staged_out.is_some() {
-            if staged.len() < out.len {
-                staged.resize(out.len, 0.0);
-            }
-            let ([s], [q]) = self.views([scores], [qkv]);
-            let o = &mut staged[..out.len];
-            attention::attention_step(o, kc, vc, q, s, batch, nh, hd, n_ctx, pos, len);
-        } else {
-            let ([o, s], [q]) = self.views([out, scores], [qkv]);
-            attention::attention_step(o, kc, vc, q, s, batch, nh, hd, n_ctx, pos, len);
+            return self.stored_as_bf16(out, |b, o| {
+                b.attend(Some(o), out, k_cache, v_cache, qkv, scores, shape, pos, len)
+            });
         }
-        if let Some(r) = staged_out {
-            for (h, &x) in half[r].iter_mut().zip(&staged) {
-                *h = bf16::to_bf16(x);
-            }
-        }
-        self.half = half;
-        self.staging = staged;
+        self.attend(None, out, k_cache, v_cache, qkv, scores, shape, pos, len);
     }
 
     fn gelu_forward(&mut self, out: View, x: View) {

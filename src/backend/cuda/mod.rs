@@ -150,7 +150,8 @@ struct Kernels {
     embed_content_sums: CudaFunction,
     embed_step: CudaFunction,
     draw_tokens: CudaFunction,
-    /// RMS norm and quick-GELU forward, storing f32 ([0]) or bfloat16 ([1]).
+    /// RMS norm forward, storing f32 ([0]) or bfloat16 ([1]; see `stored`); quick-GELU's
+    /// forward likewise.
     rmsnorm_forward: [CudaFunction; 2],
     rmsnorm_backward: CudaFunction,
     add_column_sums: CudaFunction,
@@ -2026,17 +2027,21 @@ mod tests {
         }
     }
 
+    /// The PTX of kernel `name`, from its `.entry` to its closing brace.
+    fn kernel_body<'a>(ptx: &'a str, name: &str) -> &'a str {
+        let start = ptx
+            .find(&format!(".entry {name}("))
+            .unwrap_or_else(|| panic!("{name} missing"));
+        let body = &ptx[start..];
+        &body[..body.find("\n}").map_or(body.len(), |e| e + 2)]
+    }
+
     /// Instructions of kernel `name` in `ptx` that would make its float arithmetic differ from
     /// the CPU's: a fused multiply-add (`fma`, `mad`: one rounding for two operations), a float
     /// min or max (which return the other operand for a NaN, where the CPU's comparisons keep
     /// it), predicated or not; and any call, whose callee this does not read.
     fn unlike_the_cpu<'a>(ptx: &'a str, name: &str) -> Vec<&'a str> {
-        let start = ptx
-            .find(&format!(".entry {name}("))
-            .unwrap_or_else(|| panic!("{name} missing"));
-        let body = &ptx[start..];
-        let end = body.find("\n}").map_or(body.len(), |e| e + 2);
-        instructions(&body[..end])
+        instructions(kernel_body(ptx, name))
             .filter(|l| {
                 let float = [".f16", ".bf16", ".f32", ".f64"]
                     .iter()
@@ -2060,5 +2065,33 @@ mod tests {
                      \tmax.NaN.f32 \t%f2;\n\tmax.s32 \t%r1, %r2, %r3;\n\tmad.lo.s32 \t%r4;\n\
                      \tcall.uni (retval0), walk, (param0);\n}\n.entry other(\n\tfma.rn.f32 \t%f9;\n}";
         assert_eq!(unlike_the_cpu(fused, "draw_tokens").len(), 5);
+    }
+
+    #[test]
+    fn the_flash_kernels_read_shared_memory_only_through_ldmatrix() {
+        // README, "Kernels": operands read from shared memory by `ldmatrix`, products on
+        // `mma.sync`, scores and probabilities in registers (no other shared load, and shared
+        // stores only the 16-byte stores that fill the tiles).
+        for ptx in [PTX_SM80, PTX_SM90] {
+            for kernel in ["forward", "backward_kv", "backward_q"] {
+                for width in [64, 128] {
+                    let name = format!("flash_attention_{kernel}_{width}");
+                    let ops: Vec<&str> = instructions(kernel_body(ptx, &name)).collect();
+                    let count = |prefix: &str| ops.iter().filter(|l| l.starts_with(prefix)).count();
+                    assert!(count("ldmatrix.sync.aligned.m8n8.x4") > 0, "{name}");
+                    assert!(count("mma.sync.aligned.m16n8k16") > 0, "{name}");
+                    assert_eq!(count("ld.shared"), 0, "{name}");
+                    assert_eq!(count("st.shared"), count("st.shared.v4"), "{name}");
+                    assert_eq!(count("wmma"), 0, "{name}");
+                }
+            }
+            // The decoding kernels read rows 16 bytes at a time.
+            for name in ["attend_f32", "attend_bf16"] {
+                let wide = instructions(kernel_body(ptx, name))
+                    .filter(|l| l.starts_with("ld.global.v4"))
+                    .count();
+                assert!(wide > 0, "{name}");
+            }
+        }
     }
 }

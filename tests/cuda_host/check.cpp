@@ -754,7 +754,8 @@ void check_attention() {
 
 // ---------------------------------------------------------------------------------------
 // Decoding with caches [batch, n_head, n_ctx, head_dim]: a prefill of several positions,
-// then a single step, as attention_step launches them.
+// then a single step, as attention_step launches them: kv_store then attend for the prefill,
+// attend alone for the step (it stores its own position's key and value).
 
 float stored_value(float x, float*) { return x; }
 uint16_t stored_value(float x, uint16_t*) { return ref_bf16(x); }
@@ -765,10 +766,10 @@ uint16_t poison_of(uint16_t*) { return kPoisonBf16; }
 
 template <typename E>
 void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, const int*, int),
-                    void (*attend)(float*, const E*, const E*, const float*, int, int, int, int,
-                                   const int*, int),
-                    void (*attend_to_bf16)(uint16_t*, const E*, const E*, const float*, int, int,
-                                           int, int, const int*, int),
+                    void (*attend)(float*, E*, E*, const float*, int, int, int, int, const int*,
+                                   int),
+                    void (*attend_to_bf16)(uint16_t*, E*, E*, const float*, int, int, int, int,
+                                           const int*, int),
                     const std::string& store_name, const std::string& attend_name,
                     const std::string& to_bf16_name) {
     struct Shape {
@@ -842,25 +843,26 @@ void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, cons
             bool from_memory = len == 1;
             int at = pos, arg = from_memory ? -1000 : pos;
             const int* pos_at = from_memory ? &at : nullptr;
-            launch(store, grid, dim3(store_threads), 0, k_cache, v_cache,
+            if (len > 1)
+                launch(store, grid, dim3(store_threads), 0, k_cache, v_cache,
+                       (const float*)qkv.data(), nh, hd, n_ctx, arg, pos_at, len);
+            launch(attend, grid, dim3(kDecodeThreads), shared, out.data(), k_cache, v_cache,
                    (const float*)qkv.data(), nh, hd, n_ctx, arg, pos_at, len);
-            launch(attend, grid, dim3(kDecodeThreads), shared, out.data(), (const E*)k_cache,
-                   (const E*)v_cache, (const float*)qkv.data(), nh, hd, n_ctx, arg, pos_at,
-                   len);
             std::string what = shape + " pos " + std::to_string(pos) + " len " +
                                std::to_string(len) +
                                (from_memory ? " (position read from memory)" : "");
-            // Every stored position matches, and positions not stored yet are untouched.
-            check_bits(store_name, what + " keys", vector<E>(k_cache, k_cache + cache_len),
+            // Every stored position matches (the step's stored by attend itself), and positions
+            // not stored yet are untouched.
+            const std::string& stored_by = len > 1 ? store_name : attend_name;
+            check_bits(stored_by, what + " keys", vector<E>(k_cache, k_cache + cache_len),
                        want_k);
-            check_bits(store_name, what + " values", vector<E>(v_cache, v_cache + cache_len),
+            check_bits(stored_by, what + " values", vector<E>(v_cache, v_cache + cache_len),
                        want_v);
             check(attend_name, what, out, want, kDecode);
             // The output stored as bfloat16: the f32 kernel's values rounded.
             vector<uint16_t> out16((size_t)n * d, kPoisonBf16);
-            launch(attend_to_bf16, grid, dim3(kDecodeThreads), shared, out16.data(),
-                   (const E*)k_cache, (const E*)v_cache, (const float*)qkv.data(), nh, hd, n_ctx,
-                   arg, pos_at, len);
+            launch(attend_to_bf16, grid, dim3(kDecodeThreads), shared, out16.data(), k_cache,
+                   v_cache, (const float*)qkv.data(), nh, hd, n_ctx, arg, pos_at, len);
             check_bits(to_bf16_name, what, out16, rounded(out));
         }
     }

@@ -527,6 +527,9 @@ extern "C" __global__ void kv_store_bf16(bf16_bits* k, bf16_bits* v, const float
 // Attention of each new position over the cached positions up to itself. Grid
 // (batch * len, n_head), 128 threads; dynamic shared memory decode_shared_bytes(n_ctx,
 // head_dim): the scores [n_ctx], q [head_dim rounded up to 8] and the value sums' partials.
+// With len > 1 (a prefill) kv_store has stored the new keys and values before; with len == 1
+// (a decoding step) each block stores its own position's key and value first: it is then the
+// only block that reads its (sequence, head)'s caches, so no other launch is needed.
 //
 // At batch 64 a step's attention reads about 1.6 GB of keys and values (iGPT-S, position 512
 // on average), so the kernel is written to keep many reads in flight: rows are read in
@@ -589,8 +592,8 @@ __device__ __forceinline__ void unpack(float (&v)[8], const RawPiece& r, const b
 }
 
 template <typename E, typename O>
-__device__ void attend(O* out, const E* k_cache, const E* v_cache, const float* qkv,
-                       int n_head, int head_dim, int n_ctx, int pos, const int* pos_at, int len) {
+__device__ void attend(O* out, E* k_cache, E* v_cache, const float* qkv, int n_head,
+                       int head_dim, int n_ctx, int pos, const int* pos_at, int len) {
     extern __shared__ float dynamic[];
     __shared__ float shared[32];
     const int hd = head_dim, pieces = decode_pieces(hd), row_threads = decode_row_threads(hd);
@@ -599,10 +602,18 @@ __device__ void attend(O* out, const E* k_cache, const E* v_cache, const float* 
     const int n = first_position(pos, pos_at) + r % len + 1;
     const int d = n_head * hd;
     const float* row = qkv + (size_t)r * 3 * d;
+    const size_t base = ((size_t)b * n_head + h) * n_ctx * hd;
     for (int c = threadIdx.x; c < pieces * 8; c += kDecodeThreads)
         q[c] = c < hd ? row[h * hd + c] : 0.0f;
+    if (len == 1) {
+        const size_t at = base + (size_t)(n - 1) * hd;
+        for (int c = threadIdx.x; c < hd; c += kDecodeThreads) {
+            store(k_cache, at + c, row[d + h * hd + c]);
+            store(v_cache, at + c, row[2 * d + h * hd + c]);
+        }
+    }
+    // Also makes the stored row visible to every thread of the block.
     __syncthreads();
-    const size_t base = ((size_t)b * n_head + h) * n_ctx * hd;
     const E *keys = k_cache + base, *values = v_cache + base;
     // Every row starts on 16 bytes where the cache does and a row is whole pieces.
     const bool vectors = hd % 8 == 0 && (uintptr_t)keys % 16 == 0 && (uintptr_t)values % 16 == 0;
@@ -708,27 +719,27 @@ __device__ void attend(O* out, const E* k_cache, const E* v_cache, const float* 
     }
 }
 
-extern "C" __global__ void attend_f32(float* out, const float* k, const float* v,
+extern "C" __global__ void attend_f32(float* out, float* k, float* v,
                                       const float* qkv, int n_head, int head_dim, int n_ctx,
                                       int pos, const int* pos_at, int len) {
     attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
 }
 
-extern "C" __global__ void attend_bf16(float* out, const bf16_bits* k, const bf16_bits* v,
+extern "C" __global__ void attend_bf16(float* out, bf16_bits* k, bf16_bits* v,
                                        const float* qkv, int n_head, int head_dim, int n_ctx,
                                        int pos, const int* pos_at, int len) {
     attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
 }
 
 // The same, the output stored rounded to bfloat16 (for a product that would round it anyway).
-extern "C" __global__ void attend_f32_to_bf16(bf16_bits* out, const float* k, const float* v,
+extern "C" __global__ void attend_f32_to_bf16(bf16_bits* out, float* k, float* v,
                                               const float* qkv, int n_head, int head_dim,
                                               int n_ctx, int pos, const int* pos_at, int len) {
     attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
 }
 
-extern "C" __global__ void attend_bf16_to_bf16(bf16_bits* out, const bf16_bits* k,
-                                               const bf16_bits* v, const float* qkv,
+extern "C" __global__ void attend_bf16_to_bf16(bf16_bits* out, bf16_bits* k,
+                                               bf16_bits* v, const float* qkv,
                                                int n_head, int head_dim, int n_ctx, int pos,
                                                const int* pos_at, int len) {
     attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);

@@ -1619,13 +1619,16 @@ impl Backend for CudaBackend {
             block_dim: (hd.next_multiple_of(32).min(256) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // Every new key and value first, then the attention that reads them.
-        self.launch(
-            store,
-            cfg,
-            "attention_step",
-            &[&p.1, &p.2, &p.3, &nhi, &hdi, &ctx, &posi, &pos_at, &leni],
-        );
+        // A prefill stores every new key and value first, then attends; a single step's
+        // attention stores its own position's (kernels.cu: attend), one launch fewer a layer.
+        if len > 1 {
+            self.launch(
+                store,
+                cfg,
+                "attention_step",
+                &[&p.1, &p.2, &p.3, &nhi, &hdi, &ctx, &posi, &pos_at, &leni],
+            );
+        }
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (128, 1, 1),

@@ -1233,9 +1233,10 @@ void check_draw_tokens() {
     const int positions = 6;
     int edges = 0;
     // Palettes under a SIMD chunk, of a chunk, with a tail, the paper's, wider than a block,
-    // and sorted over more keys than threads.
+    // and sorted over more keys than threads. The paper's palette draws for 256 images at once,
+    // the largest batch sampling runs at; the others for 24.
     for (int v : {5, 16, 37, 512, 300, 1000}) {
-        const int rows = 24;
+        const int rows = v == 512 ? 256 : 24;
         int keys_len = 1;
         while (keys_len < v) keys_len <<= 1;
         vector<DrawOptionsHost> options(rows);

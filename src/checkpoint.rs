@@ -211,6 +211,27 @@ fn write_f32_streaming(
     })
 }
 
+/// A run's `metrics.jsonl`: one JSON object per line, each flushed as it is written, so a
+/// killed run keeps every line it logged.
+pub struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    pub fn write(&mut self, line: &serde_json::Value) -> Result<()> {
+        use std::io::Write;
+        writeln!(self.file, "{line}")
+            .and_then(|()| self.file.flush())
+            .with_context(|| {
+                format!(
+                    "cannot append to {} (is the disk full?)",
+                    self.path.display()
+                )
+            })
+    }
+}
+
 impl RunDir {
     /// Creates the directory (and `data/`), checking that it is writable.
     pub fn create(path: &Path) -> Result<Self> {
@@ -268,6 +289,20 @@ impl RunDir {
 
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
+    }
+
+    /// The run's `metrics.jsonl`, opened for appending; `fresh` empties it first (a new run
+    /// into this directory).
+    pub fn metrics_log(&self, fresh: bool) -> Result<MetricsLog> {
+        let path = self.file("metrics.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(!fresh)
+            .write(true)
+            .truncate(fresh)
+            .open(&path)
+            .with_context(|| format!("cannot write metrics to {}", path.display()))?;
+        Ok(MetricsLog { file, path })
     }
 
     pub fn save_config(&self, cfg: &RunConfig) -> Result<()> {

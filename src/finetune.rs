@@ -16,6 +16,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -899,11 +900,14 @@ pub fn run(
         out.save_model(mc, &ft.engine.params())?;
         ft.head.save(&out.file("head.safetensors"))
     };
+    let mut log = out.as_ref().map(|o| o.metrics_log(true)).transpose()?;
+    let mut log_line = |line: serde_json::Value| log.as_mut().map_or(Ok(()), |l| l.write(&line));
     // The starting point is a candidate too: fine-tuning only keeps what beats it.
     let mut best = ft.accuracy(&val, &val_y, cfg.masks)?;
     let mut best_step = 0;
     keep(&ft)?;
     progress.validated(0, None, best, true);
+    log_line(json!({"step": 0, "val_accuracy": best, "kept": true}))?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xf17e);
     let mut buf = vec![0u16; cfg.batch * t];
     let mut ys = vec![0u32; cfg.batch];
@@ -932,10 +936,16 @@ pub fn run(
             st.clf_loss
         );
         progress.step(step, &st, tokens_per_s);
+        log_line(json!({
+            "step": step, "l_gen": st.gen_loss, "l_clf": st.clf_loss,
+            "batch_accuracy": st.accuracy, "grad_norm": st.grad_norm, "lr": lr,
+            "head_lr": head_lr, "tokens_per_s": tokens_per_s,
+        }))?;
         if step % cfg.eval_every == 0 || step == cfg.steps {
             let acc = ft.accuracy(&val, &val_y, cfg.masks)?;
             let better = acc > best;
             progress.validated(step, Some(&st), acc, better);
+            log_line(json!({"step": step, "val_accuracy": acc, "kept": better}))?;
             if better {
                 (best, best_step, since_best) = (acc, step, 0);
                 ft.check_same_everywhere(&format!("model at step {step}"))?;

@@ -118,11 +118,22 @@ fn losses(run: &Path) -> Vec<(String, f64)> {
         .flat_map(|line| {
             let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
             let step = v["step"].as_u64().unwrap_or(0);
-            ["loss", "val_loss", "grad_norm"]
-                .into_iter()
+            // Pre-training's, then fine-tuning's (not their speeds, which vary run to run).
+            #[rustfmt::skip]
+            let keys = ["loss", "val_loss", "grad_norm",
+                        "l_gen", "l_clf", "batch_accuracy", "val_accuracy"];
+            keys.into_iter()
                 .filter_map(move |k| v[k].as_f64().map(|x| (format!("step {step} {k}"), x)))
                 .collect::<Vec<_>>()
         })
+        .collect()
+}
+
+/// The logged values of [`losses`] as their bits, to compare runs that must agree exactly.
+fn bits(logged: &[(String, f64)]) -> Vec<(String, u64)> {
+    logged
+        .iter()
+        .map(|(n, x)| (n.clone(), x.to_bits()))
         .collect()
 }
 
@@ -474,11 +485,6 @@ fn training_on_the_cuda_backend_gives_the_same_bits_whatever_order_blocks_run_in
         let what = format!("{precision} {extra:?}");
         let (a, b) = (losses(&runs[0]), losses(&runs[1]));
         assert!(a.len() >= 6, "{what}: {a:?}");
-        let bits = |l: &[(String, f64)]| {
-            l.iter()
-                .map(|(n, x)| (n.clone(), x.to_bits()))
-                .collect::<Vec<_>>()
-        };
         assert_eq!(
             bits(&a),
             bits(&b),
@@ -492,6 +498,44 @@ fn training_on_the_cuda_backend_gives_the_same_bits_whatever_order_blocks_run_in
             );
         }
     }
+}
+
+#[test]
+fn fine_tuning_on_the_cuda_backend_matches_the_cpu_and_gives_the_same_bits_whatever_order_blocks_run_in()
+ {
+    let dir = tempdir("cuda-host-finetune");
+    let model = dir.join("model");
+    succeeded(
+        &train_small(&model, &[], &["--steps", "2"], &[]),
+        "pre-training on the cpu",
+    );
+    // A zero head, so the model's gradient comes from both losses from the first step; two
+    // passes a step, so the passes' gradients add up on the device.
+    let finetune = |device: &[&str], precision: &str, out: &Path, env: &[(&str, &str)]| {
+        let mut args = device.to_vec();
+        #[rustfmt::skip]
+        args.extend([
+            "finetune", "--model", s(&model), "--data", "fashion-mnist", "--limit", "100",
+            "--steps", "4", "--batch", "8", "--micro-batch", "4", "--eval-every", "2",
+            "--lr", "3e-3", "--zero-head", "--precision", precision, "--out", s(out),
+        ]);
+        succeeded(&igpt_on_host_driver(&args, env), "fine-tuning");
+    };
+    // bf16 products (flash attention) with every kernel's blocks in either order.
+    let runs = [dir.join("ascending"), dir.join("descending")];
+    finetune(CUDA, "bf16", &runs[0], &[]);
+    finetune(CUDA, "bf16", &runs[1], &[("CUDA_HOST_REVERSE_ORDER", "1")]);
+    let (a, b) = (losses(&runs[0]), losses(&runs[1]));
+    // Per step L_GEN, L_CLF, the norm and the batch's accuracy; three validations. (The kept
+    // model here is the starting point, which no later validation beats, so the losses, not
+    // the saved files, carry the comparison.)
+    assert_eq!(a.len(), 4 * 4 + 3, "{a:?}");
+    assert_eq!(bits(&a), bits(&b), "losses differ between block orders");
+    // f32 products against the CPU's fine-tuning of the same model.
+    let (gpu, cpu) = (dir.join("gpu-f32"), dir.join("cpu-f32"));
+    finetune(CUDA, "f32", &gpu, &[]);
+    finetune(&[], "f32", &cpu, &[]);
+    assert_same_losses(&gpu, &cpu, 4 * 4 + 3);
 }
 
 #[test]

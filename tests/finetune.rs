@@ -529,6 +529,30 @@ fn finetune_and_classify_commands() {
         text.contains("test accuracy of the best checkpoint"),
         "{text}"
     );
+    // metrics.jsonl: each step's losses and norm, and each validation, in order.
+    let logged = |run: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .expect("read metrics.jsonl")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    };
+    let lines = logged(&out);
+    let steps_with = |lines: &[serde_json::Value], key: &str| -> Vec<u64> {
+        lines
+            .iter()
+            .filter(|v| v.get(key).is_some())
+            .map(|v| v["step"].as_u64().expect("a step"))
+            .collect()
+    };
+    assert_eq!(steps_with(&lines, "l_gen"), (1..=30).collect::<Vec<_>>());
+    assert_eq!(steps_with(&lines, "val_accuracy"), [0, 10, 20, 30]);
+    for v in lines.iter().filter(|v| v.get("l_gen").is_some()) {
+        for key in ["l_gen", "l_clf", "grad_norm", "lr"] {
+            let x = v[key].as_f64().unwrap_or(f64::NAN);
+            assert!(x.is_finite() && x > 0.0, "{key} in {v}");
+        }
+    }
     let o = igpt(&[
         "finetune",
         "--model",
@@ -570,6 +594,16 @@ fn finetune_and_classify_commands() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy"));
+
+    // Fine-tuning again into the same directory starts its log afresh.
+    #[rustfmt::skip]
+    let o = igpt(&[
+        "finetune", "--model", s(&run), "--data", "fashion-mnist", "--limit", "100",
+        "--steps", "2", "--batch", "4", "--eval-every", "2", "--out", s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = logged(&out);
+    assert_eq!(steps_with(&lines, "l_gen"), [1, 2], "{lines:?}");
 
     // A head for fewer classes than the data has is refused, in both commands.
     Head::new(16, 3, vec![])

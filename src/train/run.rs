@@ -11,7 +11,6 @@ use crate::parallel::{Team, TeamExt};
 use crate::stop::Stopped;
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -477,17 +476,7 @@ fn train_loop_on_pool(
     let last = stop_after.map_or(total, |s| (first + s).min(total));
     // Rank 0 alone validates, logs, charts and writes checkpoints; the others only train.
     let leads = trainer.team().leads();
-    let mut log = if leads {
-        Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(run.file("metrics.jsonl"))
-                .with_context(|| format!("cannot write metrics to {}", run.path.display()))?,
-        )
-    } else {
-        None
-    };
+    let mut log = leads.then(|| run.metrics_log(false)).transpose()?;
     let ranks = trainer.team().world();
     if leads {
         if ranks > 1 {
@@ -531,16 +520,14 @@ fn train_loop_on_pool(
                 line["ranks"] = json!(ranks);
                 line["comm_s"] = json!(s.comm_s);
             }
-            writeln!(log, "{line}")
-                .context("cannot append to metrics.jsonl (is the disk full?)")?;
+            log.write(&line)?;
             if at_end || (cfg.eval_every > 0 && s.step % cfg.eval_every == 0) {
                 // The final evaluation always covers the whole validation set.
                 let v = trainer.evaluate(val, if at_end { 0 } else { cfg.eval_images })?;
                 val_loss = Some(v);
                 progress.validated(s.step, v);
-                writeln!(log, "{}", json!({"step": s.step, "val_loss": v}))?;
+                log.write(&json!({"step": s.step, "val_loss": v}))?;
             }
-            log.flush()?;
         }
         if saved {
             checkpoint(run, trainer)?;

@@ -1118,64 +1118,67 @@ pub fn check_training_step(
 
 /// On `device`, the KV-cache decoder's logits at every position against the full forward
 /// pass's logits for the same tokens: fed one position at a time, after a prefill of known
-/// tokens, and with bfloat16 weights and caches (against the bf16 forward pass).
+/// tokens, and with bfloat16 weights and caches (against the bf16 forward pass). Then over a
+/// context of 256 positions, where a GPU with more multiprocessors than the step has images
+/// times heads splits each head's keys among blocks (kernels.cu: attend, attend_combine).
 pub fn check_decoder(
     device: &Device,
     tolerances: Tolerances,
     seed: u64,
 ) -> anyhow::Result<Vec<Check>> {
-    let cfg = tiny_model();
-    let (t, v, batch) = (cfg.n_ctx(), cfg.n_vocab, 2);
-    let params = random_params(&cfg, seed + 2);
-    let tokens = random_tokens(batch * t, v, seed + 3);
+    let long_context = ModelConfig {
+        n_layer: 1,
+        side: 16,
+        n_head: 2,
+        ..tiny_model()
+    };
     let mut checks = Vec::new();
-    for (precision, prefill, name, tolerance) in [
-        (Precision::F32, 0, "decoder (f32)", tolerances.products()),
+    for (cfg, precision, prefill, name, tolerance) in [
         (
+            tiny_model(),
+            Precision::F32,
+            0,
+            "decoder (f32)",
+            tolerances.products(),
+        ),
+        (
+            tiny_model(),
             Precision::F32,
             9,
             "decoder (f32, after a prefill)",
             tolerances.products(),
         ),
         (
+            tiny_model(),
             Precision::Bf16,
             0,
             "decoder (bf16)",
             tolerances.bf16_products,
         ),
         (
+            tiny_model(),
             Precision::Bf16,
             9,
             "decoder (bf16, after a prefill)",
             tolerances.bf16_products,
         ),
+        (
+            long_context.clone(),
+            Precision::F32,
+            0,
+            "decoder (f32, 256 positions)",
+            tolerances.products(),
+        ),
+        (
+            long_context,
+            Precision::Bf16,
+            0,
+            "decoder (bf16, 256 positions)",
+            tolerances.bf16_products,
+        ),
     ] {
-        let mut engine = Engine::with_precision(&cfg, batch, device, params.clone(), precision)
-            .with_context(|| format!("an engine on {device}"))?;
-        engine.forward(&tokens)?;
-        let mut full = Vec::new();
-        engine.logits(&mut full);
-        let mut dec = Decoder::with_precision(&cfg, batch, device, params.clone(), precision)
-            .with_context(|| format!("a decoder on {device}"))?;
-        if prefill > 0 {
-            let known: Vec<u16> = (0..batch)
-                .flat_map(|b| tokens[b * t..b * t + prefill].to_vec())
-                .collect();
-            dec.prefill(&known, prefill)?;
-        } else {
-            dec.reset();
-        }
-        let mut worst = 0.0;
-        for pos in prefill..t {
-            let prev: Vec<u16> = (0..batch)
-                .map(|b| if pos == 0 { 0 } else { tokens[b * t + pos - 1] })
-                .collect();
-            let got = dec.step(&prev)?;
-            let want: Vec<f32> = (0..batch)
-                .flat_map(|b| full[(b * t + pos) * v..(b * t + pos + 1) * v].to_vec())
-                .collect();
-            worst = worse(worst, relative_error(got, &want));
-        }
+        let (t, batch) = (cfg.n_ctx(), 2);
+        let worst = decoder_against_forward(device, &cfg, precision, batch, prefill, seed)?;
         checks.push(Check::measured(
             name,
             worst,
@@ -1184,6 +1187,48 @@ pub fn check_decoder(
         ));
     }
     Ok(checks)
+}
+
+/// The largest relative error of a decoder's logits at positions `prefill..` (the positions
+/// before fed as one prefill) against the full forward pass's, over `batch` random images.
+fn decoder_against_forward(
+    device: &Device,
+    cfg: &ModelConfig,
+    precision: Precision,
+    batch: usize,
+    prefill: usize,
+    seed: u64,
+) -> anyhow::Result<f64> {
+    let (t, v) = (cfg.n_ctx(), cfg.n_vocab);
+    let params = random_params(cfg, seed + 2);
+    let tokens = random_tokens(batch * t, v, seed + 3);
+    let mut engine = Engine::with_precision(cfg, batch, device, params.clone(), precision)
+        .with_context(|| format!("an engine on {device}"))?;
+    engine.forward(&tokens)?;
+    let mut full = Vec::new();
+    engine.logits(&mut full);
+    let mut dec = Decoder::with_precision(cfg, batch, device, params, precision)
+        .with_context(|| format!("a decoder on {device}"))?;
+    if prefill > 0 {
+        let known: Vec<u16> = (0..batch)
+            .flat_map(|b| tokens[b * t..b * t + prefill].to_vec())
+            .collect();
+        dec.prefill(&known, prefill)?;
+    } else {
+        dec.reset();
+    }
+    let mut worst = 0.0;
+    for pos in prefill..t {
+        let prev: Vec<u16> = (0..batch)
+            .map(|b| if pos == 0 { 0 } else { tokens[b * t + pos - 1] })
+            .collect();
+        let got = dec.step(&prev)?;
+        let want: Vec<f32> = (0..batch)
+            .flat_map(|b| full[(b * t + pos) * v..(b * t + pos + 1) * v].to_vec())
+            .collect();
+        worst = worse(worst, relative_error(got, &want));
+    }
+    Ok(worst)
 }
 
 /// Name of the check of replayed decoding steps.

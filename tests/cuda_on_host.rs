@@ -66,7 +66,7 @@ fn the_host_driver_refuses_what_a_gpu_would() {
 #[test]
 fn the_selftest_passes_on_the_cuda_backend() {
     let dir = tempdir("cuda-host-selftest");
-    let json = dir.join("selftest.json");
+    let (json, launches) = (dir.join("selftest.json"), dir.join("launches.log"));
     let out = igpt_on_host_driver(
         &[
             "--device",
@@ -76,7 +76,7 @@ fn the_selftest_passes_on_the_cuda_backend() {
             "--json",
             s(&json),
         ],
-        &[],
+        &[("CUDA_HOST_LAUNCH_LOG", s(&launches))],
     );
     succeeded(&out, "igpt --device cuda selftest --quick");
     let report: serde_json::Value =
@@ -108,6 +108,24 @@ fn the_selftest_passes_on_the_cuda_backend() {
         draws["max_error"] == 0.0 && detail.contains("replayed from recordings"),
         "{draws}"
     );
+    // The decoder checks over 256 positions split each head's keys among blocks (2 images x
+    // 2 heads leave most of the emulated 132 multiprocessors idle) into 4 runs of 64 keys at
+    // the full context: f32 caches and output, and bf16 caches and output (the bf16 decoder
+    // stores the products' inputs as bf16).
+    let launches = std::fs::read_to_string(&launches).expect("read the launch log");
+    for (kernel, grid) in [
+        ("attend_f32 ", "grid 2 2 4"),
+        ("attend_combine_f32 ", "grid 2 2 1"),
+        ("attend_bf16_to_bf16 ", "grid 2 2 4"),
+        ("attend_combine_to_bf16 ", "grid 2 2 1"),
+    ] {
+        assert!(
+            launches
+                .lines()
+                .any(|l| l.starts_with(kernel) && l.ends_with(grid)),
+            "no launch of {kernel}with {grid}"
+        );
+    }
 }
 
 /// Per-step training losses, validation losses and gradient norms from a run's metrics.jsonl.

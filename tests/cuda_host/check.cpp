@@ -766,10 +766,10 @@ uint16_t poison_of(uint16_t*) { return kPoisonBf16; }
 
 template <typename E>
 void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, const int*, int),
-                    void (*attend)(float*, E*, E*, const float*, int, int, int, int, const int*,
-                                   int),
-                    void (*attend_to_bf16)(uint16_t*, E*, E*, const float*, int, int, int, int,
-                                           const int*, int),
+                    void (*attend)(float*, float*, E*, E*, const float*, int, int, int, int,
+                                   const int*, int),
+                    void (*attend_to_bf16)(uint16_t*, float*, E*, E*, const float*, int, int, int,
+                                           int, const int*, int),
                     const std::string& store_name, const std::string& attend_name,
                     const std::string& to_bf16_name) {
     struct Shape {
@@ -846,8 +846,8 @@ void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, cons
             if (len > 1)
                 launch(store, grid, dim3(store_threads), 0, k_cache, v_cache,
                        (const float*)qkv.data(), nh, hd, n_ctx, arg, pos_at, len);
-            launch(attend, grid, dim3(kDecodeThreads), shared, out.data(), k_cache, v_cache,
-                   (const float*)qkv.data(), nh, hd, n_ctx, arg, pos_at, len);
+            launch(attend, grid, dim3(kDecodeThreads), shared, out.data(), (float*)nullptr,
+                   k_cache, v_cache, (const float*)qkv.data(), nh, hd, n_ctx, arg, pos_at, len);
             std::string what = shape + " pos " + std::to_string(pos) + " len " +
                                std::to_string(len) +
                                (from_memory ? " (position read from memory)" : "");
@@ -861,9 +861,40 @@ void check_decoding(void (*store)(E*, E*, const float*, int, int, int, int, cons
             check(attend_name, what, out, want, kDecode);
             // The output stored as bfloat16: the f32 kernel's values rounded.
             vector<uint16_t> out16((size_t)n * d, kPoisonBf16);
-            launch(attend_to_bf16, grid, dim3(kDecodeThreads), shared, out16.data(), k_cache,
-                   v_cache, (const float*)qkv.data(), nh, hd, n_ctx, arg, pos_at, len);
+            launch(attend_to_bf16, grid, dim3(kDecodeThreads), shared, out16.data(),
+                   (float*)nullptr, k_cache, v_cache, (const float*)qkv.data(), nh, hd, n_ctx,
+                   arg, pos_at, len);
             check_bits(to_bf16_name, what, out16, rounded(out));
+            if (len > 1) continue;
+
+            // The step again with its keys split among blocks: runs of several keys, of one
+            // key and none (more runs than keys). The new row is poisoned first: the block
+            // whose run holds it must store it.
+            for (int splits : {2, 3, 5, 64}) {
+                std::string split_what = what + ", keys in " + std::to_string(splits) + " runs";
+                for (int b = 0; b < s.batch; b++)
+                    for (int h = 0; h < nh; h++) {
+                        size_t at = (((size_t)b * nh + h) * n_ctx + pos) * hd;
+                        std::fill(k_cache + at, k_cache + at + hd, poison_of((E*)nullptr));
+                        std::fill(v_cache + at, v_cache + at + hd, poison_of((E*)nullptr));
+                    }
+                vector<float> partials = nan_f32((size_t)n * nh * splits * (hd + 2));
+                std::fill(out.begin(), out.end(), NAN);
+                launch(attend, dim3(n, nh, splits), dim3(kDecodeThreads), shared, out.data(),
+                       partials.data(), k_cache, v_cache, (const float*)qkv.data(), nh, hd,
+                       n_ctx, arg, pos_at, len);
+                check_bits(attend_name, split_what + " keys",
+                           vector<E>(k_cache, k_cache + cache_len), want_k);
+                check_bits(attend_name, split_what + " values",
+                           vector<E>(v_cache, v_cache + cache_len), want_v);
+                launch(attend_combine_f32, grid, dim3(kDecodeThreads), 0, out.data(),
+                       (const float*)partials.data(), nh, hd, splits);
+                check("attend_combine_f32", split_what, out, want, kDecode);
+                std::fill(out16.begin(), out16.end(), kPoisonBf16);
+                launch(attend_combine_to_bf16, grid, dim3(kDecodeThreads), 0, out16.data(),
+                       (const float*)partials.data(), nh, hd, splits);
+                check_bits("attend_combine_to_bf16", split_what, out16, rounded(out));
+            }
         }
     }
 }

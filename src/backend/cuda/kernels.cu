@@ -528,8 +528,16 @@ extern "C" __global__ void kv_store_bf16(bf16_bits* k, bf16_bits* v, const float
 // (batch * len, n_head), 128 threads; dynamic shared memory decode_shared_bytes(n_ctx,
 // head_dim): the scores [n_ctx], q [head_dim rounded up to 8] and the value sums' partials.
 // With len > 1 (a prefill) kv_store has stored the new keys and values before; with len == 1
-// (a decoding step) each block stores its own position's key and value first: it is then the
-// only block that reads its (sequence, head)'s caches, so no other launch is needed.
+// (a decoding step) the block whose keys include the new position stores its key and value
+// first: it is the only block that reads that cache row, so no other launch is needed.
+//
+// Splitting the keys (len == 1 only): with few images, (batch, n_head) blocks leave most of
+// a GPU idle while each reads its whole cache, so a launch of gridDim.z > 1 gives block z the
+// z-th of gridDim.z equal runs of keys (n, the keys up to the new position, is known only
+// here: a replayed step reads it from memory). Such a block leaves its partial in `partials`
+// [rows, n_head, gridDim.z, head_dim + 2]: the max m of its scores, the sum of exp(s - m), then
+// the values weighted by exp(s - m); attend_combine then writes `out`. A block without keys
+// leaves m = -inf, sum 0 and zeros, which weigh nothing.
 //
 // At batch 64 a step's attention reads about 1.6 GB of keys and values (iGPT-S, position 512
 // on average), so the kernel is written to keep many reads in flight: rows are read in
@@ -592,20 +600,23 @@ __device__ __forceinline__ void unpack(float (&v)[8], const RawPiece& r, const b
 }
 
 template <typename E, typename O>
-__device__ void attend(O* out, E* k_cache, E* v_cache, const float* qkv, int n_head,
-                       int head_dim, int n_ctx, int pos, const int* pos_at, int len) {
+__device__ void attend(O* out, float* partials, E* k_cache, E* v_cache, const float* qkv,
+                       int n_head, int head_dim, int n_ctx, int pos, const int* pos_at, int len) {
     extern __shared__ float dynamic[];
     __shared__ float shared[32];
     const int hd = head_dim, pieces = decode_pieces(hd), row_threads = decode_row_threads(hd);
     float *scores = dynamic, *q = dynamic + n_ctx, *partial = q + pieces * 8;
     const int r = blockIdx.x, h = blockIdx.y, b = r / len;
     const int n = first_position(pos, pos_at) + r % len + 1;
+    // This block's keys lo..hi: all n, or its run of them.
+    const int splits = gridDim.z, run = (n + splits - 1) / splits;
+    const int lo = min(n, (int)blockIdx.z * run), hi = min(n, lo + run);
     const int d = n_head * hd;
     const float* row = qkv + (size_t)r * 3 * d;
     const size_t base = ((size_t)b * n_head + h) * n_ctx * hd;
     for (int c = threadIdx.x; c < pieces * 8; c += kDecodeThreads)
         q[c] = c < hd ? row[h * hd + c] : 0.0f;
-    if (len == 1) {
+    if (len == 1 && lo < hi && hi == n) {
         const size_t at = base + (size_t)(n - 1) * hd;
         for (int c = threadIdx.x; c < hd; c += kDecodeThreads) {
             store(k_cache, at + c, row[d + h * hd + c]);
@@ -628,7 +639,7 @@ __device__ void attend(O* out, E* k_cache, E* v_cache, const float* qkv, int n_h
     constexpr int kLanePieces = 2;
     float m = -INFINITY;
     // The loop's bound is warp-uniform: every lane reaches the shuffles.
-    for (int first = warp * 8; first < n; first += kPerRound * kDecodeRounds) {
+    for (int first = lo + warp * 8; first < hi; first += kPerRound * kDecodeRounds) {
         const int j0 = first + (lane >> 2);
         float s[kDecodeRounds];
 #pragma unroll
@@ -641,7 +652,7 @@ __device__ void attend(O* out, E* k_cache, E* v_cache, const float* qkv, int n_h
 #pragma unroll
                     for (int pp = 0; pp < kLanePieces; pp++) {
                         const int j = j0 + k * kPerRound, p = p0 + 4 * pp;
-                        if (j < n && p < pieces) raw[k][pp] = load_raw(keys + (size_t)j * hd, p * 8);
+                        if (j < hi && p < pieces) raw[k][pp] = load_raw(keys + (size_t)j * hd, p * 8);
                     }
             }
 #pragma unroll
@@ -649,7 +660,7 @@ __device__ void attend(O* out, E* k_cache, E* v_cache, const float* qkv, int n_h
 #pragma unroll
                 for (int pp = 0; pp < kLanePieces; pp++) {
                     const int j = j0 + k * kPerRound, p = p0 + 4 * pp;
-                    if (j >= n || p >= pieces) continue;
+                    if (j >= hi || p >= pieces) continue;
                     float v[8];
                     if (vectors) unpack(v, raw[k][pp], keys);
                     else load_columns(v, keys + (size_t)j * hd, p * 8, hd);
@@ -663,7 +674,7 @@ __device__ void attend(O* out, E* k_cache, E* v_cache, const float* qkv, int n_h
             s[k] += __shfl_xor_sync(0xffffffffu, s[k], 1);
             s[k] += __shfl_xor_sync(0xffffffffu, s[k], 2);
             s[k] *= scale;
-            if (j < n) {
+            if (j < hi) {
                 if (quad == 0) scores[j] = s[k];
                 m = fmaxf(m, s[k]);
             }
@@ -672,7 +683,7 @@ __device__ void attend(O* out, E* k_cache, E* v_cache, const float* qkv, int n_h
     // block_max's barriers also publish the scores.
     m = block_max(m, shared);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j < n; j += kDecodeThreads) {
+    for (int j = lo + threadIdx.x; j < hi; j += kDecodeThreads) {
         float e = expf(scores[j] - m);
         scores[j] = e;
         sum += e;
@@ -687,19 +698,19 @@ __device__ void attend(O* out, E* k_cache, E* v_cache, const float* qkv, int n_h
     if (group < groups) {
         for (int p = first_piece; p < pieces; p += row_threads) {
             float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-            for (int j0 = group; j0 < n; j0 += groups * kDecodeRounds) {
+            for (int j0 = lo + group; j0 < hi; j0 += groups * kDecodeRounds) {
                 RawPiece raw[kDecodeRounds];
                 if (vectors) {
 #pragma unroll
                     for (int k = 0; k < kDecodeRounds; k++) {
                         const int j = j0 + k * groups;
-                        if (j < n) raw[k] = load_raw(values + (size_t)j * hd, p * 8);
+                        if (j < hi) raw[k] = load_raw(values + (size_t)j * hd, p * 8);
                     }
                 }
 #pragma unroll
                 for (int k = 0; k < kDecodeRounds; k++) {
                     const int j = j0 + k * groups;
-                    if (j >= n) break;
+                    if (j >= hi) break;
                     float v[8];
                     if (vectors) unpack(v, raw[k], values);
                     else load_columns(v, values + (size_t)j * hd, p * 8, hd);
@@ -711,6 +722,16 @@ __device__ void attend(O* out, E* k_cache, E* v_cache, const float* qkv, int n_h
         }
     }
     __syncthreads();
+    if (splits > 1) {
+        float* mine = partials + (((size_t)r * n_head + h) * splits + blockIdx.z) * (hd + 2);
+        if (threadIdx.x == 0) mine[0] = m, mine[1] = sum;
+        for (int c = threadIdx.x; c < hd; c += kDecodeThreads) {
+            float acc = 0.0f;
+            for (int g = 0; g < groups; g++) acc += partial[g * pieces * 8 + c];
+            mine[2 + c] = acc;
+        }
+        return;
+    }
     const float inv = 1.0f / sum;
     for (int c = threadIdx.x; c < hd; c += kDecodeThreads) {
         float acc = 0.0f;
@@ -719,30 +740,71 @@ __device__ void attend(O* out, E* k_cache, E* v_cache, const float* qkv, int n_h
     }
 }
 
-extern "C" __global__ void attend_f32(float* out, float* k, float* v,
+extern "C" __global__ void attend_f32(float* out, float* partials, float* k, float* v,
                                       const float* qkv, int n_head, int head_dim, int n_ctx,
                                       int pos, const int* pos_at, int len) {
-    attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
+    attend(out, partials, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
 }
 
-extern "C" __global__ void attend_bf16(float* out, bf16_bits* k, bf16_bits* v,
+extern "C" __global__ void attend_bf16(float* out, float* partials, bf16_bits* k, bf16_bits* v,
                                        const float* qkv, int n_head, int head_dim, int n_ctx,
                                        int pos, const int* pos_at, int len) {
-    attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
+    attend(out, partials, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
 }
 
 // The same, the output stored rounded to bfloat16 (for a product that would round it anyway).
-extern "C" __global__ void attend_f32_to_bf16(bf16_bits* out, float* k, float* v,
-                                              const float* qkv, int n_head, int head_dim,
-                                              int n_ctx, int pos, const int* pos_at, int len) {
-    attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
+extern "C" __global__ void attend_f32_to_bf16(bf16_bits* out, float* partials, float* k, float* v,
+                                              const float* qkv, int n_head, int head_dim, int n_ctx,
+                                              int pos, const int* pos_at, int len) {
+    attend(out, partials, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
 }
 
-extern "C" __global__ void attend_bf16_to_bf16(bf16_bits* out, bf16_bits* k,
-                                               bf16_bits* v, const float* qkv,
-                                               int n_head, int head_dim, int n_ctx, int pos,
-                                               const int* pos_at, int len) {
-    attend(out, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
+extern "C" __global__ void attend_bf16_to_bf16(bf16_bits* out, float* partials, bf16_bits* k,
+                                               bf16_bits* v, const float* qkv, int n_head,
+                                               int head_dim, int n_ctx, int pos, const int* pos_at,
+                                               int len) {
+    attend(out, partials, k, v, qkv, n_head, head_dim, n_ctx, pos, pos_at, len);
+}
+
+// Most runs of keys a decoding step's attention is split into (attend_combine's shared
+// memory holds a weight for each).
+constexpr int kMaxDecodeSplits = 64;
+
+// Each (row, head)'s output from the partials of attend's split blocks: every partial
+// rescaled to the largest max, added in split order. Grid (rows, n_head), 128 threads.
+template <typename O>
+__device__ void attend_combine(O* out, const float* partials, int n_head, int head_dim,
+                               int splits) {
+    __shared__ float weight[kMaxDecodeSplits];
+    __shared__ float total;
+    const int r = blockIdx.x, h = blockIdx.y, hd = head_dim;
+    const float* part = partials + ((size_t)r * n_head + h) * splits * (hd + 2);
+    if (threadIdx.x == 0) {
+        float m = -INFINITY, sum = 0.0f;
+        for (int z = 0; z < splits; z++) m = fmaxf(m, part[z * (hd + 2)]);
+        for (int z = 0; z < splits; z++) {
+            weight[z] = expf(part[z * (hd + 2)] - m);
+            sum += weight[z] * part[z * (hd + 2) + 1];
+        }
+        total = sum;
+    }
+    __syncthreads();
+    const float inv = 1.0f / total;
+    for (int c = threadIdx.x; c < hd; c += blockDim.x) {
+        float acc = 0.0f;
+        for (int z = 0; z < splits; z++) acc += weight[z] * part[z * (hd + 2) + 2 + c];
+        store(out, (size_t)r * n_head * hd + h * hd + c, acc * inv);
+    }
+}
+
+extern "C" __global__ void attend_combine_f32(float* out, const float* partials, int n_head,
+                                              int head_dim, int splits) {
+    attend_combine(out, partials, n_head, head_dim, splits);
+}
+
+extern "C" __global__ void attend_combine_to_bf16(bf16_bits* out, const float* partials,
+                                                  int n_head, int head_dim, int splits) {
+    attend_combine(out, partials, n_head, head_dim, splits);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -171,6 +171,8 @@ struct Kernels {
     kv_store_bf16: CudaFunction,
     /// Decoding attention by cache type (f32, bf16) and output type (f32, bf16).
     attend: [[CudaFunction; 2]; 2],
+    /// The outputs of decoding attention split among blocks, by output type.
+    attend_combine: [CudaFunction; 2],
 }
 
 impl Kernels {
@@ -228,6 +230,7 @@ impl Kernels {
                 [f("attend_f32")?, f("attend_f32_to_bf16")?],
                 [f("attend_bf16")?, f("attend_bf16_to_bf16")?],
             ],
+            attend_combine: [f("attend_combine_f32")?, f("attend_combine_to_bf16")?],
             _module: module,
         })
     }
@@ -317,6 +320,9 @@ pub struct CudaBackend {
     /// Whether [`Backend::set_update`] has written the update's step since the arenas were
     /// allocated.
     update_set: bool,
+    /// The GPU's multiprocessors: how many blocks a decoding step's attention should spread
+    /// over.
+    multiprocessors: usize,
 }
 
 // SAFETY: the cuBLASLt handle and plans are used only by the thread that owns the backend
@@ -418,6 +424,35 @@ fn decode_context_limit(head_dim: usize) -> usize {
     (48 * 1024 - 128) / 4 - decode_scratch_floats(head_dim)
 }
 
+/// The fewest keys of a full context a run of split decoding attention holds: a block's
+/// fixed costs (loading the query, its reductions and barriers) take about as long as reading
+/// that many keys, so shorter runs gain little (a prediction, for a GPU run to check).
+const MIN_SPLIT_KEYS: usize = 64;
+
+/// kernels.cu: kMaxDecodeSplits.
+const MAX_DECODE_SPLITS: usize = 64;
+
+/// How many runs a decoding step's attention splits each (image, head)'s keys into, where its
+/// `blocks` (images x heads) would leave multiprocessors idle: enough for about two blocks per
+/// multiprocessor, as far as every run holds [`MIN_SPLIT_KEYS`] keys of a full context of
+/// `n_ctx` and the partials (`head_dim + 2` floats per block) fit in `scratch_floats`.
+fn decode_splits(
+    blocks: usize,
+    multiprocessors: usize,
+    n_ctx: usize,
+    head_dim: usize,
+    scratch_floats: usize,
+) -> usize {
+    if blocks == 0 || blocks >= multiprocessors {
+        return 1;
+    }
+    (2 * multiprocessors)
+        .div_ceil(blocks)
+        .min(n_ctx / MIN_SPLIT_KEYS)
+        .min(scratch_floats / (blocks * (head_dim + 2)))
+        .clamp(1, MAX_DECODE_SPLITS)
+}
+
 /// One block per row.
 fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -450,6 +485,11 @@ impl CudaBackend {
                 gpu.ordinal
             ),
         };
+        let multiprocessors = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| anyhow!("cannot query cuda:{}: {e:?}", gpu.ordinal))?;
         let kernels = Kernels::load(&ctx, ptx)?;
         let stream = ctx.default_stream();
         ctx.bind_to_thread()
@@ -474,6 +514,7 @@ impl CudaBackend {
             draws: Default::default(),
             draw_rows: 0,
             update_set: false,
+            multiprocessors: usize::try_from(multiprocessors).unwrap_or(1).max(1),
         })
     }
 
@@ -1575,7 +1616,7 @@ impl Backend for CudaBackend {
         k_cache: View,
         v_cache: View,
         qkv: View,
-        _scores: View,
+        scores: View,
         s: AttnShape,
         pos: usize,
         len: usize,
@@ -1601,6 +1642,14 @@ impl Backend for CudaBackend {
             self.ptr(v_cache),
             self.ptr(qkv),
         );
+        // A single step of few images splits each head's keys among blocks, their partials in
+        // the scores' scratch (kernels.cu: attend).
+        let splits = if len == 1 {
+            decode_splits(s.batch * nh, self.multiprocessors, n_ctx, hd, scores.len)
+        } else {
+            1
+        };
+        let partials = if splits > 1 { self.ptr(scores) } else { 0 };
         let (store, attend) = match k_cache.dtype {
             DType::F32 => (
                 &self.kernels.kv_store_f32,
@@ -1630,7 +1679,7 @@ impl Backend for CudaBackend {
             );
         }
         let cfg = LaunchConfig {
-            grid_dim: grid,
+            grid_dim: (grid.0, grid.1, splits as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: shared as u32,
         };
@@ -1639,9 +1688,23 @@ impl Backend for CudaBackend {
             cfg,
             "attention_step",
             &[
-                &p.0, &p.1, &p.2, &p.3, &nhi, &hdi, &ctx, &posi, &pos_at, &leni,
+                &p.0, &partials, &p.1, &p.2, &p.3, &nhi, &hdi, &ctx, &posi, &pos_at, &leni,
             ],
         );
+        if splits > 1 {
+            let cfg = LaunchConfig {
+                grid_dim: grid,
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let splits = int(splits);
+            self.launch(
+                &self.kernels.attend_combine[stored(out)],
+                cfg,
+                "attention_step",
+                &[&p.0, &partials, &nhi, &hdi, &splits],
+            );
+        }
     }
 
     fn gelu_forward(&mut self, out: View, x: View) {
@@ -1958,6 +2021,31 @@ mod tests {
     }
 
     #[test]
+    fn a_decoding_step_of_few_images_splits_its_keys_as_far_as_runs_and_scratch_allow() {
+        // iGPT-S (8 heads of 64, 1024 positions) on an H200's 132 multiprocessors, the scratch
+        // the decoder plans (images x heads x positions floats).
+        let splits = |images: usize| decode_splits(images * 8, 132, 1024, 64, images * 8 * 1024);
+        // One image: 33 runs would give two blocks per multiprocessor; 15 partials of 66
+        // floats fill the scratch of 1024.
+        assert_eq!(splits(1), 15);
+        assert_eq!(splits(4), 9);
+        assert_eq!(splits(16), 3);
+        // 17 images and more: enough blocks without splitting.
+        assert_eq!(splits(17), 1);
+        assert_eq!(splits(64), 1);
+        // Runs of at least 64 keys of the full context: none for 64 positions, 2 for 128.
+        assert_eq!(decode_splits(2, 132, 64, 16, 1 << 20), 1);
+        assert_eq!(decode_splits(2, 132, 128, 16, 1 << 20), 2);
+        // The kernels' bound.
+        assert_eq!(
+            decode_splits(1, 132, 1 << 16, 16, 1 << 30),
+            MAX_DECODE_SPLITS
+        );
+        let kernels = include_str!("kernels.cu");
+        assert!(kernels.contains(&format!("kMaxDecodeSplits = {MAX_DECODE_SPLITS};")));
+    }
+
+    #[test]
     fn no_kernel_adds_floats_with_atomics() {
         // Sums across blocks are written as parts and added in a fixed order, so a training
         // step gives the same bits on every run (README, "The same bits on every run").
@@ -2013,6 +2101,8 @@ mod tests {
                 "attend_bf16",
                 "attend_f32_to_bf16",
                 "attend_bf16_to_bf16",
+                "attend_combine_f32",
+                "attend_combine_to_bf16",
                 "flash_attention_forward_64",
                 "flash_attention_forward_128",
                 "flash_attention_backward_prepare",

@@ -6,8 +6,8 @@
 # Build here (the GPU machine has no Rust), into gpu/, which git ignores and the run carries:
 #   cargo build --release && mkdir -p gpu && cp target/release/igpt gpu/
 # Optionally, a build of an earlier commit as gpu/igpt-before, to time the same training step
-# with both in this one call (a ratio on one GPU at one time), for example the wmma flash
-# kernels before their mma.sync rewrite:
+# and the same generation with both in this one call (ratios on one GPU at one time), for
+# example the wmma flash kernels and the earlier decoding kernels before their rewrites:
 #   git worktree add /tmp/before 0f24546 && (cd /tmp/before && cargo build --release) &&
 #   cp /tmp/before/target/release/igpt gpu/igpt-before
 # Run there, from the repository root:
@@ -15,13 +15,13 @@
 #
 # Writes to OUT_DIR: one log per step (nvidia-smi.log, libraries.log, selftest.log,
 # same-bits.log, train.log, train-before.log where gpu/igpt-before exists, train-large.log,
-# generate.log, gemm.log), the JSON each step writes (selftest.json, train.json with a
-# per-kernel profile of the step, train-before.json, train-large.json, generate.json,
-# gemm.json) and
+# generate.log, generate-before.log with gpu/igpt-before, gemm.log), the JSON each step writes
+# (selftest.json, train.json with a per-kernel profile of the step, train-before.json,
+# train-large.json, generate.json, generate-before.json, gemm.json) and
 # summary.json: every step's exit code, time and JSON. Prints a short table last. A failing step
 # does not stop the next ones; the exit code is 0 only if every step succeeded.
 #
-# The limits add up to 515 s, 545 s with the earlier build, so one device call of 10 minutes
+# The limits add up to 505 s, 550 s with the earlier build, so one device call of 10 minutes
 # comes back even if every step is killed 5 s after its limit.
 # Overrides, for tests: IGPT_BIN (the binary), IGPT_BEFORE (the earlier build), NVIDIA_SMI,
 # PYTHON.
@@ -77,16 +77,22 @@ step train 180 train.json "$igpt" --device cuda bench train --shape small --batc
 # The same step by the earlier build, igpt alone, with its profile: the ratio of the two
 # igpt rows, and of their attention calls, is what the change between them bought.
 if [ -x "$before" ]; then
-    step train-before 30 train-before.json "$before" --device cuda bench train --shape small \
+    step train-before 25 train-before.json "$before" --device cuda bench train --shape small \
         --batch 32 --precision bf16 --profile --no-torch --json "$out/train-before.json"
 fi
 # iGPT-L's shape (1.36 B parameters), igpt alone: PyTorch would spend the limit compiling.
-step train-large 60 train-large.json "$igpt" --device cuda bench train --shape large --batch 8 \
+step train-large 55 train-large.json "$igpt" --device cuda bench train --shape large --batch 8 \
     --warmup 2 --steps 3 --precision bf16 --no-torch --json "$out/train-large.json"
 step generate 120 generate.json "$igpt" --device cuda bench generate --shape small --batches 1 64 \
     --python "$python" --json "$out/generate.json"
+# The same sampling by the earlier build, bf16, igpt alone: the ratio of the two igpt-bf16 rows
+# at each batch is what the decoding changes between them bought.
+if [ -x "$before" ]; then
+    step generate-before 20 generate-before.json "$before" --device cuda bench generate \
+        --shape small --batches 1 64 --precisions bf16 --no-python --json "$out/generate-before.json"
+fi
 # iGPT-S's products from f32 and from bf16 operands, in PyTorch: what bf16 activations would buy.
-step gemm 25 gemm.json "$python" "$repo/scripts/gemm_precision.py" --json "$out/gemm.json"
+step gemm 20 gemm.json "$python" "$repo/scripts/gemm_precision.py" --json "$out/gemm.json"
 
 write_summary
 
@@ -95,7 +101,7 @@ write_summary
 import json, sys
 
 for s in json.load(open(sys.argv[1]))["steps"]:
-    if s["step"] not in ("train", "train-before", "train-large", "generate") or not isinstance(s["json"], dict):
+    if s["step"] not in ("train", "train-before", "train-large", "generate", "generate-before") or not isinstance(s["json"], dict):
         continue
     for r in s["json"].get("runs", []):
         if "error" in r or "tokens_per_s" not in r:

@@ -185,7 +185,7 @@ fn every_step_passing_gives_exit_code_zero_and_igpt_sees_the_libraries() {
 }
 
 #[test]
-fn an_earlier_build_times_the_same_training_step_in_the_same_call() {
+fn an_earlier_build_times_the_same_training_step_and_sampling_in_the_same_call() {
     let dir = tempdir("gpu-check-before");
     let before = executable(&dir, "igpt-before", FAKE_IGPT);
     let (o, summary) = check_with(&dir, None, None, &before);
@@ -207,6 +207,21 @@ fn an_earlier_build_times_the_same_training_step_in_the_same_call() {
     }
     assert!(log.contains("--no-torch"), "{log}");
     assert_eq!(step(&summary, "train-before")["json"]["bench"], "train");
+    // And the same sampling, bf16, igpt alone, right after the generate step.
+    assert_eq!(at("generate-before"), at("generate") + 1, "{names:?}");
+    let log = std::fs::read_to_string(dir.join("out/generate-before.log")).unwrap();
+    let generate = std::fs::read_to_string(dir.join("out/generate.log")).unwrap();
+    for arg in ["bench generate --shape small", "--batches 1 64"] {
+        assert!(log.contains(arg) && generate.contains(arg), "{arg}: {log}");
+    }
+    assert!(
+        log.contains("--precisions bf16") && log.contains("--no-python"),
+        "{log}"
+    );
+    assert_eq!(
+        step(&summary, "generate-before")["json"]["bench"],
+        "generate"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -329,4 +344,47 @@ fn the_inspection_runs_both_sanitizers_and_tables_ncu_by_kernel() {
         "{table}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_step_killed_at_its_limit_still_leaves_the_call_within_ten_minutes() {
+    let script = include_str!("../scripts/gpu_check.sh");
+    let steps = include_str!("../scripts/gpu_steps.sh");
+    // `step NAME LIMIT ...` lines, the before steps included (the worst case), and the
+    // libraries step's `timeout -k 5 LIMIT` in gpu_steps.sh.
+    let mut limits: Vec<(String, u64)> = script
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("step")).then_some(())?;
+            let name = words.next()?.to_string();
+            let limit = words.next()?.parse().ok()?;
+            Some((name, limit))
+        })
+        .collect();
+    let libraries = steps
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("timeout -k 5 ").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .expect("the libraries step's limit");
+    limits.push(("libraries".into(), libraries));
+    let names: Vec<&str> = limits.iter().map(|(n, _)| n.as_str()).collect();
+    for want in [
+        "nvidia-smi",
+        "selftest",
+        "train",
+        "train-before",
+        "generate-before",
+        "gemm",
+    ] {
+        assert!(names.contains(&want), "no {want} step in {names:?}");
+    }
+    assert!(
+        steps.contains("timeout -k 5 \"$limit\""),
+        "steps are killed 5 s after their limit"
+    );
+    let total: u64 = limits.iter().map(|(_, l)| l + 5).sum();
+    assert!(total <= 600, "{total} s: {limits:?}");
 }

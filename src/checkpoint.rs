@@ -211,8 +211,9 @@ fn write_f32_streaming(
     })
 }
 
-/// A run's `metrics.jsonl`: one JSON object per line, each flushed as it is written, so a
-/// killed run keeps every line it logged.
+/// A run's `metrics.jsonl`: one JSON object per line, each line one append to the file (no
+/// buffer), so a killed run keeps every line it logged, and only a full disk can cut the last
+/// one short.
 pub struct MetricsLog {
     file: std::fs::File,
     path: PathBuf,
@@ -221,8 +222,8 @@ pub struct MetricsLog {
 impl MetricsLog {
     pub fn write(&mut self, line: &serde_json::Value) -> Result<()> {
         use std::io::Write;
-        writeln!(self.file, "{line}")
-            .and_then(|()| self.file.flush())
+        self.file
+            .write_all(format!("{line}\n").as_bytes())
             .with_context(|| {
                 format!(
                     "cannot append to {} (is the disk full?)",
@@ -291,18 +292,26 @@ impl RunDir {
         self.path.join(name)
     }
 
-    /// The run's `metrics.jsonl`, opened for appending; `fresh` empties it first (a new run
-    /// into this directory).
-    pub fn metrics_log(&self, fresh: bool) -> Result<MetricsLog> {
+    /// The run's `metrics.jsonl`, opened for appending.
+    pub fn metrics_log(&self) -> Result<MetricsLog> {
         let path = self.file("metrics.jsonl");
         let file = std::fs::OpenOptions::new()
             .create(true)
-            .append(!fresh)
-            .write(true)
-            .truncate(fresh)
+            .append(true)
             .open(&path)
             .with_context(|| format!("cannot write metrics to {}", path.display()))?;
         Ok(MetricsLog { file, path })
+    }
+
+    /// Removes the run's `metrics.jsonl`, for a new run into this directory.
+    pub fn clear_metrics(&self) -> Result<()> {
+        let path = self.file("metrics.jsonl");
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", path.display()))
+            }
+            _ => Ok(()),
+        }
     }
 
     pub fn save_config(&self, cfg: &RunConfig) -> Result<()> {

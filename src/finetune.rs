@@ -791,6 +791,13 @@ pub fn run(
     let progress = if leads { progress } else { &mut quiet };
     let t = mc.n_ctx();
     cfg.validate()?;
+    // A pre-training run's directory keeps its model, its metrics and what resumes it.
+    ensure!(
+        !out.join("trainer.safetensors").exists(),
+        "{} holds a pre-training run (trainer.safetensors): fine-tuning into it would overwrite \
+         its model and metrics; fine-tune into another directory",
+        out.display()
+    );
     ensure!(
         data.header.t == t && data.header.n_vocab == mc.n_vocab,
         "the images ({} tokens, {} colours) do not fit the model ({t} tokens, {} colours)",
@@ -900,7 +907,10 @@ pub fn run(
         out.save_model(mc, &ft.engine.params())?;
         ft.head.save(&out.file("head.safetensors"))
     };
-    let mut log = out.as_ref().map(|o| o.metrics_log(true)).transpose()?;
+    if let Some(out) = &out {
+        out.clear_metrics()?;
+    }
+    let mut log = out.as_ref().map(|o| o.metrics_log()).transpose()?;
     let mut log_line = |line: serde_json::Value| log.as_mut().map_or(Ok(()), |l| l.write(&line));
     // The starting point is a candidate too: fine-tuning only keeps what beats it.
     let mut best = ft.accuracy(&val, &val_y, cfg.masks)?;

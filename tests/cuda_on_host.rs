@@ -557,6 +557,51 @@ fn fine_tuning_on_the_cuda_backend_matches_the_cpu_and_gives_the_same_bits_whate
 }
 
 #[test]
+fn a_decoding_step_issues_eight_calls_per_layer_and_nine_where_it_splits_its_keys() {
+    // From the host driver's log of what was issued (kernels, products, copies): sampling one
+    // image from a model of one layer and from one of two, every step issued call by call
+    // (captures refused), the second's extra calls are one layer's per step.
+    let dir = tempdir("cuda-host-calls-per-layer");
+    let calls_per_layer = |side: &str| -> (usize, usize) {
+        let mut issued = Vec::new();
+        for layers in ["1", "2"] {
+            let run = dir.join(format!("side{side}-layers{layers}"));
+            #[rustfmt::skip]
+            let train = [
+                "train", "--data", IMAGES, "--limit", "40", "--side", side, "--palette-size", "16",
+                "--layers", layers, "--embd", "32", "--heads", "2", "--batch", "4",
+                "--steps", "1", "--out", s(&run),
+            ];
+            succeeded(&igpt_on_host_driver(&train, &[]), "training on the cpu");
+            let (log, png) = (run.join("launches.log"), run.join("sample.png"));
+            #[rustfmt::skip]
+            let sample = [
+                "--device", "cuda", "sample", "--model", s(&run), "--n", "1", "--seed", "3",
+                "--precision", "bf16", "--out", s(&png),
+            ];
+            let env = [NO_GRAPHS[0], ("CUDA_HOST_LAUNCH_LOG", s(&log))];
+            succeeded(&igpt_on_host_driver(&sample, &env), "sampling on cuda");
+            issued.push(std::fs::read_to_string(&log).expect("read the launch log"));
+        }
+        // One embedding per step.
+        let steps = issued[0]
+            .lines()
+            .filter(|l| l.starts_with("embed_step "))
+            .count();
+        let extra = issued[1].lines().count() - issued[0].lines().count();
+        // Both loaded their weights once: four matrices packed per layer.
+        let packs = |log: &str| log.lines().filter(|l| l.starts_with("pack_weight")).count();
+        let per_step = extra - (packs(&issued[1]) - packs(&issued[0]));
+        assert_eq!(per_step % steps, 0, "{per_step} calls over {steps} steps");
+        (per_step / steps, steps)
+    };
+    // 64 positions: too few keys to split.
+    assert_eq!(calls_per_layer("8"), (8, 64));
+    // 256 positions, one image of 2 heads: the keys split into 4 runs, then combined.
+    assert_eq!(calls_per_layer("16"), (9, 256));
+}
+
+#[test]
 fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
     // f32 (attention's products through cuBLASLt too) and bf16 (FAST_16BF products, flash
     // attention).

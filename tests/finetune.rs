@@ -595,6 +595,24 @@ fn finetune_and_classify_commands() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy"));
 
+    // Not into the pre-training run's directory, whose model and metrics it would overwrite.
+    let metrics_before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    #[rustfmt::skip]
+    let o = igpt(&[
+        "finetune", "--model", s(&run), "--data", "fashion-mnist", "--limit", "100",
+        "--steps", "2", "--batch", "4", "--out", s(&run),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("holds a pre-training run") && stderr(&o).contains(s(&run)),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(run.join("metrics.jsonl")).unwrap(),
+        metrics_before
+    );
+
     // Fine-tuning again into the same directory starts its log afresh.
     #[rustfmt::skip]
     let o = igpt(&[

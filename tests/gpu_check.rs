@@ -385,6 +385,7 @@ fn every_step_killed_at_its_limit_still_leaves_the_call_within_ten_minutes() {
         steps.contains("timeout -k 5 \"$limit\""),
         "steps are killed 5 s after their limit"
     );
+    // 15 s are left for what runs after the steps (the summary and the headline table).
     let total: u64 = limits.iter().map(|(_, l)| l + 5).sum();
-    assert!(total <= 600, "{total} s: {limits:?}");
+    assert!(total + 15 <= 600, "{total} s: {limits:?}");
 }

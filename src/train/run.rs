@@ -215,7 +215,7 @@ pub fn start(
         run.lock()?;
         run.save_config(&cfg)?;
         run.save_palette(&prepared.palette)?;
-        let _ = std::fs::remove_file(run.file("metrics.jsonl"));
+        run.clear_metrics()?;
     }
     let params = crate::model::init_params(model, train_cfg.seed);
     let mut trainer = Trainer::with_team(model, train_cfg.clone(), &params, device, team)?;
@@ -476,7 +476,7 @@ fn train_loop_on_pool(
     let last = stop_after.map_or(total, |s| (first + s).min(total));
     // Rank 0 alone validates, logs, charts and writes checkpoints; the others only train.
     let leads = trainer.team().leads();
-    let mut log = leads.then(|| run.metrics_log(false)).transpose()?;
+    let mut log = leads.then(|| run.metrics_log()).transpose()?;
     let ranks = trainer.team().world();
     if leads {
         if ranks > 1 {

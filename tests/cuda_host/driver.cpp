@@ -454,6 +454,17 @@ CUresult cuMemFree_v2(CUdeviceptr ptr) {
     return CUDA_SUCCESS;
 }
 
+// For tests that need to know which kernels and products were issued (recorded into a graph
+// or run at once), and on what grid or shape: one line each in CUDA_HOST_LAUNCH_LOG.
+static void log_launch(const std::string& what, const std::string& how) {
+    if (const char* log = getenv("CUDA_HOST_LAUNCH_LOG")) {
+        if (FILE* f = fopen(log, "a")) {
+            fprintf(f, "%s %s\n", what.c_str(), how.c_str());
+            fclose(f);
+        }
+    }
+}
+
 static CUresult check_range(const char* call, CUdeviceptr p, size_t bytes) {
     if (in_allocation(p, bytes)) return CUDA_SUCCESS;
     return refuse(CUDA_ERROR_INVALID_VALUE, call,
@@ -517,6 +528,7 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstre
     if (CUresult e = check_range("cuMemcpyDtoDAsync", dst, n)) return e;
     if (CUresult e = check_range("cuMemcpyDtoDAsync", src, n)) return e;
     if (CUresult e = no_context("cuMemcpyDtoDAsync")) return e;
+    log_launch("cuMemcpyDtoDAsync", "bytes " + std::to_string(n));
     issue(stream_of(s),
           Job{[=] { memmove((void*)dst, (const void*)src, n); }, {{dst, n}, {src, n}}},
           "cuMemcpyDtoDAsync");
@@ -616,13 +628,8 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
     std::string why;
     if (CUresult e = fn->bind(params, dim3(gx, gy, gz), dim3(bx, by, bz), shared, &job, &why))
         return refuse(e, call.c_str(), why);
-    // For tests that need to know which kernels ran, and on what grid.
-    if (const char* log = getenv("CUDA_HOST_LAUNCH_LOG")) {
-        if (FILE* f = fopen(log, "a")) {
-            fprintf(f, "%s grid %u %u %u\n", fn->name.c_str(), gx, gy, gz);
-            fclose(f);
-        }
-    }
+    log_launch(fn->name, "grid " + std::to_string(gx) + " " + std::to_string(gy) + " " +
+                             std::to_string(gz));
     issue(stream_of(s), std::move(job), call.c_str());
     return CUDA_SUCCESS;
 }
@@ -1138,6 +1145,8 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
                 }
         }
     };
+    log_launch(call, "m " + std::to_string(m) + " n " + std::to_string(n) + " k " +
+                         std::to_string(k));
     issue(stream_of(s), std::move(job), call);
     return CUBLAS_STATUS_SUCCESS;
 }

@@ -625,6 +625,8 @@ __device__ void attend(O* out, float* partials, E* k_cache, E* v_cache, const fl
     }
     // Also makes the stored row visible to every thread of the block.
     __syncthreads();
+    // Plain (coherent) loads: a step's block reads back the row it stored above, which
+    // __restrict__ or __ldg on the caches would allow to come from the non-coherent path.
     const E *keys = k_cache + base, *values = v_cache + base;
     // Every row starts on 16 bytes where the cache does and a row is whole pieces.
     const bool vectors = hd % 8 == 0 && (uintptr_t)keys % 16 == 0 && (uintptr_t)values % 16 == 0;

@@ -433,9 +433,11 @@ const MIN_SPLIT_KEYS: usize = 64;
 const MAX_DECODE_SPLITS: usize = 64;
 
 /// How many runs a decoding step's attention splits each (image, head)'s keys into, where its
-/// `blocks` (images x heads) would leave multiprocessors idle: enough for about two blocks per
-/// multiprocessor, as far as every run holds [`MIN_SPLIT_KEYS`] keys of a full context of
-/// `n_ctx` and the partials (`head_dim + 2` floats per block) fit in `scratch_floats`.
+/// `blocks` (images x heads) are fewer than two per multiprocessor (one block keeps about half
+/// the reads in flight that a multiprocessor needs to stream at full bandwidth; predicted):
+/// enough for about two blocks per multiprocessor, as far as every run holds
+/// [`MIN_SPLIT_KEYS`] keys of a full context of `n_ctx` and the partials (`head_dim + 2`
+/// floats per block) fit in `scratch_floats`.
 fn decode_splits(
     blocks: usize,
     multiprocessors: usize,
@@ -443,7 +445,7 @@ fn decode_splits(
     head_dim: usize,
     scratch_floats: usize,
 ) -> usize {
-    if blocks == 0 || blocks >= multiprocessors {
+    if blocks == 0 || blocks >= 2 * multiprocessors {
         return 1;
     }
     (2 * multiprocessors)
@@ -1649,17 +1651,13 @@ impl Backend for CudaBackend {
         } else {
             1
         };
+        assert!(
+            splits == 1 || scores.dtype == DType::F32,
+            "partials are f32"
+        );
         let partials = if splits > 1 { self.ptr(scores) } else { 0 };
-        let (store, attend) = match k_cache.dtype {
-            DType::F32 => (
-                &self.kernels.kv_store_f32,
-                &self.kernels.attend[0][stored(out)],
-            ),
-            DType::Bf16 => (
-                &self.kernels.kv_store_bf16,
-                &self.kernels.attend[1][stored(out)],
-            ),
-        };
+        let cache = usize::from(k_cache.dtype == DType::Bf16);
+        let attend = &self.kernels.attend[cache][stored(out)];
         let grid = ((s.batch * len) as u32, nh as u32, 1);
         let (nhi, hdi, ctx, leni) = (int(nh), int(hd), int(n_ctx), int(len));
         let (posi, pos_at) = self.position_args(pos);
@@ -1671,6 +1669,7 @@ impl Backend for CudaBackend {
         // A prefill stores every new key and value first, then attends; a single step's
         // attention stores its own position's (kernels.cu: attend), one launch fewer a layer.
         if len > 1 {
+            let store = [&self.kernels.kv_store_f32, &self.kernels.kv_store_bf16][cache];
             self.launch(
                 store,
                 cfg,
@@ -2030,8 +2029,10 @@ mod tests {
         assert_eq!(splits(1), 15);
         assert_eq!(splits(4), 9);
         assert_eq!(splits(16), 3);
-        // 17 images and more: enough blocks without splitting.
-        assert_eq!(splits(17), 1);
+        assert_eq!(splits(17), 2);
+        assert_eq!(splits(32), 2);
+        // 33 images and more: enough blocks without splitting.
+        assert_eq!(splits(33), 1);
         assert_eq!(splits(64), 1);
         // Runs of at least 64 keys of the full context: none for 64 positions, 2 for 128.
         assert_eq!(decode_splits(2, 132, 64, 16, 1 << 20), 1);
@@ -2178,12 +2179,22 @@ mod tests {
                     assert_eq!(count("wmma"), 0, "{name}");
                 }
             }
-            // The decoding kernels read rows 16 bytes at a time.
-            for name in ["attend_f32", "attend_bf16"] {
-                let wide = instructions(kernel_body(ptx, name))
-                    .filter(|l| l.starts_with("ld.global.v4"))
-                    .count();
-                assert!(wide > 0, "{name}");
+            // The decoding kernels read rows 16 bytes at a time, and never through the
+            // non-coherent path: a single step's block reads back the row it stored.
+            for name in [
+                "attend_f32",
+                "attend_bf16",
+                "attend_f32_to_bf16",
+                "attend_bf16_to_bf16",
+            ] {
+                let loads: Vec<&str> = instructions(kernel_body(ptx, name))
+                    .filter(|l| l.starts_with("ld.global"))
+                    .collect();
+                assert!(
+                    loads.iter().any(|l| l.starts_with("ld.global.v4")),
+                    "{name}"
+                );
+                assert!(!loads.iter().any(|l| l.contains(".nc")), "{name}");
             }
         }
     }

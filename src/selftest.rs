@@ -406,7 +406,8 @@ pub fn check_kernels(
             .unwrap_or(0)
     });
     let cache = BATCH * HEADS * max(&|b| b.decode_cache_len(T)) * (D / HEADS);
-    let packed = max(&|b| b.packed_len(D, VOCAB));
+    // The packed checks' widest weight: [D, VOCAB], or the residual product's [D, D].
+    let packed = max(&|b| b.packed_len(D, VOCAB).max(b.packed_len(D, D)));
     // The largest check (attention_step) holds two caches and its step buffers; the backward
     // pass of attention holds its scratch and five row buffers.
     let acts = 2 * cache + scratch + 16 * ROWS * 3 * D;
@@ -645,6 +646,37 @@ fn product_kernels(p: &mut Pair) {
             );
         }
     }
+
+    // The residual stream's products: the sum into another buffer, the addend left as it was.
+    let (m, k, n) = (ROWS, D, D);
+    p.reset();
+    let a = p.put_random(m * k, 1.0);
+    let w = p.put_random(k * n, 1.0);
+    let addend = p.put_random(m * n, 1.0);
+    let out = p.out(m * n);
+    p.both(|be| be.matmul_onto(out, addend, a, Op::N, w, Op::N, m, k, n));
+    p.record(
+        "matmul_onto (N,N)",
+        tol.products(),
+        &[("out", out), ("addend", addend)],
+    );
+    p.reset();
+    let m = PACKED_ROWS;
+    let a = p.put_random(m * k, 1.0);
+    let w = p.put_random(k * n, 1.0);
+    let packed = p.half.each([0, 1].map(|i| p.b[i].packed_len(k, n)));
+    let addend = p.put_random(m * n, 1.0);
+    let out = p.out(m * n);
+    p.each(&[packed], |b, v| {
+        b.fill(v[0], f32::NAN);
+        b.pack_weight(v[0], w, Op::N, k, n);
+        b.matmul_packed_onto(out, addend, a, v[0], m, k, n);
+    });
+    p.record(
+        "pack_weight + matmul_packed_onto (N)",
+        tol.bf16_storage,
+        &[("out", out), ("addend", addend)],
+    );
 }
 
 fn attention_kernels(p: &mut Pair) {

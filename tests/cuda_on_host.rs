@@ -602,6 +602,40 @@ fn a_decoding_step_issues_eight_calls_per_layer_and_nine_where_it_splits_its_key
 }
 
 #[test]
+fn a_training_step_adds_each_block_onto_its_residual_stream_without_copying_it() {
+    // The two residual products of a block read the stream where it lies and write their sum
+    // to the next buffer (cuBLASLt's C and D apart): a model of two layers issues no more
+    // copies than one of one, and as many more products as its second layer's.
+    let dir = tempdir("cuda-host-residual-copies");
+    let issued: Vec<String> = ["1", "2"]
+        .iter()
+        .map(|layers| {
+            let run = dir.join(format!("layers{layers}"));
+            let log = run.with_extension("log");
+            #[rustfmt::skip]
+            let train = [
+                "--device", "cuda", "train", "--data", IMAGES, "--limit", "40", "--side", "8",
+                "--palette-size", "16", "--layers", layers, "--embd", "32", "--heads", "2",
+                "--batch", "4", "--steps", "2", "--out", s(&run),
+            ];
+            let env = [NO_GRAPHS[0], ("CUDA_HOST_LAUNCH_LOG", s(&log))];
+            succeeded(&igpt_on_host_driver(&train, &env), "training on cuda");
+            std::fs::read_to_string(&log).expect("read the launch log")
+        })
+        .collect();
+    let count = |log: &str, what: &str| log.lines().filter(|l| l.starts_with(what)).count();
+    assert_eq!(
+        count(&issued[1], "cuMemcpyDtoDAsync"),
+        count(&issued[0], "cuMemcpyDtoDAsync"),
+        "copies per layer"
+    );
+    // A layer's products: 4 forward and 8 backward in each of the 2 steps, then 4 in the final
+    // evaluation.
+    let products = count(&issued[1], "cublasLtMatmul") - count(&issued[0], "cublasLtMatmul");
+    assert_eq!(products, 2 * 12 + 4);
+}
+
+#[test]
 fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
     // f32 (attention's products through cuBLASLt too) and bf16 (FAST_16BF products, flash
     // attention).

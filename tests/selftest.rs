@@ -38,6 +38,8 @@ const KERNEL_CHECKS: &[&str] = &[
     "pack_weight + matmul_packed (N, accumulate)",
     "pack_weight + matmul_packed (T)",
     "pack_weight + matmul_packed (T, accumulate)",
+    "matmul_onto (N,N)",
+    "pack_weight + matmul_packed_onto (N)",
     "attention_forward (causal)",
     "attention_backward (causal)",
     "attention_forward (bidirectional)",
@@ -98,6 +100,8 @@ fn the_cpu_passes_against_itself_and_every_kernel_is_checked() {
         "matmul",
         "pack_weight",
         "matmul_packed",
+        "matmul_onto",
+        "matmul_packed_onto",
         "attention_forward",
         "attention_backward",
         "embed_step",
@@ -153,6 +157,9 @@ enum Fault {
     /// Every output stored as bfloat16 one unit in the last place too large (a kernel that
     /// rounds wrongly).
     Bf16OutputsHigh,
+    /// matmul_onto adds into its addend, then copies the sum out: the output is right, the
+    /// residual stream the backward pass needs is not.
+    OntoWritesAddend,
 }
 
 /// The CPU backend with one kernel broken.
@@ -322,6 +329,29 @@ impl Backend for Faulty {
         let accumulate = accumulate && !matches!(self.fault, Fault::MatmulIgnoresAccumulate);
         self.cpu.matmul(out, a, ta, b, tb, m, k, n, accumulate)
     }
+    fn matmul_onto(
+        &mut self,
+        out: View,
+        addend: View,
+        a: View,
+        ta: Op,
+        b: View,
+        tb: Op,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        if let Fault::OntoWritesAddend = self.fault {
+            self.cpu.matmul(addend, a, ta, b, tb, m, k, n, true);
+            self.cpu.copy(out, addend);
+        } else {
+            // As the trait's default does, through this backend's own matmul.
+            if out != addend {
+                self.cpu.copy(out, addend);
+            }
+            self.matmul(out, a, ta, b, tb, m, k, n, true);
+        }
+    }
     fn attention_forward(
         &mut self,
         out: View,
@@ -461,8 +491,16 @@ fn a_matmul_that_ignores_accumulate_fails_the_accumulating_checks() {
             "matmul (N,T, accumulate)",
             "matmul (T,N, accumulate)",
             "matmul (T,T, accumulate)",
+            "matmul_onto (N,N)",
         ],
     );
+}
+
+#[test]
+fn a_product_onto_the_residual_stream_that_changes_it_fails_its_check_only() {
+    let checks = fails_exactly(Fault::OntoWritesAddend, &["matmul_onto (N,N)"]);
+    let c = check(&checks, "matmul_onto (N,N)");
+    assert!(c.detail.contains("addend"), "{c:?}");
 }
 
 #[test]

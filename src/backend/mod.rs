@@ -391,6 +391,46 @@ pub trait Backend: Send {
         n: usize,
         accumulate: bool,
     );
+    /// `out = addend + a @ w`: [`Backend::matmul_packed`] adding to another buffer of `out`'s
+    /// shape (a block's residual stream, which the backward pass needs unchanged) rather than
+    /// to `out`. `out` may be `addend` itself (in place) but must not otherwise overlap it. A
+    /// backend whose products read the addend where it lies saves the copy this default makes.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_packed_onto(
+        &mut self,
+        out: View,
+        addend: View,
+        a: View,
+        w: View,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        if out != addend {
+            self.copy(out, addend);
+        }
+        self.matmul_packed(out, a, w, m, k, n, true);
+    }
+    /// `out = addend + a @ b`: [`Backend::matmul`] onto another buffer, as
+    /// [`Backend::matmul_packed_onto`].
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_onto(
+        &mut self,
+        out: View,
+        addend: View,
+        a: View,
+        ta: Op,
+        b: View,
+        tb: Op,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        if out != addend {
+            self.copy(out, addend);
+        }
+        self.matmul(out, a, ta, b, tb, m, k, n, true);
+    }
     fn attention_forward(
         &mut self,
         out: View,

@@ -246,6 +246,32 @@ impl Backend for Profiled {
     ) {
         timed!(self, matmul(out, a, ta, b, tb, m, k, n, accumulate))
     }
+    fn matmul_packed_onto(
+        &mut self,
+        out: View,
+        addend: View,
+        a: View,
+        w: View,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        timed!(self, matmul_packed_onto(out, addend, a, w, m, k, n))
+    }
+    fn matmul_onto(
+        &mut self,
+        out: View,
+        addend: View,
+        a: View,
+        ta: Op,
+        b: View,
+        tb: Op,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        timed!(self, matmul_onto(out, addend, a, ta, b, tb, m, k, n))
+    }
     fn attention_forward(
         &mut self,
         out: View,

@@ -52,6 +52,27 @@ fn linear(
     }
 }
 
+/// `out[rows, n] = addend + x[rows, k] @ w`, in place where `out` is `addend`.
+#[allow(clippy::too_many_arguments)]
+fn linear_onto(
+    b: &mut dyn Backend,
+    out: View,
+    addend: View,
+    x: View,
+    w: Weight,
+    rows: usize,
+    k: usize,
+    n: usize,
+) {
+    if out == addend {
+        return linear(b, out, x, w, rows, k, n, true);
+    }
+    match w {
+        Weight::F32(w, op) => b.matmul_onto(out, addend, x, Op::N, w, op, rows, k, n),
+        Weight::Packed(w) => b.matmul_packed_onto(out, addend, x, w, rows, k, n),
+    }
+}
+
 /// One block's parameters for the forward pass.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BlockWeights {
@@ -155,17 +176,11 @@ pub(crate) fn block_forward(
     b.rmsnorm_forward(io.ln1, io.rstd1, io.x, w.ln_1, d);
     linear(b, io.qkv, io.ln1, w.c_attn, rows, d, 3 * d, false);
     attend(b, io.qkv, io.att);
-    if io.mid != io.x {
-        b.copy(io.mid, io.x);
-    }
-    linear(b, io.mid, io.att, w.attn_proj, rows, d, d, true);
+    linear_onto(b, io.mid, io.x, io.att, w.attn_proj, rows, d, d);
     b.rmsnorm_forward(io.ln2, io.rstd2, io.mid, w.ln_2, d);
     linear(b, io.fc, io.ln2, w.c_fc, rows, d, 4 * d, false);
     b.gelu_forward(io.fc_act, io.fc);
-    if io.out != io.mid {
-        b.copy(io.out, io.mid);
-    }
-    linear(b, io.out, io.fc_act, w.mlp_proj, rows, 4 * d, d, true);
+    linear_onto(b, io.out, io.mid, io.fc_act, w.mlp_proj, rows, 4 * d, d);
 }
 
 /// The final norm and the output head: `logits = norm_f(x) @ wtet^T` over `rows` rows.

@@ -887,7 +887,7 @@ static std::string lt_shape(const LtDesc& d, const LtLayout& a, const LtLayout& 
     if (c.type != CUDA_R_32F || dd.type != CUDA_R_32F) return "C and D must be CUDA_R_32F";
     if (c.rows != dd.rows || c.cols != dd.cols || c.ld != dd.ld || c.batch != dd.batch ||
         c.stride != dd.stride)
-        return "an in-place product needs D laid out as C";
+        return "D must be laid out as C";
     if (a.type == CUDA_R_32F && d.compute == CUBLAS_COMPUTE_32F)
         out.fast_bf16 = false;
     else if (a.type == CUDA_R_32F && d.compute == CUBLAS_COMPUTE_32F_FAST_16BF)
@@ -1100,7 +1100,6 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
     if (workspace_bytes && !in_allocation((uintptr_t)workspace, workspace_bytes))
         return lt_refuse(call, CUBLAS_STATUS_EXECUTION_FAILED,
                          "the workspace is not device memory");
-    if (C != D) return lt_refuse(call, CUBLAS_STATUS_NOT_SUPPORTED, "only in-place products");
     long long m = shape.m, n = shape.n, k = shape.k;
     bool ta = dd->trans[0] == 1, tb = dd->trans[1] == 1, fast_bf16 = shape.fast_bf16;
     int type = l[0]->type, batch = l[2]->batch;
@@ -1115,7 +1114,14 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
         {A, extent(l[0]->rows, l[0]->cols, lda, stride_a, batch, esize), "A"},
         {B, extent(l[1]->rows, l[1]->cols, ldb, stride_b, batch, esize), "B"},
         {C, extent(m, n, ldc, stride_c, batch, 4), "C"},
+        {D, C == D ? 0 : extent(m, n, ldc, stride_c, batch, 4), "D"},
     };
+    // D is C (a product in place) or apart from it: cuBLASLt does not define a partial overlap.
+    size_t c_bytes = operands[2].bytes;
+    if (C != D && c_bytes && (uintptr_t)D < (uintptr_t)C + c_bytes &&
+        (uintptr_t)C < (uintptr_t)D + c_bytes)
+        return lt_refuse(call, CUBLAS_STATUS_INVALID_VALUE,
+                         "C and D overlap without being the same matrix");
     for (auto& o : operands)
         if (o.bytes && !in_allocation((uintptr_t)o.p, o.bytes))
             return lt_refuse(call, CUBLAS_STATUS_EXECUTION_FAILED,
@@ -1132,16 +1138,17 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
         for (int b = 0; b < batch; b++) {
             const char* a = static_cast<const char*>(A) + (size_t)b * stride_a * esize;
             const char* bb = static_cast<const char*>(B) + (size_t)b * stride_b * esize;
-            float* c = static_cast<float*>(D) + (size_t)b * stride_c;
+            const float* c = static_cast<const float*>(C) + (size_t)b * stride_c;
+            float* d = static_cast<float*>(D) + (size_t)b * stride_c;
             for (long long j = 0; j < n; j++)
                 for (long long i = 0; i < m; i++) {
                     double sum = 0.0;
                     for (long long x = 0; x < k; x++)
                         sum += element(a, type, ta, lda, i, x, fast_bf16) *
                                element(bb, type, tb, ldb, x, j, fast_bf16);
-                    float& out = c[i + j * ldc];
-                    // beta = 0: C is written, never read (it may hold NaN).
-                    out = be == 0.0f ? (float)(al * sum) : (float)(al * sum + be * out);
+                    // beta = 0: C is never read (it may hold NaN).
+                    float added = be == 0.0f ? 0.0f : be * c[i + j * ldc];
+                    d[i + j * ldc] = be == 0.0f ? (float)(al * sum) : (float)(al * sum + added);
                 }
         }
     };

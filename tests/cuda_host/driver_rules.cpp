@@ -256,6 +256,22 @@ int main() {
     cuMemcpyDtoH_v2(hc, c, sizeof hc);
     expect(hc[0] == 4 && hc[1] == 10 && hc[2] == 5 && hc[3] == 11,
            "its column-major result, C never read when beta is 0");
+    // D = A B + C into another buffer: C is read, not written.
+    CUdeviceptr d;
+    cuMemAlloc_v2(&d, 8 * 4);
+    float addend[4] = {1, 2, 3, 4}, hd[4];
+    cuMemcpyHtoD_v2(c, addend, sizeof addend);
+    auto onto = [&](CUdeviceptr out) {
+        return cublasLtMatmul(lt, desc, &one, (void*)a, la, (void*)b, lb, &one, (void*)c, lc,
+                              (void*)out, lc, &algo, (void*)workspace, ws_bytes, nullptr);
+    };
+    expect(onto(d) == CUBLAS_STATUS_SUCCESS, "a product onto another buffer");
+    cuMemcpyDtoH_v2(hd, d, sizeof hd);
+    cuMemcpyDtoH_v2(hc, c, sizeof hc);
+    expect(hd[0] == 5 && hd[1] == 12 && hd[2] == 8 && hd[3] == 15 && hc[0] == 1 && hc[3] == 4,
+           "D = A B + C, C unchanged");
+    expect(onto(c + 8) == CUBLAS_STATUS_INVALID_VALUE,
+           "a D that overlaps C without being it is refused");
     expect(product(a + 132, &algo, ws_bytes, nullptr) == CUBLAS_STATUS_NOT_SUPPORTED,
            "an operand less aligned than its algorithm was chosen for is refused");
     cublasLtMatmulPreferenceSetAttribute(pref, 5, &four, 4);

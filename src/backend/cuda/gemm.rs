@@ -140,15 +140,15 @@ pub fn alignment(address: u64) -> u32 {
 struct PlanKey {
     call: ColumnMajor,
     operands: Operands,
-    /// Alignments of cuBLAS's A, B and C (= D) in bytes: of every column's and batch
-    /// matrix's start.
+    /// Alignments of cuBLAS's A, B and C and D (the smaller of the two) in bytes: of every
+    /// column's and batch matrix's start.
     alignment: [u32; 3],
 }
 
 /// The descriptors of one product and its chosen algorithm; destroyed with it.
 struct Plan {
     desc: lt_sys::cublasLtMatmulDesc_t,
-    /// cuBLAS's A, B and C (which is also D: the products write in place).
+    /// cuBLAS's A, B and C, which is also D's (in place, or apart with the same layout).
     layouts: [lt_sys::cublasLtMatrixLayout_t; 3],
     algo: lt_sys::cublasLtMatmulAlgo_t,
 }
@@ -369,8 +369,9 @@ impl Products {
         })
     }
 
-    /// `C = alpha op(A) op(B) + beta C` (row-major `p`, device addresses `a`, `b`, `c`), queued
-    /// on `stream` with `workspace` (address, bytes). The error names the cuBLASLt call.
+    /// `D = alpha op(A) op(B) + beta C` (row-major `p`, device addresses `a`, `b`, `c`, `d`; `c`
+    /// and `d` share a layout, and are one address for a product in place or do not overlap),
+    /// queued on `stream` with `workspace` (address, bytes). The error names the cuBLASLt call.
     ///
     /// # Safety
     /// The addresses must hold the operands `p` describes, of `operands`' types, for as long as
@@ -385,6 +386,7 @@ impl Products {
         a: u64,
         b: u64,
         c: u64,
+        d: u64,
         alpha: f32,
         beta: f32,
         operands: Operands,
@@ -409,7 +411,7 @@ impl Products {
             alignment: [
                 starts(first, call.ld_first, call.stride_first, bytes),
                 starts(second, call.ld_second, call.stride_second, bytes),
-                starts(c, call.ldc, call.stride_c, 4),
+                starts(c | d, call.ldc, call.stride_c, 4),
             ],
         };
         let mut plans = self.plans.borrow_mut();
@@ -434,7 +436,7 @@ impl Products {
                 plan.layouts[1],
                 c as *const c_void,
                 plan.layouts[2],
-                c as *mut c_void,
+                d as *mut c_void,
                 plan.layouts[2],
                 &plan.algo,
                 workspace.0 as *mut c_void,

@@ -639,6 +639,28 @@ impl CudaBackend {
         );
     }
 
+    /// The bf16 input of a product with a packed weight (for the call `what`): a bf16 view as
+    /// it is, an f32 one rounded into the planned scratch first.
+    fn packed_input(&self, a: View, what: &str) -> u64 {
+        let a_p = self.ptr(a);
+        if a.dtype == DType::Bf16 {
+            return a_p;
+        }
+        let scratch = &self.arenas().packed_input;
+        assert!(
+            2 * a.len <= scratch.bytes,
+            "{what}: input larger than planned"
+        );
+        let (rounded, len) = (scratch.ptr, a.len);
+        self.launch(
+            &self.kernels.round_bf16,
+            elementwise(len),
+            what,
+            &[&rounded, &a_p, &len],
+        );
+        rounded
+    }
+
     /// How products of f32 operands multiply: exactly, or rounded to bfloat16 for the tensor
     /// cores.
     fn f32_operands(&self) -> Operands {
@@ -651,6 +673,29 @@ impl CudaBackend {
     /// `C = alpha op(A) op(B) + beta C`, row-major, operands of element type `operands`.
     #[allow(clippy::too_many_arguments)]
     fn gemm(&self, p: RowMajor, a: u64, b: u64, c: u64, alpha: f32, beta: f32, operands: Operands) {
+        self.product(p, a, b, c, c, alpha, beta, operands);
+    }
+
+    /// `out = addend + op(A) op(B)`, row-major: the sum goes to another buffer than the one
+    /// added to (`addend` and `out` must not overlap).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_onto(&self, p: RowMajor, a: u64, b: u64, addend: u64, out: u64, operands: Operands) {
+        self.product(p, a, b, addend, out, 1.0, 1.0, operands);
+    }
+
+    /// `D = alpha op(A) op(B) + beta C`: [`CudaBackend::gemm`] and [`CudaBackend::gemm_onto`].
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        p: RowMajor,
+        a: u64,
+        b: u64,
+        c: u64,
+        d: u64,
+        alpha: f32,
+        beta: f32,
+        operands: Operands,
+    ) {
         self.bind();
         let workspace = &self.arenas().products_workspace;
         // SAFETY: the pointers are checked views sized for this product by the caller, of
@@ -664,6 +709,7 @@ impl CudaBackend {
                 a,
                 b,
                 c,
+                d,
                 alpha,
                 beta,
                 operands,
@@ -1359,34 +1405,39 @@ impl Backend for CudaBackend {
             out.len == m * n && a.len == m * k && w.len == k * n,
             "matmul_packed: sizes"
         );
-        let (a_p, w_p, o) = (self.ptr(a), self.ptr(w), self.ptr(out));
-        // An f32 input is rounded into the scratch first; a bf16 one is read as it is.
-        let input = if a.dtype == DType::Bf16 {
-            a_p
-        } else {
-            let scratch = &self.arenas().packed_input;
-            assert!(
-                2 * m * k <= scratch.bytes,
-                "matmul_packed: input larger than planned"
-            );
-            let (rounded, len) = (scratch.ptr, m * k);
-            self.launch(
-                &self.kernels.round_bf16,
-                elementwise(len),
-                "matmul_packed",
-                &[&rounded, &a_p, &len],
-            );
-            rounded
-        };
-        self.gemm(
-            RowMajor::plain(Op::N, Op::N, m, k, n),
-            input,
-            w_p,
-            o,
-            1.0,
-            if accumulate { 1.0 } else { 0.0 },
-            Operands::Bf16,
+        let input = self.packed_input(a, "matmul_packed");
+        let (w, o) = (self.ptr(w), self.ptr(out));
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        let p = RowMajor::plain(Op::N, Op::N, m, k, n);
+        self.gemm(p, input, w, o, 1.0, beta, Operands::Bf16);
+    }
+
+    fn matmul_packed_onto(
+        &mut self,
+        out: View,
+        addend: View,
+        a: View,
+        w: View,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        if addend == out {
+            return self.matmul_packed(out, a, w, m, k, n, true);
+        }
+        assert!(
+            out.len == m * n && addend.len == out.len && a.len == m * k && w.len == k * n,
+            "matmul_packed_onto: sizes"
         );
+        assert!(
+            out.dtype == DType::F32 && addend.dtype == DType::F32,
+            "matmul_packed_onto: f32 sums"
+        );
+        assert!(!addend.overlaps(&out), "matmul_packed_onto: overlapping");
+        let input = self.packed_input(a, "matmul_packed_onto");
+        let (w, sum, o) = (self.ptr(w), self.ptr(addend), self.ptr(out));
+        let p = RowMajor::plain(Op::N, Op::N, m, k, n);
+        self.gemm_onto(p, input, w, sum, o, Operands::Bf16);
     }
 
     fn matmul(
@@ -1408,6 +1459,35 @@ impl Backend for CudaBackend {
         let (o, a, b) = (self.ptr(out), self.ptr(a), self.ptr(b));
         let beta = if accumulate { 1.0 } else { 0.0 };
         self.f32_gemm(RowMajor::plain(ta, tb, m, k, n), a, b, o, 1.0, beta);
+    }
+
+    fn matmul_onto(
+        &mut self,
+        out: View,
+        addend: View,
+        a: View,
+        ta: Op,
+        b: View,
+        tb: Op,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        if addend == out {
+            return self.matmul(out, a, ta, b, tb, m, k, n, true);
+        }
+        assert!(
+            out.len == m * n && addend.len == out.len && a.len == m * k && b.len == k * n,
+            "matmul_onto: sizes do not match {m}x{k}x{n}"
+        );
+        assert!(
+            out.dtype == DType::F32 && addend.dtype == DType::F32,
+            "matmul_onto: f32 sums"
+        );
+        assert!(!addend.overlaps(&out), "matmul_onto: overlapping");
+        let (sum, o, a, b) = (self.ptr(addend), self.ptr(out), self.ptr(a), self.ptr(b));
+        let p = RowMajor::plain(ta, tb, m, k, n);
+        self.gemm_onto(p, a, b, sum, o, self.f32_operands());
     }
 
     fn attention_forward(&mut self, out: View, lse: View, qkv: View, scratch: View, s: AttnShape) {

@@ -1151,8 +1151,9 @@ pub fn check_training_step(
 /// On `device`, the KV-cache decoder's logits at every position against the full forward
 /// pass's logits for the same tokens: fed one position at a time, after a prefill of known
 /// tokens, and with bfloat16 weights and caches (against the bf16 forward pass). Then over a
-/// context of 256 positions, where a GPU with more multiprocessors than the step has images
-/// times heads splits each head's keys among blocks (kernels.cu: attend, attend_combine).
+/// context of 256 positions, where a GPU with fewer than two of the step's blocks (images x
+/// heads) per multiprocessor splits each head's keys among blocks (kernels.cu: attend,
+/// attend_combine).
 pub fn check_decoder(
     device: &Device,
     tolerances: Tolerances,

@@ -604,8 +604,8 @@ fn a_decoding_step_issues_eight_calls_per_layer_and_nine_where_it_splits_its_key
 #[test]
 fn a_training_step_adds_each_block_onto_its_residual_stream_without_copying_it() {
     // The two residual products of a block read the stream where it lies and write their sum
-    // to the next buffer (cuBLASLt's C and D apart): a model of two layers issues no more
-    // copies than one of one, and as many more products as its second layer's.
+    // to the next buffer (cuBLASLt's C and D apart): training issues no device copy, and a
+    // model of two layers as many more products as its second layer's.
     let dir = tempdir("cuda-host-residual-copies");
     let issued: Vec<String> = ["1", "2"]
         .iter()
@@ -624,11 +624,10 @@ fn a_training_step_adds_each_block_onto_its_residual_stream_without_copying_it()
         })
         .collect();
     let count = |log: &str, what: &str| log.lines().filter(|l| l.starts_with(what)).count();
-    assert_eq!(
-        count(&issued[1], "cuMemcpyDtoDAsync"),
-        count(&issued[0], "cuMemcpyDtoDAsync"),
-        "copies per layer"
-    );
+    // No device copy at all, so none per layer either.
+    for log in &issued {
+        assert_eq!(count(log, "cuMemcpyDtoDAsync"), 0, "device copies");
+    }
     // A layer's products: 4 forward and 8 backward in each of the 2 steps, then 4 in the final
     // evaluation.
     let products = count(&issued[1], "cublasLtMatmul") - count(&issued[0], "cublasLtMatmul");

@@ -635,9 +635,74 @@ fn a_training_step_adds_each_block_onto_its_residual_stream_without_copying_it()
 }
 
 #[test]
+fn bf16_training_on_the_cuda_backend_multiplies_stored_bf16_operands_and_follows_the_f32_curve() {
+    // The blocks' products read their inputs as the norms and the activation stored them
+    // (bf16), the weights packed again after each update and each output gradient rounded
+    // once. Were the packed weights not refreshed, the forward pass would keep the first
+    // step's model and the loss would not fall with the CPU's.
+    let dir = tempdir("cuda-host-bf16-training");
+    let (gpu_run, cpu_run, log) = (dir.join("gpu"), dir.join("cpu"), dir.join("launches.log"));
+    let flags = ["--steps", "30", "--eval-every", "10"];
+    let env = [("CUDA_HOST_LAUNCH_LOG", s(&log))];
+    let err = succeeded(
+        &train_small_in("bf16", &gpu_run, CUDA, &flags, &env),
+        "training in bf16 with --device cuda",
+    );
+    assert!(!err.contains("without CUDA graphs"), "{err}");
+    succeeded(
+        &train_small(&cpu_run, &[], &flags, &[]),
+        "training on the cpu",
+    );
+    let (got, want) = (losses(&gpu_run), losses(&cpu_run));
+    assert_eq!(got.len(), want.len());
+    for ((name, g), (_, w)) in got.iter().zip(&want) {
+        if name.ends_with(" loss") || name.ends_with(" val_loss") {
+            assert!(
+                (g - w).abs() <= 0.02 * w,
+                "{name}: cuda bf16 {g}, cpu f32 {w}"
+            );
+        }
+    }
+    let train_loss = |run: &[(String, f64)], step: &str| {
+        run.iter()
+            .find(|(n, _)| n == &format!("step {step} loss"))
+            .map(|&(_, x)| x)
+            .expect("a logged loss")
+    };
+    assert!(
+        train_loss(&got, "30") < train_loss(&got, "1") - 0.5,
+        "bf16 training did not learn: {got:?}"
+    );
+    // The launch log holds the passes and updates issued or captured (not the replays): each
+    // forward pass rounds the 2 attention outputs and the final norm's output for their
+    // products, each backward pass 3 output gradients a layer, and each update packs the 9
+    // weights (4 a layer and the head) right after AdamW.
+    let launches = std::fs::read_to_string(&log).expect("read the launch log");
+    let kernels: Vec<&str> = launches
+        .lines()
+        .map(|l| l.split(' ').next().unwrap_or(""))
+        .collect();
+    let count = |kernel: &str| kernels.iter().filter(|&&k| k == kernel).count();
+    let (forwards, backwards) = (count("cross_entropy"), count("gelu_backward_inplace") / 2);
+    assert!(forwards > 0 && backwards > 0, "{launches}");
+    assert_eq!(
+        count("round_bf16"),
+        3 * forwards + 6 * backwards,
+        "{launches}"
+    );
+    let updates: Vec<usize> = (0..kernels.len())
+        .filter(|&i| kernels[i] == "adamw_tensors")
+        .collect();
+    assert!(!updates.is_empty(), "{launches}");
+    for i in updates {
+        let packs = kernels[i + 1..].iter().take_while(|&&k| k == "pack_weight");
+        assert_eq!(packs.count(), 9, "after launch {i}:\n{launches}");
+    }
+}
+
+#[test]
 fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
-    // f32 (attention's products through cuBLASLt too) and bf16 (FAST_16BF products, flash
-    // attention).
+    // f32 (attention's products through cuBLASLt too) and bf16 (bf16 operands, flash attention).
     for precision in ["f32", "bf16"] {
         let dir = tempdir(&format!("cuda-host-heuristics-{precision}"));
         let log = dir.join("heuristics.log");
@@ -658,16 +723,16 @@ fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
             "{precision}: only {} queries:\n{queries}",
             lines.len()
         );
-        // FAST_16BF (75) in bf16, COMPUTE_32F (68) in f32.
-        let compute = if precision == "bf16" {
-            "compute 75"
+        // f32 operands with COMPUTE_32F (68) in f32. In bf16, bf16 operands (type 14) with
+        // f32 sums, except the four backward products whose input is f32 (the attention
+        // output's projection and the head): f32 operands rounded inside, FAST_16BF (75).
+        let count = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
+        if precision == "bf16" {
+            assert_eq!(count("type 0 compute 75"), 4, "{queries}");
+            assert_eq!(count("type 14 compute 68"), lines.len() - 4, "{queries}");
         } else {
-            "compute 68"
-        };
-        assert!(
-            lines.iter().all(|l| l.contains(compute)),
-            "{precision}: {queries}"
-        );
+            assert_eq!(count("type 0 compute 68"), lines.len(), "{queries}");
+        }
         let distinct: std::collections::HashSet<&str> = lines.iter().copied().collect();
         assert_eq!(
             distinct.len(),

@@ -227,6 +227,9 @@ impl Backend for Faulty {
     fn copy(&mut self, dst: View, src: View) {
         self.cpu.copy(dst, src)
     }
+    fn round_to_bf16(&mut self, dst: View, src: View) {
+        self.cpu.round_to_bf16(dst, src)
+    }
     fn set_tokens(&mut self, tokens: &[u16]) {
         self.cpu.set_tokens(tokens)
     }

@@ -263,7 +263,10 @@ pub trait Backend: Send {
     /// choice for inference, not only the smaller one).
     fn native_bf16(&self) -> bool;
     /// Whether [`Backend::matmul_packed`] rounds an f32 input to bfloat16 (so its producer may
-    /// as well store it as bfloat16, saving a pass), rather than keeping more of it.
+    /// as well store it as bfloat16, saving a pass), rather than keeping more of it. Such a
+    /// backend packs a `[k, n]` weight as the plain row-major bfloat16 matrix (`packed_len`
+    /// is `k * n`), which [`Backend::matmul`] may read as a bfloat16 operand, and takes
+    /// bfloat16 operands there.
     fn rounds_packed_inputs(&self) -> bool {
         false
     }
@@ -299,6 +302,9 @@ pub trait Backend: Send {
     fn fill(&mut self, dst: View, value: f32);
     /// Copies between views of the same element type.
     fn copy(&mut self, dst: View, src: View);
+    /// `dst` (bfloat16) = `src` (f32, of the same length) rounded to nearest even: an operand
+    /// stored once for the bfloat16 products that read it.
+    fn round_to_bf16(&mut self, dst: View, src: View);
     /// Stores the batch's token ids `[batch, t]` (inputs and the targets, which are the same).
     fn set_tokens(&mut self, tokens: &[u16]);
     /// Sets how [`Backend::draw_tokens`] draws for each of `options.len()` rows: its
@@ -377,7 +383,9 @@ pub trait Backend: Send {
         n: usize,
         accumulate: bool,
     );
-    /// `out[m, n] (+)= a @ b` with optional transposes (see [`Op`]).
+    /// `out[m, n] (+)= a @ b` with optional transposes (see [`Op`]), `out` f32. `a` and `b`
+    /// are both f32 or, on a backend that [rounds packed inputs](Backend::rounds_packed_inputs),
+    /// both bfloat16 (the products then accumulate in f32).
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &mut self,

@@ -163,6 +163,9 @@ impl Backend for Profiled {
     fn copy(&mut self, dst: View, src: View) {
         timed!(self, copy(dst, src))
     }
+    fn round_to_bf16(&mut self, dst: View, src: View) {
+        timed!(self, round_to_bf16(dst, src))
+    }
     fn set_tokens(&mut self, tokens: &[u16]) {
         timed!(self, set_tokens(tokens))
     }

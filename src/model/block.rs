@@ -2,7 +2,7 @@
 //! one-token-at-a-time decoder: only the attention call differs between them.
 
 use super::ParamLayout;
-use crate::backend::{Arena, Backend, Op, View};
+use crate::backend::{Arena, Backend, DType, Op, View};
 
 /// The buffers one block reads and writes, each `rows` rows wide.
 pub(crate) struct BlockIo {
@@ -200,40 +200,44 @@ pub(crate) fn head_forward(
     linear(b, logits, lnf, w.head, rows, d, v, false);
 }
 
-/// Backward of `y = x @ W` for the weight at `w` (`[n_in, n_out]`): adds `x^T dy` to its
-/// gradient and writes `dx = dy W^T`.
+/// Backward of `y = x @ W` for the weight at `w` (`[n_in, n_out]`, read by the forward pass
+/// as `read`): adds `x^T dy` to its gradient and writes `dx = dy W^T`. Where `x` is bfloat16
+/// (stored so for the forward product, whose weight is then packed), `dy` is rounded once into
+/// `dy_half` and both products read bfloat16 operands; otherwise both read f32 ones.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_backward(
     b: &mut dyn Backend,
     dx: View,
-    w: usize,
+    (w, read): (usize, Weight),
     x: View,
     dy: View,
+    dy_half: Option<View>,
     rows: usize,
     n_in: usize,
     n_out: usize,
 ) {
     let n = n_in * n_out;
-    b.matmul(
-        View::new(Arena::Grads, w, n),
-        x,
-        Op::T,
-        dy,
-        Op::N,
-        n_in,
-        rows,
-        n_out,
-        true,
-    );
-    b.matmul(
-        dx,
-        dy,
-        Op::N,
-        View::new(Arena::Params, w, n),
-        Op::T,
-        rows,
-        n_out,
-        n_in,
-        false,
-    );
+    let grad = View::new(Arena::Grads, w, n);
+    match (x.dtype, read, dy_half) {
+        (DType::F32, ..) => {
+            b.matmul(grad, x, Op::T, dy, Op::N, n_in, rows, n_out, true);
+            let w = View::new(Arena::Params, w, n);
+            b.matmul(dx, dy, Op::N, w, Op::T, rows, n_out, n_in, false);
+        }
+        (DType::Bf16, Weight::Packed(packed), Some(half)) => {
+            assert!(rows * n_out <= half.len, "dy_half holds {half:?}");
+            let dy = {
+                let rounded = View {
+                    len: rows * n_out,
+                    ..half
+                };
+                b.round_to_bf16(rounded, dy);
+                rounded
+            };
+            b.matmul(grad, x, Op::T, dy, Op::N, n_in, rows, n_out, true);
+            // A backend that rounds packed inputs packs `[n_in, n_out]` plainly, row-major.
+            b.matmul(dx, dy, Op::N, packed, Op::T, rows, n_out, n_in, false);
+        }
+        _ => panic!("linear_backward: a bf16 input {x:?} needs a packed weight and dy_half"),
+    }
 }

@@ -892,6 +892,9 @@ mod replay_tests {
         fn copy(&mut self, dst: View, src: View) {
             self.call(0, move |b, _| b.copy(dst, src));
         }
+        fn round_to_bf16(&mut self, dst: View, src: View) {
+            self.call(0, move |b, _| b.round_to_bf16(dst, src));
+        }
         fn set_tokens(&mut self, tokens: &[u16]) {
             self.direct("set_tokens");
             self.inner.set_tokens(tokens)

@@ -9,21 +9,23 @@ use super::replay::{self, Replays};
 use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Op, Precision, Update, View};
 use crate::config::ModelConfig;
 
-/// Activations one block keeps for its backward pass.
+/// Activations one block keeps for its backward pass: offsets in [`Arena::Acts`], and the
+/// normalised inputs of its products as views (see [`ActPlan::new`]).
 #[derive(Debug, Clone, Copy)]
 struct BlockActs {
-    ln1: usize,
+    ln1: View,
     rstd1: usize,
     qkv: usize,
     att: usize,
     lse: usize,
     mid: usize,
-    ln2: usize,
+    ln2: View,
     rstd2: usize,
     fc: usize,
 }
 
-/// Offsets (in [`Arena::Acts`]) of every activation for a given config and batch.
+/// Where every activation lies for a given config and batch: offsets in [`Arena::Acts`],
+/// and views for the buffers that may be bfloat16 instead.
 #[derive(Debug, Clone)]
 pub struct ActPlan {
     /// Residual stream entering block l (l = n_layer: entering the final norm).
@@ -34,7 +36,10 @@ pub struct ActPlan {
     logits: usize,
     losses: usize,
     // Scratch shared by all layers.
-    fc_act: usize,
+    fc_act: View,
+    /// A product's output gradient rounded for the bfloat16 products of its backward pass
+    /// (wide enough for the MLP's `4d` columns); only with bfloat16 inputs.
+    dy_half: Option<View>,
     d_resid: usize,
     d_ln: usize,
     d_att: usize,
@@ -47,8 +52,17 @@ pub struct ActPlan {
 
 impl ActPlan {
     /// With `training`, every block keeps its activations; without, blocks share one set and
-    /// the residual stream ping-pongs between two buffers.
-    pub fn new(cfg: &ModelConfig, batch: usize, training: bool, backend: &dyn Backend) -> Self {
+    /// the residual stream ping-pongs between two buffers. With `half`, the inputs of the
+    /// blocks' products that a norm or the activation writes (`ln1`, `ln2`, `fc_act`) are
+    /// bfloat16 in [`Arena::Half`] from `*half` on (which advances), as is `dy_half`: a GPU's
+    /// products then read bfloat16 operands as stored.
+    pub fn new(
+        cfg: &ModelConfig,
+        batch: usize,
+        training: bool,
+        backend: &dyn Backend,
+        mut half: Option<&mut usize>,
+    ) -> Self {
         let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
         let rows = batch * t;
         let mut off = 0;
@@ -58,19 +72,28 @@ impl ActPlan {
             off += n.next_multiple_of(16);
             at
         };
+        let bf16_inputs = half.is_some();
+        let mut product_input = |take: &mut dyn FnMut(usize) -> usize, len: usize| match &mut half {
+            Some(used) => {
+                let view = View::bf16(**used, len);
+                **used += len.next_multiple_of(32);
+                view
+            }
+            None => act(take(len), len),
+        };
         let n_resid = if training { cfg.n_layer + 1 } else { 2 };
         let resid_bufs: Vec<usize> = (0..n_resid).map(|_| take(rows * d)).collect();
         let resid = (0..=cfg.n_layer).map(|l| resid_bufs[l % n_resid]).collect();
         let n_block = if training { cfg.n_layer } else { 1 };
         let block_bufs: Vec<BlockActs> = (0..n_block)
             .map(|_| BlockActs {
-                ln1: take(rows * d),
+                ln1: product_input(&mut take, rows * d),
                 rstd1: take(rows),
                 qkv: take(rows * 3 * d),
                 att: take(rows * d),
                 lse: take(batch * cfg.n_head * t),
                 mid: take(rows * d),
-                ln2: take(rows * d),
+                ln2: product_input(&mut take, rows * d),
                 rstd2: take(rows),
                 fc: take(rows * 4 * d),
             })
@@ -80,7 +103,8 @@ impl ActPlan {
         let rstdf = take(rows);
         let logits = take(rows * v);
         let losses = take(rows);
-        let fc_act = take(rows * 4 * d);
+        let fc_act = product_input(&mut take, rows * 4 * d);
+        let dy_half = (training && bf16_inputs).then(|| product_input(&mut take, rows * 4 * d));
         let (d_resid, d_ln, d_att, d_qkv, d_fc) = if training {
             (
                 take(rows * d),
@@ -109,6 +133,7 @@ impl ActPlan {
             logits,
             losses,
             fc_act,
+            dy_half,
             d_resid,
             d_ln,
             d_att,
@@ -171,6 +196,13 @@ struct PassKey {
 /// Training passes an engine keeps recorded: a run uses one or two sizes (the micro-batch,
 /// and a last smaller one).
 const KEPT_PASSES: usize = 4;
+
+/// The first `len` elements of a planned buffer: a pass of fewer sequences than planned uses
+/// the start of each.
+fn first(planned: View, len: usize) -> View {
+    assert!(len <= planned.len, "{len} elements of {planned:?}");
+    View { len, ..planned }
+}
 
 fn act(offset: usize, len: usize) -> View {
     View::new(Arena::Acts, offset, len)
@@ -253,9 +285,23 @@ impl Engine {
             head_dim: cfg.head_dim(),
             causal: cfg.causal(),
         });
-        let packed = match precision {
-            Precision::F32 => 0,
-            Precision::Bf16 => crate::memory::packed_bytes(cfg, batch.saturating_mul(cfg.n_ctx())),
+        // Training's products on a device whose products round to bfloat16 anyway (a GPU):
+        // they read bfloat16 weights, packed again after each update, and bfloat16 inputs, as
+        // stored by the kernels that write them; parameters, gradients, moments, the
+        // residual stream and every sum stay f32.
+        let bf16_operands = training
+            && device.training_precision() == Precision::Bf16
+            && backend.rounds_packed_inputs();
+        anyhow::ensure!(
+            !training || precision == Precision::F32,
+            "a training engine packs its own weights (as its device's products need)"
+        );
+        let packs = precision == Precision::Bf16 || bf16_operands;
+        // Conservative for training, whose bfloat16 inputs the activations count as f32.
+        let packed = if packs {
+            crate::memory::packed_bytes(cfg, batch.saturating_mul(cfg.n_ctx()))
+        } else {
+            0
         };
         // Adopted parameters cost nothing more on the host; a device copies them into its own.
         let device_free = backend.device_memory_free();
@@ -278,16 +324,21 @@ impl Engine {
         if let Some(p) = params.as_ref() {
             layout.check_len(p.len())?;
         }
-        let plan = ActPlan::new(cfg, batch, training, backend.as_ref());
         let (d, v, rows) = (cfg.n_embd, cfg.n_vocab, batch * cfg.n_ctx());
-        let (weights, pack_jobs, half) = match precision {
-            Precision::F32 => (Weights::f32(&layout, d, v), Vec::new(), 0),
-            Precision::Bf16 => {
-                anyhow::ensure!(!training, "training runs in f32");
-                let mut half = 0;
-                let (w, jobs) = Weights::packed(&layout, d, v, backend.as_ref(), &mut half);
-                (w, jobs, half)
-            }
+        let mut half = 0;
+        let (weights, pack_jobs) = if packs {
+            Weights::packed(&layout, d, v, backend.as_ref(), &mut half)
+        } else {
+            (Weights::f32(&layout, d, v), Vec::new())
+        };
+        let half_inputs = bf16_operands.then_some(&mut half);
+        let plan = ActPlan::new(cfg, batch, training, backend.as_ref(), half_inputs);
+        // The f32 inputs a packed product rounds: all of them, or (training) the attention
+        // output and the final norm's.
+        let max_packed_input = match (packs, bf16_operands) {
+            (false, _) => 0,
+            (true, false) => rows * 4 * d,
+            (true, true) => rows * d,
         };
         backend.allocate(ArenaSizes {
             // Adopted parameters replace the arena, so it is not allocated as well.
@@ -295,7 +346,7 @@ impl Engine {
             grads: if training { layout.total } else { 0 },
             acts: plan.total,
             half,
-            max_packed_input: if half > 0 { rows * 4 * d } else { 0 },
+            max_packed_input,
             tokens: rows,
             max_rows: rows,
             max_width: d,
@@ -364,6 +415,9 @@ impl Engine {
     pub fn write_arena(&mut self, arena: Arena, src: &[f32]) {
         self.backend
             .upload(View::new(arena, 0, self.layout.total), src);
+        if arena == Arena::Params {
+            Weights::pack(self.backend.as_mut(), &self.pack_jobs);
+        }
     }
 
     pub fn zero_grads(&mut self) {
@@ -568,7 +622,11 @@ impl Engine {
             |e| e.backend.as_mut(),
             (),
             0,
-            |e| e.backend.clipped_update(&e.update_views, grads),
+            |e| {
+                e.backend.clipped_update(&e.update_views, grads);
+                // The forward pass reads the new parameters through their packed copies.
+                Weights::pack(e.backend.as_mut(), &e.pack_jobs);
+            },
         );
         self.backend.update_grad_norm()
     }
@@ -780,12 +838,13 @@ impl Engine {
         for l in 0..=deepest {
             if layers.contains(&l) {
                 let (plan, lay) = (&self.plan, &self.layout);
-                let (gain, norm, rstd) = if l < n_layer {
-                    let ba = &plan.blocks[l];
-                    (lay.blocks[l].ln_1, ba.ln1, ba.rstd1)
+                // The final norm's f32 buffers serve every layer: a block's own may be bf16.
+                let gain = if l < n_layer {
+                    lay.blocks[l].ln_1
                 } else {
-                    (lay.ln_f, plan.lnf, plan.rstdf)
+                    lay.ln_f
                 };
+                let (norm, rstd) = (plan.lnf, plan.rstdf);
                 self.backend.rmsnorm_forward(
                     act(norm, rows * d),
                     act(rstd, rows),
@@ -859,15 +918,15 @@ impl Engine {
         {
             let io = BlockIo {
                 x: act(plan.resid[l], rows * d),
-                ln1: act(ba.ln1, rows * d),
+                ln1: first(ba.ln1, rows * d),
                 rstd1: act(ba.rstd1, rows),
                 qkv: act(ba.qkv, rows * 3 * d),
                 att: act(ba.att, rows * d),
                 mid: act(ba.mid, rows * d),
-                ln2: act(ba.ln2, rows * d),
+                ln2: first(ba.ln2, rows * d),
                 rstd2: act(ba.rstd2, rows),
                 fc: act(ba.fc, rows * 4 * d),
-                fc_act: act(plan.fc_act, rows * 4 * d),
+                fc_act: first(plan.fc_act, rows * 4 * d),
                 out: act(plan.resid[l + 1], rows * d),
             };
             let lse = act(ba.lse, n_seq * cfg.n_head * t);
@@ -914,7 +973,8 @@ impl Engine {
         let d_att = act(plan.d_att, rows * d);
         let d_qkv = act(plan.d_qkv, rows * 3 * d);
         let d_fc = act(plan.d_fc, rows * 4 * d);
-        let fc_act = act(plan.fc_act, rows * 4 * d);
+        let fc_act = first(plan.fc_act, rows * 4 * d);
+        let dy_half = plan.dy_half;
 
         // Head and final norm; a classification head's gradient, when given, is the start.
         if let Some(extra) = extra_dlnf {
@@ -959,42 +1019,28 @@ impl Engine {
         });
 
         for l in (0..cfg.n_layer).rev() {
-            let (ba, po) = (&plan.blocks[l], &lay.blocks[l]);
+            let (ba, po, w) = (&plan.blocks[l], &lay.blocks[l], &self.weights.blocks[l]);
             let fc = act(ba.fc, rows * 4 * d);
             // MLP branch: the activation output is recomputed rather than stored per layer.
             b.gelu_forward(fc_act, fc);
-            linear_backward(b, d_fc, po.mlp_proj, fc_act, d_resid, rows, 4 * d, d);
+            let mlp_proj = (po.mlp_proj, w.mlp_proj);
+            linear_backward(b, d_fc, mlp_proj, fc_act, d_resid, dy_half, rows, 4 * d, d);
             b.gelu_backward_inplace(d_fc, fc);
-            linear_backward(
-                b,
-                d_ln,
-                po.c_fc,
-                act(ba.ln2, rows * d),
-                d_fc,
-                rows,
-                d,
-                4 * d,
-            );
+            let (c_fc, ln2) = ((po.c_fc, w.c_fc), first(ba.ln2, rows * d));
+            linear_backward(b, d_ln, c_fc, ln2, d_fc, dy_half, rows, d, 4 * d);
             let (mid, rstd2) = (act(ba.mid, rows * d), act(ba.rstd2, rows));
             b.rmsnorm_backward(d_resid, gv(po.ln_2, d), d_ln, mid, rstd2, pv(po.ln_2, d), d);
             // Attention branch.
             let att = act(ba.att, rows * d);
-            linear_backward(b, d_att, po.attn_proj, att, d_resid, rows, d, d);
+            let attn_proj = (po.attn_proj, w.attn_proj);
+            linear_backward(b, d_att, attn_proj, att, d_resid, dy_half, rows, d, d);
             let (lse, qkv) = (
                 act(ba.lse, n_seq * cfg.n_head * t),
                 act(ba.qkv, rows * 3 * d),
             );
             b.attention_backward(d_qkv, d_att, att, lse, qkv, scratch, shape);
-            linear_backward(
-                b,
-                d_ln,
-                po.c_attn,
-                act(ba.ln1, rows * d),
-                d_qkv,
-                rows,
-                d,
-                3 * d,
-            );
+            let (c_attn, ln1) = ((po.c_attn, w.c_attn), first(ba.ln1, rows * d));
+            linear_backward(b, d_ln, c_attn, ln1, d_qkv, dy_half, rows, d, 3 * d);
             let (x, rstd1) = (act(plan.resid[l], rows * d), act(ba.rstd1, rows));
             b.rmsnorm_backward(d_resid, gv(po.ln_1, d), d_ln, x, rstd1, pv(po.ln_1, d), d);
             finished(&FinishedGrads {
@@ -1063,12 +1109,21 @@ mod plan_tests {
                     objective,
                 };
                 for training in [false, true] {
-                    let plan = ActPlan::new(&cfg, batch, training, &backend);
+                    let plan = ActPlan::new(&cfg, batch, training, &backend, None);
                     let scratch = plan.attn_scratch_len as u128;
+                    let floats = crate::memory::activation_floats(&cfg, batch, training, scratch);
                     assert_eq!(
-                        crate::memory::activation_floats(&cfg, batch, training, scratch),
-                        plan.total as u128,
+                        floats, plan.total as u128,
                         "{cfg:?} batch {batch} training {training}"
+                    );
+                    // With bfloat16 inputs (a GPU's training), the f32 count bounds the bytes.
+                    let mut half = 0;
+                    let plan = ActPlan::new(&cfg, batch, training, &backend, Some(&mut half));
+                    assert!(plan.total < floats as usize && half > 0, "{cfg:?}");
+                    assert!(
+                        4 * plan.total + 2 * half <= 4 * floats as usize,
+                        "{cfg:?} batch {batch} training {training}: {} f32 and {half} bf16",
+                        plan.total
                     );
                 }
             }

@@ -364,6 +364,17 @@ impl Backend for CpuBackend {
         d.copy_from_slice(s);
     }
 
+    fn round_to_bf16(&mut self, dst: View, src: View) {
+        assert_eq!(
+            dst.len, src.len,
+            "round_to_bf16: {src:?} does not fit {dst:?}"
+        );
+        self.stored_as_bf16(dst, |b, out| {
+            let ([], [s]) = b.views([], [src]);
+            out.copy_from_slice(s);
+        });
+    }
+
     fn set_tokens(&mut self, tokens: &[u16]) {
         assert!(
             tokens.len() <= self.tokens.len(),

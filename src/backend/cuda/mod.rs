@@ -670,6 +670,16 @@ impl CudaBackend {
         }
     }
 
+    /// How a product of the views `a` and `b` multiplies: as [`Self::f32_operands`] says for
+    /// f32 views, from bfloat16 as stored for bfloat16 ones.
+    fn operands_of(&self, a: View, b: View, what: &str) -> Operands {
+        match (a.dtype, b.dtype) {
+            (DType::F32, DType::F32) => self.f32_operands(),
+            (DType::Bf16, DType::Bf16) => Operands::Bf16,
+            _ => panic!("{what}: operands of two types ({a:?}, {b:?})"),
+        }
+    }
+
     /// `C = alpha op(A) op(B) + beta C`, row-major, operands of element type `operands`.
     #[allow(clippy::too_many_arguments)]
     fn gemm(&self, p: RowMajor, a: u64, b: u64, c: u64, alpha: f32, beta: f32, operands: Operands) {
@@ -1085,6 +1095,20 @@ impl Backend for CudaBackend {
         );
     }
 
+    fn round_to_bf16(&mut self, dst: View, src: View) {
+        assert!(
+            dst.len == src.len && dst.dtype == DType::Bf16 && src.dtype == DType::F32,
+            "round_to_bf16: {src:?} does not fit {dst:?}"
+        );
+        let (d, s, len) = (self.ptr(dst), self.ptr(src), src.len);
+        self.launch(
+            &self.kernels.round_bf16,
+            elementwise(len),
+            "round_to_bf16",
+            &[&d, &s, &len],
+        );
+    }
+
     fn set_tokens(&mut self, tokens: &[u16]) {
         self.not_recording("set_tokens");
         let a = self.arenas();
@@ -1456,9 +1480,19 @@ impl Backend for CudaBackend {
             out.len == m * n && a.len == m * k && b.len == k * n,
             "matmul: sizes do not match {m}x{k}x{n}"
         );
+        assert!(out.dtype == DType::F32, "matmul: f32 output");
+        let operands = self.operands_of(a, b, "matmul");
         let (o, a, b) = (self.ptr(out), self.ptr(a), self.ptr(b));
         let beta = if accumulate { 1.0 } else { 0.0 };
-        self.f32_gemm(RowMajor::plain(ta, tb, m, k, n), a, b, o, 1.0, beta);
+        self.gemm(
+            RowMajor::plain(ta, tb, m, k, n),
+            a,
+            b,
+            o,
+            1.0,
+            beta,
+            operands,
+        );
     }
 
     fn matmul_onto(
@@ -1485,9 +1519,10 @@ impl Backend for CudaBackend {
             "matmul_onto: f32 sums"
         );
         assert!(!addend.overlaps(&out), "matmul_onto: overlapping");
+        let operands = self.operands_of(a, b, "matmul_onto");
         let (sum, o, a, b) = (self.ptr(addend), self.ptr(out), self.ptr(a), self.ptr(b));
         let p = RowMajor::plain(ta, tb, m, k, n);
-        self.gemm_onto(p, a, b, sum, o, self.f32_operands());
+        self.gemm_onto(p, a, b, sum, o, operands);
     }
 
     fn attention_forward(&mut self, out: View, lse: View, qkv: View, scratch: View, s: AttnShape) {

@@ -477,6 +477,16 @@ fn memory_kernels(p: &mut Pair) {
     p.both(|b| b.copy(dst, src));
     p.record("copy", tol.f32_elementwise, &[("copy", dst)]);
 
+    p.reset();
+    let src = p.put_random(ROWS * D + 3, 3.0);
+    let stored = p.half.take(src.len);
+    p.both(|b| {
+        b.fill(stored, STORED_POISON);
+        b.round_to_bf16(stored, src)
+    });
+    let misses = p.rounding_misses(src, stored);
+    p.record_rounding("round_to_bf16", misses);
+
     // A packed weight whose every element is the same value is that value in any layout.
     let (m, k, n) = (PACKED_ROWS, D, VOCAB);
     p.reset();
@@ -619,6 +629,34 @@ fn product_kernels(p: &mut Pair) {
                 );
             }
         }
+    }
+
+    // Two bf16 operands, as a GPU's training reads them in the backward pass: a stored input
+    // with a rounded gradient (T,N) for a weight's gradient, a gradient with a packed weight
+    // (N,T) for the input's. The reference multiplies the same bf16 values in f32.
+    for (ta, tb, accumulate) in [(Op::T, Op::N, true), (Op::N, Op::T, false)] {
+        p.reset();
+        let a = p.half.take(m * k);
+        let b = p.half.take(k * n);
+        let (a_values, b_values) = (p.random(m * k, 1.0), p.random(k * n, 1.0));
+        p.set(a, &a_values);
+        p.set(b, &b_values);
+        let out = if accumulate {
+            p.put_random(m * n, 1.0)
+        } else {
+            p.out(m * n)
+        };
+        p.both(|be| be.matmul(out, a, ta, b, tb, m, k, n, accumulate));
+        let acc = if accumulate { ", accumulate" } else { "" };
+        p.record(
+            &format!(
+                "matmul (bf16 operands, {},{}{acc})",
+                op_name(ta),
+                op_name(tb)
+            ),
+            tol.bf16_storage,
+            &[("out", out)],
+        );
     }
 
     let m = PACKED_ROWS;
@@ -904,9 +942,19 @@ fn activation_kernels(p: &mut Pair) {
     p.record_rounding("gelu_forward (bf16 out)", misses);
 
     let dout = p.put_random(n, 1.0);
-    p.both(|b| b.gelu_backward_inplace(dout, x));
+    let dx = p.out(n);
+    p.both(|b| b.gelu_backward(dx, dout, x));
+    p.record("gelu_backward", tol.f32_elementwise, &[("dx", dx)]);
+    let stored = p.half.take(n);
+    p.both(|b| {
+        b.fill(stored, STORED_POISON);
+        b.gelu_backward(stored, dout, x)
+    });
+    let misses = p.rounding_misses(dx, stored);
+    p.record_rounding("gelu_backward (bf16 out)", misses);
+    p.both(|b| b.gelu_backward(dout, dout, x));
     p.record(
-        "gelu_backward_inplace",
+        "gelu_backward (in place)",
         tol.f32_elementwise,
         &[("dx", dout)],
     );

@@ -17,6 +17,7 @@ const KERNEL_CHECKS: &[&str] = &[
     "upload/download",
     "fill",
     "copy",
+    "round_to_bf16",
     "fill (bf16)",
     "copy (bf16)",
     "embed_forward (shifted)",
@@ -34,6 +35,8 @@ const KERNEL_CHECKS: &[&str] = &[
     "matmul (T,N, accumulate)",
     "matmul (T,T)",
     "matmul (T,T, accumulate)",
+    "matmul (bf16 operands, T,N, accumulate)",
+    "matmul (bf16 operands, N,T)",
     "pack_weight + matmul_packed (N)",
     "pack_weight + matmul_packed (N, accumulate)",
     "pack_weight + matmul_packed (T)",
@@ -56,7 +59,9 @@ const KERNEL_CHECKS: &[&str] = &[
     "draw_tokens",
     "gelu_forward",
     "gelu_forward (bf16 out)",
-    "gelu_backward_inplace",
+    "gelu_backward",
+    "gelu_backward (bf16 out)",
+    "gelu_backward (in place)",
     "cross_entropy",
     "cross_entropy (gradient)",
     "cross_entropy (weighted)",
@@ -108,7 +113,8 @@ fn the_cpu_passes_against_itself_and_every_kernel_is_checked() {
         "attention_step",
         "draw_tokens",
         "gelu_forward",
-        "gelu_backward_inplace",
+        "gelu_backward",
+        "round_to_bf16",
         "cross_entropy",
         "sum_squares",
         "clipped_update",
@@ -228,7 +234,8 @@ impl Backend for Faulty {
         self.cpu.copy(dst, src)
     }
     fn round_to_bf16(&mut self, dst: View, src: View) {
-        self.cpu.round_to_bf16(dst, src)
+        self.cpu.round_to_bf16(dst, src);
+        self.bf16_output(dst);
     }
     fn set_tokens(&mut self, tokens: &[u16]) {
         self.cpu.set_tokens(tokens)
@@ -421,8 +428,9 @@ impl Backend for Faulty {
         }
         self.bf16_output(out);
     }
-    fn gelu_backward_inplace(&mut self, dout: View, x: View) {
-        self.cpu.gelu_backward_inplace(dout, x)
+    fn gelu_backward(&mut self, dx: View, dout: View, x: View) {
+        self.cpu.gelu_backward(dx, dout, x);
+        self.bf16_output(dx);
     }
     fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>) {
         self.cpu.cross_entropy(logits, losses, v, grad_scale)
@@ -494,6 +502,7 @@ fn a_matmul_that_ignores_accumulate_fails_the_accumulating_checks() {
             "matmul (N,T, accumulate)",
             "matmul (T,N, accumulate)",
             "matmul (T,T, accumulate)",
+            "matmul (bf16 operands, T,N, accumulate)",
             "matmul_onto (N,N)",
         ],
     );
@@ -523,6 +532,8 @@ fn bf16_outputs_rounded_wrongly_fail_the_bf16_output_checks_only() {
         &[
             "rmsnorm_forward (bf16 out)",
             "gelu_forward (bf16 out)",
+            "gelu_backward (bf16 out)",
+            "round_to_bf16",
             "attention_step (f32 cache, bf16 out)",
             "attention_step (bf16 cache, bf16 out)",
         ],

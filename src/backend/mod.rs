@@ -265,8 +265,7 @@ pub trait Backend: Send {
     /// Whether [`Backend::matmul_packed`] rounds an f32 input to bfloat16 (so its producer may
     /// as well store it as bfloat16, saving a pass), rather than keeping more of it. Such a
     /// backend packs a `[k, n]` weight as the plain row-major bfloat16 matrix (`packed_len`
-    /// is `k * n`), which [`Backend::matmul`] may read as a bfloat16 operand, and takes
-    /// bfloat16 operands there.
+    /// is `k * n`), which [`Backend::matmul`] may read as a bfloat16 operand.
     fn rounds_packed_inputs(&self) -> bool {
         false
     }
@@ -384,8 +383,8 @@ pub trait Backend: Send {
         accumulate: bool,
     );
     /// `out[m, n] (+)= a @ b` with optional transposes (see [`Op`]), `out` f32. `a` and `b`
-    /// are both f32 or, on a backend that [rounds packed inputs](Backend::rounds_packed_inputs),
-    /// both bfloat16 (the products then accumulate in f32).
+    /// are both f32 or both bfloat16 (their products then accumulate in f32; the CPU widens
+    /// them first, its own products reading bfloat16 only packed).
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &mut self,
@@ -491,8 +490,9 @@ pub trait Backend: Send {
     );
     /// `out` may be bfloat16 (rounded as stored).
     fn gelu_forward(&mut self, out: View, x: View);
-    /// Turns the activation gradient `dout` into the pre-activation gradient, in place.
-    fn gelu_backward_inplace(&mut self, dout: View, x: View);
+    /// The pre-activation gradient from the activation's, `dx = dout * gelu'(x)`: `dx` is `dout` itself (in place) or a separate view, f32 or
+    /// bfloat16 (the gradient stored rounded for the bfloat16 products that read it).
+    fn gelu_backward(&mut self, dx: View, dout: View, x: View);
     /// Per-position losses against the stored tokens; with `grad_scale`, `logits` becomes
     /// `grad_scale * dloss/dlogits`.
     fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>);

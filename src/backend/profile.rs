@@ -331,8 +331,8 @@ impl Backend for Profiled {
     fn gelu_forward(&mut self, out: View, x: View) {
         timed!(self, gelu_forward(out, x))
     }
-    fn gelu_backward_inplace(&mut self, dout: View, x: View) {
-        timed!(self, gelu_backward_inplace(dout, x))
+    fn gelu_backward(&mut self, dx: View, dout: View, x: View) {
+        timed!(self, gelu_backward(dx, dout, x))
     }
     fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>) {
         timed!(self, cross_entropy(logits, losses, v, grad_scale))

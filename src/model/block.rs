@@ -202,8 +202,9 @@ pub(crate) fn head_forward(
 
 /// Backward of `y = x @ W` for the weight at `w` (`[n_in, n_out]`, read by the forward pass
 /// as `read`): adds `x^T dy` to its gradient and writes `dx = dy W^T`. Where `x` is bfloat16
-/// (stored so for the forward product, whose weight is then packed), `dy` is rounded once into
-/// `dy_half` and both products read bfloat16 operands; otherwise both read f32 ones.
+/// (stored so for the forward product, whose weight is then packed), both products read
+/// bfloat16 operands: `dy` as given if bfloat16, else rounded once into `dy_half`. Otherwise
+/// both read f32 ones.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_backward(
     b: &mut dyn Backend,
@@ -218,26 +219,30 @@ pub(crate) fn linear_backward(
 ) {
     let n = n_in * n_out;
     let grad = View::new(Arena::Grads, w, n);
-    match (x.dtype, read, dy_half) {
-        (DType::F32, ..) => {
+    match (x.dtype, read) {
+        (DType::F32, _) => {
             b.matmul(grad, x, Op::T, dy, Op::N, n_in, rows, n_out, true);
             let w = View::new(Arena::Params, w, n);
             b.matmul(dx, dy, Op::N, w, Op::T, rows, n_out, n_in, false);
         }
-        (DType::Bf16, Weight::Packed(packed), Some(half)) => {
-            assert!(rows * n_out <= half.len, "dy_half holds {half:?}");
-            let dy = {
-                let rounded = View {
-                    len: rows * n_out,
-                    ..half
-                };
-                b.round_to_bf16(rounded, dy);
-                rounded
+        (DType::Bf16, Weight::Packed(packed)) => {
+            let dy = match (dy.dtype, dy_half) {
+                (DType::Bf16, _) => dy,
+                (DType::F32, Some(half)) => {
+                    assert!(rows * n_out <= half.len, "dy_half holds {half:?}");
+                    let rounded = View {
+                        len: rows * n_out,
+                        ..half
+                    };
+                    b.round_to_bf16(rounded, dy);
+                    rounded
+                }
+                (DType::F32, None) => panic!("linear_backward: f32 {dy:?} and no dy_half"),
             };
             b.matmul(grad, x, Op::T, dy, Op::N, n_in, rows, n_out, true);
             // A backend that rounds packed inputs packs `[n_in, n_out]` plainly, row-major.
             b.matmul(dx, dy, Op::N, packed, Op::T, rows, n_out, n_in, false);
         }
-        _ => panic!("linear_backward: a bf16 input {x:?} needs a packed weight and dy_half"),
+        _ => panic!("linear_backward: a bf16 input {x:?} needs a packed weight"),
     }
 }

@@ -6,7 +6,9 @@
 use super::ParamLayout;
 use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward, linear_backward};
 use super::replay::{self, Replays};
-use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Op, Precision, Update, View};
+use crate::backend::{
+    Arena, ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, Update, View,
+};
 use crate::config::ModelConfig;
 
 /// Activations one block keeps for its backward pass: offsets in [`Arena::Acts`], and the
@@ -972,7 +974,8 @@ impl Engine {
         let d_ln = act(plan.d_ln, rows * d);
         let d_att = act(plan.d_att, rows * d);
         let d_qkv = act(plan.d_qkv, rows * 3 * d);
-        let d_fc = act(plan.d_fc, rows * 4 * d);
+        // The activation's gradient, then (in place, or bf16 into `dy_half`) its input's.
+        let d_fc_act = act(plan.d_fc, rows * 4 * d);
         let fc_act = first(plan.fc_act, rows * 4 * d);
         let dy_half = plan.dy_half;
 
@@ -1024,9 +1027,24 @@ impl Engine {
             // MLP branch: the activation output is recomputed rather than stored per layer.
             b.gelu_forward(fc_act, fc);
             let mlp_proj = (po.mlp_proj, w.mlp_proj);
-            linear_backward(b, d_fc, mlp_proj, fc_act, d_resid, dy_half, rows, 4 * d, d);
-            b.gelu_backward_inplace(d_fc, fc);
+            linear_backward(
+                b,
+                d_fc_act,
+                mlp_proj,
+                fc_act,
+                d_resid,
+                dy_half,
+                rows,
+                4 * d,
+                d,
+            );
             let (c_fc, ln2) = ((po.c_fc, w.c_fc), first(ba.ln2, rows * d));
+            // Where the products read bf16, the gradient is stored rounded for them at once.
+            let d_fc = match dy_half {
+                Some(half) if ln2.dtype == DType::Bf16 => first(half, rows * 4 * d),
+                _ => d_fc_act,
+            };
+            b.gelu_backward(d_fc, d_fc_act, fc);
             linear_backward(b, d_ln, c_fc, ln2, d_fc, dy_half, rows, d, 4 * d);
             let (mid, rstd2) = (act(ba.mid, rows * d), act(ba.rstd2, rows));
             b.rmsnorm_backward(d_resid, gv(po.ln_2, d), d_ln, mid, rstd2, pv(po.ln_2, d), d);

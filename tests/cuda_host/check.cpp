@@ -545,14 +545,23 @@ void check_gelu() {
             want_d[i] = dout[i] * (s + 1.702 * v * s * (1.0 - s));
         }
         elementwise(strided, gelu_forward, n, out.data(), (const float*)x.data(), (size_t)n);
-        elementwise(strided, gelu_backward_inplace, n, dout.data(), (const float*)x.data(),
-                    (size_t)n);
+        vector<float> dx = nan_f32(n);
+        vector<uint16_t> dx16(n, kPoisonBf16);
+        elementwise(strided, gelu_backward, n, dx.data(), (const float*)dout.data(),
+                    (const float*)x.data(), (size_t)n);
+        elementwise(strided, gelu_backward_bf16, n, dx16.data(), (const float*)dout.data(),
+                    (const float*)x.data(), (size_t)n);
+        // In place, as an f32 training pass runs it.
+        elementwise(strided, gelu_backward, n, dout.data(), (const float*)dout.data(),
+                    (const float*)x.data(), (size_t)n);
         check("gelu_forward", what, out, want, kElementwise);
         vector<uint16_t> out16(n, kPoisonBf16);
         elementwise(strided, gelu_forward_bf16, n, out16.data(), (const float*)x.data(),
                     (size_t)n);
         check_bits("gelu_forward_bf16", what + " stored as bf16", out16, rounded(out));
-        check("gelu_backward_inplace", what, dout, want_d, kElementwise);
+        check("gelu_backward", what, dx, want_d, kElementwise);
+        check_bits("gelu_backward_bf16", what + " stored as bf16", dx16, rounded(dx));
+        check("gelu_backward in place", what, dout, want_d, kElementwise);
     }
 }
 

@@ -566,6 +566,22 @@ impl Backend for CpuBackend {
         n: usize,
         accumulate: bool,
     ) {
+        if a.dtype == DType::Bf16 || b.dtype == DType::Bf16 {
+            assert!(
+                a.dtype == b.dtype,
+                "matmul: operands of two types ({a:?}, {b:?})"
+            );
+            // Off every path of this backend's own (its packed products read bfloat16 in
+            // their layout): the operands widened, exactly, then multiplied in f32.
+            let widened = |v: View| {
+                let mut x = vec![0.0; v.len];
+                self.download(v, &mut x);
+                x
+            };
+            let (a, b) = (widened(a), widened(b));
+            let (o, []) = self.io(out, []);
+            return matmul::matmul(o, &a, ta, &b, tb, m, k, n, accumulate);
+        }
         let (o, [a, b]) = self.io(out, [a, b]);
         matmul::matmul(o, a, ta, b, tb, m, k, n, accumulate);
     }
@@ -647,9 +663,20 @@ impl Backend for CpuBackend {
         activation::quick_gelu_forward(o, x);
     }
 
-    fn gelu_backward_inplace(&mut self, dout: View, x: View) {
-        let (d, [x]) = self.io(dout, [x]);
-        activation::quick_gelu_backward_inplace(d, x);
+    fn gelu_backward(&mut self, dx: View, dout: View, x: View) {
+        if dx == dout {
+            let (d, [x]) = self.io(dout, [x]);
+            return activation::quick_gelu_backward_inplace(d, x);
+        }
+        let gradient = |dx: &mut [f32], [dout, x]: [&[f32]; 2]| {
+            dx.copy_from_slice(dout);
+            activation::quick_gelu_backward_inplace(dx, x);
+        };
+        if dx.dtype == DType::Bf16 {
+            return self.stored_as_bf16(dx, |b, out| gradient(out, b.views([], [dout, x]).1));
+        }
+        let (d, inputs) = self.io(dx, [dout, x]);
+        gradient(d, inputs);
     }
 
     fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>) {

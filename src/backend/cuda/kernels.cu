@@ -336,12 +336,25 @@ extern "C" __global__ void gelu_forward_bf16(bf16_bits* out, const float* x, siz
     gelu_elements(out, x, n);
 }
 
-extern "C" __global__ void gelu_backward_inplace(float* dout, const float* x, size_t n) {
+// dx = dout * gelu'(x). The f32 kernel may write over dout (each element is read, then
+// written, by one thread); the _bf16 kernel stores the gradient rounded for bf16 products.
+template <typename O>
+__device__ void gelu_gradient(O* dx, const float* dout, const float* x, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         float v = x[i], s = 1.0f / (1.0f + expf(-1.702f * v));
-        dout[i] *= s + 1.702f * v * s * (1.0f - s);
+        store(dx, i, dout[i] * (s + 1.702f * v * s * (1.0f - s)));
     }
+}
+
+extern "C" __global__ void gelu_backward(float* dx, const float* dout, const float* x,
+                                         size_t n) {
+    gelu_gradient(dx, dout, x, n);
+}
+
+extern "C" __global__ void gelu_backward_bf16(bf16_bits* dx, const float* dout, const float* x,
+                                              size_t n) {
+    gelu_gradient(dx, dout, x, n);
 }
 
 // ---------------------------------------------------------------------------------------

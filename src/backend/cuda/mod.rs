@@ -156,7 +156,7 @@ struct Kernels {
     rmsnorm_backward: CudaFunction,
     add_column_sums: CudaFunction,
     gelu_forward: [CudaFunction; 2],
-    gelu_backward_inplace: CudaFunction,
+    gelu_backward: [CudaFunction; 2],
     cross_entropy: CudaFunction,
     adamw_tensors: CudaFunction,
     sum_squares: CudaFunction,
@@ -214,7 +214,7 @@ impl Kernels {
             rmsnorm_backward: f("rmsnorm_backward")?,
             add_column_sums: f("add_column_sums")?,
             gelu_forward: [f("gelu_forward")?, f("gelu_forward_bf16")?],
-            gelu_backward_inplace: f("gelu_backward_inplace")?,
+            gelu_backward: [f("gelu_backward")?, f("gelu_backward_bf16")?],
             cross_entropy: f("cross_entropy")?,
             adamw_tensors: f("adamw_tensors")?,
             sum_squares: f("sum_squares")?,
@@ -1832,14 +1832,21 @@ impl Backend for CudaBackend {
         );
     }
 
-    fn gelu_backward_inplace(&mut self, dout: View, x: View) {
-        assert_eq!(dout.len, x.len);
-        let (g, xp, n) = (self.ptr(dout), self.ptr(x), x.len);
+    fn gelu_backward(&mut self, dx: View, dout: View, x: View) {
+        assert!(
+            dx.len == x.len && dout.len == x.len && dout.dtype == DType::F32,
+            "gelu_backward: sizes"
+        );
+        assert!(
+            dx == dout || !dx.overlaps(&dout),
+            "gelu_backward: overlapping"
+        );
+        let (g, d, xp, n) = (self.ptr(dx), self.ptr(dout), self.ptr(x), x.len);
         self.launch(
-            &self.kernels.gelu_backward_inplace,
+            &self.kernels.gelu_backward[stored(dx)],
             elementwise(n),
             "gelu_backward",
-            &[&g, &xp, &n],
+            &[&g, &d, &xp, &n],
         );
     }
 
@@ -2202,7 +2209,8 @@ mod tests {
                 "rmsnorm_backward",
                 "gelu_forward",
                 "gelu_forward_bf16",
-                "gelu_backward_inplace",
+                "gelu_backward",
+                "gelu_backward_bf16",
                 "cross_entropy",
                 "sum_squares",
                 "sum_partials",

@@ -752,8 +752,48 @@ fn attention_kernels(p: &mut Pair) {
                 tol.products(),
                 &[("dqkv", dqkv)],
             );
+            if heads.is_empty() {
+                attention_stored_as_bf16(p, s, [qkv, out, lse, dout], scratch);
+            }
         }
     }
+}
+
+/// Attention storing its output and gradient as bf16, as a GPU's training keeps them (where
+/// its attention can): the output must be each backend's f32 `out` rounded; the gradient,
+/// from that rounded output, is compared with the reference's. `inputs`: the f32 check's
+/// `qkv`, `out`, `lse` and `dout`.
+fn attention_stored_as_bf16(p: &mut Pair, s: AttnShape, inputs: [View; 4], scratch: [View; 2]) {
+    let mode = if s.causal { "causal" } else { "bidirectional" };
+    let names = [
+        format!("attention_forward ({mode}, bf16 out)"),
+        format!("attention_backward ({mode}, bf16 out)"),
+    ];
+    if !p.b.iter().all(|b| b.attention_stores_bf16(s)) {
+        for name in &names {
+            p.checks.push(Check::skipped(
+                name,
+                "this device's attention stores f32 only (no flash attention with f32 products)",
+            ));
+        }
+        return;
+    }
+    let [qkv, out, lse, dout] = inputs;
+    let (rows, d) = (s.batch * s.t, s.n_head * s.head_dim);
+    let out16 = p.half.take(rows * d);
+    p.each(&[scratch], |b, v| {
+        b.fill(out16, STORED_POISON);
+        b.attention_forward(out16, lse, qkv, v[0], s)
+    });
+    let misses = p.rounding_misses(out, out16);
+    p.record_rounding(&names[0], misses);
+    let dqkv16 = p.half.take(rows * 3 * d);
+    p.each(&[scratch], |b, v| {
+        b.fill(dqkv16, STORED_POISON);
+        b.attention_backward(dqkv16, dout, out16, lse, qkv, v[0], s)
+    });
+    let tol = p.tol.products();
+    p.record(&names[1], tol, &[("dqkv", dqkv16)]);
 }
 
 /// Positions fed per call when decoding: a prefill of several, single steps, another short

@@ -45,8 +45,12 @@ const KERNEL_CHECKS: &[&str] = &[
     "pack_weight + matmul_packed_onto (N)",
     "attention_forward (causal)",
     "attention_backward (causal)",
+    "attention_forward (causal, bf16 out)",
+    "attention_backward (causal, bf16 out)",
     "attention_forward (bidirectional)",
     "attention_backward (bidirectional)",
+    "attention_forward (bidirectional, bf16 out)",
+    "attention_backward (bidirectional, bf16 out)",
     "attention_forward (causal, wide head)",
     "attention_backward (causal, wide head)",
     "attention_forward (bidirectional, wide head)",
@@ -212,6 +216,9 @@ impl Backend for Faulty {
     fn packed_len(&self, k: usize, n: usize) -> usize {
         self.cpu.packed_len(k, n)
     }
+    fn attention_stores_bf16(&self, shape: AttnShape) -> bool {
+        self.cpu.attention_stores_bf16(shape)
+    }
     fn allocate(&mut self, sizes: ArenaSizes) -> anyhow::Result<()> {
         self.cpu.allocate(sizes)
     }
@@ -370,7 +377,8 @@ impl Backend for Faulty {
         scratch: View,
         shape: AttnShape,
     ) {
-        self.cpu.attention_forward(out, lse, qkv, scratch, shape)
+        self.cpu.attention_forward(out, lse, qkv, scratch, shape);
+        self.bf16_output(out);
     }
     fn attention_backward(
         &mut self,
@@ -383,7 +391,8 @@ impl Backend for Faulty {
         shape: AttnShape,
     ) {
         self.cpu
-            .attention_backward(dqkv, dout, out, lse, qkv, scratch, shape)
+            .attention_backward(dqkv, dout, out, lse, qkv, scratch, shape);
+        self.bf16_output(dqkv);
     }
     fn embed_step(
         &mut self,
@@ -534,6 +543,10 @@ fn bf16_outputs_rounded_wrongly_fail_the_bf16_output_checks_only() {
             "gelu_forward (bf16 out)",
             "gelu_backward (bf16 out)",
             "round_to_bf16",
+            "attention_forward (causal, bf16 out)",
+            "attention_backward (causal, bf16 out)",
+            "attention_forward (bidirectional, bf16 out)",
+            "attention_backward (bidirectional, bf16 out)",
             "attention_step (f32 cache, bf16 out)",
             "attention_step (bf16 cache, bf16 out)",
         ],

@@ -269,6 +269,12 @@ pub trait Backend: Send {
     fn rounds_packed_inputs(&self) -> bool {
         false
     }
+    /// Whether [`Backend::attention_forward`] of `shape` may store its output, and
+    /// [`Backend::attention_backward`] read that output and store `dqkv`, as bfloat16 (for
+    /// bfloat16 products that read them).
+    fn attention_stores_bf16(&self, _shape: AttnShape) -> bool {
+        false
+    }
     /// Elements of [`Arena::Half`] a packed `[k, n]` weight takes (see [`Backend::pack_weight`]).
     fn packed_len(&self, k: usize, n: usize) -> usize;
     /// Bytes free in the memory this backend allocates from, where that is not the host's (a

@@ -133,6 +133,9 @@ impl Backend for Profiled {
     fn rounds_packed_inputs(&self) -> bool {
         self.inner.rounds_packed_inputs()
     }
+    fn attention_stores_bf16(&self, shape: AttnShape) -> bool {
+        self.inner.attention_stores_bf16(shape)
+    }
     fn packed_len(&self, k: usize, n: usize) -> usize {
         self.inner.packed_len(k, n)
     }

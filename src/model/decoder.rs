@@ -863,6 +863,9 @@ mod replay_tests {
         fn rounds_packed_inputs(&self) -> bool {
             self.rounds_packed_inputs
         }
+        fn attention_stores_bf16(&self, shape: AttnShape) -> bool {
+            self.inner.attention_stores_bf16(shape)
+        }
         fn packed_len(&self, k: usize, n: usize) -> usize {
             self.inner.packed_len(k, n)
         }

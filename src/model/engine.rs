@@ -18,7 +18,7 @@ struct BlockActs {
     ln1: View,
     rstd1: usize,
     qkv: usize,
-    att: usize,
+    att: View,
     lse: usize,
     mid: usize,
     ln2: View,
@@ -42,6 +42,9 @@ pub struct ActPlan {
     /// A product's output gradient rounded for the bfloat16 products of its backward pass
     /// (wide enough for the MLP's `4d` columns); only with bfloat16 inputs.
     dy_half: Option<View>,
+    /// Whether attention stores its output and the gradient of Q, K, V as bfloat16 (with
+    /// bfloat16 inputs, where the backend's attention can).
+    attention_bf16: bool,
     d_resid: usize,
     d_ln: usize,
     d_att: usize,
@@ -56,8 +59,9 @@ impl ActPlan {
     /// With `training`, every block keeps its activations; without, blocks share one set and
     /// the residual stream ping-pongs between two buffers. With `half`, the inputs of the
     /// blocks' products that a norm or the activation writes (`ln1`, `ln2`, `fc_act`) are
-    /// bfloat16 in [`Arena::Half`] from `*half` on (which advances), as is `dy_half`: a GPU's
-    /// products then read bfloat16 operands as stored.
+    /// bfloat16 in [`Arena::Half`] from `*half` on (which advances), as are `dy_half` and,
+    /// where the backend's attention stores bf16, its output `att`: a GPU's products then
+    /// read bfloat16 operands as stored.
     pub fn new(
         cfg: &ModelConfig,
         batch: usize,
@@ -75,6 +79,14 @@ impl ActPlan {
             at
         };
         let bf16_inputs = half.is_some();
+        let shape = AttnShape {
+            batch,
+            t,
+            n_head: cfg.n_head,
+            head_dim: cfg.head_dim(),
+            causal: cfg.causal(),
+        };
+        let attention_bf16 = bf16_inputs && backend.attention_stores_bf16(shape);
         let mut product_input = |take: &mut dyn FnMut(usize) -> usize, len: usize| match &mut half {
             Some(used) => {
                 let view = View::bf16(**used, len);
@@ -92,7 +104,11 @@ impl ActPlan {
                 ln1: product_input(&mut take, rows * d),
                 rstd1: take(rows),
                 qkv: take(rows * 3 * d),
-                att: take(rows * d),
+                att: if attention_bf16 {
+                    product_input(&mut take, rows * d)
+                } else {
+                    act(take(rows * d), rows * d)
+                },
                 lse: take(batch * cfg.n_head * t),
                 mid: take(rows * d),
                 ln2: product_input(&mut take, rows * d),
@@ -118,13 +134,6 @@ impl ActPlan {
         } else {
             (0, 0, 0, 0, 0)
         };
-        let shape = AttnShape {
-            batch,
-            t,
-            n_head: cfg.n_head,
-            head_dim: cfg.head_dim(),
-            causal: cfg.causal(),
-        };
         let attn_scratch_len = backend.attention_scratch_len(shape);
         let attn_scratch = take(attn_scratch_len);
         Self {
@@ -136,6 +145,7 @@ impl ActPlan {
             losses,
             fc_act,
             dy_half,
+            attention_bf16,
             d_resid,
             d_ln,
             d_att,
@@ -923,7 +933,7 @@ impl Engine {
                 ln1: first(ba.ln1, rows * d),
                 rstd1: act(ba.rstd1, rows),
                 qkv: act(ba.qkv, rows * 3 * d),
-                att: act(ba.att, rows * d),
+                att: first(ba.att, rows * d),
                 mid: act(ba.mid, rows * d),
                 ln2: first(ba.ln2, rows * d),
                 rstd2: act(ba.rstd2, rows),
@@ -1049,13 +1059,18 @@ impl Engine {
             let (mid, rstd2) = (act(ba.mid, rows * d), act(ba.rstd2, rows));
             b.rmsnorm_backward(d_resid, gv(po.ln_2, d), d_ln, mid, rstd2, pv(po.ln_2, d), d);
             // Attention branch.
-            let att = act(ba.att, rows * d);
+            let att = first(ba.att, rows * d);
             let attn_proj = (po.attn_proj, w.attn_proj);
             linear_backward(b, d_att, attn_proj, att, d_resid, dy_half, rows, d, d);
             let (lse, qkv) = (
                 act(ba.lse, n_seq * cfg.n_head * t),
                 act(ba.qkv, rows * 3 * d),
             );
+            // Stored as bf16 by attention itself where it can, for c_attn's products.
+            let d_qkv = match dy_half {
+                Some(half) if plan.attention_bf16 => first(half, rows * 3 * d),
+                _ => d_qkv,
+            };
             b.attention_backward(d_qkv, d_att, att, lse, qkv, scratch, shape);
             let (c_attn, ln1) = ((po.c_attn, w.c_attn), first(ba.ln1, rows * d));
             linear_backward(b, d_ln, c_attn, ln1, d_qkv, dy_half, rows, d, 3 * d);

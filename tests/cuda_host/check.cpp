@@ -1006,10 +1006,16 @@ FlashRef flash_reference(const vector<float>& qkv, const vector<float>& dout, in
 using FlashForward = void (*)(float*, float*, const float*, int, int, int, int);
 using FlashGradient = void (*)(float*, const float*, const float*, const float*, const float*,
                                int, int, int, int);
+// The _bf16 kernels, which store the output or gradient rounded.
+using FlashForward16 = void (*)(uint16_t*, float*, const float*, int, int, int, int);
+using FlashGradient16 = void (*)(uint16_t*, const float*, const float*, const float*,
+                                 const float*, int, int, int, int);
 struct FlashKernels {
     int width;
     FlashForward forward;
     FlashGradient kv, q;
+    FlashForward16 forward_bf16;
+    FlashGradient16 kv_bf16, q_bf16;
     std::string name(const char* kernel) const { return kernel + std::to_string(width); }
     size_t shared() const { return flash_shared_bytes(width); }
 };
@@ -1057,9 +1063,11 @@ void check_flash_attention(bool bf16_inputs) {
     const double tol = bf16_inputs ? kFlashExact : kFlash;
     const FlashKernels widths[] = {
         {64, flash_attention_forward_64, flash_attention_backward_kv_64,
-         flash_attention_backward_q_64},
+         flash_attention_backward_q_64, flash_attention_forward_64_bf16,
+         flash_attention_backward_kv_64_bf16, flash_attention_backward_q_64_bf16},
         {128, flash_attention_forward_128, flash_attention_backward_kv_128,
-         flash_attention_backward_q_128},
+         flash_attention_backward_q_128, flash_attention_forward_128_bf16,
+         flash_attention_backward_kv_128_bf16, flash_attention_backward_q_128_bf16},
     };
     struct Shape {
         int batch, n_head, t, head_dim;
@@ -1092,6 +1100,20 @@ void check_flash_attention(bool bf16_inputs) {
                    delta.data(), (const float*)dout.data(), (const float*)out32.data(), t, nh,
                    hd);
             check("flash_attention_backward_prepare", what + " delta", delta, ref.delta, kRow);
+            // From an out stored as bf16: the f32 kernel's sums over the same values.
+            vector<uint16_t> out_bits = rounded(out32);
+            vector<float> out_widened(out_bits.size()), delta_widened = nan_f32(stats),
+                                                        delta16 = nan_f32(stats);
+            for (size_t i = 0; i < out_bits.size(); i++)
+                out_widened[i] = (float)ref_from_bf16(out_bits[i]);
+            launch(flash_attention_backward_prepare, dim3((unsigned)rows), dim3(128), 0,
+                   delta_widened.data(), (const float*)dout.data(),
+                   (const float*)out_widened.data(), t, nh, hd);
+            launch(flash_attention_backward_prepare_bf16, dim3((unsigned)rows), dim3(128), 0,
+                   delta16.data(), (const float*)dout.data(), (const uint16_t*)out_bits.data(),
+                   t, nh, hd);
+            check_bits("flash_attention_backward_prepare_bf16", what + " delta from a bf16 out",
+                       delta16, delta_widened);
 
             for (const FlashKernels& k : widths) {
                 if (hd > k.width) continue;
@@ -1141,6 +1163,30 @@ void check_flash_attention(bool bf16_inputs) {
                            dout1, qkv1, lse32.data(), delta.data(), t, nh, hd, causal);
                 check_bits(k.name("flash_attention_backward_") + "_bits",
                            what + " dqkv from unaligned rows", dqkv1, dqkv);
+
+                // The _bf16 kernels store what the f32 ones compute, rounded, and nothing else
+                // (the buffers start as bf16 NaNs).
+                vector<uint16_t> out16(rows * d, kPoisonBf16), dqkv16(rows * 3 * d, kPoisonBf16);
+                vector<float> lse16 = nan_f32(stats);
+                launch(k.forward_bf16, fwd_grid, kFlashBlock, k.shared(), out16.data(),
+                       lse16.data(), (const float*)qkv.data(), t, nh, hd, causal);
+                check_bits(fwd + "_bf16", what + " out stored as bf16", out16, rounded(out));
+                check_bits(fwd + "_bf16", what + " lse beside a bf16 out", lse16, lse);
+                // Each gradient kernel alone: its own columns (Q's; K's and V's), and no other.
+                vector<uint16_t> dqkv_bits = rounded(dqkv);
+                for (bool q_columns : {true, false}) {
+                    std::fill(dqkv16.begin(), dqkv16.end(), kPoisonBf16);
+                    launch(q_columns ? k.q_bf16 : k.kv_bf16, fwd_grid, kFlashBlock, k.shared(),
+                           dqkv16.data(), (const float*)dout.data(), (const float*)qkv.data(),
+                           (const float*)lse32.data(), (const float*)delta.data(), t, nh, hd,
+                           causal);
+                    vector<uint16_t> want = dqkv_bits;
+                    for (size_t i = 0; i < want.size(); i++)
+                        if (((int)(i % (3 * d)) < d) != q_columns) want[i] = kPoisonBf16;
+                    check_bits(k.name(q_columns ? "flash_attention_backward_q_"
+                                                : "flash_attention_backward_kv_") + "_bf16",
+                               what + " stored as bf16", dqkv16, want);
+                }
 
                 // As the backend will chain them: backward from the kernel's own out and lse.
                 if (bf16_inputs) continue;

@@ -265,6 +265,10 @@ impl Backend for CpuBackend {
         bf16::packed_len(k, n)
     }
 
+    fn attention_stores_bf16(&self, _shape: AttnShape) -> bool {
+        true
+    }
+
     fn adopt_params(&mut self, params: Vec<f32>) -> anyhow::Result<()> {
         self.params = params;
         Ok(())
@@ -594,6 +598,12 @@ impl Backend for CpuBackend {
         scratch: View,
         shape: AttnShape,
     ) {
+        if out.dtype == DType::Bf16 {
+            return self.stored_as_bf16(out, |b, o| {
+                let ([l, sc], [q]) = b.views([lse, scratch], [qkv]);
+                attention::attention_forward(o, l, q, sc, shape);
+            });
+        }
         let ([o, l, sc], [q]) = self.views([out, lse, scratch], [qkv]);
         attention::attention_forward(o, l, q, sc, shape);
     }
@@ -608,6 +618,16 @@ impl Backend for CpuBackend {
         scratch: View,
         shape: AttnShape,
     ) {
+        if out.dtype == DType::Bf16 || dqkv.dtype == DType::Bf16 {
+            // Off this backend's own paths (a GPU's training stores these as bf16): through
+            // f32 copies, the gradient rounded as `upload` stores it.
+            let mut widened = vec![0.0; out.len];
+            self.download(out, &mut widened);
+            let mut gradient = vec![0.0; dqkv.len];
+            let ([sc], [dout, lse, qkv]) = self.views([scratch], [dout, lse, qkv]);
+            attention::attention_backward(&mut gradient, dout, &widened, lse, qkv, sc, shape);
+            return self.upload(dqkv, &gradient);
+        }
         let ([dq, sc], [dout, out, lse, qkv]) = self.views([dqkv, scratch], [dout, out, lse, qkv]);
         attention::attention_backward(dq, dout, out, lse, qkv, sc, shape);
     }

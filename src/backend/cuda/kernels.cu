@@ -996,9 +996,10 @@ __device__ __forceinline__ void zero(float (&acc)[kN][4]) {
 }
 
 // Writes rows `row0` (this lane's g) and `row0 + 8` of an accumulator [16, hd] to `rows` (f32,
-// row stride `stride`, the warp's first row at `rows`), those below `valid` only.
-template <int kN>
-__device__ __forceinline__ void write_rows(float* rows, size_t stride, int valid,
+// or bf16 rounded; row stride `stride`, the warp's first row at `rows`), those below `valid`
+// only.
+template <int kN, typename O>
+__device__ __forceinline__ void write_rows(O* rows, size_t stride, int valid,
                                            const float (&acc)[kN][4], int hd) {
     const int lane = threadIdx.x & 31, g = lane >> 2, c0 = (lane & 3) * 2;
 #pragma unroll
@@ -1007,9 +1008,9 @@ __device__ __forceinline__ void write_rows(float* rows, size_t stride, int valid
         for (int half = 0; half < 2; half++) {
             const int r = g + 8 * half;
             if (r >= valid) continue;
-            float* p = rows + (size_t)r * stride + n * 8 + c0;
-            p[0] = acc[n][2 * half];
-            p[1] = acc[n][2 * half + 1];
+            O* p = rows + (size_t)r * stride + n * 8 + c0;
+            store(p, 0, acc[n][2 * half]);
+            store(p, 1, acc[n][2 * half + 1]);
         }
     }
 }
@@ -1031,8 +1032,8 @@ __host__ __device__ constexpr size_t flash_shared_bytes(int width) {
 // loads K and V; each warp with a visible key in the step computes S = Q K^T in registers,
 // updates its rows' running maximum m and (per lane, partial) sum l, rescales its output by
 // exp(m_old - m_new) and adds P V, P rounded to bf16 straight from the scores' registers.
-template <int kWidth>
-__device__ void flash_forward(float* out, float* lse, const float* qkv, int t, int n_head,
+template <int kWidth, typename O>
+__device__ void flash_forward(O* out, float* lse, const float* qkv, int t, int n_head,
                               int head_dim, int causal) {
     using namespace flash;
     constexpr int kN = kWidth / 8;  // 8-column tiles of the output
@@ -1122,21 +1123,36 @@ __device__ void flash_forward(float* out, float* lse, const float* qkv, int t, i
         write_rows(out + ((size_t)b * t + warp_first) * d + h * hd, d, t - warp_first, o, hd);
 }
 
-// Backward, first pass: delta[b, h, i] = sum over head h's columns of dout * out. Launch:
-// grid (batch * t), block 128 threads, no dynamic shared memory.
-extern "C" __global__ void flash_attention_backward_prepare(float* delta, const float* dout,
-                                                            const float* out, int t,
-                                                            int n_head, int head_dim) {
+// Backward, first pass: delta[b, h, i] = sum over head h's columns of dout * out (out f32,
+// or bf16 as the forward pass stored it: _bf16). Launch: grid (batch * t), block 128 threads,
+// no dynamic shared memory.
+template <typename O>
+__device__ void flash_prepare(float* delta, const float* dout, const O* out, int t, int n_head,
+                              int head_dim) {
     size_t row = blockIdx.x;
     int d = n_head * head_dim, b = row / t, i = row % t;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     for (int h = warp; h < n_head; h += warps) {
-        const float *dr = dout + row * d + h * head_dim, *orow = out + row * d + h * head_dim;
+        const float* dr = dout + row * d + h * head_dim;
+        const O* orow = out + row * d + h * head_dim;
         float s = 0.0f;
-        for (int c = lane; c < head_dim; c += 32) s += dr[c] * orow[c];
+        for (int c = lane; c < head_dim; c += 32) s += dr[c] * load(orow, c);
         s = warp_sum(s);
         if (lane == 0) delta[((size_t)b * n_head + h) * t + i] = s;
     }
+}
+
+extern "C" __global__ void flash_attention_backward_prepare(float* delta, const float* dout,
+                                                            const float* out, int t,
+                                                            int n_head, int head_dim) {
+    flash_prepare(delta, dout, out, t, n_head, head_dim);
+}
+
+extern "C" __global__ void flash_attention_backward_prepare_bf16(float* delta,
+                                                                 const float* dout,
+                                                                 const bf16_bits* out, int t,
+                                                                 int n_head, int head_dim) {
+    flash_prepare(delta, dout, out, t, n_head, head_dim);
 }
 
 // The backward's scores of a tile pair, as both backward kernels need them: the warp's 16 rows
@@ -1178,8 +1194,8 @@ __device__ __forceinline__ void flash_scores(uint32_t (&p_out)[2][4], uint32_t (
 // steps of 32 query rows that see them (causal: from row 64x on). Per step, each warp with a
 // visible pair: S^T = K Q^T and dP^T = V dout^T, P^T = exp(scale S^T - lse) (masked: 0),
 // dS^T = P^T (dP^T - delta); then dV += P^T dout and dK += scale dS^T Q, in registers.
-template <int kWidth>
-__device__ void flash_backward_kv(float* dqkv, const float* dout, const float* qkv,
+template <int kWidth, typename G>
+__device__ void flash_backward_kv(G* dqkv, const float* dout, const float* qkv,
                                   const float* lse, const float* delta, int t, int n_head,
                                   int head_dim, int causal) {
     using namespace flash;
@@ -1236,7 +1252,7 @@ __device__ void flash_backward_kv(float* dqkv, const float* dout, const float* q
         product_nn(dk, ds, qs, 0, hd);
     }
     if (kw < t) {
-        float* rows = dqkv + ((size_t)b * t + kw) * 3 * d + h * hd;
+        G* rows = dqkv + ((size_t)b * t + kw) * 3 * d + h * hd;
         write_rows(rows + d, 3 * d, t - kw, dk, hd);
         write_rows(rows + 2 * d, 3 * d, t - kw, dv, hd);
     }
@@ -1250,8 +1266,8 @@ __device__ void flash_backward_kv(float* dqkv, const float* dout, const float* q
 // warp with a visible pair recomputes S = Q K^T, dP = dout V^T, P and dS as the dK, dV
 // kernel does, and adds scale dS K into its dQ, in registers. Recomputing costs two
 // products per tile pair; it buys dQ without atomic adds from many blocks.
-template <int kWidth>
-__device__ void flash_backward_q(float* dqkv, const float* dout, const float* qkv,
+template <int kWidth, typename G>
+__device__ void flash_backward_q(G* dqkv, const float* dout, const float* qkv,
                                  const float* lse, const float* delta, int t, int n_head,
                                  int head_dim, int causal) {
     using namespace flash;
@@ -1308,42 +1324,62 @@ __device__ void flash_backward_q(float* dqkv, const float* dout, const float* qk
 
 // The kernels, one for each widest head they serve (_64: heads up to 64 columns, _128: up to
 // 128): fewer accumulator tiles take fewer registers, so more blocks fit on a multiprocessor.
-extern "C" __global__ void flash_attention_forward_64(float* out, float* lse, const float* qkv,
-                                                      int t, int n_head, int head_dim,
-                                                      int causal) {
+// The _bf16 ones store their output (forward) or gradient (backward) rounded to bf16, for the
+// bf16 products of training that read it.
+extern "C" __global__ void flash_attention_forward_64(
+    float* out, float* lse, const float* qkv, int t, int n_head, int head_dim, int causal) {
     flash_forward<64>(out, lse, qkv, t, n_head, head_dim, causal);
 }
-extern "C" __global__ void flash_attention_forward_128(float* out, float* lse,
-                                                       const float* qkv, int t, int n_head,
-                                                       int head_dim, int causal) {
+extern "C" __global__ void flash_attention_forward_64_bf16(
+    bf16_bits* out, float* lse, const float* qkv, int t, int n_head, int head_dim, int causal) {
+    flash_forward<64>(out, lse, qkv, t, n_head, head_dim, causal);
+}
+extern "C" __global__ void flash_attention_forward_128(
+    float* out, float* lse, const float* qkv, int t, int n_head, int head_dim, int causal) {
     flash_forward<128>(out, lse, qkv, t, n_head, head_dim, causal);
 }
-extern "C" __global__ void flash_attention_backward_kv_64(float* dqkv, const float* dout,
-                                                          const float* qkv, const float* lse,
-                                                          const float* delta, int t,
-                                                          int n_head, int head_dim,
-                                                          int causal) {
+extern "C" __global__ void flash_attention_forward_128_bf16(
+    bf16_bits* out, float* lse, const float* qkv, int t, int n_head, int head_dim, int causal) {
+    flash_forward<128>(out, lse, qkv, t, n_head, head_dim, causal);
+}
+extern "C" __global__ void flash_attention_backward_kv_64(
+    float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
+    int t, int n_head, int head_dim, int causal) {
     flash_backward_kv<64>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
-extern "C" __global__ void flash_attention_backward_kv_128(float* dqkv, const float* dout,
-                                                           const float* qkv, const float* lse,
-                                                           const float* delta, int t,
-                                                           int n_head, int head_dim,
-                                                           int causal) {
+extern "C" __global__ void flash_attention_backward_kv_64_bf16(
+    bf16_bits* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
+    int t, int n_head, int head_dim, int causal) {
+    flash_backward_kv<64>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
+}
+extern "C" __global__ void flash_attention_backward_kv_128(
+    float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
+    int t, int n_head, int head_dim, int causal) {
     flash_backward_kv<128>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
-extern "C" __global__ void flash_attention_backward_q_64(float* dqkv, const float* dout,
-                                                         const float* qkv, const float* lse,
-                                                         const float* delta, int t,
-                                                         int n_head, int head_dim,
-                                                         int causal) {
+extern "C" __global__ void flash_attention_backward_kv_128_bf16(
+    bf16_bits* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
+    int t, int n_head, int head_dim, int causal) {
+    flash_backward_kv<128>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
+}
+extern "C" __global__ void flash_attention_backward_q_64(
+    float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
+    int t, int n_head, int head_dim, int causal) {
     flash_backward_q<64>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
-extern "C" __global__ void flash_attention_backward_q_128(float* dqkv, const float* dout,
-                                                          const float* qkv, const float* lse,
-                                                          const float* delta, int t,
-                                                          int n_head, int head_dim,
-                                                          int causal) {
+extern "C" __global__ void flash_attention_backward_q_64_bf16(
+    bf16_bits* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
+    int t, int n_head, int head_dim, int causal) {
+    flash_backward_q<64>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
+}
+extern "C" __global__ void flash_attention_backward_q_128(
+    float* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
+    int t, int n_head, int head_dim, int causal) {
+    flash_backward_q<128>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
+}
+extern "C" __global__ void flash_attention_backward_q_128_bf16(
+    bf16_bits* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
+    int t, int n_head, int head_dim, int causal) {
     flash_backward_q<128>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 

@@ -164,7 +164,8 @@ struct Kernels {
     attention_softmax: CudaFunction,
     attention_probs: CudaFunction,
     attention_dscores: CudaFunction,
-    flash_backward_prepare: CudaFunction,
+    /// By the stored type of the forward pass's output it reads: f32, bf16.
+    flash_backward_prepare: [CudaFunction; 2],
     /// Flash attention for heads up to 64 columns, and up to 128.
     flash: [FlashKernels; 2],
     kv_store_f32: CudaFunction,
@@ -192,11 +193,15 @@ impl Kernels {
                 .map_err(|e| anyhow!("kernel {name} is missing from the PTX: {e:?}"))
         };
         let flash = |width: usize| -> Result<FlashKernels> {
+            let both = |kernel: &str| -> Result<[CudaFunction; 2]> {
+                let name = format!("flash_attention_{kernel}_{width}");
+                Ok([f(&name)?, f(&format!("{name}_bf16"))?])
+            };
             Ok(FlashKernels {
                 width,
-                forward: f(&format!("flash_attention_forward_{width}"))?,
-                backward_kv: f(&format!("flash_attention_backward_kv_{width}"))?,
-                backward_q: f(&format!("flash_attention_backward_q_{width}"))?,
+                forward: both("forward")?,
+                backward_kv: both("backward_kv")?,
+                backward_q: both("backward_q")?,
             })
         };
         Ok(Self {
@@ -222,7 +227,10 @@ impl Kernels {
             attention_softmax: f("attention_softmax")?,
             attention_probs: f("attention_probs")?,
             attention_dscores: f("attention_dscores")?,
-            flash_backward_prepare: f("flash_attention_backward_prepare")?,
+            flash_backward_prepare: [
+                f("flash_attention_backward_prepare")?,
+                f("flash_attention_backward_prepare_bf16")?,
+            ],
             flash: [flash(64)?, flash(128)?],
             kv_store_f32: f("kv_store_f32")?,
             kv_store_bf16: f("kv_store_bf16")?,
@@ -241,9 +249,10 @@ impl Kernels {
 /// width of their shared tiles).
 struct FlashKernels {
     width: usize,
-    forward: CudaFunction,
-    backward_kv: CudaFunction,
-    backward_q: CudaFunction,
+    /// Each by the stored type of its output (forward) or gradient (backward): f32, bf16.
+    forward: [CudaFunction; 2],
+    backward_kv: [CudaFunction; 2],
+    backward_q: [CudaFunction; 2],
 }
 
 /// Device arenas, allocated together by [`Backend::allocate`].
@@ -878,6 +887,10 @@ impl Backend for CudaBackend {
 
     fn packed_len(&self, k: usize, n: usize) -> usize {
         k * n
+    }
+
+    fn attention_stores_bf16(&self, shape: AttnShape) -> bool {
+        self.flash(shape)
     }
 
     fn synchronize(&self) {
@@ -1530,12 +1543,16 @@ impl Backend for CudaBackend {
         let d = nh * hd;
         assert!(qkv.len == s.batch * t * 3 * d && out.len == s.batch * t * d);
         assert!(lse.len >= s.batch * nh * t && scratch.len >= self.attention_scratch_len(s));
+        assert!(
+            out.dtype == DType::F32 || self.flash(s),
+            "attention_forward: a bf16 output needs flash attention ({s:?})"
+        );
         if self.flash(s) {
             let (out_p, lse_p, qkv_p) = (self.ptr(out), self.ptr(lse), self.ptr(qkv));
             let (ti, nhi, hdi, causal) = (int(t), int(nh), int(hd), s.causal as i32);
             let kernels = self.flash_kernels(hd);
             self.launch(
-                &kernels.forward,
+                &kernels.forward[stored(out)],
                 flash_launch(s, kernels.width),
                 "attention_forward",
                 &[&out_p, &lse_p, &qkv_p, &ti, &nhi, &hdi, &causal],
@@ -1595,6 +1612,10 @@ impl Backend for CudaBackend {
                 && dout.len == out.len
                 && scratch.len >= self.attention_scratch_len(s)
         );
+        assert!(
+            (out.dtype == DType::F32 && dqkv.dtype == DType::F32) || self.flash(s),
+            "attention_backward: bf16 storage needs flash attention ({s:?})"
+        );
         if self.flash(s) {
             let p = (
                 self.ptr(dqkv),
@@ -1609,7 +1630,7 @@ impl Backend for CudaBackend {
             // Each row's sum of dout * out, then dK and dV by blocks of keys, and dQ by
             // blocks of query rows (kernels.cu: flash_attention_backward_kv, _q).
             self.launch(
-                &self.kernels.flash_backward_prepare,
+                &self.kernels.flash_backward_prepare[stored(out)],
                 LaunchConfig {
                     grid_dim: (u32::try_from(s.batch * t).expect("rows fit a grid"), 1, 1),
                     block_dim: (128, 1, 1),
@@ -1623,8 +1644,19 @@ impl Backend for CudaBackend {
             ];
             let kernels = self.flash_kernels(hd);
             let cfg = flash_launch(s, kernels.width);
-            self.launch(&kernels.backward_kv, cfg, "attention_backward", &args);
-            self.launch(&kernels.backward_q, cfg, "attention_backward", &args);
+            let by_type = stored(dqkv);
+            self.launch(
+                &kernels.backward_kv[by_type],
+                cfg,
+                "attention_backward",
+                &args,
+            );
+            self.launch(
+                &kernels.backward_q[by_type],
+                cfg,
+                "attention_backward",
+                &args,
+            );
             return;
         }
         let p = (
@@ -2229,11 +2261,18 @@ mod tests {
                 "attend_combine_to_bf16",
                 "flash_attention_forward_64",
                 "flash_attention_forward_128",
+                "flash_attention_forward_64_bf16",
+                "flash_attention_forward_128_bf16",
                 "flash_attention_backward_prepare",
+                "flash_attention_backward_prepare_bf16",
                 "flash_attention_backward_kv_64",
                 "flash_attention_backward_kv_128",
+                "flash_attention_backward_kv_64_bf16",
+                "flash_attention_backward_kv_128_bf16",
                 "flash_attention_backward_q_64",
                 "flash_attention_backward_q_128",
+                "flash_attention_backward_q_64_bf16",
+                "flash_attention_backward_q_128_bf16",
                 "draw_tokens",
             ] {
                 assert!(
@@ -2291,7 +2330,7 @@ mod tests {
         // stores only the 16-byte stores that fill the tiles).
         for ptx in [PTX_SM80, PTX_SM90] {
             for kernel in ["forward", "backward_kv", "backward_q"] {
-                for width in [64, 128] {
+                for width in ["64", "128", "64_bf16", "128_bf16"] {
                     let name = format!("flash_attention_{kernel}_{width}");
                     let ops: Vec<&str> = instructions(kernel_body(ptx, &name)).collect();
                     let count = |prefix: &str| ops.iter().filter(|l| l.starts_with(prefix)).count();

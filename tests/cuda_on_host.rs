@@ -182,11 +182,23 @@ fn train_small_in(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Output {
+    train_small_wide(precision, "32", run, device, extra, env)
+}
+
+/// As [`train_small_in`], `embd` columns wide (2 heads).
+fn train_small_wide(
+    precision: &str,
+    embd: &str,
+    run: &Path,
+    device: &[&str],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
     let mut args: Vec<&str> = device.to_vec();
     #[rustfmt::skip]
     args.extend([
         "train", "--data", IMAGES, "--limit", "200", "--side", "8", "--palette-size", "16",
-        "--layers", "2", "--embd", "32", "--heads", "2", "--batch", "8", "--lr", "3e-3",
+        "--layers", "2", "--embd", embd, "--heads", "2", "--batch", "8", "--lr", "3e-3",
         "--warmup", "1", "--precision", precision, "--out", s(run),
     ]);
     args.extend(extra);
@@ -649,50 +661,65 @@ fn a_training_step_adds_each_block_onto_its_residual_stream_without_copying_it()
 
 #[test]
 fn bf16_training_on_the_cuda_backend_multiplies_stored_bf16_operands_and_follows_the_f32_curve() {
-    // The blocks' products read their inputs as the norms and the activation stored them
-    // (bf16), the weights packed again after each update and each output gradient stored
-    // rounded once. Were the packed weights not refreshed, the forward pass would keep the first
-    // step's model and the loss would not fall with the CPU's.
-    let dir = tempdir("cuda-host-bf16-training");
-    let (gpu_run, cpu_run, log) = (dir.join("gpu"), dir.join("cpu"), dir.join("launches.log"));
-    let flags = ["--steps", "30", "--eval-every", "10"];
-    let env = [("CUDA_HOST_LAUNCH_LOG", s(&log))];
-    let err = succeeded(
-        &train_small_in("bf16", &gpu_run, CUDA, &flags, &env),
-        "training in bf16 with --device cuda",
-    );
-    assert!(!err.contains("without CUDA graphs"), "{err}");
-    succeeded(
-        &train_small(&cpu_run, &[], &flags, &[]),
-        "training on the cpu",
-    );
-    let (got, want) = (losses(&gpu_run), losses(&cpu_run));
-    assert_eq!(got.len(), want.len());
-    for ((name, g), (_, w)) in got.iter().zip(&want) {
-        if name.ends_with(" loss") || name.ends_with(" val_loss") {
+    // The blocks' products read their inputs as the norms, the activation and attention stored
+    // them (bf16), the weights packed again after each update and each output gradient stored
+    // rounded once. Were the packed weights not refreshed, the forward pass would keep the
+    // first step's model and the loss would not fall with the CPU's. Heads of 16 columns run
+    // flash attention, which stores bf16 itself; heads of 24 run the f32 attention, whose
+    // output and gradient are rounded for the products instead.
+    for (embd, steps, flash) in [("32", "30", true), ("48", "10", false)] {
+        let dir = tempdir(&format!("cuda-host-bf16-training-{embd}"));
+        let (gpu_run, cpu_run) = (dir.join("gpu"), dir.join("cpu"));
+        let log = dir.join("launches.log");
+        let flags = ["--steps", steps, "--eval-every", "5"];
+        let env = [("CUDA_HOST_LAUNCH_LOG", s(&log))];
+        let err = succeeded(
+            &train_small_wide("bf16", embd, &gpu_run, CUDA, &flags, &env),
+            "training in bf16 with --device cuda",
+        );
+        assert!(!err.contains("without CUDA graphs"), "{err}");
+        succeeded(
+            &train_small_wide("f32", embd, &cpu_run, &[], &flags, &[]),
+            "training on the cpu",
+        );
+        let (got, want) = (losses(&gpu_run), losses(&cpu_run));
+        assert_eq!(got.len(), want.len());
+        for ((name, g), (_, w)) in got.iter().zip(&want) {
+            if name.ends_with(" loss") || name.ends_with(" val_loss") {
+                assert!(
+                    (g - w).abs() <= 0.02 * w,
+                    "embd {embd}, {name}: cuda bf16 {g}, cpu f32 {w}"
+                );
+            }
+        }
+        if flash {
+            let train_loss = |step: &str| {
+                got.iter()
+                    .find(|(n, _)| n == &format!("step {step} loss"))
+                    .map(|&(_, x)| x)
+                    .expect("a logged loss")
+            };
             assert!(
-                (g - w).abs() <= 0.02 * w,
-                "{name}: cuda bf16 {g}, cpu f32 {w}"
+                train_loss(steps) < train_loss("1") - 0.5,
+                "bf16 training did not learn: {got:?}"
             );
         }
+        assert_bf16_launches(
+            &std::fs::read_to_string(&log).expect("read the launch log"),
+            flash,
+        );
     }
-    let train_loss = |run: &[(String, f64)], step: &str| {
-        run.iter()
-            .find(|(n, _)| n == &format!("step {step} loss"))
-            .map(|&(_, x)| x)
-            .expect("a logged loss")
-    };
-    assert!(
-        train_loss(&got, "30") < train_loss(&got, "1") - 0.5,
-        "bf16 training did not learn: {got:?}"
-    );
-    // The launch log holds the passes and updates issued or captured (not the replays). Each
-    // forward pass rounds only the final norm's output for the head (attention stores its
-    // output as bf16); each backward pass rounds the residual stream's gradient twice a
-    // layer, for the two products that add to the stream (the GELU's and attention's backward
-    // passes store their gradients as bf16 themselves); each update packs the 9 weights (4 a
-    // layer and the head) right after AdamW.
-    let launches = std::fs::read_to_string(&log).expect("read the launch log");
+}
+
+/// The launch log of a 2-layer bf16 training run holds the passes and updates issued or
+/// captured (not the replays). With flash attention, each forward pass rounds only the final
+/// norm's output for the head, and each backward pass the residual stream's gradient twice a
+/// layer, for the two products that add to the stream (the GELU's and attention's backward
+/// passes store their gradients as bf16 themselves). Without, attention's f32 output is rounded
+/// for its projection in the forward pass (whose backward products then keep f32 operands),
+/// and the gradient of Q, K, V in the backward pass, once a layer each. Each update packs the
+/// 9 weights (4 a layer and the head) right after AdamW.
+fn assert_bf16_launches(launches: &str, flash: bool) {
     let kernels: Vec<&str> = launches
         .lines()
         .map(|l| l.split(' ').next().unwrap_or(""))
@@ -703,14 +730,31 @@ fn bf16_training_on_the_cuda_backend_multiplies_stored_bf16_operands_and_follows
         forwards > 0 && backwards > 0 && count("gelu_backward") == 0,
         "{launches}"
     );
-    assert_eq!(count("round_bf16"), forwards + 4 * backwards, "{launches}");
-    for (kernel, per_pass) in [
-        ("flash_attention_forward_64_bf16", forwards),
-        ("flash_attention_backward_prepare_bf16", backwards),
-        ("flash_attention_backward_kv_64_bf16", backwards),
-        ("flash_attention_backward_q_64_bf16", backwards),
-    ] {
-        assert_eq!(count(kernel), 2 * per_pass, "{kernel}:\n{launches}");
+    let flash_launches = kernels
+        .iter()
+        .filter(|k| k.starts_with("flash_attention"))
+        .count();
+    if flash {
+        assert_eq!(count("round_bf16"), forwards + 4 * backwards, "{launches}");
+        for (kernel, per_pass) in [
+            ("flash_attention_forward_64_bf16", forwards),
+            ("flash_attention_backward_prepare_bf16", backwards),
+            ("flash_attention_backward_kv_64_bf16", backwards),
+            ("flash_attention_backward_q_64_bf16", backwards),
+        ] {
+            assert_eq!(count(kernel), 2 * per_pass, "{kernel}:\n{launches}");
+        }
+        assert_eq!(flash_launches, 2 * forwards + 6 * backwards, "{launches}");
+    } else {
+        assert_eq!(
+            count("round_bf16"),
+            3 * forwards + 4 * backwards,
+            "{launches}"
+        );
+        assert!(
+            flash_launches == 0 && count("attention_softmax") > 0,
+            "{launches}"
+        );
     }
     let updates: Vec<usize> = (0..kernels.len())
         .filter(|&i| kernels[i] == "adamw_tensors")

@@ -370,7 +370,7 @@ pub trait Backend: Send {
         g: View,
         d: usize,
     );
-    /// Converts the f32 weight `w` (`[k, n]`, or `[n, k]` with `Op::T`) once into `dst`, a
+    /// Converts the f32 weight `w` (`[k, n]`, or `[n, k]` with `Op::T`) into `dst`, a
     /// bfloat16 view of [`Backend::packed_len`] elements, in this backend's layout for
     /// [`Backend::matmul_packed`].
     fn pack_weight(&mut self, dst: View, w: View, op: Op, k: usize, n: usize);
@@ -496,8 +496,9 @@ pub trait Backend: Send {
     );
     /// `out` may be bfloat16 (rounded as stored).
     fn gelu_forward(&mut self, out: View, x: View);
-    /// The pre-activation gradient from the activation's, `dx = dout * gelu'(x)`: `dx` is `dout` itself (in place) or a separate view, f32 or
-    /// bfloat16 (the gradient stored rounded for the bfloat16 products that read it).
+    /// The pre-activation gradient from the activation's, `dx = dout * gelu'(x)`: `dx` is
+    /// `dout` itself (in place) or a separate view, f32 or bfloat16 (the gradient stored
+    /// rounded for the bfloat16 products that read it).
     fn gelu_backward(&mut self, dx: View, dout: View, x: View);
     /// Per-position losses against the stored tokens; with `grad_scale`, `logits` becomes
     /// `grad_scale * dloss/dlogits`.

@@ -27,7 +27,8 @@ pub(crate) struct BlockIo {
 }
 
 /// A weight matrix as the forward pass reads it: f32 in the parameter arena (stored as `op`
-/// says), or a bfloat16 copy packed once by [`Backend::pack_weight`].
+/// says), or a bfloat16 copy packed by [`Backend::pack_weight`] (once for inference, after
+/// every update in training).
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Weight {
     F32(View, Op),

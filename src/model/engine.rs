@@ -6,9 +6,7 @@
 use super::ParamLayout;
 use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward, linear_backward};
 use super::replay::{self, Replays};
-use crate::backend::{
-    Arena, ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, Update, View,
-};
+use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Op, Precision, Update, View};
 use crate::config::ModelConfig;
 
 /// Activations one block keeps for its backward pass: offsets in [`Arena::Acts`], and the
@@ -49,7 +47,7 @@ pub struct ActPlan {
     d_ln: usize,
     d_att: usize,
     d_qkv: usize,
-    d_fc: usize,
+    d_fc_act: usize,
     attn_scratch: usize,
     attn_scratch_len: usize,
     pub total: usize,
@@ -123,7 +121,7 @@ impl ActPlan {
         let losses = take(rows);
         let fc_act = product_input(&mut take, rows * 4 * d);
         let dy_half = (training && bf16_inputs).then(|| product_input(&mut take, rows * 4 * d));
-        let (d_resid, d_ln, d_att, d_qkv, d_fc) = if training {
+        let (d_resid, d_ln, d_att, d_qkv, d_fc_act) = if training {
             (
                 take(rows * d),
                 take(rows * d),
@@ -150,7 +148,7 @@ impl ActPlan {
             d_ln,
             d_att,
             d_qkv,
-            d_fc,
+            d_fc_act,
             attn_scratch,
             attn_scratch_len,
             total: off,
@@ -174,7 +172,8 @@ pub struct Engine {
     pub batch: usize,
     pub training: bool,
     plan: ActPlan,
-    /// What the forward pass reads: the parameters, or their packed bfloat16 copies.
+    /// What the products read: the parameters, or their packed bfloat16 copies (the forward
+    /// pass's, and in bf16 training the backward pass's `dx` products too).
     weights: Weights,
     /// How to refresh the packed copies when the parameters change.
     pack_jobs: Vec<PackJob>,
@@ -620,7 +619,8 @@ impl Engine {
     /// clipped to `update.clip` first; weight decay applies to the tensors whose
     /// [`crate::model::TensorSpec::decay`] says so. Returns the norm before clipping. Where
     /// the backend records (a GPU), the update is recorded the second time and replayed after
-    /// that: norm, clip and AdamW as one graph, with no wait for the host between them.
+    /// that: norm, clip, AdamW and (in bf16 training) the weights' packing as one graph, with no
+    /// wait for the host between them.
     pub fn update(&mut self, update: Update) -> f64 {
         assert!(
             self.training,
@@ -985,7 +985,7 @@ impl Engine {
         let d_att = act(plan.d_att, rows * d);
         let d_qkv = act(plan.d_qkv, rows * 3 * d);
         // The activation's gradient, then (in place, or bf16 into `dy_half`) its input's.
-        let d_fc_act = act(plan.d_fc, rows * 4 * d);
+        let d_fc_act = act(plan.d_fc_act, rows * 4 * d);
         let fc_act = first(plan.fc_act, rows * 4 * d);
         let dy_half = plan.dy_half;
 
@@ -1050,10 +1050,7 @@ impl Engine {
             );
             let (c_fc, ln2) = ((po.c_fc, w.c_fc), first(ba.ln2, rows * d));
             // Where the products read bf16, the gradient is stored rounded for them at once.
-            let d_fc = match dy_half {
-                Some(half) if ln2.dtype == DType::Bf16 => first(half, rows * 4 * d),
-                _ => d_fc_act,
-            };
+            let d_fc = dy_half.map_or(d_fc_act, |half| first(half, rows * 4 * d));
             b.gelu_backward(d_fc, d_fc_act, fc);
             linear_backward(b, d_ln, c_fc, ln2, d_fc, dy_half, rows, d, 4 * d);
             let (mid, rstd2) = (act(ba.mid, rows * d), act(ba.rstd2, rows));

@@ -660,14 +660,18 @@ impl CudaBackend {
             2 * a.len <= scratch.bytes,
             "{what}: input larger than planned"
         );
-        let (rounded, len) = (scratch.ptr, a.len);
+        self.round(scratch.ptr, a_p, a.len, what);
+        scratch.ptr
+    }
+
+    /// Stores `len` f32 values from `src` at `dst` rounded to bfloat16.
+    fn round(&self, dst: u64, src: u64, len: usize, what: &str) {
         self.launch(
             &self.kernels.round_bf16,
             elementwise(len),
             what,
-            &[&rounded, &a_p, &len],
+            &[&dst, &src, &len],
         );
-        rounded
     }
 
     /// How products of f32 operands multiply: exactly, or rounded to bfloat16 for the tensor
@@ -1113,13 +1117,7 @@ impl Backend for CudaBackend {
             dst.len == src.len && dst.dtype == DType::Bf16 && src.dtype == DType::F32,
             "round_to_bf16: {src:?} does not fit {dst:?}"
         );
-        let (d, s, len) = (self.ptr(dst), self.ptr(src), src.len);
-        self.launch(
-            &self.kernels.round_bf16,
-            elementwise(len),
-            "round_to_bf16",
-            &[&d, &s, &len],
-        );
+        self.round(self.ptr(dst), self.ptr(src), src.len, "round_to_bf16");
     }
 
     fn set_tokens(&mut self, tokens: &[u16]) {

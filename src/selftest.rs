@@ -591,12 +591,19 @@ fn norm_kernels(p: &mut Pair) {
     let dout = p.put_random(ROWS * D, 1.0);
     let dx = p.put_random(ROWS * D, 1.0);
     let dg = p.put_random(D, 1.0);
-    p.both(|b| b.rmsnorm_backward(dx, dg, dout, x, rstd, g, D));
+    p.both(|b| b.rmsnorm_backward(dx, None, dg, dout, x, rstd, g, D));
     p.record(
         "rmsnorm_backward",
         tol.f32_products,
         &[("dx", dx), ("dg", dg)],
     );
+    let stored = p.half.take(ROWS * D);
+    p.both(|b| {
+        b.fill(stored, STORED_POISON);
+        b.rmsnorm_backward(dx, Some(stored), dg, dout, x, rstd, g, D)
+    });
+    let misses = p.rounding_misses(dx, stored);
+    p.record_rounding("rmsnorm_backward (bf16 copy)", misses);
 }
 
 fn op_name(op: Op) -> &'static str {

@@ -713,12 +713,12 @@ fn bf16_training_on_the_cuda_backend_multiplies_stored_bf16_operands_and_follows
 
 /// The launch log of a 2-layer bf16 training run holds the passes and updates issued or
 /// captured (not the replays). With flash attention, each forward pass rounds only the final
-/// norm's output for the head, and each backward pass the residual stream's gradient twice a
-/// layer, for the two products that add to the stream (the GELU's and attention's backward
-/// passes store their gradients as bf16 themselves). Without, attention's f32 output is rounded
-/// for its projection in the forward pass (whose backward products then keep f32 operands),
-/// and the gradient of Q, K, V in the backward pass, once a layer each. Each update packs the
-/// 9 weights (4 a layer and the head) right after AdamW.
+/// norm's output for the head, and the backward pass rounds nothing on its own: the GELU's,
+/// attention's and the norms' backward kernels store the gradients the products read as bf16
+/// themselves. Without, attention's f32 output is rounded for its projection in the forward
+/// pass (whose backward products then keep f32 operands), and the gradient of Q, K, V in the
+/// backward pass, once a layer each. Each update packs the 9 weights (4 a layer and the head)
+/// right after AdamW.
 fn assert_bf16_launches(launches: &str, flash: bool) {
     let kernels: Vec<&str> = launches
         .lines()
@@ -735,7 +735,7 @@ fn assert_bf16_launches(launches: &str, flash: bool) {
         .filter(|k| k.starts_with("flash_attention"))
         .count();
     if flash {
-        assert_eq!(count("round_bf16"), forwards + 4 * backwards, "{launches}");
+        assert_eq!(count("round_bf16"), forwards, "{launches}");
         for (kernel, per_pass) in [
             ("flash_attention_forward_64_bf16", forwards),
             ("flash_attention_backward_prepare_bf16", backwards),
@@ -748,7 +748,7 @@ fn assert_bf16_launches(launches: &str, flash: bool) {
     } else {
         assert_eq!(
             count("round_bf16"),
-            3 * forwards + 4 * backwards,
+            3 * forwards + 2 * backwards,
             "{launches}"
         );
         assert!(

@@ -402,7 +402,7 @@ fn rmsnorm_forward_and_backward() {
         // The backward pass adds into dx and dg: start them from something other than zero.
         let (dx0, dg0) = (rand_vec(rows * d, 19, 1.0), rand_vec(d, 20, 1.0));
         let (dxv, dgv) = (r.put(&dx0), r.put(&dg0));
-        r.b.rmsnorm_backward(dxv, dgv, wv, xv, rstd, gv, d);
+        r.b.rmsnorm_backward(dxv, None, dgv, wv, xv, rstd, gv, d);
         let sub =
             |a: Vec<f32>, b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
         let dx = sub(r.get(dxv), &dx0);

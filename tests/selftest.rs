@@ -27,6 +27,7 @@ const KERNEL_CHECKS: &[&str] = &[
     "rmsnorm_forward",
     "rmsnorm_forward (bf16 out)",
     "rmsnorm_backward",
+    "rmsnorm_backward (bf16 copy)",
     "matmul (N,N)",
     "matmul (N,N, accumulate)",
     "matmul (N,T)",
@@ -307,6 +308,7 @@ impl Backend for Faulty {
     fn rmsnorm_backward(
         &mut self,
         dx: View,
+        dx_rounded: Option<View>,
         dg: View,
         dout: View,
         x: View,
@@ -314,7 +316,11 @@ impl Backend for Faulty {
         g: View,
         d: usize,
     ) {
-        self.cpu.rmsnorm_backward(dx, dg, dout, x, rstd, g, d)
+        self.cpu
+            .rmsnorm_backward(dx, dx_rounded, dg, dout, x, rstd, g, d);
+        if let Some(r) = dx_rounded {
+            self.bf16_output(r);
+        }
     }
     fn pack_weight(&mut self, dst: View, w: View, op: Op, k: usize, n: usize) {
         self.cpu.pack_weight(dst, w, op, k, n)
@@ -542,6 +548,7 @@ fn bf16_outputs_rounded_wrongly_fail_the_bf16_output_checks_only() {
             "rmsnorm_forward (bf16 out)",
             "gelu_forward (bf16 out)",
             "gelu_backward (bf16 out)",
+            "rmsnorm_backward (bf16 copy)",
             "round_to_bf16",
             "attention_forward (causal, bf16 out)",
             "attention_backward (causal, bf16 out)",

@@ -358,11 +358,14 @@ pub trait Backend: Send {
     fn set_targets(&mut self, targets: &[u16], weights: &[f32]);
     /// `out` may be bfloat16 (the f32 values rounded as stored); `rstd` is f32.
     fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize);
-    /// Adds the input gradient into `dx` and the gain gradient into `dg`.
+    /// Adds the input gradient into `dx` and the gain gradient into `dg`; with `dx_rounded`
+    /// (bfloat16, `dx`'s length), also stores the resulting `dx` there rounded, for the
+    /// bfloat16 products that read the residual stream's gradient next.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &mut self,
         dx: View,
+        dx_rounded: Option<View>,
         dg: View,
         dout: View,
         x: View,

@@ -214,6 +214,7 @@ impl Backend for Profiled {
     fn rmsnorm_backward(
         &mut self,
         dx: View,
+        dx_rounded: Option<View>,
         dg: View,
         dout: View,
         x: View,
@@ -221,7 +222,10 @@ impl Backend for Profiled {
         g: View,
         d: usize,
     ) {
-        timed!(self, rmsnorm_backward(dx, dg, dout, x, rstd, g, d))
+        timed!(
+            self,
+            rmsnorm_backward(dx, dx_rounded, dg, dout, x, rstd, g, d)
+        )
     }
     fn pack_weight(&mut self, dst: View, w: View, op: Op, k: usize, n: usize) {
         timed!(self, pack_weight(dst, w, op, k, n))

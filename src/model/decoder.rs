@@ -946,6 +946,7 @@ mod replay_tests {
         fn rmsnorm_backward(
             &mut self,
             _: View,
+            _: Option<View>,
             _: View,
             _: View,
             _: View,

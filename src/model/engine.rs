@@ -1016,9 +1016,14 @@ impl Engine {
             true,
         );
         b.fill(d_resid, 0.0);
+        // Where a product that adds to the stream reads bf16, the norm's backward pass before
+        // it stores the stream's gradient rounded for it too (`resid_for`).
+        let resid_rounded = dy_half.map(|half| first(half, rows * d));
+        let resid_for = |bf16: bool| if bf16 { resid_rounded } else { None };
         let last = act(plan.resid[cfg.n_layer], rows * d);
         b.rmsnorm_backward(
             d_resid,
+            resid_rounded,
             gv(lay.ln_f, d),
             d_ln,
             last,
@@ -1036,29 +1041,21 @@ impl Engine {
             let fc = act(ba.fc, rows * 4 * d);
             // MLP branch: the activation output is recomputed rather than stored per layer.
             b.gelu_forward(fc_act, fc);
-            let mlp_proj = (po.mlp_proj, w.mlp_proj);
-            linear_backward(
-                b,
-                d_fc_act,
-                mlp_proj,
-                fc_act,
-                d_resid,
-                dy_half,
-                rows,
-                4 * d,
-                d,
-            );
+            let (mlp_proj, dy) = ((po.mlp_proj, w.mlp_proj), resid_rounded.unwrap_or(d_resid));
+            linear_backward(b, d_fc_act, mlp_proj, fc_act, dy, dy_half, rows, 4 * d, d);
             let (c_fc, ln2) = ((po.c_fc, w.c_fc), first(ba.ln2, rows * d));
             // Where the products read bf16, the gradient is stored rounded for them at once.
             let d_fc = dy_half.map_or(d_fc_act, |half| first(half, rows * 4 * d));
             b.gelu_backward(d_fc, d_fc_act, fc);
             linear_backward(b, d_ln, c_fc, ln2, d_fc, dy_half, rows, d, 4 * d);
             let (mid, rstd2) = (act(ba.mid, rows * d), act(ba.rstd2, rows));
-            b.rmsnorm_backward(d_resid, gv(po.ln_2, d), d_ln, mid, rstd2, pv(po.ln_2, d), d);
+            let rounded = resid_for(plan.attention_bf16);
+            let (gain, g2) = (gv(po.ln_2, d), pv(po.ln_2, d));
+            b.rmsnorm_backward(d_resid, rounded, gain, d_ln, mid, rstd2, g2, d);
             // Attention branch.
             let att = first(ba.att, rows * d);
-            let attn_proj = (po.attn_proj, w.attn_proj);
-            linear_backward(b, d_att, attn_proj, att, d_resid, dy_half, rows, d, d);
+            let (attn_proj, dy) = ((po.attn_proj, w.attn_proj), rounded.unwrap_or(d_resid));
+            linear_backward(b, d_att, attn_proj, att, dy, dy_half, rows, d, d);
             let (lse, qkv) = (
                 act(ba.lse, n_seq * cfg.n_head * t),
                 act(ba.qkv, rows * 3 * d),
@@ -1072,7 +1069,10 @@ impl Engine {
             let (c_attn, ln1) = ((po.c_attn, w.c_attn), first(ba.ln1, rows * d));
             linear_backward(b, d_ln, c_attn, ln1, d_qkv, dy_half, rows, d, 3 * d);
             let (x, rstd1) = (act(plan.resid[l], rows * d), act(ba.rstd1, rows));
-            b.rmsnorm_backward(d_resid, gv(po.ln_1, d), d_ln, x, rstd1, pv(po.ln_1, d), d);
+            // For the MLP of the block below, if any.
+            let rounded = resid_for(l > 0);
+            let (gain, g1) = (gv(po.ln_1, d), pv(po.ln_1, d));
+            b.rmsnorm_backward(d_resid, rounded, gain, d_ln, x, rstd1, g1, d);
             finished(&FinishedGrads {
                 from: po.ln_1,
                 backend: &*b,

@@ -511,10 +511,11 @@ void check_rmsnorm() {
         // One pass for dx and the gain's partial sums (32 rows a block, columns by 2048),
         // then add_column_sums (1,024 threads), as mod.rs launches them.
         const int rows_per_block = 32, count = (rows + rows_per_block - 1) / rows_per_block;
+        vector<uint16_t> rounded_dx((size_t)rows * d, kPoisonBf16);
         auto backward = [&] {
             vector<float> partials = nan_f32((size_t)count * d), out_dx = dx, out_dg = dg;
             launch(rmsnorm_backward, dim3(count, (d + 2047) / 2048), dim3(kRowThreads), 0,
-                   out_dx.data(), partials.data(), (const float*)dout.data(),
+                   out_dx.data(), rounded_dx.data(), partials.data(), (const float*)dout.data(),
                    (const float*)x.data(), (const float*)rs.data(), (const float*)g.data(),
                    rows, d, rows_per_block);
             launch(add_column_sums, dim3((d + 31) / 32), dim3(1024), 0, out_dg.data(),
@@ -527,7 +528,16 @@ void check_rmsnorm() {
             dg_out(both.begin() + (size_t)rows * d, both.end());
         check("rmsnorm_backward", what + " dx", dx_out, want_dx, kRow);
         check("rmsnorm_backward", what + " dg", dg_out, want_dg, kRow);
+        check_bits("rmsnorm_backward", what + " dx stored rounded too", rounded_dx,
+                   rounded(dx_out));
         check_order_independent("rmsnorm_backward", what + " dx and dg", both, backward);
+        // Without a rounded copy (null), the same dx and dg.
+        vector<float> partials = nan_f32((size_t)count * d), plain_dx = dx, plain_dg = dg;
+        launch(rmsnorm_backward, dim3(count, (d + 2047) / 2048), dim3(kRowThreads), 0,
+               plain_dx.data(), (uint16_t*)nullptr, partials.data(), (const float*)dout.data(),
+               (const float*)x.data(), (const float*)rs.data(), (const float*)g.data(), rows, d,
+               rows_per_block);
+        check_bits("rmsnorm_backward", what + " dx without the rounded copy", plain_dx, dx_out);
     }
 }
 

@@ -491,6 +491,7 @@ impl Backend for CpuBackend {
     fn rmsnorm_backward(
         &mut self,
         dx: View,
+        dx_rounded: Option<View>,
         dg: View,
         dout: View,
         x: View,
@@ -499,9 +500,12 @@ impl Backend for CpuBackend {
         d: usize,
     ) {
         let mut scratch = std::mem::take(&mut self.norm_scratch);
-        let ([dx, dg], [dout, x, rstd, g]) = self.views([dx, dg], [dout, x, rstd, g]);
-        norm::rmsnorm_backward(dx, dg, dout, x, rstd, g, d, &mut scratch);
+        let ([gx, gg], [dout, x, rstd, g]) = self.views([dx, dg], [dout, x, rstd, g]);
+        norm::rmsnorm_backward(gx, gg, dout, x, rstd, g, d, &mut scratch);
         self.norm_scratch = scratch;
+        if let Some(rounded) = dx_rounded {
+            self.round_to_bf16(rounded, dx);
+        }
     }
 
     fn pack_weight(&mut self, dst: View, w: View, op: Op, k: usize, n: usize) {

@@ -263,9 +263,12 @@ extern "C" __global__ void rmsnorm_forward_bf16(bf16_bits* out, float* rstd, con
 // rows x * rows_per_block on, one at a time, and columns 2048 y .. 2048 y + 2047 of them
 // (eight a thread, their gain sums in registers); each row's mean needs the whole row, which
 // every column block reads.
-extern "C" __global__ void rmsnorm_backward(float* dx, float* partials, const float* dout,
-                                            const float* x, const float* rstd, const float* g,
-                                            int rows, int d, int rows_per_block) {
+// With `rounded` (else null), each final dx is also stored there rounded to bf16, for the
+// bf16 products that read the residual stream's gradient next.
+extern "C" __global__ void rmsnorm_backward(float* dx, bf16_bits* rounded, float* partials,
+                                            const float* dout, const float* x,
+                                            const float* rstd, const float* g, int rows, int d,
+                                            int rows_per_block) {
     constexpr int kCols = 8;
     __shared__ float shared[32];
     const int c0 = blockIdx.y * kCols * blockDim.x + threadIdx.x;
@@ -283,7 +286,10 @@ extern "C" __global__ void rmsnorm_backward(float* dx, float* partials, const fl
         for (int k = 0; k < kCols; k++) {
             int c = c0 + k * blockDim.x;
             if (c < d) {
-                dx[(size_t)row * d + c] += r * (dr[c] * g[c] - xr[c] * r * mean);
+                const size_t i = (size_t)row * d + c;
+                const float sum = dx[i] + r * (dr[c] * g[c] - xr[c] * r * mean);
+                dx[i] = sum;
+                if (rounded) rounded[i] = to_bf16(sum);
                 gain[k] += dr[c] * xr[c] * r;
             }
         }

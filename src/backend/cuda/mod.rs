@@ -1361,6 +1361,7 @@ impl Backend for CudaBackend {
     fn rmsnorm_backward(
         &mut self,
         dx: View,
+        dx_rounded: Option<View>,
         dg: View,
         dout: View,
         x: View,
@@ -1395,11 +1396,21 @@ impl Backend for CudaBackend {
             shared_mem_bytes: 0,
         };
         let (ri, di, per, ci) = (int(rows), int(d), int(rows_per_block), int(count));
+        // Null: no rounded copy.
+        let rounded = dx_rounded.map_or(0, |r| {
+            assert!(
+                r.len == dx.len && r.dtype == DType::Bf16,
+                "rmsnorm_backward: {r:?} does not take {dx:?} rounded"
+            );
+            self.ptr(r)
+        });
         self.launch(
             &self.kernels.rmsnorm_backward,
             cfg,
             "rmsnorm_backward",
-            &[&p.0, &partials, &p.2, &p.3, &p.4, &p.5, &ri, &di, &per],
+            &[
+                &p.0, &rounded, &partials, &p.2, &p.3, &p.4, &p.5, &ri, &di, &per,
+            ],
         );
         let cfg = LaunchConfig {
             grid_dim: (d.div_ceil(32) as u32, 1, 1),

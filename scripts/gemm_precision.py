@@ -1,12 +1,13 @@
 """How fast the GPU multiplies iGPT-S's training products from f32 and from bf16 operands.
 
-igpt keeps activations in f32 and asks cuBLAS for bf16 tensor-core products of them
-(CUBLAS_COMPUTE_32F_FAST_16BF); storing activations in bf16 would hand cuBLAS bf16 operands
-instead. This times both, with PyTorch on the same GPU, so the first GPU run says what that
-change is worth for the products (the element-wise passes are the other half of it):
+igpt's bf16 training stores the products' inputs and gradients in bf16 and hands cuBLASLt bf16
+operands; before, it kept them in f32 and asked for bf16 tensor-core products of f32 operands
+(CUBLAS_COMPUTE_32F_FAST_16BF), as it still does for the head's two backward products. This
+times both, with PyTorch on the same GPU, so the first GPU run says what that change is worth
+for the products (the element-wise passes are the other half of it):
 
   f32-exact   f32 operands, f32 products                 (torch "highest")
-  f32-fast    f32 operands, bf16 products inside cuBLAS  (torch "medium", as igpt asks for)
+  f32-fast    f32 operands, bf16 products inside cuBLAS  (torch "medium"; igpt asked so before)
   bf16        bf16 operands, f32 accumulation, bf16 out
 
   python3 scripts/gemm_precision.py [--rows 32768] [--json OUT.json]

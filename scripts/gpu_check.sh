@@ -91,7 +91,7 @@ if [ -x "$before" ]; then
     step generate-before 15 generate-before.json "$before" --device cuda bench generate \
         --shape small --batches 1 64 --precisions bf16 --no-python --json "$out/generate-before.json"
 fi
-# iGPT-S's products from f32 and from bf16 operands, in PyTorch: what bf16 activations would buy.
+# iGPT-S's products from f32 and from bf16 operands, in PyTorch: what bf16 operands buy.
 step gemm 15 gemm.json "$python" "$repo/scripts/gemm_precision.py" --json "$out/gemm.json"
 
 write_summary

@@ -768,16 +768,17 @@ fn assert_bf16_launches(launches: &str, flash: bool) {
 
 #[test]
 fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
-    // f32 (attention's products through cuBLASLt too) and bf16 (bf16 operands, flash attention).
-    for precision in ["f32", "bf16"] {
-        let dir = tempdir(&format!("cuda-host-heuristics-{precision}"));
+    // f32 (attention's products through cuBLASLt too), and bf16 with heads of 16 columns
+    // (flash attention) and of 24 (attention's products through cuBLASLt, in f32).
+    for (precision, embd) in [("f32", "32"), ("bf16", "32"), ("bf16", "48")] {
+        let dir = tempdir(&format!("cuda-host-heuristics-{precision}-{embd}"));
         let log = dir.join("heuristics.log");
         // Without graphs every step issues its products again; each must reuse its plan.
         let env = [NO_GRAPHS[0], ("CUDA_HOST_HEURISTICS_LOG", s(&log))];
         let run = dir.join("run");
         let flags = ["--steps", "3", "--eval-every", "3"];
         succeeded(
-            &train_small_in(precision, &run, CUDA, &flags, &env),
+            &train_small_wide(precision, embd, &run, CUDA, &flags, &env),
             "training with --device cuda",
         );
         let queries = std::fs::read_to_string(&log).expect("read the heuristics log");
@@ -786,16 +787,24 @@ fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
         // a dozen distinct products.
         assert!(
             lines.len() >= 12,
-            "{precision}: only {} queries:\n{queries}",
+            "{precision} {embd}: only {} queries:\n{queries}",
             lines.len()
         );
         // f32 operands with COMPUTE_32F (68) in f32. In bf16, bf16 operands (type 14) with
-        // f32 sums, except the head's two backward products, whose input (the final norm's
-        // output) is f32: f32 operands rounded inside, FAST_16BF (75).
+        // f32 sums, except the backward products whose input is f32: f32 operands rounded
+        // inside, FAST_16BF (75). Those are the head's two (its input, the final norm's
+        // output), and with heads of 24 the attention projection's two (attention's output).
+        // Attention's own products there (scores and P V, one per head: batch 2) stay f32
+        // with FAST_16BF too.
         let count = |what: &str| lines.iter().filter(|l| l.contains(what)).count();
         if precision == "bf16" {
-            assert_eq!(count("type 0 compute 75"), 2, "{queries}");
-            assert_eq!(count("type 14 compute 68"), lines.len() - 2, "{queries}");
+            let fast = count("type 0 compute 75");
+            assert_eq!(count("type 14 compute 68") + fast, lines.len(), "{queries}");
+            let (weights, per_head) = (count("type 0 compute 75 batch 1 "), count("batch 2 "));
+            let f32_inputs = if embd == "32" { 2 } else { 4 };
+            assert_eq!(weights, f32_inputs, "{queries}");
+            assert_eq!(fast, weights + per_head, "{queries}");
+            assert_eq!(per_head > 0, embd == "48", "{queries}");
         } else {
             assert_eq!(count("type 0 compute 68"), lines.len(), "{queries}");
         }

@@ -150,7 +150,28 @@ pub fn activation_floats(
     training: bool,
     attn_scratch: u128,
 ) -> u128 {
+    activations(cfg, batch, training, attn_scratch, None).0
+}
+
+/// Which activations a GPU's bf16 training stores as bf16 in the half arena (`ActPlan::new`
+/// with `half`): the normalised inputs, the activation and the gradient scratch always, and
+/// attention's output where `attention` (the backend's attention stores bf16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bf16Inputs {
+    pub attention: bool,
+}
+
+/// The engine's activations as ActPlan lays them out: f32 floats of the activation arena, and
+/// bf16 elements of the half arena (none without `bf16`).
+pub fn activations(
+    cfg: &ModelConfig,
+    batch: usize,
+    training: bool,
+    attn_scratch: u128,
+    bf16: Option<Bf16Inputs>,
+) -> (u128, u128) {
     let r16 = |n: u128| n.div_ceil(16) * 16;
+    let r32 = |n: u128| n.div_ceil(32) * 32;
     let (d, t, v, h, l) = (
         cfg.n_embd as u128,
         cfg.side as u128 * cfg.side as u128,
@@ -162,14 +183,28 @@ pub fn activation_floats(
     let rows = b * t;
     let n_resid = if training { l + 1 } else { 2 };
     let n_block = if training { l } else { 1 };
-    let block =
-        4 * r16(rows * d) + 2 * r16(rows) + r16(rows * 3 * d) + r16(b * h * t) + r16(rows * 4 * d);
-    let mut total = n_resid * r16(rows * d) + n_block * block;
-    total += r16(rows * d) + r16(rows) + r16(rows * v) + r16(rows) + r16(rows * 4 * d);
+    // Per block: ln1, att, mid, ln2 ([rows, d]), two rstd, qkv, lse, fc; then fc_act, shared.
+    let (mut f32_rows_d, mut half) = (4 * n_block, 0);
+    let mut fc_act_f32 = true;
+    if let Some(inputs) = bf16 {
+        let moved = if inputs.attention { 3 } else { 2 };
+        f32_rows_d -= moved * n_block;
+        half = moved * n_block * r32(rows * d) + r32(rows * 4 * d);
+        fc_act_f32 = false;
+        if training {
+            half += r32(rows * 4 * d);
+        }
+    }
+    let block = 2 * r16(rows) + r16(rows * 3 * d) + r16(b * h * t) + r16(rows * 4 * d);
+    let mut total = n_resid * r16(rows * d) + n_block * block + f32_rows_d * r16(rows * d);
+    total += r16(rows * d) + r16(rows) + r16(rows * v) + r16(rows);
+    if fc_act_f32 {
+        total += r16(rows * 4 * d);
+    }
     if training {
         total += 3 * r16(rows * d) + r16(rows * 3 * d) + r16(rows * 4 * d);
     }
-    total + r16(attn_scratch)
+    (total + r16(attn_scratch), half)
 }
 
 /// Bytes of a decoder's own buffers: step buffers for `rows` rows (a prefill chunk), the
@@ -218,21 +253,20 @@ pub fn decoder_bytes(
 /// Bytes of the bf16 inference copies: every weight matrix packed for products, and the split
 /// input of the widest product (`[rows, 4d]`: two bf16 parts, rows padded to an even length).
 pub fn packed_bytes(cfg: &ModelConfig, rows: usize) -> u128 {
-    let (d, v, l, r) = (
-        cfg.n_embd as u128,
-        cfg.n_vocab as u128,
-        cfg.n_layer as u128,
-        rows as u128,
-    );
-    // Half-arena slots are 32-aligned. A packed `[k, n]` matrix holds pairs of rows in panels
-    // of 16 columns (the CPU backend's `packed_len`).
+    2 * (packed_matrices(cfg) + 2 * (rows as u128 * 4 * cfg.n_embd as u128 + rows as u128))
+}
+
+/// Elements of every weight matrix packed as bf16 (at most: a GPU packs them plainly, the
+/// CPU in panels of 16 columns, as counted here), each in a 32-aligned slot.
+pub fn packed_matrices(cfg: &ModelConfig) -> u128 {
+    let (d, v, l) = (cfg.n_embd as u128, cfg.n_vocab as u128, cfg.n_layer as u128);
+    // A packed `[k, n]` matrix holds pairs of rows in panels of 16 columns (the CPU backend's
+    // `packed_len`).
     let r16 = |n: u128| n.div_ceil(16) * 16;
     let r32 = |n: u128| n.div_ceil(32) * 32;
     let packed = |k: u128, n: u128| r32(k.div_ceil(2) * 2 * r16(n));
     let block = packed(d, 3 * d) + packed(d, d) + packed(d, 4 * d) + packed(4 * d, d);
-    let matrices = l * block + packed(d, v);
-    let split = 2 * (r * 4 * d + r);
-    2 * (matrices + split)
+    l * block + packed(d, v)
 }
 
 /// The engine's own memory: parameters (unless adopted), gradients and both Adam moments when
@@ -244,6 +278,19 @@ pub fn engine(
     own_params: bool,
     attn_scratch: u128,
 ) -> Estimate {
+    engine_with(cfg, batch, training, own_params, attn_scratch, None)
+}
+
+/// [`engine`], with the activations `bf16` says a GPU's bf16 training keeps as bf16, its
+/// packed weights, and the scratch its products round their f32 inputs into (`[rows, d]`).
+pub fn engine_with(
+    cfg: &ModelConfig,
+    batch: usize,
+    training: bool,
+    own_params: bool,
+    attn_scratch: u128,
+    bf16: Option<Bf16Inputs>,
+) -> Estimate {
     let p = 4 * param_count(cfg);
     let rows = batch as u128 * cfg.side as u128 * cfg.side as u128;
     let e = Estimate::new().add("parameters", if own_params { p } else { 0 }, Scale::Model);
@@ -253,19 +300,39 @@ pub fn engine(
     } else {
         e
     };
-    e.add(
-        "activations",
-        4 * activation_floats(cfg, batch, training, attn_scratch),
-        Scale::Batch,
-    )
-    // Tokens, targets, loss weights and per-position losses, in the backend and the engine.
-    .add("batch buffers", rows * 18, Scale::Batch)
+    let (floats, mut halves) = activations(cfg, batch, training, attn_scratch, bf16);
+    let e = match bf16 {
+        None => e,
+        Some(_) => {
+            halves += rows * cfg.n_embd as u128;
+            e.add("bf16 weights", 2 * packed_matrices(cfg), Scale::Model)
+        }
+    };
+    e.add("activations", 4 * floats + 2 * halves, Scale::Batch)
+        // Tokens, targets, loss weights and per-position losses, in the backend and the engine.
+        .add("batch buffers", rows * 18, Scale::Batch)
 }
 
 /// A training run: the engine with `micro_batch` images per pass, the freshly initialised
 /// parameters it is started from, and the buffer a checkpoint is written through.
 pub fn training(cfg: &ModelConfig, micro_batch: usize, attn_scratch: u128) -> Estimate {
     engine(cfg, micro_batch, true, true, attn_scratch).add(
+        "initial parameters and checkpoint buffer",
+        4 * param_count(cfg),
+        Scale::Model,
+    )
+}
+
+/// What the host holds of an engine whose arenas are in a device's own memory (a GPU's, which
+/// the engine checks itself when it is built): the host buffers of one batch.
+pub fn engine_on_host(cfg: &ModelConfig, batch: usize) -> Estimate {
+    let rows = batch as u128 * cfg.side as u128 * cfg.side as u128;
+    Estimate::new().add("batch buffers", rows * 18, Scale::Batch)
+}
+
+/// [`training`]'s share on the host when the engine is in a device's own memory.
+pub fn training_on_host(cfg: &ModelConfig, micro_batch: usize) -> Estimate {
+    engine_on_host(cfg, micro_batch).add(
         "initial parameters and checkpoint buffer",
         4 * param_count(cfg),
         Scale::Model,

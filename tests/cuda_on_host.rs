@@ -816,3 +816,32 @@ fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
         );
     }
 }
+
+#[test]
+fn a_gpu_run_checks_host_memory_for_the_host_s_share_only() {
+    // With 2 MB of host memory (IGPT_MEMORY_LIMIT), 64 images a pass of the small model need
+    // more (~12 MB of activations) and the CPU refuses; on a GPU the activations are the
+    // device's, and the host holds only the parameters' buffer and one batch's (~0.2 MB).
+    let dir = tempdir("cuda-host-host-share");
+    let train = |device: &[&str], run: &str| {
+        let mut args = device.to_vec();
+        let out = dir.join(run);
+        #[rustfmt::skip]
+        args.extend([
+            "train", "--data", IMAGES, "--limit", "100", "--side", "8", "--palette-size", "16",
+            "--layers", "2", "--embd", "32", "--heads", "2", "--batch", "64", "--steps", "1",
+            "--out", s(&out),
+        ]);
+        igpt_on_host_driver(&args, &[("IGPT_MEMORY_LIMIT", "2000000")])
+    };
+    let cpu = train(&[], "cpu");
+    let err = stderr(&cpu);
+    assert!(
+        !cpu.status.success() && err.contains("of memory is available"),
+        "the CPU run was not refused for host memory:\n{err}"
+    );
+    succeeded(
+        &train(CUDA, "gpu"),
+        "training on cuda with little host memory",
+    );
+}

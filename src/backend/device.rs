@@ -81,6 +81,12 @@ impl Device {
         }
     }
 
+    /// Whether this device computes in memory of its own (a GPU's), which its engines check
+    /// when they are built, rather than in the host's.
+    pub fn has_own_memory(&self) -> bool {
+        !matches!(self, Device::Cpu)
+    }
+
     /// The precision training's products run at on this device.
     pub fn training_precision(&self) -> Precision {
         match self {

@@ -8,6 +8,7 @@ use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward, linea
 use super::replay::{self, Replays};
 use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Op, Precision, Update, View};
 use crate::config::ModelConfig;
+use crate::memory::Bf16Inputs;
 
 /// Activations one block keeps for its backward pass: offsets in [`Arena::Acts`], and the
 /// normalised inputs of its products as views (see [`ActPlan::new`]).
@@ -58,14 +59,14 @@ impl ActPlan {
     /// the residual stream ping-pongs between two buffers. With `half`, the inputs of the
     /// blocks' products that a norm or the activation writes (`ln1`, `ln2`, `fc_act`) are
     /// bfloat16 in [`Arena::Half`] from `*half` on (which advances), as are `dy_half` and,
-    /// where the backend's attention stores bf16, its output `att`: a GPU's products then
-    /// read bfloat16 operands as stored.
+    /// where [`Bf16Inputs::attention`] says (the backend's attention stores bf16), its output
+    /// `att`: a GPU's products then read bfloat16 operands as stored.
     pub fn new(
         cfg: &ModelConfig,
         batch: usize,
         training: bool,
         backend: &dyn Backend,
-        mut half: Option<&mut usize>,
+        half: Option<(&mut usize, Bf16Inputs)>,
     ) -> Self {
         let (d, t, v) = (cfg.n_embd, cfg.n_ctx(), cfg.n_vocab);
         let rows = batch * t;
@@ -77,6 +78,8 @@ impl ActPlan {
             at
         };
         let bf16_inputs = half.is_some();
+        let attention_bf16 = half.as_ref().is_some_and(|h| h.1.attention);
+        let mut half = half.map(|h| h.0);
         let shape = AttnShape {
             batch,
             t,
@@ -84,7 +87,6 @@ impl ActPlan {
             head_dim: cfg.head_dim(),
             causal: cfg.causal(),
         };
-        let attention_bf16 = bf16_inputs && backend.attention_stores_bf16(shape);
         let mut product_input = |take: &mut dyn FnMut(usize) -> usize, len: usize| match &mut half {
             Some(used) => {
                 let view = View::bf16(**used, len);
@@ -289,13 +291,14 @@ impl Engine {
         anyhow::ensure!(batch >= 1, "batch size must be at least 1");
         let mut backend = device.open()?;
         // Checked from the shape alone, before the layout or the plan computes a size.
-        let scratch = backend.attention_scratch_len(AttnShape {
+        let shape = AttnShape {
             batch,
             t: cfg.n_ctx(),
             n_head: cfg.n_head,
             head_dim: cfg.head_dim(),
             causal: cfg.causal(),
-        });
+        };
+        let scratch = backend.attention_scratch_len(shape);
         // Training's products on a device whose products round to bfloat16 anyway (a GPU):
         // they read bfloat16 weights, packed again after each update, and bfloat16 inputs, as
         // stored by the kernels that write them; parameters, gradients, moments, the
@@ -308,16 +311,21 @@ impl Engine {
             "a training engine packs its own weights (as its device's products need)"
         );
         let packs = precision == Precision::Bf16 || bf16_operands;
-        // Conservative for training, whose bfloat16 inputs the activations count as f32.
-        let packed = if packs {
+        // Inference's packed copies; training's, with its bf16 activations, are counted with
+        // them (the same arithmetic as the plan's).
+        let packed = if precision == Precision::Bf16 {
             crate::memory::packed_bytes(cfg, batch.saturating_mul(cfg.n_ctx()))
         } else {
             0
         };
+        let bf16_inputs = bf16_operands.then(|| Bf16Inputs {
+            attention: backend.attention_stores_bf16(shape),
+        });
         // Adopted parameters cost nothing more on the host; a device copies them into its own.
         let device_free = backend.device_memory_free();
         let own_params = params.is_none() || device_free.is_some();
-        crate::memory::engine(cfg, batch, training, own_params, scratch as u128)
+        let scratch = scratch as u128;
+        crate::memory::engine_with(cfg, batch, training, own_params, scratch, bf16_inputs)
             .add(
                 "bf16 weights and scratch",
                 packed,
@@ -342,7 +350,7 @@ impl Engine {
         } else {
             (Weights::f32(&layout, d, v), Vec::new())
         };
-        let half_inputs = bf16_operands.then_some(&mut half);
+        let half_inputs = bf16_inputs.map(|inputs| (&mut half, inputs));
         let plan = ActPlan::new(cfg, batch, training, backend.as_ref(), half_inputs);
         // The f32 inputs a packed product rounds: all of them, or (training) the attention
         // output and the final norm's.
@@ -1146,15 +1154,30 @@ mod plan_tests {
                         floats, plan.total as u128,
                         "{cfg:?} batch {batch} training {training}"
                     );
-                    // With bfloat16 inputs (a GPU's training), the f32 count bounds the bytes.
-                    let mut half = 0;
-                    let plan = ActPlan::new(&cfg, batch, training, &backend, Some(&mut half));
-                    assert!(plan.total < floats as usize && half > 0, "{cfg:?}");
-                    assert!(
-                        4 * plan.total + 2 * half <= 4 * floats as usize,
-                        "{cfg:?} batch {batch} training {training}: {} f32 and {half} bf16",
-                        plan.total
-                    );
+                    // With bfloat16 inputs (a GPU's training), each arena's share.
+                    for attention in [false, true] {
+                        let mut half = 0;
+                        let inputs = Bf16Inputs { attention };
+                        let plan = ActPlan::new(
+                            &cfg,
+                            batch,
+                            training,
+                            &backend,
+                            Some((&mut half, inputs)),
+                        );
+                        assert_eq!(
+                            crate::memory::activations(
+                                &cfg,
+                                batch,
+                                training,
+                                scratch,
+                                Some(inputs)
+                            ),
+                            (plan.total as u128, half as u128),
+                            "{cfg:?} batch {batch} training {training}, {inputs:?}"
+                        );
+                        assert!(plan.total < floats as usize && half > 0, "{cfg:?}");
+                    }
                 }
             }
         }

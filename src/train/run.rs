@@ -207,10 +207,15 @@ pub fn start(
     };
     train_cfg.validate()?;
     model.validate()?;
-    // Everything the run will hold, checked before the first large allocation.
-    let scratch = attention_scratch(device, model, train_cfg.micro_batch)?;
-    crate::memory::training(model, train_cfg.micro_batch, scratch)
-        .check("training this model with this many images per pass")?;
+    // Everything the run will hold in host memory, checked before the first large allocation
+    // (a GPU's own memory is checked by the engine).
+    let on_host = if device.has_own_memory() {
+        crate::memory::training_on_host(model, train_cfg.micro_batch)
+    } else {
+        let scratch = attention_scratch(device, model, train_cfg.micro_batch)?;
+        crate::memory::training(model, train_cfg.micro_batch, scratch)
+    };
+    on_host.check("training this model with this many images per pass")?;
     if team.leads() {
         run.lock()?;
         run.save_config(&cfg)?;
@@ -267,9 +272,15 @@ pub fn resume(
         palette.len(),
         cfg.model.n_vocab
     );
-    // The training engine, and the saved state (parameters and both moments) read beside it.
-    let scratch = attention_scratch(device, &cfg.model, cfg.train.micro_batch)?;
-    crate::memory::engine(&cfg.model, cfg.train.micro_batch, true, true, scratch)
+    // The training engine (its host share, on a GPU), and the saved state (parameters and
+    // both moments) read beside it.
+    let engine = if device.has_own_memory() {
+        crate::memory::engine_on_host(&cfg.model, cfg.train.micro_batch)
+    } else {
+        let scratch = attention_scratch(device, &cfg.model, cfg.train.micro_batch)?;
+        crate::memory::engine(&cfg.model, cfg.train.micro_batch, true, true, scratch)
+    };
+    engine
         .add(
             "the saved training state",
             3 * 4 * crate::memory::param_count(&cfg.model),

@@ -615,58 +615,20 @@ fn op_name(op: Op) -> &'static str {
 
 fn product_kernels(p: &mut Pair) {
     let tol = p.tol;
-    let (m, k, n) = (ROWS, D, VOCAB);
     for ta in [Op::N, Op::T] {
         for tb in [Op::N, Op::T] {
             for accumulate in [false, true] {
-                p.reset();
-                let a = p.put_random(m * k, 1.0);
-                let b = p.put_random(k * n, 1.0);
-                let out = if accumulate {
-                    p.put_random(m * n, 1.0)
-                } else {
-                    p.out(m * n)
-                };
-                p.both(|be| be.matmul(out, a, ta, b, tb, m, k, n, accumulate));
-                let acc = if accumulate { ", accumulate" } else { "" };
-                p.record(
-                    &format!("matmul ({},{}{acc})", op_name(ta), op_name(tb)),
-                    tol.products(),
-                    &[("out", out)],
-                );
+                matmul_check(p, [ta, tb], accumulate, false);
             }
         }
     }
-
     // Two bf16 operands, as a GPU's training reads them in the backward pass: a stored input
     // with a rounded gradient (T,N) for a weight's gradient, a gradient with a packed weight
-    // (N,T) for the input's. The reference multiplies the same bf16 values in f32.
-    for (ta, tb, accumulate) in [(Op::T, Op::N, true), (Op::N, Op::T, false)] {
-        p.reset();
-        let a = p.half.take(m * k);
-        let b = p.half.take(k * n);
-        let (a_values, b_values) = (p.random(m * k, 1.0), p.random(k * n, 1.0));
-        p.set(a, &a_values);
-        p.set(b, &b_values);
-        let out = if accumulate {
-            p.put_random(m * n, 1.0)
-        } else {
-            p.out(m * n)
-        };
-        p.both(|be| be.matmul(out, a, ta, b, tb, m, k, n, accumulate));
-        let acc = if accumulate { ", accumulate" } else { "" };
-        p.record(
-            &format!(
-                "matmul (bf16 operands, {},{}{acc})",
-                op_name(ta),
-                op_name(tb)
-            ),
-            tol.bf16_storage,
-            &[("out", out)],
-        );
-    }
+    // (N,T) for the input's.
+    matmul_check(p, [Op::T, Op::N], true, true);
+    matmul_check(p, [Op::N, Op::T], false, true);
 
-    let m = PACKED_ROWS;
+    let (m, k, n) = (PACKED_ROWS, D, VOCAB);
     for op in [Op::N, Op::T] {
         for accumulate in [false, true] {
             p.reset();
@@ -722,6 +684,32 @@ fn product_kernels(p: &mut Pair) {
         tol.bf16_storage,
         &[("out", out), ("addend", addend)],
     );
+}
+
+/// `matmul` with transposes `[ta, tb]`, from f32 operands or (`bf16`) bf16 ones, which the
+/// reference multiplies as the same values in f32.
+fn matmul_check(p: &mut Pair, [ta, tb]: [Op; 2], accumulate: bool, bf16: bool) {
+    let (m, k, n) = (ROWS, D, VOCAB);
+    p.reset();
+    let [a, b] = [m * k, k * n].map(|len| {
+        let values = p.random(len, 1.0);
+        let v = if bf16 { p.half.take(len) } else { p.view(len) };
+        p.set(v, &values);
+        v
+    });
+    let out = if accumulate {
+        p.put_random(m * n, 1.0)
+    } else {
+        p.out(m * n)
+    };
+    p.both(|be| be.matmul(out, a, ta, b, tb, m, k, n, accumulate));
+    let (operands, tolerance) = match bf16 {
+        true => ("bf16 operands, ", p.tol.bf16_storage),
+        false => ("", p.tol.products()),
+    };
+    let acc = if accumulate { ", accumulate" } else { "" };
+    let name = format!("matmul ({operands}{},{}{acc})", op_name(ta), op_name(tb));
+    p.record(&name, tolerance, &[("out", out)]);
 }
 
 fn attention_kernels(p: &mut Pair) {

@@ -363,6 +363,16 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
+/// What a product onto another buffer needs of its sum and addend: the same f32 shape, and
+/// no overlap (cuBLASLt leaves a partial one undefined).
+fn check_onto(out: View, addend: View, what: &str) {
+    assert!(
+        out.len == addend.len && out.dtype == DType::F32 && addend.dtype == DType::F32,
+        "{what}: {addend:?} and {out:?} are not f32 sums of one shape"
+    );
+    assert!(!addend.overlaps(&out), "{what}: overlapping");
+}
+
 /// The index of a kernel's variant that stores `out`'s element type (0: f32, 1: bf16).
 fn stored(out: View) -> usize {
     usize::from(out.dtype == DType::Bf16)
@@ -1472,14 +1482,10 @@ impl Backend for CudaBackend {
             return self.matmul_packed(out, a, w, m, k, n, true);
         }
         assert!(
-            out.len == m * n && addend.len == out.len && a.len == m * k && w.len == k * n,
+            out.len == m * n && a.len == m * k && w.len == k * n,
             "matmul_packed_onto: sizes"
         );
-        assert!(
-            out.dtype == DType::F32 && addend.dtype == DType::F32,
-            "matmul_packed_onto: f32 sums"
-        );
-        assert!(!addend.overlaps(&out), "matmul_packed_onto: overlapping");
+        check_onto(out, addend, "matmul_packed_onto");
         let input = self.packed_input(a, "matmul_packed_onto");
         let (w, sum, o) = (self.ptr(w), self.ptr(addend), self.ptr(out));
         let p = RowMajor::plain(Op::N, Op::N, m, k, n);
@@ -1533,14 +1539,10 @@ impl Backend for CudaBackend {
             return self.matmul(out, a, ta, b, tb, m, k, n, true);
         }
         assert!(
-            out.len == m * n && addend.len == out.len && a.len == m * k && b.len == k * n,
+            out.len == m * n && a.len == m * k && b.len == k * n,
             "matmul_onto: sizes do not match {m}x{k}x{n}"
         );
-        assert!(
-            out.dtype == DType::F32 && addend.dtype == DType::F32,
-            "matmul_onto: f32 sums"
-        );
-        assert!(!addend.overlaps(&out), "matmul_onto: overlapping");
+        check_onto(out, addend, "matmul_onto");
         let operands = self.operands_of(a, b, "matmul_onto");
         let (sum, o, a, b) = (self.ptr(addend), self.ptr(out), self.ptr(a), self.ptr(b));
         let p = RowMajor::plain(ta, tb, m, k, n);

@@ -155,7 +155,8 @@ pub fn activation_floats(
 
 /// Which activations a GPU's bf16 training stores as bf16 in the half arena (`ActPlan::new`
 /// with `half`): the normalised inputs, the activation and the gradient scratch always, and
-/// attention's output where `attention` (the backend's attention stores bf16).
+/// what attention reads and writes (Q, K, V, its output and their gradients) where
+/// `attention` (the backend's attention stores bf16).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bf16Inputs {
     pub attention: bool,
@@ -185,7 +186,7 @@ pub fn activations(
     let n_block = if training { l } else { 1 };
     // Per block: ln1, att, mid, ln2 ([rows, d]), two rstd, qkv, lse, fc; then fc_act, shared.
     let (mut f32_rows_d, mut half) = (4 * n_block, 0);
-    let mut fc_act_f32 = true;
+    let (mut fc_act_f32, mut attention_f32) = (true, true);
     if let Some(inputs) = bf16 {
         let moved = if inputs.attention { 3 } else { 2 };
         f32_rows_d -= moved * n_block;
@@ -194,15 +195,29 @@ pub fn activations(
         if training {
             half += r32(rows * 4 * d);
         }
+        if inputs.attention {
+            // Q, K, V per block; the output's gradient (Q, K and V's lies in the scratch).
+            attention_f32 = false;
+            half += n_block * r32(rows * 3 * d);
+            if training {
+                half += r32(rows * d);
+            }
+        }
     }
-    let block = 2 * r16(rows) + r16(rows * 3 * d) + r16(b * h * t) + r16(rows * 4 * d);
+    let qkv_f32 = if attention_f32 { r16(rows * 3 * d) } else { 0 };
+    let block = 2 * r16(rows) + qkv_f32 + r16(b * h * t) + r16(rows * 4 * d);
     let mut total = n_resid * r16(rows * d) + n_block * block + f32_rows_d * r16(rows * d);
     total += r16(rows * d) + r16(rows) + r16(rows * v) + r16(rows);
     if fc_act_f32 {
         total += r16(rows * 4 * d);
     }
     if training {
-        total += 3 * r16(rows * d) + r16(rows * 3 * d) + r16(rows * 4 * d);
+        // The gradients of the stream, a norm's output, attention's output, Q, K, V and the
+        // activation.
+        total += 2 * r16(rows * d) + r16(rows * 4 * d);
+        if attention_f32 {
+            total += r16(rows * d) + r16(rows * 3 * d);
+        }
     }
     (total + r16(attn_scratch), half)
 }

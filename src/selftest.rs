@@ -411,9 +411,10 @@ pub fn check_kernels(
     // The largest check (attention_step) holds two caches and its step buffers; the backward
     // pass of attention holds its scratch and five row buffers.
     let acts = 2 * cache + scratch + 16 * ROWS * 3 * D;
-    // The half arena holds the bf16 caches and packed weights, or the bf16 outputs of one
-    // check: the widest (quick-GELU's) and a step's attention output beside the caches.
-    let half = 2 * cache + 2 * packed + ROWS * 4 * D + BATCH * T * D + 256;
+    // The half arena holds the bf16 caches and packed weights, or the bf16 buffers of one
+    // check: the widest output (quick-GELU's) and a step's attention output beside the
+    // caches, or attention's Q, K, V, output and their gradients.
+    let half = 2 * cache + 2 * packed + (ROWS * 4 * D + BATCH * T * D).max(8 * ROWS * D) + 256;
     let sizes = ArenaSizes {
         params: ADAM_TOTAL,
         grads: ADAM_TOTAL,
@@ -627,6 +628,7 @@ fn product_kernels(p: &mut Pair) {
     // (N,T) for the input's.
     matmul_check(p, [Op::T, Op::N], true, true);
     matmul_check(p, [Op::N, Op::T], false, true);
+    bf16_result_checks(p);
 
     let (m, k, n) = (PACKED_ROWS, D, VOCAB);
     for op in [Op::N, Op::T] {
@@ -686,6 +688,52 @@ fn product_kernels(p: &mut Pair) {
     );
 }
 
+/// Products that store their result as bf16, as a GPU's training writes Q, K, V (`c_attn`'s
+/// product of a stored bf16 input and a packed weight) and the gradient of attention's output
+/// (a rounded gradient times a bf16 weight, read transposed): each backend's bf16 result must
+/// be its own f32 result of the same product rounded, but for a share of 1% of the elements
+/// (a GPU's library may choose another order of summation for a bf16 result; a kernel that
+/// rounds wrongly misses far more).
+fn bf16_result_checks(p: &mut Pair) {
+    let detail = "elements not the f32 result rounded, on either backend (1% allowed)";
+    let (m, k, n) = (PACKED_ROWS, D, 3 * D);
+    p.reset();
+    let [a, w] = [m * k, k * n].map(|len| p.put_random(len, 1.0));
+    let a16 = p.half.take(m * k);
+    p.both(|b| b.round_to_bf16(a16, a));
+    let packed = p.half.each([0, 1].map(|i| p.b[i].packed_len(k, n)));
+    let (out, out16) = (p.out(m * n), p.half.take(m * n));
+    p.each(&[packed], |b, v| {
+        b.fill(out16, STORED_POISON);
+        b.pack_weight(v[0], w, Op::N, k, n);
+        b.matmul_packed(out, a16, v[0], m, k, n, false);
+        b.matmul_packed(out16, a16, v[0], m, k, n, false);
+    });
+    let share = p.rounding_misses(out, out16) as f64 / (2 * m * n) as f64;
+    let name = "pack_weight + matmul_packed (N, bf16 in and out)";
+    p.checks
+        .push(Check::measured(name, share, 0.01, detail.to_string()));
+
+    let (m, k, n) = (ROWS, D, D);
+    p.reset();
+    let [dy, w] = [m * k, n * k].map(|len| {
+        let values = p.random(len, 1.0);
+        let stored = p.half.take(len);
+        p.set(stored, &values);
+        stored
+    });
+    let (out, out16) = (p.out(m * n), p.half.take(m * n));
+    p.both(|b| {
+        b.fill(out16, STORED_POISON);
+        b.matmul(out, dy, Op::N, w, Op::T, m, k, n, false);
+        b.matmul(out16, dy, Op::N, w, Op::T, m, k, n, false);
+    });
+    let share = p.rounding_misses(out, out16) as f64 / (2 * m * n) as f64;
+    let name = "matmul (bf16 operands, N,T, bf16 out)";
+    p.checks
+        .push(Check::measured(name, share, 0.01, detail.to_string()));
+}
+
 /// `matmul` with transposes `[ta, tb]`, from f32 operands or (`bf16`) bf16 ones, which the
 /// reference multiplies as the same values in f32.
 fn matmul_check(p: &mut Pair, [ta, tb]: [Op; 2], accumulate: bool, bf16: bool) {
@@ -723,7 +771,9 @@ fn attention_kernels(p: &mut Pair) {
             let s = shape(causal);
             let (rows, d) = (s.batch * s.t, s.n_head * s.head_dim);
             p.reset();
-            let qkv = p.put_random(rows * 3 * d, 1.5);
+            // Values bf16 holds exactly, so that the bf16 check below reads the same ones.
+            let qkv = p.random(rows * 3 * d, 1.5);
+            let qkv = p.put(&bf16_values(&qkv));
             let out = p.out(rows * d);
             let lse = p.out(s.batch * s.n_head * s.t);
             let scratch = p.acts.each([0, 1].map(|i| p.b[i].attention_scratch_len(s)));
@@ -737,7 +787,8 @@ fn attention_kernels(p: &mut Pair) {
             );
 
             // Each backend's own forward pass (its lse is private) feeds its backward pass.
-            let dout = p.put_random(rows * d, 1.0);
+            let dout = p.random(rows * d, 1.0);
+            let dout = p.put(&bf16_values(&dout));
             let dqkv = p.out(rows * 3 * d);
             p.each(&[scratch], |b, v| {
                 b.attention_backward(dqkv, dout, out, lse, qkv, v[0], s)
@@ -754,15 +805,22 @@ fn attention_kernels(p: &mut Pair) {
     }
 }
 
-/// Attention storing its output and gradient as bf16, as a GPU's training keeps them (where
-/// its attention can): the output must be each backend's f32 `out` rounded; the gradient,
-/// from that rounded output, is compared with the reference's. `inputs`: the f32 check's
-/// `qkv`, `out`, `lse` and `dout`.
+/// Each value rounded to the nearest bfloat16, as f32.
+fn bf16_values(values: &[f32]) -> Vec<f32> {
+    use crate::backend::cpu::bf16::{from_bf16, to_bf16};
+    values.iter().map(|&x| from_bf16(to_bf16(x))).collect()
+}
+
+/// Attention reading and storing bf16, as a GPU's training keeps Q, K, V, the output and
+/// their gradients (where its attention can): from the same values as bf16, the output must
+/// be each backend's f32 `out` rounded; the gradient, from that rounded output, is compared
+/// with the reference's. `inputs`: the f32 check's `qkv`, `out`, `lse` and `dout`, whose
+/// values bf16 holds exactly.
 fn attention_stored_as_bf16(p: &mut Pair, s: AttnShape, inputs: [View; 4], scratch: [View; 2]) {
     let mode = if s.causal { "causal" } else { "bidirectional" };
     let names = [
-        format!("attention_forward ({mode}, bf16 out)"),
-        format!("attention_backward ({mode}, bf16 out)"),
+        format!("attention_forward ({mode}, bf16 in and out)"),
+        format!("attention_backward ({mode}, bf16 in and out)"),
     ];
     if !p.b.iter().all(|b| b.attention_stores_bf16(s)) {
         for name in &names {
@@ -775,17 +833,22 @@ fn attention_stored_as_bf16(p: &mut Pair, s: AttnShape, inputs: [View; 4], scrat
     }
     let [qkv, out, lse, dout] = inputs;
     let (rows, d) = (s.batch * s.t, s.n_head * s.head_dim);
+    let [qkv16, dout16] = [qkv, dout].map(|v| {
+        let stored = p.half.take(v.len);
+        p.both(|b| b.round_to_bf16(stored, v));
+        stored
+    });
     let out16 = p.half.take(rows * d);
     p.each(&[scratch], |b, v| {
         b.fill(out16, STORED_POISON);
-        b.attention_forward(out16, lse, qkv, v[0], s)
+        b.attention_forward(out16, lse, qkv16, v[0], s)
     });
     let misses = p.rounding_misses(out, out16);
     p.record_rounding(&names[0], misses);
     let dqkv16 = p.half.take(rows * 3 * d);
     p.each(&[scratch], |b, v| {
         b.fill(dqkv16, STORED_POISON);
-        b.attention_backward(dqkv16, dout, out16, lse, qkv, v[0], s)
+        b.attention_backward(dqkv16, dout16, out16, lse, qkv16, v[0], s)
     });
     let tol = p.tol.products();
     p.record(&names[1], tol, &[("dqkv", dqkv16)]);

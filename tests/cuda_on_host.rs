@@ -96,7 +96,7 @@ fn the_selftest_passes_on_the_cuda_backend() {
         // kernels, which exact f32 products do not run: those checks run with bf16 products.
         let bf16_attention = (name.starts_with("attention_forward")
             || name.starts_with("attention_backward"))
-            && name.ends_with(", bf16 out)");
+            && name.ends_with(", bf16 in and out)");
         let expected = name.starts_with("bf16 training") || bf16_attention;
         assert_eq!(skipped, expected, "{c}");
         assert!(skipped || c["passed"].as_bool() == Some(true), "{c}");
@@ -800,13 +800,37 @@ fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
         if precision == "bf16" {
             let fast = count("type 0 compute 75");
             assert_eq!(count("type 14 compute 68") + fast, lines.len(), "{queries}");
-            let (weights, per_head) = (count("type 0 compute 75 batch 1 "), count("batch 2 "));
+            let (weights, per_head) =
+                (count("type 0 compute 75 out 0 batch 1 "), count("batch 2 "));
             let f32_inputs = if embd == "32" { 2 } else { 4 };
             assert_eq!(weights, f32_inputs, "{queries}");
             assert_eq!(fast, weights + per_head, "{queries}");
             assert_eq!(per_head > 0, embd == "48", "{queries}");
+            // With flash attention, two products store bf16 (type 14) results: Q, K, V
+            // (c_attn's forward product, 96 columns from 32) and the gradient of attention's
+            // output (attn_proj's dx, 32 columns from 32), each for every batch size it runs.
+            let results: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| l.contains(" out 14 "))
+                .collect();
+            if embd == "32" {
+                let shapes: std::collections::BTreeSet<&str> = results
+                    .iter()
+                    .map(|l| &l[..l.find(" n ").unwrap()])
+                    .collect();
+                assert_eq!(shapes, ["m 32", "m 96"].into(), "{queries}");
+                assert!(
+                    results
+                        .iter()
+                        .all(|l| l.contains(" k 32 ") && l.contains("type 14 compute 68")),
+                    "{queries}"
+                );
+            } else {
+                assert!(results.is_empty(), "{queries}");
+            }
         } else {
-            assert_eq!(count("type 0 compute 68"), lines.len(), "{queries}");
+            assert_eq!(count("type 0 compute 68 out 0 "), lines.len(), "{queries}");
         }
         let distinct: std::collections::HashSet<&str> = lines.iter().copied().collect();
         assert_eq!(

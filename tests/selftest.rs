@@ -38,6 +38,8 @@ const KERNEL_CHECKS: &[&str] = &[
     "matmul (T,T, accumulate)",
     "matmul (bf16 operands, T,N, accumulate)",
     "matmul (bf16 operands, N,T)",
+    "matmul (bf16 operands, N,T, bf16 out)",
+    "pack_weight + matmul_packed (N, bf16 in and out)",
     "pack_weight + matmul_packed (N)",
     "pack_weight + matmul_packed (N, accumulate)",
     "pack_weight + matmul_packed (T)",
@@ -46,12 +48,12 @@ const KERNEL_CHECKS: &[&str] = &[
     "pack_weight + matmul_packed_onto (N)",
     "attention_forward (causal)",
     "attention_backward (causal)",
-    "attention_forward (causal, bf16 out)",
-    "attention_backward (causal, bf16 out)",
+    "attention_forward (causal, bf16 in and out)",
+    "attention_backward (causal, bf16 in and out)",
     "attention_forward (bidirectional)",
     "attention_backward (bidirectional)",
-    "attention_forward (bidirectional, bf16 out)",
-    "attention_backward (bidirectional, bf16 out)",
+    "attention_forward (bidirectional, bf16 in and out)",
+    "attention_backward (bidirectional, bf16 in and out)",
     "attention_forward (causal, wide head)",
     "attention_backward (causal, wide head)",
     "attention_forward (bidirectional, wide head)",
@@ -335,7 +337,8 @@ impl Backend for Faulty {
         n: usize,
         accumulate: bool,
     ) {
-        self.cpu.matmul_packed(out, a, w, m, k, n, accumulate)
+        self.cpu.matmul_packed(out, a, w, m, k, n, accumulate);
+        self.bf16_output(out);
     }
     fn matmul(
         &mut self,
@@ -350,7 +353,8 @@ impl Backend for Faulty {
         accumulate: bool,
     ) {
         let accumulate = accumulate && !matches!(self.fault, Fault::MatmulIgnoresAccumulate);
-        self.cpu.matmul(out, a, ta, b, tb, m, k, n, accumulate)
+        self.cpu.matmul(out, a, ta, b, tb, m, k, n, accumulate);
+        self.bf16_output(out);
     }
     fn matmul_onto(
         &mut self,
@@ -550,12 +554,14 @@ fn bf16_outputs_rounded_wrongly_fail_the_bf16_output_checks_only() {
             "gelu_backward (bf16 out)",
             "rmsnorm_backward (bf16 copy)",
             "round_to_bf16",
-            "attention_forward (causal, bf16 out)",
-            "attention_backward (causal, bf16 out)",
-            "attention_forward (bidirectional, bf16 out)",
-            "attention_backward (bidirectional, bf16 out)",
+            "attention_forward (causal, bf16 in and out)",
+            "attention_backward (causal, bf16 in and out)",
+            "attention_forward (bidirectional, bf16 in and out)",
+            "attention_backward (bidirectional, bf16 in and out)",
             "attention_step (f32 cache, bf16 out)",
             "attention_step (bf16 cache, bf16 out)",
+            "matmul (bf16 operands, N,T, bf16 out)",
+            "pack_weight + matmul_packed (N, bf16 in and out)",
         ],
     );
     let c = check(&checks, "gelu_forward (bf16 out)");

@@ -269,9 +269,9 @@ pub trait Backend: Send {
     fn rounds_packed_inputs(&self) -> bool {
         false
     }
-    /// Whether [`Backend::attention_forward`] of `shape` may store its output, and
-    /// [`Backend::attention_backward`] read that output and store `dqkv`, as bfloat16 (for
-    /// bfloat16 products that read them).
+    /// Whether attention of `shape` may keep what it reads and writes as bfloat16: Q, K, V
+    /// and the output ([`Backend::attention_forward`]), and with them the output's gradient
+    /// and `dqkv` ([`Backend::attention_backward`]), as bfloat16 products write and read them.
     fn attention_stores_bf16(&self, _shape: AttnShape) -> bool {
         false
     }
@@ -379,7 +379,8 @@ pub trait Backend: Send {
     fn pack_weight(&mut self, dst: View, w: View, op: Op, k: usize, n: usize);
     /// `out[m, n] (+)= a[m, k] @ w` with `w` packed by [`Backend::pack_weight`], the products
     /// accumulated in f32. `a` is f32 (which a backend rounds to bfloat16, or splits into a
-    /// bfloat16 and a remainder: see [`Backend::rounds_packed_inputs`]) or bfloat16.
+    /// bfloat16 and a remainder: see [`Backend::rounds_packed_inputs`]) or bfloat16. `out` is
+    /// f32, or bfloat16 (the f32 result rounded once; not `accumulate`) where `a` is too.
     #[allow(clippy::too_many_arguments)]
     fn matmul_packed(
         &mut self,
@@ -391,9 +392,10 @@ pub trait Backend: Send {
         n: usize,
         accumulate: bool,
     );
-    /// `out[m, n] (+)= a @ b` with optional transposes (see [`Op`]), `out` f32. `a` and `b`
-    /// are both f32 or both bfloat16 (their products then accumulate in f32; the CPU widens
-    /// them first, its own products reading bfloat16 only packed).
+    /// `out[m, n] (+)= a @ b` with optional transposes (see [`Op`]). `a` and `b` are both f32
+    /// or both bfloat16 (their products then accumulate in f32; the CPU widens them first, its
+    /// own products reading bfloat16 only packed). `out` is f32, or with bfloat16 operands
+    /// bfloat16 (the f32 result rounded once; not `accumulate`).
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &mut self,
@@ -447,6 +449,9 @@ pub trait Backend: Send {
         }
         self.matmul(out, a, ta, b, tb, m, k, n, true);
     }
+    /// Attention's output `[batch * t, d]` and each row's log-sum-exp from `qkv`
+    /// (`[batch * t, 3d]`, Q | K | V). `qkv` and `out` are both f32, or (where
+    /// [`Backend::attention_stores_bf16`]) both bfloat16.
     fn attention_forward(
         &mut self,
         out: View,
@@ -455,6 +460,9 @@ pub trait Backend: Send {
         scratch: View,
         shape: AttnShape,
     );
+    /// `dqkv` from the output's gradient `dout`, recomputing from the saved log-sum-exp.
+    /// `dqkv`, `dout`, `out` and `qkv` are all f32, or all bfloat16 as
+    /// [`Backend::attention_forward`]'s.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &mut self,

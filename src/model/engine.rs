@@ -16,7 +16,7 @@ use crate::memory::Bf16Inputs;
 struct BlockActs {
     ln1: View,
     rstd1: usize,
-    qkv: usize,
+    qkv: View,
     att: View,
     lse: usize,
     mid: usize,
@@ -41,13 +41,15 @@ pub struct ActPlan {
     /// A product's output gradient rounded for the bfloat16 products of its backward pass
     /// (wide enough for the MLP's `4d` columns); only with bfloat16 inputs.
     dy_half: Option<View>,
-    /// Whether attention stores its output and the gradient of Q, K, V as bfloat16 (with
-    /// bfloat16 inputs, where the backend's attention can).
+    /// Whether attention reads and writes bfloat16 (with bfloat16 inputs, where the backend's
+    /// attention can): Q, K, V, its output and their gradients.
     attention_bf16: bool,
     d_resid: usize,
     d_ln: usize,
-    d_att: usize,
-    d_qkv: usize,
+    /// The gradients of attention's output and of Q, K, V: f32, or bfloat16 (`d_qkv` then
+    /// in `dy_half`, free by the time attention's backward pass writes it).
+    d_att: View,
+    d_qkv: View,
     d_fc_act: usize,
     attn_scratch: usize,
     attn_scratch_len: usize,
@@ -59,8 +61,9 @@ impl ActPlan {
     /// the residual stream ping-pongs between two buffers. With `half`, the inputs of the
     /// blocks' products that a norm or the activation writes (`ln1`, `ln2`, `fc_act`) are
     /// bfloat16 in [`Arena::Half`] from `*half` on (which advances), as are `dy_half` and,
-    /// where [`Bf16Inputs::attention`] says (the backend's attention stores bf16), its output
-    /// `att`: a GPU's products then read bfloat16 operands as stored.
+    /// where [`Bf16Inputs::attention`] says (the backend's attention stores bf16), what
+    /// attention reads and writes (Q, K, V, `att` and their gradients): a GPU's products then
+    /// read bfloat16 operands as stored, and write Q, K, V and `att`'s gradient as bfloat16.
     pub fn new(
         cfg: &ModelConfig,
         batch: usize,
@@ -87,13 +90,16 @@ impl ActPlan {
             head_dim: cfg.head_dim(),
             causal: cfg.causal(),
         };
-        let mut product_input = |take: &mut dyn FnMut(usize) -> usize, len: usize| match &mut half {
-            Some(used) => {
+        // A buffer of `len` elements: bf16 where `bf16` and the plan has bf16 inputs.
+        let mut place = |take: &mut dyn FnMut(usize) -> usize, len: usize, bf16: bool| match (
+            &mut half, bf16,
+        ) {
+            (Some(used), true) => {
                 let view = View::bf16(**used, len);
                 **used += len.next_multiple_of(32);
                 view
             }
-            None => act(take(len), len),
+            _ => act(take(len), len),
         };
         let n_resid = if training { cfg.n_layer + 1 } else { 2 };
         let resid_bufs: Vec<usize> = (0..n_resid).map(|_| take(rows * d)).collect();
@@ -101,17 +107,13 @@ impl ActPlan {
         let n_block = if training { cfg.n_layer } else { 1 };
         let block_bufs: Vec<BlockActs> = (0..n_block)
             .map(|_| BlockActs {
-                ln1: product_input(&mut take, rows * d),
+                ln1: place(&mut take, rows * d, true),
                 rstd1: take(rows),
-                qkv: take(rows * 3 * d),
-                att: if attention_bf16 {
-                    product_input(&mut take, rows * d)
-                } else {
-                    act(take(rows * d), rows * d)
-                },
+                qkv: place(&mut take, rows * 3 * d, attention_bf16),
+                att: place(&mut take, rows * d, attention_bf16),
                 lse: take(batch * cfg.n_head * t),
                 mid: take(rows * d),
-                ln2: product_input(&mut take, rows * d),
+                ln2: place(&mut take, rows * d, true),
                 rstd2: take(rows),
                 fc: take(rows * 4 * d),
             })
@@ -121,18 +123,23 @@ impl ActPlan {
         let rstdf = take(rows);
         let logits = take(rows * v);
         let losses = take(rows);
-        let fc_act = product_input(&mut take, rows * 4 * d);
-        let dy_half = (training && bf16_inputs).then(|| product_input(&mut take, rows * 4 * d));
+        let fc_act = place(&mut take, rows * 4 * d, true);
+        let dy_half = (training && bf16_inputs).then(|| place(&mut take, rows * 4 * d, true));
         let (d_resid, d_ln, d_att, d_qkv, d_fc_act) = if training {
+            let d_att = place(&mut take, rows * d, attention_bf16);
+            let d_qkv = match dy_half {
+                Some(half) if attention_bf16 => first(half, rows * 3 * d),
+                _ => act(take(rows * 3 * d), rows * 3 * d),
+            };
             (
                 take(rows * d),
                 take(rows * d),
-                take(rows * d),
-                take(rows * 3 * d),
+                d_att,
+                d_qkv,
                 take(rows * 4 * d),
             )
         } else {
-            (0, 0, 0, 0, 0)
+            (0, 0, act(0, 0), act(0, 0), 0)
         };
         let attn_scratch_len = backend.attention_scratch_len(shape);
         let attn_scratch = take(attn_scratch_len);
@@ -940,7 +947,7 @@ impl Engine {
                 x: act(plan.resid[l], rows * d),
                 ln1: first(ba.ln1, rows * d),
                 rstd1: act(ba.rstd1, rows),
-                qkv: act(ba.qkv, rows * 3 * d),
+                qkv: first(ba.qkv, rows * 3 * d),
                 att: first(ba.att, rows * d),
                 mid: act(ba.mid, rows * d),
                 ln2: first(ba.ln2, rows * d),
@@ -990,8 +997,8 @@ impl Engine {
         let dlogits = act(plan.logits, rows * v);
         let d_resid = act(plan.d_resid, rows * d);
         let d_ln = act(plan.d_ln, rows * d);
-        let d_att = act(plan.d_att, rows * d);
-        let d_qkv = act(plan.d_qkv, rows * 3 * d);
+        let d_att = first(plan.d_att, rows * d);
+        let d_qkv = first(plan.d_qkv, rows * 3 * d);
         // The activation's gradient, then (in place, or bf16 into `dy_half`) its input's.
         let d_fc_act = act(plan.d_fc_act, rows * 4 * d);
         let fc_act = first(plan.fc_act, rows * 4 * d);
@@ -1066,13 +1073,8 @@ impl Engine {
             linear_backward(b, d_att, attn_proj, att, dy, dy_half, rows, d, d);
             let (lse, qkv) = (
                 act(ba.lse, n_seq * cfg.n_head * t),
-                act(ba.qkv, rows * 3 * d),
+                first(ba.qkv, rows * 3 * d),
             );
-            // Stored as bf16 by attention itself where it can, for c_attn's products.
-            let d_qkv = match dy_half {
-                Some(half) if plan.attention_bf16 => first(half, rows * 3 * d),
-                _ => d_qkv,
-            };
             b.attention_backward(d_qkv, d_att, att, lse, qkv, scratch, shape);
             let (c_attn, ln1) = ((po.c_attn, w.c_attn), first(ba.ln1, rows * d));
             linear_backward(b, d_ln, c_attn, ln1, d_qkv, dy_half, rows, d, 3 * d);

@@ -221,6 +221,13 @@ vector<uint16_t> rounded(const vector<float>& x) {
 
 double ref_from_bf16(uint16_t h) { return __uint_as_float((uint32_t)h << 16); }
 
+// bf16 values as the f32 they hold exactly.
+vector<float> widened(const vector<uint16_t>& h) {
+    vector<float> out(h.size());
+    for (size_t i = 0; i < h.size(); i++) out[i] = (float)ref_from_bf16(h[i]);
+    return out;
+}
+
 // Values that probe the rounding: ties both ways, negatives, specials, extremes.
 vector<float> bf16_probes() {
     vector<uint32_t> bits = {0x3f808000u, 0x3f818000u, 0xbf808000u, 0xbf818000u, 0x3f807fffu,
@@ -1016,9 +1023,10 @@ FlashRef flash_reference(const vector<float>& qkv, const vector<float>& dout, in
 using FlashForward = void (*)(float*, float*, const float*, int, int, int, int);
 using FlashGradient = void (*)(float*, const float*, const float*, const float*, const float*,
                                int, int, int, int);
-// The _bf16 kernels, which store the output or gradient rounded.
-using FlashForward16 = void (*)(uint16_t*, float*, const float*, int, int, int, int);
-using FlashGradient16 = void (*)(uint16_t*, const float*, const float*, const float*,
+// The _bf16 kernels, which read Q, K, V and the output's gradient as bf16 and store the
+// output or gradient rounded.
+using FlashForward16 = void (*)(uint16_t*, float*, const uint16_t*, int, int, int, int);
+using FlashGradient16 = void (*)(uint16_t*, const uint16_t*, const uint16_t*, const float*,
                                  const float*, int, int, int, int);
 struct FlashKernels {
     int width;
@@ -1110,20 +1118,18 @@ void check_flash_attention(bool bf16_inputs) {
                    delta.data(), (const float*)dout.data(), (const float*)out32.data(), t, nh,
                    hd);
             check("flash_attention_backward_prepare", what + " delta", delta, ref.delta, kRow);
-            // From an out stored as bf16: the f32 kernel's sums over the same values.
-            vector<uint16_t> out_bits = rounded(out32);
-            vector<float> out_widened(out_bits.size()), delta_widened = nan_f32(stats),
-                                                        delta16 = nan_f32(stats);
-            for (size_t i = 0; i < out_bits.size(); i++)
-                out_widened[i] = (float)ref_from_bf16(out_bits[i]);
+            // From dout and out stored as bf16: the f32 kernel's sums over the same values.
+            vector<uint16_t> out_bits = rounded(out32), dout_bits = rounded(dout);
+            vector<float> out_widened = widened(out_bits), dout_widened = widened(dout_bits),
+                          delta_widened = nan_f32(stats), delta16 = nan_f32(stats);
             launch(flash_attention_backward_prepare, dim3((unsigned)rows), dim3(128), 0,
-                   delta_widened.data(), (const float*)dout.data(),
+                   delta_widened.data(), (const float*)dout_widened.data(),
                    (const float*)out_widened.data(), t, nh, hd);
             launch(flash_attention_backward_prepare_bf16, dim3((unsigned)rows), dim3(128), 0,
-                   delta16.data(), (const float*)dout.data(), (const uint16_t*)out_bits.data(),
-                   t, nh, hd);
-            check_bits("flash_attention_backward_prepare_bf16", what + " delta from a bf16 out",
-                       delta16, delta_widened);
+                   delta16.data(), (const uint16_t*)dout_bits.data(),
+                   (const uint16_t*)out_bits.data(), t, nh, hd);
+            check_bits("flash_attention_backward_prepare_bf16",
+                       what + " delta from bf16 dout and out", delta16, delta_widened);
 
             for (const FlashKernels& k : widths) {
                 if (hd > k.width) continue;
@@ -1174,28 +1180,46 @@ void check_flash_attention(bool bf16_inputs) {
                 check_bits(k.name("flash_attention_backward_") + "_bits",
                            what + " dqkv from unaligned rows", dqkv1, dqkv);
 
-                // The _bf16 kernels store what the f32 ones compute, rounded, and nothing else
-                // (the buffers start as bf16 NaNs).
-                vector<uint16_t> out16(rows * d, kPoisonBf16), dqkv16(rows * 3 * d, kPoisonBf16);
-                vector<float> lse16 = nan_f32(stats);
-                launch(k.forward_bf16, fwd_grid, kFlashBlock, k.shared(), out16.data(),
-                       lse16.data(), (const float*)qkv.data(), t, nh, hd, causal);
-                check_bits(fwd + "_bf16", what + " out stored as bf16", out16, rounded(out));
-                check_bits(fwd + "_bf16", what + " lse beside a bf16 out", lse16, lse);
-                // Each gradient kernel alone: its own columns (Q's; K's and V's), and no other.
-                vector<uint16_t> dqkv_bits = rounded(dqkv);
-                for (bool q_columns : {true, false}) {
-                    std::fill(dqkv16.begin(), dqkv16.end(), kPoisonBf16);
-                    launch(q_columns ? k.q_bf16 : k.kv_bf16, fwd_grid, kFlashBlock, k.shared(),
-                           dqkv16.data(), (const float*)dout.data(), (const float*)qkv.data(),
-                           (const float*)lse32.data(), (const float*)delta.data(), t, nh, hd,
-                           causal);
-                    vector<uint16_t> want = dqkv_bits;
-                    for (size_t i = 0; i < want.size(); i++)
-                        if (((int)(i % (3 * d)) < d) != q_columns) want[i] = kPoisonBf16;
-                    check_bits(k.name(q_columns ? "flash_attention_backward_q_"
-                                                : "flash_attention_backward_kv_") + "_bf16",
-                               what + " stored as bf16", dqkv16, want);
+                // From Q, K, V and dout that bf16 holds exactly, the _bf16 kernels (reading
+                // them as bf16) store what the f32 ones compute, rounded, and nothing else
+                // (the buffers start as bf16 NaNs); so too from rows that do not start on
+                // 16 bytes, which they read value by value.
+                if (bf16_inputs) {
+                    vector<uint16_t> qkv_bits = rounded(qkv), dout16 = rounded(dout);
+                    vector<uint16_t> qkv_buf16(qkv_bits.size() + 1), dout_buf16(dout16.size() + 1);
+                    std::copy(qkv_bits.begin(), qkv_bits.end(), qkv_buf16.begin() + 1);
+                    std::copy(dout16.begin(), dout16.end(), dout_buf16.begin() + 1);
+                    for (bool aligned : {true, false}) {
+                        const uint16_t* qkv16 = aligned ? qkv_bits.data() : qkv_buf16.data() + 1;
+                        const uint16_t* d16 = aligned ? dout16.data() : dout_buf16.data() + 1;
+                        const std::string how = aligned ? "" : " from unaligned rows";
+                        vector<uint16_t> out16(rows * d, kPoisonBf16),
+                            dqkv16(rows * 3 * d, kPoisonBf16);
+                        vector<float> lse16 = nan_f32(stats);
+                        launch(k.forward_bf16, fwd_grid, kFlashBlock, k.shared(), out16.data(),
+                               lse16.data(), qkv16, t, nh, hd, causal);
+                        check_bits(fwd + "_bf16", what + " out stored as bf16" + how, out16,
+                                   rounded(out));
+                        check_bits(fwd + "_bf16", what + " lse beside a bf16 out" + how, lse16,
+                                   lse);
+                        // Each gradient kernel alone: its own columns (Q's; K's and V's), and
+                        // no other.
+                        vector<uint16_t> dqkv_bits = rounded(dqkv);
+                        for (bool q_columns : {true, false}) {
+                            std::fill(dqkv16.begin(), dqkv16.end(), kPoisonBf16);
+                            launch(q_columns ? k.q_bf16 : k.kv_bf16, fwd_grid, kFlashBlock,
+                                   k.shared(), dqkv16.data(), d16, qkv16,
+                                   (const float*)lse32.data(), (const float*)delta.data(), t, nh,
+                                   hd, causal);
+                            vector<uint16_t> want = dqkv_bits;
+                            for (size_t i = 0; i < want.size(); i++)
+                                if (((int)(i % (3 * d)) < d) != q_columns) want[i] = kPoisonBf16;
+                            check_bits(k.name(q_columns ? "flash_attention_backward_q_"
+                                                        : "flash_attention_backward_kv_") +
+                                           "_bf16",
+                                       what + " stored as bf16" + how, dqkv16, want);
+                        }
+                    }
                 }
 
                 // As the backend will chain them: backward from the kernel's own out and lse.

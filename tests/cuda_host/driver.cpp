@@ -879,12 +879,16 @@ static unsigned long long digest(const LtDesc& d, const LtLayout* l[3]) {
 struct LtShape {
     long long m, n, k;
     bool fast_bf16;
+    bool bf16_result;  // C and D bf16
 };
 static std::string lt_shape(const LtDesc& d, const LtLayout& a, const LtLayout& b,
                             const LtLayout& c, const LtLayout& dd, LtShape& out) {
     if (d.scale != CUDA_R_32F) return "the scale type must be CUDA_R_32F";
     if (a.type != b.type) return "A and B differ in type";
-    if (c.type != CUDA_R_32F || dd.type != CUDA_R_32F) return "C and D must be CUDA_R_32F";
+    if (c.type != dd.type) return "C and D differ in type";
+    out.bf16_result = c.type == CUDA_R_16BF;
+    if (c.type != CUDA_R_32F && !(out.bf16_result && a.type == CUDA_R_16BF))
+        return "C and D must be CUDA_R_32F, or CUDA_R_16BF with bf16 operands";
     if (c.rows != dd.rows || c.cols != dd.cols || c.ld != dd.ld || c.batch != dd.batch ||
         c.stride != dd.stride)
         return "D must be laid out as C";
@@ -1032,11 +1036,11 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(void*, void* desc, void* a, void* 
                                                                    std::to_string(al));
     if (const char* log = getenv("CUDA_HOST_HEURISTICS_LOG")) {
         if (FILE* f = fopen(log, "a")) {
-            fprintf(f, "m %lld n %lld k %lld trans %d %d type %d compute %d batch %d lds %lld "
-                       "%lld %lld strides %lld %lld %lld align %u %u %u %u\n",
+            fprintf(f, "m %lld n %lld k %lld trans %d %d type %d compute %d out %d batch %d "
+                       "lds %lld %lld %lld strides %lld %lld %lld align %u %u %u %u\n",
                     shape.m, shape.n, shape.k, dd->trans[0], dd->trans[1], l[0]->type,
-                    dd->compute, l[2]->batch, l[0]->ld, l[1]->ld, l[2]->ld, l[0]->stride,
-                    l[1]->stride, l[2]->stride, p->align[0], p->align[1], p->align[2],
+                    dd->compute, l[2]->type, l[2]->batch, l[0]->ld, l[1]->ld, l[2]->ld,
+                    l[0]->stride, l[1]->stride, l[2]->stride, p->align[0], p->align[1], p->align[2],
                     p->align[3]);
             fclose(f);
         }
@@ -1102,10 +1106,12 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
                          "the workspace is not device memory");
     long long m = shape.m, n = shape.n, k = shape.k;
     bool ta = dd->trans[0] == 1, tb = dd->trans[1] == 1, fast_bf16 = shape.fast_bf16;
+    bool bf16_result = shape.bf16_result;
+    int result_type = l[2]->type;
     int type = l[0]->type, batch = l[2]->batch;
     long long lda = l[0]->ld, ldb = l[1]->ld, ldc = l[2]->ld;
     long long stride_a = l[0]->stride, stride_b = l[1]->stride, stride_c = l[2]->stride;
-    size_t esize = type == CUDA_R_16BF ? 2 : 4;
+    size_t esize = type == CUDA_R_16BF ? 2 : 4, rsize = bf16_result ? 2 : 4;
     struct {
         const void* p;
         size_t bytes;
@@ -1113,8 +1119,8 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
     } operands[] = {
         {A, extent(l[0]->rows, l[0]->cols, lda, stride_a, batch, esize), "A"},
         {B, extent(l[1]->rows, l[1]->cols, ldb, stride_b, batch, esize), "B"},
-        {C, extent(m, n, ldc, stride_c, batch, 4), "C"},
-        {D, C == D ? 0 : extent(m, n, ldc, stride_c, batch, 4), "D"},
+        {C, extent(m, n, ldc, stride_c, batch, rsize), "C"},
+        {D, C == D ? 0 : extent(m, n, ldc, stride_c, batch, rsize), "D"},
     };
     // D is C (a product in place) or apart from it: cuBLASLt does not define a partial overlap.
     size_t c_bytes = operands[2].bytes;
@@ -1138,8 +1144,8 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
         for (int b = 0; b < batch; b++) {
             const char* a = static_cast<const char*>(A) + (size_t)b * stride_a * esize;
             const char* bb = static_cast<const char*>(B) + (size_t)b * stride_b * esize;
-            const float* c = static_cast<const float*>(C) + (size_t)b * stride_c;
-            float* d = static_cast<float*>(D) + (size_t)b * stride_c;
+            const char* c = static_cast<const char*>(C) + (size_t)b * stride_c * rsize;
+            char* d = static_cast<char*>(D) + (size_t)b * stride_c * rsize;
             for (long long j = 0; j < n; j++)
                 for (long long i = 0; i < m; i++) {
                     double sum = 0.0;
@@ -1147,8 +1153,16 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
                         sum += element(a, type, ta, lda, i, x, fast_bf16) *
                                element(bb, type, tb, ldb, x, j, fast_bf16);
                     // beta = 0: C is never read (it may hold NaN).
-                    float added = be == 0.0f ? 0.0f : be * c[i + j * ldc];
-                    d[i + j * ldc] = be == 0.0f ? (float)(al * sum) : (float)(al * sum + added);
+                    long long at = i + j * ldc;
+                    float added = be == 0.0f ? 0.0f
+                                             : be * (float)element(c, result_type, false, ldc,
+                                                                   i, j, false);
+                    float r = be == 0.0f ? (float)(al * sum) : (float)(al * sum + added);
+                    // A bf16 result is the f32 one rounded to nearest even.
+                    if (bf16_result)
+                        reinterpret_cast<__nv_bfloat16*>(d)[at] = __float2bfloat16(r);
+                    else
+                        reinterpret_cast<float*>(d)[at] = r;
                 }
         }
     };

@@ -300,6 +300,52 @@ int main() {
     expect(cublasLtMatmulAlgoGetHeuristic(lt, fast_desc, la16, lb16, lc, lc, pref, 1, found,
                                           &returned) == CUBLAS_STATUS_NOT_SUPPORTED,
            "bf16 operands with a FAST_16BF compute type are refused");
+    // A bf16 result: from bf16 operands only, C and D of one type, the f32 sum rounded.
+    void *lc16, *desc16;
+    cublasLtMatrixLayoutCreate(&lc16, CUDA_R_16BF, 2, 2, 2);
+    cublasLtMatmulDescCreate(&desc16, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    expect(cublasLtMatmulAlgoGetHeuristic(lt, desc16, la, lb, lc16, lc16, pref, 1, found,
+                                          &returned) == CUBLAS_STATUS_NOT_SUPPORTED,
+           "a bf16 result from f32 operands is refused");
+    expect(cublasLtMatmulAlgoGetHeuristic(lt, desc16, la16, lb16, lc, lc16, pref, 1, found,
+                                          &returned) == CUBLAS_STATUS_NOT_SUPPORTED,
+           "C and D of two types are refused");
+    // bf16 columns 2 elements apart start on 4 bytes, 3 apart on 2: chosen for 2.
+    void* pref16;
+    cublasLtMatmulPreferenceCreate(&pref16);
+    cublasLtMatmulPreferenceSetAttribute(pref16, 1, &ws_bytes, 8);
+    unsigned two = 2;
+    for (int attr : {5, 6, 7, 8}) cublasLtMatmulPreferenceSetAttribute(pref16, attr, &two, 4);
+    expect(cublasLtMatmulAlgoGetHeuristic(lt, desc16, la16, lb16, lc16, lc16, pref16, 1, found,
+                                          &returned) == CUBLAS_STATUS_SUCCESS,
+           "a bf16 result from bf16 operands is chosen");
+    {
+        // A = [[1 2 3] [4 5 6]] and B = [[1 0] [0 1] [1 1]] in bf16 (exact), C = A B / 3:
+        // 4/3, 10/3, 5/3, 11/3, each rounded once to bf16.
+        CUdeviceptr a16, b16, c16;
+        cuMemAlloc_v2(&a16, 6 * 2);
+        cuMemAlloc_v2(&b16, 6 * 2);
+        cuMemAlloc_v2(&c16, 4 * 2);
+        uint16_t ha16[6], hb16[6], hc16[4] = {0x7f81, 0x7f81, 0x7f81, 0x7f81};
+        for (int i = 0; i < 6; i++) {
+            ha16[i] = (uint16_t)(__float_as_uint(ha[i]) >> 16);
+            hb16[i] = (uint16_t)(__float_as_uint(hb[i]) >> 16);
+        }
+        cuMemcpyHtoD_v2(a16, ha16, sizeof ha16);
+        cuMemcpyHtoD_v2(b16, hb16, sizeof hb16);
+        cuMemcpyHtoD_v2(c16, hc16, sizeof hc16);
+        float third = 1.0f / 3.0f;
+        expect(cublasLtMatmul(lt, desc16, &third, (void*)a16, la16, (void*)b16, lb16, &zero,
+                              (void*)c16, lc16, (void*)c16, lc16, &found[0].algo,
+                              (void*)workspace, ws_bytes, nullptr) == CUBLAS_STATUS_SUCCESS,
+               "a product with a bf16 result");
+        cuMemcpyDtoH_v2(hc16, c16, sizeof hc16);
+        const float sums[4] = {4, 10, 5, 11};
+        bool rounded = true;
+        for (int i = 0; i < 4; i++)
+            rounded &= hc16[i] == __float2bfloat16((float)(sums[i] * (double)third)).bits;
+        expect(rounded, "its result is the f32 one rounded to bf16 (C unread with beta 0)");
+    }
     hc[0] = NAN;
     cuMemcpyHtoD_v2(c, hc, 4);
     cuStreamBeginCapture_v2(side, 1);

@@ -171,6 +171,13 @@ impl CpuBackend {
         (o, ins)
     }
 
+    /// A copy of `v` as f32 (exact for bf16), for the calls off this backend's own paths.
+    fn widened(&self, v: View) -> Vec<f32> {
+        let mut x = vec![0.0; v.len];
+        self.download(v, &mut x);
+        x
+    }
+
     /// Runs `kernel` on an f32 output of `out.len` values and stores them, rounded, in `out`,
     /// a bfloat16 view. The staging buffer grows once, to the largest such output.
     fn stored_as_bf16(&mut self, out: View, kernel: impl FnOnce(&mut Self, &mut [f32])) {
@@ -525,6 +532,29 @@ impl Backend for CpuBackend {
         n: usize,
         accumulate: bool,
     ) {
+        if out.dtype == DType::Bf16 {
+            // Off this backend's own paths (a GPU's training stores Q, K, V so): into an f32
+            // copy, rounded once as `upload` stores it.
+            assert!(!accumulate, "matmul_packed: accumulating into bf16 {out:?}");
+            let mut product = vec![0.0; out.len];
+            let r = self.half_range(w);
+            let mut scratch = std::mem::take(&mut self.packed_input);
+            let a = self.widened(a);
+            let native = bf16::native();
+            bf16::matmul(
+                &mut product,
+                &a,
+                &self.half[r],
+                &mut scratch,
+                m,
+                k,
+                n,
+                false,
+                native,
+            );
+            self.packed_input = scratch;
+            return self.upload(out, &product);
+        }
         let r = self.half_range(w);
         // A bf16 input is widened exactly; the product then splits it into itself and a zero
         // remainder.
@@ -580,13 +610,15 @@ impl Backend for CpuBackend {
                 "matmul: operands of two types ({a:?}, {b:?})"
             );
             // Off every path of this backend's own (its packed products read bfloat16 in
-            // their layout): the operands widened, exactly, then multiplied in f32.
-            let widened = |v: View| {
-                let mut x = vec![0.0; v.len];
-                self.download(v, &mut x);
-                x
-            };
-            let (a, b) = (widened(a), widened(b));
+            // their layout): the operands widened, exactly, then multiplied in f32; a bf16
+            // result rounded once.
+            let (a, b) = (self.widened(a), self.widened(b));
+            if out.dtype == DType::Bf16 {
+                assert!(!accumulate, "matmul: accumulating into bf16 {out:?}");
+                let mut product = vec![0.0; out.len];
+                matmul::matmul(&mut product, &a, ta, &b, tb, m, k, n, false);
+                return self.upload(out, &product);
+            }
             let (o, []) = self.io(out, []);
             return matmul::matmul(o, &a, ta, &b, tb, m, k, n, accumulate);
         }
@@ -602,11 +634,14 @@ impl Backend for CpuBackend {
         scratch: View,
         shape: AttnShape,
     ) {
-        if out.dtype == DType::Bf16 {
-            return self.stored_as_bf16(out, |b, o| {
-                let ([l, sc], [q]) = b.views([lse, scratch], [qkv]);
-                attention::attention_forward(o, l, q, sc, shape);
-            });
+        if out.dtype == DType::Bf16 || qkv.dtype == DType::Bf16 {
+            // Off this backend's own paths (a GPU's training stores these as bf16): through
+            // f32 copies, the output rounded as `upload` stores it.
+            let q = self.widened(qkv);
+            let mut o = vec![0.0; out.len];
+            let ([l, sc], []) = self.views([lse, scratch], []);
+            attention::attention_forward(&mut o, l, &q, sc, shape);
+            return self.upload(out, &o);
         }
         let ([o, l, sc], [q]) = self.views([out, lse, scratch], [qkv]);
         attention::attention_forward(o, l, q, sc, shape);
@@ -622,14 +657,14 @@ impl Backend for CpuBackend {
         scratch: View,
         shape: AttnShape,
     ) {
-        if out.dtype == DType::Bf16 || dqkv.dtype == DType::Bf16 {
+        let views = [dqkv, dout, out, qkv];
+        if views.iter().any(|v| v.dtype == DType::Bf16) {
             // Off this backend's own paths (a GPU's training stores these as bf16): through
             // f32 copies, the gradient rounded as `upload` stores it.
-            let mut widened = vec![0.0; out.len];
-            self.download(out, &mut widened);
+            let [dout, out, qkv] = [dout, out, qkv].map(|v| self.widened(v));
             let mut gradient = vec![0.0; dqkv.len];
-            let ([sc], [dout, lse, qkv]) = self.views([scratch], [dout, lse, qkv]);
-            attention::attention_backward(&mut gradient, dout, &widened, lse, qkv, sc, shape);
+            let ([sc], [lse]) = self.views([scratch], [lse]);
+            attention::attention_backward(&mut gradient, &dout, &out, lse, &qkv, sc, shape);
             return self.upload(dqkv, &gradient);
         }
         let ([dq, sc], [dout, out, lse, qkv]) = self.views([dqkv, scratch], [dout, out, lse, qkv]);

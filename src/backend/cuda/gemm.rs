@@ -94,7 +94,7 @@ pub fn column_major(p: &RowMajor) -> ColumnMajor {
     }
 }
 
-/// The element types of a product's operands and how it multiplies them; C is always f32.
+/// The element types of a product's operands and result, and how it multiplies them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operands {
     /// f32 operands, f32 products.
@@ -104,6 +104,8 @@ pub enum Operands {
     F32ViaBf16,
     /// bfloat16 operands, f32 sums.
     Bf16,
+    /// bfloat16 operands, f32 sums, C and D bfloat16 (the f32 result rounded once).
+    Bf16ToBf16,
 }
 
 impl Operands {
@@ -111,17 +113,33 @@ impl Operands {
     fn bytes(self) -> usize {
         match self {
             Operands::F32 | Operands::F32ViaBf16 => 4,
-            Operands::Bf16 => 2,
+            Operands::Bf16 | Operands::Bf16ToBf16 => 2,
         }
     }
 
-    fn types(self) -> (lt_sys::cudaDataType, lt_sys::cublasComputeType_t) {
+    /// Bytes of an element of C and D.
+    fn result_bytes(self) -> usize {
+        match self {
+            Operands::Bf16ToBf16 => 2,
+            _ => 4,
+        }
+    }
+
+    /// The operands' element type, C's and D's, and the compute type.
+    fn types(
+        self,
+    ) -> (
+        lt_sys::cudaDataType,
+        lt_sys::cudaDataType,
+        lt_sys::cublasComputeType_t,
+    ) {
         use lt_sys::cublasComputeType_t::*;
         use lt_sys::cudaDataType::*;
         match self {
-            Operands::F32 => (CUDA_R_32F, CUBLAS_COMPUTE_32F),
-            Operands::F32ViaBf16 => (CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_16BF),
-            Operands::Bf16 => (CUDA_R_16BF, CUBLAS_COMPUTE_32F),
+            Operands::F32 => (CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F),
+            Operands::F32ViaBf16 => (CUDA_R_32F, CUDA_R_32F, CUBLAS_COMPUTE_32F_FAST_16BF),
+            Operands::Bf16 => (CUDA_R_16BF, CUDA_R_32F, CUBLAS_COMPUTE_32F),
+            Operands::Bf16ToBf16 => (CUDA_R_16BF, CUDA_R_16BF, CUBLAS_COMPUTE_32F),
         }
     }
 }
@@ -223,7 +241,7 @@ impl Plan {
         use lt_sys::cublasLtMatmulDescAttributes_t::*;
         use lt_sys::cublasLtMatmulPreferenceAttributes_t::*;
         let c = &key.call;
-        let (element, compute) = key.operands.types();
+        let (element, result, compute) = key.operands.types();
         let mut plan = Plan {
             desc: std::ptr::null_mut(),
             layouts: [std::ptr::null_mut(); 3],
@@ -265,14 +283,7 @@ impl Plan {
             c.batch,
             c.stride_second,
         )?;
-        plan.layouts[2] = layout(
-            lt_sys::cudaDataType::CUDA_R_32F,
-            c.m,
-            c.n,
-            c.ldc,
-            c.batch,
-            c.stride_c,
-        )?;
+        plan.layouts[2] = layout(result, c.m, c.n, c.ldc, c.batch, c.stride_c)?;
 
         let pref = lt::create_matmul_pref()
             .map_err(|e| format!("cublasLtMatmulPreferenceCreate: {e:?}"))?;
@@ -411,7 +422,12 @@ impl Products {
             alignment: [
                 starts(first, call.ld_first, call.stride_first, bytes),
                 starts(second, call.ld_second, call.stride_second, bytes),
-                starts(c | d, call.ldc, call.stride_c, 4),
+                starts(
+                    c | d,
+                    call.ldc,
+                    call.stride_c,
+                    operands.result_bytes() as u64,
+                ),
             ],
         };
         let mut plans = self.plans.borrow_mut();

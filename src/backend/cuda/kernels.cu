@@ -916,28 +916,41 @@ struct Tile {
 
 // Rounds `rows` rows of one head (from `first`, `hd` columns at `src` + row * stride) into
 // `dst`; rows from `limit` on are zeros. All the block's threads take part, eight columns
-// each, reading four at once where the rows start on 16 bytes (always, for the engine's
-// buffers: they are 64-byte aligned and heads are 16 columns wide).
-__device__ __forceinline__ void load_rows(Tile dst, const float* src, size_t stride,
-                                          int first, int limit, int rows, int hd) {
-    const bool vectors = (uintptr_t)src % 16 == 0 && stride % 4 == 0;
+// each, reading them at once where the rows start on 16 bytes (always, for the engine's
+// buffers: they are 64-byte aligned and heads are 16 columns wide). bf16 rows are copied
+// as they are.
+__device__ __forceinline__ bool rows_in_vectors(const float* src, size_t stride) {
+    return (uintptr_t)src % 16 == 0 && stride % 4 == 0;
+}
+__device__ __forceinline__ bool rows_in_vectors(const bf16_bits* src, size_t stride) {
+    return (uintptr_t)src % 16 == 0 && stride % 8 == 0;
+}
+__device__ __forceinline__ uint4 piece_of(const float* p) {
+    float4 x = ((const float4*)p)[0], y = ((const float4*)p)[1];
+    return make_uint4(pack(x.x, x.y), pack(x.z, x.w), pack(y.x, y.y), pack(y.z, y.w));
+}
+__device__ __forceinline__ uint4 piece_of(const bf16_bits* p) { return *(const uint4*)p; }
+
+template <typename S>
+__device__ __forceinline__ void load_rows(Tile dst, const S* src, size_t stride, int first,
+                                          int limit, int rows, int hd) {
+    const bool vectors = rows_in_vectors(src, stride);
     const int pieces = hd / 8;
     for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
         const int r = e / pieces, c = e % pieces * 8, i = first + r;
-        float v[8];
+        const S* at = src + (size_t)i * stride + c;
+        uint4 piece;
         if (i >= limit) {
-            for (int u = 0; u < 8; u++) v[u] = 0.0f;
+            piece = make_uint4(0u, 0u, 0u, 0u);
         } else if (vectors) {
-            const float4* p = (const float4*)(src + (size_t)i * stride + c);
-            float4 x = p[0], y = p[1];
-            v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
-            v[4] = y.x, v[5] = y.y, v[6] = y.z, v[7] = y.w;
+            piece = piece_of(at);
         } else {
-            for (int u = 0; u < 8; u++) v[u] = src[(size_t)i * stride + c + u];
+            float v[8];
+            for (int u = 0; u < 8; u++) v[u] = load(at, u);
+            piece = make_uint4(pack(v[0], v[1]), pack(v[2], v[3]), pack(v[4], v[5]),
+                               pack(v[6], v[7]));
         }
-        uint4 packed = make_uint4(pack(v[0], v[1]), pack(v[2], v[3]), pack(v[4], v[5]),
-                                  pack(v[6], v[7]));
-        *(uint4*)dst.at(r, c) = packed;
+        *(uint4*)dst.at(r, c) = piece;
     }
 }
 
@@ -1029,7 +1042,7 @@ __host__ __device__ constexpr size_t flash_shared_bytes(int width) {
     return (size_t)(3 * flash::kRows) * width * 2;
 }
 
-// Forward (flash_attention_forward_64 and _128): out (f32) and lse. Launch: grid
+// Forward (flash_attention_forward_64 and _128): out and lse (out and qkv f32, or both bf16). Launch: grid
 // (ceil(t / 64), n_head, batch), block 128 threads (4 warps), dynamic shared memory
 // flash_shared_bytes(width).
 //
@@ -1038,8 +1051,8 @@ __host__ __device__ constexpr size_t flash_shared_bytes(int width) {
 // loads K and V; each warp with a visible key in the step computes S = Q K^T in registers,
 // updates its rows' running maximum m and (per lane, partial) sum l, rescales its output by
 // exp(m_old - m_new) and adds P V, P rounded to bf16 straight from the scores' registers.
-template <int kWidth, typename O>
-__device__ void flash_forward(O* out, float* lse, const float* qkv, int t, int n_head,
+template <int kWidth, typename S>
+__device__ void flash_forward(S* out, float* lse, const S* qkv, int t, int n_head,
                               int head_dim, int causal) {
     using namespace flash;
     constexpr int kN = kWidth / 8;  // 8-column tiles of the output
@@ -1049,7 +1062,7 @@ __device__ void flash_forward(O* out, float* lse, const float* qkv, int t, int n
     const Tile qs{(bf16_bits*)flash_dynamic(), kWidth};
     const Tile ks{qs.base + kRows * kWidth, kWidth};
     const Tile vs{ks.base + kKeys * kWidth, kWidth};
-    const float* seq = qkv + (size_t)b * t * 3 * d + h * hd;
+    const S* seq = qkv + (size_t)b * t * 3 * d + h * hd;
 
     load_rows(qs, seq, 3 * d, q0, t, kRows, hd);
     float o[kN][4];
@@ -1129,20 +1142,20 @@ __device__ void flash_forward(O* out, float* lse, const float* qkv, int t, int n
         write_rows(out + ((size_t)b * t + warp_first) * d + h * hd, d, t - warp_first, o, hd);
 }
 
-// Backward, first pass: delta[b, h, i] = sum over head h's columns of dout * out (out f32,
-// or bf16 as the forward pass stored it: _bf16). Launch: grid (batch * t), block 128 threads,
+// Backward, first pass: delta[b, h, i] = sum over head h's columns of dout * out (both f32,
+// or both bf16 as training stores them: _bf16). Launch: grid (batch * t), block 128 threads,
 // no dynamic shared memory.
-template <typename O>
-__device__ void flash_prepare(float* delta, const float* dout, const O* out, int t, int n_head,
+template <typename S>
+__device__ void flash_prepare(float* delta, const S* dout, const S* out, int t, int n_head,
                               int head_dim) {
     size_t row = blockIdx.x;
     int d = n_head * head_dim, b = row / t, i = row % t;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     for (int h = warp; h < n_head; h += warps) {
-        const float* dr = dout + row * d + h * head_dim;
-        const O* orow = out + row * d + h * head_dim;
+        const S* dr = dout + row * d + h * head_dim;
+        const S* orow = out + row * d + h * head_dim;
         float s = 0.0f;
-        for (int c = lane; c < head_dim; c += 32) s += dr[c] * load(orow, c);
+        for (int c = lane; c < head_dim; c += 32) s += load(dr, c) * load(orow, c);
         s = warp_sum(s);
         if (lane == 0) delta[((size_t)b * n_head + h) * t + i] = s;
     }
@@ -1155,7 +1168,7 @@ extern "C" __global__ void flash_attention_backward_prepare(float* delta, const 
 }
 
 extern "C" __global__ void flash_attention_backward_prepare_bf16(float* delta,
-                                                                 const float* dout,
+                                                                 const bf16_bits* dout,
                                                                  const bf16_bits* out, int t,
                                                                  int n_head, int head_dim) {
     flash_prepare(delta, dout, out, t, n_head, head_dim);
@@ -1200,8 +1213,8 @@ __device__ __forceinline__ void flash_scores(uint32_t (&p_out)[2][4], uint32_t (
 // steps of 32 query rows that see them (causal: from row 64x on). Per step, each warp with a
 // visible pair: S^T = K Q^T and dP^T = V dout^T, P^T = exp(scale S^T - lse) (masked: 0),
 // dS^T = P^T (dP^T - delta); then dV += P^T dout and dK += scale dS^T Q, in registers.
-template <int kWidth, typename G>
-__device__ void flash_backward_kv(G* dqkv, const float* dout, const float* qkv,
+template <int kWidth, typename S>
+__device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
                                   const float* lse, const float* delta, int t, int n_head,
                                   int head_dim, int causal) {
     using namespace flash;
@@ -1213,8 +1226,8 @@ __device__ void flash_backward_kv(G* dqkv, const float* dout, const float* qkv,
     const Tile vs{ks.base + kRows * kWidth, kWidth};
     const Tile qs{vs.base + kRows * kWidth, kWidth};
     const Tile dos{qs.base + kStep * kWidth, kWidth};
-    const float* seq = qkv + (size_t)b * t * 3 * d + h * hd;
-    const float* dseq = dout + (size_t)b * t * d + h * hd;
+    const S* seq = qkv + (size_t)b * t * 3 * d + h * hd;
+    const S* dseq = dout + (size_t)b * t * d + h * hd;
     const size_t stats = ((size_t)b * n_head + h) * t;
 
     load_rows(ks, seq + d, 3 * d, k0, t, kRows, hd);
@@ -1258,7 +1271,7 @@ __device__ void flash_backward_kv(G* dqkv, const float* dout, const float* qkv,
         product_nn(dk, ds, qs, 0, hd);
     }
     if (kw < t) {
-        G* rows = dqkv + ((size_t)b * t + kw) * 3 * d + h * hd;
+        S* rows = dqkv + ((size_t)b * t + kw) * 3 * d + h * hd;
         write_rows(rows + d, 3 * d, t - kw, dk, hd);
         write_rows(rows + 2 * d, 3 * d, t - kw, dv, hd);
     }
@@ -1272,8 +1285,8 @@ __device__ void flash_backward_kv(G* dqkv, const float* dout, const float* qkv,
 // warp with a visible pair recomputes S = Q K^T, dP = dout V^T, P and dS as the dK, dV
 // kernel does, and adds scale dS K into its dQ, in registers. Recomputing costs two
 // products per tile pair; it buys dQ without atomic adds from many blocks.
-template <int kWidth, typename G>
-__device__ void flash_backward_q(G* dqkv, const float* dout, const float* qkv,
+template <int kWidth, typename S>
+__device__ void flash_backward_q(S* dqkv, const S* dout, const S* qkv,
                                  const float* lse, const float* delta, int t, int n_head,
                                  int head_dim, int causal) {
     using namespace flash;
@@ -1285,8 +1298,8 @@ __device__ void flash_backward_q(G* dqkv, const float* dout, const float* qkv,
     const Tile dos{qs.base + kRows * kWidth, kWidth};
     const Tile ks{dos.base + kRows * kWidth, kWidth};
     const Tile vs{ks.base + kStep * kWidth, kWidth};
-    const float* seq = qkv + (size_t)b * t * 3 * d + h * hd;
-    const float* dseq = dout + (size_t)b * t * d + h * hd;
+    const S* seq = qkv + (size_t)b * t * 3 * d + h * hd;
+    const S* dseq = dout + (size_t)b * t * d + h * hd;
     const size_t stats = ((size_t)b * n_head + h) * t;
 
     load_rows(qs, seq, 3 * d, q0, t, kRows, hd);
@@ -1330,15 +1343,17 @@ __device__ void flash_backward_q(G* dqkv, const float* dout, const float* qkv,
 
 // The kernels, one for each widest head they serve (_64: heads up to 64 columns, _128: up to
 // 128): fewer accumulator tiles take fewer registers, so more blocks fit on a multiprocessor.
-// The _bf16 ones store their output (forward) or gradient (backward) rounded to bf16, for the
-// bf16 products of training that read it. Written out rather than generated by a macro: the
+// The _bf16 ones read Q, K, V and the output's gradient as bf16 (as a GPU's bf16 training
+// stores them; the tiles are bf16 anyway) and store their output (forward) or gradient
+// (backward) rounded to bf16, for the products that read it. Written out rather than generated by a macro: the
 // tests and the host driver read each kernel's name from its `extern "C"` line.
 extern "C" __global__ void flash_attention_forward_64(
     float* out, float* lse, const float* qkv, int t, int n_head, int head_dim, int causal) {
     flash_forward<64>(out, lse, qkv, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_forward_64_bf16(
-    bf16_bits* out, float* lse, const float* qkv, int t, int n_head, int head_dim, int causal) {
+    bf16_bits* out, float* lse, const bf16_bits* qkv, int t, int n_head, int head_dim,
+    int causal) {
     flash_forward<64>(out, lse, qkv, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_forward_128(
@@ -1346,7 +1361,8 @@ extern "C" __global__ void flash_attention_forward_128(
     flash_forward<128>(out, lse, qkv, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_forward_128_bf16(
-    bf16_bits* out, float* lse, const float* qkv, int t, int n_head, int head_dim, int causal) {
+    bf16_bits* out, float* lse, const bf16_bits* qkv, int t, int n_head, int head_dim,
+    int causal) {
     flash_forward<128>(out, lse, qkv, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_kv_64(
@@ -1355,8 +1371,8 @@ extern "C" __global__ void flash_attention_backward_kv_64(
     flash_backward_kv<64>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_kv_64_bf16(
-    bf16_bits* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
-    int t, int n_head, int head_dim, int causal) {
+    bf16_bits* dqkv, const bf16_bits* dout, const bf16_bits* qkv, const float* lse,
+    const float* delta, int t, int n_head, int head_dim, int causal) {
     flash_backward_kv<64>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_kv_128(
@@ -1365,8 +1381,8 @@ extern "C" __global__ void flash_attention_backward_kv_128(
     flash_backward_kv<128>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_kv_128_bf16(
-    bf16_bits* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
-    int t, int n_head, int head_dim, int causal) {
+    bf16_bits* dqkv, const bf16_bits* dout, const bf16_bits* qkv, const float* lse,
+    const float* delta, int t, int n_head, int head_dim, int causal) {
     flash_backward_kv<128>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_q_64(
@@ -1375,8 +1391,8 @@ extern "C" __global__ void flash_attention_backward_q_64(
     flash_backward_q<64>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_q_64_bf16(
-    bf16_bits* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
-    int t, int n_head, int head_dim, int causal) {
+    bf16_bits* dqkv, const bf16_bits* dout, const bf16_bits* qkv, const float* lse,
+    const float* delta, int t, int n_head, int head_dim, int causal) {
     flash_backward_q<64>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_q_128(
@@ -1385,8 +1401,8 @@ extern "C" __global__ void flash_attention_backward_q_128(
     flash_backward_q<128>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 extern "C" __global__ void flash_attention_backward_q_128_bf16(
-    bf16_bits* dqkv, const float* dout, const float* qkv, const float* lse, const float* delta,
-    int t, int n_head, int head_dim, int causal) {
+    bf16_bits* dqkv, const bf16_bits* dout, const bf16_bits* qkv, const float* lse,
+    const float* delta, int t, int n_head, int head_dim, int causal) {
     flash_backward_q<128>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
 }
 

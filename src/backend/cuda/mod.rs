@@ -249,7 +249,7 @@ impl Kernels {
 /// width of their shared tiles).
 struct FlashKernels {
     width: usize,
-    /// Each by the stored type of its output (forward) or gradient (backward): f32, bf16.
+    /// Each by the type attention stores (Q, K, V, the output and their gradients): f32, bf16.
     forward: [CudaFunction; 2],
     backward_kv: [CudaFunction; 2],
     backward_q: [CudaFunction; 2],
@@ -376,6 +376,16 @@ fn check_onto(out: View, addend: View, what: &str) {
 /// The index of a kernel's variant that stores `out`'s element type (0: f32, 1: bf16).
 fn stored(out: View) -> usize {
     usize::from(out.dtype == DType::Bf16)
+}
+
+/// How a product of `operands` writes `out`: f32 as they say, or a bf16 `out` rounded once
+/// from the f32 sums (bf16 operands only, and not added to: the sum would be rounded twice).
+fn bf16_result(operands: Operands, out: View, accumulate: bool, what: &str) -> Operands {
+    match (out.dtype, operands) {
+        (DType::F32, _) => operands,
+        (DType::Bf16, Operands::Bf16) if !accumulate => Operands::Bf16ToBf16,
+        _ => panic!("{what}: a bf16 {out:?} from {operands:?} operands (accumulate {accumulate})"),
+    }
 }
 
 /// The launch of every flash attention kernel of `width` (kernels.cu): a block of 4 warps
@@ -1461,11 +1471,12 @@ impl Backend for CudaBackend {
             out.len == m * n && a.len == m * k && w.len == k * n,
             "matmul_packed: sizes"
         );
+        let operands = bf16_result(Operands::Bf16, out, accumulate, "matmul_packed");
         let input = self.packed_input(a, "matmul_packed");
         let (w, o) = (self.ptr(w), self.ptr(out));
         let beta = if accumulate { 1.0 } else { 0.0 };
         let p = RowMajor::plain(Op::N, Op::N, m, k, n);
-        self.gemm(p, input, w, o, 1.0, beta, Operands::Bf16);
+        self.gemm(p, input, w, o, 1.0, beta, operands);
     }
 
     fn matmul_packed_onto(
@@ -1508,8 +1519,7 @@ impl Backend for CudaBackend {
             out.len == m * n && a.len == m * k && b.len == k * n,
             "matmul: sizes do not match {m}x{k}x{n}"
         );
-        assert!(out.dtype == DType::F32, "matmul: f32 output");
-        let operands = self.operands_of(a, b, "matmul");
+        let operands = bf16_result(self.operands_of(a, b, "matmul"), out, accumulate, "matmul");
         let (o, a, b) = (self.ptr(out), self.ptr(a), self.ptr(b));
         let beta = if accumulate { 1.0 } else { 0.0 };
         self.gemm(
@@ -1555,8 +1565,9 @@ impl Backend for CudaBackend {
         assert!(qkv.len == s.batch * t * 3 * d && out.len == s.batch * t * d);
         assert!(lse.len >= s.batch * nh * t && scratch.len >= self.attention_scratch_len(s));
         assert!(
-            out.dtype == DType::F32 || self.flash(s),
-            "attention_forward: a bf16 output needs flash attention ({s:?})"
+            out.dtype == qkv.dtype && (out.dtype == DType::F32 || self.flash(s)),
+            "attention_forward: bf16 storage ({qkv:?}, {out:?}) needs both bf16 and flash \
+             attention ({s:?})"
         );
         if self.flash(s) {
             let (out_p, lse_p, qkv_p) = (self.ptr(out), self.ptr(lse), self.ptr(qkv));
@@ -1623,9 +1634,11 @@ impl Backend for CudaBackend {
                 && dout.len == out.len
                 && scratch.len >= self.attention_scratch_len(s)
         );
+        let types = [dqkv.dtype, dout.dtype, out.dtype, qkv.dtype];
         assert!(
-            (out.dtype == DType::F32 && dqkv.dtype == DType::F32) || self.flash(s),
-            "attention_backward: bf16 storage needs flash attention ({s:?})"
+            types.iter().all(|&t| t == out.dtype) && (out.dtype == DType::F32 || self.flash(s)),
+            "attention_backward: bf16 storage ({types:?}) needs all four bf16 and flash \
+             attention ({s:?})"
         );
         if self.flash(s) {
             let p = (
@@ -1655,7 +1668,7 @@ impl Backend for CudaBackend {
             ];
             let kernels = self.flash_kernels(hd);
             let cfg = flash_launch(s, kernels.width);
-            let by_type = stored(dqkv);
+            let by_type = stored(out);
             self.launch(
                 &kernels.backward_kv[by_type],
                 cfg,

@@ -1035,7 +1035,10 @@ struct FlashKernels {
     FlashForward16 forward_bf16;
     FlashGradient16 kv_bf16, q_bf16;
     std::string name(const char* kernel) const { return kernel + std::to_string(width); }
-    size_t shared() const { return flash_shared_bytes(width); }
+    // What mod.rs's flash_launch gives: the f32 kernels' (one stage), or the bf16 ones'.
+    size_t shared(bool bf16 = false) const {
+        return flash_shared_bytes(width, flash::stages(width, bf16));
+    }
 };
 
 // The launch of every flash kernel (mod.rs's flash_launch): a block per 64 query rows (or
@@ -1196,7 +1199,7 @@ void check_flash_attention(bool bf16_inputs) {
                         vector<uint16_t> out16(rows * d, kPoisonBf16),
                             dqkv16(rows * 3 * d, kPoisonBf16);
                         vector<float> lse16 = nan_f32(stats);
-                        launch(k.forward_bf16, fwd_grid, kFlashBlock, k.shared(), out16.data(),
+                        launch(k.forward_bf16, fwd_grid, kFlashBlock, k.shared(true), out16.data(),
                                lse16.data(), qkv16, t, nh, hd, causal);
                         check_bits(fwd + "_bf16", what + " out stored as bf16" + how, out16,
                                    rounded(out));
@@ -1208,7 +1211,7 @@ void check_flash_attention(bool bf16_inputs) {
                         for (bool q_columns : {true, false}) {
                             std::fill(dqkv16.begin(), dqkv16.end(), kPoisonBf16);
                             launch(q_columns ? k.q_bf16 : k.kv_bf16, fwd_grid, kFlashBlock,
-                                   k.shared(), dqkv16.data(), d16, qkv16,
+                                   k.shared(true), dqkv16.data(), d16, qkv16,
                                    (const float*)lse32.data(), (const float*)delta.data(), t, nh,
                                    hd, causal);
                             vector<uint16_t> want = dqkv_bits;
@@ -1480,7 +1483,11 @@ int main() {
                               "attend_f32", "attend_f32_to_bf16");
         check_decoding<uint16_t>(kv_store_bf16, attend_bf16, attend_bf16_to_bf16,
                                  "kv_store_bf16", "attend_bf16", "attend_bf16_to_bf16");
-        check_flash_attention(true);
+        // The bf16 kernels' tile copies landing as late, then as early, as they may.
+        for (bool late : {true, false}) {
+            cuda_host::set_late_async_copies(late);
+            check_flash_attention(true);
+        }
         check_flash_attention(false);
         check_draw_tokens();
     }

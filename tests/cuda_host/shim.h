@@ -27,7 +27,10 @@
 // (undefined on a GPU) is reported and aborts instead of hanging.
 //
 // The end of this file stands in for the CUDA types kernels.cu uses (float4, uint4) and
-// emulates its inline PTX, the tensor-core instructions ldmatrix and mma.sync: each is
+// emulates its inline PTX. Asynchronous copies (cp.async) are kept per thread in their commit
+// groups and land, as set_late_async_copies says, when issued or only at the wait that covers
+// them; a block that ends with a copy no wait covered is reported. The tensor-core
+// instructions ldmatrix and mma.sync: each is
 // warp-wide (all 32 lanes must reach it, else the deadlock report), each lane hands in its
 // own registers and takes back its own, with the fragment layouts of the PTX ISA. ldmatrix
 // checks that every row address is 16-byte aligned and inside the dynamic shared memory, and
@@ -49,6 +52,7 @@
 #include <algorithm>
 #include <cmath>
 #include <atomic>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -212,6 +216,14 @@ struct Block {
     // Wider slots for the emulated tensor-core instructions (see exchange), used in turn
     // with the shuffle slots.
     std::vector<uint32_t> words[2];
+    // Each thread's asynchronous copies (cp.async): those not yet committed, then its
+    // committed groups, oldest first. A copy's source is read when it is issued.
+    struct AsyncCopy {
+        void* dst;
+        unsigned char bytes[16];
+    };
+    std::vector<std::vector<AsyncCopy>> async_open;
+    std::vector<std::deque<std::vector<AsyncCopy>>> async_groups;
     const std::function<void()>* body = nullptr;
 };
 
@@ -219,6 +231,13 @@ inline thread_local Block* current_block = nullptr;
 inline std::atomic<bool> reverse_order{false};
 
 inline void set_reverse_order(bool reverse) { reverse_order = reverse; }
+
+// Whether asynchronous copies land as late as they may (at the wait that covers them) or as
+// early (when issued): a kernel that reads a tile before waiting for it shows in the first
+// way, one that copies into a tile another warp still reads in the second.
+inline std::atomic<bool> late_async_copies{false};
+
+inline void set_late_async_copies(bool late) { late_async_copies = late; }
 
 [[noreturn]] inline void fail(const char* what) {
     fprintf(stderr, "cuda_host: block (%u, %u), thread %u: %s\n", blockIdx.x, blockIdx.y,
@@ -332,6 +351,8 @@ inline void run_block(Block& b, const std::function<void()>& body, uint3 block_i
     b.words[1].assign((size_t)n * kExchangeWords, 0);
     b.slots[0].assign(n, 0);
     b.slots[1].assign(n, 0);
+    b.async_open.assign(n, {});
+    b.async_groups.assign(n, {});
     for (unsigned i = 0; i < n; i++) {
         Fiber& f = b.fibers[i];
         f.idx = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
@@ -366,6 +387,11 @@ inline void run_block(Block& b, const std::function<void()>& body, uint3 block_i
         threadIdx = b.fibers[next].idx;
         resume(b, b.fibers[next]);
     }
+    for (unsigned i = 0; i < n; i++)
+        if (!b.async_open[i].empty() || !b.async_groups[i].empty()) {
+            threadIdx = b.fibers[i].idx;
+            fail("an asynchronous copy that no wait covers");
+        }
     for (size_t i = (shared_bytes + sizeof(float) - 1) / sizeof(float); i < kFloats; i++)
         if (!std::isnan(dynamic[i]))
             fail("wrote dynamic shared memory beyond the launch's shared_mem_bytes");
@@ -625,7 +651,47 @@ inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
     memcpy(d, out, sizeof out);
 }
 
+// cp.async.cg.shared.global, 16 bytes: lands when issued or at the wait that covers it (see
+// late_async_copies).
+inline void copy_async_16(void* dst, const void* src) {
+    Block& b = *current_block;
+    const char* shared = (const char*)dynamic;
+    if ((uintptr_t)dst % 16 != 0 || (uintptr_t)src % 16 != 0)
+        fail("cp.async: an address not 16-byte aligned");
+    if ((const char*)dst < shared || (const char*)dst + 16 > shared + kMaxDynamicShared)
+        fail("cp.async: a destination outside shared memory");
+    Block::AsyncCopy c{dst, {}};
+    memcpy(c.bytes, src, 16);
+    if (!late_async_copies) memcpy(dst, c.bytes, 16);
+    b.async_open[b.current].push_back(c);
+}
+
+// cp.async.commit_group: this thread's copies since the last commit become a group.
+inline void copy_async_commit() {
+    Block& b = *current_block;
+    b.async_groups[b.current].push_back(std::move(b.async_open[b.current]));
+    b.async_open[b.current].clear();
+}
+
+// cp.async.wait_group: all but this thread's latest `pending` groups have landed.
+inline void copy_async_wait(int pending) {
+    Block& b = *current_block;
+    auto& groups = b.async_groups[b.current];
+    while (groups.size() > (size_t)pending) {
+        if (late_async_copies)
+            for (const Block::AsyncCopy& c : groups.front()) memcpy(c.dst, c.bytes, 16);
+        groups.pop_front();
+    }
+}
+
 }  // namespace cuda_host
+
+inline void copy_async_16(void* dst, const void* src) { cuda_host::copy_async_16(dst, src); }
+inline void copy_async_commit() { cuda_host::copy_async_commit(); }
+template <int kPending>
+inline void copy_async_wait() {
+    cuda_host::copy_async_wait(kPending);
+}
 
 inline void ldmatrix_x4(uint32_t (&r)[4], const unsigned short* row) {
     cuda_host::ldmatrix(r, row, false);

@@ -877,6 +877,28 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16_b
                  : "memory");
 }
 
+// 16 bytes from global memory (`src`) to shared memory (`dst`), both 16-byte aligned, without
+// passing through registers (sm_80 and later): the copy lands by the copy_async_wait that
+// covers its group, not before any other instruction.
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+                 :
+                 : "r"(shared_address(dst)), "l"(src)
+                 : "memory");
+}
+
+// Closes the group of this thread's copies issued since the last commit.
+__device__ __forceinline__ void copy_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+// Waits until at most `kPending` of this thread's committed groups are still in flight (the
+// latest ones); other threads' copies need a barrier after it.
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
 // d [16, 8] (f32) += a [16, 16] times b [16, 8] (bf16). a: rows g and g + 8 in a[0] and
 // a[1] (columns 2 tig, 2 tig + 1), the same 8 columns on in a[2] and a[3]; b: rows 2 tig,
 // 2 tig + 1 of column g in b0, rows 8 on in b1; d: row g in d[0], d[1] (columns 2 tig,
@@ -897,6 +919,12 @@ constexpr int kThreads = 32 * kWarps;  // threads per block
 constexpr int kRows = 16 * kWarps;     // query rows (or keys) a block owns
 constexpr int kKeys = 64;              // keys per step of the forward loop
 constexpr int kStep = 32;              // rows (dK, dV) or keys (dQ) per step of the backward loops
+
+// Buffers of each loop's tiles: two where the rows are bf16, so that the next step's copies
+// (asynchronous: fill_rows) run while this step's products do, and the tiles fit in 48 KiB.
+__host__ __device__ constexpr int stages(int width, bool bf16) {
+    return bf16 && width == 64 ? 2 : 1;
+}
 
 // Two f32 values as one register of bf16 (the first in the low half), as an mma operand.
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -952,6 +980,37 @@ __device__ __forceinline__ void load_rows(Tile dst, const S* src, size_t stride,
         }
         *(uint4*)dst.at(r, c) = piece;
     }
+}
+
+// Starts filling `dst` as load_rows does. bf16 rows that start on 16 bytes are copied
+// asynchronously, to be waited for (copy_async_commit, copy_async_wait, then a barrier);
+// anything else is loaded at once.
+__device__ __forceinline__ void fill_rows(Tile dst, const float* src, size_t stride, int first,
+                                          int limit, int rows, int hd) {
+    load_rows(dst, src, stride, first, limit, rows, hd);
+}
+__device__ __forceinline__ void fill_rows(Tile dst, const bf16_bits* src, size_t stride,
+                                          int first, int limit, int rows, int hd) {
+    if (!rows_in_vectors(src, stride)) return load_rows(dst, src, stride, first, limit, rows, hd);
+    const int pieces = hd / 8;
+    for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
+        const int r = e / pieces, c = e % pieces * 8, i = first + r;
+        if (i < limit)
+            copy_async_16(dst.at(r, c), src + (size_t)i * stride + c);
+        else
+            *(uint4*)dst.at(r, c) = make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// Issues the copies fill_rows started for the rows of storage type S (bf16: asynchronous),
+// then waits for all but the latest `kPending` groups; the barrier after is the caller's.
+template <typename S>
+__device__ __forceinline__ void commit_rows() {
+    if (sizeof(S) == 2) copy_async_commit();
+}
+template <typename S, int kPending>
+__device__ __forceinline__ void wait_rows() {
+    if (sizeof(S) == 2) copy_async_wait<kPending>();
 }
 
 // acc [16, 8 kN] += rows `a_row` .. + 15 of `a` times the transpose of rows `b_row` ..
@@ -1035,20 +1094,22 @@ __device__ __forceinline__ void write_rows(O* rows, size_t stride, int valid,
 }
 }  // namespace flash
 
-// Dynamic shared bytes of every flash kernel of width `width` (64 or 128): 192 bf16 rows of
-// the tile width (forward: Q 64, K 64, V 64; dK and dV: K 64, V 64, Q 32, dout 32; dQ: Q 64,
-// dout 64, K 32, V 32). 49,152 bytes at 128.
-__host__ __device__ constexpr size_t flash_shared_bytes(int width) {
-    return (size_t)(3 * flash::kRows) * width * 2;
+// Dynamic shared bytes of every flash kernel of width `width` (64 or 128) with `stages` buffers
+// of its loop's tiles (flash::stages): 64 + 128 stages bf16 rows of the tile width, what the
+// forward kernel takes (Q 64, then K 64 and V 64 per stage; dK and dV: K 64, V 64, then Q 32
+// and dout 32 per stage; dQ: Q 64, dout 64, then K 32 and V 32 per stage). 49,152 bytes at
+// 128 (one stage), 40,960 at 64 with two.
+__host__ __device__ constexpr size_t flash_shared_bytes(int width, int stages) {
+    return (size_t)(flash::kRows + 2 * flash::kKeys * stages) * width * 2;
 }
 
 // Forward (flash_attention_forward_64 and _128): out and lse (out and qkv f32, or both bf16). Launch: grid
 // (ceil(t / 64), n_head, batch), block 128 threads (4 warps), dynamic shared memory
-// flash_shared_bytes(width).
+// flash_shared_bytes(width, flash::stages(width, bf16)).
 //
 // Block (x, h, b) owns query rows 64x .. 64x + 63 of sequence b, head h; warp w the 16 rows
 // from 64x + 16w. Per step of 64 keys (causal: only up to the block's last row) the block
-// loads K and V; each warp with a visible key in the step computes S = Q K^T in registers,
+// loads K and V (with two stages, the next step's while this one's products run); each warp with a visible key in the step computes S = Q K^T in registers,
 // updates its rows' running maximum m and (per lane, partial) sum l, rescales its output by
 // exp(m_old - m_new) and adds P V, P rounded to bf16 straight from the scores' registers.
 template <int kWidth, typename S>
@@ -1059,12 +1120,19 @@ __device__ void flash_forward(S* out, float* lse, const S* qkv, int t, int n_hea
     const int hd = head_dim, d = n_head * hd;
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int kStages = stages(kWidth, sizeof(S) == 2);
     const Tile qs{(bf16_bits*)flash_dynamic(), kWidth};
-    const Tile ks{qs.base + kRows * kWidth, kWidth};
-    const Tile vs{ks.base + kKeys * kWidth, kWidth};
+    Tile ks[kStages], vs[kStages];
+    for (int st = 0; st < kStages; st++) {
+        ks[st] = {qs.base + (kRows + 2 * kKeys * st) * kWidth, kWidth};
+        vs[st] = {ks[st].base + kKeys * kWidth, kWidth};
+    }
     const S* seq = qkv + (size_t)b * t * 3 * d + h * hd;
 
-    load_rows(qs, seq, 3 * d, q0, t, kRows, hd);
+    fill_rows(qs, seq, 3 * d, q0, t, kRows, hd);
+    fill_rows(ks[0], seq + d, 3 * d, 0, t, kKeys, hd);
+    fill_rows(vs[0], seq + 2 * d, 3 * d, 0, t, kKeys, hd);
+    commit_rows<S>();
     float o[kN][4];
     zero(o);
     // This lane's rows (g and g + 8 of the warp's 16) and columns (2 tig, 2 tig + 1 of each
@@ -1075,17 +1143,31 @@ __device__ void flash_forward(S* out, float* lse, const S* qkv, int t, int n_hea
     const float scale = rsqrtf((float)hd);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     const int key_end = causal ? min(t, q0 + kRows) : t;
-    for (int k0 = 0; k0 < key_end; k0 += kKeys) {
-        __syncthreads();  // the previous step's K and V are used up (and, first, Q is in)
-        load_rows(ks, seq + d, 3 * d, k0, t, kKeys, hd);
-        load_rows(vs, seq + 2 * d, 3 * d, k0, t, kKeys, hd);
-        __syncthreads();
+    for (int k0 = 0, step = 0; k0 < key_end; k0 += kKeys, step++) {
+        const Tile kt = ks[step % kStages], vt = vs[step % kStages];
+        const bool last = k0 + kKeys >= key_end;
+        __syncthreads();  // the previous step's K and V are used up
+        if (kStages == 1 && step > 0) {
+            fill_rows(kt, seq + d, 3 * d, k0, t, kKeys, hd);
+            fill_rows(vt, seq + 2 * d, 3 * d, k0, t, kKeys, hd);
+            commit_rows<S>();
+        }
+        if (kStages == 2 && !last) {
+            const int next = (step + 1) % kStages;
+            fill_rows(ks[next], seq + d, 3 * d, k0 + kKeys, t, kKeys, hd);
+            fill_rows(vs[next], seq + 2 * d, 3 * d, k0 + kKeys, t, kKeys, hd);
+            commit_rows<S>();
+            wait_rows<S, 1>();  // this step's group has landed, the next one's may not
+        } else {
+            wait_rows<S, 0>();
+        }
+        __syncthreads();  // every thread's copies of this step (and, first, Q) are in
         // Warp-uniform: the warp has rows, and (causal) one of them sees a key of the step.
         if (warp_first >= t || (causal && k0 > warp_last)) continue;
 
         float s[kKeys / 8][4];
         zero(s);
-        product_nt(s, qs, warp * 16, ks, 0, hd);
+        product_nt(s, qs, warp * 16, kt, 0, hd);
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int n = 0; n < kKeys / 8; n++)
@@ -1122,7 +1204,7 @@ __device__ void flash_forward(S* out, float* lse, const S* qkv, int t, int n_hea
             }
         uint32_t p[kKeys / 16][4];
         pack_operands(p, s);
-        product_nn(o, p, vs, 0, hd);
+        product_nn(o, p, vt, 0, hd);
     }
     float inv[2];
 #pragma unroll
@@ -1207,7 +1289,7 @@ __device__ __forceinline__ void flash_scores(uint32_t (&p_out)[2][4], uint32_t (
 
 // Backward, dK and dV (flash_attention_backward_kv_64 and _128), written into dqkv's K and V
 // columns, from dout, qkv, lse and delta. Launch: grid (ceil(t / 64), n_head, batch), block
-// 128 threads (4 warps), dynamic shared memory flash_shared_bytes(width).
+// 128 threads (4 warps), dynamic shared memory as the forward kernel's.
 //
 // Block (x, h, b) owns keys 64x .. 64x + 63, warp w the 16 from 64x + 16w, and loops over the
 // steps of 32 query rows that see them (causal: from row 64x on). Per step, each warp with a
@@ -1222,27 +1304,49 @@ __device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
     const int hd = head_dim, d = n_head * hd;
     const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * kRows;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int kStages = stages(kWidth, sizeof(S) == 2);
     const Tile ks{(bf16_bits*)flash_dynamic(), kWidth};
     const Tile vs{ks.base + kRows * kWidth, kWidth};
-    const Tile qs{vs.base + kRows * kWidth, kWidth};
-    const Tile dos{qs.base + kStep * kWidth, kWidth};
+    Tile qs[kStages], dos[kStages];
+    for (int st = 0; st < kStages; st++) {
+        qs[st] = {vs.base + (kRows + 2 * kStep * st) * kWidth, kWidth};
+        dos[st] = {qs[st].base + kStep * kWidth, kWidth};
+    }
     const S* seq = qkv + (size_t)b * t * 3 * d + h * hd;
     const S* dseq = dout + (size_t)b * t * d + h * hd;
     const size_t stats = ((size_t)b * n_head + h) * t;
+    const int q_first = causal ? k0 : 0;
 
-    load_rows(ks, seq + d, 3 * d, k0, t, kRows, hd);
-    load_rows(vs, seq + 2 * d, 3 * d, k0, t, kRows, hd);
+    fill_rows(ks, seq + d, 3 * d, k0, t, kRows, hd);
+    fill_rows(vs, seq + 2 * d, 3 * d, k0, t, kRows, hd);
+    fill_rows(qs[0], seq, 3 * d, q_first, t, kStep, hd);
+    fill_rows(dos[0], dseq, d, q_first, t, kStep, hd);
+    commit_rows<S>();
     float dk[kN][4], dv[kN][4];
     zero(dk);
     zero(dv);
     const int g = lane >> 2, c0 = (lane & 3) * 2;
     const int kw = k0 + warp * 16;  // the warp's first key
     const int keys[2] = {kw + g, kw + g + 8};
-    for (int q0 = causal ? k0 : 0; q0 < t; q0 += kStep) {
-        __syncthreads();  // the previous step's Q and dout are used up (and, first, K, V in)
-        load_rows(qs, seq, 3 * d, q0, t, kStep, hd);
-        load_rows(dos, dseq, d, q0, t, kStep, hd);
-        __syncthreads();
+    for (int q0 = q_first, step = 0; q0 < t; q0 += kStep, step++) {
+        const Tile qt = qs[step % kStages], dot = dos[step % kStages];
+        const bool last = q0 + kStep >= t;
+        __syncthreads();  // the previous step's Q and dout are used up
+        if (kStages == 1 && step > 0) {
+            fill_rows(qt, seq, 3 * d, q0, t, kStep, hd);
+            fill_rows(dot, dseq, d, q0, t, kStep, hd);
+            commit_rows<S>();
+        }
+        if (kStages == 2 && !last) {
+            const int next = (step + 1) % kStages;
+            fill_rows(qs[next], seq, 3 * d, q0 + kStep, t, kStep, hd);
+            fill_rows(dos[next], dseq, d, q0 + kStep, t, kStep, hd);
+            commit_rows<S>();
+            wait_rows<S, 1>();
+        } else {
+            wait_rows<S, 0>();
+        }
+        __syncthreads();  // every thread's copies of this step (and, first, K and V) are in
         // Warp-uniform: the warp has keys, and (causal) a row of the step sees one.
         if (kw >= t || (causal && q0 + kStep - 1 < kw)) continue;
         // Element e of tile n of the [16 keys, 32 rows] scores: key keys[e / 2], query row
@@ -1258,7 +1362,7 @@ __device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
             }
         uint32_t p[2][4], ds[2][4];
         flash_scores(
-            p, ds, ks, qs, vs, dos, warp * 16, hd,
+            p, ds, ks, qt, vs, dot, warp * 16, hd,
             [&](int n, int e) {
                 const int i = q0 + n * 8 + c0 + (e & 1), j = keys[e >> 1];
                 return i < t && j < t && (!causal || j <= i);
@@ -1267,8 +1371,8 @@ __device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
                 lse_i = row_lse[n][e & 1];
                 delta_i = row_delta[n][e & 1];
             });
-        product_nn(dv, p, dos, 0, hd);
-        product_nn(dk, ds, qs, 0, hd);
+        product_nn(dv, p, dot, 0, hd);
+        product_nn(dk, ds, qt, 0, hd);
     }
     if (kw < t) {
         S* rows = dqkv + ((size_t)b * t + kw) * 3 * d + h * hd;
@@ -1294,16 +1398,23 @@ __device__ void flash_backward_q(S* dqkv, const S* dout, const S* qkv,
     const int hd = head_dim, d = n_head * hd;
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr int kStages = stages(kWidth, sizeof(S) == 2);
     const Tile qs{(bf16_bits*)flash_dynamic(), kWidth};
     const Tile dos{qs.base + kRows * kWidth, kWidth};
-    const Tile ks{dos.base + kRows * kWidth, kWidth};
-    const Tile vs{ks.base + kStep * kWidth, kWidth};
+    Tile ks[kStages], vs[kStages];
+    for (int st = 0; st < kStages; st++) {
+        ks[st] = {dos.base + (kRows + 2 * kStep * st) * kWidth, kWidth};
+        vs[st] = {ks[st].base + kStep * kWidth, kWidth};
+    }
     const S* seq = qkv + (size_t)b * t * 3 * d + h * hd;
     const S* dseq = dout + (size_t)b * t * d + h * hd;
     const size_t stats = ((size_t)b * n_head + h) * t;
 
-    load_rows(qs, seq, 3 * d, q0, t, kRows, hd);
-    load_rows(dos, dseq, d, q0, t, kRows, hd);
+    fill_rows(qs, seq, 3 * d, q0, t, kRows, hd);
+    fill_rows(dos, dseq, d, q0, t, kRows, hd);
+    fill_rows(ks[0], seq + d, 3 * d, 0, t, kStep, hd);
+    fill_rows(vs[0], seq + 2 * d, 3 * d, 0, t, kStep, hd);
+    commit_rows<S>();
     float dq[kN][4];
     zero(dq);
     const int g = lane >> 2, c0 = (lane & 3) * 2;
@@ -1316,18 +1427,32 @@ __device__ void flash_backward_q(S* dqkv, const S* dout, const S* qkv,
         row_delta[r] = rows[r] < t ? delta[stats + rows[r]] : 0.0f;
     }
     const int key_end = causal ? min(t, q0 + kRows) : t;
-    for (int k0 = 0; k0 < key_end; k0 += kStep) {
-        __syncthreads();  // the previous step's K and V are used up (and, first, Q is in)
-        load_rows(ks, seq + d, 3 * d, k0, t, kStep, hd);
-        load_rows(vs, seq + 2 * d, 3 * d, k0, t, kStep, hd);
-        __syncthreads();
+    for (int k0 = 0, step = 0; k0 < key_end; k0 += kStep, step++) {
+        const Tile kt = ks[step % kStages], vt = vs[step % kStages];
+        const bool last = k0 + kStep >= key_end;
+        __syncthreads();  // the previous step's K and V are used up
+        if (kStages == 1 && step > 0) {
+            fill_rows(kt, seq + d, 3 * d, k0, t, kStep, hd);
+            fill_rows(vt, seq + 2 * d, 3 * d, k0, t, kStep, hd);
+            commit_rows<S>();
+        }
+        if (kStages == 2 && !last) {
+            const int next = (step + 1) % kStages;
+            fill_rows(ks[next], seq + d, 3 * d, k0 + kStep, t, kStep, hd);
+            fill_rows(vs[next], seq + 2 * d, 3 * d, k0 + kStep, t, kStep, hd);
+            commit_rows<S>();
+            wait_rows<S, 1>();
+        } else {
+            wait_rows<S, 0>();
+        }
+        __syncthreads();  // every thread's copies of this step (and, first, Q and dout) are in
         // Warp-uniform: the warp has rows, and (causal) one of them sees a key of the step.
         if (qw >= t || (causal && k0 > warp_last)) continue;
         // Element e of tile n of the [16 rows, 32 keys] scores: row rows[e / 2], key
         // k0 + 8n + c0 + e % 2.
         uint32_t p[2][4], ds[2][4];
         flash_scores(
-            p, ds, qs, ks, dos, vs, warp * 16, hd,
+            p, ds, qs, kt, dos, vt, warp * 16, hd,
             [&](int n, int e) {
                 const int i = rows[e >> 1], j = k0 + n * 8 + c0 + (e & 1);
                 return i < t && j < t && (!causal || j <= i);
@@ -1336,7 +1461,7 @@ __device__ void flash_backward_q(S* dqkv, const S* dout, const S* qkv,
                 lse_i = row_lse[e >> 1];
                 delta_i = row_delta[e >> 1];
             });
-        product_nn(dq, ds, ks, 0, hd);
+        product_nn(dq, ds, kt, 0, hd);
     }
     if (qw < t) write_rows(dqkv + ((size_t)b * t + qw) * 3 * d + h * hd, 3 * d, t - qw, dq, hd);
 }

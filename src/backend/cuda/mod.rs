@@ -390,12 +390,15 @@ fn bf16_result(operands: Operands, out: View, accumulate: bool, what: &str) -> O
 
 /// The launch of every flash attention kernel of `width` (kernels.cu): a block of 4 warps
 /// per 64 query rows (forward, dQ) or 64 keys (dK and dV) of each sequence and head, with
-/// 192 bf16 rows of the kernel's width in shared memory (flash_shared_bytes).
-fn flash_launch(s: AttnShape, width: usize) -> LaunchConfig {
+/// `64 + 128 stages` bf16 rows of the kernel's width in shared memory (flash_shared_bytes):
+/// two stages of the loops' tiles for the `bf16` kernels of width 64, one for the others
+/// (flash::stages).
+fn flash_launch(s: AttnShape, width: usize, bf16: bool) -> LaunchConfig {
+    let stages = if bf16 && width == 64 { 2 } else { 1 };
     LaunchConfig {
         grid_dim: (s.t.div_ceil(64) as u32, s.n_head as u32, s.batch as u32),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: (192 * width * 2) as u32,
+        shared_mem_bytes: ((64 + 128 * stages) * width * 2) as u32,
     }
 }
 
@@ -1575,7 +1578,7 @@ impl Backend for CudaBackend {
             let kernels = self.flash_kernels(hd);
             self.launch(
                 &kernels.forward[stored(out)],
-                flash_launch(s, kernels.width),
+                flash_launch(s, kernels.width, out.dtype == DType::Bf16),
                 "attention_forward",
                 &[&out_p, &lse_p, &qkv_p, &ti, &nhi, &hdi, &causal],
             );
@@ -1667,8 +1670,8 @@ impl Backend for CudaBackend {
                 &dqkv_p, &dout_p, &qkv_p, &lse_p, &delta, &ti, &nhi, &hdi, &causal,
             ];
             let kernels = self.flash_kernels(hd);
-            let cfg = flash_launch(s, kernels.width);
             let by_type = stored(out);
+            let cfg = flash_launch(s, kernels.width, by_type == 1);
             self.launch(
                 &kernels.backward_kv[by_type],
                 cfg,
@@ -2351,7 +2354,7 @@ mod tests {
     fn the_flash_kernels_read_shared_memory_only_through_ldmatrix() {
         // README, "Kernels": operands read from shared memory by `ldmatrix`, products on
         // `mma.sync`, scores and probabilities in registers (no other shared load, and shared
-        // stores only the 16-byte stores that fill the tiles).
+        // stores only the 16-byte stores that fill the tiles, and the bf16 kernels' copies).
         for ptx in [PTX_SM80, PTX_SM90] {
             for kernel in ["forward", "backward_kv", "backward_q"] {
                 for width in ["64", "128", "64_bf16", "128_bf16"] {
@@ -2363,6 +2366,12 @@ mod tests {
                     assert_eq!(count("ld.shared"), 0, "{name}");
                     assert_eq!(count("st.shared"), count("st.shared.v4"), "{name}");
                     assert_eq!(count("wmma"), 0, "{name}");
+                    // bf16 tiles are copied without passing through registers, f32 ones
+                    // rounded on the way.
+                    let bf16 = width.ends_with("bf16");
+                    let copies = count("cp.async.cg.shared.global") > 0;
+                    assert_eq!(copies, bf16, "{name}");
+                    assert_eq!(count("cp.async.wait_group") > 0, bf16, "{name}");
                 }
             }
             // The decoding kernels read rows 16 bytes at a time, and never through the

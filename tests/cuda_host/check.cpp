@@ -1035,9 +1035,10 @@ struct FlashKernels {
     FlashForward16 forward_bf16;
     FlashGradient16 kv_bf16, q_bf16;
     std::string name(const char* kernel) const { return kernel + std::to_string(width); }
-    // What mod.rs's flash_launch gives: the f32 kernels' (one stage), or the bf16 ones'.
-    size_t shared(bool bf16 = false) const {
-        return flash_shared_bytes(width, flash::stages(width, bf16));
+    // What mod.rs's flash_launch gives the forward kernel and the two gradient kernels, f32
+    // or bf16.
+    size_t shared(bool forward, bool bf16 = false) const {
+        return flash_shared_bytes(width, flash::stages(width, bf16, forward), forward);
     }
 };
 
@@ -1055,9 +1056,9 @@ vector<float> flash_backward(const FlashKernels& k, const vector<float>& dout,
                              int causal) {
     vector<float> dqkv = nan_f32((size_t)batch * t * 3 * nh * hd);
     dim3 grid = flash_grid(t, nh, batch);
-    launch(k.kv, grid, kFlashBlock, k.shared(), dqkv.data(), dout.data(),
+    launch(k.kv, grid, kFlashBlock, k.shared(false), dqkv.data(), dout.data(),
            qkv.data(), lse.data(), delta.data(), t, nh, hd, causal);
-    launch(k.q, grid, kFlashBlock, k.shared(), dqkv.data(), dout.data(),
+    launch(k.q, grid, kFlashBlock, k.shared(false), dqkv.data(), dout.data(),
            qkv.data(), lse.data(), delta.data(), t, nh, hd, causal);
     return dqkv;
 }
@@ -1138,7 +1139,7 @@ void check_flash_attention(bool bf16_inputs) {
                 if (hd > k.width) continue;
                 vector<float> out = nan_f32(rows * d), lse = nan_f32(stats);
                 dim3 fwd_grid = flash_grid(t, nh, batch);
-                launch(k.forward, fwd_grid, kFlashBlock, k.shared(),
+                launch(k.forward, fwd_grid, kFlashBlock, k.shared(true),
                        out.data(), lse.data(), (const float*)qkv.data(), t, nh, hd, causal);
                 std::string fwd = k.name("flash_attention_forward_");
                 check_scaled(fwd, what + " out", out, ref.out, tol);
@@ -1167,18 +1168,18 @@ void check_flash_attention(bool bf16_inputs) {
                 std::copy(dout.begin(), dout.end(), dout_buf.begin() + 1);
                 const float *qkv1 = qkv_buf.data() + 1, *dout1 = dout_buf.data() + 1;
                 vector<float> out1 = nan_f32(rows * d), lse1 = nan_f32(stats);
-                launch(k.forward, fwd_grid, kFlashBlock, k.shared(),
+                launch(k.forward, fwd_grid, kFlashBlock, k.shared(true),
                        out1.data(), lse1.data(), qkv1, t, nh, hd, causal);
                 check_bits(fwd + "_bits", what + " out from unaligned rows", out1, out);
                 // Warps that read a tile another warp overwrites show in the other order.
                 cuda_host::set_reverse_order(!reverse);
-                launch(k.forward, fwd_grid, kFlashBlock, k.shared(), out1.data(), lse1.data(),
+                launch(k.forward, fwd_grid, kFlashBlock, k.shared(true), out1.data(), lse1.data(),
                        (const float*)qkv.data(), t, nh, hd, causal);
                 cuda_host::set_reverse_order(reverse);
                 check_bits(fwd + "_bits", what + " out in the other order", out1, out);
                 vector<float> dqkv1 = nan_f32(rows * 3 * d);
                 for (FlashGradient g : {k.kv, k.q})
-                    launch(g, flash_grid(t, nh, batch), kFlashBlock, k.shared(), dqkv1.data(),
+                    launch(g, flash_grid(t, nh, batch), kFlashBlock, k.shared(false), dqkv1.data(),
                            dout1, qkv1, lse32.data(), delta.data(), t, nh, hd, causal);
                 check_bits(k.name("flash_attention_backward_") + "_bits",
                            what + " dqkv from unaligned rows", dqkv1, dqkv);
@@ -1199,8 +1200,8 @@ void check_flash_attention(bool bf16_inputs) {
                         vector<uint16_t> out16(rows * d, kPoisonBf16),
                             dqkv16(rows * 3 * d, kPoisonBf16);
                         vector<float> lse16 = nan_f32(stats);
-                        launch(k.forward_bf16, fwd_grid, kFlashBlock, k.shared(true), out16.data(),
-                               lse16.data(), qkv16, t, nh, hd, causal);
+                        launch(k.forward_bf16, fwd_grid, kFlashBlock, k.shared(true, true),
+                               out16.data(), lse16.data(), qkv16, t, nh, hd, causal);
                         check_bits(fwd + "_bf16", what + " out stored as bf16" + how, out16,
                                    rounded(out));
                         check_bits(fwd + "_bf16", what + " lse beside a bf16 out" + how, lse16,
@@ -1211,7 +1212,7 @@ void check_flash_attention(bool bf16_inputs) {
                         for (bool q_columns : {true, false}) {
                             std::fill(dqkv16.begin(), dqkv16.end(), kPoisonBf16);
                             launch(q_columns ? k.q_bf16 : k.kv_bf16, fwd_grid, kFlashBlock,
-                                   k.shared(true), dqkv16.data(), d16, qkv16,
+                                   k.shared(false, true), dqkv16.data(), d16, qkv16,
                                    (const float*)lse32.data(), (const float*)delta.data(), t, nh,
                                    hd, causal);
                             vector<uint16_t> want = dqkv_bits;

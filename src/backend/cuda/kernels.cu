@@ -840,8 +840,7 @@ extern "C" __global__ void attend_combine_to_bf16(bf16_bits* out, const float* p
 // Shapes as AttnShape: qkv [batch * t, 3d] (columns Q | K | V, each n_head groups of
 // head_dim), out and dout [batch * t, d], lse and delta [batch, n_head, t]; causal masks
 // keys j > i. head_dim: a multiple of 16 up to the kernel's width (64 or 128); t: any (the
-// last tile is padded with zeros and masked). Dynamic shared memory only, at most 48 KiB (no
-// opt-in).
+// last tile is padded with zeros and masked). Dynamic shared memory only (flash_shared_bytes).
 
 // The dynamic shared memory, declared as attend<E> declares it (C++ linkage: a declaration
 // inside an extern "C" kernel would conflict with it). The flash kernels have no static
@@ -921,9 +920,11 @@ constexpr int kKeys = 64;              // keys per step of the forward loop
 constexpr int kStep = 32;              // rows (dK, dV) or keys (dQ) per step of the backward loops
 
 // Buffers of each loop's tiles: two where the rows are bf16, so that the next step's copies
-// (asynchronous: fill_rows) run while this step's products do, and the tiles fit in 48 KiB.
-__host__ __device__ constexpr int stages(int width, bool bf16) {
-    return bf16 && width == 64 ? 2 : 1;
+// (asynchronous: fill_rows) run while this step's products do; one for the forward kernel of
+// width 128, whose two (80 KiB) would leave room for fewer blocks on a multiprocessor than its
+// registers do.
+__host__ __device__ constexpr int stages(int width, bool bf16, bool forward) {
+    return bf16 && !(forward && width == 128) ? 2 : 1;
 }
 
 // Two f32 values as one register of bf16 (the first in the low half), as an mma operand.
@@ -1094,24 +1095,27 @@ __device__ __forceinline__ void write_rows(O* rows, size_t stride, int valid,
 }
 }  // namespace flash
 
-// Dynamic shared bytes of every flash kernel of width `width` (64 or 128) with `stages` buffers
-// of its loop's tiles (flash::stages): 64 + 128 stages bf16 rows of the tile width, what the
-// forward kernel takes (Q 64, then K 64 and V 64 per stage; dK and dV: K 64, V 64, then Q 32
-// and dout 32 per stage; dQ: Q 64, dout 64, then K 32 and V 32 per stage). 49,152 bytes at
-// 128 (one stage), 40,960 at 64 with two.
-__host__ __device__ constexpr size_t flash_shared_bytes(int width, int stages) {
-    return (size_t)(flash::kRows + 2 * flash::kKeys * stages) * width * 2;
+// Dynamic shared bytes of a flash kernel of width `width` (64 or 128) with `stages` buffers of
+// its loop's tiles (flash::stages), in bf16 rows of the tile width: forward, Q 64, then K 64
+// and V 64 per stage; dK and dV, K 64 and V 64, then Q 32 and dout 32 per stage; dQ, Q 64 and
+// dout 64, then K 32 and V 32 per stage. Above 48 KiB (the backward kernels of width 128 with
+// two stages: 64 KiB) the function must be allowed more first (cuFuncSetAttribute).
+__host__ __device__ constexpr size_t flash_shared_bytes(int width, int stages, bool forward) {
+    return (size_t)(forward ? flash::kRows + 2 * flash::kKeys * stages
+                            : 2 * flash::kRows + 2 * flash::kStep * stages) *
+           width * 2;
 }
 
-// Forward (flash_attention_forward_64 and _128): out and lse (out and qkv f32, or both bf16). Launch: grid
-// (ceil(t / 64), n_head, batch), block 128 threads (4 warps), dynamic shared memory
-// flash_shared_bytes(width, flash::stages(width, bf16)).
+// Forward (flash_attention_forward_64 and _128): out and lse (out and qkv f32, or both bf16).
+// Launch: grid (ceil(t / 64), n_head, batch), block 128 threads (4 warps), dynamic shared
+// memory flash_shared_bytes(width, flash::stages(width, bf16, true), true).
 //
 // Block (x, h, b) owns query rows 64x .. 64x + 63 of sequence b, head h; warp w the 16 rows
 // from 64x + 16w. Per step of 64 keys (causal: only up to the block's last row) the block
-// loads K and V (with two stages, the next step's while this one's products run); each warp with a visible key in the step computes S = Q K^T in registers,
-// updates its rows' running maximum m and (per lane, partial) sum l, rescales its output by
-// exp(m_old - m_new) and adds P V, P rounded to bf16 straight from the scores' registers.
+// loads K and V (with two stages, the next step's while this one's products run); each warp
+// with a visible key in the step computes S = Q K^T in registers, updates its rows' running
+// maximum m and (per lane, partial) sum l, rescales its output by exp(m_old - m_new) and adds
+// P V, P rounded to bf16 straight from the scores' registers.
 template <int kWidth, typename S>
 __device__ void flash_forward(S* out, float* lse, const S* qkv, int t, int n_head,
                               int head_dim, int causal) {
@@ -1120,18 +1124,19 @@ __device__ void flash_forward(S* out, float* lse, const S* qkv, int t, int n_hea
     const int hd = head_dim, d = n_head * hd;
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    constexpr int kStages = stages(kWidth, sizeof(S) == 2);
+    constexpr int kStages = stages(kWidth, sizeof(S) == 2, true);
     const Tile qs{(bf16_bits*)flash_dynamic(), kWidth};
-    Tile ks[kStages], vs[kStages];
-    for (int st = 0; st < kStages; st++) {
-        ks[st] = {qs.base + (kRows + 2 * kKeys * st) * kWidth, kWidth};
-        vs[st] = {ks[st].base + kKeys * kWidth, kWidth};
-    }
+    // Stage st's K and V tiles (computed, not indexed from an array, which would live in
+    // local memory).
+    const auto ks = [&](int st) {
+        return Tile{qs.base + (kRows + 2 * kKeys * st) * kWidth, kWidth};
+    };
+    const auto vs = [&](int st) { return Tile{ks(st).base + kKeys * kWidth, kWidth}; };
     const S* seq = qkv + (size_t)b * t * 3 * d + h * hd;
 
     fill_rows(qs, seq, 3 * d, q0, t, kRows, hd);
-    fill_rows(ks[0], seq + d, 3 * d, 0, t, kKeys, hd);
-    fill_rows(vs[0], seq + 2 * d, 3 * d, 0, t, kKeys, hd);
+    fill_rows(ks(0), seq + d, 3 * d, 0, t, kKeys, hd);
+    fill_rows(vs(0), seq + 2 * d, 3 * d, 0, t, kKeys, hd);
     commit_rows<S>();
     float o[kN][4];
     zero(o);
@@ -1144,7 +1149,7 @@ __device__ void flash_forward(S* out, float* lse, const S* qkv, int t, int n_hea
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     const int key_end = causal ? min(t, q0 + kRows) : t;
     for (int k0 = 0, step = 0; k0 < key_end; k0 += kKeys, step++) {
-        const Tile kt = ks[step % kStages], vt = vs[step % kStages];
+        const Tile kt = ks(step % kStages), vt = vs(step % kStages);
         const bool last = k0 + kKeys >= key_end;
         __syncthreads();  // the previous step's K and V are used up
         if (kStages == 1 && step > 0) {
@@ -1154,8 +1159,8 @@ __device__ void flash_forward(S* out, float* lse, const S* qkv, int t, int n_hea
         }
         if (kStages == 2 && !last) {
             const int next = (step + 1) % kStages;
-            fill_rows(ks[next], seq + d, 3 * d, k0 + kKeys, t, kKeys, hd);
-            fill_rows(vs[next], seq + 2 * d, 3 * d, k0 + kKeys, t, kKeys, hd);
+            fill_rows(ks(next), seq + d, 3 * d, k0 + kKeys, t, kKeys, hd);
+            fill_rows(vs(next), seq + 2 * d, 3 * d, k0 + kKeys, t, kKeys, hd);
             commit_rows<S>();
             wait_rows<S, 1>();  // this step's group has landed, the next one's may not
         } else {
@@ -1289,7 +1294,8 @@ __device__ __forceinline__ void flash_scores(uint32_t (&p_out)[2][4], uint32_t (
 
 // Backward, dK and dV (flash_attention_backward_kv_64 and _128), written into dqkv's K and V
 // columns, from dout, qkv, lse and delta. Launch: grid (ceil(t / 64), n_head, batch), block
-// 128 threads (4 warps), dynamic shared memory as the forward kernel's.
+// 128 threads (4 warps), dynamic shared memory
+// flash_shared_bytes(width, flash::stages(width, bf16, false), false).
 //
 // Block (x, h, b) owns keys 64x .. 64x + 63, warp w the 16 from 64x + 16w, and loops over the
 // steps of 32 query rows that see them (causal: from row 64x on). Per step, each warp with a
@@ -1304,14 +1310,14 @@ __device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
     const int hd = head_dim, d = n_head * hd;
     const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * kRows;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    constexpr int kStages = stages(kWidth, sizeof(S) == 2);
+    constexpr int kStages = stages(kWidth, sizeof(S) == 2, false);
     const Tile ks{(bf16_bits*)flash_dynamic(), kWidth};
     const Tile vs{ks.base + kRows * kWidth, kWidth};
-    Tile qs[kStages], dos[kStages];
-    for (int st = 0; st < kStages; st++) {
-        qs[st] = {vs.base + (kRows + 2 * kStep * st) * kWidth, kWidth};
-        dos[st] = {qs[st].base + kStep * kWidth, kWidth};
-    }
+    // Stage st's Q and dout tiles.
+    const auto qs = [&](int st) {
+        return Tile{vs.base + (kRows + 2 * kStep * st) * kWidth, kWidth};
+    };
+    const auto dos = [&](int st) { return Tile{qs(st).base + kStep * kWidth, kWidth}; };
     const S* seq = qkv + (size_t)b * t * 3 * d + h * hd;
     const S* dseq = dout + (size_t)b * t * d + h * hd;
     const size_t stats = ((size_t)b * n_head + h) * t;
@@ -1319,8 +1325,8 @@ __device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
 
     fill_rows(ks, seq + d, 3 * d, k0, t, kRows, hd);
     fill_rows(vs, seq + 2 * d, 3 * d, k0, t, kRows, hd);
-    fill_rows(qs[0], seq, 3 * d, q_first, t, kStep, hd);
-    fill_rows(dos[0], dseq, d, q_first, t, kStep, hd);
+    fill_rows(qs(0), seq, 3 * d, q_first, t, kStep, hd);
+    fill_rows(dos(0), dseq, d, q_first, t, kStep, hd);
     commit_rows<S>();
     float dk[kN][4], dv[kN][4];
     zero(dk);
@@ -1329,7 +1335,7 @@ __device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
     const int kw = k0 + warp * 16;  // the warp's first key
     const int keys[2] = {kw + g, kw + g + 8};
     for (int q0 = q_first, step = 0; q0 < t; q0 += kStep, step++) {
-        const Tile qt = qs[step % kStages], dot = dos[step % kStages];
+        const Tile qt = qs(step % kStages), dot = dos(step % kStages);
         const bool last = q0 + kStep >= t;
         __syncthreads();  // the previous step's Q and dout are used up
         if (kStages == 1 && step > 0) {
@@ -1339,8 +1345,8 @@ __device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
         }
         if (kStages == 2 && !last) {
             const int next = (step + 1) % kStages;
-            fill_rows(qs[next], seq, 3 * d, q0 + kStep, t, kStep, hd);
-            fill_rows(dos[next], dseq, d, q0 + kStep, t, kStep, hd);
+            fill_rows(qs(next), seq, 3 * d, q0 + kStep, t, kStep, hd);
+            fill_rows(dos(next), dseq, d, q0 + kStep, t, kStep, hd);
             commit_rows<S>();
             wait_rows<S, 1>();
         } else {
@@ -1398,22 +1404,22 @@ __device__ void flash_backward_q(S* dqkv, const S* dout, const S* qkv,
     const int hd = head_dim, d = n_head * hd;
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    constexpr int kStages = stages(kWidth, sizeof(S) == 2);
+    constexpr int kStages = stages(kWidth, sizeof(S) == 2, false);
     const Tile qs{(bf16_bits*)flash_dynamic(), kWidth};
     const Tile dos{qs.base + kRows * kWidth, kWidth};
-    Tile ks[kStages], vs[kStages];
-    for (int st = 0; st < kStages; st++) {
-        ks[st] = {dos.base + (kRows + 2 * kStep * st) * kWidth, kWidth};
-        vs[st] = {ks[st].base + kStep * kWidth, kWidth};
-    }
+    // Stage st's K and V tiles.
+    const auto ks = [&](int st) {
+        return Tile{dos.base + (kRows + 2 * kStep * st) * kWidth, kWidth};
+    };
+    const auto vs = [&](int st) { return Tile{ks(st).base + kStep * kWidth, kWidth}; };
     const S* seq = qkv + (size_t)b * t * 3 * d + h * hd;
     const S* dseq = dout + (size_t)b * t * d + h * hd;
     const size_t stats = ((size_t)b * n_head + h) * t;
 
     fill_rows(qs, seq, 3 * d, q0, t, kRows, hd);
     fill_rows(dos, dseq, d, q0, t, kRows, hd);
-    fill_rows(ks[0], seq + d, 3 * d, 0, t, kStep, hd);
-    fill_rows(vs[0], seq + 2 * d, 3 * d, 0, t, kStep, hd);
+    fill_rows(ks(0), seq + d, 3 * d, 0, t, kStep, hd);
+    fill_rows(vs(0), seq + 2 * d, 3 * d, 0, t, kStep, hd);
     commit_rows<S>();
     float dq[kN][4];
     zero(dq);
@@ -1428,7 +1434,7 @@ __device__ void flash_backward_q(S* dqkv, const S* dout, const S* qkv,
     }
     const int key_end = causal ? min(t, q0 + kRows) : t;
     for (int k0 = 0, step = 0; k0 < key_end; k0 += kStep, step++) {
-        const Tile kt = ks[step % kStages], vt = vs[step % kStages];
+        const Tile kt = ks(step % kStages), vt = vs(step % kStages);
         const bool last = k0 + kStep >= key_end;
         __syncthreads();  // the previous step's K and V are used up
         if (kStages == 1 && step > 0) {
@@ -1438,8 +1444,8 @@ __device__ void flash_backward_q(S* dqkv, const S* dout, const S* qkv,
         }
         if (kStages == 2 && !last) {
             const int next = (step + 1) % kStages;
-            fill_rows(ks[next], seq + d, 3 * d, k0 + kStep, t, kStep, hd);
-            fill_rows(vs[next], seq + 2 * d, 3 * d, k0 + kStep, t, kStep, hd);
+            fill_rows(ks(next), seq + d, 3 * d, k0 + kStep, t, kStep, hd);
+            fill_rows(vs(next), seq + 2 * d, 3 * d, k0 + kStep, t, kStep, hd);
             commit_rows<S>();
             wait_rows<S, 1>();
         } else {

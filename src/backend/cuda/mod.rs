@@ -192,10 +192,29 @@ impl Kernels {
                 .load_function(name)
                 .map_err(|e| anyhow!("kernel {name} is missing from the PTX: {e:?}"))
         };
+        // A kernel that takes more than the 48 KiB of shared memory every launch may have is
+        // allowed its bytes first (the device's opt-in limit is 163 KiB or more from sm_80 on).
+        let allow_shared = |function: &CudaFunction, bytes: usize| -> Result<()> {
+            if bytes > 48 * 1024 {
+                use cudarc::driver::sys::CUfunction_attribute_enum as Attribute;
+                let attribute = Attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+                function.set_attribute(attribute, bytes as i32).map_err(|e| {
+                    anyhow!("cannot give a flash attention kernel {bytes} bytes of shared memory: {e:?}")
+                })?;
+            }
+            Ok(())
+        };
         let flash = |width: usize| -> Result<FlashKernels> {
             let both = |kernel: &str| -> Result<[CudaFunction; 2]> {
                 let name = format!("flash_attention_{kernel}_{width}");
-                Ok([f(&name)?, f(&format!("{name}_bf16"))?])
+                let pair = [f(&name)?, f(&format!("{name}_bf16"))?];
+                for (function, bf16) in pair.iter().zip([false, true]) {
+                    allow_shared(
+                        function,
+                        flash_shared_bytes(width, bf16, kernel == "forward"),
+                    )?;
+                }
+                Ok(pair)
             };
             Ok(FlashKernels {
                 width,
@@ -388,17 +407,32 @@ fn bf16_result(operands: Operands, out: View, accumulate: bool, what: &str) -> O
     }
 }
 
-/// The launch of every flash attention kernel of `width` (kernels.cu): a block of 4 warps
-/// per 64 query rows (forward, dQ) or 64 keys (dK and dV) of each sequence and head, with
-/// `64 + 128 stages` bf16 rows of the kernel's width in shared memory (flash_shared_bytes):
-/// two stages of the loops' tiles for the `bf16` kernels of width 64, one for the others
-/// (flash::stages).
-fn flash_launch(s: AttnShape, width: usize, bf16: bool) -> LaunchConfig {
-    let stages = if bf16 && width == 64 { 2 } else { 1 };
+/// Dynamic shared bytes of a flash attention kernel of `width` (kernels.cu's
+/// flash_shared_bytes with flash::stages): bf16 rows of the kernel's width, 64 + 128 a stage
+/// for the forward kernel, 128 + 64 a stage for the gradient kernels; two stages of the loops'
+/// tiles for the `bf16` kernels but the forward one of width 128, one for the others.
+fn flash_shared_bytes(width: usize, bf16: bool, forward: bool) -> usize {
+    let stages = if bf16 && !(forward && width == 128) {
+        2
+    } else {
+        1
+    };
+    let rows = if forward {
+        64 + 128 * stages
+    } else {
+        128 + 64 * stages
+    };
+    rows * width * 2
+}
+
+/// The launch of a flash attention kernel of `width` (kernels.cu): a block of 4 warps per 64
+/// query rows (forward, dQ) or 64 keys (dK and dV) of each sequence and head, with the kernel's
+/// shared memory.
+fn flash_launch(s: AttnShape, width: usize, bf16: bool, forward: bool) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (s.t.div_ceil(64) as u32, s.n_head as u32, s.batch as u32),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: ((64 + 128 * stages) * width * 2) as u32,
+        shared_mem_bytes: flash_shared_bytes(width, bf16, forward) as u32,
     }
 }
 
@@ -1474,6 +1508,10 @@ impl Backend for CudaBackend {
             out.len == m * n && a.len == m * k && w.len == k * n,
             "matmul_packed: sizes"
         );
+        assert!(
+            out.dtype == DType::F32 || a.dtype == DType::Bf16,
+            "matmul_packed: a bf16 {out:?} from an f32 input would be rounded twice"
+        );
         let operands = bf16_result(Operands::Bf16, out, accumulate, "matmul_packed");
         let input = self.packed_input(a, "matmul_packed");
         let (w, o) = (self.ptr(w), self.ptr(out));
@@ -1578,7 +1616,7 @@ impl Backend for CudaBackend {
             let kernels = self.flash_kernels(hd);
             self.launch(
                 &kernels.forward[stored(out)],
-                flash_launch(s, kernels.width, out.dtype == DType::Bf16),
+                flash_launch(s, kernels.width, out.dtype == DType::Bf16, true),
                 "attention_forward",
                 &[&out_p, &lse_p, &qkv_p, &ti, &nhi, &hdi, &causal],
             );
@@ -1671,7 +1709,7 @@ impl Backend for CudaBackend {
             ];
             let kernels = self.flash_kernels(hd);
             let by_type = stored(out);
-            let cfg = flash_launch(s, kernels.width, by_type == 1);
+            let cfg = flash_launch(s, kernels.width, by_type == 1, false);
             self.launch(
                 &kernels.backward_kv[by_type],
                 cfg,
@@ -2372,6 +2410,8 @@ mod tests {
                     let copies = count("cp.async.cg.shared.global") > 0;
                     assert_eq!(copies, bf16, "{name}");
                     assert_eq!(count("cp.async.wait_group") > 0, bf16, "{name}");
+                    // Nothing in local memory (a tile chosen by indexing an array would be).
+                    assert_eq!(count("ld.local") + count("st.local"), 0, "{name}");
                 }
             }
             // The decoding kernels read rows 16 bytes at a time, and never through the

@@ -197,9 +197,10 @@ const WIDE_HEAD: usize = 96;
 /// alternate buffers.
 const LONG_T: usize = 150;
 
+/// Two sequences of one wide head.
 fn wide_attn_shape(causal: bool) -> AttnShape {
     AttnShape {
-        batch: 1,
+        batch: 2,
         t: LONG_T,
         n_head: 1,
         head_dim: WIDE_HEAD,
@@ -207,12 +208,15 @@ fn wide_attn_shape(causal: bool) -> AttnShape {
     }
 }
 
-/// iGPT-S's head width over [`LONG_T`] positions: a GPU's kernels for heads up to 64, through
-/// many steps.
+/// One sequence of two heads of iGPT-S's width over [`LONG_T`] positions: a GPU's kernels for
+/// heads up to 64, through many steps.
 fn long_attn_shape(causal: bool) -> AttnShape {
     AttnShape {
+        batch: 1,
+        t: LONG_T,
+        n_head: 2,
         head_dim: 64,
-        ..wide_attn_shape(causal)
+        causal,
     }
 }
 

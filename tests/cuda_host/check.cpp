@@ -1063,10 +1063,11 @@ vector<float> flash_backward(const FlashKernels& k, const vector<float>& dout,
     return dqkv;
 }
 
-// dQ, dK and dV (the column groups of dqkv) against the reference.
+// dQ, dK and dV (the column groups of dqkv) against the reference, recorded under the kernels'
+// names (and `variant`: "_bf16" for the bf16 kernels).
 void check_flash_gradients(const FlashKernels& k, const vector<float>& dqkv,
                            const FlashRef& ref, size_t rows, int d, const std::string& what,
-                           double tol) {
+                           double tol, const std::string& variant = "") {
     vector<float> dq(rows * d), dk(rows * d), dv(rows * d);
     for (size_t r = 0; r < rows; r++)
         for (int c = 0; c < d; c++) {
@@ -1074,9 +1075,9 @@ void check_flash_gradients(const FlashKernels& k, const vector<float>& dqkv,
             dk[r * d + c] = dqkv[r * 3 * d + d + c];
             dv[r * d + c] = dqkv[r * 3 * d + 2 * d + c];
         }
-    check_scaled(k.name("flash_attention_backward_q_"), what + " dq", dq, ref.dq, tol);
-    check_scaled(k.name("flash_attention_backward_kv_"), what + " dk", dk, ref.dk, tol);
-    check_scaled(k.name("flash_attention_backward_kv_"), what + " dv", dv, ref.dv, tol);
+    check_scaled(k.name("flash_attention_backward_q_") + variant, what + " dq", dq, ref.dq, tol);
+    check_scaled(k.name("flash_attention_backward_kv_") + variant, what + " dk", dk, ref.dk, tol);
+    check_scaled(k.name("flash_attention_backward_kv_") + variant, what + " dv", dv, ref.dv, tol);
 }
 
 // Every shape runs through each width of kernel that takes its heads (the _128 kernels with

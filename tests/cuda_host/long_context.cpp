@@ -51,7 +51,7 @@ int main() {
                    (const float*)lse16.data(), (const float*)delta16.data(), t, nh, hd, causal);
         check_scaled(k.name("flash_attention_forward_") + "_bf16", what + " bf16 out",
                      widened(out16), ref.out, kFlash);
-        check_flash_gradients(k, widened(dqkv16), ref, rows, d, what + " bf16", kFlash);
+        check_flash_gradients(k, widened(dqkv16), ref, rows, d, what + " bf16", kFlash, "_bf16");
     }
     bool all = true;
     for (auto& name : order) {

@@ -33,9 +33,9 @@
 // instructions ldmatrix and mma.sync: each is
 // warp-wide (all 32 lanes must reach it, else the deadlock report), each lane hands in its
 // own registers and takes back its own, with the fragment layouts of the PTX ISA. ldmatrix
-// checks that every row address is 16-byte aligned and inside the dynamic shared memory, and
-// no lane goes on before the warp has read; a shared tile another warp writes meanwhile
-// shows as a different result in the other scheduling order.
+// checks that every row address is 16-byte aligned and inside the launch's dynamic shared
+// memory, and no lane goes on before the warp has read; a shared tile another warp writes
+// meanwhile shows as a different result in the other scheduling order.
 #pragma once
 
 #include <math.h>
@@ -225,6 +225,8 @@ struct Block {
     };
     std::vector<std::vector<AsyncCopy>> async_open;
     std::vector<std::deque<std::vector<AsyncCopy>>> async_groups;
+    // The launch's dynamic shared memory, the start of `dynamic`.
+    size_t shared_bytes = 0;
     const std::function<void()>* body = nullptr;
 };
 
@@ -336,8 +338,12 @@ inline void run_block(Block& b, const std::function<void()>& body, uint3 block_i
     blockDim = block;
     gridDim = grid;
     // Poison the dynamic shared memory, so reading what no thread wrote, or beyond what the
-    // launch asked for, shows as NaN.
-    constexpr size_t kFloats = kMaxDynamicShared / sizeof(float);
+    // launch asked for, shows as NaN: the launch's bytes and 48 KiB past them (not all 227
+    // KiB, which would cost every block of every kernel).
+    b.shared_bytes = shared_bytes;
+    const size_t launched = (shared_bytes + sizeof(float) - 1) / sizeof(float);
+    const size_t kFloats =
+        std::min(kMaxDynamicShared / sizeof(float), launched + 48 * 1024 / sizeof(float));
     std::fill(dynamic, dynamic + kFloats, NAN);
     if (b.fibers.size() < n) {
         size_t had = b.fibers.size();
@@ -393,7 +399,7 @@ inline void run_block(Block& b, const std::function<void()>& body, uint3 block_i
             threadIdx = b.fibers[i].idx;
             fail("an asynchronous copy that no wait covers");
         }
-    for (size_t i = (shared_bytes + sizeof(float) - 1) / sizeof(float); i < kFloats; i++)
+    for (size_t i = launched; i < kFloats; i++)
         if (!std::isnan(dynamic[i]))
             fail("wrote dynamic shared memory beyond the launch's shared_mem_bytes");
     current_block = nullptr;
@@ -602,8 +608,8 @@ inline void ldmatrix(uint32_t (&r)[4], const unsigned short* row, bool transpose
     const uint32_t* all = exchange(mine, 2, "ldmatrix outside a full warp");
     const char* shared = (const char*)dynamic;
     if ((uintptr_t)row % 16 != 0) fail("ldmatrix: a row address not 16-byte aligned");
-    if ((const char*)row < shared || (const char*)row + 16 > shared + kMaxDynamicShared)
-        fail("ldmatrix: a row address outside shared memory");
+    if ((const char*)row < shared || (const char*)row + 16 > shared + current_block->shared_bytes)
+        fail("ldmatrix: a row address outside the launch's shared memory");
     auto row_of = [&](unsigned lane) {
         const unsigned short* p;
         memcpy(&p, &all[lane * kExchangeWords], sizeof p);
@@ -659,8 +665,8 @@ inline void copy_async_16(void* dst, const void* src) {
     const char* shared = (const char*)dynamic;
     if ((uintptr_t)dst % 16 != 0 || (uintptr_t)src % 16 != 0)
         fail("cp.async: an address not 16-byte aligned");
-    if ((const char*)dst < shared || (const char*)dst + 16 > shared + kMaxDynamicShared)
-        fail("cp.async: a destination outside shared memory");
+    if ((const char*)dst < shared || (const char*)dst + 16 > shared + b.shared_bytes)
+        fail("cp.async: a destination outside the launch's shared memory");
     Block::AsyncCopy c{dst, {}};
     memcpy(c.bytes, src, 16);
     if (!late_async_copies) memcpy(dst, c.bytes, 16);

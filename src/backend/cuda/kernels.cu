@@ -1014,6 +1014,27 @@ __device__ __forceinline__ void wait_rows() {
     if (sizeof(S) == 2) copy_async_wait<kPending>();
 }
 
+// The top of step `step` of a kernel's loop over tiles of `rows` rows, this step's from `first`
+// (`last`: no step follows), with stage 0 filled before the loop: returns once this step's
+// tiles are in shared memory for every thread, having started the next step's copies where
+// there are two stages. `fill(stage, from)` fills a stage's tiles with the rows from `from`.
+template <int kStages, typename S, typename Fill>
+__device__ __forceinline__ void step_tiles(int step, int first, int rows, bool last, Fill fill) {
+    __syncthreads();  // the previous step's tiles are used up
+    if (kStages == 1 && step > 0) {
+        fill(0, first);
+        commit_rows<S>();
+    }
+    if (kStages == 2 && !last) {
+        fill((step + 1) % 2, first + rows);
+        commit_rows<S>();
+        wait_rows<S, 1>();  // this step's group has landed, the next one's may not
+    } else {
+        wait_rows<S, 0>();
+    }
+    __syncthreads();  // every thread's copies of this step (and, first, the fixed tiles) are in
+}
+
 // acc [16, 8 kN] += rows `a_row` .. + 15 of `a` times the transpose of rows `b_row` ..
 // + 8 kN - 1 of `b`, over the first `k` columns of both (S = Q K^T). kN even.
 template <int kN>
@@ -1150,23 +1171,10 @@ __device__ void flash_forward(S* out, float* lse, const S* qkv, int t, int n_hea
     const int key_end = causal ? min(t, q0 + kRows) : t;
     for (int k0 = 0, step = 0; k0 < key_end; k0 += kKeys, step++) {
         const Tile kt = ks(step % kStages), vt = vs(step % kStages);
-        const bool last = k0 + kKeys >= key_end;
-        __syncthreads();  // the previous step's K and V are used up
-        if (kStages == 1 && step > 0) {
-            fill_rows(kt, seq + d, 3 * d, k0, t, kKeys, hd);
-            fill_rows(vt, seq + 2 * d, 3 * d, k0, t, kKeys, hd);
-            commit_rows<S>();
-        }
-        if (kStages == 2 && !last) {
-            const int next = (step + 1) % kStages;
-            fill_rows(ks(next), seq + d, 3 * d, k0 + kKeys, t, kKeys, hd);
-            fill_rows(vs(next), seq + 2 * d, 3 * d, k0 + kKeys, t, kKeys, hd);
-            commit_rows<S>();
-            wait_rows<S, 1>();  // this step's group has landed, the next one's may not
-        } else {
-            wait_rows<S, 0>();
-        }
-        __syncthreads();  // every thread's copies of this step (and, first, Q) are in
+        step_tiles<kStages, S>(step, k0, kKeys, k0 + kKeys >= key_end, [&](int st, int from) {
+            fill_rows(ks(st), seq + d, 3 * d, from, t, kKeys, hd);
+            fill_rows(vs(st), seq + 2 * d, 3 * d, from, t, kKeys, hd);
+        });
         // Warp-uniform: the warp has rows, and (causal) one of them sees a key of the step.
         if (warp_first >= t || (causal && k0 > warp_last)) continue;
 
@@ -1336,23 +1344,10 @@ __device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
     const int keys[2] = {kw + g, kw + g + 8};
     for (int q0 = q_first, step = 0; q0 < t; q0 += kStep, step++) {
         const Tile qt = qs(step % kStages), dot = dos(step % kStages);
-        const bool last = q0 + kStep >= t;
-        __syncthreads();  // the previous step's Q and dout are used up
-        if (kStages == 1 && step > 0) {
-            fill_rows(qt, seq, 3 * d, q0, t, kStep, hd);
-            fill_rows(dot, dseq, d, q0, t, kStep, hd);
-            commit_rows<S>();
-        }
-        if (kStages == 2 && !last) {
-            const int next = (step + 1) % kStages;
-            fill_rows(qs(next), seq, 3 * d, q0 + kStep, t, kStep, hd);
-            fill_rows(dos(next), dseq, d, q0 + kStep, t, kStep, hd);
-            commit_rows<S>();
-            wait_rows<S, 1>();
-        } else {
-            wait_rows<S, 0>();
-        }
-        __syncthreads();  // every thread's copies of this step (and, first, K and V) are in
+        step_tiles<kStages, S>(step, q0, kStep, q0 + kStep >= t, [&](int st, int from) {
+            fill_rows(qs(st), seq, 3 * d, from, t, kStep, hd);
+            fill_rows(dos(st), dseq, d, from, t, kStep, hd);
+        });
         // Warp-uniform: the warp has keys, and (causal) a row of the step sees one.
         if (kw >= t || (causal && q0 + kStep - 1 < kw)) continue;
         // Element e of tile n of the [16 keys, 32 rows] scores: key keys[e / 2], query row
@@ -1435,23 +1430,10 @@ __device__ void flash_backward_q(S* dqkv, const S* dout, const S* qkv,
     const int key_end = causal ? min(t, q0 + kRows) : t;
     for (int k0 = 0, step = 0; k0 < key_end; k0 += kStep, step++) {
         const Tile kt = ks(step % kStages), vt = vs(step % kStages);
-        const bool last = k0 + kStep >= key_end;
-        __syncthreads();  // the previous step's K and V are used up
-        if (kStages == 1 && step > 0) {
-            fill_rows(kt, seq + d, 3 * d, k0, t, kStep, hd);
-            fill_rows(vt, seq + 2 * d, 3 * d, k0, t, kStep, hd);
-            commit_rows<S>();
-        }
-        if (kStages == 2 && !last) {
-            const int next = (step + 1) % kStages;
-            fill_rows(ks(next), seq + d, 3 * d, k0 + kStep, t, kStep, hd);
-            fill_rows(vs(next), seq + 2 * d, 3 * d, k0 + kStep, t, kStep, hd);
-            commit_rows<S>();
-            wait_rows<S, 1>();
-        } else {
-            wait_rows<S, 0>();
-        }
-        __syncthreads();  // every thread's copies of this step (and, first, Q and dout) are in
+        step_tiles<kStages, S>(step, k0, kStep, k0 + kStep >= key_end, [&](int st, int from) {
+            fill_rows(ks(st), seq + d, 3 * d, from, t, kStep, hd);
+            fill_rows(vs(st), seq + 2 * d, 3 * d, from, t, kStep, hd);
+        });
         // Warp-uniform: the warp has rows, and (causal) one of them sees a key of the step.
         if (qw >= t || (causal && k0 > warp_last)) continue;
         // Element e of tile n of the [16 rows, 32 keys] scores: row rows[e / 2], key

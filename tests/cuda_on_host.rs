@@ -711,6 +711,47 @@ fn bf16_training_on_the_cuda_backend_multiplies_stored_bf16_operands_and_follows
     }
 }
 
+#[test]
+fn wide_heads_train_in_one_stage_of_tiles_where_shared_memory_is_short_with_the_same_bits() {
+    // Heads of 96 columns run the flash kernels of width 128. Their bf16 gradient kernels take
+    // 64 KiB in two stages of tiles; on a GPU whose multiprocessors have 100 KiB (sm_86, sm_89)
+    // two such blocks would not fit, and the backend runs their one-stage variants (48 KiB),
+    // which must give the same bits.
+    let dir = tempdir("cuda-host-one-stage");
+    let flags = ["--steps", "2", "--eval-every", "2"];
+    let mut runs = Vec::new();
+    for (name, shared) in [("h200", None), ("small", Some("102400"))] {
+        let (run, log) = (dir.join(name), dir.join(format!("{name}.log")));
+        let mut env = vec![NO_GRAPHS[0], ("CUDA_HOST_LAUNCH_LOG", s(&log))];
+        env.extend(shared.map(|bytes| ("CUDA_HOST_SHARED_PER_SM", bytes)));
+        succeeded(
+            &train_small_wide("bf16", "192", &run, CUDA, &flags, &env),
+            "training with heads of 96 columns",
+        );
+        let launches = std::fs::read_to_string(&log).expect("read the launch log");
+        let count = |kernel: &str| {
+            launches
+                .lines()
+                .filter(|l| l.split(' ').next() == Some(kernel))
+                .count()
+        };
+        let (two, one) = (
+            count("flash_attention_backward_kv_128_bf16")
+                + count("flash_attention_backward_q_128_bf16"),
+            count("flash_attention_backward_kv_128_bf16_one_stage")
+                + count("flash_attention_backward_q_128_bf16_one_stage"),
+        );
+        assert_eq!(
+            (two > 0, one > 0),
+            (shared.is_none(), shared.is_some()),
+            "{name}: {two} {one}"
+        );
+        runs.push(bits(&losses(&run)));
+    }
+    assert!(!runs[0].is_empty());
+    assert_eq!(runs[0], runs[1]);
+}
+
 /// The launch log of a 2-layer bf16 training run holds the passes and updates issued or
 /// captured (not the replays). With flash attention, each forward pass rounds only the final
 /// norm's output for the head, and the backward pass rounds nothing on its own: the GELU's,

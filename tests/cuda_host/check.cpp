@@ -1034,6 +1034,8 @@ struct FlashKernels {
     FlashGradient kv, q;
     FlashForward16 forward_bf16;
     FlashGradient16 kv_bf16, q_bf16;
+    // Width 128: the bf16 gradient kernels in one stage of tiles.
+    FlashGradient16 kv_one_stage = nullptr, q_one_stage = nullptr;
     std::string name(const char* kernel) const { return kernel + std::to_string(width); }
     // What mod.rs's flash_launch gives the forward kernel and the two gradient kernels, f32
     // or bf16.
@@ -1090,7 +1092,9 @@ void check_flash_attention(bool bf16_inputs) {
          flash_attention_backward_kv_64_bf16, flash_attention_backward_q_64_bf16},
         {128, flash_attention_forward_128, flash_attention_backward_kv_128,
          flash_attention_backward_q_128, flash_attention_forward_128_bf16,
-         flash_attention_backward_kv_128_bf16, flash_attention_backward_q_128_bf16},
+         flash_attention_backward_kv_128_bf16, flash_attention_backward_q_128_bf16,
+         flash_attention_backward_kv_128_bf16_one_stage,
+         flash_attention_backward_q_128_bf16_one_stage},
     };
     struct Shape {
         int batch, n_head, t, head_dim;
@@ -1223,6 +1227,18 @@ void check_flash_attention(bool bf16_inputs) {
                                                         : "flash_attention_backward_kv_") +
                                            "_bf16",
                                        what + " stored as bf16" + how, dqkv16, want);
+                            // In one stage of tiles: the same bits.
+                            FlashGradient16 one = q_columns ? k.q_one_stage : k.kv_one_stage;
+                            if (!one) continue;
+                            std::fill(dqkv16.begin(), dqkv16.end(), kPoisonBf16);
+                            launch(one, fwd_grid, kFlashBlock,
+                                   flash_shared_bytes(k.width, 1, false), dqkv16.data(), d16,
+                                   qkv16, (const float*)lse32.data(),
+                                   (const float*)delta.data(), t, nh, hd, causal);
+                            check_bits(k.name(q_columns ? "flash_attention_backward_q_"
+                                                        : "flash_attention_backward_kv_") +
+                                           "_bf16_one_stage",
+                                       what + " in one stage" + how, dqkv16, want);
                         }
                     }
                 }

@@ -45,7 +45,8 @@
 // CUDA_HOST_REVERSE_ORDER starts blocks, and the threads of each, in descending order (a
 // result that depends on the order of additions then changes); CUDA_HOST_HEURISTICS_LOG names a
 // file to which each heuristic query appends the product it was asked for;
-// CUDA_HOST_CUBLASLT_VERSION sets the version cublasLtGetVersion reports (default 130000).
+// CUDA_HOST_CUBLASLT_VERSION sets the version cublasLtGetVersion reports (default 130000);
+// CUDA_HOST_SHARED_PER_SM, the shared memory a multiprocessor has (default 228 KiB).
 
 #include "shim.h"
 
@@ -355,6 +356,13 @@ CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
     return CUDA_SUCCESS;
 }
 
+// Shared memory a multiprocessor has: an H200's 228 KiB, or CUDA_HOST_SHARED_PER_SM bytes (to
+// stand for a GPU with less, as sm_86 and sm_89 have 100 KiB).
+static int shared_per_multiprocessor() {
+    const char* v = getenv("CUDA_HOST_SHARED_PER_SM");
+    return v ? atoi(v) : 228 * 1024;
+}
+
 CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
     switch (attribute) {
         case 1: *value = 1024; break;        // max threads per block
@@ -363,6 +371,7 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice) {
         case 75: *value = 9; break;          // compute capability major
         case 76: *value = 0; break;          // minor
         case 97: *value = kMaxOptInShared; break;  // shared memory per block, opt-in
+        case 81: *value = shared_per_multiprocessor(); break;
         default: *value = 0;
     }
     return CUDA_SUCCESS;

@@ -922,7 +922,7 @@ constexpr int kStep = 32;              // rows (dK, dV) or keys (dQ) per step of
 // Buffers of each loop's tiles: two where the rows are bf16, so that the next step's copies
 // (asynchronous: fill_rows) run while this step's products do; one for the forward kernel of
 // width 128, whose two (80 KiB) would leave room for fewer blocks on a multiprocessor than its
-// registers do.
+// registers do (and for the _one_stage gradient kernels, for GPUs with less shared memory).
 __host__ __device__ constexpr int stages(int width, bool bf16, bool forward) {
     return bf16 && !(forward && width == 128) ? 2 : 1;
 }
@@ -1309,7 +1309,7 @@ __device__ __forceinline__ void flash_scores(uint32_t (&p_out)[2][4], uint32_t (
 // steps of 32 query rows that see them (causal: from row 64x on). Per step, each warp with a
 // visible pair: S^T = K Q^T and dP^T = V dout^T, P^T = exp(scale S^T - lse) (masked: 0),
 // dS^T = P^T (dP^T - delta); then dV += P^T dout and dK += scale dS^T Q, in registers.
-template <int kWidth, typename S>
+template <int kWidth, typename S, int kStages = flash::stages(kWidth, sizeof(S) == 2, false)>
 __device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
                                   const float* lse, const float* delta, int t, int n_head,
                                   int head_dim, int causal) {
@@ -1318,7 +1318,6 @@ __device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
     const int hd = head_dim, d = n_head * hd;
     const int b = blockIdx.z, h = blockIdx.y, k0 = blockIdx.x * kRows;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    constexpr int kStages = stages(kWidth, sizeof(S) == 2, false);
     const Tile ks{(bf16_bits*)flash_dynamic(), kWidth};
     const Tile vs{ks.base + kRows * kWidth, kWidth};
     // Stage st's Q and dout tiles.
@@ -1390,7 +1389,7 @@ __device__ void flash_backward_kv(S* dqkv, const S* dout, const S* qkv,
 // warp with a visible pair recomputes S = Q K^T, dP = dout V^T, P and dS as the dK, dV
 // kernel does, and adds scale dS K into its dQ, in registers. Recomputing costs two
 // products per tile pair; it buys dQ without atomic adds from many blocks.
-template <int kWidth, typename S>
+template <int kWidth, typename S, int kStages = flash::stages(kWidth, sizeof(S) == 2, false)>
 __device__ void flash_backward_q(S* dqkv, const S* dout, const S* qkv,
                                  const float* lse, const float* delta, int t, int n_head,
                                  int head_dim, int causal) {
@@ -1399,7 +1398,6 @@ __device__ void flash_backward_q(S* dqkv, const S* dout, const S* qkv,
     const int hd = head_dim, d = n_head * hd;
     const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * kRows;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    constexpr int kStages = stages(kWidth, sizeof(S) == 2, false);
     const Tile qs{(bf16_bits*)flash_dynamic(), kWidth};
     const Tile dos{qs.base + kRows * kWidth, kWidth};
     // Stage st's K and V tiles.
@@ -1517,6 +1515,21 @@ extern "C" __global__ void flash_attention_backward_q_128_bf16(
     bf16_bits* dqkv, const bf16_bits* dout, const bf16_bits* qkv, const float* lse,
     const float* delta, int t, int n_head, int head_dim, int causal) {
     flash_backward_q<128>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim, causal);
+}
+// The bf16 gradient kernels of width 128 in one stage of tiles (48 KiB), for GPUs whose
+// multiprocessors cannot hold two blocks of the two-stage kernels' 64 KiB (100 KiB a
+// multiprocessor: sm_86, sm_89, sm_120), where one stage keeps two blocks resident.
+extern "C" __global__ void flash_attention_backward_kv_128_bf16_one_stage(
+    bf16_bits* dqkv, const bf16_bits* dout, const bf16_bits* qkv, const float* lse,
+    const float* delta, int t, int n_head, int head_dim, int causal) {
+    flash_backward_kv<128, bf16_bits, 1>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim,
+                                         causal);
+}
+extern "C" __global__ void flash_attention_backward_q_128_bf16_one_stage(
+    bf16_bits* dqkv, const bf16_bits* dout, const bf16_bits* qkv, const float* lse,
+    const float* delta, int t, int n_head, int head_dim, int causal) {
+    flash_backward_q<128, bf16_bits, 1>(dqkv, dout, qkv, lse, delta, t, n_head, head_dim,
+                                        causal);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -209,19 +209,26 @@ impl Kernels {
             let both = |kernel: &str| -> Result<[CudaFunction; 2]> {
                 let name = format!("flash_attention_{kernel}_{width}");
                 let pair = [f(&name)?, f(&format!("{name}_bf16"))?];
+                let forward = kernel == "forward";
                 for (function, bf16) in pair.iter().zip([false, true]) {
-                    allow_shared(
-                        function,
-                        flash_shared_bytes(width, bf16, kernel == "forward"),
-                    )?;
+                    let stages = flash_stages(width, bf16, forward, false);
+                    allow_shared(function, flash_shared_bytes(width, stages, forward))?;
                 }
                 Ok(pair)
+            };
+            let one_stage = match width {
+                128 => Some([
+                    f("flash_attention_backward_kv_128_bf16_one_stage")?,
+                    f("flash_attention_backward_q_128_bf16_one_stage")?,
+                ]),
+                _ => None,
             };
             Ok(FlashKernels {
                 width,
                 forward: both("forward")?,
                 backward_kv: both("backward_kv")?,
                 backward_q: both("backward_q")?,
+                backward_one_stage: one_stage,
             })
         };
         Ok(Self {
@@ -273,6 +280,9 @@ struct FlashKernels {
     forward: [CudaFunction; 2],
     backward_kv: [CudaFunction; 2],
     backward_q: [CudaFunction; 2],
+    /// Width 128: the bf16 gradient kernels (dK and dV, dQ) in one stage of tiles, for GPUs
+    /// where [`wide_gradients_in_two_stages`] is false.
+    backward_one_stage: Option<[CudaFunction; 2]>,
 }
 
 /// Device arenas, allocated together by [`Backend::allocate`].
@@ -352,6 +362,9 @@ pub struct CudaBackend {
     /// The GPU's multiprocessors: how many blocks a decoding step's attention should spread
     /// over.
     multiprocessors: usize,
+    /// Whether the bf16 gradient kernels of width 128 run in two stages of tiles (see
+    /// [`wide_gradients_in_two_stages`]).
+    wide_gradients_in_two_stages: bool,
 }
 
 // SAFETY: the cuBLASLt handle and plans are used only by the thread that owns the backend
@@ -408,16 +421,21 @@ fn bf16_result(operands: Operands, out: View, accumulate: bool, what: &str) -> O
     }
 }
 
-/// Dynamic shared bytes of a flash attention kernel of `width` (kernels.cu's
-/// flash_shared_bytes with flash::stages): bf16 rows of the kernel's width, 64 + 128 a stage
-/// for the forward kernel, 128 + 64 a stage for the gradient kernels; two stages of the loops'
-/// tiles for the `bf16` kernels but the forward one of width 128, one for the others.
-fn flash_shared_bytes(width: usize, bf16: bool, forward: bool) -> usize {
-    let stages = if bf16 && !(forward && width == 128) {
+/// Stages of a flash attention kernel's loop tiles (kernels.cu's flash::stages): two for the
+/// `bf16` kernels but the forward one of width 128 and the gradient ones' `_one_stage`
+/// variants, one for the others.
+fn flash_stages(width: usize, bf16: bool, forward: bool, one_stage: bool) -> usize {
+    if bf16 && !one_stage && !(forward && width == 128) {
         2
     } else {
         1
-    };
+    }
+}
+
+/// Dynamic shared bytes of a flash attention kernel of `width` with `stages` (kernels.cu's
+/// flash_shared_bytes): bf16 rows of the kernel's width, 64 + 128 a stage for the forward
+/// kernel, 128 + 64 a stage for the gradient kernels.
+fn flash_shared_bytes(width: usize, stages: usize, forward: bool) -> usize {
     let rows = if forward {
         64 + 128 * stages
     } else {
@@ -426,14 +444,22 @@ fn flash_shared_bytes(width: usize, bf16: bool, forward: bool) -> usize {
     rows * width * 2
 }
 
+/// Whether a GPU with `per_multiprocessor` bytes of shared memory should run the two-stage
+/// gradient kernels of width 128: where two of their blocks (64 KiB each, and the 1 KiB the
+/// GPU reserves for each) fit a multiprocessor, as many as their registers allow; elsewhere
+/// (100 KiB: sm_86, sm_89, sm_120) the `_one_stage` ones keep two blocks resident.
+fn wide_gradients_in_two_stages(per_multiprocessor: usize) -> bool {
+    per_multiprocessor >= 2 * (flash_shared_bytes(128, 2, false) + 1024)
+}
+
 /// The launch of a flash attention kernel of `width` (kernels.cu): a block of 4 warps per 64
-/// query rows (forward, dQ) or 64 keys (dK and dV) of each sequence and head, with the kernel's
-/// shared memory.
-fn flash_launch(s: AttnShape, width: usize, bf16: bool, forward: bool) -> LaunchConfig {
+/// query rows (forward, dQ) or 64 keys (dK and dV) of each sequence and head, with the shared
+/// memory of its `stages`.
+fn flash_launch(s: AttnShape, width: usize, stages: usize, forward: bool) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (s.t.div_ceil(64) as u32, s.n_head as u32, s.batch as u32),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: flash_shared_bytes(width, bf16, forward) as u32,
+        shared_mem_bytes: flash_shared_bytes(width, stages, forward) as u32,
     }
 }
 
@@ -559,6 +585,11 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| anyhow!("cannot query cuda:{}: {e:?}", gpu.ordinal))?;
+        let shared_per_multiprocessor = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            )
+            .map_err(|e| anyhow!("cannot query cuda:{}: {e:?}", gpu.ordinal))?;
         let kernels = Kernels::load(&ctx, ptx)?;
         let stream = ctx.default_stream();
         ctx.bind_to_thread()
@@ -584,6 +615,9 @@ impl CudaBackend {
             draw_rows: 0,
             update_set: false,
             multiprocessors: usize::try_from(multiprocessors).unwrap_or(1).max(1),
+            wide_gradients_in_two_stages: wide_gradients_in_two_stages(
+                usize::try_from(shared_per_multiprocessor).unwrap_or(0),
+            ),
         })
     }
 
@@ -1617,7 +1651,12 @@ impl Backend for CudaBackend {
             let kernels = self.flash_kernels(hd);
             self.launch(
                 &kernels.forward[stored(out)],
-                flash_launch(s, kernels.width, out.dtype == DType::Bf16, true),
+                flash_launch(
+                    s,
+                    kernels.width,
+                    flash_stages(kernels.width, out.dtype == DType::Bf16, true, false),
+                    true,
+                ),
                 "attention_forward",
                 &[&out_p, &lse_p, &qkv_p, &ti, &nhi, &hdi, &causal],
             );
@@ -1710,19 +1749,17 @@ impl Backend for CudaBackend {
             ];
             let kernels = self.flash_kernels(hd);
             let by_type = stored(out);
-            let cfg = flash_launch(s, kernels.width, by_type == 1, false);
-            self.launch(
-                &kernels.backward_kv[by_type],
-                cfg,
-                "attention_backward",
-                &args,
-            );
-            self.launch(
-                &kernels.backward_q[by_type],
-                cfg,
-                "attention_backward",
-                &args,
-            );
+            let (kv, q, stages) = match &kernels.backward_one_stage {
+                Some([kv, q]) if by_type == 1 && !self.wide_gradients_in_two_stages => (kv, q, 1),
+                _ => (
+                    &kernels.backward_kv[by_type],
+                    &kernels.backward_q[by_type],
+                    flash_stages(kernels.width, by_type == 1, false, false),
+                ),
+            };
+            let cfg = flash_launch(s, kernels.width, stages, false);
+            self.launch(kv, cfg, "attention_backward", &args);
+            self.launch(q, cfg, "attention_backward", &args);
             return;
         }
         let p = (
@@ -2390,13 +2427,30 @@ mod tests {
     }
 
     #[test]
+    fn wide_gradient_kernels_run_in_two_stages_where_two_blocks_of_them_fit() {
+        // 64 KiB a block in two stages, 48 KiB in one; 1 KiB reserved per block.
+        assert_eq!(flash_shared_bytes(128, 2, false), 64 * 1024);
+        assert_eq!(flash_shared_bytes(128, 1, false), 48 * 1024);
+        // H100 and H200 (228 KiB a multiprocessor), A100 (164 KiB): two blocks of 65 KiB fit.
+        assert!(wide_gradients_in_two_stages(228 * 1024));
+        assert!(wide_gradients_in_two_stages(164 * 1024));
+        // sm_86, sm_89 and sm_120 (100 KiB): one would, so one stage (two blocks of 49 KiB).
+        assert!(!wide_gradients_in_two_stages(100 * 1024));
+        assert!(2 * (flash_shared_bytes(128, 1, false) + 1024) <= 100 * 1024);
+    }
+
+    #[test]
     fn the_flash_kernels_read_shared_memory_only_through_ldmatrix() {
         // README, "Kernels": operands read from shared memory by `ldmatrix`, products on
         // `mma.sync`, scores and probabilities in registers (no other shared load, and shared
         // stores only the 16-byte stores that fill the tiles, and the bf16 kernels' copies).
         for ptx in [PTX_SM80, PTX_SM90] {
             for kernel in ["forward", "backward_kv", "backward_q"] {
-                for width in ["64", "128", "64_bf16", "128_bf16"] {
+                let one_stage = (kernel != "forward").then_some("128_bf16_one_stage");
+                let widths = ["64", "128", "64_bf16", "128_bf16"]
+                    .into_iter()
+                    .chain(one_stage);
+                for width in widths {
                     let name = format!("flash_attention_{kernel}_{width}");
                     let ops: Vec<&str> = instructions(kernel_body(ptx, &name)).collect();
                     let count = |prefix: &str| ops.iter().filter(|l| l.starts_with(prefix)).count();
@@ -2407,14 +2461,16 @@ mod tests {
                     assert_eq!(count("wmma"), 0, "{name}");
                     // bf16 tiles are copied without passing through registers, f32 ones
                     // rounded on the way.
-                    let bf16 = width.ends_with("bf16");
+                    let bf16 = width.contains("bf16");
                     let copies = count("cp.async.cg.shared.global") > 0;
                     assert_eq!(copies, bf16, "{name}");
                     assert_eq!(count("cp.async.wait_group") > 0, bf16, "{name}");
                     // Nothing in local memory (a tile chosen by indexing an array would be).
                     assert_eq!(count("ld.local") + count("st.local"), 0, "{name}");
                     // Two stages (flash_shared_bytes) wait for all but the next step's copies.
-                    let two_stages = bf16 && !(kernel == "forward" && width.starts_with("128"));
+                    let two_stages = bf16
+                        && !(kernel == "forward" && width.starts_with("128"))
+                        && !width.ends_with("one_stage");
                     assert_eq!(count("cp.async.wait_group 1") > 0, two_stages, "{name}");
                 }
             }

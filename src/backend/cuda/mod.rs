@@ -2376,6 +2376,8 @@ mod tests {
                 "flash_attention_backward_q_128",
                 "flash_attention_backward_q_64_bf16",
                 "flash_attention_backward_q_128_bf16",
+                "flash_attention_backward_kv_128_bf16_one_stage",
+                "flash_attention_backward_q_128_bf16_one_stage",
                 "draw_tokens",
             ] {
                 assert!(

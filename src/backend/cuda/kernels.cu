@@ -943,25 +943,21 @@ struct Tile {
     }
 };
 
-// Rounds `rows` rows of one head (from `first`, `hd` columns at `src` + row * stride) into
-// `dst`; rows from `limit` on are zeros. All the block's threads take part, eight columns
-// each, reading them at once where the rows start on 16 bytes (always, for the engine's
-// buffers: they are 64-byte aligned and heads are 16 columns wide). bf16 rows are copied
-// as they are.
+// Fills `dst` with `rows` rows of one head (from `first`, `hd` columns at `src` + row *
+// stride); rows from `limit` on are zeros. All the block's threads take part, eight columns
+// each, whole where the rows start on 16 bytes (always, for the engine's buffers: they are
+// 64-byte aligned and heads are 16 columns wide), else value by value. f32 rows are rounded
+// on the way; bf16 rows starting on 16 bytes are copied asynchronously, to be waited for
+// (commit_rows, wait_rows, then a barrier).
 __device__ __forceinline__ bool rows_in_vectors(const float* src, size_t stride) {
     return (uintptr_t)src % 16 == 0 && stride % 4 == 0;
 }
 __device__ __forceinline__ bool rows_in_vectors(const bf16_bits* src, size_t stride) {
     return (uintptr_t)src % 16 == 0 && stride % 8 == 0;
 }
-__device__ __forceinline__ uint4 piece_of(const float* p) {
-    float4 x = ((const float4*)p)[0], y = ((const float4*)p)[1];
-    return make_uint4(pack(x.x, x.y), pack(x.z, x.w), pack(y.x, y.y), pack(y.z, y.w));
-}
-__device__ __forceinline__ uint4 piece_of(const bf16_bits* p) { return *(const uint4*)p; }
 
 template <typename S>
-__device__ __forceinline__ void load_rows(Tile dst, const S* src, size_t stride, int first,
+__device__ __forceinline__ void fill_rows(Tile dst, const S* src, size_t stride, int first,
                                           int limit, int rows, int hd) {
     const bool vectors = rows_in_vectors(src, stride);
     const int pieces = hd / 8;
@@ -972,7 +968,14 @@ __device__ __forceinline__ void load_rows(Tile dst, const S* src, size_t stride,
         if (i >= limit) {
             piece = make_uint4(0u, 0u, 0u, 0u);
         } else if (vectors) {
-            piece = piece_of(at);
+            if constexpr (sizeof(S) == 2) {
+                copy_async_16(dst.at(r, c), at);
+                continue;
+            } else {
+                float4 x = ((const float4*)at)[0], y = ((const float4*)at)[1];
+                piece = make_uint4(pack(x.x, x.y), pack(x.z, x.w), pack(y.x, y.y),
+                                   pack(y.z, y.w));
+            }
         } else {
             float v[8];
             for (int u = 0; u < 8; u++) v[u] = load(at, u);
@@ -983,28 +986,9 @@ __device__ __forceinline__ void load_rows(Tile dst, const S* src, size_t stride,
     }
 }
 
-// Starts filling `dst` as load_rows does. bf16 rows that start on 16 bytes are copied
-// asynchronously, to be waited for (copy_async_commit, copy_async_wait, then a barrier);
-// anything else is loaded at once.
-__device__ __forceinline__ void fill_rows(Tile dst, const float* src, size_t stride, int first,
-                                          int limit, int rows, int hd) {
-    load_rows(dst, src, stride, first, limit, rows, hd);
-}
-__device__ __forceinline__ void fill_rows(Tile dst, const bf16_bits* src, size_t stride,
-                                          int first, int limit, int rows, int hd) {
-    if (!rows_in_vectors(src, stride)) return load_rows(dst, src, stride, first, limit, rows, hd);
-    const int pieces = hd / 8;
-    for (int e = threadIdx.x; e < rows * pieces; e += kThreads) {
-        const int r = e / pieces, c = e % pieces * 8, i = first + r;
-        if (i < limit)
-            copy_async_16(dst.at(r, c), src + (size_t)i * stride + c);
-        else
-            *(uint4*)dst.at(r, c) = make_uint4(0u, 0u, 0u, 0u);
-    }
-}
-
-// Issues the copies fill_rows started for the rows of storage type S (bf16: asynchronous),
-// then waits for all but the latest `kPending` groups; the barrier after is the caller's.
+// Closes the group of the copies fill_rows started for rows of storage type S (bf16:
+// asynchronous), and waits for all but the latest `kPending` groups; the barrier after is the
+// caller's.
 template <typename S>
 __device__ __forceinline__ void commit_rows() {
     if (sizeof(S) == 2) copy_async_commit();

@@ -184,16 +184,20 @@ pub fn activations(
     let rows = b * t;
     let n_resid = if training { l + 1 } else { 2 };
     let n_block = if training { l } else { 1 };
-    // Per block: ln1, att, mid, ln2 ([rows, d]), two rstd, qkv, lse, fc; then fc_act, shared.
-    let (mut f32_rows_d, mut half) = (4 * n_block, 0);
+    // Per block: ln1, att, mid, ln2 ([rows, d]), two rstd, qkv, lse, fc; then the final
+    // norm's output and fc_act, shared.
+    let (mut f32_rows_d, mut half) = (4 * n_block + 1, 0);
     let (mut fc_act_f32, mut attention_f32) = (true, true);
     if let Some(inputs) = bf16 {
-        let moved = if inputs.attention { 3 } else { 2 };
-        f32_rows_d -= moved * n_block;
-        half = moved * n_block * r32(rows * d) + r32(rows * 4 * d);
+        // A block's moved buffers, and in training the final norm's output.
+        let per_block = if inputs.attention { 3 } else { 2 };
+        let moved = per_block * n_block + u128::from(training);
+        f32_rows_d -= moved;
+        half = moved * r32(rows * d) + r32(rows * 4 * d);
         fc_act_f32 = false;
         if training {
-            half += r32(rows * 4 * d);
+            // dy_half: a product's output gradient, or the logits'.
+            half += r32(rows * (4 * d).max(v));
         }
         if inputs.attention {
             // Q, K, V per block; the output's gradient (Q, K and V's lies in the scratch).
@@ -207,7 +211,7 @@ pub fn activations(
     let qkv_f32 = if attention_f32 { r16(rows * 3 * d) } else { 0 };
     let block = 2 * r16(rows) + qkv_f32 + r16(b * h * t) + r16(rows * 4 * d);
     let mut total = n_resid * r16(rows * d) + n_block * block + f32_rows_d * r16(rows * d);
-    total += r16(rows * d) + r16(rows) + r16(rows * v) + r16(rows);
+    total += r16(rows) + r16(rows * v) + r16(rows);
     if fc_act_f32 {
         total += r16(rows * 4 * d);
     }
@@ -318,8 +322,12 @@ pub fn engine_with(
     let (floats, mut halves) = activations(cfg, batch, training, attn_scratch, bf16);
     let e = match bf16 {
         None => e,
-        Some(_) => {
-            halves += rows * cfg.n_embd as u128;
+        Some(inputs) => {
+            // The scratch a packed product rounds an f32 input into: attention's output,
+            // where attention stores f32 (the engine's `max_packed_input`).
+            if !inputs.attention {
+                halves += rows * cfg.n_embd as u128;
+            }
             e.add("bf16 weights", 2 * packed_matrices(cfg), Scale::Model)
         }
     };

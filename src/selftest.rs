@@ -8,8 +8,8 @@
 //! the backward pass, its cache layout and its packed weights are its own business.
 
 use crate::backend::{
-    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, DrawSizes, Op, Precision,
-    Update, View,
+    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, DrawSizes, LogitGradient, Op,
+    Precision, Update, View,
 };
 use crate::config::ModelConfig;
 use crate::data::TokenSet;
@@ -1116,10 +1116,14 @@ fn loss_kernels(p: &mut Pair) {
                     b.set_targets(&targets, &weights);
                 }
             });
-            let logits = p.put_random(ROWS * VOCAB, 4.0);
+            let data = p.random(ROWS * VOCAB, 4.0);
+            let logits = p.put(&data);
             let losses = p.out(ROWS);
-            let scale = gradient.then_some(0.3);
-            p.both(|b| b.cross_entropy(logits, losses, VOCAB, scale));
+            let in_place = gradient.then_some(LogitGradient {
+                scale: 0.3,
+                out: logits,
+            });
+            p.both(|b| b.cross_entropy(logits, losses, VOCAB, in_place));
             let name = match (weighted, gradient) {
                 (false, false) => "cross_entropy",
                 (false, true) => "cross_entropy (gradient)",
@@ -1133,8 +1137,58 @@ fn loss_kernels(p: &mut Pair) {
                 tol.f32_products,
                 &[("losses", losses), (what, logits)],
             );
+            if gradient {
+                cross_entropy_into_bf16(p, &data, logits, losses, weighted);
+            }
         }
     }
+}
+
+/// The pass `logits` and `losses` hold the f32 results of, again from the same `data` with the
+/// gradient stored as bfloat16 apart from the logits: each backend's bf16 gradient must be its
+/// f32 one rounded, its losses the same bits, and its logits left as they were.
+fn cross_entropy_into_bf16(
+    p: &mut Pair,
+    data: &[f32],
+    f32_grad: View,
+    f32_losses: View,
+    weighted: bool,
+) {
+    let logits = p.put(data);
+    let losses = p.out(ROWS);
+    let stored = p.half.take(ROWS * VOCAB);
+    let gradient = LogitGradient {
+        scale: 0.3,
+        out: stored,
+    };
+    p.both(|b| {
+        b.fill(stored, STORED_POISON);
+        b.cross_entropy(logits, losses, VOCAB, Some(gradient))
+    });
+    let mut misses = p.rounding_misses(f32_grad, stored);
+    for b in &p.b {
+        let (mut kept, mut want, mut got) =
+            (vec![0.0; data.len()], vec![0.0; ROWS], vec![0.0; ROWS]);
+        b.download(logits, &mut kept);
+        b.download(f32_losses, &mut want);
+        b.download(losses, &mut got);
+        let bits = |a: &f32, b: &f32| a.to_bits() != b.to_bits();
+        misses += kept.iter().zip(data).filter(|(a, b)| bits(a, b)).count();
+        misses += want.iter().zip(&got).filter(|(a, b)| bits(a, b)).count();
+    }
+    let name = if weighted {
+        "cross_entropy (weighted, gradient, bf16 out)"
+    } else {
+        "cross_entropy (gradient, bf16 out)"
+    };
+    p.checks.push(Check::measured(
+        name,
+        misses as f64,
+        0.0,
+        "elements not the f32 gradient rounded, losses not the f32 pass's bits or logits \
+         changed, on either backend"
+            .to_string(),
+    ));
 }
 
 fn optimizer_kernels(p: &mut Pair) {

@@ -4,7 +4,8 @@
 //! only, so a new backend runs the same ones as the CPU.
 
 use igpt::backend::{
-    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, DrawSizes, Op, Update, View,
+    AdamStep, Arena, ArenaSizes, AttnShape, Backend, DType, Device, DrawSizes, LogitGradient, Op,
+    Update, View,
 };
 use igpt::sample::{SampleOptions, SampleScratch, choose_token};
 use rand::{Rng, SeedableRng};
@@ -890,7 +891,11 @@ fn cross_entropy_loss_and_gradient() {
                     "{device} cross_entropy {mode}: loss {i} is {a}, not {b}"
                 );
             }
-            r.b.cross_entropy(zv, lv, v, Some(0.5));
+            let gradient = LogitGradient {
+                scale: 0.5,
+                out: zv,
+            };
+            r.b.cross_entropy(zv, lv, v, Some(gradient));
             let g = r.get(zv);
             for (i, (a, b)) in r.get(lv).iter().zip(naive(&logits)).enumerate() {
                 assert!(

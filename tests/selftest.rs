@@ -6,7 +6,9 @@ mod common;
 
 use common::{igpt, s, stderr, tempdir};
 use igpt::backend::cpu::CpuBackend;
-use igpt::backend::{ArenaSizes, AttnShape, Backend, DType, Device, Op, Precision, Update, View};
+use igpt::backend::{
+    ArenaSizes, AttnShape, Backend, DType, Device, LogitGradient, Op, Precision, Update, View,
+};
 use igpt::sample::SampleOptions;
 use igpt::selftest::{self, Check, Options, Tolerances};
 use std::collections::BTreeSet;
@@ -85,6 +87,8 @@ const KERNEL_CHECKS: &[&str] = &[
     "cross_entropy (gradient)",
     "cross_entropy (weighted)",
     "cross_entropy (weighted, gradient)",
+    "cross_entropy (gradient, bf16 out)",
+    "cross_entropy (weighted, gradient, bf16 out)",
     "sum_squares",
     "clipped_update (clipped)",
     "clipped_update (within the clip)",
@@ -463,8 +467,17 @@ impl Backend for Faulty {
         self.cpu.gelu_backward(dx, dout, x);
         self.bf16_output(dx);
     }
-    fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>) {
-        self.cpu.cross_entropy(logits, losses, v, grad_scale)
+    fn cross_entropy(
+        &mut self,
+        logits: View,
+        losses: View,
+        v: usize,
+        gradient: Option<LogitGradient>,
+    ) {
+        self.cpu.cross_entropy(logits, losses, v, gradient);
+        if let Some(g) = gradient.filter(|g| g.out != logits) {
+            self.bf16_output(g.out);
+        }
     }
     fn sum_squares(&self, x: View) -> f64 {
         self.cpu.sum_squares(x)
@@ -582,6 +595,8 @@ fn bf16_outputs_rounded_wrongly_fail_the_bf16_output_checks_only() {
             "attention_step (bf16 cache, bf16 out)",
             "matmul (bf16 operands, N,T, bf16 out)",
             "pack_weight + matmul_packed (N, bf16 in and out)",
+            "cross_entropy (gradient, bf16 out)",
+            "cross_entropy (weighted, gradient, bf16 out)",
         ],
     );
     let c = check(&checks, "gelu_forward (bf16 out)");

@@ -75,6 +75,15 @@ impl Update {
     }
 }
 
+/// Where [`Backend::cross_entropy`] writes `scale * dloss/dlogits`: over the logits
+/// themselves (`out` is the f32 logits view), or into a bfloat16 view of their length, stored
+/// rounded for the head's bfloat16 products while the logits stay as they were.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogitGradient {
+    pub scale: f32,
+    pub out: View,
+}
+
 /// One AdamW step on parameters held in host memory (a classification head, which stays on the
 /// host whatever the device): the same update the backends apply to the model.
 pub use cpu::optim::adamw as adamw_host;
@@ -511,9 +520,15 @@ pub trait Backend: Send {
     /// `dout` itself (in place) or a separate view, f32 or bfloat16 (the gradient stored
     /// rounded for the bfloat16 products that read it).
     fn gelu_backward(&mut self, dx: View, dout: View, x: View);
-    /// Per-position losses against the stored tokens; with `grad_scale`, `logits` becomes
-    /// `grad_scale * dloss/dlogits`.
-    fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>);
+    /// Per-position losses against the stored tokens; with `gradient`, also the logits'
+    /// gradient as [`LogitGradient`] says.
+    fn cross_entropy(
+        &mut self,
+        logits: View,
+        losses: View,
+        v: usize,
+        gradient: Option<LogitGradient>,
+    );
     fn sum_squares(&self, x: View) -> f64;
     /// Sets the step the next [`Backend::clipped_update`]s take. A transfer, not a kernel, so
     /// a recorded update replays with each step's rate and count.

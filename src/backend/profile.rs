@@ -5,7 +5,7 @@
 //! Waiting after every call removes the overlap of host and device work, so a profiled step is
 //! slower than a real one; the shares, not the sum, are what it measures.
 
-use super::{ArenaSizes, AttnShape, Backend, Op, Update, View};
+use super::{ArenaSizes, AttnShape, Backend, LogitGradient, Op, Update, View};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -341,8 +341,14 @@ impl Backend for Profiled {
     fn gelu_backward(&mut self, dx: View, dout: View, x: View) {
         timed!(self, gelu_backward(dx, dout, x))
     }
-    fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>) {
-        timed!(self, cross_entropy(logits, losses, v, grad_scale))
+    fn cross_entropy(
+        &mut self,
+        logits: View,
+        losses: View,
+        v: usize,
+        gradient: Option<LogitGradient>,
+    ) {
+        timed!(self, cross_entropy(logits, losses, v, gradient))
     }
     fn sum_squares(&self, x: View) -> f64 {
         timed!(self, sum_squares(x))

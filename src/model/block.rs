@@ -201,6 +201,36 @@ pub(crate) fn head_forward(
     linear(b, logits, lnf, w.head, rows, d, v, false);
 }
 
+/// Backward of [`head_forward`]'s product for the head at `wtet` (`[v, d]`, read by the
+/// forward pass as `read`): adds `dlogits^T lnf` to its gradient and writes `dx = dlogits wtet`
+/// (adds it where `accumulate`). Where `lnf` is bfloat16 (training's bf16 products), so is
+/// `dlogits`, and `dx` reads the packed head; otherwise all three are f32.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn head_backward(
+    b: &mut dyn Backend,
+    (wtet, read): (usize, Weight),
+    dx: View,
+    dlogits: View,
+    lnf: View,
+    (rows, d, v): (usize, usize, usize),
+    accumulate: bool,
+) {
+    let grad = View::new(Arena::Grads, wtet, v * d);
+    match (lnf.dtype, read) {
+        (DType::F32, _) => {
+            let w = View::new(Arena::Params, wtet, v * d);
+            b.matmul(dx, dlogits, Op::N, w, Op::N, rows, v, d, accumulate);
+        }
+        (DType::Bf16, Weight::Packed(packed)) => {
+            assert_eq!(dlogits.dtype, DType::Bf16, "head_backward: {dlogits:?}");
+            // Packed `[d, v]` plainly, row-major, by a backend that rounds packed inputs.
+            b.matmul(dx, dlogits, Op::N, packed, Op::T, rows, v, d, accumulate);
+        }
+        _ => panic!("head_backward: a bf16 input {lnf:?} needs a packed head"),
+    }
+    b.matmul(grad, dlogits, Op::T, lnf, Op::N, v, rows, d, true);
+}
+
 /// Backward of `y = x @ W` for the weight at `w` (`[n_in, n_out]`, read by the forward pass
 /// as `read`): adds `x^T dy` to its gradient and writes `dx = dy W^T`. Where `x` is bfloat16
 /// (stored so for the forward product, whose weight is then packed), both products read

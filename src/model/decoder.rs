@@ -772,7 +772,7 @@ mod plan_tests {
 mod replay_tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
-    use crate::backend::{DType, Op, Recording};
+    use crate::backend::{DType, LogitGradient, Op, Recording};
     use std::sync::{Arc, Mutex};
 
     type Call = Box<dyn Fn(&mut dyn Backend, usize) + Send>;
@@ -1037,7 +1037,7 @@ mod replay_tests {
         fn gelu_backward(&mut self, _: View, _: View, _: View) {
             unreachable!("the decoder does not train")
         }
-        fn cross_entropy(&mut self, _: View, _: View, _: usize, _: Option<f32>) {
+        fn cross_entropy(&mut self, _: View, _: View, _: usize, _: Option<LogitGradient>) {
             unreachable!("the decoder does not train")
         }
         fn sum_squares(&self, _: View) -> f64 {

@@ -4,9 +4,13 @@
 //! the batch size. A training step therefore allocates nothing: it only runs kernels.
 
 use super::ParamLayout;
-use super::block::{BlockIo, PackJob, Weights, block_forward, head_forward, linear_backward};
+use super::block::{
+    BlockIo, PackJob, Weights, block_forward, head_backward, head_forward, linear_backward,
+};
 use super::replay::{self, Replays};
-use crate::backend::{Arena, ArenaSizes, AttnShape, Backend, Device, Op, Precision, Update, View};
+use crate::backend::{
+    Arena, ArenaSizes, AttnShape, Backend, DType, Device, LogitGradient, Precision, Update, View,
+};
 use crate::config::ModelConfig;
 use crate::memory::Bf16Inputs;
 
@@ -32,14 +36,18 @@ pub struct ActPlan {
     /// Residual stream entering block l (l = n_layer: entering the final norm).
     resid: Vec<usize>,
     blocks: Vec<BlockActs>,
-    lnf: usize,
+    /// The final norm's output: f32, or bfloat16 in training with bfloat16 inputs (the head's
+    /// products then read it, and the logits' gradient, as bfloat16).
+    lnf: View,
     rstdf: usize,
     logits: usize,
     losses: usize,
     // Scratch shared by all layers.
     fc_act: View,
     /// A product's output gradient rounded for the bfloat16 products of its backward pass
-    /// (wide enough for the MLP's `4d` columns); only with bfloat16 inputs.
+    /// (wide enough for the MLP's `4d` columns and the logits); only with bfloat16 inputs in
+    /// training. The logits' gradient waits here from the forward pass's loss to the head's
+    /// backward products.
     dy_half: Option<View>,
     /// Whether attention reads and writes bfloat16 (with bfloat16 inputs, where the backend's
     /// attention can): Q, K, V, its output and their gradients.
@@ -119,12 +127,14 @@ impl ActPlan {
             })
             .collect();
         let blocks = (0..cfg.n_layer).map(|l| block_bufs[l % n_block]).collect();
-        let lnf = take(rows * d);
+        // bf16 for training's head products; f32 where only features and logits read it.
+        let lnf = place(&mut take, rows * d, training);
         let rstdf = take(rows);
         let logits = take(rows * v);
         let losses = take(rows);
         let fc_act = place(&mut take, rows * 4 * d, true);
-        let dy_half = (training && bf16_inputs).then(|| place(&mut take, rows * 4 * d, true));
+        let dy_half =
+            (training && bf16_inputs).then(|| place(&mut take, rows * (4 * d).max(v), true));
         let (d_resid, d_ln, d_att, d_qkv, d_fc_act) = if training {
             let d_att = place(&mut take, rows * d, attention_bf16);
             let d_qkv = match dy_half {
@@ -219,6 +229,18 @@ const KEPT_PASSES: usize = 4;
 
 /// The first `len` elements of a planned buffer: a pass of fewer sequences than planned uses
 /// the start of each.
+impl ActPlan {
+    /// Where a training pass's loss writes the logits' gradient for the head's backward
+    /// products: over the logits, or bfloat16 into `dy_half` where those products read
+    /// bfloat16 (the final norm's output is then bfloat16 too).
+    fn dlogits(&self, rows: usize, v: usize) -> View {
+        match self.dy_half {
+            Some(half) => first(half, rows * v),
+            None => act(self.logits, rows * v),
+        }
+    }
+}
+
 fn first(planned: View, len: usize) -> View {
     assert!(len <= planned.len, "{len} elements of {planned:?}");
     View { len, ..planned }
@@ -360,11 +382,12 @@ impl Engine {
         let half_inputs = bf16_inputs.map(|inputs| (&mut half, inputs));
         let plan = ActPlan::new(cfg, batch, training, backend.as_ref(), half_inputs);
         // The f32 inputs a packed product rounds: all of them, or (training) the attention
-        // output and the final norm's.
-        let max_packed_input = match (packs, bf16_operands) {
+        // output where attention stores f32 (as `memory::engine_with` counts them).
+        let max_packed_input = match (packs, bf16_inputs) {
             (false, _) => 0,
-            (true, false) => rows * 4 * d,
-            (true, true) => rows * d,
+            (true, None) => rows * 4 * d,
+            (true, Some(inputs)) if inputs.attention => 0,
+            (true, Some(_)) => rows * d,
         };
         backend.allocate(ArenaSizes {
             // Adopted parameters replace the arena, so it is not allocated as well.
@@ -713,14 +736,18 @@ impl Engine {
             b,
             &self.weights,
             act(plan.resid[self.cfg.n_layer], rows * d),
-            act(plan.lnf, rows * d),
+            first(plan.lnf, rows * d),
             act(plan.rstdf, rows),
             logits,
             rows,
             d,
             v,
         );
-        b.cross_entropy(logits, act(plan.losses, rows), v, grad_scale);
+        let gradient = grad_scale.map(|scale| LogitGradient {
+            scale,
+            out: plan.dlogits(rows, v),
+        });
+        b.cross_entropy(logits, act(plan.losses, rows), v, gradient);
     }
 
     /// The sum of the last forward pass's per-position losses.
@@ -757,7 +784,7 @@ impl Engine {
     }
 
     /// Logits of the last forward pass (`[n_seq, n_ctx, n_vocab]`); only valid after
-    /// [`Engine::forward`] (a training pass overwrites them with their gradient).
+    /// [`Engine::forward`] (a training pass whose products read f32 overwrites them with their gradient).
     pub fn logits(&self, out: &mut Vec<f32>) {
         let rows = self.n_seq * self.cfg.n_ctx();
         out.resize(rows * self.cfg.n_vocab, 0.0);
@@ -809,7 +836,9 @@ impl Engine {
         let src = match output {
             Output::Hidden(l) if l < self.cfg.n_layer => last,
             _ => {
-                let lnf = act(plan.lnf, rows * d);
+                // On a training engine of bf16 products the final norm's output is bf16,
+                // widened when downloaded.
+                let lnf = first(plan.lnf, rows * d);
                 let logits = act(plan.logits, rows * v);
                 head_forward(
                     self.backend.as_mut(),
@@ -871,15 +900,20 @@ impl Engine {
                 } else {
                     lay.ln_f
                 };
-                let (norm, rstd) = (plan.lnf, plan.rstdf);
+                let norm = match plan.lnf.dtype {
+                    DType::F32 => first(plan.lnf, rows * d),
+                    // A training engine's, bf16 for its products: the norm's gradient buffer.
+                    DType::Bf16 => act(plan.d_ln, rows * d),
+                };
+                let rstd = plan.rstdf;
                 self.backend.rmsnorm_forward(
-                    act(norm, rows * d),
+                    norm,
                     act(rstd, rows),
                     act(plan.resid[l], rows * d),
                     View::new(Arena::Params, gain, d),
                     d,
                 );
-                self.backend.download(act(norm, rows * d), &mut host);
+                self.backend.download(norm, &mut host);
                 for (j, &want) in layers.iter().enumerate() {
                     if want != l {
                         continue;
@@ -969,7 +1003,7 @@ impl Engine {
         let rows = self.n_seq * self.cfg.n_ctx();
         out.resize(rows * self.cfg.n_embd, 0.0);
         self.backend
-            .download(act(self.plan.lnf, rows * self.cfg.n_embd), out);
+            .download(first(self.plan.lnf, rows * self.cfg.n_embd), out);
     }
 
     fn backward_with(
@@ -994,7 +1028,7 @@ impl Engine {
         let pv = |o: usize, n: usize| View::new(Arena::Params, o, n);
         let gv = |o: usize, n: usize| View::new(Arena::Grads, o, n);
         let scratch = act(plan.attn_scratch, plan.attn_scratch_len);
-        let dlogits = act(plan.logits, rows * v);
+        let dlogits = plan.dlogits(rows, v);
         let d_resid = act(plan.d_resid, rows * d);
         let d_ln = act(plan.d_ln, rows * d);
         let d_att = first(plan.d_att, rows * d);
@@ -1008,27 +1042,14 @@ impl Engine {
         if let Some(extra) = extra_dlnf {
             b.upload(d_ln, extra);
         }
-        b.matmul(
+        head_backward(
+            b,
+            (lay.wtet, self.weights.head),
             d_ln,
             dlogits,
-            Op::N,
-            pv(lay.wtet, v * d),
-            Op::N,
-            rows,
-            v,
-            d,
+            first(plan.lnf, rows * d),
+            (rows, d, v),
             extra_dlnf.is_some(),
-        );
-        b.matmul(
-            gv(lay.wtet, v * d),
-            dlogits,
-            Op::T,
-            act(plan.lnf, rows * d),
-            Op::N,
-            v,
-            rows,
-            d,
-            true,
         );
         b.fill(d_resid, 0.0);
         // Where a product that adds to the stream reads bf16, the norm's backward pass before

@@ -592,6 +592,7 @@ void check_cross_entropy() {
         for (int weighted : {0, 1}) {
             for (int with_grad : {0, 1}) {
                 vector<float> z = random((size_t)rows * v, 0.1f, 4.0f);
+                const vector<float> logits_in = z;
                 vector<uint16_t> tgt = ids(rows, v);
                 vector<float> w = positive(rows, 0.2f, 2.0f);
                 w[3] = 0.0f, w[5] = 1.0f;  // BERT weights: 0 and 1 occur
@@ -609,13 +610,29 @@ void check_cross_entropy() {
                             want_z[(size_t)r * v + c] =
                                 scale * wr * (std::exp(zr[c] - m) / s - (c == tgt[r]));
                 }
+                const float* weights = weighted ? w.data() : nullptr;
+                const uint16_t* targets = (const uint16_t*)tgt.data();
+                // The _bf16 kernel reads a copy of the logits: the f32 one writes over z.
+                vector<float> logits = logits_in;
+                vector<float> loss16 = nan_f32(rows);
+                vector<uint16_t> grad16((size_t)rows * v, kPoisonBf16);
+                if (with_grad)
+                    per_row(cross_entropy_bf16, rows, (const float*)logits.data(), loss16.data(),
+                            targets, weights, v, grad16.data(), scale);
                 vector<float> loss = nan_f32(rows);
-                per_row(cross_entropy, rows, z.data(), loss.data(), (const uint16_t*)tgt.data(),
-                        (const float*)(weighted ? w.data() : nullptr), v, with_grad, scale);
+                per_row(cross_entropy, rows, (const float*)z.data(), loss.data(), targets,
+                        weights, v, with_grad ? z.data() : nullptr, scale);
                 std::string what = "v " + std::to_string(v) + (weighted ? " weighted" : "") +
                                    (with_grad ? " grad" : "");
                 check("cross_entropy", what + " loss", loss, want_loss, kRow);
                 check("cross_entropy", what + " logits", z, want_z, kRow);
+                if (with_grad) {
+                    // The f32 kernel's gradient rounded, its losses, and the logits untouched.
+                    check_bits("cross_entropy_bf16", what + " stored as bf16", grad16,
+                               rounded(z));
+                    check_bits("cross_entropy_bf16", what + " loss", loss16, loss);
+                    check_bits("cross_entropy_bf16", what + " logits kept", logits, logits_in);
+                }
             }
         }
     }

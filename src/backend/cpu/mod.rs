@@ -10,7 +10,7 @@ pub mod norm;
 pub mod optim;
 pub mod simd;
 
-use super::{Arena, ArenaSizes, AttnShape, Backend, DType, Op, Update, View};
+use super::{Arena, ArenaSizes, AttnShape, Backend, DType, LogitGradient, Op, Update, View};
 
 /// Bytes of memory available to this process (Linux: `MemAvailable`), if known.
 fn available_memory() -> Option<usize> {
@@ -738,23 +738,46 @@ impl Backend for CpuBackend {
         gradient(d, inputs);
     }
 
-    fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>) {
+    fn cross_entropy(
+        &mut self,
+        logits: View,
+        losses: View,
+        v: usize,
+        gradient: Option<LogitGradient>,
+    ) {
         let n = self.n_tokens;
-        if self.weighted {
-            let (targets, weights) = (
-                std::mem::take(&mut self.targets),
-                std::mem::take(&mut self.weights),
-            );
-            let ([z, l], []) = self.views([logits, losses], []);
-            loss::cross_entropy_weighted(z, l, &targets[..n], &weights[..n], v, grad_scale);
-            self.targets = targets;
-            self.weights = weights;
-            return;
+        let tokens = std::mem::take(&mut self.tokens);
+        let targets = std::mem::take(&mut self.targets);
+        let weights = std::mem::take(&mut self.weights);
+        let weighted = self.weighted.then(|| (&targets[..n], &weights[..n]));
+        let loss = |z: &mut [f32], l: &mut [f32], scale| match weighted {
+            Some((t, w)) => loss::cross_entropy_weighted(z, l, t, w, v, scale),
+            None => loss::cross_entropy(z, l, &tokens[..n], v, scale),
+        };
+        match gradient {
+            Some(g) if g.out != logits => {
+                assert!(
+                    g.out.dtype == DType::Bf16 && g.out.len == logits.len,
+                    "cross_entropy: a gradient apart from {logits:?} is bf16 of its length, \
+                     not {:?}",
+                    g.out
+                );
+                // Off the CPU's own training path: the gradient of a copy of the logits,
+                // stored rounded.
+                self.stored_as_bf16(g.out, |b, staged| {
+                    staged.copy_from_slice(b.slice(logits));
+                    let ([l], []) = b.views([losses], []);
+                    loss(staged, l, Some(g.scale));
+                });
+            }
+            _ => {
+                let ([z, l], []) = self.views([logits, losses], []);
+                loss(z, l, gradient.map(|g| g.scale));
+            }
         }
-        let toks = std::mem::take(&mut self.tokens);
-        let ([z, l], []) = self.views([logits, losses], []);
-        loss::cross_entropy(z, l, &toks[..n], v, grad_scale);
-        self.tokens = toks;
+        self.tokens = tokens;
+        self.targets = targets;
+        self.weights = weights;
     }
 
     fn sum_squares(&self, x: View) -> f64 {

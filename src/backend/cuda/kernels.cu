@@ -364,15 +364,16 @@ extern "C" __global__ void gelu_backward_bf16(bf16_bits* dx, const float* dout, 
 }
 
 // ---------------------------------------------------------------------------------------
-// Softmax cross-entropy over the palette, one block per row. With `with_grad`, the logits
-// become grad_scale * weight * (softmax - onehot). `weights` may be null (weight 1).
-
-extern "C" __global__ void cross_entropy(float* logits, float* losses, const uint16_t* targets,
-                                         const float* weights, int v, int with_grad,
-                                         float grad_scale) {
+// Softmax cross-entropy over the palette, one block per row. With a `grad` buffer, it
+// receives grad_scale * weight * (softmax - onehot): the f32 kernel's is `logits` itself or
+// null (no gradient); the _bf16 kernel's is apart from the logits, stored rounded for the
+// head's bf16 products. `weights` may be null (weight 1).
+template <typename G>
+__device__ void softmax_loss_row(const float* logits, float* losses, const uint16_t* targets,
+                                 const float* weights, int v, G* grad, float grad_scale) {
     __shared__ float shared[32];
     size_t row = blockIdx.x;
-    float* z = logits + row * v;
+    const float* z = logits + row * v;
     int target = targets[row];
     float m = -INFINITY;
     for (int c = threadIdx.x; c < v; c += blockDim.x) m = fmaxf(m, z[c]);
@@ -384,11 +385,24 @@ extern "C" __global__ void cross_entropy(float* logits, float* losses, const uin
     float zt = target < v ? z[target] : 0.0f;
     __syncthreads();
     if (threadIdx.x == 0) losses[row] = (m + logf(s) - zt) * w;
-    if (with_grad) {
+    if (grad) {
         float k = grad_scale * w;
+        // Each element is read, then written, by one thread: in place is safe.
         for (int c = threadIdx.x; c < v; c += blockDim.x)
-            z[c] = k * (expf(z[c] - m) / s - (c == target ? 1.0f : 0.0f));
+            store(grad, row * v + c, k * (expf(z[c] - m) / s - (c == target ? 1.0f : 0.0f)));
     }
+}
+
+extern "C" __global__ void cross_entropy(const float* logits, float* losses,
+                                         const uint16_t* targets, const float* weights, int v,
+                                         float* grad, float grad_scale) {
+    softmax_loss_row(logits, losses, targets, weights, v, grad, grad_scale);
+}
+
+extern "C" __global__ void cross_entropy_bf16(const float* logits, float* losses,
+                                              const uint16_t* targets, const float* weights,
+                                              int v, bf16_bits* grad, float grad_scale) {
+    softmax_loss_row(logits, losses, targets, weights, v, grad, grad_scale);
 }
 
 // ---------------------------------------------------------------------------------------

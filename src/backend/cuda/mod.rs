@@ -11,7 +11,10 @@ mod gemm;
 mod memory;
 pub use memory::{memory_in_use, synchronize};
 
-use super::{Arena, ArenaSizes, AttnShape, Backend, DType, Op, Precision, Recording, Update, View};
+use super::{
+    Arena, ArenaSizes, AttnShape, Backend, DType, LogitGradient, Op, Precision, Recording, Update,
+    View,
+};
 use crate::backend::device::Gpu;
 use crate::sample::SampleOptions;
 use anyhow::{Result, anyhow, bail};
@@ -157,7 +160,7 @@ struct Kernels {
     add_column_sums: CudaFunction,
     gelu_forward: [CudaFunction; 2],
     gelu_backward: [CudaFunction; 2],
-    cross_entropy: CudaFunction,
+    cross_entropy: [CudaFunction; 2],
     adamw_tensors: CudaFunction,
     sum_squares: CudaFunction,
     sum_partials: CudaFunction,
@@ -247,7 +250,7 @@ impl Kernels {
             add_column_sums: f("add_column_sums")?,
             gelu_forward: [f("gelu_forward")?, f("gelu_forward_bf16")?],
             gelu_backward: [f("gelu_backward")?, f("gelu_backward_bf16")?],
-            cross_entropy: f("cross_entropy")?,
+            cross_entropy: [f("cross_entropy")?, f("cross_entropy_bf16")?],
             adamw_tensors: f("adamw_tensors")?,
             sum_squares: f("sum_squares")?,
             sum_partials: f("sum_partials")?,
@@ -1985,12 +1988,26 @@ impl Backend for CudaBackend {
         );
     }
 
-    fn cross_entropy(&mut self, logits: View, losses: View, v: usize, grad_scale: Option<f32>) {
+    fn cross_entropy(
+        &mut self,
+        logits: View,
+        losses: View,
+        v: usize,
+        gradient: Option<LogitGradient>,
+    ) {
         let rows = self.n_tokens;
         assert!(
             logits.len == rows * v && losses.len == rows,
             "cross_entropy: sizes"
         );
+        if let Some(g) = gradient {
+            assert!(
+                g.out == logits || (g.out.dtype == DType::Bf16 && g.out.len == logits.len),
+                "cross_entropy: the gradient goes over {logits:?} or to bf16 of its length, \
+                 not {:?}",
+                g.out
+            );
+        }
         let a = self.arenas();
         let (targets, weights) = if self.weighted {
             (a.targets.ptr, a.weights.ptr)
@@ -1998,16 +2015,14 @@ impl Backend for CudaBackend {
             (a.tokens.ptr, 0u64)
         };
         let (z, l) = (self.ptr(logits), self.ptr(losses));
-        let (vi, with_grad, scale) = (
-            int(v),
-            grad_scale.is_some() as i32,
-            grad_scale.unwrap_or(0.0),
-        );
+        let vi = int(v);
+        let (grad, scale) = gradient.map_or((0u64, 0.0f32), |g| (self.ptr(g.out), g.scale));
+        let kernel = &self.kernels.cross_entropy[gradient.map_or(0, |g| stored(g.out))];
         self.launch(
-            &self.kernels.cross_entropy,
+            kernel,
             per_row(rows),
             "cross_entropy",
-            &[&z, &l, &targets, &weights, &vi, &with_grad, &scale],
+            &[&z, &l, &targets, &weights, &vi, &grad, &scale],
         );
     }
 
@@ -2347,6 +2362,7 @@ mod tests {
                 "gelu_backward",
                 "gelu_backward_bf16",
                 "cross_entropy",
+                "cross_entropy_bf16",
                 "sum_squares",
                 "sum_partials",
                 "add_column_sums",

@@ -2,7 +2,7 @@
 
 igpt's bf16 training stores the products' inputs and gradients in bf16 and hands cuBLASLt bf16
 operands; before, it kept them in f32 and asked for bf16 tensor-core products of f32 operands
-(CUBLAS_COMPUTE_32F_FAST_16BF), as it still does for the head's two backward products. This
+(CUBLAS_COMPUTE_32F_FAST_16BF), as it still does where attention stores f32. This
 times both, with PyTorch on the same GPU, so the first GPU run says what that change is worth
 for the products (the element-wise passes are the other half of it):
 

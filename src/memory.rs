@@ -301,7 +301,8 @@ pub fn engine(
 }
 
 /// [`engine`], with the activations `bf16` says a GPU's bf16 training keeps as bf16, its
-/// packed weights, and the scratch its products round their f32 inputs into (`[rows, d]`).
+/// packed weights, and where attention stores f32, the scratch its products round that output
+/// into (`[rows, d]`).
 pub fn engine_with(
     cfg: &ModelConfig,
     batch: usize,

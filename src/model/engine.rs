@@ -227,8 +227,6 @@ struct PassKey {
 /// and a last smaller one).
 const KEPT_PASSES: usize = 4;
 
-/// The first `len` elements of a planned buffer: a pass of fewer sequences than planned uses
-/// the start of each.
 impl ActPlan {
     /// Where a training pass's loss writes the logits' gradient for the head's backward
     /// products: over the logits, or bfloat16 into `dy_half` where those products read
@@ -239,8 +237,20 @@ impl ActPlan {
             None => act(self.logits, rows * v),
         }
     }
+
+    /// An f32 buffer of `len` for a norm's output read on the host (features): the final
+    /// norm's own, or where that is bf16 (training's, for the head's products) the norm
+    /// gradient's, free outside a backward pass.
+    fn f32_norm(&self, len: usize) -> View {
+        match self.lnf.dtype {
+            DType::F32 => first(self.lnf, len),
+            DType::Bf16 => act(self.d_ln, len),
+        }
+    }
 }
 
+/// The first `len` elements of a planned buffer: a pass of fewer sequences than planned uses
+/// the start of each.
 fn first(planned: View, len: usize) -> View {
     assert!(len <= planned.len, "{len} elements of {planned:?}");
     View { len, ..planned }
@@ -784,7 +794,8 @@ impl Engine {
     }
 
     /// Logits of the last forward pass (`[n_seq, n_ctx, n_vocab]`); only valid after
-    /// [`Engine::forward`] (a training pass whose products read f32 overwrites them with their gradient).
+    /// [`Engine::forward`] (a training pass whose products read f32 overwrites them with their
+    /// gradient).
     pub fn logits(&self, out: &mut Vec<f32>) {
         let rows = self.n_seq * self.cfg.n_ctx();
         out.resize(rows * self.cfg.n_vocab, 0.0);
@@ -831,31 +842,23 @@ impl Engine {
         self.backend.set_tokens(ids);
         self.embed(rows, true);
         self.run_blocks(n_seq, depth);
-        let plan = &self.plan;
-        let last = act(plan.resid[depth], rows * d);
         let src = match output {
-            Output::Hidden(l) if l < self.cfg.n_layer => last,
-            _ => {
-                // On a training engine of bf16 products the final norm's output is bf16,
-                // widened when downloaded.
-                let lnf = first(plan.lnf, rows * d);
-                let logits = act(plan.logits, rows * v);
+            Output::Hidden(l) if l < self.cfg.n_layer => act(self.plan.resid[l], rows * d),
+            Output::Hidden(_) => self.final_norm_f32(rows),
+            Output::Logits => {
+                let logits = act(self.plan.logits, rows * v);
                 head_forward(
                     self.backend.as_mut(),
                     &self.weights,
-                    last,
-                    lnf,
-                    act(plan.rstdf, rows),
+                    act(self.plan.resid[depth], rows * d),
+                    first(self.plan.lnf, rows * d),
+                    act(self.plan.rstdf, rows),
                     logits,
                     rows,
                     d,
                     v,
                 );
-                if output == Output::Logits {
-                    logits
-                } else {
-                    lnf
-                }
+                logits
             }
         };
         out.resize(src.len, 0.0);
@@ -894,17 +897,13 @@ impl Engine {
         for l in 0..=deepest {
             if layers.contains(&l) {
                 let (plan, lay) = (&self.plan, &self.layout);
-                // The final norm's f32 buffers serve every layer: a block's own may be bf16.
+                // One f32 buffer serves every layer: a block's own may be bf16.
                 let gain = if l < n_layer {
                     lay.blocks[l].ln_1
                 } else {
                     lay.ln_f
                 };
-                let norm = match plan.lnf.dtype {
-                    DType::F32 => first(plan.lnf, rows * d),
-                    // A training engine's, bf16 for its products: the norm's gradient buffer.
-                    DType::Bf16 => act(plan.d_ln, rows * d),
-                };
+                let norm = plan.f32_norm(rows * d);
                 let rstd = plan.rstdf;
                 self.backend.rmsnorm_forward(
                     norm,
@@ -998,12 +997,32 @@ impl Engine {
     }
 
     /// The final norm's output `[n_seq, n_ctx, d]` of the last forward pass (what a
-    /// classification head reads).
-    pub fn final_norm_output(&self, out: &mut Vec<f32>) {
+    /// classification head reads), in f32.
+    pub fn final_norm_output(&mut self, out: &mut Vec<f32>) {
         let rows = self.n_seq * self.cfg.n_ctx();
-        out.resize(rows * self.cfg.n_embd, 0.0);
-        self.backend
-            .download(first(self.plan.lnf, rows * self.cfg.n_embd), out);
+        let lnf = match self.plan.lnf.dtype {
+            DType::F32 => first(self.plan.lnf, rows * self.cfg.n_embd),
+            // The pass kept it as bf16 for the head's products: computed again in f32.
+            DType::Bf16 => self.final_norm_f32(rows),
+        };
+        out.resize(lnf.len, 0.0);
+        self.backend.download(lnf, out);
+    }
+
+    /// Computes the final norm of the residual stream's first `rows` rows into
+    /// [`ActPlan::f32_norm`] and returns it. The row statistics it writes are the bits the
+    /// forward pass wrote (one computation for both output types).
+    fn final_norm_f32(&mut self, rows: usize) -> View {
+        let (plan, d) = (&self.plan, self.cfg.n_embd);
+        let out = plan.f32_norm(rows * d);
+        self.backend.rmsnorm_forward(
+            out,
+            act(plan.rstdf, rows),
+            act(plan.resid[self.cfg.n_layer], rows * d),
+            self.weights.ln_f,
+            d,
+        );
+        out
     }
 
     fn backward_with(

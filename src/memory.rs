@@ -187,14 +187,17 @@ pub fn activations(
     // Per block: ln1, att, mid, ln2 ([rows, d]), two rstd, qkv, lse, fc; then the final
     // norm's output and fc_act, shared.
     let (mut f32_rows_d, mut half) = (4 * n_block + 1, 0);
-    let (mut fc_act_f32, mut attention_f32) = (true, true);
+    // The MLP's `[rows, 4d]` buffers: each block's fc, the shared fc_act and (training) its
+    // gradient.
+    let (mut mlp_f32, mut attention_f32) = (true, true);
     if let Some(inputs) = bf16 {
         // A block's moved buffers, and in training the final norm's output.
         let per_block = if inputs.attention { 3 } else { 2 };
         let moved = per_block * n_block + u128::from(training);
         f32_rows_d -= moved;
-        half = moved * r32(rows * d) + r32(rows * 4 * d);
-        fc_act_f32 = false;
+        half = moved * r32(rows * d);
+        mlp_f32 = false;
+        half += (n_block + 1 + u128::from(training)) * r32(rows * 4 * d);
         if training {
             // dy_half: a product's output gradient, or the logits'.
             half += r32(rows * (4 * d).max(v));
@@ -209,16 +212,15 @@ pub fn activations(
         }
     }
     let qkv_f32 = if attention_f32 { r16(rows * 3 * d) } else { 0 };
-    let block = 2 * r16(rows) + qkv_f32 + r16(b * h * t) + r16(rows * 4 * d);
+    let block = 2 * r16(rows) + qkv_f32 + r16(b * h * t);
     let mut total = n_resid * r16(rows * d) + n_block * block + f32_rows_d * r16(rows * d);
     total += r16(rows) + r16(rows * v) + r16(rows);
-    if fc_act_f32 {
-        total += r16(rows * 4 * d);
+    if mlp_f32 {
+        total += (n_block + 1 + u128::from(training)) * r16(rows * 4 * d);
     }
     if training {
-        // The gradients of the stream, a norm's output, attention's output, Q, K, V and the
-        // activation.
-        total += 2 * r16(rows * d) + r16(rows * 4 * d);
+        // The gradients of the stream and a norm's output; attention's output, Q, K and V.
+        total += 2 * r16(rows * d);
         if attention_f32 {
             total += r16(rows * d) + r16(rows * 3 * d);
         }

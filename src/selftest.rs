@@ -1099,6 +1099,40 @@ fn activation_kernels(p: &mut Pair) {
         tol.f32_elementwise,
         &[("dx", dout)],
     );
+    gelu_from_bf16(p);
+}
+
+/// The quick-GELU reading bf16, as a GPU's training stores the pre-activation and the
+/// activation's gradient: from values bf16 holds exactly, each backend's bf16 results must be
+/// its f32 kernels' results rounded.
+fn gelu_from_bf16(p: &mut Pair) {
+    p.reset();
+    let n = ROWS * 4 * D;
+    let [x, dout] = [4.0, 1.0].map(|scale| {
+        let values = bf16_values(&p.random(n, scale));
+        p.put(&values)
+    });
+    let [x16, dout16] = [x, dout].map(|v| {
+        let stored = p.half.take(n);
+        p.both(|b| b.round_to_bf16(stored, v));
+        stored
+    });
+    let (out, dx) = (p.out(n), p.out(n));
+    p.both(|b| {
+        b.gelu_forward(out, x);
+        b.gelu_backward(dx, dout, x)
+    });
+    let (out16, dx16) = (p.half.take(n), p.half.take(n));
+    p.both(|b| {
+        b.fill(out16, STORED_POISON);
+        b.fill(dx16, STORED_POISON);
+        b.gelu_forward(out16, x16);
+        b.gelu_backward(dx16, dout16, x16)
+    });
+    let misses = p.rounding_misses(out, out16);
+    p.record_rounding("gelu_forward (bf16 in and out)", misses);
+    let misses = p.rounding_misses(dx, dx16);
+    p.record_rounding("gelu_backward (bf16 in and out)", misses);
 }
 
 fn loss_kernels(p: &mut Pair) {

@@ -83,6 +83,8 @@ const KERNEL_CHECKS: &[&str] = &[
     "gelu_backward",
     "gelu_backward (bf16 out)",
     "gelu_backward (in place)",
+    "gelu_forward (bf16 in and out)",
+    "gelu_backward (bf16 in and out)",
     "cross_entropy",
     "cross_entropy (gradient)",
     "cross_entropy (weighted)",
@@ -519,7 +521,11 @@ fn a_gelu_off_by_a_little_fails_the_gelu_forward_checks_only() {
     // The bf16 output is checked against the same backend's f32 output, which is off.
     let checks = fails_exactly(
         Fault::GeluOffset,
-        &["gelu_forward", "gelu_forward (bf16 out)"],
+        &[
+            "gelu_forward",
+            "gelu_forward (bf16 out)",
+            "gelu_forward (bf16 in and out)",
+        ],
     );
     let c = check(&checks, "gelu_forward");
     // Off by 1e-3 at outputs of a few units: about 1e-4 relative, ten times the tolerance.
@@ -597,6 +603,8 @@ fn bf16_outputs_rounded_wrongly_fail_the_bf16_output_checks_only() {
             "pack_weight + matmul_packed (N, bf16 in and out)",
             "cross_entropy (gradient, bf16 out)",
             "cross_entropy (weighted, gradient, bf16 out)",
+            "gelu_forward (bf16 in and out)",
+            "gelu_backward (bf16 in and out)",
         ],
     );
     let c = check(&checks, "gelu_forward (bf16 out)");

@@ -514,11 +514,12 @@ pub trait Backend: Send {
         pos: usize,
         len: usize,
     );
-    /// `out` may be bfloat16 (rounded as stored).
+    /// `out` may be bfloat16 (rounded as stored); it must be where `x` is bfloat16.
     fn gelu_forward(&mut self, out: View, x: View);
     /// The pre-activation gradient from the activation's, `dx = dout * gelu'(x)`: `dx` is
     /// `dout` itself (in place) or a separate view, f32 or bfloat16 (the gradient stored
-    /// rounded for the bfloat16 products that read it).
+    /// rounded for the bfloat16 products that read it). `dout` and `x` are both f32, or both
+    /// bfloat16 with a bfloat16 `dx`.
     fn gelu_backward(&mut self, dx: View, dout: View, x: View);
     /// Per-position losses against the stored tokens; with `gradient`, also the logits'
     /// gradient as [`LogitGradient`] says.

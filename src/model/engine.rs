@@ -26,7 +26,8 @@ struct BlockActs {
     mid: usize,
     ln2: View,
     rstd2: usize,
-    fc: usize,
+    /// The MLP's pre-activation (bf16 with bf16 inputs).
+    fc: View,
 }
 
 /// Where every activation lies for a given config and batch: offsets in [`Arena::Acts`],
@@ -58,7 +59,9 @@ pub struct ActPlan {
     /// in `dy_half`, free by the time attention's backward pass writes it).
     d_att: View,
     d_qkv: View,
-    d_fc_act: usize,
+    /// The activation's gradient: f32 (the pre-activation's gradient then replaces it in
+    /// place), or bf16 with bf16 inputs (the product that writes it stores it rounded).
+    d_fc_act: View,
     attn_scratch: usize,
     attn_scratch_len: usize,
     pub total: usize,
@@ -67,11 +70,13 @@ pub struct ActPlan {
 impl ActPlan {
     /// With `training`, every block keeps its activations; without, blocks share one set and
     /// the residual stream ping-pongs between two buffers. With `half`, the inputs of the
-    /// blocks' products that a norm or the activation writes (`ln1`, `ln2`, `fc_act`) are
-    /// bfloat16 in [`Arena::Half`] from `*half` on (which advances), as are `dy_half` and,
+    /// blocks' products that a norm or the activation writes (`ln1`, `ln2`, `fc_act`), the
+    /// MLP's pre-activation `fc` and in training its activation's gradient are bfloat16 in
+    /// [`Arena::Half`] from `*half` on (which advances), as are `dy_half` and,
     /// where [`Bf16Inputs::attention`] says (the backend's attention stores bf16), what
     /// attention reads and writes (Q, K, V, `att` and their gradients): a GPU's products then
-    /// read bfloat16 operands as stored, and write Q, K, V and `att`'s gradient as bfloat16.
+    /// read bfloat16 operands as stored, and write `fc`, the activation's gradient and (with
+    /// bf16 attention) Q, K, V and `att`'s gradient as bfloat16.
     pub fn new(
         cfg: &ModelConfig,
         batch: usize,
@@ -123,7 +128,7 @@ impl ActPlan {
                 mid: take(rows * d),
                 ln2: place(&mut take, rows * d, true),
                 rstd2: take(rows),
-                fc: take(rows * 4 * d),
+                fc: place(&mut take, rows * 4 * d, true),
             })
             .collect();
         let blocks = (0..cfg.n_layer).map(|l| block_bufs[l % n_block]).collect();
@@ -146,10 +151,10 @@ impl ActPlan {
                 take(rows * d),
                 d_att,
                 d_qkv,
-                take(rows * 4 * d),
+                place(&mut take, rows * 4 * d, true),
             )
         } else {
-            (0, 0, act(0, 0), act(0, 0), 0)
+            (0, 0, act(0, 0), act(0, 0), act(0, 0))
         };
         let attn_scratch_len = backend.attention_scratch_len(shape);
         let attn_scratch = take(attn_scratch_len);
@@ -985,7 +990,7 @@ impl Engine {
                 mid: act(ba.mid, rows * d),
                 ln2: first(ba.ln2, rows * d),
                 rstd2: act(ba.rstd2, rows),
-                fc: act(ba.fc, rows * 4 * d),
+                fc: first(ba.fc, rows * 4 * d),
                 fc_act: first(plan.fc_act, rows * 4 * d),
                 out: act(plan.resid[l + 1], rows * d),
             };
@@ -1053,7 +1058,7 @@ impl Engine {
         let d_att = first(plan.d_att, rows * d);
         let d_qkv = first(plan.d_qkv, rows * 3 * d);
         // The activation's gradient, then (in place, or bf16 into `dy_half`) its input's.
-        let d_fc_act = act(plan.d_fc_act, rows * 4 * d);
+        let d_fc_act = first(plan.d_fc_act, rows * 4 * d);
         let fc_act = first(plan.fc_act, rows * 4 * d);
         let dy_half = plan.dy_half;
 
@@ -1093,7 +1098,7 @@ impl Engine {
 
         for l in (0..cfg.n_layer).rev() {
             let (ba, po, w) = (&plan.blocks[l], &lay.blocks[l], &self.weights.blocks[l]);
-            let fc = act(ba.fc, rows * 4 * d);
+            let fc = first(ba.fc, rows * 4 * d);
             // MLP branch: the activation output is recomputed rather than stored per layer.
             b.gelu_forward(fc_act, fc);
             let (mlp_proj, dy) = ((po.mlp_proj, w.mlp_proj), resid_rounded.unwrap_or(d_resid));

@@ -579,6 +579,22 @@ void check_gelu() {
         check("gelu_backward", what, dx, want_d, kElementwise);
         check_bits("gelu_backward_bf16", what + " stored as bf16", dx16, rounded(dx));
         check("gelu_backward in place", what, dout, want_d, kElementwise);
+
+        // From bf16 inputs (a bf16 training pass's pre-activation and activation gradient):
+        // the f32 kernels' results from the same values, rounded.
+        vector<uint16_t> x16 = rounded(x), dout16 = rounded(random(n));
+        vector<float> xw = widened(x16), doutw = widened(dout16);
+        vector<float> out_w = nan_f32(n), dx_w = nan_f32(n);
+        elementwise(strided, gelu_forward, n, out_w.data(), (const float*)xw.data(), (size_t)n);
+        elementwise(strided, gelu_backward, n, dx_w.data(), (const float*)doutw.data(),
+                    (const float*)xw.data(), (size_t)n);
+        vector<uint16_t> from16(n, kPoisonBf16), dfrom16(n, kPoisonBf16);
+        elementwise(strided, gelu_forward_from_bf16, n, from16.data(),
+                    (const uint16_t*)x16.data(), (size_t)n);
+        elementwise(strided, gelu_backward_from_bf16, n, dfrom16.data(),
+                    (const uint16_t*)dout16.data(), (const uint16_t*)x16.data(), (size_t)n);
+        check_bits("gelu_forward_from_bf16", what, from16, rounded(out_w));
+        check_bits("gelu_backward_from_bf16", what, dfrom16, rounded(dx_w));
     }
 }
 

@@ -712,6 +712,16 @@ impl Backend for CpuBackend {
     }
 
     fn gelu_forward(&mut self, out: View, x: View) {
+        if x.dtype == DType::Bf16 {
+            // Off the CPU's own paths: through an f32 copy of the input.
+            assert_eq!(
+                out.dtype,
+                DType::Bf16,
+                "gelu_forward: bf16 {x:?} into {out:?}"
+            );
+            let x = self.widened(x);
+            return self.stored_as_bf16(out, |_, o| activation::quick_gelu_forward(o, &x));
+        }
         if out.dtype == DType::Bf16 {
             return self.stored_as_bf16(out, |b, o| {
                 let ([], [x]) = b.views([], [x]);
@@ -731,6 +741,15 @@ impl Backend for CpuBackend {
             dx.copy_from_slice(dout);
             activation::quick_gelu_backward_inplace(dx, x);
         };
+        if x.dtype == DType::Bf16 {
+            // Off the CPU's own paths: through f32 copies of the inputs.
+            assert!(
+                dout.dtype == DType::Bf16 && dx.dtype == DType::Bf16,
+                "gelu_backward: bf16 {x:?} with {dout:?} into {dx:?}"
+            );
+            let (dout, x) = (self.widened(dout), self.widened(x));
+            return self.stored_as_bf16(dx, |_, out| gradient(out, [&dout, &x]));
+        }
         if dx.dtype == DType::Bf16 {
             return self.stored_as_bf16(dx, |b, out| gradient(out, b.views([], [dout, x]).1));
         }

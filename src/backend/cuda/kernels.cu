@@ -323,13 +323,14 @@ extern "C" __global__ void add_column_sums(float* dst, const float* partials, in
 }
 
 // ---------------------------------------------------------------------------------------
-// Quick GELU: x * sigmoid(1.702 x). The _bf16 kernel stores it rounded to bfloat16.
+// Quick GELU: x * sigmoid(1.702 x). The _bf16 kernel stores it rounded to bfloat16; the
+// _from_bf16 kernel reads a bf16 pre-activation too (bf16 training stores it so).
 
-template <typename O>
-__device__ void gelu_elements(O* out, const float* x, size_t n) {
+template <typename O, typename I>
+__device__ void gelu_elements(O* out, const I* x, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        float v = x[i];
+        float v = load(x, i);
         store(out, i, v / (1.0f + expf(-1.702f * v)));
     }
 }
@@ -342,14 +343,20 @@ extern "C" __global__ void gelu_forward_bf16(bf16_bits* out, const float* x, siz
     gelu_elements(out, x, n);
 }
 
+extern "C" __global__ void gelu_forward_from_bf16(bf16_bits* out, const bf16_bits* x,
+                                                  size_t n) {
+    gelu_elements(out, x, n);
+}
+
 // dx = dout * gelu'(x). The f32 kernel may write over dout (each element is read, then
-// written, by one thread); the _bf16 kernel stores the gradient rounded for bf16 products.
-template <typename O>
-__device__ void gelu_gradient(O* dx, const float* dout, const float* x, size_t n) {
+// written, by one thread); the _bf16 kernel stores the gradient rounded for bf16 products,
+// and the _from_bf16 kernel does so from a bf16 dout and x.
+template <typename O, typename I>
+__device__ void gelu_gradient(O* dx, const I* dout, const I* x, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        float v = x[i], s = 1.0f / (1.0f + expf(-1.702f * v));
-        store(dx, i, dout[i] * (s + 1.702f * v * s * (1.0f - s)));
+        float v = load(x, i), s = 1.0f / (1.0f + expf(-1.702f * v));
+        store(dx, i, load(dout, i) * (s + 1.702f * v * s * (1.0f - s)));
     }
 }
 
@@ -360,6 +367,11 @@ extern "C" __global__ void gelu_backward(float* dx, const float* dout, const flo
 
 extern "C" __global__ void gelu_backward_bf16(bf16_bits* dx, const float* dout, const float* x,
                                               size_t n) {
+    gelu_gradient(dx, dout, x, n);
+}
+
+extern "C" __global__ void gelu_backward_from_bf16(bf16_bits* dx, const bf16_bits* dout,
+                                                   const bf16_bits* x, size_t n) {
     gelu_gradient(dx, dout, x, n);
 }
 

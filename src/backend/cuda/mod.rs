@@ -158,8 +158,9 @@ struct Kernels {
     rmsnorm_forward: [CudaFunction; 2],
     rmsnorm_backward: CudaFunction,
     add_column_sums: CudaFunction,
-    gelu_forward: [CudaFunction; 2],
-    gelu_backward: [CudaFunction; 2],
+    /// By [`gelu_variant`]: f32 to f32, f32 to bf16, bf16 to bf16.
+    gelu_forward: [CudaFunction; 3],
+    gelu_backward: [CudaFunction; 3],
     cross_entropy: [CudaFunction; 2],
     adamw_tensors: CudaFunction,
     sum_squares: CudaFunction,
@@ -248,8 +249,16 @@ impl Kernels {
             rmsnorm_forward: [f("rmsnorm_forward")?, f("rmsnorm_forward_bf16")?],
             rmsnorm_backward: f("rmsnorm_backward")?,
             add_column_sums: f("add_column_sums")?,
-            gelu_forward: [f("gelu_forward")?, f("gelu_forward_bf16")?],
-            gelu_backward: [f("gelu_backward")?, f("gelu_backward_bf16")?],
+            gelu_forward: [
+                f("gelu_forward")?,
+                f("gelu_forward_bf16")?,
+                f("gelu_forward_from_bf16")?,
+            ],
+            gelu_backward: [
+                f("gelu_backward")?,
+                f("gelu_backward_bf16")?,
+                f("gelu_backward_from_bf16")?,
+            ],
             cross_entropy: [f("cross_entropy")?, f("cross_entropy_bf16")?],
             adamw_tensors: f("adamw_tensors")?,
             sum_squares: f("sum_squares")?,
@@ -412,6 +421,17 @@ fn check_onto(out: View, addend: View, what: &str) {
 /// The index of a kernel's variant that stores `out`'s element type (0: f32, 1: bf16).
 fn stored(out: View) -> usize {
     usize::from(out.dtype == DType::Bf16)
+}
+
+/// Which of the quick-GELU kernels writes `out` from inputs of type `input`: f32 to f32, f32
+/// to bf16, or bf16 to bf16 (a bf16 input's result is stored as bf16 too).
+fn gelu_variant(out: View, input: DType, what: &str) -> usize {
+    match (input, out.dtype) {
+        (DType::F32, DType::F32) => 0,
+        (DType::F32, DType::Bf16) => 1,
+        (DType::Bf16, DType::Bf16) => 2,
+        (DType::Bf16, DType::F32) => panic!("{what}: bf16 inputs give a bf16 result, not {out:?}"),
+    }
 }
 
 /// How a product of `operands` writes `out`: f32 as they say, or a bf16 `out` rounded once
@@ -1963,7 +1983,7 @@ impl Backend for CudaBackend {
         assert_eq!(out.len, x.len);
         let (o, xp, n) = (self.ptr(out), self.ptr(x), x.len);
         self.launch(
-            &self.kernels.gelu_forward[stored(out)],
+            &self.kernels.gelu_forward[gelu_variant(out, x.dtype, "gelu_forward")],
             elementwise(n),
             "gelu_forward",
             &[&o, &xp, &n],
@@ -1972,8 +1992,8 @@ impl Backend for CudaBackend {
 
     fn gelu_backward(&mut self, dx: View, dout: View, x: View) {
         assert!(
-            dx.len == x.len && dout.len == x.len && dout.dtype == DType::F32,
-            "gelu_backward: sizes"
+            dx.len == x.len && dout.len == x.len && dout.dtype == x.dtype,
+            "gelu_backward: sizes or types ({dx:?}, {dout:?}, {x:?})"
         );
         assert!(
             dx == dout || !dx.overlaps(&dout),
@@ -1981,7 +2001,7 @@ impl Backend for CudaBackend {
         );
         let (g, d, xp, n) = (self.ptr(dx), self.ptr(dout), self.ptr(x), x.len);
         self.launch(
-            &self.kernels.gelu_backward[stored(dx)],
+            &self.kernels.gelu_backward[gelu_variant(dx, x.dtype, "gelu_backward")],
             elementwise(n),
             "gelu_backward",
             &[&g, &d, &xp, &n],
@@ -2361,6 +2381,8 @@ mod tests {
                 "gelu_forward_bf16",
                 "gelu_backward",
                 "gelu_backward_bf16",
+                "gelu_forward_from_bf16",
+                "gelu_backward_from_bf16",
                 "cross_entropy",
                 "cross_entropy_bf16",
                 "sum_squares",

@@ -154,9 +154,10 @@ pub fn activation_floats(
 }
 
 /// Which activations a GPU's bf16 training stores as bf16 in the half arena (`ActPlan::new`
-/// with `half`): the normalised inputs, the activation and the gradient scratch always, and
-/// what attention reads and writes (Q, K, V, its output and their gradients) where
-/// `attention` (the backend's attention stores bf16).
+/// with `half`): the normalised inputs, the MLP's pre-activation, activation and (training)
+/// activation gradient, and the gradient scratch always, and what attention reads and writes
+/// (Q, K, V, its output and their gradients) where `attention` (the backend's attention stores
+/// bf16).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bf16Inputs {
     pub attention: bool,
@@ -185,7 +186,7 @@ pub fn activations(
     let n_resid = if training { l + 1 } else { 2 };
     let n_block = if training { l } else { 1 };
     // Per block: ln1, att, mid, ln2 ([rows, d]), two rstd, qkv, lse, fc; then the final
-    // norm's output and fc_act, shared.
+    // norm's output and fc_act, shared. The MLP's buffers are counted together below.
     let (mut f32_rows_d, mut half) = (4 * n_block + 1, 0);
     // The MLP's `[rows, 4d]` buffers: each block's fc, the shared fc_act and (training) its
     // gradient.

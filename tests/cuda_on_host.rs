@@ -900,6 +900,16 @@ fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
                 (["m 192"].into(), " k 48 ")
             };
             assert_eq!(shapes, want, "{queries}");
+            // One product a shape, told apart by its columns, depth and transposes (the MLP's
+            // two have the same columns and depth).
+            let products: std::collections::BTreeSet<Vec<&str>> = results
+                .iter()
+                .map(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    vec![w[1], w[5], w[7], w[8]]
+                })
+                .collect();
+            assert_eq!(products.len(), want.len() + 1, "{queries}");
             assert!(
                 results
                     .iter()

@@ -14,8 +14,8 @@ use crate::backend::{
 use crate::config::ModelConfig;
 use crate::memory::Bf16Inputs;
 
-/// Activations one block keeps for its backward pass: offsets in [`Arena::Acts`], and the
-/// normalised inputs of its products as views (see [`ActPlan::new`]).
+/// Activations one block keeps for its backward pass: offsets in [`Arena::Acts`], and as views
+/// the buffers that may be bfloat16 (see [`ActPlan::new`]).
 #[derive(Debug, Clone, Copy)]
 struct BlockActs {
     ln1: View,

@@ -733,22 +733,22 @@ impl Backend for CpuBackend {
     }
 
     fn gelu_backward(&mut self, dx: View, dout: View, x: View) {
-        if dx == dout {
-            let (d, [x]) = self.io(dout, [x]);
-            return activation::quick_gelu_backward_inplace(d, x);
-        }
         let gradient = |dx: &mut [f32], [dout, x]: [&[f32]; 2]| {
             dx.copy_from_slice(dout);
             activation::quick_gelu_backward_inplace(dx, x);
         };
         if x.dtype == DType::Bf16 {
-            // Off the CPU's own paths: through f32 copies of the inputs.
+            // Off the CPU's own paths: through f32 copies of the inputs (in place too).
             assert!(
                 dout.dtype == DType::Bf16 && dx.dtype == DType::Bf16,
                 "gelu_backward: bf16 {x:?} with {dout:?} into {dx:?}"
             );
             let (dout, x) = (self.widened(dout), self.widened(x));
             return self.stored_as_bf16(dx, |_, out| gradient(out, [&dout, &x]));
+        }
+        if dx == dout {
+            let (d, [x]) = self.io(dout, [x]);
+            return activation::quick_gelu_backward_inplace(d, x);
         }
         if dx.dtype == DType::Bf16 {
             return self.stored_as_bf16(dx, |b, out| gradient(out, b.views([], [dout, x]).1));

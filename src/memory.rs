@@ -200,8 +200,9 @@ pub fn activations(
         mlp_f32 = false;
         half += (n_block + 1 + u128::from(training)) * r32(rows * 4 * d);
         if training {
-            // dy_half: a product's output gradient, or the logits'.
-            half += r32(rows * (4 * d).max(v));
+            // dy_half: a product's output gradient, or the logits'; the blocks' norms' output
+            // gradient.
+            half += r32(rows * (4 * d).max(v)) + r32(rows * d);
         }
         if inputs.attention {
             // Q, K, V per block; the output's gradient (Q, K and V's lies in the scratch).

@@ -647,6 +647,38 @@ fn norm_kernels(p: &mut Pair) {
     });
     let misses = p.rounding_misses(dx, stored);
     p.record_rounding("rmsnorm_backward (bf16 copy)", misses);
+
+    // From a bf16 dout (as a GPU's bf16 training stores the norms' output gradient): from the
+    // same values, each backend's dx and dg must be the bits of its f32 pass.
+    let values = bf16_values(&p.random(ROWS * D, 1.0));
+    let dout = p.put(&values);
+    let dout16 = p.half.take(ROWS * D);
+    p.set(dout16, &values);
+    let start = [p.random(ROWS * D, 1.0), p.random(D, 1.0)];
+    let [dx, dg, dx16, dg16] = [&start[0], &start[1], &start[0], &start[1]].map(|v| p.put(v));
+    p.both(|b| {
+        b.rmsnorm_backward(dx, None, dg, dout, x, rstd, g, D);
+        b.rmsnorm_backward(dx16, None, dg16, dout16, x, rstd, g, D)
+    });
+    let mut misses = 0;
+    for b in &p.b {
+        for (want, got) in [(dx, dx16), (dg, dg16)] {
+            let (mut w, mut o) = (vec![0.0; want.len], vec![0.0; got.len]);
+            b.download(want, &mut w);
+            b.download(got, &mut o);
+            misses += w
+                .iter()
+                .zip(&o)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+        }
+    }
+    p.checks.push(Check::measured(
+        "rmsnorm_backward (bf16 dout)",
+        misses as f64,
+        0.0,
+        "elements of dx and dg not the f32 pass's bits, on either backend".to_string(),
+    ));
 }
 
 fn op_name(op: Op) -> &'static str {
@@ -1108,14 +1140,12 @@ fn activation_kernels(p: &mut Pair) {
 fn gelu_from_bf16(p: &mut Pair) {
     p.reset();
     let n = ROWS * 4 * D;
-    let [x, dout] = [4.0, 1.0].map(|scale| {
+    // The bf16 copies uploaded as they are (exact), not rounded by the backend under test.
+    let [(x, x16), (dout, dout16)] = [4.0, 1.0].map(|scale| {
         let values = bf16_values(&p.random(n, scale));
-        p.put(&values)
-    });
-    let [x16, dout16] = [x, dout].map(|v| {
         let stored = p.half.take(n);
-        p.both(|b| b.round_to_bf16(stored, v));
-        stored
+        p.set(stored, &values);
+        (p.put(&values), stored)
     });
     let (out, dx) = (p.out(n), p.out(n));
     p.both(|b| {

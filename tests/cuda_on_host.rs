@@ -803,6 +803,16 @@ fn assert_bf16_launches(launches: &str, flash: bool) {
     );
     // Each training pass's loss stores the logits' gradient as bf16; evaluation has none.
     assert_eq!(count("cross_entropy_bf16"), backwards, "{launches}");
+    // The blocks' two norms read their output's gradient as bf16 (the products store it so);
+    // the final norm's, from the head, stays f32.
+    assert_eq!(
+        (
+            count("rmsnorm_backward_from_bf16"),
+            count("rmsnorm_backward")
+        ),
+        (4 * backwards, backwards),
+        "{launches}"
+    );
     let flash_launches = kernels
         .iter()
         .filter(|k| k.starts_with("flash_attention"))
@@ -879,41 +889,51 @@ fn each_products_algorithm_is_chosen_once_however_often_it_runs() {
             assert_eq!(weights, f32_inputs, "{queries}");
             assert_eq!(fast, weights + per_head, "{queries}");
             assert_eq!(per_head > 0, embd == "48", "{queries}");
-            // Two products store bf16 (type 14) results with either kind of heads: the MLP's
-            // pre-activation (c_fc's forward product, 4d columns from d) and the gradient of
-            // its activation (mlp_proj's dx, 4d columns from d). With flash attention two more:
-            // Q, K, V (c_attn's forward product, 96 columns from 32) and the gradient of
-            // attention's output (attn_proj's dx, 32 columns from 32). Each for every batch
-            // size it runs.
+            // Products that store bf16 (type 14) results, by columns and depth (m, k), with
+            // either kind of heads: the MLP's pre-activation (c_fc's forward, 4d from d), its
+            // activation's gradient (mlp_proj's dx, 4d from d) and the norms' output gradients
+            // (c_fc's dx, d from 4d; c_attn's dx, d from 3d). With flash attention two more:
+            // Q, K, V (c_attn's forward, 3d from d) and attention's output gradient
+            // (attn_proj's dx, d from d). Each for every batch size it runs.
             let results: Vec<&str> = lines
                 .iter()
                 .copied()
                 .filter(|l| l.contains(" out 14 "))
                 .collect();
-            let shapes: std::collections::BTreeSet<&str> = results
-                .iter()
-                .map(|l| &l[..l.find(" n ").unwrap()])
-                .collect();
-            let (want, k): (std::collections::BTreeSet<&str>, _) = if embd == "32" {
-                (["m 32", "m 96", "m 128"].into(), " k 32 ")
-            } else {
-                (["m 192"].into(), " k 48 ")
+            let fields = |l: &str| -> Vec<String> {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                [w[1], w[5], w[7], w[8]].map(String::from).to_vec()
             };
-            assert_eq!(shapes, want, "{queries}");
-            // One product a shape, told apart by its columns, depth and transposes (the MLP's
-            // two have the same columns and depth).
-            let products: std::collections::BTreeSet<Vec<&str>> = results
+            let shapes: std::collections::BTreeSet<(String, String)> = results
                 .iter()
                 .map(|l| {
-                    let w: Vec<&str> = l.split_whitespace().collect();
-                    vec![w[1], w[5], w[7], w[8]]
+                    let f = fields(l);
+                    (f[0].clone(), f[1].clone())
                 })
                 .collect();
+            let want: &[(&str, &str)] = if embd == "32" {
+                &[
+                    ("128", "32"),
+                    ("32", "128"),
+                    ("32", "96"),
+                    ("96", "32"),
+                    ("32", "32"),
+                ]
+            } else {
+                &[("192", "48"), ("48", "192"), ("48", "144")]
+            };
+            let want: std::collections::BTreeSet<(String, String)> = want
+                .iter()
+                .map(|&(m, k)| (m.to_string(), k.to_string()))
+                .collect();
+            assert_eq!(shapes, want, "{queries}");
+            // One product a shape, told apart by its transposes too (the MLP's two have the
+            // same columns and depth).
+            let products: std::collections::BTreeSet<Vec<String>> =
+                results.iter().map(|l| fields(l)).collect();
             assert_eq!(products.len(), want.len() + 1, "{queries}");
             assert!(
-                results
-                    .iter()
-                    .all(|l| l.contains(k) && l.contains("type 14 compute 68")),
+                results.iter().all(|l| l.contains("type 14 compute 68")),
                 "{queries}"
             );
         } else {

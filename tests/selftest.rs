@@ -30,6 +30,7 @@ const KERNEL_CHECKS: &[&str] = &[
     "rmsnorm_forward (bf16 out)",
     "rmsnorm_backward",
     "rmsnorm_backward (bf16 copy)",
+    "rmsnorm_backward (bf16 dout)",
     "matmul (N,N)",
     "matmul (N,N, accumulate)",
     "matmul (N,T)",

@@ -369,7 +369,8 @@ pub trait Backend: Send {
     fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize);
     /// Adds the input gradient into `dx` and the gain gradient into `dg`; with `dx_rounded`
     /// (bfloat16, `dx`'s length), also stores the resulting `dx` there rounded, for the
-    /// bfloat16 products that read the residual stream's gradient next.
+    /// bfloat16 products that read the residual stream's gradient next. `dout` may be
+    /// bfloat16 (as bfloat16 products store it); everything else is f32.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &mut self,

@@ -54,7 +54,12 @@ pub struct ActPlan {
     /// attention can): Q, K, V, its output and their gradients.
     attention_bf16: bool,
     d_resid: usize,
+    /// The final norm's output gradient (the head's and a classification head's, which adds
+    /// to it), f32; and an f32 scratch for features outside a backward pass.
     d_ln: usize,
+    /// The blocks' norms' output gradient: `d_ln`, or bf16 with bf16 inputs (the products
+    /// that write it store it rounded, and the norms' backward passes read it so).
+    d_norm: View,
     /// The gradients of attention's output and of Q, K, V: f32, or bfloat16 (`d_qkv` then
     /// in `dy_half`, free by the time attention's backward pass writes it).
     d_att: View,
@@ -156,6 +161,10 @@ impl ActPlan {
         } else {
             (0, 0, act(0, 0), act(0, 0), act(0, 0))
         };
+        let d_norm = match dy_half {
+            Some(_) => place(&mut take, rows * d, true),
+            None => act(d_ln, rows * d),
+        };
         let attn_scratch_len = backend.attention_scratch_len(shape);
         let attn_scratch = take(attn_scratch_len);
         Self {
@@ -170,6 +179,7 @@ impl ActPlan {
             attention_bf16,
             d_resid,
             d_ln,
+            d_norm,
             d_att,
             d_qkv,
             d_fc_act,
@@ -1055,6 +1065,7 @@ impl Engine {
         let dlogits = plan.dlogits(rows, v);
         let d_resid = act(plan.d_resid, rows * d);
         let d_ln = act(plan.d_ln, rows * d);
+        let d_norm = first(plan.d_norm, rows * d);
         let d_att = first(plan.d_att, rows * d);
         let d_qkv = first(plan.d_qkv, rows * 3 * d);
         // The activation's gradient, then (in place, or bf16 into `dy_half`) its input's.
@@ -1107,11 +1118,11 @@ impl Engine {
             // Where the products read bf16, the gradient is stored rounded for them at once.
             let d_fc = dy_half.map_or(d_fc_act, |half| first(half, rows * 4 * d));
             b.gelu_backward(d_fc, d_fc_act, fc);
-            linear_backward(b, d_ln, c_fc, ln2, d_fc, dy_half, rows, d, 4 * d);
+            linear_backward(b, d_norm, c_fc, ln2, d_fc, dy_half, rows, d, 4 * d);
             let (mid, rstd2) = (act(ba.mid, rows * d), act(ba.rstd2, rows));
             let rounded = resid_for(plan.attention_bf16);
             let (gain, g2) = (gv(po.ln_2, d), pv(po.ln_2, d));
-            b.rmsnorm_backward(d_resid, rounded, gain, d_ln, mid, rstd2, g2, d);
+            b.rmsnorm_backward(d_resid, rounded, gain, d_norm, mid, rstd2, g2, d);
             // Attention branch.
             let att = first(ba.att, rows * d);
             let (attn_proj, dy) = ((po.attn_proj, w.attn_proj), rounded.unwrap_or(d_resid));
@@ -1122,12 +1133,12 @@ impl Engine {
             );
             b.attention_backward(d_qkv, d_att, att, lse, qkv, scratch, shape);
             let (c_attn, ln1) = ((po.c_attn, w.c_attn), first(ba.ln1, rows * d));
-            linear_backward(b, d_ln, c_attn, ln1, d_qkv, dy_half, rows, d, 3 * d);
+            linear_backward(b, d_norm, c_attn, ln1, d_qkv, dy_half, rows, d, 3 * d);
             let (x, rstd1) = (act(plan.resid[l], rows * d), act(ba.rstd1, rows));
             // For the MLP of the block below, if any.
             let rounded = resid_for(l > 0);
             let (gain, g1) = (gv(po.ln_1, d), pv(po.ln_1, d));
-            b.rmsnorm_backward(d_resid, rounded, gain, d_ln, x, rstd1, g1, d);
+            b.rmsnorm_backward(d_resid, rounded, gain, d_norm, x, rstd1, g1, d);
             finished(&FinishedGrads {
                 from: po.ln_1,
                 backend: &*b,

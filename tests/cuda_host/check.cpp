@@ -545,6 +545,27 @@ void check_rmsnorm() {
                (const float*)x.data(), (const float*)rs.data(), (const float*)g.data(), rows, d,
                rows_per_block);
         check_bits("rmsnorm_backward", what + " dx without the rounded copy", plain_dx, dx_out);
+
+        // From a bf16 dout (bf16 training's products store it so): the f32 kernel's dx, its
+        // rounded copy and dg from the same values, bit for bit.
+        vector<uint16_t> dout16 = rounded(dout);
+        vector<float> dout_w = widened(dout16);
+        auto from = [&](auto kernel, const auto* grad) {
+            vector<float> parts = nan_f32((size_t)count * d), out_dx = dx, out_dg = dg;
+            vector<uint16_t> copy((size_t)rows * d, kPoisonBf16);
+            launch(kernel, dim3(count, (d + 2047) / 2048), dim3(kRowThreads), 0, out_dx.data(),
+                   copy.data(), parts.data(), grad, (const float*)x.data(),
+                   (const float*)rs.data(), (const float*)g.data(), rows, d, rows_per_block);
+            launch(add_column_sums, dim3((d + 31) / 32), dim3(1024), 0, out_dg.data(),
+                   (const float*)parts.data(), count, d);
+            out_dx.insert(out_dx.end(), out_dg.begin(), out_dg.end());
+            return std::make_pair(out_dx, copy);
+        };
+        auto [want16, want_copy] = from(rmsnorm_backward, (const float*)dout_w.data());
+        auto [got16, got_copy] =
+            from(rmsnorm_backward_from_bf16, (const uint16_t*)dout16.data());
+        check_bits("rmsnorm_backward_from_bf16", what + " dx and dg", got16, want16);
+        check_bits("rmsnorm_backward_from_bf16", what + " dx rounded", got_copy, want_copy);
     }
 }
 

@@ -507,8 +507,15 @@ impl Backend for CpuBackend {
         d: usize,
     ) {
         let mut scratch = std::mem::take(&mut self.norm_scratch);
-        let ([gx, gg], [dout, x, rstd, g]) = self.views([dx, dg], [dout, x, rstd, g]);
-        norm::rmsnorm_backward(gx, gg, dout, x, rstd, g, d, &mut scratch);
+        if dout.dtype == DType::Bf16 {
+            // Off the CPU's own paths: through an f32 copy of the gradient.
+            let dout = self.widened(dout);
+            let ([gx, gg], [x, rstd, g]) = self.views([dx, dg], [x, rstd, g]);
+            norm::rmsnorm_backward(gx, gg, &dout, x, rstd, g, d, &mut scratch);
+        } else {
+            let ([gx, gg], [dout, x, rstd, g]) = self.views([dx, dg], [dout, x, rstd, g]);
+            norm::rmsnorm_backward(gx, gg, dout, x, rstd, g, d, &mut scratch);
+        }
         self.norm_scratch = scratch;
         if let Some(rounded) = dx_rounded {
             self.round_to_bf16(rounded, dx);

@@ -264,11 +264,12 @@ extern "C" __global__ void rmsnorm_forward_bf16(bf16_bits* out, float* rstd, con
 // (eight a thread, their gain sums in registers); each row's mean needs the whole row, which
 // every column block reads.
 // With `rounded` (else null), each final dx is also stored there rounded to bf16, for the
-// bf16 products that read the residual stream's gradient next.
-extern "C" __global__ void rmsnorm_backward(float* dx, bf16_bits* rounded, float* partials,
-                                            const float* dout, const float* x,
-                                            const float* rstd, const float* g, int rows, int d,
-                                            int rows_per_block) {
+// bf16 products that read the residual stream's gradient next. The _from_bf16 kernel reads a
+// bf16 dout (bf16 training's products store the norm output's gradient so).
+template <typename D>
+__device__ void rmsnorm_gradient(float* dx, bf16_bits* rounded, float* partials, const D* dout,
+                                 const float* x, const float* rstd, const float* g, int rows,
+                                 int d, int rows_per_block) {
     constexpr int kCols = 8;
     __shared__ float shared[32];
     const int c0 = blockIdx.y * kCols * blockDim.x + threadIdx.x;
@@ -277,20 +278,22 @@ extern "C" __global__ void rmsnorm_backward(float* dx, bf16_bits* rounded, float
 #pragma unroll
     for (int k = 0; k < kCols; k++) gain[k] = 0.0f;
     for (int row = r0; row < r1; row++) {
-        const float *xr = x + (size_t)row * d, *dr = dout + (size_t)row * d;
+        const float* xr = x + (size_t)row * d;
+        const D* dr = dout + (size_t)row * d;
         float r = rstd[row];
         float s = 0.0f;
-        for (int c = threadIdx.x; c < d; c += blockDim.x) s += dr[c] * g[c] * xr[c];
+        for (int c = threadIdx.x; c < d; c += blockDim.x) s += load(dr, c) * g[c] * xr[c];
         float mean = block_sum(s, shared) * r / d;
 #pragma unroll
         for (int k = 0; k < kCols; k++) {
             int c = c0 + k * blockDim.x;
             if (c < d) {
                 const size_t i = (size_t)row * d + c;
-                const float sum = dx[i] + r * (dr[c] * g[c] - xr[c] * r * mean);
+                const float dc = load(dr, c);
+                const float sum = dx[i] + r * (dc * g[c] - xr[c] * r * mean);
                 dx[i] = sum;
                 if (rounded) rounded[i] = to_bf16(sum);
-                gain[k] += dr[c] * xr[c] * r;
+                gain[k] += dc * xr[c] * r;
             }
         }
     }
@@ -299,6 +302,21 @@ extern "C" __global__ void rmsnorm_backward(float* dx, bf16_bits* rounded, float
         int c = c0 + k * blockDim.x;
         if (c < d) partials[(size_t)blockIdx.x * d + c] = gain[k];
     }
+}
+
+extern "C" __global__ void rmsnorm_backward(float* dx, bf16_bits* rounded, float* partials,
+                                            const float* dout, const float* x,
+                                            const float* rstd, const float* g, int rows, int d,
+                                            int rows_per_block) {
+    rmsnorm_gradient(dx, rounded, partials, dout, x, rstd, g, rows, d, rows_per_block);
+}
+
+extern "C" __global__ void rmsnorm_backward_from_bf16(float* dx, bf16_bits* rounded,
+                                                      float* partials, const bf16_bits* dout,
+                                                      const float* x, const float* rstd,
+                                                      const float* g, int rows, int d,
+                                                      int rows_per_block) {
+    rmsnorm_gradient(dx, rounded, partials, dout, x, rstd, g, rows, d, rows_per_block);
 }
 
 // dst[c] += the sum over k of partials[k, c] (`count` rows of `n` columns), added in the same

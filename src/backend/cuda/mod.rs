@@ -156,7 +156,8 @@ struct Kernels {
     /// RMS norm forward, storing f32 ([0]) or bfloat16 ([1]; see `stored`); quick-GELU's
     /// forward likewise.
     rmsnorm_forward: [CudaFunction; 2],
-    rmsnorm_backward: CudaFunction,
+    /// By `dout`'s type: f32, bf16.
+    rmsnorm_backward: [CudaFunction; 2],
     add_column_sums: CudaFunction,
     /// By [`gelu_variant`]: f32 to f32, f32 to bf16, bf16 to bf16.
     gelu_forward: [CudaFunction; 3],
@@ -247,7 +248,7 @@ impl Kernels {
             embed_step: f("embed_step")?,
             draw_tokens: f("draw_tokens")?,
             rmsnorm_forward: [f("rmsnorm_forward")?, f("rmsnorm_forward_bf16")?],
-            rmsnorm_backward: f("rmsnorm_backward")?,
+            rmsnorm_backward: [f("rmsnorm_backward")?, f("rmsnorm_backward_from_bf16")?],
             add_column_sums: f("add_column_sums")?,
             gelu_forward: [
                 f("gelu_forward")?,
@@ -1519,8 +1520,9 @@ impl Backend for CudaBackend {
             );
             self.ptr(r)
         });
+        let kernel = &self.kernels.rmsnorm_backward[usize::from(dout.dtype == DType::Bf16)];
         self.launch(
-            &self.kernels.rmsnorm_backward,
+            kernel,
             cfg,
             "rmsnorm_backward",
             &[
@@ -2377,6 +2379,7 @@ mod tests {
                 "rmsnorm_forward",
                 "rmsnorm_forward_bf16",
                 "rmsnorm_backward",
+                "rmsnorm_backward_from_bf16",
                 "gelu_forward",
                 "gelu_forward_bf16",
                 "gelu_backward",

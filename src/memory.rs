@@ -155,7 +155,8 @@ pub fn activation_floats(
 
 /// Which activations a GPU's bf16 training stores as bf16 in the half arena (`ActPlan::new`
 /// with `half`): the normalised inputs, the MLP's pre-activation, activation and (training)
-/// activation gradient, and the gradient scratch always, and what attention reads and writes
+/// activation gradient, the blocks' norms' output gradient (training) and the gradient
+/// scratch always, and what attention reads and writes
 /// (Q, K, V, its output and their gradients) where `attention` (the backend's attention stores
 /// bf16).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

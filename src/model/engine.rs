@@ -76,12 +76,13 @@ impl ActPlan {
     /// With `training`, every block keeps its activations; without, blocks share one set and
     /// the residual stream ping-pongs between two buffers. With `half`, the inputs of the
     /// blocks' products that a norm or the activation writes (`ln1`, `ln2`, `fc_act`), the
-    /// MLP's pre-activation `fc` and in training its activation's gradient are bfloat16 in
-    /// [`Arena::Half`] from `*half` on (which advances), as are `dy_half` and,
+    /// MLP's pre-activation `fc` and in training its activation's gradient and `d_norm` are
+    /// bfloat16 in [`Arena::Half`] from `*half` on (which advances), as are `dy_half` and,
     /// where [`Bf16Inputs::attention`] says (the backend's attention stores bf16), what
     /// attention reads and writes (Q, K, V, `att` and their gradients): a GPU's products then
-    /// read bfloat16 operands as stored, and write `fc`, the activation's gradient and (with
-    /// bf16 attention) Q, K, V and `att`'s gradient as bfloat16.
+    /// read bfloat16 operands as stored, and write `fc`, the activation's gradient, the
+    /// blocks' norms' output gradient (`d_norm`) and (with bf16 attention) Q, K, V and `att`'s
+    /// gradient as bfloat16.
     pub fn new(
         cfg: &ModelConfig,
         batch: usize,

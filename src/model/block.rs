@@ -205,7 +205,6 @@ pub(crate) fn head_forward(
 /// forward pass as `read`): adds `dlogits^T lnf` to its gradient and writes `dx = dlogits wtet`
 /// (adds it where `accumulate`). Where `lnf` is bfloat16 (training's bf16 products), so is
 /// `dlogits`, and `dx` reads the packed head; otherwise all three are f32.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn head_backward(
     b: &mut dyn Backend,
     (wtet, read): (usize, Weight),

@@ -189,6 +189,26 @@ impl ActPlan {
             total: off,
         }
     }
+
+    /// Where a training pass's loss writes the logits' gradient for the head's backward
+    /// products: over the logits, or bfloat16 into `dy_half` where those products read
+    /// bfloat16 (the final norm's output is then bfloat16 too).
+    fn dlogits(&self, rows: usize, v: usize) -> View {
+        match self.dy_half {
+            Some(half) => first(half, rows * v),
+            None => act(self.logits, rows * v),
+        }
+    }
+
+    /// An f32 buffer of `len` for a norm's output read on the host (features): the final
+    /// norm's own, or where that is bf16 (training's, for the head's products) the norm
+    /// gradient's, free outside a backward pass.
+    fn f32_norm(&self, len: usize) -> View {
+        match self.lnf.dtype {
+            DType::F32 => first(self.lnf, len),
+            DType::Bf16 => act(self.d_ln, len),
+        }
+    }
 }
 
 /// What [`Engine::infer`] returns.
@@ -242,28 +262,6 @@ struct PassKey {
 /// Training passes an engine keeps recorded: a run uses one or two sizes (the micro-batch,
 /// and a last smaller one).
 const KEPT_PASSES: usize = 4;
-
-impl ActPlan {
-    /// Where a training pass's loss writes the logits' gradient for the head's backward
-    /// products: over the logits, or bfloat16 into `dy_half` where those products read
-    /// bfloat16 (the final norm's output is then bfloat16 too).
-    fn dlogits(&self, rows: usize, v: usize) -> View {
-        match self.dy_half {
-            Some(half) => first(half, rows * v),
-            None => act(self.logits, rows * v),
-        }
-    }
-
-    /// An f32 buffer of `len` for a norm's output read on the host (features): the final
-    /// norm's own, or where that is bf16 (training's, for the head's products) the norm
-    /// gradient's, free outside a backward pass.
-    fn f32_norm(&self, len: usize) -> View {
-        match self.lnf.dtype {
-            DType::F32 => first(self.lnf, len),
-            DType::Bf16 => act(self.d_ln, len),
-        }
-    }
-}
 
 /// The first `len` elements of a planned buffer: a pass of fewer sequences than planned uses
 /// the start of each.

@@ -419,7 +419,8 @@ fn check_onto(out: View, addend: View, what: &str) {
     assert!(!addend.overlaps(&out), "{what}: overlapping");
 }
 
-/// The index of a kernel's variant that stores `out`'s element type (0: f32, 1: bf16).
+/// The index of a kernel's variant for `out`'s element type (0: f32, 1: bf16): the type it
+/// stores, or for a kernel with variants by input, the type it reads.
 fn stored(out: View) -> usize {
     usize::from(out.dtype == DType::Bf16)
 }
@@ -1520,7 +1521,7 @@ impl Backend for CudaBackend {
             );
             self.ptr(r)
         });
-        let kernel = &self.kernels.rmsnorm_backward[usize::from(dout.dtype == DType::Bf16)];
+        let kernel = &self.kernels.rmsnorm_backward[stored(dout)];
         self.launch(
             kernel,
             cfg,

@@ -64,8 +64,10 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace fake {
 
@@ -1150,29 +1152,52 @@ cublasStatus_t cublasLtMatmul(void*, void* desc, const void* alpha, const void* 
         if (o.bytes) job.uses.push_back({(uintptr_t)o.p, o.bytes});
     if (workspace_bytes) job.uses.push_back({(uintptr_t)workspace, workspace_bytes});
     job.run = [=] {
+        // Each operand decoded once into doubles, rows of A and columns of B contiguous, so the
+        // sums below read memory in order; the same values and the same order of additions as
+        // decoding element by element.
+        std::vector<double> a_rows((size_t)m * k), b_cols((size_t)n * k);
         for (int b = 0; b < batch; b++) {
             const char* a = static_cast<const char*>(A) + (size_t)b * stride_a * esize;
             const char* bb = static_cast<const char*>(B) + (size_t)b * stride_b * esize;
             const char* c = static_cast<const char*>(C) + (size_t)b * stride_c * rsize;
             char* d = static_cast<char*>(D) + (size_t)b * stride_c * rsize;
+            for (long long i = 0; i < m; i++)
+                for (long long x = 0; x < k; x++)
+                    a_rows[i * k + x] = element(a, type, ta, lda, i, x, fast_bf16);
             for (long long j = 0; j < n; j++)
-                for (long long i = 0; i < m; i++) {
-                    double sum = 0.0;
-                    for (long long x = 0; x < k; x++)
-                        sum += element(a, type, ta, lda, i, x, fast_bf16) *
-                               element(bb, type, tb, ldb, x, j, fast_bf16);
-                    // beta = 0: C is never read (it may hold NaN).
-                    long long at = i + j * ldc;
-                    float added = be == 0.0f ? 0.0f
-                                             : be * (float)element(c, result_type, false, ldc,
-                                                                   i, j, false);
-                    float r = be == 0.0f ? (float)(al * sum) : (float)(al * sum + added);
-                    // A bf16 result is the f32 one rounded to nearest even.
-                    if (bf16_result)
-                        reinterpret_cast<__nv_bfloat16*>(d)[at] = __float2bfloat16(r);
-                    else
-                        reinterpret_cast<float*>(d)[at] = r;
-                }
+                for (long long x = 0; x < k; x++)
+                    b_cols[j * k + x] = element(bb, type, tb, ldb, x, j, fast_bf16);
+            // Columns j = first, first + step, ...: each output is one thread's, so the bits
+            // do not depend on how many threads share the columns.
+            auto columns = [&](long long first, long long step) {
+                for (long long j = first; j < n; j += step)
+                    for (long long i = 0; i < m; i++) {
+                        const double* ar = &a_rows[i * k];
+                        const double* bc = &b_cols[j * k];
+                        double sum = 0.0;
+                        for (long long x = 0; x < k; x++) sum += ar[x] * bc[x];
+                        // beta = 0: C is never read (it may hold NaN).
+                        long long at = i + j * ldc;
+                        float added = be == 0.0f ? 0.0f
+                                                 : be * (float)element(c, result_type, false,
+                                                                       ldc, i, j, false);
+                        float r = be == 0.0f ? (float)(al * sum) : (float)(al * sum + added);
+                        // A bf16 result is the f32 one rounded to nearest even.
+                        if (bf16_result)
+                            reinterpret_cast<__nv_bfloat16*>(d)[at] = __float2bfloat16(r);
+                        else
+                            reinterpret_cast<float*>(d)[at] = r;
+                    }
+            };
+            // A second thread for large products only: starting one costs more than a small
+            // product.
+            if ((double)m * n * k >= 1e6) {
+                std::thread other(columns, 1, 2);
+                columns(0, 2);
+                other.join();
+            } else {
+                columns(0, 1);
+            }
         }
     };
     log_launch(call, "m " + std::to_string(m) + " n " + std::to_string(n) + " k " +

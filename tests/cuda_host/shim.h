@@ -202,6 +202,8 @@ struct Block {
     // No fiber before this place in scheduling order is ready (a barrier's release resets it),
     // so the scheduler's search starts here: a pass over the block costs O(threads).
     unsigned scan_from = 0;
+    // This launch's scheduling order: threads in descending order (see set_reverse_order).
+    bool reverse = false;
 #if defined(__x86_64__)
     void* scheduler_sp;
 #else
@@ -270,11 +272,15 @@ inline void barrier(int group) {
     unsigned size = group < 0 ? b.threads : warp_size_of(b, group);
     if (++arrived == size) {
         arrived = 0;
-        for (unsigned i = 0; i < b.threads; i++) {
+        // Only the group's own fibers can wait on its barrier: a warp's release scans 32.
+        unsigned first = group < 0 ? 0 : group * 32, end = first + size;
+        for (unsigned i = first; i < end; i++) {
             Fiber& f = b.fibers[i];
             if (f.state == Fiber::Waiting && f.waiting_on == group) f.state = Fiber::Ready;
         }
-        b.scan_from = 0;
+        // The earliest released fiber in scheduling order (see run_block's scan).
+        unsigned earliest = b.reverse ? b.threads - end : first;
+        b.scan_from = std::min(b.scan_from, earliest);
         return;
     }
     me.state = Fiber::Waiting;
@@ -369,7 +375,7 @@ inline void run_block(Block& b, const std::function<void()>& body, uint3 block_i
     }
     // Greedy: always resume the first ready thread in scheduling order, so the leading
     // threads (and their warp) run as far ahead of the others as the barriers allow.
-    bool reverse = reverse_order;
+    const bool reverse = b.reverse = reverse_order;
     b.scan_from = 0;
     for (;;) {
         int next = -1;

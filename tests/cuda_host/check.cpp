@@ -12,8 +12,9 @@
 // warps of work and grid-stride loops are all exercised. Outputs start as NaN (or a NaN
 // bfloat16 pattern), so an element a kernel forgets to write fails. Each check runs twice,
 // with the block's threads scheduled in ascending and in descending order (see shim.h).
-// Launches mirror mod.rs: per_row = one block of 256 threads per row, elementwise = blocks
-// of 256 (plus a 3-block grid for the grid-stride loops), and the special grids of
+// Launches mirror mod.rs: per_row = one block of 256 threads per row, per_warp_row = one warp
+// per row in blocks of 256, elementwise = blocks of 256 (plus a 3-block grid for the
+// grid-stride loops), and the special grids of
 // embed_backward_positions, rmsnorm_backward, sum_squares and attention_step. The
 // flash attention kernels run with the launch configurations documented above them in
 // kernels.cu, which mod.rs's flash_launch gives.
@@ -190,6 +191,14 @@ const std::pair<int, bool> kElementwiseCases[] = {{1000, false}, {5001, false}, 
 template <typename... P, typename... A>
 void per_row(void (*k)(P...), size_t rows, A... args) {
     launch(k, dim3((unsigned)rows), dim3(kRowThreads), 0, args...);
+}
+
+// One warp per row, blocks of kRowThreads (the RMS norm's forward kernels).
+template <typename... P, typename... A>
+void per_warp_row(void (*k)(P...), size_t rows, A... args) {
+    const size_t rows_per_block = kRowThreads / 32;
+    launch(k, dim3((unsigned)((rows + rows_per_block - 1) / rows_per_block)), dim3(kRowThreads),
+           0, args...);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -486,15 +495,15 @@ void check_rmsnorm() {
                 want[(size_t)r * d + c] = x[(size_t)r * d + c] * want_rstd[r] * g[c];
         }
         vector<float> out = nan_f32((size_t)rows * d), rstd = nan_f32(rows);
-        per_row(rmsnorm_forward, rows, out.data(), rstd.data(), (const float*)x.data(),
-                (const float*)g.data(), d, eps);
+        per_warp_row(rmsnorm_forward, rows, out.data(), rstd.data(), (const float*)x.data(),
+                     (const float*)g.data(), rows, d, eps);
         check("rmsnorm_forward", what + " out", out, want, kRow);
         check("rmsnorm_forward", what + " rstd", rstd, want_rstd, kRow);
         // Stored as bfloat16: the f32 kernel's values rounded, and the same rstd.
         vector<uint16_t> out16((size_t)rows * d, kPoisonBf16);
         vector<float> rstd16 = nan_f32(rows);
-        per_row(rmsnorm_forward_bf16, rows, out16.data(), rstd16.data(), (const float*)x.data(),
-                (const float*)g.data(), d, eps);
+        per_warp_row(rmsnorm_forward_bf16, rows, out16.data(), rstd16.data(),
+                     (const float*)x.data(), (const float*)g.data(), rows, d, eps);
         check_bits("rmsnorm_forward_bf16", what + " out", out16, rounded(out));
         check_bits("rmsnorm_forward_bf16", what + " rstd", rstd16, rstd);
 

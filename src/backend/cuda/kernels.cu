@@ -229,31 +229,64 @@ extern "C" __global__ void embed_step(float* out, const uint16_t* prev, const fl
 }
 
 // ---------------------------------------------------------------------------------------
-// RMS norm: out = x * rsqrt(mean(x^2) + eps) * g, one block per row. The _bf16 kernel
-// stores out rounded to bfloat16 (for a product that would round it anyway).
+// RMS norm: out = x * rsqrt(mean(x^2) + eps) * g, one warp per row, blockDim.x / 32 rows a
+// block: a row's sum needs only the warp's shuffles, no block barrier, and a block of one row
+// (at d = 512, two values a thread) would wait on its loads with most of its threads idle.
+// Each lane issues the loads of a chunk of its columns (kNormChunk, 32 apart) before using
+// any, so a row of 512 is one round trip to memory per pass, not one per column: a decoding
+// step normalizes a few rows at a time and waits on exactly that latency. Columns past d add
+// 0 to the sum of squares, which leaves its bits as a plain loop over the columns gives them.
+// The _bf16 kernel stores out rounded to bfloat16 (for a product that would round it anyway).
+// The pointers are restricted: the engine never normalizes in place.
+constexpr int kNormChunk = 16;
 
 template <typename O>
-__device__ void rmsnorm_rows(O* out, float* rstd, const float* x, const float* g, int d,
-                             float eps) {
-    __shared__ float shared[32];
-    size_t row = blockIdx.x;
+__device__ void rmsnorm_rows(O* __restrict__ out, float* __restrict__ rstd,
+                             const float* __restrict__ x, const float* __restrict__ g, int rows,
+                             int d, float eps) {
+    const int lane = threadIdx.x & 31;
+    const size_t row = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    // A whole warp leaves together, and no barrier follows.
+    if (row >= (size_t)rows) return;
     const float* xr = x + row * d;
     float s = 0.0f;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) s += xr[c] * xr[c];
-    s = block_sum(s, shared);
-    float r = rsqrtf(s / d + eps);
-    for (int c = threadIdx.x; c < d; c += blockDim.x) store(out, row * d + c, xr[c] * r * g[c]);
-    if (threadIdx.x == 0) rstd[row] = r;
+    for (int base = lane; base < d; base += 32 * kNormChunk) {
+        float v[kNormChunk];
+#pragma unroll
+        for (int k = 0; k < kNormChunk; k++) {
+            const int c = base + 32 * k;
+            v[k] = c < d ? xr[c] : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < kNormChunk; k++) s += v[k] * v[k];
+    }
+    s = warp_sum(s);
+    const float r = rsqrtf(s / d + eps);
+    for (int base = lane; base < d; base += 32 * kNormChunk) {
+        float v[kNormChunk], gain[kNormChunk];
+#pragma unroll
+        for (int k = 0; k < kNormChunk; k++) {
+            const int c = base + 32 * k;
+            v[k] = c < d ? xr[c] : 0.0f;
+            gain[k] = c < d ? g[c] : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < kNormChunk; k++) {
+            const int c = base + 32 * k;
+            if (c < d) store(out, row * d + c, v[k] * r * gain[k]);
+        }
+    }
+    if (lane == 0) rstd[row] = r;
 }
 
 extern "C" __global__ void rmsnorm_forward(float* out, float* rstd, const float* x,
-                                           const float* g, int d, float eps) {
-    rmsnorm_rows(out, rstd, x, g, d, eps);
+                                           const float* g, int rows, int d, float eps) {
+    rmsnorm_rows(out, rstd, x, g, rows, d, eps);
 }
 
 extern "C" __global__ void rmsnorm_forward_bf16(bf16_bits* out, float* rstd, const float* x,
-                                                const float* g, int d, float eps) {
-    rmsnorm_rows(out, rstd, x, g, d, eps);
+                                                const float* g, int rows, int d, float eps) {
+    rmsnorm_rows(out, rstd, x, g, rows, d, eps);
 }
 
 // The backward pass in one read of dout and x: dx += rstd * (dout*g - xhat * mean(dout*g*xhat)),

@@ -586,6 +586,20 @@ fn per_row(rows: usize) -> LaunchConfig {
     }
 }
 
+/// One warp per row, blocks of `ROW_THREADS` (the RMS norm's forward kernels).
+fn per_warp_row(rows: usize) -> LaunchConfig {
+    let rows_per_block = ROW_THREADS as usize / 32;
+    LaunchConfig {
+        grid_dim: (
+            u32::try_from(rows.div_ceil(rows_per_block)).expect("more rows than one launch takes"),
+            1,
+            1,
+        ),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 impl CudaBackend {
     /// Opens `gpu`: a context, the kernels for its compute capability and a cuBLASLt handle.
     pub fn open(gpu: Gpu) -> Result<Self> {
@@ -1466,12 +1480,12 @@ impl Backend for CudaBackend {
     fn rmsnorm_forward(&mut self, out: View, rstd: View, x: View, g: View, d: usize) {
         let rows = x.len / d;
         let p = (self.ptr(out), self.ptr(rstd), self.ptr(x), self.ptr(g));
-        let (di, eps) = (int(d), 1e-5f32);
+        let (ri, di, eps) = (int(rows), int(d), 1e-5f32);
         self.launch(
             &self.kernels.rmsnorm_forward[stored(out)],
-            per_row(rows),
+            per_warp_row(rows),
             "rmsnorm_forward",
-            &[&p.0, &p.1, &p.2, &p.3, &di, &eps],
+            &[&p.0, &p.1, &p.2, &p.3, &ri, &di, &eps],
         );
     }
 

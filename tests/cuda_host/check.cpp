@@ -481,9 +481,10 @@ void check_embedding() {
 
 void check_rmsnorm() {
     const float eps = 1e-5f;
-    // 150 rows: several blocks of rows; 2,100 columns: two blocks of columns.
+    // 150 rows: several blocks of rows; 2,100 columns: two blocks of columns; 20 columns:
+    // lanes of a warp with none.
     for (auto [rows, d] : {std::pair{13, 48}, std::pair{150, 50}, std::pair{7, 300},
-                           std::pair{5, 2100}}) {
+                           std::pair{5, 2100}, std::pair{9, 20}}) {
         std::string what = std::to_string(rows) + "x" + std::to_string(d);
         vector<float> x = random((size_t)rows * d), g = random(d, 0.5f, 1.5f);
         vector<double> want((size_t)rows * d), want_rstd(rows);

@@ -232,10 +232,10 @@ extern "C" __global__ void embed_step(float* out, const uint16_t* prev, const fl
 // RMS norm: out = x * rsqrt(mean(x^2) + eps) * g, one warp per row, blockDim.x / 32 rows a
 // block: a row's sum needs only the warp's shuffles, no block barrier, and a block of one row
 // (at d = 512, two values a thread) would wait on its loads with most of its threads idle.
-// Each lane issues the loads of a chunk of its columns (kNormChunk, 32 apart) before using
-// any, so a row of 512 is one round trip to memory per pass, not one per column: a decoding
-// step normalizes a few rows at a time and waits on exactly that latency. Columns past d add
-// 0 to the sum of squares, which leaves its bits as a plain loop over the columns gives them.
+// Each lane loads a chunk of its columns (kNormChunk, 32 apart) into registers before using
+// any, so that their loads can be in flight together (a row of 512 is one chunk). Columns
+// past d add 0 to the sum of squares: the bits are those of a lane's loop over its columns
+// alone.
 // The _bf16 kernel stores out rounded to bfloat16 (for a product that would round it anyway).
 // The pointers are restricted: the engine never normalizes in place.
 constexpr int kNormChunk = 16;

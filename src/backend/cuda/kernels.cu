@@ -313,20 +313,40 @@ __device__ void rmsnorm_gradient(float* dx, bf16_bits* rounded, float* partials,
     for (int row = r0; row < r1; row++) {
         const float* xr = x + (size_t)row * d;
         const D* dr = dout + (size_t)row * d;
+        // The thread's columns of the row, all loaded before any is used, so that their loads
+        // wait on memory together rather than one column after another and after the block's
+        // barriers.
+        float dv[kCols], gv[kCols], xv[kCols], before[kCols];
+#pragma unroll
+        for (int k = 0; k < kCols; k++) {
+            const int c = c0 + k * blockDim.x;
+            const bool in = c < d;
+            dv[k] = in ? load(dr, c) : 0.0f;
+            gv[k] = in ? g[c] : 0.0f;
+            xv[k] = in ? xr[c] : 0.0f;
+            before[k] = in ? dx[(size_t)row * d + c] : 0.0f;
+        }
         float r = rstd[row];
         float s = 0.0f;
-        for (int c = threadIdx.x; c < d; c += blockDim.x) s += load(dr, c) * g[c] * xr[c];
+        if (blockIdx.y == 0 && kCols * (int)blockDim.x >= d) {
+            // The row fits one block's columns: the thread's are then all of its columns of
+            // the row, in the order the loop below takes them, and those past d add 0.
+#pragma unroll
+            for (int k = 0; k < kCols; k++) s += dv[k] * gv[k] * xv[k];
+        } else {
+            for (int c = threadIdx.x; c < d; c += blockDim.x) s += load(dr, c) * g[c] * xr[c];
+        }
         float mean = block_sum(s, shared) * r / d;
 #pragma unroll
         for (int k = 0; k < kCols; k++) {
             int c = c0 + k * blockDim.x;
             if (c < d) {
                 const size_t i = (size_t)row * d + c;
-                const float dc = load(dr, c);
-                const float sum = dx[i] + r * (dc * g[c] - xr[c] * r * mean);
+                const float dc = dv[k];
+                const float sum = before[k] + r * (dc * gv[k] - xv[k] * r * mean);
                 dx[i] = sum;
                 if (rounded) rounded[i] = to_bf16(sum);
-                gain[k] += dc * xr[c] * r;
+                gain[k] += dc * xv[k] * r;
             }
         }
     }

@@ -72,6 +72,10 @@ fn flash_attention_holds_over_the_longest_context() {
 fn kernel_names_are_read_from_their_declarations() {
     let source = "extern \"C\" __global__ void fill_f32(float* x) {\n\
                   __device__ float helper(float v);\n\
-                  extern \"C\" __global__ void attend_bf16(float* out,\n";
-    assert_eq!(kernel_names(source), ["fill_f32", "attend_bf16"]);
+                  extern \"C\" __global__ void attend_bf16(float* out,\n\
+                  extern \"C\" __global__ void __launch_bounds__(256, 4) norm_backward(\n";
+    assert_eq!(
+        kernel_names(source),
+        ["fill_f32", "attend_bf16", "norm_backward"]
+    );
 }

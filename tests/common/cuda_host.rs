@@ -9,14 +9,20 @@ pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The names of the `extern "C" __global__ void NAME(...)` kernels of a CUDA source.
+/// The names of the `extern "C" __global__ void NAME(...)` kernels of a CUDA source (with or
+/// without `__launch_bounds__(...)` before the name).
 pub fn kernel_names(source: &str) -> Vec<String> {
     source
         .lines()
         .filter_map(|line| {
             let rest = line.trim_start().strip_prefix("extern \"C\"")?;
             let rest = rest.trim_start().strip_prefix("__global__")?;
-            let rest = rest.trim_start().strip_prefix("void")?;
+            let rest = rest.trim_start().strip_prefix("void")?.trim_start();
+            // A register bound, `__launch_bounds__(THREADS, BLOCKS)`, may precede the name.
+            let rest = match rest.strip_prefix("__launch_bounds__") {
+                Some(bounds) => bounds.split_once(')')?.1,
+                None => rest,
+            };
             let name = rest.split('(').next()?.trim();
             (!name.is_empty()).then(|| name.to_string())
         })

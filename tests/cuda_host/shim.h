@@ -64,6 +64,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+// A register limit for nvcc; nothing to the host.
+#define __launch_bounds__(...)
 #define __shared__ thread_local
 
 struct uint3 {

@@ -299,13 +299,21 @@ extern "C" __global__ void rmsnorm_forward_bf16(bf16_bits* out, float* rstd, con
 // With `rounded` (else null), each final dx is also stored there rounded to bf16, for the
 // bf16 products that read the residual stream's gradient next. The _from_bf16 kernel reads a
 // bf16 dout (bf16 training's products store the norm output's gradient so).
+// The block the backward kernels are launched with (mod.rs: ROW_THREADS). A constant, so that
+// a thread's columns lie at fixed offsets from one address. The kernels are bounded to 64
+// registers, four blocks a multiprocessor (1,024 threads, as before the columns were loaded
+// ahead): nvcc would take 84 and 104, two blocks, half the loads in flight. In the SASS the
+// f32 kernel then spills 132 bytes; the bf16-reading one, which bf16 training runs for every
+// block norm, spills none.
+constexpr int kNormBackwardThreads = 256;
+
 template <typename D>
 __device__ void rmsnorm_gradient(float* dx, bf16_bits* rounded, float* partials, const D* dout,
                                  const float* x, const float* rstd, const float* g, int rows,
                                  int d, int rows_per_block) {
     constexpr int kCols = 8;
     __shared__ float shared[32];
-    const int c0 = blockIdx.y * kCols * blockDim.x + threadIdx.x;
+    const int c0 = blockIdx.y * kCols * kNormBackwardThreads + threadIdx.x;
     const int r0 = blockIdx.x * rows_per_block, r1 = min(rows, r0 + rows_per_block);
     float gain[kCols];
 #pragma unroll
@@ -319,7 +327,7 @@ __device__ void rmsnorm_gradient(float* dx, bf16_bits* rounded, float* partials,
         float dv[kCols], gv[kCols], xv[kCols], before[kCols];
 #pragma unroll
         for (int k = 0; k < kCols; k++) {
-            const int c = c0 + k * blockDim.x;
+            const int c = c0 + k * kNormBackwardThreads;
             const bool in = c < d;
             dv[k] = in ? load(dr, c) : 0.0f;
             gv[k] = in ? g[c] : 0.0f;
@@ -328,18 +336,20 @@ __device__ void rmsnorm_gradient(float* dx, bf16_bits* rounded, float* partials,
         }
         float r = rstd[row];
         float s = 0.0f;
-        if (blockIdx.y == 0 && kCols * (int)blockDim.x >= d) {
+        if (blockIdx.y == 0 && kCols * kNormBackwardThreads >= d) {
             // The row fits one block's columns: the thread's are then all of its columns of
-            // the row, in the order the loop below takes them, and those past d add 0.
+            // the row, added in the order the loop below takes them.
 #pragma unroll
-            for (int k = 0; k < kCols; k++) s += dv[k] * gv[k] * xv[k];
+            for (int k = 0; k < kCols; k++)
+                if (c0 + k * kNormBackwardThreads < d) s += dv[k] * gv[k] * xv[k];
         } else {
-            for (int c = threadIdx.x; c < d; c += blockDim.x) s += load(dr, c) * g[c] * xr[c];
+            for (int c = threadIdx.x; c < d; c += kNormBackwardThreads)
+                s += load(dr, c) * g[c] * xr[c];
         }
         float mean = block_sum(s, shared) * r / d;
 #pragma unroll
         for (int k = 0; k < kCols; k++) {
-            int c = c0 + k * blockDim.x;
+            int c = c0 + k * kNormBackwardThreads;
             if (c < d) {
                 const size_t i = (size_t)row * d + c;
                 const float dc = dv[k];
@@ -352,23 +362,20 @@ __device__ void rmsnorm_gradient(float* dx, bf16_bits* rounded, float* partials,
     }
 #pragma unroll
     for (int k = 0; k < kCols; k++) {
-        int c = c0 + k * blockDim.x;
+        int c = c0 + k * kNormBackwardThreads;
         if (c < d) partials[(size_t)blockIdx.x * d + c] = gain[k];
     }
 }
 
-extern "C" __global__ void rmsnorm_backward(float* dx, bf16_bits* rounded, float* partials,
-                                            const float* dout, const float* x,
-                                            const float* rstd, const float* g, int rows, int d,
-                                            int rows_per_block) {
+extern "C" __global__ void __launch_bounds__(kNormBackwardThreads, 4) rmsnorm_backward(
+    float* dx, bf16_bits* rounded, float* partials, const float* dout, const float* x,
+    const float* rstd, const float* g, int rows, int d, int rows_per_block) {
     rmsnorm_gradient(dx, rounded, partials, dout, x, rstd, g, rows, d, rows_per_block);
 }
 
-extern "C" __global__ void rmsnorm_backward_from_bf16(float* dx, bf16_bits* rounded,
-                                                      float* partials, const bf16_bits* dout,
-                                                      const float* x, const float* rstd,
-                                                      const float* g, int rows, int d,
-                                                      int rows_per_block) {
+extern "C" __global__ void __launch_bounds__(kNormBackwardThreads, 4) rmsnorm_backward_from_bf16(
+    float* dx, bf16_bits* rounded, float* partials, const bf16_bits* dout, const float* x,
+    const float* rstd, const float* g, int rows, int d, int rows_per_block) {
     rmsnorm_gradient(dx, rounded, partials, dout, x, rstd, g, rows, d, rows_per_block);
 }
 

@@ -32,7 +32,8 @@ use std::sync::{Arc, OnceLock};
 const PTX_SM80: &str = include_str!("ptx/kernels.sm_80.ptx");
 const PTX_SM90: &str = include_str!("ptx/kernels.sm_90.ptx");
 
-/// Threads per block of the row kernels.
+/// Threads per block of the row kernels. The RMS norm's backward kernels are compiled for
+/// exactly this many (kernels.cu: kNormBackwardThreads).
 const ROW_THREADS: u32 = 256;
 
 /// The products' workspace, passed with every call so that recorded products allocate nothing

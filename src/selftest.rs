@@ -368,15 +368,25 @@ impl Pair<'_> {
     /// `f32` output rounded: a kernel that stores bf16 must store exactly that.
     fn rounding_misses(&self, f32_out: View, stored: View) -> usize {
         use crate::backend::cpu::bf16::{from_bf16, to_bf16};
+        self.misses(f32_out, stored, |w| from_bf16(to_bf16(w)))
+    }
+
+    /// Elements of `got` that are not, on each backend, the bits of that backend's `want`.
+    fn bit_misses(&self, want: View, got: View) -> usize {
+        self.misses(want, got, |w| w)
+    }
+
+    /// Elements where `got` is not `expect(want)`, bit for bit, summed over both backends.
+    fn misses(&self, want: View, got: View, expect: impl Fn(f32) -> f32) -> usize {
         let mut misses = 0;
         for b in &self.b {
-            let (mut want, mut got) = (vec![0.0; f32_out.len], vec![0.0; stored.len]);
-            b.download(f32_out, &mut want);
-            b.download(stored, &mut got);
-            misses += want
+            let (mut w, mut o) = (vec![0.0; want.len], vec![0.0; got.len]);
+            b.download(want, &mut w);
+            b.download(got, &mut o);
+            misses += w
                 .iter()
-                .zip(&got)
-                .filter(|&(w, g)| from_bf16(to_bf16(*w)).to_bits() != g.to_bits())
+                .zip(&o)
+                .filter(|&(w, o)| expect(*w).to_bits() != o.to_bits())
                 .count();
         }
         misses
@@ -660,19 +670,7 @@ fn norm_kernels(p: &mut Pair) {
         b.rmsnorm_backward(dx, None, dg, dout, x, rstd, g, D);
         b.rmsnorm_backward(dx16, None, dg16, dout16, x, rstd, g, D)
     });
-    let mut misses = 0;
-    for b in &p.b {
-        for (want, got) in [(dx, dx16), (dg, dg16)] {
-            let (mut w, mut o) = (vec![0.0; want.len], vec![0.0; got.len]);
-            b.download(want, &mut w);
-            b.download(got, &mut o);
-            misses += w
-                .iter()
-                .zip(&o)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-        }
-    }
+    let misses = p.bit_misses(dx, dx16) + p.bit_misses(dg, dg16);
     p.checks.push(Check::measured(
         "rmsnorm_backward (bf16 dout)",
         misses as f64,
@@ -1229,16 +1227,15 @@ fn cross_entropy_into_bf16(
         b.fill(stored, STORED_POISON);
         b.cross_entropy(logits, losses, VOCAB, Some(gradient))
     });
-    let mut misses = p.rounding_misses(f32_grad, stored);
+    let mut misses = p.rounding_misses(f32_grad, stored) + p.bit_misses(f32_losses, losses);
     for b in &p.b {
-        let (mut kept, mut want, mut got) =
-            (vec![0.0; data.len()], vec![0.0; ROWS], vec![0.0; ROWS]);
+        let mut kept = vec![0.0; data.len()];
         b.download(logits, &mut kept);
-        b.download(f32_losses, &mut want);
-        b.download(losses, &mut got);
-        let bits = |a: &f32, b: &f32| a.to_bits() != b.to_bits();
-        misses += kept.iter().zip(data).filter(|(a, b)| bits(a, b)).count();
-        misses += want.iter().zip(&got).filter(|(a, b)| bits(a, b)).count();
+        misses += kept
+            .iter()
+            .zip(data)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
     }
     let name = if weighted {
         "cross_entropy (weighted, gradient, bf16 out)"

@@ -139,6 +139,16 @@ fn the_selftest_passes_on_the_cuda_backend() {
             "no launch of {kernel}with {grid}"
         );
     }
+    // The RMS norm's forward takes one warp a row, eight rows a block: the norm check's 40
+    // rows (2 sequences of 20) are 5 blocks, not 40.
+    for kernel in ["rmsnorm_forward ", "rmsnorm_forward_bf16 "] {
+        let grids: Vec<&str> = launches.lines().filter(|l| l.starts_with(kernel)).collect();
+        assert!(
+            grids.iter().any(|l| l.ends_with("grid 5 1 1"))
+                && !grids.iter().any(|l| l.ends_with("grid 40 1 1")),
+            "{kernel}launches: {grids:?}"
+        );
+    }
 }
 
 /// Per-step training losses, validation losses and gradient norms from a run's metrics.jsonl.

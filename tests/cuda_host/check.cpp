@@ -197,8 +197,7 @@ void per_row(void (*k)(P...), size_t rows, A... args) {
 template <typename... P, typename... A>
 void per_warp_row(void (*k)(P...), size_t rows, A... args) {
     const size_t rows_per_block = kRowThreads / 32;
-    launch(k, dim3((unsigned)((rows + rows_per_block - 1) / rows_per_block)), dim3(kRowThreads),
-           0, args...);
+    per_row(k, (rows + rows_per_block - 1) / rows_per_block, args...);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -352,11 +352,10 @@ __device__ void rmsnorm_gradient(float* dx, bf16_bits* rounded, float* partials,
             int c = c0 + k * kNormBackwardThreads;
             if (c < d) {
                 const size_t i = (size_t)row * d + c;
-                const float dc = dv[k];
-                const float sum = before[k] + r * (dc * gv[k] - xv[k] * r * mean);
+                const float sum = before[k] + r * (dv[k] * gv[k] - xv[k] * r * mean);
                 dx[i] = sum;
                 if (rounded) rounded[i] = to_bf16(sum);
-                gain[k] += dc * xv[k] * r;
+                gain[k] += dv[k] * xv[k] * r;
             }
         }
     }

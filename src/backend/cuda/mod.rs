@@ -589,16 +589,7 @@ fn per_row(rows: usize) -> LaunchConfig {
 
 /// One warp per row, blocks of `ROW_THREADS` (the RMS norm's forward kernels).
 fn per_warp_row(rows: usize) -> LaunchConfig {
-    let rows_per_block = ROW_THREADS as usize / 32;
-    LaunchConfig {
-        grid_dim: (
-            u32::try_from(rows.div_ceil(rows_per_block)).expect("more rows than one launch takes"),
-            1,
-            1,
-        ),
-        block_dim: (ROW_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    per_row(rows.div_ceil(ROW_THREADS as usize / 32))
 }
 
 impl CudaBackend {
